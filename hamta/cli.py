@@ -1,0 +1,224 @@
+"""The ``hamta`` command: serve the relay, drive a warm standby, look at the queue, check config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from hamta import eventlog
+from hamta.admin import start_admin
+from hamta.config import Config, ConfigError, load_config
+from hamta.control import ControlError, send_command, start_control
+from hamta.queue import recipient_domain
+from hamta.relay import Relay, RelayError, RelayState
+from hamta.spool import load_state
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is optional outside Linux
+    uvloop = None  # type: ignore[assignment]
+
+
+def _load(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ------------------------------------------------------------------- serve
+
+
+async def _serve(config: Config, standby: bool) -> int:
+    eventlog.configure(config.log.level, config.log.file)
+    relay = Relay(config)
+    log = relay.log
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def activate_from_signal() -> None:
+        if relay.state is RelayState.STANDBY:
+            task = loop.create_task(relay.activate())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, activate_from_signal)
+    try:
+        admin = await start_admin(relay, config.admin.listen) if config.admin.listen else None
+    except OSError as exc:
+        print(f"hamta: cannot serve admin on {config.admin.listen}: {exc.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    control = await start_control(relay, config.control.socket, stop)
+    log.info("RelayStarted", standby=standby, admin=config.admin.listen,
+             control=str(config.control.socket))  # fmt: skip
+    code = 0
+    try:
+        if not standby:
+            try:
+                await relay.activate()
+            except RelayError as exc:
+                log.error("ActivationFailed", error=str(exc))
+                print(f"hamta: {exc}", file=sys.stderr)
+                return 1
+        await stop.wait()
+        log.info("RelayStopping", state=relay.state.value)
+        for task in list(tasks):
+            await asyncio.gather(task, return_exceptions=True)
+        if relay.state is RelayState.ACTIVE:
+            await relay.deactivate(config.node.stop_timeout)
+    finally:
+        control.close()
+        config.control.socket.unlink(missing_ok=True)
+        if admin is not None:
+            await admin.cleanup()
+        log.info("RelayExited", code=code)
+    return code
+
+
+def _run(coro: Any) -> int:
+    if uvloop is None:
+        return int(asyncio.run(coro))
+    return int(uvloop.run(coro))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``hamta serve``: run the relay (or a warm standby) until SIGTERM."""
+    config = _load(args.config)
+    return _run(_serve(config, args.standby))
+
+
+# ------------------------------------------------------------------- relay
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    """``hamta relay activate|deactivate|status``: drive a running relay over its socket."""
+    socket_path = args.socket or _load(args.config).control.socket
+    request: dict[str, Any] = {"command": args.action}
+    if args.action == "activate" and args.spool:
+        request["spool"] = str(args.spool.resolve())
+    if args.action == "deactivate" and args.timeout is not None:
+        request["timeout"] = args.timeout
+    try:
+        reply = send_command(socket_path, request, timeout=args.wait)
+    except ControlError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------- queue
+
+
+def _queue_from_admin(listen: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://{listen}/api/queue", timeout=5) as response:
+            data: dict[str, Any] = json.load(response)
+            return data
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _queue_from_spool(path: Path) -> dict[str, Any]:
+    state = load_state(path)
+    domains: dict[str, dict[str, int]] = {}
+    for message in state.live.values():
+        for index in message.pending:
+            row = domains.setdefault(
+                recipient_domain(message.rec.recipients[index]), {"ready": 0, "deferred": 0}
+            )
+            row["deferred" if index in message.retry else "ready"] += 1
+    return {"state": "offline", "spool": str(path), "depth": state.stats.messages,
+            "domains": domains}  # fmt: skip
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """``hamta queue``: queued recipients by domain, from the running relay or the spool."""
+    config = _load(args.config)
+    summary = _queue_from_admin(config.admin.listen) if config.admin.listen else None
+    if summary is None or summary.get("state") == "standby":
+        if not (config.spool.path / "journal").is_dir():
+            print(f"hamta: no relay answers on {config.admin.listen} and no spool at "
+                  f"{config.spool.path}", file=sys.stderr)  # fmt: skip
+            return 1
+        summary = _queue_from_spool(config.spool.path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"state: {summary['state']}   messages queued: {summary['depth']}")
+    domains: dict[str, dict[str, int]] = summary.get("domains", {})
+    if domains:
+        width = max(len("domain"), *(len(d) for d in domains))
+        print(f"{'domain':<{width}}  {'ready':>8}  {'deferred':>8}")
+        for domain, row in sorted(domains.items(), key=lambda kv: -sum(kv[1].values())):
+            print(f"{domain:<{width}}  {row['ready']:>8}  {row['deferred']:>8}")
+    return 0
+
+
+# ------------------------------------------------------------------ config
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """``hamta config check FILE``: validate a configuration file."""
+    config = _load(args.file)
+    print(f"{args.file}: ok (SMTP on {', '.join(config.smtp.listen)}, spool {config.spool.path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``hamta`` command."""
+    parser = argparse.ArgumentParser(prog="hamta", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the relay")
+    serve.add_argument("--config", type=Path, help="TOML file (default: built-in)")
+    serve.add_argument(
+        "--standby", action="store_true",
+        help="start warm: no spool, no listener, until activated over the control socket",
+    )  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+    relay = sub.add_parser("relay", help="drive a running relay over its control socket")
+    relay.add_argument("action", choices=["activate", "deactivate", "status", "stop"])
+    relay.add_argument("--spool", type=Path, help="spool directory to activate on")
+    relay.add_argument("--socket", type=Path, help="control socket (default: from config)")
+    relay.add_argument("--config", type=Path, help="TOML file naming the control socket")
+    relay.add_argument("--timeout", type=float, help="graceful stop budget for deactivate")
+    relay.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a reply")
+    relay.set_defaults(func=cmd_relay)
+
+    queue = sub.add_parser("queue", help="queued mail by domain")
+    queue.add_argument("--config", type=Path, help="TOML file (default: built-in)")
+    queue.add_argument("--json", action="store_true", help="print JSON")
+    queue.set_defaults(func=cmd_queue)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hamta`` console script."""
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

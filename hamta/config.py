@@ -1,0 +1,273 @@
+"""The relay's configuration: a TOML file validated into immutable models.
+
+Every key is checked before anything starts, so the relay never runs half-configured. An
+unknown key, a value of the wrong type or out of range is reported as ``section.key: reason``.
+With no file, :data:`DEFAULT_TOML` applies: SMTP on 127.0.0.1:2525 and a spool under
+``./var/spool``, enough for the README's first command on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_FACTOR = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names each bad key and why."""
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 2h, 5d)")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+def _parse_size(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"not a size: {value!r} (use e.g. 512k, 10m, 1g)")
+        unit = (match.group(2) or "")[:1].lower()
+        return int(match.group(1)) * _SIZE_FACTOR.get(unit, 1)
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+IPNetwork = IPv4Network | IPv6Network
+Bytes = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or ``[host]:port``; the port may default."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unbalanced bracket in {text!r}")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected text after ] in {text!r}")
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"no port in {text!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def _loopback_networks() -> list[IPNetwork]:
+    return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(_Section):
+    """Who this relay says it is, in EHLO, Received: headers and DSNs."""
+
+    hostname: str = Field(default_factory=socket.getfqdn, min_length=1)
+    # How long a graceful stop lets sessions and deliveries under way finish.
+    stop_timeout: Seconds = 10.0
+
+
+class SmtpConfig(_Section):
+    """The receiving side."""
+
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"], min_length=1)
+    max_message_size: Bytes = 25 * 1024 * 1024
+    max_recipients: int = Field(default=100, gt=0)
+    # RFC 5321 4.5.3.1.6: 998 characters plus CRLF.
+    max_line_length: int = Field(default=998, ge=78)
+    relay_networks: list[IPNetwork] = Field(default_factory=_loopback_networks)
+    session_timeout: PositiveSeconds = 300.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item)
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> SmtpConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+class SpoolConfig(_Section):
+    """Where accepted mail lives until it is delivered or bounced."""
+
+    path: Path = Path("./var/spool")
+    segment_size: Bytes = 64 * 1024 * 1024
+    # Journal bytes written since the last checkpoint that trigger the next one.
+    journal_size: Bytes = 64 * 1024 * 1024
+
+
+class DeliveryConfig(_Section):
+    """The sending side."""
+
+    port: int = Field(default=25, gt=0, lt=65536)
+    helo_name: str | None = None
+    connect_timeout: PositiveSeconds = 30.0
+    command_timeout: PositiveSeconds = 120.0
+    max_connections_per_destination: int = Field(default=20, gt=0)
+    max_messages_per_connection: int = Field(default=100, gt=0)
+    idle_connection_timeout: Seconds = 2.0
+    starttls: Literal["opportunistic", "off"] = "opportunistic"
+    routes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: dict[str, str]) -> dict[str, str]:
+        for domain, target in value.items():
+            if not target.startswith("["):
+                raise ValueError(f"route for {domain!r} must be '[host]:port', got {target!r}")
+            parse_hostport(target, default_port=25)
+        return {domain.lower().rstrip("."): target for domain, target in value.items()}
+
+
+class RetryConfig(_Section):
+    """Backoff for temporary failures and the lifetime of a queued message."""
+
+    first_delay: PositiveSeconds = 60.0
+    factor: float = Field(default=2.0, ge=1.0)
+    max_delay: PositiveSeconds = 3600.0
+    jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    max_queue_lifetime: PositiveSeconds = 5 * 86400.0
+
+
+class DnsConfig(_Section):
+    """Resolvers for MX and address lookups; empty means the system's."""
+
+    nameservers: list[str] = Field(default_factory=list)
+    timeout: PositiveSeconds = 5.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _check_nameservers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, _ = parse_hostport(item, default_port=53)
+            ipaddress.ip_address(host)
+        return value
+
+
+class AdminConfig(_Section):
+    """The HTTP endpoint for health, queue and metrics; empty listen disables it."""
+
+    listen: str = "127.0.0.1:8025"
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value:
+            parse_hostport(value)
+        return value
+
+
+class ControlConfig(_Section):
+    """The local unix socket through which a warm standby relay is activated."""
+
+    socket: Path = Path("./var/run/hamta-relay.sock")
+
+
+class LogConfig(_Section):
+    """Event log: one JSON object a line."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    file: Path | None = None
+
+
+class Config(_Section):
+    """The whole relay configuration."""
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+DEFAULT_TOML = """\
+# hamta's built-in configuration, used when no --config is given.
+[smtp]
+listen = ["127.0.0.1:2525"]
+
+[spool]
+path = "./var/spool"
+
+[admin]
+listen = "127.0.0.1:8025"
+"""
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        reason = item["msg"]
+        if item["type"] == "extra_forbidden":
+            reason = "unknown key"
+        lines.append(f"  {where}: {reason}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text; raise :class:`ConfigError` with every problem found."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: Path | None) -> Config:
+    """Load the file at ``path``, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_config(DEFAULT_TOML, "<built-in default>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,432 @@
+"""Sending mail: SMTP sessions per destination, and what to do with each reply.
+
+Each destination is served by up to ``max_connections_per_destination`` sessions. A session
+connects to the first target that answers (MX order), upgrades with STARTTLS when offered
+(opportunistic: certificates are not verified, and a failed handshake falls back to plain text),
+then takes jobs from its destination's ready line one after another, reusing the connection, until
+the line stays empty for ``idle_connection_timeout`` or it has sent
+``max_messages_per_connection`` messages.
+
+The outcome of every recipient is one of: delivered (2xx), deferred (4xx, or no reply at all:
+refused, dropped, timed out) or bounced (5xx, or a routing error that can only be permanent).
+Deferred recipients past the queue lifetime expire. Bounced and expired recipients get a DSN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiosmtplib
+
+from hamta.config import DeliveryConfig
+from hamta.dsn import FailedRecipient, build_dsn, original_headers
+from hamta.metrics import RelayMetrics
+from hamta.queue import Destination, Job, MailQueue
+from hamta.routing import Router, RoutingError, Target
+from hamta.smtp import message_id_of
+from hamta.spool import LiveMessage, Spool, SpoolError
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One recipient's result: a reply code (0 when there was none) and its text."""
+
+    code: int
+    text: str
+
+    @property
+    def enhanced(self) -> str:
+        """The enhanced status code, from the text or derived from the basic code."""
+        match = _ENHANCED.match(self.text)
+        if match:
+            return match.group(1)
+        if self.code >= 500:
+            return "5.0.0"
+        return "4.4.1" if self.code == 0 else "4.0.0"
+
+    @property
+    def permanent(self) -> bool:
+        """5xx: no point in trying again."""
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code else self.text
+
+
+class _Connection:
+    """An open SMTP client session to one target."""
+
+    def __init__(self, client: aiosmtplib.SMTP, target: Target, tls: bool) -> None:
+        self.client = client
+        self.target = target
+        self.tls = tls
+        self.sent = 0
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.quit(), timeout=2)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            self.client.close()
+
+
+class DeliveryEngine:
+    """Runs the delivery sessions and applies every outcome to spool, queue and log."""
+
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        hostname: str,
+        spool: Spool,
+        router: Router,
+        metrics: RelayMetrics,
+        log: Any,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.hostname = hostname
+        self.helo = config.helo_name or hostname
+        self.spool = spool
+        self.router = router
+        self.metrics = metrics
+        self.log = log
+        self._wall = wall_clock
+        self.queue: MailQueue | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._bounces: set[asyncio.Task[None]] = set()
+        self._no_tls_until: dict[str, float] = {}
+        self.stopping = False
+        self.connections = 0
+        self._tls = ssl.create_default_context()
+        self._tls.check_hostname = False
+        self._tls.verify_mode = ssl.CERT_NONE
+
+    # ---------------------------------------------------------------- sessions
+
+    def on_ready(self, destination: Destination) -> None:
+        """A job joined a ready line: wake an idle session or start one."""
+        if self.stopping:
+            return
+        if destination.idle:
+            destination.wakeup.set()
+        if (
+            destination.sessions < self.config.max_connections_per_destination
+            and len(destination.ready) > destination.idle
+        ):
+            destination.sessions += 1
+            task = asyncio.get_running_loop().create_task(self._session(destination))
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    async def _session(self, destination: Destination) -> None:
+        connection: _Connection | None = None
+        try:
+            while not self.stopping:
+                if not destination.ready:
+                    if connection is None or not await self._wait_for_work(destination):
+                        return
+                    continue
+                job = destination.ready.popleft()
+                if connection is None:
+                    try:
+                        connection = await self._connect(job.domain)
+                    except RoutingError as exc:
+                        self._routing_failed(destination, job, exc)
+                        return
+                destination.in_flight += 1
+                try:
+                    alive = await self._deliver(connection, job)
+                finally:
+                    destination.in_flight -= 1
+                connection.sent += 1
+                if not alive or connection.sent >= self.config.max_messages_per_connection:
+                    await self._close(connection)
+                    connection = None
+        finally:
+            destination.sessions -= 1
+            if connection is not None:
+                await self._close(connection)
+            # Work may have arrived while this session was closing.
+            if destination.ready and not self.stopping:
+                self.on_ready(destination)
+
+    async def _wait_for_work(self, destination: Destination) -> bool:
+        destination.idle += 1
+        destination.wakeup.clear()
+        try:
+            await asyncio.wait_for(
+                destination.wakeup.wait(), timeout=self.config.idle_connection_timeout
+            )
+            return True
+        except TimeoutError:
+            return bool(destination.ready)
+        finally:
+            destination.idle -= 1
+
+    async def _close(self, connection: _Connection) -> None:
+        self.connections -= 1
+        await connection.close()
+
+    async def _connect(self, domain: str) -> _Connection:
+        """Connect to the first target of ``domain`` that greets us; raise RoutingError."""
+        assert self.queue is not None
+        targets = await self.router.targets(domain)
+        errors: list[str] = []
+        permanent = False
+        for target in targets:
+            try:
+                connection = await self._open(target)
+            except aiosmtplib.SMTPResponseException as exc:
+                errors.append(f"{target.mx_host}[{target.ip}]: {exc.code} {exc.message}")
+                permanent = permanent or exc.code >= 500
+                continue
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                errors.append(f"{target.mx_host}[{target.ip}]:{target.port}: {_describe(exc)}")
+                continue
+            self.connections += 1
+            return connection
+        raise RoutingError(
+            "; ".join(errors) or f"no target for {domain}",
+            permanent=False,
+            enhanced="4.4.1" if not permanent else "4.4.2",
+        )
+
+    async def _open(self, target: Target) -> _Connection:
+        client = aiosmtplib.SMTP(
+            hostname=target.ip,
+            port=target.port,
+            local_hostname=self.helo,
+            timeout=self.config.command_timeout,
+            start_tls=False,
+            validate_certs=False,
+        )
+        await client.connect(timeout=self.config.connect_timeout)
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()
+        key = f"{target.ip}:{target.port}"
+        use_tls = (
+            self.config.starttls == "opportunistic"
+            and client.supports_extension("starttls")
+            and self._no_tls_until.get(key, 0.0) < time.monotonic()
+        )
+        if use_tls:
+            try:
+                await client.starttls(tls_context=self._tls, server_hostname=target.mx_host)
+            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+                # Opportunistic TLS: remember the failure for an hour and go on in plain text.
+                self._no_tls_until[key] = time.monotonic() + 3600
+                self.log.warning(
+                    "StartTlsFailed", mx_host=target.mx_host, mx_ip=target.ip, error=_describe(exc)
+                )
+                client.close()
+                return await self._open(target)
+        return _Connection(client, target, use_tls)
+
+    # -------------------------------------------------------------- one message
+
+    async def _deliver(self, connection: _Connection, job: Job) -> bool:
+        """One SMTP transaction for a job; apply its outcome; return False if the link died."""
+        rec = job.message.rec
+        started = time.perf_counter()
+        try:
+            body = await self.spool.read_body(rec)
+        except (SpoolError, OSError) as exc:
+            self.log.error("SpoolReadError", queue_id=rec.qid, error=str(exc))
+            self._apply(job, {i: Reply(0, f"cannot read queued message: {exc}") for i in job.rcpts},
+                        connection.target, started)  # fmt: skip
+            return True
+        client = connection.client
+        replies: dict[int, Reply] = {}
+        alive = True
+        try:
+            options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
+            if client.supports_extension("8bitmime") and any(b > 0x7F for b in body):
+                options.append("BODY=8BITMIME")
+            addresses = [rec.sender, *job.addresses]
+            if client.supports_extension("smtputf8") and not all(a.isascii() for a in addresses):
+                options.append("SMTPUTF8")
+            encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+            await client.mail(rec.sender, options=options, encoding=encoding)
+            accepted: list[int] = []
+            for index in job.rcpts:
+                try:
+                    await client.rcpt(rec.recipients[index], encoding=encoding)
+                    accepted.append(index)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    replies[index] = Reply(exc.code, exc.message)
+            if accepted:
+                try:
+                    response = await client.data(body)
+                    reply = Reply(response.code, response.message)
+                except aiosmtplib.SMTPDataError as exc:
+                    reply = Reply(exc.code, exc.message)
+                replies.update(dict.fromkeys(accepted, reply))
+            else:
+                await client.rset()
+        except aiosmtplib.SMTPResponseException as exc:
+            # MAIL refused, or a reply that ended the session (421).
+            reply = Reply(exc.code, exc.message)
+            for index in job.rcpts:
+                replies.setdefault(index, reply)
+            alive = exc.code != 421 and client.is_connected
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, UnicodeError) as exc:
+            reply = Reply(0, f"lost connection with {connection.target.mx_host}"
+                             f"[{connection.target.ip}]: {_describe(exc)}")  # fmt: skip
+            for index in job.rcpts:
+                replies.setdefault(index, reply)
+            alive = False
+        self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+        self._apply(job, replies, connection.target, started)
+        return alive
+
+    def _routing_failed(self, destination: Destination, job: Job, exc: RoutingError) -> None:
+        """No session could be had: the job and its whole line share the outcome."""
+        jobs = [job, *destination.ready]
+        destination.ready.clear()
+        code = 550 if exc.permanent else 0
+        text = f"{exc.enhanced} {exc}"
+        for each in jobs:
+            replies = {i: Reply(code, text) for i in each.rcpts}
+            self._apply(each, replies, None, time.perf_counter())
+
+    # ----------------------------------------------------------------- outcomes
+
+    def _apply(
+        self, job: Job, replies: dict[int, Reply], target: Target | None, started: float
+    ) -> None:
+        assert self.queue is not None
+        rec = job.message.rec
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        delivered = [i for i, r in replies.items() if 200 <= r.code < 300]
+        bounced = [i for i, r in replies.items() if r.permanent]
+        deferred = [i for i in job.rcpts if i not in delivered and i not in bounced]
+        attempt = job.attempts + 1
+        expired: list[int] = []
+        if deferred and self.queue.is_expired(job):
+            expired, deferred = deferred, []
+        for index in job.rcpts:
+            reply = replies[index]
+            kind = (
+                "Delivery" if index in delivered
+                else "Bounce" if index in bounced
+                else "Expiration" if index in expired
+                else "TransientFailure"
+            )  # fmt: skip
+            self.log.info(
+                kind,
+                queue_id=rec.qid,
+                message_id=rec.message_id,
+                sender=rec.sender,
+                recipient=rec.recipients[index],
+                domain=job.domain,
+                mx_host=target.mx_host if target else None,
+                mx_ip=target.ip if target else None,
+                code=reply.code or None,
+                enhanced_code=reply.enhanced,
+                response=reply.text,
+                attempt=attempt,
+                size=rec.length,
+                latency_ms=latency_ms,
+            )
+        if delivered:
+            self.metrics.deliveries.labels("delivered").inc(len(delivered))
+            self.metrics.delivered_rate.add(len(delivered))
+        if bounced or expired:
+            self.metrics.deliveries.labels("bounced").inc(len(bounced))
+            self.metrics.deliveries.labels("expired").inc(len(expired))
+            self.metrics.bounced_rate.add(len(bounced) + len(expired))
+        failed = bounced + expired
+        if failed:
+            mx = target.mx_host if target else ""
+            reports = [
+                FailedRecipient(
+                    rec.recipients[i],
+                    "4.4.7" if i in expired else replies[i].enhanced,
+                    str(replies[i]) if i not in expired else
+                    f"delivery time expired after {attempt} attempts; last error: {replies[i]}",
+                    mx,
+                )
+                for i in failed
+            ]  # fmt: skip
+            task = asyncio.get_running_loop().create_task(
+                self._bounce(job.message, failed, reports, expired=bool(expired))
+            )
+            self._bounces.add(task)
+            task.add_done_callback(self._bounces.discard)
+        if delivered:
+            self.spool.mark_done(job.message, delivered)
+        if deferred:
+            self.metrics.deliveries.labels("deferred").inc(len(deferred))
+            job.rcpts = deferred
+            due = self.queue.defer(job)
+            self.spool.mark_deferred(job.message, deferred, job.attempts, due)
+
+    async def _bounce(
+        self, message: LiveMessage, rcpts: list[int], reports: list[FailedRecipient],
+        *, expired: bool,
+    ) -> None:  # fmt: skip
+        """Queue a DSN to the sender (never to the null sender), then finish the recipients."""
+        assert self.queue is not None
+        rec = message.rec
+        if rec.sender and not rec.is_dsn:
+            try:
+                headers = original_headers(await self.spool.read_body(rec))
+            except (SpoolError, OSError):
+                headers = b""
+            dsn = build_dsn(
+                reporting_mta=self.hostname,
+                queue_id=rec.qid,
+                original_sender=rec.sender,
+                arrival=rec.arrival,
+                failed=reports,
+                headers=headers,
+                expired=expired,
+                now=self._wall(),
+            )
+            try:
+                notice = await self.spool.append(
+                    dsn, "", [rec.sender], message_id=message_id_of(dsn), is_dsn=True
+                )
+            except SpoolError as exc:
+                # Keep the recipients queued: the bounce is retried at their next attempt.
+                self.log.error("DsnNotQueued", queue_id=rec.qid, error=str(exc))
+                return
+            self.log.info("DsnQueued", queue_id=notice.rec.qid, original_queue_id=rec.qid,
+                          recipient=rec.sender)  # fmt: skip
+            self.queue.add(notice)
+        else:
+            self.log.info(
+                "DsnSuppressed",
+                queue_id=rec.qid,
+                reason="null sender" if not rec.sender else "bounce of a bounce",
+            )
+        self.spool.mark_done(message, rcpts)
+
+    # ------------------------------------------------------------------ stopping
+
+    async def stop(self, timeout: float) -> None:
+        """Let running transactions finish (up to ``timeout``), then close every session."""
+        self.stopping = True
+        for destination in self.queue.destinations.values() if self.queue else []:
+            destination.wakeup.set()
+        pending = self._sessions | self._bounces
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=2)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())

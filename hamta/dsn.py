@@ -1,0 +1,96 @@
+"""Delivery status notifications (RFC 3464) for mail that failed for good.
+
+A DSN is a multipart/report with a human-readable part, a message/delivery-status part (one
+block per failed recipient) and the original headers as text/rfc822-headers. It goes from the null
+sender to the original envelope sender; mail from the null sender never gets one (RFC 5321 6.1),
+which is what keeps two relays from bouncing a bounce between them forever.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage, Message
+from email.policy import SMTP
+from email.utils import format_datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRecipient:
+    """One recipient that failed, and why."""
+
+    address: str
+    status: str  # enhanced status code, e.g. 5.1.1
+    diagnostic: str  # the remote reply or our own reason
+    remote_mta: str = ""
+
+
+def original_headers(body: bytes) -> bytes:
+    """The header block of a message (up to the first empty line)."""
+    end = body.find(b"\r\n\r\n")
+    return body if end < 0 else body[: end + 2]
+
+
+def build_dsn(
+    *,
+    reporting_mta: str,
+    queue_id: str,
+    original_sender: str,
+    arrival: float,
+    failed: list[FailedRecipient],
+    headers: bytes,
+    expired: bool = False,
+    now: float,
+) -> bytes:
+    """Render the DSN for ``failed`` recipients of one message, as CRLF bytes ready to queue."""
+    report = EmailMessage(policy=SMTP)
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = original_sender
+    report["Subject"] = (
+        "Undelivered Mail Returned to Sender (delivery time expired)"
+        if expired
+        else "Undelivered Mail Returned to Sender"
+    )
+    report["Date"] = format_datetime(datetime.fromtimestamp(now, UTC))
+    report["Message-ID"] = email.utils.make_msgid(idstring=queue_id, domain=reporting_mta)
+    report["Auto-Submitted"] = "auto-replied"
+    lines = [
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+        "Your message could not be delivered to one or more recipients."
+        if not expired
+        else "Your message could not be delivered before its time in the queue ran out.",
+        "",
+    ]
+    for item in failed:
+        lines.append(f"<{item.address}>: {item.diagnostic}")
+    report.set_content("\n".join(lines) + "\n")
+    report.make_mixed()
+    report.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"')
+    status = Message()
+    status.set_type("message/delivery-status")
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["X-Hamta-Queue-ID"] = queue_id
+    per_message["Arrival-Date"] = format_datetime(datetime.fromtimestamp(arrival, UTC))
+    status.attach(per_message)
+    for item in failed:
+        block = Message()
+        block["Final-Recipient"] = f"rfc822; {item.address}"
+        block["Action"] = "failed"
+        block["Status"] = item.status
+        if item.remote_mta:
+            block["Remote-MTA"] = f"dns; {item.remote_mta}"
+        block["Diagnostic-Code"] = f"smtp; {_one_line(item.diagnostic)}"
+        status.attach(block)
+    report.attach(status)  # type: ignore[arg-type]  # any Message is a valid part
+    rfc822 = Message()
+    rfc822.set_type("text/rfc822-headers")
+    rfc822.set_payload(headers.decode("utf-8", errors="replace"))
+    report.attach(rfc822)  # type: ignore[arg-type]
+    return report.as_bytes(policy=SMTP)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

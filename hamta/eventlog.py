@@ -1,0 +1,52 @@
+"""The event log: one JSON object a line, through structlog.
+
+Mail events carry the names operators grep for (Reception, Delivery, TransientFailure, Bounce,
+Expiration) with the same fields every time, so a message's whole story can be pulled out of the
+log by its queue id.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure(level: str = "info", file: Path | None = None) -> IO[str]:
+    """Send JSON lines to ``file`` (appended, line-buffered) or standard output."""
+    stream: IO[str]
+    if file is None:
+        stream = sys.stdout
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives on
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
+    # aiosmtpd and aiohttp log through the standard library; keep their chatter out.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return stream
+
+
+def get_logger(**bound: Any) -> Any:
+    """A structlog logger with ``bound`` fields on every line."""
+    return structlog.get_logger("hamta").bind(**bound)

@@ -1,0 +1,102 @@
+"""Prometheus metrics and the short-term rates shown by ``/api/queue``.
+
+One registry per relay (not the process-global default), so that tests can run several relays in
+one process and a warm standby that is activated twice does not register twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RateWindow:
+    """Events per second over a sliding window, kept as per-second buckets."""
+
+    def __init__(self, seconds: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seconds = seconds
+        self._clock = clock
+        self._buckets: deque[list[float]] = deque()  # [second, count]
+
+    def add(self, count: int = 1) -> None:
+        """Record ``count`` events now."""
+        second = float(int(self._clock()))
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += count
+        else:
+            self._buckets.append([second, float(count)])
+            self._trim(second)
+
+    def _trim(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] <= now - self._seconds:
+            self._buckets.popleft()
+
+    def total(self) -> float:
+        """Events within the window."""
+        self._trim(float(int(self._clock())))
+        return sum(count for _, count in self._buckets)
+
+    def per_second(self) -> float:
+        """Average events per second over the window."""
+        return self.total() / self._seconds
+
+
+class RelayMetrics:
+    """The relay's Prometheus metrics and rate windows."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "hamta_messages_received", "Messages accepted (250 after fsync)", registry=r
+        )
+        self.rejected = Counter(
+            "hamta_smtp_rejections", "SMTP commands refused, by reply code", ["code"], registry=r
+        )
+        self.deliveries = Counter(
+            "hamta_deliveries",
+            "Recipient delivery outcomes",
+            ["outcome"],  # delivered, deferred, bounced, expired
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "hamta_delivery_duration_seconds",
+            "Time of one SMTP transaction to a destination",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "hamta_spool_commit_duration_seconds",
+            "Time of one group commit (writes and fsyncs)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.commit_messages = Histogram(
+            "hamta_spool_commit_messages",
+            "Messages made durable by one group commit",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.queue_depth = Gauge("hamta_queue_messages", "Messages in the spool", registry=r)
+        self.queue_ready = Gauge("hamta_queue_ready_jobs", "Jobs ready to deliver", registry=r)
+        self.queue_deferred = Gauge(
+            "hamta_queue_deferred_jobs", "Jobs waiting to retry", registry=r
+        )
+        self.in_flight = Gauge("hamta_delivery_in_flight", "Jobs being delivered", registry=r)
+        self.connections = Gauge(
+            "hamta_delivery_connections", "Open outbound SMTP connections", registry=r
+        )
+        self.smtp_sessions = Gauge("hamta_smtp_sessions", "Open inbound sessions", registry=r)
+        self.ready = Gauge("hamta_ready", "1 when listening with a writable spool", registry=r)
+        self.recovery_seconds = Gauge(
+            "hamta_recovery_duration_seconds", "Time of the last queue recovery", registry=r
+        )
+        self.delivered_rate = RateWindow()
+        self.bounced_rate = RateWindow()
+
+    def sample(self, name: str, **labels: str) -> int:
+        """The current value of a counter sample, as an integer (0 before its first event)."""
+        return int(self.registry.get_sample_value(name, labels) or 0)

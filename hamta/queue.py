@@ -1,0 +1,195 @@
+"""The in-memory queue: per-destination ready lines, deferred mail and the retry policy.
+
+The spool says *what* is still to be done; this module says *when* and *in which line*. Each
+recipient that is not finished belongs to one :class:`Job` (one message, one domain), and each job
+waits either in its destination's ready line or in the deferred heap until its next attempt. A
+destination is the next hop: the recipient domain, or the smarthost of a static route, so that a
+slow or dead destination only ever holds up its own line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hamta.config import RetryConfig
+from hamta.spool import LiveMessage
+
+
+def recipient_domain(address: str) -> str:
+    """The domain of an address, lower-cased, as a queue and routing key."""
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def backoff_delay(attempts: int, policy: RetryConfig, rng: random.Random) -> float:
+    """Seconds until the next attempt after ``attempts`` failures: exponential, capped, jittered."""
+    base = min(policy.max_delay, policy.first_delay * policy.factor ** max(0, attempts - 1))
+    if policy.jitter:
+        base *= 1.0 + rng.uniform(-policy.jitter, policy.jitter)
+    return min(base, policy.max_delay)
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """Recipients of one message in one domain, delivered in one SMTP transaction."""
+
+    message: LiveMessage
+    domain: str
+    rcpts: list[int]
+    attempts: int = 0
+    due: float = 0.0  # wall-clock time of the next attempt
+
+    @property
+    def addresses(self) -> list[str]:
+        """The recipients' addresses."""
+        return [self.message.rec.recipients[i] for i in self.rcpts]
+
+
+@dataclass(slots=True, eq=False)
+class Destination:
+    """One next hop: its ready line and how many sessions serve it."""
+
+    key: str
+    ready: deque[Job] = field(default_factory=deque)
+    sessions: int = 0
+    idle: int = 0
+    in_flight: int = 0
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MailQueue:
+    """Jobs by destination, ready or deferred; the scheduler feeds ready lines in time."""
+
+    def __init__(
+        self,
+        policy: RetryConfig,
+        next_hop: Callable[[str], str],
+        wall_clock: Callable[[], float],
+        on_ready: Callable[[Destination], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy
+        self._next_hop = next_hop
+        self._wall = wall_clock
+        self._on_ready = on_ready
+        self._rng = rng or random.Random()
+        self.destinations: dict[str, Destination] = {}
+        self._deferred: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._timer_changed = asyncio.Event()
+
+    # ------------------------------------------------------------- admission
+
+    def add(self, message: LiveMessage) -> None:
+        """Queue a message's unfinished recipients, grouped by domain and retry time."""
+        groups: dict[tuple[str, int, float], list[int]] = {}
+        recipients = message.rec.recipients
+        for index in range(len(recipients)):
+            if index in message.done:
+                continue
+            attempts, due = message.retry.get(index, (0, 0.0))
+            groups.setdefault((recipient_domain(recipients[index]), attempts, due), []).append(
+                index
+            )
+        now = self._wall()
+        for (domain, attempts, due), rcpts in groups.items():
+            job = Job(message, domain, rcpts, attempts, due)
+            if due > now:
+                self._push_deferred(job)
+            else:
+                self.make_ready(job)
+
+    def make_ready(self, job: Job) -> None:
+        """Put a job at the end of its destination's ready line."""
+        destination = self.destination(self._next_hop(job.domain))
+        destination.ready.append(job)
+        self._on_ready(destination)
+
+    def destination(self, key: str) -> Destination:
+        """The destination for a next-hop key, created on first use."""
+        destination = self.destinations.get(key)
+        if destination is None:
+            destination = self.destinations[key] = Destination(key)
+        return destination
+
+    # --------------------------------------------------------------- retries
+
+    def is_expired(self, job: Job) -> bool:
+        """Has the job's message outlived the maximum queue lifetime?"""
+        return self._wall() - job.message.rec.arrival >= self.policy.max_queue_lifetime
+
+    def defer(self, job: Job) -> float:
+        """Count a failed attempt and schedule the next; return its wall-clock time."""
+        job.attempts += 1
+        job.due = self._wall() + backoff_delay(job.attempts, self.policy, self._rng)
+        self._push_deferred(job)
+        return job.due
+
+    def _push_deferred(self, job: Job) -> None:
+        was_first = not self._deferred or job.due < self._deferred[0][0]
+        heapq.heappush(self._deferred, (job.due, next(self._seq), job))
+        if was_first:
+            self._timer_changed.set()
+
+    def retry_now(self, predicate: Callable[[Job], bool] | None = None) -> int:
+        """Move deferred jobs (all, or those matching) to their ready lines at once."""
+        keep: list[tuple[float, int, Job]] = []
+        moved = 0
+        for entry in self._deferred:
+            if predicate is None or predicate(entry[2]):
+                self.make_ready(entry[2])
+                moved += 1
+            else:
+                keep.append(entry)
+        heapq.heapify(keep)
+        self._deferred = keep
+        return moved
+
+    async def run_timer(self) -> None:
+        """Forever: move deferred jobs to their ready lines when they fall due."""
+        while True:
+            self._timer_changed.clear()
+            now = self._wall()
+            while self._deferred and self._deferred[0][0] <= now:
+                self.make_ready(heapq.heappop(self._deferred)[2])
+            if not self._deferred:
+                await self._timer_changed.wait()
+                continue
+            wait = self._deferred[0][0] - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_changed.wait(), timeout=wait)
+
+    # ----------------------------------------------------------------- views
+
+    @property
+    def deferred_count(self) -> int:
+        """Jobs waiting for their next attempt."""
+        return len(self._deferred)
+
+    @property
+    def ready_count(self) -> int:
+        """Jobs waiting in ready lines."""
+        return sum(len(d.ready) for d in self.destinations.values())
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs being delivered right now."""
+        return sum(d.in_flight for d in self.destinations.values())
+
+    def by_domain(self) -> dict[str, dict[str, int]]:
+        """Recipients waiting per domain, ready and deferred."""
+        summary: dict[str, dict[str, int]] = {}
+        for destination in self.destinations.values():
+            for job in destination.ready:
+                row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0})
+                row["ready"] += len(job.rcpts)
+        for _, _, job in self._deferred:
+            row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0})
+            row["deferred"] += len(job.rcpts)
+        return summary

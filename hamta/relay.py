@@ -1,0 +1,296 @@
+"""The relay's life: standby, activation over a spool, serving, and a graceful stop.
+
+A relay process may start *warm*: with its interpreter, libraries and admin endpoint up but no
+spool and no SMTP listener (``standby``). Activation opens the spool, starts listening at once and
+recovers the queue in a thread while the first sessions are already being served, which keeps
+queue depth off the failover's critical path. Deactivation is the reverse and is graceful: new
+sessions get 421 4.3.2, DATA already under way is finished and spooled, deliveries under way finish
+(or stay safely queued when the time is up), then the spool is closed and the relay is warm again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hamta.config import Config, parse_hostport
+from hamta.delivery import DeliveryEngine
+from hamta.eventlog import get_logger
+from hamta.metrics import RelayMetrics
+from hamta.queue import MailQueue
+from hamta.routing import Router
+from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
+from hamta.spool import Spool, SpoolError, SpoolState
+
+
+class RelayState(enum.Enum):
+    """Where the relay is in its life."""
+
+    STANDBY = "standby"
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    DEACTIVATING = "deactivating"
+
+
+class RelayError(Exception):
+    """The relay cannot do what was asked (wrong state, spool unusable, port taken)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """What an activation did and how long each part took."""
+
+    spool: str
+    listening: list[str]
+    recovered_messages: int
+    recovery_seconds: float
+    listen_seconds: float
+    total_seconds: float
+
+
+class _Active:
+    """Everything that exists only while the relay is active."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        queue: MailQueue,
+        engine: DeliveryEngine,
+        handler: ReceptionHandler,
+        servers: list[asyncio.Server],
+        timer: asyncio.Task[None],
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.engine = engine
+        self.handler = handler
+        self.servers = servers
+        self.timer = timer
+        self.recovery: asyncio.Task[SpoolState] | None = None
+
+
+class Relay:
+    """One relay: configuration, metrics, and its active parts while active."""
+
+    def __init__(self, config: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.metrics = RelayMetrics()
+        self.log = get_logger(node=config.node.hostname)
+        self._wall = wall_clock
+        self.state = RelayState.STANDBY
+        self._active: _Active | None = None
+        self._lock = asyncio.Lock()
+        self.started_at = time.monotonic()
+        self.last_activation: Activation | None = None
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def ready(self) -> bool:
+        """Listening for mail with a writable spool."""
+        active = self._active
+        return (
+            self.state is RelayState.ACTIVE
+            and active is not None
+            and active.spool.is_writable()
+            and all(server.is_serving() for server in active.servers)
+        )
+
+    @property
+    def spool(self) -> Spool | None:
+        """The open spool, while active."""
+        return self._active.spool if self._active else None
+
+    @property
+    def queue(self) -> MailQueue | None:
+        """The queue, while active."""
+        return self._active.queue if self._active else None
+
+    def queue_summary(self) -> dict[str, Any]:
+        """Figures for ``GET /api/queue`` and ``hamta queue``."""
+        active = self._active
+        delivered = self.metrics.delivered_rate.total()
+        bounced = self.metrics.bounced_rate.total()
+        summary: dict[str, Any] = {
+            "state": self.state.value,
+            "ready": self.ready,
+            "depth": 0,
+            "recipients_ready": 0,
+            "recipients_deferred": 0,
+            "in_flight": 0,
+            "connections": 0,
+            "delivery_rate_per_s": round(self.metrics.delivered_rate.per_second(), 3),
+            "bounce_rate": round(bounced / (delivered + bounced), 4) if bounced else 0.0,
+            "received_total": self.metrics.sample("hamta_messages_received_total"),
+            "delivered_total": self.metrics.sample("hamta_deliveries_total", outcome="delivered"),
+            "bounced_total": self.metrics.sample("hamta_deliveries_total", outcome="bounced"),
+            "expired_total": self.metrics.sample("hamta_deliveries_total", outcome="expired"),
+            "domains": {},
+        }
+        if active is not None:
+            summary.update(
+                spool=str(active.spool.path),
+                depth=len(active.spool.live),
+                in_flight=active.queue.in_flight,
+                connections=active.engine.connections,
+                recovering=active.recovery is not None and not active.recovery.done(),
+                domains=active.queue.by_domain(),
+            )
+            summary["recipients_ready"] = active.queue.ready_count
+            summary["recipients_deferred"] = active.queue.deferred_count
+        return summary
+
+    # ------------------------------------------------------------- activation
+
+    async def activate(self, spool_path: Path | None = None) -> Activation:
+        """Open the spool, listen, and recover the queue; return when recovery is done."""
+        async with self._lock:
+            if self.state is not RelayState.STANDBY:
+                raise RelayError(f"relay is {self.state.value}, not standby")
+            self.state = RelayState.ACTIVATING
+            try:
+                return await self._activate(spool_path or self.config.spool.path)
+            except BaseException:
+                await self._teardown(timeout=0)
+                self.state = RelayState.STANDBY
+                raise
+
+    async def _activate(self, path: Path) -> Activation:
+        started = time.perf_counter()
+        config = self.config
+        self.log.info("RelayActivating", spool=str(path))
+        spool = Spool(
+            path,
+            segment_size=config.spool.segment_size,
+            journal_size=config.spool.journal_size,
+            wall_clock=self._wall,
+        )
+        try:
+            spool.open()
+        except SpoolError as exc:
+            raise RelayError(str(exc)) from None
+        spool.on_commit = self._observe_commit
+        router = Router(config.delivery, config.dns)
+        engine = DeliveryEngine(
+            config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
+            wall_clock=self._wall,
+        )  # fmt: skip
+        queue = MailQueue(config.retry, router.next_hop, self._wall, engine.on_ready)
+        engine.queue = queue
+        handler = ReceptionHandler(
+            config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log
+        )
+        timer = asyncio.get_running_loop().create_task(queue.run_timer())
+        self._active = _Active(spool, queue, engine, handler, [], timer)
+        factory = functools.partial(
+            HamtaSMTP,
+            handler,
+            line_length_limit=config.smtp.max_line_length + 2,
+            data_size_limit=config.smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.node.hostname,
+            ident="ESMTP hamta",
+            tls_context=tls_context(config.smtp),
+            timeout=config.smtp.session_timeout,
+        )
+        loop = asyncio.get_running_loop()
+        for item in config.smtp.listen:
+            host, port = parse_hostport(item)
+            try:
+                server = await loop.create_server(factory, host, port, reuse_address=True)
+            except OSError as exc:
+                raise RelayError(f"cannot listen on {item}: {exc.strerror}") from None
+            self._active.servers.append(server)
+        listen_seconds = time.perf_counter() - started
+        self.log.info("RelayListening", listen=config.smtp.listen,
+                      seconds=round(listen_seconds, 4))  # fmt: skip
+        self._active.recovery = loop.create_task(spool.recover())
+        state = await self._active.recovery
+        for message in state.live.values():
+            queue.add(message)
+        self.metrics.recovery_seconds.set(state.stats.seconds)
+        self.metrics.queue_depth.set_function(lambda: len(spool.live))
+        self.metrics.queue_ready.set_function(lambda: queue.ready_count)
+        self.metrics.queue_deferred.set_function(lambda: queue.deferred_count)
+        self.metrics.in_flight.set_function(lambda: queue.in_flight)
+        self.metrics.connections.set_function(lambda: engine.connections)
+        stats = state.stats
+        self.log.info(
+            "QueueRecovered",
+            spool=str(path),
+            messages=stats.messages,
+            recipients=stats.recipients,
+            journal_files=stats.journal_files,
+            journal_bytes=stats.journal_bytes,
+            torn_frames=stats.torn_frames,
+            missing_segments=stats.missing_segments,
+            seconds=round(stats.seconds, 4),
+        )
+        self.state = RelayState.ACTIVE
+        total = time.perf_counter() - started
+        self.last_activation = Activation(
+            spool=str(path),
+            listening=list(config.smtp.listen),
+            recovered_messages=stats.messages,
+            recovery_seconds=stats.seconds,
+            listen_seconds=listen_seconds,
+            total_seconds=total,
+        )
+        self.log.info("RelayActive", spool=str(path), seconds=round(total, 4))
+        return self.last_activation
+
+    def _observe_commit(self, messages: int, seconds: float) -> None:
+        self.metrics.commit_seconds.observe(seconds)
+        self.metrics.commit_messages.observe(messages)
+
+    # ------------------------------------------------------------ deactivation
+
+    async def deactivate(self, timeout: float = 10.0) -> None:
+        """Stop gracefully and go back to standby; nothing accepted is lost."""
+        async with self._lock:
+            if self.state is not RelayState.ACTIVE:
+                raise RelayError(f"relay is {self.state.value}, not active")
+            self.state = RelayState.DEACTIVATING
+            started = time.perf_counter()
+            self.log.info("RelayDeactivating", timeout=timeout)
+            await self._teardown(timeout)
+            self.state = RelayState.STANDBY
+            self.log.info("RelayStandby", seconds=round(time.perf_counter() - started, 4))
+
+    async def _teardown(self, timeout: float) -> None:
+        active, self._active = self._active, None
+        if active is None:
+            return
+        handler = active.handler
+        handler.draining = True  # new sessions and new MAIL get 421 4.3.2
+        deadline = time.monotonic() + timeout
+        # DATA already received is spooled and answered before anything closes.
+        if handler.in_data:
+            try:
+                await asyncio.wait_for(handler.idle.wait(), timeout=max(0.1, timeout))
+            except TimeoutError:
+                self.log.warning("DrainTimeout", sessions_in_data=handler.in_data)
+        await active.engine.stop(max(0.0, deadline - time.monotonic()))
+        for server in active.servers:
+            server.close()
+        for session in list(handler.sessions):
+            session.close_session()
+        for server in active.servers:
+            await server.wait_closed()
+        active.timer.cancel()
+        if active.recovery is not None and not active.recovery.done():
+            await asyncio.gather(active.recovery, return_exceptions=True)
+        await active.spool.close()
+        for gauge in (
+            self.metrics.queue_depth, self.metrics.queue_ready, self.metrics.queue_deferred,
+            self.metrics.in_flight, self.metrics.connections,
+        ):  # fmt: skip
+            gauge.set(0)

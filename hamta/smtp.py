@@ -1,0 +1,302 @@
+"""Receiving mail: the aiosmtpd protocol, tightened, and the handler that spools what it accepts.
+
+The handler is where a message becomes hamta's responsibility, so it is strict. Relaying is only
+for configured client networks (hamta is never an open relay). DATA holding a bare CR or LF is
+refused whole: such bytes are how SMTP smuggling hides a second message inside the first
+(``\\n.\\n`` read as end-of-data by one server and as text by another), and refusing them at the
+door means no end-of-data other than CRLF.CRLF can ever split a message. The 250 reply after DATA
+is sent only when the spool reports the message durable (fsynced).
+
+Replies carry RFC 3463 enhanced status codes, since ENHANCEDSTATUSCODES is advertised; aiosmtpd's
+own replies get them added in :meth:`HamtaSMTP.push`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from hamta.config import SmtpConfig
+from hamta.metrics import RelayMetrics
+from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFullError
+
+_STATUS = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.DOTALL)
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+# Enhanced codes for aiosmtpd's own replies, by basic code (RFC 3463, RFC 5248).
+_DEFAULT_ENHANCED = {
+    "211": "2.0.0", "214": "2.0.0", "221": "2.0.0", "235": "2.7.0", "250": "2.0.0",
+    "251": "2.1.5", "252": "2.1.5", "421": "4.3.2", "450": "4.2.0", "451": "4.3.0",
+    "452": "4.3.1", "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+    "504": "5.5.4", "530": "5.7.0", "550": "5.7.1", "552": "5.3.4", "553": "5.1.3",
+    "554": "5.0.0", "555": "5.5.4",
+}  # fmt: skip
+# aiosmtpd texts that deserve a clearer word.
+_REWORDED = {
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed limit",
+}
+
+REPLY_OK = "250 2.0.0 Ok"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
+REPLY_SMUGGLING = (
+    "550 5.5.2 Message refused: bare CR or LF in message data "
+    "(only CRLF line ends are allowed; SMTP smuggling protection)"
+)
+REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
+REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
+
+
+def has_bare_line_end(data: bytes) -> bool:
+    """True when ``data`` holds a CR not followed by LF, or an LF not preceded by CR."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Add the enhanced status code to a 2xx/4xx/5xx reply line that lacks one."""
+    reworded = _REWORDED.get(reply)
+    if reworded is not None:
+        return reworded
+    match = _STATUS.match(reply)
+    if match is None or _ENHANCED.match(match.group(4)):
+        return reply
+    code = match.group(1) + match.group(2)
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{match.group(1)}.0.0")
+    return f"{code}{match.group(3)}{enhanced} {match.group(4)}"
+
+
+def message_id_of(body: bytes) -> str:
+    """The Message-ID header of a message, or an empty string."""
+    end = body.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(body, 0, end if end >= 0 else len(body))
+    return match.group(1).decode("utf-8", errors="replace").strip() if match else ""
+
+
+class HamtaSMTP(SMTP):
+    """aiosmtpd's SMTP with enhanced status codes, a configurable line limit and draining."""
+
+    def __init__(self, handler: ReceptionHandler, *, line_length_limit: int, **kwargs: Any):
+        # Read by SMTP.__init__ to size its stream buffer: lines longer than this get 500.
+        self.line_length_limit = line_length_limit
+        self._plain_replies = False
+        super().__init__(handler, **kwargs)
+        self.hamta_handler = handler
+
+    async def push(self, status: AnyStr) -> None:
+        """Send a reply, adding enhanced codes (not to the greeting or EHLO/HELO lines)."""
+        if isinstance(status, str) and not self._plain_replies and not status.startswith("220"):
+            await super().push(with_enhanced_code(status))
+        else:
+            await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """EHLO, whose reply lines RFC 2034 leaves without enhanced codes."""
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        """HELO, whose reply RFC 2034 leaves without an enhanced code."""
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Track the session so that a graceful stop can wait for it."""
+        self.hamta_handler.sessions.add(self)
+        self.hamta_handler.metrics.smtp_sessions.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the session."""
+        if self in self.hamta_handler.sessions:
+            self.hamta_handler.sessions.discard(self)
+            self.hamta_handler.metrics.smtp_sessions.dec()
+        super().connection_lost(exc)
+
+    async def _handle_client(self) -> None:
+        if self.hamta_handler.draining:
+            # A relay that is stopping tells new clients to come back, instead of a bare RST.
+            await self.push(REPLY_SHUTTING_DOWN)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    def close_session(self) -> None:
+        """Drop the connection (used at the end of a graceful stop)."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ReceptionHandler:
+    """aiosmtpd handler: relay control, limits, smuggling defence, Received:, spool, queue."""
+
+    def __init__(
+        self,
+        config: SmtpConfig,
+        hostname: str,
+        spool: Spool,
+        on_queued: Callable[[LiveMessage], None],
+        metrics: RelayMetrics,
+        log: Any,
+    ) -> None:
+        self.config = config
+        self.hostname = hostname
+        self.spool = spool
+        self.on_queued = on_queued
+        self.metrics = metrics
+        self.log = log
+        self.networks = list(config.relay_networks)
+        self.draining = False
+        self.sessions: set[HamtaSMTP] = set()
+        self.in_data = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _reject(self, reply: str) -> str:
+        self.metrics.rejected.labels(reply[:3]).inc()
+        return reply
+
+    def relay_allowed(self, peer: Any) -> bool:
+        """Is the client's address within the relay networks?"""
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except (ValueError, TypeError, IndexError):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+    async def handle_EHLO(
+        self, server: HamtaSMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        """Advertise PIPELINING and ENHANCEDSTATUSCODES besides aiosmtpd's own extensions."""
+        session.host_name = hostname
+        last = responses.pop()  # "250 HELP"
+        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+        return responses
+
+    async def handle_MAIL(
+        self, server: HamtaSMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:  # fmt: skip
+        """Accept the sender (the null sender included); refuse while stopping."""
+        if self.draining:
+            return self._reject(REPLY_SHUTTING_DOWN)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return REPLY_OK
+
+    async def handle_RCPT(
+        self, server: HamtaSMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        """Relay control, recipient syntax and the recipient limit."""
+        if not self.relay_allowed(session.peer):
+            return self._reject(REPLY_RELAY_DENIED)
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain or domain.startswith("["):
+            return self._reject(REPLY_BAD_ADDRESS)
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return self._reject(REPLY_TOO_MANY_RCPTS)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: HamtaSMTP, session: Session, envelope: Envelope) -> str:
+        """Check, stamp and spool the message; answer 250 only once it is durable."""
+        data = envelope.original_content or b""
+        peer = session.peer
+        client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if has_bare_line_end(data):
+            self.log.warning(
+                "SmugglingRefused", client=client, sender=envelope.mail_from,
+                size=len(data),
+            )  # fmt: skip
+            return self._reject(REPLY_SMUGGLING)
+        started = time.perf_counter()
+        qid = self.spool.new_qid()
+        body = self._received_header(session, envelope, qid, client) + data
+        self.in_data += 1
+        self.idle.clear()
+        try:
+            message = await self.spool.append(
+                body,
+                # aiosmtpd keeps the null sender as "<>"; the spool and DSNs know it as "".
+                "" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+                list(envelope.rcpt_tos),
+                qid=qid,
+                message_id=message_id_of(data),
+                client=client,
+            )
+        except SpoolFullError as exc:
+            self.log.error("SpoolFull", queue_id=qid, error=str(exc))
+            return self._reject(REPLY_SPOOL_FULL)
+        except SpoolError as exc:
+            self.log.error("SpoolError", queue_id=qid, error=str(exc))
+            return self._reject(REPLY_SPOOL_ERROR)
+        finally:
+            self.in_data -= 1
+            if self.in_data == 0:
+                self.idle.set()
+        self.metrics.received.inc()
+        rec = message.rec
+        self.log.info(
+            "Reception",
+            queue_id=qid,
+            message_id=rec.message_id,
+            sender=rec.sender,
+            recipients=rec.recipients,
+            client=rec.client,
+            helo=session.host_name,
+            tls=session.ssl is not None,
+            size=len(body),
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        self.on_queued(message)
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _received_header(
+        self, session: Session, envelope: Envelope, qid: str, client: str
+    ) -> bytes:
+        protocol = "ESMTPS" if session.ssl is not None else (
+            "ESMTP" if session.extended_smtp else "SMTP"
+        )  # fmt: skip
+        recipient = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        stamp = format_datetime(datetime.now(UTC))
+        header = (
+            f"Received: from {session.host_name or 'unknown'} ([{client}])\r\n"
+            f"\tby {self.hostname} (hamta) with {protocol} id {qid}{recipient};\r\n"
+            f"\t{stamp}\r\n"
+        )
+        return header.encode("utf-8", errors="surrogateescape")
+
+
+def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
+    """The inbound TLS context (TLS 1.2 or newer), or None when no certificate is set."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context

@@ -1,0 +1,710 @@
+"""The durable spool: message bodies in append-only segments, their state in a journal.
+
+Why this shape. A relay may answer 250 only once a message is on stable storage, and on failover
+the new primary must rebuild its queue from the spool in well under a second at ordinary depths.
+Both point to logs rather than a file per message: appending many messages to one file and
+syncing it once (group commit) costs one fsync for every session that finished DATA in the same
+instant, and rebuilding the queue means reading a compact journal, never the bodies.
+
+* ``data/NNNNNNNN.seg`` hold the bodies, back to back, exactly as queued (Received: header
+  included). A segment is deleted once every message in it is finished and that fact is durable.
+* ``journal/NNNNNNNN.jnl`` hold the state: one frame per group commit, each a CRC-checked list of
+  records: :class:`Enqueue` (envelope plus where the body lies), :class:`Defer` (retry state of
+  some recipients) and :class:`Done` (recipients finished: delivered, bounced or expired).
+* ``journal/NNNNNNNN.ckpt`` is a checkpoint: the live state as of the end of journal ``NNNNNNNN``,
+  so that recovery reads one checkpoint plus the journals after it, and old journals can go.
+
+A group commit writes the bodies, fdatasyncs the segment, then writes the frame and fdatasyncs the
+journal, so a frame that survives a crash never points at a body that did not. A torn last frame
+fails its CRC and is cut off at recovery. Replay is idempotent (a repeated Enqueue or a Done for an
+unknown message is ignored), which is what lets a checkpoint be taken while mail keeps flowing.
+The format is documented for operators in ``docs/spool-format.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+FORMAT_VERSION = "hamta-spool 1\n"
+_FRAME = struct.Struct("<II")  # payload length, crc32 of payload
+_CHECKPOINT_CHUNK = 4096
+
+
+class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
+    """A message accepted into the spool: its envelope and where its body lies."""
+
+    qid: str
+    segment: int
+    offset: int
+    length: int
+    crc: int
+    arrival: float
+    sender: str
+    recipients: list[str]
+    message_id: str = ""
+    client: str = ""
+    is_dsn: bool = False
+
+
+class Defer(msgspec.Struct, tag=2, array_like=True, gc=False):
+    """Some recipients failed temporarily: how often, and when to try next (wall clock)."""
+
+    qid: str
+    rcpts: list[int]
+    attempts: int
+    next_attempt: float
+
+
+class Done(msgspec.Struct, tag=3, array_like=True, gc=False):
+    """Some recipients are finished: delivered, bounced or expired."""
+
+    qid: str
+    rcpts: list[int]
+
+
+Record = Enqueue | Defer | Done
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[Record])
+
+
+class SpoolError(Exception):
+    """The spool cannot be used (locked, unreadable, wrong format)."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool's file system has no room: refuse temporarily, lose nothing."""
+
+
+@dataclass(slots=True)
+class LiveMessage:
+    """A message with recipients still to finish, and their retry state."""
+
+    rec: Enqueue
+    # Set by the I/O thread once the Enqueue record is on disk; checkpoints take only these.
+    durable: bool = False
+    done: set[int] = field(default_factory=set)
+    # Recipient index -> (attempts so far, next attempt as wall-clock time).
+    retry: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[int]:
+        """Indices of the recipients not yet finished."""
+        return [i for i in range(len(self.rec.recipients)) if i not in self.done]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryStats:
+    """What a recovery found and how long it took."""
+
+    messages: int
+    recipients: int
+    journal_files: int
+    journal_bytes: int
+    torn_frames: int
+    missing_segments: int
+    seconds: float
+
+
+def _frame(records: Iterable[Record]) -> bytes:
+    payload = _encoder.encode(list(records))
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _read_frames(data: bytes) -> tuple[list[list[Record]], int, bool]:
+    """Decode frames; return them, the length of the valid prefix, and whether a tail was torn."""
+    frames: list[list[Record]] = []
+    pos, end = 0, len(data)
+    view = memoryview(data)
+    while pos + _FRAME.size <= end:
+        length, crc = _FRAME.unpack_from(data, pos)
+        start = pos + _FRAME.size
+        if start + length > end or zlib.crc32(view[start : start + length]) != crc:
+            return frames, pos, True
+        try:
+            frames.append(_decoder.decode(view[start : start + length]))
+        except msgspec.DecodeError:
+            return frames, pos, True
+        pos = start + length
+    return frames, pos, pos != end
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _numbered(directory: Path, suffix: str) -> list[int]:
+    numbers = []
+    for entry in directory.iterdir():
+        if entry.name.endswith(suffix) and entry.name[: -len(suffix)].isdigit():
+            numbers.append(int(entry.name[: -len(suffix)]))
+    return sorted(numbers)
+
+
+class _Batch:
+    """One group commit in the making: bodies, records and who waits for them."""
+
+    __slots__ = ("appended", "bodies", "messages", "records", "segment_deletes", "syncs")
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[int, int, bytes]] = []  # segment, offset, body
+        self.messages: list[LiveMessage] = []
+        self.records: list[Record] = []
+        self.appended: list[asyncio.Future[None]] = []  # one per message, in order
+        self.syncs: list[asyncio.Future[None]] = []
+        self.segment_deletes: list[int] = []
+
+    def empty(self) -> bool:
+        return not (self.records or self.syncs or self.segment_deletes)
+
+
+class Spool:
+    """A spool directory opened by one relay: append, track state, recover, checkpoint."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        segment_size: int = 64 * 1024 * 1024,
+        journal_size: int = 64 * 1024 * 1024,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self._segment_size = segment_size
+        self._journal_size = journal_size
+        self._wall = wall_clock
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-io")
+        self._lock_fd: int | None = None
+        self.live: dict[str, LiveMessage] = {}
+        self._refs: dict[int, int] = {}
+        self._segment = 0
+        self._offset = 0
+        self._journal = 0
+        self._journal_bytes_since_ckpt = 0
+        # Journals and segments numbered below these belong to earlier runs.
+        self._first_journal = 0
+        self._first_segment = 0
+        self._seg_fds: dict[int, int] = {}
+        self._jnl_fd: int | None = None
+        self._batch = _Batch()
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._checkpointing = False
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._recovered = False
+        self._closed = False
+        self._counter = int.from_bytes(os.urandom(3), "big")
+        self.broken: str | None = None
+        self.fsyncs = 0
+        self.on_commit: Callable[[int, float], None] | None = None
+
+    # ---------------------------------------------------------------- opening
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the body segments are."""
+        return self.path / "data"
+
+    @property
+    def journal_dir(self) -> Path:
+        """Where the journal and checkpoints are."""
+        return self.path / "journal"
+
+    def open(self) -> None:
+        """Lock the directory and start a fresh journal and segment; fast, reads no state."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(exist_ok=True)
+            self.journal_dir.mkdir(exist_ok=True)
+            version = self.path / "VERSION"
+            if version.exists():
+                if version.read_text() != FORMAT_VERSION:
+                    raise SpoolError(f"{self.path}: unknown spool format {version.read_text()!r}")
+            else:
+                version.write_text(FORMAT_VERSION)
+                _fsync_dir(self.path)
+            self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"{self.path}: cannot open spool: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise SpoolError(f"{self.path}: spool is in use by pid {holder or '?'}") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        existing_journals = _numbered(self.journal_dir, ".jnl") + _numbered(
+            self.journal_dir, ".ckpt"
+        )
+        existing_segments = _numbered(self.data_dir, ".seg")
+        self._journal = (max(existing_journals) if existing_journals else 0) + 1
+        self._first_journal = self._journal
+        self._segment = (max(existing_segments) if existing_segments else 0) + 1
+        self._first_segment = self._segment
+        self._offset = 0
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    # --------------------------------------------------------------- appending
+
+    def new_qid(self) -> str:
+        """A queue id: milliseconds since the epoch and a counter, unique and sortable."""
+        self._counter = (self._counter + 1) & 0xFFFFF
+        return f"{int(self._wall() * 1000):011X}{self._counter:05X}"
+
+    async def append(
+        self,
+        body: bytes,
+        sender: str,
+        recipients: list[str],
+        *,
+        qid: str | None = None,
+        message_id: str = "",
+        client: str = "",
+        is_dsn: bool = False,
+    ) -> LiveMessage:
+        """Queue a message; return once body and envelope are on stable storage."""
+        if self.broken is not None:
+            raise SpoolError(self.broken)
+        if self._closed:
+            raise SpoolError("spool is closed")
+        if self._offset and self._offset + len(body) > self._segment_size:
+            self._next_segment()
+        rec = Enqueue(
+            qid=qid or self.new_qid(),
+            segment=self._segment,
+            offset=self._offset,
+            length=len(body),
+            crc=zlib.crc32(body),
+            arrival=self._wall(),
+            sender=sender,
+            recipients=recipients,
+            message_id=message_id,
+            client=client,
+            is_dsn=is_dsn,
+        )
+        self._offset += len(body)
+        message = LiveMessage(rec)
+        # Known to the spool at once, so that a checkpoint or a segment retirement running
+        # while the commit is under way accounts for it.
+        self.live[rec.qid] = message
+        self._refs[rec.segment] = self._refs.get(rec.segment, 0) + 1
+        batch = self._batch
+        batch.bodies.append((rec.segment, rec.offset, body))
+        batch.records.append(rec)
+        batch.messages.append(message)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch.appended.append(waiter)
+        self._wake.set()
+        try:
+            await waiter
+        except SpoolError:
+            self._forget(message)
+            raise
+        return message
+
+    def _forget(self, message: LiveMessage) -> None:
+        if self.live.pop(message.rec.qid, None) is None:
+            return
+        segment = message.rec.segment
+        self._refs[segment] -= 1
+        if self._refs[segment] == 0 and segment != self._segment:
+            del self._refs[segment]
+            # Only once the Done records are durable may the body go.
+            self._batch.segment_deletes.append(segment)
+            self._wake.set()
+
+    def _next_segment(self) -> None:
+        old = self._segment
+        self._segment += 1
+        self._offset = 0
+        if self._refs.get(old, 0) == 0:
+            self._refs.pop(old, None)
+            self._batch.segment_deletes.append(old)
+
+    def mark_done(self, message: LiveMessage, rcpts: list[int]) -> bool:
+        """Record recipients as finished; return True when the whole message is finished.
+
+        Durable at the next group commit. Losing it to a crash only means a repeated delivery,
+        never a lost message, so delivery does not wait for it.
+        """
+        message.done.update(rcpts)
+        for index in rcpts:
+            message.retry.pop(index, None)
+        self._batch.records.append(Done(message.rec.qid, rcpts))
+        self._wake.set()
+        if len(message.done) < len(message.rec.recipients):
+            return False
+        self._forget(message)
+        return True
+
+    def mark_deferred(
+        self, message: LiveMessage, rcpts: list[int], attempts: int, next_attempt: float
+    ) -> None:
+        """Record the retry state of recipients that failed temporarily."""
+        for index in rcpts:
+            message.retry[index] = (attempts, next_attempt)
+        self._batch.records.append(Defer(message.rec.qid, rcpts, attempts, next_attempt))
+        self._wake.set()
+
+    async def read_body(self, rec: Enqueue) -> bytes:
+        """Read a queued message's body back, checking its CRC."""
+        body = self._pread(rec)
+        if zlib.crc32(body) != rec.crc:
+            raise SpoolError(f"{rec.qid}: body in segment {rec.segment} fails its checksum")
+        return body
+
+    def _pread(self, rec: Enqueue) -> bytes:
+        fd = self._seg_fds.get(rec.segment)
+        if fd is not None:
+            return os.pread(fd, rec.length, rec.offset)
+        with open(self.data_dir / f"{rec.segment:08d}.seg", "rb") as handle:
+            handle.seek(rec.offset)
+            return handle.read(rec.length)
+
+    async def sync(self) -> None:
+        """Wait until every record appended so far is durable."""
+        if self._closed:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.syncs.append(waiter)
+        self._wake.set()
+        await waiter
+
+    # ------------------------------------------------------------ group commit
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._batch.empty():
+                batch = self._take_batch()
+                started = time.perf_counter()
+                try:
+                    await loop.run_in_executor(self._io, self._write_batch, batch)
+                except OSError as exc:
+                    self._fail_batch(batch, exc)
+                    continue
+                for waiter in batch.appended + batch.syncs:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                if self.on_commit is not None:
+                    self.on_commit(len(batch.appended), time.perf_counter() - started)
+                if (
+                    self._recovered
+                    and not self._checkpointing
+                    and self._journal_bytes_since_ckpt > self._journal_size
+                ):
+                    self._checkpointing = True
+                    self._checkpoint_task = loop.create_task(self._checkpoint())
+            if self._closed:
+                return
+
+    def _take_batch(self) -> _Batch:
+        batch, self._batch = self._batch, _Batch()
+        return batch
+
+    def _write_batch(self, batch: _Batch) -> None:
+        """In the I/O thread: bodies, fdatasync, journal frame, fdatasync, then deletions."""
+        touched: list[tuple[int, int]] = []  # (fd, length before) for rollback
+        try:
+            if batch.bodies:
+                by_segment: dict[int, list[bytes]] = {}
+                for segment, _, body in batch.bodies:
+                    by_segment.setdefault(segment, []).append(body)
+                for segment, bodies in by_segment.items():
+                    fd = self._segment_fd(segment)
+                    touched.append((fd, os.fstat(fd).st_size))
+                    _write_all(fd, b"".join(bodies))
+                for segment in by_segment:
+                    os.fdatasync(self._seg_fds[segment])
+                    self.fsyncs += 1
+            if batch.records:
+                frame = _frame(batch.records)
+                fd = self._journal_fd()
+                touched.append((fd, os.fstat(fd).st_size))
+                _write_all(fd, frame)
+                os.fdatasync(fd)
+                self.fsyncs += 1
+                self._journal_bytes_since_ckpt += len(frame)
+            for message in batch.messages:
+                message.durable = True
+        except OSError:
+            for fd, size in touched:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+            raise
+        for segment in batch.segment_deletes:
+            self._delete_segment(segment)
+
+    def _fail_batch(self, batch: _Batch, exc: OSError) -> None:
+        error: SpoolError
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            error = SpoolFullError(f"spool file system is full: {exc.strerror}")
+        else:
+            error = SpoolError(f"spool write failed: {exc.strerror}")
+        # Messages appended since this batch was taken were given offsets that assumed its
+        # bodies were written; they fail with it and later appends start a fresh segment.
+        pending, self._batch = self._batch, _Batch()
+        for waiter in batch.appended + batch.syncs + pending.appended:
+            if not waiter.done():
+                waiter.set_exception(error)
+        # State changes stay in memory and are written with the next batch that succeeds.
+        for failed in (batch, pending):
+            self._batch.records += [r for r in failed.records if not isinstance(r, Enqueue)]
+            self._batch.segment_deletes += failed.segment_deletes
+        self._batch.syncs = pending.syncs
+        self._next_segment()
+
+    def _segment_fd(self, segment: int) -> int:
+        fd = self._seg_fds.get(segment)
+        if fd is None:
+            fd = os.open(
+                self.data_dir / f"{segment:08d}.seg", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600
+            )
+            _fsync_dir(self.data_dir)
+            self._seg_fds[segment] = fd
+            # Keep only the newest segment open for writing; older ones are read by path.
+            for old in [s for s in self._seg_fds if s < segment - 1]:
+                os.close(self._seg_fds.pop(old))
+        return fd
+
+    def _journal_fd(self) -> int:
+        if self._jnl_fd is None:
+            self._jnl_fd = os.open(
+                self.journal_dir / f"{self._journal:08d}.jnl",
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o600,
+            )
+            _fsync_dir(self.journal_dir)
+        return self._jnl_fd
+
+    def _delete_segment(self, segment: int) -> None:
+        fd = self._seg_fds.pop(segment, None)
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_dir / f"{segment:08d}.seg")
+
+    def _fail(self, exc: OSError) -> None:
+        self.broken = f"spool write failed: {exc.strerror}"
+
+    # --------------------------------------------------------------- recovery
+
+    async def recover(self) -> SpoolState:
+        """Rebuild the live state left by earlier runs (once, right after :meth:`open`).
+
+        Reads the newest checkpoint and the journals after it, never a body, in a thread; the
+        relay may already be accepting mail meanwhile, and what it accepted is merged in. The
+        earlier runs' journals are then folded into one checkpoint. Returns what was recovered
+        (the earlier runs' messages only).
+        """
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(
+            None, load_state, self.path, self._first_journal, self._first_segment
+        )
+        for segment in state.unreferenced_segments:
+            self._delete_segment(segment)
+        for message in state.live.values():
+            message.durable = True
+            segment = message.rec.segment
+            self._refs[segment] = self._refs.get(segment, 0) + 1
+        # Older messages first in the table, then those accepted while recovering.
+        merged = dict(state.live)
+        merged.update(self.live)
+        self.live = merged
+        self._recovered = True
+        if state.stats.journal_files:
+            self._checkpointing = True
+            await self._checkpoint()
+        return state
+
+    # ------------------------------------------------------------- checkpoint
+
+    async def _checkpoint(self) -> None:
+        """Write the live state as of a journal rotation, then drop what it replaces."""
+        loop = asyncio.get_running_loop()
+        try:
+            # Rotate first: everything before the cut is in journals <= cut.
+            await self.sync()
+            cut = self._journal
+            await loop.run_in_executor(self._io, self._rotate_journal)
+            qids = list(self.live)
+            frames: list[bytes] = []
+            for start in range(0, len(qids), _CHECKPOINT_CHUNK):
+                records: list[Record] = []
+                for qid in qids[start : start + _CHECKPOINT_CHUNK]:
+                    message = self.live.get(qid)
+                    if message is None or not message.durable:
+                        continue
+                    records.append(message.rec)
+                    if message.done:
+                        records.append(Done(qid, sorted(message.done)))
+                    for index, (attempts, when) in message.retry.items():
+                        records.append(Defer(qid, [index], attempts, when))
+                frames.append(_frame(records))
+                await asyncio.sleep(0)  # let sessions run between chunks
+            stale = [
+                p
+                for p in self.journal_dir.iterdir()
+                if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
+            ]
+            await loop.run_in_executor(self._io, self._write_checkpoint, cut, frames, stale)
+        except OSError as exc:
+            self._fail(exc)
+        finally:
+            self._checkpointing = False
+
+    def _rotate_journal(self) -> None:
+        if self._jnl_fd is not None:
+            os.close(self._jnl_fd)
+            self._jnl_fd = None
+        self._journal += 1
+        self._journal_bytes_since_ckpt = 0
+
+    def _write_checkpoint(self, cut: int, frames: list[bytes], stale: list[Path]) -> None:
+        final = self.journal_dir / f"{cut:08d}.ckpt"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            for frame in frames:
+                handle.write(frame)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, final)
+        _fsync_dir(self.journal_dir)
+        for path in stale:
+            if path != final:
+                path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- closing
+
+    async def close(self) -> None:
+        """Flush what is pending, stop the writer and release the lock."""
+        if self._closed:
+            return
+        await self.sync()
+        self._closed = True
+        self._wake.set()
+        if self._flusher is not None:
+            await self._flusher
+        for fd in self._seg_fds.values():
+            os.close(fd)
+        self._seg_fds.clear()
+        if self._jnl_fd is not None:
+            os.close(self._jnl_fd)
+            self._jnl_fd = None
+        self._io.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def is_writable(self) -> bool:
+        """True while the spool accepts mail."""
+        return self._lock_fd is not None and self.broken is None and not self._closed
+
+
+@dataclass(slots=True)
+class SpoolState:
+    """What the journals of a spool say is still to be done."""
+
+    live: dict[str, LiveMessage]
+    unreferenced_segments: list[int]
+    stats: RecoveryStats
+
+
+def load_state(
+    path: Path, before_journal: int | None = None, before_segment: int | None = None
+) -> SpoolState:
+    """Read the live state from a spool's checkpoint and journals, never opening a body.
+
+    Only journals numbered below ``before_journal`` and segments below ``before_segment`` are
+    considered (those of earlier runs, when a relay is running on the spool); a torn last frame
+    is cut off. Also used offline, by ``hamta queue`` on a spool no relay holds.
+    """
+    started = time.perf_counter()
+    journal_dir, data_dir = path / "journal", path / "data"
+    limit = before_journal if before_journal is not None else 1 << 62
+    journals = [n for n in _numbered(journal_dir, ".jnl") if n < limit]
+    checkpoints = [n for n in _numbered(journal_dir, ".ckpt") if n < limit]
+    base = checkpoints[-1] if checkpoints else 0
+    sources = [journal_dir / f"{base:08d}.ckpt"] if checkpoints else []
+    sources += [journal_dir / f"{n:08d}.jnl" for n in journals if n > base]
+    live: dict[str, LiveMessage] = {}
+    torn = total_bytes = 0
+    for source in sources:
+        data = source.read_bytes()
+        total_bytes += len(data)
+        frames, valid, was_torn = _read_frames(data)
+        if was_torn:
+            torn += 1
+            if before_journal is not None:  # only the spool's owner may repair it
+                with open(source, "r+b") as handle:
+                    handle.truncate(valid)
+                    os.fsync(handle.fileno())
+        for records in frames:
+            _apply(live, records)
+    seg_limit = before_segment if before_segment is not None else 1 << 62
+    segments = {n for n in _numbered(data_dir, ".seg") if n < seg_limit}
+    missing = [qid for qid, m in live.items() if m.rec.segment not in segments]
+    for qid in missing:
+        del live[qid]
+    referenced = {m.rec.segment for m in live.values()}
+    return SpoolState(
+        live=live,
+        unreferenced_segments=sorted(segments - referenced),
+        stats=RecoveryStats(
+            messages=len(live),
+            recipients=sum(len(m.rec.recipients) - len(m.done) for m in live.values()),
+            journal_files=len(sources),
+            journal_bytes=total_bytes,
+            torn_frames=torn,
+            missing_segments=len(missing),
+            seconds=time.perf_counter() - started,
+        ),
+    )
+
+
+def _apply(live: dict[str, LiveMessage], records: list[Record]) -> None:
+    for rec in records:
+        if isinstance(rec, Enqueue):
+            if rec.qid not in live:
+                live[rec.qid] = LiveMessage(rec)
+            continue
+        message = live.get(rec.qid)
+        if message is None:
+            continue
+        if isinstance(rec, Done):
+            message.done.update(rec.rcpts)
+            for index in rec.rcpts:
+                message.retry.pop(index, None)
+            if len(message.done) >= len(message.rec.recipients):
+                del live[rec.qid]
+        else:
+            for index in rec.rcpts:
+                if index not in message.done:
+                    message.retry[index] = (rec.attempts, rec.next_attempt)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -1,0 +1,89 @@
+"""Shared fixtures: a real DNS server for the test domains, MX sinks and relay processes.
+
+Addresses: the relay under test listens on 127.0.0.1; MX sinks listen on 127.0.0.5 to 127.0.0.7,
+all on one port (the relay's delivery port is a single setting, as port 25 is in production).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import DnsServer, RecordingSink, free_port
+from tests.support.relay import RelayProcess
+
+MX_HOST = "127.0.0.5"
+DEAD_MX_HOST = "127.0.0.6"
+TLS_MX_HOST = "127.0.0.7"
+
+
+@pytest.fixture(scope="session")
+def mx_port() -> int:
+    """The port every MX sink of the tests listens on."""
+    return free_port(MX_HOST)
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DnsServer]:
+    """dnsmasq answering for the test domains, and nothing else."""
+    server = DnsServer(
+        mx={
+            "sink.test": [(10, "mx1.sink.test")],
+            "other.test": [(10, "mx1.sink.test")],
+            "pref.test": [(10, "dead.pref.test"), (20, "live.pref.test")],
+            "tls.test": [(10, "mx.tls.test")],
+            "deadmx.test": [(10, "dead.pref.test")],
+        },
+        a={
+            "mx1.sink.test": [MX_HOST],
+            "live.pref.test": [MX_HOST],
+            "dead.pref.test": [DEAD_MX_HOST],
+            "amx.test": [MX_HOST],
+            "mx.tls.test": [TLS_MX_HOST],
+        },
+        null_mx=["nomail.test"],
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture
+def sink(mx_port: int) -> Iterator[RecordingSink]:
+    """The main MX sink, on 127.0.0.5."""
+    with RecordingSink(host=MX_HOST, port=mx_port) as recording:
+        yield recording
+
+
+RelayFactory = Callable[..., RelayProcess]
+
+
+@pytest.fixture
+def make_relay(tmp_path: Path, dns_server: DnsServer, mx_port: int) -> Iterator[RelayFactory]:
+    """Build (and at the end stop) relay processes wired to the test DNS and MX port."""
+    relays: list[RelayProcess] = []
+
+    def factory(
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        start: bool = True,
+        name: str = "relay",
+        **kwargs: Any,
+    ) -> RelayProcess:
+        merged: dict[str, dict[str, Any]] = {
+            "dns": {"nameservers": [dns_server.nameserver]},
+            "delivery": {"port": mx_port},
+        }
+        for section, keys in (overrides or {}).items():
+            merged.setdefault(section, {}).update(keys)
+        relay = RelayProcess(tmp_path / f"{name}{len(relays)}", merged, **kwargs)
+        relays.append(relay)
+        if start:
+            relay.start()
+        return relay
+
+    yield factory
+    for relay in relays:
+        relay.stop()
