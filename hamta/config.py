@@ -134,6 +134,9 @@ class SpoolConfig(_Section):
     segment_size: Bytes = 64 * 1024 * 1024
     # Journal bytes written since the last checkpoint that trigger the next one.
     journal_size: Bytes = 64 * 1024 * 1024
+    # New mail is refused (452 4.3.1) when less than this is free, so that delivered mail can
+    # still be recorded and deleted on a nearly full spool.
+    min_free: Annotated[int, BeforeValidator(_parse_size), Field(ge=0)] = 32 * 1024 * 1024
 
 
 class DeliveryConfig(_Section):

@@ -170,6 +170,7 @@ class Relay:
             path,
             segment_size=config.spool.segment_size,
             journal_size=config.spool.journal_size,
+            min_free=config.spool.min_free,
             wall_clock=self._wall,
         )
         try:

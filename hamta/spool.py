@@ -183,11 +183,13 @@ class Spool:
         *,
         segment_size: int = 64 * 1024 * 1024,
         journal_size: int = 64 * 1024 * 1024,
+        min_free: int = 0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self._segment_size = segment_size
         self._journal_size = journal_size
+        self._min_free = min_free
         self._wall = wall_clock
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-io")
         self._lock_fd: int | None = None
@@ -215,6 +217,11 @@ class Spool:
         self.on_commit: Callable[[int, float], None] | None = None
 
     # ---------------------------------------------------------------- opening
+
+    @property
+    def active_segment(self) -> int:
+        """The number of the segment new bodies are appended to."""
+        return self._segment
 
     @property
     def data_dir(self) -> Path:
@@ -285,6 +292,12 @@ class Spool:
             raise SpoolError(self.broken)
         if self._closed:
             raise SpoolError("spool is closed")
+        if self._min_free:
+            # Like Postfix's queue_minfree: keep room for the state records that let delivered
+            # mail be deleted, or a full spool could never empty itself.
+            stat = os.statvfs(self.data_dir)
+            if stat.f_bavail * stat.f_frsize < self._min_free + len(body):
+                raise SpoolFullError(f"spool file system has less than {self._min_free} bytes free")
         if self._offset and self._offset + len(body) > self._segment_size:
             self._next_segment()
         rec = Enqueue(
@@ -600,6 +613,8 @@ class Spool:
         """Flush what is pending, stop the writer and release the lock."""
         if self._closed:
             return
+        if self._checkpoint_task is not None:
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         await self.sync()
         self._closed = True
         self._wake.set()
