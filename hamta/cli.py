@@ -140,7 +140,7 @@ def _queue_from_spool(path: Path) -> dict[str, Any]:
             row = domains.setdefault(
                 recipient_domain(message.rec.recipients[index]), {"ready": 0, "deferred": 0}
             )
-            row["deferred" if index in message.retry else "ready"] += 1
+            row["deferred" if message.retry and index in message.retry else "ready"] += 1
     return {"state": "offline", "spool": str(path), "depth": state.stats.messages,
             "domains": domains}  # fmt: skip
 

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from hamta.config import RetryConfig
 from hamta.spool import LiveMessage
 
@@ -35,13 +37,15 @@ def backoff_delay(attempts: int, policy: RetryConfig, rng: random.Random) -> flo
     return min(base, policy.max_delay)
 
 
-@dataclass(slots=True, eq=False)
-class Job:
-    """Recipients of one message in one domain, delivered in one SMTP transaction."""
+class Job(msgspec.Struct, gc=False):
+    """Recipients of one message in one domain, delivered in one SMTP transaction.
+
+    Not tracked by the cyclic garbage collector, like the messages it points to.
+    """
 
     message: LiveMessage
     domain: str
-    rcpts: list[int]
+    rcpts: tuple[int, ...]
     attempts: int = 0
     due: float = 0.0  # wall-clock time of the next attempt
 
@@ -80,6 +84,7 @@ class MailQueue:
         self._on_ready = on_ready
         self._rng = rng or random.Random()
         self.destinations: dict[str, Destination] = {}
+        self._by_domain: dict[str, Destination] = {}
         self._deferred: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._timer_changed = asyncio.Event()
@@ -88,18 +93,27 @@ class MailQueue:
 
     def add(self, message: LiveMessage) -> None:
         """Queue a message's unfinished recipients, grouped by domain and retry time."""
-        groups: dict[tuple[str, int, float], list[int]] = {}
         recipients = message.rec.recipients
-        for index in range(len(recipients)):
-            if index in message.done:
-                continue
-            attempts, due = message.retry.get(index, (0, 0.0))
-            groups.setdefault((recipient_domain(recipients[index]), attempts, due), []).append(
-                index
-            )
+        if message.done is None and message.retry is None:
+            # The common case, and the one recovery at depth depends on: nothing done yet.
+            if len(recipients) == 1:
+                self.make_ready(Job(message, recipient_domain(recipients[0]), (0,)))
+                return
+            by_domain: dict[str, list[int]] = {}
+            for index, address in enumerate(recipients):
+                by_domain.setdefault(recipient_domain(address), []).append(index)
+            for domain, indices in by_domain.items():
+                self.make_ready(Job(message, domain, tuple(indices)))
+            return
+        groups: dict[tuple[str, int, float], list[int]] = {}
+        retry = message.retry or {}
+        for index in message.pending:
+            attempts, due = retry.get(index, (0, 0.0))
+            key = (recipient_domain(recipients[index]), attempts, due)
+            groups.setdefault(key, []).append(index)
         now = self._wall()
-        for (domain, attempts, due), rcpts in groups.items():
-            job = Job(message, domain, rcpts, attempts, due)
+        for (domain, attempts, due), indices in groups.items():
+            job = Job(message, domain, tuple(indices), attempts, due)
             if due > now:
                 self._push_deferred(job)
             else:
@@ -107,7 +121,9 @@ class MailQueue:
 
     def make_ready(self, job: Job) -> None:
         """Put a job at the end of its destination's ready line."""
-        destination = self.destination(self._next_hop(job.domain))
+        destination = self._by_domain.get(job.domain)
+        if destination is None:
+            destination = self._by_domain[job.domain] = self.destination(self._next_hop(job.domain))
         destination.ready.append(job)
         self._on_ready(destination)
 

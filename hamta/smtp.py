@@ -93,23 +93,28 @@ class HamtaSMTP(SMTP):
         # Read by SMTP.__init__ to size its stream buffer: lines longer than this get 500.
         self.line_length_limit = line_length_limit
         self._plain_replies = False
+        self._ehlo_lines: list[str] | None = None
         super().__init__(handler, **kwargs)
         self.hamta_handler = handler
 
     async def push(self, status: AnyStr) -> None:
         """Send a reply, adding enhanced codes (not to the greeting or EHLO/HELO lines)."""
-        if isinstance(status, str) and not self._plain_replies and not status.startswith("220"):
+        if self._ehlo_lines is not None and isinstance(status, str):
+            self._ehlo_lines.append(status)  # sent in one write by smtp_EHLO
+        elif isinstance(status, str) and not self._plain_replies and not status.startswith("220"):
             await super().push(with_enhanced_code(status))
         else:
             await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        """EHLO, whose reply lines RFC 2034 leaves without enhanced codes."""
-        self._plain_replies = True
+        """EHLO, its lines (which RFC 2034 leaves without enhanced codes) in a single write."""
+        self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
         finally:
-            self._plain_replies = False
+            lines, self._ehlo_lines = self._ehlo_lines, None
+        if lines:
+            await super().push("\r\n".join(lines))
 
     async def smtp_HELO(self, hostname: str) -> None:
         """HELO, whose reply RFC 2034 leaves without an enhanced code."""

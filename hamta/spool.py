@@ -33,7 +33,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -53,7 +53,7 @@ class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
     crc: int
     arrival: float
     sender: str
-    recipients: list[str]
+    recipients: tuple[str, ...]
     message_id: str = ""
     client: str = ""
     is_dsn: bool = False
@@ -63,7 +63,7 @@ class Defer(msgspec.Struct, tag=2, array_like=True, gc=False):
     """Some recipients failed temporarily: how often, and when to try next (wall clock)."""
 
     qid: str
-    rcpts: list[int]
+    rcpts: tuple[int, ...]
     attempts: int
     next_attempt: float
 
@@ -72,7 +72,7 @@ class Done(msgspec.Struct, tag=3, array_like=True, gc=False):
     """Some recipients are finished: delivered, bounced or expired."""
 
     qid: str
-    rcpts: list[int]
+    rcpts: tuple[int, ...]
 
 
 Record = Enqueue | Defer | Done
@@ -88,21 +88,43 @@ class SpoolFullError(SpoolError):
     """The spool's file system has no room: refuse temporarily, lose nothing."""
 
 
-@dataclass(slots=True)
-class LiveMessage:
-    """A message with recipients still to finish, and their retry state."""
+class LiveMessage(msgspec.Struct, gc=False):
+    """A message with recipients still to finish, and their retry state.
+
+    Not tracked by the cyclic garbage collector (it never takes part in a cycle), so that a
+    queue of a million messages costs the collector nothing.
+    """
 
     rec: Enqueue
     # Set by the I/O thread once the Enqueue record is on disk; checkpoints take only these.
     durable: bool = False
-    done: set[int] = field(default_factory=set)
+    done: set[int] | None = None
     # Recipient index -> (attempts so far, next attempt as wall-clock time).
-    retry: dict[int, tuple[int, float]] = field(default_factory=dict)
+    retry: dict[int, tuple[int, float]] | None = None
 
     @property
     def pending(self) -> list[int]:
         """Indices of the recipients not yet finished."""
-        return [i for i in range(len(self.rec.recipients)) if i not in self.done]
+        done = self.done or ()
+        return [i for i in range(len(self.rec.recipients)) if i not in done]
+
+    def finish(self, rcpts: tuple[int, ...] | list[int]) -> bool:
+        """Mark recipients finished; return True when no recipient is left."""
+        if self.done is None:
+            self.done = set()
+        self.done.update(rcpts)
+        if self.retry:
+            for index in rcpts:
+                self.retry.pop(index, None)
+        return len(self.done) >= len(self.rec.recipients)
+
+    def defer(self, rcpts: tuple[int, ...] | list[int], attempts: int, when: float) -> None:
+        """Record the retry state of unfinished recipients."""
+        if self.retry is None:
+            self.retry = {}
+        for index in rcpts:
+            if not self.done or index not in self.done:
+                self.retry[index] = (attempts, when)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +302,7 @@ class Spool:
         self,
         body: bytes,
         sender: str,
-        recipients: list[str],
+        recipients: list[str] | tuple[str, ...],
         *,
         qid: str | None = None,
         message_id: str = "",
@@ -308,7 +330,7 @@ class Spool:
             crc=zlib.crc32(body),
             arrival=self._wall(),
             sender=sender,
-            recipients=recipients,
+            recipients=tuple(recipients),
             message_id=message_id,
             client=client,
             is_dsn=is_dsn,
@@ -358,12 +380,10 @@ class Spool:
         Durable at the next group commit. Losing it to a crash only means a repeated delivery,
         never a lost message, so delivery does not wait for it.
         """
-        message.done.update(rcpts)
-        for index in rcpts:
-            message.retry.pop(index, None)
-        self._batch.records.append(Done(message.rec.qid, rcpts))
+        finished = message.finish(rcpts)
+        self._batch.records.append(Done(message.rec.qid, tuple(rcpts)))
         self._wake.set()
-        if len(message.done) < len(message.rec.recipients):
+        if not finished:
             return False
         self._forget(message)
         return True
@@ -372,9 +392,8 @@ class Spool:
         self, message: LiveMessage, rcpts: list[int], attempts: int, next_attempt: float
     ) -> None:
         """Record the retry state of recipients that failed temporarily."""
-        for index in rcpts:
-            message.retry[index] = (attempts, next_attempt)
-        self._batch.records.append(Defer(message.rec.qid, rcpts, attempts, next_attempt))
+        message.defer(rcpts, attempts, next_attempt)
+        self._batch.records.append(Defer(message.rec.qid, tuple(rcpts), attempts, next_attempt))
         self._wake.set()
 
     async def read_body(self, rec: Enqueue) -> bytes:
@@ -527,8 +546,8 @@ class Spool:
 
         Reads the newest checkpoint and the journals after it, never a body, in a thread; the
         relay may already be accepting mail meanwhile, and what it accepted is merged in. The
-        earlier runs' journals are then folded into one checkpoint. Returns what was recovered
-        (the earlier runs' messages only).
+        earlier runs' journals are then folded into one checkpoint in the background. Returns
+        what was recovered (the earlier runs' messages only).
         """
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(
@@ -545,9 +564,10 @@ class Spool:
         merged.update(self.live)
         self.live = merged
         self._recovered = True
-        if state.stats.journal_files:
+        if state.stats.journal_files and not self._checkpointing:
+            # Fold the earlier runs' journals into one checkpoint, off the failover path.
             self._checkpointing = True
-            await self._checkpoint()
+            self._checkpoint_task = loop.create_task(self._checkpoint())
         return state
 
     # ------------------------------------------------------------- checkpoint
@@ -570,9 +590,9 @@ class Spool:
                         continue
                     records.append(message.rec)
                     if message.done:
-                        records.append(Done(qid, sorted(message.done)))
-                    for index, (attempts, when) in message.retry.items():
-                        records.append(Defer(qid, [index], attempts, when))
+                        records.append(Done(qid, tuple(sorted(message.done))))
+                    for index, (attempts, when) in (message.retry or {}).items():
+                        records.append(Defer(qid, (index,), attempts, when))
                 frames.append(_frame(records))
                 await asyncio.sleep(0)  # let sessions run between chunks
             stale = [
@@ -687,7 +707,7 @@ def load_state(
         unreferenced_segments=sorted(segments - referenced),
         stats=RecoveryStats(
             messages=len(live),
-            recipients=sum(len(m.rec.recipients) - len(m.done) for m in live.values()),
+            recipients=sum(len(m.rec.recipients) - len(m.done or ()) for m in live.values()),
             journal_files=len(sources),
             journal_bytes=total_bytes,
             torn_frames=torn,
@@ -699,23 +719,18 @@ def load_state(
 
 def _apply(live: dict[str, LiveMessage], records: list[Record]) -> None:
     for rec in records:
-        if isinstance(rec, Enqueue):
+        if type(rec) is Enqueue:
             if rec.qid not in live:
                 live[rec.qid] = LiveMessage(rec)
             continue
         message = live.get(rec.qid)
         if message is None:
             continue
-        if isinstance(rec, Done):
-            message.done.update(rec.rcpts)
-            for index in rec.rcpts:
-                message.retry.pop(index, None)
-            if len(message.done) >= len(message.rec.recipients):
+        if type(rec) is Done:
+            if message.finish(rec.rcpts):
                 del live[rec.qid]
-        else:
-            for index in rec.rcpts:
-                if index not in message.done:
-                    message.retry[index] = (rec.attempts, rec.next_attempt)
+        elif type(rec) is Defer:
+            message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
 
 
 def _write_all(fd: int, data: bytes) -> None:
