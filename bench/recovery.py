@@ -111,8 +111,10 @@ def measure(count: int, workdir: Path) -> dict[str, float]:
 def main() -> None:
     """Run the benchmark for each requested depth."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, action="append",
-                        help="queue depth to measure (repeatable; default 100000 and 1000000)")  # fmt: skip
+    parser.add_argument(
+        "--messages", type=int, action="append",
+        help="queue depth to measure (repeatable; default 100000 and 1000000)",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="where to build the spools")
     parser.add_argument("--recover-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,7 +128,8 @@ def main() -> None:
             figures = measure(count, Path(tmp))
             print(
                 f"{count:>9} messages: recovery {figures['recovery_s']:.3f} s "
-                f"(open {figures['open_s'] * 1000:.1f} ms, journal {figures['journal_mib']:.0f} MiB "
+                f"(open {figures['open_s'] * 1000:.1f} ms, "
+                f"journal {figures['journal_mib']:.0f} MiB "
                 f"loaded in {figures['load_s']:.3f} s, queue built in {figures['queue_s']:.3f} s), "
                 f"{figures['jobs']:.0f} jobs, peak RSS {figures['peak_rss_mib']:.0f} MiB; "
                 f"filled at {figures['fill_msgs_per_s']:.0f} msg/s",
