@@ -71,7 +71,8 @@ async def _serve(config: Config, standby: bool) -> int:
             except RelayError as exc:
                 log.error("ActivationFailed", error=str(exc))
                 print(f"hamta: {exc}", file=sys.stderr)
-                return 1
+                code = 1
+                return code
         await stop.wait()
         log.info("RelayStopping", state=relay.state.value)
         for task in list(tasks):

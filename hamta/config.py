@@ -9,8 +9,10 @@ With no file, :data:`DEFAULT_TOML` applies: SMTP on 127.0.0.1:2525 and a spool u
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
+import ssl
 import tomllib
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -36,7 +38,14 @@ class ConfigError(Exception):
     """A configuration that cannot be used; the message names each bad key and why."""
 
 
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
 def _parse_duration(value: Any) -> Any:
+    _no_bool(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
@@ -46,6 +55,7 @@ def _parse_duration(value: Any) -> Any:
 
 
 def _parse_size(value: Any) -> Any:
+    _no_bool(value)
     if isinstance(value, str):
         match = _SIZE.match(value)
         if not match:
@@ -55,9 +65,22 @@ def _parse_size(value: Any) -> Any:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
-PositiveSeconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
-IPNetwork = IPv4Network | IPv6Network
+def _parse_network(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"not an IP network: {exc}") from None
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, allow_inf_nan=False)]
+PositiveSeconds = Annotated[
+    float, BeforeValidator(_parse_duration), Field(gt=0, allow_inf_nan=False)
+]
+Count = Annotated[int, BeforeValidator(_no_bool), Field(gt=0)]
+Ratio = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+IPNetwork = Annotated[IPv4Network | IPv6Network, BeforeValidator(_parse_network)]
 Bytes = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
 
 
@@ -105,9 +128,9 @@ class SmtpConfig(_Section):
 
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"], min_length=1)
     max_message_size: Bytes = 25 * 1024 * 1024
-    max_recipients: int = Field(default=100, gt=0)
+    max_recipients: Count = 100
     # RFC 5321 4.5.3.1.6: 998 characters plus CRLF.
-    max_line_length: int = Field(default=998, ge=78)
+    max_line_length: Annotated[int, BeforeValidator(_no_bool), Field(ge=78)] = 998
     relay_networks: list[IPNetwork] = Field(default_factory=_loopback_networks)
     session_timeout: PositiveSeconds = 300.0
     tls_cert: Path | None = None
@@ -120,10 +143,34 @@ class SmtpConfig(_Section):
             parse_hostport(item)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_tls_pair_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("tls_cert" in data) != ("tls_key" in data):
+            raise ValueError("tls_cert and tls_key go together")
+        return data
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _check_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {value}")
+        return value
+
     @model_validator(mode="after")
     def _check_tls_pair(self) -> SmtpConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_key is not None:
+            # Load them now, so that a missing or mismatched file is a config error, not a
+            # relay that dies while starting.
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert, self.tls_key
+                )
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise ValueError(
+                    f"cannot load tls_cert {self.tls_cert} with tls_key {self.tls_key}: {reason}"
+                ) from None
         return self
 
 
@@ -142,12 +189,12 @@ class SpoolConfig(_Section):
 class DeliveryConfig(_Section):
     """The sending side."""
 
-    port: int = Field(default=25, gt=0, lt=65536)
+    port: Annotated[int, BeforeValidator(_no_bool), Field(gt=0, lt=65536)] = 25
     helo_name: str | None = None
     connect_timeout: PositiveSeconds = 30.0
     command_timeout: PositiveSeconds = 120.0
-    max_connections_per_destination: int = Field(default=20, gt=0)
-    max_messages_per_connection: int = Field(default=100, gt=0)
+    max_connections_per_destination: Count = 20
+    max_messages_per_connection: Count = 100
     idle_connection_timeout: Seconds = 2.0
     starttls: Literal["opportunistic", "off"] = "opportunistic"
     routes: dict[str, str] = Field(default_factory=dict)
@@ -166,9 +213,9 @@ class RetryConfig(_Section):
     """Backoff for temporary failures and the lifetime of a queued message."""
 
     first_delay: PositiveSeconds = 60.0
-    factor: float = Field(default=2.0, ge=1.0)
+    factor: Annotated[Ratio, Field(ge=1.0)] = 2.0
     max_delay: PositiveSeconds = 3600.0
-    jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    jitter: Annotated[Ratio, Field(ge=0.0, lt=1.0)] = 0.2
     max_queue_lifetime: PositiveSeconds = 5 * 86400.0
 
 
@@ -244,7 +291,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        reason = item["msg"]
+        reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             reason = "unknown key"
         lines.append(f"  {where}: {reason}")

@@ -143,6 +143,14 @@ class DeliveryEngine:
                 destination.in_flight += 1
                 try:
                     alive = await self._deliver(connection, job)
+                except Exception as exc:
+                    # A fault of ours must not leave the job in no line at all: retry it later.
+                    self.log.exception("DeliveryError", queue_id=job.message.rec.qid,
+                                       error=_describe(exc))  # fmt: skip
+                    reply = Reply(0, f"internal error: {_describe(exc)}")
+                    self._apply(job, dict.fromkeys(job.rcpts, reply), connection.target,
+                                time.perf_counter())  # fmt: skip
+                    alive = False
                 finally:
                     destination.in_flight -= 1
                 connection.sent += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,6 +167,10 @@ class Relay:
         started = time.perf_counter()
         config = self.config
         self.log.info("RelayActivating", spool=str(path))
+        try:
+            inbound_tls = tls_context(config.smtp)
+        except (OSError, ssl.SSLError) as exc:
+            raise RelayError(f"cannot load the TLS certificate: {exc}") from None
         spool = Spool(
             path,
             segment_size=config.spool.segment_size,
@@ -199,7 +204,7 @@ class Relay:
             decode_data=False,
             hostname=config.node.hostname,
             ident="ESMTP hamta",
-            tls_context=tls_context(config.smtp),
+            tls_context=inbound_tls,
             timeout=config.smtp.session_timeout,
         )
         loop = asyncio.get_running_loop()

@@ -56,6 +56,9 @@ REPLY_SMUGGLING = (
     "550 5.5.2 Message refused: bare CR or LF in message data "
     "(only CRLF line ends are allowed; SMTP smuggling protection)"
 )
+REPLY_NUL = "550 5.6.0 Message refused: NUL character in message data"
+REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
 
@@ -64,6 +67,11 @@ def has_bare_line_end(data: bytes) -> bool:
     """True when ``data`` holds a CR not followed by LF, or an LF not preceded by CR."""
     pairs = data.count(b"\r\n")
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+def has_control_character(address: str) -> bool:
+    """True when an address holds a control character (CR, LF, NUL and the like)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in address)
 
 
 def with_enhanced_code(reply: str) -> str:
@@ -126,8 +134,10 @@ class HamtaSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Track the session so that a graceful stop can wait for it."""
-        self.hamta_handler.sessions.add(self)
-        self.hamta_handler.metrics.smtp_sessions.inc()
+        # aiosmtpd calls this again when STARTTLS upgrades the transport: count it once.
+        if self not in self.hamta_handler.sessions:
+            self.hamta_handler.sessions.add(self)
+            self.hamta_handler.metrics.smtp_sessions.inc()
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -136,6 +146,10 @@ class HamtaSMTP(SMTP):
             self.hamta_handler.sessions.discard(self)
             self.hamta_handler.metrics.smtp_sessions.dec()
         super().connection_lost(exc)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """hamta relays for its client networks only and offers no authentication."""
+        await self.push(REPLY_NO_AUTH)
 
     async def _handle_client(self) -> None:
         if self.hamta_handler.draining:
@@ -198,6 +212,8 @@ class ReceptionHandler:
         """Advertise PIPELINING and ENHANCEDSTATUSCODES besides aiosmtpd's own extensions."""
         session.host_name = hostname
         last = responses.pop()  # "250 HELP"
+        # aiosmtpd offers AUTH after STARTTLS; hamta has none to offer.
+        responses = [line for line in responses if not line.startswith("250-AUTH")]
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
 
@@ -208,6 +224,8 @@ class ReceptionHandler:
         """Accept the sender (the null sender included); refuse while stopping."""
         if self.draining:
             return self._reject(REPLY_SHUTTING_DOWN)
+        if has_control_character(address):
+            return self._reject(REPLY_BAD_SENDER)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return REPLY_OK
@@ -220,7 +238,10 @@ class ReceptionHandler:
         if not self.relay_allowed(session.peer):
             return self._reject(REPLY_RELAY_DENIED)
         local, at, domain = address.rpartition("@")
-        if not at or not local or not domain or domain.startswith("["):
+        if (
+            not at or not local or not domain or domain.startswith("[")
+            or has_control_character(address)
+        ):  # fmt: skip
             return self._reject(REPLY_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return self._reject(REPLY_TOO_MANY_RCPTS)
@@ -239,6 +260,11 @@ class ReceptionHandler:
                 size=len(data),
             )  # fmt: skip
             return self._reject(REPLY_SMUGGLING)
+        if b"\x00" in data:
+            # A next hop that drops NUL bytes would read "\r\n\x00.\r\n" as end-of-data.
+            self.log.warning("NulRefused", client=client, sender=envelope.mail_from,
+                             size=len(data))  # fmt: skip
+            return self._reject(REPLY_NUL)
         started = time.perf_counter()
         qid = self.spool.new_qid()
         body = self._received_header(session, envelope, qid, client) + data
