@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import structlog
 
 _LEVELS = {
@@ -22,23 +23,26 @@ _LEVELS = {
 }
 
 
-def configure(level: str = "info", file: Path | None = None) -> IO[str]:
-    """Send JSON lines to ``file`` (appended, line-buffered) or standard output."""
-    stream: IO[str]
+def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
+    """Send JSON lines to ``file`` (appended, a line at a time) or standard output."""
+    stream: IO[bytes]
     if file is None:
-        stream = sys.stdout
+        stream = sys.stdout.buffer
     else:
         file.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives on
+        # Unbuffered: each event is one write(2) of one whole line, so a crash never leaves
+        # half a line and several processes may append to one file.
+        stream = open(file, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            # orjson: a third of the cost of the json module, on two events per message.
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.BytesLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
     # aiosmtpd and aiohttp log through the standard library; keep their chatter out.

@@ -206,6 +206,7 @@ class Relay:
             ident="ESMTP hamta",
             tls_context=inbound_tls,
             timeout=config.smtp.session_timeout,
+            loop=asyncio.get_running_loop(),
         )
         loop = asyncio.get_running_loop()
         for item in config.smtp.listen:

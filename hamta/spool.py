@@ -212,6 +212,7 @@ class Spool:
         self._segment_size = segment_size
         self._journal_size = journal_size
         self._min_free = min_free
+        self._data_path = str(path / "data")
         self._wall = wall_clock
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-io")
         self._lock_fd: int | None = None
@@ -317,7 +318,7 @@ class Spool:
         if self._min_free:
             # Like Postfix's queue_minfree: keep room for the state records that let delivered
             # mail be deleted, or a full spool could never empty itself.
-            stat = os.statvfs(self.data_dir)
+            stat = os.statvfs(self._data_path)
             if stat.f_bavail * stat.f_frsize < self._min_free + len(body):
                 raise SpoolFullError(f"spool file system has less than {self._min_free} bytes free")
         if self._offset and self._offset + len(body) > self._segment_size:
