@@ -379,7 +379,14 @@ class DeliveryEngine:
                 for i in failed
             ]  # fmt: skip
             task = asyncio.get_running_loop().create_task(
-                self._bounce(job.message, failed, reports, expired=bool(expired))
+                self._bounce(
+                    job.message,
+                    failed,
+                    reports,
+                    expired=bool(expired),
+                    domain=job.domain,
+                    attempts=attempt,
+                )
             )
             self._bounces.add(task)
             task.add_done_callback(self._bounces.discard)
@@ -393,7 +400,7 @@ class DeliveryEngine:
 
     async def _bounce(
         self, message: LiveMessage, rcpts: list[int], reports: list[FailedRecipient],
-        *, expired: bool,
+        *, expired: bool, domain: str, attempts: int,
     ) -> None:  # fmt: skip
         """Queue a DSN to the sender (never to the null sender), then finish the recipients."""
         assert self.queue is not None
@@ -418,8 +425,11 @@ class DeliveryEngine:
                     dsn, "", [rec.sender], message_id=message_id_of(dsn), is_dsn=True
                 )
             except SpoolError as exc:
-                # Keep the recipients queued: the bounce is retried at their next attempt.
+                # Keep the recipients queued: the bounce is tried again at their next attempt.
                 self.log.error("DsnNotQueued", queue_id=rec.qid, error=str(exc))
+                retry = Job(message, domain, tuple(rcpts), attempts)
+                due = self.queue.defer(retry)
+                self.spool.mark_deferred(message, rcpts, retry.attempts, due)
                 return
             self.log.info("DsnQueued", queue_id=notice.rec.qid, original_queue_id=rec.qid,
                           recipient=rec.sender)  # fmt: skip

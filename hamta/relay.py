@@ -142,6 +142,8 @@ class Relay:
                 in_flight=active.queue.in_flight,
                 connections=active.engine.connections,
                 recovering=active.recovery is not None and not active.recovery.done(),
+                spool_writable=active.spool.is_writable(),
+                checkpoint_error=active.spool.checkpoint_error,
                 domains=active.queue.by_domain(),
             )
             summary["recipients_ready"] = active.queue.ready_count

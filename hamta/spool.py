@@ -235,7 +235,7 @@ class Spool:
         self._recovered = False
         self._closed = False
         self._counter = int.from_bytes(os.urandom(3), "big")
-        self.broken: str | None = None
+        self.checkpoint_error: str | None = None
         self.fsyncs = 0
         self.on_commit: Callable[[int, float], None] | None = None
 
@@ -311,8 +311,6 @@ class Spool:
         is_dsn: bool = False,
     ) -> LiveMessage:
         """Queue a message; return once body and envelope are on stable storage."""
-        if self.broken is not None:
-            raise SpoolError(self.broken)
         if self._closed:
             raise SpoolError("spool is closed")
         if self._min_free:
@@ -537,9 +535,6 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_dir / f"{segment:08d}.seg")
 
-    def _fail(self, exc: OSError) -> None:
-        self.broken = f"spool write failed: {exc.strerror}"
-
     # --------------------------------------------------------------- recovery
 
     async def recover(self) -> SpoolState:
@@ -602,8 +597,13 @@ class Spool:
                 if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
             ]
             await loop.run_in_executor(self._io, self._write_checkpoint, cut, frames, stale)
+            self.checkpoint_error = None
         except OSError as exc:
-            self._fail(exc)
+            # The journals it would have replaced stay, so nothing is lost; try again after
+            # another journal_size of records.
+            self.checkpoint_error = f"checkpoint failed: {exc.strerror or exc}"
+            with contextlib.suppress(OSError):
+                (self.journal_dir / f"{cut:08d}.tmp").unlink(missing_ok=True)
         finally:
             self._checkpointing = False
 
@@ -654,7 +654,11 @@ class Spool:
 
     def is_writable(self) -> bool:
         """True while the spool accepts mail."""
-        return self._lock_fd is not None and self.broken is None and not self._closed
+        # A file system remounted read-only after an I/O error (ext4 errors=remount-ro) shows
+        # here, not only at the next write.
+        return (
+            self._lock_fd is not None and not self._closed and os.access(self._data_path, os.W_OK)
+        )
 
 
 @dataclass(slots=True)

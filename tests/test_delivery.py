@@ -8,7 +8,7 @@ from email.message import Message
 from pathlib import Path
 
 from tests.conftest import MX_HOST, TLS_MX_HOST, RelayFactory
-from tests.support import RecordingSink, make_self_signed
+from tests.support import PostfixSmtpSink, RecordingSink, make_self_signed
 
 
 def send(
@@ -223,3 +223,19 @@ def test_expired_message_bounces_with_delivery_time_expired(
     assert "expired" in parse(dsn.data)["Subject"]
     assert relay.wait_events("Expiration")
     relay.wait_queue_empty()
+
+
+def test_delivers_to_postfix_smtp_sink_reusing_connections(
+    make_relay: RelayFactory, mx_port: int
+) -> None:
+    # Postfix's smtp-sink as the receiving MX: a second, independent SMTP server implementation.
+    with PostfixSmtpSink(host=MX_HOST, port=mx_port) as postfix_sink:
+        relay = make_relay({"delivery": {"max_connections_per_destination": 2}})
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            for i in range(25):
+                client.sendmail("a@origin.test", [f"user{i}@sink.test"],
+                                f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())  # fmt: skip
+        assert postfix_sink.wait_for(25, timeout=20)
+        relay.wait_queue_empty()
+        assert len(relay.events("Delivery")) == 25
+        assert postfix_sink.sessions <= 2
