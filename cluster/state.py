@@ -1,0 +1,606 @@
+"""The agent's decisions: one pure function over immutable snapshots, and its transition table.
+
+Why it is shaped this way
+-------------------------
+A failover manager earns trust by being predictable. Every decision the agent takes is made here,
+by ``decide(state, snapshot, now, policy)``: a pure function of what the agent was doing
+(``AgentState``), what it sees (``Snapshot``: the ZooKeeper session, the leader znode, the epoch,
+the members, the pause flag, a switchover request, the local relay, the outcome of the last step),
+and the monotonic time. It returns the next state and the actions to run. It does no I/O, reads no
+clock and imports no kazoo, pyroute2, asyncio or subprocess, so that every transition is tested
+with plain data and no patching, and so that the JSON line logged for each decision is the whole
+story of why the node did what it did.
+
+The snapshot is first reduced to one ``Trigger`` (``classify``), in a fixed order of priority:
+safety first (a lost session or lost leadership beats everything a node holding resources
+does), then the outcome of the step that just ended, then health, then opportunity (a vacant
+leadership). The pair (role, trigger) is then looked up in ``TRANSITIONS``, the one table of the
+state machine. A pair missing from the table means "nothing to do": the node waits for the next
+snapshot, which comes with every ZooKeeper watch, every step that ends and every heartbeat tick.
+
+Long actions are states, not calls. Promotion is the sequence ``PROMOTION`` (take leadership and
+a new epoch, fence the former active node, promote storage, write the epoch onto the spool, add
+the virtual IP, activate the relay, probe it over SMTP, publish), demotion the sequence
+``DEMOTION`` (drain the relay, drop the virtual IP, release storage, give up leadership). The
+executor runs one step at a time in the background and reports its outcome in a later snapshot;
+meanwhile the agent goes on heartbeating and observing, and a safety trigger still takes effect
+when the running step ends (each step has a time limit, enforced by the executor). A failed
+promotion step rolls back through the whole demotion, whose steps are idempotent: releasing what
+is not held is a no-op.
+
+Safety rules encoded here (the fencing issue adds the layers below the agent):
+- A node promotes only while its ZooKeeper session is connected and it holds the leader znode,
+  created in the same transaction that incremented the epoch: every term has a unique number.
+- A node that holds or is taking resources demotes as soon as its session is suspended, not when
+  it expires: kazoo notices a silent server after two thirds of the session timeout, and the
+  peer may take over once the session has expired, so the remaining third is all there is.
+- Leadership is given up last, after the spool is released, so the peer cannot mount it early.
+- Pause stops automatic failover (no promotion, no giving up for relay health) but not
+  self-fencing: a node that loses its session still demotes, because safety beats availability.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+# ------------------------------------------------------------------ what the agent sees
+
+
+class Role(enum.StrEnum):
+    """What a node is doing in the pair."""
+
+    STARTING = "starting"  # starting its warm relay
+    PASSIVE = "passive"  # ready to take over; holds nothing
+    PROMOTING = "promoting"  # running the promotion steps
+    ACTIVE = "active"  # holds leadership, spool, virtual IP and the serving relay
+    DEMOTING = "demoting"  # running the demotion steps
+    FAILED = "failed"  # its relay cannot start; never eligible, retries by itself
+
+
+class Session(enum.StrEnum):
+    """The agent's ZooKeeper session, as kazoo reports it."""
+
+    CONNECTED = "connected"
+    SUSPENDED = "suspended"  # connection lost; the session may still be alive on the server
+    LOST = "lost"  # expired or closed: ephemeral znodes are gone
+
+
+class Step(enum.StrEnum):
+    """One long action; the executor runs it with a time limit and reports its outcome."""
+
+    ACQUIRE = "acquire"
+    FENCE = "fence"
+    STORAGE = "storage"
+    EPOCH = "epoch"
+    VIP = "vip"
+    RELAY = "relay"
+    PROBE = "probe"
+    PUBLISH = "publish"
+    DRAIN = "drain"
+    VIP_DOWN = "vip_down"
+    STORAGE_DOWN = "storage_down"
+    RELEASE = "release"
+    START_RELAY = "start_relay"
+    RESTART_RELAY = "restart_relay"
+
+
+PROMOTION: Final = (
+    Step.ACQUIRE,
+    Step.FENCE,
+    Step.STORAGE,
+    Step.EPOCH,
+    Step.VIP,
+    Step.RELAY,
+    Step.PROBE,
+    Step.PUBLISH,
+)
+DEMOTION: Final = (Step.DRAIN, Step.VIP_DOWN, Step.STORAGE_DOWN, Step.RELEASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A node's heartbeat, as published in its ephemeral member znode."""
+
+    node: str
+    role: Role
+    epoch: int = 0
+    relay_running: bool = False
+    relay_ready: bool = False
+    queue_depth: int = 0
+    heartbeat: float = 0.0  # wall clock of the publisher
+    smtp: str = ""  # where its relay listens when active
+    cooldown: bool = False  # it gave up lately and will not take over for a while
+
+    @property
+    def can_take_over(self) -> bool:
+        """Healthy enough to be a switchover target."""
+        return self.role is Role.PASSIVE and self.relay_running and not self.cooldown
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """The ephemeral leader znode: who leads, in which term, and whether it is this session's."""
+
+    node: str
+    epoch: int
+    since: float  # wall clock of the takeover
+    ours: bool = False  # owned by this agent's ZooKeeper session
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Maintenance mode: no automatic failover while it is set."""
+
+    by: str
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """An operator's request to move the active role (``target`` None: any healthy peer)."""
+
+    source: str
+    target: str | None
+    at: float  # wall clock of the request
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """What ZooKeeper says, read in one go by the coordinator."""
+
+    session: Session
+    leader: Leader | None = None
+    epoch: int = 0  # the cluster's current (highest) epoch
+    epoch_node: str | None = None  # who took that epoch: the former active node after a loss
+    members: Mapping[str, Member] = field(default_factory=dict)
+    paused: Pause | None = None
+    switchover: Switchover | None = None
+    last_failover: float | None = None  # wall clock of the last takeover
+
+
+@dataclass(frozen=True, slots=True)
+class LocalView:
+    """The local relay, as the executor's health checks see it."""
+
+    relay_running: bool = False  # the process answers on its control socket
+    relay_ready: bool = False  # listening with a writable spool
+    relay_failures: int = 0  # consecutive failed readiness checks while active
+    queue_depth: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """The outcome of the step the executor ran last."""
+
+    step: Step
+    ok: bool
+    seconds: float
+    detail: str = ""
+    epoch: int = 0  # ACQUIRE: the epoch of the new term
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one decision looks at."""
+
+    cluster: ClusterView
+    local: LocalView
+    wall: float  # wall clock, for ages of records written by other nodes
+    result: StepResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The agent's tunables (from its configuration)."""
+
+    node: str
+    relay_failure_limit: int = 3  # failed readiness checks in a row before giving up
+    relay_restart_limit: int = 2  # local relay restarts while active before giving up
+    relay_start_limit: int = 3  # failed warm starts in a row before FAILED
+    retry_interval: float = 5.0  # before a failed start or demotion step is tried again
+    min_failover_interval: float = 5.0  # between two automatic takeovers in the cluster
+    cooldown: float = 30.0  # a node that gave up takes no leadership for this long
+    switchover_timeout: float = 30.0  # a request older than this is ignored
+    drain_timeout: float = 10.0  # in-flight deliveries get this long on demotion
+    step_timeouts: Mapping[Step, float] = field(default_factory=dict)
+
+    def timeout(self, step: Step) -> float:
+        """The time limit of ``step``."""
+        return self.step_timeouts.get(step, DEFAULT_STEP_TIMEOUTS[step])
+
+
+DEFAULT_STEP_TIMEOUTS: Final[Mapping[Step, float]] = {
+    Step.ACQUIRE: 5.0,
+    Step.FENCE: 30.0,
+    Step.STORAGE: 60.0,
+    Step.EPOCH: 5.0,
+    Step.VIP: 5.0,
+    Step.RELAY: 60.0,
+    Step.PROBE: 10.0,
+    Step.PUBLISH: 5.0,
+    Step.DRAIN: 30.0,
+    Step.VIP_DOWN: 5.0,
+    Step.STORAGE_DOWN: 30.0,
+    Step.RELEASE: 5.0,
+    Step.START_RELAY: 30.0,
+    Step.RESTART_RELAY: 60.0,
+}
+
+# ------------------------------------------------------------------ what the agent does
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A step for the executor to run, with its time limit and the term it belongs to."""
+
+    step: Step
+    timeout: float
+    epoch: int = 0
+    peer: str | None = None  # FENCE: the former active node
+    reason: str = ""
+    steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
+
+
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    """What the agent is doing: its role and the step in flight, with its bookkeeping."""
+
+    role: Role = Role.STARTING
+    epoch: int = 0  # the term this node leads (promoting or active)
+    step: Step | None = None  # the step in flight, if any
+    started: float = 0.0  # when the current promotion or demotion began (monotonic)
+    steps: tuple[tuple[Step, float], ...] = ()  # its steps so far, with their durations
+    reason: str = ""  # why the current promotion or demotion began
+    previous: str | None = None  # the former active node (promotion) for FENCE and history
+    give_up: bool = False  # the current demotion ends with a cooldown
+    cooldown_until: float = 0.0
+    attempts: int = 0  # failures in a row of the retried step (start, restart, demotion)
+    retry_at: float = 0.0
+    retry_step: Step | None = None  # DEMOTING: the failed step to run again at ``retry_at``
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The result of one decision: the next state, the actions to run, and why."""
+
+    state: AgentState
+    actions: tuple[Action, ...]
+    trigger: Trigger
+    note: str
+
+    @property
+    def changed(self) -> bool:
+        """Worth a log line: something was started or the role moved."""
+        return bool(self.actions) or self.note != ""
+
+
+# ------------------------------------------------------------------ triggers
+
+
+class Trigger(enum.StrEnum):
+    """One thing that happened, chosen from a snapshot by ``classify``."""
+
+    WAITING = "waiting"  # a step is in flight
+    SESSION_LOST = "session_lost"  # suspended or lost while holding or taking resources
+    LEADERSHIP_LOST = "leadership_lost"  # the leader znode is no longer this node's
+    STEP_DONE = "step_done"
+    STEP_FAILED = "step_failed"
+    RELAY_DOWN = "relay_down"  # the relay process does not answer
+    RELAY_WARM = "relay_warm"  # the relay process answers (starting, failed)
+    RELAY_UNHEALTHY = "relay_unhealthy"  # active, but not ready N checks in a row
+    SWITCHOVER = "switchover"  # an operator asked this active node to hand over
+    LEADER_VACANT = "leader_vacant"  # no leader, and this node may take over
+    LEADER_STRAY = "leader_stray"  # this session holds the leader znode but is not promoting
+    RETRY = "retry"  # a failed step may be tried again
+    NOTHING = "nothing"
+
+
+def _holds_leadership(snapshot: Snapshot) -> bool:
+    leader = snapshot.cluster.leader
+    return leader is not None and leader.ours
+
+
+def _switchover_pending(snapshot: Snapshot, policy: Policy) -> Switchover | None:
+    request = snapshot.cluster.switchover
+    if request is None or snapshot.wall - request.at > policy.switchover_timeout:
+        return None
+    return request
+
+
+def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    cluster = snapshot.cluster
+    if cluster.session is not Session.CONNECTED or cluster.leader is not None:
+        return False
+    if not snapshot.local.relay_running or now < state.cooldown_until:
+        return False
+    request = _switchover_pending(snapshot, policy)
+    if request is not None:
+        # A planned handover goes to its target only, and never back to the node that left.
+        return request.target in (None, policy.node) and request.source != policy.node
+    if cluster.paused is not None:
+        return False
+    last = cluster.last_failover
+    return last is None or snapshot.wall - last >= policy.min_failover_interval
+
+
+def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Trigger:
+    """Reduce a snapshot to the one trigger that matters most for this role."""
+    role = state.role
+    cluster = snapshot.cluster
+    local = snapshot.local
+    result = snapshot.result
+    if result is None and state.step is not None:
+        return Trigger.WAITING
+    # A promotion holds the leader znode from the moment ACQUIRE succeeds: the step after it
+    # (FENCE) must not run on a session or a znode that is already gone.
+    acquired = result is not None and result.step is Step.ACQUIRE and result.ok
+    holding = role is Role.ACTIVE or (role is Role.PROMOTING and (state.steps != () or acquired))
+    if holding and cluster.session is not Session.CONNECTED:
+        return Trigger.SESSION_LOST
+    if holding and not _holds_leadership(snapshot):
+        return Trigger.LEADERSHIP_LOST
+    if result is not None:
+        return Trigger.STEP_DONE if result.ok else Trigger.STEP_FAILED
+    if role in (Role.STARTING, Role.FAILED):
+        if local.relay_running:
+            return Trigger.RELAY_WARM
+        return Trigger.RELAY_DOWN if now >= state.retry_at else Trigger.NOTHING
+    if role is Role.DEMOTING:
+        return Trigger.RETRY if now >= state.retry_at else Trigger.NOTHING
+    if role is Role.ACTIVE:
+        if not local.relay_running:
+            return Trigger.RELAY_DOWN
+        if local.relay_failures >= policy.relay_failure_limit and cluster.paused is None:
+            return Trigger.RELAY_UNHEALTHY
+        request = _switchover_pending(snapshot, policy)
+        if request is not None and request.source == policy.node:
+            return Trigger.SWITCHOVER
+        return Trigger.NOTHING
+    if role is Role.PASSIVE:
+        if not local.relay_running and now >= state.retry_at:
+            return Trigger.RELAY_DOWN
+        if _holds_leadership(snapshot):
+            return Trigger.LEADER_STRAY
+        if _may_take_over(state, snapshot, now, policy):
+            return Trigger.LEADER_VACANT
+    return Trigger.NOTHING
+
+
+# ------------------------------------------------------------------ the table
+
+
+class Then(enum.Enum):
+    """What a transition does besides changing the role."""
+
+    NOTHING = "nothing"
+    BEGIN_PROMOTION = "begin promotion"
+    NEXT_PROMOTION_STEP = "next promotion step"
+    BEGIN_DEMOTION = "begin demotion"  # graceful: drain first
+    BEGIN_GIVING_UP = "begin giving up"  # demotion ending in a cooldown
+    NEXT_DEMOTION_STEP = "next demotion step"
+    ROLL_BACK = "roll back"  # a promotion step failed: demote, then cool down
+    RETRY_DEMOTION_STEP = "retry demotion step"
+    RELEASE_ONLY = "release only"
+    START_RELAY = "start relay"
+    RESTART_RELAY = "restart relay"
+    RELAY_STARTED = "relay started"
+    RELAY_START_FAILED = "relay start failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One row of the table: the role to move to and what to do on the way."""
+
+    to: Role
+    then: Then = Then.NOTHING
+
+
+_P, _A, _D = Role.PROMOTING, Role.ACTIVE, Role.DEMOTING
+
+TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
+    # starting: bring the warm relay up, then wait as passive
+    (Role.STARTING, Trigger.RELAY_DOWN): Transition(Role.STARTING, Then.START_RELAY),
+    (Role.STARTING, Trigger.RELAY_WARM): Transition(Role.PASSIVE, Then.RELAY_STARTED),
+    (Role.STARTING, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
+    (Role.STARTING, Trigger.STEP_FAILED): Transition(Role.STARTING, Then.RELAY_START_FAILED),
+    # passive: keep the warm relay up, take over a vacant leadership
+    (Role.PASSIVE, Trigger.RELAY_DOWN): Transition(Role.PASSIVE, Then.START_RELAY),
+    (Role.PASSIVE, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
+    (Role.PASSIVE, Trigger.STEP_FAILED): Transition(Role.PASSIVE, Then.RELAY_START_FAILED),
+    (Role.PASSIVE, Trigger.LEADER_VACANT): Transition(_P, Then.BEGIN_PROMOTION),
+    (Role.PASSIVE, Trigger.LEADER_STRAY): Transition(_D, Then.RELEASE_ONLY),
+    # promoting: one step after another; any failure or loss rolls everything back
+    (_P, Trigger.STEP_DONE): Transition(_P, Then.NEXT_PROMOTION_STEP),
+    (_P, Trigger.STEP_FAILED): Transition(_D, Then.ROLL_BACK),
+    (_P, Trigger.SESSION_LOST): Transition(_D, Then.ROLL_BACK),
+    (_P, Trigger.LEADERSHIP_LOST): Transition(_D, Then.ROLL_BACK),
+    # active: restart a dead relay in place; hand over on request; give up when it stays sick
+    (_A, Trigger.SESSION_LOST): Transition(_D, Then.BEGIN_DEMOTION),
+    (_A, Trigger.LEADERSHIP_LOST): Transition(_D, Then.BEGIN_DEMOTION),
+    (_A, Trigger.SWITCHOVER): Transition(_D, Then.BEGIN_DEMOTION),
+    (_A, Trigger.RELAY_UNHEALTHY): Transition(_D, Then.BEGIN_GIVING_UP),
+    (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
+    (_A, Trigger.STEP_DONE): Transition(_A, Then.RELAY_STARTED),
+    (_A, Trigger.STEP_FAILED): Transition(_A, Then.RELAY_START_FAILED),
+    # demoting: every step in turn; a failed one is retried, never skipped
+    (_D, Trigger.STEP_DONE): Transition(_D, Then.NEXT_DEMOTION_STEP),
+    (_D, Trigger.STEP_FAILED): Transition(_D, Then.RETRY_DEMOTION_STEP),
+    (_D, Trigger.RETRY): Transition(_D, Then.RETRY_DEMOTION_STEP),
+    # failed: the relay would not start; it is tried again now and then
+    (Role.FAILED, Trigger.RELAY_DOWN): Transition(Role.FAILED, Then.START_RELAY),
+    (Role.FAILED, Trigger.RELAY_WARM): Transition(Role.PASSIVE, Then.RELAY_STARTED),
+    (Role.FAILED, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
+    (Role.FAILED, Trigger.STEP_FAILED): Transition(Role.FAILED, Then.RELAY_START_FAILED),
+}
+
+
+# ------------------------------------------------------------------ decide
+
+
+class _Context:
+    """One decision's inputs, so that the transition effects stay short."""
+
+    def __init__(
+        self, state: AgentState, snapshot: Snapshot, now: float, policy: Policy, trigger: Trigger
+    ) -> None:
+        self.state = state
+        self.snapshot = snapshot
+        self.now = now
+        self.policy = policy
+        self.trigger = trigger
+
+    def run(self, step: Step, **fields: object) -> Action:
+        # A retried DRAIN gets the configured drain time, as the first one did.
+        drain = step is Step.DRAIN
+        timeout = self.policy.drain_timeout if drain else self.policy.timeout(step)
+        return Action(step, timeout, epoch=self.state.epoch, **fields)  # type: ignore[arg-type]
+
+    def timed_steps(self) -> tuple[tuple[Step, float], ...]:
+        result = self.snapshot.result
+        if result is None:
+            return self.state.steps
+        return (*self.state.steps, (result.step, round(result.seconds, 4)))
+
+
+Effect = tuple[AgentState, tuple[Action, ...], str]
+
+
+def _begin_demotion(ctx: _Context, *, give_up: bool, note: str) -> Effect:
+    state = replace(
+        ctx.state,
+        role=Role.DEMOTING,
+        step=Step.DRAIN,
+        started=ctx.now,
+        steps=(),
+        reason=ctx.trigger.value,
+        give_up=give_up,
+        attempts=0,
+    )
+    timeout = ctx.policy.drain_timeout
+    return state, (Action(Step.DRAIN, timeout, epoch=ctx.state.epoch, reason=note),), note
+
+
+def _effect(transition: Transition, ctx: _Context) -> Effect:
+    state, policy, now = ctx.state, ctx.policy, ctx.now
+    result = ctx.snapshot.result
+    match transition.then:
+        case Then.NOTHING:
+            return replace(state, step=None), (), ""
+        case Then.START_RELAY:
+            return replace(state, step=Step.START_RELAY), (ctx.run(Step.START_RELAY),), ""
+        case Then.RESTART_RELAY:
+            note = "the relay process is gone; restarting it on the spool"
+            return replace(state, step=Step.RESTART_RELAY), (ctx.run(Step.RESTART_RELAY),), note
+        case Then.RELAY_STARTED:
+            return replace(state, step=None, attempts=0), (), "relay up"
+        case Then.RELAY_START_FAILED:
+            attempts = state.attempts + 1
+            detail = result.detail if result else ""
+            if state.role is Role.ACTIVE:
+                # Giving up for relay health is automatic failover, which pause stops.
+                paused = ctx.snapshot.cluster.paused is not None
+                if attempts > policy.relay_restart_limit and not paused:
+                    ctx.trigger = Trigger.RELAY_UNHEALTHY
+                    return _begin_demotion(
+                        ctx, give_up=True, note=f"relay restart failed {attempts} times: {detail}"
+                    )
+                return replace(state, step=None, attempts=attempts), (), f"restart failed: {detail}"
+            role = Role.FAILED if attempts >= policy.relay_start_limit else state.role
+            retry_at = now + policy.retry_interval
+            new = replace(state, role=role, step=None, attempts=attempts, retry_at=retry_at)
+            return new, (), f"relay start failed ({attempts}): {detail}"
+        case Then.BEGIN_PROMOTION:
+            cluster = ctx.snapshot.cluster
+            previous = cluster.epoch_node if cluster.epoch_node != policy.node else None
+            request = _switchover_pending(ctx.snapshot, policy)
+            reason = "switchover" if request is not None else "leader vacant"
+            new = AgentState(
+                role=Role.PROMOTING,
+                epoch=0,
+                step=Step.ACQUIRE,
+                started=now,
+                reason=reason,
+                previous=previous,
+                cooldown_until=state.cooldown_until,
+            )
+            return new, (Action(Step.ACQUIRE, policy.timeout(Step.ACQUIRE), reason=reason),), reason
+        case Then.NEXT_PROMOTION_STEP:
+            assert result is not None
+            steps = ctx.timed_steps()
+            epoch = state.epoch
+            if result.step is Step.ACQUIRE:
+                epoch = result.epoch
+            index = PROMOTION.index(result.step) + 1
+            if index == len(PROMOTION):
+                total = round(now - state.started, 4)
+                new = replace(state, role=Role.ACTIVE, step=None, steps=steps, attempts=0)
+                return new, (), f"active in epoch {epoch} after {total}s"
+            step = PROMOTION[index]
+            new = replace(state, step=step, steps=steps, epoch=epoch)
+            fields: dict[str, object] = {}
+            if step is Step.FENCE:
+                fields["peer"] = state.previous
+            if step is Step.PUBLISH:
+                fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
+            action = Action(step, policy.timeout(step), epoch=epoch, **fields)  # type: ignore[arg-type]
+            return new, (action,), ""
+        case Then.ROLL_BACK:
+            if result is not None and result.step is Step.ACQUIRE:
+                # Lost the race, or the session or znode right after winning it: nothing else is
+                # held, and a leader znode still ours is released as a stray one.
+                new = AgentState(role=Role.PASSIVE, cooldown_until=state.cooldown_until)
+                why = result.detail if not result.ok else ctx.trigger.value.replace("_", " ")
+                return new, (), f"leadership not taken: {why}"
+            why = f"{result.step.value} failed: {result.detail}" if result and not result.ok else ""
+            note = f"promotion abandoned ({why or ctx.trigger.value}); rolling back"
+            new_state, actions, _ = _begin_demotion(ctx, give_up=True, note=note)
+            return new_state, actions, note
+        case Then.BEGIN_DEMOTION:
+            return _begin_demotion(ctx, give_up=False, note=ctx.trigger.value.replace("_", " "))
+        case Then.BEGIN_GIVING_UP:
+            return _begin_demotion(ctx, give_up=True, note="relay unhealthy; giving up leadership")
+        case Then.RELEASE_ONLY:
+            new = replace(state, step=Step.RELEASE, started=now, steps=(), reason="stray leader")
+            action = ctx.run(Step.RELEASE)
+            return new, (action,), "holding a leadership it does not use; releasing it"
+        case Then.NEXT_DEMOTION_STEP:
+            assert result is not None
+            steps = ctx.timed_steps()
+            index = DEMOTION.index(result.step) + 1
+            if index == len(DEMOTION):
+                cooldown = now + policy.cooldown if state.give_up else state.cooldown_until
+                total = round(now - state.started, 4)
+                new = AgentState(role=Role.PASSIVE, cooldown_until=cooldown, steps=steps)
+                return new, (), f"passive after {total}s"
+            step = DEMOTION[index]
+            new = replace(state, step=step, steps=steps, attempts=0)
+            return new, (ctx.run(step),), ""
+        case Then.RETRY_DEMOTION_STEP:
+            if result is not None:  # it just failed: wait a little before trying again
+                attempts = state.attempts + 1
+                retry_at = now + policy.retry_interval
+                new = replace(
+                    state, step=None, attempts=attempts, retry_at=retry_at, retry_step=result.step
+                )
+                return new, (), f"{result.step.value} failed ({attempts}): {result.detail}"
+            step = state.retry_step or Step.DRAIN
+            new = replace(state, step=step, retry_step=None)
+            return new, (ctx.run(step),), f"retrying {step.value}"
+    raise AssertionError(transition)  # pragma: no cover - the match is exhaustive
+
+
+def decide(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Decision:
+    """The next state and actions for ``snapshot`` seen at monotonic time ``now``."""
+    trigger = classify(state, snapshot, now, policy)
+    transition = TRANSITIONS.get((state.role, trigger))
+    if transition is None:
+        return Decision(state, (), trigger, "")
+    ctx = _Context(state, snapshot, now, policy, trigger)
+    new, actions, note = _effect(transition, ctx)
+    if new.role is state.role:  # effects that divert (FAILED, DEMOTING, ...) set it themselves
+        new = replace(new, role=transition.to)
+    return Decision(new, actions, ctx.trigger, note)
