@@ -9,7 +9,7 @@ the cluster agent and load balancers probe; ``/api/queue`` gives the queue figur
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.config import parse_hostport
 from hamta.relay import Relay
@@ -24,17 +24,18 @@ async def _live(request: web.Request) -> web.Response:
 
 async def _ready(request: web.Request) -> web.Response:
     relay = request.app[RELAY_KEY]
-    body = {"ready": relay.ready, "state": relay.state.value}
-    return web.json_response(body, status=200 if relay.ready else 503)
+    ready = await relay.node_ready()
+    body = {"ready": ready, "state": relay.state.value}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def _queue(request: web.Request) -> web.Response:
-    return web.json_response(request.app[RELAY_KEY].queue_summary())
+    return web.json_response(await request.app[RELAY_KEY].node_summary())
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    payload = generate_latest(request.app[RELAY_KEY].metrics.registry)
-    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    payload = await request.app[RELAY_KEY].node_metrics()
+    return web.Response(text=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def make_app(relay: Relay) -> web.Application:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -15,10 +16,12 @@ from typing import Any
 from hamta import eventlog
 from hamta.admin import start_admin
 from hamta.config import Config, ConfigError, load_config
-from hamta.control import ControlError, send_command, start_control
+from hamta.control import start_control
+from hamta.control_client import ControlError, send_command
 from hamta.queue import recipient_domain
 from hamta.relay import Relay, RelayError, RelayState
-from hamta.spool import load_state
+from hamta.spool import LiveMessage, load_state
+from hamta.workers import SHARD_PREFIX, WorkerPool, control_path, die_with_parent
 
 try:
     import uvloop
@@ -37,9 +40,13 @@ def _load(path: Path | None) -> Config:
 # ------------------------------------------------------------------- serve
 
 
-async def _serve(config: Config, standby: bool) -> int:
+async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
     eventlog.configure(config.log.level, config.log.file)
-    relay = Relay(config)
+    pool = None
+    if worker == 0 and config.node.workers > 1:
+        pool = WorkerPool(config.node.workers, config_file, config.control.socket,
+                          eventlog.get_logger(node=config.node.hostname, worker=0))  # fmt: skip
+    relay = Relay(config, worker=worker, pool=pool)
     log = relay.log
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -53,16 +60,31 @@ async def _serve(config: Config, standby: bool) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, activate_from_signal)
+    if pool is not None:
+        # Before the control socket, the admin endpoint and SIGUSR1: once the node answers, all
+        # of it is warm, and whoever drives it may activate it at once.
+        try:
+            await pool.start()
+        except ControlError as exc:
+            log.error("WorkersFailed", error=str(exc))
+            print(f"hamta: {exc}", file=sys.stderr)
+            await pool.stop(0)
+            return 1
+    if worker == 0:
+        loop.add_signal_handler(signal.SIGUSR1, activate_from_signal)
+    admin_listen = config.admin.listen if worker == 0 else ""
     try:
-        admin = await start_admin(relay, config.admin.listen) if config.admin.listen else None
+        admin = await start_admin(relay, admin_listen) if admin_listen else None
     except OSError as exc:
-        print(f"hamta: cannot serve admin on {config.admin.listen}: {exc.strerror}",
-              file=sys.stderr)  # fmt: skip
+        print(f"hamta: cannot serve admin on {admin_listen}: {exc.strerror}", file=sys.stderr)
+        if pool is not None:
+            await pool.stop(0)
         return 1
-    control = await start_control(relay, config.control.socket, stop)
-    log.info("RelayStarted", standby=standby, admin=config.admin.listen,
-             control=str(config.control.socket))  # fmt: skip
+    socket_path = control_path(config.control.socket, worker)
+    control = await start_control(relay, socket_path, stop)
+    socket_inode = socket_path.stat().st_ino
+    log.info("RelayStarted", standby=standby, admin=admin_listen, control=str(socket_path),
+             workers=config.node.workers)  # fmt: skip
     code = 0
     try:
         if not standby:
@@ -81,7 +103,13 @@ async def _serve(config: Config, standby: bool) -> int:
             await relay.deactivate(config.node.stop_timeout)
     finally:
         control.close()
-        config.control.socket.unlink(missing_ok=True)
+        # A relay started since this one was given up for dead (a worker still stopping when
+        # its node was restarted) has taken the path: its socket is not ours to remove.
+        with contextlib.suppress(FileNotFoundError):
+            if socket_path.stat().st_ino == socket_inode:
+                socket_path.unlink()
+        if pool is not None:
+            await pool.stop(config.node.stop_timeout)
         if admin is not None:
             await admin.cleanup()
         log.info("RelayExited", code=code)
@@ -97,7 +125,10 @@ def _run(coro: Any) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """``hamta serve``: run the relay (or a warm standby) until SIGTERM."""
     config = _load(args.config)
-    return _run(_serve(config, args.standby))
+    if args.worker:
+        # A worker of a multi-process relay: it goes when the relay that started it goes.
+        die_with_parent()
+    return _run(_serve(config, args.standby or bool(args.worker), args.config, args.worker))
 
 
 # ------------------------------------------------------------------- relay
@@ -134,16 +165,21 @@ def _queue_from_admin(listen: str) -> dict[str, Any] | None:
 
 
 def _queue_from_spool(path: Path) -> dict[str, Any]:
-    state = load_state(path)
     domains: dict[str, dict[str, int]] = {}
-    for message in state.live.values():
+    depth = 0
+    shards = [path, *sorted(path.glob(f"{SHARD_PREFIX}*"))]
+    messages: list[LiveMessage] = []
+    for shard in shards:
+        state = load_state(shard)
+        depth += state.stats.messages
+        messages += state.live.values()
+    for message in messages:
         for index in message.pending:
             row = domains.setdefault(
                 recipient_domain(message.rec.recipients[index]), {"ready": 0, "deferred": 0}
             )
             row["deferred" if message.retry and index in message.retry else "ready"] += 1
-    return {"state": "offline", "spool": str(path), "depth": state.stats.messages,
-            "domains": domains}  # fmt: skip
+    return {"state": "offline", "spool": str(path), "depth": depth, "domains": domains}
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -190,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--standby", action="store_true",
         help="start warm: no spool, no listener, until activated over the control socket",
     )  # fmt: skip
+    serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     relay = sub.add_parser("relay", help="drive a running relay over its control socket")
@@ -211,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a configuration file")
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_config_check)
+
     return parser
 
 

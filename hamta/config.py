@@ -121,6 +121,8 @@ class NodeConfig(_Section):
     hostname: str = Field(default_factory=socket.getfqdn, min_length=1)
     # How long a graceful stop lets sessions and deliveries under way finish.
     stop_timeout: Seconds = 10.0
+    # Relay processes sharing the SMTP port, one spool shard each (hamta/workers.py).
+    workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=64)] = 1
 
 
 class SmtpConfig(_Section):

@@ -12,21 +12,18 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from hamta.relay import Relay, RelayError
-
-
-class ControlError(Exception):
-    """The control socket could not be reached or the relay refused the command."""
 
 
 async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
     command = request.get("command")
     if command == "status":
-        return {"ok": True, **relay.queue_summary()}
+        return {"ok": True, **(await relay.node_summary())}
     if command == "activate":
         spool = request.get("spool")
         activation = await relay.activate(Path(spool) if spool else None)
@@ -34,6 +31,8 @@ async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) ->
     if command == "deactivate":
         await relay.deactivate(float(request.get("timeout", relay.config.node.stop_timeout)))
         return {"ok": True, "state": relay.state.value}
+    if command == "metrics":
+        return {"ok": True, "text": generate_latest(relay.metrics.registry).decode()}
     if command == "stop":
         stop.set()
         return {"ok": True}
@@ -74,29 +73,3 @@ async def start_control(relay: Relay, path: Path, stop: asyncio.Event) -> asynci
         return await asyncio.start_unix_server(serve, path=str(path))
     finally:
         os.umask(old_umask)
-
-
-def send_command(path: Path, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """Send one command to a relay's control socket and return its reply."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except FileNotFoundError:
-        raise ControlError(f"no relay control socket at {path}") from None
-    except OSError as exc:
-        raise ControlError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        reply: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise ControlError(f"{path}: unreadable reply {data[:200]!r}") from None
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "refused")))
-    return reply

@@ -89,8 +89,11 @@ class DeliveryEngine:
         metrics: RelayMetrics,
         log: Any,
         wall_clock: Callable[[], float] = time.time,
+        share: int = 1,
     ) -> None:
         self.config = config
+        # With several workers on a node, each takes its share of every destination's limit.
+        self.max_sessions = -(-config.max_connections_per_destination // share)
         self.hostname = hostname
         self.helo = config.helo_name or hostname
         self.spool = spool
@@ -116,10 +119,7 @@ class DeliveryEngine:
             return
         if destination.idle:
             destination.wakeup.set()
-        if (
-            destination.sessions < self.config.max_connections_per_destination
-            and len(destination.ready) > destination.idle
-        ):
+        if destination.sessions < self.max_sessions and len(destination.ready) > destination.idle:
             destination.sessions += 1
             task = asyncio.get_running_loop().create_task(self._session(destination))
             self._sessions.add(task)

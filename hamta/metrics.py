@@ -10,7 +10,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 
 class RateWindow:
@@ -100,3 +102,36 @@ class RelayMetrics:
     def sample(self, name: str, **labels: str) -> int:
         """The current value of a counter sample, as an integer (0 before its first event)."""
         return int(self.registry.get_sample_value(name, labels) or 0)
+
+
+# Node-wide value of a sample across workers: added up, except where that makes no sense.
+_MERGE = {"hamta_ready": min, "hamta_recovery_duration_seconds": max}
+
+
+class _Families:
+    """Ready-made metric families, for ``generate_latest`` to render as it renders a relay's."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """Add up the Prometheus expositions of several workers into one for the node."""
+    families: dict[str, Metric] = {}
+    samples: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                samples.setdefault(key, []).append(sample.value)
+    for (family_name, sample_name, labels), values in samples.items():
+        merge = _MERGE.get(sample_name, min if sample_name.endswith("_created") else sum)
+        families[family_name].add_sample(sample_name, dict(labels), merge(values))
+    # Rendered by the library, so names, types and escaping are exactly those of one relay's.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry).decode()

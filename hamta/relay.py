@@ -11,6 +11,7 @@ sessions get 421 4.3.2, DATA already under way is finished and spooled, deliveri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import ssl
@@ -20,14 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from hamta.config import Config, parse_hostport
+from hamta.control_client import ControlError
 from hamta.delivery import DeliveryEngine
 from hamta.eventlog import get_logger
-from hamta.metrics import RelayMetrics
+from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spool, SpoolError, SpoolState
+from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
 
 
 class RelayState(enum.Enum):
@@ -79,10 +84,24 @@ class _Active:
 class Relay:
     """One relay: configuration, metrics, and its active parts while active."""
 
-    def __init__(self, config: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        worker: int = 0,
+        pool: WorkerPool | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        self.worker = worker
+        self.pool = pool
         self.metrics = RelayMetrics()
-        self.log = get_logger(node=config.node.hostname)
+        workers = config.node.workers
+        self.log = (
+            get_logger(node=config.node.hostname, worker=worker)
+            if workers > 1
+            else get_logger(node=config.node.hostname)
+        )
         self._wall = wall_clock
         self.state = RelayState.STANDBY
         self._active: _Active | None = None
@@ -128,6 +147,8 @@ class Relay:
             "in_flight": 0,
             "connections": 0,
             "delivery_rate_per_s": round(self.metrics.delivered_rate.per_second(), 3),
+            "delivered_last_minute": delivered,
+            "bounced_last_minute": bounced,
             "bounce_rate": round(bounced / (delivered + bounced), 4) if bounced else 0.0,
             "received_total": self.metrics.sample("hamta_messages_received_total"),
             "delivered_total": self.metrics.sample("hamta_deliveries_total", outcome="delivered"),
@@ -150,6 +171,25 @@ class Relay:
             summary["recipients_deferred"] = active.queue.deferred_count
         return summary
 
+    async def node_summary(self) -> dict[str, Any]:
+        """The queue summary of the whole node: this relay and its workers, added up."""
+        if self.pool is None:
+            return self.queue_summary()
+        return merge_summaries(self.queue_summary(), await self.pool.statuses())
+
+    async def node_ready(self) -> bool:
+        """Ready, and so is every worker."""
+        if not self.ready:
+            return False
+        return self.pool is None or all(s.get("ready") for s in await self.pool.statuses())
+
+    async def node_metrics(self) -> str:
+        """The Prometheus exposition of the whole node."""
+        own = generate_latest(self.metrics.registry).decode()
+        if self.pool is None:
+            return own
+        return merge_expositions([own, *await self.pool.metrics()])
+
     # ------------------------------------------------------------- activation
 
     async def activate(self, spool_path: Path | None = None) -> Activation:
@@ -158,11 +198,42 @@ class Relay:
             if self.state is not RelayState.STANDBY:
                 raise RelayError(f"relay is {self.state.value}, not standby")
             self.state = RelayState.ACTIVATING
+            path = spool_path or self.config.spool.path
+            workers: asyncio.Task[list[dict[str, Any]]] | None = None
             try:
-                return await self._activate(spool_path or self.config.spool.path)
-            except BaseException:
+                # Also with one worker: mail left in shards would otherwise never be delivered.
+                stray = stray_shards(path, self.config.node.workers) if self.worker == 0 else []
+                if stray:
+                    raise RelayError(
+                        f"{path} has shards no worker owns with node.workers = "
+                        f"{self.config.node.workers}: {', '.join(p.name for p in stray)}; "
+                        "raise node.workers until they are empty"
+                    )
+                if self.pool is not None:
+                    workers = asyncio.get_running_loop().create_task(self.pool.activate(path))
+                activation = await self._activate(shard_path(path, self.worker))
+                if workers is not None:
+                    others = await workers
+                    activation = dataclasses.replace(
+                        activation,
+                        spool=str(path),
+                        recovered_messages=activation.recovered_messages
+                        + sum(int(o.get("recovered_messages", 0)) for o in others),
+                        total_seconds=max(
+                            [activation.total_seconds]
+                            + [float(o.get("total_seconds", 0.0)) for o in others]
+                        ),
+                    )
+                    self.last_activation = activation
+                return activation
+            except BaseException as exc:
+                if workers is not None:
+                    await asyncio.gather(workers, return_exceptions=True)
+                    await self.pool.deactivate(0)  # type: ignore[union-attr]
                 await self._teardown(timeout=0)
                 self.state = RelayState.STANDBY
+                if isinstance(exc, ControlError):
+                    raise RelayError(f"a worker failed to activate: {exc}") from None
                 raise
 
     async def _activate(self, path: Path) -> Activation:
@@ -188,7 +259,7 @@ class Relay:
         router = Router(config.delivery, config.dns)
         engine = DeliveryEngine(
             config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
-            wall_clock=self._wall,
+            wall_clock=self._wall, share=config.node.workers,
         )  # fmt: skip
         queue = MailQueue(config.retry, router.next_hop, self._wall, engine.on_ready)
         engine.queue = queue
@@ -214,7 +285,12 @@ class Relay:
         for item in config.smtp.listen:
             host, port = parse_hostport(item)
             try:
-                server = await loop.create_server(factory, host, port, reuse_address=True)
+                # Workers share the port; a lone relay must not, or a second one started by
+                # mistake would silently take half the connections.
+                server = await loop.create_server(
+                    factory, host, port, reuse_address=True,
+                    reuse_port=config.node.workers > 1,
+                )  # fmt: skip
             except OSError as exc:
                 raise RelayError(f"cannot listen on {item}: {exc.strerror}") from None
             self._active.servers.append(server)
@@ -270,7 +346,10 @@ class Relay:
             self.state = RelayState.DEACTIVATING
             started = time.perf_counter()
             self.log.info("RelayDeactivating", timeout=timeout)
-            await self._teardown(timeout)
+            if self.pool is not None:
+                await asyncio.gather(self.pool.deactivate(timeout), self._teardown(timeout))
+            else:
+                await self._teardown(timeout)
             self.state = RelayState.STANDBY
             self.log.info("RelayStandby", seconds=round(time.perf_counter() - started, 4))
 

@@ -1,0 +1,249 @@
+"""Several relay processes on one node: one per core, sharing the SMTP port, each with its shard.
+
+A relay process runs on one core (Python's interpreter lock), and a relay is CPU-bound long before
+the disk or the network is busy. With ``node.workers = N`` the process started by ``hamta serve``
+(worker 0) starts N-1 more relay processes and drives them over their control sockets. Every
+worker listens on the same SMTP addresses with SO_REUSEPORT, so the kernel spreads connections
+across them, and owns one shard of the spool: worker 0 the spool directory itself, worker K the
+directory ``shard-K`` inside it. A message lives its whole life in the shard that accepted it, so
+the workers share no state and need no locking between them; each shard is a complete spool
+(docs/spool-format.md) with its own lock, journal and recovery.
+
+Worker 0 is the relay the outside world sees: its control socket and admin endpoint answer for
+the whole node, fanning commands out and adding figures up. The other workers are started warm
+(standby) when worker 0 starts, so that activation costs no interpreter start-up; they die with
+worker 0 (the kernel sends them SIGTERM when it goes, even by kill -9), and worker 0 restarts any
+that dies on its own, activating it on its shard again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hamta.control_client import ControlError, send_command
+from hamta.spool import load_state
+
+SHARD_PREFIX = "shard-"
+_PR_SET_PDEATHSIG = 1
+
+
+def shard_path(root: Path, worker: int) -> Path:
+    """The spool directory of ``worker`` inside the node's spool ``root``."""
+    return root if worker == 0 else root / f"{SHARD_PREFIX}{worker}"
+
+
+def control_path(socket: Path, worker: int) -> Path:
+    """The control socket of ``worker`` (worker 0's is the configured one)."""
+    return socket if worker == 0 else socket.with_name(f"{socket.name}.{worker}")
+
+
+def stray_shards(root: Path, workers: int) -> list[Path]:
+    """Shards of ``root`` holding mail that no worker would deliver with ``workers`` workers."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        suffix = entry.name.removeprefix(SHARD_PREFIX)
+        if not (entry.name.startswith(SHARD_PREFIX) and suffix.isdigit()):
+            continue
+        # A drained shard strands nothing, so fewer workers may run once it is empty.
+        if int(suffix) >= workers and (entry / "journal").is_dir() and load_state(entry).live:
+            found.append(entry)
+    return sorted(found)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux prctl)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Worker:
+    def __init__(self, index: int, socket: Path) -> None:
+        self.index = index
+        self.socket = socket
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+
+class WorkerPool:
+    """Workers 1..N-1 of a node, started and driven by worker 0."""
+
+    def __init__(self, count: int, config_file: Path | None, socket: Path, log: Any) -> None:
+        self.workers = [_Worker(k, control_path(socket, k)) for k in range(1, count)]
+        self._config_file = config_file
+        self._log = log
+        self._root: Path | None = None  # set while active
+        self._stopping = False
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------- processes
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start every worker warm and wait until each answers on its control socket."""
+        await asyncio.gather(*(self._spawn(worker, timeout) for worker in self.workers))
+
+    async def _spawn(self, worker: _Worker, timeout: float) -> None:
+        args = [sys.executable, "-m", "hamta.cli", "serve", "--standby",
+                "--worker", str(worker.index)]  # fmt: skip
+        if self._config_file is not None:
+            args += ["--config", str(self._config_file)]
+        worker.process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            # An external process has no event to wait on: poll its socket, briefly.
+            if worker.process.returncode is not None:
+                raise ControlError(
+                    f"worker {worker.index} exited with {worker.process.returncode} at start"
+                )
+            try:
+                await self._command(worker, {"command": "status"}, timeout=2)
+                break
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise ControlError(f"worker {worker.index} did not start") from None
+                await asyncio.sleep(0.05)
+        task = asyncio.get_running_loop().create_task(self._watch(worker, worker.process))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        self._log.info("WorkerStarted", worker=worker.index, pid=worker.process.pid)
+
+    async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if self._stopping or worker.process is not process:
+            return
+        worker.restarts += 1
+        self._log.error("WorkerExited", worker=worker.index, code=code, restarts=worker.restarts)
+        try:
+            await self._spawn(worker, timeout=30)
+            if self._root is not None:
+                await self._command(worker, {"command": "activate", "spool": str(self._root)})
+                self._log.info("WorkerReactivated", worker=worker.index)
+        except ControlError as exc:
+            self._log.error("WorkerRestartFailed", worker=worker.index, error=str(exc))
+
+    async def stop(self, timeout: float) -> None:
+        """Stop every worker gracefully (SIGTERM), killing any still there after ``timeout``."""
+        self._stopping = True
+        for task in list(self._watchers):
+            task.cancel()
+        running = [w.process for w in self.workers if w.process and w.process.returncode is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        if running:
+            _, late = await asyncio.wait(
+                [asyncio.ensure_future(p.wait()) for p in running], timeout=timeout + 5
+            )
+            if late:
+                for process in running:
+                    if process.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            process.kill()
+                await asyncio.gather(*(p.wait() for p in running))
+
+    # ----------------------------------------------------------------- commands
+
+    async def _command(
+        self, worker: _Worker, request: dict[str, Any], timeout: float = 120.0
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(send_command, worker.socket, request, timeout)
+
+    async def _all(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._command(w, request) for w in self.workers)))
+
+    async def activate(self, root: Path) -> list[dict[str, Any]]:
+        """Activate every worker on its shard of ``root`` (each finds its shard in the root)."""
+        self._root = root
+        return await self._all({"command": "activate", "spool": str(root)})
+
+    async def deactivate(self, timeout: float) -> None:
+        """Deactivate every worker gracefully."""
+        self._root = None
+        results = await asyncio.gather(
+            *(
+                self._command(w, {"command": "deactivate", "timeout": timeout})
+                for w in self.workers
+            ),
+            return_exceptions=True,
+        )
+        for worker, result in zip(self.workers, results, strict=True):
+            if isinstance(result, BaseException):
+                self._log.warning("WorkerDeactivateFailed", worker=worker.index, error=str(result))
+
+    async def statuses(self) -> list[dict[str, Any]]:
+        """Every worker's queue summary; an unreachable worker reads as not ready."""
+        results = await asyncio.gather(
+            *(self._command(w, {"command": "status"}, timeout=5) for w in self.workers),
+            return_exceptions=True,
+        )
+        return [
+            {"ready": False, "state": "unreachable", "error": str(r)}
+            if isinstance(r, BaseException)
+            else r
+            for r in results
+        ]
+
+    async def metrics(self) -> list[str]:
+        """Every reachable worker's Prometheus exposition."""
+        results = await asyncio.gather(
+            *(self._command(w, {"command": "metrics"}, timeout=5) for w in self.workers),
+            return_exceptions=True,
+        )
+        return [str(r["text"]) for r in results if isinstance(r, dict)]
+
+
+_SUMMED = (
+    "depth", "recipients_ready", "recipients_deferred", "in_flight", "connections",
+    "delivery_rate_per_s", "received_total", "delivered_total", "bounced_total",
+    "expired_total", "delivered_last_minute", "bounced_last_minute",
+)  # fmt: skip
+
+
+def merge_summaries(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
+    """One queue summary for the node out of each worker's."""
+    merged = dict(own)
+    merged["workers"] = [
+        {
+            "worker": 0,
+            "state": own.get("state"),
+            "ready": own.get("ready"),
+            "depth": own.get("depth"),
+        }
+    ] + [
+        {"worker": k, "state": s.get("state"), "ready": s.get("ready"), "depth": s.get("depth")}
+        for k, s in enumerate(others, start=1)
+    ]
+    for summary in others:
+        for key in _SUMMED:
+            if isinstance(summary.get(key), int | float):
+                merged[key] = merged.get(key, 0) + summary[key]
+        for domain, row in summary.get("domains", {}).items():
+            target = merged.setdefault("domains", {}).setdefault(
+                domain, {"ready": 0, "deferred": 0}
+            )
+            for column, value in row.items():
+                target[column] = target.get(column, 0) + value
+        merged["ready"] = bool(merged.get("ready")) and bool(summary.get("ready"))
+        merged["recovering"] = bool(merged.get("recovering")) or bool(summary.get("recovering"))
+    delivered = merged.get("delivered_last_minute", 0)
+    bounced = merged.get("bounced_last_minute", 0)
+    merged["bounce_rate"] = round(bounced / (delivered + bounced), 4) if bounced else 0.0
+    merged["delivery_rate_per_s"] = round(merged.get("delivery_rate_per_s", 0.0), 3)
+    return merged
