@@ -113,6 +113,7 @@ class Member:
     heartbeat: float = 0.0  # wall clock of the publisher
     smtp: str = ""  # where its relay listens when active
     cooldown: bool = False  # it gave up lately and will not take over for a while
+    released: bool = False  # demoting, and the relay, virtual IP and spool are already let go
 
     @property
     def can_take_over(self) -> bool:
@@ -160,6 +161,7 @@ class ClusterView:
     paused: Pause | None = None
     switchover: Switchover | None = None
     last_failover: float | None = None  # wall clock of the last takeover
+    known_nodes: frozenset[str] = frozenset()  # every node that ever joined (persistent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +242,8 @@ class Action:
     step: Step
     timeout: float
     epoch: int = 0
-    peer: str | None = None  # FENCE: the former active node
+    peer: str | None = None  # FENCE, PUBLISH: the former active node (for the record)
+    fence: tuple[str, ...] = ()  # FENCE: every node that may still hold something
     reason: str = ""
     steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
 
@@ -309,6 +312,29 @@ def _switchover_pending(snapshot: Snapshot, policy: Policy) -> Switchover | None
     if request is None or snapshot.wall - request.at > policy.switchover_timeout:
         return None
     return request
+
+
+_HOLDS_NOTHING: Final = frozenset({Role.STARTING, Role.PASSIVE, Role.FAILED})
+
+
+def fence_targets(snapshot: Snapshot, policy: Policy) -> tuple[str, ...]:
+    """The nodes to fence before taking the spool: every other node not known to hold nothing.
+
+    A node holds nothing when its agent is connected (its ephemeral member znode exists) and
+    says it is passive, starting or failed, or that its demotion has released everything but
+    leadership (a planned switchover: no need to shoot a node that stepped down cleanly). Any
+    other node (gone, or mid-promotion, active or demoting by its own account) might still have
+    the spool mounted or the virtual IP up. The former epoch holder is not enough: after a
+    failed fence and a retry, the epoch record names this very node, while the peer that
+    crashed still holds what it held.
+    """
+    cluster = snapshot.cluster
+    candidates = set(cluster.known_nodes)
+    if cluster.epoch_node:
+        candidates.add(cluster.epoch_node)
+    candidates.discard(policy.node)
+    clean = {n for n, m in cluster.members.items() if m.role in _HOLDS_NOTHING or m.released}
+    return tuple(sorted(candidates - clean))
 
 
 def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -543,7 +569,7 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             new = replace(state, step=step, steps=steps, epoch=epoch)
             fields: dict[str, object] = {}
             if step is Step.FENCE:
-                fields["peer"] = state.previous
+                fields = {"peer": state.previous, "fence": fence_targets(ctx.snapshot, policy)}
             if step is Step.PUBLISH:
                 fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
             action = Action(step, policy.timeout(step), epoch=epoch, **fields)  # type: ignore[arg-type]

@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cluster.cli import add_cluster_commands
+from cluster.lab.cli import add_lab_commands
 from hamta import eventlog
 from hamta.admin import start_admin
 from hamta.config import Config, ConfigError, load_config
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_config_check)
 
+    add_cluster_commands(sub)
+    add_lab_commands(sub)
     return parser
 
 

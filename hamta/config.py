@@ -289,7 +289,8 @@ listen = "127.0.0.1:8025"
 """
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+def format_errors(error: ValidationError, source: str) -> str:
+    """A ConfigError message from a pydantic error: one `section.key: reason` line each."""
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -309,7 +310,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(format_errors(exc, source)) from None
 
 
 def load_config(path: Path | None) -> Config:

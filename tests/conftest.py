@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import DnsServer, RecordingSink, free_port
+from tests.support import zookeeper as zookeeper_support
 from tests.support.relay import RelayProcess
 
 MX_HOST = "127.0.0.5"
@@ -87,3 +89,20 @@ def make_relay(tmp_path: Path, dns_server: DnsServer, mx_port: int) -> Iterator[
     yield factory
     for relay in relays:
         relay.stop()
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperEnsemble]:
+    """A standalone ZooKeeper server on 127.0.0.1 (200 ms ticks), shared by the session."""
+    with zookeeper_support.standalone(tmp_path_factory.mktemp("zookeeper")) as ensemble:
+        yield ensemble
+
+
+@pytest.fixture(scope="session")
+def zookeeper_ensemble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperEnsemble]:
+    """Three ZooKeeper servers on 127.0.0.11 to .13 (200 ms ticks), shared by the session.
+
+    A test that stops one of them starts it again before it ends.
+    """
+    with zookeeper_support.three_servers(tmp_path_factory.mktemp("ensemble")) as ensemble:
+        yield ensemble

@@ -27,6 +27,7 @@ from cluster.state import (
     Decision,
     Leader,
     LocalView,
+    Member,
     Pause,
     Policy,
     Role,
@@ -39,6 +40,7 @@ from cluster.state import (
     Trigger,
     classify,
     decide,
+    fence_targets,
 )
 
 NODE = "alpha"
@@ -1504,3 +1506,64 @@ def test_state_imports_only_the_standard_library() -> None:
     assert roots <= sys.stdlib_module_names
     forbidden = {"kazoo", "pyroute2", "asyncio", "subprocess", "socket", "time", "os", "threading"}
     assert not roots & forbidden
+
+
+# ---------------------------------------------------------------- whom to fence
+
+
+def fence_world(
+    known: set[str], members: dict[str, Role], epoch_node: str | None = None
+) -> Snapshot:
+    view = ClusterView(
+        session=Session.CONNECTED,
+        leader=ours(),
+        epoch=EPOCH,
+        epoch_node=epoch_node,
+        members={name: Member(node=name, role=role) for name, role in members.items()},
+        known_nodes=frozenset(known),
+    )
+    return Snapshot(cluster=view, local=LocalView(relay_running=True), wall=WALL)
+
+
+@pytest.mark.parametrize(
+    ("known", "members", "epoch_node", "expected"),
+    [
+        # The former active node crashed: its member znode is gone.
+        ({NODE, PEER}, {NODE: Role.PROMOTING}, PEER, (PEER,)),
+        # A failed fence, then a retry: the epoch record names this node, the peer is still gone.
+        ({NODE, PEER}, {NODE: Role.PROMOTING}, NODE, (PEER,)),
+        # A switchover: the peer is connected and passive, it holds nothing.
+        ({NODE, PEER}, {NODE: Role.PROMOTING, PEER: Role.PASSIVE}, PEER, ()),
+        # Connected but still active or demoting by its own account: it may hold the spool.
+        ({NODE, PEER}, {NODE: Role.PROMOTING, PEER: Role.DEMOTING}, PEER, (PEER,)),
+        ({NODE, PEER}, {NODE: Role.PROMOTING, PEER: Role.ACTIVE}, PEER, (PEER,)),
+        # Every node that is not provably clean, in a stable order; never this node.
+        ({NODE, PEER, OTHER}, {NODE: Role.PROMOTING, OTHER: Role.FAILED}, None, (PEER,)),
+        ({NODE, OTHER}, {NODE: Role.PROMOTING}, PEER, (PEER, OTHER)),
+        ({NODE}, {NODE: Role.PROMOTING}, None, ()),
+    ],
+)
+def test_fence_targets_are_every_node_not_known_to_hold_nothing(
+    known: set[str], members: dict[str, Role], epoch_node: str | None, expected: tuple[str, ...]
+) -> None:
+    assert fence_targets(fence_world(known, members, epoch_node), POLICY) == expected
+
+
+def test_the_fence_action_names_the_targets_seen_when_leadership_was_taken() -> None:
+    state = promoting(Step.ACQUIRE, epoch=0)
+    snapshot = replace(
+        fence_world({NODE, PEER}, {NODE: Role.PROMOTING}, NODE), result=ok(Step.ACQUIRE, EPOCH)
+    )
+    decision = decide(state, snapshot, NOW, POLICY)
+    (action,) = decision.actions
+    assert action.step is Step.FENCE and action.fence == (PEER,) and action.epoch == EPOCH
+
+
+def test_a_node_that_stepped_down_cleanly_is_not_fenced() -> None:
+    snapshot = fence_world({NODE, PEER}, {NODE: Role.PROMOTING})
+    demoting = Member(node=PEER, role=Role.DEMOTING, released=True)
+    view = replace(snapshot.cluster, members={**snapshot.cluster.members, PEER: demoting})
+    assert fence_targets(replace(snapshot, cluster=view), POLICY) == ()
+    holding = replace(demoting, released=False)
+    view = replace(snapshot.cluster, members={**snapshot.cluster.members, PEER: holding})
+    assert fence_targets(replace(snapshot, cluster=view), POLICY) == (PEER,)

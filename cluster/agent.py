@@ -1,0 +1,332 @@
+"""The agent's loop: observe, decide, act, and log each decision as one JSON line.
+
+It wakes on every ZooKeeper change (kazoo watches), every step that ends, every relay exit and
+every health tick, builds a ``Snapshot``, asks ``cluster.state.decide`` what to do, and hands
+the actions to the ``Executor``, which runs them in the background so that heartbeats and
+observation go on during a long step. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cluster.config import AgentConfig
+from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.executor import CommandFencer, Executor, Fencer
+from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
+from cluster.state import (
+    DEMOTION,
+    Action,
+    AgentState,
+    ClusterView,
+    Decision,
+    LocalView,
+    Member,
+    Role,
+    Session,
+    Snapshot,
+    Step,
+    StepResult,
+    decide,
+)
+from cluster.storage import Storage, storage_from_config
+from cluster.vip import VirtualIp
+from hamta import eventlog
+from hamta.config import load_config, parse_hostport
+from hamta.eventlog import get_logger
+
+_RELAY_STEPS = frozenset({Step.START_RELAY, Step.RESTART_RELAY, Step.RELAY, Step.DRAIN})
+
+
+class Health:
+    """The local relay's health, checked on a timer while the relay runs."""
+
+    def __init__(self) -> None:
+        self.view = LocalView()
+
+    def update(self, running: bool, ready: bool, depth: int, active: bool) -> bool:
+        """Record a check; True when something the decision looks at changed."""
+        failures = 0
+        if active and not ready:
+            failures = self.view.relay_failures + 1
+        new = LocalView(running, ready, failures, depth)
+        changed = (new.relay_running, new.relay_ready, new.relay_failures) != (
+            self.view.relay_running,
+            self.view.relay_ready,
+            self.view.relay_failures,
+        )
+        self.view = new
+        return changed
+
+
+class Agent:
+    """One node's agent: coordinator, executor, relay, and the decision loop."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        coordinator: Coordinator | None = None,
+        storage: Storage | None = None,
+        vip: VirtualIp | None = None,
+        fencer: Fencer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        agent = config.agent
+        self.config = config
+        self.policy = config.policy()
+        self.clock = clock
+        self.wall = wall
+        self.log = get_logger(node=agent.node, component="agent")
+        self.wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_change() -> None:
+            loop.call_soon_threadsafe(self.wake.set)
+
+        credentials = Credentials.from_file(agent.credentials) if agent.credentials else None
+        self.coordinator = coordinator or Coordinator(
+            agent.zookeeper,
+            agent.cluster,
+            agent.node,
+            session_timeout=agent.session_timeout,
+            credentials=credentials,
+            wall=wall,
+            clock=clock,
+            on_change=on_change,
+        )
+        relay_config = load_config(agent.relay_config)
+        self.relay = RelayProcess(
+            agent.relay_command or default_relay_command(agent.relay_config),
+            relay_config.control.socket,
+            agent.state_dir / "relay.out",
+        )
+        self.storage = storage or storage_from_config(
+            config.storage.driver, **config.storage.options()
+        )
+        if vip is None and config.vip.address:
+            vip = VirtualIp(config.vip.address, config.vip.interface)
+        self.vip = vip
+        smtp_host, smtp_port = parse_hostport(relay_config.smtp.listen[0], 25)
+        probe_host = config.probe.host or (
+            config.vip.address.split("/")[0] if config.vip.address else smtp_host
+        )
+        if probe_host in ("0.0.0.0", "::"):
+            probe_host = "127.0.0.1"
+        self.smtp_address = f"{probe_host}:{config.probe.port or smtp_port}"
+        self.executor = Executor(
+            node=agent.node,
+            coordinator=self.coordinator,
+            storage=self.storage,
+            spool_name=config.storage.spool,
+            vip=vip,
+            relay=self.relay,
+            fencer=fencer or CommandFencer(config.fencing.commands),
+            probe_address=(probe_host, config.probe.port or smtp_port),
+            probe_timeout=config.probe.timeout,
+            clock=clock,
+            wall=wall,
+        )
+        self.state = AgentState()
+        self.health = Health()
+        self.results: list[StepResult] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ observation
+
+    def member(self) -> Member:
+        """This node's heartbeat record."""
+        local = self.health.view
+        return Member(
+            node=self.policy.node,
+            role=self.state.role,
+            epoch=self.state.epoch,
+            relay_running=local.relay_running,
+            relay_ready=local.relay_ready,
+            queue_depth=local.queue_depth,
+            heartbeat=self.wall(),
+            smtp=self.smtp_address,
+            cooldown=self.clock() < self.state.cooldown_until,
+            released=self.state.role is Role.DEMOTING
+            and any(step is Step.STORAGE_DOWN for step, _ in self.state.steps),
+        )
+
+    async def _snapshot(self) -> Snapshot:
+        view: ClusterView
+        try:
+            view = await asyncio.to_thread(self.coordinator.view)
+        except Exception as exc:  # a failed read must look like a lost connection, not a crash
+            self.log.warning("ClusterViewFailed", error=str(exc))
+            view = ClusterView(session=Session.SUSPENDED)
+        result = self.results.pop(0) if self.results else None
+        return Snapshot(cluster=view, local=self.health.view, wall=self.wall(), result=result)
+
+    async def _check_health(self) -> None:
+        active = self.state.role is Role.ACTIVE and self.state.step is None
+        if not self.relay.running:
+            changed = self.health.update(False, False, 0, active)
+        else:
+            try:
+                status = await self.relay.status(
+                    timeout=max(0.2, self.config.agent.health_interval)
+                )
+                changed = self.health.update(
+                    True, bool(status.get("ready")), int(status.get("depth", 0)), active
+                )
+            except RelayControlError:
+                changed = self.health.update(True, False, 0, active)
+        if changed:
+            self.wake.set()
+
+    # ------------------------------------------------------------ acting
+
+    def _start(self, action: Action) -> None:
+        async def run() -> None:
+            result = await self.executor.run(action)
+            self.log.info(
+                "StepDone" if result.ok else "StepFailed",
+                step=result.step.value,
+                seconds=round(result.seconds, 4),
+                detail=result.detail,
+                epoch=action.epoch or result.epoch,
+            )
+            if action.step in _RELAY_STEPS:
+                await self._check_health()
+            self.results.append(result)
+            self.wake.set()
+
+        task = asyncio.create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _log_decision(self, before: AgentState, decision: Decision, snapshot: Snapshot) -> None:
+        after = decision.state
+        cluster = snapshot.cluster
+        self.log.info(
+            "Decision",
+            role=after.role.value,
+            was=before.role.value,
+            trigger=decision.trigger.value,
+            actions=[action.step.value for action in decision.actions],
+            note=decision.note,
+            epoch=after.epoch or cluster.epoch,
+            session=cluster.session.value,
+            leader=cluster.leader.node if cluster.leader else None,
+            paused=cluster.paused is not None,
+            relay_ready=snapshot.local.relay_ready,
+            steps={step.value: seconds for step, seconds in after.steps} or None,
+        )
+
+    async def _decide_once(self) -> None:
+        snapshot = await self._snapshot()
+        before = self.state
+        decision = decide(before, snapshot, self.clock(), self.policy)
+        self.state = decision.state
+        if decision.changed or before.role is not decision.state.role:
+            self._log_decision(before, decision, snapshot)
+        if before.role is not self.state.role or before.steps != self.state.steps:
+            # Before the next step: the peer must see "released" before leadership goes.
+            await self._publish()
+        for action in decision.actions:
+            self._start(action)
+
+    async def _publish(self) -> None:
+        if self.coordinator.session is not Session.CONNECTED:
+            return
+        try:
+            await asyncio.to_thread(self.coordinator.publish_member, self.member())
+        except Exception as exc:  # the next heartbeat tries again
+            self.log.warning("HeartbeatFailed", error=str(exc))
+
+    async def _heartbeat(self) -> None:
+        while not self.stopping.is_set():
+            await self._publish()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.config.agent.heartbeat)
+
+    async def _health_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self._check_health()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.config.agent.health_interval)
+
+    async def _clean_slate(self) -> None:
+        """Release what a former run of this agent may have left held on this machine."""
+        if self.vip is not None and await asyncio.to_thread(self.vip.held):
+            await asyncio.to_thread(self.vip.remove)
+            self.log.warning("Cleanup", released="virtual IP", address=self.vip.address)
+        if await asyncio.to_thread(self.storage.held):
+            await asyncio.to_thread(self.storage.release)
+            self.log.warning("Cleanup", released="storage", storage=self.storage.describe())
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; then demote if active, stop the relay and leave."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        self.log.info("AgentStarting", zookeeper=self.config.agent.zookeeper)
+        await self._clean_slate()
+        try:
+            await asyncio.to_thread(self.coordinator.start)
+        except CoordinationError as exc:
+            self.log.error("AgentFailed", error=str(exc))
+            return 1
+        relay_exit = asyncio.create_task(self._watch_relay_exits())
+        loops = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_loop())]
+        try:
+            while not self.stopping.is_set():
+                self.wake.clear()
+                await self._decide_once()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.config.agent.health_interval)
+        finally:
+            await self._shutdown([*loops, relay_exit])
+        return 0
+
+    async def _watch_relay_exits(self) -> None:
+        while True:
+            await self.relay.exited.wait()
+            self.relay.exited.clear()
+            await self._check_health()
+            self.wake.set()
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        """Leave cleanly: an active node demotes (so the peer takes over at once), then exits."""
+        self.log.info("AgentStopping", role=self.state.role.value)
+        for task in list(self.tasks):
+            with contextlib.suppress(Exception):
+                await task
+        if self.state.role in (Role.ACTIVE, Role.PROMOTING, Role.DEMOTING):
+            await self._demote_now()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self.relay.stop(self.config.agent.drain_timeout)
+        await asyncio.to_thread(self.coordinator.stop)
+        self.log.info("AgentStopped")
+
+    async def _demote_now(self) -> None:
+        for step in DEMOTION:
+            action = Action(step, self.policy.timeout(step), epoch=self.state.epoch)
+            result = await self.executor.run(action)
+            self.log.info("ShutdownStep", step=step.value, ok=result.ok, detail=result.detail)
+
+
+def run_agent(config: AgentConfig) -> int:
+    """``hamta agent``: run the agent with its configuration until stopped."""
+    eventlog.configure(config.agent.log_level, config.agent.log_file)
+    Path(config.agent.state_dir).mkdir(parents=True, exist_ok=True)
+
+    async def main() -> int:
+        agent = Agent(config)
+        return await agent.run()
+
+    return asyncio.run(main())

@@ -1,0 +1,131 @@
+"""The ``hamta agent`` and ``hamta cluster ...`` commands (registered by ``hamta.cli``).
+
+``hamta cluster`` reads the agent's configuration for ZooKeeper's address, the cluster's name
+and its credentials: ``--config FILE``, else ``/etc/hamta/agent.toml``, else, while a lab is up
+under ``./var/lab``, the lab (the command then runs itself again inside the lab's client
+namespace, the only place from which the lab's ZooKeeper can be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cluster.config import AgentConfig, ConfigError, load_agent_config
+
+# The relay's own command (hamta serve) imports this module: kazoo and pyroute2 are imported
+# inside the commands that need them, to keep them off the relay's start-up.
+SYSTEM_CONFIG = Path("/etc/hamta/agent.toml")
+LAB_DIR = Path("./var/lab")
+
+
+def _load(path: Path) -> AgentConfig:
+    try:
+        return load_agent_config(path)
+    except ConfigError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """``hamta agent --config FILE``: run this node's agent."""
+    from cluster.agent import run_agent  # noqa: PLC0415 - kazoo and pyroute2 only when used
+
+    return run_agent(_load(args.config))
+
+
+def _lab_reexec(argv: list[str]) -> int | None:
+    """Run this ``hamta cluster`` command inside the lab's client namespace, if a lab is up."""
+    from cluster.lab import Lab, LabError  # noqa: PLC0415 - only without a configuration
+
+    try:
+        lab = Lab.load(LAB_DIR)
+    except LabError:
+        return None
+    config = lab.directory / "node1" / "agent.toml"
+    command = ["ip", "netns", "exec", f"{lab.prefix}-client", sys.executable, "-m", "hamta.cli"]
+    os.execvp("ip", [*command, *argv, "--config", str(config.resolve())])
+    return 0  # pragma: no cover - exec does not return
+
+
+def _cluster_config(args: argparse.Namespace) -> AgentConfig:
+    if args.config is not None:
+        return _load(args.config)
+    if SYSTEM_CONFIG.exists():
+        return _load(SYSTEM_CONFIG)
+    _lab_reexec(sys.argv[1:])
+    print(
+        f"hamta: no agent configuration: give --config, or create {SYSTEM_CONFIG}, "
+        "or start a lab with 'hamta lab up'",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """``hamta cluster status|history|pause|resume|switchover``."""
+    from cluster.coordination import CoordinationError  # noqa: PLC0415 - see cmd_agent
+    from cluster.operator import (  # noqa: PLC0415
+        OperatorError,
+        cluster_status,
+        format_history,
+        format_status,
+        operator_session,
+        switchover,
+        who,
+    )
+
+    config = _cluster_config(args)
+    try:
+        with operator_session(config) as session:
+            coordinator = session.coordinator
+            if args.action == "status":
+                status = cluster_status(coordinator, config)
+                print(json.dumps(status, indent=2) if args.json else format_status(status))
+            elif args.action == "history":
+                history = coordinator.history()[-args.last :]
+                print(json.dumps(history, indent=2) if args.json else format_history(history))
+            elif args.action == "pause":
+                coordinator.pause(who(), args.reason or "")
+                print("paused: no automatic failover until 'hamta cluster resume'")
+            elif args.action == "resume":
+                coordinator.resume()
+                print("resumed: automatic failover is on")
+            elif args.action == "forget":
+                if not args.node:
+                    raise OperatorError("forget: name the node to forget with --node")
+                coordinator.forget(args.node)
+                print(f"{args.node} forgotten: it will no longer be fenced before a takeover")
+            elif args.action == "switchover":
+                result = switchover(session, args.to, config.agent.heartbeat, args.timeout)
+                if args.json:
+                    print(json.dumps(result))
+                else:
+                    print(
+                        f"switched over from {result['from']} to {result['to']} "
+                        f"(epoch {result['epoch']}) in {result['seconds']}s"
+                    )
+    except (CoordinationError, OperatorError) as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``agent`` and ``cluster`` on the ``hamta`` command's subparsers."""
+    agent = sub.add_parser("agent", help="run this node's cluster agent")
+    agent.add_argument("--config", type=Path, required=True, help="the agent's TOML file")
+    agent.set_defaults(func=cmd_agent)
+
+    cluster = sub.add_parser("cluster", help="look at and steer the cluster")
+    cluster.add_argument("action", choices=["status", "history", "pause", "resume", "switchover"])
+    cluster.add_argument("--config", type=Path, help=f"agent TOML (default: {SYSTEM_CONFIG})")
+    cluster.add_argument("--json", action="store_true", help="print JSON")
+    cluster.add_argument("--to", help="switchover: the node to hand over to")
+    cluster.add_argument("--timeout", type=float, default=30.0, help="switchover: seconds")
+    cluster.add_argument("--reason", help="pause: why, for the record")
+    cluster.add_argument("--last", type=int, default=20, help="history: how many")
+    cluster.set_defaults(func=cmd_cluster)

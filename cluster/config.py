@@ -1,0 +1,164 @@
+"""The agent's configuration: a TOML file validated into immutable models.
+
+Like the relay's, every key is checked before anything starts and an error names
+``section.key: reason``. The relay keeps its own file (``agent.relay_config``): the agent reads
+from it only the control socket and the SMTP port, to drive and probe the relay it starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cluster.state import Policy, Step
+from hamta.config import ConfigError, PositiveSeconds, Seconds, format_errors, parse_hostport
+
+__all__ = ["AgentConfig", "ConfigError", "load_agent_config", "parse_agent_config"]
+
+Positive = Annotated[int, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentSection(_Section):
+    """Who this node is, where ZooKeeper is, and the failover policy."""
+
+    node: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    cluster: str = Field(default="hamta", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    zookeeper: str = Field(min_length=1)  # "host:port,host:port,..."
+    session_timeout: PositiveSeconds = 2.0
+    credentials: Path | None = None  # "user:password", mode 0600
+    relay_config: Path
+    relay_command: list[str] = Field(default_factory=list)  # default: this Python's hamta serve
+    state_dir: Path = Path("./var/agent")
+    log_file: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    heartbeat: PositiveSeconds = 1.0
+    health_interval: PositiveSeconds = 0.5
+    relay_failure_limit: Positive = 3
+    relay_restart_limit: Annotated[int, Field(ge=0)] = 2
+    min_failover_interval: Seconds = 5.0
+    cooldown: Seconds = 30.0
+    switchover_timeout: PositiveSeconds = 30.0
+    drain_timeout: Seconds = 10.0
+    step_timeouts: dict[Step, PositiveSeconds] = Field(default_factory=dict)
+
+    @field_validator("zookeeper")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        for host in value.split(","):
+            parse_hostport(host, 2181)
+        return value
+
+
+class StorageSection(_Section):
+    """Where the shared spool lives and how it is taken."""
+
+    driver: Literal["directory", "blockdev", "drbd"] = "directory"
+    path: Path | None = None  # directory
+    device: Path | None = None  # blockdev, drbd
+    mountpoint: Path | None = None  # blockdev, drbd
+    fstype: str = "ext4"
+    resource: str | None = None  # drbd
+    spool: str = "spool"  # the relay's spool, inside the mount (or the directory)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``cluster.storage.storage_from_config``."""
+        if self.driver == "directory":
+            if self.path is None:
+                raise ValueError("storage.path is required by the directory driver")
+            return {"path": self.path}
+        if self.device is None or self.mountpoint is None:
+            raise ValueError(f"storage.device and storage.mountpoint are required by {self.driver}")
+        options: dict[str, Any] = {
+            "device": self.device,
+            "mountpoint": self.mountpoint,
+            "fstype": self.fstype,
+        }
+        if self.driver == "drbd":
+            if not self.resource:
+                raise ValueError("storage.resource is required by the drbd driver")
+            options["resource"] = self.resource
+        return options
+
+
+class VipSection(_Section):
+    """The virtual IP that follows the active node ("" address: none)."""
+
+    address: str = ""  # "198.18.0.100/24"
+    interface: str = "eth0"
+
+
+class FencingSection(_Section):
+    """Commands that fence the former active node, tried in order until one succeeds.
+
+    ``{peer}`` and ``{epoch}`` in an argument are replaced. With no command, the takeover relies
+    on the former node having demoted itself before its session expired.
+    """
+
+    commands: list[list[str]] = Field(default_factory=list)
+    timeout: PositiveSeconds = 20.0
+
+
+class ProbeSection(_Section):
+    """The SMTP probe that proves the relay serves on the virtual IP after promotion."""
+
+    host: str = ""  # default: the virtual IP's address, else the relay's first listen address
+    port: int = Field(default=0, ge=0, lt=65536)  # 0: the relay's first listen port
+    timeout: PositiveSeconds = 5.0
+
+
+class AgentConfig(_Section):
+    """The whole agent configuration."""
+
+    agent: AgentSection
+    storage: StorageSection = Field(default_factory=StorageSection)
+    vip: VipSection = Field(default_factory=VipSection)
+    fencing: FencingSection = Field(default_factory=FencingSection)
+    probe: ProbeSection = Field(default_factory=ProbeSection)
+
+    def policy(self) -> Policy:
+        """The decision core's tunables."""
+        agent = self.agent
+        return Policy(
+            node=agent.node,
+            relay_failure_limit=agent.relay_failure_limit,
+            relay_restart_limit=agent.relay_restart_limit,
+            min_failover_interval=agent.min_failover_interval,
+            cooldown=agent.cooldown,
+            switchover_timeout=agent.switchover_timeout,
+            drain_timeout=agent.drain_timeout,
+            step_timeouts=dict(agent.step_timeouts),
+        )
+
+
+def parse_agent_config(text: str, source: str = "<agent config>") -> AgentConfig:
+    """Parse and validate TOML text; raise ConfigError naming every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = AgentConfig.model_validate(data)
+        config.storage.options()
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid configuration\n  {exc}") from None
+    return config
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Load and validate the agent's TOML file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_agent_config(text, str(path))

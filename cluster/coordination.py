@@ -1,0 +1,656 @@
+"""The agent's view of ZooKeeper and its writes there, through kazoo.
+
+Znodes, all under ``/hamta/<cluster>``, all JSON:
+
+- ``members/<node>`` (ephemeral): each agent's heartbeat, a ``cluster.state.Member``.
+- ``leader`` (ephemeral): ``{"node", "epoch", "since"}``; its owner session is the leader.
+- ``epoch`` (persistent): ``{"epoch", "node", "at"}``, the highest term ever taken and by whom.
+- ``history`` (persistent): the last 50 failover records.
+- ``paused`` (persistent, present while paused): ``{"by", "at", "reason"}``.
+- ``switchover`` (persistent, present while requested): ``{"source", "target", "at"}``.
+
+Two rules carry the safety of the whole cluster, and both are ZooKeeper's, not ours: the leader
+znode is created in the same transaction that moves the epoch on, guarded by the epoch znode's
+version, so two nodes can never both lead nor share a term; and it is ephemeral, so it goes with
+the session of the node that holds it. Everything else here is reading and bookkeeping.
+
+kazoo's calls block, and a call made while the connection is down waits for the next one (or
+forever, if the session is lost meanwhile); so every call here waits with a time limit, and fails
+with CoordinationError. A call that timed out may still run after a reconnection in the same
+session: an acquisition that timed out can leave this session holding the leader znode, which
+the next ``view()`` shows as ``ours`` and the agent releases (``release_leadership(0)``).
+
+Watches call ``on_change`` from kazoo's threads on every change of the leader, epoch, paused and
+switchover znodes, of the set of members, and of the session state. Members' heartbeats do not
+wake the agent (they change every few seconds); they are read by each ``view()``.
+"""
+
+from __future__ import annotations
+
+import stat as stat_module
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import msgspec
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    BadVersionError,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import ZnodeStat
+from kazoo.recipe.watchers import ChildrenWatch, DataWatch
+from kazoo.retry import KazooRetry
+from kazoo.security import ACL, ANYONE_ID_UNSAFE, OPEN_ACL_UNSAFE, Permissions, make_digest_acl
+
+from cluster.state import ClusterView, Leader, Member, Pause, Session, Switchover
+from hamta.eventlog import get_logger
+
+ROOT: Final = "/hamta"
+#: The node name of operator commands' sessions: they publish no member and are never fenced.
+OPERATOR: Final = "operator"
+HISTORY_LIMIT: Final = 50
+# Writes guarded by a version are retried this many times against concurrent writers.
+_VERSION_RETRIES: Final = 20
+# The client reconnects quickly after an outage, never waiting more than this between tries.
+_RECONNECT_MAX_DELAY: Final = 1.0
+
+T = TypeVar("T")
+
+
+class CoordinationError(Exception):
+    """ZooKeeper could not be reached, refused access, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The cluster's ZooKeeper digest user: the only identity allowed on its znodes."""
+
+    user: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Credentials:
+        """Read ``user:password`` (one line) from a file only its owner can read."""
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise CoordinationError(f"ZooKeeper credentials file {path} does not exist") from None
+        except OSError as exc:
+            raise CoordinationError(f"ZooKeeper credentials file {path}: {exc}") from exc
+        if mode & 0o077:
+            raise CoordinationError(
+                f"ZooKeeper credentials file {path} is accessible to group or others "
+                f"(mode {stat_module.S_IMODE(mode):04o}); make it private: chmod 600 {path}"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CoordinationError(f"ZooKeeper credentials file {path}: {exc}") from exc
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        user, colon, password = lines[0].partition(":") if len(lines) == 1 else ("", "", "")
+        if not (user and colon and password):
+            # Never echo the content: it may hold a password.
+            raise CoordinationError(
+                f"ZooKeeper credentials file {path} must hold exactly one line 'user:password'"
+            )
+        return cls(user, password)
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        """The (scheme, credential) pair kazoo sends at every connection."""
+        return ("digest", f"{self.user}:{self.password}")
+
+    def acl(self) -> list[ACL]:
+        """Every permission for this user, none for anybody else."""
+        return [make_digest_acl(self.user, self.password, all=True)]
+
+
+class _LeaderRecord(msgspec.Struct):
+    node: str
+    epoch: int
+    since: float
+
+
+class _EpochRecord(msgspec.Struct):
+    epoch: int = 0
+    node: str | None = None
+    at: float | None = None
+
+
+_SESSIONS: Final = {
+    KazooState.CONNECTED: Session.CONNECTED,
+    KazooState.SUSPENDED: Session.SUSPENDED,
+    KazooState.LOST: Session.LOST,
+}
+
+
+@dataclass(frozen=True)
+class _Paths:
+    root: str
+
+    @property
+    def members(self) -> str:
+        return f"{self.root}/members"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.root}/leader"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.root}/epoch"
+
+    @property
+    def history(self) -> str:
+        return f"{self.root}/history"
+
+    @property
+    def paused(self) -> str:
+        return f"{self.root}/paused"
+
+    @property
+    def switchover(self) -> str:
+        return f"{self.root}/switchover"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.root}/nodes"
+
+    def member(self, node: str) -> str:
+        return f"{self.members}/{node}"
+
+    def known(self, node: str) -> str:
+        return f"{self.nodes}/{node}"
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"invalid {kind} name for a znode: {name!r}")
+
+
+class Coordinator:
+    """One agent's (or one operator command's) session with ZooKeeper for one cluster."""
+
+    def __init__(
+        self,
+        hosts: str,
+        cluster: str,
+        node: str,
+        *,
+        session_timeout: float = 2.0,
+        credentials: Credentials | None = None,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] = lambda: None,
+        client: KazooClient | None = None,
+    ) -> None:
+        _check_name("cluster", cluster)
+        _check_name("node", node)
+        self.hosts = hosts
+        self.cluster = cluster
+        self.node = node
+        self.session_timeout = session_timeout
+        self._credentials = credentials
+        self._wall = wall
+        self._clock = clock
+        self._on_change = on_change
+        self._paths = _Paths(f"{ROOT}/{cluster}")
+        self._acl: list[ACL] = credentials.acl() if credentials else list(OPEN_ACL_UNSAFE)
+        # Replies can only come while the session lives; waiting longer is waiting for nothing.
+        self._io_timeout = max(session_timeout, 1.0)
+        self._client = client or KazooClient(
+            hosts=hosts,
+            timeout=session_timeout,
+            auth_data=[credentials.auth] if credentials else None,
+            default_acl=self._acl,
+            connection_retry=KazooRetry(
+                max_tries=-1, delay=0.1, backoff=2, max_delay=_RECONNECT_MAX_DELAY
+            ),
+        )
+        self._lock = threading.Lock()
+        self._session = Session.LOST
+        self._watches: list[DataWatch | ChildrenWatch] = []
+        self._last = ClusterView(session=Session.LOST)
+        self._problems: tuple[str, ...] = ()
+        self._log = get_logger(component="coordination", cluster=cluster, node=node)
+
+    # ------------------------------------------------------------------ session
+
+    @property
+    def client(self) -> KazooClient:
+        """The kazoo client (for tests and diagnostics)."""
+        return self._client
+
+    @property
+    def session(self) -> Session:
+        """The session state as kazoo last reported it."""
+        with self._lock:
+            return self._session
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """The znodes whose content could not be read at the last ``view()`` or ``history()``."""
+        return self._problems
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect, create the cluster's znodes if needed, and install the watches."""
+        self._client.add_listener(self._session_changed)
+        try:
+            self._client.start(timeout=timeout)
+        except (KazooTimeoutError, KazooException) as exc:
+            self._client.remove_listener(self._session_changed)
+            raise CoordinationError(
+                f"ZooKeeper at {self.hosts} unreachable: no session within {timeout:g}s ({exc})"
+            ) from exc
+        with self._lock:
+            # kazoo returns from start() before it tells its listeners; a change reported by
+            # then (a drop already) is newer than this, so only the initial state is replaced.
+            if self._session is Session.LOST and self._client.connected:
+                self._session = Session.CONNECTED
+        paths = self._paths
+        try:
+            self._ensure_paths()
+            for path in (paths.leader, paths.epoch, paths.paused, paths.switchover):
+                self._watches.append(DataWatch(self._client, path, self._data_changed))
+            self._watches.append(ChildrenWatch(self._client, paths.members, self._members_changed))
+        except NoAuthError as exc:
+            self.stop()
+            who = f"user {self._credentials.user!r}" if self._credentials else "anonymous clients"
+            raise CoordinationError(
+                f"ZooKeeper at {self.hosts} denies {who} access to {paths.root}: "
+                "wrong credentials, or its znodes belong to another user"
+            ) from exc
+        except (KazooTimeoutError, KazooException) as exc:
+            self.stop()
+            raise CoordinationError(
+                f"ZooKeeper at {self.hosts}: cannot set up {paths.root}: {exc!r}"
+            ) from exc
+
+    def stop(self) -> None:
+        """Close the session: ephemeral znodes (member, leader) disappear at once."""
+        try:
+            self._client.stop()
+            self._client.close()
+        finally:
+            with self._lock:
+                self._session = Session.LOST
+
+    def _session_changed(self, state: KazooState) -> None:
+        with self._lock:
+            self._session = _SESSIONS[state]
+        self._notify()
+
+    def _data_changed(self, data: bytes | None, stat: ZnodeStat | None, event: object) -> None:
+        self._notify()
+
+    def _members_changed(self, children: list[str]) -> None:
+        self._notify()
+
+    def _notify(self) -> None:
+        # Runs in kazoo's threads: a failing callback must not kill a watch.
+        try:
+            self._on_change()
+        except Exception as exc:
+            self._log.error("on_change failed", error=repr(exc))
+
+    def _session_id(self) -> int | None:
+        client_id = self._client.client_id
+        return None if client_id is None else int(client_id[0])
+
+    def _ensure_paths(self) -> None:
+        client, paths = self._client, self._paths
+        if self._credentials is None:
+            root_acl: list[ACL] = list(OPEN_ACL_UNSAFE)
+        else:
+            # Other clusters (other users) must be able to add their own root beside ours.
+            root_acl = [*self._acl, ACL(Permissions.CREATE, ANYONE_ID_UNSAFE)]
+        initial = {
+            ROOT: (b"", root_acl),
+            paths.root: (b"", self._acl),
+            paths.members: (b"", self._acl),
+            paths.epoch: (msgspec.json.encode(_EpochRecord()), self._acl),
+            paths.history: (b"[]", self._acl),
+            paths.nodes: (b"", self._acl),
+        }
+        if self.node != OPERATOR:
+            # Persistent: a node that ever joined stays known (and fenced before a takeover when
+            # it is not connected and passive) until an operator forgets it.
+            initial[paths.known(self.node)] = (b"", self._acl)
+        for path, (data, acl) in initial.items():
+            if self._wait(client.exists_async(path)) is None:
+                # NodeExists: another agent or command created it meanwhile.
+                with suppress(NodeExistsError):
+                    self._wait(client.create_async(path, data, acl=acl))
+        # Creating nothing proves nothing about access: read the cluster's root once.
+        self._wait(client.get_children_async(paths.root))
+
+    # ------------------------------------------------------------------ reading
+
+    def _wait(self, result: Any) -> Any:
+        return result.get(timeout=self._io_timeout)
+
+    def _fetch(self, result: Any) -> tuple[bytes, ZnodeStat] | None:
+        try:
+            data, stat = self._wait(result)
+        except NoNodeError:
+            return None
+        return data, stat
+
+    def _decode(self, path: str, data: bytes, kind: type[T], problems: list[str]) -> T | None:
+        try:
+            return msgspec.json.decode(data, type=kind)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            problems.append(f"{path}: {exc}")
+            return None
+
+    def _report(self, problems: list[str]) -> None:
+        found = tuple(problems)
+        if found and found != self._problems:
+            self._log.warning("malformed znodes treated as absent", problems=list(found))
+        self._problems = found
+
+    @contextmanager
+    def _kazoo(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except NoAuthError as exc:
+            raise CoordinationError(
+                f"{what}: ZooKeeper denied access to {self._paths.root}"
+            ) from exc
+        except (KazooTimeoutError, KazooException) as exc:
+            raise CoordinationError(f"{what}: {type(exc).__name__} {exc}".rstrip()) from exc
+
+    def _require_connected(self, what: str) -> None:
+        session = self.session
+        if session is not Session.CONNECTED:
+            raise CoordinationError(f"{what}: ZooKeeper session {session.value}")
+
+    def view(self) -> ClusterView:
+        """Read leader, epoch, members, pause and switchover now.
+
+        Without a connected session (or when the read fails) the last view read is returned with
+        the current session state; once the session is lost, a leadership it held is dropped.
+        """
+        if self.session is Session.CONNECTED:
+            try:
+                view = self._read()
+            except (KazooTimeoutError, KazooException) as exc:
+                self._log.warning("reading the cluster failed", error=repr(exc))
+            else:
+                self._last = view
+                return view
+        session = self.session
+        if session is Session.CONNECTED:  # the read failed, yet kazoo has not noticed yet
+            session = Session.SUSPENDED
+        leader = self._last.leader
+        if session is Session.LOST and leader is not None and leader.ours:
+            leader = None  # the session that owned the ephemeral znode is gone, and so is it
+        return replace(self._last, session=session, leader=leader)
+
+    def _read(self) -> ClusterView:
+        client, paths = self._client, self._paths
+        session_id = self._session_id()
+        # Pipelined: one round trip for the singletons, one for the members.
+        pending = {
+            path: client.get_async(path)
+            for path in (paths.leader, paths.epoch, paths.paused, paths.switchover)
+        }
+        known_result = client.get_children_async(paths.nodes)
+        names = self._wait(client.get_children_async(paths.members))
+        member_results = {name: client.get_async(paths.member(name)) for name in sorted(names)}
+        found = {path: self._fetch(result) for path, result in pending.items()}
+        problems: list[str] = []
+
+        leader = None
+        if (got := found[paths.leader]) is not None:
+            record = self._decode(paths.leader, got[0], _LeaderRecord, problems)
+            if record is not None:
+                ours = session_id is not None and got[1].ephemeralOwner == session_id
+                leader = Leader(record.node, record.epoch, record.since, ours=ours)
+        epoch = _EpochRecord()
+        if (got := found[paths.epoch]) is not None:
+            epoch = self._decode(paths.epoch, got[0], _EpochRecord, problems) or epoch
+        paused = None
+        if (got := found[paths.paused]) is not None:
+            paused = self._decode(paths.paused, got[0], Pause, problems)
+        switchover = None
+        if (got := found[paths.switchover]) is not None:
+            switchover = self._decode(paths.switchover, got[0], Switchover, problems)
+        members: dict[str, Member] = {}
+        for name, result in member_results.items():
+            got = self._fetch(result)
+            if got is not None:
+                member = self._decode(paths.member(name), got[0], Member, problems)
+                if member is not None:
+                    members[name] = member
+        self._report(problems)
+        try:
+            known = frozenset(self._wait(known_result))
+        except NoNodeError:
+            known = frozenset()
+        return ClusterView(
+            session=Session.CONNECTED,
+            known_nodes=known,
+            leader=leader,
+            epoch=epoch.epoch,
+            epoch_node=epoch.node,
+            members=members,
+            paused=paused,
+            switchover=switchover,
+            last_failover=epoch.at,
+        )
+
+    def history(self) -> list[dict[str, Any]]:
+        """The failover records, oldest first (empty when absent or unreadable)."""
+        with self._kazoo("reading history"):
+            got = self._fetch(self._client.get_async(self._paths.history))
+        if got is None:
+            return []
+        problems: list[str] = []
+        records = self._decode(self._paths.history, got[0], list[dict[str, Any]], problems)
+        self._report(problems)
+        return records or []
+
+    # ------------------------------------------------------------------ writing
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Create or overwrite a persistent znode."""
+        client = self._client
+        try:
+            self._wait(client.set_async(path, data))
+        except NoNodeError:
+            try:
+                self._wait(client.create_async(path, data, acl=self._acl))
+            except NodeExistsError:
+                self._wait(client.set_async(path, data))
+
+    def _delete(self, path: str) -> None:
+        with suppress(NoNodeError):
+            self._wait(self._client.delete_async(path))
+
+    def publish_member(self, member: Member) -> None:
+        """Create or update this session's ephemeral member znode."""
+        path = self._paths.member(member.node)
+        data = msgspec.json.encode(member)
+        client = self._client
+        with self._kazoo("publishing member"):
+            self._require_connected("publishing member")
+            stat = self._wait(client.exists_async(path))
+            if stat is not None and stat.ephemeralOwner == self._session_id():
+                self._wait(client.set_async(path, data, version=stat.version))
+                return
+            if stat is not None:
+                # Left by a previous session of this node that has not expired yet: updating it
+                # would lose the heartbeat when that session goes.
+                with suppress(NoNodeError):
+                    self._wait(client.delete_async(path, version=stat.version))
+            self._wait(client.create_async(path, data, acl=self._acl, ephemeral=True))
+
+    def acquire_leadership(self) -> int | None:
+        """Take leadership and a new epoch in one transaction; None when another node won.
+
+        The epoch znode's version guards the transaction, so of two racing nodes one wins and
+        the other's transaction fails as a whole: never two leaders, never one epoch twice.
+        """
+        client, paths = self._client, self._paths
+        with self._kazoo("acquiring leadership"):
+            self._require_connected("acquiring leadership")
+            started = self._clock()
+            if self._wait(client.exists_async(paths.leader)) is not None:
+                return None
+            data, stat = self._wait(client.get_async(paths.epoch))
+            problems: list[str] = []
+            record = self._decode(paths.epoch, data, _EpochRecord, problems)
+            self._report(problems)
+            # Every write of the epoch znode bumps its version, so the version is a floor for any
+            # epoch ever taken, even if the record were damaged or overwritten by hand.
+            epoch: int = max(record.epoch if record else 0, stat.version) + 1
+            now = self._wall()
+            transaction = client.transaction()
+            transaction.check(paths.epoch, stat.version)
+            transaction.set_data(
+                paths.epoch,
+                msgspec.json.encode(_EpochRecord(epoch, self.node, now)),
+                version=stat.version,
+            )
+            transaction.create(
+                paths.leader,
+                msgspec.json.encode(_LeaderRecord(self.node, epoch, now)),
+                acl=self._acl,
+                ephemeral=True,
+            )
+            results = self._wait(transaction.commit_async())
+        failures = [result for result in results if isinstance(result, Exception)]
+        if failures:
+            why = ", ".join(sorted({type(f).__name__ for f in failures}))
+            self._log.info("leadership not taken", epoch=epoch, why=why)
+            return None
+        self._log.info("leadership taken", epoch=epoch, seconds=round(self._clock() - started, 4))
+        return epoch
+
+    def release_leadership(self, epoch: int) -> bool:
+        """Delete the leader znode if this session holds it in ``epoch``.
+
+        True when this session no longer leads in that term: deleted now, gone already, or held
+        by another session. False when this session leads in another term. Epoch 0 releases
+        whatever term this session holds (a stray leadership whose number the agent never learnt).
+        """
+        client, path = self._client, self._paths.leader
+        with self._kazoo("releasing leadership"):
+            for _ in range(_VERSION_RETRIES):
+                got = self._fetch(client.get_async(path))
+                if got is None:
+                    return True
+                data, stat = got
+                if stat.ephemeralOwner != self._session_id():
+                    return True
+                if epoch != 0:
+                    problems: list[str] = []
+                    record = self._decode(path, data, _LeaderRecord, problems)
+                    if record is None or record.epoch != epoch:
+                        return False
+                try:
+                    self._wait(client.delete_async(path, version=stat.version))
+                except NoNodeError:
+                    return True
+                except BadVersionError:
+                    continue
+                self._log.info("leadership released", epoch=epoch)
+                return True
+        raise CoordinationError("releasing leadership: the leader znode keeps changing")
+
+    def still_leader(self, epoch: int) -> bool:
+        """Whether this session holds the leader znode in ``epoch``, read fresh from the leader.
+
+        False whenever that cannot be confirmed, including when ZooKeeper does not answer.
+        """
+        client, path = self._client, self._paths.leader
+        if self.session is not Session.CONNECTED:
+            return False
+        try:
+            # sync: the server we read from has caught up with the ZooKeeper leader.
+            self._wait(client.sync_async(path))
+            got = self._fetch(client.get_async(path))
+        except (KazooTimeoutError, KazooException):
+            return False
+        if got is None:
+            return False
+        data, stat = got
+        record = self._decode(path, data, _LeaderRecord, [])
+        session_id = self._session_id()
+        return (
+            record is not None
+            and record.epoch == epoch
+            and session_id is not None
+            and stat.ephemeralOwner == session_id
+        )
+
+    def record_failover(self, record: Mapping[str, Any]) -> None:
+        """Append a record to the history, keeping the last 50."""
+        client, path = self._client, self._paths.history
+        entry = msgspec.to_builtins(dict(record))
+        with self._kazoo("recording failover"):
+            for _ in range(_VERSION_RETRIES):
+                got = self._fetch(client.get_async(path))
+                if got is None:
+                    try:
+                        self._wait(
+                            client.create_async(path, msgspec.json.encode([entry]), acl=self._acl)
+                        )
+                    except NodeExistsError:
+                        continue
+                    return
+                data, stat = got
+                problems: list[str] = []
+                entries = self._decode(path, data, list[Any], problems) or []
+                self._report(problems)
+                entries = [*entries, entry][-HISTORY_LIMIT:]
+                try:
+                    self._wait(
+                        client.set_async(path, msgspec.json.encode(entries), version=stat.version)
+                    )
+                except BadVersionError:
+                    continue  # another writer appended meanwhile: read again
+                return
+        raise CoordinationError("recording failover: the history keeps changing")
+
+    def pause(self, by: str, reason: str = "") -> None:
+        """Stop automatic failover until ``resume()``."""
+        data = msgspec.json.encode(Pause(by, self._wall(), reason))
+        with self._kazoo("pausing"):
+            self._put(self._paths.paused, data)
+
+    def resume(self) -> None:
+        """Allow automatic failover again."""
+        with self._kazoo("resuming"):
+            self._delete(self._paths.paused)
+
+    def request_switchover(self, source: str, target: str | None) -> None:
+        """Ask the active node ``source`` to hand over (to ``target``, or to any healthy peer)."""
+        data = msgspec.json.encode(Switchover(source, target, self._wall()))
+        with self._kazoo("requesting switchover"):
+            self._put(self._paths.switchover, data)
+
+    def clear_switchover(self) -> None:
+        """Withdraw a switchover request (done or abandoned)."""
+        with self._kazoo("clearing switchover"):
+            self._delete(self._paths.switchover)
+
+    def forget(self, node: str) -> None:
+        """Remove a decommissioned node from the known nodes, so that it is no longer fenced."""
+        _check_name("node", node)
+        with self._kazoo(f"forgetting {node}"):
+            self._require_connected(f"forgetting {node}")
+            if self._wait(self._client.exists_async(self._paths.member(node))) is not None:
+                raise CoordinationError(f"{node} is connected: stop its agent first")
+            with suppress(NoNodeError):
+                self._wait(self._client.delete_async(self._paths.known(node)))

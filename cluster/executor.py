@@ -1,0 +1,291 @@
+"""The thin I/O layer under ``cluster.state``: it runs one step at a time, each with a time limit.
+
+Every step is idempotent, so that a promotion that failed half-way can be rolled back by running
+the whole demotion, and a demotion step that failed can simply be run again. Blocking calls
+(kazoo, mount, netlink) run in a worker thread; the relay is driven over its control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from cluster.coordination import Coordinator
+from cluster.probe import smtp_probe
+from cluster.relayproc import RelayControlError, RelayProcess
+from cluster.state import Action, Session, Step, StepResult
+from cluster.storage import Storage, StorageError
+from cluster.vip import VipError, VirtualIp
+
+EPOCH_FILE = "hamta-epoch"
+
+
+class StepError(Exception):
+    """A step could not be done; the message says why, for the decision log."""
+
+
+class Fencer(Protocol):
+    """Fences the former active node (the fencing package supplies real agents)."""
+
+    async def fence(self, peer: str, epoch: int, timeout: float) -> str:
+        """Return how the peer was fenced; raise StepError when no method succeeded."""
+        ...
+
+
+class CommandFencer:
+    """Runs the configured fence commands in order until one exits 0."""
+
+    def __init__(self, commands: list[list[str]]) -> None:
+        self.commands = commands
+
+    async def fence(self, peer: str, epoch: int, timeout: float) -> str:
+        """Run each command with ``{peer}`` and ``{epoch}`` filled in; the first success wins."""
+        if not self.commands:
+            return "no fence command configured: relying on the peer's self-demotion"
+        failures: list[str] = []
+        for template in self.commands:
+            argv = [arg.format(peer=peer, epoch=epoch) for arg in template]
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+            except OSError as exc:
+                failures.append(f"{argv[0]}: {exc.strerror}")
+                continue
+            try:
+                output, _ = await asyncio.wait_for(process.communicate(), timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                failures.append(f"{argv[0]}: no answer within {timeout:g}s")
+                continue
+            if process.returncode == 0:
+                return f"fenced {peer} with {argv[0]}"
+            text = output.decode(errors="replace").strip().splitlines()
+            failures.append(f"{argv[0]}: exit {process.returncode} {text[-1] if text else ''}")
+        raise StepError("; ".join(failures))
+
+
+def write_epoch(directory: Path, epoch: int) -> None:
+    """Write ``epoch`` durably into ``directory``; refuse to go back below a newer term's epoch.
+
+    The file is the fencing token on the spool: a node whose term is older than what the spool
+    holds was superseded and must not take the spool.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / EPOCH_FILE
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        current = int(path.read_text().strip())
+        if current > epoch:
+            raise StepError(f"the spool carries epoch {current}, newer than ours ({epoch})")
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w", encoding="ascii") as handle:
+        handle.write(f"{epoch}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Executor:
+    """Runs a decision's actions and turns their outcomes into ``StepResult``s."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        coordinator: Coordinator,
+        storage: Storage,
+        spool_name: str,
+        vip: VirtualIp | None,
+        relay: RelayProcess,
+        fencer: Fencer,
+        probe_address: tuple[str, int],
+        probe_timeout: float,
+        history_extra: Callable[[], dict[str, Any]] = dict,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.coordinator = coordinator
+        self.storage = storage
+        self.spool_name = spool_name
+        self.vip = vip
+        self.relay = relay
+        self.fencer = fencer
+        self.probe_address = probe_address
+        self.probe_timeout = probe_timeout
+        self.history_extra = history_extra
+        self.clock = clock
+        self.wall = wall
+        self._steps: dict[Step, Callable[[Action], Awaitable[str | int]]] = {
+            Step.ACQUIRE: self._acquire,
+            Step.FENCE: self._fence,
+            Step.STORAGE: self._storage,
+            Step.EPOCH: self._epoch,
+            Step.VIP: self._vip,
+            Step.RELAY: self._relay,
+            Step.PROBE: self._probe,
+            Step.PUBLISH: self._publish,
+            Step.DRAIN: self._drain,
+            Step.VIP_DOWN: self._vip_down,
+            Step.STORAGE_DOWN: self._storage_down,
+            Step.RELEASE: self._release,
+            Step.START_RELAY: self._start_relay,
+            Step.RESTART_RELAY: self._restart_relay,
+        }
+        self._mounted: Path | None = None
+
+    async def run(self, action: Action) -> StepResult:
+        """Run one action within its time limit; never raises."""
+        started = self.clock()
+        epoch = 0
+        try:
+            async with asyncio.timeout(action.timeout):
+                outcome = await self._steps[action.step](action)
+            if isinstance(outcome, int):
+                epoch, detail = outcome, f"epoch {outcome}"
+            else:
+                detail = outcome
+            ok = True
+        except TimeoutError:
+            ok, detail = False, f"no result within {action.timeout:g}s"
+        except (StepError, StorageError, VipError, RelayControlError, OSError) as exc:
+            ok, detail = False, str(exc)
+        except Exception as exc:  # a bug must still be reported as a failed step, not hang it
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        return StepResult(action.step, ok, self.clock() - started, detail, epoch)
+
+    # ------------------------------------------------------------ promotion
+
+    async def _acquire(self, action: Action) -> int:
+        epoch = await asyncio.to_thread(self.coordinator.acquire_leadership)
+        if epoch is None:
+            raise StepError("another node holds leadership or took the epoch first")
+        return epoch
+
+    async def _fence(self, action: Action) -> str:
+        if not action.fence:
+            return "no peer to fence: every other node is connected and holds nothing"
+        done = [
+            await self.fencer.fence(peer, action.epoch, action.timeout) for peer in action.fence
+        ]
+        return "; ".join(done)
+
+    def spool_path(self, root: Path) -> Path:
+        """The relay's spool directory on the promoted storage."""
+        return root / self.spool_name
+
+    async def _storage(self, action: Action) -> str:
+        root = await asyncio.to_thread(self.storage.promote)
+        self._mounted = root
+        spool = self.spool_path(root)
+        await asyncio.to_thread(spool.mkdir, parents=True, exist_ok=True)
+        return f"{self.storage.describe()} at {root}"
+
+    async def _epoch(self, action: Action) -> str:
+        if self._mounted is None:
+            raise StepError("storage is not promoted")
+        await asyncio.to_thread(write_epoch, self._mounted, action.epoch)
+        return f"epoch {action.epoch} written to {self._mounted}"
+
+    async def _vip(self, action: Action) -> str:
+        if self.vip is None:
+            return "no virtual IP configured"
+        await asyncio.to_thread(self.vip.add)
+        return f"{self.vip.address} on {self.vip.interface}"
+
+    async def _relay(self, action: Action) -> str:
+        if self._mounted is None:
+            raise StepError("storage is not promoted")
+        if not self.relay.running:
+            await self.relay.start(action.timeout)
+        reply = await self.relay.activate(self.spool_path(self._mounted), action.timeout)
+        recovered = reply.get("recovered_messages", "?")
+        return f"relay active, {recovered} messages recovered"
+
+    async def _probe(self, action: Action) -> str:
+        host, port = self.probe_address
+        result = await smtp_probe(host, port, timeout=min(action.timeout, self.probe_timeout))
+        if not result.ok:
+            raise StepError(f"SMTP probe of {host}:{port}: {result.detail}")
+        return f"SMTP probe of {host}:{port} ok in {result.seconds * 1000:.0f} ms"
+
+    async def _publish(self, action: Action) -> str:
+        still = await asyncio.to_thread(self.coordinator.still_leader, action.epoch)
+        if not still:
+            raise StepError(f"leadership of epoch {action.epoch} lost before publishing")
+        record: dict[str, Any] = {
+            "epoch": action.epoch,
+            "node": self.node,
+            "previous": action.peer,
+            "reason": action.reason,
+            "at": self.wall(),
+            "steps": {step.value: seconds for step, seconds in action.steps},
+            "total": round(sum(seconds for _, seconds in action.steps), 4),
+            **self.history_extra(),
+        }
+        await asyncio.to_thread(self.coordinator.record_failover, record)
+        view = await asyncio.to_thread(self.coordinator.view)
+        if view.switchover is not None:
+            await asyncio.to_thread(self.coordinator.clear_switchover)
+        return f"active in epoch {action.epoch}"
+
+    # ------------------------------------------------------------ demotion
+
+    async def _drain(self, action: Action) -> str:
+        if not self.relay.running:
+            return "relay not running"
+        try:
+            await self.relay.deactivate(action.timeout)
+            return "relay drained and back in standby"
+        except RelayControlError as exc:
+            # It must stop serving whatever happens: a relay that will not drain is killed.
+            await self.relay.kill()
+            return f"relay killed ({exc})"
+
+    async def _vip_down(self, action: Action) -> str:
+        if self.vip is None:
+            return "no virtual IP configured"
+        await asyncio.to_thread(self.vip.remove)
+        return f"{self.vip.address} removed"
+
+    async def _storage_down(self, action: Action) -> str:
+        await asyncio.to_thread(self.storage.release)
+        self._mounted = None
+        return f"{self.storage.describe()} released"
+
+    async def _release(self, action: Action) -> str:
+        session = self.coordinator.session
+        if session is Session.LOST:
+            return "session lost: its leader znode went with it"
+        if session is not Session.CONNECTED:
+            raise StepError("not connected to ZooKeeper")
+        await asyncio.to_thread(self.coordinator.release_leadership, action.epoch)
+        return f"leadership of epoch {action.epoch} released"
+
+    # ------------------------------------------------------------ the relay
+
+    async def _start_relay(self, action: Action) -> str:
+        await self.relay.start(action.timeout)
+        return f"warm relay started (pid {self.relay.pid})"
+
+    async def _restart_relay(self, action: Action) -> str:
+        await self.relay.kill()
+        await self.relay.start(action.timeout)
+        if self._mounted is None:
+            raise StepError("storage is not promoted")
+        reply = await self.relay.activate(self.spool_path(self._mounted), action.timeout)
+        return f"relay restarted, {reply.get('recovered_messages', '?')} messages recovered"

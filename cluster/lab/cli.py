@@ -1,0 +1,302 @@
+"""``hamta lab ...``: build, look at, hurt and take down the namespace lab.
+
+``hamta.cli`` registers these commands with :func:`add_lab_commands`; ``python -m
+cluster.lab.cli`` runs them on their own. ``hamta serve`` imports this module too (through
+hamta.cli), so the lab itself (pyroute2, the ZooKeeper helpers) is imported inside the commands,
+to keep it off the relay's start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cluster.lab.topology import DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
+
+if TYPE_CHECKING:
+    from cluster.lab.lab import Lab
+
+
+def _load(args: argparse.Namespace) -> Lab:
+    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415 - see the module's docstring
+
+    try:
+        return Lab.load(args.dir)
+    except LabError as exc:
+        print(f"hamta: {exc}; start one with 'hamta lab up'", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """``hamta lab up``: build the lab and start everything."""
+    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415
+
+    try:
+        lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
+        print(f"building the lab in {lab.directory} (prefix {lab.prefix}) ...", flush=True)
+        lab.up(wait=args.wait, agents=not args.no_agents)
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    print(format_built(lab, agents=not args.no_agents))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """``hamta lab down``: end every process of the lab and remove what it built."""
+    from cluster.lab import netns  # noqa: PLC0415
+    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415
+
+    try:
+        lab = Lab.load(args.dir)
+    except LabError:
+        # No record: still remove whatever a crashed lab of this prefix left behind.
+        try:
+            lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
+        except LabError as exc:
+            print(f"hamta: {exc}", file=sys.stderr)
+            return 1
+    was_up = lab.record_file.exists() or any(netns.exists(n) for n in lab.topology.namespaces)
+    try:
+        lab.down()
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    if was_up:
+        print(f"lab {lab.prefix} is down (logs kept in {lab.directory})")
+    else:
+        print(f"no lab {lab.prefix} was up in {lab.directory}: nothing to do")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``hamta lab status``: hosts, processes, ZooKeeper, VIP, spool and roles."""
+    lab = _load(args)
+    status = lab.status()
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """``hamta lab send``: mail from the client to the VIP; exit 1 unless all got 250."""
+    from cluster.lab.lab import LabError  # noqa: PLC0415
+
+    lab = _load(args)
+    try:
+        result = lab.send(
+            args.count,
+            size=args.size,
+            domain=args.domain,
+            timeout=args.timeout,
+            connections=args.connections,
+        )
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.summary()} (to {lab.vip}:25, domain {args.domain})")
+    for sample in result.error_samples:
+        print(f"  error: {sample}")
+    return 0 if result.all_acked and result.sent == args.count else 1
+
+
+def cmd_fence(args: argparse.Namespace) -> int:
+    """``hamta lab fence NODE``: kill the node's relay and take the VIP off it."""
+    from cluster.lab.lab import LabError  # noqa: PLC0415
+
+    lab = _load(args)
+    try:
+        lab.fence(args.node)
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    print(f"fenced {args.node}: relay killed, VIP removed")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    """``hamta lab kill NODE``: kill -9 every process of the node (agent and relay)."""
+    from cluster.lab.lab import LabError  # noqa: PLC0415
+
+    lab = _load(args)
+    try:
+        lab.kill_node(args.node, signal.SIGKILL)
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    print(f"killed {args.node} (agent and relay); restart it with: hamta lab start {args.node}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """``hamta lab start NODE``: start a node's agent again after a kill."""
+    from cluster.lab.lab import LabError  # noqa: PLC0415
+
+    lab = _load(args)
+    try:
+        lab.start_agent(args.node)
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    print(f"started the agent of {args.node}")
+    return 0
+
+
+# ------------------------------------------------------------------ output
+
+
+def format_built(lab: Lab, *, agents: bool) -> str:
+    """What ``lab up`` built, and how to try it."""
+    dir_option = "" if lab.directory == DEFAULT_DIRECTORY.absolute() else f" --dir {lab.directory}"
+    lines = [f"lab {lab.prefix} is up in {lab.directory}", ""]
+    for host in HOSTS:
+        lines.append(f"  {host:<7} {lab.namespace(host):<16} {lab.address(host)}")
+    lines += [
+        "",
+        f"  ZooKeeper        {lab.zookeeper_hosts} (credentials {lab.credentials_path})",
+        f"  virtual IP       {lab.vip}:25",
+        f"  shared disk      {lab.loop_device} (ext4, mounted only on the active node)",
+        f"  mail sink        {lab.address('inet')}:25, recording to {lab.sink_record}",
+        "",
+    ]
+    if agents:
+        found = lab.active_node()
+        active = found or "node1"
+        steps = [
+            (f"hamta lab send --count 10{dir_option}", "mail from the client to the VIP"),
+            (f"hamta lab status{dir_option}", "who is active, holds the VIP, mounts the spool"),
+            (f"hamta lab kill {active}{dir_option}", "kill -9 the active node"),
+            (f"hamta lab status{dir_option}", "the other node took over"),
+            (f"hamta lab send --count 10{dir_option}", "mail still flows"),
+            (f"hamta lab start {active}{dir_option}", "bring it back, as the passive node"),
+            (f"hamta lab down{dir_option}", "take it all away"),
+        ]
+        width = max(len(command) for command, _ in steps)
+        lines += [f"active node: {found or '(none yet)'}", "", "try it:"]
+        lines += [f"  {command:<{width}}  # {why}" for command, why in steps]
+    else:
+        lines.append(f"no agents started; take it away with: hamta lab down{dir_option}")
+    lines += [
+        "",
+        f"a shell on a host: ip netns exec {lab.namespace('client')} bash",
+    ]
+    return "\n".join(lines)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``lab status`` for people."""
+    state = "up" if status["up"] else "not up (no lab.json)"
+    lines = [
+        f"lab {status['prefix']} in {status['directory']}: {state}",
+        f"subnet {status['subnet']}, VIP {status['vip']}, ZooKeeper {status['zookeeper_hosts']}",
+        "",
+        f"  {'host':<7} {'namespace':<16} {'address':<15} processes",
+    ]
+    relays: dict[str, str | None] = status.get("relays", {})
+    for host, info in status["hosts"].items():
+        whats = [f"{p['what']}({p['pid']})" for p in info["processes"]]
+        if host in ZOOKEEPER_HOSTS and status["zookeeper"].get(host):
+            whats.append(f"[{status['zookeeper'][host]}]")
+        if host in NODES:
+            if relays.get(host):
+                whats.append(f"[relay {relays[host]}]")
+            if host in status["vip_holders"]:
+                whats.append("[VIP]")
+            if host in status["spool_mounted_on"]:
+                whats.append("[spool mounted]")
+        namespace = info["namespace"] if info["exists"] else "(missing)"
+        lines.append(f"  {host:<7} {namespace:<16} {info['address']:<15} {' '.join(whats) or '-'}")
+    lines.append("")
+    holders = status["vip_holders"]
+    lines.append(
+        "VIP: "
+        + (", ".join(holders) if holders else "nobody")
+        + (" (SPLIT BRAIN)" if len(holders) > 1 else "")
+    )
+    mounted = status["spool_mounted_on"]
+    lines.append(
+        f"shared disk {status['loop_device'] or '-'}: mounted on "
+        f"{', '.join(mounted) if mounted else 'no node'}"
+    )
+    cluster = status.get("cluster")
+    if cluster:
+        nodes = ", ".join(
+            f"{n['node']} {n['role']}" + (f" (epoch {n['epoch']})" if n["role"] == "active" else "")
+            for n in cluster.get("nodes", [])
+        )
+        lines.append(f"cluster: {nodes or 'no agent has joined'}; leader {cluster.get('leader')}")
+    elif status["up"]:
+        lines.append("cluster: (no answer from ZooKeeper through 'hamta cluster status')")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def add_lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``lab`` and its subcommands on the ``hamta`` command's subparsers."""
+    lab = sub.add_parser("lab", help="a test cluster on this host, in network namespaces")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = lab_sub.add_parser(name, help=help_text)
+        parser.add_argument(
+            "--dir",
+            type=Path,
+            default=DEFAULT_DIRECTORY,
+            help=f"the lab's directory (default: {DEFAULT_DIRECTORY})",
+        )
+        return parser
+
+    up = command("up", "build the lab and start ZooKeeper, DNS, the sink and both agents")
+    up.add_argument("--prefix", default="hamta", help="namespace name prefix (default: hamta)")
+    up.add_argument("--subnet", default="198.18.0.0/24", help="inside 198.18.0.0/15")
+    up.add_argument("--wait", type=float, default=90.0, help="seconds to wait for everything")
+    up.add_argument("--no-agents", action="store_true", help="build the lab without agents")
+    up.set_defaults(func=cmd_up)
+
+    down = command("down", "end every process of the lab and remove what it built")
+    down.add_argument("--prefix", default="hamta", help="without lab.json: the lab's prefix")
+    down.add_argument("--subnet", default="198.18.0.0/24", help=argparse.SUPPRESS)
+    down.set_defaults(func=cmd_down)
+
+    status = command("status", "hosts, processes, ZooKeeper, VIP, spool and roles")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    send = command("send", "send mail from the client to the VIP (exit 1 unless all got 250)")
+    send.add_argument("--count", type=int, default=10)
+    send.add_argument("--size", type=int, default=1024, help="bytes per message")
+    send.add_argument("--domain", default="a.lab.test", help="a.lab.test, b.lab.test, c.lab.test")
+    send.add_argument("--connections", type=int, default=1, help="SMTP sessions in parallel")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
+    send.set_defaults(func=cmd_send)
+
+    fence = command("fence", "the lab's STONITH: kill a node's relay, take the VIP off it")
+    fence.add_argument("node", choices=NODES)
+    fence.set_defaults(func=cmd_fence)
+
+    kill = command("kill", "kill -9 a node (its agent and relay)")
+    kill.add_argument("node", choices=NODES)
+    kill.set_defaults(func=cmd_kill)
+
+    start = command("start", "start a node's agent again after a kill")
+    start.add_argument("node", choices=NODES)
+    start.set_defaults(func=cmd_start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cluster.lab.cli lab ...``: the lab commands without the rest of hamta."""
+    parser = argparse.ArgumentParser(prog="hamta")
+    add_lab_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The configuration files of the lab's nodes: the relay's ``relay.toml`` and the agent's.
+
+Both are written as TOML from plain dictionaries; the values are only strings, integers, lists
+and tables, and JSON's string syntax is valid TOML, which keeps the writer to a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cluster.lab.topology import DNS_PORT, DOMAIN, INTERFACE, INTERNET, SMTP_PORT, Topology
+
+Sections = Mapping[str, Mapping[str, Any]]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def render_toml(sections: Sections) -> str:
+    """``{section: {key: value}}`` as a TOML document (dotted section names for sub-tables)."""
+    lines: list[str] = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_value(value)}" for key, value in keys.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def relay_config(topology: Topology, node: str, node_dir: Path, spool: Path) -> Sections:
+    """The relay of ``node``: SMTP on every address, DNS from the lab, delivery on port 25.
+
+    ``spool`` is where the active node finds the spool inside the mounted shared disk; the agent
+    hands that path to the relay when it activates it.
+    """
+    return {
+        "node": {"hostname": f"{node}.{DOMAIN}", "stop_timeout": "5s"},
+        "smtp": {
+            "listen": [f"0.0.0.0:{SMTP_PORT}"],
+            "relay_networks": [str(topology.subnet), "127.0.0.0/8"],
+        },
+        "spool": {"path": spool, "segment_size": "16m", "journal_size": "16m", "min_free": "16m"},
+        "dns": {"nameservers": [f"{topology.address(INTERNET)}:{DNS_PORT}"], "timeout": "2s"},
+        "delivery": {"port": SMTP_PORT, "connect_timeout": "5s", "command_timeout": "30s"},
+        "retry": {"first_delay": "1s", "max_delay": "10s"},
+        "admin": {"listen": "127.0.0.1:8025"},
+        "control": {"socket": node_dir / "relay.sock"},
+        "log": {"file": node_dir / "relay.log"},
+    }
+
+
+def agent_config(
+    topology: Topology,
+    node: str,
+    node_dir: Path,
+    *,
+    credentials: Path,
+    device: str,
+    fence_command: Sequence[str],
+) -> Sections:
+    """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence."""
+    return {
+        "agent": {
+            "node": node,
+            "cluster": "lab",
+            "zookeeper": topology.zookeeper_hosts,
+            "session_timeout": "2s",
+            "credentials": credentials,
+            "relay_config": node_dir / "relay.toml",
+            "state_dir": node_dir,
+            "log_file": node_dir / "agent.log",
+        },
+        "storage": {
+            "driver": "blockdev",
+            "device": device,
+            "mountpoint": node_dir / "mnt",
+            "spool": "spool",
+        },
+        "vip": {"address": str(topology.vip), "interface": INTERFACE},
+        "fencing": {"commands": [list(fence_command)]},
+        "probe": {"port": SMTP_PORT, "timeout": "5s"},
+    }

@@ -1,0 +1,105 @@
+"""The lab's STONITH, lean enough for the failover's critical path.
+
+``python -m cluster.lab.fence --namespace hamta-node1 --vip 198.18.0.100/24`` SIGKILLs every
+relay process (``hamta serve``) in that node's network namespace and takes the virtual IP off its
+``eth0``. On real machines this is a power switch, IPMI or the SAN's fence; in the lab the nodes
+share a kernel, so killing the relay and dropping the address is what "powered off" means for
+the mail. It imports only the standard library and runs ``ip`` once: the agents run it before
+every takeover, and a second spent importing libraries would be a second of outage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+_GONE_WITHIN = 5.0
+
+
+class FenceError(Exception):
+    """The node could not be fenced; the message says what survived."""
+
+
+def processes_in(namespace: str) -> list[int]:
+    """Pids of the processes whose network namespace is ``/run/netns/<namespace>``."""
+    try:
+        wanted = os.stat(f"/run/netns/{namespace}")
+    except FileNotFoundError:
+        raise FenceError(f"no network namespace {namespace}") from None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            net = os.stat(entry / "ns" / "net")
+        except OSError:
+            continue
+        if (net.st_dev, net.st_ino) == (wanted.st_dev, wanted.st_ino):
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def fence_node(namespace: str, vip: str, interface: str = "eth0") -> list[int]:
+    """Kill the relays in ``namespace`` and remove ``vip`` from its ``interface``; the pids."""
+    relays = [pid for pid in processes_in(namespace) if "serve" in _cmdline(pid)]
+    for pid in relays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + _GONE_WITHIN
+    while (left := [pid for pid in relays if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.005)  # a SIGKILLed process is gone within milliseconds; no event for it
+    if left:
+        raise FenceError(f"relay processes {left} in {namespace} outlived SIGKILL")
+    done = subprocess.run(
+        ["ip", "-n", namespace, "address", "del", vip, "dev", interface],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    absent = "Cannot assign" in done.stderr or "Address not found" in done.stderr
+    if done.returncode != 0 and not absent:
+        raise FenceError(f"cannot remove {vip} from {namespace}: {done.stderr.strip()}")
+    return relays
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cluster.lab.fence``: exit 0 once the node serves no mail and holds no VIP."""
+    parser = argparse.ArgumentParser(prog="python -m cluster.lab.fence", description=__doc__)
+    parser.add_argument("--namespace", required=True, help="the node's network namespace")
+    parser.add_argument("--vip", required=True, help="the virtual IP with its prefix length")
+    parser.add_argument("--interface", default="eth0")
+    args = parser.parse_args(argv)
+    try:
+        killed = fence_node(args.namespace, args.vip, args.interface)
+    except (FenceError, OSError, subprocess.SubprocessError) as exc:
+        print(f"fence: {exc}", file=sys.stderr)
+        return 1
+    print(f"fenced {args.namespace}: {len(killed)} relay process(es) killed, {args.vip} removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The lab's "internet" mail server: accepts everything and records each delivered recipient.
+
+Run as ``python -m cluster.lab.sink --listen 198.18.0.41:25 --record FILE``. Every recipient of
+every message accepted appends one JSON line to FILE, flushed at once so that a reader in another
+process (the lab, a chaos check) sees it as soon as the relay got its 250::
+
+    {"at": 1764090000.123, "mail_from": "...", "rcpt": "...", "message_id": "<...>",
+     "x_lab_id": "...", "size": 1234}
+
+``x_lab_id`` is the message's ``X-Lab-Id`` header (null without one): the lab's client stamps a
+unique one on each message it sends, so lost and duplicated mail can be counted exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from pathlib import Path
+from typing import IO, Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from hamta.config import parse_hostport
+
+ACCEPTED = "250 2.0.0 Ok: delivered"
+
+
+def delivery_lines(envelope: Envelope, content: bytes, at: float) -> list[dict[str, Any]]:
+    """The record lines of one accepted message, one per recipient."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(content, headersonly=True)
+    mail_from = envelope.mail_from or ""
+    if mail_from == "<>":
+        mail_from = ""
+    return [
+        {
+            "at": round(at, 6),
+            "mail_from": mail_from,
+            "rcpt": rcpt,
+            "message_id": _header(headers.get("Message-ID")),
+            "x_lab_id": _header(headers.get("X-Lab-Id")),
+            "size": len(content),
+        }
+        for rcpt in envelope.rcpt_tos
+    ]
+
+
+def _header(value: Any) -> str | None:
+    return None if value is None else str(value).strip()
+
+
+class RecordingHandler:
+    """aiosmtpd hooks: accept every message and append its recipients to the record."""
+
+    def __init__(self, record: IO[str], clock: Callable[[], float] = time.time) -> None:
+        self._record = record
+        self._clock = clock
+        self.delivered = 0
+
+    async def handle_DATA(  # noqa: N802 - the hook name aiosmtpd looks up
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        content = envelope.original_content or b""
+        for line in delivery_lines(envelope, content, self._clock()):
+            self._record.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._record.flush()
+        self.delivered += 1
+        return ACCEPTED
+
+
+async def serve(host: str, port: int, record: Path, hostname: str) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with record.open("a", encoding="utf-8") as out:
+        handler = RecordingHandler(out)
+
+        def factory() -> SMTP:
+            # An explicit hostname also keeps aiosmtpd from asking DNS for this host's FQDN.
+            return SMTP(handler, hostname=hostname, decode_data=False, enable_SMTPUTF8=True)
+
+        server = await loop.create_server(factory, host, port, reuse_address=True)
+        print(f"sink: listening on {host}:{port}, recording to {record}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+        print(f"sink: stopped after {handler.delivered} messages", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m cluster.lab.sink``."""
+    parser = argparse.ArgumentParser(prog="python -m cluster.lab.sink", description=__doc__)
+    parser.add_argument("--listen", required=True, help="ADDR:PORT to accept mail on")
+    parser.add_argument("--record", required=True, type=Path, help="JSON lines file to append to")
+    parser.add_argument("--hostname", default="mx.lab.test", help="name in the greeting")
+    args = parser.parse_args(argv)
+    try:
+        host, port = parse_hostport(args.listen)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        asyncio.run(serve(host, port, args.record, args.hostname))
+    except OSError as exc:
+        print(f"sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The lab's names and addresses: which hosts exist, their namespaces and where they sit.
+
+Every name and address the lab uses is derived here from two values, a prefix and a subnet, so
+that a second lab (the tests') can run beside a user's without touching it: with prefix ``hlt``
+and subnet 198.19.240.0/24 nothing it creates shares a name or an address with the default lab.
+Addresses are confined to 198.18.0.0/15 (RFC 2544's benchmarking range), which no real network
+routes, and live only inside the lab's own network namespaces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Final
+
+# Where a lab lives unless told otherwise, like the relay's ./var/spool.
+DEFAULT_DIRECTORY: Final = Path("./var/lab")
+
+ZOOKEEPER_HOSTS: Final = ("zk1", "zk2", "zk3")
+NODES: Final = ("node1", "node2")
+CLIENT: Final = "client"
+INTERNET: Final = "inet"
+HOSTS: Final = (*ZOOKEEPER_HOSTS, *NODES, CLIENT, INTERNET)
+SWITCH: Final = "sw"
+BRIDGE: Final = "br0"
+INTERFACE: Final = "eth0"
+
+# The last octet of each host, and of the virtual IP, inside the subnet.
+_OFFSETS: Final = {
+    "zk1": 11,
+    "zk2": 12,
+    "zk3": 13,
+    "node1": 21,
+    "node2": 22,
+    "client": 31,
+    "inet": 41,
+}
+_VIP_OFFSET: Final = 100
+# Room for the virtual IP's offset and a broadcast address above it.
+_LONGEST_PREFIX: Final = 25
+
+LAB_RANGE: Final = IPv4Network("198.18.0.0/15")
+ZOOKEEPER_PORT: Final = 2181
+SMTP_PORT: Final = 25
+DNS_PORT: Final = 53
+# The mail domains the lab's DNS answers for; all of them are delivered to the sink.
+MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")
+MX_NAME: Final = "mx.lab.test"
+DOMAIN: Final = "lab.test"
+
+_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+
+
+class TopologyError(ValueError):
+    """A prefix or subnet the lab cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The lab's hosts, namespaces and addresses for one prefix and subnet."""
+
+    prefix: str
+    subnet: IPv4Network
+
+    @classmethod
+    def build(cls, prefix: str, subnet: str) -> Topology:
+        """Validate ``prefix`` and ``subnet`` (inside 198.18.0.0/15, at most a /25)."""
+        if not _PREFIX.match(prefix):
+            raise TopologyError(
+                f"lab prefix {prefix!r}: use 1 to 10 lowercase letters and digits, letter first"
+            )
+        try:
+            network = IPv4Network(subnet, strict=True)
+        except ValueError as exc:
+            raise TopologyError(f"lab subnet {subnet!r}: {exc}") from None
+        if not network.subnet_of(LAB_RANGE):
+            raise TopologyError(f"lab subnet {network} is outside {LAB_RANGE}")
+        if network.prefixlen > _LONGEST_PREFIX:
+            raise TopologyError(f"lab subnet {network} is too small (at most a /25)")
+        return cls(prefix, network)
+
+    def namespace(self, host: str) -> str:
+        """The network namespace of ``host`` (or of the switch, ``sw``)."""
+        if host != SWITCH and host not in HOSTS:
+            raise TopologyError(f"no host {host!r} in the lab (hosts: {', '.join(HOSTS)})")
+        return f"{self.prefix}-{host}"
+
+    @property
+    def switch(self) -> str:
+        """The namespace holding the bridge that joins every host."""
+        return self.namespace(SWITCH)
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace of the lab, the switch first."""
+        return (self.switch, *(self.namespace(host) for host in HOSTS))
+
+    def address(self, host: str) -> IPv4Address:
+        """The address of ``host`` on the lab's network."""
+        try:
+            return self.subnet.network_address + _OFFSETS[host]
+        except KeyError:
+            raise TopologyError(f"no host {host!r} in the lab") from None
+
+    def interface(self, host: str) -> IPv4Interface:
+        """The address of ``host`` with the subnet's prefix length, as set on its ``eth0``."""
+        return IPv4Interface(f"{self.address(host)}/{self.subnet.prefixlen}")
+
+    @property
+    def vip(self) -> IPv4Interface:
+        """The virtual IP that follows the active node."""
+        return IPv4Interface(f"{self.subnet.network_address + _VIP_OFFSET}/{self.subnet.prefixlen}")
+
+    @property
+    def zookeeper_hosts(self) -> str:
+        """The ensemble's connection string, ``host:port,...``."""
+        return ",".join(f"{self.address(h)}:{ZOOKEEPER_PORT}" for h in ZOOKEEPER_HOSTS)
+
+    def host_of_namespace(self, namespace: str) -> str | None:
+        """The host (or ``sw``) whose namespace is ``namespace``; None if not the lab's."""
+        head, _, tail = namespace.partition("-")
+        if head == self.prefix and (tail in HOSTS or tail == SWITCH):
+            return tail
+        return None

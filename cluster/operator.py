@@ -1,0 +1,243 @@
+"""What an operator asks of a cluster: its status, its failover history, pause, switchover.
+
+Each command opens a short ZooKeeper session of its own (as node ``operator``, which publishes
+no member), reads or writes, and closes it. Output is a table for people and ``--json`` for
+scripts; errors are one clear sentence and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cluster.config import AgentConfig
+from cluster.coordination import OPERATOR, Coordinator, Credentials
+from cluster.state import ClusterView, Member, Role
+
+
+class OperatorError(Exception):
+    """The command cannot be carried out; the message says why."""
+
+
+class OperatorSession:
+    """A short-lived coordinator session, and an event set on every change it watches."""
+
+    def __init__(self, coordinator: Coordinator, changed: threading.Event) -> None:
+        self.coordinator = coordinator
+        self.changed = changed
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until ZooKeeper reports a change or ``timeout`` passes."""
+        self.changed.wait(timeout)
+        self.changed.clear()
+
+
+@contextmanager
+def operator_session(config: AgentConfig, timeout: float = 10.0) -> Iterator[OperatorSession]:
+    """A short-lived coordinator session with the cluster's credentials."""
+    agent = config.agent
+    credentials = Credentials.from_file(agent.credentials) if agent.credentials else None
+    changed = threading.Event()
+    coordinator = Coordinator(
+        agent.zookeeper,
+        agent.cluster,
+        OPERATOR,
+        session_timeout=max(agent.session_timeout, 4.0),
+        credentials=credentials,
+        on_change=changed.set,
+    )
+    coordinator.start(timeout)
+    try:
+        yield OperatorSession(coordinator, changed)
+    finally:
+        coordinator.stop()
+
+
+def _fresh(member: Member, now: float, heartbeat: float) -> bool:
+    return now - member.heartbeat <= 3 * heartbeat + 1.0
+
+
+def cluster_status(
+    coordinator: Coordinator, config: AgentConfig, wall: Callable[[], float] = time.time
+) -> dict[str, Any]:
+    """The cluster as data: nodes, roles, epoch, health, who holds the virtual IP, history."""
+    view = coordinator.view()
+    history = coordinator.history()
+    now = wall()
+    leader = view.leader
+    nodes = []
+    for name, member in sorted(view.members.items()):
+        holds = (
+            leader is not None
+            and leader.node == name
+            and member.role is Role.ACTIVE
+            and member.epoch == leader.epoch
+        )
+        nodes.append(
+            {
+                "node": name,
+                "role": member.role.value,
+                "epoch": member.epoch,
+                "relay_running": member.relay_running,
+                "relay_ready": member.relay_ready,
+                "queue_depth": member.queue_depth,
+                "heartbeat_age_s": round(now - member.heartbeat, 2),
+                "fresh": _fresh(member, now, config.agent.heartbeat),
+                "cooldown": member.cooldown,
+                "vip": holds,
+                "smtp": member.smtp,
+            }
+        )
+    last = history[-1] if history else None
+    return {
+        "cluster": config.agent.cluster,
+        "epoch": view.epoch,
+        "leader": leader.node if leader else None,
+        "leader_epoch": leader.epoch if leader else None,
+        "vip": config.vip.address or None,
+        "vip_holder": next((n["node"] for n in nodes if n["vip"]), None),
+        "paused": (
+            {"by": view.paused.by, "at": view.paused.at, "reason": view.paused.reason}
+            if view.paused
+            else None
+        ),
+        "switchover": (
+            {"source": view.switchover.source, "target": view.switchover.target}
+            if view.switchover
+            else None
+        ),
+        "last_failover": last,
+        "since_last_failover_s": round(now - float(last["at"]), 1) if last else None,
+        "nodes": nodes,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``hamta cluster status`` as a table."""
+    lines = [
+        f"cluster {status['cluster']}   epoch {status['epoch']}   "
+        f"leader {status['leader'] or '-'}   virtual IP {status['vip'] or '-'} "
+        f"on {status['vip_holder'] or 'nobody'}"
+    ]
+    if status["paused"]:
+        paused = status["paused"]
+        lines.append(f"PAUSED by {paused['by']}: {paused['reason'] or 'no reason given'}")
+    if status["switchover"]:
+        lines.append(f"switchover requested to {status['switchover']['target'] or 'any peer'}")
+    since = status["since_last_failover_s"]
+    lines.append(f"last failover: {f'{since:.0f}s ago' if since is not None else 'never'}")
+    header = ("node", "role", "epoch", "relay", "queue", "heartbeat", "vip")
+    rows = [header]
+    for node in status["nodes"]:
+        relay = "ready" if node["relay_ready"] else ("warm" if node["relay_running"] else "down")
+        role = node["role"] + (" (cooldown)" if node["cooldown"] else "")
+        age = f"{node['heartbeat_age_s']:.1f}s" + ("" if node["fresh"] else " STALE")
+        rows.append(
+            (
+                node["node"],
+                role,
+                str(node["epoch"]),
+                relay,
+                str(node["queue_depth"]),
+                age,
+                "yes" if node["vip"] else "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    if len(rows) == 1:
+        lines.append("(no agent is connected)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_history(history: list[dict[str, Any]]) -> str:
+    """``hamta cluster history`` as a table, newest last, with every step's time."""
+    if not history:
+        return "no failover recorded"
+    lines = []
+    for record in history:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("at", 0))))
+        steps = record.get("steps", {})
+        timings = " ".join(
+            f"{step}={float(seconds) * 1000:.0f}ms" for step, seconds in steps.items()
+        )
+        lines.append(
+            f"{at}  epoch {record.get('epoch')}  {record.get('previous') or '-'} -> "
+            f"{record.get('node')}  ({record.get('reason')})  total {record.get('total')}s"
+        )
+        lines.append(f"    {timings}")
+    return "\n".join(lines)
+
+
+def who() -> str:
+    """The operator, as recorded with a pause."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def choose_switchover_target(view: ClusterView, target: str | None, heartbeat: float) -> str:
+    """Check a switchover request against the cluster; the chosen target or OperatorError."""
+    leader = view.leader
+    if leader is None:
+        raise OperatorError("no node is active: there is nothing to switch over")
+    if target == leader.node:
+        raise OperatorError(f"{target} is already the active node")
+    now = time.time()
+    candidates = {
+        name: member
+        for name, member in view.members.items()
+        if name != leader.node and member.can_take_over and _fresh(member, now, heartbeat)
+    }
+    if target is not None:
+        member = view.members.get(target)
+        if member is None:
+            raise OperatorError(f"{target} is not a member of the cluster (no agent connected)")
+        if target not in candidates:
+            relay = "running" if member.relay_running else "not running"
+            raise OperatorError(
+                f"{target} cannot take over: it is {member.role.value}, its relay is {relay}"
+                + (", it is cooling down after a failure" if member.cooldown else "")
+            )
+        return target
+    if not candidates:
+        raise OperatorError("no healthy passive node can take over")
+    return sorted(candidates)[0]
+
+
+def switchover(
+    session: OperatorSession, target: str | None, heartbeat: float, timeout: float
+) -> dict[str, Any]:
+    """Ask the active node to hand over, and wait until the target is active."""
+    coordinator = session.coordinator
+    view = coordinator.view()
+    chosen = choose_switchover_target(view, target, heartbeat)
+    assert view.leader is not None
+    source, epoch = view.leader.node, view.leader.epoch
+    started = time.monotonic()
+    coordinator.request_switchover(source, chosen)
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        current = coordinator.view()
+        member = current.members.get(chosen)
+        if (
+            current.leader is not None
+            and current.leader.epoch > epoch
+            and member is not None
+            and member.role is Role.ACTIVE
+            and member.epoch == current.leader.epoch
+        ):
+            return {
+                "from": source,
+                "to": current.leader.node,
+                "epoch": current.leader.epoch,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        session.wait_for_change(0.5)
+    raise OperatorError(
+        f"switchover from {source} to {chosen} did not complete within {timeout:g}s "
+        "(see hamta cluster status and the agents' logs)"
+    )

@@ -1,0 +1,285 @@
+"""Two real agents on loopback with a real ZooKeeper: election, failover, switchover, pause.
+
+Each agent starts its own relay; the pair shares a spool directory. What the lab adds (virtual
+IP, block device, namespaces, partitions) is tested in test_lab.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.coordination import Coordinator, Credentials
+from cluster.state import Role
+from cluster.zookeeper import ServerSpec, ZooKeeperServer
+from tests.support import DnsServer, RecordingSink, free_port
+from tests.support.agents import AgentNode, message_ids, wait_for
+
+NODE_HOSTS = {"node1": "127.0.0.21", "node2": "127.0.0.22"}
+
+
+@pytest.fixture(scope="module")
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperServer]:
+    """A standalone ZooKeeper on loopback with 250 ms ticks (2 s sessions allowed)."""
+    spec = ServerSpec(1, "127.0.0.1", client_port=free_port("127.0.0.1"))
+    server = ZooKeeperServer(spec, tmp_path_factory.mktemp("zk"), tick_ms=250)
+    server.start()
+    try:
+        server.wait_serving(60)
+        yield server
+    finally:
+        server.stop()
+
+
+class Pair:
+    """Two agent nodes, ZooKeeper credentials, and an operator's view of the cluster."""
+
+    def __init__(
+        self, tmp_path: Path, zookeeper: str, dns: DnsServer, mx_port: int, cluster: str
+    ) -> None:
+        self.credentials = tmp_path / "zk-credentials"
+        self.credentials.write_text(f"hamta:{cluster}-secret\n")
+        self.credentials.chmod(0o600)
+        self.zookeeper = zookeeper
+        self.cluster = cluster
+        smtp_port = free_port("127.0.0.21")
+        relay: dict[str, dict[str, Any]] = {
+            "dns": {"nameservers": [dns.nameserver]},
+            "delivery": {"port": mx_port},
+        }
+        self.nodes = {
+            name: AgentNode(
+                tmp_path,
+                name,
+                host=host,
+                smtp_port=smtp_port,
+                zookeeper=zookeeper,
+                shared_spool=tmp_path / "shared",
+                credentials=self.credentials,
+                relay=relay,
+                agent={"cluster": cluster},
+            )
+            for name, host in NODE_HOSTS.items()
+        }
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def operator(self) -> Coordinator:
+        coordinator = Coordinator(
+            self.zookeeper,
+            self.cluster,
+            "operator",
+            session_timeout=4.0,
+            credentials=Credentials.from_file(self.credentials),
+        )
+        coordinator.start(10)
+        return coordinator
+
+    def roles(self) -> dict[str, Role]:
+        coordinator = self.operator()
+        try:
+            view = coordinator.view()
+        finally:
+            coordinator.stop()
+        return {name: member.role for name, member in view.members.items()}
+
+    def wait_active(self, timeout: float = 30.0, *, not_: str | None = None) -> AgentNode:
+        """Wait until exactly one node is active (other than ``not_``) and passive peers idle."""
+
+        def one_active() -> AgentNode | None:
+            roles = self.roles()
+            active = [name for name, role in roles.items() if role is Role.ACTIVE]
+            if len(active) == 1 and active[0] != not_:
+                return self.nodes[active[0]]
+            return None
+
+        node: AgentNode = wait_for(one_active, timeout, "one active node", every=0.1)
+        return node
+
+    def other(self, node: AgentNode) -> AgentNode:
+        return next(n for n in self.nodes.values() if n is not node)
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path,
+    zookeeper: ZooKeeperServer,
+    dns_server: DnsServer,
+    mx_port: int,
+    request: pytest.FixtureRequest,
+) -> Iterator[Pair]:
+    """Two agents in a cluster of their own (named after the test), stopped at the end."""
+    name = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]
+    built = Pair(tmp_path, zookeeper.hosts, dns_server, mx_port, name)
+    try:
+        yield built
+    finally:
+        built.stop()
+
+
+def test_first_election_one_active_node_serves_and_the_passive_holds_nothing(
+    pair: Pair, sink: RecordingSink
+) -> None:
+    pair.start()
+    active = pair.wait_active()
+    passive = pair.other(active)
+    wait_for(lambda: pair.roles().get(passive.name) is Role.PASSIVE, 20, "passive peer")
+    assert active.accepts_mail()
+    assert not passive.accepts_mail(), "the passive relay must not listen"
+    acked = active.send(3, tag="first-")
+    wait_for(lambda: len(sink.messages) >= 3, 20, "deliveries")
+    assert message_ids(sink) >= set(acked)
+
+    # One JSON decision line per decision, with its trigger; the promotion's steps are timed.
+    decisions = active.events("Decision")
+    assert decisions and all("trigger" in d and "role" in d for d in decisions)
+    final = next(d for d in decisions if d["role"] == "active")
+    assert set(final["steps"]) == {
+        "acquire", "fence", "storage", "epoch", "vip", "relay", "probe", "publish"
+    }  # fmt: skip
+
+    status = active.cli("cluster", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["leader"] == active.name
+    assert {n["node"]: n["role"] for n in data["nodes"]} == {
+        active.name: "active",
+        passive.name: "passive",
+    }
+    history = json.loads(active.cli("cluster", "history", "--json").stdout)
+    assert history[-1]["node"] == active.name
+    assert {"acquire", "storage", "relay", "probe"} <= set(history[-1]["steps"])
+    table = active.cli("cluster", "status").stdout
+    assert active.name in table and "active" in table
+
+
+def test_kill_9_of_the_active_agent_fails_over_and_replays_its_queue(
+    pair: Pair, mx_port: int
+) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    # The MX is down: the messages stay queued on the shared spool.
+    acked = first.send(5, tag="queued-")
+    relays = first.relay_pids()
+    assert relays, "the agent runs its relay as a child"
+    killed_at = time.monotonic()
+    first.kill(signal.SIGKILL)
+    # The relay dies with its agent (parent-death signal): nothing serves without leadership.
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in relays), 5, "relay gone")
+    new = pair.wait_active(timeout=30, not_=first.name)
+    assert new is second
+    wait_for(second.accepts_mail, 10, "the new active node accepts mail")
+    rto = time.monotonic() - killed_at
+    assert rto < 15, f"failover took {rto:.1f}s"
+    # Now the MX comes up: the new active node delivers what the old one had acknowledged.
+    with RecordingSink(host="127.0.0.5", port=mx_port) as sink:
+        wait_for(lambda: message_ids(sink) >= set(acked), 30, "replay")
+    history = json.loads(second.cli("cluster", "history", "--json").stdout)
+    assert history[-1]["node"] == second.name
+    assert history[-1]["previous"] == first.name
+    assert history[-1]["epoch"] > history[-2]["epoch"]
+
+
+def test_planned_switchover_hands_over_with_nothing_lost(pair: Pair, sink: RecordingSink) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    acked = first.send(5, tag="before-")
+    result = first.cli("cluster", "switchover", "--to", second.name, "--json")
+    assert result.returncode == 0, result.stderr
+    moved = json.loads(result.stdout)
+    assert moved["from"] == first.name and moved["to"] == second.name
+    assert moved["seconds"] < 10
+    assert pair.wait_active() is second
+    acked += second.send(5, tag="after-")
+    wait_for(lambda: message_ids(sink) >= set(acked), 30, "deliveries")
+    # The old active node is passive, not failed, and may take over again later.
+    wait_for(lambda: pair.roles().get(first.name) is Role.PASSIVE, 20, "old active passive")
+    assert not first.accepts_mail()
+
+
+def test_switchover_is_refused_with_a_reason_when_the_target_cannot_take_over(
+    pair: Pair,
+) -> None:
+    pair.start()
+    first = pair.wait_active()
+    refused = first.cli("cluster", "switchover", "--to", "nosuchnode")
+    assert refused.returncode == 1
+    assert "nosuchnode is not a member" in refused.stderr
+    itself = first.cli("cluster", "switchover", "--to", first.name)
+    assert itself.returncode == 1 and "already the active node" in itself.stderr
+    second = pair.other(first)
+    second.stop()
+    wait_for(lambda: second.name not in pair.roles(), 10, "peer gone")
+    alone = first.cli("cluster", "switchover")
+    assert alone.returncode == 1 and "no healthy passive node" in alone.stderr
+    assert pair.roles()[first.name] is Role.ACTIVE
+    # A decommissioned node is forgotten (no longer fenced); a connected one cannot be.
+    connected = first.cli("cluster", "forget", "--node", first.name)
+    assert connected.returncode == 1 and "stop its agent first" in connected.stderr
+    forgotten = first.cli("cluster", "forget", "--node", second.name)
+    assert forgotten.returncode == 0, forgotten.stderr
+
+
+def test_pause_stops_automatic_failover_until_resumed(pair: Pair) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    paused = first.cli("cluster", "pause", "--reason", "kernel upgrade")
+    assert paused.returncode == 0, paused.stderr
+    status = json.loads(first.cli("cluster", "status", "--json").stdout)
+    assert status["paused"]["reason"] == "kernel upgrade"
+    first.kill(signal.SIGKILL)
+    # The session expires after 2 s; give the passive node ample time to (wrongly) promote.
+    time.sleep(6)
+    assert pair.roles() == {second.name: Role.PASSIVE}
+    assert not second.accepts_mail()
+    resumed = second.cli("cluster", "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert pair.wait_active(timeout=20) is second
+
+
+def test_a_graceful_stop_of_the_active_agent_hands_over_at_once(pair: Pair) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    stopped_at = time.monotonic()
+    first.stop()
+    assert pair.wait_active(timeout=20) is second
+    # No session expiry to wait for: the leader znode was released on the way out.
+    assert time.monotonic() - stopped_at < 8
+    assert next(e for e in first.events("ShutdownStep") if e["step"] == "release")["ok"]
+
+
+def test_an_unreachable_zookeeper_is_a_clear_error(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    node = AgentNode(
+        tmp_path,
+        "lonely",
+        host="127.0.0.23",
+        smtp_port=free_port("127.0.0.23"),
+        zookeeper=dead,
+        shared_spool=tmp_path / "shared",
+        credentials=None,
+        agent={"session_timeout": "2s"},
+    )
+    result = node.cli("cluster", "status", timeout=60)
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr and dead in result.stderr

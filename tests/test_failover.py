@@ -1,0 +1,227 @@
+"""Failover in the lab, for real: a pair of agents in namespaces under a continuous load.
+
+Every test runs a client through the virtual IP and a sampler that checks, every 50 ms, that
+at no instant two nodes hold the virtual IP, have the shared disk mounted, or listen for SMTP.
+After each fault the whole history is checked against the sink: nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.lab import Lab
+from cluster.lab.history import Attempt, LoadRun, recovery_time, unavailability
+from cluster.lab.topology import NODES
+
+pytestmark = pytest.mark.root
+
+PREFIX = "hft"
+SUBNET = "198.19.246.0/24"
+
+
+def listening_for_smtp(lab: Lab, node: str) -> bool:
+    """Whether some process of ``node`` has a TCP socket listening on port 25."""
+    for pid in lab.node_pids(node):
+        try:
+            table = Path(f"/proc/{pid}/net/tcp").read_text()
+        except OSError:
+            continue
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(":0019") and fields[3] == "0A":
+                return True
+    return False
+
+
+class Sampler:
+    """Samples who holds what, in a thread, and remembers every instant of split brain."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.samples = 0
+        self.violations: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            vip = self.lab.vip_holders()
+            mounted = self.lab.spool_mounted_on()
+            listening = [node for node in NODES if listening_for_smtp(self.lab, node)]
+            self.samples += 1
+            for what, holders in (("vip", vip), ("spool", mounted), ("smtp", listening)):
+                if len(holders) > 1:
+                    self.violations.append(f"{time.monotonic():.3f} {what} held by {holders}")
+
+    def __enter__(self) -> Sampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        assert self.samples > 10, "the sampler did not run"
+        assert not self.violations, self.violations[:10]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One lab with both agents for the whole module; each test leaves it with a pair."""
+    # Under var/lab, where hamta looks for a lab when it is given no configuration.
+    directory = tmp_path_factory.mktemp("failover") / "var" / "lab"
+    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
+    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
+    try:
+        built.up(wait=90.0)
+        yield built
+    finally:
+        built.down()
+
+
+def roles(lab: Lab) -> dict[str, str]:
+    status = lab.cluster_status()
+    if status is None:
+        return {}
+    return {node["node"]: node["role"] for node in status["nodes"]}
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    assert callable(condition)
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.2)
+
+
+def wait_pair(lab: Lab, timeout: float = 60.0) -> str:
+    """Wait for one active and one passive node; the active one."""
+    wait_until(
+        lambda: sorted(roles(lab).values()) == ["active", "passive"], timeout, "an active pair"
+    )
+    active = lab.active_node()
+    assert active is not None
+    return active
+
+
+def drained(lab: Lab, attempts: list[Attempt], timeout: float = 60.0) -> None:
+    acked = {a.id for a in attempts if a.outcome == "acked"}
+    wait_until(lambda: acked <= lab.delivered_ids(), timeout, "every acknowledged delivery")
+
+
+def agent_decisions(lab: Lab, node: str) -> list[dict[str, object]]:
+    path = lab.node_dir(node) / "agent.log"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line.get("event") == "Decision"]
+
+
+def test_kill_9_of_the_active_node_under_load(lab: Lab, tmp_path: Path) -> None:
+    active = wait_pair(lab)
+    peer = next(n for n in NODES if n != active)
+    with Sampler(lab):
+        load = LoadRun(lab, tmp_path / "history.jsonl", rate=20, connections=2)
+        try:
+            wait_until(lambda: len(load.attempts()) >= 20, 20, "load started")
+            fault = time.monotonic()
+            lab.kill_node(active)
+            assert lab.wait_active(30, other_than=active) == peer
+            wait_until(lambda: recovery_time(load.attempts(), fault) is not None, 20, "a 250")
+            rto = recovery_time(load.attempts(), fault)
+            assert rto is not None and rto < 10, rto
+            assert lab.vip_holders() == [peer]
+            assert lab.spool_mounted_on() == [peer]
+            lab.start_agent(active)
+            wait_pair(lab)
+        finally:
+            attempts = load.stop()
+    drained(lab, attempts)
+    verdict = load.verdict(attempts)
+    assert verdict.ok, verdict
+    assert verdict.acked > 20
+
+
+def test_zookeeper_connection_loss_of_the_active_node(lab: Lab, tmp_path: Path) -> None:
+    active = wait_pair(lab)
+    peer = next(n for n in NODES if n != active)
+    zookeeper = ", ".join(host.split(":")[0] for host in lab.zookeeper_hosts.split(","))
+    rules = (
+        "table inet hamta_test {\n chain out {\n  type filter hook output priority 0;\n"
+        f"  ip daddr {{ {zookeeper} }} tcp dport 2181 drop\n }}\n}}\n"
+    )
+    with Sampler(lab):
+        load = LoadRun(lab, tmp_path / "history.jsonl", rate=20, connections=2)
+        try:
+            wait_until(lambda: len(load.attempts()) >= 20, 20, "load started")
+            fault = time.monotonic()
+            cut = lab.exec(active, ["nft", "-f", "-"], input=rules)
+            assert cut.returncode == 0, cut.stderr
+            try:
+                # The cut-off node demotes itself; the peer takes over once its session expired.
+                assert lab.wait_active(30, other_than=active) == peer
+                wait_until(lambda: recovery_time(load.attempts(), fault) is not None, 20, "a 250")
+                cut_off = agent_decisions(lab, active)
+                assert any(d["trigger"] == "session_lost" for d in cut_off), cut_off[-5:]
+            finally:
+                lab.exec(active, ["nft", "delete", "table", "inet", "hamta_test"])
+            # Reconnected with a new session, the old active node comes back as passive.
+            assert wait_pair(lab) == peer
+        finally:
+            attempts = load.stop()
+    drained(lab, attempts)
+    verdict = load.verdict(attempts)
+    assert verdict.ok, verdict
+
+
+def test_planned_switchover_under_load_loses_nothing(lab: Lab, tmp_path: Path) -> None:
+    active = wait_pair(lab)
+    peer = next(n for n in NODES if n != active)
+    config = lab.node_dir(active) / "agent.toml"
+    command = [lab.python, "-m", "hamta.cli", "cluster", "switchover", "--to", peer, "--json"]
+    with Sampler(lab):
+        load = LoadRun(lab, tmp_path / "history.jsonl", rate=20, connections=2)
+        try:
+            wait_until(lambda: len(load.attempts()) >= 20, 20, "load started")
+            started = time.monotonic()
+            done = lab.exec("client", [*command, "--config", str(config)], timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["to"] == peer
+            wait_until(lambda: recovery_time(load.attempts(), started) is not None, 20, "a 250")
+            time.sleep(1)  # a second of load on the new active node
+        finally:
+            attempts = load.stop()
+    refused_for = unavailability(attempts, started)
+    assert refused_for < 5, f"clients were refused for {refused_for:.2f}s"
+    assert wait_pair(lab) == peer
+    drained(lab, attempts)
+    verdict = load.verdict(attempts)
+    assert verdict.ok, verdict
+
+
+def test_hamta_cluster_commands_act_on_the_lab(lab: Lab) -> None:
+    config = lab.node_dir(NODES[0]) / "agent.toml"
+    status = lab.exec(
+        "client", [lab.python, "-m", "hamta.cli", "cluster", "status", "--config", str(config)]
+    )
+    assert status.returncode == 0, status.stderr
+    assert "active" in status.stdout and "passive" in status.stdout
+    history = lab.exec(
+        "client", [lab.python, "-m", "hamta.cli", "cluster", "history", "--config", str(config)]
+    )
+    assert history.returncode == 0 and "epoch" in history.stdout, history.stderr
+    # From the host with no configuration at all, hamta finds the lab in ./var/lab.
+    host = subprocess.run(
+        [lab.python, "-m", "hamta.cli", "cluster", "status", "--json"],
+        cwd=lab.directory.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert host.returncode == 0, host.stderr
+    assert json.loads(host.stdout)["leader"] in NODES
