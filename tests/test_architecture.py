@@ -48,3 +48,33 @@ def test_nothing_imports_the_cli() -> None:
     for path in PACKAGE.glob("*.py"):
         if path.name != "cli.py":
             assert "hamta.cli" not in imports_of(path), path
+
+
+CLUSTER = ROOT / "cluster"
+
+
+def test_the_agent_never_imports_the_lab() -> None:
+    for path in CLUSTER.glob("*.py"):
+        if path.name == "cli.py":  # the command line finds a running lab for operators
+            continue
+        for name in imports_of(path):
+            assert not name.startswith("cluster.lab"), (path, name)
+
+
+def test_the_lab_is_imported_lazily_by_the_command_line() -> None:
+    # hamta serve imports hamta.cli, which registers the lab's commands: the lab's heavy
+    # modules (pyroute2, ZooKeeper helpers) must stay out of that import.
+    for path in (CLUSTER / "lab" / "cli.py", CLUSTER / "cli.py", CLUSTER / "lab" / "__init__.py"):
+        eager = top_level_imports(path)
+        assert not {"cluster.lab.lab", "pyroute2", "kazoo", "cluster.zookeeper"} & eager, path
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The modules a file imports when it is imported (not inside functions or TYPE_CHECKING)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
