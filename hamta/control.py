@@ -23,8 +23,11 @@ from hamta.relay import Relay, RelayError
 async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
     command = request.get("command")
     if command == "status":
-        return {"ok": True, **(await relay.node_summary())}
+        return {"ok": True, "pid": os.getpid(), **(await relay.node_summary())}
     if command == "activate":
+        if stop.is_set():
+            # An activation racing a SIGTERM would take the spool lock in a dying process.
+            raise RelayError("relay is stopping")
         spool = request.get("spool")
         activation = await relay.activate(Path(spool) if spool else None)
         return {"ok": True, **dataclasses.asdict(activation)}

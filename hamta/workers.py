@@ -113,12 +113,15 @@ class WorkerPool:
                     f"worker {worker.index} exited with {worker.process.returncode} at start"
                 )
             try:
-                await self._command(worker, {"command": "status"}, timeout=2)
-                break
+                reply = await self._command(worker, {"command": "status"}, timeout=2)
             except ControlError:
-                if time.monotonic() > deadline:
-                    raise ControlError(f"worker {worker.index} did not start") from None
-                await asyncio.sleep(0.05)
+                reply = {}
+            # A worker of an earlier run, still stopping, may answer at the same path.
+            if reply.get("pid") == worker.process.pid:
+                break
+            if time.monotonic() > deadline:
+                raise ControlError(f"worker {worker.index} did not start")
+            await asyncio.sleep(0.05)
         task = asyncio.get_running_loop().create_task(self._watch(worker, worker.process))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
