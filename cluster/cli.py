@@ -121,7 +121,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     agent.set_defaults(func=cmd_agent)
 
     cluster = sub.add_parser("cluster", help="look at and steer the cluster")
-    cluster.add_argument("action", choices=["status", "history", "pause", "resume", "switchover"])
+    actions = ["status", "history", "pause", "resume", "switchover", "forget"]
+    cluster.add_argument("action", choices=actions)
+    cluster.add_argument("--node", help="forget: a decommissioned node")
     cluster.add_argument("--config", type=Path, help=f"agent TOML (default: {SYSTEM_CONFIG})")
     cluster.add_argument("--json", action="store_true", help="print JSON")
     cluster.add_argument("--to", help="switchover: the node to hand over to")

@@ -46,6 +46,7 @@ class AgentSection(_Section):
     cooldown: Seconds = 30.0
     switchover_timeout: PositiveSeconds = 30.0
     drain_timeout: Seconds = 10.0
+    urgent_drain_timeout: Seconds = 0.5
     step_timeouts: dict[Step, PositiveSeconds] = Field(default_factory=dict)
 
     @field_validator("zookeeper")
@@ -133,6 +134,7 @@ class AgentConfig(_Section):
             cooldown=agent.cooldown,
             switchover_timeout=agent.switchover_timeout,
             drain_timeout=agent.drain_timeout,
+            urgent_drain_timeout=agent.urgent_drain_timeout,
             step_timeouts=dict(agent.step_timeouts),
         )
 

@@ -248,13 +248,17 @@ class Executor:
     async def _drain(self, action: Action) -> str:
         if not self.relay.running:
             return "relay not running"
+        # The relay gets most of the step's time to finish gracefully (its own budget for
+        # deliveries under way is shorter still); whatever is left is for killing it. It must
+        # stop serving whatever happens, so this step never fails.
+        graceful = action.timeout * 0.8
         try:
-            await self.relay.deactivate(action.timeout)
+            async with asyncio.timeout(graceful):
+                await self.relay.deactivate(graceful * 0.75)
             return "relay drained and back in standby"
-        except RelayControlError as exc:
-            # It must stop serving whatever happens: a relay that will not drain is killed.
+        except (RelayControlError, TimeoutError) as exc:
             await self.relay.kill()
-            return f"relay killed ({exc})"
+            return f"relay killed: {exc or 'no graceful stop within the time'}"
 
     async def _vip_down(self, action: Action) -> str:
         if self.vip is None:

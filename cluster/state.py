@@ -208,11 +208,19 @@ class Policy:
     cooldown: float = 30.0  # a node that gave up takes no leadership for this long
     switchover_timeout: float = 30.0  # a request older than this is ignored
     drain_timeout: float = 10.0  # in-flight deliveries get this long on demotion
+    # ... unless another node may be taking over right now (session or leadership lost): then
+    # the relay must let go of the spool at once; what it was delivering stays queued.
+    urgent_drain_timeout: float = 0.5
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
 
     def timeout(self, step: Step) -> float:
         """The time limit of ``step``."""
         return self.step_timeouts.get(step, DEFAULT_STEP_TIMEOUTS[step])
+
+    def drain_time(self, reason: str) -> float:
+        """The DRAIN time limit of a demotion begun for ``reason`` (a trigger's value)."""
+        urgent = reason in (Trigger.SESSION_LOST.value, Trigger.LEADERSHIP_LOST.value)
+        return self.urgent_drain_timeout if urgent else self.drain_timeout
 
 
 DEFAULT_STEP_TIMEOUTS: Final[Mapping[Step, float]] = {
@@ -480,9 +488,10 @@ class _Context:
         self.trigger = trigger
 
     def run(self, step: Step, **fields: object) -> Action:
-        # A retried DRAIN gets the configured drain time, as the first one did.
+        # A retried DRAIN gets the drain time the first one had.
         drain = step is Step.DRAIN
-        timeout = self.policy.drain_timeout if drain else self.policy.timeout(step)
+        reason = self.state.reason
+        timeout = self.policy.drain_time(reason) if drain else self.policy.timeout(step)
         return Action(step, timeout, epoch=self.state.epoch, **fields)  # type: ignore[arg-type]
 
     def timed_steps(self) -> tuple[tuple[Step, float], ...]:
@@ -506,7 +515,7 @@ def _begin_demotion(ctx: _Context, *, give_up: bool, note: str) -> Effect:
         give_up=give_up,
         attempts=0,
     )
-    timeout = ctx.policy.drain_timeout
+    timeout = ctx.policy.drain_time(state.reason)
     return state, (Action(Step.DRAIN, timeout, epoch=ctx.state.epoch, reason=note),), note
 
 

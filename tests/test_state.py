@@ -383,7 +383,7 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             assert after.epoch == EPOCH
             assert after.reason == decision.trigger.value
             (drain,) = decision.actions
-            assert drain.timeout == POLICY.drain_timeout
+            assert drain.timeout == POLICY.drain_time(decision.trigger.value)
             assert drain.reason == decision.note
         case Then.NEXT_DEMOTION_STEP:
             assert result is not None
@@ -761,7 +761,12 @@ def test_active_node_demotes_through_every_step(cause: str) -> None:
     assert decision.state.role is Role.DEMOTING
     assert decision.state.give_up is give_up
     assert decision.actions == (
-        Action(Step.DRAIN, POLICY.drain_timeout, epoch=EPOCH, reason=decision.note),
+        Action(
+            Step.DRAIN,
+            POLICY.drain_time(decision.trigger.value),
+            epoch=EPOCH,
+            reason=decision.note,
+        ),
     )
     began = walk.now
     steps = finish_demotion(walk)
@@ -1052,7 +1057,11 @@ def test_failed_demotion_step_is_retried_and_never_skipped(failing: Step) -> Non
         # ... and then the same step runs again.
         decision = walk.see()
         assert decision.trigger is Trigger.RETRY
-        limit = POLICY.drain_timeout if failing is Step.DRAIN else POLICY.timeout(failing)
+        limit = (
+            POLICY.drain_time(walk.state.reason)
+            if failing is Step.DRAIN
+            else POLICY.timeout(failing)
+        )
         assert decision.actions == (Action(failing, limit, epoch=EPOCH),)
         emitted.append(failing)
     steps = finish_demotion(walk)
@@ -1567,3 +1576,20 @@ def test_a_node_that_stepped_down_cleanly_is_not_fenced() -> None:
     holding = replace(demoting, released=False)
     view = replace(snapshot.cluster, members={**snapshot.cluster.members, PEER: holding})
     assert fence_targets(replace(snapshot, cluster=view), POLICY) == (PEER,)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "urgent"),
+    [
+        (Trigger.SESSION_LOST, True),
+        (Trigger.LEADERSHIP_LOST, True),
+        (Trigger.SWITCHOVER, False),
+        (Trigger.RELAY_UNHEALTHY, False),
+    ],
+)
+def test_the_drain_is_short_when_another_node_may_be_taking_over(
+    trigger: Trigger, urgent: bool
+) -> None:
+    expected = POLICY.urgent_drain_timeout if urgent else POLICY.drain_timeout
+    assert POLICY.drain_time(trigger.value) == expected
+    assert POLICY.urgent_drain_timeout < POLICY.drain_timeout
