@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from cluster.coordination import CoordinationError, Coordinator, Credentials
 from cluster.executor import CommandFencer, Executor, Fencer
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import (
-    DEMOTION,
     Action,
     AgentState,
     ClusterView,
@@ -34,6 +34,7 @@ from cluster.state import (
     Step,
     StepResult,
     decide,
+    holds_resources,
 )
 from cluster.storage import Storage, storage_from_config
 from cluster.vip import VirtualIp
@@ -138,7 +139,11 @@ class Agent:
         self.health = Health()
         self.results: list[StepResult] = []
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.stopping = asyncio.Event()
+        self.current: asyncio.Task[None] | None = None  # the step in flight
+        self.publishing = asyncio.Lock()
+        self.stopping = asyncio.Event()  # SIGTERM: hand over, then exit
+        self.exiting = asyncio.Event()  # the loops end
+        self.stop_deadline = float("inf")
 
     # ------------------------------------------------------------ observation
 
@@ -155,19 +160,20 @@ class Agent:
             heartbeat=self.wall(),
             smtp=self.smtp_address,
             cooldown=self.clock() < self.state.cooldown_until,
-            released=self.state.role is Role.DEMOTING
-            and any(step is Step.STORAGE_DOWN for step, _ in self.state.steps),
+            holds=holds_resources(self.state),
         )
 
     async def _snapshot(self) -> Snapshot:
+        # The result first: a view read after it is at least as new as what the step did.
+        result = self.results.pop(0) if self.results else None
         view: ClusterView
         try:
             view = await asyncio.to_thread(self.coordinator.view)
         except Exception as exc:  # a failed read must look like a lost connection, not a crash
             self.log.warning("ClusterViewFailed", error=str(exc))
             view = ClusterView(session=Session.SUSPENDED)
-        result = self.results.pop(0) if self.results else None
-        return Snapshot(cluster=view, local=self.health.view, wall=self.wall(), result=result)
+        local = replace(self.health.view, stopping=self.stopping.is_set())
+        return Snapshot(cluster=view, local=local, wall=self.wall(), result=result)
 
     async def _check_health(self) -> None:
         active = self.state.role is Role.ACTIVE and self.state.step is None
@@ -181,7 +187,7 @@ class Agent:
                 changed = self.health.update(
                     True, bool(status.get("ready")), int(status.get("depth", 0)), active
                 )
-            except RelayControlError:
+            except (RelayControlError, ValueError, TypeError):  # no answer, or a garbled one
                 changed = self.health.update(True, False, 0, active)
         if changed:
             self.wake.set()
@@ -189,21 +195,37 @@ class Agent:
     # ------------------------------------------------------------ acting
 
     def _start(self, action: Action) -> None:
-        async def run() -> None:
-            result = await self.executor.run(action)
-            self.log.info(
-                "StepDone" if result.ok else "StepFailed",
-                step=result.step.value,
-                seconds=round(result.seconds, 4),
-                detail=result.detail,
-                epoch=action.epoch or result.epoch,
-            )
-            if action.step in _RELAY_STEPS:
-                await self._check_health()
-            self.results.append(result)
-            self.wake.set()
+        """Run ``action`` in the background; a step still in flight is abandoned first.
 
-        task = asyncio.create_task(run())
+        Only a safety trigger (session or leadership lost) starts a step while another is in
+        flight: the old one is cancelled and its result discarded. Blocking work it left in a
+        thread finishes on its own; the executor's per-resource locks make the steps that
+        follow wait for it.
+        """
+        if self.current is not None and not self.current.done():
+            self.log.warning("StepAbandoned", step=self.current.get_name())
+            self.current.cancel()
+
+        async def run() -> None:
+            result = StepResult(action.step, False, 0.0, "no result")
+            try:
+                result = await self.executor.run(action)
+                self.log.info(
+                    "StepDone" if result.ok else "StepFailed",
+                    step=result.step.value,
+                    seconds=round(result.seconds, 4),
+                    detail=result.detail,
+                    epoch=action.epoch or result.epoch,
+                )
+                if action.step in _RELAY_STEPS:
+                    await self._check_health()
+            finally:
+                if self.current is asyncio.current_task():
+                    self.results.append(result)
+                    self.wake.set()
+
+        task = asyncio.create_task(run(), name=action.step.value)
+        self.current = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -233,7 +255,8 @@ class Agent:
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
         if before.role is not self.state.role or before.steps != self.state.steps:
-            # Before the next step: the peer must see "released" before leadership goes.
+            # Before the next step: the peer must see that this node no longer holds anything
+            # before leadership goes, or it would fence a node that stepped down cleanly.
             await self._publish()
         for action in decision.actions:
             self._start(action)
@@ -241,22 +264,24 @@ class Agent:
     async def _publish(self) -> None:
         if self.coordinator.session is not Session.CONNECTED:
             return
-        try:
-            await asyncio.to_thread(self.coordinator.publish_member, self.member())
-        except Exception as exc:  # the next heartbeat tries again
-            self.log.warning("HeartbeatFailed", error=str(exc))
+        async with self.publishing:  # one write at a time, of the newest record
+            for attempt in range(2):
+                try:
+                    await asyncio.to_thread(self.coordinator.publish_member, self.member())
+                    return
+                except Exception as exc:  # the next heartbeat tries again
+                    if attempt:
+                        self.log.warning("HeartbeatFailed", error=str(exc))
 
-    async def _heartbeat(self) -> None:
-        while not self.stopping.is_set():
-            await self._publish()
+    async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` every ``interval`` until the agent exits; a failure is logged, not fatal."""
+        while not self.exiting.is_set():
+            try:
+                await work()
+            except Exception as exc:
+                self.log.error("LoopError", work=getattr(work, "__name__", "?"), error=repr(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.config.agent.heartbeat)
-
-    async def _health_loop(self) -> None:
-        while not self.stopping.is_set():
-            await self._check_health()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.config.agent.health_interval)
+                await asyncio.wait_for(self.exiting.wait(), interval)
 
     async def _clean_slate(self) -> None:
         """Release what a former run of this agent may have left held on this machine."""
@@ -267,11 +292,27 @@ class Agent:
             await asyncio.to_thread(self.storage.release)
             self.log.warning("Cleanup", released="storage", storage=self.storage.describe())
 
+    def _stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def _may_exit(self) -> bool:
+        """Stopping, and holding nothing any more (or the time to hand over is up)."""
+        if not self.stopping.is_set():
+            return False
+        done = self.state.role in (Role.STARTING, Role.PASSIVE, Role.FAILED)
+        if done and self.state.step is None:
+            return True
+        if self.clock() > self.stop_deadline:
+            self.log.error("StopTimeout", role=self.state.role.value, step=str(self.state.step))
+            return True
+        return False
+
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT; then demote if active, stop the relay and leave."""
+        """Run until SIGTERM/SIGINT; an active node hands over first, then the agent exits."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self._stop)
+        loop.add_signal_handler(signal.SIGINT, self._stop)
         self.log.info("AgentStarting", zookeeper=self.config.agent.zookeeper)
         await self._clean_slate()
         try:
@@ -279,16 +320,25 @@ class Agent:
         except CoordinationError as exc:
             self.log.error("AgentFailed", error=str(exc))
             return 1
-        relay_exit = asyncio.create_task(self._watch_relay_exits())
-        loops = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_loop())]
+        agent = self.config.agent
+        background = [
+            asyncio.create_task(self._watch_relay_exits()),
+            asyncio.create_task(self._every(agent.heartbeat, self._publish)),
+            asyncio.create_task(self._every(agent.health_interval, self._check_health)),
+        ]
         try:
-            while not self.stopping.is_set():
+            while True:
                 self.wake.clear()
                 await self._decide_once()
+                if self.stopping.is_set() and self.stop_deadline == float("inf"):
+                    self.log.info("AgentStopping", role=self.state.role.value)
+                    self.stop_deadline = self.clock() + agent.drain_timeout + 30.0
+                if self._may_exit():
+                    break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.config.agent.health_interval)
+                    await asyncio.wait_for(self.wake.wait(), agent.health_interval)
         finally:
-            await self._shutdown([*loops, relay_exit])
+            await self._shutdown(background)
         return 0
 
     async def _watch_relay_exits(self) -> None:
@@ -299,25 +349,14 @@ class Agent:
             self.wake.set()
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
-        """Leave cleanly: an active node demotes (so the peer takes over at once), then exits."""
-        self.log.info("AgentStopping", role=self.state.role.value)
-        for task in list(self.tasks):
-            with contextlib.suppress(Exception):
-                await task
-        if self.state.role in (Role.ACTIVE, Role.PROMOTING, Role.DEMOTING):
-            await self._demote_now()
-        for task in background:
+        """Stop the loops and the relay, and close the session (ephemeral znodes go at once)."""
+        self.exiting.set()
+        for task in [*background, *self.tasks]:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(*background, *self.tasks, return_exceptions=True)
         await self.relay.stop(self.config.agent.drain_timeout)
         await asyncio.to_thread(self.coordinator.stop)
-        self.log.info("AgentStopped")
-
-    async def _demote_now(self) -> None:
-        for step in DEMOTION:
-            action = Action(step, self.policy.timeout(step), epoch=self.state.epoch)
-            result = await self.executor.run(action)
-            self.log.info("ShutdownStep", step=step.value, ok=result.ok, detail=result.detail)
+        self.log.info("AgentStopped", role=self.state.role.value)
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -86,7 +86,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 status = cluster_status(coordinator, config)
                 print(json.dumps(status, indent=2) if args.json else format_status(status))
             elif args.action == "history":
-                history = coordinator.history()[-args.last :]
+                history = coordinator.history()[-args.last :] if args.last > 0 else []
                 print(json.dumps(history, indent=2) if args.json else format_history(history))
             elif args.action == "pause":
                 coordinator.pause(who(), args.reason or "")

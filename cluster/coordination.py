@@ -262,6 +262,9 @@ class Coordinator:
             for path in (paths.leader, paths.epoch, paths.paused, paths.switchover):
                 self._watches.append(DataWatch(self._client, path, self._data_changed))
             self._watches.append(ChildrenWatch(self._client, paths.members, self._members_changed))
+        except CoordinationError:
+            self.stop()
+            raise
         except NoAuthError as exc:
             self.stop()
             who = f"user {self._credentials.user!r}" if self._credentials else "anonymous clients"
@@ -308,6 +311,16 @@ class Coordinator:
 
     def _ensure_paths(self) -> None:
         client, paths = self._client, self._paths
+        if self.node == OPERATOR:
+            # An operator's command looks at a cluster; it never creates one (a typo in the
+            # cluster's name must be an error, not a new empty cluster).
+            if self._wait(client.exists_async(paths.epoch)) is None:
+                raise CoordinationError(
+                    f"no cluster {self.cluster!r} in ZooKeeper at {self.hosts} "
+                    "(no agent of that cluster has ever connected)"
+                )
+            self._wait(client.get_children_async(paths.root))
+            return
         if self._credentials is None:
             root_acl: list[ACL] = list(OPEN_ACL_UNSAFE)
         else:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from cluster.coordination import Coordinator
+from cluster.coordination import CoordinationError, Coordinator
 from cluster.probe import smtp_probe
 from cluster.relayproc import RelayControlError, RelayProcess
 from cluster.state import Action, Session, Step, StepResult
@@ -23,6 +24,7 @@ from cluster.storage import Storage, StorageError
 from cluster.vip import VipError, VirtualIp
 
 EPOCH_FILE = "hamta-epoch"
+T = TypeVar("T")
 
 
 class StepError(Exception):
@@ -114,7 +116,6 @@ class Executor:
         fencer: Fencer,
         probe_address: tuple[str, int],
         probe_timeout: float,
-        history_extra: Callable[[], dict[str, Any]] = dict,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -127,7 +128,6 @@ class Executor:
         self.fencer = fencer
         self.probe_address = probe_address
         self.probe_timeout = probe_timeout
-        self.history_extra = history_extra
         self.clock = clock
         self.wall = wall
         self._steps: dict[Step, Callable[[Action], Awaitable[str | int]]] = {
@@ -147,6 +147,18 @@ class Executor:
             Step.RESTART_RELAY: self._restart_relay,
         }
         self._mounted: Path | None = None
+        # A step abandoned for safety leaves its thread running (a mount cannot be interrupted);
+        # the next step on the same resource waits for it instead of racing it.
+        self._storage_lock = threading.Lock()
+        self._vip_lock = threading.Lock()
+
+    @staticmethod
+    def _locked(lock: threading.Lock, work: Callable[[], T]) -> Callable[[], T]:
+        def locked() -> T:
+            with lock:
+                return work()
+
+        return locked
 
     async def run(self, action: Action) -> StepResult:
         """Run one action within its time limit; never raises."""
@@ -189,7 +201,7 @@ class Executor:
         return root / self.spool_name
 
     async def _storage(self, action: Action) -> str:
-        root = await asyncio.to_thread(self.storage.promote)
+        root = await asyncio.to_thread(self._locked(self._storage_lock, self.storage.promote))
         self._mounted = root
         spool = self.spool_path(root)
         await asyncio.to_thread(spool.mkdir, parents=True, exist_ok=True)
@@ -204,7 +216,7 @@ class Executor:
     async def _vip(self, action: Action) -> str:
         if self.vip is None:
             return "no virtual IP configured"
-        await asyncio.to_thread(self.vip.add)
+        await asyncio.to_thread(self._locked(self._vip_lock, self.vip.add))
         return f"{self.vip.address} on {self.vip.interface}"
 
     async def _relay(self, action: Action) -> str:
@@ -235,13 +247,20 @@ class Executor:
             "at": self.wall(),
             "steps": {step.value: seconds for step, seconds in action.steps},
             "total": round(sum(seconds for _, seconds in action.steps), 4),
-            **self.history_extra(),
         }
-        await asyncio.to_thread(self.coordinator.record_failover, record)
-        view = await asyncio.to_thread(self.coordinator.view)
-        if view.switchover is not None:
-            await asyncio.to_thread(self.coordinator.clear_switchover)
-        return f"active in epoch {action.epoch}"
+        # The bookkeeping does not decide the promotion: only leadership does.
+        notes = []
+        try:
+            await asyncio.to_thread(self.coordinator.record_failover, record)
+        except CoordinationError as exc:
+            notes.append(f"history not written: {exc}")
+        try:
+            view = await asyncio.to_thread(self.coordinator.view)
+            if view.switchover is not None:
+                await asyncio.to_thread(self.coordinator.clear_switchover)
+        except CoordinationError as exc:
+            notes.append(f"switchover request not cleared: {exc}")
+        return "; ".join([f"active in epoch {action.epoch}", *notes])
 
     # ------------------------------------------------------------ demotion
 
@@ -258,16 +277,17 @@ class Executor:
             return "relay drained and back in standby"
         except (RelayControlError, TimeoutError) as exc:
             await self.relay.kill()
-            return f"relay killed: {exc or 'no graceful stop within the time'}"
+            why = str(exc) or f"no graceful stop within {graceful:.1f}s"
+            return f"relay killed: {why}"
 
     async def _vip_down(self, action: Action) -> str:
         if self.vip is None:
             return "no virtual IP configured"
-        await asyncio.to_thread(self.vip.remove)
+        await asyncio.to_thread(self._locked(self._vip_lock, self.vip.remove))
         return f"{self.vip.address} removed"
 
     async def _storage_down(self, action: Action) -> str:
-        await asyncio.to_thread(self.storage.release)
+        await asyncio.to_thread(self._locked(self._storage_lock, self.storage.release))
         self._mounted = None
         return f"{self.storage.describe()} released"
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import OPERATOR, Coordinator, Credentials
-from cluster.state import ClusterView, Member, Role
+from cluster.state import ClusterView, Member, Role, Session
 
 
 class OperatorError(Exception):
@@ -62,11 +62,19 @@ def _fresh(member: Member, now: float, heartbeat: float) -> bool:
     return now - member.heartbeat <= 3 * heartbeat + 1.0
 
 
+def fresh_view(coordinator: Coordinator) -> ClusterView:
+    """The cluster as ZooKeeper says it now, or OperatorError: never a remembered view."""
+    view = coordinator.view()
+    if view.session is not Session.CONNECTED:
+        raise OperatorError(f"lost the ZooKeeper session ({view.session.value}); try again")
+    return view
+
+
 def cluster_status(
     coordinator: Coordinator, config: AgentConfig, wall: Callable[[], float] = time.time
 ) -> dict[str, Any]:
     """The cluster as data: nodes, roles, epoch, health, who holds the virtual IP, history."""
-    view = coordinator.view()
+    view = fresh_view(coordinator)
     history = coordinator.history()
     now = wall()
     leader = view.leader
@@ -198,9 +206,15 @@ def choose_switchover_target(view: ClusterView, target: str | None, heartbeat: f
             raise OperatorError(f"{target} is not a member of the cluster (no agent connected)")
         if target not in candidates:
             relay = "running" if member.relay_running else "not running"
+            age = now - member.heartbeat
             raise OperatorError(
                 f"{target} cannot take over: it is {member.role.value}, its relay is {relay}"
                 + (", it is cooling down after a failure" if member.cooldown else "")
+                + (
+                    f", its last heartbeat is {age:.0f}s old"
+                    if not _fresh(member, now, heartbeat)
+                    else ""
+                )
             )
         return target
     if not candidates:
@@ -213,7 +227,7 @@ def switchover(
 ) -> dict[str, Any]:
     """Ask the active node to hand over, and wait until the target is active."""
     coordinator = session.coordinator
-    view = coordinator.view()
+    view = fresh_view(coordinator)
     chosen = choose_switchover_target(view, target, heartbeat)
     assert view.leader is not None
     source, epoch = view.leader.node, view.leader.epoch
@@ -221,7 +235,7 @@ def switchover(
     coordinator.request_switchover(source, chosen)
     deadline = started + timeout
     while time.monotonic() < deadline:
-        current = coordinator.view()
+        current = fresh_view(coordinator)
         member = current.members.get(chosen)
         if (
             current.leader is not None
@@ -237,7 +251,9 @@ def switchover(
                 "seconds": round(time.monotonic() - started, 3),
             }
         session.wait_for_change(0.5)
+    # Withdrawn, so that the old active node may take over again if nobody else did.
+    coordinator.clear_switchover()
     raise OperatorError(
-        f"switchover from {source} to {chosen} did not complete within {timeout:g}s "
-        "(see hamta cluster status and the agents' logs)"
+        f"switchover from {source} to {chosen} did not complete within {timeout:g}s; "
+        "the request is withdrawn (see hamta cluster status and the agents' logs)"
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -19,15 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-_PR_SET_PDEATHSIG = 1
+# util-linux's setpriv asks the kernel to SIGKILL the relay when the agent dies (even by
+# kill -9), with no Python code between fork and exec in a process that runs threads.
+_DIE_WITH_AGENT = ["setpriv", "--pdeathsig", "KILL", "--"]
 
 
 class RelayControlError(Exception):
     """The relay could not be started, reached or made to do what was asked."""
-
-
-def _die_with_agent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def default_relay_command(relay_config: Path) -> list[str]:
@@ -97,12 +94,14 @@ class RelayProcess:
             output = open(self.output, "ab")  # noqa: SIM115, ASYNC230 - handed to the child
         stdout = output if output is not None else asyncio.subprocess.DEVNULL
         try:
+            # A session of its own: killing the relay kills its worker processes too.
             self.process = await asyncio.create_subprocess_exec(
+                *_DIE_WITH_AGENT,
                 *self.command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_agent,
+                start_new_session=True,
             )
         except OSError as exc:
             raise RelayControlError(f"cannot start {self.command[0]}: {exc.strerror}") from None
@@ -149,12 +148,12 @@ class RelayProcess:
         return await control_request(self.control_socket, request, timeout + 5.0)
 
     async def kill(self) -> None:
-        """SIGKILL the relay and reap it."""
+        """SIGKILL the relay and its workers (its whole process group) and reap it."""
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
 
     async def stop(self, timeout: float) -> None:

@@ -113,7 +113,7 @@ class Member:
     heartbeat: float = 0.0  # wall clock of the publisher
     smtp: str = ""  # where its relay listens when active
     cooldown: bool = False  # it gave up lately and will not take over for a while
-    released: bool = False  # demoting, and the relay, virtual IP and spool are already let go
+    holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
 
     @property
     def can_take_over(self) -> bool:
@@ -172,6 +172,7 @@ class LocalView:
     relay_ready: bool = False  # listening with a writable spool
     relay_failures: int = 0  # consecutive failed readiness checks while active
     queue_depth: int = 0
+    stopping: bool = False  # the agent was asked to stop (SIGTERM): hand over, then exit
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +308,7 @@ class Trigger(enum.StrEnum):
     LEADER_VACANT = "leader_vacant"  # no leader, and this node may take over
     LEADER_STRAY = "leader_stray"  # this session holds the leader znode but is not promoting
     RETRY = "retry"  # a failed step may be tried again
+    STOP = "stop"  # the agent is stopping: hand over first
     NOTHING = "nothing"
 
 
@@ -322,26 +324,34 @@ def _switchover_pending(snapshot: Snapshot, policy: Policy) -> Switchover | None
     return request
 
 
-_HOLDS_NOTHING: Final = frozenset({Role.STARTING, Role.PASSIVE, Role.FAILED})
+def holds_resources(state: AgentState) -> bool:
+    """Whether a node in ``state`` may hold the spool, the virtual IP or a serving relay."""
+    if state.role is Role.ACTIVE:
+        return True
+    if state.role is Role.PROMOTING:
+        return state.epoch > 0  # leadership taken: the next steps take the rest
+    if state.role is Role.DEMOTING:
+        return not any(step is Step.STORAGE_DOWN for step, _ in state.steps)
+    return False
 
 
 def fence_targets(snapshot: Snapshot, policy: Policy) -> tuple[str, ...]:
     """The nodes to fence before taking the spool: every other node not known to hold nothing.
 
     A node holds nothing when its agent is connected (its ephemeral member znode exists) and
-    says it is passive, starting or failed, or that its demotion has released everything but
-    leadership (a planned switchover: no need to shoot a node that stepped down cleanly). Any
-    other node (gone, or mid-promotion, active or demoting by its own account) might still have
-    the spool mounted or the virtual IP up. The former epoch holder is not enough: after a
-    failed fence and a retry, the epoch record names this very node, while the peer that
-    crashed still holds what it held.
+    says so (``Member.holds`` is false: passive, starting, failed, promoting before it took
+    leadership, or demoting with everything but leadership released, as after a planned
+    switchover: no need to shoot a node that stepped down cleanly). Any other node (gone, or
+    holding by its own account) might still have the spool mounted or the virtual IP up. The
+    former epoch holder is not enough: after a failed fence and a retry, the epoch record names
+    this very node, while the peer that crashed still holds what it held.
     """
     cluster = snapshot.cluster
     candidates = set(cluster.known_nodes)
     if cluster.epoch_node:
         candidates.add(cluster.epoch_node)
     candidates.discard(policy.node)
-    clean = {n for n, m in cluster.members.items() if m.role in _HOLDS_NOTHING or m.released}
+    clean = {name for name, member in cluster.members.items() if not member.holds}
     return tuple(sorted(candidates - clean))
 
 
@@ -350,6 +360,8 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
     if cluster.session is not Session.CONNECTED or cluster.leader is not None:
         return False
     if not snapshot.local.relay_running or now < state.cooldown_until:
+        return False
+    if snapshot.local.stopping:
         return False
     request = _switchover_pending(snapshot, policy)
     if request is not None:
@@ -361,22 +373,33 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
+def _can_hand_over(request: Switchover, snapshot: Snapshot) -> bool:
+    """A node to hand over to is there and ready: never demote into a cluster with nobody."""
+    members = snapshot.cluster.members
+    targets = [request.target] if request.target else [n for n in members if n != request.source]
+    return any(name in members and members[name].can_take_over for name in targets)
+
+
 def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Trigger:
     """Reduce a snapshot to the one trigger that matters most for this role."""
     role = state.role
     cluster = snapshot.cluster
     local = snapshot.local
     result = snapshot.result
-    if result is None and state.step is not None:
-        return Trigger.WAITING
     # A promotion holds the leader znode from the moment ACQUIRE succeeds: the step after it
     # (FENCE) must not run on a session or a znode that is already gone.
     acquired = result is not None and result.step is Step.ACQUIRE and result.ok
     holding = role is Role.ACTIVE or (role is Role.PROMOTING and (state.steps != () or acquired))
+    # Safety preempts a step in flight (a restart, a mount): the executor abandons it, and the
+    # relay must stop serving before the peer may take over.
     if holding and cluster.session is not Session.CONNECTED:
         return Trigger.SESSION_LOST
     if holding and not _holds_leadership(snapshot):
         return Trigger.LEADERSHIP_LOST
+    if result is None and state.step is not None:
+        return Trigger.WAITING
+    if local.stopping and role in (Role.ACTIVE, Role.PROMOTING):
+        return Trigger.STOP
     if result is not None:
         return Trigger.STEP_DONE if result.ok else Trigger.STEP_FAILED
     if role in (Role.STARTING, Role.FAILED):
@@ -384,18 +407,24 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
             return Trigger.RELAY_WARM
         return Trigger.RELAY_DOWN if now >= state.retry_at else Trigger.NOTHING
     if role is Role.DEMOTING:
-        return Trigger.RETRY if now >= state.retry_at else Trigger.NOTHING
+        # Giving up leadership cannot wait out the retry interval once ZooKeeper is back.
+        back = state.retry_step is Step.RELEASE and cluster.session is Session.CONNECTED
+        return Trigger.RETRY if now >= state.retry_at or back else Trigger.NOTHING
     if role is Role.ACTIVE:
         if not local.relay_running:
             return Trigger.RELAY_DOWN
         if local.relay_failures >= policy.relay_failure_limit and cluster.paused is None:
             return Trigger.RELAY_UNHEALTHY
         request = _switchover_pending(snapshot, policy)
-        if request is not None and request.source == policy.node:
+        if (
+            request is not None
+            and request.source == policy.node
+            and _can_hand_over(request, snapshot)
+        ):
             return Trigger.SWITCHOVER
         return Trigger.NOTHING
     if role is Role.PASSIVE:
-        if not local.relay_running and now >= state.retry_at:
+        if not local.relay_running and now >= state.retry_at and not local.stopping:
             return Trigger.RELAY_DOWN
         if _holds_leadership(snapshot):
             return Trigger.LEADER_STRAY
@@ -452,10 +481,12 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_P, Trigger.STEP_FAILED): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.SESSION_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.LEADERSHIP_LOST): Transition(_D, Then.ROLL_BACK),
+    (_P, Trigger.STOP): Transition(_D, Then.ROLL_BACK),
     # active: restart a dead relay in place; hand over on request; give up when it stays sick
     (_A, Trigger.SESSION_LOST): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.LEADERSHIP_LOST): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.SWITCHOVER): Transition(_D, Then.BEGIN_DEMOTION),
+    (_A, Trigger.STOP): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.RELAY_UNHEALTHY): Transition(_D, Then.BEGIN_GIVING_UP),
     (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
     (_A, Trigger.STEP_DONE): Transition(_A, Then.RELAY_STARTED),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cluster.coordination import Coordinator, Credentials
+from cluster.coordination import CoordinationError, Coordinator, Credentials
 from cluster.state import Role
 from cluster.zookeeper import ServerSpec, ZooKeeperServer
 from tests.support import DnsServer, RecordingSink, free_port
@@ -88,7 +88,10 @@ class Pair:
         return coordinator
 
     def roles(self) -> dict[str, Role]:
-        coordinator = self.operator()
+        try:
+            coordinator = self.operator()
+        except CoordinationError:  # no agent has created the cluster yet
+            return {}
         try:
             view = coordinator.view()
         finally:
@@ -263,9 +266,13 @@ def test_a_graceful_stop_of_the_active_agent_hands_over_at_once(pair: Pair) -> N
     stopped_at = time.monotonic()
     first.stop()
     assert pair.wait_active(timeout=20) is second
-    # No session expiry to wait for: the leader znode was released on the way out.
+    # No session expiry to wait for: the agent demoted (leadership last) before it exited.
     assert time.monotonic() - stopped_at < 8
-    assert next(e for e in first.events("ShutdownStep") if e["step"] == "release")["ok"]
+    decisions = first.events("Decision")
+    assert any(d["trigger"] == "stop" and d["role"] == "demoting" for d in decisions)
+    assert decisions[-1]["role"] == "passive"
+    assert any(e["step"] == "release" for e in first.events("StepDone"))
+    assert first.proc is not None and first.proc.returncode == 0
 
 
 def test_an_unreachable_zookeeper_is_a_clear_error(tmp_path: Path) -> None:
@@ -283,3 +290,22 @@ def test_an_unreachable_zookeeper_is_a_clear_error(tmp_path: Path) -> None:
     result = node.cli("cluster", "status", timeout=60)
     assert result.returncode == 1
     assert "unreachable" in result.stderr and dead in result.stderr
+
+
+def test_a_mistyped_cluster_name_is_an_error_not_a_new_cluster(
+    tmp_path: Path, zookeeper: ZooKeeperServer
+) -> None:
+    node = AgentNode(
+        tmp_path,
+        "typo",
+        host="127.0.0.23",
+        smtp_port=free_port("127.0.0.23"),
+        zookeeper=zookeeper.hosts,
+        shared_spool=tmp_path / "shared",
+        credentials=None,
+        agent={"cluster": "no-such-cluster"},
+    )
+    result = node.cli("cluster", "status")
+    assert result.returncode == 1
+    assert "no cluster 'no-such-cluster'" in result.stderr
+    assert node.cli("cluster", "status").returncode == 1  # and it was not created meanwhile
