@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.state import Policy, Step
-from hamta.config import ConfigError, PositiveSeconds, Seconds, format_errors, parse_hostport
+from hamta.config import (
+    ConfigError,
+    PositiveSeconds,
+    Seconds,
+    format_errors,
+    parse_hostport,
+    read_config_file,
+)
 
 __all__ = ["AgentConfig", "ConfigError", "load_agent_config", "parse_agent_config"]
 
@@ -157,10 +164,4 @@ def parse_agent_config(text: str, source: str = "<agent config>") -> AgentConfig
 
 def load_agent_config(path: Path) -> AgentConfig:
     """Load and validate the agent's TOML file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_agent_config(text, str(path))
+    return parse_agent_config(read_config_file(path), str(path))

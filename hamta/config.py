@@ -317,10 +317,14 @@ def load_config(path: Path | None) -> Config:
     """Load the file at ``path``, or the embedded default when ``path`` is None."""
     if path is None:
         return parse_config(DEFAULT_TOML, "<built-in default>")
+    return parse_config(read_config_file(path), str(path))
+
+
+def read_config_file(path: Path) -> str:
+    """The text of a configuration file, or ConfigError saying why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(text, str(path))

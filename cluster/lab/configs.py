@@ -23,6 +23,9 @@ def _value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str | Path):
         return json.dumps(str(value))
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{json.dumps(str(k))} = {_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
     if isinstance(value, Sequence):
         return "[" + ", ".join(_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

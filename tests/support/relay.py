@@ -14,36 +14,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from cluster.lab.configs import render_toml
+
 from .ports import free_port
 
+__all__ = ["HAMTA", "RelayProcess", "render_toml"]
+
 HAMTA = [sys.executable, "-m", "hamta.cli"]
-
-
-def toml_value(value: Any) -> str:
-    """Render a Python value as TOML (strings, numbers, booleans, lists, inline tables)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return (
-            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
-        )
-    raise TypeError(f"cannot render {value!r} as TOML")
-
-
-def render_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Render ``{section: {key: value}}`` as a TOML document."""
-    lines: list[str] = []
-    for section, keys in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in keys.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 class RelayProcess:
