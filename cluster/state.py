@@ -331,7 +331,8 @@ def holds_resources(state: AgentState) -> bool:
     if state.role is Role.PROMOTING:
         return state.epoch > 0  # leadership taken: the next steps take the rest
     if state.role is Role.DEMOTING:
-        return not any(step is Step.STORAGE_DOWN for step, _ in state.steps)
+        # A stray leadership's release (epoch 0) follows no promotion: it took nothing else.
+        return state.epoch > 0 and not any(step is Step.STORAGE_DOWN for step, _ in state.steps)
     return False
 
 

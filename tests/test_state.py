@@ -41,6 +41,7 @@ from cluster.state import (
     classify,
     decide,
     fence_targets,
+    holds_resources,
 )
 
 NODE = "alpha"
@@ -71,6 +72,16 @@ def failed(step: Step) -> StepResult:
     return StepResult(step, False, 0.5, detail="boom")
 
 
+def ready(node: str) -> Member:
+    """A member that can take over: passive, its warm relay running, not cooling down."""
+    return Member(node=node, role=Role.PASSIVE, relay_running=True, relay_ready=True)
+
+
+def ready_peer() -> dict[str, Member]:
+    """The members of a pair whose peer is ready to take over."""
+    return {PEER: ready(PEER)}
+
+
 @dataclass
 class World:
     """What the next snapshot reports; tests change its fields between decisions."""
@@ -85,6 +96,8 @@ class World:
     relay_running: bool = True
     relay_ready: bool = True
     relay_failures: int = 0
+    members: dict[str, Member] = field(default_factory=dict)  # the others' heartbeats
+    stopping: bool = False  # the agent got SIGTERM
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -92,6 +105,7 @@ class World:
             leader=self.leader,
             epoch=self.epoch,
             epoch_node=self.epoch_node,
+            members=dict(self.members),
             paused=self.paused,
             switchover=self.switchover,
             last_failover=self.last_failover,
@@ -100,6 +114,7 @@ class World:
             relay_running=self.relay_running,
             relay_ready=self.relay_ready,
             relay_failures=self.relay_failures,
+            stopping=self.stopping,
         )
         return Snapshot(cluster, local, wall, result)
 
@@ -293,6 +308,12 @@ CASES: dict[tuple[Role, Trigger], Case] = {
     (Role.PROMOTING, Trigger.LEADERSHIP_LOST): Case(
         promoting(Step.FENCE), World(leader=None), ok(Step.FENCE), steps=(Step.DRAIN,)
     ),
+    (Role.PROMOTING, Trigger.STOP): Case(
+        promoting(Step.STORAGE),
+        World(leader=ours(), stopping=True),
+        ok(Step.STORAGE),
+        steps=(Step.DRAIN,),
+    ),
     (Role.ACTIVE, Trigger.SESSION_LOST): Case(
         active(), World(session=Session.LOST, leader=ours()), steps=(Step.DRAIN,)
     ),
@@ -301,8 +322,11 @@ CASES: dict[tuple[Role, Trigger], Case] = {
     ),
     (Role.ACTIVE, Trigger.SWITCHOVER): Case(
         active(),
-        World(leader=ours(), switchover=Switchover(NODE, PEER, WALL - 1)),
+        World(leader=ours(), switchover=Switchover(NODE, PEER, WALL - 1), members=ready_peer()),
         steps=(Step.DRAIN,),
+    ),
+    (Role.ACTIVE, Trigger.STOP): Case(
+        active(), World(leader=ours(), stopping=True), steps=(Step.DRAIN,)
     ),
     (Role.ACTIVE, Trigger.RELAY_UNHEALTHY): Case(
         active(),
@@ -385,6 +409,7 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             (drain,) = decision.actions
             assert drain.timeout == POLICY.drain_time(decision.trigger.value)
             assert drain.reason == decision.note
+            assert holds_resources(after)  # nothing is released before its demotion step
         case Then.NEXT_DEMOTION_STEP:
             assert result is not None
             assert after.steps == (*before.steps, (result.step, result.seconds))
@@ -476,6 +501,27 @@ DIVERSIONS: dict[str, Diversion] = {
         failed(Step.ACQUIRE),
         Role.PASSIVE,
     ),
+    "promoting: stopping when acquire succeeds": Diversion(
+        (Role.PROMOTING, Trigger.STOP),
+        promoting(Step.ACQUIRE),
+        World(leader=ours(), stopping=True),
+        ok(Step.ACQUIRE, EPOCH),
+        Role.PASSIVE,
+    ),
+    "promoting: stopping when acquire fails": Diversion(
+        (Role.PROMOTING, Trigger.STOP),
+        promoting(Step.ACQUIRE),
+        World(leader=theirs(), stopping=True),
+        failed(Step.ACQUIRE),
+        Role.PASSIVE,
+    ),
+    "promoting: session lost as acquire succeeds": Diversion(
+        (Role.PROMOTING, Trigger.SESSION_LOST),
+        promoting(Step.ACQUIRE),
+        World(session=Session.SUSPENDED, leader=ours()),
+        ok(Step.ACQUIRE, EPOCH),
+        Role.PASSIVE,
+    ),
     "demoting: release done": Diversion(
         (Role.DEMOTING, Trigger.STEP_DONE),
         demoting(Step.RELEASE),
@@ -500,11 +546,15 @@ def test_documented_diversions(name: str) -> None:
     assert decision.trigger is (case.trigger or case.key[1])
     if case.role is Role.DEMOTING:
         assert decision.state.give_up
+    if case.role is Role.PASSIVE:
+        # Nothing but (maybe) the leader znode was taken: a stray one is released later.
+        assert decision.state == AgentState(role=Role.PASSIVE, steps=decision.state.steps)
+        assert not holds_resources(decision.state)
 
 
 # Pairs ``classify`` never produces for a role: safety triggers concern only a node holding or
-# taking resources, each role has its own health and opportunity triggers, and a promotion always
-# has a step in flight.
+# taking resources, so does a stop (a node that holds nothing just exits), each role has its own
+# health and opportunity triggers, and a promotion always has a step in flight.
 UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     {(role, t) for role in Role for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
     - {(Role.PROMOTING, t) for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
@@ -516,6 +566,7 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     | {(role, t) for role in Role if role is not Role.PASSIVE for t in (Trigger.LEADER_VACANT,)}
     | {(role, Trigger.LEADER_STRAY) for role in Role if role is not Role.PASSIVE}
     | {(role, Trigger.RETRY) for role in Role if role is not Role.DEMOTING}
+    | {(role, Trigger.STOP) for role in Role if role not in (Role.ACTIVE, Role.PROMOTING)}
     | {(Role.PROMOTING, Trigger.NOTHING)}
 )
 
@@ -535,13 +586,16 @@ def grid_states() -> list[AgentState]:
         AgentState(role=Role.PASSIVE, cooldown_until=NOW + 1),
         promoting(Step.ACQUIRE),
         promoting(Step.FENCE),
+        promoting(Step.STORAGE),
         promoting(Step.PUBLISH),
         active(),
         active(step=RESTART, attempts=1),
         demoting(Step.DRAIN),
         demoting(Step.RELEASE, give_up=True),
+        demoting(Step.RELEASE, reason="stray leader", epoch=0),
         demoting(None, retry_step=Step.STORAGE_DOWN, retry_at=NOW + 1),
         demoting(None, retry_step=Step.STORAGE_DOWN, retry_at=NOW),
+        demoting(None, retry_step=Step.RELEASE, retry_at=NOW + 1, attempts=1),
     ]
 
 
@@ -557,17 +611,24 @@ def grid_worlds() -> list[World]:
                             Switchover(NODE, None, WALL),
                             Switchover(PEER, NODE, WALL),
                         ):
-                            worlds.append(
-                                World(
-                                    session=session,
-                                    leader=leader,
-                                    relay_running=running,
-                                    relay_failures=failures,
-                                    paused=paused,
-                                    switchover=switchover,
-                                )
-                            )
+                            for members in ({}, ready_peer()):
+                                for stopping in (False, True):
+                                    worlds.append(
+                                        World(
+                                            session=session,
+                                            leader=leader,
+                                            relay_running=running,
+                                            relay_failures=failures,
+                                            paused=paused,
+                                            switchover=switchover,
+                                            members=members,
+                                            stopping=stopping,
+                                        )
+                                    )
     return worlds
+
+
+GRID_WORLDS = grid_worlds()
 
 
 def grid_results(state: AgentState) -> list[StepResult | None]:
@@ -581,7 +642,7 @@ def test_pairs_missing_from_the_table_do_nothing() -> None:
     """Over a grid of states and snapshots: a pair not in the table leaves everything as it was."""
     seen: set[tuple[Role, Trigger]] = set()
     for state in grid_states():
-        for world in grid_worlds():
+        for world in GRID_WORLDS:
             for result in grid_results(state):
                 snapshot = world.snapshot(WALL, result)
                 trigger = classify(state, snapshot, NOW, POLICY)
@@ -599,6 +660,51 @@ def test_pairs_missing_from_the_table_do_nothing() -> None:
     # Every pair outside the table was either seen above or is one classify never produces.
     assert missing - seen == UNREACHABLE
     assert {(role, Trigger.WAITING) for role in Role} <= seen
+
+
+def holding(state: AgentState) -> bool:
+    """Active, or promoting in a term it took: the node whose resources the peer must wait for."""
+    return state.role is Role.ACTIVE or (state.role is Role.PROMOTING and state.epoch > 0)
+
+
+def test_over_the_grid_only_safety_preempts_a_step_in_flight() -> None:
+    """Over the grid: with a step in flight and no result, nothing happens, except that a node
+    holding resources demotes at once when its session or its leadership is gone."""
+    preempted: set[tuple[Role, Trigger]] = set()
+    for state in grid_states():
+        if state.step is None:
+            continue
+        for world in GRID_WORLDS:
+            decision = decide(state, world.snapshot(WALL), NOW, POLICY)
+            lost = world.session is not Session.CONNECTED or world.leader != ours()
+            if not (holding(state) and lost):
+                assert decision.trigger is Trigger.WAITING
+                assert decision.actions == ()
+                assert decision.state == state
+                continue
+            expected = (
+                Trigger.SESSION_LOST
+                if world.session is not Session.CONNECTED
+                else Trigger.LEADERSHIP_LOST
+            )
+            assert decision.trigger is expected
+            preempted.add((state.role, expected))
+            assert decision.state.role is Role.DEMOTING
+            assert decision.state.give_up is (state.role is Role.PROMOTING)
+            assert decision.state.epoch == state.epoch
+            assert decision.actions == (
+                Action(
+                    Step.DRAIN,
+                    POLICY.urgent_drain_timeout,
+                    epoch=state.epoch,
+                    reason=decision.note,
+                ),
+            )
+    assert preempted == {
+        (role, trigger)
+        for role in (Role.ACTIVE, Role.PROMOTING)
+        for trigger in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)
+    }
 
 
 # ------------------------------------------------------------------ whole walks
@@ -704,11 +810,27 @@ def set_leadership_lost(walk: Walk) -> None:
 
 
 def set_switchover(walk: Walk) -> None:
+    walk.world.members = ready_peer()
     walk.world.switchover = Switchover(NODE, PEER, walk.wall)
 
 
 def set_switchover_to_anyone(walk: Walk) -> None:
+    walk.world.members = ready_peer()
     walk.world.switchover = Switchover(NODE, None, walk.wall)
+
+
+def set_stopping(walk: Walk) -> None:
+    walk.world.stopping = True
+
+
+def set_stopping_during_a_restart(walk: Walk) -> None:
+    """SIGTERM while a restart is in flight: the restart ends first, then the handover begins."""
+    walk.world.relay_running = False
+    assert [a.step for a in walk.see().actions] == [RESTART]
+    walk.world.stopping = True
+    walk.tick()
+    assert walk.see().trigger is Trigger.WAITING
+    walk.world.relay_running = True
 
 
 def set_relay_unhealthy(walk: Walk) -> None:
@@ -741,6 +863,8 @@ CAUSES: dict[str, tuple[Callable[[Walk], None], Trigger, bool]] = {
     "leadership lost": (set_leadership_lost, Trigger.LEADERSHIP_LOST, False),
     "switchover": (set_switchover, Trigger.SWITCHOVER, False),
     "switchover to anyone": (set_switchover_to_anyone, Trigger.SWITCHOVER, False),
+    "stop": (set_stopping, Trigger.STOP, False),
+    "stop during a restart": (set_stopping_during_a_restart, Trigger.STOP, False),
     "relay unhealthy": (set_relay_unhealthy, Trigger.RELAY_UNHEALTHY, True),
     "relay restarts fail": (set_relay_unrestartable, Trigger.RELAY_UNHEALTHY, True),
 }
@@ -755,7 +879,10 @@ def test_active_node_demotes_through_every_step(cause: str) -> None:
     cooldown_before = walk.state.cooldown_until
 
     provoke(walk)
-    decision = fail_the_restart(walk) if walk.state.step is RESTART else walk.see()
+    if walk.state.step is RESTART:
+        decision = walk.finish() if walk.world.relay_running else fail_the_restart(walk)
+    else:
+        decision = walk.see()
 
     assert decision.trigger is trigger
     assert decision.state.role is Role.DEMOTING
@@ -945,9 +1072,12 @@ def test_stale_switchover_is_ignored() -> None:
 
     walk = eligible()
     promote(walk)
+    walk.world.members = ready_peer()
     walk.world.switchover = Switchover(NODE, PEER, walk.wall - POLICY.switchover_timeout - 0.001)
     assert walk.see().actions == ()
     assert walk.state.role is Role.ACTIVE
+    walk.world.switchover = Switchover(NODE, PEER, walk.wall - POLICY.switchover_timeout)
+    assert walk.see().trigger is Trigger.SWITCHOVER  # the same request, just in time
 
 
 def test_losing_the_acquire_race_returns_to_passive_without_cooldown() -> None:
@@ -1047,8 +1177,10 @@ def test_failed_demotion_step_is_retried_and_never_skipped(failing: Step) -> Non
         decision = walk.finish(False, detail="busy")
         assert decision.actions == ()
         assert decision.state.attempts == attempt
-        # Whatever the world says, nothing happens before retry_interval...
-        walk.world.session = Session.CONNECTED
+        # Whatever the world says, nothing happens before retry_interval (but RELEASE is tried
+        # again as soon as the session is connected: see the test after this one)...
+        if failing is not Step.RELEASE:
+            walk.world.session = Session.CONNECTED
         walk.world.leader = None
         walk.tick(POLICY.retry_interval - 0.25)
         assert walk.see().actions == ()
@@ -1073,6 +1205,70 @@ def test_failed_demotion_step_is_retried_and_never_skipped(failing: Step) -> Non
     assert walk.state.cooldown_until <= walk.now  # not a give-up
 
 
+@pytest.mark.parametrize("outage", [Session.SUSPENDED, Session.LOST], ids=str)
+def test_a_failed_release_is_retried_as_soon_as_the_session_is_back(outage: Session) -> None:
+    """Leadership is given up without waiting out retry_interval once ZooKeeper answers again:
+    until then the peer cannot take over, whatever this node has released already."""
+    walk = eligible()
+    promote(walk)
+    walk.world.members = ready_peer()
+    walk.world.switchover = Switchover(NODE, PEER, walk.wall)
+    walk.see()
+    for _ in DEMOTION[:-1]:
+        walk.tick()
+        walk.finish()
+    assert walk.state.step is Step.RELEASE
+    walk.world.session = outage
+    walk.tick()
+    decision = walk.finish(False, detail="connection loss")
+    assert decision.trigger is Trigger.STEP_FAILED
+    assert decision.state.retry_step is Step.RELEASE
+    assert decision.state.retry_at == walk.now + POLICY.retry_interval
+    for _ in range(3):
+        walk.tick(0.1)
+        assert walk.see().actions == ()  # still no ZooKeeper: nothing to gain
+    walk.world.session = Session.CONNECTED
+    walk.tick(0.1)
+    assert walk.now < walk.state.retry_at
+    decision = walk.see()
+    assert decision.trigger is Trigger.RETRY
+    assert decision.actions == (Action(Step.RELEASE, POLICY.timeout(Step.RELEASE), epoch=EPOCH),)
+    assert decision.state.retry_step is None
+    walk.world.leader = None
+    walk.tick()
+    decision = walk.finish()
+    assert decision.state.role is Role.PASSIVE
+    assert decision.state.cooldown_until <= walk.now  # a switchover is not a give-up
+
+
+def test_a_failed_stray_release_is_retried_as_soon_as_the_session_is_back() -> None:
+    walk = Walk(AgentState(role=Role.PASSIVE), World(leader=ours()))
+    assert [a.step for a in walk.see().actions] == [Step.RELEASE]
+    walk.world.session = Session.SUSPENDED
+    walk.tick()
+    assert walk.finish(False).actions == ()
+    walk.tick()
+    assert walk.see().actions == ()
+    walk.world.session = Session.CONNECTED
+    walk.tick()
+    assert walk.now < walk.state.retry_at
+    decision = walk.see()
+    assert decision.trigger is Trigger.RETRY
+    assert decision.actions == (Action(Step.RELEASE, POLICY.timeout(Step.RELEASE), epoch=0),)
+
+
+@pytest.mark.parametrize("failing", DEMOTION[:-1], ids=str)
+def test_other_failed_demotion_steps_wait_even_when_the_session_is_back(failing: Step) -> None:
+    state = demoting(None, retry_step=failing, retry_at=NOW + POLICY.retry_interval, attempts=1)
+    for session in Session:
+        decision = decide(state, World(session=session, leader=ours()).snapshot(WALL), NOW, POLICY)
+        assert decision.trigger is Trigger.NOTHING
+        assert decision.actions == ()
+    release = replace(state, retry_step=Step.RELEASE)
+    decision = decide(release, World(leader=ours()).snapshot(WALL), NOW, POLICY)
+    assert [a.step for a in decision.actions] == [Step.RELEASE]
+
+
 def test_give_up_survives_retries() -> None:
     walk = eligible()
     promote(walk)
@@ -1094,6 +1290,7 @@ IN_FLIGHT: dict[str, AgentState] = {
     "failed": AgentState(role=Role.FAILED, step=START, attempts=3),
     "passive": AgentState(role=Role.PASSIVE, step=START),
     "acquire": promoting(Step.ACQUIRE),
+    "fence": promoting(Step.FENCE),
     "storage": promoting(Step.STORAGE),
     "publish": promoting(Step.PUBLISH),
     "restart": active(step=RESTART),
@@ -1101,60 +1298,130 @@ IN_FLIGHT: dict[str, AgentState] = {
     "release": demoting(Step.RELEASE),
     "stray release": demoting(Step.RELEASE, reason="stray leader", epoch=0),
 }
+# Active, or promoting past ACQUIRE: the steps a lost session or leadership cuts short.
+PREEMPTIBLE = frozenset({"fence", "storage", "publish", "restart"})
 
-ALARMS: dict[str, World] = {
-    "quiet": World(leader=ours()),
-    "suspended": World(session=Session.SUSPENDED, leader=ours()),
-    "lost": World(session=Session.LOST),
-    "taken over": World(leader=theirs(EPOCH + 1)),
-    "vacant": World(),
-    "everything": World(
-        session=Session.SUSPENDED,
-        leader=theirs(EPOCH + 1),
-        paused=PAUSE,
-        switchover=Switchover(NODE, PEER, WALL),
-        relay_running=False,
-        relay_failures=99,
+# What the snapshot shows, and the safety trigger it is for a node holding resources.
+ALARMS: dict[str, tuple[World, Trigger | None]] = {
+    "quiet": (World(leader=ours()), None),
+    "suspended": (World(session=Session.SUSPENDED, leader=ours()), Trigger.SESSION_LOST),
+    "lost": (World(session=Session.LOST), Trigger.SESSION_LOST),
+    "taken over": (World(leader=theirs(EPOCH + 1)), Trigger.LEADERSHIP_LOST),
+    "vacant": (World(), Trigger.LEADERSHIP_LOST),
+    "stopping": (World(leader=ours(), stopping=True), None),
+    "unhealthy": (World(leader=ours(), relay_running=False, relay_failures=99), None),
+    "switchover": (
+        World(leader=ours(), switchover=Switchover(NODE, PEER, WALL), members=ready_peer()),
+        None,
+    ),
+    "everything": (
+        World(
+            session=Session.SUSPENDED,
+            leader=theirs(EPOCH + 1),
+            paused=PAUSE,
+            switchover=Switchover(NODE, PEER, WALL),
+            members=ready_peer(),
+            relay_running=False,
+            relay_failures=99,
+            stopping=True,
+        ),
+        Trigger.SESSION_LOST,
     ),
 }
 
 
 @pytest.mark.parametrize("alarm", list(ALARMS))
 @pytest.mark.parametrize("name", list(IN_FLIGHT))
-def test_nothing_happens_while_a_step_is_in_flight(name: str, alarm: str) -> None:
+def test_only_safety_preempts_the_step_in_flight(name: str, alarm: str) -> None:
+    """While a step is in flight nothing happens, whatever the snapshot says, except that a node
+    holding resources demotes at once on a lost session or leadership (the agent abandons the
+    step in flight and discards its result)."""
     state = IN_FLIGHT[name]
-    decision = decide(state, ALARMS[alarm].snapshot(WALL), NOW, POLICY)
-    assert decision.trigger is Trigger.WAITING
-    assert decision.actions == ()
-    assert decision.state == state
-    assert not decision.changed
+    world, safety = ALARMS[alarm]
+    decision = decide(state, world.snapshot(WALL), NOW, POLICY)
+    if name not in PREEMPTIBLE or safety is None:
+        assert decision.trigger is Trigger.WAITING
+        assert decision.actions == ()
+        assert decision.state == state
+        assert not decision.changed
+        return
+    assert decision.trigger is safety
+    assert decision.state.role is Role.DEMOTING
+    assert decision.state.step is Step.DRAIN
+    assert decision.state.give_up is (state.role is Role.PROMOTING)
+    assert decision.actions == (
+        Action(Step.DRAIN, POLICY.urgent_drain_timeout, epoch=EPOCH, reason=decision.note),
+    )
+    assert decision.changed
+    assert holds_resources(decision.state)
 
 
-@pytest.mark.parametrize("step", [Step.STORAGE, Step.PUBLISH], ids=str)
-def test_safety_takes_effect_when_the_promotion_step_ends(step: Step) -> None:
+LOSSES: dict[str, tuple[Callable[[Walk], None], Trigger]] = {
+    "suspended": (set_session_suspended, Trigger.SESSION_LOST),
+    "lost": (set_session_lost, Trigger.SESSION_LOST),
+    "leader": (set_leadership_lost, Trigger.LEADERSHIP_LOST),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("step", PROMOTION[1:], ids=str)
+def test_safety_preempts_the_promotion_step_in_flight(step: Step, loss: str) -> None:
+    provoke, trigger = LOSSES[loss]
     walk = eligible()
     promote_until(walk, step)
-    walk.world.session = Session.SUSPENDED
-    for _ in range(5):
-        walk.tick()
-        assert walk.see().actions == ()
-    decision = walk.finish()  # the step succeeded, but the session is gone
-    assert decision.trigger is Trigger.SESSION_LOST
+    walk.tick()
+    provoke(walk)
+    mark = len(walk.log)
+    decision = walk.see()  # the step has not ended: it is abandoned
+    assert decision.trigger is trigger
     assert decision.state.role is Role.DEMOTING
-    assert [a.step for a in decision.actions] == [Step.DRAIN]
+    assert decision.state.give_up
+    assert decision.actions == (
+        Action(Step.DRAIN, POLICY.urgent_drain_timeout, epoch=EPOCH, reason=decision.note),
+    )
+    assert decision.note == f"promotion abandoned ({trigger.value}); rolling back"
+    # The abandoned step's result never reaches decide; the demotion runs from its first step.
+    assert finish_demotion(walk) == list(DEMOTION)
+    assert walk.state.role is Role.PASSIVE
+    assert walk.state.cooldown_until == walk.now + POLICY.cooldown
+    assert [a.step for d in walk.log[mark:] for a in d.actions] == list(DEMOTION)
 
 
-def test_safety_takes_effect_when_the_restart_ends() -> None:
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_safety_preempts_a_restart_in_flight(loss: str) -> None:
+    provoke, trigger = LOSSES[loss]
+    walk = eligible()
+    promote(walk)
+    walk.world.relay_running = False
+    assert [a.step for a in walk.see().actions] == [RESTART]
+    walk.tick()
+    assert walk.see().trigger is Trigger.WAITING  # a restart takes its time...
+    provoke(walk)
+    decision = walk.see()  # ... but not once another node may take over
+    assert decision.trigger is trigger
+    assert decision.state.role is Role.DEMOTING
+    assert not decision.state.give_up
+    assert decision.state.attempts == 0
+    assert decision.actions == (
+        Action(Step.DRAIN, POLICY.urgent_drain_timeout, epoch=EPOCH, reason=decision.note),
+    )
+    assert finish_demotion(walk) == list(DEMOTION)
+    assert walk.state.role is Role.PASSIVE
+
+
+@pytest.mark.parametrize("success", [True, False], ids=["restarted", "restart-failed"])
+def test_safety_beats_the_result_of_a_restart(success: bool) -> None:
+    """The loss arrives on the very snapshot that brings the restart's outcome."""
     walk = eligible()
     promote(walk)
     walk.world.relay_running = False
     walk.see()
     walk.world.session = Session.LOST
     walk.world.leader = None
-    assert walk.see().trigger is Trigger.WAITING
-    walk.world.relay_running = True
-    decision = walk.finish()
+    walk.world.relay_running = success
+    decision = walk.finish(success)
     assert decision.trigger is Trigger.SESSION_LOST
+    assert decision.state.role is Role.DEMOTING
     assert [a.step for a in decision.actions] == [Step.DRAIN]
 
 
@@ -1204,6 +1471,7 @@ def test_pause_does_not_stop_an_operator_switchover() -> None:
     walk = eligible()
     promote(walk)
     walk.world.paused = PAUSE
+    walk.world.members = ready_peer()
     walk.world.switchover = Switchover(NODE, PEER, walk.wall)
     decision = walk.see()
     assert decision.trigger is Trigger.SWITCHOVER
@@ -1213,14 +1481,216 @@ def test_pause_does_not_stop_an_operator_switchover() -> None:
 def test_node_that_handed_over_does_not_take_it_back() -> None:
     walk = eligible()
     promote(walk)
+    walk.world.members = ready_peer()
     walk.world.switchover = Switchover(NODE, None, walk.wall)
-    walk.see()
+    assert walk.see().trigger is Trigger.SWITCHOVER
     finish_demotion(walk)
     assert walk.state.role is Role.PASSIVE
     assert walk.world.leader is None
     assert walk.see().actions == ()
     walk.tick(POLICY.switchover_timeout + 1)  # the request expired and nobody took over
     assert walk.see().trigger is Trigger.LEADER_VACANT
+
+
+def member(node: str, **changes: object) -> Member:
+    return replace(ready(node), **changes)  # type: ignore[arg-type]
+
+
+# Why a member cannot take over: how its record differs from a ready one.
+UNREADY: dict[str, dict[str, object]] = {
+    "starting": {"role": Role.STARTING},
+    "failed": {"role": Role.FAILED},
+    "promoting": {"role": Role.PROMOTING},
+    "active": {"role": Role.ACTIVE, "holds": True},
+    "demoting": {"role": Role.DEMOTING, "holds": True},
+    "relay down": {"relay_running": False, "relay_ready": False},
+    "cooling down": {"cooldown": True},
+}
+
+
+def unready(node: str, why: str) -> Member:
+    return member(node, **UNREADY[why])
+
+
+@pytest.mark.parametrize("target", [PEER, None], ids=["to-peer", "to-anyone"])
+@pytest.mark.parametrize("peer", [None, *UNREADY], ids=lambda name: name or "absent")
+def test_switchover_is_refused_while_nobody_can_take_over(
+    peer: str | None, target: str | None
+) -> None:
+    """A handover into a cluster with nobody ready would be an outage: the node stays active,
+    and hands over as soon as the target is ready."""
+    walk = eligible()
+    promote(walk)
+    walk.world.members = {NODE: unready(NODE, "active")}
+    if peer is not None:
+        walk.world.members[PEER] = unready(PEER, peer)
+    walk.world.switchover = Switchover(NODE, target, walk.wall)
+    for _ in range(3):
+        walk.tick()
+        decision = walk.see()
+        assert decision.trigger is Trigger.NOTHING
+        assert decision.actions == ()
+        assert decision.state.role is Role.ACTIVE
+    walk.world.members[PEER] = ready(PEER)
+    walk.tick()
+    decision = walk.see()
+    assert decision.trigger is Trigger.SWITCHOVER
+    assert decision.state.role is Role.DEMOTING
+    assert decision.actions == (
+        Action(Step.DRAIN, POLICY.drain_timeout, epoch=EPOCH, reason="switchover"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "members", "hands_over"),
+    [
+        # to a named target: that one must be ready, however ready the others are
+        (Switchover(NODE, PEER, WALL), {PEER: ready(PEER)}, True),
+        (Switchover(NODE, OTHER, WALL), {PEER: ready(PEER)}, False),
+        (
+            Switchover(NODE, OTHER, WALL),
+            {PEER: ready(PEER), OTHER: unready(OTHER, "relay down")},
+            False,
+        ),
+        (Switchover(NODE, OTHER, WALL), {PEER: unready(PEER, "failed"), OTHER: ready(OTHER)}, True),
+        # to anyone: some other member must be ready
+        (
+            Switchover(NODE, None, WALL),
+            {PEER: unready(PEER, "cooling down"), OTHER: ready(OTHER)},
+            True,
+        ),
+        (Switchover(NODE, None, WALL), {PEER: unready(PEER, "cooling down")}, False),
+        # never to itself (the operator's CLI never asks for that)
+        (Switchover(NODE, NODE, WALL), {NODE: unready(NODE, "active"), PEER: ready(PEER)}, False),
+        (Switchover(NODE, None, WALL), {NODE: ready(NODE)}, False),
+        # a request from another node is not this node's to act on
+        (Switchover(PEER, OTHER, WALL), {OTHER: ready(OTHER)}, False),
+        (Switchover(PEER, None, WALL), {PEER: ready(PEER)}, False),
+        # a stale request is ignored, a ready target or not
+        (Switchover(NODE, PEER, WALL - POLICY.switchover_timeout - 1), {PEER: ready(PEER)}, False),
+    ],
+)
+def test_switchover_goes_only_to_a_member_that_can_take_over(
+    request_: Switchover, members: dict[str, Member], hands_over: bool
+) -> None:
+    world = World(leader=ours(), switchover=request_, members=members)
+    decision = decide(active(), world.snapshot(WALL), NOW, POLICY)
+    assert decision.trigger is (Trigger.SWITCHOVER if hands_over else Trigger.NOTHING)
+    assert decision.state.role is (Role.DEMOTING if hands_over else Role.ACTIVE)
+    assert bool(decision.actions) is hands_over
+
+
+# ------------------------------------------------------------------ stopping
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_a_stopping_active_node_hands_over_gracefully_then_stays_passive(paused: bool) -> None:
+    walk = eligible()
+    promote(walk)
+    walk.world.paused = PAUSE if paused else None
+    walk.world.stopping = True
+    walk.tick()
+    decision = walk.see()
+    assert decision.trigger is Trigger.STOP
+    assert decision.state.role is Role.DEMOTING
+    assert not decision.state.give_up  # the node is leaving, not sick
+    assert decision.state.reason == "stop"
+    assert decision.actions == (
+        Action(Step.DRAIN, POLICY.drain_timeout, epoch=EPOCH, reason="stop"),
+    )
+    assert finish_demotion(walk) == list(DEMOTION)
+    assert walk.state.role is Role.PASSIVE
+    assert walk.state.cooldown_until <= walk.now
+    # Passive and stopping: the agent exits; until it does, it neither takes over (the leader
+    # znode is vacant, no cooldown, no interval) nor restarts its relay.
+    walk.world.paused = None
+    walk.world.relay_running = False
+    walk.tick(POLICY.cooldown + POLICY.min_failover_interval)
+    decision = walk.see()
+    assert decision.trigger is Trigger.NOTHING
+    assert decision.actions == ()
+    walk.world.relay_running = True
+    walk.world.switchover = Switchover(PEER, NODE, walk.wall)  # not even when asked to
+    decision = walk.see()
+    assert decision.trigger is Trigger.NOTHING
+    assert decision.actions == ()
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_safety_beats_a_stop(loss: str) -> None:
+    """A stopping node that loses its session or leadership lets go at once: the urgent drain."""
+    provoke, trigger = LOSSES[loss]
+    walk = eligible()
+    promote(walk)
+    walk.world.stopping = True
+    provoke(walk)
+    decision = walk.see()
+    assert decision.trigger is trigger
+    assert decision.actions == (
+        Action(Step.DRAIN, POLICY.urgent_drain_timeout, epoch=EPOCH, reason=decision.note),
+    )
+
+
+@pytest.mark.parametrize("success", [True, False], ids=["ok", "failed"])
+@pytest.mark.parametrize("step", PROMOTION[1:], ids=str)
+def test_a_stop_during_promotion_waits_for_the_step_then_rolls_back(
+    step: Step, success: bool
+) -> None:
+    walk = eligible()
+    promote_until(walk, step)
+    walk.world.stopping = True
+    mark = len(walk.log)
+    for _ in range(3):
+        walk.tick()
+        decision = walk.see()
+        assert decision.trigger is Trigger.WAITING
+        assert decision.actions == ()
+    decision = walk.finish(success, detail="slow")
+    assert decision.trigger is Trigger.STOP
+    assert decision.state.role is Role.DEMOTING
+    assert decision.state.give_up
+    assert decision.state.epoch == EPOCH
+    assert [a.step for a in decision.actions] == [Step.DRAIN]
+    assert decision.actions[0].timeout == POLICY.drain_timeout
+    why = "" if success else f"{step.value} failed: slow"
+    assert decision.note == f"promotion abandoned ({why or 'stop'}); rolling back"
+    assert finish_demotion(walk) == list(DEMOTION)
+    assert walk.state.role is Role.PASSIVE
+    assert [a.step for d in walk.log[mark:] for a in d.actions] == list(DEMOTION)
+
+
+@pytest.mark.parametrize("success", [True, False], ids=["won", "lost"])
+def test_a_stop_during_acquire_takes_no_further_step(success: bool) -> None:
+    walk = eligible()
+    start_promotion(walk)
+    walk.world.stopping = True
+    walk.tick()
+    assert walk.see().trigger is Trigger.WAITING
+    walk.world.leader = ours(EPOCH) if success else theirs(EPOCH)
+    decision = walk.finish(success, epoch=EPOCH if success else 0, detail="node exists")
+    assert decision.trigger is Trigger.STOP
+    assert decision.state.role is Role.PASSIVE
+    assert decision.actions == ()
+    assert not holds_resources(decision.state)
+    decision = walk.see()
+    if success:  # the leader znode it took is let go before the agent exits
+        assert decision.trigger is Trigger.LEADER_STRAY
+        assert [a.step for a in decision.actions] == [Step.RELEASE]
+        assert finish_demotion(walk) == [Step.RELEASE]
+    else:
+        assert decision.actions == ()
+    assert walk.state.role is Role.PASSIVE
+
+
+def test_a_stopping_node_finishes_its_demotion() -> None:
+    walk = eligible()
+    promote(walk)
+    walk.world.relay_failures = POLICY.relay_failure_limit
+    assert walk.see().trigger is Trigger.RELAY_UNHEALTHY
+    walk.world.stopping = True
+    assert finish_demotion(walk) == list(DEMOTION)
+    assert walk.state.role is Role.PASSIVE
+    assert walk.state.cooldown_until == walk.now + POLICY.cooldown  # still a give-up
 
 
 # ------------------------------------------------------------------ random walks
@@ -1252,6 +1722,18 @@ def random_switchover(rng: random.Random, wall: float) -> Switchover | None:
     return Switchover(source, target, wall - rng.choice((0.0, 4.0, 8.0, 9.0)))
 
 
+def random_members(rng: random.Random) -> dict[str, Member]:
+    """The other nodes' records: present or not, ready to take over or not."""
+    members: dict[str, Member] = {}
+    for node, choices in ((PEER, ("ready",) * 6 + tuple(UNREADY)), (OTHER, ("ready", "failed"))):
+        why = rng.choice((None, *choices))
+        if why == "ready":
+            members[node] = ready(node)
+        elif why is not None:
+            members[node] = unready(node, why)
+    return members
+
+
 def perturb(rng: random.Random, world: World, wall: float) -> None:
     """The world changes a little, the way a real cluster does, and sometimes a lot."""
     if rng.random() < 0.02:
@@ -1273,10 +1755,14 @@ def perturb(rng: random.Random, world: World, wall: float) -> None:
         world.paused = None if world.paused is not None else PAUSE
     if rng.random() < 0.02:
         world.switchover = random_switchover(rng, wall)
+    if rng.random() < 0.05:
+        world.members = random_members(rng)
     if rng.random() < 0.03:
         world.relay_running = not world.relay_running
     if rng.random() < 0.05:
         world.relay_failures = rng.randrange(4)
+    if rng.random() < 0.003:  # SIGTERM: stays until the agent exits
+        world.stopping = True
 
 
 def arbitrary(rng: random.Random, wall: float, result: StepResult | None) -> Snapshot:
@@ -1291,6 +1777,8 @@ def arbitrary(rng: random.Random, wall: float, result: StepResult | None) -> Sna
         last_failover=rng.choice((None, wall, wall - 10)),
         relay_running=rng.random() < 0.7,
         relay_failures=rng.randrange(4),
+        members=random_members(rng),
+        stopping=rng.random() < 0.2,
     )
     return world.snapshot(wall, result)
 
@@ -1323,7 +1811,7 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
         return False
     if cluster.leader is not None or not snapshot.local.relay_running:
         return False
-    if now < state.cooldown_until:
+    if now < state.cooldown_until or snapshot.local.stopping:
         return False
     request = cluster.switchover
     if request is not None and snapshot.wall - request.at <= policy.switchover_timeout:
@@ -1334,6 +1822,40 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
+def may_hand_over(snapshot: Snapshot, policy: Policy) -> bool:
+    """A fresh request from this node names a member (or, with no target, some other member)
+    that is passive, has its warm relay running and is not cooling down."""
+    request = snapshot.cluster.switchover
+    if request is None or request.source != policy.node:
+        return False
+    if snapshot.wall - request.at > policy.switchover_timeout:
+        return False
+    members = snapshot.cluster.members
+    names = {request.target} if request.target is not None else set(members)
+    return any(
+        name != policy.node
+        and name in members
+        and members[name].role is Role.PASSIVE
+        and members[name].relay_running
+        and not members[name].cooldown
+        for name in names
+    )
+
+
+# What each step may take, and the step whose success lets go of it again.
+TAKES: dict[Step, str] = {
+    Step.STORAGE: "spool",
+    Step.VIP: "address",
+    Step.RELAY: "serving relay",
+    RESTART: "serving relay",
+}
+LETS_GO: dict[Step, str] = {
+    Step.STORAGE_DOWN: "spool",
+    Step.VIP_DOWN: "address",
+    Step.DRAIN: "serving relay",
+}
+
+
 @dataclass
 class History:
     """What the checker remembers of the walk so far."""
@@ -1342,10 +1864,19 @@ class History:
     promoted: list[Step] = field(default_factory=list)  # promotion steps done in this term
     demoted: list[Step] = field(default_factory=list)  # demotion steps done in this demotion
     demotion: tuple[Step, ...] = ()  # the steps the current demotion must run
+    # What the node may hold on this machine: taken from the moment a step that takes it is
+    # started (an abandoned or failed step may have done half of its work), until the step
+    # that lets go of it succeeded.
+    taken: set[str] = field(default_factory=set)
     seen: set[tuple[Role, Trigger]] = field(default_factory=set)
     activations: int = 0
     demotions: int = 0
     give_ups: int = 0
+    preempted: int = 0  # steps in flight cut short by a lost session or leadership
+    stops: int = 0  # handovers because the agent was stopping
+    handovers: int = 0  # switchovers begun by this active node
+    refused: int = 0  # decisions to stay active on a fresh request nobody could take
+    exits: int = 0  # the agent stopped, holding nothing
 
 
 def check(
@@ -1359,13 +1890,43 @@ def check(
     """The invariants of one decision."""
     after = decision.state
     result = snapshot.result
+    cluster = snapshot.cluster
     trigger = classify(before, snapshot, now, policy)
     history.seen.add((before.role, trigger))
     steps = [a.step for a in decision.actions]
+    stopping = snapshot.local.stopping
 
-    # One step at a time, and only when none is in flight or the one in flight just ended.
+    # What the node may hold: the last step's outcome, then the step it starts now.
+    if result is not None and result.ok and result.step in LETS_GO:
+        history.taken.discard(LETS_GO[result.step])
+    history.taken.update(TAKES[step] for step in steps if step in TAKES)
+    if history.taken:
+        assert holds_resources(after), (history.taken, after)
+    if after.role in (Role.STARTING, Role.PASSIVE, Role.FAILED):
+        assert not history.taken
+        assert not holds_resources(after)
+
+    # Safety first: a node holding resources (active, or promoting in a term it took) that
+    # lost its session or leadership lets go on this very snapshot, even with a step in flight.
+    acquired = result is not None and result.step is Step.ACQUIRE and result.ok
+    holding = before.role is Role.ACTIVE or (
+        before.role is Role.PROMOTING and (before.epoch > 0 or acquired)
+    )
+    lost = cluster.session is not Session.CONNECTED or not (cluster.leader and cluster.leader.ours)
     assert len(decision.actions) <= 1
-    if before.step is not None and result is None:
+    if holding and lost:
+        if before.step is not None and result is None:
+            history.preempted += 1
+        if before.role is Role.PROMOTING and before.epoch == 0:  # nothing taken but the znode
+            assert after.role is Role.PASSIVE
+            assert steps == []
+        else:
+            assert after.role is Role.DEMOTING
+            assert after.step is Step.DRAIN
+            assert decision.actions[0].timeout == policy.urgent_drain_timeout
+            assert after.give_up is (before.role is Role.PROMOTING)
+    elif before.step is not None and result is None:
+        # One step at a time: nothing else happens while a step is in flight.
         assert trigger is Trigger.WAITING
         assert decision.actions == ()
         assert after == before
@@ -1373,6 +1934,32 @@ def check(
     if result is not None:
         assert result.step is before.step
     assert after.step == (steps[0] if steps else None)
+
+    # A stopping agent hands over and never takes anything on.
+    if stopping:
+        assert Step.ACQUIRE not in steps
+        assert not set(steps) & set(PROMOTION)
+        assert after.role is not Role.ACTIVE
+        if before.role is Role.PASSIVE:
+            assert START not in steps
+        if before.role in (Role.ACTIVE, Role.PROMOTING):
+            assert after.role in (Role.DEMOTING, Role.PASSIVE)
+            if not (holding and lost):
+                assert trigger is Trigger.STOP
+                history.stops += 1
+                if before.role is Role.ACTIVE:
+                    assert not after.give_up
+                    assert decision.actions[0].timeout == policy.drain_timeout
+
+    # A switchover only to a member that can take it; otherwise the node stays active.
+    if trigger is Trigger.SWITCHOVER:
+        assert may_hand_over(snapshot, policy)
+        history.handovers += 1
+    if before.role is Role.ACTIVE and trigger is Trigger.NOTHING:
+        assert not may_hand_over(snapshot, policy)
+        request = cluster.switchover
+        if request is not None and request.source == policy.node:
+            history.refused += snapshot.wall - request.at <= policy.switchover_timeout
 
     # The current term: its epoch is the one ACQUIRE returned, and every action carries it.
     if Step.ACQUIRE in steps:
@@ -1395,13 +1982,13 @@ def check(
 
     # Promotion steps are taken only while connected and holding the leader znode.
     if set(steps) & set(PROMOTION[1:]):
-        assert snapshot.cluster.session is Session.CONNECTED
-        assert snapshot.cluster.leader is not None and snapshot.cluster.leader.ours
+        assert cluster.session is Session.CONNECTED
+        assert cluster.leader is not None and cluster.leader.ours
 
     # ACTIVE only after the complete promotion of this term, and never without a session.
     if after.role is Role.ACTIVE:
-        assert snapshot.cluster.session is Session.CONNECTED
-        assert snapshot.cluster.leader is not None and snapshot.cluster.leader.ours
+        assert cluster.session is Session.CONNECTED
+        assert cluster.leader is not None and cluster.leader.ours
         if before.role is not Role.ACTIVE:
             assert before.role is Role.PROMOTING
             assert history.promoted == list(PROMOTION)
@@ -1426,7 +2013,10 @@ def check(
         for step in steps:
             assert step is history.demotion[len(history.demoted)]
         if before.step is None and result is None:
-            assert bool(steps) is (now >= before.retry_at)
+            # A failed step waits out retry_interval; giving up leadership waits only for
+            # ZooKeeper to answer again.
+            back = before.retry_step is Step.RELEASE and cluster.session is Session.CONNECTED
+            assert bool(steps) is (now >= before.retry_at or back)
         if after.role is not Role.DEMOTING:
             assert after.role is Role.PASSIVE
             assert history.demoted == list(history.demotion)
@@ -1441,6 +2031,13 @@ def check(
         assert not after.give_up
         history.term_epoch = 0
 
+    # What the node publishes as ``holds``: from the leadership taken to the spool released.
+    if after.role is Role.PROMOTING:
+        assert holds_resources(after) is (after.step is not Step.ACQUIRE)
+    if after.role is Role.DEMOTING:
+        full = history.demotion == DEMOTION
+        assert holds_resources(after) is (full and Step.STORAGE_DOWN not in history.demoted)
+
 
 def random_walk(seed: int, steps: int) -> History:
     rng = random.Random(seed)
@@ -1450,9 +2047,16 @@ def random_walk(seed: int, steps: int) -> History:
     history = History()
     now, wall = NOW, WALL
     for _ in range(steps):
-        if rng.random() < 0.003:  # the agent restarts, with a new ZooKeeper session
+        done = state.role in (Role.STARTING, Role.PASSIVE, Role.FAILED) and state.step is None
+        exits = world.stopping and done
+        if exits or rng.random() < 0.003:
+            # The agent exits (stopped, holding nothing) or crashes, and starts again with a new
+            # ZooKeeper session; its clean slate releases what a former run left held.
+            history.exits += exits
             state = AgentState()
             history.term_epoch = 0
+            history.taken.clear()
+            world.stopping = False
             world.relay_running = rng.random() < 0.5
             if world.leader is not None and world.leader.ours:
                 world.leader = None
@@ -1460,6 +2064,17 @@ def random_walk(seed: int, steps: int) -> History:
         now += elapsed
         wall += elapsed
         perturb(rng, world, wall)
+        if state.role is Role.ACTIVE and rng.random() < 0.1:  # the operator asks it to hand over
+            world.switchover = Switchover(NODE, rng.choice((None, PEER, OTHER)), wall)
+        # This node's own record, as its agent publishes it.
+        world.members[NODE] = Member(
+            node=NODE,
+            role=state.role,
+            epoch=state.epoch,
+            relay_running=world.relay_running,
+            cooldown=now < state.cooldown_until,
+            holds=holds_resources(state),
+        )
         result = None
         if state.step is not None and rng.random() < 0.5:
             result = run_executor(rng, state.step, world, wall)
@@ -1478,11 +2093,19 @@ def random_walk(seed: int, steps: int) -> History:
 
 
 SEEDS = (1, 2, 3, 4, 5)
+_WALKS: dict[int, History] = {}
+
+
+def walked(seed: int) -> History:
+    """The history of the walk for ``seed`` (each walk runs once per test session)."""
+    if seed not in _WALKS:
+        _WALKS[seed] = random_walk(seed, 4000)
+    return _WALKS[seed]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_walk_keeps_the_invariants(seed: int) -> None:
-    history = random_walk(seed, 4000)
+    history = walked(seed)
     assert history.activations >= 5
     assert history.demotions >= 5
     assert history.give_ups >= 1
@@ -1491,8 +2114,18 @@ def test_random_walk_keeps_the_invariants(seed: int) -> None:
 def test_random_walks_visit_every_row_of_the_table() -> None:
     seen: set[tuple[Role, Trigger]] = set()
     for seed in SEEDS:
-        seen |= random_walk(seed, 4000).seen
+        seen |= walked(seed).seen
     assert set(TRANSITIONS) <= seen
+
+
+def test_random_walks_exercise_the_new_rules() -> None:
+    """The invariants above were checked on walks that did meet each rule, more than once."""
+    histories = [walked(seed) for seed in SEEDS]
+    assert sum(h.preempted for h in histories) >= 5
+    assert sum(h.stops for h in histories) >= 5
+    assert sum(h.exits for h in histories) >= 5
+    assert sum(h.handovers for h in histories) >= 5
+    assert sum(h.refused for h in histories) >= 5
 
 
 # ------------------------------------------------------------------ purity
@@ -1517,65 +2150,327 @@ def test_state_imports_only_the_standard_library() -> None:
     assert not roots & forbidden
 
 
+# ---------------------------------------------------------------- what a node holds
+
+
+@pytest.mark.parametrize(
+    ("state", "holds"),
+    [
+        (AgentState(), False),
+        (AgentState(step=START), False),
+        (AgentState(role=Role.FAILED, attempts=3), False),
+        (AgentState(role=Role.PASSIVE), False),
+        (AgentState(role=Role.PASSIVE, step=START, cooldown_until=NOW + 5), False),
+        # promoting: nothing before the leadership is taken, everything may follow after it
+        (promoting(Step.ACQUIRE), False),
+        (promoting(Step.FENCE), True),
+        (promoting(Step.STORAGE), True),
+        (promoting(Step.PUBLISH), True),
+        (active(), True),
+        (active(step=RESTART, attempts=1), True),
+        # demoting: until the spool is released (the relay and the address go before it)
+        (demoting(Step.DRAIN), True),
+        (demoting(Step.VIP_DOWN, steps=((Step.DRAIN, 0.1),)), True),
+        (demoting(Step.STORAGE_DOWN, steps=((Step.DRAIN, 0.1), (Step.VIP_DOWN, 0.1))), True),
+        (
+            demoting(
+                None,
+                steps=((Step.DRAIN, 0.1), (Step.VIP_DOWN, 0.1)),
+                retry_step=Step.STORAGE_DOWN,
+                attempts=2,
+            ),
+            True,
+        ),
+        (demoting(Step.RELEASE, steps=tuple((s, 0.1) for s in DEMOTION[:-1])), False),
+        (
+            demoting(None, steps=tuple((s, 0.1) for s in DEMOTION[:-1]), retry_step=Step.RELEASE),
+            False,
+        ),
+        # releasing a stray leadership: a passive node took nothing else
+        (demoting(Step.RELEASE, reason="stray leader", epoch=0), False),
+        (demoting(None, reason="stray leader", epoch=0, retry_step=Step.RELEASE), False),
+    ],
+)
+def test_holds_resources(state: AgentState, holds: bool) -> None:
+    assert holds_resources(state) is holds
+
+
+def test_holds_resources_along_a_promotion_and_a_demotion() -> None:
+    """Holding begins with the leadership and ends when the spool is released."""
+    walk = eligible()
+    start_promotion(walk)
+    assert not holds_resources(walk.state)  # ACQUIRE in flight: it may lose the race
+    acquire(walk)
+    for _ in PROMOTION[1:]:
+        assert holds_resources(walk.state), walk.state.step
+        walk.tick()
+        walk.finish()
+    assert walk.log[-1].state.role is Role.ACTIVE
+    assert holds_resources(walk.state)
+    walk.world.members = ready_peer()
+    walk.world.switchover = Switchover(NODE, PEER, walk.wall)
+    assert walk.see().state.role is Role.DEMOTING
+    held: list[tuple[Step | None, bool]] = []
+    while walk.state.role is Role.DEMOTING:
+        held.append((walk.state.step, holds_resources(walk.state)))
+        if walk.state.step is Step.RELEASE:
+            walk.world.leader = None
+        walk.tick()
+        walk.finish()
+    assert held == [
+        (Step.DRAIN, True),
+        (Step.VIP_DOWN, True),
+        (Step.STORAGE_DOWN, True),
+        (Step.RELEASE, False),
+    ]
+    assert not holds_resources(walk.state)
+
+
 # ---------------------------------------------------------------- whom to fence
 
 
 def fence_world(
-    known: set[str], members: dict[str, Role], epoch_node: str | None = None
+    known: set[str], members: dict[str, tuple[Role, bool]], epoch_node: str | None = None
 ) -> Snapshot:
+    """The view when leadership was just taken; ``members``: each record's role and ``holds``."""
     view = ClusterView(
         session=Session.CONNECTED,
         leader=ours(),
         epoch=EPOCH,
         epoch_node=epoch_node,
-        members={name: Member(node=name, role=role) for name, role in members.items()},
+        members={
+            name: Member(node=name, role=role, holds=holds)
+            for name, (role, holds) in members.items()
+        },
         known_nodes=frozenset(known),
     )
     return Snapshot(cluster=view, local=LocalView(relay_running=True), wall=WALL)
+
+
+TAKING = (Role.PROMOTING, True)  # this node, as it publishes itself once it took leadership
 
 
 @pytest.mark.parametrize(
     ("known", "members", "epoch_node", "expected"),
     [
         # The former active node crashed: its member znode is gone.
-        ({NODE, PEER}, {NODE: Role.PROMOTING}, PEER, (PEER,)),
+        ({NODE, PEER}, {NODE: TAKING}, PEER, (PEER,)),
         # A failed fence, then a retry: the epoch record names this node, the peer is still gone.
-        ({NODE, PEER}, {NODE: Role.PROMOTING}, NODE, (PEER,)),
+        ({NODE, PEER}, {NODE: TAKING}, NODE, (PEER,)),
         # A switchover: the peer is connected and passive, it holds nothing.
-        ({NODE, PEER}, {NODE: Role.PROMOTING, PEER: Role.PASSIVE}, PEER, ()),
-        # Connected but still active or demoting by its own account: it may hold the spool.
-        ({NODE, PEER}, {NODE: Role.PROMOTING, PEER: Role.DEMOTING}, PEER, (PEER,)),
-        ({NODE, PEER}, {NODE: Role.PROMOTING, PEER: Role.ACTIVE}, PEER, (PEER,)),
+        ({NODE, PEER}, {NODE: TAKING, PEER: (Role.PASSIVE, False)}, PEER, ()),
+        # ... or still demoting, with everything but leadership released.
+        ({NODE, PEER}, {NODE: TAKING, PEER: (Role.DEMOTING, False)}, PEER, ()),
+        # A cold start: the peer lost the race for leadership, it took nothing.
+        ({NODE, PEER}, {NODE: TAKING, PEER: (Role.PROMOTING, False)}, NODE, ()),
+        # Connected but holding by its own account: it may hold the spool.
+        ({NODE, PEER}, {NODE: TAKING, PEER: (Role.DEMOTING, True)}, PEER, (PEER,)),
+        ({NODE, PEER}, {NODE: TAKING, PEER: (Role.ACTIVE, True)}, PEER, (PEER,)),
+        ({NODE, PEER}, {NODE: TAKING, PEER: (Role.PROMOTING, True)}, PEER, (PEER,)),
         # Every node that is not provably clean, in a stable order; never this node.
-        ({NODE, PEER, OTHER}, {NODE: Role.PROMOTING, OTHER: Role.FAILED}, None, (PEER,)),
-        ({NODE, OTHER}, {NODE: Role.PROMOTING}, PEER, (PEER, OTHER)),
-        ({NODE}, {NODE: Role.PROMOTING}, None, ()),
+        ({NODE, PEER, OTHER}, {NODE: TAKING, OTHER: (Role.FAILED, False)}, None, (PEER,)),
+        ({NODE, OTHER}, {NODE: TAKING}, PEER, (PEER, OTHER)),
+        ({NODE}, {NODE: TAKING}, None, ()),
     ],
 )
 def test_fence_targets_are_every_node_not_known_to_hold_nothing(
-    known: set[str], members: dict[str, Role], epoch_node: str | None, expected: tuple[str, ...]
+    known: set[str],
+    members: dict[str, tuple[Role, bool]],
+    epoch_node: str | None,
+    expected: tuple[str, ...],
 ) -> None:
     assert fence_targets(fence_world(known, members, epoch_node), POLICY) == expected
+
+
+@pytest.mark.parametrize("holds", [False, True], ids=["clean", "holding"])
+@pytest.mark.parametrize("role", list(Role), ids=str)
+def test_a_member_is_clean_exactly_when_it_says_it_holds_nothing(role: Role, holds: bool) -> None:
+    """The record's ``holds`` decides, not its role: the publisher knows what it took."""
+    snapshot = fence_world({NODE, PEER}, {NODE: TAKING, PEER: (role, holds)}, PEER)
+    assert fence_targets(snapshot, POLICY) == ((PEER,) if holds else ())
 
 
 def test_the_fence_action_names_the_targets_seen_when_leadership_was_taken() -> None:
     state = promoting(Step.ACQUIRE, epoch=0)
     snapshot = replace(
-        fence_world({NODE, PEER}, {NODE: Role.PROMOTING}, NODE), result=ok(Step.ACQUIRE, EPOCH)
+        fence_world({NODE, PEER}, {NODE: TAKING}, NODE), result=ok(Step.ACQUIRE, EPOCH)
     )
     decision = decide(state, snapshot, NOW, POLICY)
     (action,) = decision.actions
     assert action.step is Step.FENCE and action.fence == (PEER,) and action.epoch == EPOCH
 
 
+class Pair:
+    """Agents sharing one ZooKeeper; each publishes ``holds_resources`` of its state at once."""
+
+    def __init__(self, states: dict[str, AgentState]) -> None:
+        self.states = dict(states)
+        self.connected = set(states)  # agents whose session, and so member znode, is alive
+        self.suspended: set[str] = set()  # agents whose connection is lost for now
+        self.leader: str | None = None
+        self.epoch = EPOCH - 1
+        self.epoch_node: str | None = None
+        self.switchover: Switchover | None = None
+        self.now = NOW
+        self.wall = WALL
+        self.fenced: list[tuple[str, ...]] = []  # the targets of every FENCE action, in order
+
+    def record(self, node: str) -> Member:
+        state = self.states[node]
+        return Member(
+            node=node,
+            role=state.role,
+            epoch=state.epoch,
+            relay_running=True,
+            relay_ready=True,
+            cooldown=self.now < state.cooldown_until,
+            holds=holds_resources(state),
+        )
+
+    def snapshot(self, node: str, result: StepResult | None = None) -> Snapshot:
+        leader = None
+        if self.leader is not None:
+            leader = Leader(self.leader, self.epoch, since=WALL, ours=self.leader == node)
+        view = ClusterView(
+            session=Session.SUSPENDED if node in self.suspended else Session.CONNECTED,
+            leader=leader,
+            epoch=self.epoch,
+            epoch_node=self.epoch_node,
+            members={name: self.record(name) for name in sorted(self.connected)},
+            switchover=self.switchover,
+            known_nodes=frozenset(self.states),
+        )
+        return Snapshot(view, LocalView(relay_running=True, relay_ready=True), self.wall, result)
+
+    def decide(self, node: str, result: StepResult | None = None) -> Decision:
+        snapshot = self.snapshot(node, result)
+        decision = decide(self.states[node], snapshot, self.now, Policy(node=node))
+        self.states[node] = decision.state
+        self.fenced.extend(a.fence for a in decision.actions if a.step is Step.FENCE)
+        return decision
+
+    def execute(self, node: str) -> StepResult:
+        """The executor runs ``node``'s step in flight against the shared ZooKeeper."""
+        step = self.states[node].step
+        assert step is not None
+        self.now += 0.1
+        self.wall += 0.1
+        if step is Step.ACQUIRE:
+            if self.leader is not None:
+                return StepResult(step, False, 0.1, "node exists")
+            self.epoch += 1
+            self.leader = self.epoch_node = node
+            return StepResult(step, True, 0.1, epoch=self.epoch)
+        if step is Step.RELEASE and self.leader == node:
+            self.leader = None
+        if step is Step.PUBLISH:
+            self.switchover = None
+        return StepResult(step, True, 0.1)
+
+    def run(self, node: str) -> Decision:
+        return self.decide(node, self.execute(node))
+
+    def settle(self) -> None:
+        """Every agent runs its steps to the end, in turns, until nothing is in flight."""
+        for _ in range(50):
+            busy = [name for name in sorted(self.connected) if self.states[name].step]
+            if not busy:
+                return
+            for name in busy:
+                self.run(name)
+            for name in sorted(self.connected):
+                self.decide(name)
+        raise AssertionError(f"the pair did not settle: {self.states}")
+
+
+@pytest.mark.parametrize("loser_heard_first", [False, True], ids=["loser-acquiring", "loser-back"])
+def test_the_loser_of_a_cold_start_race_is_not_fenced(loser_heard_first: bool) -> None:
+    pair = Pair({NODE: AgentState(role=Role.PASSIVE), PEER: AgentState(role=Role.PASSIVE)})
+    for node in (NODE, PEER):  # both see the vacant leadership and try to take it
+        assert pair.decide(node).trigger is Trigger.LEADER_VACANT
+    loser = pair.record(PEER)  # what the winner sees of the loser while both are acquiring
+    assert (loser.role, loser.holds) == (Role.PROMOTING, False)
+    won, lost = pair.execute(NODE), pair.execute(PEER)
+    assert won.ok and not lost.ok
+    if loser_heard_first:
+        assert pair.decide(PEER, lost).state.role is Role.PASSIVE
+    decision = pair.decide(NODE, won)
+    (fence,) = decision.actions
+    assert fence.step is Step.FENCE
+    assert fence.fence == ()  # the loser is connected and holds nothing: no shooting it
+    if not loser_heard_first:
+        assert pair.decide(PEER, lost).state.role is Role.PASSIVE
+    pair.settle()
+    assert pair.states[NODE].role is Role.ACTIVE
+    assert pair.states[PEER] == AgentState(role=Role.PASSIVE)
+    assert pair.fenced == [()]
+
+
+def test_a_node_releasing_a_stray_leadership_is_not_fenced() -> None:
+    """ACQUIRE won, but the session was suspended when its result came: the node rolled back to
+    passive, and gives the leader znode up once connected again. The peer takes over the moment
+    the znode is gone, while the node still publishes DEMOTING: it must not be fenced."""
+    pair = Pair({NODE: AgentState(role=Role.PASSIVE), PEER: AgentState(role=Role.PASSIVE)})
+    assert pair.decide(NODE).trigger is Trigger.LEADER_VACANT
+    won = pair.execute(NODE)
+    pair.suspended.add(NODE)
+    assert pair.decide(NODE, won).state.role is Role.PASSIVE
+    pair.suspended.clear()
+    decision = pair.decide(NODE)
+    assert decision.trigger is Trigger.LEADER_STRAY
+    assert [a.step for a in decision.actions] == [Step.RELEASE]
+    assert pair.record(NODE).role is Role.DEMOTING
+    assert not pair.record(NODE).holds
+    released = pair.execute(NODE)  # the znode is gone; the node has not heard back yet
+    assert pair.decide(PEER).trigger is Trigger.LEADER_VACANT
+    decision = pair.run(PEER)
+    assert [a.step for a in decision.actions] == [Step.FENCE]
+    assert pair.fenced == [()]
+    assert pair.decide(NODE, released).state == AgentState(
+        role=Role.PASSIVE, steps=((Step.RELEASE, 0.1),)
+    )
+    pair.settle()
+    assert pair.states[PEER].role is Role.ACTIVE
+    assert pair.fenced == [()]
+
+
+def two_nodes_one_active() -> Pair:
+    pair = Pair({NODE: AgentState(role=Role.PASSIVE), PEER: AgentState(role=Role.PASSIVE)})
+    assert pair.decide(NODE).trigger is Trigger.LEADER_VACANT
+    pair.settle()
+    assert pair.states[NODE].role is Role.ACTIVE
+    assert pair.states[PEER].role is Role.PASSIVE
+    pair.fenced.clear()
+    pair.now += POLICY.min_failover_interval
+    pair.wall += POLICY.min_failover_interval
+    return pair
+
+
 def test_a_node_that_stepped_down_cleanly_is_not_fenced() -> None:
-    snapshot = fence_world({NODE, PEER}, {NODE: Role.PROMOTING})
-    demoting = Member(node=PEER, role=Role.DEMOTING, released=True)
-    view = replace(snapshot.cluster, members={**snapshot.cluster.members, PEER: demoting})
-    assert fence_targets(replace(snapshot, cluster=view), POLICY) == ()
-    holding = replace(demoting, released=False)
-    view = replace(snapshot.cluster, members={**snapshot.cluster.members, PEER: holding})
-    assert fence_targets(replace(snapshot, cluster=view), POLICY) == (PEER,)
+    pair = two_nodes_one_active()
+    pair.switchover = Switchover(NODE, PEER, pair.wall)
+    assert pair.decide(NODE).trigger is Trigger.SWITCHOVER
+    held = []
+    while pair.states[NODE].step is not None:
+        held.append(pair.record(NODE).holds)
+        assert pair.decide(PEER).actions == ()  # the leadership is still taken
+        pair.run(NODE)
+    assert held == [True, True, True, False]  # DRAIN, VIP_DOWN, STORAGE_DOWN, RELEASE
+    assert pair.decide(PEER).trigger is Trigger.LEADER_VACANT
+    pair.settle()
+    assert pair.states[PEER].role is Role.ACTIVE
+    assert pair.states[NODE].role is Role.PASSIVE
+    assert pair.fenced == [()]
+
+
+def test_a_node_that_vanished_while_holding_is_fenced() -> None:
+    pair = two_nodes_one_active()
+    pair.connected.discard(NODE)  # it crashed: its session expired, its znodes are gone
+    pair.leader = None
+    assert pair.decide(PEER).trigger is Trigger.LEADER_VACANT
+    pair.settle()
+    assert pair.states[PEER].role is Role.ACTIVE
+    assert pair.fenced == [(NODE,)]
 
 
 @pytest.mark.parametrize(
@@ -1584,6 +2479,7 @@ def test_a_node_that_stepped_down_cleanly_is_not_fenced() -> None:
         (Trigger.SESSION_LOST, True),
         (Trigger.LEADERSHIP_LOST, True),
         (Trigger.SWITCHOVER, False),
+        (Trigger.STOP, False),
         (Trigger.RELAY_UNHEALTHY, False),
     ],
 )
