@@ -377,7 +377,8 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
 def _can_hand_over(request: Switchover, snapshot: Snapshot) -> bool:
     """A node to hand over to is there and ready: never demote into a cluster with nobody."""
     members = snapshot.cluster.members
-    targets = [request.target] if request.target else [n for n in members if n != request.source]
+    named = [request.target] if request.target else list(members)
+    targets = [name for name in named if name != request.source]
     return any(name in members and members[name].can_take_over for name in targets)
 
 
@@ -397,6 +398,12 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
         return Trigger.SESSION_LOST
     if holding and not _holds_leadership(snapshot):
         return Trigger.LEADERSHIP_LOST
+    # A graceful drain (switchover, stop, giving up) is cut short the same way: the peer may
+    # take over once the session expires, and the relay still holds the spool.
+    draining = role is Role.DEMOTING and state.step is Step.DRAIN and result is None
+    graceful = policy.drain_time(state.reason) > policy.urgent_drain_timeout
+    if draining and graceful and cluster.session is not Session.CONNECTED:
+        return Trigger.SESSION_LOST
     if result is None and state.step is not None:
         return Trigger.WAITING
     if local.stopping and role in (Role.ACTIVE, Role.PROMOTING):
@@ -406,7 +413,8 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     if role in (Role.STARTING, Role.FAILED):
         if local.relay_running:
             return Trigger.RELAY_WARM
-        return Trigger.RELAY_DOWN if now >= state.retry_at else Trigger.NOTHING
+        due = now >= state.retry_at and not local.stopping
+        return Trigger.RELAY_DOWN if due else Trigger.NOTHING
     if role is Role.DEMOTING:
         # Giving up leadership cannot wait out the retry interval once ZooKeeper is back.
         back = state.retry_step is Step.RELEASE and cluster.session is Session.CONNECTED
@@ -448,6 +456,7 @@ class Then(enum.Enum):
     NEXT_DEMOTION_STEP = "next demotion step"
     ROLL_BACK = "roll back"  # a promotion step failed: demote, then cool down
     RETRY_DEMOTION_STEP = "retry demotion step"
+    CUT_DRAIN_SHORT = "cut drain short"  # a graceful drain becomes an urgent one
     RELEASE_ONLY = "release only"
     START_RELAY = "start relay"
     RESTART_RELAY = "restart relay"
@@ -496,6 +505,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_D, Trigger.STEP_DONE): Transition(_D, Then.NEXT_DEMOTION_STEP),
     (_D, Trigger.STEP_FAILED): Transition(_D, Then.RETRY_DEMOTION_STEP),
     (_D, Trigger.RETRY): Transition(_D, Then.RETRY_DEMOTION_STEP),
+    (_D, Trigger.SESSION_LOST): Transition(_D, Then.CUT_DRAIN_SHORT),
     # failed: the relay would not start; it is tried again now and then
     (Role.FAILED, Trigger.RELAY_DOWN): Transition(Role.FAILED, Then.START_RELAY),
     (Role.FAILED, Trigger.RELAY_WARM): Transition(Role.PASSIVE, Then.RELAY_STARTED),
@@ -628,6 +638,9 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             return new_state, actions, note
         case Then.BEGIN_DEMOTION:
             return _begin_demotion(ctx, give_up=False, note=ctx.trigger.value.replace("_", " "))
+        case Then.CUT_DRAIN_SHORT:
+            note = "session lost during a graceful drain: cutting it short"
+            return _begin_demotion(ctx, give_up=state.give_up, note=note)
         case Then.BEGIN_GIVING_UP:
             return _begin_demotion(ctx, give_up=True, note="relay unhealthy; giving up leadership")
         case Then.RELEASE_ONLY:

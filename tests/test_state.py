@@ -348,6 +348,11 @@ CASES: dict[tuple[Role, Trigger], Case] = {
     (Role.DEMOTING, Trigger.STEP_FAILED): Case(
         demoting(Step.VIP_DOWN), World(leader=ours()), failed(Step.VIP_DOWN)
     ),
+    (Role.DEMOTING, Trigger.SESSION_LOST): Case(
+        demoting(Step.DRAIN, reason=Trigger.SWITCHOVER.value),
+        World(session=Session.SUSPENDED, leader=ours()),
+        steps=(Step.DRAIN,),
+    ),
     (Role.DEMOTING, Trigger.RETRY): Case(
         demoting(None, retry_step=Step.VIP_DOWN, retry_at=NOW, attempts=1),
         World(leader=ours()),
@@ -400,6 +405,11 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             assert result is not None
             assert after.steps == (*before.steps, (result.step, result.seconds))
             assert after.epoch == before.epoch
+        case Then.CUT_DRAIN_SHORT:
+            assert after.give_up is before.give_up
+            assert after.reason == Trigger.SESSION_LOST.value
+            (drain,) = decision.actions
+            assert drain.step is Step.DRAIN and drain.timeout == POLICY.urgent_drain_timeout
         case Then.BEGIN_DEMOTION | Then.BEGIN_GIVING_UP | Then.ROLL_BACK:
             assert after.give_up is (then is not Then.BEGIN_DEMOTION)
             assert after.started == NOW
@@ -559,6 +569,7 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     {(role, t) for role in Role for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
     - {(Role.PROMOTING, t) for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
     - {(Role.ACTIVE, t) for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
+    - {(Role.DEMOTING, Trigger.SESSION_LOST)}  # a graceful drain is cut short
     | {(role, Trigger.RELAY_WARM) for role in Role if role not in (Role.STARTING, Role.FAILED)}
     | {(role, Trigger.RELAY_DOWN) for role in (Role.PROMOTING, Role.DEMOTING)}
     | {(role, Trigger.RELAY_UNHEALTHY) for role in Role if role is not Role.ACTIVE}
@@ -667,6 +678,12 @@ def holding(state: AgentState) -> bool:
     return state.role is Role.ACTIVE or (state.role is Role.PROMOTING and state.epoch > 0)
 
 
+def graceful_drain(state: AgentState) -> bool:
+    """Demoting with a drain in flight that gives deliveries their full time."""
+    urgent = POLICY.drain_time(state.reason) == POLICY.urgent_drain_timeout
+    return state.role is Role.DEMOTING and state.step is Step.DRAIN and not urgent
+
+
 def test_over_the_grid_only_safety_preempts_a_step_in_flight() -> None:
     """Over the grid: with a step in flight and no result, nothing happens, except that a node
     holding resources demotes at once when its session or its leadership is gone."""
@@ -677,6 +694,12 @@ def test_over_the_grid_only_safety_preempts_a_step_in_flight() -> None:
         for world in GRID_WORLDS:
             decision = decide(state, world.snapshot(WALL), NOW, POLICY)
             lost = world.session is not Session.CONNECTED or world.leader != ours()
+            if graceful_drain(state) and world.session is not Session.CONNECTED:
+                assert decision.trigger is Trigger.SESSION_LOST
+                (drain,) = decision.actions
+                assert drain.step is Step.DRAIN
+                assert drain.timeout == POLICY.urgent_drain_timeout
+                continue
             if not (holding(state) and lost):
                 assert decision.trigger is Trigger.WAITING
                 assert decision.actions == ()
@@ -1339,6 +1362,14 @@ def test_only_safety_preempts_the_step_in_flight(name: str, alarm: str) -> None:
     state = IN_FLIGHT[name]
     world, safety = ALARMS[alarm]
     decision = decide(state, world.snapshot(WALL), NOW, POLICY)
+    if graceful_drain(state) and world.session is not Session.CONNECTED:
+        # A graceful drain is not abandoned but cut short: the relay must let go at once.
+        assert decision.trigger is Trigger.SESSION_LOST
+        assert decision.state.give_up is state.give_up
+        assert decision.actions == (
+            Action(Step.DRAIN, POLICY.urgent_drain_timeout, epoch=EPOCH, reason=decision.note),
+        )
+        return
     if name not in PREEMPTIBLE or safety is None:
         assert decision.trigger is Trigger.WAITING
         assert decision.actions == ()
@@ -1925,6 +1956,12 @@ def check(
             assert after.step is Step.DRAIN
             assert decision.actions[0].timeout == policy.urgent_drain_timeout
             assert after.give_up is (before.role is Role.PROMOTING)
+    elif graceful_drain(before) and result is None and cluster.session is not Session.CONNECTED:
+        # A graceful drain is cut short: an urgent one replaces it, the give-up kept.
+        assert trigger is Trigger.SESSION_LOST
+        assert after.step is Step.DRAIN and after.give_up is before.give_up
+        assert decision.actions[0].timeout == policy.urgent_drain_timeout
+        return
     elif before.step is not None and result is None:
         # One step at a time: nothing else happens while a step is in flight.
         assert trigger is Trigger.WAITING
@@ -2489,3 +2526,19 @@ def test_the_drain_is_short_when_another_node_may_be_taking_over(
     expected = POLICY.urgent_drain_timeout if urgent else POLICY.drain_timeout
     assert POLICY.drain_time(trigger.value) == expected
     assert POLICY.urgent_drain_timeout < POLICY.drain_timeout
+
+
+def test_a_switchover_never_hands_over_to_the_node_that_asks_to_leave() -> None:
+    # A stale record of this node itself looking ready must not count as a target.
+    members = {NODE: ready(NODE)}
+    for target in (NODE, None):
+        world = World(leader=ours(), switchover=Switchover(NODE, target, WALL), members=members)
+        decision = decide(active(), world.snapshot(WALL), NOW, POLICY)
+        assert decision.trigger is Trigger.NOTHING and decision.actions == ()
+
+
+@pytest.mark.parametrize("role", [Role.STARTING, Role.FAILED, Role.PASSIVE])
+def test_a_stopping_agent_does_not_start_its_relay(role: Role) -> None:
+    world = World(relay_running=False, stopping=True)
+    decision = decide(AgentState(role=role), world.snapshot(WALL), NOW, POLICY)
+    assert decision.actions == ()
