@@ -149,9 +149,11 @@ class LoadRun:
             "--run-id",
             self.run_id,
         ]
-        self.process: subprocess.Popen[bytes] = lab.popen(
-            "client", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # Its complaints go beside its history: a pipe nobody reads would block it.
+        with open(history.with_suffix(".err"), "ab") as errors:
+            self.process: subprocess.Popen[bytes] = lab.popen(
+                "client", argv, stdout=subprocess.DEVNULL, stderr=errors
+            )
 
     def attempts(self) -> list[Attempt]:
         """What has been recorded so far."""
