@@ -23,6 +23,14 @@ _LEVELS = {
 }
 
 
+def _ends_mid_line(file: Path) -> bool:
+    with open(file, "rb") as existing:
+        if existing.seek(0, 2) == 0:
+            return False
+        existing.seek(-1, 2)
+        return existing.read(1) != b"\n"
+
+
 def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
     """Send JSON lines to ``file`` (appended, a line at a time) or standard output."""
     stream: IO[bytes]
@@ -30,9 +38,13 @@ def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
         stream = sys.stdout.buffer
     else:
         file.parent.mkdir(parents=True, exist_ok=True)
-        # Unbuffered: each event is one write(2) of one whole line, so a crash never leaves
-        # half a line and several processes may append to one file.
+        # Unbuffered: each event is one write(2) of one whole line, so several processes may
+        # append to one file. A kill -9 can still cut a write short (the kernel stops a write
+        # at a page boundary for a fatal signal): a process starts on a line of its own, so
+        # that only the dead process's last line is damaged, never the next one's first.
         stream = open(file, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+        if _ends_mid_line(file):
+            stream.write(b"\n")
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

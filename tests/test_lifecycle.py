@@ -6,7 +6,9 @@ import json
 import signal
 import smtplib
 import socket
+from pathlib import Path
 
+from hamta import eventlog
 from tests.conftest import MX_HOST, RelayFactory
 from tests.support import RecordingSink
 
@@ -151,3 +153,15 @@ def test_relay_command_without_a_relay_says_so(make_relay: RelayFactory) -> None
     result = relay.cli("relay", "status", "--socket", str(relay.control))
     assert result.returncode == 1
     assert "no relay control socket" in result.stderr
+
+
+def test_a_line_cut_by_kill_9_does_not_damage_the_next_process_s_first_line(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "events.log"
+    log.write_bytes(b'{"event":"Delivery","queue_id":"A1"}\n{"event":"Deliv')  # cut short
+    eventlog.configure("info", log)
+    eventlog.get_logger(node="n").info("RelayStarted")
+    lines = log.read_bytes().splitlines()
+    assert lines[1] == b'{"event":"Deliv'
+    assert json.loads(lines[2])["event"] == "RelayStarted"

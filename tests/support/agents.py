@@ -151,10 +151,12 @@ class AgentNode:
             return []
         found = []
         for line in self.agent_log.read_text().splitlines():
-            if line.strip():
+            try:
                 event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    found.append(event)
+            except ValueError:  # blank, or the last line of an agent killed mid-write
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
         return found
 
     def role(self) -> str | None:

@@ -181,10 +181,12 @@ class RelayProcess:
             return []
         events = []
         for line in self.log_path.read_text().splitlines():
-            if line.strip():
+            try:
                 event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    events.append(event)
+            except ValueError:  # blank, or the last line of a process killed mid-write
+                continue
+            if name is None or event.get("event") == name:
+                events.append(event)
         return events
 
     def wait_events(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
