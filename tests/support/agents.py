@@ -8,7 +8,6 @@ node's own SMTP address. The lab tests cover the virtual IP and the block device
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -20,7 +19,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
-from .relay import HAMTA, render_toml
+from .relay import HAMTA, read_events, render_toml
 from .sink import RecordingSink
 
 
@@ -147,17 +146,7 @@ class AgentNode:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The agent's JSON log lines, optionally only those called ``name``."""
-        if not self.agent_log.exists():
-            return []
-        found = []
-        for line in self.agent_log.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:  # blank, or the last line of an agent killed mid-write
-                continue
-            if name is None or event.get("event") == name:
-                found.append(event)
-        return found
+        return read_events(self.agent_log, name)
 
     def role(self) -> str | None:
         """The role of the last decision logged."""

@@ -18,9 +18,24 @@ from cluster.lab.configs import render_toml
 
 from .ports import free_port
 
-__all__ = ["HAMTA", "RelayProcess", "render_toml"]
+__all__ = ["HAMTA", "RelayProcess", "read_events", "render_toml"]
 
 HAMTA = [sys.executable, "-m", "hamta.cli"]
+
+
+def read_events(path: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON lines of an event log (relay or agent), optionally only events called ``name``."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:  # blank, or the last line of a process killed mid-write
+            continue
+        if name is None or event.get("event") == name:
+            events.append(event)
+    return events
 
 
 class RelayProcess:
@@ -177,17 +192,7 @@ class RelayProcess:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The JSON event log, optionally only events called ``name``."""
-        if not self.log_path.exists():
-            return []
-        events = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:  # blank, or the last line of a process killed mid-write
-                continue
-            if name is None or event.get("event") == name:
-                events.append(event)
-        return events
+        return read_events(self.log_path, name)
 
     def wait_events(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Poll the event log until ``count`` events called ``name`` are there; return them."""
