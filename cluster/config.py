@@ -49,6 +49,7 @@ class AgentSection(_Section):
     health_interval: PositiveSeconds = 0.5
     relay_failure_limit: Positive = 3
     relay_restart_limit: Annotated[int, Field(ge=0)] = 2
+    relay_restart_window: Seconds = 300.0
     min_failover_interval: Seconds = 5.0
     cooldown: Seconds = 30.0
     switchover_timeout: PositiveSeconds = 30.0
@@ -137,6 +138,7 @@ class AgentConfig(_Section):
             node=agent.node,
             relay_failure_limit=agent.relay_failure_limit,
             relay_restart_limit=agent.relay_restart_limit,
+            relay_restart_window=agent.relay_restart_window,
             min_failover_interval=agent.min_failover_interval,
             cooldown=agent.cooldown,
             switchover_timeout=agent.switchover_timeout,

@@ -202,7 +202,8 @@ class Policy:
 
     node: str
     relay_failure_limit: int = 3  # failed readiness checks in a row before giving up
-    relay_restart_limit: int = 2  # local relay restarts while active before giving up
+    relay_restart_limit: int = 2  # in-place relay restarts while active before giving up ...
+    relay_restart_window: float = 300.0  # ... within this long of the previous one
     relay_start_limit: int = 3  # failed warm starts in a row before FAILED
     retry_interval: float = 5.0  # before a failed start or demotion step is tried again
     min_failover_interval: float = 5.0  # between two automatic takeovers in the cluster
@@ -273,6 +274,7 @@ class AgentState:
     attempts: int = 0  # failures in a row of the retried step (start, restart, demotion)
     retry_at: float = 0.0
     retry_step: Step | None = None  # DEMOTING: the failed step to run again at ``retry_at``
+    restarted_at: float = 0.0  # ACTIVE: the last in-place relay restart (``attempts`` counts them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,22 +572,27 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
         case Then.START_RELAY:
             return replace(state, step=Step.START_RELAY), (ctx.run(Step.START_RELAY),), ""
         case Then.RESTART_RELAY:
+            # Restarts are counted within a window, not reset by a restart that worked: a relay
+            # that dies a minute after every restart still makes the node give up.
+            recent = now - state.restarted_at <= policy.relay_restart_window
+            restarts = state.attempts if recent else 0
+            paused = ctx.snapshot.cluster.paused is not None
+            if restarts >= policy.relay_restart_limit and not paused:
+                ctx.trigger = Trigger.RELAY_UNHEALTHY
+                note = f"the relay died again after {restarts} restarts; giving up leadership"
+                return _begin_demotion(ctx, give_up=True, note=note)
             note = "the relay process is gone; restarting it on the spool"
-            return replace(state, step=Step.RESTART_RELAY), (ctx.run(Step.RESTART_RELAY),), note
+            new = replace(state, step=Step.RESTART_RELAY, attempts=restarts + 1, restarted_at=now)
+            return new, (ctx.run(Step.RESTART_RELAY),), note
         case Then.RELAY_STARTED:
+            if state.role is Role.ACTIVE:  # restarts are counted by RESTART_RELAY's window
+                return replace(state, step=None), (), "relay up"
             return replace(state, step=None, attempts=0), (), "relay up"
         case Then.RELAY_START_FAILED:
             attempts = state.attempts + 1
             detail = result.detail if result else ""
-            if state.role is Role.ACTIVE:
-                # Giving up for relay health is automatic failover, which pause stops.
-                paused = ctx.snapshot.cluster.paused is not None
-                if attempts > policy.relay_restart_limit and not paused:
-                    ctx.trigger = Trigger.RELAY_UNHEALTHY
-                    return _begin_demotion(
-                        ctx, give_up=True, note=f"relay restart failed {attempts} times: {detail}"
-                    )
-                return replace(state, step=None, attempts=attempts), (), f"restart failed: {detail}"
+            if state.role is Role.ACTIVE:  # the next snapshot finds it down: RESTART_RELAY counts
+                return replace(state, step=None), (), f"restart failed: {detail}"
             role = Role.FAILED if attempts >= policy.relay_start_limit else state.role
             retry_at = now + policy.retry_interval
             new = replace(state, role=role, step=None, attempts=attempts, retry_at=retry_at)

@@ -386,13 +386,20 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
     match then:
         case Then.NOTHING:
             assert after == replace(before, role=after.role)
-        case Then.START_RELAY | Then.RESTART_RELAY:
+        case Then.START_RELAY:
             assert after.attempts == before.attempts
+        case Then.RESTART_RELAY:
+            recent = NOW - before.restarted_at <= POLICY.relay_restart_window
+            assert after.attempts == (before.attempts if recent else 0) + 1
+            assert after.restarted_at == NOW
         case Then.RELAY_STARTED:
-            assert after.attempts == 0
+            # In place, restarts are counted over a window, not reset by one that worked.
+            assert after.attempts == (before.attempts if before.role is Role.ACTIVE else 0)
         case Then.RELAY_START_FAILED:
-            assert after.attempts == before.attempts + 1
-            if before.role is not Role.ACTIVE:
+            if before.role is Role.ACTIVE:
+                assert after.attempts == before.attempts
+            else:
+                assert after.attempts == before.attempts + 1
                 assert after.retry_at == NOW + POLICY.retry_interval
         case Then.BEGIN_PROMOTION:
             assert after.epoch == 0
@@ -488,11 +495,11 @@ DIVERSIONS: dict[str, Diversion] = {
         failed(START),
         Role.FAILED,
     ),
-    "active: too many failed restarts": Diversion(
-        (Role.ACTIVE, Trigger.STEP_FAILED),
-        active(step=RESTART, attempts=POLICY.relay_restart_limit),
+    "active: the relay died once too often": Diversion(
+        (Role.ACTIVE, Trigger.RELAY_DOWN),
+        active(attempts=POLICY.relay_restart_limit, restarted_at=NOW - 1),
         World(leader=ours(), relay_running=False),
-        failed(RESTART),
+        None,
         Role.DEMOTING,
         (Step.DRAIN,),
         Trigger.RELAY_UNHEALTHY,
@@ -863,7 +870,7 @@ def set_relay_unhealthy(walk: Walk) -> None:
 
 
 def set_relay_unrestartable(walk: Walk) -> None:
-    """Every restart the limit allows fails, and one more is left in flight."""
+    """Every restart the limit allows fails; the next snapshot finds the relay down again."""
     walk.world.relay_running = False
     for _ in range(walk.policy.relay_restart_limit):
         decision = walk.see()
@@ -871,8 +878,6 @@ def set_relay_unrestartable(walk: Walk) -> None:
         decision = walk.finish(False, detail="spool locked")
         assert decision.state.role is Role.ACTIVE
         assert decision.actions == ()
-    decision = walk.see()
-    assert [a.step for a in decision.actions] == [RESTART]
     walk.tick()
 
 
@@ -934,22 +939,53 @@ def test_active_node_demotes_through_every_step(cause: str) -> None:
         assert walk.state.cooldown_until <= walk.now
 
 
+def die_and_restart(walk: Walk) -> Decision:
+    """The relay dies; the active node restarts it in place, and it comes back."""
+    walk.world.relay_running = False
+    decision = walk.see()
+    assert decision.trigger is Trigger.RELAY_DOWN
+    assert decision.actions == (Action(RESTART, POLICY.timeout(RESTART), epoch=EPOCH),)
+    walk.world.relay_running = True
+    return walk.finish()
+
+
 def test_relay_restarted_in_place_when_its_process_is_gone() -> None:
     walk = eligible()
     promote(walk)
-    for _ in range(3):  # a successful restart resets the count of failures
-        walk.world.relay_running = False
-        decision = walk.see()
-        assert decision.trigger is Trigger.RELAY_DOWN
-        assert decision.actions == (Action(RESTART, POLICY.timeout(RESTART), epoch=EPOCH),)
-        for _ in range(POLICY.relay_restart_limit):
-            assert fail_the_restart(walk).state.role is Role.ACTIVE
-            assert [a.step for a in walk.see().actions] == [RESTART]
-        walk.world.relay_running = True
-        decision = walk.finish()
+    for restart in range(1, POLICY.relay_restart_limit + 1):
+        decision = die_and_restart(walk)
         assert decision.state.role is Role.ACTIVE
-        assert decision.state.attempts == 0
+        assert decision.state.attempts == restart  # a restart that worked does not reset it
         assert walk.see().actions == ()
+        walk.tick(POLICY.relay_restart_window / 2)
+    # One death too many within the window of the last restart: the node gives up.
+    walk.world.relay_running = False
+    decision = walk.see()
+    assert decision.trigger is Trigger.RELAY_UNHEALTHY
+    assert decision.state.role is Role.DEMOTING and decision.state.give_up
+
+
+def test_a_relay_that_stays_up_for_the_window_starts_a_new_count() -> None:
+    walk = eligible()
+    promote(walk)
+    for _ in range(3 * POLICY.relay_restart_limit):
+        decision = die_and_restart(walk)
+        assert decision.state.role is Role.ACTIVE
+        assert decision.state.attempts == 1
+        walk.tick(POLICY.relay_restart_window + 1)
+
+
+def test_failed_restarts_count_too_and_pause_keeps_restarting() -> None:
+    walk = eligible()
+    promote(walk)
+    walk.world.paused = PAUSE
+    walk.world.relay_running = False
+    for _ in range(POLICY.relay_restart_limit + 3):
+        decision = walk.see()
+        assert [a.step for a in decision.actions] == [RESTART]  # paused: never gives up
+        assert fail_the_restart(walk).state.role is Role.ACTIVE
+    walk.world.paused = None
+    assert walk.see().trigger is Trigger.RELAY_UNHEALTHY
 
 
 # ------------------------------------------------------------------ safety
