@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import CoordinationError, Coordinator, Credentials
-from cluster.executor import CommandFencer, Executor, Fencer
+from cluster.executor import ChainFencer, CommandFencer, Executor, Fencer
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import (
     Action,
@@ -38,9 +38,18 @@ from cluster.state import (
 )
 from cluster.storage import Storage, storage_from_config
 from cluster.vip import VirtualIp
+from fencing import FenceChain, agents_from_config
 from hamta import eventlog
 from hamta.config import load_config, parse_hostport
 from hamta.eventlog import get_logger
+
+
+def _fencer(config: AgentConfig) -> Fencer:
+    """STONITH agents when configured, else plain commands (none: rely on self-demotion)."""
+    if config.fencing.agents:
+        return ChainFencer(FenceChain(agents_from_config(config.fencing.agents)))
+    return CommandFencer(config.fencing.commands)
+
 
 _RELAY_STEPS = frozenset({Step.START_RELAY, Step.RESTART_RELAY, Step.RELAY, Step.DRAIN})
 
@@ -129,7 +138,7 @@ class Agent:
             spool_name=config.storage.spool,
             vip=vip,
             relay=self.relay,
-            fencer=fencer or CommandFencer(config.fencing.commands),
+            fencer=fencer or _fencer(config),
             probe_address=(probe_host, config.probe.port or smtp_port),
             probe_timeout=config.probe.timeout,
             clock=clock,

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.state import Policy, Step
+from fencing import agents_from_config
 from hamta.config import (
     ConfigError,
     PositiveSeconds,
@@ -104,14 +105,23 @@ class VipSection(_Section):
 
 
 class FencingSection(_Section):
-    """Commands that fence the former active node, tried in order until one succeeds.
+    """How the former active node is fenced before a takeover.
 
-    ``{peer}`` and ``{epoch}`` in an argument are replaced. With no command, the takeover relies
-    on the former node having demoted itself before its session expired.
+    ``agents``: STONITH agents of the ``fencing`` package (command, ipmi, ssh, libvirt, lab),
+    tried in order until one fences the node. ``commands``: plain commands (``{peer}`` and
+    ``{epoch}`` in an argument are replaced), tried in order until one exits 0. With neither,
+    the takeover relies on the former node having demoted itself before its session expired.
     """
 
+    agents: list[dict[str, Any]] = Field(default_factory=list)
     commands: list[list[str]] = Field(default_factory=list)
     timeout: PositiveSeconds = 20.0
+
+    @field_validator("agents")
+    @classmethod
+    def _check_agents(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        agents_from_config(value)  # FencingConfigError (a ValueError) names the entry
+        return value
 
 
 class ProbeSection(_Section):

@@ -22,6 +22,7 @@ from cluster.relayproc import RelayControlError, RelayProcess
 from cluster.state import Action, Session, Step, StepResult
 from cluster.storage import Storage, StorageError
 from cluster.vip import VipError, VirtualIp
+from fencing import FenceChain, FenceError
 
 EPOCH_FILE = "hamta-epoch"
 T = TypeVar("T")
@@ -74,6 +75,21 @@ class CommandFencer:
             text = output.decode(errors="replace").strip().splitlines()
             failures.append(f"{argv[0]}: exit {process.returncode} {text[-1] if text else ''}")
         raise StepError("; ".join(failures))
+
+
+class ChainFencer:
+    """The ``fencing`` package's agents, tried in order for each node (its STONITH chain)."""
+
+    def __init__(self, chain: FenceChain) -> None:
+        self.chain = chain
+
+    async def fence(self, peer: str, epoch: int, timeout: float) -> str:
+        """How ``peer`` was fenced, with every attempt; StepError when no agent fenced it."""
+        try:
+            report = await self.chain.fence(peer, epoch, timeout)
+        except FenceError as exc:
+            raise StepError(str(exc)) from None
+        return report.summary()
 
 
 def write_epoch(directory: Path, epoch: int) -> None:

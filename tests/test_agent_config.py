@@ -34,6 +34,9 @@ commands = [["fence_ipmilan", "--ip", "bmc-{peer}", "--action", "off"]]
 """
 
 
+COMMANDS = 'commands = [["fence_ipmilan"'
+
+
 def test_a_good_configuration_becomes_a_policy() -> None:
     config = parse_agent_config(GOOD)
     policy = config.policy()
@@ -60,6 +63,20 @@ def test_a_good_configuration_becomes_a_policy() -> None:
         (("[vip]", "[vips]"), "vips: unknown key"),
         (('relay_config = "/etc/hamta/relay.toml"\n', ""), "agent.relay_config: Field required"),
         (("[agent]", "[agent"), "not valid TOML"),
+        (
+            (
+                'commands = [["fence_ipmilan"',
+                'agents = [{ type = "ssh" }]\ncommands = [["fence_ipmilan"',
+            ),
+            "fencing.agents: fencing agent 0 (ssh)",
+        ),
+        (
+            (
+                'commands = [["fence_ipmilan"',
+                'agents = [{ type = "power" }]\ncommands = [["fence_ipmilan"',
+            ),
+            "fencing.agents",
+        ),
     ],
 )
 def test_each_mistake_is_named(change: tuple[str, str], message: str) -> None:
@@ -69,6 +86,17 @@ def test_each_mistake_is_named(change: tuple[str, str], message: str) -> None:
         parse_agent_config(GOOD.replace(old, new), "agent.toml")
     assert message in str(error.value)
     assert str(error.value).startswith("agent.toml:")
+
+
+def test_stonith_agents_are_configured_in_order() -> None:
+    text = GOOD.replace(
+        'commands = [["fence_ipmilan"',
+        'agents = [{ type = "ipmi", host = "bmc-{node}", username = "admin", '
+        'password_file = "/etc/hamta/bmc.pw" }, { type = "libvirt", domain = "mx-{node}" }]\n'
+        'commands = [["fence_ipmilan"',
+    )
+    config = parse_agent_config(text)
+    assert [entry["type"] for entry in config.fencing.agents] == ["ipmi", "libvirt"]
 
 
 def test_unreadable_files_are_clear(tmp_path: Path) -> None:

@@ -78,3 +78,10 @@ def top_level_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def test_fencing_stands_below_the_agent() -> None:
+    # The agent uses fencing; fencing knows nothing of the agent, the lab or the chaos suite.
+    for path in (ROOT / "fencing").glob("*.py"):
+        for name in imports_of(path):
+            assert name.split(".")[0] not in {"cluster", "chaos", "hamta"}, (path, name)
