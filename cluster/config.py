@@ -51,6 +51,7 @@ class AgentSection(_Section):
     relay_failure_limit: Positive = 3
     relay_restart_limit: Annotated[int, Field(ge=0)] = 2
     relay_restart_window: Seconds = 300.0
+    relay_start_limit: Positive = 3
     min_failover_interval: Seconds = 5.0
     cooldown: Seconds = 30.0
     switchover_timeout: PositiveSeconds = 30.0
@@ -149,6 +150,7 @@ class AgentConfig(_Section):
             relay_failure_limit=agent.relay_failure_limit,
             relay_restart_limit=agent.relay_restart_limit,
             relay_restart_window=agent.relay_restart_window,
+            relay_start_limit=agent.relay_start_limit,
             min_failover_interval=agent.min_failover_interval,
             cooldown=agent.cooldown,
             switchover_timeout=agent.switchover_timeout,
