@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
+from relay import MASTER_CF
+
 from cluster.lab import Lab, LabError
 from cluster.lab.netns import NetnsError, addresses, remove_address
 from cluster.lab.probes import smtp_greeting
@@ -191,30 +193,6 @@ biff = no
 
 # Debian's stock master.cf without TLS and the local, virtual, pipe and lmtp transports; chroot
 # off (a chroot would need copies of /etc files in the queue directory).
-MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command + args
-smtp       inet  n       -       n       -       -       smtpd
-pickup     unix  n       -       n       60      1       pickup
-cleanup    unix  n       -       n       -       0       cleanup
-qmgr       unix  n       -       n       300     1       qmgr
-rewrite    unix  -       -       n       -       -       trivial-rewrite
-bounce     unix  -       -       n       -       0       bounce
-defer      unix  -       -       n       -       0       bounce
-trace      unix  -       -       n       -       0       bounce
-verify     unix  -       -       n       -       1       verify
-flush      unix  n       -       n       1000?   0       flush
-proxymap   unix  -       -       n       -       -       proxymap
-proxywrite unix  -       -       n       -       1       proxymap
-smtp       unix  -       -       n       -       -       smtp
-relay      unix  -       -       n       -       -       smtp
-showq      unix  n       -       n       -       -       showq
-error      unix  -       -       n       -       -       error
-retry      unix  -       -       n       -       -       error
-discard    unix  -       -       n       -       -       discard
-anvil      unix  -       -       n       -       1       anvil
-scache     unix  -       -       n       -       1       scache
-postlog    unix-dgram n  -       n       -       1       postlogd
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +352,9 @@ class KeepalivedPostfix:
                 ),
                 encoding="utf-8",
             )
-            (files.etc / "master.cf").write_text(MASTER_CF, encoding="utf-8")
+            # The relay benchmark's master.cf, its smtpd on the virtual IP.
+            master = MASTER_CF.format(listen_host=vip.ip, port=SMTP_PORT)
+            (files.etc / "master.cf").write_text(master, encoding="utf-8")
 
     @staticmethod
     def _check_traversable(directory: Path) -> None:

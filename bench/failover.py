@@ -72,7 +72,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +80,7 @@ from types import FrameType
 from typing import IO, Any, Final, Protocol, TypeVar
 
 from baseline import BaselineError, KeepalivedPostfix
+from relay import shielded
 
 import cluster
 from cluster.config import ConfigError, load_agent_config
@@ -628,7 +629,7 @@ def run_baseline(lab: Lab, args: argparse.Namespace, result: PartResult, directo
         result.verdict = drain_and_check(lab, attempts, DRAIN_TIMEOUT)
         say(f"  load: {_verdict_line(result.verdict)}")
     finally:
-        with _shielded():
+        with shielded():
             pair.stop()
 
 
@@ -801,17 +802,6 @@ def report(hamta: PartResult, baseline: PartResult | None, data: dict[str, Any])
 # ---------------------------------------------------------------------------- lifecycle
 
 
-@contextlib.contextmanager
-def _shielded() -> Iterator[None]:
-    """Hold off SIGINT/SIGTERM while cleaning up, so a second ^C cannot strand the lab."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def take_down(lab: Lab, attempts: int = 3) -> None:
     """``lab.down()``, again after a pause if a process was still exiting (a notify script's
     umount ends with its mount namespace)."""
@@ -881,7 +871,7 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         ok = False
         missing = missing or "interrupted"
     finally:
-        with _shielded():
+        with shielded():
             try:
                 take_down(lab)
             except LabError as exc:

@@ -257,7 +257,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
 
 
 @contextlib.contextmanager
-def _shielded() -> Iterator[None]:
+def shielded() -> Iterator[None]:
     """Hold off SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot strand processes."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -330,7 +330,7 @@ def smtp_sink(base: Path, port: int, env: dict[str, str]) -> Iterator[Sink]:
     except BenchError as exc:
         raise BenchError(f"smtp-sink: {exc}: {_tail(base / 'smtp-sink.err')}") from None
     finally:
-        with _shielded():
+        with shielded():
             _stop(proc)
 
 
@@ -446,7 +446,7 @@ def _drive(
                 )
             time.sleep(POLL_SECONDS)
     finally:
-        with _shielded():
+        with shielded():
             _stop(proc)
 
 
@@ -682,7 +682,7 @@ def postfix_instance(
         _wait_for_smtp(LOCALHOST, port, time.monotonic() + START_TIMEOUT, pid_file.exists)
         yield instance
     finally:
-        with _shielded():
+        with shielded():
             _stop_postfix(instance)
 
 
@@ -904,7 +904,7 @@ def run_hamta(
                     problems=problems,
                 )
             finally:
-                with _shielded():
+                with shielded():
                     code = _stop(proc, signal.SIGTERM)
             if code != 0:
                 problems.append(f"hamta exited {code} after SIGTERM: {_tail(err_file, 500)}")
