@@ -8,8 +8,6 @@ the whole demotion, and a demotion step that failed can simply be run again. Blo
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,8 +21,8 @@ from cluster.state import Action, Session, Step, StepResult
 from cluster.storage import Storage, StorageError
 from cluster.vip import VipError, VirtualIp
 from fencing import FenceChain, FenceError
+from hamta.epoch_token import TOKEN_FILE, TokenError, write_token
 
-EPOCH_FILE = "hamta-epoch"
 T = TypeVar("T")
 
 
@@ -49,7 +47,7 @@ class CommandFencer:
     async def fence(self, peer: str, epoch: int, timeout: float) -> str:
         """Run each command with ``{peer}`` and ``{epoch}`` filled in; the first success wins."""
         if not self.commands:
-            return "no fence command configured: relying on the peer's self-demotion"
+            raise StepError("no fence agent or command configured")
         failures: list[str] = []
         for template in self.commands:
             argv = [arg.format(peer=peer, epoch=epoch) for arg in template]
@@ -90,31 +88,6 @@ class ChainFencer:
         except FenceError as exc:
             raise StepError(str(exc)) from None
         return report.summary()
-
-
-def write_epoch(directory: Path, epoch: int) -> None:
-    """Write ``epoch`` durably into ``directory``; refuse to go back below a newer term's epoch.
-
-    The file is the fencing token on the spool: a node whose term is older than what the spool
-    holds was superseded and must not take the spool.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / EPOCH_FILE
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        current = int(path.read_text().strip())
-        if current > epoch:
-            raise StepError(f"the spool carries epoch {current}, newer than ours ({epoch})")
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w", encoding="ascii") as handle:
-        handle.write(f"{epoch}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Executor:
@@ -226,8 +199,11 @@ class Executor:
     async def _epoch(self, action: Action) -> str:
         if self._mounted is None:
             raise StepError("storage is not promoted")
-        await asyncio.to_thread(write_epoch, self._mounted, action.epoch)
-        return f"epoch {action.epoch} written to {self._mounted}"
+        try:
+            path = await asyncio.to_thread(write_token, self._mounted, action.epoch)
+        except TokenError as exc:
+            raise StepError(str(exc)) from None
+        return f"epoch {action.epoch} written to {path}"
 
     async def _vip(self, action: Action) -> str:
         if self.vip is None:
@@ -240,9 +216,15 @@ class Executor:
             raise StepError("storage is not promoted")
         if not self.relay.running:
             await self.relay.start(action.timeout)
-        reply = await self.relay.activate(self.spool_path(self._mounted), action.timeout)
+        reply = await self._activate(self._mounted, action)
         recovered = reply.get("recovered_messages", "?")
         return f"relay active, {recovered} messages recovered"
+
+    async def _activate(self, root: Path, action: Action) -> dict[str, Any]:
+        """Activate the relay on the spool under ``root`` for the action's term."""
+        return await self.relay.activate(
+            self.spool_path(root), action.timeout, epoch=action.epoch, token=root / TOKEN_FILE
+        )
 
     async def _probe(self, action: Action) -> str:
         host, port = self.probe_address
@@ -327,5 +309,5 @@ class Executor:
         await self.relay.start(action.timeout)
         if self._mounted is None:
             raise StepError("storage is not promoted")
-        reply = await self.relay.activate(self.spool_path(self._mounted), action.timeout)
+        reply = await self._activate(self._mounted, action)
         return f"relay restarted, {reply.get('recovered_messages', '?')} messages recovered"

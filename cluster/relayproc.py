@@ -131,12 +131,24 @@ class RelayProcess:
         """The relay's own summary (state, ready, depth, ...)."""
         return await control_request(self.control_socket, {"command": "status"}, timeout)
 
-    async def activate(self, spool: Path, timeout: float) -> dict[str, Any]:
-        """Open ``spool``, listen and recover; an already active relay is left as it is."""
+    async def activate(
+        self, spool: Path, timeout: float, *, epoch: int | None = None, token: Path | None = None
+    ) -> dict[str, Any]:
+        """Open ``spool`` for term ``epoch`` (fencing ``token``), listen and recover.
+
+        A relay already active for the same term is left as it is; one active for another term
+        is refused (it must be drained or killed first).
+        """
         status = await self.status()
         if status.get("state") == "active":
+            if status.get("epoch") != epoch:
+                raise RelayControlError(
+                    f"relay already active for epoch {status.get('epoch')}, not {epoch}"
+                )
             return status
-        request = {"command": "activate", "spool": str(spool)}
+        request: dict[str, Any] = {"command": "activate", "spool": str(spool)}
+        if epoch is not None and token is not None:
+            request.update(epoch=epoch, token=str(token))
         return await control_request(self.control_socket, request, timeout)
 
     async def deactivate(self, timeout: float) -> dict[str, Any]:

@@ -142,6 +142,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"command": args.action}
     if args.action == "activate" and args.spool:
         request["spool"] = str(args.spool.resolve())
+    if args.action == "activate" and (args.epoch is not None or args.token is not None):
+        if args.epoch is None or args.token is None:
+            print("hamta: --epoch and --token go together", file=sys.stderr)
+            return 2
+        request.update(epoch=args.epoch, token=str(args.token.resolve()))
     if args.action == "deactivate" and args.timeout is not None:
         request["timeout"] = args.timeout
     try:
@@ -234,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     relay = sub.add_parser("relay", help="drive a running relay over its control socket")
     relay.add_argument("action", choices=["activate", "deactivate", "status", "stop"])
     relay.add_argument("--spool", type=Path, help="spool directory to activate on")
+    relay.add_argument("--epoch", type=int, help="the term to activate for (with --token)")
+    relay.add_argument("--token", type=Path, help="the fencing token file that carries the term")
     relay.add_argument("--socket", type=Path, help="control socket (default: from config)")
     relay.add_argument("--config", type=Path, help="TOML file naming the control socket")
     relay.add_argument("--timeout", type=float, help="graceful stop budget for deactivate")

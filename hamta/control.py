@@ -29,7 +29,12 @@ async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) ->
             # An activation racing a SIGTERM would take the spool lock in a dying process.
             raise RelayError("relay is stopping")
         spool = request.get("spool")
-        activation = await relay.activate(Path(spool) if spool else None)
+        epoch, token = request.get("epoch"), request.get("token")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise RelayError(f"epoch must be an integer, not {epoch!r}")
+        activation = await relay.activate(
+            Path(spool) if spool else None, epoch=epoch, token=Path(token) if token else None
+        )
         return {"ok": True, **dataclasses.asdict(activation)}
     if command == "deactivate":
         await relay.deactivate(float(request.get("timeout", relay.config.node.stop_timeout)))

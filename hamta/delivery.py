@@ -77,6 +77,10 @@ class _Connection:
             self.client.close()
 
 
+class SupersededError(Exception):
+    """A newer term owns the spool: this relay must not deliver (see ``DeliveryEngine.guard``)."""
+
+
 class DeliveryEngine:
     """Runs the delivery sessions and applies every outcome to spool, queue and log."""
 
@@ -106,6 +110,9 @@ class DeliveryEngine:
         self._bounces: set[asyncio.Task[None]] = set()
         self._no_tls_until: dict[str, float] = {}
         self.stopping = False
+        # The fencing check (``hamta.epoch_token.EpochGuard.check``), run before each delivery
+        # and again before DATA: a relay whose term is over must not deliver one more message.
+        self.guard: Callable[[], str | None] | None = None
         self.connections = 0
         self._tls = ssl.create_default_context()
         self._tls.check_hostname = False
@@ -128,7 +135,7 @@ class DeliveryEngine:
     async def _session(self, destination: Destination) -> None:
         connection: _Connection | None = None
         try:
-            while not self.stopping:
+            while not self.stopping and not self._superseded():
                 if not destination.ready:
                     if connection is None or not await self._wait_for_work(destination):
                         return
@@ -143,6 +150,13 @@ class DeliveryEngine:
                 destination.in_flight += 1
                 try:
                     alive = await self._deliver(connection, job)
+                except SupersededError:
+                    # Drop the link before DATA: the next hop discards the transaction. The job
+                    # stays unfinished in the spool, for the term that owns it now.
+                    connection.client.close()
+                    connection = None
+                    self.connections -= 1
+                    return
                 except Exception as exc:
                     # A fault of ours must not leave the job in no line at all: retry it later.
                     self.log.exception("DeliveryError", queue_id=job.message.rec.qid,
@@ -164,6 +178,9 @@ class DeliveryEngine:
             # Work may have arrived while this session was closing.
             if destination.ready and not self.stopping:
                 self.on_ready(destination)
+
+    def _superseded(self) -> bool:
+        return self.guard is not None and self.guard() is not None
 
     async def _wait_for_work(self, destination: Destination) -> bool:
         destination.idle += 1
@@ -285,6 +302,8 @@ class DeliveryEngine:
                     if response.code == 421:
                         raise aiosmtplib.SMTPResponseException(response.code, response.message)
             if accepted:
+                if self._superseded():
+                    raise SupersededError
                 try:
                     response = await client.data(body)
                     reply = Reply(response.code, response.message)

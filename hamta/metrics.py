@@ -93,6 +93,9 @@ class RelayMetrics:
         )
         self.smtp_sessions = Gauge("hamta_smtp_sessions", "Open inbound sessions", registry=r)
         self.ready = Gauge("hamta_ready", "1 when listening with a writable spool", registry=r)
+        self.fenced = Gauge(
+            "hamta_fenced", "1 when a newer term's fencing token stopped this relay", registry=r
+        )
         self.recovery_seconds = Gauge(
             "hamta_recovery_duration_seconds", "Time of the last queue recovery", registry=r
         )

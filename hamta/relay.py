@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 from hamta.config import Config, parse_hostport
 from hamta.control_client import ControlError
 from hamta.delivery import DeliveryEngine
+from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
@@ -79,6 +80,7 @@ class _Active:
         self.servers = servers
         self.timer = timer
         self.recovery: asyncio.Task[SpoolState] | None = None
+        self.guard: EpochGuard | None = None
 
 
 class Relay:
@@ -119,6 +121,7 @@ class Relay:
         return (
             self.state is RelayState.ACTIVE
             and active is not None
+            and (active.guard is None or active.guard.fenced is None)
             and active.spool.is_writable()
             and all(server.is_serving() for server in active.servers)
         )
@@ -164,6 +167,8 @@ class Relay:
                 connections=active.engine.connections,
                 recovering=active.recovery is not None and not active.recovery.done(),
                 spool_writable=active.spool.is_writable(),
+                epoch=active.guard.epoch if active.guard is not None else None,
+                fenced=active.guard.fenced if active.guard is not None else None,
                 checkpoint_error=active.spool.checkpoint_error,
                 domains=active.queue.by_domain(),
             )
@@ -192,8 +197,23 @@ class Relay:
 
     # ------------------------------------------------------------- activation
 
-    async def activate(self, spool_path: Path | None = None) -> Activation:
-        """Open the spool, listen, and recover the queue; return when recovery is done."""
+    @property
+    def fenced(self) -> str | None:
+        """Why this relay stopped serving its spool (a newer term owns it), or None."""
+        active = self._active
+        return active.guard.fenced if active is not None and active.guard is not None else None
+
+    async def activate(
+        self, spool_path: Path | None = None, *, epoch: int | None = None, token: Path | None = None
+    ) -> Activation:
+        """Open the spool, listen, and recover the queue; return when recovery is done.
+
+        With ``epoch`` and ``token`` (the cluster agent's term and the fencing token file on
+        the shared storage), every write, acknowledgement and delivery first checks that the
+        token still carries ``epoch``; a newer one stops this relay at once.
+        """
+        if (epoch is None) != (token is None):
+            raise RelayError("activation needs both an epoch and a token file, or neither")
         async with self._lock:
             if self.state is not RelayState.STANDBY:
                 raise RelayError(f"relay is {self.state.value}, not standby")
@@ -210,8 +230,10 @@ class Relay:
                         "raise node.workers until they are empty"
                     )
                 if self.pool is not None:
-                    workers = asyncio.get_running_loop().create_task(self.pool.activate(path))
-                activation = await self._activate(shard_path(path, self.worker))
+                    workers = asyncio.get_running_loop().create_task(
+                        self.pool.activate(path, epoch, token)
+                    )
+                activation = await self._activate(shard_path(path, self.worker), epoch, token)
                 if workers is not None:
                     others = await workers
                     activation = dataclasses.replace(
@@ -236,10 +258,46 @@ class Relay:
                     raise RelayError(f"a worker failed to activate: {exc}") from None
                 raise
 
-    async def _activate(self, path: Path) -> Activation:
+    def _guard(self, epoch: int | None, token: Path | None) -> EpochGuard | None:
+        """The fencing check of this activation, verified against the token right now."""
+        if epoch is None or token is None:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def fenced(reason: str) -> None:  # from the spool's I/O thread too
+            loop.call_soon_threadsafe(self._superseded, reason)
+
+        guard = EpochGuard(token, epoch, fenced)
+        try:
+            guard.verify()
+        except TokenError as exc:
+            raise RelayError(f"not activated: {exc}") from None
+        return guard
+
+    def _superseded(self, reason: str) -> None:
+        """A newer term owns the spool: stop accepting and delivering, at once and for good."""
+        active = self._active
+        if active is None:
+            return
+        active.handler.draining = True
+        active.engine.stopping = True
+        for destination in active.queue.destinations.values():
+            destination.wakeup.set()
+        self.metrics.fenced.set(1)
+        self.log.error(
+            "RelayFenced",
+            reason=reason,
+            epoch=active.guard.epoch if active.guard else None,
+            action="no longer accepting or delivering; waiting to be deactivated",
+        )
+
+    async def _activate(
+        self, path: Path, epoch: int | None = None, token: Path | None = None
+    ) -> Activation:
         started = time.perf_counter()
         config = self.config
-        self.log.info("RelayActivating", spool=str(path))
+        self.log.info("RelayActivating", spool=str(path), epoch=epoch)
+        guard = self._guard(epoch, token)
         try:
             inbound_tls = tls_context(config.smtp)
         except (OSError, ssl.SSLError) as exc:
@@ -256,6 +314,7 @@ class Relay:
         except SpoolError as exc:
             raise RelayError(str(exc)) from None
         spool.on_commit = self._observe_commit
+        spool.guard = guard.check if guard is not None else None
         router = Router(config.delivery, config.dns)
         engine = DeliveryEngine(
             config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
@@ -263,11 +322,14 @@ class Relay:
         )  # fmt: skip
         queue = MailQueue(config.retry, router.next_hop, self._wall, engine.on_ready)
         engine.queue = queue
+        engine.guard = spool.guard
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log
         )
         timer = asyncio.get_running_loop().create_task(queue.run_timer())
         self._active = _Active(spool, queue, engine, handler, [], timer)
+        self._active.guard = guard
+        self.metrics.fenced.set(0)
         factory = functools.partial(
             HamtaSMTP,
             handler,

@@ -30,7 +30,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
-from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFullError
+from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
 
 _STATUS = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.DOTALL)
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -69,6 +69,7 @@ REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
+REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
 
 
 def has_bare_line_end(data: bytes) -> bool:
@@ -364,6 +365,10 @@ class ReceptionHandler:
         except SpoolFullError as exc:
             self.log.error("SpoolFull", queue_id=qid, error=str(exc))
             return self._reject(REPLY_SPOOL_FULL)
+        except SpoolFencedError as exc:
+            self.draining = True
+            self.log.error("NotAcknowledged", queue_id=qid, error=str(exc))
+            return self._reject(REPLY_SUPERSEDED)
         except SpoolError as exc:
             self.log.error("SpoolError", queue_id=qid, error=str(exc))
             return self._reject(REPLY_SPOOL_ERROR)

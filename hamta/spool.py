@@ -84,6 +84,10 @@ class SpoolError(Exception):
     """The spool cannot be used (locked, unreadable, wrong format)."""
 
 
+class SpoolFencedError(SpoolError):
+    """A newer term owns the spool: this relay must not write to it any more."""
+
+
 class SpoolFullError(SpoolError):
     """The spool's file system has no room: refuse temporarily, lose nothing."""
 
@@ -238,6 +242,10 @@ class Spool:
         self.checkpoint_error: str | None = None
         self.fsyncs = 0
         self.on_commit: Callable[[int, float], None] | None = None
+        # The fencing check (``hamta.epoch_token.EpochGuard.check``): the reason this spool
+        # belongs to a newer term, or None. Run before and after every write, in the I/O thread.
+        self.guard: Callable[[], str | None] | None = None
+        self.fenced: str | None = None
 
     # ---------------------------------------------------------------- opening
 
@@ -431,9 +439,11 @@ class Spool:
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._io, self._write_batch, batch)
-                except OSError as exc:
+                except (OSError, SpoolFencedError) as exc:
                     self._fail_batch(batch, exc)
-                    continue
+                    # The state records it kept are tried again with the next append, not in
+                    # a loop against a full disk or a spool that a newer term owns.
+                    break
                 for waiter in batch.appended + batch.syncs:
                     if not waiter.done():
                         waiter.set_result(None)
@@ -453,8 +463,21 @@ class Spool:
         batch, self._batch = self._batch, _Batch()
         return batch
 
+    def _check_fence(self) -> None:
+        """Raise SpoolFencedError when a newer term owns the spool (see ``guard``)."""
+        reason = self.guard() if self.guard is not None else None
+        if reason is not None:
+            self.fenced = reason
+            raise SpoolFencedError(reason)
+
     def _write_batch(self, batch: _Batch) -> None:
-        """In the I/O thread: bodies, fdatasync, journal frame, fdatasync, then deletions."""
+        """In the I/O thread: bodies, fdatasync, journal frame, fdatasync, then deletions.
+
+        The fencing check runs before the first write and again after the last fdatasync: a
+        batch is acknowledged only if this term owned the spool all along. One that lost it
+        in between is written but not acknowledged (the client retries; a duplicate at worst).
+        """
+        self._check_fence()
         touched: list[tuple[int, int]] = []  # (fd, length before) for rollback
         try:
             if batch.bodies:
@@ -483,12 +506,15 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)
             raise
+        self._check_fence()
         for segment in batch.segment_deletes:
             self._delete_segment(segment)
 
-    def _fail_batch(self, batch: _Batch, exc: OSError) -> None:
+    def _fail_batch(self, batch: _Batch, exc: OSError | SpoolFencedError) -> None:
         error: SpoolError
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, SpoolFencedError):
+            error = exc
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
             error = SpoolFullError(f"spool file system is full: {exc.strerror}")
         else:
             error = SpoolError(f"spool write failed: {exc.strerror}")
@@ -598,6 +624,8 @@ class Spool:
             ]
             await loop.run_in_executor(self._io, self._write_checkpoint, cut, frames, stale)
             self.checkpoint_error = None
+        except SpoolError as exc:  # fenced, or the rotation's sync failed
+            self.checkpoint_error = f"checkpoint failed: {exc}"
         except OSError as exc:
             # The journals it would have replaced stay, so nothing is lost; try again after
             # another journal_size of records.
@@ -615,6 +643,7 @@ class Spool:
         self._journal_bytes_since_ckpt = 0
 
     def _write_checkpoint(self, cut: int, frames: list[bytes], stale: list[Path]) -> None:
+        self._check_fence()
         final = self.journal_dir / f"{cut:08d}.ckpt"
         tmp = final.with_suffix(".tmp")
         with open(tmp, "wb") as handle:
@@ -636,7 +665,10 @@ class Spool:
             return
         if self._checkpoint_task is not None:
             await asyncio.gather(self._checkpoint_task, return_exceptions=True)
-        await self.sync()
+        # Records a full disk or a newer term kept from the disk stay unwritten: they are state
+        # changes (Done, Defer) whose loss repeats a delivery, never loses a message.
+        with contextlib.suppress(SpoolError):
+            await self.sync()
         self._closed = True
         self._wake.set()
         if self._flusher is not None:
@@ -657,7 +689,10 @@ class Spool:
         # A file system remounted read-only after an I/O error (ext4 errors=remount-ro) shows
         # here, not only at the next write.
         return (
-            self._lock_fd is not None and not self._closed and os.access(self._data_path, os.W_OK)
+            self._lock_fd is not None
+            and not self._closed
+            and self.fenced is None
+            and os.access(self._data_path, os.W_OK)
         )
 
 

@@ -88,6 +88,7 @@ class WorkerPool:
         self._config_file = config_file
         self._log = log
         self._root: Path | None = None  # set while active
+        self._term: dict[str, Any] = {}  # the activation's epoch and fencing token
         self._stopping = False
         self._watchers: set[asyncio.Task[None]] = set()
 
@@ -136,7 +137,9 @@ class WorkerPool:
         try:
             await self._spawn(worker, timeout=30)
             if self._root is not None:
-                await self._command(worker, {"command": "activate", "spool": str(self._root)})
+                await self._command(
+                    worker, {"command": "activate", "spool": str(self._root), **self._term}
+                )
                 self._log.info("WorkerReactivated", worker=worker.index)
         except ControlError as exc:
             self._log.error("WorkerRestartFailed", worker=worker.index, error=str(exc))
@@ -171,10 +174,16 @@ class WorkerPool:
     async def _all(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self._command(w, request) for w in self.workers)))
 
-    async def activate(self, root: Path) -> list[dict[str, Any]]:
-        """Activate every worker on its shard of ``root`` (each finds its shard in the root)."""
+    async def activate(
+        self, root: Path, epoch: int | None = None, token: Path | None = None
+    ) -> list[dict[str, Any]]:
+        """Activate every worker on its shard of ``root`` (each finds its shard in the root).
+
+        Each worker checks the fencing token (``epoch``, ``token``) on its own, as the first.
+        """
         self._root = root
-        return await self._all({"command": "activate", "spool": str(root)})
+        self._term = {"epoch": epoch, "token": str(token)} if token is not None else {}
+        return await self._all({"command": "activate", "spool": str(root), **self._term})
 
     async def deactivate(self, timeout: float) -> None:
         """Deactivate every worker gracefully."""
