@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from cluster.state import (
 from cluster.storage import Storage, storage_from_config
 from cluster.vip import VirtualIp
 from fencing import FenceChain, agents_from_config
+from fencing.watchdog import Watchdog, WatchdogError
 from hamta import eventlog
 from hamta.config import load_config, parse_hostport
 from hamta.eventlog import get_logger
@@ -153,6 +155,14 @@ class Agent:
         self.stopping = asyncio.Event()  # SIGTERM: hand over, then exit
         self.exiting = asyncio.Event()  # the loops end
         self.stop_deadline = float("inf")
+        self.watchdog = Watchdog() if config.watchdog.enabled else None
+        self.watchdog_timeout = config.watchdog_timeout
+        self._armed = False
+        self._watched_pgid: int | None = None
+        # The decision loop's last turn: a loop stuck in an await stops the feeding too, after
+        # a bound generous enough for a slow ZooKeeper read (the session keeps the peer out).
+        self.progress = clock()
+        self.progress_limit = max(5.0, 3 * agent.session_timeout)
 
     # ------------------------------------------------------------ observation
 
@@ -257,10 +267,12 @@ class Agent:
         )
 
     async def _decide_once(self) -> None:
+        self.progress = self.clock()
         snapshot = await self._snapshot()
         before = self.state
         decision = decide(before, snapshot, self.clock(), self.policy)
         self.state = decision.state
+        self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
         if before.role is not self.state.role or before.steps != self.state.steps:
@@ -281,6 +293,72 @@ class Agent:
                 except Exception as exc:  # the next heartbeat tries again
                     if attempt:
                         self.log.warning("HeartbeatFailed", error=str(exc))
+
+    # ------------------------------------------------------------ the watchdog
+
+    def _tend_watchdog(self) -> None:
+        """Armed exactly while the node may hold something; fed while the agent makes progress."""
+        watchdog = self.watchdog
+        if watchdog is None or watchdog.returncode is not None:
+            return
+        holds = holds_resources(self.state)
+        try:
+            if holds and not self._armed:
+                vip = self.vip
+                self._watched_pgid = self.relay.pid if self.relay.running else None
+                watchdog.arm(
+                    self.watchdog_timeout,
+                    self._watched_pgid,
+                    vip.address if vip is not None else None,
+                    vip.interface if vip is not None else None,
+                )
+                self._armed = True
+                self.log.info("WatchdogArmed", timeout=self.watchdog_timeout,
+                              relay_pgid=self._watched_pgid)  # fmt: skip
+            elif not holds and self._armed:
+                watchdog.disarm()
+                self._armed = False
+                self.log.info("WatchdogDisarmed")
+            if not self._armed:
+                return
+            pgid = self.relay.pid if self.relay.running else None
+            if pgid != self._watched_pgid:  # restarted, or gone: never a stale group
+                watchdog.relay(pgid)
+                self._watched_pgid = pgid
+            if self.clock() - self.progress < self.progress_limit:
+                watchdog.feed()
+        except WatchdogError as exc:
+            self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
+
+    async def _keep_watchdog(self) -> None:
+        """Feed (and, should it have gone, restart) the watchdog; runs every quarter timeout."""
+        watchdog = self.watchdog
+        if watchdog is None:
+            return
+        if watchdog.returncode is not None:  # killed by someone: this node is unprotected
+            self.log.error("WatchdogRestarting", status=watchdog.returncode)
+            self.watchdog = watchdog = Watchdog()
+            self._armed = False
+            await self._start_watchdog()
+        self._tend_watchdog()
+
+    async def _start_watchdog(self) -> None:
+        if self.watchdog is None:
+            return
+        device = self.config.watchdog.device
+        log_file = self.config.agent.log_file
+        # Its JSON lines join the agent's own log (appends of whole lines do not interleave).
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        stderr = os.open(log_file, flags, 0o644) if log_file else None
+        try:
+            await self.watchdog.start(
+                agent_pid=os.getpid(), device=str(device) if device else None, stderr=stderr
+            )
+        finally:
+            if stderr is not None:
+                os.close(stderr)
+        self.log.info("WatchdogStarted", pid=self.watchdog.pid, timeout=self.watchdog_timeout,
+                      device=str(device) if device else None)  # fmt: skip
 
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` every ``interval`` until the agent exits; a failure is logged, not fatal."""
@@ -323,6 +401,12 @@ class Agent:
         loop.add_signal_handler(signal.SIGTERM, self._stop)
         loop.add_signal_handler(signal.SIGINT, self._stop)
         self.log.info("AgentStarting", zookeeper=self.config.agent.zookeeper)
+        try:
+            await self._start_watchdog()
+        except WatchdogError as exc:
+            # A node that could not fence itself must not take over: refuse to run.
+            self.log.error("AgentFailed", error=str(exc))
+            return 1
         await self._clean_slate()
         try:
             await asyncio.to_thread(self.coordinator.start)
@@ -334,6 +418,7 @@ class Agent:
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
             asyncio.create_task(self._every(agent.health_interval, self._check_health)),
+            asyncio.create_task(self._every(self.watchdog_timeout / 4, self._keep_watchdog)),
         ]
         try:
             while True:
@@ -344,8 +429,12 @@ class Agent:
                     self.stop_deadline = self.clock() + agent.drain_timeout + 30.0
                 if self._may_exit():
                     break
+                # A retry (a demotion step, the end of a lease wait) is due at a known time.
+                wait = agent.health_interval
+                if self.state.retry_at > self.clock():
+                    wait = min(wait, self.state.retry_at - self.clock() + 0.001)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), agent.health_interval)
+                    await asyncio.wait_for(self.wake.wait(), wait)
         finally:
             await self._shutdown(background)
         return 0
@@ -365,6 +454,10 @@ class Agent:
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
         await self.relay.stop(self.config.agent.drain_timeout)
         await asyncio.to_thread(self.coordinator.stop)
+        if self.watchdog is not None and not holds_resources(self.state):
+            await self.watchdog.close()
+        # Still holding (the hand-over ran out of time): the watchdog sees its input end while
+        # armed when this process exits, and takes the virtual IP down.
         self.log.info("AgentStopped", role=self.state.role.value)
 
 

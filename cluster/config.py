@@ -11,9 +11,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from cluster.state import Policy, Step
+from cluster.state import Policy, Step, Takeover
 from fencing import agents_from_config
 from hamta.config import (
     ConfigError,
@@ -112,17 +119,44 @@ class FencingSection(_Section):
     tried in order until one fences the node. ``commands``: plain commands (``{peer}`` and
     ``{epoch}`` in an argument are replaced), tried in order until one exits 0. With neither,
     the takeover relies on the former node having demoted itself before its session expired.
+
+    ``takeover``: ``fence-or-lease`` (the default) goes on without a successful fence only once
+    the former node's ZooKeeper session has ended and ``lease_grace`` has passed since;
+    ``fence-only`` never does (for sites whose every node has a working STONITH device).
     """
 
     agents: list[dict[str, Any]] = Field(default_factory=list)
     commands: list[list[str]] = Field(default_factory=list)
     timeout: PositiveSeconds = 20.0
+    takeover: Takeover = Takeover.FENCE_OR_LEASE
+    lease_grace: Seconds = 2.0
 
     @field_validator("agents")
     @classmethod
     def _check_agents(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         agents_from_config(value)  # FencingConfigError (a ValueError) names the entry
         return value
+
+    @model_validator(mode="after")
+    def _check_takeover(self) -> FencingSection:
+        if self.takeover is Takeover.FENCE_ONLY and not (self.agents or self.commands):
+            # It would never take over: better said now than at the first failover.
+            raise ValueError("takeover = 'fence-only' needs fencing.agents or fencing.commands")
+        return self
+
+
+class WatchdogSection(_Section):
+    """The self-fencing watchdog (``fencing.watchdog``) that guards the agent itself.
+
+    While the node holds anything, the agent feeds it every quarter of ``timeout``; when the
+    agent hangs, freezes or dies, it kills the relay, drops the virtual IP and kills the agent.
+    ``timeout`` (default: half the session timeout) must be shorter than the session timeout,
+    so that it fires before the peer may take over. ``device``: a kernel watchdog to arm too.
+    """
+
+    enabled: bool = True
+    timeout: PositiveSeconds | None = None
+    device: Path | None = None
 
 
 class ProbeSection(_Section):
@@ -141,6 +175,22 @@ class AgentConfig(_Section):
     vip: VipSection = Field(default_factory=VipSection)
     fencing: FencingSection = Field(default_factory=FencingSection)
     probe: ProbeSection = Field(default_factory=ProbeSection)
+    watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
+
+    @model_validator(mode="after")
+    def _check_watchdog(self) -> AgentConfig:
+        timeout = self.watchdog.timeout
+        if timeout is not None and timeout >= self.agent.session_timeout:
+            raise ValueError(
+                f"watchdog.timeout ({timeout:g}s) must be shorter than agent.session_timeout "
+                f"({self.agent.session_timeout:g}s): it must fire before the peer may take over"
+            )
+        return self
+
+    @property
+    def watchdog_timeout(self) -> float:
+        """The watchdog's timeout, the default filled in."""
+        return self.watchdog.timeout or self.agent.session_timeout / 2
 
     def policy(self) -> Policy:
         """The decision core's tunables."""
@@ -156,6 +206,8 @@ class AgentConfig(_Section):
             switchover_timeout=agent.switchover_timeout,
             drain_timeout=agent.drain_timeout,
             urgent_drain_timeout=agent.urgent_drain_timeout,
+            takeover=self.fencing.takeover,
+            lease_grace=self.fencing.lease_grace,
             step_timeouts=dict(agent.step_timeouts),
         )
 

@@ -220,6 +220,9 @@ class Coordinator:
         self._session = Session.LOST
         self._watches: list[DataWatch | ChildrenWatch] = []
         self._last = ClusterView(session=Session.LOST)
+        # When this coordinator first saw each other node without a member znode: its session
+        # had ended on the server by then (the lease the fencing policy may rely on).
+        self._absent_since: dict[str, float] = {}
         self._problems: tuple[str, ...] = ()
         self._log = get_logger(component="coordination", cluster=cluster, node=node)
 
@@ -450,9 +453,18 @@ class Coordinator:
             known = frozenset(self._wait(known_result))
         except NoNodeError:
             known = frozenset()
+        others = (known | ({epoch.node} if epoch.node else set())) - {self.node}
+        now = self._clock()
+        # Absence is judged on the children list, not on records that could be decoded.
+        for name in list(self._absent_since):
+            if name in names or name not in others:
+                del self._absent_since[name]
+        for name in others - set(names):
+            self._absent_since.setdefault(name, now)
         return ClusterView(
             session=Session.CONNECTED,
             known_nodes=known,
+            absent_since=dict(self._absent_since),
             leader=leader,
             epoch=epoch.epoch,
             epoch_node=epoch.node,

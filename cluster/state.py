@@ -37,6 +37,14 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
 - Leadership is given up last, after the spool is released, so the peer cannot mount it early.
 - Pause stops automatic failover (no promotion, no giving up for relay health) but not
   self-fencing: a node that loses its session still demotes, because safety beats availability.
+- A promotion goes past FENCE only when every node that may still hold something was fenced,
+  or (``Takeover.FENCE_OR_LEASE``, the default) when each such node's session has ended on the
+  server and ``lease_grace`` has passed since this agent saw it end (``lease_verdict``). A node
+  still connected and holding is never passed over. The wait is a state, not a sleep: the
+  promotion holds leadership, and a lost session still rolls it back.
+- Below the agent, a newer term's epoch on the spool stops a zombie relay (``hamta.epoch_token``)
+  and a watchdog fed by the agent stops the relay and drops the virtual IP when the agent hangs
+  (``fencing.watchdog``). docs/fencing.md puts the layers together.
 """
 
 from __future__ import annotations
@@ -162,6 +170,9 @@ class ClusterView:
     switchover: Switchover | None = None
     last_failover: float | None = None  # wall clock of the last takeover
     known_nodes: frozenset[str] = frozenset()  # every node that ever joined (persistent)
+    # Monotonic time (this agent's clock) since which each other known node has had no member
+    # znode, i.e. its ZooKeeper session had ended on the server: the lease it held has expired.
+    absent_since: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +207,17 @@ class Snapshot:
     result: StepResult | None = None
 
 
+class Takeover(enum.StrEnum):
+    """When a promotion may go on after FENCE (``[fencing] takeover``)."""
+
+    # Only when a fence agent fenced every node that may still hold something.
+    FENCE_ONLY = "fence-only"
+    # Or, when fencing failed (or none is configured), once every such node's ZooKeeper session
+    # has ended on the server and a grace period has passed: the node demoted itself by then,
+    # unless it is frozen, and a frozen relay is stopped by the epoch token on the spool.
+    FENCE_OR_LEASE = "fence-or-lease"
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The agent's tunables (from its configuration)."""
@@ -213,6 +235,8 @@ class Policy:
     # ... unless another node may be taking over right now (session or leadership lost): then
     # the relay must let go of the spool at once; what it was delivering stays queued.
     urgent_drain_timeout: float = 0.5
+    takeover: Takeover = Takeover.FENCE_OR_LEASE
+    lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
 
     def timeout(self, step: Step) -> float:
@@ -274,6 +298,9 @@ class AgentState:
     attempts: int = 0  # failures in a row of the retried step (start, restart, demotion)
     retry_at: float = 0.0
     retry_step: Step | None = None  # DEMOTING: the failed step to run again at ``retry_at``
+    # PROMOTING with ``retry_step`` FENCE: fencing failed and the promotion waits, since this
+    # time, for the leases of the nodes it could not fence to expire.
+    waiting_since: float = 0.0
     restarted_at: float = 0.0  # ACTIVE: the last in-place relay restart (``attempts`` counts them)
 
 
@@ -309,7 +336,8 @@ class Trigger(enum.StrEnum):
     SWITCHOVER = "switchover"  # an operator asked this active node to hand over
     LEADER_VACANT = "leader_vacant"  # no leader, and this node may take over
     LEADER_STRAY = "leader_stray"  # this session holds the leader znode but is not promoting
-    RETRY = "retry"  # a failed step may be tried again
+    RETRY = "retry"  # a failed step may be tried again (or a lease wait is over)
+    FENCE_FAILED = "fence_failed"  # no fence agent fenced a node that may hold something
     STOP = "stop"  # the agent is stopping: hand over first
     NOTHING = "nothing"
 
@@ -356,6 +384,32 @@ def fence_targets(snapshot: Snapshot, policy: Policy) -> tuple[str, ...]:
     candidates.discard(policy.node)
     clean = {name for name, member in cluster.members.items() if not member.holds}
     return tuple(sorted(candidates - clean))
+
+
+def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float | None, str]:
+    """After a failed FENCE: when the promotion may go on without it, and why.
+
+    Returns ``(now, why)`` to go on at once, ``(later, why)`` to wait until ``later``, or
+    ``(None, why)`` to give up the promotion. A node may be passed over unfenced only when
+    the policy allows it and its lease has provably expired: it has had no member znode (its
+    ZooKeeper session ended on the server) for ``lease_grace``. A node still connected and
+    holding by its own account is alive and unfenced: taking over would make two active nodes.
+    """
+    if policy.takeover is Takeover.FENCE_ONLY:
+        return None, "takeover is fence-only"
+    cluster = snapshot.cluster
+    targets = fence_targets(snapshot, policy)
+    alive = [name for name in targets if name in cluster.members]
+    if alive:
+        return None, f"{', '.join(alive)} still connected to ZooKeeper and holding"
+    if not targets:
+        return now, "no node holds anything any more"
+    since = {name: cluster.absent_since.get(name, now) for name in targets}
+    ready_at = max(since.values()) + policy.lease_grace
+    expired = ", ".join(f"{name} {now - at:.1f}s ago" for name, at in sorted(since.items()))
+    if now >= ready_at:
+        return now, f"leases expired ({expired}; grace {policy.lease_grace:g}s)"
+    return ready_at, f"waiting for the leases to expire ({expired}; grace {policy.lease_grace:g}s)"
 
 
 def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -411,7 +465,11 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     if local.stopping and role in (Role.ACTIVE, Role.PROMOTING):
         return Trigger.STOP
     if result is not None:
+        if result.step is Step.FENCE and not result.ok:
+            return Trigger.FENCE_FAILED
         return Trigger.STEP_DONE if result.ok else Trigger.STEP_FAILED
+    if role is Role.PROMOTING and state.retry_step is Step.FENCE:
+        return Trigger.RETRY if now >= state.retry_at else Trigger.NOTHING
     if role in (Role.STARTING, Role.FAILED):
         if local.relay_running:
             return Trigger.RELAY_WARM
@@ -457,6 +515,7 @@ class Then(enum.Enum):
     BEGIN_GIVING_UP = "begin giving up"  # demotion ending in a cooldown
     NEXT_DEMOTION_STEP = "next demotion step"
     ROLL_BACK = "roll back"  # a promotion step failed: demote, then cool down
+    CHECK_LEASES = "check leases"  # not fenced: go on, wait, or roll back (``Takeover``)
     RETRY_DEMOTION_STEP = "retry demotion step"
     CUT_DRAIN_SHORT = "cut drain short"  # a graceful drain becomes an urgent one
     RELEASE_ONLY = "release only"
@@ -491,6 +550,8 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     # promoting: one step after another; any failure or loss rolls everything back
     (_P, Trigger.STEP_DONE): Transition(_P, Then.NEXT_PROMOTION_STEP),
     (_P, Trigger.STEP_FAILED): Transition(_D, Then.ROLL_BACK),
+    (_P, Trigger.FENCE_FAILED): Transition(_P, Then.CHECK_LEASES),
+    (_P, Trigger.RETRY): Transition(_P, Then.CHECK_LEASES),
     (_P, Trigger.SESSION_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.LEADERSHIP_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.STOP): Transition(_D, Then.ROLL_BACK),
@@ -632,6 +693,28 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
                 fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
             action = Action(step, policy.timeout(step), epoch=epoch, **fields)  # type: ignore[arg-type]
             return new, (action,), ""
+        case Then.CHECK_LEASES:
+            steps = ctx.timed_steps()
+            if result is not None:  # FENCE just failed: its time counts, then any wait
+                waiting_since, fenced = now, result.detail
+            else:
+                waiting_since, fenced = state.waiting_since, "not fenced"
+            at, why = lease_verdict(ctx.snapshot, now, policy)
+            if at is None:
+                ctx.trigger = Trigger.FENCE_FAILED
+                note = f"promotion abandoned ({fenced}; {why}); rolling back"
+                new_state, actions, _ = _begin_demotion(ctx, give_up=True, note=note)
+                return new_state, actions, note
+            if at > now:
+                new = replace(state, step=None, steps=steps, retry_step=Step.FENCE, retry_at=at,
+                              waiting_since=waiting_since)  # fmt: skip
+                return new, (), f"{fenced}; {why}"
+            if state.retry_step is Step.FENCE and steps:  # the wait is part of FENCE's time
+                waited = round(now - state.waiting_since, 4)
+                steps = (*steps[:-1], (Step.FENCE, round(steps[-1][1] + waited, 4)))
+            step = PROMOTION[PROMOTION.index(Step.FENCE) + 1]
+            new = replace(state, step=step, steps=steps, retry_step=None, waiting_since=0.0)
+            return new, (ctx.run(step),), f"{fenced}; going on: {why}"
         case Then.ROLL_BACK:
             if result is not None and result.step is Step.ACQUIRE:
                 # Lost the race, or the session or znode right after winning it: nothing else is

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_agent_config, parse_agent_config
-from cluster.state import Step
+from cluster.state import Step, Takeover
 from tests.support.relay import HAMTA
 
 GOOD = """
@@ -47,6 +47,11 @@ def test_a_good_configuration_becomes_a_policy() -> None:
     assert policy.relay_start_limit == 3
     assert config.storage.options()["device"] == Path("/dev/loop7")
     assert config.fencing.commands[0][2] == "bmc-{peer}"
+    assert policy.takeover is Takeover.FENCE_OR_LEASE and policy.lease_grace == 2.0
+    strict = parse_agent_config(
+        GOOD.replace("[fencing]", '[fencing]\ntakeover = "fence-only"\nlease_grace = "5s"')
+    ).policy()
+    assert strict.takeover is Takeover.FENCE_ONLY and strict.lease_grace == 5.0
 
 
 @pytest.mark.parametrize(
@@ -77,6 +82,17 @@ def test_a_good_configuration_becomes_a_policy() -> None:
                 'agents = [{ type = "power" }]\ncommands = [["fence_ipmilan"',
             ),
             "fencing.agents",
+        ),
+        (("[fencing]", '[fencing]\ntakeover = "lease-only"'), "fencing.takeover"),
+        (("[vip]", '[watchdog]\ntimeout = "2s"\n[vip]'), "watchdog.timeout (2s) must be shorter"),
+        (("[vip]", '[watchdog]\nenable = false\n[vip]'), "watchdog.enable: unknown key"),
+        (("[fencing]", '[fencing]\nlease_grace = "-2s"'), "fencing.lease_grace"),
+        (
+            (
+                'commands = [["fence_ipmilan", "--ip", "bmc-{peer}", "--action", "off"]]',
+                'takeover = "fence-only"',
+            ),
+            "takeover = 'fence-only' needs fencing.agents or fencing.commands",
         ),
     ],
 )

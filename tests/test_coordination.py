@@ -129,6 +129,23 @@ def test_members_are_published_and_vanish_with_their_session(
     wait_until(lambda: changes.count > before, 3, "on_change for the membership change")
 
 
+def test_the_end_of_a_known_node_s_session_is_timed_by_the_observer(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    now = [100.0]
+    a, b = make_coordinator("a"), make_coordinator("b", clock=lambda: now[0])
+    a.publish_member(Member("a", Role.ACTIVE, epoch=1, holds=True))
+    assert b.view().absent_since == {}
+    a.stop()
+    wait_until(lambda: "a" not in b.view().members, 3, "the member znode goes with its session")
+    assert b.view().absent_since == {"a": 100.0}
+    now[0] = 103.0
+    assert b.view().absent_since == {"a": 100.0}  # first seen gone, not last
+    again = make_coordinator("a")  # it comes back: the lease is held again
+    again.publish_member(Member("a", Role.PASSIVE))
+    assert b.view().absent_since == {}
+
+
 def test_a_new_session_replaces_the_member_znode_of_the_old_one(
     make_coordinator: MakeCoordinator, cluster: str
 ) -> None:

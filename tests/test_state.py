@@ -36,12 +36,14 @@ from cluster.state import (
     Step,
     StepResult,
     Switchover,
+    Takeover,
     Then,
     Trigger,
     classify,
     decide,
     fence_targets,
     holds_resources,
+    lease_verdict,
 )
 
 NODE = "alpha"
@@ -98,6 +100,8 @@ class World:
     relay_failures: int = 0
     members: dict[str, Member] = field(default_factory=dict)  # the others' heartbeats
     stopping: bool = False  # the agent got SIGTERM
+    absent_since: dict[str, float] = field(default_factory=dict)  # sessions seen to have ended
+    known: frozenset[str] = frozenset()  # every node that ever joined
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -109,6 +113,8 @@ class World:
             paused=self.paused,
             switchover=self.switchover,
             last_failover=self.last_failover,
+            absent_since=dict(self.absent_since),
+            known_nodes=self.known,
         )
         local = LocalView(
             relay_running=self.relay_running,
@@ -297,7 +303,24 @@ CASES: dict[tuple[Role, Trigger], Case] = {
         promoting(Step.FENCE), World(leader=ours()), ok(Step.FENCE), steps=(Step.STORAGE,)
     ),
     (Role.PROMOTING, Trigger.STEP_FAILED): Case(
-        promoting(Step.FENCE), World(leader=ours()), failed(Step.FENCE), steps=(Step.DRAIN,)
+        promoting(Step.STORAGE), World(leader=ours()), failed(Step.STORAGE), steps=(Step.DRAIN,)
+    ),
+    (Role.PROMOTING, Trigger.FENCE_FAILED): Case(
+        promoting(Step.FENCE),
+        World(leader=ours(), absent_since={PEER: NOW - 0.5}),
+        failed(Step.FENCE),
+    ),
+    (Role.PROMOTING, Trigger.RETRY): Case(
+        replace(
+            promoting(Step.FENCE),
+            step=None,
+            retry_step=Step.FENCE,
+            retry_at=NOW - 0.1,
+            waiting_since=NOW - 1.4,
+            steps=((Step.ACQUIRE, 0.01), (Step.FENCE, 0.5)),
+        ),
+        World(leader=ours(), absent_since={PEER: NOW - 2.1}),
+        steps=(Step.STORAGE,),
     ),
     (Role.PROMOTING, Trigger.SESSION_LOST): Case(
         promoting(Step.FENCE),
@@ -412,6 +435,17 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             assert result is not None
             assert after.steps == (*before.steps, (result.step, result.seconds))
             assert after.epoch == before.epoch
+        case Then.CHECK_LEASES:
+            assert after.epoch == before.epoch
+            if result is not None:  # fencing failed just now: wait for the peer's lease
+                assert after.steps == (*before.steps, (result.step, result.seconds))
+                assert after.retry_step is Step.FENCE and after.waiting_since == NOW
+                assert after.retry_at == NOW - 0.5 + POLICY.lease_grace
+                assert "waiting for the leases to expire" in decision.note
+            else:  # the wait is over: the waited time is FENCE's
+                assert after.retry_step is None
+                assert after.steps == (*before.steps[:-1], (Step.FENCE, 0.5 + 1.4))
+                assert "going on: leases expired" in decision.note
         case Then.CUT_DRAIN_SHORT:
             assert after.give_up is before.give_up
             assert after.reason == Trigger.SESSION_LOST.value
@@ -583,9 +617,9 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     | {(role, Trigger.SWITCHOVER) for role in Role if role is not Role.ACTIVE}
     | {(role, t) for role in Role if role is not Role.PASSIVE for t in (Trigger.LEADER_VACANT,)}
     | {(role, Trigger.LEADER_STRAY) for role in Role if role is not Role.PASSIVE}
-    | {(role, Trigger.RETRY) for role in Role if role is not Role.DEMOTING}
+    | {(role, Trigger.RETRY) for role in Role if role not in (Role.DEMOTING, Role.PROMOTING)}
+    | {(role, Trigger.FENCE_FAILED) for role in Role if role is not Role.PROMOTING}
     | {(role, Trigger.STOP) for role in Role if role not in (Role.ACTIVE, Role.PROMOTING)}
-    | {(Role.PROMOTING, Trigger.NOTHING)}
 )
 
 
@@ -606,6 +640,8 @@ def grid_states() -> list[AgentState]:
         promoting(Step.FENCE),
         promoting(Step.STORAGE),
         promoting(Step.PUBLISH),
+        replace(promoting(Step.FENCE), step=None, retry_step=Step.FENCE, retry_at=NOW + 1),
+        replace(promoting(Step.FENCE), step=None, retry_step=Step.FENCE, retry_at=NOW),
         active(),
         active(step=RESTART, attempts=1),
         demoting(Step.DRAIN),
@@ -1202,6 +1238,10 @@ ROLLBACKS: dict[str, tuple[Callable[[Walk], Decision], Trigger]] = {
 def test_failed_promotion_rolls_back_through_the_whole_demotion(step: Step, how: str) -> None:
     provoke, trigger = ROLLBACKS[how]
     walk = eligible()
+    if step is Step.FENCE and how == "failed":
+        # Whether a failed fence rolls back depends on the takeover policy (tested below).
+        walk.policy = replace(POLICY, takeover=Takeover.FENCE_ONLY)
+        trigger = Trigger.FENCE_FAILED
     promote_until(walk, step)
     walk.tick()
     decision = provoke(walk)
@@ -1218,6 +1258,82 @@ def test_failed_promotion_rolls_back_through_the_whole_demotion(step: Step, how:
     assert walk.see().actions == ()
     walk.tick(POLICY.cooldown)
     assert walk.see().trigger is Trigger.LEADER_VACANT
+
+
+# ---------------------------------------------------------------- takeover without a fence
+
+
+def fencing_fails(absent_for: float | None, *, holds: bool = False) -> Walk:
+    """A promotion whose FENCE of the peer is in flight; the peer left ``absent_for`` ago.
+
+    ``absent_for`` None: the peer is still connected, publishing ``holds``.
+    """
+    walk = eligible()
+    walk.world.known = frozenset({NODE, PEER})
+    promote_until(walk, Step.FENCE)
+    if absent_for is None:
+        walk.world.members = {PEER: replace(ready(PEER), role=Role.DEMOTING, holds=holds)}
+    else:
+        walk.world.absent_since = {PEER: walk.now - absent_for}
+    return walk
+
+
+def test_an_unfenced_peer_whose_lease_expired_long_ago_is_passed_over() -> None:
+    walk = fencing_fails(POLICY.lease_grace + 1)
+    decision = walk.finish(False, detail="ipmi: timed out")
+    assert decision.trigger is Trigger.FENCE_FAILED
+    assert [a.step for a in decision.actions] == [Step.STORAGE]
+    assert decision.note.startswith("ipmi: timed out; going on: leases expired (beta 3.0s ago")
+
+
+def test_the_promotion_waits_out_the_grace_then_counts_the_wait_as_fencing() -> None:
+    walk = fencing_fails(0.5)
+    decision = walk.finish(False, seconds=0.25, detail="no fence agent configured")
+    assert decision.actions == () and walk.state.role is Role.PROMOTING
+    assert walk.state.retry_at == walk.now + POLICY.lease_grace - 0.5
+    assert "waiting for the leases to expire (beta 0.5s ago; grace 2s)" in decision.note
+    assert holds_resources(walk.state)  # leadership is held while it waits
+    walk.tick(1.0)
+    assert walk.see().trigger is Trigger.NOTHING
+    walk.tick(0.5)
+    decision = walk.see()
+    assert decision.trigger is Trigger.RETRY
+    assert [a.step for a in decision.actions] == [Step.STORAGE]
+    assert walk.state.steps[-1] == (Step.FENCE, 0.25 + 1.5)
+
+
+def test_losing_the_session_while_waiting_for_a_lease_rolls_back() -> None:
+    walk = fencing_fails(0.0)
+    walk.finish(False, detail="no fence agent configured")
+    walk.tick(0.5)
+    walk.world.session = Session.SUSPENDED
+    decision = walk.see()
+    assert decision.trigger is Trigger.SESSION_LOST
+    assert [a.step for a in decision.actions] == [Step.DRAIN]
+
+
+def test_a_connected_peer_still_holding_is_never_passed_over() -> None:
+    walk = fencing_fails(None, holds=True)
+    decision = walk.finish(False, detail="ssh: connection refused")
+    assert decision.trigger is Trigger.FENCE_FAILED
+    assert walk.state.role is Role.DEMOTING and walk.state.give_up
+    assert "beta still connected to ZooKeeper and holding" in decision.note
+
+
+def test_fence_only_never_passes_over_an_unfenced_peer() -> None:
+    walk = fencing_fails(60.0)
+    walk.policy = replace(POLICY, takeover=Takeover.FENCE_ONLY)
+    decision = walk.finish(False, detail="ipmi: power status unknown")
+    assert walk.state.role is Role.DEMOTING
+    assert "takeover is fence-only" in decision.note
+
+
+def test_lease_verdict_takes_the_latest_departure() -> None:
+    world = World(absent_since={PEER: NOW - 5, OTHER: NOW - 1}, known=frozenset({PEER, OTHER}))
+    snapshot = world.snapshot(WALL)
+    at, why = lease_verdict(snapshot, NOW, POLICY)
+    assert at == NOW - 1 + POLICY.lease_grace
+    assert "beta 5.0s ago, gamma 1.0s ago" in why
 
 
 @pytest.mark.parametrize("failing", DEMOTION, ids=str)
@@ -1828,7 +1944,7 @@ def perturb(rng: random.Random, world: World, wall: float) -> None:
         world.relay_running = not world.relay_running
     if rng.random() < 0.05:
         world.relay_failures = rng.randrange(4)
-    if rng.random() < 0.003:  # SIGTERM: stays until the agent exits
+    if rng.random() < 0.006:  # SIGTERM: stays until the agent exits
         world.stopping = True
 
 
@@ -2045,6 +2161,12 @@ def check(
             history.term_epoch = result.epoch
         if after.role in (Role.PROMOTING, Role.ACTIVE):
             history.promoted.append(result.step)
+    if Step.STORAGE in steps and history.promoted == [Step.ACQUIRE]:
+        # Past FENCE without a fence: only over nodes whose leases provably expired.
+        assert policy.takeover is Takeover.FENCE_OR_LEASE
+        at, why = lease_verdict(snapshot, now, policy)
+        assert at is not None and at <= now, why
+        history.promoted.append(Step.FENCE)
     for action in decision.actions:
         if action.step is not Step.ACQUIRE:
             assert action.epoch == history.term_epoch, (action, history.term_epoch)
@@ -2115,7 +2237,7 @@ def check(
 def random_walk(seed: int, steps: int) -> History:
     rng = random.Random(seed)
     policy = RANDOM_POLICY
-    world = World(relay_running=False, epoch=0, epoch_node=None)
+    world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
     state = AgentState()
     history = History()
     now, wall = NOW, WALL
@@ -2137,6 +2259,11 @@ def random_walk(seed: int, steps: int) -> History:
         now += elapsed
         wall += elapsed
         perturb(rng, world, wall)
+        # As the coordinator sees it: since when the peer has had no member znode.
+        if PEER in world.members:
+            world.absent_since = {}
+        elif PEER not in world.absent_since:
+            world.absent_since = {PEER: now - rng.choice((0.0, 0.0, 1.0, 3.0))}
         if state.role is Role.ACTIVE and rng.random() < 0.1:  # the operator asks it to hand over
             world.switchover = Switchover(NODE, rng.choice((None, PEER, OTHER)), wall)
         # This node's own record, as its agent publishes it.
@@ -2165,7 +2292,7 @@ def random_walk(seed: int, steps: int) -> History:
     return history
 
 
-SEEDS = (1, 2, 3, 4, 5)
+SEEDS = (1, 2, 3, 4, 5, 6, 7, 8)
 _WALKS: dict[int, History] = {}
 
 
