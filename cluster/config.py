@@ -208,7 +208,8 @@ class AgentConfig(_Section):
             urgent_drain_timeout=agent.urgent_drain_timeout,
             takeover=self.fencing.takeover,
             lease_grace=self.fencing.lease_grace,
-            step_timeouts=dict(agent.step_timeouts),
+            # fencing.timeout is FENCE's time limit unless agent.step_timeouts names it.
+            step_timeouts={Step.FENCE: self.fencing.timeout, **agent.step_timeouts},
         )
 
 

@@ -8,6 +8,7 @@ the whole demotion, and a demotion step that failed can simply be run again. Blo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,10 @@ class CommandFencer:
                 await process.wait()
                 failures.append(f"{argv[0]}: no answer within {timeout:g}s")
                 continue
+            except asyncio.CancelledError:  # the step was abandoned: leave no fence running
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                raise
             if process.returncode == 0:
                 return f"fenced {peer} with {argv[0]}"
             text = output.decode(errors="replace").strip().splitlines()
@@ -180,9 +185,10 @@ class Executor:
     async def _fence(self, action: Action) -> str:
         if not action.fence:
             return "no peer to fence: every other node is connected and holds nothing"
-        done = [
-            await self.fencer.fence(peer, action.epoch, action.timeout) for peer in action.fence
-        ]
+        # The fencer gets most of the step's time, so that it reports which agent failed
+        # (and kills what hangs) before the step's own limit cuts it off without a word.
+        budget = action.timeout * 0.9 / len(action.fence)
+        done = [await self.fencer.fence(peer, action.epoch, budget) for peer in action.fence]
         return "; ".join(done)
 
     def spool_path(self, root: Path) -> Path:

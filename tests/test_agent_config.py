@@ -43,7 +43,7 @@ def test_a_good_configuration_becomes_a_policy() -> None:
     assert policy.node == "mx1"
     assert policy.min_failover_interval == 5.0
     assert policy.timeout(Step.STORAGE) == 90.0
-    assert policy.timeout(Step.FENCE) == 30.0  # the default
+    assert policy.timeout(Step.FENCE) == 20.0  # fencing.timeout's default
     assert policy.relay_start_limit == 3
     assert config.storage.options()["device"] == Path("/dev/loop7")
     assert config.fencing.commands[0][2] == "bmc-{peer}"

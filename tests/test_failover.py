@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,58 +16,20 @@ from pathlib import Path
 import pytest
 
 from cluster.lab import Lab
-from cluster.lab.history import Attempt, LoadRun, recovery_time, unavailability
+from cluster.lab.history import LoadRun, recovery_time, unavailability
 from cluster.lab.topology import NODES
+from tests.support.lab_checks import (
+    Sampler,
+    agent_decisions,
+    drained,
+    wait_pair,
+    wait_until,
+)
 
 pytestmark = pytest.mark.root
 
 PREFIX = "hft"
 SUBNET = "198.19.246.0/24"
-
-
-def listening_for_smtp(lab: Lab, node: str) -> bool:
-    """Whether some process of ``node`` has a TCP socket listening on port 25."""
-    for pid in lab.node_pids(node):
-        try:
-            table = Path(f"/proc/{pid}/net/tcp").read_text()
-        except OSError:
-            continue
-        for line in table.splitlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(":0019") and fields[3] == "0A":
-                return True
-    return False
-
-
-class Sampler:
-    """Samples who holds what, in a thread, and remembers every instant of split brain."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.samples = 0
-        self.violations: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        while not self.stop.wait(0.05):
-            vip = self.lab.vip_holders()
-            mounted = self.lab.spool_mounted_on()
-            listening = [node for node in NODES if listening_for_smtp(self.lab, node)]
-            self.samples += 1
-            for what, holders in (("vip", vip), ("spool", mounted), ("smtp", listening)):
-                if len(holders) > 1:
-                    self.violations.append(f"{time.monotonic():.3f} {what} held by {holders}")
-
-    def __enter__(self) -> Sampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        assert self.samples > 10, "the sampler did not run"
-        assert not self.violations, self.violations[:10]
 
 
 @pytest.fixture(scope="module")
@@ -83,42 +44,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield built
     finally:
         built.down()
-
-
-def roles(lab: Lab) -> dict[str, str]:
-    status = lab.cluster_status()
-    if status is None:
-        return {}
-    return {node["node"]: node["role"] for node in status["nodes"]}
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    assert callable(condition)
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.2)
-
-
-def wait_pair(lab: Lab, timeout: float = 60.0) -> str:
-    """Wait for one active and one passive node; the active one."""
-    wait_until(
-        lambda: sorted(roles(lab).values()) == ["active", "passive"], timeout, "an active pair"
-    )
-    active = lab.active_node()
-    assert active is not None
-    return active
-
-
-def drained(lab: Lab, attempts: list[Attempt], timeout: float = 60.0) -> None:
-    acked = {a.id for a in attempts if a.outcome == "acked"}
-    wait_until(lambda: acked <= lab.delivered_ids(), timeout, "every acknowledged delivery")
-
-
-def agent_decisions(lab: Lab, node: str) -> list[dict[str, object]]:
-    path = lab.node_dir(node) / "agent.log"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if line.get("event") == "Decision"]
 
 
 def test_kill_9_of_the_active_node_under_load(lab: Lab, tmp_path: Path) -> None:
@@ -169,7 +94,10 @@ def test_zookeeper_connection_loss_of_the_active_node(lab: Lab, tmp_path: Path) 
                 assert any(d["trigger"] == "session_lost" for d in cut_off), cut_off[-5:]
             finally:
                 lab.exec(active, ["nft", "delete", "table", "inet", "hamta_test"])
-            # Reconnected with a new session, the old active node comes back as passive.
+            # The peer powered it off (the lab's STONITH) before taking over; powered on
+            # again, the old active node comes back as passive.
+            assert lab.node_pids(active) == []
+            lab.start_agent(active)
             assert wait_pair(lab) == peer
         finally:
             attempts = load.stop()

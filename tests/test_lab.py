@@ -288,7 +288,7 @@ def test_send_reaches_whoever_holds_the_vip(lab: Lab, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_fence_kills_only_the_relay_and_drops_the_vip(lab: Lab) -> None:
+def test_fence_powers_the_node_off_and_drops_the_vip(lab: Lab) -> None:
     try:
         lab.exec("node2", ["ip", "addr", "add", f"{VIP}/24", "dev", "eth0"], check=True)
         relay = lab.popen("node2", [PYTHON, "-c", "import time; time.sleep(120)", "serve"])
@@ -297,15 +297,14 @@ def test_fence_kills_only_the_relay_and_drops_the_vip(lab: Lab) -> None:
         assert sorted(lab.node_pids("node2")) == sorted([relay.pid, other.pid])
         # As the peer's agent runs it: from inside node1, in a mount namespace of its own.
         fence = [arg.format(peer="node2") for arg in lab.fence_command()]
+        os.kill(other.pid, signal.SIGSTOP)  # a frozen process is powered off as well
         done = lab.exec("node1", fence, timeout=30)
         assert done.returncode == 0, done.stderr
         assert relay.wait(5) == -signal.SIGKILL
-        assert other.poll() is None
-        assert lab.vip_holders() == []
-        lab.fence("node2")  # nothing left to fence: still fine
-        lab.kill_node("node2")
         assert other.wait(5) == -signal.SIGKILL
+        assert lab.vip_holders() == []
         assert lab.node_pids("node2") == []
+        lab.fence("node2")  # nothing left to fence: still fine
     finally:
         lab.kill_node("node2")
         lab.fence("node2")

@@ -1,11 +1,15 @@
 """The lab's STONITH, lean enough for the failover's critical path.
 
-``python -m cluster.lab.fence --namespace hamta-node1 --vip 198.18.0.100/24`` SIGKILLs every
-relay process (``hamta serve``) in that node's network namespace and takes the virtual IP off its
-``eth0``. On real machines this is a power switch, IPMI or the SAN's fence; in the lab the nodes
-share a kernel, so killing the relay and dropping the address is what "powered off" means for
-the mail. It imports only the standard library and runs ``ip`` once: the agents run it before
-every takeover, and a second spent importing libraries would be a second of outage.
+``python -m cluster.lab.fence --namespace hamta-node1 --vip 198.18.0.100/24`` powers the node
+off: it SIGKILLs every process in that node's network namespace (agent, relay, workers,
+watchdog; a frozen process dies as well), which also ends the node's mount namespaces and so
+unmounts its spool, and takes the virtual IP off its ``eth0``. The node stays off until it is
+started again (``hamta lab start NODE``), as after a fence agent's "off" action.
+
+On real machines this is a power switch, IPMI or a hypervisor; in the lab the nodes share a
+kernel, so ending every process and dropping the address is what "powered off" means. It imports
+only the standard library and runs ``ip`` once: the agents run it before every takeover, and a
+second spent importing libraries would be a second of outage.
 """
 
 from __future__ import annotations
@@ -62,16 +66,16 @@ def _alive(pid: int) -> bool:
 
 
 def fence_node(namespace: str, vip: str, interface: str = "eth0") -> list[int]:
-    """Kill the relays in ``namespace`` and remove ``vip`` from its ``interface``; the pids."""
-    relays = [pid for pid in processes_in(namespace) if "serve" in _cmdline(pid)]
-    for pid in relays:
+    """Power ``namespace``'s node off: kill all its processes, drop the VIP; the pids killed."""
+    victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
+    for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + _GONE_WITHIN
-    while (left := [pid for pid in relays if _alive(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in victims if _alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.005)  # a SIGKILLed process is gone within milliseconds; no event for it
     if left:
-        raise FenceError(f"relay processes {left} in {namespace} outlived SIGKILL")
+        raise FenceError(f"processes {left} in {namespace} outlived SIGKILL")
     done = subprocess.run(
         ["ip", "-n", namespace, "address", "del", vip, "dev", interface],
         capture_output=True,
@@ -82,7 +86,7 @@ def fence_node(namespace: str, vip: str, interface: str = "eth0") -> list[int]:
     absent = "Cannot assign" in done.stderr or "Address not found" in done.stderr
     if done.returncode != 0 and not absent:
         raise FenceError(f"cannot remove {vip} from {namespace}: {done.stderr.strip()}")
-    return relays
+    return victims
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FenceError, OSError, subprocess.SubprocessError) as exc:
         print(f"fence: {exc}", file=sys.stderr)
         return 1
-    print(f"fenced {args.namespace}: {len(killed)} relay process(es) killed, {args.vip} removed")
+    print(f"fenced {args.namespace}: {len(killed)} process(es) killed, {args.vip} removed")
     return 0
 
 

@@ -407,8 +407,9 @@ class Lab:
     def fence_command(self) -> list[str]:
         """The command the agents run to fence their peer (``{peer}`` is filled in).
 
-        ``cluster.lab.fence`` imports only the standard library: the fence is on the
-        failover's critical path.
+        It powers the peer off: every process of it killed, the VIP removed; ``start_agent``
+        powers it on again. ``cluster.lab.fence`` imports only the standard library: the fence
+        is on the failover's critical path.
         """
         return [
             self.python,
@@ -422,11 +423,25 @@ class Lab:
             INTERFACE,
         ]
 
+    def _agent_argv(self, node_dir: Path) -> list[str]:
+        return [self.python, "-m", "hamta.cli", "agent", "--config", str(node_dir / "agent.toml")]
+
     def _write_node_configs(self, node: str) -> None:
         node_dir = self.directory / node
         (node_dir / "mnt").mkdir(parents=True, exist_ok=True)
         relay = configs.relay_config(self.topology, node, node_dir, node_dir / "mnt" / "spool")
         (node_dir / "relay.toml").write_text(configs.render_toml(relay))
+        self.configure_agent(node, {})
+
+    def configure_agent(self, node: str, overrides: configs.Sections) -> Path:
+        """Write ``node``'s agent configuration: the lab's, with ``overrides`` section by section.
+
+        A section's keys replace the lab's (``{"fencing": {}}`` keeps the section as it is, a
+        ``None`` value drops the key, e.g. ``{"fencing": {"commands": None}}`` for no STONITH).
+        It takes effect when the agent starts next.
+        """
+        self._check_node(node)
+        node_dir = self.directory / node
         agent = configs.agent_config(
             self.topology,
             node,
@@ -435,7 +450,17 @@ class Lab:
             device=self._current_record().loop_device,
             fence_command=self.fence_command(),
         )
-        (node_dir / "agent.toml").write_text(configs.render_toml(agent))
+        merged = {section: dict(keys) for section, keys in agent.items()}
+        for section, keys in overrides.items():
+            target = merged.setdefault(section, {})
+            for key, value in keys.items():
+                if value is None:
+                    target.pop(key, None)
+                else:
+                    target[key] = value
+        path = node_dir / "agent.toml"
+        path.write_text(configs.render_toml(merged))
+        return path
 
     def _wait_services(self, deadline: float) -> None:
         client = self.topology.namespace(CLIENT)
@@ -493,7 +518,7 @@ class Lab:
         if running:
             raise LabError(f"{node} still runs processes {running}; kill it first")
         node_dir = self.node_dir(node)
-        argv = [self.python, "-m", "hamta.cli", "agent", "--config", str(node_dir / "agent.toml")]
+        argv = self._agent_argv(node_dir)
         try:
             self._remember(
                 processes.spawn(
@@ -795,11 +820,11 @@ class Lab:
         self._reap_children()
 
     def fence(self, node: str) -> None:
-        """The lab's STONITH: SIGKILL ``node``'s relay processes and take the VIP off its eth0.
+        """The lab's STONITH, power-off only: SIGKILL every process of ``node``, drop its VIP.
 
         The agents' fencing hook runs the same (``python -m cluster.lab.fence``) against the
-        former active node before taking over; on real machines this would be a power switch
-        or the SAN's fence.
+        former active node before taking over; on real machines this would be a power switch,
+        IPMI or a hypervisor. ``start_agent`` powers the node on again.
         """
         self._check_node(node)
         try:
