@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import smtplib
 import time
 from pathlib import Path
@@ -204,3 +205,42 @@ def test_every_worker_checks_the_token(
     assert relay.get("/health/ready")[0] == 503
     time.sleep(0.5)
     assert sink.count == 6
+
+
+def test_a_relay_frozen_past_the_takeover_writes_and_delivers_nothing_when_it_wakes(
+    make_relay: RelayFactory, mx_port: int, tmp_path: Path
+) -> None:
+    """SIGSTOP with a client in DATA and a delivery waiting on its MX; the next term's epoch
+    lands on the spool meanwhile (as the peer's EPOCH step writes it); then SIGCONT."""
+    storage = tmp_path / "storage"
+    token = write_token(storage, 30)
+    relay = make_relay(standby=True)
+    assert relay.proc is not None
+    with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=1.0) as sink:
+        _activate(relay, 30, token)
+        assert _send(relay.port, "slow@sink.test")[0] == 250  # its delivery waits on RCPT
+        deadline = time.monotonic() + 10
+        while relay.queue()["in_flight"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            client.ehlo()
+            assert client.mail("a@origin.test")[0] == 250
+            assert client.rcpt("late@sink.test")[0] == 250
+            relay.proc.send_signal(signal.SIGSTOP)
+            try:
+                # The relay's kernel still takes the bytes; the relay reads them after waking.
+                client.putcmd("data")
+                before = _files(relay.spool)
+                write_token(storage, 31)
+                time.sleep(1.5)  # frozen past the MX's answer to its RCPT
+            finally:
+                relay.proc.send_signal(signal.SIGCONT)
+            code, _ = client.getreply()
+            if code == 354:
+                client.send(b"Subject: late\r\n\r\nwritten after the takeover?\r\n.\r\n")
+                code, _ = client.getreply()
+        assert code == 421
+        time.sleep(1.5)
+        assert sink.count == 0  # the delivery waiting on RCPT never sent its DATA
+        assert _files(relay.spool) == before
+        assert relay.wait_events("RelayFenced")
