@@ -1,4 +1,4 @@
-"""The ``hamta agent`` and ``hamta cluster ...`` commands (registered by ``hamta.cli``).
+"""The ``hamta agent``, ``hamta cluster ...`` and ``hamta drbd ...`` commands (via ``hamta.cli``).
 
 ``hamta cluster`` reads the agent's configuration for ZooKeeper's address, the cluster's name
 and its credentials: ``--config FILE``, else ``/etc/hamta/agent.toml``, else, while a lab is up
@@ -114,6 +114,42 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drbd(args: argparse.Namespace) -> int:
+    """``hamta drbd fence-peer|unfence|split-brain|clear-split-brain``: DRBD's handlers."""
+    from cluster import drbd_handlers  # noqa: PLC0415 - see cmd_agent
+    from cluster.coordination import CoordinationError  # noqa: PLC0415
+    from cluster.operator import operator_session  # noqa: PLC0415
+
+    config = _cluster_config(args)
+    node = config.agent.node
+    try:
+        resource = drbd_handlers.resource_of(os.environ, args.resource)
+    except ValueError as exc:
+        if args.action != "clear-split-brain":
+            print(f"hamta: {exc}", file=sys.stderr)
+            return 2
+        resource = ""
+    try:
+        with operator_session(config, timeout=args.timeout) as session:
+            coordinator = session.coordinator
+            if args.action == "fence-peer":
+                peer = args.peer or os.environ.get("DRBD_PEER") or None
+                verdict = drbd_handlers.fence_peer(coordinator, node, resource, peer)
+            elif args.action == "unfence":
+                verdict = drbd_handlers.unfence(coordinator, node, resource)
+            elif args.action == "split-brain":
+                verdict = drbd_handlers.report_split_brain(coordinator, node, resource)
+            else:
+                cleared = coordinator.clear_split_brain()
+                text = "split brain cleared" if cleared else "no split brain was reported"
+                verdict = drbd_handlers.Verdict(0, f"{text}: automatic failover is on")
+    except CoordinationError as exc:
+        # DRBD reads a failure as "could not fence": it keeps I/O frozen or refuses to promote.
+        verdict = drbd_handlers.Verdict(drbd_handlers.EXIT_FAILED, f"ZooKeeper: {exc}")
+    print(f"hamta drbd {args.action}: {verdict.message}", file=sys.stderr)
+    return verdict.code
+
+
 def add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``agent`` and ``cluster`` on the ``hamta`` command's subparsers."""
     agent = sub.add_parser("agent", help="run this node's cluster agent")
@@ -131,3 +167,15 @@ def add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     cluster.add_argument("--reason", help="pause: why, for the record")
     cluster.add_argument("--last", type=int, default=20, help="history: how many")
     cluster.set_defaults(func=cmd_cluster)
+
+    drbd = sub.add_parser(
+        "drbd", help="DRBD's handlers (fence-peer, after-resync-target, split-brain)"
+    )
+    drbd.add_argument("action", choices=["fence-peer", "unfence", "split-brain",
+                                         "clear-split-brain"])  # fmt: skip
+    drbd.add_argument("--config", type=Path, help=f"agent TOML (default: {SYSTEM_CONFIG})")
+    drbd.add_argument("--resource", help="the DRBD resource (default: $DRBD_RESOURCE)")
+    drbd.add_argument("--peer", help="fence-peer: the peer's node name (default: $DRBD_PEER, "
+                      "else the only other node of the cluster)")  # fmt: skip
+    drbd.add_argument("--timeout", type=float, default=10.0, help="ZooKeeper connect, seconds")
+    drbd.set_defaults(func=cmd_drbd)

@@ -165,6 +165,17 @@ class _Paths:
     def nodes(self) -> str:
         return f"{self.root}/nodes"
 
+    @property
+    def outdated(self) -> str:
+        return f"{self.root}/outdated"
+
+    @property
+    def split_brain(self) -> str:
+        return f"{self.root}/split-brain"
+
+    def outdated_node(self, node: str) -> str:
+        return f"{self.outdated}/{node}"
+
     def member(self, node: str) -> str:
         return f"{self.members}/{node}"
 
@@ -336,6 +347,7 @@ class Coordinator:
             paths.epoch: (msgspec.json.encode(_EpochRecord()), self._acl),
             paths.history: (b"[]", self._acl),
             paths.nodes: (b"", self._acl),
+            paths.outdated: (b"", self._acl),
         }
         if self.node != OPERATOR:
             # Persistent: a node that ever joined stays known (and fenced before a takeover when
@@ -421,6 +433,8 @@ class Coordinator:
             for path in (paths.leader, paths.epoch, paths.paused, paths.switchover)
         }
         known_result = client.get_children_async(paths.nodes)
+        outdated_result = client.get_children_async(paths.outdated)
+        split_result = client.get_async(paths.split_brain)
         names = self._wait(client.get_children_async(paths.members))
         member_results = {name: client.get_async(paths.member(name)) for name in sorted(names)}
         found = {path: self._fetch(result) for path, result in pending.items()}
@@ -453,6 +467,13 @@ class Coordinator:
             known = frozenset(self._wait(known_result))
         except NoNodeError:
             known = frozenset()
+        try:
+            outdated = frozenset(self._wait(outdated_result))
+        except NoNodeError:
+            outdated = frozenset()
+        split_brain = None
+        if (got := self._fetch(split_result)) is not None:
+            split_brain = got[0].decode(errors="replace") or "reported"
         others = (known | ({epoch.node} if epoch.node else set())) - {self.node}
         now = self._clock()
         # Absence is judged on the children list, not on records that could be decoded.
@@ -465,6 +486,8 @@ class Coordinator:
             session=Session.CONNECTED,
             known_nodes=known,
             absent_since=dict(self._absent_since),
+            outdated=outdated,
+            split_brain=split_brain,
             leader=leader,
             epoch=epoch.epoch,
             epoch_node=epoch.node,
@@ -669,6 +692,44 @@ class Coordinator:
         """Withdraw a switchover request (done or abandoned)."""
         with self._kazoo("clearing switchover"):
             self._delete(self._paths.switchover)
+
+    # ------------------------------------------------------- DRBD resource-level fencing
+
+    def mark_outdated(self, node: str, record: dict[str, Any]) -> None:
+        """Record that ``node``'s replica missed writes: it must not be promoted until resynced."""
+        _check_name("node", node)
+        with self._kazoo(f"marking {node} outdated"):
+            self._require_connected(f"marking {node} outdated")
+            with suppress(NodeExistsError):  # a cluster from before the marks existed
+                self._wait(self._client.create_async(self._paths.outdated, b"", acl=self._acl))
+            self._put(self._paths.outdated_node(node), msgspec.json.encode(record))
+
+    def clear_outdated(self, node: str) -> bool:
+        """``node``'s replica is up to date again; False when it was not marked."""
+        _check_name("node", node)
+        with self._kazoo(f"clearing the outdated mark of {node}"):
+            self._require_connected(f"clearing the outdated mark of {node}")
+            try:
+                self._wait(self._client.delete_async(self._paths.outdated_node(node)))
+            except NoNodeError:
+                return False
+        return True
+
+    def report_split_brain(self, text: str) -> None:
+        """DRBD found the replicas diverged: no automatic failover until an operator clears it."""
+        with self._kazoo("reporting a split brain"):
+            self._require_connected("reporting a split brain")
+            self._put(self._paths.split_brain, text.encode())
+
+    def clear_split_brain(self) -> bool:
+        """An operator resolved the split brain; False when none was reported."""
+        with self._kazoo("clearing the split brain"):
+            self._require_connected("clearing the split brain")
+            try:
+                self._wait(self._client.delete_async(self._paths.split_brain))
+            except NoNodeError:
+                return False
+        return True
 
     def forget(self, node: str) -> None:
         """Remove a decommissioned node from the known nodes, so that it is no longer fenced."""

@@ -121,6 +121,8 @@ def cluster_status(
         ),
         "last_failover": last,
         "since_last_failover_s": round(now - float(last["at"]), 1) if last else None,
+        "outdated": sorted(view.outdated),
+        "split_brain": view.split_brain,
         "nodes": nodes,
     }
 
@@ -137,6 +139,10 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"PAUSED by {paused['by']}: {paused['reason'] or 'no reason given'}")
     if status["switchover"]:
         lines.append(f"switchover requested to {status['switchover']['target'] or 'any peer'}")
+    if status.get("split_brain"):
+        lines.append(f"SPLIT BRAIN: {status['split_brain']} (no automatic failover)")
+    for node in status.get("outdated", []):
+        lines.append(f"OUTDATED: {node}'s replica missed writes; it will not take over")
     since = status["since_last_failover_s"]
     lines.append(f"last failover: {f'{since:.0f}s ago' if since is not None else 'never'}")
     header = ("node", "role", "epoch", "relay", "queue", "heartbeat", "vip")

@@ -35,6 +35,9 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   it expires: kazoo notices a silent server after two thirds of the session timeout, and the
   peer may take over once the session has expired, so the remaining third is all there is.
 - Leadership is given up last, after the spool is released, so the peer cannot mount it early.
+- A node whose replica DRBD's fence-peer handler marked outdated never takes over (not even by
+  switchover) until a resync clears the mark, and nobody takes over while a split brain that
+  DRBD reported waits for an operator: stale or diverged mail is never served.
 - Pause stops automatic failover (no promotion, no giving up for relay health) but not
   self-fencing: a node that loses its session still demotes, because safety beats availability.
 - A promotion goes past FENCE only when every node that may still hold something was fenced,
@@ -173,6 +176,10 @@ class ClusterView:
     # Monotonic time (this agent's clock) since which each other known node has had no member
     # znode, i.e. its ZooKeeper session had ended on the server: the lease it held has expired.
     absent_since: Mapping[str, float] = field(default_factory=dict)
+    # DRBD resource-level fencing: nodes whose replica missed writes (not to be promoted until
+    # resynced), and a split brain DRBD reported (no automatic failover until it is resolved).
+    outdated: frozenset[str] = frozenset()
+    split_brain: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +427,8 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
         return False
     if snapshot.local.stopping:
         return False
+    if policy.node in cluster.outdated or cluster.split_brain is not None:
+        return False  # its data may be stale, or the replicas diverged: never automatically
     request = _switchover_pending(snapshot, policy)
     if request is not None:
         # A planned handover goes to its target only, and never back to the node that left.

@@ -102,6 +102,8 @@ class World:
     stopping: bool = False  # the agent got SIGTERM
     absent_since: dict[str, float] = field(default_factory=dict)  # sessions seen to have ended
     known: frozenset[str] = frozenset()  # every node that ever joined
+    outdated: frozenset[str] = frozenset()  # replicas DRBD's fence-peer handler marked
+    split_brain: str | None = None
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -115,6 +117,8 @@ class World:
             last_failover=self.last_failover,
             absent_since=dict(self.absent_since),
             known_nodes=self.known,
+            outdated=self.outdated,
+            split_brain=self.split_brain,
         )
         local = LocalView(
             relay_running=self.relay_running,
@@ -1260,6 +1264,34 @@ def test_failed_promotion_rolls_back_through_the_whole_demotion(step: Step, how:
     assert walk.see().trigger is Trigger.LEADER_VACANT
 
 
+# ---------------------------------------------------------------- DRBD's marks
+
+
+@pytest.mark.parametrize("request_", [None, Switchover(PEER, NODE, WALL)], ids=["vacant", "asked"])
+def test_an_outdated_replica_never_takes_over(request_: Switchover | None) -> None:
+    walk = eligible()
+    walk.world.switchover = request_
+    walk.world.outdated = frozenset({NODE})
+    assert walk.see().actions == ()
+    walk.world.outdated = frozenset({PEER})  # the peer's mark is no reason to wait
+    assert [a.step for a in walk.see().actions] == [Step.ACQUIRE]
+
+
+def test_a_reported_split_brain_stops_automatic_failover() -> None:
+    walk = eligible()
+    walk.world.split_brain = "DRBD reported a split brain of r0 on beta"
+    assert walk.see().trigger is Trigger.NOTHING
+    walk.world.split_brain = None
+    assert walk.see().trigger is Trigger.LEADER_VACANT
+
+
+def test_an_active_node_with_a_split_brain_reported_keeps_serving() -> None:
+    """The report stops takeovers, not the node that serves: that is for the operator."""
+    walk = Walk(active(), World(leader=ours(), split_brain="reported"))
+    assert walk.see().trigger is Trigger.NOTHING
+    assert walk.state.role is Role.ACTIVE
+
+
 # ---------------------------------------------------------------- takeover without a fence
 
 
@@ -1995,6 +2027,8 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
     if cluster.leader is not None or not snapshot.local.relay_running:
         return False
     if now < state.cooldown_until or snapshot.local.stopping:
+        return False
+    if policy.node in cluster.outdated or cluster.split_brain is not None:
         return False
     request = cluster.switchover
     if request is not None and snapshot.wall - request.at <= policy.switchover_timeout:
