@@ -47,7 +47,7 @@ def test_a_garbled_token_is_an_error_not_an_epoch(tmp_path: Path) -> None:
 def test_guard_is_sticky_and_reports_once(tmp_path: Path) -> None:
     write_token(tmp_path, 4)
     reports: list[str] = []
-    guard = EpochGuard(tmp_path / TOKEN_FILE, 4, reports.append)
+    guard = EpochGuard(tmp_path / TOKEN_FILE, 4, reports.append, max_age=0)
     guard.verify()
     assert guard.check() is None
     write_token(tmp_path, 5)
@@ -67,7 +67,7 @@ def test_a_missing_or_unreadable_token_fences(
     tmp_path: Path, content: str | None, expected: str
 ) -> None:
     write_token(tmp_path, 2)
-    guard = EpochGuard(tmp_path / TOKEN_FILE, 2)
+    guard = EpochGuard(tmp_path / TOKEN_FILE, 2, max_age=0)
     guard.verify()
     path = tmp_path / TOKEN_FILE
     if content is None:
@@ -75,6 +75,23 @@ def test_a_missing_or_unreadable_token_fences(
     else:
         path.write_text(content)
     assert expected in (guard.check() or "")
+
+
+def test_the_token_is_read_again_once_the_last_read_is_older_than_max_age(
+    tmp_path: Path,
+) -> None:
+    now = [100.0]
+    write_token(tmp_path, 8)
+    guard = EpochGuard(tmp_path / TOKEN_FILE, 8, max_age=0.02, clock=lambda: now[0])
+    guard.verify()
+    reads = guard.reads
+    write_token(tmp_path, 9)
+    now[0] += 0.01
+    assert guard.check() is None  # read 10 ms ago: trusted (one direct read per 20 ms at most)
+    assert guard.reads == reads
+    now[0] += 5.0  # a process stopped for seconds: the boot-time clock went on
+    assert "epoch 9" in (guard.check() or "")
+    assert guard.reads == reads + 1
 
 
 def test_verify_refuses_another_term(tmp_path: Path) -> None:
@@ -181,6 +198,7 @@ def test_a_superseded_relay_acknowledges_nothing_more(
             break
     # Nothing is under way: the first to notice the newer term is the next write to the spool.
     write_token(storage, 12)
+    time.sleep(0.05)  # past the guard's 20 ms between direct reads of the token
     code, reply = _send(relay.port, "two@sink.test")
     assert (code, reply[:5]) == (421, b"4.3.2")
     assert relay.wait_events("NotAcknowledged")[0]["error"].startswith("the spool belongs to")
@@ -200,6 +218,7 @@ def test_every_worker_checks_the_token(
     assert all(_send(relay.port, f"u{n}@sink.test")[0] == 250 for n in range(6))
     assert sink.wait_for(6, timeout=15)
     write_token(storage, 21)
+    time.sleep(0.05)  # past the guards' 20 ms between direct reads of the token
     # The kernel spreads connections over the workers; each must refuse on its own.
     assert [_send(relay.port, f"v{n}@sink.test")[0] for n in range(8)] == [421] * 8
     assert relay.get("/health/ready")[0] == 503
