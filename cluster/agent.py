@@ -159,10 +159,17 @@ class Agent:
         self.watchdog_timeout = config.watchdog_timeout
         self._armed = False
         self._watched_pgid: int | None = None
-        # The decision loop's last turn: a loop stuck in an await stops the feeding too, after
-        # a bound generous enough for a slow ZooKeeper read (the session keeps the peer out).
+        # The decision loop's last turn: a loop stuck in an await stops the feeding too. The
+        # bound plus the watchdog's timeout stays below the session timeout plus the lease
+        # grace, before which the peer cannot take over unfenced.
         self.progress = clock()
-        self.progress_limit = max(5.0, 3 * agent.session_timeout)
+        self.progress_limit = agent.session_timeout + agent.health_interval
+        # Since when this node has held something without a ZooKeeper session. Past
+        # ``release_deadline`` (its demotion is stuck: a busy unmount, a hung step) it stops
+        # feeding the watchdog, which then kills the relay and drops the VIP (and, with a kernel
+        # device, reboots the machine) before the peer's lease rule lets it take over.
+        self.unsafe_since: float | None = None
+        self.release_deadline = agent.session_timeout / 3 + config.fencing.lease_grace / 2
 
     # ------------------------------------------------------------ observation
 
@@ -302,6 +309,8 @@ class Agent:
         if watchdog is None or watchdog.returncode is not None:
             return
         holds = holds_resources(self.state)
+        if not holds:
+            self.unsafe_since = None
         try:
             if holds and not self._armed:
                 vip = self.vip
@@ -325,8 +334,18 @@ class Agent:
             if pgid != self._watched_pgid:  # restarted, or gone: never a stale group
                 watchdog.relay(pgid)
                 self._watched_pgid = pgid
-            if self.clock() - self.progress < self.progress_limit:
+            now = self.clock()
+            if self.coordinator.session is Session.CONNECTED:
+                self.unsafe_since = None
+            elif self.unsafe_since is None:
+                self.unsafe_since = now
+            since = self.unsafe_since
+            stuck = since is not None and now - since > self.release_deadline
+            if now - self.progress < self.progress_limit and not stuck:
                 watchdog.feed()
+            elif stuck:
+                self.log.error("WatchdogStarved", why="still holding without a session",
+                               seconds=round(now - (since or now), 3))  # fmt: skip
         except WatchdogError as exc:
             self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
 
@@ -335,11 +354,16 @@ class Agent:
         watchdog = self.watchdog
         if watchdog is None:
             return
-        if watchdog.returncode is not None:  # killed by someone: this node is unprotected
+        if watchdog.pid is None or watchdog.returncode is not None:
+            # Killed by someone, or a restart failed: this node is unprotected until it runs.
             self.log.error("WatchdogRestarting", status=watchdog.returncode)
-            self.watchdog = watchdog = Watchdog()
+            self.watchdog = Watchdog()
             self._armed = False
-            await self._start_watchdog()
+            try:
+                await self._start_watchdog()
+            except WatchdogError as exc:
+                self.log.error("WatchdogLost", error=str(exc), armed=False)
+                return
         self._tend_watchdog()
 
     async def _start_watchdog(self) -> None:

@@ -304,6 +304,10 @@ class Coordinator:
     def _session_changed(self, state: KazooState) -> None:
         with self._lock:
             self._session = _SESSIONS[state]
+            if self._session is not Session.CONNECTED:
+                # Absences seen before a gap prove nothing about what happened during it: a node
+                # may have come and gone. They are timed afresh from the next read.
+                self._absent_since.clear()
         self._notify()
 
     def _data_changed(self, data: bytes | None, stat: ZnodeStat | None, event: object) -> None:
@@ -413,6 +417,8 @@ class Coordinator:
                 view = self._read()
             except (KazooTimeoutError, KazooException) as exc:
                 self._log.warning("reading the cluster failed", error=repr(exc))
+                with self._lock:
+                    self._absent_since.clear()
             else:
                 self._last = view
                 return view
@@ -477,15 +483,17 @@ class Coordinator:
         others = (known | ({epoch.node} if epoch.node else set())) - {self.node}
         now = self._clock()
         # Absence is judged on the children list, not on records that could be decoded.
-        for name in list(self._absent_since):
-            if name in names or name not in others:
-                del self._absent_since[name]
-        for name in others - set(names):
-            self._absent_since.setdefault(name, now)
+        with self._lock:
+            for name in list(self._absent_since):
+                if name in names or name not in others:
+                    del self._absent_since[name]
+            for name in others - set(names):
+                self._absent_since.setdefault(name, now)
+            absent_since = dict(self._absent_since)
         return ClusterView(
             session=Session.CONNECTED,
             known_nodes=known,
-            absent_since=dict(self._absent_since),
+            absent_since=absent_since,
             outdated=outdated,
             split_brain=split_brain,
             leader=leader,
@@ -695,14 +703,42 @@ class Coordinator:
 
     # ------------------------------------------------------- DRBD resource-level fencing
 
-    def mark_outdated(self, node: str, record: dict[str, Any]) -> None:
-        """Record that ``node``'s replica missed writes: it must not be promoted until resynced."""
+    def mark_outdated(self, node: str, record: dict[str, Any], *, leader: str) -> int | None:
+        """Record that ``node``'s replica missed writes, if ``leader`` still leads; its epoch.
+
+        The epoch znode's version guards the write, as it guards a takeover: if leadership
+        changed hands since it was read, the transaction fails and None says so (the mark of a
+        node that just lost leadership must not outdate its successor).
+        """
         _check_name("node", node)
+        client, paths = self._client, self._paths
         with self._kazoo(f"marking {node} outdated"):
             self._require_connected(f"marking {node} outdated")
             with suppress(NodeExistsError):  # a cluster from before the marks existed
-                self._wait(self._client.create_async(self._paths.outdated, b"", acl=self._acl))
-            self._put(self._paths.outdated_node(node), msgspec.json.encode(record))
+                self._wait(client.create_async(paths.outdated, b"", acl=self._acl))
+            data, stat = self._wait(client.get_async(paths.epoch))
+            problems: list[str] = []
+            epoch = self._decode(paths.epoch, data, _EpochRecord, problems)
+            self._report(problems)
+            got = self._fetch(client.get_async(paths.leader))
+            holder = self._decode(paths.leader, got[0], _LeaderRecord, problems) if got else None
+            if epoch is None or holder is None or holder.node != leader:
+                return None
+            if holder.epoch != epoch.epoch:
+                return None
+            path = paths.outdated_node(node)
+            exists = self._wait(client.exists_async(path)) is not None
+            transaction = client.transaction()
+            transaction.check(paths.epoch, stat.version)
+            encoded = msgspec.json.encode({**record, "epoch": epoch.epoch})
+            if exists:
+                transaction.set_data(path, encoded)
+            else:
+                transaction.create(path, encoded, acl=self._acl)
+            results = self._wait(transaction.commit_async())
+        if any(isinstance(result, Exception) for result in results):
+            return None
+        return epoch.epoch
 
     def clear_outdated(self, node: str) -> bool:
         """``node``'s replica is up to date again; False when it was not marked."""

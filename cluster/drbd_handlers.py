@@ -51,9 +51,13 @@ def _connected_view(coordinator: Coordinator) -> ClusterView:
 
 def peer_of(view: ClusterView, node: str, named: str | None) -> str:
     """The peer DRBD means: the one named (``DRBD_PEER``), else the only other known node."""
-    if named:
-        return named
     others = sorted((view.known_nodes | set(view.members)) - {node})
+    if named:
+        if named not in others:
+            # DRBD's host name is not a node name of this cluster: marking it would outdate
+            # nobody while DRBD believes the peer fenced.
+            raise CoordinationError(f"{named} is not a node of this cluster ({others or 'none'})")
+        return named
     if len(others) != 1:
         raise CoordinationError(
             f"cannot tell which node is the peer among {others or 'none'}: pass --peer"
@@ -79,14 +83,18 @@ def fence_peer(
                 EXIT_OUTDATE_YOURSELF,
                 f"{node} does not lead the cluster ({holder} does): {node} outdates itself",
             )
-        coordinator.mark_outdated(
-            target, {"by": node, "resource": resource, "epoch": leader.epoch, "at": wall()}
+        epoch = coordinator.mark_outdated(
+            target, {"by": node, "resource": resource, "at": wall()}, leader=node
         )
     except CoordinationError as exc:
         return Verdict(EXIT_FAILED, f"cannot fence the peer of {resource}: {exc}")
+    if epoch is None:  # leadership changed hands while we decided
+        return Verdict(
+            EXIT_OUTDATE_YOURSELF, f"{node} lost leadership before marking {target}: outdate itself"
+        )
     return Verdict(
         EXIT_PEER_OUTDATED,
-        f"{target} marked outdated for {resource} by {node}, leader in epoch {leader.epoch}",
+        f"{target} marked outdated for {resource} by {node}, leader in epoch {epoch}",
     )
 
 

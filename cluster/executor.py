@@ -196,6 +196,13 @@ class Executor:
         return root / self.spool_name
 
     async def _storage(self, action: Action) -> str:
+        # Checked again after ACQUIRE: DRBD's fence-peer handler of the former leader may have
+        # marked this node's replica outdated between the decision to take over and now.
+        view = await asyncio.to_thread(self.coordinator.view)
+        if self.node in view.outdated:
+            raise StepError(f"{self.node}'s replica is marked outdated: it missed writes")
+        if view.split_brain is not None:
+            raise StepError(f"split brain reported: {view.split_brain}")
         root = await asyncio.to_thread(self._locked(self._storage_lock, self.storage.promote))
         self._mounted = root
         spool = self.spool_path(root)

@@ -651,6 +651,8 @@ class Spool:
                 handle.write(frame)
             handle.flush()
             os.fsync(handle.fileno())
+        # The rename and the deletions replace journals a newer term may be recovering from.
+        self._check_fence()
         os.rename(tmp, final)
         _fsync_dir(self.journal_dir)
         for path in stale:

@@ -119,3 +119,23 @@ def test_a_handler_without_a_resource_is_refused(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and "no DRBD resource" in done.stderr
+
+
+def test_a_peer_name_that_is_not_a_node_of_the_cluster_is_refused(
+    zookeeper: ZooKeeperEnsemble, cluster: tuple[str, Coordinator, Coordinator], tmp_path: Path
+) -> None:
+    name, a, _ = cluster
+    done = drbd("fence-peer", config(tmp_path, "a", name, zookeeper.hosts), DRBD_PEER="b.example")
+    assert done.returncode == 1 and "b.example is not a node of this cluster" in done.stderr
+    assert a.view().outdated == frozenset()
+
+
+def test_only_the_current_leader_can_mark_a_replica_outdated(
+    cluster: tuple[str, Coordinator, Coordinator],
+) -> None:
+    _, a, b = cluster
+    record = {"by": "b", "resource": "r0", "at": 0.0}
+    assert b.mark_outdated("a", record, leader="b") is None  # b does not lead
+    assert a.view().outdated == frozenset()
+    epoch = a.mark_outdated("b", record, leader="a")
+    assert epoch is not None and a.view().outdated == frozenset({"b"})

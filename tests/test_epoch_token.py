@@ -61,7 +61,7 @@ def test_guard_is_sticky_and_reports_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(None, "is gone"), ("junk", "cannot read the fencing token")],
+    [(None, "is gone"), ("junk", "cannot read the fencing token"), ("1", "belongs to epoch 1")],
 )
 def test_a_missing_or_unreadable_token_fences(
     tmp_path: Path, content: str | None, expected: str
@@ -98,7 +98,7 @@ def test_verify_refuses_another_term(tmp_path: Path) -> None:
     write_token(tmp_path, 6)
     with pytest.raises(TokenError, match="epoch 6"):
         EpochGuard(tmp_path / TOKEN_FILE, 5).verify()
-    with pytest.raises(TokenError, match="carries epoch 6, not ours \\(7\\)"):
+    with pytest.raises(TokenError, match="belongs to epoch 6; this relay serves epoch 7"):
         EpochGuard(tmp_path / TOKEN_FILE, 7).verify()
 
 
