@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
@@ -510,8 +510,18 @@ class Lab:
 
     # ------------------------------------------------------------------ agents
 
-    def start_agent(self, node: str) -> None:
-        """Start ``node``'s agent (which starts its relay); LabError if the node still runs."""
+    @property
+    def ensemble(self) -> ZooKeeperEnsemble:
+        """The lab's ZooKeeper servers, in the process that brought the lab up."""
+        if self._ensemble is None:
+            raise LabError("the ZooKeeper servers belong to the process that ran 'lab up'")
+        return self._ensemble
+
+    def start_agent(self, node: str, env: Mapping[str, str] | None = None) -> None:
+        """Start ``node``'s agent (which starts its relay); LabError if the node still runs.
+
+        ``env`` adds to the agent's environment (e.g. libfaketime's, for a skewed clock).
+        """
         self._check_node(node)
         self._current_record()
         running = self.node_pids(node)
@@ -527,7 +537,7 @@ class Lab:
                     self.namespace(node),
                     argv,
                     node_dir / "agent.out",
-                    env=self._env(),
+                    env={**self._env(), **(env or {})},
                     cwd=node_dir,
                 )
             )

@@ -3,56 +3,22 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from pathlib import Path
 
 from cluster.lab import Lab
 from cluster.lab.history import Attempt
-from cluster.lab.topology import NODES
+from cluster.lab.sampler import Sampler as LabSampler
 
 
-def listening_for_smtp(lab: Lab, node: str) -> bool:
-    """Whether some process of ``node`` has a TCP socket listening on port 25."""
-    for pid in lab.node_pids(node):
-        try:
-            table = Path(f"/proc/{pid}/net/tcp").read_text()
-        except OSError:
-            continue
-        for line in table.splitlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(":0019") and fields[3] == "0A":
-                return True
-    return False
-
-
-class Sampler:
-    """Samples who holds what, in a thread, and remembers every instant of split brain."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.samples = 0
-        self.violations: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        while not self.stop.wait(0.05):
-            vip = self.lab.vip_holders()
-            mounted = self.lab.spool_mounted_on()
-            listening = [node for node in NODES if listening_for_smtp(self.lab, node)]
-            self.samples += 1
-            for what, holders in (("vip", vip), ("spool", mounted), ("smtp", listening)):
-                if len(holders) > 1:
-                    self.violations.append(f"{time.monotonic():.3f} {what} held by {holders}")
+class Sampler(LabSampler):
+    """The lab's split-brain sampler as a context manager that fails the test on a violation."""
 
     def __enter__(self) -> Sampler:
-        self.thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+        self.stop()
         assert self.samples > 10, "the sampler did not run"
         assert not self.violations, self.violations[:10]
 
