@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from chaos.cli import add_chaos_commands
 from cluster.cli import add_cluster_commands
 from cluster.lab.cli import add_lab_commands
 from hamta import eventlog
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     add_cluster_commands(sub)
+    add_chaos_commands(sub)
     add_lab_commands(sub)
     return parser
 

@@ -85,3 +85,12 @@ def test_fencing_stands_below_the_agent() -> None:
     for path in (ROOT / "fencing").glob("*.py"):
         for name in imports_of(path):
             assert name.split(".")[0] not in {"cluster", "chaos", "hamta"}, (path, name)
+
+
+def test_nothing_but_the_command_imports_the_chaos_suite() -> None:
+    for package in ("hamta", "cluster", "fencing"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path == PACKAGE / "cli.py":
+                continue
+            for name in imports_of(path):
+                assert name.split(".")[0] != "chaos", (path, name)

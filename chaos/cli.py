@@ -1,0 +1,81 @@
+"""``hamta chaos run``: the chaos suite from the command line (registered by ``hamta.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROFILES = ("short", "full")
+FULL_ITERATIONS = 20
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """Build a lab of the suite's own, run the plan, print the verdict, write the report."""
+    from chaos import report  # noqa: PLC0415 - the relay's start-up never pays for these
+    from chaos.faults import FAULTS  # noqa: PLC0415
+    from chaos.runner import Settings, run, schedule  # noqa: PLC0415
+    from cluster.lab import Lab, LabError  # noqa: PLC0415
+
+    scenarios = args.scenario or list(FAULTS)
+    unknown = [name for name in scenarios if name not in FAULTS]
+    if unknown:
+        print(f"hamta: unknown scenario {', '.join(unknown)} (known: {', '.join(FAULTS)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    iterations = args.iterations or (FULL_ITERATIONS if args.profile == "full" else 1)
+    output = (args.output or Path("var/chaos") / time.strftime("%Y%m%d-%H%M%S")).absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    plan = schedule(scenarios, iterations, args.seed)
+    print(f"chaos: {len(plan)} iterations of {len(scenarios)} scenarios"
+          f"{f' (seed {args.seed}, random order)' if args.seed is not None else ''}; "
+          f"report in {output}", flush=True)  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="hamta-chaos-", dir=args.workdir))
+    lab = Lab(workdir / "lab", prefix=args.prefix, subnet=args.subnet)
+    try:
+        lab.down()  # what an interrupted run may have left with this prefix
+        lab.up(wait=120.0)
+        print(f"lab {args.prefix} ({args.subnet}) up in {workdir / 'lab'}", flush=True)
+        results = run(
+            lab, plan, output / "histories", Settings(rate=args.rate),
+            progress=lambda line: print(line, flush=True),
+        )  # fmt: skip
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        lab.down()
+    summaries = report.summarize(results)
+    print()
+    print(report.verdict_table(summaries))
+    report.write_json_history(output / "history.jsonl", results)
+    report.write_html(output / "report.html", results, title="hamta chaos run")
+    line = report.summary_line(results)
+    (output / "summary.json").write_text(json.dumps(line) + "\n")
+    print(f"report: {output / 'report.html'}")
+    print(json.dumps(line))
+    return 0 if all(result.ok for result in results) else 1
+
+
+def add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``chaos run`` on the ``hamta`` command's subparsers."""
+    chaos = sub.add_parser("chaos", help="the chaos suite: faults under load in a lab")
+    actions = chaos.add_subparsers(dest="chaos_action", required=True)
+    runner = actions.add_parser(
+        "run", help="run scenarios; exit 1 when one loses mail or shows split brain"
+    )
+    runner.add_argument("--scenario", action="append",
+                        help="a scenario to run (repeat for more; default: all)")  # fmt: skip
+    profile_help = f"short: each scenario once; full: {FULL_ITERATIONS} each"
+    runner.add_argument("--profile", choices=PROFILES, default="short", help=profile_help)
+    runner.add_argument("--iterations", type=int, help="iterations per scenario")
+    runner.add_argument("--seed", type=int, help="run the iterations in a random order")
+    runner.add_argument("--rate", type=float, default=20.0, help="client attempts per second")
+    runner.add_argument("--output", type=Path, help="report directory (default: var/chaos/TIME)")
+    runner.add_argument("--workdir", help="where the lab's directory goes (default: /tmp)")
+    runner.add_argument("--prefix", default="hcs", help="the lab's namespace prefix")
+    runner.add_argument("--subnet", default="198.18.6.0/24", help="the lab's addresses")
+    runner.set_defaults(func=cmd_chaos)

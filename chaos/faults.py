@@ -1,0 +1,438 @@
+"""The nemeses: each fault the chaos suite injects into the lab's pair, and how it is undone.
+
+A fault acts on the pair as the runner found it (``FaultContext.active`` serves, ``peer`` waits)
+and records what it did as marks on the iteration's timeline. ``inject`` breaks something;
+``recovered`` says when the runner may stop waiting (by default: a client got a 250 after the
+fault); ``heal`` undoes what can be undone (a partition lifted, ZooKeeper servers restarted).
+Nodes that a fault or a STONITH powered off are started again by the runner before the next
+iteration, as an operator (or systemd) would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from chaos.results import Mark
+from cluster.lab import Lab
+from cluster.lab.history import Attempt, recovery_time
+
+T = TypeVar("T")
+SKEW = "+45s"  # the clock-skew scenario's offset of one node's wall clock
+
+
+class FaultError(Exception):
+    """A fault could not be injected or undone (the lab is not as it should be)."""
+
+
+@dataclass
+class FaultContext:
+    """The pair a fault acts on, and the iteration's timeline."""
+
+    lab: Lab
+    active: str
+    peer: str
+    rng: random.Random
+    marks: list[Mark] = field(default_factory=list)
+    fault_at: float = 0.0
+    heal_at: float | None = None
+    outage_from: float | None = None  # the first failed attempt after the fault
+
+    def mark(self, kind: str, node: str, text: str) -> None:
+        """Add an instant to the timeline, now."""
+        self.marks.append(Mark(time.monotonic(), kind, node, text))
+
+
+def process_pids(lab: Lab, node: str, *words: bytes) -> list[int]:
+    """The pids of ``node`` whose command line holds every one of ``words``."""
+    found = []
+    for pid in lab.node_pids(node):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(word in argv for word in words):
+            found.append(pid)
+    return found
+
+
+def agent_pid(lab: Lab, node: str) -> int:
+    """The pid of ``node``'s agent; FaultError when it does not run."""
+    pids = process_pids(lab, node, b"hamta.cli", b"agent")
+    if not pids:
+        raise FaultError(f"no agent runs on {node}")
+    return pids[0]
+
+
+def relay_pid(lab: Lab, node: str) -> int:
+    """The pid of ``node``'s main relay process (its workers are its children)."""
+    pids = [p for p in process_pids(lab, node, b"hamta.cli", b"serve") if not _is_worker(p)]
+    if not pids:
+        raise FaultError(f"no relay runs on {node}")
+    return pids[0]
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _signal(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _nft(lab: Lab, node: str, rules: str) -> None:
+    done = lab.exec(node, ["nft", "-f", "-"], input=rules)
+    if done.returncode != 0:
+        raise FaultError(f"nft on {node}: {done.stderr.strip()}")
+
+
+def _lift(lab: Lab, node: str) -> None:
+    # The namespace keeps its rules when its processes die: lift them whatever happened.
+    lab.exec(node, ["nft", "delete", "table", "inet", "hamta_chaos"])
+
+
+class Fault:
+    """One kind of fault; the subclasses are the scenarios."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # Does the active role move to the peer? (For the report; the checker judges anyway.)
+    fails_over: ClassVar[bool] = True
+    # How long the runner waits for ``recovered`` before it calls the iteration a failure.
+    patience: ClassVar[float] = 45.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        """Break something."""
+        raise NotImplementedError
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        """Whether the runner may stop waiting: by default, a 250 after the fault."""
+        return recovery_time(attempts, ctx.fault_at) is not None
+
+    def heal(self, ctx: FaultContext) -> None:
+        """Undo what can be undone; by default nothing."""
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        """What this scenario promises beyond the checker's rules; the broken promises."""
+        return []
+
+
+class KillRelay(Fault):
+    name = "kill-relay"
+    summary = "kill -9 of the active relay: its agent restarts it in place"
+    fails_over = False
+
+    def inject(self, ctx: FaultContext) -> None:
+        pid = relay_pid(ctx.lab, ctx.active)
+        _signal([pid], signal.SIGKILL)
+        ctx.mark("fault", ctx.active, f"kill -9 relay (pid {pid})")
+
+
+class KillAgent(Fault):
+    name = "kill-agent"
+    summary = "kill -9 of the active agent: its relay dies with it, its watchdog drops the VIP"
+
+    def inject(self, ctx: FaultContext) -> None:
+        pid = agent_pid(ctx.lab, ctx.active)
+        _signal([pid], signal.SIGKILL)
+        ctx.mark("fault", ctx.active, f"kill -9 agent (pid {pid})")
+        ctx.mark("role", ctx.active, "down (agent killed)")
+
+
+class KillNode(Fault):
+    name = "kill-node"
+    summary = "kill -9 of every process of the active node"
+
+    def inject(self, ctx: FaultContext) -> None:
+        ctx.lab.kill_node(ctx.active)
+        ctx.mark("fault", ctx.active, "kill -9 of the whole node")
+        ctx.mark("role", ctx.active, "down (killed)")
+
+
+class FreezeNode(Fault):
+    name = "freeze-node"
+    summary = "SIGSTOP of the active node past its session timeout, then SIGCONT"
+
+    def inject(self, ctx: FaultContext) -> None:
+        ctx.lab.kill_node(ctx.active, signal.SIGSTOP)
+        ctx.mark("fault", ctx.active, "SIGSTOP of the whole node")
+        ctx.mark("role", ctx.active, "frozen")
+
+    def heal(self, ctx: FaultContext) -> None:
+        # Usually nothing is left: the peer's STONITH powered the frozen node off.
+        _signal(ctx.lab.node_pids(ctx.active), signal.SIGCONT)
+        ctx.mark("heal", ctx.active, "SIGCONT")
+
+
+class PartitionZookeeper(Fault):
+    name = "partition-zk"
+    summary = "the active node cut off from ZooKeeper only (nftables); clients still reach it"
+    took_over: float | None = None
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        # The cut-off node serves on until it demotes itself: wait for the peer's 250s.
+        if self.took_over is None and ctx.lab.active_node() == ctx.peer:
+            self.took_over = time.monotonic()
+        return self.took_over is not None and recovery_time(attempts, self.took_over) is not None
+
+    def inject(self, ctx: FaultContext) -> None:
+        servers = ", ".join(host.split(":")[0] for host in ctx.lab.zookeeper_hosts.split(","))
+        _nft(
+            ctx.lab,
+            ctx.active,
+            "table inet hamta_chaos {\n chain out {\n  type filter hook output priority 0;\n"
+            f"  ip daddr {{ {servers} }} tcp dport 2181 drop\n }}\n}}\n",
+        )
+        ctx.mark("fault", ctx.active, "cut off from ZooKeeper")
+
+    def heal(self, ctx: FaultContext) -> None:
+        _lift(ctx.lab, ctx.active)
+        ctx.mark("heal", ctx.active, "partition lifted")
+
+
+class PartitionNode(Fault):
+    name = "partition-node"
+    summary = "the active node cut off from everything (nftables drops all on its eth0)"
+
+    def inject(self, ctx: FaultContext) -> None:
+        _nft(
+            ctx.lab,
+            ctx.active,
+            "table inet hamta_chaos {\n"
+            ' chain in { type filter hook input priority 0; iifname "eth0" drop; }\n'
+            ' chain out { type filter hook output priority 0; oifname "eth0" drop; }\n'
+            "}\n",
+        )
+        ctx.mark("fault", ctx.active, "cut off from everything")
+
+    def heal(self, ctx: FaultContext) -> None:
+        _lift(ctx.lab, ctx.active)
+        ctx.mark("heal", ctx.active, "partition lifted")
+
+
+class KillZookeeperLeader(Fault):
+    name = "kill-zk-leader"
+    summary = "kill -9 of the ZooKeeper leader: the ensemble elects another"
+    fails_over = False
+
+    def inject(self, ctx: FaultContext) -> None:
+        leader = ctx.lab.ensemble.leader()
+        if leader is None:
+            raise FaultError("the ensemble has no leader to kill")
+        self.killed = leader
+        leader.kill()
+        ctx.mark("fault", "zookeeper", f"kill -9 of ZooKeeper server {leader.spec.id} (leader)")
+
+    def heal(self, ctx: FaultContext) -> None:
+        self.killed.start()
+        self.killed.wait_serving(60)
+        ctx.mark("heal", "zookeeper", f"ZooKeeper server {self.killed.spec.id} back")
+
+
+class ZookeeperQuorumLoss(Fault):
+    """Two of three servers down for ``outage`` seconds.
+
+    By design the pair stops serving: without a quorum no node can hold a session, and a node
+    that cannot prove its leadership demotes itself (safety over availability). The recovery
+    time is counted from the fault, so it includes the outage; the report shows it as such.
+    """
+
+    name = "zk-quorum-loss"
+    summary = "two of three ZooKeeper servers down for 6 s: the pair stops serving, never two"
+    fails_over = False
+    outage = 6.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        servers = ctx.lab.ensemble.servers
+        self.killed = ctx.rng.sample(list(servers), 2)
+        for server in self.killed:
+            server.kill()
+        ids = ", ".join(str(s.spec.id) for s in self.killed)
+        ctx.mark("fault", "zookeeper", f"ZooKeeper servers {ids} killed: no quorum")
+        time.sleep(self.outage)  # the outage itself: what the pair does meanwhile is the test
+        for server in self.killed:
+            server.start()
+        for server in self.killed:
+            server.wait_serving(60)
+        ctx.heal_at = time.monotonic()
+        ctx.mark("heal", "zookeeper", f"ZooKeeper servers {ids} back: quorum")
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
+
+
+class Switchover(Fault):
+    name = "switchover"
+    summary = "a planned switchover under load (hamta cluster switchover --to PEER)"
+
+    def inject(self, ctx: FaultContext) -> None:
+        config = ctx.lab.node_dir(ctx.active) / "agent.toml"
+        command = [ctx.lab.python, "-m", "hamta.cli", "cluster", "switchover", "--to", ctx.peer,
+                   "--config", str(config)]  # fmt: skip
+        ctx.mark("fault", ctx.active, f"switchover to {ctx.peer} requested")
+        done = ctx.lab.exec("client", command, timeout=90)
+        if done.returncode != 0:
+            raise FaultError(f"switchover: {done.stderr.strip()}")
+        ctx.mark("note", ctx.peer, done.stdout.strip())
+
+
+class Flapping(Fault):
+    """Three kill -9 failovers in a row, each node started again as soon as the peer serves."""
+
+    name = "flapping"
+    summary = "three failovers in a row (kill -9 of the active node, restart, again)"
+    rounds = 3
+    patience = 150.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        lab, active = ctx.lab, ctx.active
+        for round_ in range(self.rounds):
+            lab.kill_node(active)
+            ctx.mark("fault", active, f"kill -9 of the whole node ({round_ + 1}/{self.rounds})")
+            ctx.mark("role", active, "down (killed)")
+            if round_ == self.rounds - 1:
+                return
+            killed = active
+            active = _wait(functools.partial(_serving_other, lab, killed), 60, "a takeover")
+            lab.start_agent(killed)
+            _wait(lambda: _pair(lab), 60, "the pair again")
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        last = [m.at for m in ctx.marks if m.kind == "fault"][-1]
+        return recovery_time(attempts, last) is not None
+
+
+class DiskFull(Fault):
+    """The spool's file system filled up on the active node for 5 s, then freed."""
+
+    name = "disk-full"
+    summary = "the spool's disk full (ENOSPC): 452 4.3.1 refusals, nothing lost"
+    fails_over = False
+    full_for = 5.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        lab, node = ctx.lab, ctx.active
+        pid = agent_pid(lab, node)  # the mount lives in the agent's mount namespace
+        self.filler = lab.node_dir(node) / "mnt" / "chaos-filler"
+        enter = ["nsenter", "-t", str(pid), "-m", "--"]
+        df = subprocess.run(
+            [*enter, "df", "-B1", "--output=avail", str(self.filler.parent)],
+            capture_output=True, text=True, check=False, timeout=10,
+        )  # fmt: skip
+        if df.returncode != 0:
+            raise FaultError(f"df of the spool on {node}: {df.stderr.strip()}")
+        avail = int(df.stdout.split()[-1])
+        size = max(avail - 4 * 1024 * 1024, 1)
+        done = subprocess.run(
+            [*enter, "fallocate", "-l", str(size), str(self.filler)],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise FaultError(f"filling the spool on {node}: {done.stderr.strip()}")
+        self.enter = enter
+        ctx.mark("fault", node, f"spool disk filled ({size // 1_000_000} MB)")
+        time.sleep(self.full_for)  # the relay refuses with 452 meanwhile: that is the test
+        subprocess.run([*enter, "rm", "-f", str(self.filler)], check=False, timeout=30)
+        ctx.heal_at = time.monotonic()
+        ctx.mark("heal", node, "filler removed")
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        end = ctx.heal_at if ctx.heal_at is not None else float("inf")
+        during = [a for a in attempts if ctx.fault_at <= a.start <= end and a.outcome == "refused"]
+        codes = {a.code for a in during}
+        problems = []
+        if 452 not in codes:
+            problems.append("no 452 4.3.1 refusal while the spool's disk was full")
+        if codes - {452}:
+            problems.append(f"refusals other than 452 while the disk was full: {sorted(codes)}")
+        return problems
+
+
+class ClockSkew(Fault):
+    """The passive node's wall clock runs ``SKEW`` ahead (libfaketime); then the active dies."""
+
+    name = "clock-skew"
+    summary = f"the passive node's clock {SKEW} off (libfaketime), then kill -9 of the active"
+
+    def inject(self, ctx: FaultContext) -> None:
+        lab = ctx.lab
+        library = _faketime_library()
+        lab.fence(ctx.peer)
+        _wait(lambda: ctx.peer not in _members(lab), 30, "the peer's session to end")
+        lab.start_agent(
+            ctx.peer,
+            # The monotonic clock moves by the same offset (harmless: only its differences
+            # count). Left alone, libfaketime 0.9.10 makes clock_nanosleep on it fail (EINVAL).
+            env={"LD_PRELOAD": library, "FAKETIME": SKEW},
+        )
+        _wait(lambda: _pair(lab), 60, "the pair with a skewed peer")
+        ctx.mark("note", ctx.peer, f"agent restarted with its clock {SKEW}")
+        ctx.fault_at = time.monotonic()
+        lab.kill_node(ctx.active)
+        ctx.mark("fault", ctx.active, "kill -9 of the whole node")
+        ctx.mark("role", ctx.active, "down (killed)")
+
+
+def _faketime_library() -> str:
+    for candidate in (
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ):
+        if Path(candidate).exists():
+            return candidate
+    raise FaultError("libfaketime is not installed (Debian package faketime)")
+
+
+def _members(lab: Lab) -> dict[str, str]:
+    status = lab.cluster_status()
+    return {n["node"]: n["role"] for n in status["nodes"]} if status else {}
+
+
+def _pair(lab: Lab) -> str | None:
+    roles = _members(lab)
+    if sorted(roles.values()) != ["active", "passive"]:
+        return None
+    return lab.active_node()
+
+
+def _serving_other(lab: Lab, old: str) -> str | None:
+    active = lab.active_node()
+    return active if active not in (None, old) else None
+
+
+def _wait(condition: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise FaultError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.1)  # polling the lab from outside: there is no event to wait on
+
+
+FAULTS: dict[str, type[Fault]] = {
+    fault.name: fault
+    for fault in (
+        KillRelay, KillAgent, KillNode, FreezeNode, PartitionZookeeper, PartitionNode,
+        KillZookeeperLeader, ZookeeperQuorumLoss, Switchover, Flapping, DiskFull, ClockSkew,
+    )
+}  # fmt: skip

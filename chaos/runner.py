@@ -1,0 +1,298 @@
+"""The chaos runner: scenarios under load in a lab of its own, each iteration judged whole.
+
+For every iteration the runner makes sure the pair is whole (both agents up, one active, all
+ZooKeeper servers serving), starts a continuous client through the virtual IP, lets it run,
+injects the fault, waits for the service to come back, undoes the fault, lets the client run a
+little longer, stops it, waits until every acknowledged message had time to arrive, and judges:
+
+- the client's history against the sink's deliveries (lost, unexpected, duplicated, recovered);
+- split brain, seen from outside by the sampler (two holders of the VIP, of the spool's mount or
+  of port 25 at one instant) and from the relays' own logs (a node that acknowledged mail after
+  its peer's term had begun);
+- the recovery time, from the fault to the first 250 after it.
+
+Scenarios run in the order given, or shuffled with ``seed`` for a random schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from chaos.faults import FAULTS, Fault, FaultContext, FaultError, agent_pid
+from chaos.results import IterationResult, Mark
+from cluster.lab import Lab, LabError
+from cluster.lab.history import LoadRun, check, recovery_time, unavailability
+from cluster.lab.sampler import Sampler
+from cluster.lab.topology import NODES
+
+SHORT: tuple[str, ...] = tuple(FAULTS)  # every scenario once
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How hard and how long to push."""
+
+    rate: float = 20.0  # client attempts per second through the VIP
+    connections: int = 4
+    before: float = 2.0  # seconds of load before the fault
+    after: float = 2.0  # seconds of load after recovery
+    drain: float = 90.0  # at most this long for acknowledged mail to arrive
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise FaultError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.1)  # the lab is observed from outside: no event to wait on
+
+
+def _roles(lab: Lab) -> dict[str, str]:
+    status = lab.cluster_status()
+    return {n["node"]: n["role"] for n in status["nodes"]} if status else {}
+
+
+def _skewed(lab: Lab, node: str) -> bool:
+    try:
+        environ = Path(f"/proc/{agent_pid(lab, node)}/environ").read_bytes()
+    except (OSError, FaultError):
+        return False
+    return b"FAKETIME=" in environ
+
+
+def restore_pair(lab: Lab, timeout: float = 90.0) -> str:
+    """Make the pair whole again: every ZooKeeper server up, both agents up; the active node."""
+    for server in lab.ensemble.servers:
+        if server.pid is None:
+            server.start()
+    for server in lab.ensemble.servers:
+        server.wait_serving(60)
+    for node in NODES:
+        for table in ("hamta_chaos",):  # a partition a failed heal left behind
+            lab.exec(node, ["nft", "delete", "table", "inet", table])
+        if _skewed(lab, node):  # the clock-skew scenario's agent: back to the true clock
+            lab.fence(node)
+    for node in NODES:
+        if not lab.node_pids(node):
+            _wait(lambda n=node: n not in _roles(lab), 30, f"{node}'s former session to end")  # type: ignore[misc]
+            lab.start_agent(node)
+    pair = _wait(
+        lambda: sorted(_roles(lab).values()) == ["active", "passive"] and lab.active_node(),
+        timeout,
+        "an active and a passive node",
+    )
+    return str(pair)
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    events = []
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "ts" in event:
+            events.append(event)
+    return events
+
+
+def _monotonic(event: dict[str, Any], wall_offset: float) -> float:
+    return datetime.fromisoformat(str(event["ts"])).timestamp() - wall_offset
+
+
+def timeline(lab: Lab, start: float, end: float, wall_offset: float) -> list[Mark]:
+    """Role changes, fences and watchdog firings from the agents' logs, within [start, end]."""
+    marks = []
+    for node in NODES:
+        for event in _events(lab.node_dir(node) / "agent.log"):
+            at = _monotonic(event, wall_offset)
+            if not start <= at <= end:
+                continue
+            name = event.get("event")
+            if name == "Decision" and event.get("role") != event.get("was"):
+                text = f"{event.get('role')} (was {event.get('was')}: {event.get('trigger')})"
+                marks.append(Mark(at, "role", node, text))
+            elif name == "StepDone" and event.get("step") == "fence":
+                detail = str(event.get("detail", ""))
+                marks.append(Mark(at, "fenced", node, detail))
+                for victim in NODES:  # the fenced node holds nothing from now on
+                    if victim != node and f"fenced {victim}" in detail:
+                        marks.append(Mark(at, "role", victim, f"down (fenced by {node})"))
+            elif name == "WatchdogFired":
+                marks.append(Mark(at, "watchdog", node, f"watchdog fired: {event.get('reason')}"))
+    return sorted(marks, key=lambda mark: mark.at)
+
+
+def late_acknowledgements(lab: Lab, start: float, end: float, wall_offset: float) -> list[str]:
+    """Mail a node acknowledged after its peer's term began: split brain, from the relay logs."""
+    terms = sorted(
+        (_monotonic(event, wall_offset), node)
+        for node in NODES
+        for event in _events(lab.node_dir(node) / "agent.log")
+        if event.get("event") == "StepDone" and event.get("step") == "epoch"
+    )
+    problems = []
+    for node in NODES:
+        for event in _events(lab.node_dir(node) / "relay.log"):
+            if event.get("event") != "Reception":
+                continue
+            at = _monotonic(event, wall_offset)
+            if not start <= at <= end:
+                continue
+            began = [(t, owner) for t, owner in terms if t <= at]
+            if began and began[-1][1] != node:
+                since, owner = began[-1]
+                problems.append(
+                    f"{node} acknowledged {event.get('queue_id')} {at - since:.3f}s after "
+                    f"{owner}'s term began"
+                )
+    return problems
+
+
+def run_iteration(
+    lab: Lab,
+    fault: Fault,
+    iteration: int,
+    seed: int,
+    directory: Path,
+    settings: Settings,
+) -> IterationResult:
+    """One fault under load, judged."""
+    active = restore_pair(lab)
+    peer = next(node for node in NODES if node != active)
+    ctx = FaultContext(lab, active, peer, random.Random(seed))
+    history = directory / f"{fault.name}-{iteration}.jsonl"
+    wall_offset = time.time() - time.monotonic()
+    sampler = Sampler(lab)
+    started = time.monotonic()
+    load = LoadRun(lab, history, rate=settings.rate, connections=settings.connections)
+    problems: list[str] = []
+    sampler.start()
+    try:
+        _wait(lambda: len(load.attempts()) >= 5, 30, "the client's first attempts")
+        time.sleep(settings.before)  # load before the fault: the baseline of the timeline
+        ctx.fault_at = time.monotonic()
+        try:
+            fault.inject(ctx)
+            _wait(lambda: fault.recovered(ctx, load.attempts()), fault.patience, "recovery")
+        except (FaultError, LabError) as exc:
+            problems.append(str(exc))
+        finally:
+            try:
+                fault.heal(ctx)
+            except (FaultError, LabError) as exc:
+                problems.append(f"heal: {exc}")
+            if ctx.heal_at is None and any(m.kind == "heal" for m in ctx.marks):
+                ctx.heal_at = max(m.at for m in ctx.marks if m.kind == "heal")
+        time.sleep(settings.after)
+    finally:
+        attempts = load.stop()
+        sampler.stop()
+    ended = time.monotonic()
+    failures = [a.start for a in attempts if a.start >= ctx.fault_at and a.outcome != "acked"]
+    ctx.outage_from = min(failures) if failures else None
+    problems += fault.judge(ctx, attempts)
+    acked = {a.id for a in attempts if a.outcome == "acked"}
+    with contextlib.suppress(FaultError):  # the verdict below names what is missing
+        _wait(lambda: acked <= set(load.delivered_ids()), settings.drain, "the deliveries")
+    verdict = check(attempts, load.delivered_ids())
+    rto_from = _recovery_from(fault, ctx)
+    split = [f"sampler: {v}" for v in sampler.violations[:20]]
+    split += late_acknowledgements(lab, started, ended, wall_offset)[:20]
+    marks = sorted([*ctx.marks, *timeline(lab, started, ended, wall_offset)], key=lambda m: m.at)
+    if sampler.samples < 10:
+        problems.append(f"the split-brain sampler ran only {sampler.samples} times")
+    return IterationResult(
+        scenario=fault.name,
+        iteration=iteration,
+        seed=seed,
+        started=started,
+        fault_at=ctx.fault_at,
+        heal_at=ctx.heal_at,
+        ended=ended,
+        wall_offset=wall_offset,
+        verdict=verdict,
+        rto_s=recovery_time(attempts, rto_from),
+        rto_from=rto_from,
+        refused_s=unavailability(attempts, ctx.fault_at),
+        split_brain=split,
+        problems=problems,
+        marks=marks,
+        attempts=list(attempts),
+    )
+
+
+# Faults after which the active node serves on for a while (until it demotes itself, hands
+# over, or its session moves): their recovery time is the outage, from its first failure.
+SERVES_ON = ("partition-zk", "kill-zk-leader", "switchover")
+
+
+def _outage_start(ctx: FaultContext) -> float:
+    return ctx.outage_from if ctx.outage_from is not None else ctx.fault_at
+
+
+def _recovery_from(fault: Fault, ctx: FaultContext) -> float:
+    """Where the recovery time starts: the fault, or for the faults that stop the service by
+    design until they are undone (no ZooKeeper quorum, a full disk), their end; for flapping
+    the last of its kills."""
+    if fault.name in ("zk-quorum-loss", "disk-full") and ctx.heal_at is not None:
+        return ctx.heal_at
+    if fault.name in SERVES_ON:
+        return _outage_start(ctx)
+    faults = [mark.at for mark in ctx.marks if mark.kind == "fault"]
+    if fault.name == "flapping" and faults:
+        return faults[-1]
+    return ctx.fault_at
+
+
+def schedule(
+    scenarios: Sequence[str], iterations: int, seed: int | None
+) -> list[tuple[str, int, int]]:
+    """(scenario, iteration, seed) in order, or shuffled with ``seed`` (a random schedule)."""
+    runs = [(name, i + 1) for name in scenarios for i in range(iterations)]
+    rng = random.Random(seed)
+    if seed is not None:
+        rng.shuffle(runs)
+    return [(name, i, rng.randrange(2**31)) for name, i in runs]
+
+
+def run(
+    lab: Lab,
+    plan: Iterable[tuple[str, int, int]],
+    directory: Path,
+    settings: Settings = Settings(),
+    progress: Progress = print,
+) -> list[IterationResult]:
+    """Run every (scenario, iteration, seed) of ``plan`` on ``lab``; the results in order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, iteration, seed in plan:
+        fault = FAULTS[name]()
+        progress(f"{name} {iteration}: {fault.summary}")
+        result = run_iteration(lab, fault, iteration, seed, directory, settings)
+        results.append(result)
+        verdict = result.verdict
+        rto = f"{result.rto_s:.3f}s" if result.rto_s is not None else "none"
+        progress(
+            f"  {'ok' if result.ok else 'FAIL'}  RTO {rto}  refused {result.refused_s:.2f}s  "
+            f"sent {verdict.sent} acked {verdict.acked} delivered {verdict.delivered} "
+            f"lost {len(verdict.lost)} duplicated {verdict.duplicated}"
+            + "".join(f"\n  ! {p}" for p in [*result.split_brain, *result.problems][:6])
+        )
+    return results

@@ -1,0 +1,95 @@
+"""The chaos suite: its checker on made-up logs, and its short profile on a real lab."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from chaos.faults import FAULTS
+from chaos.report import KILL_SCENARIOS
+from chaos.runner import late_acknowledgements, schedule, timeline
+from cluster.lab import Lab
+from tests.support.relay import HAMTA
+
+
+def _line(at: float, **fields: object) -> str:
+    stamp = datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+    return json.dumps({**fields, "ts": stamp}) + "\n"
+
+
+def test_an_acknowledgement_after_the_peer_s_term_began_is_split_brain(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab", prefix="hxc", subnet="198.19.237.0/24")  # never brought up
+    for node in ("node1", "node2"):
+        lab.node_dir(node).mkdir(parents=True)
+    wall = 1_800_000_000.0
+    (lab.node_dir("node2") / "agent.log").write_text(
+        _line(wall + 10, event="StepDone", step="epoch", epoch=8)
+        + _line(wall + 9, event="Decision", role="promoting", was="passive", trigger="x")
+        + _line(wall + 10.5, event="StepDone", step="fence", detail="fenced node1 with lab")
+    )
+    (lab.node_dir("node1") / "relay.log").write_text(
+        _line(wall + 5, event="Reception", queue_id="EARLY")
+        + _line(wall + 12, event="Reception", queue_id="ZOMBIE")
+    )
+    (lab.node_dir("node2") / "relay.log").write_text(
+        _line(wall + 11, event="Reception", queue_id="FINE")
+    )
+    offset = wall  # monotonic = wall - offset
+    problems = late_acknowledgements(lab, 0.0, 100.0, offset)
+    assert problems == ["node1 acknowledged ZOMBIE 2.000s after node2's term began"]
+    marks = timeline(lab, 0.0, 100.0, offset)
+    assert [(m.kind, m.node, m.text.split(" (")[0]) for m in marks] == [
+        ("role", "node2", "promoting"),
+        ("fenced", "node2", "fenced node1 with lab"),
+        ("role", "node1", "down"),
+    ]
+
+
+def test_a_seed_shuffles_the_schedule_reproducibly() -> None:
+    ordered = schedule(["kill-node", "switchover"], 3, None)
+    assert [name for name, _, _ in ordered] == ["kill-node"] * 3 + ["switchover"] * 3
+    shuffled = schedule(["kill-node", "switchover"], 3, 7)
+    assert shuffled == schedule(["kill-node", "switchover"], 3, 7)
+    assert sorted(shuffled) != shuffled or [n for n, _, _ in shuffled] != [n for n, _, _ in ordered]
+    assert sorted((name, i) for name, i, _ in shuffled) == sorted((n, i) for n, i, _ in ordered)
+
+
+def test_an_unknown_scenario_is_refused_before_anything_starts() -> None:
+    done = subprocess.run(
+        [*HAMTA, "chaos", "run", "--scenario", "kill-everything"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "unknown scenario kill-everything" in done.stderr
+
+
+@pytest.mark.root
+def test_the_short_profile_runs_every_scenario_and_keeps_every_promise(tmp_path: Path) -> None:
+    output = tmp_path / "report"
+    done = subprocess.run(
+        [*HAMTA, "chaos", "run", "--profile", "short", "--output", str(output),
+         "--workdir", str(tmp_path), "--prefix", "hct", "--subnet", "198.19.238.0/24"],
+        capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr[-3000:]
+    summary = json.loads(lines[-1])
+    assert set(summary) == {"scenarios", "iterations", "acked", "lost", "duplicated",
+                            "split_brain", "rto_median_s", "rto_max_s"}  # fmt: skip
+    assert summary["scenarios"] == summary["iterations"] == len(FAULTS), done.stdout[-3000:]
+    assert summary["lost"] == 0 and summary["split_brain"] == 0, done.stdout[-5000:]
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+    history = [json.loads(line) for line in (output / "history.jsonl").read_text().splitlines()]
+    assert sorted(item["scenario"] for item in history) == sorted(FAULTS)
+    assert all(item["ok"] and item["attempts"] for item in history)
+    for item in history:  # a recovery that never comes is a failure, whatever the scenario
+        assert item["rto_s"] is not None, item["scenario"]
+    kills = [item["rto_s"] for item in history if item["scenario"] in KILL_SCENARIOS]
+    assert max(kills) < 15, kills  # a generous bound; the figures go to the report
+    page = (output / "report.html").read_text()
+    assert page.count("<svg") >= len(FAULTS)
+    assert json.loads((output / "summary.json").read_text()) == summary
