@@ -48,16 +48,51 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         return 1
     finally:
         lab.down()
+    baseline = _partition_baseline(args.prefix, args.subnet) if args.baseline else None
     summaries = report.summarize(results)
     print()
     print(report.verdict_table(summaries))
+    if baseline is not None:
+        print("\nkeepalived + Postfix under the same partitions:")
+        for item in baseline:
+            print(f"  {item.get('scenario')}: {json.dumps(item)}")
     report.write_json_history(output / "history.jsonl", results)
-    report.write_html(output / "report.html", results, title="hamta chaos run")
+    report.write_html(output / "report.html", results, title="hamta chaos run", baseline=baseline)
     line = report.summary_line(results)
     (output / "summary.json").write_text(json.dumps(line) + "\n")
     print(f"report: {output / 'report.html'}")
     print(json.dumps(line))
     return 0 if all(result.ok for result in results) else 1
+
+
+BASELINE_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "partition_baseline.py"
+
+
+def _partition_baseline(prefix: str, subnet: str) -> list[dict[str, object]] | None:
+    """The partition scenarios against keepalived + Postfix (bench/partition_baseline.py).
+
+    It runs in a lab of its own, beside where hamta's was (the next /24, another prefix).
+    """
+    import ipaddress  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if not BASELINE_SCRIPT.exists():
+        print(f"hamta: no {BASELINE_SCRIPT} (the baseline runs from a checkout)", file=sys.stderr)
+        return None
+    network = ipaddress.ip_network(subnet)
+    other = ipaddress.ip_network((int(network.network_address) + network.num_addresses, 24))
+    print("baseline: keepalived + Postfix through the partition scenarios", flush=True)
+    done = subprocess.run(
+        [sys.executable, str(BASELINE_SCRIPT), "--prefix", f"{prefix[:2]}b",
+         "--subnet", str(other)],
+        stdout=subprocess.PIPE, text=True, check=False, timeout=900,
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        print("hamta: the baseline run failed (see its output above)", file=sys.stderr)
+        return None
+    results: list[dict[str, object]] = json.loads(lines[-1])
+    return results
 
 
 def add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,6 +110,8 @@ def add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     runner.add_argument("--seed", type=int, help="run the iterations in a random order")
     runner.add_argument("--rate", type=float, default=20.0, help="client attempts per second")
     runner.add_argument("--output", type=Path, help="report directory (default: var/chaos/TIME)")
+    baseline_help = "also run the partition scenarios against keepalived + Postfix"
+    runner.add_argument("--baseline", action="store_true", help=baseline_help)
     runner.add_argument("--workdir", help="where the lab's directory goes (default: /tmp)")
     runner.add_argument("--prefix", default="hcs", help="the lab's namespace prefix")
     runner.add_argument("--subnet", default="198.18.6.0/24", help="the lab's addresses")

@@ -93,7 +93,15 @@ def restore_pair(lab: Lab, timeout: float = 90.0) -> str:
         timeout,
         "an active and a passive node",
     )
+    # A passive node cooling down (it gave up or rolled back lately) would not take over yet:
+    # a fault then would measure the cooldown, not the failover.
+    _wait(lambda: not _cooling(lab), timeout, "the passive node's cooldown to end")
     return str(pair)
+
+
+def _cooling(lab: Lab) -> bool:
+    status = lab.cluster_status()
+    return status is None or any(node.get("cooldown") for node in status["nodes"])
 
 
 def _events(path: Path) -> list[dict[str, Any]]:

@@ -247,6 +247,8 @@ def test_node_configurations_are_valid(lab: Lab) -> None:
                 f"{VIP}/24",
                 "--interface",
                 "eth0",
+                "--device",
+                lab.loop_device,
             ]
         ]
     assert lab.credentials_path.stat().st_mode & 0o777 == 0o600

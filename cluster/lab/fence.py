@@ -65,8 +65,30 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def fence_node(namespace: str, vip: str, interface: str = "eth0") -> list[int]:
-    """Power ``namespace``'s node off: kill all its processes, drop the VIP; the pids killed."""
+def _wait_released(device: str, timeout: float) -> None:
+    """Wait until nobody has ``device`` mounted: the last process of a mount namespace frees it
+    only as that namespace is torn down, a little after the process is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_EXCL)  # EBUSY while mounted anywhere
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise FenceError(f"{device} still in use: {exc.strerror}") from None
+            time.sleep(0.01)  # the kernel's deferred teardown sends no event
+            continue
+        os.close(fd)
+        return
+
+
+def fence_node(
+    namespace: str, vip: str, interface: str = "eth0", device: str | None = None
+) -> list[int]:
+    """Power ``namespace``'s node off: kill all its processes, drop the VIP; the pids killed.
+
+    With ``device`` (the shared disk), return only once the node's mount of it is gone, as it
+    would be on a machine that is off.
+    """
     victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
@@ -86,6 +108,8 @@ def fence_node(namespace: str, vip: str, interface: str = "eth0") -> list[int]:
     absent = "Cannot assign" in done.stderr or "Address not found" in done.stderr
     if done.returncode != 0 and not absent:
         raise FenceError(f"cannot remove {vip} from {namespace}: {done.stderr.strip()}")
+    if device:
+        _wait_released(device, _GONE_WITHIN)
     return victims
 
 
@@ -95,9 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--namespace", required=True, help="the node's network namespace")
     parser.add_argument("--vip", required=True, help="the virtual IP with its prefix length")
     parser.add_argument("--interface", default="eth0")
+    parser.add_argument("--device", help="the shared disk: wait until the node's mount is gone")
     args = parser.parse_args(argv)
     try:
-        killed = fence_node(args.namespace, args.vip, args.interface)
+        killed = fence_node(args.namespace, args.vip, args.interface, args.device)
     except (FenceError, OSError, subprocess.SubprocessError) as exc:
         print(f"fence: {exc}", file=sys.stderr)
         return 1

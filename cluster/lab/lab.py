@@ -421,6 +421,7 @@ class Lab:
             str(self.topology.vip),
             "--interface",
             INTERFACE,
+            *(["--device", self.loop_device] if self.loop_device else []),
         ]
 
     def _agent_argv(self, node_dir: Path) -> list[str]:
@@ -838,7 +839,9 @@ class Lab:
         """
         self._check_node(node)
         try:
-            fence_node(self.namespace(node), str(self.topology.vip), INTERFACE)
+            fence_node(
+                self.namespace(node), str(self.topology.vip), INTERFACE, self.loop_device or None
+            )
         except FenceError as exc:
             raise LabError(f"cannot fence {node}: {exc}") from None
 
