@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subnet", default="198.18.7.0/24", help="the lab's addresses")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="hamta-partition-baseline-"))
+    workdir.chmod(0o755)  # Postfix (user postfix) reaches its queue below it
     lab = Lab(workdir / "lab", prefix=args.prefix, subnet=args.subnet)
     results = []
     try:
