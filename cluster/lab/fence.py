@@ -86,10 +86,12 @@ def fence_node(
 ) -> list[int]:
     """Power ``namespace``'s node off: kill all its processes, drop the VIP; the pids killed.
 
-    With ``device`` (the shared disk), return only once the node's mount of it is gone, as it
-    would be on a machine that is off.
+    With ``device`` (the shared disk), a node that had it mounted is fenced only once the disk
+    is free again, as it would be on a machine that is off.
     """
     victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
+    # Only a node that has the disk mounted is waited for: its peer may hold it legitimately.
+    held = bool(device) and _mounts(victims, device or "")
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -108,9 +110,26 @@ def fence_node(
     absent = "Cannot assign" in done.stderr or "Address not found" in done.stderr
     if done.returncode != 0 and not absent:
         raise FenceError(f"cannot remove {vip} from {namespace}: {done.stderr.strip()}")
-    if device:
+    if held and device:
         _wait_released(device, _GONE_WITHIN)
     return victims
+
+
+def _mounts(pids: Sequence[int], device: str) -> bool:
+    """Whether one of ``pids`` sees ``device`` mounted (in its own mount namespace)."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return False
+    wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        except OSError:
+            continue
+        if any(line.split()[2] == wanted for line in lines if len(line.split()) > 2):
+            return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
