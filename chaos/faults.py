@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from chaos.results import Mark
-from cluster.lab import Lab
+from cluster.lab import Lab, probes
 from cluster.lab.history import Attempt, recovery_time
 
 T = TypeVar("T")
@@ -307,9 +307,9 @@ class Flapping(Fault):
             if round_ == self.rounds - 1:
                 return
             killed = active
-            active = _wait(functools.partial(_serving_other, lab, killed), 60, "a takeover")
+            active = wait_until(functools.partial(_serving_other, lab, killed), 60, "a takeover")
             lab.start_agent(killed)
-            _wait(lambda: _pair(lab), 60, "the pair again")
+            wait_until(lambda: _pair(lab), 60, "the pair again")
 
     def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
         last = [m.at for m in ctx.marks if m.kind == "fault"][-1]
@@ -375,14 +375,14 @@ class ClockSkew(Fault):
         lab = ctx.lab
         library = _faketime_library()
         lab.fence(ctx.peer)
-        _wait(lambda: ctx.peer not in _members(lab), 30, "the peer's session to end")
+        wait_until(lambda: ctx.peer not in _members(lab), 30, "the peer's session to end")
         lab.start_agent(
             ctx.peer,
             # The monotonic clock moves by the same offset (harmless: only its differences
             # count). Left alone, libfaketime 0.9.10 makes clock_nanosleep on it fail (EINVAL).
             env={"LD_PRELOAD": library, "FAKETIME": SKEW},
         )
-        _wait(lambda: _pair(lab), 60, "the pair with a skewed peer")
+        wait_until(lambda: _pair(lab), 60, "the pair with a skewed peer")
         ctx.mark("note", ctx.peer, f"agent restarted with its clock {SKEW}")
         ctx.fault_at = time.monotonic()
         lab.kill_node(ctx.active)
@@ -418,15 +418,12 @@ def _serving_other(lab: Lab, old: str) -> str | None:
     return active if active not in (None, old) else None
 
 
-def _wait(condition: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise FaultError(f"{what}: not within {timeout:g}s")
-        time.sleep(0.1)  # polling the lab from outside: there is no event to wait on
+def wait_until(condition: Callable[[], T | None], timeout: float, what: str) -> T:
+    """``cluster.lab.probes.wait_for``, with FaultError naming ``what`` when time runs out."""
+    value = probes.wait_for(condition, timeout)
+    if not value:
+        raise FaultError(f"{what}: not within {timeout:g}s")
+    return value
 
 
 FAULTS: dict[str, type[Fault]] = {

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from chaos.faults import FAULTS, Fault, FaultContext, FaultError, agent_pid
+from chaos.faults import FAULTS, Fault, FaultContext, FaultError, agent_pid, wait_until
 from chaos.results import IterationResult, Mark
 from cluster.lab import Lab, LabError
 from cluster.lab.history import LoadRun, check, recovery_time, unavailability
@@ -46,17 +46,6 @@ class Settings:
     before: float = 2.0  # seconds of load before the fault
     after: float = 2.0  # seconds of load after recovery
     drain: float = 90.0  # at most this long for acknowledged mail to arrive
-
-
-def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise FaultError(f"{what}: not within {timeout:g}s")
-        time.sleep(0.1)  # the lab is observed from outside: no event to wait on
 
 
 def _roles(lab: Lab) -> dict[str, str]:
@@ -86,16 +75,16 @@ def restore_pair(lab: Lab, timeout: float = 90.0) -> str:
             lab.fence(node)
     for node in NODES:
         if not lab.node_pids(node):
-            _wait(lambda n=node: n not in _roles(lab), 30, f"{node}'s former session to end")  # type: ignore[misc]
+            wait_until(lambda n=node: n not in _roles(lab), 30, f"{node}'s former session to end")  # type: ignore[misc]
             lab.start_agent(node)
-    pair = _wait(
+    pair = wait_until(
         lambda: sorted(_roles(lab).values()) == ["active", "passive"] and lab.active_node(),
         timeout,
         "an active and a passive node",
     )
     # A passive node cooling down (it gave up or rolled back lately) would not take over yet:
     # a fault then would measure the cooldown, not the failover.
-    _wait(lambda: not _cooling(lab), timeout, "the passive node's cooldown to end")
+    wait_until(lambda: not _cooling(lab), timeout, "the passive node's cooldown to end")
     return str(pair)
 
 
@@ -193,12 +182,12 @@ def run_iteration(
     problems: list[str] = []
     sampler.start()
     try:
-        _wait(lambda: len(load.attempts()) >= 5, 30, "the client's first attempts")
+        wait_until(lambda: len(load.attempts()) >= 5, 30, "the client's first attempts")
         time.sleep(settings.before)  # load before the fault: the baseline of the timeline
         ctx.fault_at = time.monotonic()
         try:
             fault.inject(ctx)
-            _wait(lambda: fault.recovered(ctx, load.attempts()), fault.patience, "recovery")
+            wait_until(lambda: fault.recovered(ctx, load.attempts()), fault.patience, "recovery")
         except (FaultError, LabError) as exc:
             problems.append(str(exc))
         finally:
@@ -218,7 +207,7 @@ def run_iteration(
     problems += fault.judge(ctx, attempts)
     acked = {a.id for a in attempts if a.outcome == "acked"}
     with contextlib.suppress(FaultError):  # the verdict below names what is missing
-        _wait(lambda: acked <= set(load.delivered_ids()), settings.drain, "the deliveries")
+        wait_until(lambda: acked <= set(load.delivered_ids()), settings.drain, "the deliveries")
     verdict = check(attempts, load.delivered_ids())
     rto_from = _recovery_from(fault, ctx)
     split = [f"sampler: {v}" for v in sampler.violations[:20]]
