@@ -92,14 +92,21 @@ def fence_node(
     victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
     # Only a node that has the disk mounted is waited for: its peer may hold it legitimately.
     held = bool(device) and _mounts(victims, device or "")
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + _GONE_WITHIN
-    while (left := [pid for pid in victims if _alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.005)  # a SIGKILLed process is gone within milliseconds; no event for it
-    if left:
-        raise FenceError(f"processes {left} in {namespace} outlived SIGKILL")
+    killed: list[int] = []
+    # A process forked while the others were being killed escapes a round: kill until none.
+    for _ in range(5):
+        if not victims:
+            break
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + _GONE_WITHIN
+        while (left := [pid for pid in victims if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.005)  # a SIGKILLed process is gone within milliseconds; no event for it
+        if left:
+            raise FenceError(f"processes {left} in {namespace} outlived SIGKILL")
+        killed += victims
+        victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
     done = subprocess.run(
         ["ip", "-n", namespace, "address", "del", vip, "dev", interface],
         capture_output=True,
@@ -112,7 +119,7 @@ def fence_node(
         raise FenceError(f"cannot remove {vip} from {namespace}: {done.stderr.strip()}")
     if held and device:
         _wait_released(device, _GONE_WITHIN)
-    return victims
+    return killed
 
 
 def _mounts(pids: Sequence[int], device: str) -> bool:

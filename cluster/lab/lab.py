@@ -825,9 +825,15 @@ class Lab:
         pids = self.node_pids(node)
         processes.send_signal(pids, sig)
         if sig == signal.SIGKILL:
-            left = processes.wait_gone(pids, 10.0)
-            if left:
-                raise LabError(f"processes {sorted(left)} of {node} outlived SIGKILL")
+            # A process forked while the others were being killed escapes the first round.
+            for _ in range(5):
+                left = processes.wait_gone(pids, 10.0)
+                if left:
+                    raise LabError(f"processes {sorted(left)} of {node} outlived SIGKILL")
+                pids = self.node_pids(node)
+                if not pids:
+                    break
+                processes.send_signal(pids, sig)
         self._reap_children()
 
     def fence(self, node: str) -> None:
