@@ -25,6 +25,7 @@ from typing import ClassVar, TypeVar
 from chaos.results import Mark
 from cluster.lab import Lab, probes
 from cluster.lab.history import Attempt, recovery_time
+from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
 SKEW = "+45s"  # the clock-skew scenario's offset of one node's wall clock
@@ -228,6 +229,7 @@ class KillZookeeperLeader(Fault):
     name = "kill-zk-leader"
     summary = "kill -9 of the ZooKeeper leader: the ensemble elects another"
     fails_over = False
+    killed: ZooKeeperServer | None = None
 
     def inject(self, ctx: FaultContext) -> None:
         leader = ctx.lab.ensemble.leader()
@@ -238,6 +240,8 @@ class KillZookeeperLeader(Fault):
         ctx.mark("fault", "zookeeper", f"kill -9 of ZooKeeper server {leader.spec.id} (leader)")
 
     def heal(self, ctx: FaultContext) -> None:
+        if self.killed is None:  # nothing was killed: the runner's restore starts any server down
+            return
         self.killed.start()
         self.killed.wait_serving(60)
         ctx.mark("heal", "zookeeper", f"ZooKeeper server {self.killed.spec.id} back")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,8 +33,11 @@ from cluster.lab import Lab, LabError
 from cluster.lab.history import LoadRun, check, recovery_time, unavailability
 from cluster.lab.sampler import Sampler
 from cluster.lab.topology import NODES
+from cluster.zookeeper import ZooKeeperError
 
 SHORT: tuple[str, ...] = tuple(FAULTS)  # every scenario once
+# What a fault that went wrong raises: the iteration fails with it, the run goes on.
+FAULT_ERRORS = (FaultError, LabError, ZooKeeperError, OSError, subprocess.SubprocessError)
 Progress = Callable[[str], None]
 
 
@@ -188,12 +192,12 @@ def run_iteration(
         try:
             fault.inject(ctx)
             wait_until(lambda: fault.recovered(ctx, load.attempts()), fault.patience, "recovery")
-        except (FaultError, LabError) as exc:
+        except FAULT_ERRORS as exc:
             problems.append(str(exc))
         finally:
             try:
                 fault.heal(ctx)
-            except (FaultError, LabError) as exc:
+            except FAULT_ERRORS as exc:
                 problems.append(f"heal: {exc}")
             if ctx.heal_at is None and any(m.kind == "heal" for m in ctx.marks):
                 ctx.heal_at = max(m.at for m in ctx.marks if m.kind == "heal")
