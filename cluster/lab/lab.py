@@ -526,6 +526,12 @@ class Lab:
         self._check_node(node)
         self._current_record()
         running = self.node_pids(node)
+        deadline = time.monotonic() + 2.0
+        while running and time.monotonic() < deadline:
+            # A look into the namespace from outside (pyroute2's NetNS helper, as the split-brain
+            # sampler uses) is a process there for a few milliseconds: not a node still running.
+            time.sleep(0.05)
+            running = self.node_pids(node)
         if running:
             raise LabError(f"{node} still runs processes {running}; kill it first")
         node_dir = self.node_dir(node)

@@ -52,7 +52,7 @@ class Sampler:
                 vip = self.lab.vip_holders()
                 mounted = self.lab.spool_mounted_on()
                 listening = [node for node in NODES if listening_for_smtp(self.lab, node)]
-            except OSError:  # a namespace or process vanished under the sample: take the next
+            except Exception:  # a namespace or process vanished under the sample: take the next
                 continue
             self.samples += 1
             for what, holders in (("vip", vip), ("spool", mounted), ("smtp", listening)):
