@@ -266,7 +266,7 @@ def test_the_leader_znode_goes_when_its_session_is_closed(
     a.stop()
     assert a.session is Session.LOST
     wait_until(lambda: b.view().leader is None, 2, "the ephemeral leader znode is deleted")
-    wait_until(lambda: changes.count > before, 2, "on_change for the leader's departure")
+    wait_until(lambda: changes.count > before, 5, "on_change for the leader's departure")
     assert b.acquire_leadership() == epoch + 1
 
 
