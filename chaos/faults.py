@@ -29,6 +29,7 @@ from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
 SKEW = "+45s"  # the clock-skew scenario's offset of one node's wall clock
+MIN_FAILOVER_INTERVAL = 5.0  # the agents' default anti-flapping interval (agent.toml)
 
 
 class FaultError(Exception):
@@ -179,16 +180,26 @@ class FreezeNode(Fault):
         ctx.mark("heal", ctx.active, "SIGCONT")
 
 
-class PartitionZookeeper(Fault):
-    name = "partition-zk"
-    summary = "the active node cut off from ZooKeeper only (nftables); clients still reach it"
+class _Partition(Fault):
+    """A partition of the active node: over once the peer serves, lifted by ``heal``."""
+
     took_over: float | None = None
 
     def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
-        # The cut-off node serves on until it demotes itself: wait for the peer's 250s.
+        # A 250 from the cut-off node proves nothing (it may serve on until it demotes
+        # itself, or answer an attempt begun before the rules applied): wait for the peer's.
         if self.took_over is None and ctx.lab.active_node() == ctx.peer:
             self.took_over = time.monotonic()
         return self.took_over is not None and recovery_time(attempts, self.took_over) is not None
+
+    def heal(self, ctx: FaultContext) -> None:
+        _lift(ctx.lab, ctx.active)
+        ctx.mark("heal", ctx.active, "partition lifted")
+
+
+class PartitionZookeeper(_Partition):
+    name = "partition-zk"
+    summary = "the active node cut off from ZooKeeper only (nftables); clients still reach it"
 
     def inject(self, ctx: FaultContext) -> None:
         servers = ", ".join(host.split(":")[0] for host in ctx.lab.zookeeper_hosts.split(","))
@@ -200,12 +211,8 @@ class PartitionZookeeper(Fault):
         )
         ctx.mark("fault", ctx.active, "cut off from ZooKeeper")
 
-    def heal(self, ctx: FaultContext) -> None:
-        _lift(ctx.lab, ctx.active)
-        ctx.mark("heal", ctx.active, "partition lifted")
 
-
-class PartitionNode(Fault):
+class PartitionNode(_Partition):
     name = "partition-node"
     summary = "the active node cut off from everything (nftables drops all on its eth0)"
 
@@ -218,11 +225,9 @@ class PartitionNode(Fault):
             ' chain out { type filter hook output priority 0; oifname "eth0" drop; }\n'
             "}\n",
         )
+        # The outage begins when the rules apply: an attempt begun before may still get its 250.
+        ctx.fault_at = time.monotonic()
         ctx.mark("fault", ctx.active, "cut off from everything")
-
-    def heal(self, ctx: FaultContext) -> None:
-        _lift(ctx.lab, ctx.active)
-        ctx.mark("heal", ctx.active, "partition lifted")
 
 
 class KillZookeeperLeader(Fault):
@@ -370,10 +375,18 @@ class DiskFull(Fault):
 
 
 class ClockSkew(Fault):
-    """The passive node's wall clock runs ``SKEW`` ahead (libfaketime); then the active dies."""
+    """One node's wall clock runs ``SKEW`` ahead (libfaketime); it takes over, then dies too.
+
+    The first takeover is the skewed node's, on the true node's death; the one measured is the
+    next: the node with the true clock takes back over from a term stamped by a clock ahead.
+    (Before the agents dated a takeover by its first sighting, that waited for the clock's lead.)
+    """
 
     name = "clock-skew"
-    summary = f"the passive node's clock {SKEW} off (libfaketime), then kill -9 of the active"
+    summary = (
+        f"the passive node's clock {SKEW} off (libfaketime); kill -9 of the active, "
+        "then of the skewed node once it is active"
+    )
 
     def inject(self, ctx: FaultContext) -> None:
         lab = ctx.lab
@@ -388,10 +401,24 @@ class ClockSkew(Fault):
         )
         wait_until(lambda: _pair(lab), 60, "the pair with a skewed peer")
         ctx.mark("note", ctx.peer, f"agent restarted with its clock {SKEW}")
+        lab.kill_node(ctx.active)
+        ctx.mark("note", ctx.active, "kill -9 of the whole node: the skewed node takes over")
+        wait_until(lambda: _pair_or_alone(lab) == ctx.peer, 60, "the skewed node to take over")
+        wait_until(lambda: ctx.active not in _members(lab), 30, "the killed node's session to end")
+        lab.start_agent(ctx.active)
+        wait_until(lambda: _pair(lab) == ctx.peer, 60, "the pair, the skewed node active")
+        time.sleep(MIN_FAILOVER_INTERVAL)  # a takeover so soon after the last would wait anyway
+        ctx.active, ctx.peer = ctx.peer, ctx.active
         ctx.fault_at = time.monotonic()
         lab.kill_node(ctx.active)
-        ctx.mark("fault", ctx.active, "kill -9 of the whole node")
+        ctx.mark("fault", ctx.active, "kill -9 of the whole (skewed) node")
         ctx.mark("role", ctx.active, "down (killed)")
+
+
+def _pair_or_alone(lab: Lab) -> str | None:
+    roles = _members(lab)
+    active = [node for node, role in roles.items() if role == "active"]
+    return active[0] if len(active) == 1 and lab.active_node() == active[0] else None
 
 
 def _faketime_library() -> str:

@@ -7,8 +7,9 @@ little longer, stops it, waits until every acknowledged message had time to arri
 
 - the client's history against the sink's deliveries (lost, unexpected, duplicated, recovered);
 - split brain, seen from outside by the sampler (two holders of the VIP, of the spool's mount or
-  of port 25 at one instant) and from the relays' own logs (a node that acknowledged mail after
-  its peer's term had begun);
+  of port 25 at one instant) and from the nodes' own logs (``chaos.holds``: two nodes holding the
+  VIP or the spool in overlapping intervals, a relay acknowledging in an epoch already
+  superseded);
 - the recovery time, from the fault to the first 250 after it.
 
 Scenarios run in the order given, or shuffled with ``seed`` for a random schedule.
@@ -17,17 +18,16 @@ Scenarios run in the order given, or shuffled with ``seed`` for a random schedul
 from __future__ import annotations
 
 import contextlib
-import json
 import random
+import re
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from chaos.faults import FAULTS, Fault, FaultContext, FaultError, agent_pid, wait_until
+from chaos.holds import Event, read_log, split_brain
 from chaos.results import IterationResult, Mark
 from cluster.lab import Lab, LabError
 from cluster.lab.history import LoadRun, check, recovery_time, unavailability
@@ -97,73 +97,60 @@ def _cooling(lab: Lab) -> bool:
     return status is None or any(node.get("cooldown") for node in status["nodes"])
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
-    events = []
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    for line in text.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and "ts" in event:
-            events.append(event)
-    return events
+def skewed_processes(lab: Lab) -> dict[int, float]:
+    """The pids of the lab's nodes running under libfaketime, with their clock's lead in s."""
+    skews = {}
+    for node in NODES:
+        for pid in lab.node_pids(node):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            for variable in environ:
+                if variable.startswith(b"FAKETIME="):
+                    skews[pid] = _lead(variable.removeprefix(b"FAKETIME=").decode())
+    return skews
 
 
-def _monotonic(event: dict[str, Any], wall_offset: float) -> float:
-    return datetime.fromisoformat(str(event["ts"])).timestamp() - wall_offset
+def _lead(faketime: str) -> float:
+    """Seconds ahead for libfaketime's relative offsets ("+45s", "-2m", "+1.5h", "+30")."""
+    match = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([smhd]?)", faketime.strip())
+    if not match:
+        return 0.0  # an absolute or other form: not used by the suite
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return float(match.group(1)) * units[match.group(2)]
 
 
-def timeline(lab: Lab, start: float, end: float, wall_offset: float) -> list[Mark]:
+def node_events(
+    lab: Lab, source: str, wall_offset: float, skews: Mapping[int, float]
+) -> list[Event]:
+    """The ``agent`` or ``relay`` log lines of both nodes, each node's in file order."""
+    return [
+        event
+        for node in NODES
+        for event in read_log(lab.node_dir(node) / f"{source}.log", node, wall_offset, skews)
+    ]
+
+
+def timeline(agent_events: Iterable[Event], start: float, end: float) -> list[Mark]:
     """Role changes, fences and watchdog firings from the agents' logs, within [start, end]."""
     marks = []
-    for node in NODES:
-        for event in _events(lab.node_dir(node) / "agent.log"):
-            at = _monotonic(event, wall_offset)
-            if not start <= at <= end:
-                continue
-            name = event.get("event")
-            if name == "Decision" and event.get("role") != event.get("was"):
-                text = f"{event.get('role')} (was {event.get('was')}: {event.get('trigger')})"
-                marks.append(Mark(at, "role", node, text))
-            elif name == "StepDone" and event.get("step") == "fence":
-                detail = str(event.get("detail", ""))
-                marks.append(Mark(at, "fenced", node, detail))
-                for victim in NODES:  # the fenced node holds nothing from now on
-                    if victim != node and f"fenced {victim}" in detail:
-                        marks.append(Mark(at, "role", victim, f"down (fenced by {node})"))
-            elif name == "WatchdogFired":
-                marks.append(Mark(at, "watchdog", node, f"watchdog fired: {event.get('reason')}"))
+    for event in agent_events:
+        at, node, fields = event.at, event.node, event.fields
+        if not start <= at <= end:
+            continue
+        if event.name == "Decision" and fields.get("role") != fields.get("was"):
+            text = f"{fields.get('role')} (was {fields.get('was')}: {fields.get('trigger')})"
+            marks.append(Mark(at, "role", node, text))
+        elif event.name == "StepDone" and fields.get("step") == "fence":
+            detail = str(fields.get("detail", ""))
+            marks.append(Mark(at, "fenced", node, detail))
+            for victim in NODES:  # the fenced node holds nothing from now on
+                if victim != node and f"fenced {victim}" in detail:
+                    marks.append(Mark(at, "role", victim, f"down (fenced by {node})"))
+        elif event.name == "WatchdogFired":
+            marks.append(Mark(at, "watchdog", node, f"watchdog fired: {fields.get('reason')}"))
     return sorted(marks, key=lambda mark: mark.at)
-
-
-def late_acknowledgements(lab: Lab, start: float, end: float, wall_offset: float) -> list[str]:
-    """Mail a node acknowledged after its peer's term began: split brain, from the relay logs."""
-    terms = sorted(
-        (_monotonic(event, wall_offset), node)
-        for node in NODES
-        for event in _events(lab.node_dir(node) / "agent.log")
-        if event.get("event") == "StepDone" and event.get("step") == "epoch"
-    )
-    problems = []
-    for node in NODES:
-        for event in _events(lab.node_dir(node) / "relay.log"):
-            if event.get("event") != "Reception":
-                continue
-            at = _monotonic(event, wall_offset)
-            if not start <= at <= end:
-                continue
-            began = [(t, owner) for t, owner in terms if t <= at]
-            if began and began[-1][1] != node:
-                since, owner = began[-1]
-                problems.append(
-                    f"{node} acknowledged {event.get('queue_id')} {at - since:.3f}s after "
-                    f"{owner}'s term began"
-                )
-    return problems
 
 
 def run_iteration(
@@ -173,8 +160,14 @@ def run_iteration(
     seed: int,
     directory: Path,
     settings: Settings,
+    skews: dict[int, float] | None = None,
 ) -> IterationResult:
-    """One fault under load, judged."""
+    """One fault under load, judged.
+
+    ``skews`` collects the pids that ran with a skewed clock, over the whole run: the logs are
+    read whole, and a skewed process's lines stay in them after it is gone.
+    """
+    skews = {} if skews is None else skews
     active = restore_pair(lab)
     peer = next(node for node in NODES if node != active)
     ctx = FaultContext(lab, active, peer, random.Random(seed))
@@ -214,9 +207,13 @@ def run_iteration(
         wait_until(lambda: acked <= set(load.delivered_ids()), settings.drain, "the deliveries")
     verdict = check(attempts, load.delivered_ids())
     rto_from = _recovery_from(fault, ctx)
+    skews.update(skewed_processes(lab))
+    agents = node_events(lab, "agent", wall_offset, skews)
+    agents += read_log(lab.power_log, None, wall_offset)
+    relays = node_events(lab, "relay", wall_offset, skews)
     split = [f"sampler: {v}" for v in sampler.violations[:20]]
-    split += late_acknowledgements(lab, started, ended, wall_offset)[:20]
-    marks = sorted([*ctx.marks, *timeline(lab, started, ended, wall_offset)], key=lambda m: m.at)
+    split += [f"logs: {v}" for v in split_brain(agents, relays, started, ended)[:20]]
+    marks = sorted([*ctx.marks, *timeline(agents, started, ended)], key=lambda m: m.at)
     if sampler.samples < 10:
         problems.append(f"the split-brain sampler ran only {sampler.samples} times")
     return IterationResult(
@@ -283,10 +280,11 @@ def run(
     """Run every (scenario, iteration, seed) of ``plan`` on ``lab``; the results in order."""
     directory.mkdir(parents=True, exist_ok=True)
     results = []
+    skews: dict[int, float] = {}
     for name, iteration, seed in plan:
         fault = FAULTS[name]()
         progress(f"{name} {iteration}: {fault.summary}")
-        result = run_iteration(lab, fault, iteration, seed, directory, settings)
+        result = run_iteration(lab, fault, iteration, seed, directory, settings, skews)
         results.append(result)
         verdict = result.verdict
         rto = f"{result.rto_s:.3f}s" if result.rto_s is not None else "none"

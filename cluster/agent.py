@@ -53,6 +53,21 @@ def _fencer(config: AgentConfig) -> Fencer:
     return CommandFencer(config.fencing.commands)
 
 
+Sighting = tuple[float, float]  # (a takeover's recorded time, local wall clock when first seen)
+
+
+def trusted_failover(recorded: float, wall: float, seen: Sighting | None) -> tuple[float, Sighting]:
+    """The last takeover's time as this node may trust it, never later than its first sighting.
+
+    ``recorded`` is the taker's wall clock. A taker whose clock ran ahead (the chaos suite's
+    clock-skew scenario: 45 s) would otherwise stamp its takeover in the future and hold back
+    every other node's automatic takeover (``min_failover_interval``) for its clock's lead.
+    """
+    if seen is None or seen[0] != recorded:
+        seen = (recorded, wall)
+    return min(recorded, seen[1]), seen
+
+
 _RELAY_STEPS = frozenset({Step.START_RELAY, Step.RESTART_RELAY, Step.RELAY, Step.DRAIN})
 
 
@@ -169,6 +184,7 @@ class Agent:
         # feeding the watchdog, which then kills the relay and drops the VIP (and, with a kernel
         # device, reboots the machine) before the peer's lease rule lets it take over.
         self.unsafe_since: float | None = None
+        self._failover_seen: Sighting | None = None  # see trusted_failover()
         self.release_deadline = agent.session_timeout / 3 + config.fencing.lease_grace / 2
 
     # ------------------------------------------------------------ observation
@@ -199,7 +215,13 @@ class Agent:
             self.log.warning("ClusterViewFailed", error=str(exc))
             view = ClusterView(session=Session.SUSPENDED)
         local = replace(self.health.view, stopping=self.stopping.is_set())
-        return Snapshot(cluster=view, local=local, wall=self.wall(), result=result)
+        wall = self.wall()
+        if view.last_failover is not None:
+            last, self._failover_seen = trusted_failover(
+                view.last_failover, wall, self._failover_seen
+            )
+            view = replace(view, last_failover=last)
+        return Snapshot(cluster=view, local=local, wall=wall, result=result)
 
     async def _check_health(self) -> None:
         active = self.state.role is Role.ACTIVE and self.state.step is None
@@ -381,8 +403,12 @@ class Agent:
         finally:
             if stderr is not None:
                 os.close(stderr)
-        self.log.info("WatchdogStarted", pid=self.watchdog.pid, timeout=self.watchdog_timeout,
-                      device=str(device) if device else None)  # fmt: skip
+        self.log.info(
+            "WatchdogStarted",
+            watchdog_pid=self.watchdog.pid,
+            timeout=self.watchdog_timeout,
+            device=str(device) if device else None,
+        )
 
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` every ``interval`` until the agent exits; a failure is logged, not fatal."""

@@ -8,7 +8,9 @@ log by its queue id.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +33,14 @@ def _ends_mid_line(file: Path) -> bool:
         return existing.read(1) != b"\n"
 
 
+def _add_pid(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # Looked up per line: relay workers are forked after configure() ran.
+    event["pid"] = os.getpid()
+    return event
+
+
 def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
     """Send JSON lines to ``file`` (appended, a line at a time) or standard output."""
     stream: IO[bytes]
@@ -48,6 +58,7 @@ def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
+            _add_pid,  # tells apart the processes sharing a file (agent, watchdog, workers)
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
             # orjson: a third of the cost of the json module, on two events per message.

@@ -126,7 +126,7 @@ class WorkerPool:
         task = asyncio.get_running_loop().create_task(self._watch(worker, worker.process))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
-        self._log.info("WorkerStarted", worker=worker.index, pid=worker.process.pid)
+        self._log.info("WorkerStarted", worker=worker.index, worker_pid=worker.process.pid)
 
     async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cluster.agent import trusted_failover
 from cluster.coordination import CoordinationError, Coordinator, Credentials
 from cluster.state import Role
 from cluster.zookeeper import ServerSpec, ZooKeeperServer
@@ -309,3 +310,12 @@ def test_a_mistyped_cluster_name_is_an_error_not_a_new_cluster(
     assert result.returncode == 1
     assert "no cluster 'no-such-cluster'" in result.stderr
     assert node.cli("cluster", "status").returncode == 1  # and it was not created meanwhile
+
+
+def test_a_takeover_stamped_by_a_clock_running_ahead_is_dated_when_first_seen() -> None:
+    """A future stamp would block this node's takeovers for the writer's lead (seen: 45 s)."""
+    trusted, seen = trusted_failover(1045.0, 1000.0, None)  # the taker's clock is 45 s ahead
+    assert trusted == 1000.0
+    assert trusted_failover(1045.0, 1003.0, seen) == (1000.0, seen)  # still the first sighting
+    assert trusted_failover(990.0, 1003.0, seen) == (990.0, (990.0, 1003.0))  # a past stamp holds
+    assert trusted_failover(1100.0, 1050.0, seen)[0] == 1050.0  # a new takeover, a new sighting

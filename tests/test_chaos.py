@@ -11,7 +11,7 @@ import pytest
 
 from chaos.faults import FAULTS
 from chaos.report import KILL_SCENARIOS
-from chaos.runner import late_acknowledgements, schedule, timeline
+from chaos.runner import node_events, schedule, timeline
 from cluster.lab import Lab
 from tests.support.relay import HAMTA
 
@@ -21,31 +21,27 @@ def _line(at: float, **fields: object) -> str:
     return json.dumps({**fields, "ts": stamp}) + "\n"
 
 
-def test_an_acknowledgement_after_the_peer_s_term_began_is_split_brain(tmp_path: Path) -> None:
+def test_the_timeline_reads_role_changes_and_fences_from_the_agents_logs(tmp_path: Path) -> None:
     lab = Lab(tmp_path / "lab", prefix="hxc", subnet="198.19.237.0/24")  # never brought up
     for node in ("node1", "node2"):
         lab.node_dir(node).mkdir(parents=True)
     wall = 1_800_000_000.0
     (lab.node_dir("node2") / "agent.log").write_text(
-        _line(wall + 10, event="StepDone", step="epoch", epoch=8)
-        + _line(wall + 9, event="Decision", role="promoting", was="passive", trigger="x")
+        _line(wall + 9, event="Decision", role="promoting", was="passive", trigger="x")
+        + _line(wall + 9.5, event="Decision", role="promoting", was="promoting", trigger="y")
         + _line(wall + 10.5, event="StepDone", step="fence", detail="fenced node1 with lab")
+        + _line(wall + 200, event="Decision", role="active", was="promoting", trigger="late")
     )
-    (lab.node_dir("node1") / "relay.log").write_text(
-        _line(wall + 5, event="Reception", queue_id="EARLY")
-        + _line(wall + 12, event="Reception", queue_id="ZOMBIE")
+    (lab.node_dir("node1") / "agent.log").write_text(
+        _line(wall + 11, event="WatchdogFired", reason="agent_gone")
     )
-    (lab.node_dir("node2") / "relay.log").write_text(
-        _line(wall + 11, event="Reception", queue_id="FINE")
-    )
-    offset = wall  # monotonic = wall - offset
-    problems = late_acknowledgements(lab, 0.0, 100.0, offset)
-    assert problems == ["node1 acknowledged ZOMBIE 2.000s after node2's term began"]
-    marks = timeline(lab, 0.0, 100.0, offset)
+    events = node_events(lab, "agent", wall, {})  # monotonic = wall - offset
+    marks = timeline(events, 0.0, 100.0)
     assert [(m.kind, m.node, m.text.split(" (")[0]) for m in marks] == [
         ("role", "node2", "promoting"),
         ("fenced", "node2", "fenced node1 with lab"),
         ("role", "node1", "down"),
+        ("watchdog", "node1", "watchdog fired: agent_gone"),
     ]
 
 

@@ -88,7 +88,7 @@ def gone(pid: int) -> bool:
 
 def worker_pids(relay: RelayProcess) -> dict[int, int]:
     """The latest pid of each worker 1..N-1, from worker 0's ``WorkerStarted`` events."""
-    return {int(e["worker"]): int(e["pid"]) for e in relay.events("WorkerStarted")}
+    return {int(e["worker"]): int(e["worker_pid"]) for e in relay.events("WorkerStarted")}
 
 
 def by_worker(relay: RelayProcess, event: str) -> Counter[int]:
@@ -148,7 +148,7 @@ def node(make_relay: RelayFactory) -> Iterator[RelayFactory]:
     yield factory
     for relay in relays:
         relay.stop()  # worker 0 stops its workers; the kernel stops them if it was killed
-        for pid in {int(e["pid"]) for e in relay.events("WorkerStarted")}:
+        for pid in {int(e["worker_pid"]) for e in relay.events("WorkerStarted")}:
             with contextlib.suppress(TimeoutError):
                 wait_until(functools.partial(gone, pid), 10, f"worker {pid} still running")
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):

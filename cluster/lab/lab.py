@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -856,6 +857,17 @@ class Lab:
             )
         except FenceError as exc:
             raise LabError(f"cannot fence {node}: {exc}") from None
+        # The power switch's own record: nothing on the node can log its power-off, and a
+        # checker that believes a release only when a log says so (chaos.holds) must see it.
+        record = {"ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                  "event": "PoweredOff", "node": node, "by": "lab"}  # fmt: skip
+        with open(self.power_log, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    @property
+    def power_log(self) -> Path:
+        """The lab's record of the nodes it powered off (``fence``), JSON lines."""
+        return self.directory / "power.log"
 
 
 def describe(argv: Iterable[str]) -> str:
