@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ from typing import ClassVar, TypeVar
 from chaos.results import Mark
 from cluster.lab import Lab, probes
 from cluster.lab.history import Attempt, recovery_time
+from cluster.lab.topology import NODES
 from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
@@ -48,6 +50,7 @@ class FaultContext:
     fault_at: float = 0.0
     heal_at: float | None = None
     outage_from: float | None = None  # the first failed attempt after the fault
+    skews: dict[int, float] = field(default_factory=dict)  # pid: seconds its clock ran ahead
 
     def mark(self, kind: str, node: str, text: str) -> None:
         """Add an instant to the timeline, now."""
@@ -400,6 +403,8 @@ class ClockSkew(Fault):
             env={"LD_PRELOAD": library, "FAKETIME": SKEW},
         )
         wait_until(lambda: _pair(lab), 60, "the pair with a skewed peer")
+        # Kept now: the skewed node is killed below, and its log lines must still be placed.
+        ctx.skews.update(skewed_processes(lab))
         ctx.mark("note", ctx.peer, f"agent restarted with its clock {SKEW}")
         lab.kill_node(ctx.active)
         ctx.mark("note", ctx.active, "kill -9 of the whole node: the skewed node takes over")
@@ -419,6 +424,30 @@ def _pair_or_alone(lab: Lab) -> str | None:
     roles = _members(lab)
     active = [node for node, role in roles.items() if role == "active"]
     return active[0] if len(active) == 1 and lab.active_node() == active[0] else None
+
+
+def skewed_processes(lab: Lab) -> dict[int, float]:
+    """The pids of the lab's nodes running under libfaketime, with their clock's lead in s."""
+    skews = {}
+    for node in NODES:
+        for pid in lab.node_pids(node):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            for variable in environ:
+                if variable.startswith(b"FAKETIME="):
+                    skews[pid] = _lead(variable.removeprefix(b"FAKETIME=").decode())
+    return skews
+
+
+def _lead(faketime: str) -> float:
+    """Seconds ahead for libfaketime's relative offsets ("+45s", "-2m", "+1.5h", "+30")."""
+    match = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([smhd]?)", faketime.strip())
+    if not match:
+        return 0.0  # an absolute or other form: not used by the suite
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return float(match.group(1)) * units[match.group(2)]
 
 
 def _faketime_library() -> str:

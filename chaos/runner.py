@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chaos.faults import FAULTS, Fault, FaultContext, FaultError, agent_pid, wait_until
+from chaos.faults import (
+    FAULTS,
+    Fault,
+    FaultContext,
+    FaultError,
+    agent_pid,
+    skewed_processes,
+    wait_until,
+)
 from chaos.holds import Event, read_log, split_brain
 from chaos.results import IterationResult, Mark
 from cluster.lab import Lab, LabError
@@ -95,30 +102,6 @@ def restore_pair(lab: Lab, timeout: float = 90.0) -> str:
 def _cooling(lab: Lab) -> bool:
     status = lab.cluster_status()
     return status is None or any(node.get("cooldown") for node in status["nodes"])
-
-
-def skewed_processes(lab: Lab) -> dict[int, float]:
-    """The pids of the lab's nodes running under libfaketime, with their clock's lead in s."""
-    skews = {}
-    for node in NODES:
-        for pid in lab.node_pids(node):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue  # gone meanwhile
-            for variable in environ:
-                if variable.startswith(b"FAKETIME="):
-                    skews[pid] = _lead(variable.removeprefix(b"FAKETIME=").decode())
-    return skews
-
-
-def _lead(faketime: str) -> float:
-    """Seconds ahead for libfaketime's relative offsets ("+45s", "-2m", "+1.5h", "+30")."""
-    match = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([smhd]?)", faketime.strip())
-    if not match:
-        return 0.0  # an absolute or other form: not used by the suite
-    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    return float(match.group(1)) * units[match.group(2)]
 
 
 def node_events(
@@ -207,6 +190,7 @@ def run_iteration(
         wait_until(lambda: acked <= set(load.delivered_ids()), settings.drain, "the deliveries")
     verdict = check(attempts, load.delivered_ids())
     rto_from = _recovery_from(fault, ctx)
+    skews.update(ctx.skews)  # the skewed node may be dead by now: its pids were kept
     skews.update(skewed_processes(lab))
     agents = node_events(lab, "agent", wall_offset, skews)
     agents += read_log(lab.power_log, None, wall_offset)
