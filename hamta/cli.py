@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,13 +17,14 @@ from typing import Any
 from chaos.cli import add_chaos_commands
 from cluster.cli import add_cluster_commands
 from cluster.lab.cli import add_lab_commands
-from hamta import eventlog
+from hamta import capacity, eventlog
 from hamta.admin import start_admin
 from hamta.config import Config, ConfigError, load_config
 from hamta.control import start_control
 from hamta.control_client import ControlError, send_command
 from hamta.queue import recipient_domain
 from hamta.relay import Relay, RelayError, RelayState
+from hamta.reputation_cli import add_reputation_commands
 from hamta.spool import LiveMessage, load_state
 from hamta.workers import SHARD_PREFIX, WorkerPool, control_path, die_with_parent
 
@@ -213,6 +215,91 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue_destination(args: argparse.Namespace) -> int:
+    """``hamta queue suspend|resume|retry DOMAIN``: act on one destination of a running relay."""
+    socket_path = args.socket or _load(args.config).control.socket
+    request = {"command": "destination", "action": args.queue_action, "destination": args.domain}
+    try:
+        reply = send_command(socket_path, request, timeout=args.wait)
+    except ControlError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    workers = len(reply.get("workers", [])) or 1
+    done = {"suspend": "suspended", "resume": "resumed", "retry": "retried"}[args.queue_action]
+    extra = (
+        f": {reply.get('moved', 0)} deferred jobs due now" if args.queue_action == "retry" else ""
+    )
+    print(f"{reply['destination']} {done} in {workers} worker(s){extra}")
+    return 0
+
+
+# ---------------------------------------------------------------- capacity
+
+
+def _fetch_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def _measure_relay(base: str, seconds: float) -> tuple[capacity.Measured, str]:
+    """Scrape a relay's /metrics twice ``seconds`` apart; its figures and its state."""
+    first = _fetch_text(f"{base}/metrics")
+    started = time.monotonic()
+    time.sleep(seconds)  # the window the received rate is measured over
+    second = _fetch_text(f"{base}/metrics")
+    elapsed = time.monotonic() - started
+    state = str(json.loads(_fetch_text(f"{base}/api/queue")).get("state", "?"))
+    return capacity.measure(first, second, elapsed, time.time()), state
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    """``hamta capacity``: the spool, logs and connections a mail volume needs."""
+    measured = None
+    per_day, latency = args.messages_per_day, args.latency
+    size = args.avg_size * capacity.KIB if args.avg_size is not None else None
+    if args.from_metrics:
+        base = args.from_metrics.rstrip("/").removesuffix("/metrics")
+        try:
+            measured, state = _measure_relay(base, args.sample_seconds)
+        except capacity.CapacityError as exc:
+            print(f"hamta: {base}: {exc}", file=sys.stderr)
+            return 1
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"hamta: cannot read {base}: {exc}", file=sys.stderr)
+            return 1
+        if per_day is None and measured.received_total > 0:
+            per_day = measured.messages_per_day
+        size = measured.avg_size_bytes if size is None else size
+        latency = measured.latency_seconds if latency is None else latency
+    if per_day is None or size is None:
+        print("hamta: give --messages-per-day and --avg-size, or --from-metrics a relay that has "
+              "received mail", file=sys.stderr)  # fmt: skip
+        return 2
+    config = _load(args.config)
+    try:
+        workload = capacity.Workload(
+            per_day, size, args.retention, args.outage_hours, args.peak_factor,
+            latency or capacity.DEFAULT_LATENCY_SECONDS,
+        )  # fmt: skip
+    except capacity.CapacityError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 2
+    result = capacity.plan(workload, capacity.Limits.of(config.delivery, config.spool))
+    if args.json:
+        print(json.dumps(capacity.to_dict(result, measured), indent=2))
+        return 0
+    if measured is not None:
+        print(capacity.format_measured(measured, f"{args.from_metrics} ({state})",
+                                       args.sample_seconds))  # fmt: skip
+    print(capacity.format_plan(result))
+    return 0
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -252,6 +339,53 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--config", type=Path, help="TOML file (default: built-in)")
     queue.add_argument("--json", action="store_true", help="print JSON")
     queue.set_defaults(func=cmd_queue)
+    queue_sub = queue.add_subparsers(dest="queue_action", metavar="{suspend,resume,retry}")
+    for action, text in (
+        ("suspend", "hold a destination's mail in the queue (kept across restarts and failover)"),
+        ("resume", "deliver a suspended destination's mail again"),
+        ("retry", "make every deferred message of a destination due now"),
+    ):
+        act = queue_sub.add_parser(action, help=text, description=text)
+        act.add_argument("domain", help="recipient domain, or a static route's [host]:port")
+        # SUPPRESS: not given here, the value given before the subcommand stands.
+        act.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                         help="TOML file naming the control socket")  # fmt: skip
+        act.add_argument("--socket", type=Path, help="control socket (default: from config)")
+        act.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print JSON")  # fmt: skip
+        act.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a reply")
+        act.set_defaults(func=cmd_queue_destination)
+
+    cap = sub.add_parser("capacity", help="spool, logs and connections a mail volume needs")
+    cap.add_argument("--messages-per-day", type=float, help="mail received a day")
+    cap.add_argument("--avg-size", type=float, help="average message size in KiB")
+    cap.add_argument(
+        "--retention", type=float, default=capacity.DEFAULT_RETENTION_DAYS,
+        help="days the event log is kept (default: %(default)g)",
+    )  # fmt: skip
+    cap.add_argument(
+        "--outage-hours", type=float, default=capacity.DEFAULT_OUTAGE_HOURS,
+        help="delivery outage the spool must absorb (default: %(default)g)",
+    )  # fmt: skip
+    cap.add_argument(
+        "--peak-factor", type=float, default=capacity.DEFAULT_PEAK_FACTOR,
+        help="peak rate over the daily average (default: %(default)g)",
+    )  # fmt: skip
+    cap.add_argument(
+        "--latency", type=float,
+        help=f"seconds per delivery (default: measured, else {capacity.DEFAULT_LATENCY_SECONDS:g})",
+    )  # fmt: skip
+    cap.add_argument(
+        "--from-metrics", metavar="URL",
+        help="a running relay's admin endpoint, e.g. http://127.0.0.1:8025",
+    )  # fmt: skip
+    cap.add_argument(
+        "--sample-seconds", type=float, default=5.0,
+        help="time between the two scrapes of --from-metrics (default: %(default)g)",
+    )  # fmt: skip
+    cap.add_argument("--config", type=Path, help="relay TOML for its limits (default: built-in)")
+    cap.add_argument("--json", action="store_true", help="print one JSON object")
+    cap.set_defaults(func=cmd_capacity)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -259,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_config_check)
 
+    add_reputation_commands(sub)
     add_cluster_commands(sub)
     add_chaos_commands(sub)
     add_lab_commands(sub)

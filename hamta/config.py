@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from hamta.bounce_classes import build_classifier
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
@@ -188,6 +190,35 @@ class SpoolConfig(_Section):
     min_free: Annotated[int, BeforeValidator(_parse_size), Field(ge=0)] = 32 * 1024 * 1024
 
 
+class DestinationLimits(_Section):
+    """Traffic shaping of a destination (``[delivery.limits]`` or ``[delivery.domains."d"]``).
+
+    Every key is optional: a domain's override falls back to ``[delivery.limits]``, which falls
+    back to the older keys (``max_connections_per_destination``, ``max_messages_per_connection``,
+    ``[retry]``). The figures are for the whole node; with several workers each takes its share.
+    """
+
+    max_connections: Count | None = None
+    # 0: no limit. A token bucket of ``burst`` messages, refilled at this rate.
+    messages_per_second: Annotated[Ratio, Field(ge=0.0)] | None = None
+    burst: Count | None = None
+    max_messages_per_connection: Count | None = None
+    retry_first_delay: PositiveSeconds | None = None
+    retry_factor: Annotated[Ratio, Field(ge=1.0)] | None = None
+    retry_max_delay: PositiveSeconds | None = None
+    # While throttled (a 421/450/451 that says so): the rate is never halved below this ...
+    min_messages_per_second: Annotated[Ratio, Field(gt=0.0)] | None = None
+    # ... and each period without a throttle reply steps rate and connections back up.
+    throttle_quiet_period: PositiveSeconds | None = None
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> DestinationLimits:
+        first, most = self.retry_first_delay, self.retry_max_delay
+        if first is not None and most is not None and first > most:
+            raise ValueError(f"retry_first_delay ({first:g}s) exceeds retry_max_delay ({most:g}s)")
+        return self
+
+
 class DeliveryConfig(_Section):
     """The sending side."""
 
@@ -200,6 +231,27 @@ class DeliveryConfig(_Section):
     idle_connection_timeout: Seconds = 2.0
     starttls: Literal["opportunistic", "off"] = "opportunistic"
     routes: dict[str, str] = Field(default_factory=dict)
+    # A TOML file of bounce classification rules tried before hamta's own
+    # (hamta/bounce_classes.py); loaded now, so that a broken file is a configuration error.
+    bounce_rules: Path | None = None
+    limits: DestinationLimits = Field(default_factory=DestinationLimits)
+    # Keyed by recipient domain, or by a static route's "[host]:port" (its destination).
+    domains: dict[str, DestinationLimits] = Field(default_factory=dict)
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, value: dict[str, DestinationLimits]) -> dict[str, DestinationLimits]:
+        normalised = {domain.lower().rstrip("."): limits for domain, limits in value.items()}
+        if "" in normalised or len(normalised) != len(value):
+            raise ValueError("domain names must be non-empty and differ other than in case")
+        return normalised
+
+    @field_validator("bounce_rules")
+    @classmethod
+    def _check_bounce_rules(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            build_classifier(value)  # BounceRulesError is a ValueError: file, rule, reason
+        return value
 
     @field_validator("routes")
     @classmethod
@@ -240,6 +292,14 @@ class AdminConfig(_Section):
     """The HTTP endpoint for health, queue and metrics; empty listen disables it."""
 
     listen: str = "127.0.0.1:8025"
+    # /metrics: per-destination series for the N deepest queues, the rest as "other".
+    top_destinations: Count = 20
+    # /api/domains: rates over this window; at most this many domains remembered.
+    domain_stats_window: PositiveSeconds = 3600.0
+    domain_stats_max: Count = 2000
+    # The dashboard at /: a sample every interval, this many kept (720 x 5 s = the last hour).
+    dashboard_interval: PositiveSeconds = 5.0
+    dashboard_samples: Count = 720
 
     @field_validator("listen")
     @classmethod
@@ -262,6 +322,101 @@ class LogConfig(_Section):
     file: Path | None = None
 
 
+# Signed when present (RFC 6376 5.4.1's list, trimmed to what MUAs show or thread on).
+DKIM_DEFAULT_HEADERS = (
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding", "list-id",
+    "list-unsubscribe", "list-unsubscribe-post",
+)  # fmt: skip
+# Changed on the way by design (RFC 6376 5.4.1): signing them breaks every signature.
+DKIM_UNSIGNABLE_HEADERS = frozenset(
+    {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
+)
+_DKIM_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*$")
+_DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>\[\]]+$")
+
+
+class DkimKeyConfig(_Section):
+    """One DKIM signing key: the domain it signs for, its selector and the private key file."""
+
+    domain: str
+    selector: str
+    key: Path
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+    @field_validator("domain")
+    @classmethod
+    def _check_domain(cls, value: str) -> str:
+        value = value.strip().lower().rstrip(".")
+        if not _DOMAIN.match(value):
+            raise ValueError(f"not a domain name: {value!r}")
+        return value
+
+    @field_validator("selector")
+    @classmethod
+    def _check_selector(cls, value: str) -> str:
+        if not _DKIM_SELECTOR.match(value):
+            raise ValueError(f"not a DKIM selector (RFC 6376 3.1): {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_key(self) -> DkimKeyConfig:
+        # Loaded now, so that a missing or malformed key is a config error, not a relay that
+        # starts and then sends mail unsigned. Imported here: only configs with keys pay for it.
+        from hamta.dkim_signing import DkimKeyError, load_signing_key  # noqa: PLC0415
+
+        try:
+            load_signing_key(self.key, self.domain, self.selector, self.algorithm)
+        except DkimKeyError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class DkimConfig(_Section):
+    """DKIM signing at reception; a domain with two keys (a rotation) gets two signatures."""
+
+    keys: list[DkimKeyConfig] = Field(default_factory=list)
+    headers: list[str] = Field(default_factory=lambda: list(DKIM_DEFAULT_HEADERS))
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower() for name in value]
+        if "from" not in names:
+            raise ValueError("must include from (RFC 6376 5.4)")
+        unsignable = sorted(set(names) & DKIM_UNSIGNABLE_HEADERS)
+        if unsignable:
+            raise ValueError(f"must not include {', '.join(unsignable)} (changed in transit)")
+        return list(dict.fromkeys(names))
+
+    @field_validator("keys")
+    @classmethod
+    def _check_unique(cls, value: list[DkimKeyConfig]) -> list[DkimKeyConfig]:
+        seen = set()
+        for key in value:
+            if (key.domain, key.selector) in seen:
+                raise ValueError(f"selector {key.selector!r} of {key.domain} is given twice")
+            seen.add((key.domain, key.selector))
+        return value
+
+
+class SuppressionConfig(_Section):
+    """Recipients not mailed again (hard bounces, complaints) and where complaints arrive."""
+
+    # ARF feedback reports (RFC 5965) sent here are consumed by the relay, never relayed.
+    complaints_address: str | None = None
+
+    @field_validator("complaints_address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.strip().lower()
+            if not _ADDRESS.match(value):
+                raise ValueError(f"not an address: {value!r}")
+        return value
+
+
 class Config(_Section):
     """The whole relay configuration."""
 
@@ -274,6 +429,8 @@ class Config(_Section):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    dkim: DkimConfig = Field(default_factory=DkimConfig)
+    suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
 
 
 DEFAULT_TOML = """\

@@ -1,5 +1,8 @@
 """The local control socket of a relay: activate a warm standby, deactivate, ask its state.
 
+Also the operator's hand on one destination: ``destination`` suspends, resumes or retries it
+(``hamta queue suspend|resume|retry DOMAIN``), in every worker of the node.
+
 One JSON object a line each way, over a unix socket created with mode 0600, so that only root
 (the agent) may drive it. Activation answers when the relay is listening and its queue is
 recovered, with the timings, which the agent records as a step of its promotion.
@@ -17,7 +20,9 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from hamta.relay import Relay, RelayError
+from hamta.relay import Relay, RelayError, RelayState
+from hamta.suppression import control_command as suppression_command
+from hamta.suspensions import SuspensionError, write_suspended
 
 
 async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
@@ -41,10 +46,60 @@ async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) ->
         return {"ok": True, "state": relay.state.value}
     if command == "metrics":
         return {"ok": True, "text": generate_latest(relay.metrics.registry).decode()}
+    if command == "domains":
+        return {"ok": True, "snapshot": relay.domain_snapshot()}
     if command == "stop":
         stop.set()
         return {"ok": True}
+    if command == "destination":
+        return await _destination(relay, request)
+    if command in ("suppression-list", "suppression-add", "suppression-remove"):
+        # One list for the node (at the spool's root, in SQLite): worker 0's answer is all.
+        if relay.state is not RelayState.ACTIVE or relay.suppressions is None:
+            raise RelayError(f"relay is {relay.state.value}: no suppression list open")
+        return {"ok": True, **(await suppression_command(relay.suppressions, request))}
     raise RelayError(f"unknown command {command!r}")
+
+
+_DESTINATION_ACTIONS = ("suspend", "resume", "retry")
+
+
+async def _destination(relay: Relay, request: dict[str, Any]) -> dict[str, Any]:
+    """Suspend, resume or retry one destination, in this relay and (worker 0) every worker."""
+    action, name = request.get("action"), request.get("destination")
+    if action not in _DESTINATION_ACTIONS:
+        raise RelayError(f"action must be one of {', '.join(_DESTINATION_ACTIONS)}, not {action!r}")
+    if not isinstance(name, str) or not name.strip():
+        raise RelayError("destination must be a domain or a destination key")
+    queue, spool = relay.queue, relay.spool
+    if queue is None or spool is None:
+        raise RelayError(f"relay is {relay.state.value}: no queue to act on")
+    if relay.fenced is not None:
+        raise RelayError(f"relay is fenced: {relay.fenced}")
+    key = queue.destination_key(name)
+    moved = 0
+    if action == "retry":
+        moved = queue.retry_destination(key)
+    else:
+        destination = queue.suspend(key) if action == "suspend" else queue.resume(key)
+        # On the spool volume, so that the hold follows the mail through a failover.
+        try:
+            await asyncio.to_thread(write_suspended, spool.path, set(queue.suspended))
+        except SuspensionError as exc:
+            raise RelayError(f"{action} {key}: {exc}") from None
+        relay.log.info("DestinationSuspended" if action == "suspend" else "DestinationResumed",
+                       destination=key, queued=len(destination.ready))  # fmt: skip
+    workers = [{"worker": relay.worker, "moved": moved}]
+    if relay.pool is not None:
+        for index, reply in enumerate(await relay.pool.broadcast(request), start=1):
+            workers.append({"worker": index, "moved": int(reply.get("moved", 0))})
+    return {
+        "ok": True,
+        "action": action,
+        "destination": key,
+        "moved": sum(int(w["moved"]) for w in workers),
+        "workers": workers,
+    }
 
 
 def _prepare_socket_path(path: Path) -> None:

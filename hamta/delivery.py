@@ -1,11 +1,12 @@
 """Sending mail: SMTP sessions per destination, and what to do with each reply.
 
-Each destination is served by up to ``max_connections_per_destination`` sessions. A session
-connects to the first target that answers (MX order), upgrades with STARTTLS when offered
-(opportunistic: certificates are not verified, and a failed handshake falls back to plain text),
-then takes jobs from its destination's ready line one after another, reusing the connection, until
-the line stays empty for ``idle_connection_timeout`` or it has sent
-``max_messages_per_connection`` messages.
+Each destination is served by up to its ``max_connections`` sessions, sending at most its
+``messages_per_second`` (its :class:`hamta.shaping.Shaper`; slowed down by throttle replies, and
+none at all while suspended). A session connects to the first target that answers (MX order),
+upgrades with STARTTLS when offered (opportunistic: certificates are not verified, and a failed
+handshake falls back to plain text), then takes jobs from its destination's ready line one after
+another, reusing the connection, until the line stays empty for ``idle_connection_timeout`` or it
+has sent its ``max_messages_per_connection`` messages.
 
 The outcome of every recipient is one of: delivered (2xx), deferred (4xx, or no reply at all:
 refused, dropped, timed out) or bounced (5xx, or a routing error that can only be permanent).
@@ -15,22 +16,27 @@ Deferred recipients past the queue lifetime expire. Bounced and expired recipien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import aiosmtplib
 
-from hamta.config import DeliveryConfig
+from hamta.bounce_classes import BounceClassifier, BounceVerdict, build_classifier
+from hamta.config import DeliveryConfig, RetryConfig
+from hamta.domain_stats import DomainStats
 from hamta.dsn import FailedRecipient, build_dsn, original_headers
 from hamta.metrics import RelayMetrics
 from hamta.queue import Destination, Job, MailQueue
 from hamta.routing import Router, RoutingError, Target
+from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
 from hamta.spool import LiveMessage, Spool, SpoolError
+from hamta.suppression import Suppressions
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -94,10 +100,13 @@ class DeliveryEngine:
         log: Any,
         wall_clock: Callable[[], float] = time.time,
         share: int = 1,
+        retry: RetryConfig | None = None,
     ) -> None:
         self.config = config
-        # With several workers on a node, each takes its share of every destination's limit.
-        self.max_sessions = -(-config.max_connections_per_destination // share)
+        self.retry = retry or RetryConfig()
+        self.share = share
+        # Pending steps back up of throttled destinations, by destination key.
+        self._recoveries: dict[str, asyncio.TimerHandle] = {}
         self.hostname = hostname
         self.helo = config.helo_name or hostname
         self.spool = spool
@@ -110,23 +119,35 @@ class DeliveryEngine:
         self._bounces: set[asyncio.Task[None]] = set()
         self._no_tls_until: dict[str, float] = {}
         self.stopping = False
+        self._halted = asyncio.Event()  # set by stop()
         # The fencing check (``hamta.epoch_token.EpochGuard.check``), run before each delivery
         # and again before DATA: a relay whose term is over must not deliver one more message.
         self.guard: Callable[[], str | None] | None = None
         self.connections = 0
+        # Names each failed attempt's cause; the relay puts the user's rules in front.
+        self.classifier: BounceClassifier = build_classifier()
+        self.domain_stats: DomainStats | None = None
+        self.suppressions: Suppressions | None = None
         self._tls = ssl.create_default_context()
         self._tls.check_hostname = False
         self._tls.verify_mode = ssl.CERT_NONE
 
     # ---------------------------------------------------------------- sessions
 
+    def shaper_for(self, key: str) -> Shaper:
+        """This process's shaping of destination ``key`` (its limits, its share of them)."""
+        return Shaper(limits_for(self.config, self.retry, key), self.share)
+
     def on_ready(self, destination: Destination) -> None:
         """A job joined a ready line: wake an idle session or start one."""
-        if self.stopping:
+        if self.stopping or destination.suspended:
             return
         if destination.idle:
             destination.wakeup.set()
-        if destination.sessions < self.max_sessions and len(destination.ready) > destination.idle:
+        if (
+            destination.sessions < destination.concurrency
+            and len(destination.ready) > destination.idle
+        ):
             destination.sessions += 1
             task = asyncio.get_running_loop().create_task(self._session(destination))
             self._sessions.add(task)
@@ -134,12 +155,28 @@ class DeliveryEngine:
 
     async def _session(self, destination: Destination) -> None:
         connection: _Connection | None = None
+        counted = True  # in destination.sessions
+        shaper = destination.shaper
+        loop = asyncio.get_running_loop()
         try:
             while not self.stopping and not self._superseded():
+                if destination.suspended or destination.sessions > shaper.concurrency:
+                    # Held, or throttled below the sessions running: this one goes now, and
+                    # stops counting at once so that its siblings do not all go too.
+                    destination.sessions -= 1
+                    counted = False
+                    return
                 if not destination.ready:
                     if connection is None or not await self._wait_for_work(destination):
                         return
                     continue
+                delay = shaper.reserve(loop.time())
+                if delay > 0:
+                    # Waiting for a send slot ends early when the engine stops.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._halted.wait(), timeout=delay)
+                    if self.stopping or destination.suspended or not destination.ready:
+                        continue
                 job = destination.ready.popleft()
                 if connection is None:
                     try:
@@ -168,11 +205,12 @@ class DeliveryEngine:
                 finally:
                     destination.in_flight -= 1
                 connection.sent += 1
-                if not alive or connection.sent >= self.config.max_messages_per_connection:
+                if not alive or connection.sent >= shaper.limits.max_messages_per_connection:
                     await self._close(connection)
                     connection = None
         finally:
-            destination.sessions -= 1
+            if counted:
+                destination.sessions -= 1
             if connection is not None:
                 await self._close(connection)
             # Work may have arrived while this session was closing.
@@ -210,6 +248,7 @@ class DeliveryEngine:
                 connection = await self._open(target)
             except aiosmtplib.SMTPResponseException as exc:
                 errors.append(f"{target.mx_host}[{target.ip}]: {exc.code} {exc.message}")
+                self._observe_throttle(domain, [Reply(exc.code, exc.message)])
                 permanent = permanent or exc.code >= 500
                 continue
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -325,8 +364,46 @@ class DeliveryEngine:
                 replies.setdefault(index, reply)
             alive = False
         self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+        self._observe_throttle(job.domain, replies.values())
         self._apply(job, replies, connection.target, started)
         return alive
+
+    # ---------------------------------------------------------------- throttling
+
+    def _observe_throttle(self, domain: str, replies: Iterable[Reply]) -> None:
+        """Slow a destination down when one of its replies says so (AIMD, hamta.shaping)."""
+        reply = next(
+            (r for r in replies if is_throttle_reply(r.code, r.text, self.classifier)), None
+        )
+        if reply is None or self.queue is None:
+            return
+        destination = self.queue.destination_for(domain)
+        if destination.shaper.throttle(asyncio.get_running_loop().time()):
+            self.log.warning(
+                "DestinationThrottled", destination=destination.key, code=reply.code,
+                response=reply.text, **_shaping_fields(destination),
+            )  # fmt: skip
+        self._schedule_recovery(destination)
+
+    def _schedule_recovery(self, destination: Destination) -> None:
+        if destination.key in self._recoveries or self.stopping:
+            return
+        delay = destination.shaper.seconds_to_recovery(asyncio.get_running_loop().time())
+        self._recoveries[destination.key] = asyncio.get_running_loop().call_later(
+            delay, self._recover, destination
+        )
+
+    def _recover(self, destination: Destination) -> None:
+        del self._recoveries[destination.key]
+        if destination.shaper.recover(asyncio.get_running_loop().time()):
+            self.log.info(
+                "DestinationRecovered", destination=destination.key,
+                **_shaping_fields(destination),
+            )  # fmt: skip
+            if destination.ready:
+                self.on_ready(destination)  # room for one more session now
+        if destination.throttled:
+            self._schedule_recovery(destination)
 
     def _routing_failed(self, destination: Destination, job: Job, exc: RoutingError) -> None:
         """No session could be had: the job and its whole line share the outcome."""
@@ -353,8 +430,14 @@ class DeliveryEngine:
         expired: list[int] = []
         if deferred and self.queue.is_expired(job):
             expired, deferred = deferred, []
+        verdicts = self._classify(job.domain, replies, delivered, expired, latency_ms)
         for index in job.rcpts:
             reply = replies[index]
+            verdict = verdicts.get(index)
+            if verdict is not None and index in bounced and self.suppressions is not None:
+                self.suppressions.record_hard_bounce(
+                    rec.recipients[index], verdict.bounce_class, str(reply)
+                )
             kind = (
                 "Delivery" if index in delivered
                 else "Bounce" if index in bounced
@@ -376,6 +459,7 @@ class DeliveryEngine:
                 attempt=attempt,
                 size=rec.length,
                 latency_ms=latency_ms,
+                **({"bounce_class": verdict.bounce_class} if verdict else {}),
             )
         if delivered:
             self.metrics.deliveries.labels("delivered").inc(len(delivered))
@@ -416,6 +500,29 @@ class DeliveryEngine:
             job.rcpts = tuple(deferred)
             due = self.queue.defer(job)
             self.spool.mark_deferred(job.message, deferred, job.attempts, due)
+
+    def _classify(
+        self, domain: str, replies: dict[int, Reply], delivered: list[int], expired: list[int],
+        latency_ms: float,
+    ) -> dict[int, BounceVerdict]:  # fmt: skip
+        """Class every failed recipient; count outcomes per class and per domain."""
+        stats = self.domain_stats
+        if delivered and stats is not None:
+            stats.record(domain, "delivered", len(delivered), latency_ms=latency_ms)
+        verdicts: dict[int, BounceVerdict] = {}
+        for index, reply in replies.items():
+            if index in delivered:
+                continue
+            verdict = self.classifier.classify(reply.code, reply.enhanced, reply.text)
+            verdicts[index] = verdict
+            self.metrics.bounces.labels(verdict.bounce_class, verdict.kind).inc()
+            self.metrics.bounce_replies.labels(str(reply.code) if reply.code else "none").inc()
+            if stats is not None:
+                outcome = (
+                    "bounced" if reply.permanent else "expired" if index in expired else "deferred"
+                )
+                stats.record(domain, outcome, bounce_class=verdict.bounce_class)
+        return verdicts
 
     async def _bounce(
         self, message: LiveMessage, rcpts: list[int], reports: list[FailedRecipient],
@@ -466,6 +573,10 @@ class DeliveryEngine:
     async def stop(self, timeout: float) -> None:
         """Let running transactions finish (up to ``timeout``), then close every session."""
         self.stopping = True
+        self._halted.set()
+        for handle in self._recoveries.values():
+            handle.cancel()
+        self._recoveries.clear()
         for destination in self.queue.destinations.values() if self.queue else []:
             destination.wakeup.set()
         pending = self._sessions | self._bounces
@@ -475,6 +586,16 @@ class DeliveryEngine:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2)
+
+
+def _shaping_fields(destination: Destination) -> dict[str, Any]:
+    """A destination's shaping now, for its log lines (this process's share of the node's)."""
+    rate = destination.shaper.rate
+    return {
+        "throttled": destination.throttled,
+        "messages_per_second": round(rate, 3) if rate is not None else None,
+        "concurrency": destination.concurrency,
+    }
 
 
 def _describe(exc: BaseException) -> str:

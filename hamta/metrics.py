@@ -55,6 +55,9 @@ class RelayMetrics:
         self.received = Counter(
             "hamta_messages_received", "Messages accepted (250 after fsync)", registry=r
         )
+        self.received_bytes = Counter(
+            "hamta_received_bytes", "Bytes of accepted messages as spooled", registry=r
+        )
         self.rejected = Counter(
             "hamta_smtp_rejections", "SMTP commands refused, by reply code", ["code"], registry=r
         )
@@ -62,6 +65,18 @@ class RelayMetrics:
             "hamta_deliveries",
             "Recipient delivery outcomes",
             ["outcome"],  # delivered, deferred, bounced, expired
+            registry=r,
+        )
+        self.bounces = Counter(
+            "hamta_bounces",
+            "Failed recipient attempts by bounce class (hamta/bounce_classes.py)",
+            ["class", "kind"],  # kind: hard (permanent), soft (temporary)
+            registry=r,
+        )
+        self.bounce_replies = Counter(
+            "hamta_bounce_replies",
+            "Failed recipient attempts by reply code (none: no reply, the connection failed)",
+            ["code"],  # three digits: at most a few hundred values
             registry=r,
         )
         self.delivery_seconds = Histogram(
@@ -96,8 +111,27 @@ class RelayMetrics:
         self.fenced = Gauge(
             "hamta_fenced", "1 when a newer term's fencing token stopped this relay", registry=r
         )
+        # Tells the active node from a warm standby, which is never ready by design.
+        self.active = Gauge(
+            "hamta_active", "1 from activation until back in standby (holds the spool)", registry=r
+        )
         self.recovery_seconds = Gauge(
             "hamta_recovery_duration_seconds", "Time of the last queue recovery", registry=r
+        )
+        self.dkim_signatures = Counter(
+            "hamta_dkim_signatures", "DKIM signatures added at reception", ["algorithm"],
+            registry=r,
+        )  # fmt: skip
+        self.dkim_failures = Counter(
+            "hamta_dkim_failures", "Messages passed unsigned because signing failed", registry=r
+        )
+        # domain: the complaining recipient's, for the top 20 domains by complaints, else "other".
+        self.complaints = Counter(
+            "hamta_complaints", "Complaints (ARF feedback reports) recorded", ["domain"],
+            registry=r,
+        )  # fmt: skip
+        self.complaints_unparsed = Counter(
+            "hamta_complaints_unparsed", "Feedback reports kept in quarantine unread", registry=r
         )
         self.delivered_rate = RateWindow()
         self.bounced_rate = RateWindow()
@@ -108,7 +142,7 @@ class RelayMetrics:
 
 
 # Node-wide value of a sample across workers: added up, except where that makes no sense.
-_MERGE = {"hamta_ready": min, "hamta_recovery_duration_seconds": max}
+_MERGE = {"hamta_ready": min, "hamta_active": max, "hamta_recovery_duration_seconds": max}
 
 
 class _Families:

@@ -15,12 +15,13 @@ import heapq
 import itertools
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from hamta.config import RetryConfig
+from hamta.shaping import Shaper
 from hamta.spool import LiveMessage
 
 
@@ -57,7 +58,7 @@ class Job(msgspec.Struct, gc=False):
 
 @dataclass(slots=True, eq=False)
 class Destination:
-    """One next hop: its ready line and how many sessions serve it."""
+    """One next hop: its ready line, how many sessions serve it, and how it is shaped."""
 
     key: str
     ready: deque[Job] = field(default_factory=deque)
@@ -65,6 +66,24 @@ class Destination:
     idle: int = 0
     in_flight: int = 0
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    shaper: Shaper = field(default_factory=Shaper)
+    #: Held by an operator (``hamta queue suspend``): mail stays queued, nothing is sent.
+    suspended: bool = False
+
+    @property
+    def throttled(self) -> bool:
+        """Slowed down by throttle replies and not yet recovered."""
+        return self.shaper.throttled
+
+    @property
+    def rate(self) -> float | None:
+        """Messages per second this process may send to it now (None: no limit)."""
+        return self.shaper.rate
+
+    @property
+    def concurrency(self) -> int:
+        """Sessions this process may run to it now."""
+        return self.shaper.concurrency
 
 
 class MailQueue:
@@ -77,8 +96,14 @@ class MailQueue:
         wall_clock: Callable[[], float],
         on_ready: Callable[[Destination], None],
         rng: random.Random | None = None,
+        *,
+        shaper_for: Callable[[str], Shaper] | None = None,
+        suspended: Iterable[str] = (),
     ) -> None:
         self.policy = policy
+        self._shaper_for = shaper_for
+        #: Destination keys held by an operator, also those with no mail queued yet.
+        self.suspended: set[str] = set(suspended)
         self._next_hop = next_hop
         self._wall = wall_clock
         self._on_ready = on_ready
@@ -121,18 +146,54 @@ class MailQueue:
 
     def make_ready(self, job: Job) -> None:
         """Put a job at the end of its destination's ready line."""
-        destination = self._by_domain.get(job.domain)
-        if destination is None:
-            destination = self._by_domain[job.domain] = self.destination(self._next_hop(job.domain))
+        destination = self.destination_for(job.domain)
         destination.ready.append(job)
         self._on_ready(destination)
+
+    def destination_for(self, domain: str) -> Destination:
+        """The destination that mail for ``domain`` goes to."""
+        destination = self._by_domain.get(domain)
+        if destination is None:
+            destination = self._by_domain[domain] = self.destination(self._next_hop(domain))
+        return destination
 
     def destination(self, key: str) -> Destination:
         """The destination for a next-hop key, created on first use."""
         destination = self.destinations.get(key)
         if destination is None:
-            destination = self.destinations[key] = Destination(key)
+            shaper = self._shaper_for(key) if self._shaper_for is not None else Shaper()
+            destination = self.destinations[key] = Destination(
+                key, shaper=shaper, suspended=key in self.suspended
+            )
         return destination
+
+    # ------------------------------------------------------- operator actions
+
+    def destination_key(self, name: str) -> str:
+        """The destination key for a name an operator gives: a domain or a key itself."""
+        name = name.strip().lower().rstrip(".")
+        return name if name in self.destinations or name.startswith("[") else self._next_hop(name)
+
+    def suspend(self, key: str) -> Destination:
+        """Hold a destination: its sessions end after their current message, mail stays."""
+        self.suspended.add(key)
+        destination = self.destination(key)
+        destination.suspended = True
+        destination.wakeup.set()  # idle sessions notice and close
+        return destination
+
+    def resume(self, key: str) -> Destination:
+        """Release a held destination: its ready line is served again."""
+        self.suspended.discard(key)
+        destination = self.destination(key)
+        destination.suspended = False
+        if destination.ready:
+            self._on_ready(destination)
+        return destination
+
+    def retry_destination(self, key: str) -> int:
+        """Make every deferred job of a destination due now; return how many moved."""
+        return self.retry_now(lambda job: self.destination_for(job.domain).key == key)
 
     # --------------------------------------------------------------- retries
 
@@ -143,7 +204,8 @@ class MailQueue:
     def defer(self, job: Job) -> float:
         """Count a failed attempt and schedule the next; return its wall-clock time."""
         job.attempts += 1
-        job.due = self._wall() + backoff_delay(job.attempts, self.policy, self._rng)
+        policy = self.destination_for(job.domain).shaper.limits.retry
+        job.due = self._wall() + backoff_delay(job.attempts, policy, self._rng)
         self._push_deferred(job)
         return job.due
 

@@ -19,13 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 
+from hamta import activations
+from hamta.bounce_classes import BounceRulesError, build_classifier
+from hamta.complaints import ComplaintIntake
 from hamta.config import Config, parse_hostport
 from hamta.control_client import ControlError
 from hamta.delivery import DeliveryEngine
+from hamta.domain_stats import DomainStats, destination_metrics, merge_snapshots, relay_snapshot
 from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
 from hamta.metrics import RelayMetrics, merge_expositions
@@ -33,7 +37,12 @@ from hamta.queue import MailQueue
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spool, SpoolError, SpoolState
+from hamta.suppression import SuppressionError, Suppressions
+from hamta.suspensions import load_suspended
 from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
+
+if TYPE_CHECKING:
+    from hamta.dkim_signing import DkimSigner
 
 
 class RelayState(enum.Enum):
@@ -81,6 +90,7 @@ class _Active:
         self.timer = timer
         self.recovery: asyncio.Task[SpoolState] | None = None
         self.guard: EpochGuard | None = None
+        self.suppressions: Suppressions | None = None
 
 
 class Relay:
@@ -98,6 +108,10 @@ class Relay:
         self.worker = worker
         self.pool = pool
         self.metrics = RelayMetrics()
+        # Outlives activations, as the metrics do: /api/domain rates span a failover's restart.
+        self.domain_stats = DomainStats(
+            config.admin.domain_stats_window, config.admin.domain_stats_max
+        )
         workers = config.node.workers
         self.log = (
             get_logger(node=config.node.hostname, worker=worker)
@@ -111,6 +125,9 @@ class Relay:
         self.started_at = time.monotonic()
         self.last_activation: Activation | None = None
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        # Read at each scrape, so it follows every change of self.state without a hook at each.
+        self.metrics.active.set_function(lambda: 0.0 if self.state is RelayState.STANDBY else 1.0)
+        self.signer = self._dkim_signer()
 
     # ------------------------------------------------------------------ views
 
@@ -135,6 +152,11 @@ class Relay:
     def queue(self) -> MailQueue | None:
         """The queue, while active."""
         return self._active.queue if self._active else None
+
+    @property
+    def suppressions(self) -> Suppressions | None:
+        """The suppression list, while active and readable."""
+        return self._active.suppressions if self._active else None
 
     def queue_summary(self) -> dict[str, Any]:
         """Figures for ``GET /api/queue`` and ``hamta queue``."""
@@ -182,6 +204,20 @@ class Relay:
             return self.queue_summary()
         return merge_summaries(self.queue_summary(), await self.pool.statuses())
 
+    def domain_snapshot(self) -> dict[str, Any]:
+        """This relay's per-domain sums (``hamta.domain_stats``), with its queue's state."""
+        active = self._active
+        if active is None:
+            return relay_snapshot(self.domain_stats, None, None)
+        return relay_snapshot(self.domain_stats, active.queue, active.engine.router.next_hop)
+
+    async def node_domains(self) -> dict[str, Any]:
+        """The per-domain sums of the whole node: this relay's and its workers', added up."""
+        own = self.domain_snapshot()
+        if self.pool is None:
+            return own
+        return merge_snapshots([own, *await self.pool.domains()])
+
     async def node_ready(self) -> bool:
         """Ready, and so is every worker."""
         if not self.ready:
@@ -191,9 +227,10 @@ class Relay:
     async def node_metrics(self) -> str:
         """The Prometheus exposition of the whole node."""
         own = generate_latest(self.metrics.registry).decode()
-        if self.pool is None:
-            return own
-        return merge_expositions([own, *await self.pool.metrics()])
+        text = own if self.pool is None else merge_expositions([own, *await self.pool.metrics()])
+        # Per destination from the node's merged sums, so that the top N is the node's.
+        top = self.config.admin.top_destinations
+        return text + destination_metrics(await self.node_domains(), top)
 
     # ------------------------------------------------------------- activation
 
@@ -233,7 +270,9 @@ class Relay:
                     workers = asyncio.get_running_loop().create_task(
                         self.pool.activate(path, epoch, token)
                     )
-                activation = await self._activate(shard_path(path, self.worker), epoch, token)
+                activation = await self._activate(
+                    shard_path(path, self.worker), epoch, token, root=path
+                )
                 if workers is not None:
                     others = await workers
                     activation = dataclasses.replace(
@@ -257,6 +296,40 @@ class Relay:
                 if isinstance(exc, ControlError):
                     raise RelayError(f"a worker failed to activate: {exc}") from None
                 raise
+
+    def _dkim_signer(self) -> DkimSigner | None:
+        """The DKIM keys, loaded once at start; warnings for key files others may read."""
+        dkim = self.config.dkim
+        if not dkim.keys:
+            return None
+        # Imported here: relays without keys never load dkimpy and cryptography.
+        from hamta.dkim_signing import load_signer  # noqa: PLC0415
+
+        signer, warnings = load_signer(
+            ((k.domain, k.selector, k.key, k.algorithm) for k in dkim.keys), dkim.headers
+        )
+        for warning in warnings:
+            self.log.warning("DkimKeyPermissions", warning=warning)
+        self.log.info("DkimKeysLoaded", keys=[f"{k.selector}._domainkey.{k.domain} {k.algorithm}"
+                                              for k in dkim.keys])  # fmt: skip
+        return signer
+
+    async def _open_suppressions(
+        self, root: Path, guard: Callable[[], str | None] | None
+    ) -> Suppressions | None:
+        """The suppression list on the spool volume, or None (logged) when it cannot be opened.
+
+        A damaged list must not keep a node from taking over: mail then flows unsuppressed and
+        complaints get 451 (their senders keep them) until an operator repairs it.
+        """
+        suppressions = Suppressions(root, self.log, guard)
+        try:
+            await suppressions.open()
+        except SuppressionError as exc:
+            self.log.error("SuppressionUnavailable", error=str(exc))
+            await suppressions.close()
+            return None
+        return suppressions
 
     def _guard(self, epoch: int | None, token: Path | None) -> EpochGuard | None:
         """The fencing check of this activation, verified against the token right now."""
@@ -292,8 +365,9 @@ class Relay:
         )
 
     async def _activate(
-        self, path: Path, epoch: int | None = None, token: Path | None = None
-    ) -> Activation:
+        self, path: Path, epoch: int | None = None, token: Path | None = None,
+        *, root: Path | None = None,
+    ) -> Activation:  # fmt: skip
         started = time.perf_counter()
         config = self.config
         self.log.info("RelayActivating", spool=str(path), epoch=epoch)
@@ -302,6 +376,10 @@ class Relay:
             inbound_tls = tls_context(config.smtp)
         except (OSError, ssl.SSLError) as exc:
             raise RelayError(f"cannot load the TLS certificate: {exc}") from None
+        try:
+            classifier = build_classifier(config.delivery.bounce_rules)
+        except BounceRulesError as exc:  # changed since the configuration was checked
+            raise RelayError(str(exc)) from None
         spool = Spool(
             path,
             segment_size=config.spool.segment_size,
@@ -318,17 +396,34 @@ class Relay:
         router = Router(config.delivery, config.dns)
         engine = DeliveryEngine(
             config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
-            wall_clock=self._wall, share=config.node.workers,
+            wall_clock=self._wall, share=config.node.workers, retry=config.retry,
         )  # fmt: skip
-        queue = MailQueue(config.retry, router.next_hop, self._wall, engine.on_ready)
+        queue = MailQueue(
+            config.retry, router.next_hop, self._wall, engine.on_ready,
+            shaper_for=engine.shaper_for, suspended=load_suspended(path, self.log),
+        )  # fmt: skip
         engine.queue = queue
         engine.guard = spool.guard
+        engine.classifier = classifier
+        engine.domain_stats = self.domain_stats
+        # At the spool's root (not a worker's shard): one list per volume, moving with it.
+        suppressions = await self._open_suppressions(root or path, spool.guard)
+        engine.suppressions = suppressions
+        complaints_address = config.suppression.complaints_address
+        complaints = None
+        if complaints_address is not None:
+            complaints = ComplaintIntake(
+                complaints_address, suppressions, root or path, self.metrics, self.log,
+                spool.guard, self.domain_stats.record_complaint,
+            )  # fmt: skip
         handler = ReceptionHandler(
-            config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log
-        )
+            config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
+            signer=self.signer, suppressions=suppressions, complaints=complaints,
+        )  # fmt: skip
         timer = asyncio.get_running_loop().create_task(queue.run_timer())
         self._active = _Active(spool, queue, engine, handler, [], timer)
         self._active.guard = guard
+        self._active.suppressions = suppressions
         self.metrics.fenced.set(0)
         factory = functools.partial(
             HamtaSMTP,
@@ -392,7 +487,23 @@ class Relay:
             total_seconds=total,
         )
         self.log.info("RelayActive", spool=str(path), seconds=round(total, 4))
+        if self.worker == 0:
+            await self._record_activation(path, stats.messages, total)
         return self.last_activation
+
+    async def _record_activation(self, spool: Path, recovered: int, seconds: float) -> None:
+        guard = self._active.guard if self._active is not None else None
+        entry = {
+            "at": round(self._wall(), 3),
+            "node": self.config.node.hostname,
+            "epoch": guard.epoch if guard is not None else None,
+            "recovered_messages": recovered,
+            "seconds": round(seconds, 4),
+        }
+        try:
+            await asyncio.to_thread(activations.record, spool, entry)
+        except OSError as exc:  # a record for people: the relay serves on without it
+            self.log.warning("ActivationNotRecorded", spool=str(spool), error=str(exc))
 
     def _observe_commit(self, messages: int, seconds: float) -> None:
         self.metrics.commit_seconds.observe(seconds)
@@ -438,6 +549,8 @@ class Relay:
         active.timer.cancel()
         if active.recovery is not None and not active.recovery.done():
             await asyncio.gather(active.recovery, return_exceptions=True)
+        if active.suppressions is not None:
+            await active.suppressions.close()  # after the engine: its bounce writes are done
         await active.spool.close()
         for gauge in (
             self.metrics.queue_depth, self.metrics.queue_ready, self.metrics.queue_deferred,

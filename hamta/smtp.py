@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -31,6 +31,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
 from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
+
+if TYPE_CHECKING:  # only configured relays import dkimpy and cryptography
+    from hamta.complaints import ComplaintIntake
+    from hamta.dkim_signing import DkimSigner
+    from hamta.suppression import Suppressions
 
 _STATUS = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.DOTALL)
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -70,6 +75,7 @@ REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
 REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
+REPLY_COMPLAINT_ALONE = "452 4.5.3 Feedback reports are taken one recipient per transaction"
 
 
 def has_bare_line_end(data: bytes) -> bool:
@@ -244,7 +250,14 @@ class ReceptionHandler:
         on_queued: Callable[[LiveMessage], None],
         metrics: RelayMetrics,
         log: Any,
+        *,
+        signer: DkimSigner | None = None,
+        suppressions: Suppressions | None = None,
+        complaints: ComplaintIntake | None = None,
     ) -> None:
+        self.signer = signer
+        self.suppressions = suppressions
+        self.complaints = complaints
         self.config = config
         self.hostname = hostname
         self.spool = spool
@@ -316,7 +329,18 @@ class ReceptionHandler:
         self, server: HamtaSMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:  # fmt: skip
-        """Relay control, recipient syntax and the recipient limit."""
+        """Relay control, recipient syntax, suppressions and the recipient limit."""
+        complaints = self.complaints
+        if complaints is not None and (
+            complaints.is_complaints_address(address)
+            or any(complaints.is_complaints_address(r) for r in envelope.rcpt_tos)
+        ):
+            # Feedback loops report from outside the relay networks: this mail is not relayed
+            # but consumed, alone in its transaction (452: the client sends the rest later).
+            if envelope.rcpt_tos:
+                return self._reject(REPLY_COMPLAINT_ALONE)
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 Ok"
         if not self.relay_allowed(session.peer):
             return self._reject(REPLY_RELAY_DENIED)
         local, at, domain = address.rpartition("@")
@@ -327,6 +351,11 @@ class ReceptionHandler:
             return self._reject(REPLY_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return self._reject(REPLY_TOO_MANY_RCPTS)
+        suppressed = self.suppressions.lookup(address) if self.suppressions else None
+        if suppressed is not None:
+            self.log.info("SuppressedRecipient", recipient=suppressed.address,
+                          reason=suppressed.reason, sender=envelope.mail_from)  # fmt: skip
+            return self._reject(suppressed.reply())
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -349,10 +378,17 @@ class ReceptionHandler:
             return self._reject(REPLY_NUL)
         started = time.perf_counter()
         qid = self.spool.new_qid()
-        body = self._received_header(session, envelope, qid, client) + data
+        received = self._received_header(session, envelope, qid, client)
         self.in_data += 1
         self.idle.clear()
         try:
+            if self.complaints is not None and any(
+                self.complaints.is_complaints_address(r) for r in envelope.rcpt_tos
+            ):
+                reply = await self.complaints.consume(data, qid, client)
+                return reply if reply.startswith("2") else self._reject(reply)
+            signatures = await self._dkim_signatures(data, envelope.mail_from or "", qid)
+            body = signatures + received + data
             message = await self.spool.append(
                 body,
                 # aiosmtpd keeps the null sender as "<>"; the spool and DSNs know it as "".
@@ -377,6 +413,7 @@ class ReceptionHandler:
             if self.in_data == 0:
                 self.idle.set()
         self.metrics.received.inc()
+        self.metrics.received_bytes.inc(len(body))
         rec = message.rec
         self.log.info(
             "Reception",
@@ -392,6 +429,29 @@ class ReceptionHandler:
         )
         self.on_queued(message)
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def _dkim_signatures(self, data: bytes, sender: str, qid: str) -> bytes:
+        """The DKIM-Signature headers for a message ("" when its domain has no key).
+
+        Signed in a thread: the RSA operation (OpenSSL) and the body hash release the GIL.
+        A message that cannot be signed passes unsigned, as mail of a domain without a key does.
+        """
+        signer = self.signer
+        if signer is None:
+            return b""
+        keys = signer.keys_for(data, "" if sender == "<>" else sender)
+        if not keys:
+            return b""
+        try:
+            signatures = await asyncio.to_thread(signer.sign, data, keys)
+        except Exception as exc:  # dkimpy raises its own errors and others on odd input
+            self.metrics.dkim_failures.inc()
+            self.log.warning("DkimSignFailed", queue_id=qid, domain=keys[0].domain,
+                             error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return b""
+        for key in keys:
+            self.metrics.dkim_signatures.labels(key.algorithm).inc()
+        return signatures
 
     def _received_header(
         self, session: Session, envelope: Envelope, qid: str, client: str

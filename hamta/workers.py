@@ -199,6 +199,10 @@ class WorkerPool:
             if isinstance(result, BaseException):
                 self._log.warning("WorkerDeactivateFailed", worker=worker.index, error=str(result))
 
+    async def broadcast(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send one command to every worker; their replies in worker order, or a ControlError."""
+        return await self._all(request)
+
     async def statuses(self) -> list[dict[str, Any]]:
         """Every worker's queue summary; an unreachable worker reads as not ready."""
         results = await asyncio.gather(
@@ -219,6 +223,14 @@ class WorkerPool:
             return_exceptions=True,
         )
         return [str(r["text"]) for r in results if isinstance(r, dict)]
+
+    async def domains(self) -> list[dict[str, Any]]:
+        """Every reachable worker's per-domain snapshot (``hamta.domain_stats``)."""
+        results = await asyncio.gather(
+            *(self._command(w, {"command": "domains"}, timeout=5) for w in self.workers),
+            return_exceptions=True,
+        )
+        return [r["snapshot"] for r in results if isinstance(r, dict) and "snapshot" in r]
 
 
 _SUMMED = (

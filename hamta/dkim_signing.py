@@ -1,0 +1,330 @@
+"""DKIM signing at reception: per-domain keys, one signature per selector, before spooling.
+
+A message is signed once, when it is accepted, so the spooled bytes carry their signatures and a
+relay that takes over after a failover delivers them as they are. The signing domain is the
+domain of the From: header (the one DMARC aligns with), else the envelope sender's; mail from a
+domain without a key passes unsigned. A domain with two keys (a selector rotation) gets two
+DKIM-Signature headers, so receivers verify either while the DNS of the new selector spreads.
+
+dkimpy builds and verifies the signatures. Its RSA arithmetic is pure Python: 10 ms a signature
+on this project's machines, all of it holding the GIL, so a thread would not have spared the event
+loop. The RSA private-key operation is therefore done by OpenSSL (through ``cryptography``, which
+releases the GIL: 0.8 ms), by shadowing two names in dkimpy's module for the keys loaded here
+only; the rest of dkimpy (canonicalization, header selection, the b= tag) is untouched, and
+PKCS#1 v1.5 signatures are deterministic, so the bytes are the ones dkimpy itself would produce
+(checked by tests/test_dkim.py). Signing runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.utils import getaddresses
+from pathlib import Path
+from typing import Any, Literal
+
+import dkim
+import dkim.crypto
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
+ALGORITHMS: tuple[Algorithm, ...] = ("rsa-sha256", "ed25519-sha256")
+# RFC 8301 3.2: signers MUST use RSA keys of at least 1024 bits and SHOULD use 2048.
+MIN_RSA_BITS = 1024
+DEFAULT_RSA_BITS = 2048
+# A TXT record is a list of character-strings of at most 255 bytes each (RFC 1035 3.3.14).
+TXT_STRING_MAX = 255
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
+
+
+class DkimKeyError(ValueError):
+    """A signing key that cannot be used: missing, unreadable, malformed or of the wrong kind."""
+
+
+# ------------------------------------------------------------- OpenSSL for RSA
+
+
+class _OpenSslRsaKey(dict[str, int]):
+    """dkimpy's parsed-key dict for a key loaded here, carrying the OpenSSL key beside it."""
+
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        # dkimpy reads only the modulus itself (its size, in checks it makes before signing).
+        super().__init__(modulus=key.private_numbers().public_numbers.n)
+        self.key = key
+
+
+# PEM bytes of the keys loaded by this module -> their OpenSSL keys.
+_OPENSSL_KEYS: dict[bytes, _OpenSslRsaKey] = {}
+_pure_parse_pem = dkim.crypto.parse_pem_private_key
+_pure_rsa_sign = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+
+
+def _parse_pem_private_key(data: bytes) -> dict[str, int]:
+    key = _OPENSSL_KEYS.get(data)
+    if key is not None:
+        return key
+    parsed: dict[str, int] = _pure_parse_pem(data)
+    return parsed
+
+
+def _rsassa_sign(hash_: Any, private_key: dict[str, int]) -> bytes:
+    if isinstance(private_key, _OpenSslRsaKey) and hash_.name.lower() == "sha256":
+        return private_key.key.sign(
+            hash_.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
+        )
+    signature: bytes = _pure_rsa_sign(hash_, private_key)
+    return signature
+
+
+# Shadowed in dkimpy's own namespace, where DKIM.sign and DKIM.gen_header look them up (checked
+# by a test against dkimpy 1.1.x); keys not loaded here take dkimpy's own path unchanged.
+dkim.parse_pem_private_key = _parse_pem_private_key
+dkim.RSASSA_PKCS1_v1_5_sign = _rsassa_sign
+
+
+# ------------------------------------------------------------------------ keys
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """One loaded key: who signs with it and what DNS must publish for it."""
+
+    domain: str
+    selector: str
+    algorithm: Algorithm
+    path: Path
+    #: What dkimpy is handed: the PEM (RSA) or the base64 32-byte seed (ed25519).
+    material: bytes
+    #: The public key as the p= tag wants it (base64).
+    public_key: str
+
+    @property
+    def dns_name(self) -> str:
+        """Where the key's TXT record lives."""
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def txt_value(self) -> str:
+        """The TXT record's text: ``v=DKIM1; k=rsa; p=...``."""
+        return txt_value(self.algorithm, self.public_key)
+
+
+def txt_value(algorithm: Algorithm, public_key: str) -> str:
+    """The DKIM key record (RFC 6376 3.6.1; k=ed25519 from RFC 8463)."""
+    kind = "rsa" if algorithm == "rsa-sha256" else "ed25519"
+    return f"v=DKIM1; k={kind}; p={public_key}"
+
+
+def txt_strings(value: str) -> list[str]:
+    """A TXT value cut into character-strings of at most 255 bytes (the record is ASCII)."""
+    return [value[i : i + TXT_STRING_MAX] for i in range(0, len(value), TXT_STRING_MAX)]
+
+
+def dns_record_line(key_name: str, value: str) -> str:
+    """A zone-file line: ``NAME IN TXT "..." "..."``, one string per 255 bytes."""
+    strings = " ".join(f'"{s}"' for s in txt_strings(value))
+    return f"{key_name} IN TXT {strings}"
+
+
+def _public_key_text(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    else:
+        der = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    return base64.b64encode(der).decode("ascii")
+
+
+def _load_private_key(data: bytes, path: Path) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise DkimKeyError(f"{path}: not a usable PEM private key: {exc}") from None
+        if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+            raise DkimKeyError(f"{path}: a {type(key).__name__}, not an RSA or Ed25519 key")
+        return key
+    # dkimpy's dknewkey writes an Ed25519 key as the base64 of its 32-byte seed.
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        seed = b""
+    if len(seed) != 32:
+        raise DkimKeyError(
+            f"{path}: neither a PEM private key nor a base64 Ed25519 seed of 32 bytes"
+        )
+    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def load_signing_key(path: Path, domain: str, selector: str, algorithm: Algorithm) -> SigningKey:
+    """Read and check one key; :class:`DkimKeyError` says what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DkimKeyError(f"cannot read DKIM key {path}: {exc.strerror}") from None
+    key = _load_private_key(data, path)
+    if algorithm == "rsa-sha256":
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise DkimKeyError(f"{path}: an Ed25519 key, but algorithm is rsa-sha256")
+        if key.key_size < MIN_RSA_BITS:
+            raise DkimKeyError(
+                f"{path}: RSA key of {key.key_size} bits; DKIM needs at least {MIN_RSA_BITS} "
+                "(RFC 8301)"
+            )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _OPENSSL_KEYS[pem] = _OpenSslRsaKey(key)
+        material = pem
+    else:
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise DkimKeyError(f"{path}: an RSA key, but algorithm is ed25519-sha256")
+        seed = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        material = base64.b64encode(seed)
+    return SigningKey(
+        domain=domain.lower().rstrip("."),
+        selector=selector,
+        algorithm=algorithm,
+        path=path,
+        material=material,
+        public_key=_public_key_text(key),
+    )
+
+
+def key_file_warning(path: Path) -> str | None:
+    """Why a key file's permissions are too open (group or others may read it), or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); use 0600"
+    return None
+
+
+def generate_key(
+    directory: Path, domain: str, selector: str, algorithm: Algorithm, bits: int = DEFAULT_RSA_BITS
+) -> SigningKey:
+    """Write a new private key (mode 0600, never over an existing file) and return it loaded."""
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if algorithm == "rsa-sha256":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    domain = domain.lower().rstrip(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{domain}.{selector}.key"
+    # O_EXCL: a key that is already published must never be replaced by accident.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return load_signing_key(path, domain, selector, algorithm)
+
+
+# --------------------------------------------------------------------- signing
+
+
+def _header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message[: end + 2] if end >= 0 else message
+
+
+def from_domain(message: bytes) -> str | None:
+    """The domain of the From: header's first address, lower-cased, or None."""
+    block = _header_block(message)
+    match = re.search(rb"^from[ \t]*:(.*(?:\r\n[ \t].*)*)", block, re.IGNORECASE | re.MULTILINE)
+    if match is None:
+        return None
+    value = match.group(1).replace(b"\r\n", b"").decode("utf-8", errors="replace")
+    for _, address in getaddresses([value]):
+        domain = address.rpartition("@")[2].strip().lower().rstrip(".")
+        if "@" in address and domain:
+            return domain
+    return None
+
+
+class DkimSigner:
+    """The configured keys by domain, and the signing of one message with all of a domain's."""
+
+    def __init__(self, keys: Iterable[SigningKey], headers: Iterable[str]) -> None:
+        self.by_domain: dict[str, list[SigningKey]] = {}
+        for key in keys:
+            self.by_domain.setdefault(key.domain, []).append(key)
+        self.headers = frozenset(h.lower() for h in headers)
+
+    def keys_for(self, message: bytes, sender: str) -> list[SigningKey]:
+        """The keys that sign this message: those of its From: domain, else its sender's."""
+        domain = from_domain(message)
+        if domain is None:
+            domain = sender.rpartition("@")[2].lower().rstrip(".") if "@" in sender else ""
+        return self.by_domain.get(domain, [])
+
+    def include_headers(self, message: bytes) -> list[bytes]:
+        """The h= list: each occurrence of a configured header present, and From once more.
+
+        Headers that are absent are not listed (a relay on the way may add e.g. List-Id);
+        From is listed once more than it occurs, so that no second From: can be added to a
+        signed message without breaking the signature (RFC 6376 8.15).
+        """
+        names = [
+            name.lower()
+            for name in _HEADER_NAME.findall(_header_block(message))
+            if name.lower().decode("ascii", errors="replace") in self.headers
+        ]
+        names.append(b"from")
+        return names
+
+    def sign(self, message: bytes, keys: list[SigningKey]) -> bytes:
+        """The DKIM-Signature headers to prepend, one per key (CPU-bound: call in a thread)."""
+        include = self.include_headers(message)
+        signatures = []
+        for key in keys:
+            signatures.append(
+                dkim.sign(
+                    message,
+                    key.selector.encode("ascii"),
+                    key.domain.encode("ascii"),
+                    key.material,
+                    canonicalize=(b"relaxed", b"relaxed"),
+                    signature_algorithm=key.algorithm.encode("ascii"),
+                    include_headers=include,
+                )
+            )
+        return b"".join(signatures)
+
+
+def load_signer(
+    keys: Iterable[tuple[str, str, Path, Algorithm]], headers: Iterable[str]
+) -> tuple[DkimSigner, list[str]]:
+    """A signer for ``(domain, selector, path, algorithm)`` keys, and warnings about their files."""
+    loaded = []
+    warnings = []
+    for domain, selector, path, algorithm in keys:
+        loaded.append(load_signing_key(path, domain, selector, algorithm))
+        warning = key_file_warning(path)
+        if warning is not None:
+            warnings.append(warning)
+    return DkimSigner(loaded, headers), warnings
