@@ -138,7 +138,8 @@ def parse_feedback_report(data: bytes) -> FeedbackReport:
     )
 
 
-def _write_durably(directory: Path, name: str, data: bytes) -> Path:
+def write_durably(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/name`` whole or not at all, and make it durable."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     temporary = directory / f".{name}.tmp"
@@ -179,7 +180,7 @@ class ComplaintIntake:
         # E.g. DomainStats.record_complaint: told the recipient domain of each complaint.
         self.on_complaint = on_complaint
 
-    def is_complaints_address(self, address: str) -> bool:
+    def accepts(self, address: str) -> bool:
         """Is this recipient the complaints address?"""
         return normalize(address) == self.address
 
@@ -234,7 +235,7 @@ class ComplaintIntake:
 
     async def _quarantine(self, data: bytes, qid: str, client: str, reason: str) -> str:
         try:
-            path = await asyncio.to_thread(_write_durably, self.quarantine, f"{qid}.eml", data)
+            path = await asyncio.to_thread(write_durably, self.quarantine, f"{qid}.eml", data)
         except OSError as exc:
             self.log.error("ComplaintNotRecorded", queue_id=qid, error=str(exc))
             return REPLY_NOT_RECORDED

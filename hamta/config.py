@@ -402,12 +402,14 @@ class DkimConfig(_Section):
 
 
 class SuppressionConfig(_Section):
-    """Recipients not mailed again (hard bounces, complaints) and where complaints arrive."""
+    """Recipients not mailed again (hard bounces, complaints); where reports arrive."""
 
     # ARF feedback reports (RFC 5965) sent here are consumed by the relay, never relayed.
     complaints_address: str | None = None
+    # DSNs (RFC 3464) of mail relayed earlier, sent here or to local+tag@ (VERP): consumed too.
+    bounces_address: str | None = None
 
-    @field_validator("complaints_address")
+    @field_validator("complaints_address", "bounces_address")
     @classmethod
     def _check_address(cls, value: str | None) -> str | None:
         if value is not None:

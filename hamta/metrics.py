@@ -126,6 +126,17 @@ class RelayMetrics:
             "hamta_dkim_failures", "Messages passed unsigned because signing failed", registry=r
         )
         # domain: the complaining recipient's, for the top 20 domains by complaints, else "other".
+        self.async_bounces = Counter(
+            "hamta_async_bounces",
+            "Recipients of DSNs received at the bounces address, by bounce class",
+            ["class", "kind"],
+            registry=r,
+        )
+        self.async_bounces_unparsed = Counter(
+            "hamta_async_bounces_unparsed",
+            "Mail to the bounces address that was no readable DSN (kept in quarantine/)",
+            registry=r,
+        )
         self.complaints = Counter(
             "hamta_complaints", "Complaints (ARF feedback reports) recorded", ["domain"],
             registry=r,

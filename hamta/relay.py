@@ -25,6 +25,7 @@ from prometheus_client import generate_latest
 
 from hamta import activations
 from hamta.bounce_classes import BounceRulesError, build_classifier
+from hamta.bounce_intake import BounceIntake
 from hamta.complaints import ComplaintIntake
 from hamta.config import Config, parse_hostport
 from hamta.control_client import ControlError
@@ -32,6 +33,7 @@ from hamta.delivery import DeliveryEngine
 from hamta.domain_stats import DomainStats, destination_metrics, merge_snapshots, relay_snapshot
 from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
+from hamta.intake import Intake
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.routing import Router
@@ -409,16 +411,21 @@ class Relay:
         # At the spool's root (not a worker's shard): one list per volume, moving with it.
         suppressions = await self._open_suppressions(root or path, spool.guard)
         engine.suppressions = suppressions
-        complaints_address = config.suppression.complaints_address
-        complaints = None
-        if complaints_address is not None:
-            complaints = ComplaintIntake(
-                complaints_address, suppressions, root or path, self.metrics, self.log,
+        intakes: list[Intake] = []
+        reports = config.suppression
+        if reports.complaints_address is not None:
+            intakes.append(ComplaintIntake(
+                reports.complaints_address, suppressions, root or path, self.metrics, self.log,
                 spool.guard, self.domain_stats.record_complaint,
-            )  # fmt: skip
+            ))  # fmt: skip
+        if reports.bounces_address is not None:
+            intakes.append(BounceIntake(
+                reports.bounces_address, classifier, suppressions, root or path, self.metrics,
+                self.log, spool.guard,
+            ))  # fmt: skip
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
-            signer=self.signer, suppressions=suppressions, complaints=complaints,
+            signer=self.signer, suppressions=suppressions, intakes=intakes,
         )  # fmt: skip
         timer = asyncio.get_running_loop().create_task(queue.run_timer())
         self._active = _Active(spool, queue, engine, handler, [], timer)

@@ -20,7 +20,7 @@ import ipaddress
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any, AnyStr
@@ -33,8 +33,8 @@ from hamta.metrics import RelayMetrics
 from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
 
 if TYPE_CHECKING:  # only configured relays import dkimpy and cryptography
-    from hamta.complaints import ComplaintIntake
     from hamta.dkim_signing import DkimSigner
+    from hamta.intake import Intake
     from hamta.suppression import Suppressions
 
 _STATUS = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.DOTALL)
@@ -75,7 +75,7 @@ REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
 REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
-REPLY_COMPLAINT_ALONE = "452 4.5.3 Feedback reports are taken one recipient per transaction"
+REPLY_INTAKE_ALONE = "452 4.5.3 Reports (feedback, bounces) are taken one recipient per transaction"
 
 
 def has_bare_line_end(data: bytes) -> bool:
@@ -253,11 +253,12 @@ class ReceptionHandler:
         *,
         signer: DkimSigner | None = None,
         suppressions: Suppressions | None = None,
-        complaints: ComplaintIntake | None = None,
+        intakes: Sequence[Intake] = (),
     ) -> None:
         self.signer = signer
         self.suppressions = suppressions
-        self.complaints = complaints
+        # Addresses whose mail the relay consumes itself (complaints, bounces), never relays.
+        self.intakes = tuple(intakes)
         self.config = config
         self.hostname = hostname
         self.spool = spool
@@ -330,15 +331,13 @@ class ReceptionHandler:
         rcpt_options: list[str],
     ) -> str:  # fmt: skip
         """Relay control, recipient syntax, suppressions and the recipient limit."""
-        complaints = self.complaints
-        if complaints is not None and (
-            complaints.is_complaints_address(address)
-            or any(complaints.is_complaints_address(r) for r in envelope.rcpt_tos)
+        if self._intake_for(address) is not None or any(
+            self._intake_for(r) is not None for r in envelope.rcpt_tos
         ):
-            # Feedback loops report from outside the relay networks: this mail is not relayed
-            # but consumed, alone in its transaction (452: the client sends the rest later).
+            # Feedback loops and remote MTAs report from outside the relay networks: this mail
+            # is not relayed but consumed, alone in its transaction (452: the rest comes later).
             if envelope.rcpt_tos:
-                return self._reject(REPLY_COMPLAINT_ALONE)
+                return self._reject(REPLY_INTAKE_ALONE)
             envelope.rcpt_tos.append(address)
             return "250 2.1.5 Ok"
         if not self.relay_allowed(session.peer):
@@ -382,10 +381,9 @@ class ReceptionHandler:
         self.in_data += 1
         self.idle.clear()
         try:
-            if self.complaints is not None and any(
-                self.complaints.is_complaints_address(r) for r in envelope.rcpt_tos
-            ):
-                reply = await self.complaints.consume(data, qid, client)
+            intake = self._intake_for(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
+            if intake is not None:
+                reply = await intake.consume(data, qid, client)
                 return reply if reply.startswith("2") else self._reject(reply)
             signatures = await self._dkim_signatures(data, envelope.mail_from or "", qid)
             body = signatures + received + data
@@ -429,6 +427,9 @@ class ReceptionHandler:
         )
         self.on_queued(message)
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _intake_for(self, address: str) -> Intake | None:
+        return next((intake for intake in self.intakes if intake.accepts(address)), None)
 
     async def _dkim_signatures(self, data: bytes, sender: str, qid: str) -> bytes:
         """The DKIM-Signature headers for a message ("" when its domain has no key).

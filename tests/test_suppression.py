@@ -254,7 +254,7 @@ def test_the_complaints_address_takes_no_other_recipient(relay: RelayProcess) ->
         assert client.rcpt(FBL)[0] == 250
         code, text = client.rcpt("someone@sink.test")
         assert (code, text.decode()) == (
-            452, "4.5.3 Feedback reports are taken one recipient per transaction"
+            452, "4.5.3 Reports (feedback, bounces) are taken one recipient per transaction"
         )  # fmt: skip
 
 

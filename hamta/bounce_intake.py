@@ -1,0 +1,120 @@
+"""Asynchronous bounces: DSNs (RFC 3464) for mail we relayed, sent to the bounces address.
+
+A receiving MTA that accepted a message and failed later reports it to the envelope sender.
+Senders who set their envelope sender to the relay's bounces address (``bounces@...``, or a
+VERP form ``bounces+anything@...`` that tells them which message it was) have those reports
+consumed here instead of relayed: each failed or delayed recipient is classed like a failed
+attempt (``hamta.bounce_classes``), logged as an ``AsyncBounce`` and counted in
+``hamta_async_bounces_total{class, kind}``; a permanent failure of class InvalidRecipient
+suppresses the recipient, as a synchronous one does, durably before the 250.
+
+Like complaints (``hamta.complaints``), a report that cannot be read is accepted and kept whole
+in ``quarantine/`` on the spool volume: a bounce of a bounce reaches nobody, and a report kept
+can be read by an operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hamta.bounce_classes import BounceClassifier, DsnRecipient, parse_dsn
+from hamta.complaints import QUARANTINE_DIR, write_durably
+from hamta.metrics import RelayMetrics
+from hamta.suppression import SUPPRESSED_BOUNCE_CLASS, SuppressionError, Suppressions, normalize
+
+REPLY_NOT_RECORDED = "451 4.3.0 Bounce report not recorded, try again later"
+REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
+
+
+class BounceIntake:
+    """Consumes the mail sent to the bounces address: classify, log, suppress, or quarantine."""
+
+    def __init__(
+        self,
+        address: str,
+        classifier: BounceClassifier,
+        suppressions: Suppressions | None,
+        spool_root: Path,
+        metrics: RelayMetrics,
+        log: Any,
+        guard: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.address = normalize(address)
+        self._local, _, self._domain = self.address.rpartition("@")
+        self.classifier = classifier
+        self.suppressions = suppressions
+        self.quarantine = spool_root / QUARANTINE_DIR
+        self.metrics = metrics
+        self.log = log
+        self.guard = guard
+
+    def accepts(self, address: str) -> bool:
+        """The bounces address itself, or its VERP form ``local+tag@domain``."""
+        local, _, domain = normalize(address).rpartition("@")
+        if domain != self._domain:
+            return False
+        return local == self._local or local.startswith(self._local + "+")
+
+    async def consume(self, data: bytes, qid: str, client: str) -> str:
+        """Record a DSN sent to the bounces address; the SMTP reply to give."""
+        if self.guard is not None and self.guard() is not None:
+            return REPLY_SUPERSEDED
+        recipients = await asyncio.to_thread(parse_dsn, data, self.classifier)
+        if not recipients:
+            return await self._quarantine(data, qid, client)
+        for found in recipients:
+            recipient = normalize(found.recipient)
+            suppressed = False
+            if self._suppresses(found):
+                if self.suppressions is None:
+                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=recipient,
+                                   error="the suppression list is unavailable")  # fmt: skip
+                    return REPLY_NOT_RECORDED
+                try:
+                    _, suppressed = await self.suppressions.add(
+                        recipient, "hard-bounce",
+                        f"{found.verdict.bounce_class}: {found.diagnostic or found.status}",
+                    )  # fmt: skip
+                except SuppressionError as exc:
+                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=recipient,
+                                   error=str(exc))  # fmt: skip
+                    return REPLY_NOT_RECORDED
+            verdict = found.verdict
+            self.metrics.async_bounces.labels(verdict.bounce_class, verdict.kind).inc()
+            self.log.info(
+                "AsyncBounce",
+                queue_id=qid,
+                recipient=recipient,
+                action=found.action,
+                status=found.status,
+                diagnostic=found.diagnostic,
+                bounce_class=verdict.bounce_class,
+                kind=verdict.kind,
+                newly_suppressed=suppressed,
+                client=client,
+            )
+        return f"250 2.0.0 Ok: bounce report read as {qid}"
+
+    @staticmethod
+    def _suppresses(found: DsnRecipient) -> bool:
+        verdict = found.verdict
+        return (
+            found.action == "failed"
+            and verdict.kind == "hard"
+            and verdict.bounce_class == SUPPRESSED_BOUNCE_CLASS
+            and "@" in found.recipient
+        )
+
+    async def _quarantine(self, data: bytes, qid: str, client: str) -> str:
+        try:
+            path = await asyncio.to_thread(write_durably, self.quarantine, f"{qid}.eml", data)
+        except OSError as exc:
+            self.log.error("BounceNotRecorded", queue_id=qid, error=str(exc))
+            return REPLY_NOT_RECORDED
+        self.metrics.async_bounces_unparsed.inc()
+        self.log.warning("BounceUnparsed", queue_id=qid, reason="no failed or delayed recipient",
+                         kept=str(path), client=client, size=len(data))  # fmt: skip
+        return f"250 2.0.0 Ok: unreadable report kept as {qid}"

@@ -1,0 +1,135 @@
+"""Asynchronous bounces: DSNs sent to the bounces address are read, classed, and suppress.
+
+A real relay receives, over SMTP, the kind of report Postfix sends when a mailbox it accepted
+mail for turns out not to exist: the unknown recipient is suppressed before the 250, the full
+mailbox and the delayed one are only logged; unreadable mail is kept, never lost.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import DnsServer
+from tests.support.relay import RelayProcess
+from tests.test_suppression import CLIENT_HELO, metric, rcpt, send
+
+BOUNCES = "bounces@hamta.test"
+
+DSN = b"""\
+From: MAILER-DAEMON@mx.remote.test (Mail Delivery System)\r
+Subject: Undelivered Mail Returned to Sender\r
+To: bounces+msg-4711@hamta.test\r
+Date: Wed, 25 Nov 2026 22:10:05 +0000 (UTC)\r
+MIME-Version: 1.0\r
+Content-Type: multipart/report; report-type=delivery-status;\r
+ boundary="9B095B5ADSN=_01HH"\r
+\r
+--9B095B5ADSN=_01HH\r
+Content-Type: text/plain; charset=us-ascii\r
+\r
+This is the mail system at host mx.remote.test.\r
+I'm sorry to have to inform you that your message could not\r
+be delivered to one or more recipients.\r
+\r
+--9B095B5ADSN=_01HH\r
+Content-Type: message/delivery-status\r
+\r
+Reporting-MTA: dns; mx.remote.test\r
+X-Postfix-Queue-ID: 9B095B5A\r
+Arrival-Date: Wed, 25 Nov 2026 22:10:01 +0000 (UTC)\r
+\r
+Final-Recipient: rfc822; Gone@Sink.test\r
+Original-Recipient: rfc822;gone@sink.test\r
+Action: failed\r
+Status: 5.1.1\r
+Remote-MTA: dns; mailstore.remote.test\r
+Diagnostic-Code: smtp; 550 5.1.1 <gone@sink.test>: Recipient address rejected:\r
+ User unknown in virtual mailbox table\r
+\r
+Final-Recipient: rfc822; full@sink.test\r
+Action: failed\r
+Status: 5.2.2\r
+Diagnostic-Code: smtp; 552 5.2.2 <full@sink.test>: Mailbox full\r
+\r
+Final-Recipient: rfc822; slow@sink.test\r
+Action: delayed\r
+Status: 4.4.1\r
+Diagnostic-Code: X-Postfix; connect to mailstore.remote.test[198.18.1.1]:25:\r
+ Connection timed out\r
+\r
+--9B095B5ADSN=_01HH\r
+Content-Type: text/rfc822-headers\r
+\r
+From: news@origin.test\r
+To: gone@sink.test\r
+Subject: the November letter\r
+Message-ID: <4711@origin.test>\r
+\r
+--9B095B5ADSN=_01HH--\r
+"""
+
+
+@pytest.fixture(scope="module")
+def relay(
+    tmp_path_factory: pytest.TempPathFactory, dns_server: DnsServer, mx_port: int
+) -> Iterator[RelayProcess]:
+    """A relay with a bounces address."""
+    process = RelayProcess(
+        tmp_path_factory.mktemp("bounces"),
+        {
+            "dns": {"nameservers": [dns_server.nameserver]},
+            "delivery": {"port": mx_port},
+            "suppression": {"bounces_address": BOUNCES},
+        },
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_a_dsn_of_an_unknown_recipient_suppresses_it_before_the_250(relay: RelayProcess) -> None:
+    reply = send(relay, "bounces+msg-4711@hamta.test", DSN, sender="")  # VERP, null sender
+    assert re.match(r"^250 2\.0\.0 Ok: bounce report read as \w+$", reply), reply
+    # Durable before the 250: the very next RCPT is refused.
+    code, text = rcpt(relay, "gone@sink.test")
+    assert code == 550 and text.startswith("5.1.1 <gone@sink.test>: recipient suppressed"), text
+    assert rcpt(relay, "full@sink.test")[0] == 250  # over quota: it exists
+    assert rcpt(relay, "slow@sink.test")[0] == 250  # only delayed
+    events = {e["recipient"]: e for e in relay.events("AsyncBounce")}
+    assert events["gone@sink.test"]["bounce_class"] == "InvalidRecipient"
+    assert events["gone@sink.test"]["newly_suppressed"] is True
+    assert events["full@sink.test"]["bounce_class"] == "QuotaIssues"
+    assert events["full@sink.test"]["newly_suppressed"] is False
+    assert (events["slow@sink.test"]["action"], events["slow@sink.test"]["kind"]) == (
+        "delayed", "soft"
+    )  # fmt: skip
+    assert metric(relay, "hamta_async_bounces_total", **{"class": "InvalidRecipient",
+                                                         "kind": "hard"}) == 1  # fmt: skip
+    assert relay.queue()["depth"] == 0  # consumed, not relayed
+
+
+def test_mail_to_the_bounces_address_that_is_no_dsn_is_kept(relay: RelayProcess) -> None:
+    data = b"From: someone@remote.test\r\nSubject: out of office\r\n\r\nback monday\r\n"
+    reply = send(relay, BOUNCES, data, sender="")
+    match = re.match(r"^250 2\.0\.0 Ok: unreadable report kept as (\w+)$", reply)
+    assert match is not None, reply
+    (event,) = [e for e in relay.events("BounceUnparsed") if e["queue_id"] == match.group(1)]
+    assert Path(event["kept"]).read_bytes() == data
+    assert metric(relay, "hamta_async_bounces_unparsed_total") >= 1
+
+
+def test_only_the_bounces_address_and_its_verp_forms_are_taken(relay: RelayProcess) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
+        client.ehlo()
+        client.mail("")
+        assert client.rcpt("BOUNCES+x@hamta.test")[0] == 250
+        code, text = client.rcpt("someone@sink.test")
+        assert code == 452 and b"one recipient per transaction" in text
+    # Look-alikes are ordinary recipients, relayed for a client of the relay networks.
+    assert rcpt(relay, "bouncesx@hamta.test")[0] == 250
+    assert rcpt(relay, "bounces@other.test")[0] == 250
