@@ -15,6 +15,7 @@ import pytest
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import DnsServer, RecordingSink, free_port
 from tests.support import zookeeper as zookeeper_support
+from tests.support.prometheus import Prometheus
 from tests.support.relay import RelayProcess
 
 MX_HOST = "127.0.0.5"
@@ -106,3 +107,20 @@ def zookeeper_ensemble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo
     """
     with zookeeper_support.three_servers(tmp_path_factory.mktemp("ensemble")) as ensemble:
         yield ensemble
+
+
+@pytest.fixture
+def prometheus_for(tmp_path: Path) -> Iterator[Callable[[list[RelayProcess], Path], Prometheus]]:
+    """Start (and at the end stop) a Prometheus scraping relays as job "hamta" with ``rules``."""
+    started: list[Prometheus] = []
+
+    def start(relays: list[RelayProcess], rules: Path) -> Prometheus:
+        targets = [relay.admin_url.removeprefix("http://") for relay in relays]
+        server = Prometheus(tmp_path / "prometheus", targets, rules)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
