@@ -38,13 +38,21 @@ from chaos.holds import Event, read_log, split_brain
 from chaos.results import IterationResult, Mark
 from cluster.lab import Lab, LabError
 from cluster.lab.history import LoadRun, check, recovery_time, unavailability
+from cluster.lab.netns import NetnsError
 from cluster.lab.sampler import Sampler
 from cluster.lab.topology import NODES
 from cluster.zookeeper import ZooKeeperError
 
 SHORT: tuple[str, ...] = tuple(FAULTS)  # every scenario once
 # What a fault that went wrong raises: the iteration fails with it, the run goes on.
-FAULT_ERRORS = (FaultError, LabError, ZooKeeperError, OSError, subprocess.SubprocessError)
+FAULT_ERRORS = (
+    FaultError,
+    LabError,
+    NetnsError,
+    ZooKeeperError,
+    OSError,
+    subprocess.SubprocessError,
+)
 Progress = Callable[[str], None]
 
 

@@ -58,11 +58,22 @@ def remove(name: str) -> bool:
     return True
 
 
+# pyroute2 opens a netlink socket in another namespace through a helper process it starts
+# there for a few milliseconds; a power-off of that node (the lab's STONITH kills every process
+# in the namespace) can kill the helper too. The socket is then simply asked for again.
+_HELPER_ATTEMPTS = 5
+
+
 def _route(name: str) -> IPRoute:
-    try:
-        return IPRoute(netns=name, flags=0)
-    except FileNotFoundError:
-        raise NetnsError(f"no network namespace {name}") from None
+    for attempt in range(_HELPER_ATTEMPTS):
+        try:
+            return IPRoute(netns=name, flags=0)
+        except FileNotFoundError:
+            raise NetnsError(f"no network namespace {name}") from None
+        except RuntimeError as exc:  # "child process is dead, status: -9"
+            if attempt == _HELPER_ATTEMPTS - 1:
+                raise NetnsError(f"cannot open a netlink socket in {name}: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 def _index(ip: IPRoute, ifname: str, name: str) -> int:
