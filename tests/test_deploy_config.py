@@ -1,0 +1,347 @@
+"""The deployment's files (ansible/, vagrant/) render into configurations hamta accepts.
+
+The roles' templates are rendered by Ansible itself (``ansible/render-config.yml``, which
+writes what ``site.yml`` would install into a directory), for the example inventory and for
+the Vagrant cluster's, and every rendered ``relay.toml`` and ``agent.toml`` is loaded by
+hamta's own configuration code, and checked by ``hamta config check``. ``ansible-lint``
+(production profile) and ``ansible-playbook --syntax-check`` run on every playbook. Each
+test is skipped where its tool (Debian's ansible, ansible-lint, drbd-utils, ruby) is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from cluster.config import AgentConfig, load_agent_config
+from hamta.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE_DIR = ROOT / "ansible"
+VAGRANT_DIR = ROOT / "vagrant"
+EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory.example"
+VAGRANT_INVENTORY = VAGRANT_DIR / "inventory"
+PLAYBOOKS = [
+    ANSIBLE_DIR / "site.yml",
+    ANSIBLE_DIR / "switchover.yml",
+    ANSIBLE_DIR / "rolling-upgrade.yml",
+    ANSIBLE_DIR / "render-config.yml",
+    VAGRANT_DIR / "provision.yml",
+    VAGRANT_DIR / "mx-sink.yml",
+]
+# Extra variables outrank the inventories' vault lookups, so rendering writes no secret file.
+TEST_SECRETS = {
+    "vault_hamta_zookeeper_password": "test-zookeeper-password",
+    "vault_drbd_shared_secret": "test-drbd-secret",
+}
+ANSIBLE_TIMEOUT = 120.0
+
+needs_ansible = pytest.mark.skipif(
+    shutil.which("ansible-playbook") is None, reason="Debian's ansible is not installed"
+)
+
+
+def _ansible(argv: Sequence[str], cwd: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(cwd / "ansible.cfg"),
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-local"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_STDOUT_CALLBACK": "default",
+    }
+    return subprocess.run(
+        list(argv),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=ANSIBLE_TIMEOUT,
+        check=False,
+    )
+
+
+def render(inventory: Path, out: Path, tmp: Path, extra: dict[str, object] | None = None) -> Path:
+    """Render every host's files with ``render-config.yml``; return the output directory."""
+    variables = {"render_dir": str(out), **TEST_SECRETS, **(extra or {})}
+    done = _ansible(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory),
+            "render-config.yml",
+            "-e",
+            json.dumps(variables),
+        ],
+        ANSIBLE_DIR,
+        tmp,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The example inventory's files, rendered once for the module."""
+    if shutil.which("ansible-playbook") is None:
+        pytest.skip("Debian's ansible is not installed")
+    tmp = tmp_path_factory.mktemp("example")
+    yield render(EXAMPLE_INVENTORY, tmp / "rendered", tmp)
+
+
+@pytest.fixture(scope="module")
+def vagrant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The Vagrant cluster's files, rendered once for the module."""
+    if shutil.which("ansible-playbook") is None:
+        pytest.skip("Debian's ansible is not installed")
+    tmp = tmp_path_factory.mktemp("vagrant")
+    yield render(VAGRANT_INVENTORY, tmp / "rendered", tmp)
+
+
+def relay_and_agent(rendered: Path, node: str) -> tuple[Config, AgentConfig]:
+    """The node's relay.toml and agent.toml, loaded as hamta loads them."""
+    return (
+        load_config(rendered / node / "relay.toml"),
+        load_agent_config(rendered / node / "agent.toml"),
+    )
+
+
+def zoo_cfg(rendered: Path, host: str) -> dict[str, str]:
+    """``key=value`` lines of a rendered zoo.cfg."""
+    lines = (rendered / host / "zoo.cfg").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+# ---------------------------------------------------------------- the example inventory
+
+
+@pytest.mark.parametrize("node", ["mx1", "mx2"])
+def test_the_example_renders_configs_that_hamta_accepts(example: Path, node: str) -> None:
+    relay, agent = relay_and_agent(example, node)
+    assert agent.agent.node == node
+    assert agent.agent.cluster == "mail"
+    assert agent.agent.session_timeout == 3.0
+    assert agent.agent.credentials == Path("/etc/hamta/zk-credentials")
+    assert agent.agent.relay_config == Path("/etc/hamta/relay.toml")
+    assert agent.agent.relay_command[:2] == ["/opt/hamta/bin/hamta", "serve"]
+    assert sorted(agent.agent.zookeeper.split(",")) == [
+        "198.51.100.11:2181",
+        "198.51.100.12:2181",
+        "198.51.100.13:2181",
+    ]
+    assert agent.storage.driver == "drbd"
+    assert agent.storage.resource == "r0"
+    assert agent.storage.device == Path("/dev/drbd0")
+    assert agent.vip.address == "192.0.2.25/24"
+    # The agent activates the relay on <mountpoint>/<spool>; standalone, spool.path is that.
+    assert relay.spool.path == agent.storage.mountpoint / agent.storage.spool  # type: ignore[operator]
+    assert relay.control.socket == Path("/run/hamta/relay.sock")
+    assert relay.smtp.listen == ["0.0.0.0:25"]
+    assert [str(net) for net in relay.smtp.relay_networks] == ["192.0.2.0/24", "127.0.0.0/8"]
+
+
+def test_hamta_config_check_accepts_the_rendered_relay_toml(example: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hamta.cli", "config", "check", str(example / "mx1/relay.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert ": ok" in done.stdout
+
+
+def test_the_ensemble_allows_the_agents_session(example: Path) -> None:
+    _, agent = relay_and_agent(example, "mx1")
+    session_ms = agent.agent.session_timeout * 1000
+    servers = set()
+    for host, myid in (("mx1", "1"), ("mx2", "2"), ("arbiter", "3")):
+        cfg = zoo_cfg(example, host)
+        # ZooKeeper clamps a session into these bounds without a word.
+        assert int(cfg["minSessionTimeout"]) <= session_ms <= int(cfg["maxSessionTimeout"])
+        assert 2 * int(cfg["tickTime"]) <= int(cfg["minSessionTimeout"])
+        assert int(cfg["tickTime"]) <= 1000  # expiry checked once a tick
+        servers.add(frozenset((k, v) for k, v in cfg.items() if k.startswith("server.")))
+        assert cfg[f"server.{myid}"].startswith(cfg["clientPortAddress"] + ":")
+    assert len(servers) == 1  # every server lists the same ensemble
+    assert len(next(iter(servers))) == 3
+
+
+def test_the_drbd_resource_is_protocol_c_fenced_by_hamta_and_never_discards(
+    example: Path,
+) -> None:
+    text = (example / "mx1/r0.res").read_text()
+    assert "protocol C;" in text
+    assert "fencing resource-only;" in text
+    for handler, action in (
+        ("fence-peer", "fence-peer"),
+        ("after-resync-target", "unfence"),
+        ("split-brain", "split-brain"),
+    ):
+        assert (
+            f'{handler} "/opt/hamta/bin/hamta drbd {action} --config /etc/hamta/agent.toml";'
+            in text
+        )
+    policies = re.findall(r"after-sb-[0-2]pri (\S+);", text)
+    assert policies == ["disconnect"] * 3
+    assert re.findall(r"address (\S+);", text) == ["198.51.100.11:7789", "198.51.100.12:7789"]
+
+
+@pytest.mark.skipif(
+    not Path("/usr/lib/drbd/drbdadm-84").exists(), reason="drbd-utils is not installed"
+)
+def test_drbdadm_parses_the_rendered_resource(example: Path) -> None:
+    # The nodes run the in-tree 8.4 module, so drbdadm hands its work to drbdadm-84.
+    done = subprocess.run(
+        ["/usr/lib/drbd/drbdadm-84", "-c", str(example / "mx1/r0.res"), "dump", "r0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    # This host is neither mx1 nor mx2: parsed, then refused for this host (exit 1), where a
+    # syntax error would exit 10.
+    assert "Parse error" not in done.stderr
+    assert done.returncode == 0 or "not defined in your config (for this host)" in done.stderr
+
+
+def test_the_agents_unit_keeps_its_mounts_visible_and_its_capabilities_few(
+    example: Path,
+) -> None:
+    unit = (example / "mx1/hamta-agent.service").read_text()
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0] != "#"
+    )
+    assert set(settings["CapabilityBoundingSet"].split()) == {
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_KILL",
+    }
+    assert settings["Restart"] == "always"
+    assert settings["KillMode"] == "mixed"
+    assert settings["ExecStart"] == "/opt/hamta/bin/hamta agent --config /etc/hamta/agent.toml"
+    # A private mount namespace would hide the spool the agent mounts (see the unit).
+    for option in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices"):
+        assert option not in settings
+    assert "Conflicts" in settings and settings["Conflicts"] == "hamta-relay.service"
+
+
+@needs_ansible
+def test_any_key_and_any_string_reach_hamta_intact(tmp_path: Path) -> None:
+    tricky = 'a "quoted" \\ back\\slash, ünïcode, {braces} [brackets]'
+    rendered = render(
+        EXAMPLE_INVENTORY,
+        tmp_path / "rendered",
+        tmp_path,
+        {
+            "hamta_relay_settings": {
+                "node": {"workers": 2},
+                "delivery": {"limits": {"max_connections": 5}, "starttls": "off"},
+            },
+            "hamta_agent_settings": {"agent": {"step_timeouts": {"storage": "60s"}}},
+            "hamta_fencing_agents": [
+                {
+                    "type": "ipmi",
+                    "host": "bmc-{node}",
+                    "username": "admin",
+                    "password_file": "/etc/hamta/secrets/bmc",
+                }
+            ],
+            "hamta_fencing_commands": [["/bin/echo", tricky, "{peer}"]],
+            "hamta_fencing_takeover": "fence-only",
+            "hamta_watchdog_device": "/dev/watchdog",
+        },
+    )
+    relay, agent = relay_and_agent(rendered, "mx2")
+    assert relay.node.workers == 2
+    assert relay.delivery.limits.max_connections == 5
+    assert relay.delivery.starttls == "off"
+    assert relay.smtp.listen == ["0.0.0.0:25"]  # the generated keys survive the merge
+    assert agent.fencing.commands == [["/bin/echo", tricky, "{peer}"]]
+    assert agent.fencing.agents[0]["host"] == "bmc-{node}"
+    assert agent.fencing.takeover.value == "fence-only"
+    assert agent.watchdog.device == Path("/dev/watchdog")
+    assert agent.agent.step_timeouts  # {storage: 60s}
+
+
+# ---------------------------------------------------------------- the Vagrant cluster
+
+
+def test_the_vagrant_cluster_renders_configs_that_hamta_accepts(vagrant: Path) -> None:
+    for node in ("mx1", "mx2"):
+        relay, agent = relay_and_agent(vagrant, node)
+        assert agent.vip.address == "198.19.101.100/24"
+        assert agent.vip.interface == "eth1"
+        assert relay.delivery.routes == {"example.test": "[198.19.101.13]:25"}
+        assert relay.node.hostname == f"{node}.hamta.test"
+    text = (vagrant / "mx1/r0.res").read_text()
+    assert "disk /dev/vdb;" in text
+    assert 'shared-secret "test-drbd-secret";' in text
+    assert zoo_cfg(vagrant, "arbiter")["server.3"] == "198.19.101.13:2888:3888"
+
+
+def test_every_vagrant_address_is_in_the_benchmarking_range() -> None:
+    # 198.18.0.0/15 only: never vagrant-libvirt's default private range.
+    text = "\n".join(
+        path.read_text()
+        for path in [VAGRANT_DIR / "Vagrantfile", *sorted(VAGRANT_INVENTORY.rglob("*.yml"))]
+    )
+    addresses = re.findall(r"\b(\d{1,3})\.(\d{1,3})\.\d{1,3}\.\d{1,3}\b", text)
+    assert addresses
+    for first, second in addresses:
+        assert (first, second) in {("198", "18"), ("198", "19"), ("127", "0"), ("255", "255")}
+
+
+# ---------------------------------------------------------------- lint
+
+
+@needs_ansible
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda path: path.name)
+def test_playbook_syntax(playbook: Path, tmp_path: Path) -> None:
+    inventory = VAGRANT_INVENTORY if playbook.parent == VAGRANT_DIR else EXAMPLE_INVENTORY
+    done = _ansible(
+        ["ansible-playbook", "--syntax-check", "-i", str(inventory), playbook.name],
+        playbook.parent,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("ansible-lint") is None, reason="ansible-lint is not installed")
+@pytest.mark.parametrize("directory", [ANSIBLE_DIR, VAGRANT_DIR], ids=["ansible", "vagrant"])
+def test_ansible_lint_production_profile(directory: Path, tmp_path: Path) -> None:
+    done = _ansible(
+        ["ansible-lint", "--profile", "production", "--offline", "--nocolor"], directory, tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+
+
+def test_build_box_is_valid_bash() -> None:
+    done = subprocess.run(
+        ["bash", "-n", str(VAGRANT_DIR / "build-box")], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert os.access(VAGRANT_DIR / "build-box", os.X_OK)
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby is not installed")
+def test_the_vagrantfile_is_valid_ruby() -> None:
+    done = subprocess.run(
+        ["ruby", "-c", str(VAGRANT_DIR / "Vagrantfile")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
