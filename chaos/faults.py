@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from chaos.results import Mark
+from cluster.config import AgentSection
 from cluster.lab import Lab, probes
 from cluster.lab.history import Attempt, recovery_time
 from cluster.lab.topology import NODES
@@ -31,7 +32,8 @@ from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
 SKEW = "+45s"  # the clock-skew scenario's offset of one node's wall clock
-MIN_FAILOVER_INTERVAL = 5.0  # the agents' default anti-flapping interval (agent.toml)
+# The agents' default anti-flapping interval (the lab does not change it).
+MIN_FAILOVER_INTERVAL: float = AgentSection.model_fields["min_failover_interval"].default
 
 
 class FaultError(Exception):

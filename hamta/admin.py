@@ -88,7 +88,7 @@ def make_app(relay: Relay) -> web.Application:
     app = web.Application()
     app[RELAY_KEY] = relay
     admin = relay.config.admin
-    add_dashboard(app, relay.node_summary, relay.node_metrics,
+    add_dashboard(app, relay.node_summary, lambda: relay.node_metrics(destinations=False),
                   admin.dashboard_interval, admin.dashboard_samples, relay.log)  # fmt: skip
     app.router.add_get("/api/node", _node)
     app.router.add_get("/health/live", _live)

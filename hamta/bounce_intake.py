@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from hamta.bounce_classes import BounceClassifier, DsnRecipient, parse_dsn
-from hamta.complaints import QUARANTINE_DIR, write_durably
+from hamta.complaints import QUARANTINE_DIR, quarantine_refusal, write_durably
 from hamta.metrics import RelayMetrics
+from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
+from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SUPPRESSED_BOUNCE_CLASS, SuppressionError, Suppressions, normalize
 
 REPLY_NOT_RECORDED = "451 4.3.0 Bounce report not recorded, try again later"
-REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
 
 
 class BounceIntake:
@@ -41,7 +42,9 @@ class BounceIntake:
         metrics: RelayMetrics,
         log: Any,
         guard: Callable[[], str | None] | None = None,
+        min_free: int = 0,
     ) -> None:
+        self.min_free = min_free
         self.address = normalize(address)
         self._local, _, self._domain = self.address.rpartition("@")
         self.classifier = classifier
@@ -109,6 +112,12 @@ class BounceIntake:
         )
 
     async def _quarantine(self, data: bytes, qid: str, client: str) -> str:
+        if self.guard is not None and self.guard() is not None:
+            return REPLY_SUPERSEDED  # the term ended while the report was read
+        problem = quarantine_refusal(self.quarantine, len(data), self.min_free)
+        if problem is not None:
+            self.log.error("ReportNotKept", queue_id=qid, error=problem)
+            return REPLY_NO_ROOM
         try:
             path = await asyncio.to_thread(write_durably, self.quarantine, f"{qid}.eml", data)
         except OSError as exc:

@@ -22,6 +22,7 @@ import email.message
 import email.parser
 import email.policy
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -29,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from hamta.metrics import RelayMetrics
+from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
+from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SuppressionError, Suppressions, normalize, valid_address
 
 QUARANTINE_DIR = "quarantine"
 # RFC 6430: a report that some mail is *not* spam; read, logged, and suppresses nobody.
 NOT_SPAM = "not-spam"
 REPLY_NOT_RECORDED = "451 4.3.0 Complaint not recorded, try again later"
-REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
 
 
 class ComplaintParseError(ValueError):
@@ -158,6 +160,21 @@ def write_durably(directory: Path, name: str, data: bytes) -> Path:
     return path
 
 
+def quarantine_refusal(directory: Path, size: int, min_free: int) -> str | None:
+    """Why a report of ``size`` bytes may not be kept now (None: it may).
+
+    Mail to the report addresses comes from anywhere: kept reports must not take the room the
+    spool keeps free (``spool.min_free``), or a stranger could make real mail get 452.
+    """
+    try:
+        free = shutil.disk_usage(directory if directory.exists() else directory.parent).free
+    except OSError as exc:
+        return f"cannot see the free space of {directory}: {exc}"
+    if free - size < min_free:
+        return f"{free} bytes free, {size} to keep, {min_free} to stay free"
+    return None
+
+
 class ComplaintIntake:
     """Consumes the mail sent to the complaints address: suppress, count, log, or quarantine."""
 
@@ -170,7 +187,9 @@ class ComplaintIntake:
         log: Any,
         guard: Callable[[], str | None] | None = None,
         on_complaint: Callable[[str], None] | None = None,
+        min_free: int = 0,
     ) -> None:
+        self.min_free = min_free
         self.address = normalize(address)
         self.suppressions = suppressions
         self.quarantine = spool_root / QUARANTINE_DIR
@@ -234,6 +253,12 @@ class ComplaintIntake:
         return f"250 2.0.0 Ok: complaint recorded as {qid}"
 
     async def _quarantine(self, data: bytes, qid: str, client: str, reason: str) -> str:
+        if self.guard is not None and self.guard() is not None:
+            return REPLY_SUPERSEDED  # the term ended while the report was read
+        problem = quarantine_refusal(self.quarantine, len(data), self.min_free)
+        if problem is not None:
+            self.log.error("ReportNotKept", queue_id=qid, error=problem)
+            return REPLY_NO_ROOM
         try:
             path = await asyncio.to_thread(write_durably, self.quarantine, f"{qid}.eml", data)
         except OSError as exc:

@@ -36,7 +36,8 @@ def _ends_mid_line(file: Path) -> bool:
 def _add_pid(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    # Looked up per line: relay workers are forked after configure() ran.
+    # Looked up per line, so that the line says which process wrote it even where a process
+    # forked after configure() ran.
     event["pid"] = os.getpid()
     return event
 

@@ -126,6 +126,7 @@ class Relay:
         self._lock = asyncio.Lock()
         self.started_at = time.monotonic()
         self.last_activation: Activation | None = None
+        self._records: set[asyncio.Task[None]] = set()  # activation records being written
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         # Read at each scrape, so it follows every change of self.state without a hook at each.
         self.metrics.active.set_function(lambda: 0.0 if self.state is RelayState.STANDBY else 1.0)
@@ -226,10 +227,13 @@ class Relay:
             return False
         return self.pool is None or all(s.get("ready") for s in await self.pool.statuses())
 
-    async def node_metrics(self) -> str:
-        """The Prometheus exposition of the whole node."""
+    async def node_metrics(self, destinations: bool = True) -> str:
+        """The Prometheus exposition of the whole node (``destinations``: with the series per
+        destination, which walk every queued job; the dashboard's sampling goes without)."""
         own = generate_latest(self.metrics.registry).decode()
         text = own if self.pool is None else merge_expositions([own, *await self.pool.metrics()])
+        if not destinations:
+            return text
         # Per destination from the node's merged sums, so that the top N is the node's.
         top = self.config.admin.top_destinations
         return text + destination_metrics(await self.node_domains(), top)
@@ -416,12 +420,12 @@ class Relay:
         if reports.complaints_address is not None:
             intakes.append(ComplaintIntake(
                 reports.complaints_address, suppressions, root or path, self.metrics, self.log,
-                spool.guard, self.domain_stats.record_complaint,
+                spool.guard, self.domain_stats.record_complaint, config.spool.min_free,
             ))  # fmt: skip
         if reports.bounces_address is not None:
             intakes.append(BounceIntake(
                 reports.bounces_address, classifier, suppressions, root or path, self.metrics,
-                self.log, spool.guard,
+                self.log, spool.guard, config.spool.min_free,
             ))  # fmt: skip
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
@@ -494,12 +498,18 @@ class Relay:
             total_seconds=total,
         )
         self.log.info("RelayActive", spool=str(path), seconds=round(total, 4))
-        if self.worker == 0:
-            await self._record_activation(path, stats.messages, total)
+        if self.worker == 0:  # off the takeover's critical path: a record for people
+            task = asyncio.get_running_loop().create_task(
+                self._record_activation(path, stats.messages, total)
+            )
+            self._records.add(task)
+            task.add_done_callback(self._records.discard)
         return self.last_activation
 
     async def _record_activation(self, spool: Path, recovered: int, seconds: float) -> None:
         guard = self._active.guard if self._active is not None else None
+        if guard is not None and await asyncio.to_thread(guard.check) is not None:
+            return  # a newer term owns the spool: not one more write
         entry = {
             "at": round(self._wall(), 3),
             "node": self.config.node.hostname,
@@ -558,6 +568,8 @@ class Relay:
             await asyncio.gather(active.recovery, return_exceptions=True)
         if active.suppressions is not None:
             await active.suppressions.close()  # after the engine: its bounce writes are done
+        if self._records:  # an activation record still being written holds a file there
+            await asyncio.gather(*self._records, return_exceptions=True)
         await active.spool.close()
         for gauge in (
             self.metrics.queue_depth, self.metrics.queue_ready, self.metrics.queue_deferred,

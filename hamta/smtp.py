@@ -331,8 +331,9 @@ class ReceptionHandler:
         rcpt_options: list[str],
     ) -> str:  # fmt: skip
         """Relay control, recipient syntax, suppressions and the recipient limit."""
+        # A report address is always alone in its transaction: the first recipient tells.
         if self._intake_for(address) is not None or any(
-            self._intake_for(r) is not None for r in envelope.rcpt_tos
+            self._intake_for(r) is not None for r in envelope.rcpt_tos[:1]
         ):
             # Feedback loops and remote MTAs report from outside the relay networks: this mail
             # is not relayed but consumed, alone in its transaction (452: the rest comes later).
@@ -384,6 +385,8 @@ class ReceptionHandler:
             intake = self._intake_for(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
             if intake is not None:
                 reply = await intake.consume(data, qid, client)
+                if reply.startswith("421"):
+                    self.draining = True  # fenced, as the spool path would have found
                 return reply if reply.startswith("2") else self._reject(reply)
             signatures = await self._dkim_signatures(data, envelope.mail_from or "", qid)
             body = signatures + received + data
@@ -434,7 +437,8 @@ class ReceptionHandler:
     async def _dkim_signatures(self, data: bytes, sender: str, qid: str) -> bytes:
         """The DKIM-Signature headers for a message ("" when its domain has no key).
 
-        Signed in a thread: the RSA operation (OpenSSL) and the body hash release the GIL.
+        Signed in a thread, off the event loop's own turn; the RSA operation (OpenSSL) releases
+        the GIL, dkimpy's canonicalization in Python does not (a 50 KB body: about 10 ms).
         A message that cannot be signed passes unsigned, as mail of a domain without a key does.
         """
         signer = self.signer

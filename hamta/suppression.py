@@ -115,6 +115,10 @@ class SuppressionStore:
         except sqlite3.Error as exc:
             raise SuppressionError(f"{path}: cannot open the suppression list: {exc}") from None
 
+    def busy_timeout(self, seconds: float) -> None:
+        """How long a statement waits for another connection's lock before it fails."""
+        self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+
     @classmethod
     def in_spool(cls, root: Path, **kwargs: Any) -> SuppressionStore:
         """The list at the root of a spool directory (which must exist)."""
@@ -230,6 +234,9 @@ class Suppressions:
             lambda: SuppressionStore.in_spool(self.root, check_same_thread=False),
         )
         self._reader = SuppressionStore.in_spool(self.root)
+        # Looked up at RCPT on the event loop: never wait long on a lock (a failed lookup lets
+        # the recipient through, as SuppressionLookupFailed says).
+        self._reader.busy_timeout(0.05)
 
     async def close(self) -> None:
         """Finish the writes under way and close."""

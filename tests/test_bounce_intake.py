@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hamta.complaints import quarantine_refusal
+from tests.conftest import RelayFactory
 from tests.support import DnsServer
 from tests.support.relay import RelayProcess
 from tests.test_suppression import CLIENT_HELO, metric, rcpt, send
@@ -133,3 +135,21 @@ def test_only_the_bounces_address_and_its_verp_forms_are_taken(relay: RelayProce
     # Look-alikes are ordinary recipients, relayed for a client of the relay networks.
     assert rcpt(relay, "bouncesx@hamta.test")[0] == 250
     assert rcpt(relay, "bounces@other.test")[0] == 250
+
+
+def test_reports_to_keep_never_take_the_spool_s_reserved_room(
+    make_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """Mail to the report addresses comes from anywhere: it must not fill the spool's volume."""
+    assert quarantine_refusal(tmp_path / "quarantine", 10, 0) is None
+    assert "to stay free" in str(quarantine_refusal(tmp_path / "quarantine", 10, 2**62))
+    relay = make_relay({"suppression": {"bounces_address": BOUNCES},
+                        "spool": {"min_free": "100000g"}})  # fmt: skip
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
+        client.ehlo()
+        client.mail("")
+        assert client.rcpt(BOUNCES)[0] == 250
+        code, text = client.data(b"Subject: out of office\r\n\r\nback monday\r\n")
+    assert (code, text.decode()) == (452, "4.3.1 Insufficient system storage, try again later")
+    assert relay.events("ReportNotKept")
+    assert not (relay.spool / "quarantine").exists()
