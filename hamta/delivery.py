@@ -56,6 +56,8 @@ class Reply:
             return match.group(1)
         if self.code >= 500:
             return "5.0.0"
+        if 200 <= self.code < 300:  # a plain "250 OK" (a peer without enhanced codes)
+            return "2.0.0"
         return "4.4.1" if self.code == 0 else "4.0.0"
 
     @property

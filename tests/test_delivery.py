@@ -7,6 +7,7 @@ import smtplib
 from email.message import Message
 from pathlib import Path
 
+from hamta.delivery import Reply
 from tests.conftest import MX_HOST, TLS_MX_HOST, RelayFactory
 from tests.support import PostfixSmtpSink, RecordingSink, make_self_signed
 
@@ -239,3 +240,12 @@ def test_delivers_to_postfix_smtp_sink_reusing_connections(
         relay.wait_queue_empty()
         assert len(relay.events("Delivery")) == 25
         assert postfix_sink.sessions <= 2
+
+
+def test_a_reply_without_an_enhanced_code_gets_the_class_of_its_basic_code() -> None:
+    """A peer that answers a plain "250 OK" delivered: 2.0.0 in the log, not 4.0.0."""
+    assert Reply(250, "OK").enhanced == "2.0.0"
+    assert Reply(250, "2.1.5 Ok").enhanced == "2.1.5"
+    assert Reply(451, "try later").enhanced == "4.0.0"
+    assert Reply(550, "no").enhanced == "5.0.0"
+    assert Reply(0, "connection refused").enhanced == "4.4.1"
