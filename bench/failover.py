@@ -46,6 +46,18 @@ What is measured
     and Postfix's ``minimal_backoff_time`` likewise. Runs longer than 30 minutes
     see both retry their queues once.
 
+On the Vagrant cluster (``--cluster vagrant``)
+    The same measurement on real machines: the Vagrant cluster (``vagrant/``: mx1 and mx2 with
+    real DRBD, the arbiter with the third ZooKeeper server and the MX sink) is brought up from a
+    network namespace with a libvirtd of its own (``cluster.lab.vagrant``), provisioned by
+    ``ansible/site.yml``. ``--queued`` messages (200) for a domain nobody resolves stay queued;
+    the load runs from the host through the virtual IP to ``example.test`` (the arbiter's sink);
+    a kill is ``virsh destroy`` of the active machine (its power cut, the peer's STONITH is
+    libvirt's too); phases come from the new active node's journal; the killed machine is booted
+    again and waited for as the passive node. No baseline. The cluster is destroyed at the end
+    and everything libvirt made is removed. Under plain qemu (TCG, the default here: KVM guests
+    may hang when nested) expect about half an hour for 5 iterations.
+
 Output
     Every failover as it happens, then a table (RTO min / median / p95 / max for hamta and the
     baseline, mean time of each promotion step, switchover, acknowledged and lost), and last one
@@ -55,6 +67,8 @@ Usage (as root)
     .venv/bin/python bench/failover.py [--iterations 20] [--queued 10000] [--no-baseline]
         [--rate 20] [--connections 8] [--keep] [--workdir DIR] [--prefix hbf]
         [--subnet 198.18.8.0/24] [--cluster lab]
+    .venv/bin/python bench/failover.py --cluster vagrant [--iterations 5] [--driver qemu|kvm]
+        [--namespace hvg0] [--queued 200] [--keep]
 """
 
 from __future__ import annotations
@@ -86,9 +100,20 @@ import cluster
 from cluster.config import ConfigError, load_agent_config
 from cluster.lab import Lab, LabError, probes, processes
 from cluster.lab.configs import render_toml
-from cluster.lab.history import Attempt, LoadRun, Verdict, check, recovery_time, unavailability
+from cluster.lab.history import (
+    Attempt,
+    LoadHost,
+    LoadRun,
+    Verdict,
+    check,
+    recovery_time,
+    unavailability,
+)
 from cluster.lab.lab import describe
 from cluster.lab.topology import CLIENT, DOMAIN, NODES
+from cluster.lab.vagrant import MAIL_DOMAIN, VagrantCluster, VagrantError
+from cluster.lab.vagrant import NAMESPACE as VAGRANT_NAMESPACE
+from cluster.operator import is_standby
 
 T = TypeVar("T")
 
@@ -107,6 +132,13 @@ SWITCHOVER_TIMEOUT: Final = 30.0
 SETTLE_MARGIN: Final = 1.0  # beyond min_failover_interval, for the takeover's own publishing
 AGENT_STOP_GRACE: Final = 20.0
 POLL: Final = 0.05
+# The Vagrant cluster under TCG: an agent's restart imports hamta for 20-30 s, a machine boots
+# in about a minute, one ssh round trip takes a second or more.
+VAGRANT_TIMEOUT: Final = 300.0
+VAGRANT_STANDBY_TIMEOUT: Final = 900.0
+VAGRANT_SWITCHOVER_TIMEOUT: Final = 120.0
+VAGRANT_DRAIN_TIMEOUT: Final = 600.0
+VAGRANT_QUEUED: Final = 200
 # Phases that are waits, not steps: shown apart and kept out of the step means.
 _WAITS: Final = ("detect", "retry")
 STEP_ORDER: Final = ("acquire", "fence", "storage", "epoch", "vip", "relay", "probe", "publish")
@@ -151,11 +183,19 @@ def _tail(path: Path, lines: int = 10) -> str:
 
 
 class Load:
-    """The lab's continuous client (``cluster.lab.load``) through the virtual IP."""
+    """The continuous client (``cluster.lab.load``) through the virtual IP."""
 
-    def __init__(self, lab: Lab, history: Path, *, rate: float, connections: int) -> None:
+    def __init__(
+        self,
+        lab: LoadHost,
+        history: Path,
+        *,
+        rate: float,
+        connections: int,
+        domain: str | None = None,
+    ) -> None:
         self.history = history
-        self.run = LoadRun(lab, history, rate=rate, connections=connections)
+        self.run = LoadRun(lab, history, rate=rate, connections=connections, domain=domain)
         self.final: list[Attempt] | None = None
 
     def attempts(self) -> list[Attempt]:
@@ -206,7 +246,7 @@ def _run_ids(attempts: Sequence[Attempt]) -> set[str]:
     return {a.id.rsplit("-", 1)[0] for a in attempts}
 
 
-def delivered_ids(lab: Lab, runs: set[str]) -> list[str]:
+def delivered_ids(lab: LoadHost, runs: set[str]) -> list[str]:
     """Every delivery of the given load runs, duplicates included."""
     found = []
     for delivery in lab.deliveries():
@@ -216,11 +256,13 @@ def delivered_ids(lab: Lab, runs: set[str]) -> list[str]:
     return found
 
 
-def drain_and_check(lab: Lab, attempts: Sequence[Attempt], timeout: float) -> Verdict:
+def drain_and_check(
+    lab: LoadHost, attempts: Sequence[Attempt], timeout: float, interval: float = 0.5
+) -> Verdict:
     """Wait until every acknowledged message reached the sink (or ``timeout``); judge."""
     runs = _run_ids(attempts)
     acked = {a.id for a in attempts if a.outcome == "acked"}
-    _wait_for(lambda: True if acked <= set(delivered_ids(lab, runs)) else None, timeout, 0.5)
+    _wait_for(lambda: True if acked <= set(delivered_ids(lab, runs)) else None, timeout, interval)
     return check(attempts, delivered_ids(lab, runs))
 
 
@@ -273,15 +315,82 @@ def _wall(ts: str) -> float:
     return datetime.fromisoformat(ts).timestamp()
 
 
-class HamtaPair:
-    """The lab's two hamta agents."""
+def decisions_until_active(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The agent's ``Decision`` lines up to its first with role "active"; None before it."""
+    found = []
+    for line in lines:
+        if line.get("event") == "Decision":
+            found.append(dict(line))
+            if line.get("role") == "active":
+                return found
+    return None
+
+
+def takeover_phases(
+    lines: Sequence[dict[str, Any]], killed_wall: float
+) -> tuple[dict[str, float], list[str]]:
+    """Detection, promotion steps and abandoned promotions of one takeover, from its decisions.
+
+    ``detect`` runs from the kill to the first decision to promote; ``retry`` from that
+    decision to the one that succeeded, when an attempt was abandoned in between (each such
+    attempt is returned with the agent's note); the steps are those of the successful promotion
+    (its ``Decision`` line with role "active").
+    """
+    starts = [
+        _wall(str(line["ts"]))
+        for line in lines
+        if line.get("role") == "promoting" and line.get("was") != "promoting"
+    ]
+    anomalies = [
+        f"promotion abandoned at +{_wall(str(line['ts'])) - killed_wall:.3f}s: "
+        f"{line.get('note') or line.get('trigger')}"
+        for line in lines
+        if line.get("was") == "promoting" and line.get("role") not in ("promoting", "active")
+    ]
+    phases: dict[str, float] = {}
+    if starts:
+        phases["detect"] = starts[0] - killed_wall
+    if len(starts) > 1:
+        phases["retry"] = starts[-1] - starts[0]
+    steps = lines[-1].get("steps") or {}
+    phases.update({str(step): float(seconds) for step, seconds in steps.items()})
+    return phases, anomalies
+
+
+class _AgentPair:
+    """What both hamta pairs share: the takeover's phases from the new node's decisions."""
 
     name = "hamta"
 
+    def __init__(self) -> None:
+        self._anomalies: list[str] = []
+
+    def _phases(
+        self,
+        decisions: Callable[[], list[dict[str, Any]] | None],
+        where: str,
+        killed_wall: float,
+        timeout: float,
+        interval: float,
+    ) -> dict[str, float]:
+        lines = _wait_for(decisions, timeout, interval)
+        if lines is None:
+            raise BenchError(f"no 'active' decision in {where} after the kill")
+        phases, self._anomalies = takeover_phases(lines, killed_wall)
+        return phases
+
+    def anomalies(self) -> list[str]:
+        """The promotions abandoned during the last takeover, with the agent's reasons."""
+        return list(self._anomalies)
+
+
+class HamtaPair(_AgentPair):
+    """The lab's two hamta agents."""
+
     def __init__(self, lab: Lab) -> None:
+        super().__init__()
         self.lab = lab
         self._offsets: dict[str, int] = dict.fromkeys(NODES, 0)
-        self._anomalies: list[str] = []
 
     def _log(self, node: str) -> Path:
         return self.lab.node_dir(node) / "agent.log"
@@ -302,49 +411,14 @@ class HamtaPair:
         return self.lab.wait_active(timeout, other_than=old)
 
     def phases(self, node: str, killed_wall: float, timeout: float) -> dict[str, float]:
-        """Detection, promotion steps and any time lost to abandoned promotions, from the log.
-
-        ``detect`` runs from the kill to the first decision to promote; ``retry`` from that
-        decision to the one that succeeded, when an attempt was abandoned in between (each such
-        attempt is listed by :meth:`anomalies` with the agent's note); the steps are those of
-        the successful promotion (its ``Decision`` line with role "active").
-        """
-
-        def decisions() -> list[dict[str, Any]] | None:
-            found = []
-            for line in _log_lines(self._log(node), self._offsets[node]):
-                if line.get("event") == "Decision":
-                    found.append(line)
-                    if line.get("role") == "active":
-                        return found
-            return None
-
-        lines = _wait_for(decisions, timeout, 0.1)
-        if lines is None:
-            raise BenchError(f"no 'active' decision in {self._log(node)} after the kill")
-        starts = [
-            _wall(str(line["ts"]))
-            for line in lines
-            if line.get("role") == "promoting" and line.get("was") != "promoting"
-        ]
-        self._anomalies = [
-            f"promotion abandoned at +{_wall(str(line['ts'])) - killed_wall:.3f}s: "
-            f"{line.get('note') or line.get('trigger')}"
-            for line in lines
-            if line.get("was") == "promoting" and line.get("role") not in ("promoting", "active")
-        ]
-        phases: dict[str, float] = {}
-        if starts:
-            phases["detect"] = starts[0] - killed_wall
-        if len(starts) > 1:
-            phases["retry"] = starts[-1] - starts[0]
-        steps = lines[-1].get("steps") or {}
-        phases.update({str(step): float(seconds) for step, seconds in steps.items()})
-        return phases
-
-    def anomalies(self) -> list[str]:
-        """The promotions abandoned during the last takeover, with the agent's reasons."""
-        return list(self._anomalies)
+        """Detection, promotion steps and abandoned promotions, from the agent's log file."""
+        return self._phases(
+            lambda: decisions_until_active(_log_lines(self._log(node), self._offsets[node])),
+            str(self._log(node)),
+            killed_wall,
+            timeout,
+            0.1,
+        )
 
     def restart(self, node: str, timeout: float) -> None:
         """Start the node's agent again; wait until ZooKeeper shows it passive and fresh."""
@@ -354,19 +428,45 @@ class HamtaPair:
             if not self.lab.node_pids(node):
                 out = self.lab.node_dir(node) / "agent.out"
                 raise BenchError(f"the agent of {node} exited; {out}:\n{_tail(out)}")
-            status = self.lab.cluster_status()
-            for member in (status or {}).get("nodes", []):
-                if (
-                    member.get("node") == node
-                    and member.get("role") == "passive"
-                    and member.get("fresh")
-                    and member.get("relay_running")
-                ):
-                    return True
-            return None
+            return True if is_standby(self.lab.cluster_status(), node) else None
 
         if _wait_for(passive, timeout, 0.3) is None:
             raise BenchError(f"{node} was not passive within {timeout:g}s of its restart")
+
+
+class VagrantPair(_AgentPair):
+    """The Vagrant cluster's two machines; a kill is ``virsh destroy`` (the power is cut)."""
+
+    def __init__(self, machines: VagrantCluster) -> None:
+        super().__init__()
+        self.machines = machines
+
+    def active(self, timeout: float) -> str:
+        """The node ZooKeeper shows active, holding the VIP, its relay ready."""
+        return self.machines.wait_active(timeout)
+
+    def kill(self, node: str) -> None:
+        """Cut the machine's power."""
+        self.machines.power_off(node)
+
+    def wait_takeover(self, old: str, timeout: float) -> str:
+        """Wait until the other node is active with the VIP and a ready relay."""
+        return self.machines.wait_active(timeout, other_than=old)
+
+    def phases(self, node: str, killed_wall: float, timeout: float) -> dict[str, float]:
+        """Detection, promotion steps and abandoned promotions, from the agent's journal."""
+        return self._phases(
+            lambda: decisions_until_active(self.machines.agent_log(node, killed_wall)),
+            f"{node}'s journal",
+            killed_wall,
+            timeout,
+            2.0,
+        )
+
+    def restart(self, node: str, timeout: float) -> None:
+        """Power the machine on; wait until it is back as the passive node."""
+        self.machines.power_on(node)
+        self.machines.wait_passive(node, timeout)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -411,6 +511,7 @@ def measure_failovers(
     not_before: float,
     into: list[Failover],
     timeout: float = TAKEOVER_TIMEOUT,
+    standby_timeout: float = STANDBY_TIMEOUT,
 ) -> None:
     """Kill the active node ``iterations`` times, appending each failover to ``into``.
 
@@ -430,7 +531,7 @@ def measure_failovers(
         rto = load.wait_recovery(killed, timeout)
         phases = pair.phases(target, killed_wall, timeout)
         restarted = time.monotonic()
-        pair.restart(source, STANDBY_TIMEOUT)
+        pair.restart(source, standby_timeout)
         standby = time.monotonic() - restarted
         failover = Failover(source, target, rto, phases, tuple(pair.anomalies()))
         into.append(failover)
@@ -496,8 +597,8 @@ def _min_failover_interval(lab: Lab) -> float:
     return float(config.agent.min_failover_interval)
 
 
-def switchover(lab: Lab, load: Load, timeout: float) -> tuple[float, float, dict[str, Any]]:
-    """``hamta cluster switchover`` under load: (unavailability, command seconds, its answer)."""
+def lab_switchover(lab: Lab, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``hamta cluster switchover --json`` from the lab's client namespace."""
     config = lab.node_dir(NODES[0]) / "agent.toml"
     argv = [
         lab.python,
@@ -511,13 +612,23 @@ def switchover(lab: Lab, load: Load, timeout: float) -> tuple[float, float, dict
         "--timeout",
         str(timeout),
     ]
+    return lab.exec(CLIENT, argv, timeout=timeout + 30, env=_env())
+
+
+def switchover(
+    command: Callable[[float], subprocess.CompletedProcess[str]],
+    load: Load,
+    timeout: float,
+    recovery_timeout: float = TAKEOVER_TIMEOUT,
+) -> tuple[float, float, dict[str, Any]]:
+    """``hamta cluster switchover`` under load: (unavailability, command seconds, its answer)."""
     load.require_running()
     since = time.monotonic()
     try:
-        done = lab.exec(CLIENT, argv, timeout=timeout + 30, env=_env())
+        done = command(timeout)
     except subprocess.TimeoutExpired:
         raise BenchError(f"hamta cluster switchover did not return in {timeout + 30:g}s") from None
-    command = time.monotonic() - since
+    seconds = time.monotonic() - since
     if done.returncode != 0:
         raise BenchError(f"hamta cluster switchover failed: {done.stderr.strip()}")
     try:
@@ -525,8 +636,8 @@ def switchover(lab: Lab, load: Load, timeout: float) -> tuple[float, float, dict
     except (ValueError, IndexError):
         raise BenchError(f"hamta cluster switchover printed no JSON: {done.stdout!r}") from None
     # The clients' view is complete once an attempt started after the command got its 250.
-    load.wait_recovery(since + command, TAKEOVER_TIMEOUT)
-    return unavailability(load.attempts(), since), command, answer
+    load.wait_recovery(since + seconds, recovery_timeout)
+    return unavailability(load.attempts(), since), seconds, answer
 
 
 def stop_agents(lab: Lab) -> None:
@@ -578,7 +689,9 @@ def run_hamta(lab: Lab, args: argparse.Namespace, result: PartResult) -> None:
             into=result.failovers,
         )
         source = lab.wait_active(TAKEOVER_TIMEOUT)
-        gone, command, answer = switchover(lab, load, SWITCHOVER_TIMEOUT)
+        gone, command, answer = switchover(
+            lambda timeout: lab_switchover(lab, timeout), load, SWITCHOVER_TIMEOUT
+        )
         result.switchover, result.switchover_command = gone, command
         say(
             f"  switchover {source} -> {answer.get('to')}: clients unavailable {gone:.3f}s, "
@@ -589,6 +702,67 @@ def run_hamta(lab: Lab, args: argparse.Namespace, result: PartResult) -> None:
     result.verdict = drain_and_check(lab, attempts, DRAIN_TIMEOUT)
     say(f"  load: {_verdict_line(result.verdict)}")
     stop_agents(lab)
+
+
+def run_vagrant(machines: VagrantCluster, args: argparse.Namespace, result: PartResult) -> None:
+    """The Vagrant cluster: up, queue, load, power-offs, switchover, check, destroy.
+
+    Under TCG every step is slow (an agent's restart alone imports hamta for 20-30 s, a
+    powered-off machine boots in about a minute): the timeouts are minutes, not seconds.
+    """
+    say(f"hamta: the Vagrant cluster ({machines.driver}) from namespace {machines.namespace}")
+    started = time.monotonic()
+    machines.up()
+    active = machines.wait_active(VAGRANT_TIMEOUT)
+    config = load_agent_config(machines.agent_config())
+    settle = float(config.agent.min_failover_interval) + SETTLE_MARGIN
+    not_before = time.monotonic() + settle
+    say(f"  up in {time.monotonic() - started:.1f}s, {active} active")
+    if args.queued > 0:
+        # No DNS on the machines: mail for any domain but the sink's stays queued (retried).
+        sent = machines.send(
+            args.queued, domain="dead.test", connections=4, timeout=max(300.0, args.queued / 5)
+        )
+        result.queued = sent.acked
+        say(f"  queued for dead.test: {sent.summary()}")
+    load = Load(
+        machines,
+        machines.workdir / "load-hamta.jsonl",
+        rate=args.rate,
+        connections=args.connections,
+        domain=MAIL_DOMAIN,
+    )
+    try:
+        load.wait_first_ack(VAGRANT_TIMEOUT)
+        say(f"  load: {args.rate:g} attempts/s over {args.connections} sessions")
+        measure_failovers(
+            VagrantPair(machines),
+            load,
+            args.iterations,
+            settle=settle,
+            not_before=not_before,
+            into=result.failovers,
+            timeout=VAGRANT_TIMEOUT,
+            standby_timeout=VAGRANT_STANDBY_TIMEOUT,
+        )
+        source = machines.wait_active(VAGRANT_TIMEOUT)
+        gone, command, answer = switchover(
+            lambda timeout: machines.hamta(
+                "cluster", "switchover", "--json", "--timeout", str(timeout), timeout=timeout + 30
+            ),
+            load,
+            VAGRANT_SWITCHOVER_TIMEOUT,
+            recovery_timeout=VAGRANT_TIMEOUT,
+        )
+        result.switchover, result.switchover_command = gone, command
+        say(
+            f"  switchover {source} -> {answer.get('to')}: clients unavailable {gone:.3f}s, "
+            f"command {command:.3f}s (its own measure {answer.get('seconds')}s)"
+        )
+    finally:
+        attempts = load.stop()
+    result.verdict = drain_and_check(machines, attempts, VAGRANT_DRAIN_TIMEOUT, interval=5.0)
+    say(f"  load: {_verdict_line(result.verdict)}")
 
 
 def run_baseline(lab: Lab, args: argparse.Namespace, result: PartResult, directory: Path) -> None:
@@ -841,6 +1015,8 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         raise BenchError("needs root: network namespaces, a loop device, mounts")
     base = Path(tempfile.mkdtemp(prefix="hamta-bench-failover-", dir=args.workdir))
     base.chmod(0o755)  # Postfix's unprivileged daemons reach their queue below it
+    if args.cluster == "vagrant":
+        return run_on_vagrant(args, out, base, started)
     lab = Lab(base / "lab", prefix=args.prefix, subnet=args.subnet)
     say(f"lab directory: {lab.directory}")
     say(f"load average before the run: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
@@ -890,11 +1066,59 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
     return 0 if ok else 1
 
 
+def run_on_vagrant(args: argparse.Namespace, out: IO[str], base: Path, started: float) -> int:
+    """The benchmark on the Vagrant cluster; always destroyed afterwards, like the lab."""
+    checkout = Path(cluster.__file__).resolve().parent.parent
+    machines = VagrantCluster(
+        checkout, base / "vagrant", namespace=args.namespace, driver=args.driver
+    )
+    say(f"work directory: {machines.workdir}")
+    say(f"load average before the run: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    hamta = PartResult("hamta")
+    missing = "not on the Vagrant cluster (the baseline runs in the lab)"
+    ok = True
+    try:
+        machines.start_host()
+        run_vagrant(machines, args, hamta)
+    except (BenchError, VagrantError, ConfigError, OSError, subprocess.SubprocessError) as exc:
+        hamta.error = str(exc)
+        ok = False
+        say(f"hamta: FAILED: {exc}")
+    except KeyboardInterrupt:
+        say("interrupted; destroying the cluster")
+        ok = False
+    finally:
+        with shielded():
+            with contextlib.suppress(VagrantError):
+                machines.destroy()
+            problems = machines.stop_host()
+            if problems:
+                say(f"cluster down: left {problems}")
+                ok = False
+            if args.keep:
+                say(f"kept {base}")
+            else:
+                shutil.rmtree(base, ignore_errors=True)
+    if hamta.verdict is not None and not hamta.verdict.ok:
+        ok = False
+    data = figures(args, hamta, None, missing, ok, time.monotonic() - started)
+    data["cluster"] = "vagrant"
+    data["driver"] = machines.driver
+    report(hamta, None, data)
+    print(json.dumps(data), file=out, flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench/failover.py``."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=20, help="kills per pair")
-    parser.add_argument("--queued", type=int, default=10_000, help="messages in the deep queue")
+    parser.add_argument(
+        "--queued",
+        type=int,
+        default=None,
+        help=f"messages in the deep queue (10000 in the lab, {VAGRANT_QUEUED} on vagrant)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="hamta only")
     parser.add_argument("--rate", type=float, default=20.0, help="load: attempts per second")
     parser.add_argument("--connections", type=int, default=8, help="load: sessions")
@@ -902,8 +1126,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the lab directory goes")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="the lab's namespace prefix")
     parser.add_argument("--subnet", default=DEFAULT_SUBNET, help="the lab's subnet")
-    parser.add_argument("--cluster", choices=("lab",), default="lab", help="where to run")
+    parser.add_argument(
+        "--cluster",
+        choices=("lab", "vagrant"),
+        default="lab",
+        help="where to run: the namespace lab, or the Vagrant cluster (vagrant/, real DRBD)",
+    )
+    parser.add_argument(
+        "--driver",
+        choices=("qemu", "kvm"),
+        default=os.environ.get("HAMTA_VAGRANT_DRIVER") or "qemu",
+        help="vagrant: libvirt's domain type (qemu is TCG; KVM guests may hang when nested)",
+    )
+    parser.add_argument(
+        "--namespace", default=VAGRANT_NAMESPACE, help="vagrant: the network namespace to use"
+    )
     args = parser.parse_args(argv)
+    if args.queued is None:
+        args.queued = VAGRANT_QUEUED if args.cluster == "vagrant" else 10_000
     if args.iterations <= 0 or args.queued < 0 or args.rate <= 0 or args.connections <= 0:
         parser.error("--iterations, --rate and --connections must be positive, --queued >= 0")
     # ^C and SIGTERM unwind through the finally blocks that take the lab down; SIGINT may

@@ -127,6 +127,18 @@ def cluster_status(
     }
 
 
+def is_standby(status: dict[str, Any] | None, node: str) -> bool:
+    """Whether ``status`` (:func:`cluster_status`) shows ``node`` as a fresh passive node whose
+    warm relay runs: ready to take over."""
+    return any(
+        member.get("node") == node
+        and member.get("role") == "passive"
+        and member.get("fresh")
+        and member.get("relay_running")
+        for member in (status or {}).get("nodes", [])
+    )
+
+
 def format_status(status: dict[str, Any]) -> str:
     """``hamta cluster status`` as a table."""
     lines = [

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import AgentConfig, load_agent_config
+from cluster.lab.vagrant import parse_recap
 from hamta.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,3 +346,15 @@ def test_the_vagrantfile_is_valid_ruby() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_parse_recap() -> None:
+    """The vagrant harness reads changed and failed counts per host from PLAY RECAP."""
+    output = (
+        "PLAY RECAP *********\n"
+        "arbiter                    : ok=40   changed=0    unreachable=0    failed=0    skipped=3\n"
+        "mx1                        : ok=61   changed=2    unreachable=1    failed=0    skipped=5\n"
+    )
+    changed, failed = parse_recap(output)
+    assert changed == {"arbiter": 0, "mx1": 2}
+    assert failed == {"arbiter": 0, "mx1": 1}

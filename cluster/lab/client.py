@@ -17,6 +17,7 @@ import argparse
 import json
 import secrets
 import smtplib
+import subprocess
 import sys
 import threading
 import time
@@ -166,6 +167,47 @@ def send(
         worker.join()
     run.result.seconds = clock() - started
     return run.result
+
+
+def command(
+    python: str,
+    to: str,
+    count: int,
+    *,
+    size: int = 1024,
+    domain: str = "a.lab.test",
+    timeout: float = 30.0,
+    connections: int = 1,
+) -> list[str]:
+    """The command line of this client, sending ``count`` messages to ``to`` (ADDR:PORT)."""
+    return [
+        python,
+        "-m",
+        "cluster.lab.client",
+        "--to",
+        to,
+        "--count",
+        str(count),
+        "--size",
+        str(size),
+        "--domain",
+        domain,
+        "--timeout",
+        str(timeout),
+        "--connections",
+        str(connections),
+    ]
+
+
+def outcome(done: subprocess.CompletedProcess[str]) -> SendResult:
+    """The SendResult a finished run of this client printed; ValueError if it printed none."""
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise ValueError(done.stderr.strip() or f"exit status {done.returncode}")
+    try:
+        return SendResult.from_json(json.loads(lines[-1]))
+    except KeyError as exc:
+        raise ValueError(f"no {exc} in the client's answer") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

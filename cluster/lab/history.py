@@ -17,10 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from cluster.lab.lab import Lab
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +122,35 @@ def unavailability(attempts: Sequence[Attempt], since: float) -> float:
     return (recovered or later[-1].end) - first_failure.start
 
 
+class LoadHost(Protocol):
+    """Where a load runs and is delivered: the namespace lab, or the Vagrant cluster's host."""
+
+    @property
+    def python(self) -> str:
+        """The interpreter that runs the load."""
+
+    @property
+    def vip(self) -> str:
+        """The address the load sends to."""
+
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start ``argv`` on ``host`` ("client")."""
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        """Every message the sink received, each with its ``x_lab_id``."""
+
+
 class LoadRun:
-    """``python -m cluster.lab.load`` in the lab's client namespace, writing ``history``."""
+    """``python -m cluster.lab.load`` on the client host, writing ``history``."""
 
     def __init__(
-        self, lab: Lab, history: Path, *, rate: float = 20.0, connections: int = 2
+        self,
+        lab: LoadHost,
+        history: Path,
+        *,
+        rate: float = 20.0,
+        connections: int = 2,
+        domain: str | None = None,
     ) -> None:
         self.lab = lab
         self.history = history
@@ -149,6 +170,8 @@ class LoadRun:
             "--run-id",
             self.run_id,
         ]
+        if domain is not None:
+            argv += ["--domain", domain]
         # Its complaints go beside its history: a pipe nobody reads would block it.
         with open(history.with_suffix(".err"), "ab") as errors:
             self.process: subprocess.Popen[bytes] = lab.popen(

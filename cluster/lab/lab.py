@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import cluster
-from cluster.lab import configs, dns, loopdev, netns, probes, processes, record
+from cluster.lab import client, configs, dns, loopdev, netns, probes, processes, record
 from cluster.lab.fence import FenceError, fence_node
 from cluster.lab.processes import ProcessRecord
 from cluster.lab.record import LabRecord
@@ -796,34 +796,23 @@ class Lab:
         connections: int = 1,
     ) -> SendResult:
         """Send ``count`` messages from the client namespace to the virtual IP, port 25."""
-        argv = [
+        argv = client.command(
             self.python,
-            "-m",
-            "cluster.lab.client",
-            "--to",
             f"{self.vip}:{SMTP_PORT}",
-            "--count",
-            str(count),
-            "--size",
-            str(size),
-            "--domain",
-            domain,
-            "--timeout",
-            str(timeout),
-            "--connections",
-            str(connections),
-        ]
+            count,
+            size=size,
+            domain=domain,
+            timeout=timeout,
+            connections=connections,
+        )
         try:
             # Each SMTP command has its own limit (10 s) after the last message is started.
             done = self.exec(CLIENT, argv, timeout=timeout + 30.0, env=self._env())
         except subprocess.TimeoutExpired:
             raise LabError(f"the lab's client did not finish within {timeout + 30:g}s") from None
-        lines = done.stdout.strip().splitlines()
         try:
-            if done.returncode != 0 or not lines:
-                raise ValueError(done.stderr.strip() or f"exit status {done.returncode}")
-            return SendResult.from_json(json.loads(lines[-1]))
-        except (ValueError, KeyError) as exc:
+            return client.outcome(done)
+        except ValueError as exc:
             raise LabError(f"the lab's client failed: {exc}") from None
 
     def kill_node(self, node: str, sig: int = signal.SIGKILL) -> None:

@@ -1,0 +1,637 @@
+"""The Vagrant cluster (``vagrant/``), driven from a network namespace with a libvirtd of its own.
+
+The namespace lab shares one kernel and one filesystem between its nodes; the Vagrant cluster
+does not: three virtual machines (mx1 and mx2 with real DRBD, and the arbiter) provisioned by
+``ansible/site.yml``. Tests and ``bench/failover.py --cluster vagrant`` drive it from outside,
+as an operator would, through this module.
+
+Everything runs inside a network namespace this module creates (``hvg0`` by default): libvirtd
+and virtlogd (started here, stopped by their pids: the machine has no systemd), the bridges
+libvirt makes for the management and cluster networks (198.19.100.0/24, 198.19.101.0/24),
+the DHCP server libvirt starts for the first, and ``vagrant`` with its Ansible provisioner. No
+test traffic reaches the host's own network. :meth:`VagrantCluster.stop_host` removes what
+:meth:`start_host` and ``vagrant up`` created: the machines, their volumes and the box's image
+in libvirt's pool, the networks, the daemons, the runtime and configuration files libvirt wrote
+and the namespace.
+
+libvirtd also listens on TCP (port 16509, no authentication) on the namespace's bridges: the
+machines fence each other with ``virsh -c qemu+tcp://198.19.101.1/system destroy`` (the
+inventory's libvirt fence agent). Only the machines on those bridges reach it.
+
+The guests have no route to a package index: the wheels for the hamta role are built on the
+host (which has one) before ``vagrant up``, where the role finds them (``.vagrant/wheelhouse``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cluster.lab import client
+from cluster.lab.configs import render_toml
+from cluster.lab.results import SendResult
+from cluster.operator import is_standby
+
+NAMESPACE = "hvg0"
+MAIL_NODES = ("mx1", "mx2")
+ARBITER = "arbiter"
+ADDRESSES = {"mx1": "198.19.101.11", "mx2": "198.19.101.12", "arbiter": "198.19.101.13"}
+VIP = "198.19.101.100"
+#: The host's address on the cluster network (libvirt's bridge).
+HOST_ADDRESS = "198.19.101.1"
+#: vagrant-libvirt names each domain ``<default_prefix><machine>`` (the Vagrantfile's prefix).
+DOMAIN_PREFIX = "hamta-"
+NETWORKS = ("hamta-management", "hamta-cluster")
+#: The domain the inventory routes to the arbiter's sink.
+MAIL_DOMAIN = "example.test"
+SINK_MAILDIR = "/var/lib/mx-sink/Maildir"
+HAMTA = "/opt/hamta/bin/hamta"
+LIBVIRT_URI = "qemu:///system"
+
+_LIBVIRT_RUN = Path("/run/libvirt")
+_LIBVIRT_ETC = Path("/etc/libvirt")
+_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+_T = TypeVar("_T")
+
+
+class VagrantError(Exception):
+    """The Vagrant cluster could not be built, driven or taken down."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybookRun:
+    """One ``ansible-playbook`` run: its exit status, its output and the recap per host."""
+
+    returncode: int
+    output: str
+    changed: dict[str, int]
+    failed: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        """Exit status 0 and no host failed or unreachable."""
+        return self.returncode == 0 and not any(self.failed.values())
+
+
+def parse_recap(output: str) -> tuple[dict[str, int], dict[str, int]]:
+    """``changed`` and ``failed + unreachable`` per host, from ansible-playbook's PLAY RECAP."""
+    changed: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    recap = output.rpartition("PLAY RECAP")[2]
+    for line in recap.splitlines():
+        found = _RECAP.match(line.strip())
+        if found:
+            host = found.group(1)
+            changed[host] = int(found.group(3))
+            failed[host] = int(found.group(4)) + int(found.group(5))
+    return changed, failed
+
+
+def wait_for(check: Callable[[], _T | None], timeout: float, interval: float = 1.0) -> _T | None:
+    """``check()`` until it returns something other than None, or ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ended(pid: int) -> bool | None:
+    return True if not _pid_alive(pid) else None
+
+
+def _read_pid(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().strip())
+    return None
+
+
+class VagrantCluster:
+    """The Vagrant cluster of a checkout, run from network namespace ``namespace``.
+
+    ``workdir`` keeps what the run writes outside the checkout: libvirtd's configuration and
+    pid files, the daemons' logs, the output of every vagrant and ansible-playbook command,
+    and the host's copy of the agent configuration used to ask ZooKeeper for the status.
+    """
+
+    def __init__(
+        self,
+        checkout: Path,
+        workdir: Path,
+        *,
+        namespace: str = NAMESPACE,
+        driver: str | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.checkout = checkout.resolve()
+        self.vagrant_dir = self.checkout / "vagrant"
+        self.dotfile = self.vagrant_dir / ".vagrant"
+        self.workdir = workdir
+        self.namespace = namespace
+        # Plain qemu (TCG) unless told: KVM guests can hang under nested virtualisation.
+        self.driver = driver or os.environ.get("HAMTA_VAGRANT_DRIVER") or "qemu"
+        self.python = python
+        self.vip = VIP
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._pids: dict[str, int] = {}
+        self._made_run_dir = False
+        self._etc_before: set[Path] = set()
+
+    # ------------------------------------------------------------------ the host side
+
+    def _netns(self, argv: Sequence[str]) -> list[str]:
+        # The network namespace alone: `ip netns exec` would also give the command a mount
+        # namespace of its own, and libvirtd's sockets and mounts must be the host's.
+        return ["nsenter", f"--net=/run/netns/{self.namespace}", *argv]
+
+    def start_host(self, timeout: float = 60.0) -> None:
+        """Create the namespace and start virtlogd and libvirtd in it."""
+        running = subprocess.run(
+            ["pgrep", "-x", "libvirtd"], capture_output=True, text=True, check=False
+        )
+        if running.stdout.strip() or (_LIBVIRT_RUN / "libvirt-sock").exists():
+            raise VagrantError(
+                f"a libvirtd already runs (pids {running.stdout.split()}) or left "
+                f"{_LIBVIRT_RUN}/libvirt-sock: the cluster needs one of its own in namespace "
+                f"{self.namespace}"
+            )
+        if Path(f"/run/netns/{self.namespace}").exists():
+            raise VagrantError(
+                f"network namespace {self.namespace} exists: left by an earlier run? "
+                f"(ip netns del {self.namespace} once nothing runs in it)"
+            )
+        # Recorded in the work directory too: stop_host of a later process (after a crash of
+        # this one) then removes exactly what this run added.
+        self._etc_before = set(_LIBVIRT_ETC.rglob("*.xml"))
+        self._made_run_dir = not _LIBVIRT_RUN.exists()
+        (self.workdir / "host.json").write_text(
+            json.dumps(
+                {
+                    "etc_before": sorted(map(str, self._etc_before)),
+                    "made_run_dir": self._made_run_dir,
+                }
+            ),
+            encoding="utf-8",
+        )
+        subprocess.run(["ip", "netns", "add", self.namespace], check=True)
+        subprocess.run(["ip", "-n", self.namespace, "link", "set", "lo", "up"], check=True)
+        config = self.workdir / "libvirtd.conf"
+        # TCP without authentication: the guests' fence agent destroys its peer through it. It
+        # listens in the namespace only, whose sole interfaces are the cluster's bridges.
+        config.write_text(
+            'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "0.0.0.0"\nauth_tcp = "none"\n'
+            'auth_unix_rw = "none"\nunix_sock_group = "root"\n'
+            f'log_outputs = "3:file:{self.workdir / "libvirtd.log"}"\n',
+            encoding="utf-8",
+        )
+        for name, argv in (
+            (
+                "virtlogd",
+                ["virtlogd", "--daemon", "--pid-file", str(self.workdir / "virtlogd.pid")],
+            ),
+            (
+                "libvirtd",
+                [
+                    "libvirtd",
+                    "--daemon",
+                    "--listen",
+                    "--config",
+                    str(config),
+                    "--pid-file",
+                    str(self.workdir / "libvirtd.pid"),
+                ],
+            ),
+        ):
+            subprocess.run(self._netns(argv), check=True, timeout=timeout)
+            pid_file = self.workdir / f"{name}.pid"
+            pid = wait_for(partial(_read_pid, pid_file), timeout, 0.2)
+            if pid is None:
+                raise VagrantError(f"{name} wrote no pid file {pid_file}")
+            self._pids[name] = pid
+        if (
+            wait_for(lambda: True if self.virsh("version").returncode == 0 else None, timeout)
+            is None
+        ):
+            raise VagrantError(f"libvirtd does not answer; see {self.workdir / 'libvirtd.log'}")
+
+    def virsh(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``virsh -c qemu:///system ARGS`` (libvirtd's unix socket is the host's)."""
+        return subprocess.run(
+            ["virsh", "-c", LIBVIRT_URI, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def domains(self) -> list[str]:
+        """Every domain of the cluster libvirt knows (running or not)."""
+        done = self.virsh("list", "--all", "--name")
+        return [n for n in done.stdout.split() if n.startswith(DOMAIN_PREFIX)]
+
+    def running(self, machine: str) -> bool:
+        """Whether ``machine``'s domain runs."""
+        done = self.virsh("domstate", DOMAIN_PREFIX + machine)
+        return done.returncode == 0 and done.stdout.strip() == "running"
+
+    def leftovers(self) -> list[str]:
+        """What of the cluster libvirt still has: domains, networks and volumes."""
+        found = [f"domain {d}" for d in self.domains()]
+        networks = self.virsh("net-list", "--all", "--name").stdout.split()
+        found += [f"network {n}" for n in networks if n in NETWORKS]
+        pools = self.virsh("pool-list", "--all", "--name").stdout.split()
+        for pool in pools:
+            for volume in self._volumes(pool):
+                if volume.startswith(DOMAIN_PREFIX) or "VAGRANTSLASH" in volume:
+                    found.append(f"volume {pool}/{volume}")
+        return found
+
+    def _volumes(self, pool: str) -> list[str]:
+        done = self.virsh("vol-list", pool, "--details")
+        names = []
+        for line in done.stdout.splitlines()[2:]:
+            if line.strip():
+                names.append(line.split()[0])
+        return names
+
+    def stop_host(self) -> list[str]:
+        """Remove what libvirt still holds of the cluster, the daemons and the namespace.
+
+        Idempotent. Returns what could not be removed (empty when all went).
+        """
+        problems: list[str] = []
+        recorded = self.workdir / "host.json"
+        if not self._pids and recorded.exists():
+            state = json.loads(recorded.read_text(encoding="utf-8"))
+            self._etc_before = {Path(p) for p in state["etc_before"]}
+            self._made_run_dir = bool(state["made_run_dir"])
+            for name in ("libvirtd", "virtlogd"):
+                pid = _read_pid(self.workdir / f"{name}.pid")
+                if pid is not None:
+                    self._pids[name] = pid
+        if self._pids.get("libvirtd") and _pid_alive(self._pids["libvirtd"]):
+            for domain in self.domains():
+                self.virsh("destroy", domain)
+                done = self.virsh("undefine", domain, "--remove-all-storage", "--nvram")
+                if done.returncode != 0:
+                    self.virsh("undefine", domain)
+            for network in NETWORKS:
+                self.virsh("net-destroy", network)
+                self.virsh("net-undefine", network)
+            for pool in self.virsh("pool-list", "--all", "--name").stdout.split():
+                for volume in self._volumes(pool):
+                    # The machines' disks and the box's image vagrant-libvirt uploaded.
+                    if volume.startswith(DOMAIN_PREFIX) or "VAGRANTSLASH" in volume:
+                        self.virsh("vol-delete", "--pool", pool, volume)
+            problems += self.leftovers()
+            for pool in self.virsh("pool-list", "--all", "--name").stdout.split():
+                if not self._volumes(pool):
+                    self.virsh("pool-destroy", pool)
+                    self.virsh("pool-undefine", pool)
+        for name in ("libvirtd", "virtlogd"):
+            pid = self._pids.pop(name, None)
+            if pid is None or not _pid_alive(pid):
+                continue
+            os.kill(pid, signal.SIGTERM)
+            if wait_for(partial(_ended, pid), 30.0, 0.2) is None:
+                os.kill(pid, signal.SIGKILL)
+                problems.append(f"{name} (pid {pid}) did not end on SIGTERM; killed")
+        # Configuration libvirt persisted for what this run defined (the pool, the networks).
+        for path in set(_LIBVIRT_ETC.rglob("*.xml")) - self._etc_before:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if self._made_run_dir:
+            shutil.rmtree(_LIBVIRT_RUN, ignore_errors=True)
+        recorded.unlink(missing_ok=True)
+        if Path(f"/run/netns/{self.namespace}").exists():
+            left = subprocess.run(
+                ["ip", "netns", "pids", self.namespace], capture_output=True, text=True, check=False
+            ).stdout.split()
+            if left:
+                problems.append(f"processes still in {self.namespace}: {left}")
+            done = subprocess.run(
+                ["ip", "netns", "del", self.namespace], capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                problems.append(f"ip netns del {self.namespace}: {done.stderr.strip()}")
+        return problems
+
+    # ------------------------------------------------------------------ vagrant and ansible
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            VAGRANT_DEFAULT_PROVIDER="libvirt",
+            HAMTA_VAGRANT_DRIVER=self.driver,
+            LIBVIRT_DEFAULT_URI=LIBVIRT_URI,
+            ANSIBLE_CONFIG=str(self.vagrant_dir / "ansible.cfg"),
+            ANSIBLE_FORCE_COLOR="0",
+            ANSIBLE_NOCOLOR="1",
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _logged(self, argv: Sequence[str], log: str, timeout: float) -> tuple[int, str]:
+        path = self.workdir / log
+        with path.open("ab") as out:
+            out.write(f"\n$ {' '.join(argv)}\n".encode())
+            out.flush()
+            try:
+                done = subprocess.run(
+                    self._netns(argv),
+                    cwd=self.vagrant_dir,
+                    env=self._env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise VagrantError(f"{' '.join(argv)} ran over {timeout:g}s; see {path}") from None
+        text = path.read_text(errors="replace")
+        return done.returncode, text[text.rfind(f"$ {' '.join(argv)}") :]
+
+    def version(self) -> str:
+        """The checkout's version (pyproject.toml), the wheelhouse's name."""
+        project = tomllib.loads((self.checkout / "pyproject.toml").read_text(encoding="utf-8"))
+        return str(project["project"]["version"])
+
+    def build_wheels(self, timeout: float = 900.0) -> Path:
+        """Every wheel the hamta role installs, built here where a package index answers.
+
+        Built into a temporary directory and renamed, so that an interrupted build never
+        leaves a wheelhouse the role would take for complete.
+        """
+        house = self.dotfile / "wheelhouse" / self.version()
+        if (house / f"hamta-{self.version()}-py3-none-any.whl").exists():
+            return house
+        partial = house.with_name(house.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        done = subprocess.run(
+            [self.python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(partial), "."],
+            cwd=self.checkout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise VagrantError(f"pip wheel failed: {done.stderr.strip()[-2000:]}")
+        shutil.rmtree(house, ignore_errors=True)
+        partial.rename(house)
+        return house
+
+    def vagrant(self, *args: str, timeout: float = 3600.0) -> str:
+        """``vagrant ARGS`` in the namespace; its output, or VagrantError if it failed."""
+        code, output = self._logged(["vagrant", *args], "vagrant.log", timeout)
+        if code != 0:
+            raise VagrantError(
+                f"vagrant {' '.join(args)} exited with {code}; {self.workdir / 'vagrant.log'}:\n"
+                + "\n".join(output.splitlines()[-30:])
+            )
+        return output
+
+    def up(self, timeout: float = 3600.0) -> None:
+        """Build the wheels, then ``vagrant up``: the machines and the provisioning."""
+        self.build_wheels()
+        self.vagrant("up", timeout=timeout)
+
+    def destroy(self, timeout: float = 600.0) -> None:
+        """``vagrant destroy -f``."""
+        self.vagrant("destroy", "-f", timeout=timeout)
+
+    def playbook(self, playbook: str, *args: str, timeout: float = 3600.0) -> PlaybookRun:
+        """``ansible-playbook -i vagrant/inventory ansible/PLAYBOOK ARGS`` from the namespace."""
+        argv = [
+            "ansible-playbook",
+            "-i",
+            str(self.vagrant_dir / "inventory"),
+            str(self.checkout / "ansible" / playbook),
+            *args,
+        ]
+        code, output = self._logged(argv, "ansible.log", timeout)
+        changed, failed = parse_recap(output)
+        return PlaybookRun(code, output, changed, failed)
+
+    # ------------------------------------------------------------------ the machines
+
+    def key(self, machine: str) -> Path:
+        """The private key Vagrant put on ``machine`` for the vagrant user."""
+        return self.dotfile / "machines" / machine / "libvirt" / "private_key"
+
+    def ssh(
+        self, machine: str, command: str, *, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """``command`` on ``machine`` as the vagrant user (sudo as needed), over ssh."""
+        argv = [
+            "ssh",
+            "-i",
+            str(self.key(machine)),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "BatchMode=yes",
+            f"vagrant@{ADDRESSES[machine]}",
+            command,
+        ]
+        try:
+            return subprocess.run(
+                self._netns(argv), capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, 255, "", f"ssh timed out after {timeout}s")
+
+    def power_off(self, machine: str) -> None:
+        """``virsh destroy``: the machine's power is cut (no shutdown, no flush)."""
+        done = self.virsh("destroy", DOMAIN_PREFIX + machine)
+        if done.returncode != 0:
+            raise VagrantError(f"virsh destroy {machine}: {done.stderr.strip()}")
+
+    def power_on(self, machine: str) -> None:
+        """``virsh start``: boot the machine again (its services start at boot)."""
+        done = self.virsh("start", DOMAIN_PREFIX + machine)
+        if done.returncode != 0 and "already active" not in done.stderr:
+            raise VagrantError(f"virsh start {machine}: {done.stderr.strip()}")
+
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start ``argv`` on the host, in the cluster's namespace (``host`` is "client")."""
+        del host  # the host in the namespace is the only client there is
+        started: subprocess.Popen[bytes] = subprocess.Popen(self._netns(argv), **kwargs)
+        return started
+
+    def run(self, argv: Sequence[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """``argv`` on the host, in the cluster's namespace; its output."""
+        return subprocess.run(
+            self._netns(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def send(
+        self, count: int, *, domain: str = MAIL_DOMAIN, timeout: float = 120.0, connections: int = 1
+    ) -> SendResult:
+        """``count`` messages from the host to the virtual IP (``cluster.lab.client``)."""
+        argv = client.command(
+            self.python,
+            f"{self.vip}:25",
+            count,
+            domain=domain,
+            timeout=timeout,
+            connections=connections,
+        )
+        try:
+            done = self.run(argv, timeout=timeout + 30.0)
+        except subprocess.TimeoutExpired:
+            raise VagrantError(f"the client did not finish within {timeout + 30:g}s") from None
+        try:
+            return client.outcome(done)
+        except ValueError as exc:
+            raise VagrantError(f"the client failed: {exc}") from None
+
+    # ------------------------------------------------------------------ the pair's state
+
+    def agent_config(self) -> Path:
+        """The host's copy of mx1's agent configuration, for ``hamta cluster`` commands here.
+
+        The agent's own file names the node's paths; the copy points at a copy of the
+        ZooKeeper credentials instead.
+        """
+        config = self.workdir / "agent.toml"
+        if config.exists():
+            return config
+        files = {}
+        for name in ("agent.toml", "zk-credentials", "relay.toml"):
+            shown = self.ssh(MAIL_NODES[0], f"sudo cat /etc/hamta/{name}")
+            if shown.returncode != 0:
+                raise VagrantError(f"cannot read mx1's /etc/hamta/{name}: {shown.stderr.strip()}")
+            files[name] = shown.stdout
+        sections = tomllib.loads(files["agent.toml"])
+        secret = self.workdir / "zk-credentials"
+        secret.touch(mode=0o600)
+        secret.write_text(files["zk-credentials"], encoding="utf-8")
+        sections["agent"]["credentials"] = str(secret)
+        relay = self.workdir / "relay.toml"
+        relay.write_text(files["relay.toml"], encoding="utf-8")
+        sections["agent"]["relay_config"] = str(relay)
+        sections["agent"]["state_dir"] = str(self.workdir / "agent-state")
+        config.write_text(render_toml(sections), encoding="utf-8")
+        return config
+
+    def hamta(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``hamta ARGS --config <the host's agent.toml>`` from the namespace."""
+        argv = [self.python, "-m", "hamta.cli", *args, "--config", str(self.agent_config())]
+        try:
+            return self.run(argv, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout}s")
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """``hamta cluster status --json`` as ZooKeeper says it now; None if it cannot."""
+        done = self.hamta("cluster", "status", "--json", timeout=30.0)
+        if done.returncode != 0:
+            return None
+        try:
+            parsed = json.loads(done.stdout)
+        except ValueError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+
+    def active_node(self) -> str | None:
+        """The one node ZooKeeper shows active, fresh, holding the VIP, its relay ready."""
+        status = self.cluster_status()
+        if status is None:
+            return None
+        active = [
+            n["node"]
+            for n in status.get("nodes", [])
+            if n.get("role") == "active"
+            and n.get("fresh")
+            and n.get("vip")
+            and n.get("relay_ready")
+        ]
+        return active[0] if len(active) == 1 else None
+
+    def wait_active(self, timeout: float, *, other_than: str | None = None) -> str:
+        """Wait until one node is active (and, with ``other_than``, not that one)."""
+
+        def check() -> str | None:
+            node = self.active_node()
+            return node if node is not None and node != other_than else None
+
+        found = wait_for(check, timeout, 0.5)
+        if found is None:
+            raise VagrantError(
+                f"no node{' other than ' + other_than if other_than else ''} became active within "
+                f"{timeout:g}s; status: {self.cluster_status()}"
+            )
+        return found
+
+    def wait_passive(self, node: str, timeout: float) -> None:
+        """Wait until ``node`` is back in the cluster as a fresh passive node with its relay."""
+
+        def check() -> bool | None:
+            return True if is_standby(self.cluster_status(), node) else None
+
+        if wait_for(check, timeout, 1.0) is None:
+            raise VagrantError(f"{node} was not passive within {timeout:g}s")
+
+    def agent_log(self, node: str, since_wall: float) -> list[dict[str, Any]]:
+        """The agent's JSON lines on ``node`` since ``since_wall`` (from its journal)."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since_wall - 1.0))
+        done = self.ssh(
+            node, f"sudo TZ=UTC journalctl -u hamta-agent -o cat --no-pager --since '{since}'"
+        )
+        lines = []
+        for raw in done.stdout.splitlines():
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(raw)
+                if isinstance(parsed, dict):
+                    lines.append(parsed)
+        return lines
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        """Every message the arbiter's sink kept, as ``{"x_lab_id": ...}`` (the load's ids)."""
+        done = self.ssh(
+            ARBITER,
+            f"sudo find {SINK_MAILDIR}/new {SINK_MAILDIR}/cur -type f "
+            "-exec grep -h -m1 -i '^X-Lab-Id:' {} +",
+            timeout=300.0,
+        )
+        if done.returncode not in (0, 1):
+            raise VagrantError(f"cannot read the sink's Maildir: {done.stderr.strip()}")
+        return [
+            {"x_lab_id": line.split(":", 1)[1].strip()}
+            for line in done.stdout.splitlines()
+            if ":" in line
+        ]
