@@ -4,6 +4,10 @@ Marker ``vagrant``, left out of the default run (``addopts``); run it as root wi
 
     .venv/bin/pytest -m vagrant tests/test_vagrant_cluster.py
 
+While working on it, ``HAMTA_VAGRANT_WORKDIR=DIR`` keeps the harness's files in DIR and reuses
+a cluster an earlier run left there, and ``HAMTA_VAGRANT_KEEP=1`` leaves the cluster up at the
+end (``vagrant destroy -f`` and :meth:`VagrantCluster.stop_host` remove it later).
+
 It builds the box if Vagrant does not have it yet (``vagrant/build-box``), brings the cluster
 up from a network namespace with a libvirtd of its own (``cluster.lab.vagrant``), provisioned by
 ``ansible/site.yml``, and then, in order: mail through the virtual IP reaches the arbiter's
@@ -65,18 +69,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VagrantCluster
     boxes = subprocess.run(["vagrant", "box", "list"], capture_output=True, text=True, check=False)
     if BOX not in boxes.stdout:
         subprocess.run([str(ROOT / "vagrant" / "build-box")], check=True, timeout=1800)
-    machine = VagrantCluster(ROOT, tmp_path_factory.mktemp("vagrant"))
-    machine.start_host()
+    reuse = os.environ.get("HAMTA_VAGRANT_WORKDIR")
+    machine = VagrantCluster(ROOT, Path(reuse) if reuse else tmp_path_factory.mktemp("vagrant"))
+    keep = os.environ.get("HAMTA_VAGRANT_KEEP") == "1"
     try:
-        started = time.monotonic()
-        machine.up()
-        print(f"vagrant up: {time.monotonic() - started:.0f}s")
+        if not machine.attach():
+            machine.start_host()
+        if not all(machine.running(m) for m in (*MAIL_NODES, "arbiter")):
+            started = time.monotonic()
+            machine.up()
+            print(f"vagrant up: {time.monotonic() - started:.0f}s")
         yield machine
     finally:
-        with contextlib.suppress(VagrantError):
-            machine.destroy()
-        problems = machine.stop_host()
-        assert not problems, problems
+        if not keep:
+            with contextlib.suppress(VagrantError):
+                machine.destroy()
+            problems = machine.stop_host()
+            assert not problems, problems
 
 
 def _load(cluster: VagrantCluster, name: str, rate: float = 4.0) -> LoadRun:

@@ -240,6 +240,23 @@ class VagrantCluster:
         ):
             raise VagrantError(f"libvirtd does not answer; see {self.workdir / 'libvirtd.log'}")
 
+    def attach(self) -> bool:
+        """Take over the host side an earlier process started with this work directory.
+
+        True if its libvirtd still runs (then this object can drive and stop the cluster).
+        """
+        recorded = self.workdir / "host.json"
+        if not recorded.exists():
+            return False
+        state = json.loads(recorded.read_text(encoding="utf-8"))
+        self._etc_before = {Path(p) for p in state["etc_before"]}
+        self._made_run_dir = bool(state["made_run_dir"])
+        for name in ("libvirtd", "virtlogd"):
+            pid = _read_pid(self.workdir / f"{name}.pid")
+            if pid is not None and _pid_alive(pid):
+                self._pids[name] = pid
+        return "libvirtd" in self._pids
+
     def virsh(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """``virsh -c qemu:///system ARGS`` (libvirtd's unix socket is the host's)."""
         return subprocess.run(
@@ -287,14 +304,8 @@ class VagrantCluster:
         """
         problems: list[str] = []
         recorded = self.workdir / "host.json"
-        if not self._pids and recorded.exists():
-            state = json.loads(recorded.read_text(encoding="utf-8"))
-            self._etc_before = {Path(p) for p in state["etc_before"]}
-            self._made_run_dir = bool(state["made_run_dir"])
-            for name in ("libvirtd", "virtlogd"):
-                pid = _read_pid(self.workdir / f"{name}.pid")
-                if pid is not None:
-                    self._pids[name] = pid
+        if not self._pids:
+            self.attach()
         if self._pids.get("libvirtd") and _pid_alive(self._pids["libvirtd"]):
             for domain in self.domains():
                 self.virsh("destroy", domain)
