@@ -464,9 +464,14 @@ class VagrantPair(_AgentPair):
         )
 
     def restart(self, node: str, timeout: float) -> None:
-        """Power the machine on; wait until it is back as the passive node."""
+        """Power the machine on; wait until it is back as the passive node, resynced.
+
+        A node that was powered off is marked outdated until DRBD has resynced its disk: the
+        next power-off of its peer must find it able to take over.
+        """
         self.machines.power_on(node)
         self.machines.wait_passive(node, timeout)
+        self.machines.wait_ready_for_switchover(timeout)
 
 
 # ---------------------------------------------------------------------------- measuring

@@ -84,6 +84,11 @@ class StorageSection(_Section):
     fstype: str = "ext4"
     resource: str | None = None  # drbd
     spool: str = "spool"  # the relay's spool, inside the mount (or the directory)
+    # blockdev, drbd: the time limit of each command (mount, umount, sync, drbdadm) and of
+    # fsck. `drbdadm primary` waits for DRBD's fence-peer handler when the peer is unreachable:
+    # on a slow machine (a TCG guest) that handler's start alone can take 10 s.
+    timeout: PositiveSeconds = 20.0
+    fsck_timeout: PositiveSeconds = 35.0
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``cluster.storage.storage_from_config``."""
@@ -97,6 +102,8 @@ class StorageSection(_Section):
             "device": self.device,
             "mountpoint": self.mountpoint,
             "fstype": self.fstype,
+            "timeout": self.timeout,
+            "fsck_timeout": self.fsck_timeout,
         }
         if self.driver == "drbd":
             if not self.resource:

@@ -18,15 +18,14 @@ from chaos.cli import add_chaos_commands
 from cluster.cli import add_cluster_commands
 from cluster.lab.cli import add_lab_commands
 from hamta import capacity, eventlog
-from hamta.admin import start_admin
 from hamta.config import Config, ConfigError, load_config
-from hamta.control import start_control
 from hamta.control_client import ControlError, send_command
-from hamta.queue import recipient_domain
-from hamta.relay import Relay, RelayError, RelayState
 from hamta.reputation_cli import add_reputation_commands
-from hamta.spool import LiveMessage, load_state
-from hamta.workers import SHARD_PREFIX, WorkerPool, control_path, die_with_parent
+
+# The relay itself (hamta.relay, the admin server with aiohttp, the spool, the workers) is
+# imported by the commands that run or read it, not here: every other command, DRBD's
+# fence-peer handler among them, starts in a fraction of the time, which on a slow machine
+# (20 s instead of 8 s under TCG) decides whether a takeover fits its step's time limit.
 
 try:
     import uvloop
@@ -46,6 +45,11 @@ def _load(path: Path | None) -> Config:
 
 
 async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
+    from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
+    from hamta.control import start_control  # noqa: PLC0415
+    from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
+    from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
+
     eventlog.configure(config.log.level, config.log.file)
     pool = None
     if worker == 0 and config.node.workers > 1:
@@ -131,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``hamta serve``: run the relay (or a warm standby) until SIGTERM."""
     config = _load(args.config)
     if args.worker:
+        from hamta.workers import die_with_parent  # noqa: PLC0415 - see the imports at the top
+
         # A worker of a multi-process relay: it goes when the relay that started it goes.
         die_with_parent()
     return _run(_serve(config, args.standby or bool(args.worker), args.config, args.worker))
@@ -175,6 +181,10 @@ def _queue_from_admin(listen: str) -> dict[str, Any] | None:
 
 
 def _queue_from_spool(path: Path) -> dict[str, Any]:
+    from hamta.queue import recipient_domain  # noqa: PLC0415 - see the imports at the top
+    from hamta.spool import LiveMessage, load_state  # noqa: PLC0415
+    from hamta.workers import SHARD_PREFIX  # noqa: PLC0415
+
     domains: dict[str, dict[str, int]] = {}
     depth = 0
     shards = [path, *sorted(path.glob(f"{SHARD_PREFIX}*"))]

@@ -132,7 +132,7 @@ def test_up_serves_mail_through_the_vip(cluster: VagrantCluster) -> None:
 def test_power_off_active_machine_peer_takes_over_drbd(cluster: VagrantCluster) -> None:
     """``virsh destroy`` of the active machine under load: the peer promotes DRBD and serves."""
     source = cluster.wait_active(TAKEOVER_TIMEOUT)
-    target = next(n for n in MAIL_NODES if n != source)
+    target = cluster.wait_ready_for_switchover(REJOIN_TIMEOUT)
     load = _load(cluster, "power-off")
     try:
         _wait_acked(load, 120.0)
@@ -159,6 +159,7 @@ def test_power_off_active_machine_peer_takes_over_drbd(cluster: VagrantCluster) 
 def test_switchover_playbook_hands_over(cluster: VagrantCluster) -> None:
     """``switchover.yml`` moves the active role to the peer, under load, losing nothing."""
     source = cluster.wait_active(TAKEOVER_TIMEOUT)
+    cluster.wait_ready_for_switchover(REJOIN_TIMEOUT)
     load = _load(cluster, "switchover")
     try:
         _wait_acked(load, 120.0)
@@ -173,6 +174,7 @@ def test_switchover_playbook_hands_over(cluster: VagrantCluster) -> None:
 
 def test_rolling_upgrade_keeps_serving(cluster: VagrantCluster) -> None:
     """``rolling-upgrade.yml``: passive first, switch over, then the other; mail keeps flowing."""
+    cluster.wait_ready_for_switchover(REJOIN_TIMEOUT)
     load = _load(cluster, "upgrade")
     try:
         _wait_acked(load, 120.0)

@@ -62,7 +62,10 @@ HAMTA = "/opt/hamta/bin/hamta"
 LIBVIRT_URI = "qemu:///system"
 
 _LIBVIRT_RUN = Path("/run/libvirt")
-_LIBVIRT_ETC = Path("/etc/libvirt")
+# Where libvirtd persists configuration and state, and where it logs: what a run adds there is
+# removed again (the logs are moved into the work directory).
+_LIBVIRT_TREES = (Path("/etc/libvirt"), Path("/var/lib/libvirt"), Path("/var/log/libvirt"))
+_LIBVIRT_LOGS = Path("/var/log/libvirt")
 _RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 _T = TypeVar("_T")
 
@@ -122,6 +125,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _libvirt_paths() -> set[Path]:
+    return {p for tree in _LIBVIRT_TREES if tree.exists() for p in tree.rglob("*")}
+
+
 def _ended(pid: int) -> bool | None:
     return True if not _pid_alive(pid) else None
 
@@ -161,7 +168,7 @@ class VagrantCluster:
         workdir.mkdir(parents=True, exist_ok=True)
         self._pids: dict[str, int] = {}
         self._made_run_dir = False
-        self._etc_before: set[Path] = set()
+        self._paths_before: set[Path] = set()
 
     # ------------------------------------------------------------------ the host side
 
@@ -188,12 +195,12 @@ class VagrantCluster:
             )
         # Recorded in the work directory too: stop_host of a later process (after a crash of
         # this one) then removes exactly what this run added.
-        self._etc_before = set(_LIBVIRT_ETC.rglob("*.xml"))
+        self._paths_before = _libvirt_paths()
         self._made_run_dir = not _LIBVIRT_RUN.exists()
         (self.workdir / "host.json").write_text(
             json.dumps(
                 {
-                    "etc_before": sorted(map(str, self._etc_before)),
+                    "paths_before": sorted(map(str, self._paths_before)),
                     "made_run_dir": self._made_run_dir,
                 }
             ),
@@ -249,7 +256,7 @@ class VagrantCluster:
         if not recorded.exists():
             return False
         state = json.loads(recorded.read_text(encoding="utf-8"))
-        self._etc_before = {Path(p) for p in state["etc_before"]}
+        self._paths_before = {Path(p) for p in state["paths_before"]}
         self._made_run_dir = bool(state["made_run_dir"])
         for name in ("libvirtd", "virtlogd"):
             pid = _read_pid(self.workdir / f"{name}.pid")
@@ -333,10 +340,20 @@ class VagrantCluster:
             if wait_for(partial(_ended, pid), 30.0, 0.2) is None:
                 os.kill(pid, signal.SIGKILL)
                 problems.append(f"{name} (pid {pid}) did not end on SIGTERM; killed")
-        # Configuration libvirt persisted for what this run defined (the pool, the networks).
-        for path in set(_LIBVIRT_ETC.rglob("*.xml")) - self._etc_before:
+        # What libvirt persisted for this run (the pool, the networks, their directories) goes;
+        # the machines' qemu logs are kept with the run's other logs.
+        added = sorted(
+            _libvirt_paths() - self._paths_before, key=lambda p: len(p.parts), reverse=True
+        )
+        for path in added:
             with contextlib.suppress(OSError):
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                elif path.is_relative_to(_LIBVIRT_LOGS):
+                    (self.workdir / "libvirt-logs").mkdir(exist_ok=True)
+                    shutil.move(path, self.workdir / "libvirt-logs" / path.name)
+                else:
+                    path.unlink()
         if self._made_run_dir:
             shutil.rmtree(_LIBVIRT_RUN, ignore_errors=True)
         recorded.unlink(missing_ok=True)
@@ -396,12 +413,13 @@ class VagrantCluster:
     def build_wheels(self, timeout: float = 900.0) -> Path:
         """Every wheel the hamta role installs, built here where a package index answers.
 
-        Built into a temporary directory and renamed, so that an interrupted build never
-        leaves a wheelhouse the role would take for complete.
+        Built afresh every time (the role keys its wheelhouse and archive by version only, and
+        the checkout may have changed since the last build without a new version), into a
+        temporary directory renamed once complete, so that an interrupted build never leaves a
+        wheelhouse the role would take for complete.
         """
         house = self.dotfile / "wheelhouse" / self.version()
-        if (house / f"hamta-{self.version()}-py3-none-any.whl").exists():
-            return house
+        house.with_name(house.name + ".tar").unlink(missing_ok=True)
         partial = house.with_name(house.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -616,6 +634,34 @@ class VagrantCluster:
 
         if wait_for(check, timeout, 1.0) is None:
             raise VagrantError(f"{node} was not passive within {timeout:g}s")
+
+    def wait_ready_for_switchover(self, timeout: float) -> str:
+        """Wait until the passive node may be handed the cluster; return it.
+
+        Beyond :meth:`wait_passive`: out of its cooldown, and not marked outdated (a node that
+        was powered off is until DRBD's resync has made its disk current again).
+        """
+
+        def check() -> str | None:
+            status = self.cluster_status()
+            if status is None:
+                return None
+            for member in status.get("nodes", []):
+                node = str(member.get("node"))
+                if (
+                    is_standby(status, node)
+                    and not member.get("cooldown")
+                    and node not in status.get("outdated", [])
+                ):
+                    return node
+            return None
+
+        found = wait_for(check, timeout, 2.0)
+        if found is None:
+            raise VagrantError(
+                f"no passive node was ready within {timeout:g}s: {self.cluster_status()}"
+            )
+        return found
 
     def agent_log(self, node: str, since_wall: float) -> list[dict[str, Any]]:
         """The agent's JSON lines on ``node`` since ``since_wall`` (from its journal)."""
