@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import syslog
 from pathlib import Path
 
 from cluster.config import AgentConfig, ConfigError, load_agent_config
@@ -146,7 +147,17 @@ def cmd_drbd(args: argparse.Namespace) -> int:
     except CoordinationError as exc:
         # DRBD reads a failure as "could not fence": it keeps I/O frozen or refuses to promote.
         verdict = drbd_handlers.Verdict(drbd_handlers.EXIT_FAILED, f"ZooKeeper: {exc}")
-    print(f"hamta drbd {args.action}: {verdict.message}", file=sys.stderr)
+    except Exception as exc:  # DRBD must get a failure it can act on, and the log why
+        verdict = drbd_handlers.Verdict(
+            drbd_handlers.EXIT_FAILED, f"failed: {type(exc).__name__}: {exc}"
+        )
+    message = f"hamta drbd {args.action}: {verdict.message} (exit {verdict.code})"
+    if sys.stderr is not None:
+        print(message, file=sys.stderr)
+    # DRBD runs its handlers from the kernel, with no standard output or error: only the
+    # system log (the journal) keeps what the handler decided and why.
+    syslog.openlog("hamta-drbd", syslog.LOG_PID, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_ERR if verdict.code == 1 else syslog.LOG_NOTICE, message)
     return verdict.code
 
 

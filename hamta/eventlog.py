@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import orjson
 import structlog
@@ -42,11 +42,21 @@ def _add_pid(
     return event
 
 
+def _standard_stream() -> BinaryIO:
+    # A process started without file descriptors 1 and 2 (DRBD runs its handlers so, from the
+    # kernel) has sys.stdout and sys.stderr set to None: its lines go nowhere rather than
+    # crash the command that logs them.
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            return stream.buffer
+    return open(os.devnull, "wb")  # lives as long as the process
+
+
 def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
     """Send JSON lines to ``file`` (appended, a line at a time) or standard output."""
     stream: IO[bytes]
     if file is None:
-        stream = sys.stdout.buffer
+        stream = _standard_stream()
     else:
         file.parent.mkdir(parents=True, exist_ok=True)
         # Unbuffered: each event is one write(2) of one whole line, so several processes may
@@ -77,4 +87,7 @@ def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
 
 def get_logger(**bound: Any) -> Any:
     """A structlog logger with ``bound`` fields on every line."""
+    if sys.stdout is None and not structlog.is_configured():
+        # structlog's default prints to sys.stdout, which such a process does not have.
+        configure()
     return structlog.get_logger("hamta").bind(**bound)

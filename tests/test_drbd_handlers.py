@@ -85,6 +85,32 @@ def test_the_leader_outdates_its_peer_until_a_resync_clears_the_mark(
     assert drbd("unfence", config(tmp_path, "b", name, zookeeper.hosts)).returncode == 0
 
 
+def test_run_as_the_kernel_runs_it_without_standard_streams_the_handler_still_fences(
+    zookeeper: ZooKeeperEnsemble, cluster: tuple[str, Coordinator, Coordinator], tmp_path: Path
+) -> None:
+    """DRBD starts its handlers from the kernel with no file descriptors 0-2 and a bare
+    environment: the handler must still decide (it crashed on structlog's missing stdout, and
+    DRBD refused every promotion with "peer is not outdated")."""
+    name, _, b = cluster
+    config_file = config(tmp_path, "a", name, zookeeper.hosts)
+    argv = " ".join([*HAMTA, "drbd", "fence-peer", "--config", str(config_file)])
+    done = subprocess.run(
+        ["/bin/sh", "-c", f"exec 0<&- 1>&- 2>&- {argv}"],
+        env={
+            "HOME": "/",
+            "TERM": "linux",
+            "PATH": "/sbin:/usr/sbin:/bin:/usr/bin",
+            "DRBD_RESOURCE": "r0",
+            "DRBD_MINOR": "0",
+            "DRBD_PEER": "b",
+        },
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 4
+    assert b.view().outdated == frozenset({"b"})
+
+
 def test_a_split_brain_is_reported_until_an_operator_clears_it(
     zookeeper: ZooKeeperEnsemble, cluster: tuple[str, Coordinator, Coordinator], tmp_path: Path
 ) -> None:
