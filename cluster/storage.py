@@ -36,6 +36,8 @@ MOUNTINFO: Final = Path("/proc/self/mountinfo")
 # A killed tool normally exits at once; one stuck in the kernel (dead device) is left behind.
 _REAP_GRACE: Final = 2.0
 _UPTODATE: Final = "UpToDate"
+_PRIMARY: Final = "Primary"
+_PEER_POLL: Final = 0.2
 
 
 class StorageError(Exception):
@@ -343,9 +345,13 @@ class DrbdStorage(Storage):
         timeout: float = 20.0,
         check: bool = True,
         fsck_timeout: float = 35.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.resource = resource
         self.timeout = timeout
+        self._clock = clock
+        self._sleep = sleep
         self.filesystem = BlockDeviceStorage(
             device,
             mountpoint,
@@ -370,8 +376,28 @@ class DrbdStorage(Storage):
                 f"DRBD resource {self.resource} is {'/'.join(stale)} locally, not UpToDate; "
                 "refusing to become primary"
             )
+        self._await_peer_not_primary()
         self._drbdadm("primary")
         return self.filesystem.promote()
+
+    def _await_peer_not_primary(self) -> None:
+        # The takeover starts when the old node's ZooKeeper session ends, and its fence may
+        # have cut the power already; DRBD learns that its peer is gone on its own clock (the
+        # resource's ping-int and ping-timeout), and until then it sees a Primary peer and
+        # refuses `drbdadm primary` ("peer is not outdated"). Measured on the Vagrant cluster:
+        # DRBD's default 10 s ping interval lost the first attempt and a 30 s cooldown. A peer
+        # that stays Primary past the time limit is alive and connected: never promote then.
+        deadline = self._clock() + self.timeout
+        while True:
+            roles = peer_roles(self._drbdadm("role").stdout)
+            if _PRIMARY not in roles:
+                return
+            if self._clock() >= deadline:
+                raise StorageError(
+                    f"DRBD resource {self.resource}: the peer is still Primary after "
+                    f"{self.timeout:g}s; refusing to become primary beside it"
+                )
+            self._sleep(_PEER_POLL)
 
     def release(self) -> None:
         """Unmount, then ``drbdadm secondary`` (a no-op for a resource that is secondary)."""
@@ -392,6 +418,11 @@ class DrbdStorage(Storage):
         if done.returncode != 0:
             raise StorageError(f"drbdadm {command} {self.resource} failed: {_output(done)}")
         return done
+
+
+def peer_roles(role_output: str) -> list[str]:
+    """The peer's role of each volume in ``drbdadm role`` output ("Secondary/Primary")."""
+    return [line.split("/")[1].strip() for line in role_output.splitlines() if "/" in line]
 
 
 def local_disk_states(dstate_output: str) -> list[str]:

@@ -29,6 +29,7 @@ from cluster.storage import (
     StorageError,
     local_disk_states,
     mounts,
+    peer_roles,
     run_command,
     storage_from_config,
 )
@@ -338,6 +339,78 @@ def test_local_disk_states_of_drbdadm_dstate() -> None:
     assert local_disk_states("Outdated/DUnknown\nUpToDate/UpToDate\n") == ["Outdated", "UpToDate"]
     assert local_disk_states("Diskless\n") == ["Diskless"]
     assert local_disk_states("\n") == []
+
+
+def test_peer_roles_of_drbdadm_role() -> None:
+    assert peer_roles("Secondary/Primary\n") == ["Primary"]
+    assert peer_roles("Secondary/Unknown\nSecondary/Secondary\n") == ["Unknown", "Secondary"]
+    assert peer_roles("\n") == []
+
+
+class _Clock:
+    """Monotonic time that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _drbdadm_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, primary_roles: int) -> Path:
+    """A ``drbdadm`` first on PATH that reports the peer Primary ``primary_roles`` times.
+
+    This host's kernel has no DRBD module; the real one runs in the Vagrant cluster's machines
+    (tests/test_vagrant_cluster.py). This stand-in answers as DRBD 8.4 does and logs each call.
+    """
+    calls = tmp_path / "calls"
+    tool = tmp_path / "bin" / "drbdadm"
+    tool.parent.mkdir()
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'echo "$1" >> {calls}\n'
+        'case "$1" in\n'
+        "  dstate) echo UpToDate/DUnknown ;;\n"
+        f'  role) n=$(grep -c "^role$" {calls}); '
+        f'if [ "$n" -le {primary_roles} ]; then echo Secondary/Primary; '
+        "else echo Secondary/Unknown; fi ;;\n"
+        "  primary) ;;\n"
+        "esac\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    return calls
+
+
+def test_drbd_waits_until_drbd_itself_has_lost_the_fenced_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DRBD sees a powered-off peer as Primary until its ping times out: promotion waits."""
+    calls = _drbdadm_on_path(tmp_path, monkeypatch, primary_roles=3)
+    clock = _Clock()
+    storage = DrbdStorage(
+        "r0", tmp_path / "no-device", tmp_path / "mnt", clock=clock, sleep=clock.sleep
+    )
+    with pytest.raises(StorageError):  # the stand-in has no device to mount
+        storage.promote()
+    assert calls.read_text().split() == ["dstate", "role", "role", "role", "role", "primary"]
+    assert clock.now == pytest.approx(0.6)
+
+
+def test_drbd_never_promotes_beside_a_peer_that_stays_primary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _drbdadm_on_path(tmp_path, monkeypatch, primary_roles=10_000)
+    clock = _Clock()
+    storage = DrbdStorage(
+        "r0", tmp_path / "dev", tmp_path / "mnt", timeout=5.0, clock=clock, sleep=clock.sleep
+    )
+    with pytest.raises(StorageError, match="the peer is still Primary after 5s"):
+        storage.promote()
+    assert "primary" not in calls.read_text().split()
 
 
 @pytest.mark.root
