@@ -1094,13 +1094,19 @@ def run_on_vagrant(args: argparse.Namespace, out: IO[str], base: Path, started: 
         ok = False
     finally:
         with shielded():
-            with contextlib.suppress(VagrantError):
-                machines.destroy()
-            problems = machines.stop_host()
-            if problems:
-                say(f"cluster down: left {problems}")
-                ok = False
-            if args.keep:
+            if args.keep_cluster:
+                say(
+                    f"cluster kept up; reuse it with HAMTA_VAGRANT_WORKDIR={machines.workdir} "
+                    "pytest -m vagrant, which destroys it at the end"
+                )
+            else:
+                with contextlib.suppress(VagrantError):
+                    machines.destroy()
+                problems = machines.stop_host()
+                if problems:
+                    say(f"cluster down: left {problems}")
+                    ok = False
+            if args.keep or args.keep_cluster:
                 say(f"kept {base}")
             else:
                 shutil.rmtree(base, ignore_errors=True)
@@ -1145,6 +1151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--namespace", default=VAGRANT_NAMESPACE, help="vagrant: the network namespace to use"
+    )
+    parser.add_argument(
+        "--keep-cluster",
+        action="store_true",
+        help="vagrant: leave the cluster up (and its work directory) for pytest -m vagrant",
     )
     args = parser.parse_args(argv)
     if args.queued is None:

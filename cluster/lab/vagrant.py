@@ -358,17 +358,26 @@ class VagrantCluster:
             shutil.rmtree(_LIBVIRT_RUN, ignore_errors=True)
         recorded.unlink(missing_ok=True)
         if Path(f"/run/netns/{self.namespace}").exists():
-            left = subprocess.run(
-                ["ip", "netns", "pids", self.namespace], capture_output=True, text=True, check=False
-            ).stdout.split()
-            if left:
-                problems.append(f"processes still in {self.namespace}: {left}")
+            # Only this run's processes live in its namespace: what is left there (Ansible's
+            # ssh ControlPersist masters, a vagrant that was interrupted) is ended by pid.
+            left = self._namespace_pids()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            if wait_for(lambda: True if not self._namespace_pids() else None, 10.0, 0.2) is None:
+                problems.append(f"processes still in {self.namespace}: {self._namespace_pids()}")
             done = subprocess.run(
                 ["ip", "netns", "del", self.namespace], capture_output=True, text=True, check=False
             )
             if done.returncode != 0:
                 problems.append(f"ip netns del {self.namespace}: {done.stderr.strip()}")
         return problems
+
+    def _namespace_pids(self) -> list[int]:
+        done = subprocess.run(
+            ["ip", "netns", "pids", self.namespace], capture_output=True, text=True, check=False
+        )
+        return [int(pid) for pid in done.stdout.split() if pid.isdigit()]
 
     # ------------------------------------------------------------------ vagrant and ansible
 
