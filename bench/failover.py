@@ -112,7 +112,7 @@ from cluster.lab.history import (
 )
 from cluster.lab.lab import describe
 from cluster.lab.topology import CLIENT, DOMAIN, NODES
-from cluster.lab.vagrant import MAIL_DOMAIN, VagrantCluster, VagrantError
+from cluster.lab.vagrant import ARBITER, MAIL_DOMAIN, MAIL_NODES, VagrantCluster, VagrantError
 from cluster.lab.vagrant import NAMESPACE as VAGRANT_NAMESPACE
 from cluster.operator import is_standby
 
@@ -721,8 +721,13 @@ def run_vagrant(machines: VagrantCluster, args: argparse.Namespace, result: Part
     """
     say(f"hamta: the Vagrant cluster ({machines.driver}) from namespace {machines.namespace}")
     started = time.monotonic()
-    machines.up()
+    if all(machines.running(m) for m in (*MAIL_NODES, ARBITER)):
+        say("  the machines run already (--reuse): not brought up again")
+    else:
+        machines.up()
     active = machines.wait_active(VAGRANT_TIMEOUT)
+    # The first power-off needs a peer that can take over: passive, resynced, out of cooldown.
+    machines.wait_ready_for_switchover(VAGRANT_STANDBY_TIMEOUT)
     config = load_agent_config(machines.agent_config())
     settle = float(config.agent.min_failover_interval) + SETTLE_MARGIN
     not_before = time.monotonic() + settle
@@ -1078,16 +1083,16 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
 def run_on_vagrant(args: argparse.Namespace, out: IO[str], base: Path, started: float) -> int:
     """The benchmark on the Vagrant cluster; always destroyed afterwards, like the lab."""
     checkout = Path(cluster.__file__).resolve().parent.parent
-    machines = VagrantCluster(
-        checkout, base / "vagrant", namespace=args.namespace, driver=args.driver
-    )
+    workdir = args.reuse or base / "vagrant"
+    machines = VagrantCluster(checkout, workdir, namespace=args.namespace, driver=args.driver)
     say(f"work directory: {machines.workdir}")
     say(f"load average before the run: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     hamta = PartResult("hamta")
     missing = "not on the Vagrant cluster (the baseline runs in the lab)"
     ok = True
     try:
-        machines.start_host()
+        if args.reuse is None or not machines.attach():
+            machines.start_host()
         run_vagrant(machines, args, hamta)
     except (BenchError, VagrantError, ConfigError, OSError, subprocess.SubprocessError) as exc:
         hamta.error = str(exc)
@@ -1160,6 +1165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--keep-cluster",
         action="store_true",
         help="vagrant: leave the cluster up (and its work directory) for pytest -m vagrant",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="vagrant: the work directory of a cluster left up by --keep-cluster",
     )
     args = parser.parse_args(argv)
     if args.queued is None:
