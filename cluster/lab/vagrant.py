@@ -560,20 +560,27 @@ class VagrantCluster:
     # ------------------------------------------------------------------ the pair's state
 
     def agent_config(self) -> Path:
-        """The host's copy of mx1's agent configuration, for ``hamta cluster`` commands here.
+        """The host's copy of a mail node's agent configuration, for ``hamta cluster`` here.
 
         The agent's own file names the node's paths; the copy points at a copy of the
-        ZooKeeper credentials instead.
+        ZooKeeper credentials instead. Read from whichever mail node answers (one may be off).
         """
         config = self.workdir / "agent.toml"
         if config.exists():
             return config
-        files = {}
-        for name in ("agent.toml", "zk-credentials", "relay.toml"):
-            shown = self.ssh(MAIL_NODES[0], f"sudo cat /etc/hamta/{name}")
-            if shown.returncode != 0:
-                raise VagrantError(f"cannot read mx1's /etc/hamta/{name}: {shown.stderr.strip()}")
-            files[name] = shown.stdout
+        files: dict[str, str] = {}
+        problems = []
+        for node in MAIL_NODES:
+            for name in ("agent.toml", "zk-credentials", "relay.toml"):
+                shown = self.ssh(node, f"sudo cat /etc/hamta/{name}")
+                if shown.returncode != 0:
+                    problems.append(f"{node}:/etc/hamta/{name}: {shown.stderr.strip()}")
+                    break
+                files[name] = shown.stdout
+            else:
+                break
+        else:
+            raise VagrantError(f"cannot read an agent configuration: {problems}")
         sections = tomllib.loads(files["agent.toml"])
         secret = self.workdir / "zk-credentials"
         secret.touch(mode=0o600)
