@@ -443,7 +443,13 @@ class VagrantPair(_AgentPair):
         self.machines = machines
 
     def active(self, timeout: float) -> str:
-        """The node ZooKeeper shows active, holding the VIP, its relay ready."""
+        """The node ZooKeeper shows active, once its peer is a resynced standby.
+
+        Never the last node standing: on an overloaded host an active node may give up (its
+        relay unhealthy), take over again and fence its peer meanwhile; cutting its power then
+        would measure an outage, not a failover (seen once beside a CI run).
+        """
+        self.machines.wait_ready_for_switchover(VAGRANT_STANDBY_TIMEOUT)
         return self.machines.wait_active(timeout)
 
     def kill(self, node: str) -> None:
