@@ -229,8 +229,9 @@ class Agent:
             changed = self.health.update(False, False, 0, active)
         else:
             try:
+                agent = self.config.agent
                 status = await self.relay.status(
-                    timeout=max(0.2, self.config.agent.health_interval)
+                    timeout=agent.health_timeout or max(0.2, agent.health_interval)
                 )
                 changed = self.health.update(
                     True, bool(status.get("ready")), int(status.get("depth", 0)), active

@@ -55,6 +55,9 @@ class AgentSection(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     heartbeat: PositiveSeconds = 1.0
     health_interval: PositiveSeconds = 0.5
+    # How long one readiness check waits for the relay's answer (default: the interval). A
+    # slow machine (a TCG guest under load) answers in more than 0.5 s while serving fine.
+    health_timeout: PositiveSeconds | None = None
     relay_failure_limit: Positive = 3
     relay_restart_limit: Annotated[int, Field(ge=0)] = 2
     relay_restart_window: Seconds = 300.0

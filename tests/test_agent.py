@@ -7,6 +7,7 @@ IP, block device, namespaces, partitions) is tested in test_lab.py.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -42,7 +43,13 @@ class Pair:
     """Two agent nodes, ZooKeeper credentials, and an operator's view of the cluster."""
 
     def __init__(
-        self, tmp_path: Path, zookeeper: str, dns: DnsServer, mx_port: int, cluster: str
+        self,
+        tmp_path: Path,
+        zookeeper: str,
+        dns: DnsServer,
+        mx_port: int,
+        cluster: str,
+        agent: dict[str, Any] | None = None,
     ) -> None:
         self.credentials = tmp_path / "zk-credentials"
         self.credentials.write_text(f"hamta:{cluster}-secret\n")
@@ -64,7 +71,7 @@ class Pair:
                 shared_spool=tmp_path / "shared",
                 credentials=self.credentials,
                 relay=relay,
-                agent={"cluster": cluster},
+                agent={"cluster": cluster, **(agent or {})},
             )
             for name, host in NODE_HOSTS.items()
         }
@@ -124,9 +131,14 @@ def pair(
     mx_port: int,
     request: pytest.FixtureRequest,
 ) -> Iterator[Pair]:
-    """Two agents in a cluster of their own (named after the test), stopped at the end."""
+    """Two agents in a cluster of their own (named after the test), stopped at the end.
+
+    A test's ``agent_settings`` mark adds keys to both agents' ``[agent]`` section.
+    """
     name = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]
-    built = Pair(tmp_path, zookeeper.hosts, dns_server, mx_port, name)
+    mark = request.node.get_closest_marker("agent_settings")
+    agent = dict(mark.args[0]) if mark is not None else {}
+    built = Pair(tmp_path, zookeeper.hosts, dns_server, mx_port, name, agent)
     try:
         yield built
     finally:
@@ -257,6 +269,43 @@ def test_pause_stops_automatic_failover_until_resumed(pair: Pair) -> None:
     resumed = second.cli("cluster", "resume")
     assert resumed.returncode == 0, resumed.stderr
     assert pair.wait_active(timeout=20) is second
+
+
+def _freeze_relay(node: AgentNode, seconds: float) -> None:
+    """Stop the node's relay process (SIGSTOP) for ``seconds``: a relay too slow to answer."""
+    pids = node.relay_pids()
+    assert pids, "the active node runs no relay"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the outage being simulated, not a synchronisation
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.agent_settings({"health_timeout": "8s"})
+def test_a_relay_slower_than_the_check_interval_but_within_health_timeout_keeps_leadership(
+    pair: Pair,
+) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    _freeze_relay(first, 4.0)  # 8 checks' worth at the 500 ms interval
+    wait_for(first.accepts_mail, 20, "the relay serving again")
+    assert pair.roles() == {first.name: Role.ACTIVE, second.name: Role.PASSIVE}
+    assert not [d for d in first.events("Decision") if d["trigger"] == "relay_unhealthy"]
+
+
+def test_a_relay_that_stops_answering_makes_the_node_give_up_leadership(pair: Pair) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    _freeze_relay(first, 4.0)  # three failed checks (500 ms wait, 500 ms apart) in 3 s
+    assert pair.wait_active(timeout=40, not_=first.name) is second
+    assert [d for d in first.events("Decision") if d["trigger"] == "relay_unhealthy"]
 
 
 def test_a_graceful_stop_of_the_active_agent_hands_over_at_once(pair: Pair) -> None:
