@@ -163,7 +163,7 @@ def test_switchover_playbook_hands_over(cluster: VagrantCluster) -> None:
     load = _load(cluster, "switchover")
     try:
         _wait_acked(load, 120.0)
-        run = cluster.playbook("switchover.yml", "-e", "switchover_timeout_s=180")
+        run = cluster.playbook("switchover.yml")
         assert run.ok, run.output[-3000:]
         assert cluster.wait_active(TAKEOVER_TIMEOUT, other_than=source) != source
         time.sleep(5.0)
@@ -178,7 +178,7 @@ def test_rolling_upgrade_keeps_serving(cluster: VagrantCluster) -> None:
     load = _load(cluster, "upgrade")
     try:
         _wait_acked(load, 120.0)
-        run = cluster.playbook("rolling-upgrade.yml", "-e", "switchover_timeout_s=180")
+        run = cluster.playbook("rolling-upgrade.yml")
         assert run.ok, run.output[-3000:]
         cluster.wait_active(TAKEOVER_TIMEOUT)
     finally:
