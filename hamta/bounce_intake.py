@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hamta.bounce_classes import BounceClassifier, DsnRecipient, parse_dsn
-from hamta.complaints import QUARANTINE_DIR, quarantine_refusal, write_durably
 from hamta.metrics import RelayMetrics
-from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
+from hamta.report_quarantine import ReportQuarantine, kept_reply
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SUPPRESSED_BOUNCE_CLASS, SuppressionError, Suppressions, normalize
 
@@ -44,12 +43,18 @@ class BounceIntake:
         guard: Callable[[], str | None] | None = None,
         min_free: int = 0,
     ) -> None:
-        self.min_free = min_free
         self.address = normalize(address)
         self._local, _, self._domain = self.address.rpartition("@")
         self.classifier = classifier
         self.suppressions = suppressions
-        self.quarantine = spool_root / QUARANTINE_DIR
+        self.quarantine = ReportQuarantine.on_spool(
+            spool_root,
+            min_free,
+            log,
+            guard,
+            not_recorded_reply=REPLY_NOT_RECORDED,
+            not_recorded_event="BounceNotRecorded",
+        )
         self.metrics = metrics
         self.log = log
         self.guard = guard
@@ -112,18 +117,10 @@ class BounceIntake:
         )
 
     async def _quarantine(self, data: bytes, qid: str, client: str) -> str:
-        if self.guard is not None and self.guard() is not None:
-            return REPLY_SUPERSEDED  # the term ended while the report was read
-        problem = quarantine_refusal(self.quarantine, len(data), self.min_free)
-        if problem is not None:
-            self.log.error("ReportNotKept", queue_id=qid, error=problem)
-            return REPLY_NO_ROOM
-        try:
-            path = await asyncio.to_thread(write_durably, self.quarantine, f"{qid}.eml", data)
-        except OSError as exc:
-            self.log.error("BounceNotRecorded", queue_id=qid, error=str(exc))
-            return REPLY_NOT_RECORDED
+        kept = await self.quarantine.keep(data, qid)
+        if isinstance(kept, str):
+            return kept
         self.metrics.async_bounces_unparsed.inc()
         self.log.warning("BounceUnparsed", queue_id=qid, reason="no failed or delayed recipient",
-                         kept=str(path), client=client, size=len(data))  # fmt: skip
-        return f"250 2.0.0 Ok: unreadable report kept as {qid}"
+                         kept=str(kept), client=client, size=len(data))  # fmt: skip
+        return kept_reply(qid)

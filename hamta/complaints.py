@@ -21,8 +21,6 @@ import email
 import email.message
 import email.parser
 import email.policy
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -30,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from hamta.metrics import RelayMetrics
-from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
+from hamta.report_quarantine import ReportQuarantine, kept_reply
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SuppressionError, Suppressions, normalize, valid_address
 
-QUARANTINE_DIR = "quarantine"
 # RFC 6430: a report that some mail is *not* spam; read, logged, and suppresses nobody.
 NOT_SPAM = "not-spam"
 REPLY_NOT_RECORDED = "451 4.3.0 Complaint not recorded, try again later"
@@ -140,41 +137,6 @@ def parse_feedback_report(data: bytes) -> FeedbackReport:
     )
 
 
-def write_durably(directory: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to ``directory/name`` whole or not at all, and make it durable."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    temporary = directory / f".{name}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def quarantine_refusal(directory: Path, size: int, min_free: int) -> str | None:
-    """Why a report of ``size`` bytes may not be kept now (None: it may).
-
-    Mail to the report addresses comes from anywhere: kept reports must not take the room the
-    spool keeps free (``spool.min_free``), or a stranger could make real mail get 452.
-    """
-    try:
-        free = shutil.disk_usage(directory if directory.exists() else directory.parent).free
-    except OSError as exc:
-        return f"cannot see the free space of {directory}: {exc}"
-    if free - size < min_free:
-        return f"{free} bytes free, {size} to keep, {min_free} to stay free"
-    return None
-
-
 class ComplaintIntake:
     """Consumes the mail sent to the complaints address: suppress, count, log, or quarantine."""
 
@@ -189,10 +151,16 @@ class ComplaintIntake:
         on_complaint: Callable[[str], None] | None = None,
         min_free: int = 0,
     ) -> None:
-        self.min_free = min_free
         self.address = normalize(address)
         self.suppressions = suppressions
-        self.quarantine = spool_root / QUARANTINE_DIR
+        self.quarantine = ReportQuarantine.on_spool(
+            spool_root,
+            min_free,
+            log,
+            guard,
+            not_recorded_reply=REPLY_NOT_RECORDED,
+            not_recorded_event="ComplaintNotRecorded",
+        )
         self.metrics = metrics
         self.log = log
         self.guard = guard
@@ -253,18 +221,10 @@ class ComplaintIntake:
         return f"250 2.0.0 Ok: complaint recorded as {qid}"
 
     async def _quarantine(self, data: bytes, qid: str, client: str, reason: str) -> str:
-        if self.guard is not None and self.guard() is not None:
-            return REPLY_SUPERSEDED  # the term ended while the report was read
-        problem = quarantine_refusal(self.quarantine, len(data), self.min_free)
-        if problem is not None:
-            self.log.error("ReportNotKept", queue_id=qid, error=problem)
-            return REPLY_NO_ROOM
-        try:
-            path = await asyncio.to_thread(write_durably, self.quarantine, f"{qid}.eml", data)
-        except OSError as exc:
-            self.log.error("ComplaintNotRecorded", queue_id=qid, error=str(exc))
-            return REPLY_NOT_RECORDED
+        kept = await self.quarantine.keep(data, qid)
+        if isinstance(kept, str):
+            return kept
         self.metrics.complaints_unparsed.inc()
-        self.log.warning("ComplaintUnparsed", queue_id=qid, reason=reason, kept=str(path),
+        self.log.warning("ComplaintUnparsed", queue_id=qid, reason=reason, kept=str(kept),
                          client=client, size=len(data))  # fmt: skip
-        return f"250 2.0.0 Ok: unreadable report kept as {qid}"
+        return kept_reply(qid)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hamta.complaints import quarantine_refusal
+from hamta.report_quarantine import quarantine_refusal
 from tests.conftest import RelayFactory
 from tests.support import DnsServer
 from tests.support.relay import RelayProcess

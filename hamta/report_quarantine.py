@@ -1,0 +1,110 @@
+"""Reports nobody could read, kept whole on the spool volume for an operator.
+
+Mail to the complaints and bounces addresses is consumed, never relayed. A report that cannot be
+read is still accepted: refusing it would send a bounce to a robot nobody reads, and what it
+reported would be lost. It is kept instead, as ``quarantine/<queue id>.eml`` on the spool volume
+(so it fails over with the spool), fsynced before the 250, and only while the spool keeps the
+room it reserves for real mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
+from hamta.smtp import REPLY_SUPERSEDED
+
+QUARANTINE_DIR = "quarantine"
+
+
+def write_durably(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/name`` whole or not at all, and make it durable."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    temporary = directory / f".{name}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def quarantine_refusal(directory: Path, size: int, min_free: int) -> str | None:
+    """Why a report of ``size`` bytes may not be kept now (None: it may).
+
+    Mail to the report addresses comes from anywhere: kept reports must not take the room the
+    spool keeps free (``spool.min_free``), or a stranger could make real mail get 452.
+    """
+    try:
+        free = shutil.disk_usage(directory if directory.exists() else directory.parent).free
+    except OSError as exc:
+        return f"cannot see the free space of {directory}: {exc}"
+    if free - size < min_free:
+        return f"{free} bytes free, {size} to keep, {min_free} to stay free"
+    return None
+
+
+def kept_reply(qid: str) -> str:
+    """The 250 for a report kept in quarantine."""
+    return f"250 2.0.0 Ok: unreadable report kept as {qid}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportQuarantine:
+    """Where one intake keeps the reports it could not read, and how it says it could not."""
+
+    directory: Path
+    min_free: int
+    log: Any
+    guard: Callable[[], str | None] | None
+    not_recorded_reply: str  # a 451 naming the kind of report
+    not_recorded_event: str  # the log event when the disk refused the write
+
+    @classmethod
+    def on_spool(
+        cls,
+        spool_root: Path,
+        min_free: int,
+        log: Any,
+        guard: Callable[[], str | None] | None,
+        *,
+        not_recorded_reply: str,
+        not_recorded_event: str,
+    ) -> ReportQuarantine:
+        """The ``quarantine/`` directory beside the spool on its volume."""
+        return cls(
+            spool_root / QUARANTINE_DIR,
+            min_free,
+            log,
+            guard,
+            not_recorded_reply,
+            not_recorded_event,
+        )
+
+    async def keep(self, data: bytes, qid: str) -> Path | str:
+        """Keep ``data`` durably as ``<qid>.eml``: its path, or the SMTP reply that refuses it."""
+        if self.guard is not None and self.guard() is not None:
+            return REPLY_SUPERSEDED  # the term ended while the report was read
+        problem = quarantine_refusal(self.directory, len(data), self.min_free)
+        if problem is not None:
+            self.log.error("ReportNotKept", queue_id=qid, error=problem)
+            return REPLY_NO_ROOM
+        try:
+            return await asyncio.to_thread(write_durably, self.directory, f"{qid}.eml", data)
+        except OSError as exc:
+            self.log.error(self.not_recorded_event, queue_id=qid, error=str(exc))
+            return self.not_recorded_reply
