@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hamta.durable_files import fsync_directory
+
 TOKEN_FILE = "hamta-epoch"
 _BLOCK = 4096
 
@@ -114,11 +116,7 @@ def write_token(directory: Path, epoch: int) -> Path:
     finally:
         os.close(fd)
     if created:
-        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_directory(directory)
     return path
 
 

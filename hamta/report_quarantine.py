@@ -10,37 +10,17 @@ room it reserves for real mail.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hamta.durable_files import write_durably
 from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
 from hamta.smtp import REPLY_SUPERSEDED
 
 QUARANTINE_DIR = "quarantine"
-
-
-def write_durably(directory: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to ``directory/name`` whole or not at all, and make it durable."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    temporary = directory / f".{name}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def quarantine_refusal(directory: Path, size: int, min_free: int) -> str | None:

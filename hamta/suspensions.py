@@ -13,10 +13,11 @@ leaves the old set or the new one, never a torn file. The spool itself never rea
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from hamta.durable_files import write_durably
 
 SUSPENDED_FILE = "suspended-destinations.json"
 
@@ -43,19 +44,9 @@ def read_suspended(spool: Path) -> set[str]:
 def write_suspended(spool: Path, keys: Iterable[str]) -> None:
     """Replace the set of held destinations in ``spool``, durably (blocking: run in a thread)."""
     path = spool / SUSPENDED_FILE
-    temporary = path.with_name(f".{SUSPENDED_FILE}.tmp")
     data = json.dumps({"suspended": sorted(keys)}, indent=1).encode() + b"\n"
     try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fdatasync(file.fileno())
-        os.replace(temporary, path)
-        directory = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_durably(spool, SUSPENDED_FILE, data)
     except OSError as exc:
         raise SuspensionError(f"{path}: cannot write: {exc.strerror or exc}") from None
 

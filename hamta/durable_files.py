@@ -1,0 +1,39 @@
+"""Small files that must survive a crash: written whole or not at all, then made durable.
+
+A rename is durable only once the directory holding it is fsynced; both steps are here so that
+no caller forgets the second. The spool has its own (it imports nothing of hamta).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory ``path`` (a new or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/name`` whole or not at all (mode 0600), and make it durable.
+
+    A reader sees the old content or the new, never a part: the data goes to a hidden temporary
+    file, fsynced, renamed over the name, and the directory is fsynced.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    temporary = directory / f".{name}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fsync_directory(directory)
+    return path
