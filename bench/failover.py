@@ -545,17 +545,16 @@ def measure_failovers(
         took_over = time.monotonic()
         rto = load.wait_recovery(killed, timeout)
         phases = pair.phases(target, killed_wall, timeout)
-        restarted = time.monotonic()
-        pair.restart(source, standby_timeout)
-        standby = time.monotonic() - restarted
+        # Recorded before the restart: a node that fails to come back ends the run, not the
+        # figures of the takeover already measured.
         failover = Failover(source, target, rto, phases, tuple(pair.anomalies()))
         into.append(failover)
-        say(
-            f"  {pair.name} {index + 1}/{iterations}: {source} -> {target}  "
-            f"{_describe(failover)}  ({source} standby again {standby:.1f}s after its restart)"
-        )
+        say(f"  {pair.name} {index + 1}/{iterations}: {source} -> {target}  {_describe(failover)}")
         for anomaly in failover.anomalies:
             say(f"      {anomaly}")
+        restarted = time.monotonic()
+        pair.restart(source, standby_timeout)
+        say(f"      {source} standby again {time.monotonic() - restarted:.1f}s after its restart")
         not_before = took_over + settle
 
 
@@ -655,6 +654,23 @@ def switchover(
     return unavailability(load.attempts(), since), seconds, answer
 
 
+def record_switchover(
+    result: PartResult,
+    source: str,
+    command: Callable[[float], subprocess.CompletedProcess[str]],
+    load: Load,
+    timeout: float,
+    recovery_timeout: float = TAKEOVER_TIMEOUT,
+) -> None:
+    """Switch over from ``source`` under load; keep and print the clients' and command's times."""
+    gone, seconds, answer = switchover(command, load, timeout, recovery_timeout)
+    result.switchover, result.switchover_command = gone, seconds
+    say(
+        f"  switchover {source} -> {answer.get('to')}: clients unavailable {gone:.3f}s, "
+        f"command {seconds:.3f}s (its own measure {answer.get('seconds')}s)"
+    )
+
+
 def stop_agents(lab: Lab) -> None:
     """Stop both agents cleanly (SIGTERM: each demotes first), then make sure nothing is left."""
     for node in NODES:
@@ -703,14 +719,12 @@ def run_hamta(lab: Lab, args: argparse.Namespace, result: PartResult) -> None:
             not_before=not_before,
             into=result.failovers,
         )
-        source = lab.wait_active(TAKEOVER_TIMEOUT)
-        gone, command, answer = switchover(
-            lambda timeout: lab_switchover(lab, timeout), load, SWITCHOVER_TIMEOUT
-        )
-        result.switchover, result.switchover_command = gone, command
-        say(
-            f"  switchover {source} -> {answer.get('to')}: clients unavailable {gone:.3f}s, "
-            f"command {command:.3f}s (its own measure {answer.get('seconds')}s)"
+        record_switchover(
+            result,
+            lab.wait_active(TAKEOVER_TIMEOUT),
+            lambda timeout: lab_switchover(lab, timeout),
+            load,
+            SWITCHOVER_TIMEOUT,
         )
     finally:
         attempts = load.stop()
@@ -765,19 +779,15 @@ def run_vagrant(machines: VagrantCluster, args: argparse.Namespace, result: Part
             timeout=VAGRANT_TIMEOUT,
             standby_timeout=VAGRANT_STANDBY_TIMEOUT,
         )
-        source = machines.wait_active(VAGRANT_TIMEOUT)
-        gone, command, answer = switchover(
+        record_switchover(
+            result,
+            machines.wait_active(VAGRANT_TIMEOUT),
             lambda timeout: machines.hamta(
                 "cluster", "switchover", "--json", "--timeout", str(timeout), timeout=timeout + 30
             ),
             load,
             VAGRANT_SWITCHOVER_TIMEOUT,
             recovery_timeout=VAGRANT_TIMEOUT,
-        )
-        result.switchover, result.switchover_command = gone, command
-        say(
-            f"  switchover {source} -> {answer.get('to')}: clients unavailable {gone:.3f}s, "
-            f"command {command:.3f}s (its own measure {answer.get('seconds')}s)"
         )
     finally:
         attempts = load.stop()
