@@ -957,7 +957,7 @@ def _cell(value: float | None, unit: str = "s") -> str:
 def report(hamta: PartResult, baseline: PartResult | None, data: dict[str, Any]) -> None:
     """The table for people."""
     say()
-    say(f"{'RTO (kill -9 to first 250)':<28}{'min':>10}{'median':>10}{'p95':>10}{'max':>10}  n")
+    say(f"{'RTO (end of kill to 250)':<28}{'min':>10}{'median':>10}{'p95':>10}{'max':>10}  n")
     for part in (hamta, baseline):
         if part is None:
             continue
