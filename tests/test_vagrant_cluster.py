@@ -15,7 +15,7 @@ sink and one node is active; the active machine's power is cut (``virsh destroy`
 and the peer takes over the DRBD spool, with every acknowledged message delivered;
 ``switchover.yml`` hands over; ``rolling-upgrade.yml`` goes through with the pair serving;
 ``site.yml`` run again changes nothing; ``vagrant destroy -f`` leaves nothing behind. Under
-plain qemu (TCG) on two cores the whole takes about 30 minutes.
+plain qemu (TCG) on two cores the whole takes about 40 minutes.
 """
 
 from __future__ import annotations
