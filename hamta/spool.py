@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -38,9 +39,21 @@ from pathlib import Path
 
 import msgspec
 
-FORMAT_VERSION = "hamta-spool 1\n"
-_FRAME = struct.Struct("<II")  # payload length, crc32 of payload
+FORMAT_VERSION = "hamta-spool 2\n"
+# Version 1 spools are read (their journals and checkpoints) and upgraded in place; see
+# docs/spool-format.md.
+_OLD_VERSIONS = ("hamta-spool 1\n",)
+# A frame starts with a magic so that a reader can find the next frame after damaged bytes.
+# As a version 1 length (u32 LE) it would be 2.7 GB, which no version 1 frame ever was.
+FRAME_MAGIC = b"HJ2\xa5"
+_FRAME = struct.Struct("<4sII")  # magic, payload length, crc32 of payload
+_FRAME_V1 = struct.Struct("<II")  # payload length, crc32 of payload
+# Each body in a segment is preceded by its own Enqueue record, so that the segments alone can
+# rebuild what a damaged journal or checkpoint lost.
+ENTRY_MAGIC = b"HS2\xa5"
+_ENTRY = struct.Struct("<4sII")  # magic, envelope length, crc32 of envelope
 _CHECKPOINT_CHUNK = 4096
+_CHECKPOINT_RETRY_SECONDS = 30.0
 
 
 class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
@@ -75,9 +88,20 @@ class Done(msgspec.Struct, tag=3, array_like=True, gc=False):
     rcpts: tuple[int, ...]
 
 
-Record = Enqueue | Defer | Done
+class CheckpointEnd(msgspec.Struct, tag=4, array_like=True, gc=False):
+    """The last record of a checkpoint: how many messages it holds, and the position in the
+    segments where the next body was to be written when it was taken (every message before it
+    is in the checkpoint, in a later journal, or finished)."""
+
+    messages: int
+    segment: int
+    offset: int
+
+
+Record = Enqueue | Defer | Done | CheckpointEnd
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[Record])
+_entry_decoder = msgspec.msgpack.Decoder(Enqueue)
 
 
 class SpoolError(Exception):
@@ -146,25 +170,180 @@ class RecoveryStats:
 
 def _frame(records: Iterable[Record]) -> bytes:
     payload = _encoder.encode(list(records))
-    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    return _FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _read_frames(data: bytes) -> tuple[list[list[Record]], int, bool]:
-    """Decode frames; return them, the length of the valid prefix, and whether a tail was torn."""
-    frames: list[list[Record]] = []
-    pos, end = 0, len(data)
+def _entry_head(rec: Enqueue) -> bytes:
+    """The bytes written before a body in its segment: magic, length and CRC, the envelope.
+
+    The envelope is the Enqueue record without its position (the reader knows where it found
+    it), so that it does not depend on the offset it describes.
+    """
+    envelope = _encoder.encode(msgspec.structs.replace(rec, segment=0, offset=0))
+    return _ENTRY.pack(ENTRY_MAGIC, len(envelope), zlib.crc32(envelope)) + envelope
+
+
+@dataclass(frozen=True, slots=True)
+class FrameScan:
+    """What a journal or checkpoint file holds: its valid frames and its damaged bytes."""
+
+    frames: list[tuple[int, list[Record]]]  # (offset, records), in file order
+    damaged: list[tuple[int, int]]  # [start, end) spans holding no valid frame, torn tail aside
+    torn: bool  # the file ends in an incomplete frame: a crash while it was being written
+    version: int  # 2, or 1 for a file written by a version 1 spool
+
+
+def scan_frames(data: bytes) -> FrameScan:
+    """Every valid frame of a journal or checkpoint, skipping damaged bytes.
+
+    Never raises. Bytes that are not a valid frame (no magic, a length past the end, a CRC-32
+    or msgpack that does not check) are reported as damaged spans and the scan goes on at the
+    next frame magic; records come only from frames whose CRC-32 matches. A file that does not
+    start with the magic but reads as version 1 frames is a version 1 file.
+    """
+    if data[:4] != FRAME_MAGIC:
+        old = _scan_frames_v1(data)
+        if old.frames:
+            return old
+    frames: list[tuple[int, list[Record]]] = []
+    damaged: list[tuple[int, int]] = []
     view = memoryview(data)
-    while pos + _FRAME.size <= end:
-        length, crc = _FRAME.unpack_from(data, pos)
-        start = pos + _FRAME.size
-        if start + length > end or zlib.crc32(view[start : start + length]) != crc:
-            return frames, pos, True
+    pos, end = 0, len(data)
+    bad: int | None = None
+    while pos < end:
+        records = _frame_at(data, view, pos)
+        if records is not None:
+            if bad is not None:
+                damaged.append((bad, pos))
+                bad = None
+            frames.append((pos, records))
+            pos += _FRAME.size + _FRAME.unpack_from(data, pos)[1]
+            continue
+        if bad is None:
+            bad = pos
+        found = data.find(FRAME_MAGIC, pos + 1)
+        pos = found if found >= 0 else end
+    torn = bad is not None and _incomplete(data, bad)
+    if bad is not None and not torn:
+        damaged.append((bad, end))
+    return FrameScan(frames, damaged, torn, 2)
+
+
+def _frame_at(data: bytes, view: memoryview, pos: int) -> list[Record] | None:
+    if pos + _FRAME.size > len(data) or data[pos : pos + 4] != FRAME_MAGIC:
+        return None
+    _, length, crc = _FRAME.unpack_from(data, pos)
+    start = pos + _FRAME.size
+    if start + length > len(data) or zlib.crc32(view[start : start + length]) != crc:
+        return None
+    try:
+        return _decoder.decode(view[start : start + length])
+    except msgspec.DecodeError:
+        return None
+
+
+def _incomplete(data: bytes, pos: int) -> bool:
+    """Whether the bytes from ``pos`` to the end are the start of a frame cut short."""
+    rest = data[pos:]
+    if len(rest) < _FRAME.size:
+        return FRAME_MAGIC.startswith(rest[:4])
+    _, length, _ = _FRAME.unpack_from(rest)
+    return rest[:4] == FRAME_MAGIC and _FRAME.size + length > len(rest)
+
+
+def _scan_frames_v1(data: bytes) -> FrameScan:
+    """Version 1 frames had no magic: the first bad frame ends what can be read."""
+    frames: list[tuple[int, list[Record]]] = []
+    view = memoryview(data)
+    pos, end = 0, len(data)
+    while pos + _FRAME_V1.size <= end:
+        length, crc = _FRAME_V1.unpack_from(data, pos)
+        start = pos + _FRAME_V1.size
+        if start + length > end:
+            return FrameScan(frames, [], True, 1)
+        if zlib.crc32(view[start : start + length]) != crc:
+            break
         try:
-            frames.append(_decoder.decode(view[start : start + length]))
+            frames.append((pos, _decoder.decode(view[start : start + length])))
         except msgspec.DecodeError:
-            return frames, pos, True
+            break
         pos = start + length
-    return frames, pos, pos != end
+    if pos == end:
+        return FrameScan(frames, [], False, 1)
+    if end - pos < _FRAME_V1.size:
+        return FrameScan(frames, [], True, 1)
+    return FrameScan(frames, [(pos, end)], False, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEntry:
+    """A message found in a segment: its envelope, and whether its body passes its CRC."""
+
+    rec: Enqueue
+    intact: bool
+
+
+def scan_entries(
+    data: bytes, segment: int, base: int = 0
+) -> tuple[list[SegmentEntry], list[tuple[int, int]]]:
+    """The messages in ``data``, bytes of segment ``segment`` read from file offset ``base``.
+
+    Never raises. Returns the entries whose envelope checks (with their position filled in)
+    and the damaged spans (file offsets) where none could be read; like :func:`scan_frames`
+    it goes on at the next entry magic. An entry whose body runs past ``data`` is returned
+    with ``intact`` False.
+    """
+    entries: list[SegmentEntry] = []
+    damaged: list[tuple[int, int]] = []
+    view = memoryview(data)
+    pos, end = 0, len(data)
+    bad: int | None = None
+    while pos < end:
+        rec = _envelope_at(data, view, pos)
+        if rec is not None:
+            if bad is not None:
+                damaged.append((base + bad, base + pos))
+                bad = None
+            start = pos + _ENTRY.size + _ENTRY.unpack_from(data, pos)[1]
+            stop = start + rec.length
+            intact = stop <= end and zlib.crc32(view[start:stop]) == rec.crc
+            rec = msgspec.structs.replace(rec, segment=segment, offset=base + start)
+            entries.append(SegmentEntry(rec, intact))
+            pos = min(stop, end)
+            continue
+        if bad is None:
+            bad = pos
+        found = data.find(ENTRY_MAGIC, pos + 1)
+        pos = found if found >= 0 else end
+    if bad is not None:
+        damaged.append((base + bad, base + end))
+    return entries, damaged
+
+
+def _envelope_at(data: bytes, view: memoryview, pos: int) -> Enqueue | None:
+    if pos + _ENTRY.size > len(data) or data[pos : pos + 4] != ENTRY_MAGIC:
+        return None
+    _, length, crc = _ENTRY.unpack_from(data, pos)
+    start = pos + _ENTRY.size
+    if start + length > len(data) or zlib.crc32(view[start : start + length]) != crc:
+        return None
+    try:
+        return _entry_decoder.decode(view[start : start + length])
+    except msgspec.DecodeError:
+        return None
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write a small file whole or not at all (mode 0600: mail and its state are private)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -189,7 +368,7 @@ class _Batch:
     __slots__ = ("appended", "bodies", "messages", "records", "segment_deletes", "syncs")
 
     def __init__(self) -> None:
-        self.bodies: list[tuple[int, int, bytes]] = []  # segment, offset, body
+        self.bodies: list[tuple[int, bytes, bytes]] = []  # segment, entry head, body
         self.messages: list[LiveMessage] = []
         self.records: list[Record] = []
         self.appended: list[asyncio.Future[None]] = []  # one per message, in order
@@ -211,6 +390,7 @@ class Spool:
         journal_size: int = 64 * 1024 * 1024,
         min_free: int = 0,
         wall_clock: Callable[[], float] = time.time,
+        on_checkpoint: Callable[[str | None], None] | None = None,
     ) -> None:
         self.path = path
         self._segment_size = segment_size
@@ -240,6 +420,11 @@ class Spool:
         self._closed = False
         self._counter = int.from_bytes(os.urandom(3), "big")
         self.checkpoint_error: str | None = None
+        # Told the error of every checkpoint that failed, and None for each one that succeeds.
+        self._on_checkpoint = on_checkpoint
+        # A failed checkpoint is tried again after this (monotonic), not only after another
+        # journal_size of records: the space may come back while the relay is quiet.
+        self._checkpoint_retry_at = 0.0
         self.fsyncs = 0
         self.on_commit: Callable[[int, float], None] | None = None
         # The fencing check (``hamta.epoch_token.EpochGuard.check``): the reason this spool
@@ -271,12 +456,13 @@ class Spool:
             self.data_dir.mkdir(exist_ok=True)
             self.journal_dir.mkdir(exist_ok=True)
             version = self.path / "VERSION"
-            if version.exists():
-                if version.read_text() != FORMAT_VERSION:
-                    raise SpoolError(f"{self.path}: unknown spool format {version.read_text()!r}")
-            else:
-                version.write_text(FORMAT_VERSION)
-                _fsync_dir(self.path)
+            found = version.read_text() if version.exists() else None
+            if found is not None and found not in (FORMAT_VERSION, *_OLD_VERSIONS):
+                raise SpoolError(f"{self.path}: unknown spool format {found!r}")
+            if found != FORMAT_VERSION:
+                # A version 1 spool's files stay readable; from now on a version 1 relay must
+                # refuse it, since it could not read what this one writes.
+                _replace_file(version, FORMAT_VERSION.encode())
             self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot open spool: {exc.strerror}") from None
@@ -327,12 +513,10 @@ class Spool:
             stat = os.statvfs(self._data_path)
             if stat.f_bavail * stat.f_frsize < self._min_free + len(body):
                 raise SpoolFullError(f"spool file system has less than {self._min_free} bytes free")
-        if self._offset and self._offset + len(body) > self._segment_size:
-            self._next_segment()
         rec = Enqueue(
             qid=qid or self.new_qid(),
-            segment=self._segment,
-            offset=self._offset,
+            segment=0,
+            offset=0,
             length=len(body),
             crc=zlib.crc32(body),
             arrival=self._wall(),
@@ -342,14 +526,22 @@ class Spool:
             client=client,
             is_dsn=is_dsn,
         )
-        self._offset += len(body)
+        try:
+            head = _entry_head(rec)
+        except (msgspec.EncodeError, ValueError, TypeError) as exc:
+            # Fails this message alone (a 451 to its session), never the batch it would join.
+            raise SpoolError(f"cannot encode the envelope: {exc}") from None
+        if self._offset and self._offset + len(head) + len(body) > self._segment_size:
+            self._next_segment()
+        rec = msgspec.structs.replace(rec, segment=self._segment, offset=self._offset + len(head))
+        self._offset += len(head) + len(body)
         message = LiveMessage(rec)
         # Known to the spool at once, so that a checkpoint or a segment retirement running
         # while the commit is under way accounts for it.
         self.live[rec.qid] = message
         self._refs[rec.segment] = self._refs.get(rec.segment, 0) + 1
         batch = self._batch
-        batch.bodies.append((rec.segment, rec.offset, body))
+        batch.bodies.append((rec.segment, head, body))
         batch.records.append(rec)
         batch.messages.append(message)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -452,7 +644,13 @@ class Spool:
                 if (
                     self._recovered
                     and not self._checkpointing
-                    and self._journal_bytes_since_ckpt > self._journal_size
+                    and (
+                        self._journal_bytes_since_ckpt > self._journal_size
+                        or (
+                            self.checkpoint_error is not None
+                            and time.monotonic() >= self._checkpoint_retry_at
+                        )
+                    )
                 ):
                     self._checkpointing = True
                     self._checkpoint_task = loop.create_task(self._checkpoint())
@@ -482,8 +680,8 @@ class Spool:
         try:
             if batch.bodies:
                 by_segment: dict[int, list[bytes]] = {}
-                for segment, _, body in batch.bodies:
-                    by_segment.setdefault(segment, []).append(body)
+                for segment, head, body in batch.bodies:
+                    by_segment.setdefault(segment, []).extend((head, body))
                 for segment, bodies in by_segment.items():
                     fd = self._segment_fd(segment)
                     touched.append((fd, os.fstat(fd).st_size))
@@ -597,6 +795,10 @@ class Spool:
     async def _checkpoint(self) -> None:
         """Write the live state as of a journal rotation, then drop what it replaces."""
         loop = asyncio.get_running_loop()
+        # Where the next body goes: every message before it is durable once the sync below
+        # returns, so it is in this checkpoint or finished; later ones are also in journals
+        # after the cut. Recovery rebuilds from the segments after it what those journals lost.
+        high_water = (self._segment, self._offset)
         try:
             # Rotate first: everything before the cut is in journals <= cut.
             await self.sync()
@@ -604,6 +806,7 @@ class Spool:
             await loop.run_in_executor(self._io, self._rotate_journal)
             qids = list(self.live)
             frames: list[bytes] = []
+            count = 0
             for start in range(0, len(qids), _CHECKPOINT_CHUNK):
                 records: list[Record] = []
                 for qid in qids[start : start + _CHECKPOINT_CHUNK]:
@@ -611,29 +814,38 @@ class Spool:
                     if message is None or not message.durable:
                         continue
                     records.append(message.rec)
+                    count += 1
                     if message.done:
                         records.append(Done(qid, tuple(sorted(message.done))))
                     for index, (attempts, when) in (message.retry or {}).items():
                         records.append(Defer(qid, (index,), attempts, when))
                 frames.append(_frame(records))
                 await asyncio.sleep(0)  # let sessions run between chunks
+            # Its absence tells recovery that the checkpoint lost frames at its end.
+            frames.append(_frame([CheckpointEnd(count, *high_water)]))
             stale = [
                 p
                 for p in self.journal_dir.iterdir()
                 if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
             ]
             await loop.run_in_executor(self._io, self._write_checkpoint, cut, frames, stale)
-            self.checkpoint_error = None
+            self._checkpoint_done(None)
         except SpoolError as exc:  # fenced, or the rotation's sync failed
-            self.checkpoint_error = f"checkpoint failed: {exc}"
+            self._checkpoint_done(f"checkpoint failed: {exc}")
         except OSError as exc:
-            # The journals it would have replaced stay, so nothing is lost; try again after
-            # another journal_size of records.
-            self.checkpoint_error = f"checkpoint failed: {exc.strerror or exc}"
+            # The journals it would have replaced stay, so nothing is lost; try again later.
+            self._checkpoint_done(f"checkpoint failed: {exc.strerror or exc}")
             with contextlib.suppress(OSError):
                 (self.journal_dir / f"{cut:08d}.tmp").unlink(missing_ok=True)
         finally:
             self._checkpointing = False
+
+    def _checkpoint_done(self, error: str | None) -> None:
+        self.checkpoint_error = error
+        if error is not None:
+            self._checkpoint_retry_at = time.monotonic() + _CHECKPOINT_RETRY_SECONDS
+        if self._on_checkpoint is not None:
+            self._on_checkpoint(error)
 
     def _rotate_journal(self) -> None:
         if self._jnl_fd is not None:
@@ -646,11 +858,13 @@ class Spool:
         self._check_fence()
         final = self.journal_dir / f"{cut:08d}.ckpt"
         tmp = final.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
             for frame in frames:
-                handle.write(frame)
-            handle.flush()
-            os.fsync(handle.fileno())
+                _write_all(fd, frame)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         # The rename and the deletions replace journals a newer term may be recovering from.
         self._check_fence()
         os.rename(tmp, final)
@@ -698,6 +912,24 @@ class Spool:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """What recovery found damaged, and what that cost, by queue id."""
+
+    # Messages put back from their segment because no intact journal or checkpoint record
+    # named them (a damaged or truncated journal or checkpoint, or a crash before their 250).
+    rebuilt: tuple[str, ...] = ()
+    # Messages whose own bytes are unreadable (body CRC, or their segment is gone).
+    lost: tuple[str, ...] = ()
+    damaged_frames: int = 0  # spans of journal or checkpoint bytes that hold no valid frame
+    damaged_entries: int = 0  # spans of segment bytes that hold no valid message
+    files: tuple[str, ...] = ()  # spool files with damaged bytes, relative to the spool
+    kept: tuple[str, ...] = ()  # where they were kept aside for an operator (damaged/...)
+
+    def __bool__(self) -> bool:
+        return bool(self.rebuilt or self.lost or self.damaged_frames or self.damaged_entries)
+
+
 @dataclass(slots=True)
 class SpoolState:
     """What the journals of a spool say is still to be done."""
@@ -705,16 +937,26 @@ class SpoolState:
     live: dict[str, LiveMessage]
     unreferenced_segments: list[int]
     stats: RecoveryStats
+    damage: Damage = Damage()
+
+
+_Pos = tuple[int, int]  # (segment, offset): a place in the segments, in the order written
 
 
 def load_state(
     path: Path, before_journal: int | None = None, before_segment: int | None = None
 ) -> SpoolState:
-    """Read the live state from a spool's checkpoint and journals, never opening a body.
+    """Read the live state from a spool's checkpoint and journals, and repair what is damaged.
 
     Only journals numbered below ``before_journal`` and segments below ``before_segment`` are
-    considered (those of earlier runs, when a relay is running on the spool); a torn last frame
-    is cut off. Also used offline, by ``hamta queue`` on a spool no relay holds.
+    considered (those of earlier runs, when a relay is running on the spool). Damaged frames
+    are skipped; the messages whose Enqueue they may have held are rebuilt from the segments
+    (each body carries its envelope). Bodies are read only there: in the gaps the journals
+    leave (normally a few bytes where one run's journal ends and the next begins).
+
+    The caller that owns the spool (``before_journal`` given) also gets damaged files linked
+    into ``damaged/`` for an operator; an offline reader (``hamta queue``, ``hamta spool
+    check``) changes nothing.
     """
     started = time.perf_counter()
     journal_dir, data_dir = path / "journal", path / "data"
@@ -725,48 +967,185 @@ def load_state(
     sources = [journal_dir / f"{base:08d}.ckpt"] if checkpoints else []
     sources += [journal_dir / f"{n:08d}.jnl" for n in journals if n > base]
     live: dict[str, LiveMessage] = {}
-    torn = total_bytes = 0
+    seen: set[str] = set()  # every qid an intact Enqueue named, finished or not
+    orphans: dict[str, list[Record]] = {}  # Done and Defer records for qids not (yet) known
+    # Stretches of the segments that may hold messages no intact record names. One is open
+    # (``gap``) from the start, after damage and at each file boundary; the next intact
+    # Enqueue of a journal closes it. Journals name bodies in the order they were written.
+    gaps: list[tuple[_Pos, _Pos | None]] = []
+    gap: _Pos | None = (0, 0)
+    last: _Pos = (0, 0)
+    damaged_files: list[Path] = []
+    torn = total_bytes = damaged_frames = 0
     for source in sources:
         data = source.read_bytes()
         total_bytes += len(data)
-        frames, valid, was_torn = _read_frames(data)
-        if was_torn:
-            torn += 1
-            if before_journal is not None:  # only the spool's owner may repair it
-                with open(source, "r+b") as handle:
-                    handle.truncate(valid)
-                    os.fsync(handle.fileno())
-        for records in frames:
-            _apply(live, records)
+        scan = scan_frames(data)
+        torn += scan.torn
+        damaged_frames += len(scan.damaged)
+        spans = iter(scan.damaged)
+        span = next(spans, None)
+        is_checkpoint = source.suffix == ".ckpt"
+        end: CheckpointEnd | None = None
+        enqueued = 0
+        ckpt_last: _Pos = (0, 0)
+        for offset, records in scan.frames:
+            while span is not None and span[0] < offset:
+                gap = gap or last
+                span = next(spans, None)
+            for rec in records:
+                if type(rec) is Enqueue:
+                    seen.add(rec.qid)
+                    enqueued += 1
+                    if is_checkpoint:
+                        ckpt_last = max(ckpt_last, (rec.segment, rec.offset + rec.length))
+                        continue
+                    if gap is not None:
+                        gaps.append((gap, (rec.segment, rec.offset)))
+                        gap = None
+                    last = max(last, (rec.segment, rec.offset + rec.length))
+                elif type(rec) is CheckpointEnd:
+                    end = rec
+            _apply(live, records, orphans)
+        if is_checkpoint:
+            if scan.version == 1:  # no CheckpointEnd then: trust it as version 1 did
+                gap, last = None, ckpt_last
+            elif end is not None and end.messages == enqueued and not scan.damaged:
+                gap = last = (end.segment, end.offset)
+            elif not scan.damaged:  # frames lost at its end: truncated
+                damaged_frames += 1
+        if scan.damaged or (is_checkpoint and scan.version == 2 and gap == (0, 0)):
+            damaged_files.append(source)
+        gap = gap or last
+    if gap is not None:
+        gaps.append((gap, None))
     seg_limit = before_segment if before_segment is not None else 1 << 62
     segments = {n for n in _numbered(data_dir, ".seg") if n < seg_limit}
-    missing = [qid for qid, m in live.items() if m.rec.segment not in segments]
-    for qid in missing:
+    lost = [qid for qid, m in live.items() if m.rec.segment not in segments]
+    for qid in lost:
         del live[qid]
+    missing = len(lost)
+    found = _rebuild(data_dir, sorted(segments), gaps, seen)
+    rebuilt: list[str] = []
+    for rec in found.rebuilt:
+        message = LiveMessage(rec)
+        live[rec.qid] = message
+        _apply(live, orphans.get(rec.qid, []), None)
+        if rec.qid in live:
+            rebuilt.append(rec.qid)
+    lost += found.lost
+    damaged_files += [data_dir / f"{n:08d}.seg" for n in found.damaged_segments]
+    damage = Damage(
+        rebuilt=tuple(rebuilt),
+        lost=tuple(lost),
+        damaged_frames=damaged_frames,
+        damaged_entries=found.damaged_entries,
+        files=tuple(str(p.relative_to(path)) for p in damaged_files),
+    )
+    if damage and before_journal is not None:
+        damage = dataclasses.replace(damage, kept=tuple(_keep_aside(path, damaged_files)))
     referenced = {m.rec.segment for m in live.values()}
     return SpoolState(
         live=live,
-        unreferenced_segments=sorted(segments - referenced),
+        # While anything is damaged, no segment goes: one may hold what a damaged record named.
+        unreferenced_segments=[] if damage else sorted(segments - referenced),
         stats=RecoveryStats(
             messages=len(live),
             recipients=sum(len(m.rec.recipients) - len(m.done or ()) for m in live.values()),
             journal_files=len(sources),
             journal_bytes=total_bytes,
             torn_frames=torn,
-            missing_segments=len(missing),
+            missing_segments=missing,
             seconds=time.perf_counter() - started,
         ),
+        damage=damage,
     )
 
 
-def _apply(live: dict[str, LiveMessage], records: list[Record]) -> None:
+@dataclass(slots=True)
+class _Found:
+    rebuilt: list[Enqueue]
+    lost: list[str]
+    damaged_entries: int
+    damaged_segments: list[int]
+
+
+def _rebuild(data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | None]],
+             seen: set[str]) -> _Found:  # fmt: skip
+    """The messages in the gaps of the segments that no intact record named."""
+    found = _Found([], [], 0, [])
+    for start, stop in gaps:
+        if stop is not None and stop <= start:
+            continue
+        for segment in segments:
+            if segment < start[0] or (stop is not None and segment > stop[0]):
+                continue
+            low = start[1] if segment == start[0] else 0
+            high = stop[1] if stop is not None and segment == stop[0] else None
+            try:
+                with open(data_dir / f"{segment:08d}.seg", "rb") as handle:
+                    legacy = handle.read(4) != ENTRY_MAGIC
+                    handle.seek(low)
+                    data = handle.read(-1 if high is None else max(0, high - low))
+            except OSError:
+                continue
+            entries, damaged = scan_entries(data, segment, low)
+            if legacy and not entries:
+                continue  # a version 1 segment: bodies only, nothing to rebuild from
+            for entry in entries:
+                if entry.rec.qid in seen:
+                    continue
+                seen.add(entry.rec.qid)
+                if entry.intact:
+                    found.rebuilt.append(entry.rec)
+                else:
+                    found.lost.append(entry.rec.qid)
+            if damaged:
+                found.damaged_entries += len(damaged)
+                if segment not in found.damaged_segments:
+                    found.damaged_segments.append(segment)
+    return found
+
+
+def _keep_aside(path: Path, files: list[Path]) -> list[str]:
+    """Link damaged files into ``damaged/`` (same volume: no copy, and they outlive deletion).
+
+    The spool never rewrites a journal, checkpoint or segment in place, so a link keeps the
+    bytes as found.
+    """
+    directory = path / "damaged"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = []
+    for source in files:
+        target = directory / f"{stamp}-{source.parent.name}-{source.name}"
+        with contextlib.suppress(FileExistsError):
+            try:
+                os.link(source, target)
+            except OSError:
+                continue
+        kept.append(str(target.relative_to(path)))
+    if kept:
+        _fsync_dir(directory)
+    return kept
+
+
+def _apply(
+    live: dict[str, LiveMessage],
+    records: list[Record],
+    orphans: dict[str, list[Record]] | None,
+) -> None:
     for rec in records:
         if type(rec) is Enqueue:
             if rec.qid not in live:
                 live[rec.qid] = LiveMessage(rec)
             continue
+        if isinstance(rec, CheckpointEnd):
+            continue
         message = live.get(rec.qid)
         if message is None:
+            if orphans is not None:  # its Enqueue may be rebuilt from a segment
+                orphans.setdefault(rec.qid, []).append(rec)
             continue
         if type(rec) is Done:
             if message.finish(rec.rcpts):

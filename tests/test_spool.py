@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from hamta.spool import Spool, SpoolError, SpoolFullError, load_state
+from hamta.spool import FRAME_MAGIC, Spool, SpoolError, SpoolFullError, load_state
 
 T = TypeVar("T")
 
@@ -95,7 +95,7 @@ def test_a_torn_last_frame_is_cut_off_and_the_rest_recovered(tmp_path: Path) -> 
     journal = max((tmp_path / "journal").glob("*.jnl"))
     good_size = journal.stat().st_size
     with open(journal, "ab") as handle:  # a crash in the middle of writing a frame
-        handle.write(b"\x40\x00\x00\x00\x12\x34\x56\x78partial")
+        handle.write(FRAME_MAGIC + b"\x40\x00\x00\x00\x12\x34\x56\x78partial")
 
     offline = load_state(tmp_path)
     assert offline.stats.messages == 5
@@ -153,6 +153,7 @@ def test_recovery_reads_no_body(tmp_path: Path) -> None:
     # Corrupt every segment: recovery must still succeed, since it never reads a body.
     for segment in (tmp_path / "data").glob("*.seg"):
         with open(segment, "r+b") as handle:
+            handle.seek(256)  # within the first body, past its envelope
             handle.write(b"\xff" * 64)
     state = load_state(tmp_path)
     assert state.stats.messages == 20
