@@ -144,6 +144,27 @@ class RelayMetrics:
         self.complaints_unparsed = Counter(
             "hamta_complaints_unparsed", "Feedback reports kept in quarantine unread", registry=r
         )
+        # What recovery found on damaged storage (hamta/spool.py: Damage); the SpoolDamaged,
+        # SpoolMessageRebuilt and SpoolMessageLost events name the queue ids.
+        self.spool_damaged_messages = Counter(
+            "hamta_spool_damaged_messages",
+            "Messages recovery rebuilt from their segment or lost to damaged spool storage",
+            ["outcome"],
+            registry=r,
+        )
+        self.spool_damaged_files = Counter(
+            "hamta_spool_damaged_files",
+            "Spool files recovery found damaged (kept in damaged/ on the spool volume)",
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "hamta_spool_checkpoint_failures", "Spool checkpoints that failed", registry=r
+        )
+        self.checkpoint_failing = Gauge(
+            "hamta_spool_checkpoint_failing",
+            "1 while the last spool checkpoint failed (journals keep growing)",
+            registry=r,
+        )
         self.delivered_rate = RateWindow()
         self.bounced_rate = RateWindow()
 

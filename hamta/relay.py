@@ -38,7 +38,7 @@ from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
-from hamta.spool import Spool, SpoolError, SpoolState
+from hamta.spool import Damage, Spool, SpoolError, SpoolState
 from hamta.suppression import SuppressionError, Suppressions
 from hamta.suspensions import load_suspended
 from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
@@ -392,6 +392,7 @@ class Relay:
             journal_size=config.spool.journal_size,
             min_free=config.spool.min_free,
             wall_clock=self._wall,
+            on_checkpoint=self._observe_checkpoint,
         )
         try:
             spool.open()
@@ -487,6 +488,8 @@ class Relay:
             missing_segments=stats.missing_segments,
             seconds=round(stats.seconds, 4),
         )
+        if state.damage:
+            self._report_damage(path, state.damage)
         self.state = RelayState.ACTIVE
         total = time.perf_counter() - started
         self.last_activation = Activation(
@@ -525,6 +528,35 @@ class Relay:
     def _observe_commit(self, messages: int, seconds: float) -> None:
         self.metrics.commit_seconds.observe(seconds)
         self.metrics.commit_messages.observe(messages)
+
+    def _observe_checkpoint(self, error: str | None) -> None:
+        if error is not None:
+            self.metrics.checkpoint_failures.inc()
+            self.metrics.checkpoint_failing.set(1)
+            self.log.error(
+                "CheckpointFailed", error=error, action="journals kept; retried while mail flows"
+            )
+        elif self.metrics.sample("hamta_spool_checkpoint_failing"):
+            self.metrics.checkpoint_failing.set(0)
+            self.log.info("CheckpointRecovered")
+
+    def _report_damage(self, path: Path, damage: Damage) -> None:
+        """Name what damaged storage cost: one line per message, one for the files."""
+        self.metrics.spool_damaged_files.inc(len(damage.files))
+        self.metrics.spool_damaged_messages.labels("rebuilt").inc(len(damage.rebuilt))
+        self.metrics.spool_damaged_messages.labels("lost").inc(len(damage.lost))
+        self.log.error(
+            "SpoolDamaged", spool=str(path), files=list(damage.files), kept=list(damage.kept),
+            damaged_frames=damage.damaged_frames, damaged_entries=damage.damaged_entries,
+            rebuilt=len(damage.rebuilt), lost=len(damage.lost),
+            action="damaged files kept in damaged/; no segment deleted until recovery is clean",
+        )  # fmt: skip
+        for qid in damage.rebuilt:
+            # Its journal record was damaged or missing: it is delivered (again, if its Done
+            # record was lost too: at least once).
+            self.log.error("SpoolMessageRebuilt", qid=qid, spool=str(path))
+        for qid in damage.lost:
+            self.log.error("SpoolMessageLost", qid=qid, spool=str(path))
 
     # ------------------------------------------------------------ deactivation
 

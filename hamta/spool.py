@@ -53,7 +53,6 @@ _FRAME_V1 = struct.Struct("<II")  # payload length, crc32 of payload
 ENTRY_MAGIC = b"HS2\xa5"
 _ENTRY = struct.Struct("<4sII")  # magic, envelope length, crc32 of envelope
 _CHECKPOINT_CHUNK = 4096
-_CHECKPOINT_RETRY_SECONDS = 30.0
 
 
 class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
@@ -391,6 +390,7 @@ class Spool:
         min_free: int = 0,
         wall_clock: Callable[[], float] = time.time,
         on_checkpoint: Callable[[str | None], None] | None = None,
+        checkpoint_retry: float = 30.0,
     ) -> None:
         self.path = path
         self._segment_size = segment_size
@@ -425,6 +425,7 @@ class Spool:
         # A failed checkpoint is tried again after this (monotonic), not only after another
         # journal_size of records: the space may come back while the relay is quiet.
         self._checkpoint_retry_at = 0.0
+        self._checkpoint_retry = checkpoint_retry
         self.fsyncs = 0
         self.on_commit: Callable[[int, float], None] | None = None
         # The fencing check (``hamta.epoch_token.EpochGuard.check``): the reason this spool
@@ -453,8 +454,8 @@ class Spool:
         """Lock the directory and start a fresh journal and segment; fast, reads no state."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.data_dir.mkdir(exist_ok=True)
-            self.journal_dir.mkdir(exist_ok=True)
+            self.data_dir.mkdir(mode=0o700, exist_ok=True)  # mail is private
+            self.journal_dir.mkdir(mode=0o700, exist_ok=True)
             version = self.path / "VERSION"
             found = version.read_text() if version.exists() else None
             if found is not None and found not in (FORMAT_VERSION, *_OLD_VERSIONS):
@@ -843,7 +844,7 @@ class Spool:
     def _checkpoint_done(self, error: str | None) -> None:
         self.checkpoint_error = error
         if error is not None:
-            self._checkpoint_retry_at = time.monotonic() + _CHECKPOINT_RETRY_SECONDS
+            self._checkpoint_retry_at = time.monotonic() + self._checkpoint_retry
         if self._on_checkpoint is not None:
             self._on_checkpoint(error)
 
@@ -1092,6 +1093,7 @@ def _rebuild(data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | 
             entries, damaged = scan_entries(data, segment, low)
             if legacy and not entries:
                 continue  # a version 1 segment: bodies only, nothing to rebuild from
+            lost = len(found.lost)
             for entry in entries:
                 if entry.rec.qid in seen:
                     continue
@@ -1100,7 +1102,7 @@ def _rebuild(data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | 
                     found.rebuilt.append(entry.rec)
                 else:
                     found.lost.append(entry.rec.qid)
-            if damaged:
+            if damaged or len(found.lost) > lost:
                 found.damaged_entries += len(damaged)
                 if segment not in found.damaged_segments:
                     found.damaged_segments.append(segment)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -106,13 +107,16 @@ class SuppressionStore:
     def __init__(self, path: Path, *, check_same_thread: bool = True) -> None:
         self.path = path
         try:
+            # Created 0600 whatever the umask (recipients are private); SQLite gives its -wal
+            # and -shm files the database file's mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(
                 path, timeout=10.0, isolation_level=None, check_same_thread=check_same_thread
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise SuppressionError(f"{path}: cannot open the suppression list: {exc}") from None
 
     def busy_timeout(self, seconds: float) -> None:

@@ -6,6 +6,8 @@ all on one port (the relay's delivery port is a single setting, as port 25 is in
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,3 +126,18 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[list[RelayProcess], Pat
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a file system that really runs out of space."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        # Lazy, so that a test that failed with files still open does not leave the mount.
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)

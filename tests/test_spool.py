@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -192,21 +191,6 @@ def test_unknown_spool_format_is_refused(tmp_path: Path) -> None:
             Spool(tmp_path).open()
 
     run(scenario)
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a file system that really runs out of space."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        # Lazy, so that a test that failed with files still open does not leave the mount.
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 @pytest.mark.root

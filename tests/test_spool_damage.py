@@ -8,13 +8,27 @@ class and every message whose own bytes are intact must come back, with its body
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from hamta.spool import Spool, SpoolState, scan_frames
+from hamta.spool import (
+    Enqueue,
+    LiveMessage,
+    Spool,
+    SpoolError,
+    SpoolState,
+    load_state,
+    scan_frames,
+)
+from hamta.suppression import SuppressionStore
+from tests.conftest import RelayFactory
+from tests.support import RecordingSink
 
 
 def body(n: int) -> bytes:
@@ -135,3 +149,162 @@ def test_every_flipped_byte_and_every_cut_costs_no_message(
 
     failures = asyncio.run(scenario())
     assert not failures, f"{len(failures)} of {len(cases)}: {failures[:5]}"
+
+
+def test_a_lost_frame_and_a_damaged_body_cost_that_message_alone(
+    built: tuple[Path, Built], tmp_path: Path
+) -> None:
+    """Damage in the journal and in the body of a message it named: that message is lost,
+    by name, and the others of the frame come back from their segment."""
+    original, spool = built
+    work = tmp_path / "spool"
+    shutil.copytree(original, work)
+    (journal,) = (work / "journal").glob("*.jnl")
+    data = journal.read_bytes()
+    first = scan_frames(data).frames[0]
+    named = [r.qid for r in first[1] if isinstance(r, Enqueue)]
+    assert len(named) == 2
+    victim = next(m for q, m in load_state(work).live.items() if q == named[0])
+    damaged = data[: first[0] + 20] + b"\xff" + data[first[0] + 21 :]
+    journal.write_bytes(damaged)
+    segment = work / "data" / f"{victim.rec.segment:08d}.seg"
+    with open(segment, "r+b") as handle:
+        handle.seek(victim.rec.offset + 5)
+        handle.write(b"#")
+    (work / "data" / "00000099.seg").write_bytes(b"")  # unreferenced: kept while damaged
+
+    async def recover() -> SpoolState:
+        relay_spool = Spool(work)
+        relay_spool.open()
+        state = await relay_spool.recover()
+        await relay_spool.close()
+        return state
+
+    state = asyncio.run(recover())
+    assert state.damage.lost == (named[0],)
+    assert state.damage.rebuilt == (named[1],)
+    assert set(state.live) == spool.live - {named[0]}
+    assert state.damage.files == (f"journal/{journal.name}", f"data/{segment.name}")
+    assert (work / "data" / "00000099.seg").exists()
+    kept = state.damage.kept
+    assert [(work / k).read_bytes() for k in kept] == [damaged, segment.read_bytes()]
+
+    # Once recovery is clean again (the damaged journal is folded into a checkpoint and gone),
+    # the unreferenced segment goes.
+    assert not asyncio.run(recover()).damage
+    assert not (work / "data" / "00000099.seg").exists()
+    assert all((work / k).exists() for k in kept), "the operator's copies stay"
+
+
+def test_spool_files_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "spool"
+        build(path)
+        asyncio.run(_recover_and_close(path))  # another checkpoint, written under umask 022
+        store = SuppressionStore.in_spool(path)
+        store.add("x@sink.test", "manual", "test")
+        files = [p for p in path.rglob("*") if p.is_file() and p.name != "lock"]
+        loose = {str(p.relative_to(path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+        store.close()
+    finally:
+        os.umask(old)
+    assert {p.suffix for p in files} >= {".seg", ".jnl", ".ckpt", ".sqlite", ".sqlite-wal"}
+    assert {k: v for k, v in loose.items() if v != "0o600"} == {}
+
+
+async def _recover_and_close(path: Path) -> None:
+    spool = Spool(path)
+    spool.open()
+    await spool.recover()
+    await _wait_checkpoint(spool)
+    await spool.append(body(1), "a@a.test", ["b@sink.test"])
+    await spool.close()
+
+
+def test_an_unencodable_envelope_fails_its_append_alone(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()
+        results = await asyncio.gather(
+            spool.append(body(1), "a@a.test", ["b@sink.test"]),
+            spool.append(body(2), "a\udc80@a.test", ["b@sink.test"]),
+            spool.append(body(3), "a@a.test", ["b@sink.test"]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], SpoolError)
+        assert [type(r) for r in (results[0], results[2])] == [LiveMessage, LiveMessage]
+        await spool.close()
+
+    asyncio.run(scenario())
+    assert load_state(tmp_path).stats.messages == 2
+
+
+@pytest.mark.root
+def test_a_failed_checkpoint_is_reported_and_cleared_by_the_next_success(small_fs: Path) -> None:
+    path = small_fs / "spool"
+
+    async def fill() -> None:
+        spool = Spool(path)
+        spool.open()
+        await spool.recover()
+        await _wait_checkpoint(spool)
+        for n in range(3):
+            await spool.append(body(n), "a@a.test", ["b@sink.test"])
+        await spool.close()
+
+    asyncio.run(fill())
+    filler = small_fs / "filler"
+    with open(filler, "wb") as handle, contextlib.suppress(OSError):
+        while True:  # until ENOSPC
+            handle.write(b"\0" * 65536)
+            handle.flush()
+
+    async def scenario() -> list[str | None]:
+        seen: list[str | None] = []
+        spool = Spool(path, on_checkpoint=seen.append, checkpoint_retry=0.0)
+        spool.open()
+        await spool.recover()  # its checkpoint fails: the disk is full
+        await _wait_checkpoint(spool)
+        assert seen and seen[0] is not None and "No space" in seen[0], seen
+        assert spool.checkpoint_error == seen[0]
+        filler.unlink()
+        await spool.append(body(9), "a@a.test", ["b@sink.test"])  # a commit: time to retry
+        await spool.sync()
+        await _wait_checkpoint(spool)
+        assert seen[-1] is None and spool.checkpoint_error is None, seen
+        await spool.close()
+        return seen
+
+    asyncio.run(scenario())
+    assert load_state(path).stats.messages == 4
+
+
+def test_a_relay_delivers_every_message_of_a_damaged_spool_and_names_the_damage(
+    built: tuple[Path, Built], make_relay: RelayFactory, sink: RecordingSink
+) -> None:
+    original, spool = built
+    relay = make_relay(start=False)
+    shutil.copytree(original, relay.spool)
+    (journal,) = (relay.spool / "journal").glob("*.jnl")
+    data = bytearray(journal.read_bytes())
+    first = scan_frames(bytes(data)).frames[0]
+    rebuilt = sorted(r.qid for r in first[1] if isinstance(r, Enqueue))
+    data[first[0] + 30] ^= 0x01  # one bit of the frame holding two messages' Enqueue records
+    journal.write_bytes(bytes(data))
+
+    relay.start()
+    assert sink.wait_for(len(spool.live), timeout=30), sink.count
+    relay.wait_queue_empty(timeout=30)
+    delivered = {m.data for m in sink.messages}
+    assert {spool.bodies[q] for q in spool.live} <= {d[d.index(b"Subject:") :] for d in delivered}
+    (damaged,) = relay.events("SpoolDamaged")
+    assert damaged["level"] == "error"
+    assert damaged["files"] == [f"journal/{journal.name}"] and damaged["rebuilt"] == 2
+    assert (relay.spool / damaged["kept"][0]).read_bytes() == bytes(data)
+    events = relay.events("SpoolMessageRebuilt")
+    assert sorted(e["qid"] for e in events) == rebuilt
+    assert {e["level"] for e in events} == {"error"}
+    _, metrics = relay.get("/metrics")
+    assert b'hamta_spool_damaged_messages_total{outcome="rebuilt"} 2.0' in metrics
