@@ -313,6 +313,31 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ config
 
 
+def cmd_spool_check(args: argparse.Namespace) -> int:
+    """``hamta spool check [--repair]``: damage in a spool no relay holds; rebuild it."""
+    from hamta import spool_check  # noqa: PLC0415 - see the imports at the top
+    from hamta.spool import SpoolError  # noqa: PLC0415
+    from hamta.workers import SHARD_PREFIX  # noqa: PLC0415
+
+    path: Path = args.spool or _load(args.config).spool.path
+    if not (path / "journal").is_dir():
+        print(f"hamta: no spool at {path}", file=sys.stderr)
+        return 1
+    reports = []
+    for shard in [path, *sorted(path.glob(f"{SHARD_PREFIX}*"))]:
+        try:
+            reports.append(spool_check.repair(shard) if args.repair else spool_check.check(shard))
+        except SpoolError as exc:
+            print(f"hamta: {exc}", file=sys.stderr)
+            return 1
+    print(
+        json.dumps(reports, indent=2) if args.json else "\n".join(map(spool_check.render, reports))
+    )
+    if args.repair:
+        return 0 if all(r["clean_after_repair"] for r in reports) else 1
+    return 1 if any(r["damaged"] for r in reports) else 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """``hamta config check FILE``: validate a configuration file."""
     config = _load(args.file)
@@ -396,6 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--config", type=Path, help="relay TOML for its limits (default: built-in)")
     cap.add_argument("--json", action="store_true", help="print one JSON object")
     cap.set_defaults(func=cmd_capacity)
+
+    spool = sub.add_parser("spool", help="spool tools")
+    spool_sub = spool.add_subparsers(dest="spool_command", required=True)
+    spool_check = spool_sub.add_parser(
+        "check", help="report damaged spool files and what they cost (exit 1 if any)"
+    )
+    spool_check.add_argument("--config", type=Path, help="TOML file naming the spool")
+    spool_check.add_argument("--spool", type=Path, help="spool directory (default: from config)")
+    spool_check.add_argument(
+        "--repair", action="store_true",
+        help="rebuild as a relay's recovery would: damaged files to damaged/, a fresh checkpoint",
+    )  # fmt: skip
+    spool_check.add_argument("--json", action="store_true", help="print JSON")
+    spool_check.set_defaults(func=cmd_spool_check)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
