@@ -7,7 +7,9 @@ syncing it once (group commit) costs one fsync for every session that finished D
 instant, and rebuilding the queue means reading a compact journal, never the bodies.
 
 * ``data/NNNNNNNN.seg`` hold the bodies, back to back, exactly as queued (Received: header
-  included). A segment is deleted once every message in it is finished and that fact is durable.
+  included), each preceded by its envelope (its Enqueue record), so that the segments alone can
+  rebuild a damaged journal. A segment is deleted once every message in it is finished and that
+  fact is durable.
 * ``journal/NNNNNNNN.jnl`` hold the state: one frame per group commit, each a CRC-checked list of
   records: :class:`Enqueue` (envelope plus where the body lies), :class:`Defer` (retry state of
   some recipients) and :class:`Done` (recipients finished: delivered, bounced or expired).
@@ -15,8 +17,10 @@ instant, and rebuilding the queue means reading a compact journal, never the bod
   so that recovery reads one checkpoint plus the journals after it, and old journals can go.
 
 A group commit writes the bodies, fdatasyncs the segment, then writes the frame and fdatasyncs the
-journal, so a frame that survives a crash never points at a body that did not. A torn last frame
-fails its CRC and is cut off at recovery. Replay is idempotent (a repeated Enqueue or a Done for an
+journal, so a frame that survives a crash never points at a body that did not. Frames start
+with a magic: recovery skips a torn or damaged frame, goes on with the next, and rebuilds from
+the segments the messages no intact record names (damage costs at most the damaged message).
+Replay is idempotent (a repeated Enqueue or a Done for an
 unknown message is ignored), which is what lets a checkpoint be taken while mail keeps flowing.
 The format is documented for operators in ``docs/spool-format.md``.
 """

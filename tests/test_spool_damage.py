@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import stat
+import struct
+import subprocess
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from hamta.spool import (
@@ -308,3 +314,68 @@ def test_a_relay_delivers_every_message_of_a_damaged_spool_and_names_the_damage(
     assert {e["level"] for e in events} == {"error"}
     _, metrics = relay.get("/metrics")
     assert b'hamta_spool_damaged_messages_total{outcome="rebuilt"} 2.0' in metrics
+
+
+def test_a_version_1_spool_is_read_and_upgraded(tmp_path: Path) -> None:
+    """Frames without a magic, bodies without envelopes: as a version 1 relay left them."""
+    (tmp_path / "journal").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "VERSION").write_text("hamta-spool 1\n")
+    bodies = [body(1), body(2)]
+    (tmp_path / "data" / "00000001.seg").write_bytes(b"".join(bodies))
+    records = [
+        Enqueue(f"Q{n}", 1, sum(map(len, bodies[:n])), len(b), zlib.crc32(b), 1.0, "a@a.test",
+                ("b@sink.test",))
+        for n, b in enumerate(bodies)
+    ]  # fmt: skip
+    journal = b""
+    for batch in ([records[0]], [records[1]]):
+        payload = msgspec.msgpack.encode(batch)
+        journal += struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+    (tmp_path / "journal" / "00000001.jnl").write_bytes(journal)
+
+    async def scenario() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        state = await spool.recover()
+        assert not state.damage
+        assert [await spool.read_body(spool.live[q].rec) for q in ("Q0", "Q1")] == bodies
+        await spool.append(body(3), "a@a.test", ["b@sink.test"])
+        await spool.close()
+
+    asyncio.run(scenario())
+    assert (tmp_path / "VERSION").read_text() == "hamta-spool 2\n"
+    state = load_state(tmp_path)
+    assert state.stats.messages == 3 and not state.damage
+
+
+def test_spool_check_reports_and_repairs(built: tuple[Path, Built], tmp_path: Path) -> None:
+    original, spool = built
+    work = tmp_path / "spool"
+    shutil.copytree(original, work)
+    (checkpoint,) = (work / "journal").glob("*.ckpt")
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+
+    def hamta(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "hamta.cli", "spool", "check", "--spool", str(work)]
+        return subprocess.run(
+            [*command, *args], check=False, capture_output=True, text=True, timeout=60
+        )
+
+    check = hamta("--json")
+    assert check.returncode == 1, check.stderr
+    (report,) = json.loads(check.stdout)
+    assert report["files"] == [f"journal/{checkpoint.name}"] and report["kept"] == []
+    assert report["lost"] == [] and report["messages"] >= len(spool.live)
+    assert set(report["rebuilt"]) & spool.live
+    assert not (work / "damaged").exists(), "check alone changes nothing"
+
+    repair = hamta("--repair")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "rebuilt from its segment" in repair.stdout
+    assert list((work / "damaged").iterdir())
+    again = hamta()
+    assert again.returncode == 0 and "no damage" in again.stdout, again.stdout
+    assert spool.live <= set(load_state(work).live)
