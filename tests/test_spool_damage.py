@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import smtplib
 import stat
 import struct
 import subprocess
@@ -379,3 +380,26 @@ def test_spool_check_reports_and_repairs(built: tuple[Path, Built], tmp_path: Pa
     again = hamta()
     assert again.returncode == 0 and "no damage" in again.stdout, again.stdout
     assert spool.live <= set(load_state(work).live)
+
+
+@pytest.mark.root
+def test_a_relay_logs_and_counts_a_checkpoint_that_failed(
+    small_fs: Path, make_relay: RelayFactory, sink: RecordingSink
+) -> None:
+    relay = make_relay({"spool": {"path": str(small_fs / "spool"), "min_free": 0}})
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.sendmail("a@origin.test", ["x@sink.test"], body(1))
+    assert sink.wait_for(1, timeout=15)
+    relay.terminate()
+    with open(small_fs / "filler", "wb") as handle, contextlib.suppress(OSError):
+        while True:  # until ENOSPC: the recovery's checkpoint cannot be written
+            handle.write(b"\0" * 65536)
+            handle.flush()
+
+    relay.start()
+    (failed,) = relay.wait_events("CheckpointFailed")
+    assert failed["level"] == "error" and "No space" in failed["error"]
+    assert "No space" in relay.queue()["checkpoint_error"]
+    _, metrics = relay.get("/metrics")
+    assert b"hamta_spool_checkpoint_failing 1.0" in metrics
+    assert b"hamta_spool_checkpoint_failures_total 1.0" in metrics
