@@ -20,8 +20,8 @@ A group commit writes the bodies, fdatasyncs the segment, then writes the frame 
 journal, so a frame that survives a crash never points at a body that did not. Frames start
 with a magic: recovery skips a torn or damaged frame, goes on with the next, and rebuilds from
 the segments the messages no intact record names (damage costs at most the damaged message).
-Replay is idempotent (a repeated Enqueue or a Done for an
-unknown message is ignored), which is what lets a checkpoint be taken while mail keeps flowing.
+Replay is idempotent (a repeated Enqueue or a Done for an unknown message is ignored), which is
+what lets a checkpoint be taken while mail keeps flowing.
 The format is documented for operators in ``docs/spool-format.md``.
 """
 
