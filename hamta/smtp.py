@@ -260,6 +260,7 @@ class HamtaSMTP(SMTP):
         return False
 
     async def _refuse(self, reply: str, event: str, text: str) -> None:
+        """Send a refusal of the client's ``text``: counted, and one JSON line naming it."""
         handler = self.hamta_handler
         handler.metrics.rejected.labels(reply[:3]).inc()
         peer = self.session.peer if self.session is not None else None
@@ -278,7 +279,7 @@ class HamtaSMTP(SMTP):
         return address or "<>", parameters  # aiosmtpd keeps the null sender as "<>"
 
     async def smtp_STARTTLS(self, arg: str) -> None:
-        """STARTTLS, once: inside TLS it is a command out of sequence (RFC 3207 4.2)."""
+        """STARTTLS, once: inside TLS it is out of sequence (RFC 3207: never TLS inside TLS)."""
         if self._tls_protocol is not None:
             await self.push(REPLY_TLS_ACTIVE)
             return
