@@ -16,8 +16,9 @@ from pathlib import Path
 
 from hamta.dsn import FailedRecipient, build_dsn
 from hamta.spool import Spool
-from tests.conftest import RelayFactory
+from tests.conftest import MX_HOST, RelayFactory
 from tests.support import RecordingSink
+from tests.support.smtpwire import Reply, SmtpWire
 from tests.test_client_input import LONG_DOMAIN
 from tests.test_reception import queue_id, session
 
@@ -53,6 +54,15 @@ def test_utf8_recipient_to_a_next_hop_without_smtputf8_bounces_with_5_6_7(
         assert dsn.rcpt_tos == ("sender@sink.test",) and b"Status: 5.6.7" in dsn.data
         relay.wait_queue_empty()
         assert not relay.events("TransientFailure")
+
+
+def send(wire: SmtpWire, mail: str, rcpt: str) -> Reply:
+    """One short message on an open session; the reply to its DATA."""
+    assert wire.command(f"MAIL FROM:{mail}").code == 250
+    assert wire.command(f"RCPT TO:{rcpt}").code == 250
+    assert wire.command("DATA").code == 354
+    wire.send(b"Subject: hop\r\n\r\nbody\r\n.\r\n")
+    return wire.read_reply()
 
 
 async def _spool_old_mail(path: Path, recipients: list[str]) -> list[str]:
@@ -118,3 +128,28 @@ def test_dsn_for_utf8_addresses_and_headers_is_ascii_where_rfc_3464_wants_it() -
     assert block["Diagnostic-Code"] == "smtp; no SMTPUTF8 for j\\x{F6}rg"
     headers = next(p for p in report.walk() if p.get_content_type() == "text/rfc822-headers")
     assert headers.get_payload(decode=True) == "Subject: héllo\r\n".encode()
+
+
+def test_utf8_mail_on_a_connection_the_next_hop_dropped_is_retried_not_bounced(
+    make_relay: RelayFactory, mx_port: int
+) -> None:
+    # aiosmtplib forgets a connection's extensions when it is lost: an idle connection the MX
+    # dropped says "no SMTPUTF8", which must not be taken for the MX's answer.
+    relay = make_relay(
+        {
+            "delivery": {"idle_connection_timeout": "60s"},
+            "retry": {"first_delay": "200ms", "jitter": 0.0},
+        }
+    )
+    with RecordingSink(host=MX_HOST, port=mx_port) as first:
+        with session(relay) as wire:
+            queue_id(send(wire, "<sender@sink.test>", "<first@sink.test>"))
+        assert first.wait_for(1, timeout=15)
+    # The first MX is gone with the relay's idle connection; the same MX is back.
+    with RecordingSink(host=MX_HOST, port=mx_port) as second:
+        with session(relay) as wire:
+            qid = queue_id(send(wire, "<sender@sink.test> SMTPUTF8", "<ñandú@sink.test>"))
+        assert second.wait_for(1, timeout=15), relay.events("Bounce")
+        assert second.messages[0].rcpt_tos == ("ñandú@sink.test",)
+    assert not [e for e in relay.events("Bounce") if e["queue_id"] == qid]
+    relay.wait_queue_empty()
