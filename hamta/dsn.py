@@ -12,7 +12,7 @@ import email.utils
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime
 
 
@@ -91,7 +91,9 @@ def build_dsn(
     # RFC 6532 headers (mail sent with SMTPUTF8) are UTF-8: carried encoded, not as raw 8-bit.
     rfc822.set_payload(text, charset=None if text.isascii() else "utf-8")
     report.attach(rfc822)  # type: ignore[arg-type]
-    return report.as_bytes(policy=SMTP)
+    # To a UTF-8 sender (whose mail came with SMTPUTF8) the headers are RFC 6532 UTF-8: an
+    # RFC 2047 encoded word is no address at all.
+    return report.as_bytes(policy=SMTP if original_sender.isascii() else SMTPUTF8)
 
 
 def _address_field(address: str) -> str:

@@ -153,3 +153,16 @@ def test_utf8_mail_on_a_connection_the_next_hop_dropped_is_retried_not_bounced(
         assert second.messages[0].rcpt_tos == ("ñandú@sink.test",)
     assert not [e for e in relay.events("Bounce") if e["queue_id"] == qid]
     relay.wait_queue_empty()
+
+
+def test_dsn_to_a_utf8_sender_names_him_in_utf8_not_in_an_encoded_word() -> None:
+    dsn = build_dsn(
+        reporting_mta="relay.hamta.test",
+        queue_id="Q2",
+        original_sender="jörg@origin.test",
+        arrival=0.0,
+        failed=[FailedRecipient("plain@ascii.test", "5.6.7", "no SMTPUTF8", "mx")],
+        headers=b"Subject: x\r\n",
+        now=0.0,
+    )
+    assert "\r\nTo: jörg@origin.test\r\n".encode() in dsn
