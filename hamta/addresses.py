@@ -168,7 +168,7 @@ def check_mailbox(address: str, *, utf8: bool) -> str:
         raise InputError(f"local part over {MAX_LOCAL_PART} octets")
     if not (_QUOTED.fullmatch(local) or all(_ATOM.fullmatch(atom) for atom in local.split("."))):
         raise InputError("local part is neither a dot-atom nor a quoted string")
-    check_domain(domain)
+    _check_domain(domain)
     if _octets(address) + 2 > MAX_PATH:
         raise InputError(f"path over {MAX_PATH} octets")
     if not address.isascii() and not utf8:
@@ -176,7 +176,7 @@ def check_mailbox(address: str, *, utf8: bool) -> str:
     return address
 
 
-def check_domain(domain: str) -> str:
+def _check_domain(domain: str) -> str:
     """A mail domain: LDH labels (or U-labels that have an A-label form) or an address literal."""
     if domain.startswith("["):
         if not domain.endswith("]") or not _is_ip_literal(domain[1:-1]):
