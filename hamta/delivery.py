@@ -20,7 +20,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +186,17 @@ class DeliveryEngine:
                     except RoutingError as exc:
                         self._routing_failed(destination, job, exc)
                         return
+                    except Exception as exc:
+                        # A domain dnspython cannot even encode (an empty or over-long label,
+                        # bad IDNA), or a fault of ours: the line is retried, then bounced when
+                        # its lifetime ends; never left in the spool with no event.
+                        self.log.exception("DeliveryError", queue_id=job.message.rec.qid,
+                                           domain=job.domain, error=_describe(exc))  # fmt: skip
+                        failure = RoutingError(
+                            f"cannot route: {_describe(exc)}", permanent=False, enhanced="4.4.3"
+                        )
+                        self._routing_failed(destination, job, failure)
+                        return
                 destination.in_flight += 1
                 try:
                     alive = await self._deliver(connection, job)
@@ -314,12 +325,26 @@ class DeliveryEngine:
         client = connection.client
         replies: dict[int, Reply] = {}
         alive = True
+        smtputf8 = client.supports_extension("smtputf8")
+        rcpts = job.rcpts
+        # A reused connection the next hop dropped has forgotten its extensions: it fails below
+        # as a lost connection (temporary), and is no reason to bounce.
+        if not smtputf8 and client.is_connected:
+            # RFC 6531 3.4: mail that needs SMTPUTF8 to a next hop without it is a permanent
+            # failure; the ASCII recipients of the same job still go.
+            unsendable = _needing_smtputf8(rec.sender, rec.recipients, rcpts, connection.target)
+            replies.update(unsendable)
+            rcpts = tuple(i for i in rcpts if i not in unsendable)
+            if not rcpts:
+                self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+                self._apply(job, replies, connection.target, started)
+                return True
         try:
             options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
             if client.supports_extension("8bitmime") and not body.isascii():
                 options.append("BODY=8BITMIME")
-            addresses = [rec.sender, *job.addresses]
-            if client.supports_extension("smtputf8") and not all(a.isascii() for a in addresses):
+            addresses = [rec.sender, *(rec.recipients[i] for i in rcpts)]
+            if smtputf8 and not all(a.isascii() for a in addresses):
                 options.append("SMTPUTF8")
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
             # The addresses were checked at reception; aiosmtplib's mail()/rcpt() would parse
@@ -331,7 +356,7 @@ class DeliveryEngine:
             if response.code != 250:
                 raise aiosmtplib.SMTPSenderRefused(response.code, response.message, rec.sender)
             accepted: list[int] = []
-            for index in job.rcpts:
+            for index in rcpts:
                 address = rec.recipients[index]
                 response = await client.execute_command(
                     b"RCPT", b"TO:<" + address.encode(encoding) + b">"
@@ -538,16 +563,23 @@ class DeliveryEngine:
                 headers = original_headers(await self.spool.read_body(rec))
             except (SpoolError, OSError):
                 headers = b""
-            dsn = build_dsn(
-                reporting_mta=self.hostname,
-                queue_id=rec.qid,
-                original_sender=rec.sender,
-                arrival=rec.arrival,
-                failed=reports,
-                headers=headers,
-                expired=expired,
-                now=self._wall(),
-            )
+            try:
+                dsn = build_dsn(
+                    reporting_mta=self.hostname,
+                    queue_id=rec.qid,
+                    original_sender=rec.sender,
+                    arrival=rec.arrival,
+                    failed=reports,
+                    headers=headers,
+                    expired=expired,
+                    now=self._wall(),
+                )
+            except Exception as exc:
+                # The failures are logged (Bounce, Expiration); a DSN that cannot be rendered
+                # must not leave them queued with no word, nor retried forever.
+                self.log.exception("DsnNotBuilt", queue_id=rec.qid, error=_describe(exc))
+                self.spool.mark_done(message, rcpts)
+                return
             try:
                 notice = await self.spool.append(
                     dsn, "", [rec.sender], message_id=message_id_of(dsn), is_dsn=True
@@ -598,6 +630,18 @@ def _shaping_fields(destination: Destination) -> dict[str, Any]:
         "messages_per_second": round(rate, 3) if rate is not None else None,
         "concurrency": destination.concurrency,
     }
+
+
+def _needing_smtputf8(
+    sender: str, recipients: Sequence[str], rcpts: tuple[int, ...], target: Target
+) -> dict[int, Reply]:
+    """The recipients that cannot go to ``target`` (no SMTPUTF8): all if the sender is UTF-8."""
+    failing = rcpts if not sender.isascii() else [i for i in rcpts if not recipients[i].isascii()]
+    text = (
+        f"5.6.7 {target.mx_host}[{target.ip}] does not support SMTPUTF8, which this "
+        f"{'sender' if not sender.isascii() else 'recipient'} address needs (RFC 6531 3.4)"
+    )
+    return {index: Reply(553, text) for index in failing}
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ import email.utils
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime
 
 
@@ -77,19 +77,37 @@ def build_dsn(
     status.attach(per_message)
     for item in failed:
         block = Message()
-        block["Final-Recipient"] = f"rfc822; {item.address}"
+        block["Final-Recipient"] = _address_field(item.address)
         block["Action"] = "failed"
         block["Status"] = item.status
         if item.remote_mta:
             block["Remote-MTA"] = f"dns; {item.remote_mta}"
-        block["Diagnostic-Code"] = f"smtp; {_one_line(item.diagnostic)}"
+        block["Diagnostic-Code"] = f"smtp; {_ascii(_one_line(item.diagnostic))}"
         status.attach(block)
     report.attach(status)  # type: ignore[arg-type]  # any Message is a valid part
     rfc822 = Message()
     rfc822.set_type("text/rfc822-headers")
-    rfc822.set_payload(headers.decode("utf-8", errors="replace"))
+    text = headers.decode("utf-8", errors="replace")
+    # RFC 6532 headers (mail sent with SMTPUTF8) are UTF-8: carried encoded, not as raw 8-bit.
+    rfc822.set_payload(text, charset=None if text.isascii() else "utf-8")
     report.attach(rfc822)  # type: ignore[arg-type]
-    return report.as_bytes(policy=SMTP)
+    # To a UTF-8 sender (whose mail came with SMTPUTF8) the headers are RFC 6532 UTF-8: an
+    # RFC 2047 encoded word is no address at all.
+    return report.as_bytes(policy=SMTP if original_sender.isascii() else SMTPUTF8)
+
+
+def _address_field(address: str) -> str:
+    """An RFC 3464 address field; a UTF-8 address as RFC 6533's utf-8-addr-xtext (ASCII)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return f"utf-8; {_ascii(address)}"
+
+
+def _ascii(text: str) -> str:
+    """Non-ASCII characters as RFC 6533 \\x{HEXPOINT} escapes (a delivery-status is ASCII)."""
+    if text.isascii():
+        return text
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in text)
 
 
 def _one_line(text: str) -> str:

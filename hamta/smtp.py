@@ -28,6 +28,14 @@ from typing import TYPE_CHECKING, Any, AnyStr
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from hamta.addresses import (
+    InputError,
+    NeedsSmtpUtf8Error,
+    check_helo,
+    check_mailbox,
+    header_safe,
+    split_path,
+)
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
 from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
@@ -39,11 +47,6 @@ if TYPE_CHECKING:  # only configured relays import dkimpy and cryptography
 
 _STATUS = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.DOTALL)
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
-# A plain <dot-atom@domain> address, the form nearly every client sends (RFC 5321 4.1.2).
-_SIMPLE_PATH = re.compile(
-    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>[ \t]*"
-)
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 
 # Enhanced codes for aiosmtpd's own replies, by basic code (RFC 3463, RFC 5248).
@@ -71,6 +74,9 @@ REPLY_SMUGGLING = (
 )
 REPLY_NUL = "550 5.6.0 Message refused: NUL character in message data"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+REPLY_BAD_HELO = "501 5.5.4 Bad HELO/EHLO host name"
+REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address without SMTPUTF8 on MAIL (RFC 6531 3.4)"
+REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
 REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
@@ -178,6 +184,8 @@ class HamtaSMTP(SMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         """EHLO, its lines (which RFC 2034 leaves without enhanced codes) in a single write."""
+        if await self._refused_helo(hostname):
+            return
         self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
@@ -188,22 +196,94 @@ class HamtaSMTP(SMTP):
 
     async def smtp_HELO(self, hostname: str) -> None:
         """HELO, whose reply RFC 2034 leaves without an enhanced code."""
+        if await self._refused_helo(hostname):
+            return
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
         finally:
             self._plain_replies = False
 
+    async def _refused_helo(self, hostname: str) -> bool:
+        """Refuse (501) a HELO/EHLO name that is neither a host name nor an address literal.
+
+        The name goes into the Received: header and the log: a CR in it would start header
+        lines of the client's choosing. A refused greeting changes nothing in the session.
+        """
+        if not hostname:
+            return False  # aiosmtpd's own 501 Syntax reply
+        try:
+            check_helo(hostname)
+        except InputError as exc:
+            await self._refuse(f"{REPLY_BAD_HELO}: {exc}", "HeloRefused", hostname)
+            return True
+        return False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL, its path checked first (RFC 5321 4.1.2, 4.5.3.1; RFC 6531 3.4)."""
+        if not await self._refused_path(arg, "FROM:"):
+            await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT, its path checked first (RFC 5321 4.1.2, 4.5.3.1; RFC 6531 3.4)."""
+        if not await self._refused_path(arg, "TO:"):
+            await super().smtp_RCPT(arg)
+
+    async def _refused_path(self, arg: str | None, keyword: str) -> bool:
+        """Refuse a MAIL or RCPT whose path is malformed, too long or needs SMTPUTF8.
+
+        Commands out of sequence or without their keyword are left to aiosmtpd (503, 501).
+        """
+        session, envelope = self.session, self.envelope
+        if arg is None or session is None or envelope is None or not session.host_name:
+            return False
+        sender = keyword == "FROM:"
+        if (envelope.mail_from is not None) == sender:  # nested MAIL, or RCPT before MAIL
+            return False
+        argument = self._strip_command_keyword(keyword, arg)
+        if argument is None:
+            return False
+        bad = REPLY_BAD_SENDER if sender else REPLY_BAD_ADDRESS
+        try:
+            address, parameters = split_path(argument)
+            if address or not sender:  # <> is the null sender, for MAIL only
+                utf8 = (
+                    "SMTPUTF8" in parameters.upper().split() if sender else envelope.smtp_utf8
+                )  # fmt: skip
+                check_mailbox(address, utf8=utf8)
+        except NeedsSmtpUtf8Error:
+            await self._refuse(REPLY_NEEDS_SMTPUTF8, "AddressRefused", argument)
+            return True
+        except InputError as exc:
+            await self._refuse(f"{bad}: {exc}", "AddressRefused", argument)
+            return True
+        return False
+
+    async def _refuse(self, reply: str, event: str, text: str) -> None:
+        """Send a refusal of the client's ``text``: counted, and one JSON line naming it."""
+        handler = self.hamta_handler
+        handler.metrics.rejected.labels(reply[:3]).inc()
+        peer = self.session.peer if self.session is not None else None
+        # The client's text escaped: the log is JSON, and invalid UTF-8 has no JSON form.
+        handler.log.info(event, client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+                         argument=header_safe(text)[:300], reply=reply)  # fmt: skip
+        await self.push(reply)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd parses every MAIL/RCPT path with the email package's header parser, a
-        # tenth of a relay's CPU under load; a plain path gives the same result from a regex.
-        match = _SIMPLE_PATH.match(arg)
-        if match is not None:
-            local = match.group(1).rpartition("@")[0]
-            if not self.local_part_limit or len(local) <= self.local_part_limit:
-                return match.group(1), arg[match.end() :]
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
+        # The path was checked by _refused_path; hamta.addresses also spares aiosmtpd's parse
+        # with the email package's header parser, a tenth of a relay's CPU under load.
+        try:
+            address, parameters = split_path(arg)
+        except InputError:
+            return None, None
+        return address or "<>", parameters  # aiosmtpd keeps the null sender as "<>"
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS, once: inside TLS it is out of sequence (RFC 3207: never TLS inside TLS)."""
+        if self._tls_protocol is not None:
+            await self.push(REPLY_TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Track the session so that a graceful stop can wait for it."""
@@ -464,13 +544,20 @@ class ReceptionHandler:
         protocol = "ESMTPS" if session.ssl is not None else (
             "ESMTP" if session.extended_smtp else "SMTP"
         )  # fmt: skip
-        recipient = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        recipient = (
+            f"\r\n\tfor <{header_safe(envelope.rcpt_tos[0])}>"
+            if len(envelope.rcpt_tos) == 1
+            else ""
+        )
         now = time.time()
         if int(now) != self._date[0]:  # one RFC 5322 date a second is plenty
             self._date = (int(now), format_datetime(datetime.fromtimestamp(int(now), UTC)))
         stamp = self._date[1]
+        # Client text only as checked at HELO/RCPT, and escaped all the same: a CR or LF here
+        # would let a client write header lines of its own into the message.
+        helo = header_safe(session.host_name or "unknown")
         header = (
-            f"Received: from {session.host_name or 'unknown'} ([{client}])\r\n"
+            f"Received: from {helo} ([{header_safe(client)}])\r\n"
             f"\tby {self.hostname} (hamta) with {protocol} id {qid}{recipient};\r\n"
             f"\t{stamp}\r\n"
         )

@@ -174,6 +174,7 @@ class RecordingSink:
         data_reply: str | None = None,
         server_hostname: str = "recording-sink.test",
         ready_timeout: float = 5.0,
+        smtputf8: bool = True,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
@@ -185,6 +186,8 @@ class RecordingSink:
         self.data_reply = data_reply
         self.server_hostname = server_hostname
         self.ready_timeout = ready_timeout
+        # False: a next hop without RFC 6531, as many still are (refuses non-ASCII arguments).
+        self.smtputf8 = smtputf8
         self._handler = _Handler(self)
         self._cond = threading.Condition()
         self._messages: list[Delivered] = []
@@ -286,7 +289,7 @@ class RecordingSink:
             tls_context=tls_context,
             require_starttls=False,
             decode_data=False,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=self.smtputf8,
         )
         try:
             controller.start()
