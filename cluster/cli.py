@@ -101,7 +101,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 coordinator.forget(args.node)
                 print(f"{args.node} forgotten: it will no longer be fenced before a takeover")
             elif args.action == "switchover":
-                result = switchover(session, args.to, config.agent.heartbeat, args.timeout)
+                result = switchover(
+                    session,
+                    args.to,
+                    config.agent.heartbeat,
+                    args.timeout,
+                    config.agent.switchover_timeout,
+                )
                 if args.json:
                     print(json.dumps(result))
                 else:

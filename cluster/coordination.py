@@ -690,11 +690,35 @@ class Coordinator:
         with self._kazoo("resuming"):
             self._delete(self._paths.paused)
 
-    def request_switchover(self, source: str, target: str | None) -> None:
-        """Ask the active node ``source`` to hand over (to ``target``, or to any healthy peer)."""
+    def request_switchover(
+        self, source: str, target: str | None, stale_after: float
+    ) -> Switchover | None:
+        """Ask the active node ``source`` to hand over (to ``target``, or to any healthy peer).
+
+        None when the request is made; else the request already in progress, left as it is: of
+        two operators asking at once, one creates the znode and the other is told. A request
+        older than ``stale_after`` seconds (the agents ignore it by then) is replaced.
+        """
         data = msgspec.json.encode(Switchover(source, target, self._wall()))
+        client, path = self._client, self._paths.switchover
         with self._kazoo("requesting switchover"):
-            self._put(self._paths.switchover, data)
+            self._require_connected("requesting switchover")
+            for _ in range(_VERSION_RETRIES):
+                try:
+                    self._wait(client.create_async(path, data, acl=self._acl))
+                except NodeExistsError:
+                    pass
+                else:
+                    return None
+                got = self._fetch(client.get_async(path))
+                if got is None:
+                    continue  # done or withdrawn meanwhile: ask again
+                existing = self._decode(path, got[0], Switchover, [])
+                if existing is not None and self._wall() - existing.at <= stale_after:
+                    return existing
+                with suppress(NoNodeError, BadVersionError):
+                    self._wait(client.delete_async(path, version=got[1].version))
+        raise CoordinationError("requesting switchover: the request znode keeps changing")
 
     def clear_switchover(self) -> None:
         """Withdraw a switchover request (done or abandoned)."""
