@@ -47,6 +47,9 @@ class AgentSection(_Section):
     cluster: str = Field(default="hamta", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     zookeeper: str = Field(min_length=1)  # "host:port,host:port,..."
     session_timeout: PositiveSeconds = 2.0
+    # How long the agent and the operator's commands try to reach ZooKeeper before they fail
+    # naming the hosts (the agent exits 1 and its service manager starts it again).
+    connect_timeout: PositiveSeconds = 10.0
     credentials: Path | None = None  # "user:password", mode 0600
     relay_config: Path
     relay_command: list[str] = Field(default_factory=list)  # default: this Python's hamta serve

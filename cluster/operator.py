@@ -38,8 +38,13 @@ class OperatorSession:
 
 
 @contextmanager
-def operator_session(config: AgentConfig, timeout: float = 10.0) -> Iterator[OperatorSession]:
-    """A short-lived coordinator session with the cluster's credentials."""
+def operator_session(
+    config: AgentConfig, timeout: float | None = None
+) -> Iterator[OperatorSession]:
+    """A short-lived coordinator session with the cluster's credentials.
+
+    ``timeout``: to reach ZooKeeper (default: ``agent.connect_timeout``).
+    """
     agent = config.agent
     credentials = Credentials.from_file(agent.credentials) if agent.credentials else None
     changed = threading.Event()
@@ -51,7 +56,7 @@ def operator_session(config: AgentConfig, timeout: float = 10.0) -> Iterator[Ope
         credentials=credentials,
         on_change=changed.set,
     )
-    coordinator.start(timeout)
+    coordinator.start(agent.connect_timeout if timeout is None else timeout)
     try:
         yield OperatorSession(coordinator, changed)
     finally:
