@@ -35,6 +35,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
 _SIZE_FACTOR = {"k": 1024, "m": 1024**2, "g": 1024**3}
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 
 
 class ConfigError(Exception):
@@ -314,6 +315,22 @@ class AdminConfig(_Section):
     # The dashboard at /: a sample every interval, this many kept (720 x 5 s = the last hour).
     dashboard_interval: PositiveSeconds = 5.0
     dashboard_samples: Count = 720
+    # Names (no port) answered besides the listen address and localhost (hamta/admin_guard.py).
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        for name in value:
+            bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+            if ":" in bare:
+                try:
+                    ipaddress.IPv6Address(bare)
+                except ValueError:
+                    bare = ""
+            if not (":" in bare or _HOST_NAME.match(bare)):
+                raise ValueError(f"not a host name or IP address without a port: {name!r}")
+        return value
 
     @field_validator("listen")
     @classmethod
