@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from cluster.state import Policy, Step, Takeover
+from cluster.zk_acl import split_chroot
 from fencing import agents_from_config
 from hamta.config import (
     ConfigError,
@@ -75,7 +76,8 @@ class AgentSection(_Section):
     @field_validator("zookeeper")
     @classmethod
     def _check_hosts(cls, value: str) -> str:
-        for host in value.split(","):
+        servers, _chroot = split_chroot(value)  # "host:port,host:port[/chroot]"
+        for host in servers.split(","):
             parse_hostport(host, 2181)
         return value
 

@@ -57,7 +57,9 @@ class Pair:
         self.credentials = tmp_path / "zk-credentials"
         self.credentials.write_text(f"hamta:{cluster}-secret\n")
         self.credentials.chmod(0o600)
-        self.zookeeper = zookeeper
+        # Each test's cluster has its own password: a chroot of its own, as two clusters of two
+        # users need on one ensemble (the first one's /hamta is closed to the other).
+        self.zookeeper = f"{zookeeper}/{cluster}"
         self.cluster = cluster
         smtp_port = free_port("127.0.0.21")
         relay: dict[str, dict[str, Any]] = {
@@ -70,7 +72,7 @@ class Pair:
                 name,
                 host=host,
                 smtp_port=smtp_port,
-                zookeeper=zookeeper,
+                zookeeper=self.zookeeper,
                 shared_spool=tmp_path / "shared",
                 credentials=self.credentials,
                 relay=relay,

@@ -419,7 +419,13 @@ def test_acls_keep_out_anonymous_and_wrong_credentials(tmp_path: Path) -> None:
             with pytest.raises(CoordinationError, match="denies user 'hamta' access"):
                 wrong.start()
             assert wrong.session is Session.LOST
-            other = Coordinator(server.hosts, "other", "x")  # another cluster beside it
+            # Nobody without the credentials may add a cluster (a name to squat) beside it.
+            anonymous_cluster = Coordinator(server.hosts, "other", "x")
+            with pytest.raises(CoordinationError, match="denies anonymous clients access"):
+                anonymous_cluster.start()
+            with pytest.raises(NoAuthError):
+                clients[0].create("/hamta/other", b"")
+            other = Coordinator(server.hosts + "/elsewhere", "other", "x")  # in its own chroot
             other.start()
             other.stop()
             peer = Coordinator(server.hosts, "secure", "b", credentials=CREDENTIALS)

@@ -86,10 +86,12 @@ class Node:
 def node(tmp_path: Path, zookeeper: ZooKeeperEnsemble) -> Node:
     """A node of a cluster that exists, made by an agent with the right password."""
     cluster = f"e{uuid.uuid4().hex[:10]}"
-    owner = Coordinator(zookeeper.hosts, cluster, "n0", credentials=Credentials("hamta", PASSWORD))
+    # A chroot of its own: the session's server is shared with clusters of other credentials.
+    hosts = f"{zookeeper.hosts}/{cluster}"
+    owner = Coordinator(hosts, cluster, "n0", credentials=Credentials("hamta", PASSWORD))
     owner.start(10)
     owner.stop()
-    return Node(tmp_path, zookeeper.hosts, cluster)
+    return Node(tmp_path, hosts, cluster)
 
 
 @pytest.mark.parametrize("command", ["agent", "cluster"])
