@@ -154,3 +154,15 @@ def test_a_log_file_that_cannot_be_created_is_one_line(node: Node, tmp_path: Pat
     assert checked.returncode == 2
     line = one_line(checked)
     assert f"log.file: log file {log}: cannot create its directory: {blocker} is not a " in line
+
+
+def test_an_unreadable_relay_configuration_or_state_directory_is_one_line(
+    node: Node, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-relay.toml"
+    line = one_line(run("agent", "--config", str(node.config(relay_config=missing)))[0])
+    assert line == f"hamta agent: {missing}: cannot read: No such file or directory"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = one_line(run("agent", "--config", str(node.config(state_dir=blocker / "state")))[0])
+    assert line == f"hamta agent: state directory {blocker / 'state'}: Not a directory"
