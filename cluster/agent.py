@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -42,8 +43,12 @@ from cluster.vip import VirtualIp
 from fencing import FenceChain, agents_from_config
 from fencing.watchdog import Watchdog, WatchdogError
 from hamta import eventlog
-from hamta.config import load_config, parse_hostport
+from hamta.config import ConfigError, load_config, parse_hostport
 from hamta.eventlog import get_logger
+
+
+class AgentStartError(Exception):
+    """The agent cannot start; the message names the cause."""
 
 
 def _fencer(config: AgentConfig) -> Fencer:
@@ -457,13 +462,13 @@ class Agent:
         except WatchdogError as exc:
             # A node that could not fence itself must not take over: refuse to run.
             self.log.error("AgentFailed", error=str(exc))
-            return 1
+            raise AgentStartError(str(exc)) from None
         await self._clean_slate()
         try:
-            await asyncio.to_thread(self.coordinator.start)
+            await asyncio.to_thread(self.coordinator.start, self.config.agent.connect_timeout)
         except CoordinationError as exc:
             self.log.error("AgentFailed", error=str(exc))
-            return 1
+            raise AgentStartError(str(exc)) from None
         agent = self.config.agent
         background = [
             asyncio.create_task(self._watch_relay_exits()),
@@ -513,12 +518,26 @@ class Agent:
 
 
 def run_agent(config: AgentConfig) -> int:
-    """``hamta agent``: run the agent with its configuration until stopped."""
-    eventlog.configure(config.agent.log_level, config.agent.log_file)
-    Path(config.agent.state_dir).mkdir(parents=True, exist_ok=True)
+    """``hamta agent``: run the agent with its configuration until stopped.
+
+    A start that cannot go on (log file, state directory, credentials, relay configuration,
+    watchdog, ZooKeeper) exits 1 with one line on standard error naming the cause, also logged.
+    """
 
     async def main() -> int:
         agent = Agent(config)
         return await agent.run()
 
-    return asyncio.run(main())
+    try:
+        eventlog.configure(config.agent.log_level, config.agent.log_file)
+        # kazoo's reconnection notes go to the log: stderr keeps the one line that matters.
+        eventlog.route_library("kazoo")
+        state_dir = Path(config.agent.state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AgentStartError(f"state directory {state_dir}: {exc.strerror}") from None
+        return asyncio.run(main())
+    except (AgentStartError, CoordinationError, ConfigError, eventlog.LogFileError) as exc:
+        print(f"hamta agent: {exc}", file=sys.stderr)
+        return 1

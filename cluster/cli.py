@@ -16,6 +16,7 @@ import syslog
 from pathlib import Path
 
 from cluster.config import AgentConfig, ConfigError, load_agent_config
+from hamta import eventlog
 
 # The relay's own command (hamta serve) imports this module: kazoo and pyroute2 are imported
 # inside the commands that need them, to keep them off the relay's start-up.
@@ -80,6 +81,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     )
 
     config = _cluster_config(args)
+    # The command's own error line says why it failed; kazoo's retries would bury it.
+    eventlog.quiet_library("kazoo")
     try:
         with operator_session(config) as session:
             coordinator = session.coordinator
@@ -101,7 +104,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 coordinator.forget(args.node)
                 print(f"{args.node} forgotten: it will no longer be fenced before a takeover")
             elif args.action == "switchover":
-                result = switchover(session, args.to, config.agent.heartbeat, args.timeout)
+                result = switchover(
+                    session,
+                    args.to,
+                    config.agent.heartbeat,
+                    args.timeout,
+                    config.agent.switchover_timeout,
+                )
                 if args.json:
                     print(json.dumps(result))
                 else:
@@ -122,6 +131,7 @@ def cmd_drbd(args: argparse.Namespace) -> int:
     from cluster.operator import operator_session  # noqa: PLC0415
 
     config = _cluster_config(args)
+    eventlog.quiet_library("kazoo")  # see cmd_cluster
     node = config.agent.node
     try:
         resource = drbd_handlers.resource_of(os.environ, args.resource)

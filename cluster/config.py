@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from cluster.state import Policy, Step, Takeover
+from cluster.zk_acl import split_chroot
 from fencing import agents_from_config
 from hamta.config import (
     ConfigError,
@@ -47,6 +48,9 @@ class AgentSection(_Section):
     cluster: str = Field(default="hamta", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     zookeeper: str = Field(min_length=1)  # "host:port,host:port,..."
     session_timeout: PositiveSeconds = 2.0
+    # How long the agent and the operator's commands try to reach ZooKeeper before they fail
+    # naming the hosts (the agent exits 1 and its service manager starts it again).
+    connect_timeout: PositiveSeconds = 10.0
     credentials: Path | None = None  # "user:password", mode 0600
     relay_config: Path
     relay_command: list[str] = Field(default_factory=list)  # default: this Python's hamta serve
@@ -72,7 +76,8 @@ class AgentSection(_Section):
     @field_validator("zookeeper")
     @classmethod
     def _check_hosts(cls, value: str) -> str:
-        for host in value.split(","):
+        servers, _chroot = split_chroot(value)  # "host:port,host:port[/chroot]"
+        for host in servers.split(","):
             parse_hostport(host, 2181)
         return value
 

@@ -49,9 +49,10 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import ZnodeStat
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
-from kazoo.security import ACL, ANYONE_ID_UNSAFE, OPEN_ACL_UNSAFE, Permissions, make_digest_acl
+from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_digest_acl
 
 from cluster.state import ClusterView, Leader, Member, Pause, Session, Switchover
+from cluster.zk_acl import AclError, parents, secure, split_chroot
 from hamta.eventlog import get_logger
 
 ROOT: Final = "/hamta"
@@ -214,12 +215,14 @@ class Coordinator:
         self._wall = wall
         self._clock = clock
         self._on_change = on_change
-        self._paths = _Paths(f"{ROOT}/{cluster}")
+        # A chroot is a prefix of our paths, not kazoo's: the agent creates its components too.
+        servers, chroot = split_chroot(hosts)
+        self._paths = _Paths(f"{chroot}{ROOT}/{cluster}")
         self._acl: list[ACL] = credentials.acl() if credentials else list(OPEN_ACL_UNSAFE)
         # Replies can only come while the session lives; waiting longer is waiting for nothing.
         self._io_timeout = max(session_timeout, 1.0)
         self._client = client or KazooClient(
-            hosts=hosts,
+            hosts=servers,
             timeout=session_timeout,
             auth_data=[credentials.auth] if credentials else None,
             default_acl=self._acl,
@@ -281,9 +284,8 @@ class Coordinator:
             raise
         except NoAuthError as exc:
             self.stop()
-            who = f"user {self._credentials.user!r}" if self._credentials else "anonymous clients"
             raise CoordinationError(
-                f"ZooKeeper at {self.hosts} denies {who} access to {paths.root}: "
+                f"ZooKeeper at {self.hosts} denies {self._who()} access to {paths.root}: "
                 "wrong credentials, or its znodes belong to another user"
             ) from exc
         except (KazooTimeoutError, KazooException) as exc:
@@ -339,13 +341,10 @@ class Coordinator:
                 )
             self._wait(client.get_children_async(paths.root))
             return
-        if self._credentials is None:
-            root_acl: list[ACL] = list(OPEN_ACL_UNSAFE)
-        else:
-            # Other clusters (other users) must be able to add their own root beside ours.
-            root_acl = [*self._acl, ACL(Permissions.CREATE, ANYONE_ID_UNSAFE)]
-        initial = {
-            ROOT: (b"", root_acl),
+        # Every path above the root too: a parent open to anyone lets anyone squat a cluster's
+        # name and later delete what its agents write there (cluster/zk_acl.py).
+        initial = {parent: (b"", self._acl) for parent in parents(paths.root)}
+        initial |= {
             paths.root: (b"", self._acl),
             paths.members: (b"", self._acl),
             paths.epoch: (msgspec.json.encode(_EpochRecord()), self._acl),
@@ -359,11 +358,38 @@ class Coordinator:
             initial[paths.known(self.node)] = (b"", self._acl)
         for path, (data, acl) in initial.items():
             if self._wait(client.exists_async(path)) is None:
-                # NodeExists: another agent or command created it meanwhile.
-                with suppress(NodeExistsError):
+                try:
                     self._wait(client.create_async(path, data, acl=acl))
+                except NodeExistsError:
+                    pass  # another agent or command created it meanwhile
+                except NoAuthError:
+                    parent = path.rpartition("/")[0] or "/"
+                    raise CoordinationError(
+                        f"ZooKeeper at {self.hosts} denies {self._who()} access to create {path}: "
+                        f"{parent} belongs to another user (wrong credentials, another cluster's, "
+                        "or the administrator's); check agent.credentials, or give this cluster "
+                        'a chroot of its own (agent.zookeeper = "host:2181,.../NAME")'
+                    ) from None
         # Creating nothing proves nothing about access: read the cluster's root once.
         self._wait(client.get_children_async(paths.root))
+        if self._credentials is None:
+            self._log.warning("ZooKeeperOpen", root=paths.root,
+                              why="no agent.credentials: any client of the ensemble may change "
+                              "or delete the cluster's znodes")  # fmt: skip
+            return
+        try:
+            fixes = secure(client, self._wait, paths.root, self._acl)
+        except AclError as exc:
+            raise CoordinationError(f"ZooKeeper at {self.hosts}: {exc}") from None
+        for fix in fixes:
+            if fix.fixed:
+                self._log.warning("AclFixed", path=fix.path, before=fix.before)
+            else:
+                why = "anybody may create or delete under it; ask the ensemble's administrator"
+                self._log.warning("AclOpen", path=fix.path, acl=fix.before, why=why)
+
+    def _who(self) -> str:
+        return f"user {self._credentials.user!r}" if self._credentials else "anonymous clients"
 
     # ------------------------------------------------------------------ reading
 
@@ -690,11 +716,35 @@ class Coordinator:
         with self._kazoo("resuming"):
             self._delete(self._paths.paused)
 
-    def request_switchover(self, source: str, target: str | None) -> None:
-        """Ask the active node ``source`` to hand over (to ``target``, or to any healthy peer)."""
+    def request_switchover(
+        self, source: str, target: str | None, stale_after: float
+    ) -> Switchover | None:
+        """Ask the active node ``source`` to hand over (to ``target``, or to any healthy peer).
+
+        None when the request is made; else the request already in progress, left as it is: of
+        two operators asking at once, one creates the znode and the other is told. A request
+        older than ``stale_after`` seconds (the agents ignore it by then) is replaced.
+        """
         data = msgspec.json.encode(Switchover(source, target, self._wall()))
+        client, path = self._client, self._paths.switchover
         with self._kazoo("requesting switchover"):
-            self._put(self._paths.switchover, data)
+            self._require_connected("requesting switchover")
+            for _ in range(_VERSION_RETRIES):
+                try:
+                    self._wait(client.create_async(path, data, acl=self._acl))
+                except NodeExistsError:
+                    pass
+                else:
+                    return None
+                got = self._fetch(client.get_async(path))
+                if got is None:
+                    continue  # done or withdrawn meanwhile: ask again
+                existing = self._decode(path, got[0], Switchover, [])
+                if existing is not None and self._wall() - existing.at <= stale_after:
+                    return existing
+                with suppress(NoNodeError, BadVersionError):
+                    self._wait(client.delete_async(path, version=got[1].version))
+        raise CoordinationError("requesting switchover: the request znode keeps changing")
 
     def clear_switchover(self) -> None:
         """Withdraw a switchover request (done or abandoned)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import OPERATOR, Coordinator, Credentials
-from cluster.state import ClusterView, Member, Role, Session
+from cluster.state import ClusterView, Member, Role, Session, Switchover
 
 
 class OperatorError(Exception):
@@ -38,8 +38,13 @@ class OperatorSession:
 
 
 @contextmanager
-def operator_session(config: AgentConfig, timeout: float = 10.0) -> Iterator[OperatorSession]:
-    """A short-lived coordinator session with the cluster's credentials."""
+def operator_session(
+    config: AgentConfig, timeout: float | None = None
+) -> Iterator[OperatorSession]:
+    """A short-lived coordinator session with the cluster's credentials.
+
+    ``timeout``: to reach ZooKeeper (default: ``agent.connect_timeout``).
+    """
     agent = config.agent
     credentials = Credentials.from_file(agent.credentials) if agent.credentials else None
     changed = threading.Event()
@@ -51,7 +56,7 @@ def operator_session(config: AgentConfig, timeout: float = 10.0) -> Iterator[Ope
         credentials=credentials,
         on_change=changed.set,
     )
-    coordinator.start(timeout)
+    coordinator.start(agent.connect_timeout if timeout is None else timeout)
     try:
         yield OperatorSession(coordinator, changed)
     finally:
@@ -205,14 +210,28 @@ def who() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def choose_switchover_target(view: ClusterView, target: str | None, heartbeat: float) -> str:
+def in_progress(request: Switchover, wall: float) -> OperatorError:
+    """The error of a switchover asked for while another one is under way."""
+    return OperatorError(
+        f"a switchover from {request.source} to {request.target or 'any peer'} is in progress "
+        f"(requested {max(wall - request.at, 0):.0f}s ago); wait for it to finish "
+        "(hamta cluster status)"
+    )
+
+
+def choose_switchover_target(
+    view: ClusterView, target: str | None, heartbeat: float, stale_after: float
+) -> str:
     """Check a switchover request against the cluster; the chosen target or OperatorError."""
+    now = time.time()
+    if view.switchover is not None and now - view.switchover.at <= stale_after:
+        # During a hand-over nobody leads for a moment: that is not "no node is active".
+        raise in_progress(view.switchover, now)
     leader = view.leader
     if leader is None:
         raise OperatorError("no node is active: there is nothing to switch over")
     if target == leader.node:
         raise OperatorError(f"{target} is already the active node")
-    now = time.time()
     candidates = {
         name: member
         for name, member in view.members.items()
@@ -241,16 +260,25 @@ def choose_switchover_target(view: ClusterView, target: str | None, heartbeat: f
 
 
 def switchover(
-    session: OperatorSession, target: str | None, heartbeat: float, timeout: float
+    session: OperatorSession,
+    target: str | None,
+    heartbeat: float,
+    timeout: float,
+    stale_after: float,
 ) -> dict[str, Any]:
-    """Ask the active node to hand over, and wait until the target is active."""
+    """Ask the active node to hand over, and wait until the target is active.
+
+    ``stale_after``: the agents' ``switchover_timeout``, after which they ignore a request.
+    """
     coordinator = session.coordinator
     view = fresh_view(coordinator)
-    chosen = choose_switchover_target(view, target, heartbeat)
+    chosen = choose_switchover_target(view, target, heartbeat, stale_after)
     assert view.leader is not None
     source, epoch = view.leader.node, view.leader.epoch
     started = time.monotonic()
-    coordinator.request_switchover(source, chosen)
+    other = coordinator.request_switchover(source, chosen, stale_after)
+    if other is not None:
+        raise in_progress(other, time.time())
     deadline = started + timeout
     while time.monotonic() < deadline:
         current = fresh_view(coordinator)

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta import activations
+from hamta.admin_guard import guard
 from hamta.config import parse_hostport
 from hamta.dashboard import add_dashboard
 from hamta.domain_stats import domain_view, domains_view
@@ -83,11 +84,12 @@ async def _node(request: web.Request) -> web.Response:
     )
 
 
-def make_app(relay: Relay) -> web.Application:
-    """The aiohttp application for one relay."""
+def make_app(relay: Relay, listen: str) -> web.Application:
+    """The aiohttp application for one relay, served on ``listen``."""
     app = web.Application()
     app[RELAY_KEY] = relay
     admin = relay.config.admin
+    guard(app, listen, admin.allowed_hosts)
     add_dashboard(app, relay.node_summary, lambda: relay.node_metrics(destinations=False),
                   admin.dashboard_interval, admin.dashboard_samples, relay.log)  # fmt: skip
     app.router.add_get("/api/node", _node)
@@ -102,7 +104,7 @@ def make_app(relay: Relay) -> web.Application:
 
 async def start_admin(relay: Relay, listen: str) -> web.AppRunner:
     """Serve the admin endpoint on ``listen`` (host:port); stop it with ``runner.cleanup()``."""
-    runner = web.AppRunner(make_app(relay), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(relay, listen), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(listen)
     site = web.TCPSite(runner, host, port, reuse_address=True)

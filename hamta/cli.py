@@ -50,7 +50,11 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
     from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
-    eventlog.configure(config.log.level, config.log.file)
+    try:
+        eventlog.configure(config.log.level, config.log.file)
+    except eventlog.LogFileError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
     pool = None
     if worker == 0 and config.node.workers > 1:
         pool = WorkerPool(config.node.workers, config_file, config.control.socket,
@@ -341,6 +345,9 @@ def cmd_spool_check(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     """``hamta config check FILE``: validate a configuration file."""
     config = _load(args.file)
+    if config.log.file is not None and (problem := eventlog.log_file_problem(config.log.file)):
+        print(f"hamta: {args.file}: log.file: {problem}", file=sys.stderr)
+        return 2
     print(f"{args.file}: ok (SMTP on {', '.join(config.smtp.listen)}, spool {config.spool.path})")
     return 0
 

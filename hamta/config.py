@@ -29,11 +29,13 @@ from pydantic import (
 )
 
 from hamta.bounce_classes import build_classifier
+from hamta.open_relay import open_networks
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
 _SIZE_FACTOR = {"k": 1024, "m": 1024**2, "g": 1024**3}
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 
 
 class ConfigError(Exception):
@@ -136,6 +138,8 @@ class SmtpConfig(_Section):
     # RFC 5321 4.5.3.1.6: 998 characters plus CRLF.
     max_line_length: Annotated[int, BeforeValidator(_no_bool), Field(ge=78)] = 998
     relay_networks: list[IPNetwork] = Field(default_factory=_loopback_networks)
+    # Only this lets relay_networks cover a large part of the internet (hamta/open_relay.py).
+    allow_open_relay: bool = False
     session_timeout: PositiveSeconds = 300.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -146,6 +150,17 @@ class SmtpConfig(_Section):
         for item in value:
             parse_hostport(item)
         return value
+
+    @model_validator(mode="after")
+    def _check_open_relay(self) -> SmtpConfig:
+        wide = open_networks(self.relay_networks)
+        if wide and not self.allow_open_relay:
+            names = ", ".join(str(network) for network in wide)
+            raise ValueError(
+                f"relay_networks: {names} covers a large part of the internet and would make an "
+                "open relay; narrow it, or set smtp.allow_open_relay = true if that is meant"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -300,6 +315,22 @@ class AdminConfig(_Section):
     # The dashboard at /: a sample every interval, this many kept (720 x 5 s = the last hour).
     dashboard_interval: PositiveSeconds = 5.0
     dashboard_samples: Count = 720
+    # Names (no port) answered besides the listen address and localhost (hamta/admin_guard.py).
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        for name in value:
+            bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+            if ":" in bare:
+                try:
+                    ipaddress.IPv6Address(bare)
+                except ValueError:
+                    bare = ""
+            if not (":" in bare or _HOST_NAME.match(bare)):
+                raise ValueError(f"not a host name or IP address without a port: {name!r}")
+        return value
 
     @field_validator("listen")
     @classmethod

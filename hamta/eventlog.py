@@ -52,12 +52,31 @@ def _standard_stream() -> BinaryIO:
     return open(os.devnull, "wb")  # lives as long as the process
 
 
-def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
-    """Send JSON lines to ``file`` (appended, a line at a time) or standard output."""
-    stream: IO[bytes]
-    if file is None:
-        stream = _standard_stream()
-    else:
+class LogFileError(Exception):
+    """The log file cannot be created or appended to; the message names it and why."""
+
+
+def log_file_problem(file: Path) -> str | None:
+    """Why ``configure`` could not open ``file`` (None: it could), creating nothing.
+
+    For ``hamta config check``: the nearest existing ancestor must be a writable directory.
+    """
+    if file.is_dir():
+        return f"log file {file} is a directory"
+    if file.exists():
+        return None if os.access(file, os.W_OK) else f"log file {file}: not writable"
+    ancestor = file.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"log file {file}: cannot create its directory: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"log file {file}: cannot create it: {ancestor} is not writable"
+    return None
+
+
+def _open_log_file(file: Path) -> BinaryIO:
+    try:
         file.parent.mkdir(parents=True, exist_ok=True)
         # Unbuffered: each event is one write(2) of one whole line, so several processes may
         # append to one file. A kill -9 can still cut a write short (the kernel stops a write
@@ -66,6 +85,46 @@ def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
         stream = open(file, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
         if _ends_mid_line(file):
             stream.write(b"\n")
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(file) else ""
+        raise LogFileError(f"log file {file}: cannot open it: {exc.strerror}{where}") from None
+    return stream
+
+
+class _IntoEvents(logging.Handler):
+    """A library's standard-library log records as event lines (kazoo's reconnection notes)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = get_logger(library=record.name)
+        method = log.error if record.levelno >= logging.ERROR else log.warning
+        method("LibraryMessage", message=record.getMessage())
+
+
+def route_library(name: str, level: int = logging.WARNING) -> None:
+    """Send library ``name``'s records of ``level`` and above to the event log, not stderr.
+
+    Left alone, Python prints them on standard error, where an operator would see a library's
+    retry chatter in place of the one line that says what went wrong.
+    """
+    library = logging.getLogger(name)
+    library.handlers = [_IntoEvents()]
+    library.setLevel(level)
+    library.propagate = False
+
+
+def quiet_library(name: str) -> None:
+    """Drop library ``name``'s records: a command whose own error line says it all."""
+    library = logging.getLogger(name)
+    library.handlers = [logging.NullHandler()]
+    library.propagate = False
+
+
+def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
+    """Send JSON lines to ``file`` (appended, a line at a time) or standard output.
+
+    LogFileError when ``file`` cannot be created or opened.
+    """
+    stream: BinaryIO = _standard_stream() if file is None else _open_log_file(file)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

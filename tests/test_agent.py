@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 
 from cluster.agent import trusted_failover
+from cluster.config import load_agent_config
 from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.operator import OperatorError, operator_session, switchover
 from cluster.state import Role
 from cluster.zookeeper import ServerSpec, ZooKeeperServer
 from tests.support import DnsServer, RecordingSink, free_port
@@ -54,7 +57,9 @@ class Pair:
         self.credentials = tmp_path / "zk-credentials"
         self.credentials.write_text(f"hamta:{cluster}-secret\n")
         self.credentials.chmod(0o600)
-        self.zookeeper = zookeeper
+        # Each test's cluster has its own password: a chroot of its own, as two clusters of two
+        # users need on one ensemble (the first one's /hamta is closed to the other).
+        self.zookeeper = f"{zookeeper}/{cluster}"
         self.cluster = cluster
         smtp_port = free_port("127.0.0.21")
         relay: dict[str, dict[str, Any]] = {
@@ -67,7 +72,7 @@ class Pair:
                 name,
                 host=host,
                 smtp_port=smtp_port,
-                zookeeper=zookeeper,
+                zookeeper=self.zookeeper,
                 shared_spool=tmp_path / "shared",
                 credentials=self.credentials,
                 relay=relay,
@@ -250,6 +255,43 @@ def test_switchover_is_refused_with_a_reason_when_the_target_cannot_take_over(
     assert connected.returncode == 1 and "stop its agent first" in connected.stderr
     forgotten = first.cli("cluster", "forget", "--node", second.name)
     assert forgotten.returncode == 0, forgotten.stderr
+
+
+def test_of_two_switchovers_at_once_one_happens_and_the_other_is_told_it_is_in_progress(
+    pair: Pair,
+) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    config = load_agent_config(first.config)
+    start = threading.Barrier(2)
+    outcomes: list[dict[str, Any] | str] = []
+
+    def operator() -> None:
+        with operator_session(config) as session:
+            start.wait(10)
+            try:
+                outcomes.append(switchover(session, None, config.agent.heartbeat, 20.0, 30.0))
+            except OperatorError as exc:
+                outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=operator) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    done = [o for o in outcomes if isinstance(o, dict)]
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert len(done) == 1 and len(refused) == 1, outcomes
+    assert done[0]["from"] == first.name and done[0]["to"] == second.name
+    assert f"a switchover from {first.name} to {second.name} is in progress" in refused[0]
+    assert pair.wait_active() is second
+    # Once it is over, the next one is a switchover like any other.
+    wait_for(lambda: pair.roles().get(first.name) is Role.PASSIVE, 20, "old active passive")
+    back = first.cli("cluster", "switchover", "--json")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["to"] == first.name
 
 
 def test_pause_stops_automatic_failover_until_resumed(pair: Pair) -> None:

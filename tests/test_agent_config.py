@@ -62,6 +62,10 @@ def test_a_good_configuration_becomes_a_policy() -> None:
         (('session_timeout = "2s"', 'session_timeout = "0s"'), "agent.session_timeout"),
         (('zookeeper = "198.18.0.11:2181,198.18.0.12:2181"', 'zookeeper = "zk:99999"'), "port"),
         (('node = "mx1"', 'node = "mx/1"'), "agent.node"),
+        (
+            ('zookeeper = "198.18.0.11:2181,198.18.0.12:2181"', 'zookeeper = "zk:2181/a//b"'),
+            "agent.zookeeper: invalid chroot /a//b",
+        ),
         (('driver = "blockdev"', 'driver = "nfs"'), "storage.driver"),
         (('device = "/dev/loop7"\n', ""), "storage.device and storage.mountpoint are required"),
         (('storage = "90s"', 'storage = "-1s"'), "agent.step_timeouts.storage"),

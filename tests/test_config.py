@@ -153,6 +153,31 @@ def test_bad_network_reported_as_section_key_reason() -> None:
     assert "lax-or-strict" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    "network",
+    ["0.0.0.0/0", "::/0", "128.0.0.0/1", "64.0.0.0/7", "2000::/3", "::ffff:0:0/96",
+     "::ffff:0.0.0.0/100", "64:ff9b::/96", "2002::/16", "0.0.0.0/4"],
+)  # fmt: skip
+def test_an_open_relay_is_refused_naming_the_key(network: str) -> None:
+    text = f'[smtp]\nrelay_networks = ["127.0.0.0/8", "{network}"]\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "open.toml")
+    message = str(caught.value)
+    assert "relay_networks" in message and "open relay" in message, message
+    assert "smtp.allow_open_relay = true" in message, message
+    opened = parse_config(text + "allow_open_relay = true\n")
+    assert str(opened.smtp.relay_networks[1]) == str(IPv4Network(network) if ":" not in network
+                                                      else IPv6Network(network))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "network", ["10.0.0.0/8", "fc00::/7", "fd00::/8", "fe80::/10", "2001:db8::/32", "8.0.0.0/8",
+                "::ffff:10.0.0.0/104", "2002:c000:0204::/48", "::1/128"],
+)  # fmt: skip
+def test_private_and_narrow_networks_are_not_an_open_relay(network: str) -> None:
+    parse_config(f'[smtp]\nrelay_networks = ["{network}"]\n')
+
+
 # ------------------------------------------------------------ config check
 
 GOOD = render_toml(
@@ -181,6 +206,10 @@ BAD: dict[str, tuple[bytes | None, list[str]]] = {
     "bad-network": (
         b'[smtp]\nrelay_networks = ["127.0.0.0/8", "10.0.0.0/33"]\n',
         ["smtp.relay_networks.1", "not an IP network"],
+    ),
+    "open-relay": (
+        b'[smtp]\nrelay_networks = ["0.0.0.0/0"]\n',
+        ["smtp: relay_networks: 0.0.0.0/0", "open relay", "smtp.allow_open_relay = true"],
     ),
     "bad-route": (
         b'[delivery.routes]\n"example.test" = "mx.example.test:25"\n',

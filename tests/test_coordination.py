@@ -419,7 +419,13 @@ def test_acls_keep_out_anonymous_and_wrong_credentials(tmp_path: Path) -> None:
             with pytest.raises(CoordinationError, match="denies user 'hamta' access"):
                 wrong.start()
             assert wrong.session is Session.LOST
-            other = Coordinator(server.hosts, "other", "x")  # another cluster beside it
+            # Nobody without the credentials may add a cluster (a name to squat) beside it.
+            anonymous_cluster = Coordinator(server.hosts, "other", "x")
+            with pytest.raises(CoordinationError, match="denies anonymous clients access"):
+                anonymous_cluster.start()
+            with pytest.raises(NoAuthError):
+                clients[0].create("/hamta/other", b"")
+            other = Coordinator(server.hosts + "/elsewhere", "other", "x")  # in its own chroot
             other.start()
             other.stop()
             peer = Coordinator(server.hosts, "secure", "b", credentials=CREDENTIALS)
@@ -481,6 +487,10 @@ def test_concurrent_history_appends_are_all_kept(make_coordinator: MakeCoordinat
         assert [r["index"] for r in history if r["by"] == node] == list(range(15))
 
 
+def assert_none(value: object) -> None:
+    assert value is None, value
+
+
 def test_pause_resume_and_switchover_round_trip(make_coordinator: MakeCoordinator) -> None:
     changes = Changes()
     clock = iter(range(100, 200))
@@ -500,10 +510,14 @@ def test_pause_resume_and_switchover_round_trip(make_coordinator: MakeCoordinato
     assert agent.view().paused is None
     operator.resume()  # not paused: nothing to do
 
-    changed_after(lambda: operator.request_switchover("a", "b"))
+    changed_after(lambda: assert_none(operator.request_switchover("a", "b", 30)))
     request = agent.view().switchover
     assert request is not None and (request.source, request.target, request.at) == ("a", "b", 101.0)
-    changed_after(lambda: operator.request_switchover("a", None))
+    # A second request while one is in progress is refused with the first; the first stands.
+    assert operator.request_switchover("a", None, 30) == request
+    assert agent.view().switchover == request
+    # One the agents ignore by now (older than stale_after) is replaced.
+    changed_after(lambda: assert_none(operator.request_switchover("a", None, 1)))
     request = agent.view().switchover
     assert request is not None and request.target is None
     changed_after(agent.clear_switchover)

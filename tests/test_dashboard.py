@@ -127,9 +127,20 @@ def test_the_dashboard_draws_a_loaded_relay_in_a_real_browser(
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            # A Content-Security-Policy violation is reported on the console, not as an error.
+            page.on(
+                "console",
+                lambda message: (
+                    errors.append(message.text)
+                    if "Content Security Policy" in message.text
+                    else None
+                ),
+            )
             requests: list[str] = []
             page.on("request", lambda request: requests.append(request.url))
-            page.goto(relay.admin_url + "/")
+            response = page.goto(relay.admin_url + "/")
+            assert response is not None
+            assert "default-src 'self'" in response.headers["content-security-policy"]
             page.wait_for_function(
                 "Number(document.querySelector('#chart-depth')?.dataset.points) >= 8"
                 " && Number(document.querySelector('#chart-rates')?.dataset.points) >= 8",
