@@ -119,6 +119,30 @@ def quiet_library(name: str) -> None:
     library.propagate = False
 
 
+def _dumps(event: Any, **kwargs: Any) -> bytes:
+    """orjson's JSON, and a line even for text no UTF-8 can carry.
+
+    A client's bytes reach events as text decoded with surrogate escapes (an invalid UTF-8
+    byte in a command); orjson refuses such a string, and an event that cannot be written must
+    not turn into an error of the session that logged it (once a 500 after the 250's spool
+    write). Those characters are written as backslash escapes instead.
+    """
+    try:
+        return orjson.dumps(event, **kwargs)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return orjson.dumps(_escaped(event), **kwargs)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value
+
+
 def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
     """Send JSON lines to ``file`` (appended, a line at a time) or standard output.
 
@@ -132,7 +156,7 @@ def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
             # orjson: a third of the cost of the json module, on two events per message.
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.BytesLoggerFactory(file=stream),
