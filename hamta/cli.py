@@ -48,6 +48,7 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
     from hamta.control import start_control  # noqa: PLC0415
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
+    from hamta.supervision import StopDeadline  # noqa: PLC0415
     from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
     eventlog.configure(config.log.level, config.log.file)
@@ -55,11 +56,24 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     if worker == 0 and config.node.workers > 1:
         pool = WorkerPool(config.node.workers, config_file, config.control.socket,
                           eventlog.get_logger(node=config.node.hostname, worker=0))  # fmt: skip
-    relay = Relay(config, worker=worker, pool=pool)
-    log = relay.log
+    log = eventlog.get_logger(node=config.node.hostname)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task[Any]] = set()
+    # From the stop's request on, the process is gone within node.stop_timeout, come what may.
+    deadline = StopDeadline(config.node.stop_timeout, log)
+    fatal: list[str] = []
+
+    def request_stop() -> None:
+        deadline.arm()
+        stop.set()
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        request_stop()
+
+    relay = Relay(config, worker=worker, pool=pool, on_fatal=on_fatal)
+    log = relay.log
 
     def activate_from_signal() -> None:
         if relay.state is RelayState.STANDBY:
@@ -67,8 +81,8 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, request_stop)
+    loop.add_signal_handler(signal.SIGINT, request_stop)
     if pool is not None:
         # Before the control socket, the admin endpoint and SIGUSR1: once the node answers, all
         # of it is warm, and whoever drives it may activate it at once.
@@ -105,11 +119,13 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
                 code = 1
                 return code
         await stop.wait()
-        log.info("RelayStopping", state=relay.state.value)
+        log.info("RelayStopping", state=relay.state.value, failure=fatal[0] if fatal else None)
+        if fatal:
+            code = 1
         for task in list(tasks):
             await asyncio.gather(task, return_exceptions=True)
         if relay.state is RelayState.ACTIVE:
-            await relay.deactivate(config.node.stop_timeout)
+            await relay.deactivate(deadline.graceful())
     finally:
         control.close()
         # A relay started since this one was given up for dead (a worker still stopping when
@@ -118,9 +134,10 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
             if socket_path.stat().st_ino == socket_inode:
                 socket_path.unlink()
         if pool is not None:
-            await pool.stop(config.node.stop_timeout)
+            await pool.stop(deadline.graceful())
         if admin is not None:
             await admin.cleanup()
+        deadline.cancel()
         log.info("RelayExited", code=code)
     return code
 

@@ -35,7 +35,7 @@ from hamta.queue import Destination, Job, MailQueue
 from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
-from hamta.spool import LiveMessage, Spool, SpoolError
+from hamta.spool import LiveMessage, Spawn, Spool, SpoolError, create_task
 from hamta.suppression import Suppressions
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -103,8 +103,10 @@ class DeliveryEngine:
         wall_clock: Callable[[], float] = time.time,
         share: int = 1,
         retry: RetryConfig | None = None,
+        spawn: Spawn = create_task,
     ) -> None:
         self.config = config
+        self._spawn = spawn  # the relay's supervisor: a session dying of a bug stops the relay
         self.retry = retry or RetryConfig()
         self.share = share
         # Pending steps back up of throttled destinations, by destination key.
@@ -151,7 +153,7 @@ class DeliveryEngine:
             and len(destination.ready) > destination.idle
         ):
             destination.sessions += 1
-            task = asyncio.get_running_loop().create_task(self._session(destination))
+            task = self._spawn(f"delivery session {destination.key}", self._session(destination))
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
 
@@ -483,7 +485,8 @@ class DeliveryEngine:
                 )
                 for i in failed
             ]  # fmt: skip
-            task = asyncio.get_running_loop().create_task(
+            task = self._spawn(
+                f"bounce {job.message.rec.qid}",
                 self._bounce(
                     job.message,
                     failed,
@@ -491,7 +494,7 @@ class DeliveryEngine:
                     expired=bool(expired),
                     domain=job.domain,
                     attempts=attempt,
-                )
+                ),
             )
             self._bounces.add(task)
             task.add_done_callback(self._bounces.discard)
