@@ -17,9 +17,11 @@ import asyncio
 import builtins
 import inspect
 import ipaddress
+import itertools
 import re
 import ssl
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -74,6 +76,7 @@ REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
+REPLY_LOCAL_ERROR = REPLY_SPOOL_ERROR  # any unexpected error: the same words, no details
 REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
 REPLY_INTAKE_ALONE = "452 4.5.3 Reports (feedback, bounces) are taken one recipient per transaction"
 
@@ -156,12 +159,17 @@ aiosmtpd.smtp.inspect = _introspection  # type: ignore[assignment,attr-defined]
 aiosmtpd.smtp.dir = _introspection.dir  # type: ignore[attr-defined]
 
 
+_session_ids = itertools.count(1)
+
+
 class HamtaSMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, a configurable line limit and draining."""
 
     def __init__(self, handler: ReceptionHandler, *, line_length_limit: int, **kwargs: Any):
         # Read by SMTP.__init__ to size its stream buffer: lines longer than this get 500.
         self.line_length_limit = line_length_limit
+        # Names the session in the log, so that an error line can be tied to its client.
+        self.session_id = f"{next(_session_ids):X}"
         self._plain_replies = False
         self._ehlo_lines: list[str] | None = None
         super().__init__(handler, **kwargs)
@@ -219,6 +227,22 @@ class HamtaSMTP(SMTP):
             self.hamta_handler.sessions.discard(self)
             self.hamta_handler.metrics.smtp_sessions.dec()
         super().connection_lost(exc)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any unexpected error of a session: 451, its details in the log, never to the client.
+
+        aiosmtpd would answer ``500 Error: (ExcType) text``: a permanent failure for what is
+        ours to fix, and the exception's text (file paths among it) handed to whoever connects.
+        """
+        peer = self.session.peer if self.session is not None else None
+        self.hamta_handler.log.error(
+            "SessionError",
+            session=self.session_id,
+            client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+            error=f"{type(error).__name__}: {error}",
+            traceback="".join(traceback.format_exception(error)),
+        )
+        return self.hamta_handler._reject(REPLY_LOCAL_ERROR)
 
     async def smtp_AUTH(self, arg: str) -> None:
         """hamta relays for its client networks only and offers no authentication."""

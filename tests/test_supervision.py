@@ -10,6 +10,7 @@ in a loop task, a disk that hangs) are injected into a real ``hamta serve`` proc
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -147,3 +148,29 @@ def test_a_failed_task_turns_the_relay_unready_at_once(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert reasons == ["broken loop: ValueError: boom"]
+
+
+def test_an_internal_error_answers_451_without_its_text(
+    make_relay: RelayFactory, sink: RecordingSink
+) -> None:
+    relay = make_relay()
+    send_ok(relay)  # acknowledged before the fault: delivered all the same
+    assert sink.wait_for(1, timeout=15)
+    relay.wait_queue_empty()
+    shutil.rmtree(relay.spool / "data")  # an operator's slip, or a volume gone
+    with SmtpWire(relay.host, relay.port, timeout=5) as wire:
+        assert wire.command("EHLO client.test").code == 250
+        assert wire.command("MAIL FROM:<a@client.test>").code == 250
+        assert wire.command("RCPT TO:<r@sink.test>").code == 250
+        assert wire.command("DATA").code == 354
+        wire.send(MESSAGE)
+        reply = wire.read_reply()
+        assert reply.text == "451 4.3.0 Local error in processing, try again later", reply
+        assert "Error" not in reply.text and "/" not in reply.text
+        assert wire.command("QUIT").code == 221
+    [event] = relay.wait_events("SessionError")
+    assert event["level"] == "error"
+    assert event["session"]
+    assert event["error"].startswith("FileNotFoundError")
+    assert "spool/data" in event["traceback"]
+    assert sink.count == 1
