@@ -30,6 +30,13 @@ from typing import TYPE_CHECKING, Any, AnyStr
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from hamta.admission import (
+    REPLY_BUSY,
+    REPLY_TOO_MANY,
+    REPLY_TOO_MANY_FROM_CLIENT,
+    ConnectionLimits,
+    Pressure,
+)
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
 from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
@@ -78,6 +85,12 @@ REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
 REPLY_LOCAL_ERROR = REPLY_SPOOL_ERROR  # any unexpected error: the same words, no details
 REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
+# Sessions the relay ends itself, by limit (hamta.admission); never between DATA and its reply.
+REPLY_CUT = {
+    "idle": "421 4.4.2 Idle timeout exceeded, closing connection",
+    "session_time": "421 4.4.2 Session time limit exceeded, closing connection",
+    "data_rate": "421 4.4.2 Data transfer too slow, closing connection",
+}
 REPLY_INTAKE_ALONE = "452 4.5.3 Reports (feedback, bounces) are taken one recipient per transaction"
 
 
@@ -172,6 +185,15 @@ class HamtaSMTP(SMTP):
         self.session_id = f"{next(_session_ids):X}"
         self._plain_replies = False
         self._ehlo_lines: list[str] | None = None
+        self.client = ""
+        # None until connected; then "" when admitted, or the limit the connection is over.
+        self._refused: str | None = None
+        self._bytes_in = 0  # read from the client, for DATA's minimum rate
+        self._data_mark: tuple[float, int] | None = None  # DATA's start: time, bytes read
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # True from the end of DATA to its reply: no limit cuts the session then, since the
+        # message may already be durable and must be answered (or the client would resend).
+        self.in_handler = False
         super().__init__(handler, **kwargs)
         self.hamta_handler = handler
 
@@ -214,19 +236,83 @@ class HamtaSMTP(SMTP):
         return result
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Track the session so that a graceful stop can wait for it."""
+        """Admit the session (or mark it refused) and track it for a graceful stop."""
         # aiosmtpd calls this again when STARTTLS upgrades the transport: count it once.
-        if self not in self.hamta_handler.sessions:
-            self.hamta_handler.sessions.add(self)
-            self.hamta_handler.metrics.smtp_sessions.inc()
+        handler = self.hamta_handler
+        if self._refused is None:
+            peer = transport.get_extra_info("peername")
+            self.client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            self._refused = handler.limits.admit(self.client) or ""
+            if not self._refused:
+                handler.sessions.add(self)
+                handler.metrics.smtp_sessions.inc()
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the session."""
-        if self in self.hamta_handler.sessions:
-            self.hamta_handler.sessions.discard(self)
-            self.hamta_handler.metrics.smtp_sessions.dec()
+        handler = self.hamta_handler
+        if self in handler.sessions:
+            handler.sessions.discard(self)
+            handler.metrics.smtp_sessions.dec()
+            handler.limits.release(self.client)
+        for timer in self._timers.values():
+            timer.cancel()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Count what the client sends, for DATA's minimum rate."""
+        self._bytes_in += len(data)
+        super().data_received(data)
+
+    def _start_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self.loop.call_later(delay, callback)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's idle timeout: the same cut as the other limits, with a 421 and never
+        # between the end of DATA and its reply.
+        self._cut("idle")
+
+    def _cut(self, reason: str) -> None:
+        """End the session for a limit: 421 4.4.2, logged and counted."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.in_handler:
+            self._start_timer("cut", 0.5, lambda: self._cut(reason))
+            return
+        handler = self.hamta_handler
+        handler.metrics.smtp_cut.labels(reason).inc()
+        handler.log.info("SessionCut", session=self.session_id, client=self.client, reason=reason)
+        # Through the stream writer, which STARTTLS points at the TLS transport (uvloop's
+        # plain transports are no asyncio.WriteTransport to test for).
+        self._writer.write(REPLY_CUT[reason].encode() + b"\r\n")
+        self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, cut when the client sends slower than ``min_data_rate`` after the grace."""
+        config = self.hamta_handler.config
+        if config.min_data_rate:
+            self._data_mark = (self.loop.time(), self._bytes_in)
+            self._start_timer("rate", config.data_rate_grace, self._check_rate)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_mark = None
+            rate = self._timers.pop("rate", None)
+            if rate is not None:
+                rate.cancel()
+
+    def _check_rate(self) -> None:
+        mark = self._data_mark
+        if mark is None or self.in_handler:
+            return
+        elapsed = self.loop.time() - mark[0]
+        if (self._bytes_in - mark[1]) / elapsed < self.hamta_handler.config.min_data_rate:
+            self._cut("data_rate")
+            return
+        self._start_timer("rate", 1.0, self._check_rate)
 
     async def handle_exception(self, error: Exception) -> str:
         """Any unexpected error of a session: 451, its details in the log, never to the client.
@@ -255,6 +341,21 @@ class HamtaSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             return
+        handler = self.hamta_handler
+        if self._refused:
+            handler.metrics.smtp_refused.labels(self._refused).inc()
+            per_client = self._refused == "max_connections_per_client"
+            handler.log.warning(
+                "ConnectionRefused", client=self.client, reason=self._refused,
+                limit=handler.limits.per_client if per_client else handler.limits.max_connections,
+            )  # fmt: skip
+            await self.push(REPLY_TOO_MANY_FROM_CLIENT if per_client else REPLY_TOO_MANY)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._start_timer(
+            "session", handler.config.max_session_time, lambda: self._cut("session_time")
+        )
         await super()._handle_client()
 
     def close_session(self) -> None:
@@ -297,6 +398,13 @@ class ReceptionHandler:
         self.in_data = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.limits = ConnectionLimits(
+            config.max_connections, config.max_connections_per_client,
+            lambda host: self.relay_allowed((host,)),
+        )  # fmt: skip
+        self.pressure = Pressure(
+            config.max_queued_messages, config.max_memory, lambda: len(spool.live)
+        )
 
     def _reject(self, reply: str) -> str:
         self.metrics.rejected.labels(reply[:3]).inc()
@@ -344,6 +452,13 @@ class ReceptionHandler:
         """Accept the sender (the null sender included); refuse while stopping."""
         if self.draining:
             return self._reject(REPLY_SHUTTING_DOWN)
+        busy = self.pressure.check()
+        if busy is not None:
+            reason, value, limit = busy
+            self.metrics.backpressure.labels(reason).inc()
+            self.log.warning("BackPressure", client=server.client, reason=reason, value=value,
+                             limit=limit)  # fmt: skip
+            return self._reject(REPLY_BUSY)
         if has_control_character(address):
             return self._reject(REPLY_BAD_SENDER)
         envelope.mail_from = address
@@ -405,6 +520,7 @@ class ReceptionHandler:
         received = self._received_header(session, envelope, qid, client)
         self.in_data += 1
         self.idle.clear()
+        server.in_handler = True
         try:
             intake = self._intake_for(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
             if intake is not None:
@@ -434,6 +550,7 @@ class ReceptionHandler:
             self.log.error("SpoolError", queue_id=qid, error=str(exc))
             return self._reject(REPLY_SPOOL_ERROR)
         finally:
+            server.in_handler = False
             self.in_data -= 1
             if self.in_data == 0:
                 self.idle.set()
