@@ -113,7 +113,19 @@ def descriptors_needed(max_connections: int, outbound_connections: int) -> int:
     return max_connections + outbound_connections + 256
 
 
-def descriptor_limit() -> int:
-    """The soft RLIMIT_NOFILE of this process."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+def raise_descriptor_limit(needed: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards ``needed`` as far as the hard limit allows.
+
+    Returns the soft limit before and after. systemd gives services 1,024 soft (for programs
+    still using select()) under a hard limit of 524,288; hamta uses epoll and may take more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft, soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -46,6 +46,7 @@ def _load(path: Path | None) -> Config:
 
 async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
+    from hamta.admission import descriptors_needed, raise_descriptor_limit  # noqa: PLC0415
     from hamta.control import start_control  # noqa: PLC0415
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
     from hamta.supervision import StopDeadline  # noqa: PLC0415
@@ -63,6 +64,18 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     # From the stop's request on, the process is gone within node.stop_timeout, come what may.
     deadline = StopDeadline(config.node.stop_timeout, log)
     fatal: list[str] = []
+    # Every session and connection is a file descriptor: run short of them and clients get
+    # broken pipes while the health endpoint is reset.
+    needed = descriptors_needed(
+        config.smtp.max_connections, config.delivery.max_connections_per_destination
+    )
+    before, limit = raise_descriptor_limit(needed)
+    if limit < needed:
+        log.warning("DescriptorLimitLow", limit=limit, needed=needed,
+                    action="raise LimitNOFILE (systemd) or ulimit -n, or lower "
+                           "smtp.max_connections")  # fmt: skip
+    elif limit > before:
+        log.info("DescriptorLimitRaised", before=before, limit=limit, needed=needed)
 
     def request_stop() -> None:
         deadline.arm()

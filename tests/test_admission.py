@@ -203,3 +203,21 @@ def test_memory_over_max_memory_pushes_back(
         assert event["reason"] == "memory" and event["value"] > 1024 * 1024
     else:
         assert reply.startswith("250 2.0.0 Ok: queued as")
+
+
+@pytest.mark.parametrize(("soft", "hard"), [(512, 512), (256, 4096)])
+def test_too_few_file_descriptors_are_raised_or_warned_about(
+    make_relay: RelayFactory, soft: int, hard: int
+) -> None:
+    # The process starts as a service with these limits would (systemd's soft limit: 1,024).
+    limits = f"import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+    relay = make_relay({"smtp": {"max_connections": 1000}}, prelude=limits)
+    assert send_message(relay, "r@deadmx.test").startswith("250 2.0.0 Ok: queued as")
+    needed = 1000 + 20 + 256  # sessions, one destination's connections, a margin
+    if hard < needed:
+        [low] = relay.events("DescriptorLimitLow")
+        assert low["level"] == "warning" and low["limit"] == hard and low["needed"] == needed
+    else:
+        assert not relay.events("DescriptorLimitLow")
+        [raised] = relay.events("DescriptorLimitRaised")
+        assert raised["before"] == soft and raised["limit"] == needed

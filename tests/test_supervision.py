@@ -4,7 +4,7 @@ A bad record fails its own message (451) and nothing else; a long-lived task tha
 relay unready and ends the process with a non-zero code; SIGTERM ends the process within
 ``node.stop_timeout`` even when a task is stuck. Faults that no input can cause any more (a bug
 in a loop task, a disk that hangs) are injected into a real ``hamta serve`` process with
-:class:`RelayProcess`'s ``fault``: the rest of the relay is the real one.
+:class:`RelayProcess`'s ``prelude``: the rest of the relay is the real one.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_a_dead_task_stops_the_relay_with_a_non_zero_code(make_relay: RelayFacto
         "    raise RuntimeError('injected timer fault')\n"
         "hamta.queue.MailQueue.run_timer = broken\n"
     )
-    relay = make_relay({"node": {"stop_timeout": f"{STOP_TIMEOUT}s"}}, fault=fault)
+    relay = make_relay({"node": {"stop_timeout": f"{STOP_TIMEOUT}s"}}, prelude=fault)
     assert relay.proc is not None
     code = relay.proc.wait(timeout=1.0 + STOP_TIMEOUT + 5)
     assert code == 1
@@ -94,7 +94,7 @@ def test_sigterm_ends_a_relay_whose_disk_hangs(make_relay: RelayFactory) -> None
         "import threading, hamta.spool\n"
         "hamta.spool.Spool._write_batch = lambda self, batch: threading.Event().wait()\n"
     )
-    relay = make_relay({"node": {"stop_timeout": f"{STOP_TIMEOUT}s"}}, fault=fault)
+    relay = make_relay({"node": {"stop_timeout": f"{STOP_TIMEOUT}s"}}, prelude=fault)
     wire = SmtpWire(relay.host, relay.port, timeout=10)
     try:
         assert wire.command("EHLO client.test").code == 250
