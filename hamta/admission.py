@@ -8,7 +8,8 @@ endpoint was reset), and a flood grew the queue to 24k messages and the process 
 * :class:`ConnectionLimits`: at most ``max_connections`` sessions at once, and at most
   ``max_connections_per_client`` from one address outside the relay networks (relay clients,
   application servers sending through many connections, are trusted like Postfix's mynetworks).
-  Beyond them a connection gets 421 4.7.0 and is closed (``hamta.smtp``).
+  Beyond them a connection gets 421 4.7.0 and is closed (``hamta.smtp``). The last tenth of
+  ``max_connections`` is kept for relay clients.
 * :class:`Pressure`: MAIL gets 452 4.3.1 while the spool holds ``max_queued_messages`` or the
   process's resident memory is above ``max_memory``; the client keeps its mail and retries.
 """
@@ -34,6 +35,9 @@ class ConnectionLimits:
         self, max_connections: int, per_client: int, is_relay_client: Callable[[str], bool]
     ) -> None:
         self.max_connections = max_connections
+        # Clients outside the relay networks never take the last tenth of the sessions: a
+        # flood from many addresses still leaves room for the relay's own clients.
+        self.reserved = max_connections // 10
         self.per_client = per_client
         self._is_relay_client = is_relay_client
         self.open = 0
@@ -44,6 +48,8 @@ class ConnectionLimits:
         if self.open >= self.max_connections:
             return "max_connections"
         if not self._is_relay_client(client):
+            if self.open >= self.max_connections - self.reserved:
+                return "max_connections"
             count = self._by_client.get(client, 0)
             if count >= self.per_client:
                 return "max_connections_per_client"

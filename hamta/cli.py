@@ -132,6 +132,7 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
                 code = 1
                 return code
         await stop.wait()
+        deadline.arm()  # also when the control socket's stop command set the event
         log.info("RelayStopping", state=relay.state.value, failure=fatal[0] if fatal else None)
         if fatal:
             code = 1
