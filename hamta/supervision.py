@@ -87,7 +87,8 @@ class StopDeadline:
 
     def graceful(self) -> float:
         """The time a graceful stop may still take: what is left, less a reserve for closing."""
-        reserve = min(2.0, 0.2 * self.stop_timeout)
+        # The delivery engine gives cancelled sessions 2 s more, then servers and spool close.
+        reserve = min(3.0, 0.3 * self.stop_timeout)
         if self._armed_at is None:
             return max(0.0, self.stop_timeout - reserve)
         left = self.stop_timeout - (time.monotonic() - self._armed_at)
