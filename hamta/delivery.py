@@ -541,16 +541,25 @@ class DeliveryEngine:
                 headers = original_headers(await self.spool.read_body(rec))
             except (SpoolError, OSError):
                 headers = b""
-            dsn = build_dsn(
-                reporting_mta=self.hostname,
-                queue_id=rec.qid,
-                original_sender=rec.sender,
-                arrival=rec.arrival,
-                failed=reports,
-                headers=headers,
-                expired=expired,
-                now=self._wall(),
-            )
+            try:
+                dsn = build_dsn(
+                    reporting_mta=self.hostname,
+                    queue_id=rec.qid,
+                    original_sender=rec.sender,
+                    arrival=rec.arrival,
+                    failed=reports,
+                    headers=headers,
+                    expired=expired,
+                    now=self._wall(),
+                )
+            except Exception as exc:
+                # This message's fault, and for good: its recipients are finished without a DSN
+                # (logged) rather than retried for ever or, escaping this supervised task,
+                # stopping the relay for one message.
+                self.log.error("DsnNotBuilt", queue_id=rec.qid, error=f"{type(exc).__name__}: "
+                               f"{exc}", recipients=[r.address for r in reports])  # fmt: skip
+                self.spool.mark_done(message, rcpts)
+                return
             try:
                 notice = await self.spool.append(
                     dsn, "", [rec.sender], message_id=message_id_of(dsn), is_dsn=True

@@ -52,6 +52,25 @@ def _standard_stream() -> BinaryIO:
     return open(os.devnull, "wb")  # lives as long as the process
 
 
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _dumps(event: Any, **kwargs: Any) -> bytes:
+    """orjson, or for a string holding lone surrogates (bytes that were not UTF-8, as aiosmtpd
+    hands them over), the same line with those escaped: a log call must never raise."""
+    try:
+        return orjson.dumps(event, **kwargs)
+    except TypeError:
+        return orjson.dumps(_escaped(event), **kwargs)
+
+
 def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
     """Send JSON lines to ``file`` (appended, a line at a time) or standard output."""
     stream: IO[bytes]
@@ -73,7 +92,7 @@ def configure(level: str = "info", file: Path | None = None) -> IO[bytes]:
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
             # orjson: a third of the cost of the json module, on two events per message.
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.BytesLoggerFactory(file=stream),
