@@ -49,15 +49,26 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     from hamta.admission import descriptors_needed, raise_descriptor_limit  # noqa: PLC0415
     from hamta.control import start_control  # noqa: PLC0415
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
-    from hamta.supervision import StopDeadline  # noqa: PLC0415
+    from hamta.supervision import StopDeadline, Supervisor  # noqa: PLC0415
     from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
     eventlog.configure(config.log.level, config.log.file)
+    node_log = (
+        eventlog.get_logger(node=config.node.hostname, worker=worker)
+        if config.node.workers > 1
+        else eventlog.get_logger(node=config.node.hostname)
+    )
+
+    def task_failed(name: str, exc: BaseException) -> None:
+        relay.task_failed(name, exc)  # the relay is built before any task starts
+
+    # One supervisor for every long-lived task of the process: the relay's and the pool's.
+    supervisor = Supervisor(node_log, task_failed)
     pool = None
     if worker == 0 and config.node.workers > 1:
-        pool = WorkerPool(config.node.workers, config_file, config.control.socket,
-                          eventlog.get_logger(node=config.node.hostname, worker=0))  # fmt: skip
-    log = eventlog.get_logger(node=config.node.hostname)
+        pool = WorkerPool(config.node.workers, config_file, config.control.socket, node_log,
+                          spawn=supervisor.spawn)  # fmt: skip
+    log = node_log
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task[Any]] = set()
@@ -85,7 +96,7 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
         fatal.append(reason)
         request_stop()
 
-    relay = Relay(config, worker=worker, pool=pool, on_fatal=on_fatal)
+    relay = Relay(config, worker=worker, pool=pool, on_fatal=on_fatal, supervisor=supervisor)
     log = relay.log
 
     def activate_from_signal() -> None:

@@ -107,6 +107,7 @@ class Relay:
         pool: WorkerPool | None = None,
         wall_clock: Callable[[], float] = time.time,
         on_fatal: Callable[[str], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.worker = worker
@@ -135,7 +136,9 @@ class Relay:
         # Read at each scrape, so it follows every change of self.state without a hook at each.
         self.metrics.active.set_function(lambda: 0.0 if self.state is RelayState.STANDBY else 1.0)
         self.signer = self._dkim_signer()
-        self.supervisor = Supervisor(self.log, self._task_failed)
+        # hamta serve builds the supervisor first, so that the worker pool has it too; its
+        # failures then come here through task_failed.
+        self.supervisor = supervisor or Supervisor(self.log, self.task_failed)
 
     # ------------------------------------------------------------------ views
 
@@ -376,7 +379,7 @@ class Relay:
             action="no longer accepting or delivering; waiting to be deactivated",
         )
 
-    def _task_failed(self, name: str, exc: BaseException) -> None:
+    def task_failed(self, name: str, exc: BaseException) -> None:
         """A supervised task died: unready at once, no new mail, and the process stops."""
         active = self._active
         if active is not None:

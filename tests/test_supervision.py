@@ -92,6 +92,24 @@ def test_a_dead_task_stops_the_relay_with_a_non_zero_code(make_relay: RelayFacto
     assert relay.events("RelayExited")[-1]["code"] == 1
 
 
+def test_a_dead_worker_watcher_stops_the_node(make_relay: RelayFactory) -> None:
+    # Worker 0 watches its workers to restart them; a watcher dying of a bug would leave a
+    # worker dead for good, its shard's mail undelivered.
+    fault = (
+        "import asyncio, hamta.workers\n"
+        "async def broken(self, worker, process):\n"
+        "    await asyncio.sleep(1.0)\n"
+        "    raise RuntimeError('injected watcher fault')\n"
+        "hamta.workers.WorkerPool._watch = broken\n"
+    )
+    relay = make_relay({"node": {"workers": 2, "stop_timeout": f"{STOP_TIMEOUT}s"}}, prelude=fault)
+    assert relay.proc is not None
+    assert relay.proc.wait(timeout=1.0 + STOP_TIMEOUT + 5) == 1
+    [failed] = relay.events("TaskFailed")
+    assert failed["task"] == "worker 1 watcher" and failed["worker"] == 0
+    assert failed["error"] == "RuntimeError: injected watcher fault"
+
+
 def test_sigterm_ends_a_relay_whose_disk_hangs(make_relay: RelayFactory) -> None:
     # The spool's I/O thread never comes back: DATA gets no answer, and a graceful stop would
     # wait for the spool forever. The stop deadline ends the process all the same.
