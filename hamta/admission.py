@@ -109,16 +109,6 @@ class Pressure:
         return None
 
 
-def descriptors_needed(max_connections: int, outbound_connections: int) -> int:
-    """File descriptors a relay may hold at once with these limits.
-
-    One per inbound session and per outbound connection, plus a margin for the rest: the
-    listening and admin sockets, the spool's segments, journal and lock, the suppression
-    database, the log, DNS queries and admin requests (a hundred or so at most).
-    """
-    return max_connections + outbound_connections + 256
-
-
 def raise_descriptor_limit(needed: int) -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE towards ``needed`` as far as the hard limit allows.
 

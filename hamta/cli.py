@@ -46,7 +46,7 @@ def _load(path: Path | None) -> Config:
 
 async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
-    from hamta.admission import descriptors_needed, raise_descriptor_limit  # noqa: PLC0415
+    from hamta.admission import raise_descriptor_limit  # noqa: PLC0415
     from hamta.control import start_control  # noqa: PLC0415
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
     from hamta.supervision import StopDeadline, Supervisor  # noqa: PLC0415
@@ -77,7 +77,7 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     fatal: list[str] = []
     # Every session and connection is a file descriptor: run short of them and clients get
     # broken pipes while the health endpoint is reset.
-    needed = descriptors_needed(
+    needed = capacity.descriptors_needed(
         config.smtp.max_connections, config.delivery.max_connections_per_destination
     )
     before, limit = raise_descriptor_limit(needed)
