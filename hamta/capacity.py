@@ -35,6 +35,18 @@ DEFAULT_PEAK_FACTOR = 3.0
 DEFAULT_LATENCY_SECONDS = 0.5
 
 
+#: Descriptors beyond the connections: listening and admin sockets, the spool's segments, journal
+#: and lock, the suppression database, the log, DNS queries and admin requests.
+DESCRIPTOR_MARGIN = 256
+
+
+def descriptors_needed(max_connections: int, outbound_connections: int) -> int:
+    """File descriptors one relay process may hold at once: one per inbound session
+    (``smtp.max_connections``) and per outbound connection (one destination's, at least), plus
+    :data:`DESCRIPTOR_MARGIN`. ``hamta serve`` raises its RLIMIT_NOFILE to this, or warns."""
+    return max_connections + outbound_connections + DESCRIPTOR_MARGIN
+
+
 class CapacityError(ValueError):
     """Figures that make no plan (negative, zero where a rate is needed, unmeasurable)."""
 

@@ -46,8 +46,10 @@ def _load(path: Path | None) -> Config:
 
 async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
+    from hamta.admission import raise_descriptor_limit  # noqa: PLC0415
     from hamta.control import start_control  # noqa: PLC0415
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
+    from hamta.supervision import StopDeadline, Supervisor  # noqa: PLC0415
     from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
     try:
@@ -55,15 +57,51 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     except eventlog.LogFileError as exc:
         print(f"hamta: {exc}", file=sys.stderr)
         return 1
+    node_log = (
+        eventlog.get_logger(node=config.node.hostname, worker=worker)
+        if config.node.workers > 1
+        else eventlog.get_logger(node=config.node.hostname)
+    )
+
+    def task_failed(name: str, exc: BaseException) -> None:
+        relay.task_failed(name, exc)  # the relay is built before any task starts
+
+    # One supervisor for every long-lived task of the process: the relay's and the pool's.
+    supervisor = Supervisor(node_log, task_failed)
     pool = None
     if worker == 0 and config.node.workers > 1:
-        pool = WorkerPool(config.node.workers, config_file, config.control.socket,
-                          eventlog.get_logger(node=config.node.hostname, worker=0))  # fmt: skip
-    relay = Relay(config, worker=worker, pool=pool)
-    log = relay.log
+        pool = WorkerPool(config.node.workers, config_file, config.control.socket, node_log,
+                          spawn=supervisor.spawn)  # fmt: skip
+    log = node_log
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task[Any]] = set()
+    # From the stop's request on, the process is gone within node.stop_timeout, come what may.
+    deadline = StopDeadline(config.node.stop_timeout, log)
+    fatal: list[str] = []
+    # Every session and connection is a file descriptor: run short of them and clients get
+    # broken pipes while the health endpoint is reset.
+    needed = capacity.descriptors_needed(
+        config.smtp.max_connections, config.delivery.max_connections_per_destination
+    )
+    before, limit = raise_descriptor_limit(needed)
+    if limit < needed:
+        log.warning("DescriptorLimitLow", limit=limit, needed=needed,
+                    action="raise LimitNOFILE (systemd) or ulimit -n, or lower "
+                           "smtp.max_connections")  # fmt: skip
+    elif limit > before:
+        log.info("DescriptorLimitRaised", before=before, limit=limit, needed=needed)
+
+    def request_stop() -> None:
+        deadline.arm()
+        stop.set()
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        request_stop()
+
+    relay = Relay(config, worker=worker, pool=pool, on_fatal=on_fatal, supervisor=supervisor)
+    log = relay.log
 
     def activate_from_signal() -> None:
         if relay.state is RelayState.STANDBY:
@@ -71,8 +109,8 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, request_stop)
+    loop.add_signal_handler(signal.SIGINT, request_stop)
     if pool is not None:
         # Before the control socket, the admin endpoint and SIGUSR1: once the node answers, all
         # of it is warm, and whoever drives it may activate it at once.
@@ -109,11 +147,14 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
                 code = 1
                 return code
         await stop.wait()
-        log.info("RelayStopping", state=relay.state.value)
+        deadline.arm()  # also when the control socket's stop command set the event
+        log.info("RelayStopping", state=relay.state.value, failure=fatal[0] if fatal else None)
+        if fatal:
+            code = 1
         for task in list(tasks):
             await asyncio.gather(task, return_exceptions=True)
         if relay.state is RelayState.ACTIVE:
-            await relay.deactivate(config.node.stop_timeout)
+            await relay.deactivate(deadline.graceful())
     finally:
         control.close()
         # A relay started since this one was given up for dead (a worker still stopping when
@@ -122,9 +163,10 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
             if socket_path.stat().st_ino == socket_inode:
                 socket_path.unlink()
         if pool is not None:
-            await pool.stop(config.node.stop_timeout)
+            await pool.stop(deadline.graceful())
         if admin is not None:
             await admin.cleanup()
+        deadline.cancel()
         log.info("RelayExited", code=code)
     return code
 

@@ -143,6 +143,19 @@ class SmtpConfig(_Section):
     session_timeout: PositiveSeconds = 300.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Sessions at once (more get 421 4.7.0): each holds a file descriptor and buffers.
+    max_connections: Count = 1000
+    # Sessions at once from one address outside relay_networks (relay clients are exempt).
+    max_connections_per_client: Count = 50
+    # A session's whole length however busy, so that NOOPs cannot hold one forever (421 4.4.2).
+    max_session_time: PositiveSeconds = 1800.0
+    # DATA slower than this many bytes a second after data_rate_grace is cut (421 4.4.2); 0: off.
+    min_data_rate: Annotated[int, BeforeValidator(_parse_size), Field(ge=0)] = 500
+    data_rate_grace: PositiveSeconds = 10.0
+    # Back-pressure: MAIL gets 452 4.3.1 while the spool holds this many messages, or while the
+    # process's resident memory is above max_memory (0: no limit).
+    max_queued_messages: Count = 1_000_000
+    max_memory: Annotated[int, BeforeValidator(_parse_size), Field(ge=0)] = 0
 
     @field_validator("listen")
     @classmethod
@@ -175,6 +188,15 @@ class SmtpConfig(_Section):
         if value is not None and not os.access(value, os.R_OK):
             raise ValueError(f"cannot read {value}")
         return value
+
+    @model_validator(mode="after")
+    def _check_connection_limits(self) -> SmtpConfig:
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_client ({self.max_connections_per_client}) is above "
+                f"max_connections ({self.max_connections})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> SmtpConfig:

@@ -35,7 +35,7 @@ from hamta.queue import Destination, Job, MailQueue
 from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
-from hamta.spool import LiveMessage, Spool, SpoolError
+from hamta.spool import LiveMessage, Spawn, Spool, SpoolError, create_task
 from hamta.suppression import Suppressions
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -103,8 +103,10 @@ class DeliveryEngine:
         wall_clock: Callable[[], float] = time.time,
         share: int = 1,
         retry: RetryConfig | None = None,
+        spawn: Spawn = create_task,
     ) -> None:
         self.config = config
+        self._spawn = spawn  # the relay's supervisor: a session dying of a bug stops the relay
         self.retry = retry or RetryConfig()
         self.share = share
         # Pending steps back up of throttled destinations, by destination key.
@@ -151,7 +153,7 @@ class DeliveryEngine:
             and len(destination.ready) > destination.idle
         ):
             destination.sessions += 1
-            task = asyncio.get_running_loop().create_task(self._session(destination))
+            task = self._spawn(f"delivery session {destination.key}", self._session(destination))
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
 
@@ -508,7 +510,8 @@ class DeliveryEngine:
                 )
                 for i in failed
             ]  # fmt: skip
-            task = asyncio.get_running_loop().create_task(
+            task = self._spawn(
+                f"bounce {job.message.rec.qid}",
                 self._bounce(
                     job.message,
                     failed,
@@ -516,7 +519,7 @@ class DeliveryEngine:
                     expired=bool(expired),
                     domain=job.domain,
                     attempts=attempt,
-                )
+                ),
             )
             self._bounces.add(task)
             task.add_done_callback(self._bounces.discard)
@@ -575,9 +578,11 @@ class DeliveryEngine:
                     now=self._wall(),
                 )
             except Exception as exc:
-                # The failures are logged (Bounce, Expiration); a DSN that cannot be rendered
-                # must not leave them queued with no word, nor retried forever.
-                self.log.exception("DsnNotBuilt", queue_id=rec.qid, error=_describe(exc))
+                # This message's fault, and for good: its recipients are finished without a DSN
+                # (logged) rather than retried for ever or, escaping this supervised task,
+                # stopping the relay for one message.
+                self.log.error("DsnNotBuilt", queue_id=rec.qid, error=f"{type(exc).__name__}: "
+                               f"{exc}", recipients=[r.address for r in reports])  # fmt: skip
                 self.spool.mark_done(message, rcpts)
                 return
             try:

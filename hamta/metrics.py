@@ -107,6 +107,24 @@ class RelayMetrics:
             "hamta_delivery_connections", "Open outbound SMTP connections", registry=r
         )
         self.smtp_sessions = Gauge("hamta_smtp_sessions", "Open inbound sessions", registry=r)
+        self.smtp_refused = Counter(
+            "hamta_smtp_connections_refused",
+            "Inbound connections refused with 421 4.7.0, by limit",
+            ["reason"],  # max_connections, max_connections_per_client
+            registry=r,
+        )
+        self.smtp_cut = Counter(
+            "hamta_smtp_sessions_cut",
+            "Inbound sessions ended by the relay with 421 4.4.2, by limit",
+            ["reason"],  # idle, session_time, data_rate
+            registry=r,
+        )
+        self.backpressure = Counter(
+            "hamta_smtp_backpressure",
+            "MAIL refused with 452 4.3.1 for the relay's own resources, by resource",
+            ["reason"],  # queue, memory
+            registry=r,
+        )
         self.ready = Gauge("hamta_ready", "1 when listening with a writable spool", registry=r)
         self.fenced = Gauge(
             "hamta_fenced", "1 when a newer term's fencing token stopped this relay", registry=r

@@ -39,6 +39,7 @@ from hamta.queue import MailQueue
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Damage, Spool, SpoolError, SpoolState
+from hamta.supervision import Supervisor
 from hamta.suppression import SuppressionError, Suppressions
 from hamta.suspensions import load_suspended
 from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
@@ -105,9 +106,13 @@ class Relay:
         worker: int = 0,
         pool: WorkerPool | None = None,
         wall_clock: Callable[[], float] = time.time,
+        on_fatal: Callable[[str], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.worker = worker
+        # Called once a supervised task has died: the process must stop (hamta.supervision).
+        self._on_fatal = on_fatal
         self.pool = pool
         self.metrics = RelayMetrics()
         # Outlives activations, as the metrics do: /api/domain rates span a failover's restart.
@@ -131,6 +136,9 @@ class Relay:
         # Read at each scrape, so it follows every change of self.state without a hook at each.
         self.metrics.active.set_function(lambda: 0.0 if self.state is RelayState.STANDBY else 1.0)
         self.signer = self._dkim_signer()
+        # hamta serve builds the supervisor first, so that the worker pool has it too; its
+        # failures then come here through task_failed.
+        self.supervisor = supervisor or Supervisor(self.log, self.task_failed)
 
     # ------------------------------------------------------------------ views
 
@@ -140,6 +148,7 @@ class Relay:
         active = self._active
         return (
             self.state is RelayState.ACTIVE
+            and self.supervisor.failure is None
             and active is not None
             and (active.guard is None or active.guard.fenced is None)
             and active.spool.is_writable()
@@ -370,6 +379,14 @@ class Relay:
             action="no longer accepting or delivering; waiting to be deactivated",
         )
 
+    def task_failed(self, name: str, exc: BaseException) -> None:
+        """A supervised task died: unready at once, no new mail, and the process stops."""
+        active = self._active
+        if active is not None:
+            active.handler.draining = True  # new sessions and MAIL get 421, not a silent hang
+        if self._on_fatal is not None:
+            self._on_fatal(f"{name}: {type(exc).__name__}: {exc}")
+
     async def _activate(
         self, path: Path, epoch: int | None = None, token: Path | None = None,
         *, root: Path | None = None,
@@ -393,6 +410,7 @@ class Relay:
             min_free=config.spool.min_free,
             wall_clock=self._wall,
             on_checkpoint=self._observe_checkpoint,
+            spawn=self.supervisor.spawn,
         )
         try:
             spool.open()
@@ -404,6 +422,7 @@ class Relay:
         engine = DeliveryEngine(
             config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
             wall_clock=self._wall, share=config.node.workers, retry=config.retry,
+            spawn=self.supervisor.spawn,
         )  # fmt: skip
         queue = MailQueue(
             config.retry, router.next_hop, self._wall, engine.on_ready,
@@ -432,7 +451,7 @@ class Relay:
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
             signer=self.signer, suppressions=suppressions, intakes=intakes,
         )  # fmt: skip
-        timer = asyncio.get_running_loop().create_task(queue.run_timer())
+        timer = self.supervisor.spawn("queue timer", queue.run_timer())
         self._active = _Active(spool, queue, engine, handler, [], timer)
         self._active.guard = guard
         self._active.suppressions = suppressions

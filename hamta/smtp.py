@@ -17,9 +17,11 @@ import asyncio
 import builtins
 import inspect
 import ipaddress
+import itertools
 import re
 import ssl
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -35,6 +37,13 @@ from hamta.addresses import (
     check_mailbox,
     header_safe,
     split_path,
+)
+from hamta.admission import (
+    REPLY_BUSY,
+    REPLY_TOO_MANY,
+    REPLY_TOO_MANY_FROM_CLIENT,
+    ConnectionLimits,
+    Pressure,
 )
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
@@ -80,7 +89,14 @@ REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
 REPLY_NO_AUTH = "502 5.5.1 Authentication is not available"
 REPLY_SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_SPOOL_ERROR = "451 4.3.0 Local error in processing, try again later"
+REPLY_LOCAL_ERROR = REPLY_SPOOL_ERROR  # any unexpected error: the same words, no details
 REPLY_SUPERSEDED = "421 4.3.2 This node is no longer the active one, try again later"
+# Sessions the relay ends itself, by limit (hamta.admission); never between DATA and its reply.
+REPLY_CUT = {
+    "idle": "421 4.4.2 Idle timeout exceeded, closing connection",
+    "session_time": "421 4.4.2 Session time limit exceeded, closing connection",
+    "data_rate": "421 4.4.2 Data transfer too slow, closing connection",
+}
 REPLY_INTAKE_ALONE = "452 4.5.3 Reports (feedback, bounces) are taken one recipient per transaction"
 
 
@@ -162,14 +178,28 @@ aiosmtpd.smtp.inspect = _introspection  # type: ignore[assignment,attr-defined]
 aiosmtpd.smtp.dir = _introspection.dir  # type: ignore[attr-defined]
 
 
+_session_ids = itertools.count(1)
+
+
 class HamtaSMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, a configurable line limit and draining."""
 
     def __init__(self, handler: ReceptionHandler, *, line_length_limit: int, **kwargs: Any):
         # Read by SMTP.__init__ to size its stream buffer: lines longer than this get 500.
         self.line_length_limit = line_length_limit
+        # Names the session in the log, so that an error line can be tied to its client.
+        self.session_id = f"{next(_session_ids):X}"
         self._plain_replies = False
         self._ehlo_lines: list[str] | None = None
+        self.client = ""
+        # None until connected; then "" when admitted, or the limit the connection is over.
+        self._refused: str | None = None
+        self._bytes_in = 0  # read from the client, for DATA's minimum rate
+        self._data_mark: tuple[float, int] | None = None  # DATA's start: time, bytes read
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # True from the end of DATA to its reply: no limit cuts the session then, since the
+        # message may already be durable and must be answered (or the client would resend).
+        self.in_handler = False
         super().__init__(handler, **kwargs)
         self.hamta_handler = handler
 
@@ -286,19 +316,99 @@ class HamtaSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Track the session so that a graceful stop can wait for it."""
+        """Admit the session (or mark it refused) and track it for a graceful stop."""
         # aiosmtpd calls this again when STARTTLS upgrades the transport: count it once.
-        if self not in self.hamta_handler.sessions:
-            self.hamta_handler.sessions.add(self)
-            self.hamta_handler.metrics.smtp_sessions.inc()
+        handler = self.hamta_handler
+        if self._refused is None:
+            peer = transport.get_extra_info("peername")
+            self.client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            self._refused = handler.limits.admit(self.client) or ""
+            if not self._refused:
+                handler.sessions.add(self)
+                handler.metrics.smtp_sessions.inc()
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the session."""
-        if self in self.hamta_handler.sessions:
-            self.hamta_handler.sessions.discard(self)
-            self.hamta_handler.metrics.smtp_sessions.dec()
+        handler = self.hamta_handler
+        if self in handler.sessions:
+            handler.sessions.discard(self)
+            handler.metrics.smtp_sessions.dec()
+            handler.limits.release(self.client)
+        for timer in self._timers.values():
+            timer.cancel()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Count what the client sends, for DATA's minimum rate."""
+        self._bytes_in += len(data)
+        super().data_received(data)
+
+    def _start_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self.loop.call_later(delay, callback)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's idle timeout: the same cut as the other limits, with a 421 and never
+        # between the end of DATA and its reply.
+        self._cut("idle")
+
+    def _cut(self, reason: str) -> None:
+        """End the session for a limit: 421 4.4.2, logged and counted."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.in_handler:
+            self._start_timer("cut", 0.5, lambda: self._cut(reason))
+            return
+        handler = self.hamta_handler
+        handler.metrics.smtp_cut.labels(reason).inc()
+        handler.log.info("SessionCut", session=self.session_id, client=self.client, reason=reason)
+        # Through the stream writer, which STARTTLS points at the TLS transport (uvloop's
+        # plain transports are no asyncio.WriteTransport to test for).
+        self._writer.write(REPLY_CUT[reason].encode() + b"\r\n")
+        self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, cut when the client sends slower than ``min_data_rate`` after the grace."""
+        config = self.hamta_handler.config
+        if config.min_data_rate:
+            self._data_mark = (self.loop.time(), self._bytes_in)
+            self._start_timer("rate", config.data_rate_grace, self._check_rate)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_mark = None
+            rate = self._timers.pop("rate", None)
+            if rate is not None:
+                rate.cancel()
+
+    def _check_rate(self) -> None:
+        mark = self._data_mark
+        if mark is None or self.in_handler:
+            return
+        elapsed = self.loop.time() - mark[0]
+        if (self._bytes_in - mark[1]) / elapsed < self.hamta_handler.config.min_data_rate:
+            self._cut("data_rate")
+            return
+        self._start_timer("rate", 1.0, self._check_rate)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any unexpected error of a session: 451, its details in the log, never to the client.
+
+        aiosmtpd would answer ``500 Error: (ExcType) text``: a permanent failure for what is
+        ours to fix, and the exception's text (file paths among it) handed to whoever connects.
+        """
+        peer = self.session.peer if self.session is not None else None
+        self.hamta_handler.log.error(
+            "SessionError",
+            session=self.session_id,
+            client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+            error=f"{type(error).__name__}: {error}",
+            traceback="".join(traceback.format_exception(error)),
+        )
+        return self.hamta_handler._reject(REPLY_LOCAL_ERROR)
 
     async def smtp_AUTH(self, arg: str) -> None:
         """hamta relays for its client networks only and offers no authentication."""
@@ -311,6 +421,21 @@ class HamtaSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             return
+        handler = self.hamta_handler
+        if self._refused:
+            handler.metrics.smtp_refused.labels(self._refused).inc()
+            per_client = self._refused == "max_connections_per_client"
+            handler.log.warning(
+                "ConnectionRefused", client=self.client, reason=self._refused,
+                limit=handler.limits.per_client if per_client else handler.limits.max_connections,
+            )  # fmt: skip
+            await self.push(REPLY_TOO_MANY_FROM_CLIENT if per_client else REPLY_TOO_MANY)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._start_timer(
+            "session", handler.config.max_session_time, lambda: self._cut("session_time")
+        )
         await super()._handle_client()
 
     def close_session(self) -> None:
@@ -353,6 +478,13 @@ class ReceptionHandler:
         self.in_data = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.limits = ConnectionLimits(
+            config.max_connections, config.max_connections_per_client,
+            lambda host: self.relay_allowed((host,)),
+        )  # fmt: skip
+        self.pressure = Pressure(
+            config.max_queued_messages, config.max_memory, lambda: len(spool.live)
+        )
 
     def _reject(self, reply: str) -> str:
         self.metrics.rejected.labels(reply[:3]).inc()
@@ -400,6 +532,13 @@ class ReceptionHandler:
         """Accept the sender (the null sender included); refuse while stopping."""
         if self.draining:
             return self._reject(REPLY_SHUTTING_DOWN)
+        busy = self.pressure.check()
+        if busy is not None:
+            reason, value, limit = busy
+            self.metrics.backpressure.labels(reason).inc()
+            self.log.warning("BackPressure", client=server.client, reason=reason, value=value,
+                             limit=limit)  # fmt: skip
+            return self._reject(REPLY_BUSY)
         if has_control_character(address):
             return self._reject(REPLY_BAD_SENDER)
         envelope.mail_from = address
@@ -461,6 +600,7 @@ class ReceptionHandler:
         received = self._received_header(session, envelope, qid, client)
         self.in_data += 1
         self.idle.clear()
+        server.in_handler = True
         try:
             intake = self._intake_for(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
             if intake is not None:
@@ -490,6 +630,7 @@ class ReceptionHandler:
             self.log.error("SpoolError", queue_id=qid, error=str(exc))
             return self._reject(REPLY_SPOOL_ERROR)
         finally:
+            server.in_handler = False
             self.in_data -= 1
             if self.in_data == 0:
                 self.idle.set()

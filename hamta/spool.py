@@ -36,10 +36,11 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -105,6 +106,15 @@ Record = Enqueue | Defer | Done | CheckpointEnd
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[Record])
 _entry_decoder = msgspec.msgpack.Decoder(Enqueue)
+
+
+#: Starts one of the spool's background tasks (its name, its coroutine): the relay passes its
+#: supervisor's, so that a task dying of a bug stops the relay instead of silently hanging it.
+Spawn = Callable[[str, Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
+def create_task(name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return asyncio.get_running_loop().create_task(coro, name=name)
 
 
 class SpoolError(Exception):
@@ -395,8 +405,10 @@ class Spool:
         wall_clock: Callable[[], float] = time.time,
         on_checkpoint: Callable[[str | None], None] | None = None,
         checkpoint_retry: float = 30.0,
+        spawn: Spawn = create_task,
     ) -> None:
         self.path = path
+        self._spawn = spawn
         self._segment_size = segment_size
         self._journal_size = journal_size
         self._min_free = min_free
@@ -489,7 +501,7 @@ class Spool:
         self._segment = (max(existing_segments) if existing_segments else 0) + 1
         self._first_segment = self._segment
         self._offset = 0
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        self._flusher = self._spawn("spool group commit", self._flush_loop())
 
     # --------------------------------------------------------------- appending
 
@@ -533,7 +545,7 @@ class Spool:
         )
         try:
             head = _entry_head(rec)
-        except (msgspec.EncodeError, ValueError, TypeError) as exc:
+        except (msgspec.EncodeError, ValueError, TypeError, OverflowError) as exc:
             # Fails this message alone (a 451 to its session), never the batch it would join.
             raise SpoolError(f"cannot encode the envelope: {exc}") from None
         if self._offset and self._offset + len(head) + len(body) > self._segment_size:
@@ -636,7 +648,7 @@ class Spool:
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._io, self._write_batch, batch)
-                except (OSError, SpoolFencedError) as exc:
+                except Exception as exc:  # whatever it was, this batch alone fails
                     self._fail_batch(batch, exc)
                     # The state records it kept are tried again with the next append, not in
                     # a loop against a full disk or a spool that a newer term owns.
@@ -658,7 +670,7 @@ class Spool:
                     )
                 ):
                     self._checkpointing = True
-                    self._checkpoint_task = loop.create_task(self._checkpoint())
+                    self._checkpoint_task = self._spawn("spool checkpoint", self._checkpoint())
             if self._closed:
                 return
 
@@ -704,7 +716,7 @@ class Spool:
                 self._journal_bytes_since_ckpt += len(frame)
             for message in batch.messages:
                 message.durable = True
-        except OSError:
+        except Exception:
             for fd, size in touched:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)
@@ -713,14 +725,16 @@ class Spool:
         for segment in batch.segment_deletes:
             self._delete_segment(segment)
 
-    def _fail_batch(self, batch: _Batch, exc: OSError | SpoolFencedError) -> None:
+    def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
         error: SpoolError
         if isinstance(exc, SpoolFencedError):
             error = exc
-        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             error = SpoolFullError(f"spool file system is full: {exc.strerror}")
-        else:
+        elif isinstance(exc, OSError):
             error = SpoolError(f"spool write failed: {exc.strerror}")
+        else:
+            error = SpoolError(f"spool write failed: {type(exc).__name__}: {exc}")
         # Messages appended since this batch was taken were given offsets that assumed its
         # bodies were written; they fail with it and later appends start a fresh segment.
         pending, self._batch = self._batch, _Batch()
@@ -792,7 +806,7 @@ class Spool:
         if state.stats.journal_files and not self._checkpointing:
             # Fold the earlier runs' journals into one checkpoint, off the failover path.
             self._checkpointing = True
-            self._checkpoint_task = loop.create_task(self._checkpoint())
+            self._checkpoint_task = self._spawn("spool checkpoint", self._checkpoint())
         return state
 
     # ------------------------------------------------------------- checkpoint
@@ -888,12 +902,17 @@ class Spool:
             await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         # Records a full disk or a newer term kept from the disk stay unwritten: they are state
         # changes (Done, Defer) whose loss repeats a delivery, never loses a message.
-        with contextlib.suppress(SpoolError):
-            await self.sync()
+        flushing = self._flusher is not None and not self._flusher.done()
+        if flushing:  # a group commit that died (its supervisor said so) syncs nothing more
+            with contextlib.suppress(SpoolError):
+                await self.sync()
         self._closed = True
         self._wake.set()
-        if self._flusher is not None:
+        if self._flusher is not None and flushing:
             await self._flusher
+        for waiter in self._batch.appended + self._batch.syncs:  # never to be written now
+            if not waiter.done():
+                waiter.set_exception(SpoolError("spool is closed"))
         for fd in self._seg_fds.values():
             os.close(fd)
         self._seg_fds.clear()

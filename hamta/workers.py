@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hamta.control_client import ControlError, send_command
-from hamta.spool import load_state
+from hamta.spool import Spawn, create_task, load_state
 
 SHARD_PREFIX = "shard-"
 _PR_SET_PDEATHSIG = 1
@@ -83,8 +83,13 @@ class _Worker:
 class WorkerPool:
     """Workers 1..N-1 of a node, started and driven by worker 0."""
 
-    def __init__(self, count: int, config_file: Path | None, socket: Path, log: Any) -> None:
+    def __init__(
+        self, count: int, config_file: Path | None, socket: Path, log: Any,
+        spawn: Spawn = create_task,
+    ) -> None:  # fmt: skip
         self.workers = [_Worker(k, control_path(socket, k)) for k in range(1, count)]
+        # The node's supervisor: a watcher dying of a bug would leave a worker unrestarted.
+        self._spawn_task = spawn
         self._config_file = config_file
         self._log = log
         self._root: Path | None = None  # set while active
@@ -123,7 +128,8 @@ class WorkerPool:
             if time.monotonic() > deadline:
                 raise ControlError(f"worker {worker.index} did not start")
             await asyncio.sleep(0.05)
-        task = asyncio.get_running_loop().create_task(self._watch(worker, worker.process))
+        task = self._spawn_task(f"worker {worker.index} watcher",
+                                self._watch(worker, worker.process))  # fmt: skip
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
         self._log.info("WorkerStarted", worker=worker.index, worker_pid=worker.process.pid)

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from hamta import capacity
 from hamta.capacity import Limits, Workload, measure, plan
-from hamta.config import DeliveryConfig, SpoolConfig
+from hamta.config import DeliveryConfig, SmtpConfig, SpoolConfig
 from hamta.metrics import RelayMetrics
 from tests.conftest import RelayFactory
 from tests.support import RecordingSink
@@ -218,3 +218,12 @@ def test_cli_without_figures(make_relay: RelayFactory) -> None:
     standby = make_relay(standby=True)
     empty = _capacity("--from-metrics", standby.admin_url, "--sample-seconds", "0.1")
     assert empty.returncode == 2 and "--messages-per-day" in empty.stderr
+
+
+def test_descriptors_needed_counts_sessions_connections_and_a_margin() -> None:
+    assert capacity.descriptors_needed(1000, 20) == 1276
+    # systemd's default soft limit does not hold the default limits: the units raise it.
+    defaults = capacity.descriptors_needed(
+        SmtpConfig().max_connections, DeliveryConfig().max_connections_per_destination
+    )
+    assert defaults > 1024

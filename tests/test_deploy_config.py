@@ -236,6 +236,10 @@ def test_the_agents_unit_keeps_its_mounts_visible_and_its_capabilities_few(
     for option in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices"):
         assert option not in settings
     assert "Conflicts" in settings and settings["Conflicts"] == "hamta-relay.service"
+    # The relay, its child, inherits it: 1,024 open files do not hold max_connections' 1,000.
+    assert int(settings["LimitNOFILE"]) >= 65536
+    relay = (example / "mx1/hamta-relay.service").read_text()
+    assert "\nLimitNOFILE=65536\n" in relay
 
 
 @needs_ansible

@@ -257,3 +257,40 @@ def test_enospc_fails_the_commit_and_keeps_every_acknowledged_message(small_fs: 
         with open(segment, "rb") as handle:
             handle.seek(message.rec.offset)
             assert zlib.crc32(handle.read(message.rec.length)) == message.rec.crc
+
+
+def test_an_envelope_that_cannot_be_encoded_fails_its_append_alone(tmp_path: Path) -> None:
+    # aiosmtpd hands over non-UTF-8 address bytes as lone surrogates ("j\udce9" for j\xe9),
+    # which msgpack cannot encode: once that killed the group-commit task, and every later
+    # append waited forever.
+    async def main() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                spool.append(body(1), "a@x.test", ["r@y.test"]),
+                spool.append(body(2), "j\udce9@x.test", ["r@y.test"]),
+                spool.append(body(3), "b@x.test", ["r\udc85@y.test"]),
+                spool.append(body(4), "c@x.test", ["r@y.test"]),
+                return_exceptions=True,
+            ),
+            timeout=10,
+        )
+        assert not isinstance(results[0], BaseException)
+        assert not isinstance(results[3], BaseException)
+        for failed in results[1:3]:
+            assert isinstance(failed, SpoolError), failed
+            assert "cannot be encoded" in str(failed)
+        later = await asyncio.wait_for(spool.append(body(5), "d@x.test", ["r@y.test"]), 10)
+        assert len(spool.live) == 3
+        await asyncio.wait_for(spool.close(), 10)
+        state = load_state(tmp_path)
+        assert sorted(state.live) == sorted([results[0].rec.qid, results[3].rec.qid,
+                                             later.rec.qid])  # fmt: skip
+        for message in state.live.values():  # the good bodies lie where their records say
+            rec = message.rec
+            data = (tmp_path / "data" / f"{rec.segment:08d}.seg").read_bytes()
+            assert zlib.crc32(data[rec.offset : rec.offset + rec.length]) == rec.crc
+
+    run(main)

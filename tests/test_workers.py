@@ -364,7 +364,9 @@ def test_a_node_restarted_at_once_is_not_robbed_by_workers_still_stopping(
     # A slow MX keeps worker 1 in its graceful stop after worker 0 is killed, while the node is
     # started again warm, as an agent restarts its relay.
     with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=30) as slow:
-        relay = node(workers(2))
+        # A graceful stop ends by node.stop_timeout at the latest: long enough to outlast the
+        # node's restart on a slow machine.
+        relay = node({"node": {"workers": 2, "stop_timeout": "15s"}, "retry": RETRY})
         old = worker_pids(relay)[1]
         send_spread(relay.port, 20, local="slow")
         wait_until(lambda: ask_worker(relay, 1)["in_flight"] > 0, 10, "worker 1 delivers nothing")

@@ -52,8 +52,12 @@ class RelayProcess:
         *,
         host: str = "127.0.0.1",
         standby: bool = False,
+        prelude: str | None = None,
     ) -> None:
         self.workdir = workdir
+        # Python run in the child before hamta.cli's main: process limits, or a fault injected
+        # where no input can cause one (a bug in a long-lived task, a disk that hangs).
+        self.prelude = prelude
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
@@ -84,6 +88,9 @@ class RelayProcess:
     def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> None:
         """Start the process; unless told otherwise, wait until it reports ready."""
         args = [*HAMTA, "serve", "--config", str(self.config_path)]
+        if self.prelude is not None:
+            main = "import sys, hamta.cli; sys.exit(hamta.cli.main(sys.argv[1:]))"
+            args = [sys.executable, "-c", f"{self.prelude}\n{main}", *args[len(HAMTA) :]]
         if self.standby:
             args.append("--standby")
         self.stderr_path = self.workdir / f"stderr.{int(time.time() * 1000)}"
