@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import re
@@ -27,7 +28,7 @@ from chaos.results import Mark
 from cluster.config import AgentSection
 from cluster.lab import Lab, probes
 from cluster.lab.history import Attempt, recovery_time
-from cluster.lab.topology import NODES
+from cluster.lab.topology import CLIENT, MAIL_DOMAINS, NODES
 from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
@@ -425,6 +426,59 @@ class ClockSkew(Fault):
         ctx.mark("role", ctx.active, "down (killed)")
 
 
+class HostileClient(Fault):
+    """Every input a security review found harmful, sent through the virtual IP under load.
+
+    ``chaos.hostile`` plays each hostile session from the client host and judges its replies
+    (refused where they must be, no stall, no internals shown); the scenario then asks that the
+    active node stayed active and ready and that the load went on: one client's bytes must
+    never stop the relay for the others, nor make it unready, nor fail it over.
+    """
+
+    name = "hostile-client"
+    summary = "hostile SMTP sessions through the VIP (bad bytes, injection, floods): no stall"
+    fails_over = False
+    patience = 120.0
+
+    def __init__(self) -> None:
+        self.findings: list[str] = []
+
+    def inject(self, ctx: FaultContext) -> None:
+        ctx.mark("fault", ctx.active, "hostile sessions start")
+        done = ctx.lab.run_module(
+            CLIENT,
+            "chaos.hostile",
+            ["--to", f"{ctx.lab.vip}:25", "--domain", MAIL_DOMAINS[0]],
+            timeout=110.0,
+        )
+        self.findings = [
+            f"{record['session']}: {problem}"
+            for record in map(json.loads, done.stdout.splitlines())
+            for problem in record.get("problems", [])
+        ]
+        if done.returncode not in (0, 1):
+            self.findings.append(f"chaos.hostile exited {done.returncode}: {done.stderr[-300:]}")
+        ctx.heal_at = time.monotonic()
+        ctx.mark("heal", ctx.active, f"hostile sessions done: {len(self.findings)} problems")
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        problems = list(self.findings)
+        active = ctx.lab.active_node()
+        if active != ctx.active:
+            problems.append(f"the active node changed ({ctx.active} -> {active})")
+        elif not ctx.lab.relay_ready(active):
+            problems.append(f"{active}'s relay is not ready after the hostile sessions")
+        end = ctx.heal_at if ctx.heal_at is not None else float("inf")
+        refused = [a for a in attempts if ctx.fault_at <= a.start <= end and a.outcome != "acked"]
+        if refused:
+            codes = sorted({str(a.code) for a in refused})
+            problems.append(f"{len(refused)} load attempts failed beside them ({codes})")
+        return problems
+
+
 def _pair_or_alone(lab: Lab) -> str | None:
     roles = _members(lab)
     active = [node for node, role in roles.items() if role == "active"]
@@ -496,5 +550,6 @@ FAULTS: dict[str, type[Fault]] = {
     for fault in (
         KillRelay, KillAgent, KillNode, FreezeNode, PartitionZookeeper, PartitionNode,
         KillZookeeperLeader, ZookeeperQuorumLoss, Switchover, Flapping, DiskFull, ClockSkew,
+        HostileClient,
     )
 }  # fmt: skip

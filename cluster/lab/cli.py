@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.lab.topology import DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
+from cluster.lab.topology import CLIENT, DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
 
 if TYPE_CHECKING:
     from cluster.lab.lab import Lab
@@ -102,6 +102,25 @@ def cmd_send(args: argparse.Namespace) -> int:
     for sample in result.error_samples:
         print(f"  error: {sample}")
     return 0 if result.all_acked and result.sent == args.count else 1
+
+
+def cmd_hostile(args: argparse.Namespace) -> int:
+    """``hamta lab hostile``: the chaos suite's hostile sessions from the client to the VIP."""
+    lab = _load(args)
+    argv = ["--to", f"{lab.vip}:25", "--domain", args.domain, "--idle", str(args.idle)]
+    done = lab.run_module(CLIENT, "chaos.hostile", argv, timeout=300.0)
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for record in records:
+        if "session" not in record:
+            continue
+        replies = record["replies"]
+        last = replies[-1].split(" ", 1)[-1].splitlines()[0] if replies else "no reply"
+        verdict = "; ".join(record["problems"]) or f"as it must be (last reply: {last})"
+        print(f"{record['session']:<26} {verdict}")
+    if done.returncode not in (0, 1):
+        print(f"hamta: the hostile client failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return 1
+    return done.returncode
 
 
 def cmd_fence(args: argparse.Namespace) -> int:
@@ -275,6 +294,11 @@ def add_lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     send.add_argument("--connections", type=int, default=1, help="SMTP sessions in parallel")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
     send.set_defaults(func=cmd_send)
+
+    hostile = command("hostile", "hostile SMTP sessions from the client to the VIP (refused?)")
+    hostile.add_argument("--domain", default="a.lab.test", help="a mail domain of the lab")
+    hostile.add_argument("--idle", type=int, default=200, help="idle connections to hold")
+    hostile.set_defaults(func=cmd_hostile)
 
     fence = command("fence", "the lab's STONITH: kill a node's relay, take the VIP off it")
     fence.add_argument("node", choices=NODES)

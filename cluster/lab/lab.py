@@ -654,6 +654,19 @@ class Lab:
         )
         return done
 
+    def run_module(
+        self, host: str, module: str, args: Sequence[str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """``python -m module args`` of this checkout in ``host``'s namespace, and wait."""
+        argv = [self.python, "-m", module, *args]
+        return self.exec(host, argv, timeout=timeout, env=self._env())
+
+    def relay_ready(self, node: str) -> bool | None:
+        """What ``node``'s relay says of its readiness; None when it does not answer."""
+        answer = probes.http_json(self.namespace(node), "127.0.0.1", 8025, "/health/ready")
+        ready = answer.get("ready") if answer else None
+        return bool(ready) if ready is not None else None
+
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` in ``host``'s namespace; the caller waits for it."""
         started: subprocess.Popen[bytes] = subprocess.Popen(
