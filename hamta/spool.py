@@ -547,7 +547,7 @@ class Spool:
             head = _entry_head(rec)
         except (msgspec.EncodeError, ValueError, TypeError, OverflowError) as exc:
             # Fails this message alone (a 451 to its session), never the batch it would join.
-            raise SpoolError(f"cannot encode the envelope: {exc}") from None
+            raise SpoolError(f"envelope cannot be encoded: {exc}") from None
         if self._offset and self._offset + len(head) + len(body) > self._segment_size:
             self._next_segment()
         rec = msgspec.structs.replace(rec, segment=self._segment, offset=self._offset + len(head))
