@@ -26,9 +26,7 @@ import pytest
 
 from hamta.spool import (
     Enqueue,
-    LiveMessage,
     Spool,
-    SpoolError,
     SpoolState,
     load_state,
     scan_frames,
@@ -229,25 +227,6 @@ async def _recover_and_close(path: Path) -> None:
     await spool.close()
 
 
-def test_an_unencodable_envelope_fails_its_append_alone(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        spool = Spool(tmp_path)
-        spool.open()
-        await spool.recover()
-        results = await asyncio.gather(
-            spool.append(body(1), "a@a.test", ["b@sink.test"]),
-            spool.append(body(2), "a\udc80@a.test", ["b@sink.test"]),
-            spool.append(body(3), "a@a.test", ["b@sink.test"]),
-            return_exceptions=True,
-        )
-        assert isinstance(results[1], SpoolError)
-        assert [type(r) for r in (results[0], results[2])] == [LiveMessage, LiveMessage]
-        await spool.close()
-
-    asyncio.run(scenario())
-    assert load_state(tmp_path).stats.messages == 2
-
-
 @pytest.mark.root
 def test_a_failed_checkpoint_is_reported_and_cleared_by_the_next_success(small_fs: Path) -> None:
     path = small_fs / "spool"
@@ -390,6 +369,11 @@ def test_a_relay_logs_and_counts_a_checkpoint_that_failed(
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.sendmail("a@origin.test", ["x@sink.test"], body(1))
     assert sink.wait_for(1, timeout=15)
+    relay.wait_queue_empty()
+    # A start in between: its recovery deletes the first run's emptied segment and folds its
+    # journal into a checkpoint, so that the start below frees no space before its own.
+    relay.terminate()
+    relay.start()
     relay.terminate()
     with open(small_fs / "filler", "wb") as handle, contextlib.suppress(OSError):
         while True:  # until ENOSPC: the recovery's checkpoint cannot be written
