@@ -23,6 +23,7 @@ from typing import Any
 from hamta.bounce_classes import BounceClassifier, DsnRecipient, parse_dsn
 from hamta.metrics import RelayMetrics
 from hamta.report_quarantine import ReportQuarantine, kept_reply
+from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SUPPRESSED_BOUNCE_CLASS, SuppressionError, Suppressions, normalize
 
@@ -42,8 +43,10 @@ class BounceIntake:
         log: Any,
         guard: Callable[[], str | None] | None = None,
         min_free: int = 0,
+        limits: ReportLimits = DEFAULT_LIMITS,
     ) -> None:
         self.address = normalize(address)
+        self.limits = limits
         self._local, _, self._domain = self.address.rpartition("@")
         self.classifier = classifier
         self.suppressions = suppressions
@@ -70,9 +73,19 @@ class BounceIntake:
         """Record a DSN sent to the bounces address; the SMTP reply to give."""
         if self.guard is not None and self.guard() is not None:
             return REPLY_SUPERSEDED
-        recipients = await asyncio.to_thread(parse_dsn, data, self.classifier)
+        try:
+            recipients = await asyncio.to_thread(
+                parse_within, self.limits, lambda raw: parse_dsn(raw, self.classifier), data
+            )
+        except ReportShapeError as exc:
+            return await self._quarantine(data, qid, client, str(exc))
         if not recipients:
-            return await self._quarantine(data, qid, client)
+            return await self._quarantine(data, qid, client, "no failed or delayed recipient")
+        if len(recipients) > self.limits.max_recipients:
+            reason = (
+                f"suspicious: {len(recipients)} recipients, at most {self.limits.max_recipients}"
+            )
+            return await self._quarantine(data, qid, client, reason)
         for found in recipients:
             recipient = normalize(found.recipient)
             suppressed = False
@@ -116,11 +129,11 @@ class BounceIntake:
             and "@" in found.recipient
         )
 
-    async def _quarantine(self, data: bytes, qid: str, client: str) -> str:
+    async def _quarantine(self, data: bytes, qid: str, client: str, reason: str) -> str:
         kept = await self.quarantine.keep(data, qid)
         if isinstance(kept, str):
             return kept
         self.metrics.async_bounces_unparsed.inc()
-        self.log.warning("BounceUnparsed", queue_id=qid, reason="no failed or delayed recipient",
-                         kept=str(kept), client=client, size=len(data))  # fmt: skip
+        self.log.warning("BounceUnparsed", queue_id=qid, reason=reason, kept=str(kept),
+                         client=client, size=len(data))  # fmt: skip
         return kept_reply(qid)

@@ -29,6 +29,7 @@ from typing import Any
 
 from hamta.metrics import RelayMetrics
 from hamta.report_quarantine import ReportQuarantine, kept_reply
+from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SuppressionError, Suppressions, normalize, valid_address
 
@@ -150,9 +151,11 @@ class ComplaintIntake:
         guard: Callable[[], str | None] | None = None,
         on_complaint: Callable[[str], None] | None = None,
         min_free: int = 0,
+        limits: ReportLimits = DEFAULT_LIMITS,
     ) -> None:
         self.address = normalize(address)
         self.suppressions = suppressions
+        self.limits = limits
         self.quarantine = ReportQuarantine.on_spool(
             spool_root,
             min_free,
@@ -176,9 +179,15 @@ class ComplaintIntake:
         if self.guard is not None and self.guard() is not None:
             return REPLY_SUPERSEDED
         try:
-            report = await asyncio.to_thread(parse_feedback_report, data)
-        except ComplaintParseError as exc:
+            report = await asyncio.to_thread(parse_within, self.limits, parse_feedback_report, data)
+        except (ComplaintParseError, ReportShapeError) as exc:
             return await self._quarantine(data, qid, client, str(exc))
+        if len(report.recipients) > self.limits.max_recipients:
+            reason = (
+                f"suspicious: {len(report.recipients)} recipients, "
+                f"at most {self.limits.max_recipients}"
+            )
+            return await self._quarantine(data, qid, client, reason)
         if report.feedback_type == NOT_SPAM:
             self.log.info("FeedbackNotSpam", queue_id=qid, recipients=list(report.recipients),
                           reporting_mta=report.reporting_mta)  # fmt: skip

@@ -408,6 +408,10 @@ class SuppressionConfig(_Section):
     complaints_address: str | None = None
     # DSNs (RFC 3464) of mail relayed earlier, sent here or to local+tag@ (VERP): consumed too.
     bounces_address: str | None = None
+    # What one report to those addresses may name and nest (hamta.report_shape): past these it
+    # is not read but quarantined as suspicious.
+    report_max_recipients: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=1000)] = 10
+    report_max_parts: Annotated[int, BeforeValidator(_no_bool), Field(ge=3, le=500)] = 50
 
     @field_validator("complaints_address", "bounces_address")
     @classmethod

@@ -36,6 +36,7 @@ from hamta.eventlog import get_logger
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
+from hamta.report_shape import ReportLimits
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spool, SpoolError, SpoolState
@@ -417,15 +418,16 @@ class Relay:
         engine.suppressions = suppressions
         intakes: list[Intake] = []
         reports = config.suppression
+        limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
         if reports.complaints_address is not None:
             intakes.append(ComplaintIntake(
                 reports.complaints_address, suppressions, root or path, self.metrics, self.log,
-                spool.guard, self.domain_stats.record_complaint, config.spool.min_free,
+                spool.guard, self.domain_stats.record_complaint, config.spool.min_free, limits,
             ))  # fmt: skip
         if reports.bounces_address is not None:
             intakes.append(BounceIntake(
                 reports.bounces_address, classifier, suppressions, root or path, self.metrics,
-                self.log, spool.guard, config.spool.min_free,
+                self.log, spool.guard, config.spool.min_free, limits,
             ))  # fmt: skip
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
