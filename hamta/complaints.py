@@ -30,6 +30,7 @@ from typing import Any
 from hamta.metrics import RelayMetrics
 from hamta.report_quarantine import ReportQuarantine, kept_reply
 from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
+from hamta.report_trust import ReporterTrust
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SuppressionError, Suppressions, normalize, valid_address
 
@@ -152,10 +153,13 @@ class ComplaintIntake:
         on_complaint: Callable[[str], None] | None = None,
         min_free: int = 0,
         limits: ReportLimits = DEFAULT_LIMITS,
+        trust: ReporterTrust | None = None,
     ) -> None:
         self.address = normalize(address)
         self.suppressions = suppressions
         self.limits = limits
+        # None trusts no reporter: every complaint is logged and suppresses nobody.
+        self.trust = trust
         self.quarantine = ReportQuarantine.on_spool(
             spool_root,
             min_free,
@@ -178,6 +182,16 @@ class ComplaintIntake:
         """Record a report sent to the complaints address; the SMTP reply to give."""
         if self.guard is not None and self.guard() is not None:
             return REPLY_SUPERSEDED
+        vouched = await asyncio.to_thread(self.trust.vouch, data, client) if self.trust else None
+        if vouched is None:
+            # Not quarantined either: a stranger's mail takes no disk. 250, so a forger cannot
+            # tell a trusted report from his.
+            self.metrics.complaints_untrusted.inc()
+            self.log.warning(
+                "ComplaintUntrusted", queue_id=qid, client=client, size=len(data),
+                reason="neither a complaint network nor a reporter's DKIM",
+            )  # fmt: skip
+            return f"250 2.0.0 Ok: report read as {qid}"
         try:
             report = await asyncio.to_thread(parse_within, self.limits, parse_feedback_report, data)
         except (ComplaintParseError, ReportShapeError) as exc:
@@ -226,6 +240,7 @@ class ComplaintIntake:
                 source_ip=report.source_ip,
                 arrival_date=report.arrival_date,
                 client=client,
+                vouched_by=vouched,
             )
         return f"250 2.0.0 Ok: complaint recorded as {qid}"
 

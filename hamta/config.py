@@ -408,6 +408,10 @@ class SuppressionConfig(_Section):
     complaints_address: str | None = None
     # DSNs (RFC 3464) of mail relayed earlier, sent here or to local+tag@ (VERP): consumed too.
     bounces_address: str | None = None
+    # Complaints are acted on only from these client networks, or when DKIM-signed by one of
+    # these domains (hamta.report_trust); others are logged and counted, and suppress nobody.
+    complaint_networks: list[IPNetwork] = Field(default_factory=list)
+    complaint_dkim_domains: list[str] = Field(default_factory=list)
     # What one report to those addresses may name and nest (hamta.report_shape): past these it
     # is not read but quarantined as suspicious.
     report_max_recipients: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=1000)] = 10
@@ -421,6 +425,15 @@ class SuppressionConfig(_Section):
             if not _ADDRESS.match(value):
                 raise ValueError(f"not an address: {value!r}")
         return value
+
+    @field_validator("complaint_dkim_domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        domains = [item.strip().lower().rstrip(".") for item in value]
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"not a domain: {domain!r}")
+        return domains
 
 
 class Config(_Section):

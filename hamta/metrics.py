@@ -144,6 +144,11 @@ class RelayMetrics:
         self.complaints_unparsed = Counter(
             "hamta_complaints_unparsed", "Feedback reports kept in quarantine unread", registry=r
         )
+        self.complaints_untrusted = Counter(
+            "hamta_complaints_untrusted",
+            "Feedback reports from no complaint network and with no reporter's DKIM (ignored)",
+            registry=r,
+        )
         self.delivered_rate = RateWindow()
         self.bounced_rate = RateWindow()
 

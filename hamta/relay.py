@@ -37,6 +37,7 @@ from hamta.intake import Intake
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.report_shape import ReportLimits
+from hamta.report_trust import ReporterTrust
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spool, SpoolError, SpoolState
@@ -423,6 +424,8 @@ class Relay:
             intakes.append(ComplaintIntake(
                 reports.complaints_address, suppressions, root or path, self.metrics, self.log,
                 spool.guard, self.domain_stats.record_complaint, config.spool.min_free, limits,
+                ReporterTrust.of(reports.complaint_networks, reports.complaint_dkim_domains,
+                                 config.dns),
             ))  # fmt: skip
         if reports.bounces_address is not None:
             intakes.append(BounceIntake(

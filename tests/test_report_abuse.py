@@ -12,12 +12,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 
+from tests.conftest import RelayFactory
 from tests.support import DnsServer
 from tests.support.relay import RelayProcess
 from tests.test_bounce_intake import DSN
-from tests.test_suppression import CLIENT_HELO, FBL, arf_report, rcpt, send
+from tests.test_dkim import TxtDnsServer, keygen
+from tests.test_suppression import CLIENT_HELO, FBL, REPORTS, arf_report, metric, rcpt, send
 
 BOUNCES = "bounces@hamta.test"
 
@@ -32,7 +35,7 @@ def relay(
         {
             "dns": {"nameservers": [dns_server.nameserver]},
             "delivery": {"port": mx_port},
-            "suppression": {"complaints_address": FBL, "bounces_address": BOUNCES},
+            "suppression": {**REPORTS, "bounces_address": BOUNCES},
         },
     )
     process.start()
@@ -114,3 +117,61 @@ def test_a_dsn_naming_20000_recipients_is_kept_unread(relay: RelayProcess) -> No
     reply = f"{code} {text.decode()}"
     assert "recipient fields" in kept_reason(relay, reply, "BounceUnparsed")
     assert rcpt(relay, "many0@sink.test")[0] == 250
+
+
+# ------------------------------------------------------------- who may complain
+
+
+def test_a_complaint_from_outside_the_complaint_networks_suppresses_nobody(
+    make_relay: RelayFactory,
+) -> None:
+    relay = make_relay({"suppression": {"complaints_address": FBL,
+                                        "complaint_networks": ["198.18.0.0/15"]}})  # fmt: skip
+    reply = send(relay, FBL, arf_report("forged@sink.test"))
+    assert re.match(r"^250 2\.0\.0 Ok: report read as \w+$", reply), reply
+    assert rcpt(relay, "forged@sink.test")[0] == 250
+    (event,) = relay.events("ComplaintUntrusted")
+    assert event["client"] == "127.0.0.1"
+    assert metric(relay, "hamta_complaints_untrusted_total") == 1
+    assert not relay.events("Complaint")
+    assert not (relay.spool / "quarantine").exists()  # a stranger's mail takes no disk
+
+
+@pytest.fixture(scope="module")
+def reporter_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TxtDnsServer, Path]]:
+    """A feedback loop's DKIM key (fbl.reporter.test), published by dnsmasq."""
+    key, name, strings = keygen(
+        tmp_path_factory.mktemp("reporter-key"), "fbl.reporter.test", "fbl1", "rsa-sha256"
+    )
+    with TxtDnsServer({name: strings}) as server:
+        yield server, key
+
+
+def signed(report: bytes, key: Path, domain: str = "fbl.reporter.test") -> bytes:
+    """The report as the feedback loop sends it: DKIM-signed by ``domain`` (dkimpy)."""
+    report = report.replace(b"From: <abusedesk@example.com>", f"From: <fbl@{domain}>".encode())
+    signature: bytes = dkim.sign(report, b"fbl1", domain.encode(), key.read_bytes())
+    return signature + report
+
+
+def test_a_complaint_signed_by_a_reporter_domain_counts_from_anywhere(
+    make_relay: RelayFactory, reporter_dns: tuple[TxtDnsServer, Path]
+) -> None:
+    server, key = reporter_dns
+    relay = make_relay({
+        "dns": {"nameservers": [server.nameserver]},
+        "suppression": {"complaints_address": FBL, "complaint_dkim_domains": ["FBL.Reporter.test"]},
+    })  # fmt: skip
+    assert "complaint recorded" in send(relay, FBL, signed(arf_report("real@sink.test"), key))
+    assert rcpt(relay, "real@sink.test")[0] == 550
+    assert relay.events("Complaint")[0]["vouched_by"] == "dkim d=fbl.reporter.test"
+    # Unsigned, tampered, or signed by a domain not listed: read, and nobody suppressed.
+    tampered = signed(arf_report("victim1@sink.test"), key).replace(
+        b"victim1@sink.test", b"victim2@sink.test"
+    )
+    other = signed(arf_report("victim3@sink.test"), key, domain="other.reporter.test")
+    for data in (arf_report("victim0@sink.test"), tampered, other):
+        assert "report read as" in send(relay, FBL, data)
+    for number in range(4):
+        assert rcpt(relay, f"victim{number}@sink.test")[0] == 250
+    assert metric(relay, "hamta_complaints_untrusted_total") == 3
