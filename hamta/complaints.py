@@ -178,8 +178,8 @@ class ComplaintIntake:
         """Is this recipient the complaints address?"""
         return normalize(address) == self.address
 
-    async def consume(self, data: bytes, qid: str, client: str) -> str:
-        """Record a report sent to the complaints address; the SMTP reply to give."""
+    async def consume(self, data: bytes, qid: str, client: str, to: str) -> str:
+        """Record a report sent to the complaints address (``to``); the SMTP reply to give."""
         if self.guard is not None and self.guard() is not None:
             return REPLY_SUPERSEDED
         vouched = await asyncio.to_thread(self.trust.vouch, data, client) if self.trust else None

@@ -408,6 +408,8 @@ class SuppressionConfig(_Section):
     complaints_address: str | None = None
     # DSNs (RFC 3464) of mail relayed earlier, sent here or to local+tag@ (VERP): consumed too.
     bounces_address: str | None = None
+    # How many days a signed return path (hamta.return_paths) stays good for a DSN to it.
+    bounce_address_days: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=365)] = 7
     # Complaints are acted on only from these client networks, or when DKIM-signed by one of
     # these domains (hamta.report_trust); others are logged and counted, and suppress nobody.
     complaint_networks: list[IPNetwork] = Field(default_factory=list)

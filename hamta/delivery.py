@@ -32,6 +32,7 @@ from hamta.domain_stats import DomainStats
 from hamta.dsn import FailedRecipient, build_dsn, original_headers
 from hamta.metrics import RelayMetrics
 from hamta.queue import Destination, Job, MailQueue
+from hamta.return_paths import ReturnPaths
 from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
@@ -103,6 +104,7 @@ class DeliveryEngine:
         wall_clock: Callable[[], float] = time.time,
         share: int = 1,
         retry: RetryConfig | None = None,
+        return_paths: ReturnPaths | None = None,
     ) -> None:
         self.config = config
         self.retry = retry or RetryConfig()
@@ -130,6 +132,8 @@ class DeliveryEngine:
         self.classifier: BounceClassifier = build_classifier()
         self.domain_stats: DomainStats | None = None
         self.suppressions: Suppressions | None = None
+        # Signs the return path of mail sent from the bounces address (None: none configured).
+        self.return_paths = return_paths
         self._tls = ssl.create_default_context()
         self._tls.check_hostname = False
         self._tls.verify_mode = ssl.CERT_NONE
@@ -311,27 +315,59 @@ class DeliveryEngine:
             self._apply(job, {i: Reply(0, f"cannot read queued message: {exc}") for i in job.rcpts},
                         connection.target, started)  # fmt: skip
             return True
-        client = connection.client
         replies: dict[int, Reply] = {}
+        alive = True
+        for sender, indices in self._transactions(rec.sender, job):
+            if not alive:
+                # The link died in an earlier transaction: these were not tried on it.
+                for index in indices:
+                    replies[index] = Reply(0, f"lost connection with {connection.target.mx_host}"
+                                              f"[{connection.target.ip}]")  # fmt: skip
+                continue
+            alive = await self._transaction(connection, body, sender, job, indices, replies)
+        self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+        self._observe_throttle(job.domain, replies.values())
+        self._apply(job, replies, connection.target, started)
+        return alive
+
+    def _transactions(self, sender: str, job: Job) -> list[tuple[str, tuple[int, ...]]]:
+        """The envelope sender of each transaction a job takes, and its recipients.
+
+        One transaction for all, unless the sender is the bounces address: then each recipient
+        gets a return path signed for it (hamta.return_paths), hence a transaction of its own.
+        """
+        paths = self.return_paths
+        if paths is None or not sender or not paths.is_bounces_sender(sender):
+            return [(sender, job.rcpts)]
+        recipients = job.message.rec.recipients
+        return [(paths.sign(recipients[i]), (i,)) for i in job.rcpts]
+
+    async def _transaction(
+        self, connection: _Connection, body: bytes, sender: str, job: Job,
+        indices: tuple[int, ...], replies: dict[int, Reply],
+    ) -> bool:  # fmt: skip
+        """MAIL, RCPT and DATA for ``indices``; their replies; False if the link died."""
+        client = connection.client
+        rec = job.message.rec
         alive = True
         try:
             options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
             if client.supports_extension("8bitmime") and not body.isascii():
                 options.append("BODY=8BITMIME")
-            addresses = [rec.sender, *job.addresses]
+            addresses = [sender, *(rec.recipients[i] for i in indices)]
             if client.supports_extension("smtputf8") and not all(a.isascii() for a in addresses):
                 options.append("SMTPUTF8")
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
             # The addresses were checked at reception; aiosmtplib's mail()/rcpt() would parse
             # them again with the email package, a large part of a delivery's CPU time.
             response = await client.execute_command(
-                b"MAIL", b"FROM:<" + rec.sender.encode(encoding) + b">",
+                b"MAIL", b"FROM:<" + sender.encode(encoding) + b">",
                 *(option.encode() for option in options),
             )  # fmt: skip
             if response.code != 250:
-                raise aiosmtplib.SMTPSenderRefused(response.code, response.message, rec.sender)
+                raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
             accepted: list[int] = []
-            for index in job.rcpts:
+            for index in indices:
                 address = rec.recipients[index]
                 response = await client.execute_command(
                     b"RCPT", b"TO:<" + address.encode(encoding) + b">"
@@ -356,18 +392,15 @@ class DeliveryEngine:
         except aiosmtplib.SMTPResponseException as exc:
             # MAIL refused, or a reply that ended the session (421).
             reply = Reply(exc.code, exc.message)
-            for index in job.rcpts:
+            for index in indices:
                 replies.setdefault(index, reply)
             alive = exc.code != 421 and client.is_connected
         except (aiosmtplib.SMTPException, OSError, TimeoutError, UnicodeError) as exc:
             reply = Reply(0, f"lost connection with {connection.target.mx_host}"
                              f"[{connection.target.ip}]: {_describe(exc)}")  # fmt: skip
-            for index in job.rcpts:
+            for index in indices:
                 replies.setdefault(index, reply)
             alive = False
-        self.metrics.delivery_seconds.observe(time.perf_counter() - started)
-        self._observe_throttle(job.domain, replies.values())
-        self._apply(job, replies, connection.target, started)
         return alive
 
     # ---------------------------------------------------------------- throttling

@@ -132,6 +132,12 @@ class RelayMetrics:
             ["class", "kind"],
             registry=r,
         )
+        self.async_bounces_unverified = Counter(
+            "hamta_async_bounces_unverified",
+            "Mail to the bounces address whose return path did not verify (ignored), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.async_bounces_unparsed = Counter(
             "hamta_async_bounces_unparsed",
             "Mail to the bounces address that was no readable DSN (kept in quarantine/)",

@@ -38,6 +38,7 @@ from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.report_shape import ReportLimits
 from hamta.report_trust import ReporterTrust
+from hamta.return_paths import ReturnPaths
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spool, SpoolError, SpoolState
@@ -402,9 +403,19 @@ class Relay:
         spool.on_commit = self._observe_commit
         spool.guard = guard.check if guard is not None else None
         router = Router(config.delivery, config.dns)
+        reports = config.suppression
+        return_paths = None
+        if reports.bounces_address is not None:
+            try:
+                return_paths = ReturnPaths.on_spool(
+                    root or path, reports.bounces_address, reports.bounce_address_days, self._wall
+                )
+            except OSError as exc:
+                raise RelayError(f"cannot read or create the bounce secret: {exc}") from None
         engine = DeliveryEngine(
             config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
             wall_clock=self._wall, share=config.node.workers, retry=config.retry,
+            return_paths=return_paths,
         )  # fmt: skip
         queue = MailQueue(
             config.retry, router.next_hop, self._wall, engine.on_ready,
@@ -418,7 +429,6 @@ class Relay:
         suppressions = await self._open_suppressions(root or path, spool.guard)
         engine.suppressions = suppressions
         intakes: list[Intake] = []
-        reports = config.suppression
         limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
         if reports.complaints_address is not None:
             intakes.append(ComplaintIntake(
@@ -427,10 +437,10 @@ class Relay:
                 ReporterTrust.of(reports.complaint_networks, reports.complaint_dkim_domains,
                                  config.dns),
             ))  # fmt: skip
-        if reports.bounces_address is not None:
+        if reports.bounces_address is not None and return_paths is not None:
             intakes.append(BounceIntake(
                 reports.bounces_address, classifier, suppressions, root or path, self.metrics,
-                self.log, spool.guard, config.spool.min_free, limits,
+                self.log, spool.guard, config.spool.min_free, limits, return_paths,
             ))  # fmt: skip
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,

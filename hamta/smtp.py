@@ -384,7 +384,7 @@ class ReceptionHandler:
         try:
             intake = self._intake_for(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
             if intake is not None:
-                reply = await intake.consume(data, qid, client)
+                reply = await intake.consume(data, qid, client, envelope.rcpt_tos[0])
                 if reply.startswith("421"):
                     self.draining = True  # fenced, as the spool path would have found
                 return reply if reply.startswith("2") else self._reject(reply)

@@ -15,10 +15,11 @@ from pathlib import Path
 import dkim
 import pytest
 
+from hamta.return_paths import SECRET_FILE, ReturnPaths
 from tests.conftest import RelayFactory
-from tests.support import DnsServer
+from tests.support import DnsServer, RecordingSink
 from tests.support.relay import RelayProcess
-from tests.test_bounce_intake import DSN
+from tests.test_bounce_intake import DSN, signed_for
 from tests.test_dkim import TxtDnsServer, keygen
 from tests.test_suppression import CLIENT_HELO, FBL, REPORTS, arf_report, metric, rcpt, send
 
@@ -70,6 +71,8 @@ def test_a_report_nested_1000_deep_is_kept_not_an_exception(
     relay: RelayProcess, address: str, event: str
 ) -> None:
     data = nested(1000, arf_report("deep@sink.test"))
+    if address == BOUNCES:
+        address = signed_for(relay, "deep@sink.test")
     reply = send(relay, address, data, sender="")
     assert "nested MIME parts" in kept_reason(relay, reply, event)
     assert rcpt(relay, "deep@sink.test")[0] == 250
@@ -111,7 +114,7 @@ def test_a_dsn_naming_20000_recipients_is_kept_unread(relay: RelayProcess) -> No
     with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=30) as client:
         client.ehlo()
         client.mail("")
-        client.rcpt(BOUNCES)
+        client.rcpt(signed_for(relay, "many0@sink.test"))
         code, text = client.data(data)
     assert time.monotonic() - started < 3
     reply = f"{code} {text.decode()}"
@@ -175,3 +178,61 @@ def test_a_complaint_signed_by_a_reporter_domain_counts_from_anywhere(
     for number in range(4):
         assert rcpt(relay, f"victim{number}@sink.test")[0] == 250
     assert metric(relay, "hamta_complaints_untrusted_total") == 3
+
+
+# ------------------------------------------------------------- signed return paths
+
+
+def test_a_forged_dsn_suppresses_nobody(relay: RelayProcess) -> None:
+    """Plain, VERP-tagged, wrongly signed, too old, or signed for someone else: no effect."""
+    good = signed_for(relay, "gone@sink.test")
+    day, _, rest = good.removeprefix("bounces+").split(".", 2)
+    wrong_mac = f"bounces+{day}.{'0' * 16}.{rest}"
+    too_old = signed_for(relay, "gone@sink.test", days_ago=8)  # kept: 7 days
+    someone_else = signed_for(relay, "other@sink.test")
+    for address, reason in (
+        (BOUNCES, "not signed"),
+        ("bounces+msg-4711@hamta.test", "not signed"),
+        (wrong_mac, "bad signature"),
+        (too_old, "signed 8 days ago, kept 7"),
+        (someone_else, None),  # verifies, but for other@, not the gone@ the DSN names
+    ):
+        reply = send(relay, address, DSN, sender="")
+        assert re.match(r"^250 2\.0\.0 Ok: bounce report read as \w+$", reply), reply
+        if reason is not None:
+            assert relay.events("BounceUnverified")[-1]["reason"] == reason
+    assert rcpt(relay, "gone@sink.test")[0] == 250
+    assert metric(relay, "hamta_async_bounces_unverified_total", reason="bad") == 1
+    assert metric(relay, "hamta_async_bounces_unverified_total", reason="not") == 2
+    assert metric(relay, "hamta_async_bounces_unverified_total", reason="signed") == 1
+    # Only the DSN to other@'s return path was read, and it suppressed nobody.
+    assert [e["newly_suppressed"] for e in relay.events("AsyncBounce")] == [False] * 3
+
+
+def test_mail_from_the_bounces_address_gets_a_return_path_per_recipient(
+    relay: RelayProcess, sink: RecordingSink
+) -> None:
+    sink.clear()
+    recipients = ["one@sink.test", "Two@Sink.test", "three@other.test"]
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
+        assert not client.sendmail(
+            "bounces+campaign-7@hamta.test", recipients, b"Subject: x\r\n\r\nx\r\n"
+        )
+        assert not client.sendmail("news@origin.test", recipients[:2], b"Subject: y\r\n\r\ny\r\n")
+    assert sink.wait_for(4, timeout=15)
+    by_sender: dict[str, list[str]] = {}
+    for message in sink.messages:
+        by_sender.setdefault(message.mail_from, []).extend(message.rcpt_tos)
+    assert sorted(by_sender.pop("news@origin.test")) == ["Two@Sink.test", "one@sink.test"]
+    assert sorted(by_sender.values()) == [
+        ["Two@Sink.test"],
+        ["one@sink.test"],
+        ["three@other.test"],
+    ]
+    secret = (relay.spool / SECRET_FILE).read_bytes()
+    paths = ReturnPaths(BOUNCES, secret, 7, time.time)
+    for sender, (recipient,) in by_sender.items():
+        verified = paths.verify(sender)
+        assert not isinstance(verified, str), (sender, verified)
+        assert verified.recipient == recipient.lower()
+    assert (relay.spool / SECRET_FILE).stat().st_mode & 0o777 == 0o600
