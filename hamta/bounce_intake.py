@@ -22,7 +22,7 @@ from typing import Any
 
 from hamta.bounce_classes import BounceClassifier, DsnRecipient, parse_dsn
 from hamta.metrics import RelayMetrics
-from hamta.report_quarantine import ReportQuarantine, kept_reply
+from hamta.report_quarantine import DEFAULT_QUOTA, QuarantineQuota, ReportQuarantine, kept_reply
 from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
 from hamta.return_paths import ReturnPaths
 from hamta.smtp import REPLY_SUPERSEDED
@@ -45,6 +45,7 @@ class BounceIntake:
         guard: Callable[[], str | None] | None = None,
         min_free: int = 0,
         limits: ReportLimits = DEFAULT_LIMITS,
+        quota: QuarantineQuota = DEFAULT_QUOTA,
         return_paths: ReturnPaths | None = None,
     ) -> None:
         self.address = normalize(address)
@@ -61,6 +62,7 @@ class BounceIntake:
             guard,
             not_recorded_reply=REPLY_NOT_RECORDED,
             not_recorded_event="BounceNotRecorded",
+            quota=quota,
         )
         self.metrics = metrics
         self.log = log

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hamta.metrics import RelayMetrics
-from hamta.report_quarantine import ReportQuarantine, kept_reply
+from hamta.report_quarantine import DEFAULT_QUOTA, QuarantineQuota, ReportQuarantine, kept_reply
 from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
 from hamta.report_trust import ReporterTrust
 from hamta.smtp import REPLY_SUPERSEDED
@@ -153,6 +153,7 @@ class ComplaintIntake:
         on_complaint: Callable[[str], None] | None = None,
         min_free: int = 0,
         limits: ReportLimits = DEFAULT_LIMITS,
+        quota: QuarantineQuota = DEFAULT_QUOTA,
         trust: ReporterTrust | None = None,
     ) -> None:
         self.address = normalize(address)
@@ -167,6 +168,7 @@ class ComplaintIntake:
             guard,
             not_recorded_reply=REPLY_NOT_RECORDED,
             not_recorded_event="ComplaintNotRecorded",
+            quota=quota,
         )
         self.metrics = metrics
         self.log = log

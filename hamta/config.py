@@ -414,6 +414,14 @@ class SuppressionConfig(_Section):
     # these domains (hamta.report_trust); others are logged and counted, and suppress nobody.
     complaint_networks: list[IPNetwork] = Field(default_factory=list)
     complaint_dkim_domains: list[str] = Field(default_factory=list)
+    # quarantine/ (unreadable reports, hamta.report_quarantine): at most this much (past it,
+    # 452), each kept this long, then swept away.
+    quarantine_max_size: Bytes = 64 * 1024 * 1024
+    quarantine_max_files: Count = 1000
+    quarantine_retention: PositiveSeconds = 14 * 86400.0
+    # Reports one client address may send a minute (hamta.report_rate; 450 4.7.1 beyond);
+    # complaint_networks are not limited.
+    report_rate_per_client: Count = 30
     # What one report to those addresses may name and nest (hamta.report_shape): past these it
     # is not read but quarantined as suspicious.
     report_max_recipients: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=1000)] = 10

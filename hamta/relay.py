@@ -36,6 +36,8 @@ from hamta.eventlog import get_logger
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
+from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
+from hamta.report_rate import ClientRate
 from hamta.report_shape import ReportLimits
 from hamta.report_trust import ReporterTrust
 from hamta.return_paths import ReturnPaths
@@ -86,8 +88,10 @@ class _Active:
         handler: ReceptionHandler,
         servers: list[asyncio.Server],
         timer: asyncio.Task[None],
+        sweeper: asyncio.Task[None] | None = None,
     ) -> None:
         self.spool = spool
+        self.sweeper = sweeper  # of quarantine/, on worker 0
         self.queue = queue
         self.engine = engine
         self.handler = handler
@@ -430,24 +434,33 @@ class Relay:
         engine.suppressions = suppressions
         intakes: list[Intake] = []
         limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
+        quota = QuarantineQuota(
+            reports.quarantine_max_size, reports.quarantine_max_files, reports.quarantine_retention
+        )
         if reports.complaints_address is not None:
             intakes.append(ComplaintIntake(
                 reports.complaints_address, suppressions, root or path, self.metrics, self.log,
                 spool.guard, self.domain_stats.record_complaint, config.spool.min_free, limits,
-                ReporterTrust.of(reports.complaint_networks, reports.complaint_dkim_domains,
-                                 config.dns),
+                quota, ReporterTrust.of(reports.complaint_networks,
+                                        reports.complaint_dkim_domains, config.dns),
             ))  # fmt: skip
         if reports.bounces_address is not None and return_paths is not None:
             intakes.append(BounceIntake(
                 reports.bounces_address, classifier, suppressions, root or path, self.metrics,
-                self.log, spool.guard, config.spool.min_free, limits, return_paths,
+                self.log, spool.guard, config.spool.min_free, limits, quota, return_paths,
             ))  # fmt: skip
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
             signer=self.signer, suppressions=suppressions, intakes=intakes,
+            report_rate=ClientRate(reports.report_rate_per_client, reports.complaint_networks),
         )  # fmt: skip
         timer = asyncio.get_running_loop().create_task(queue.run_timer())
-        self._active = _Active(spool, queue, engine, handler, [], timer)
+        sweeper = None
+        if intakes and self.worker == 0:  # one sweeper per volume
+            sweeper = asyncio.get_running_loop().create_task(sweep_periodically(
+                (root or path) / QUARANTINE_DIR, quota, self._wall, self.log, spool.guard,
+            ))  # fmt: skip
+        self._active = _Active(spool, queue, engine, handler, [], timer, sweeper)
         self._active.guard = guard
         self._active.suppressions = suppressions
         self.metrics.fenced.set(0)
@@ -579,6 +592,8 @@ class Relay:
         for server in active.servers:
             await server.wait_closed()
         active.timer.cancel()
+        if active.sweeper is not None:
+            active.sweeper.cancel()
         if active.recovery is not None and not active.recovery.done():
             await asyncio.gather(active.recovery, return_exceptions=True)
         if active.suppressions is not None:

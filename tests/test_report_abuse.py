@@ -11,6 +11,7 @@ import smtplib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
@@ -236,3 +237,84 @@ def test_mail_from_the_bounces_address_gets_a_return_path_per_recipient(
         assert not isinstance(verified, str), (sender, verified)
         assert verified.recipient == recipient.lower()
     assert (relay.spool / SECRET_FILE).stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------------- the disk and the rate
+
+
+def junk(size: int) -> bytes:
+    """Mail that is no report: kept in quarantine when it comes to a verified address."""
+    line = b"x" * 76 + b"\r\n"
+    return b"Subject: junk\r\n\r\n" + line * (size // len(line))
+
+
+def data_reply(relay: RelayProcess, recipient: str, message: bytes) -> tuple[int, str]:
+    """The reply to RCPT if refused, else to DATA."""
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
+        client.ehlo()
+        client.mail("")
+        code, text = client.rcpt(recipient)
+        if code == 250:
+            code, text = client.data(message)
+        return code, text.decode()
+
+
+def test_the_quarantine_has_a_quota_and_relayed_mail_still_flows(
+    make_relay: RelayFactory, sink: RecordingSink
+) -> None:
+    relay = make_relay({"suppression": {"bounces_address": BOUNCES, "quarantine_max_files": 3,
+                                        "quarantine_max_size": "40k"}})  # fmt: skip
+    address = signed_for(relay, "someone@sink.test")
+    replies = [data_reply(relay, address, junk(4000))[0] for _ in range(5)]
+    assert replies == [250, 250, 250, 452, 452]
+    assert data_reply(relay, address, junk(4000)) == (
+        452, "4.3.4 Too many unreadable reports kept, try again later"
+    )  # fmt: skip
+    assert len(list((relay.spool / "quarantine").glob("*.eml"))) == 3
+    assert (
+        "quarantine full: 3 reports kept, at most 3" in relay.events("ReportNotKept")[-1]["error"]
+    )
+    sink.clear()
+    send(relay, "still@sink.test", b"Subject: real mail\r\n\r\nflows\r\n")
+    assert sink.wait_for(1, timeout=15)
+    big = make_relay({"suppression": {"bounces_address": BOUNCES, "quarantine_max_size": "40k"}},
+                     name="big")  # fmt: skip
+    assert data_reply(big, signed_for(big, "someone@sink.test"), junk(50_000))[0] == 452
+
+
+def test_kept_reports_are_swept_after_the_retention(make_relay: RelayFactory) -> None:
+    relay = make_relay({"suppression": {"bounces_address": BOUNCES,
+                                        "quarantine_retention": "2s"}})  # fmt: skip
+    reply = send(relay, signed_for(relay, "someone@sink.test"), junk(1000), sender="")
+    kept = Path(kept_reason_event(relay, reply)["kept"])
+    assert kept.is_file()
+    deadline = time.monotonic() + 15
+    while kept.exists():
+        assert time.monotonic() < deadline, "not swept"
+        time.sleep(0.1)
+    (event,) = relay.events("QuarantineSwept")
+    assert event["files"] == [kept.name]
+
+
+def kept_reason_event(relay: RelayProcess, reply: str) -> dict[str, Any]:
+    """The BounceUnparsed event of a report kept in quarantine."""
+    match = re.match(r"^250 2\.0\.0 Ok: unreadable report kept as (\w+)$", reply)
+    assert match is not None, reply
+    (found,) = [e for e in relay.events("BounceUnparsed") if e["queue_id"] == match.group(1)]
+    return found
+
+
+def test_reports_are_rate_limited_per_client(make_relay: RelayFactory) -> None:
+    relay = make_relay({"suppression": {"bounces_address": BOUNCES, "complaints_address": FBL,
+                                        "report_rate_per_client": 3}})  # fmt: skip
+    address = signed_for(relay, "someone@sink.test")
+    codes = [data_reply(relay, target, junk(500))[0] for target in (address, FBL, address, FBL)]
+    assert codes == [250, 250, 250, 450]
+    assert data_reply(relay, BOUNCES, junk(500)) == (
+        450, "4.7.1 Too many reports from your address, try again later"
+    )  # fmt: skip
+    assert relay.events("ReportRateLimited")[0]["client"] == "127.0.0.1"
+    assert rcpt(relay, "someone@sink.test")[0] == 250  # relayed mail is not limited
+    # A configured complaint network (the feedback loops) is not limited.
+    loop = make_relay({"suppression": {**REPORTS, "report_rate_per_client": 1}}, name="loop")
+    assert [data_reply(loop, FBL, junk(500))[0] for _ in range(3)] == [250, 250, 250]
