@@ -234,6 +234,10 @@ class DeliveryConfig(_Section):
     # A TOML file of bounce classification rules tried before hamta's own
     # (hamta/bounce_classes.py); loaded now, so that a broken file is a configuration error.
     bounce_rules: Path | None = None
+    # A message's failed recipients are collected this long for one DSN (hamta.dsn_batch), and
+    # a sender domain gets at most this many DSNs a minute (beyond: not sent, counted).
+    dsn_window: Seconds = 2.0
+    dsn_rate_per_domain: Count = 60
     limits: DestinationLimits = Field(default_factory=DestinationLimits)
     # Keyed by recipient domain, or by a static route's "[host]:port" (its destination).
     domains: dict[str, DestinationLimits] = Field(default_factory=dict)

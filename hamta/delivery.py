@@ -30,13 +30,15 @@ from hamta.bounce_classes import BounceClassifier, BounceVerdict, build_classifi
 from hamta.config import DeliveryConfig, RetryConfig
 from hamta.domain_stats import DomainStats
 from hamta.dsn import FailedRecipient, build_dsn, original_headers
+from hamta.dsn_batch import DsnBatcher, FailedBatch
 from hamta.metrics import RelayMetrics
 from hamta.queue import Destination, Job, MailQueue
+from hamta.report_rate import ClientRate
 from hamta.return_paths import ReturnPaths
 from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
-from hamta.spool import LiveMessage, Spool, SpoolError
+from hamta.spool import Spool, SpoolError
 from hamta.suppression import Suppressions
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -120,7 +122,9 @@ class DeliveryEngine:
         self._wall = wall_clock
         self.queue: MailQueue | None = None
         self._sessions: set[asyncio.Task[None]] = set()
-        self._bounces: set[asyncio.Task[None]] = set()
+        # Failed recipients of a message, collected for one DSN (hamta.dsn_batch).
+        self._dsns = DsnBatcher(config.dsn_window, self._send_dsn)
+        self._dsn_rate = ClientRate(config.dsn_rate_per_domain)  # keyed by sender domain
         self._no_tls_until: dict[str, float] = {}
         self.stopping = False
         self._halted = asyncio.Event()  # set by stop()
@@ -516,18 +520,9 @@ class DeliveryEngine:
                 )
                 for i in failed
             ]  # fmt: skip
-            task = asyncio.get_running_loop().create_task(
-                self._bounce(
-                    job.message,
-                    failed,
-                    reports,
-                    expired=bool(expired),
-                    domain=job.domain,
-                    attempts=attempt,
-                )
+            self._dsns.add(
+                job.message, job.domain, failed, reports, expired=bool(expired), attempts=attempt
             )
-            self._bounces.add(task)
-            task.add_done_callback(self._bounces.discard)
         if delivered:
             self.spool.mark_done(job.message, delivered)
         if deferred:
@@ -559,14 +554,29 @@ class DeliveryEngine:
                 stats.record(domain, outcome, bounce_class=verdict.bounce_class)
         return verdicts
 
-    async def _bounce(
-        self, message: LiveMessage, rcpts: list[int], reports: list[FailedRecipient],
-        *, expired: bool, domain: str, attempts: int,
-    ) -> None:  # fmt: skip
-        """Queue a DSN to the sender (never to the null sender), then finish the recipients."""
+    async def _send_dsn(self, batch: FailedBatch) -> None:
+        """Queue one DSN to the sender for a message's failed recipients, then finish them.
+
+        Never to the null sender, nor for a DSN; not beyond the sender domain's DSN rate.
+        """
         assert self.queue is not None
+        message = batch.message
         rec = message.rec
-        if rec.sender and not rec.is_dsn:
+        rcpts = [index for _, group, _ in batch.groups for index in group]
+        domain = rec.sender.rpartition("@")[2].lower()
+        if not rec.sender or rec.is_dsn:
+            self.metrics.dsns.labels("suppressed").inc()
+            self.log.info(
+                "DsnSuppressed",
+                queue_id=rec.qid,
+                reason="null sender" if not rec.sender else "bounce of a bounce",
+            )
+        elif not self._dsn_rate.allow(domain, asyncio.get_running_loop().time()):
+            self.metrics.dsns.labels("rate_limited").inc()
+            self.log.warning("DsnRateLimited", queue_id=rec.qid, sender_domain=domain,
+                             recipients=len(batch.reports),
+                             per_minute=self.config.dsn_rate_per_domain)  # fmt: skip
+        else:
             try:
                 headers = original_headers(await self.spool.read_body(rec))
             except (SpoolError, OSError):
@@ -576,9 +586,9 @@ class DeliveryEngine:
                 queue_id=rec.qid,
                 original_sender=rec.sender,
                 arrival=rec.arrival,
-                failed=reports,
+                failed=batch.reports,
                 headers=headers,
-                expired=expired,
+                expired=batch.expired,
                 now=self._wall(),
             )
             try:
@@ -588,19 +598,15 @@ class DeliveryEngine:
             except SpoolError as exc:
                 # Keep the recipients queued: the bounce is tried again at their next attempt.
                 self.log.error("DsnNotQueued", queue_id=rec.qid, error=str(exc))
-                retry = Job(message, domain, tuple(rcpts), attempts)
-                due = self.queue.defer(retry)
-                self.spool.mark_deferred(message, rcpts, retry.attempts, due)
+                for destination, group, attempts in batch.groups:
+                    retry = Job(message, destination, tuple(group), attempts)
+                    due = self.queue.defer(retry)
+                    self.spool.mark_deferred(message, group, retry.attempts, due)
                 return
+            self.metrics.dsns.labels("queued").inc()
             self.log.info("DsnQueued", queue_id=notice.rec.qid, original_queue_id=rec.qid,
-                          recipient=rec.sender)  # fmt: skip
+                          recipient=rec.sender, failed_recipients=len(batch.reports))  # fmt: skip
             self.queue.add(notice)
-        else:
-            self.log.info(
-                "DsnSuppressed",
-                queue_id=rec.qid,
-                reason="null sender" if not rec.sender else "bounce of a bounce",
-            )
         self.spool.mark_done(message, rcpts)
 
     # ------------------------------------------------------------------ stopping
@@ -614,13 +620,17 @@ class DeliveryEngine:
         self._recoveries.clear()
         for destination in self.queue.destinations.values() if self.queue else []:
             destination.wakeup.set()
-        pending = self._sessions | self._bounces
+        started = time.monotonic()
+        pending = set(self._sessions)
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             for task in still:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2)
+        # The DSNs of batches still open are queued now, not after their window.
+        flushing = asyncio.get_running_loop().create_task(self._dsns.flush_all())
+        await asyncio.wait({flushing}, timeout=max(1.0, timeout - (time.monotonic() - started)))
 
 
 def _shaping_fields(destination: Destination) -> dict[str, Any]:

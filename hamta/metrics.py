@@ -67,6 +67,13 @@ class RelayMetrics:
             ["outcome"],  # delivered, deferred, bounced, expired
             registry=r,
         )
+        self.dsns = Counter(
+            "hamta_dsns",
+            "DSNs to senders, one per message: queued, rate_limited (per sender domain), "
+            "suppressed (null sender, bounce of a bounce)",
+            ["outcome"],
+            registry=r,
+        )
         self.bounces = Counter(
             "hamta_bounces",
             "Failed recipient attempts by bounce class (hamta/bounce_classes.py)",
