@@ -426,6 +426,10 @@ class SuppressionConfig(_Section):
     # Reports one client address may send a minute (hamta.report_rate; 450 4.7.1 beyond);
     # complaint_networks are not limited.
     report_rate_per_client: Count = 30
+    # A recipient whose domain keeps failing (NXDOMAIN, null MX, no route) is suppressed only
+    # after this long, for this long (hamta.suppression.DomainFailurePolicy).
+    domain_failure_period: PositiveSeconds = 3 * 86400.0
+    domain_failure_expiry: PositiveSeconds = 30 * 86400.0
     # What one report to those addresses may name and nest (hamta.report_shape): past these it
     # is not read but quarantined as suspicious.
     report_max_recipients: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=1000)] = 10

@@ -39,7 +39,7 @@ from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
 from hamta.spool import Spool, SpoolError
-from hamta.suppression import Suppressions
+from hamta.suppression import DOMAIN_BOUNCE_CLASS, Suppressions
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -474,9 +474,15 @@ class DeliveryEngine:
             reply = replies[index]
             verdict = verdicts.get(index)
             if verdict is not None and index in bounced and self.suppressions is not None:
-                self.suppressions.record_hard_bounce(
-                    rec.recipients[index], verdict.bounce_class, str(reply)
-                )
+                if target is None or verdict.bounce_class == DOMAIN_BOUNCE_CLASS:
+                    # No MX answered for this mailbox (NXDOMAIN, null MX, no route): a DNS
+                    # outage must not suppress a domain's users; counted, suppressed only
+                    # after it goes on (hamta.suppression.DomainFailurePolicy).
+                    self.suppressions.record_domain_failure(rec.recipients[index], str(reply))
+                else:  # the recipient's MX said so: suppressed if the mailbox does not exist
+                    self.suppressions.record_hard_bounce(
+                        rec.recipients[index], verdict.bounce_class, str(reply)
+                    )
             kind = (
                 "Delivery" if index in delivered
                 else "Bounce" if index in bounced

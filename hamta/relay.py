@@ -44,7 +44,7 @@ from hamta.return_paths import ReturnPaths
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spool, SpoolError, SpoolState
-from hamta.suppression import SuppressionError, Suppressions
+from hamta.suppression import DomainFailurePolicy, SuppressionError, Suppressions
 from hamta.suspensions import load_suspended
 from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
 
@@ -335,7 +335,9 @@ class Relay:
         A damaged list must not keep a node from taking over: mail then flows unsuppressed and
         complaints get 451 (their senders keep them) until an operator repairs it.
         """
-        suppressions = Suppressions(root, self.log, guard)
+        reports = self.config.suppression
+        policy = DomainFailurePolicy(reports.domain_failure_period, reports.domain_failure_expiry)
+        suppressions = Suppressions(root, self.log, guard, policy)
         try:
             await suppressions.open()
         except SuppressionError as exc:

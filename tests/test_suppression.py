@@ -363,7 +363,7 @@ def test_control_reply_shape(relay: RelayProcess) -> None:
     reply: dict[str, Any] = send_command(relay.control, {"command": "suppression-list"})
     assert reply["ok"] is True
     for entry in reply["entries"]:
-        assert set(entry) == {"address", "reason", "created", "detail", "date"}
+        assert set(entry) == {"address", "reason", "created", "detail", "expires", "date"}
 
 
 def test_parser_names_what_is_missing() -> None:
