@@ -440,6 +440,12 @@ class Relay:
             reports.quarantine_max_size, reports.quarantine_max_files, reports.quarantine_retention
         )
         if reports.complaints_address is not None:
+            if not reports.complaint_networks and not reports.complaint_dkim_domains:
+                self.log.warning(
+                    "ComplaintsIgnored", address=reports.complaints_address,
+                    reason="no complaint_networks and no complaint_dkim_domains: every "
+                           "complaint is logged and suppresses nobody",
+                )  # fmt: skip
             intakes.append(ComplaintIntake(
                 reports.complaints_address, suppressions, root or path, self.metrics, self.log,
                 spool.guard, self.domain_stats.record_complaint, config.spool.min_free, limits,

@@ -16,6 +16,7 @@ from typing import Any
 import dkim
 import pytest
 
+from hamta.config import ConfigError, parse_config
 from hamta.return_paths import SECRET_FILE, ReturnPaths
 from tests.conftest import RelayFactory
 from tests.support import DnsServer, RecordingSink
@@ -314,7 +315,25 @@ def test_reports_are_rate_limited_per_client(make_relay: RelayFactory) -> None:
         450, "4.7.1 Too many reports from your address, try again later"
     )  # fmt: skip
     assert relay.events("ReportRateLimited")[0]["client"] == "127.0.0.1"
+    assert relay.events("ComplaintsIgnored")  # no reporter is trusted: said at activation
     assert rcpt(relay, "someone@sink.test")[0] == 250  # relayed mail is not limited
     # A configured complaint network (the feedback loops) is not limited.
     loop = make_relay({"suppression": {**REPORTS, "report_rate_per_client": 1}}, name="loop")
     assert [data_reply(loop, FBL, junk(500))[0] for _ in range(3)] == [250, 250, 250]
+
+
+def test_bad_settings_are_named() -> None:
+    bad = {
+        'complaint_dkim_domains = ["not a domain"]': "not a domain: 'not a domain'",
+        'complaint_networks = ["10.0.0.0/33"]': "suppression.complaint_networks.0",
+        "report_max_recipients = 0": "greater than or equal to 1",
+        "bounce_address_days = 0": "greater than or equal to 1",
+        'quarantine_retention = "soon"': "not a duration: 'soon'",
+        "report_rate_per_client = 0": "greater than 0",
+    }
+    for line, message in bad.items():
+        with pytest.raises(ConfigError) as error:
+            parse_config(f"[suppression]\n{line}\n")
+        assert message in str(error.value), (line, str(error.value))
+    with pytest.raises(ConfigError, match=r"delivery\.dsn_window"):
+        parse_config('[delivery]\ndsn_window = "-1s"\n')
