@@ -124,7 +124,8 @@ class DeliveryEngine:
         self._sessions: set[asyncio.Task[None]] = set()
         # Failed recipients of a message, collected for one DSN (hamta.dsn_batch).
         self._dsns = DsnBatcher(config.dsn_window, self._send_dsn)
-        self._dsn_rate = ClientRate(config.dsn_rate_per_domain)  # keyed by sender domain
+        # Keyed by sender domain; each of a node's workers keeps its share of the node's rate.
+        self._dsn_rate = ClientRate(config.dsn_rate_per_domain / share)
         self._no_tls_until: dict[str, float] = {}
         self.stopping = False
         self._halted = asyncio.Event()  # set by stop()

@@ -460,7 +460,9 @@ class Relay:
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
             signer=self.signer, suppressions=suppressions, intakes=intakes,
-            report_rate=ClientRate(reports.report_rate_per_client, reports.complaint_networks),
+            # Each worker (SO_REUSEPORT spreads a client's connections) keeps its share.
+            report_rate=ClientRate(reports.report_rate_per_client / config.node.workers,
+                                   reports.complaint_networks),
         )  # fmt: skip
         timer = asyncio.get_running_loop().create_task(queue.run_timer())
         sweeper = None

@@ -23,8 +23,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class ClientRate:
     """Token buckets per client address; ``allow`` takes one token (False: none left)."""
 
-    def __init__(self, per_minute: int, exempt: Iterable[Network] = ()) -> None:
+    def __init__(self, per_minute: float, exempt: Iterable[Network] = ()) -> None:
         self.per_minute = per_minute
+        self._burst = max(1.0, float(per_minute))  # a share below 1 a minute still sends one
         self.exempt = tuple(exempt)
         # client -> (tokens, when last counted), least recently seen first
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
@@ -42,8 +43,8 @@ class ClientRate:
         """May ``client`` send one more report at ``now`` (monotonic seconds)?"""
         if self._exempt(client):
             return True
-        tokens, last = self._buckets.pop(client, (float(self.per_minute), now))
-        tokens = min(float(self.per_minute), tokens + (now - last) * self.per_minute / 60.0)
+        tokens, last = self._buckets.pop(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self.per_minute / 60.0)
         allowed = tokens >= 1.0
         self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
         while len(self._buckets) > MAX_CLIENTS:
