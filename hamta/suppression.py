@@ -267,6 +267,15 @@ class SuppressionStore:
             return float(first)
         return None
 
+    def prune(self, before: float) -> int:
+        """Remove domain failures last seen and suppressions expired before ``before``."""
+        try:
+            failures = self._db.execute("DELETE FROM domain_failure WHERE last < ?", (before,))
+            expired = self._db.execute("DELETE FROM suppression WHERE expires < ?", (before,))
+        except sqlite3.Error as exc:
+            raise SuppressionError(f"{self.path}: {exc}") from None
+        return int(failures.rowcount + expired.rowcount)
+
     def count_complaint(self, domain: str) -> bool:
         """Count a complaint for ``domain``; True when it is now among the top domains."""
         try:
@@ -329,6 +338,11 @@ class Suppressions:
             self._executor,
             lambda: SuppressionStore.in_spool(self.root, check_same_thread=False),
         )
+        # Records that can no longer count go at each activation, so the table stays small.
+        stale = time.time() - self.domain_failures.expiry
+        pruned = await loop.run_in_executor(self._executor, self._writer.prune, stale)
+        if pruned:
+            self.log.info("SuppressionPruned", removed=pruned)
         self._reader = SuppressionStore.in_spool(self.root)
         # Looked up at RCPT on the event loop: never wait long on a lock (a failed lookup lets
         # the recipient through, as SuppressionLookupFailed says).

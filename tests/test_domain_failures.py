@@ -11,7 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from hamta.suppression import SuppressionStore
+from hamta.suppression import DomainFailurePolicy, SuppressionStore
 from tests.conftest import RelayFactory
 from tests.support import RecordingSink
 from tests.test_delivery import send
@@ -81,5 +81,13 @@ def test_a_list_written_before_expiry_opens_and_migrates(tmp_path: Path) -> None
     assert added and entry.reason == "hard-bounce" and entry.expires is None
     store.close()
     again = SuppressionStore(path)  # migrated once; opening again changes nothing
+    assert [e.address for e in again.entries()] == ["old@sink.test", "new@sink.test"]
+    # prune(before): entries expired and failure records last seen before it, nothing else.
+    policy = DomainFailurePolicy(period=10, expiry=100)
+    assert again.domain_failed("gone@nx.test", now, policy) is None
+    assert again.add("soon@sink.test", "domain-failure", when=now, expires=now + 5)[1]
+    assert again.prune(now - 10) == 0  # nothing that old
+    assert again.prune(now + 3) == 1  # gone@'s record, last seen at now; soon@ expires at +5
+    assert again.prune(now + 10) == 1  # soon@ has expired by then
     assert [e.address for e in again.entries()] == ["old@sink.test", "new@sink.test"]
     again.close()
