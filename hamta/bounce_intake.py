@@ -22,7 +22,9 @@ from typing import Any
 
 from hamta.bounce_classes import BounceClassifier, DsnRecipient, parse_dsn
 from hamta.metrics import RelayMetrics
-from hamta.report_quarantine import ReportQuarantine, kept_reply
+from hamta.report_quarantine import DEFAULT_QUOTA, QuarantineQuota, ReportQuarantine, kept_reply
+from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
+from hamta.return_paths import ReturnPaths
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SUPPRESSED_BOUNCE_CLASS, SuppressionError, Suppressions, normalize
 
@@ -42,8 +44,14 @@ class BounceIntake:
         log: Any,
         guard: Callable[[], str | None] | None = None,
         min_free: int = 0,
+        limits: ReportLimits = DEFAULT_LIMITS,
+        quota: QuarantineQuota = DEFAULT_QUOTA,
+        return_paths: ReturnPaths | None = None,
     ) -> None:
         self.address = normalize(address)
+        self.limits = limits
+        # Checks the signed return path a DSN came to; None: nothing verifies, nothing suppresses.
+        self.return_paths = return_paths
         self._local, _, self._domain = self.address.rpartition("@")
         self.classifier = classifier
         self.suppressions = suppressions
@@ -54,6 +62,7 @@ class BounceIntake:
             guard,
             not_recorded_reply=REPLY_NOT_RECORDED,
             not_recorded_event="BounceNotRecorded",
+            quota=quota,
         )
         self.metrics = metrics
         self.log = log
@@ -66,28 +75,48 @@ class BounceIntake:
             return False
         return local == self._local or local.startswith(self._local + "+")
 
-    async def consume(self, data: bytes, qid: str, client: str) -> str:
+    async def consume(self, data: bytes, qid: str, client: str, recipient: str) -> str:
         """Record a DSN sent to the bounces address; the SMTP reply to give."""
         if self.guard is not None and self.guard() is not None:
             return REPLY_SUPERSEDED
-        recipients = await asyncio.to_thread(parse_dsn, data, self.classifier)
+        verified = self.return_paths.verify(recipient) if self.return_paths else "no return paths"
+        if isinstance(verified, str):
+            # Not about mail this relay sent (or too long ago): read nothing, keep nothing, and
+            # answer as for any report, so a forger learns nothing.
+            self.metrics.async_bounces_unverified.labels(verified.partition(" ")[0]).inc()
+            self.log.warning("BounceUnverified", queue_id=qid, address=normalize(recipient),
+                             reason=verified, client=client, size=len(data))  # fmt: skip
+            return f"250 2.0.0 Ok: bounce report read as {qid}"
+        try:
+            recipients = await asyncio.to_thread(
+                parse_within, self.limits, lambda raw: parse_dsn(raw, self.classifier), data
+            )
+        except ReportShapeError as exc:
+            return await self._quarantine(data, qid, client, str(exc))
         if not recipients:
-            return await self._quarantine(data, qid, client)
+            return await self._quarantine(data, qid, client, "no failed or delayed recipient")
+        if len(recipients) > self.limits.max_recipients:
+            reason = (
+                f"suspicious: {len(recipients)} recipients, at most {self.limits.max_recipients}"
+            )
+            return await self._quarantine(data, qid, client, reason)
         for found in recipients:
-            recipient = normalize(found.recipient)
+            named = normalize(found.recipient)
             suppressed = False
-            if self._suppresses(found):
+            # The signature vouches for its recipient only: a DSN naming others changes
+            # nothing for them.
+            if named == verified.recipient and self._suppresses(found):
                 if self.suppressions is None:
-                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=recipient,
+                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=named,
                                    error="the suppression list is unavailable")  # fmt: skip
                     return REPLY_NOT_RECORDED
                 try:
                     _, suppressed = await self.suppressions.add(
-                        recipient, "hard-bounce",
+                        named, "hard-bounce",
                         f"{found.verdict.bounce_class}: {found.diagnostic or found.status}",
                     )  # fmt: skip
                 except SuppressionError as exc:
-                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=recipient,
+                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=named,
                                    error=str(exc))  # fmt: skip
                     return REPLY_NOT_RECORDED
             verdict = found.verdict
@@ -95,13 +124,14 @@ class BounceIntake:
             self.log.info(
                 "AsyncBounce",
                 queue_id=qid,
-                recipient=recipient,
+                recipient=named,
                 action=found.action,
                 status=found.status,
                 diagnostic=found.diagnostic,
                 bounce_class=verdict.bounce_class,
                 kind=verdict.kind,
                 newly_suppressed=suppressed,
+                return_path_recipient=verified.recipient,
                 client=client,
             )
         return f"250 2.0.0 Ok: bounce report read as {qid}"
@@ -116,11 +146,11 @@ class BounceIntake:
             and "@" in found.recipient
         )
 
-    async def _quarantine(self, data: bytes, qid: str, client: str) -> str:
+    async def _quarantine(self, data: bytes, qid: str, client: str, reason: str) -> str:
         kept = await self.quarantine.keep(data, qid)
         if isinstance(kept, str):
             return kept
         self.metrics.async_bounces_unparsed.inc()
-        self.log.warning("BounceUnparsed", queue_id=qid, reason="no failed or delayed recipient",
-                         kept=str(kept), client=client, size=len(data))  # fmt: skip
+        self.log.warning("BounceUnparsed", queue_id=qid, reason=reason, kept=str(kept),
+                         client=client, size=len(data))  # fmt: skip
         return kept_reply(qid)

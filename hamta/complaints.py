@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from hamta.metrics import RelayMetrics
-from hamta.report_quarantine import ReportQuarantine, kept_reply
+from hamta.report_quarantine import DEFAULT_QUOTA, QuarantineQuota, ReportQuarantine, kept_reply
+from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
+from hamta.report_trust import ReporterTrust
 from hamta.smtp import REPLY_SUPERSEDED
 from hamta.suppression import SuppressionError, Suppressions, normalize, valid_address
 
@@ -150,9 +152,15 @@ class ComplaintIntake:
         guard: Callable[[], str | None] | None = None,
         on_complaint: Callable[[str], None] | None = None,
         min_free: int = 0,
+        limits: ReportLimits = DEFAULT_LIMITS,
+        quota: QuarantineQuota = DEFAULT_QUOTA,
+        trust: ReporterTrust | None = None,
     ) -> None:
         self.address = normalize(address)
         self.suppressions = suppressions
+        self.limits = limits
+        # None trusts no reporter: every complaint is logged and suppresses nobody.
+        self.trust = trust
         self.quarantine = ReportQuarantine.on_spool(
             spool_root,
             min_free,
@@ -160,6 +168,7 @@ class ComplaintIntake:
             guard,
             not_recorded_reply=REPLY_NOT_RECORDED,
             not_recorded_event="ComplaintNotRecorded",
+            quota=quota,
         )
         self.metrics = metrics
         self.log = log
@@ -171,14 +180,30 @@ class ComplaintIntake:
         """Is this recipient the complaints address?"""
         return normalize(address) == self.address
 
-    async def consume(self, data: bytes, qid: str, client: str) -> str:
-        """Record a report sent to the complaints address; the SMTP reply to give."""
+    async def consume(self, data: bytes, qid: str, client: str, to: str) -> str:
+        """Record a report sent to the complaints address (``to``); the SMTP reply to give."""
         if self.guard is not None and self.guard() is not None:
             return REPLY_SUPERSEDED
+        vouched = await asyncio.to_thread(self.trust.vouch, data, client) if self.trust else None
+        if vouched is None:
+            # Not quarantined either: a stranger's mail takes no disk. 250, so a forger cannot
+            # tell a trusted report from his.
+            self.metrics.complaints_untrusted.inc()
+            self.log.warning(
+                "ComplaintUntrusted", queue_id=qid, client=client, size=len(data),
+                reason="neither a complaint network nor a reporter's DKIM",
+            )  # fmt: skip
+            return f"250 2.0.0 Ok: report read as {qid}"
         try:
-            report = await asyncio.to_thread(parse_feedback_report, data)
-        except ComplaintParseError as exc:
+            report = await asyncio.to_thread(parse_within, self.limits, parse_feedback_report, data)
+        except (ComplaintParseError, ReportShapeError) as exc:
             return await self._quarantine(data, qid, client, str(exc))
+        if len(report.recipients) > self.limits.max_recipients:
+            reason = (
+                f"suspicious: {len(report.recipients)} recipients, "
+                f"at most {self.limits.max_recipients}"
+            )
+            return await self._quarantine(data, qid, client, reason)
         if report.feedback_type == NOT_SPAM:
             self.log.info("FeedbackNotSpam", queue_id=qid, recipients=list(report.recipients),
                           reporting_mta=report.reporting_mta)  # fmt: skip
@@ -217,6 +242,7 @@ class ComplaintIntake:
                 source_ip=report.source_ip,
                 arrival_date=report.arrival_date,
                 client=client,
+                vouched_by=vouched,
             )
         return f"250 2.0.0 Ok: complaint recorded as {qid}"
 

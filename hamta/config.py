@@ -271,6 +271,10 @@ class DeliveryConfig(_Section):
     # A TOML file of bounce classification rules tried before hamta's own
     # (hamta/bounce_classes.py); loaded now, so that a broken file is a configuration error.
     bounce_rules: Path | None = None
+    # A message's failed recipients are collected this long for one DSN (hamta.dsn_batch), and
+    # a sender domain gets at most this many DSNs a minute (beyond: not sent, counted).
+    dsn_window: Seconds = 2.0
+    dsn_rate_per_domain: Count = 60
     limits: DestinationLimits = Field(default_factory=DestinationLimits)
     # Keyed by recipient domain, or by a static route's "[host]:port" (its destination).
     domains: dict[str, DestinationLimits] = Field(default_factory=dict)
@@ -461,6 +465,28 @@ class SuppressionConfig(_Section):
     complaints_address: str | None = None
     # DSNs (RFC 3464) of mail relayed earlier, sent here or to local+tag@ (VERP): consumed too.
     bounces_address: str | None = None
+    # How many days a signed return path (hamta.return_paths) stays good for a DSN to it.
+    bounce_address_days: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=365)] = 7
+    # Complaints are acted on only from these client networks, or when DKIM-signed by one of
+    # these domains (hamta.report_trust); others are logged and counted, and suppress nobody.
+    complaint_networks: list[IPNetwork] = Field(default_factory=list)
+    complaint_dkim_domains: list[str] = Field(default_factory=list)
+    # quarantine/ (unreadable reports, hamta.report_quarantine): at most this much (past it,
+    # 452), each kept this long, then swept away.
+    quarantine_max_size: Bytes = 64 * 1024 * 1024
+    quarantine_max_files: Count = 1000
+    quarantine_retention: PositiveSeconds = 14 * 86400.0
+    # Reports one client address may send a minute (hamta.report_rate; 450 4.7.1 beyond);
+    # complaint_networks are not limited.
+    report_rate_per_client: Count = 30
+    # A recipient whose domain keeps failing (NXDOMAIN, null MX, no route) is suppressed only
+    # after this long, for this long (hamta.suppression.DomainFailurePolicy).
+    domain_failure_period: PositiveSeconds = 3 * 86400.0
+    domain_failure_expiry: PositiveSeconds = 30 * 86400.0
+    # What one report to those addresses may name and nest (hamta.report_shape): past these it
+    # is not read but quarantined as suspicious.
+    report_max_recipients: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=1000)] = 10
+    report_max_parts: Annotated[int, BeforeValidator(_no_bool), Field(ge=3, le=500)] = 50
 
     @field_validator("complaints_address", "bounces_address")
     @classmethod
@@ -470,6 +496,15 @@ class SuppressionConfig(_Section):
             if not _ADDRESS.match(value):
                 raise ValueError(f"not an address: {value!r}")
         return value
+
+    @field_validator("complaint_dkim_domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        domains = [item.strip().lower().rstrip(".") for item in value]
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"not a domain: {domain!r}")
+        return domains
 
 
 class Config(_Section):

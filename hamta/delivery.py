@@ -30,13 +30,16 @@ from hamta.bounce_classes import BounceClassifier, BounceVerdict, build_classifi
 from hamta.config import DeliveryConfig, RetryConfig
 from hamta.domain_stats import DomainStats
 from hamta.dsn import FailedRecipient, build_dsn, original_headers
+from hamta.dsn_batch import DsnBatcher, FailedBatch
 from hamta.metrics import RelayMetrics
 from hamta.queue import Destination, Job, MailQueue
+from hamta.report_rate import ClientRate
+from hamta.return_paths import ReturnPaths
 from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
-from hamta.spool import LiveMessage, Spawn, Spool, SpoolError, create_task
-from hamta.suppression import Suppressions
+from hamta.spool import Spawn, Spool, SpoolError, create_task
+from hamta.suppression import DOMAIN_BOUNCE_CLASS, Suppressions
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -104,6 +107,7 @@ class DeliveryEngine:
         share: int = 1,
         retry: RetryConfig | None = None,
         spawn: Spawn = create_task,
+        return_paths: ReturnPaths | None = None,
     ) -> None:
         self.config = config
         self._spawn = spawn  # the relay's supervisor: a session dying of a bug stops the relay
@@ -120,7 +124,10 @@ class DeliveryEngine:
         self._wall = wall_clock
         self.queue: MailQueue | None = None
         self._sessions: set[asyncio.Task[None]] = set()
-        self._bounces: set[asyncio.Task[None]] = set()
+        # Failed recipients of a message, collected for one DSN (hamta.dsn_batch).
+        self._dsns = DsnBatcher(config.dsn_window, self._send_dsn, spawn)
+        # Keyed by sender domain; each of a node's workers keeps its share of the node's rate.
+        self._dsn_rate = ClientRate(config.dsn_rate_per_domain / share)
         self._no_tls_until: dict[str, float] = {}
         self.stopping = False
         self._halted = asyncio.Event()  # set by stop()
@@ -132,6 +139,8 @@ class DeliveryEngine:
         self.classifier: BounceClassifier = build_classifier()
         self.domain_stats: DomainStats | None = None
         self.suppressions: Suppressions | None = None
+        # Signs the return path of mail sent from the bounces address (None: none configured).
+        self.return_paths = return_paths
         self._tls = ssl.create_default_context()
         self._tls.check_hostname = False
         self._tls.verify_mode = ssl.CERT_NONE
@@ -324,41 +333,73 @@ class DeliveryEngine:
             self._apply(job, {i: Reply(0, f"cannot read queued message: {exc}") for i in job.rcpts},
                         connection.target, started)  # fmt: skip
             return True
-        client = connection.client
         replies: dict[int, Reply] = {}
         alive = True
-        smtputf8 = client.supports_extension("smtputf8")
+        client = connection.client
         rcpts = job.rcpts
         # A reused connection the next hop dropped has forgotten its extensions: it fails below
         # as a lost connection (temporary), and is no reason to bounce.
-        if not smtputf8 and client.is_connected:
+        if not client.supports_extension("smtputf8") and client.is_connected:
             # RFC 6531 3.4: mail that needs SMTPUTF8 to a next hop without it is a permanent
             # failure; the ASCII recipients of the same job still go.
             unsendable = _needing_smtputf8(rec.sender, rec.recipients, rcpts, connection.target)
             replies.update(unsendable)
             rcpts = tuple(i for i in rcpts if i not in unsendable)
-            if not rcpts:
-                self.metrics.delivery_seconds.observe(time.perf_counter() - started)
-                self._apply(job, replies, connection.target, started)
-                return True
+        for sender, indices in self._transactions(rec.sender, job, rcpts):
+            if not alive:
+                # The link died in an earlier transaction: these were not tried on it.
+                for index in indices:
+                    replies[index] = Reply(0, f"lost connection with {connection.target.mx_host}"
+                                              f"[{connection.target.ip}]")  # fmt: skip
+                continue
+            alive = await self._transaction(connection, body, sender, job, indices, replies)
+        self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+        self._observe_throttle(job.domain, replies.values())
+        self._apply(job, replies, connection.target, started)
+        return alive
+
+    def _transactions(
+        self, sender: str, job: Job, rcpts: tuple[int, ...]
+    ) -> list[tuple[str, tuple[int, ...]]]:
+        """The envelope sender of each transaction a job takes, and its recipients.
+
+        One transaction for all, unless the sender is the bounces address: then each recipient
+        gets a return path signed for it (hamta.return_paths), hence a transaction of its own.
+        """
+        paths = self.return_paths
+        if not rcpts:
+            return []
+        if paths is None or not sender or not paths.is_bounces_sender(sender):
+            return [(sender, rcpts)]
+        recipients = job.message.rec.recipients
+        return [(paths.sign(recipients[i]), (i,)) for i in rcpts]
+
+    async def _transaction(
+        self, connection: _Connection, body: bytes, sender: str, job: Job,
+        indices: tuple[int, ...], replies: dict[int, Reply],
+    ) -> bool:  # fmt: skip
+        """MAIL, RCPT and DATA for ``indices``; their replies; False if the link died."""
+        client = connection.client
+        rec = job.message.rec
+        alive = True
         try:
             options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
             if client.supports_extension("8bitmime") and not body.isascii():
                 options.append("BODY=8BITMIME")
-            addresses = [rec.sender, *(rec.recipients[i] for i in rcpts)]
-            if smtputf8 and not all(a.isascii() for a in addresses):
+            addresses = [sender, *(rec.recipients[i] for i in indices)]
+            if client.supports_extension("smtputf8") and not all(a.isascii() for a in addresses):
                 options.append("SMTPUTF8")
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
             # The addresses were checked at reception; aiosmtplib's mail()/rcpt() would parse
             # them again with the email package, a large part of a delivery's CPU time.
             response = await client.execute_command(
-                b"MAIL", b"FROM:<" + rec.sender.encode(encoding) + b">",
+                b"MAIL", b"FROM:<" + sender.encode(encoding) + b">",
                 *(option.encode() for option in options),
             )  # fmt: skip
             if response.code != 250:
-                raise aiosmtplib.SMTPSenderRefused(response.code, response.message, rec.sender)
+                raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
             accepted: list[int] = []
-            for index in rcpts:
+            for index in indices:
                 address = rec.recipients[index]
                 response = await client.execute_command(
                     b"RCPT", b"TO:<" + address.encode(encoding) + b">"
@@ -383,18 +424,15 @@ class DeliveryEngine:
         except aiosmtplib.SMTPResponseException as exc:
             # MAIL refused, or a reply that ended the session (421).
             reply = Reply(exc.code, exc.message)
-            for index in job.rcpts:
+            for index in indices:
                 replies.setdefault(index, reply)
             alive = exc.code != 421 and client.is_connected
         except (aiosmtplib.SMTPException, OSError, TimeoutError, UnicodeError) as exc:
             reply = Reply(0, f"lost connection with {connection.target.mx_host}"
                              f"[{connection.target.ip}]: {_describe(exc)}")  # fmt: skip
-            for index in job.rcpts:
+            for index in indices:
                 replies.setdefault(index, reply)
             alive = False
-        self.metrics.delivery_seconds.observe(time.perf_counter() - started)
-        self._observe_throttle(job.domain, replies.values())
-        self._apply(job, replies, connection.target, started)
         return alive
 
     # ---------------------------------------------------------------- throttling
@@ -464,9 +502,15 @@ class DeliveryEngine:
             reply = replies[index]
             verdict = verdicts.get(index)
             if verdict is not None and index in bounced and self.suppressions is not None:
-                self.suppressions.record_hard_bounce(
-                    rec.recipients[index], verdict.bounce_class, str(reply)
-                )
+                if target is None or verdict.bounce_class == DOMAIN_BOUNCE_CLASS:
+                    # No MX answered for this mailbox (NXDOMAIN, null MX, no route): a DNS
+                    # outage must not suppress a domain's users; counted, suppressed only
+                    # after it goes on (hamta.suppression.DomainFailurePolicy).
+                    self.suppressions.record_domain_failure(rec.recipients[index], str(reply))
+                else:  # the recipient's MX said so: suppressed if the mailbox does not exist
+                    self.suppressions.record_hard_bounce(
+                        rec.recipients[index], verdict.bounce_class, str(reply)
+                    )
             kind = (
                 "Delivery" if index in delivered
                 else "Bounce" if index in bounced
@@ -510,19 +554,9 @@ class DeliveryEngine:
                 )
                 for i in failed
             ]  # fmt: skip
-            task = self._spawn(
-                f"bounce {job.message.rec.qid}",
-                self._bounce(
-                    job.message,
-                    failed,
-                    reports,
-                    expired=bool(expired),
-                    domain=job.domain,
-                    attempts=attempt,
-                ),
+            self._dsns.add(
+                job.message, job.domain, failed, reports, expired=bool(expired), attempts=attempt
             )
-            self._bounces.add(task)
-            task.add_done_callback(self._bounces.discard)
         if delivered:
             self.spool.mark_done(job.message, delivered)
         if deferred:
@@ -554,14 +588,29 @@ class DeliveryEngine:
                 stats.record(domain, outcome, bounce_class=verdict.bounce_class)
         return verdicts
 
-    async def _bounce(
-        self, message: LiveMessage, rcpts: list[int], reports: list[FailedRecipient],
-        *, expired: bool, domain: str, attempts: int,
-    ) -> None:  # fmt: skip
-        """Queue a DSN to the sender (never to the null sender), then finish the recipients."""
+    async def _send_dsn(self, batch: FailedBatch) -> None:
+        """Queue one DSN to the sender for a message's failed recipients, then finish them.
+
+        Never to the null sender, nor for a DSN; not beyond the sender domain's DSN rate.
+        """
         assert self.queue is not None
+        message = batch.message
         rec = message.rec
-        if rec.sender and not rec.is_dsn:
+        rcpts = [index for _, group, _ in batch.groups for index in group]
+        domain = rec.sender.rpartition("@")[2].lower()
+        if not rec.sender or rec.is_dsn:
+            self.metrics.dsns.labels("suppressed").inc()
+            self.log.info(
+                "DsnSuppressed",
+                queue_id=rec.qid,
+                reason="null sender" if not rec.sender else "bounce of a bounce",
+            )
+        elif not self._dsn_rate.allow(domain, asyncio.get_running_loop().time()):
+            self.metrics.dsns.labels("rate_limited").inc()
+            self.log.warning("DsnRateLimited", queue_id=rec.qid, sender_domain=domain,
+                             recipients=len(batch.reports),
+                             per_minute=self.config.dsn_rate_per_domain)  # fmt: skip
+        else:
             try:
                 headers = original_headers(await self.spool.read_body(rec))
             except (SpoolError, OSError):
@@ -572,9 +621,9 @@ class DeliveryEngine:
                     queue_id=rec.qid,
                     original_sender=rec.sender,
                     arrival=rec.arrival,
-                    failed=reports,
+                    failed=batch.reports,
                     headers=headers,
-                    expired=expired,
+                    expired=batch.expired,
                     now=self._wall(),
                 )
             except Exception as exc:
@@ -582,7 +631,7 @@ class DeliveryEngine:
                 # (logged) rather than retried for ever or, escaping this supervised task,
                 # stopping the relay for one message.
                 self.log.error("DsnNotBuilt", queue_id=rec.qid, error=f"{type(exc).__name__}: "
-                               f"{exc}", recipients=[r.address for r in reports])  # fmt: skip
+                               f"{exc}", recipients=[r.address for r in batch.reports])  # fmt: skip
                 self.spool.mark_done(message, rcpts)
                 return
             try:
@@ -592,19 +641,15 @@ class DeliveryEngine:
             except SpoolError as exc:
                 # Keep the recipients queued: the bounce is tried again at their next attempt.
                 self.log.error("DsnNotQueued", queue_id=rec.qid, error=str(exc))
-                retry = Job(message, domain, tuple(rcpts), attempts)
-                due = self.queue.defer(retry)
-                self.spool.mark_deferred(message, rcpts, retry.attempts, due)
+                for destination, group, attempts in batch.groups:
+                    retry = Job(message, destination, tuple(group), attempts)
+                    due = self.queue.defer(retry)
+                    self.spool.mark_deferred(message, group, retry.attempts, due)
                 return
+            self.metrics.dsns.labels("queued").inc()
             self.log.info("DsnQueued", queue_id=notice.rec.qid, original_queue_id=rec.qid,
-                          recipient=rec.sender)  # fmt: skip
+                          recipient=rec.sender, failed_recipients=len(batch.reports))  # fmt: skip
             self.queue.add(notice)
-        else:
-            self.log.info(
-                "DsnSuppressed",
-                queue_id=rec.qid,
-                reason="null sender" if not rec.sender else "bounce of a bounce",
-            )
         self.spool.mark_done(message, rcpts)
 
     # ------------------------------------------------------------------ stopping
@@ -618,13 +663,17 @@ class DeliveryEngine:
         self._recoveries.clear()
         for destination in self.queue.destinations.values() if self.queue else []:
             destination.wakeup.set()
-        pending = self._sessions | self._bounces
+        started = time.monotonic()
+        pending = set(self._sessions)
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             for task in still:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2)
+        # The DSNs of batches still open are queued now, not after their window.
+        flushing = asyncio.get_running_loop().create_task(self._dsns.flush_all())
+        await asyncio.wait({flushing}, timeout=max(1.0, timeout - (time.monotonic() - started)))
 
 
 def _shaping_fields(destination: Destination) -> dict[str, Any]:

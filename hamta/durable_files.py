@@ -37,3 +37,33 @@ def write_durably(directory: Path, name: str, data: bytes) -> Path:
     os.replace(temporary, path)
     fsync_directory(directory)
     return path
+
+
+def create_once(directory: Path, name: str, data: bytes) -> bytes:
+    """``directory/name``'s content, creating it (0600, durably) with ``data`` if absent.
+
+    Several processes (a node's workers) may race to create it: the file is written whole
+    under a name of this process's own and linked into place, which fails if another got there
+    first; every caller then returns what is in place, so all of them agree on it.
+    """
+    path = directory / name
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temporary)
+    fsync_directory(directory)
+    return path.read_bytes()

@@ -17,6 +17,6 @@ class Intake(Protocol):
         """Is mail to ``address`` this intake's?"""
         ...
 
-    async def consume(self, data: bytes, qid: str, client: str) -> str:
-        """Read and record one message; the SMTP reply to give its sender."""
+    async def consume(self, data: bytes, qid: str, client: str, recipient: str) -> str:
+        """Read and record one message sent to ``recipient``; the SMTP reply to give."""
         ...

@@ -67,6 +67,13 @@ class RelayMetrics:
             ["outcome"],  # delivered, deferred, bounced, expired
             registry=r,
         )
+        self.dsns = Counter(
+            "hamta_dsns",
+            "DSNs to senders, one per message: queued, rate_limited (per sender domain), "
+            "suppressed (null sender, bounce of a bounce)",
+            ["outcome"],
+            registry=r,
+        )
         self.bounces = Counter(
             "hamta_bounces",
             "Failed recipient attempts by bounce class (hamta/bounce_classes.py)",
@@ -150,6 +157,12 @@ class RelayMetrics:
             ["class", "kind"],
             registry=r,
         )
+        self.async_bounces_unverified = Counter(
+            "hamta_async_bounces_unverified",
+            "Mail to the bounces address whose return path did not verify (ignored), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.async_bounces_unparsed = Counter(
             "hamta_async_bounces_unparsed",
             "Mail to the bounces address that was no readable DSN (kept in quarantine/)",
@@ -181,6 +194,11 @@ class RelayMetrics:
         self.checkpoint_failing = Gauge(
             "hamta_spool_checkpoint_failing",
             "1 while the last spool checkpoint failed (journals keep growing)",
+            registry=r,
+        )
+        self.complaints_untrusted = Counter(
+            "hamta_complaints_untrusted",
+            "Feedback reports from no complaint network and with no reporter's DKIM (ignored)",
             registry=r,
         )
         self.delivered_rate = RateWindow()

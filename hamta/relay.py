@@ -36,11 +36,16 @@ from hamta.eventlog import get_logger
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
+from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
+from hamta.report_rate import ClientRate
+from hamta.report_shape import ReportLimits
+from hamta.report_trust import ReporterTrust
+from hamta.return_paths import ReturnPaths
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Damage, Spool, SpoolError, SpoolState
 from hamta.supervision import Supervisor
-from hamta.suppression import SuppressionError, Suppressions
+from hamta.suppression import DomainFailurePolicy, SuppressionError, Suppressions
 from hamta.suspensions import load_suspended
 from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
 
@@ -84,8 +89,10 @@ class _Active:
         handler: ReceptionHandler,
         servers: list[asyncio.Server],
         timer: asyncio.Task[None],
+        sweeper: asyncio.Task[None] | None = None,
     ) -> None:
         self.spool = spool
+        self.sweeper = sweeper  # of quarantine/, on worker 0
         self.queue = queue
         self.engine = engine
         self.handler = handler
@@ -337,7 +344,9 @@ class Relay:
         A damaged list must not keep a node from taking over: mail then flows unsuppressed and
         complaints get 451 (their senders keep them) until an operator repairs it.
         """
-        suppressions = Suppressions(root, self.log, guard)
+        reports = self.config.suppression
+        policy = DomainFailurePolicy(reports.domain_failure_period, reports.domain_failure_expiry)
+        suppressions = Suppressions(root, self.log, guard, policy)
         try:
             await suppressions.open()
         except SuppressionError as exc:
@@ -419,10 +428,20 @@ class Relay:
         spool.on_commit = self._observe_commit
         spool.guard = guard.check if guard is not None else None
         router = Router(config.delivery, config.dns)
+        reports = config.suppression
+        return_paths = None
+        if reports.bounces_address is not None:
+            try:
+                return_paths = ReturnPaths.on_spool(
+                    root or path, reports.bounces_address, reports.bounce_address_days, self._wall
+                )
+            except OSError as exc:
+                raise RelayError(f"cannot read or create the bounce secret: {exc}") from None
         engine = DeliveryEngine(
             config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
             wall_clock=self._wall, share=config.node.workers, retry=config.retry,
             spawn=self.supervisor.spawn,
+            return_paths=return_paths,
         )  # fmt: skip
         queue = MailQueue(
             config.retry, router.next_hop, self._wall, engine.on_ready,
@@ -436,23 +455,42 @@ class Relay:
         suppressions = await self._open_suppressions(root or path, spool.guard)
         engine.suppressions = suppressions
         intakes: list[Intake] = []
-        reports = config.suppression
+        limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
+        quota = QuarantineQuota(
+            reports.quarantine_max_size, reports.quarantine_max_files, reports.quarantine_retention
+        )
         if reports.complaints_address is not None:
+            if not reports.complaint_networks and not reports.complaint_dkim_domains:
+                self.log.warning(
+                    "ComplaintsIgnored", address=reports.complaints_address,
+                    reason="no complaint_networks and no complaint_dkim_domains: every "
+                           "complaint is logged and suppresses nobody",
+                )  # fmt: skip
             intakes.append(ComplaintIntake(
                 reports.complaints_address, suppressions, root or path, self.metrics, self.log,
-                spool.guard, self.domain_stats.record_complaint, config.spool.min_free,
+                spool.guard, self.domain_stats.record_complaint, config.spool.min_free, limits,
+                quota, ReporterTrust.of(reports.complaint_networks,
+                                        reports.complaint_dkim_domains, config.dns),
             ))  # fmt: skip
-        if reports.bounces_address is not None:
+        if reports.bounces_address is not None and return_paths is not None:
             intakes.append(BounceIntake(
                 reports.bounces_address, classifier, suppressions, root or path, self.metrics,
-                self.log, spool.guard, config.spool.min_free,
+                self.log, spool.guard, config.spool.min_free, limits, quota, return_paths,
             ))  # fmt: skip
         handler = ReceptionHandler(
             config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
             signer=self.signer, suppressions=suppressions, intakes=intakes,
+            # Each worker (SO_REUSEPORT spreads a client's connections) keeps its share.
+            report_rate=ClientRate(reports.report_rate_per_client / config.node.workers,
+                                   reports.complaint_networks),
         )  # fmt: skip
         timer = self.supervisor.spawn("queue timer", queue.run_timer())
-        self._active = _Active(spool, queue, engine, handler, [], timer)
+        sweeper = None
+        if intakes and self.worker == 0:  # one sweeper per volume
+            sweeper = self.supervisor.spawn("quarantine sweeper", sweep_periodically(
+                (root or path) / QUARANTINE_DIR, quota, self._wall, self.log, spool.guard,
+            ))  # fmt: skip
+        self._active = _Active(spool, queue, engine, handler, [], timer, sweeper)
         self._active.guard = guard
         self._active.suppressions = suppressions
         self.metrics.fenced.set(0)
@@ -615,6 +653,8 @@ class Relay:
         for server in active.servers:
             await server.wait_closed()
         active.timer.cancel()
+        if active.sweeper is not None:
+            active.sweeper.cancel()
         if active.recovery is not None and not active.recovery.done():
             await asyncio.gather(active.recovery, return_exceptions=True)
         if active.suppressions is not None:

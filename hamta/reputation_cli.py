@@ -86,9 +86,9 @@ def _print(action: str, address: str, reply: dict[str, Any]) -> None:
         print(f"{len(entries)} suppressed ({reply['source']})")
         if entries:
             width = max(len("address"), *(len(e["address"]) for e in entries))
-            print(f"{'address':<{width}}  {'reason':<11}  {'since':<10}  detail")
+            print(f"{'address':<{width}}  {'reason':<14}  {'since':<10}  detail")
             for e in entries:
-                print(f"{e['address']:<{width}}  {e['reason']:<11}  {e['date']:<10}  {e['detail']}")
+                print(f"{e['address']:<{width}}  {e['reason']:<14}  {e['date']:<10}  {e['detail']}")
     elif action == "add":
         entry = reply["entry"]
         verb = "suppressed" if reply["added"] else "already suppressed"

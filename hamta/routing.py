@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -20,6 +21,8 @@ import dns.resolver
 
 from hamta.config import DeliveryConfig, DnsConfig, parse_hostport
 
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -28,6 +31,18 @@ class Target:
     mx_host: str
     ip: str
     port: int
+
+
+def configured_resolver(kind: type[R], dns_config: DnsConfig) -> R:
+    """A resolver (``dns.resolver`` or ``dns.asyncresolver``) as [dns] says, with a cache."""
+    resolver = kind(configure=not dns_config.nameservers)
+    if dns_config.nameservers:
+        hosts = [parse_hostport(item, default_port=53) for item in dns_config.nameservers]
+        resolver.nameservers = [host for host, _ in hosts]
+        resolver.port = hosts[0][1]
+    resolver.lifetime = dns_config.timeout
+    resolver.cache = dns.resolver.Cache()
+    return resolver
 
 
 class RoutingError(Exception):
@@ -48,13 +63,7 @@ class Router:
             for domain, target in delivery.routes.items()
         }
         self._port = delivery.port
-        self._resolver = dns.asyncresolver.Resolver(configure=not dns_config.nameservers)
-        if dns_config.nameservers:
-            hosts = [parse_hostport(item, default_port=53) for item in dns_config.nameservers]
-            self._resolver.nameservers = [host for host, _ in hosts]
-            self._resolver.port = hosts[0][1]
-        self._resolver.lifetime = dns_config.timeout
-        self._resolver.cache = dns.resolver.Cache()
+        self._resolver = configured_resolver(dns.asyncresolver.Resolver, dns_config)
         self._rng = random.Random()
 
     def next_hop(self, domain: str) -> str:

@@ -47,6 +47,7 @@ from hamta.admission import (
 )
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
+from hamta.report_rate import REPLY_REPORT_RATE, ClientRate
 from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
 
 if TYPE_CHECKING:  # only configured relays import dkimpy and cryptography
@@ -459,8 +460,11 @@ class ReceptionHandler:
         signer: DkimSigner | None = None,
         suppressions: Suppressions | None = None,
         intakes: Sequence[Intake] = (),
+        report_rate: ClientRate | None = None,
     ) -> None:
         self.signer = signer
+        # How often one client may send to those addresses (None: unlimited).
+        self.report_rate = report_rate
         self.suppressions = suppressions
         # Addresses whose mail the relay consumes itself (complaints, bounces), never relays.
         self.intakes = tuple(intakes)
@@ -558,6 +562,12 @@ class ReceptionHandler:
             # is not relayed but consumed, alone in its transaction (452: the rest comes later).
             if envelope.rcpt_tos:
                 return self._reject(REPLY_INTAKE_ALONE)
+            client = str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer)
+            if self.report_rate is not None and not self.report_rate.allow(
+                client, time.monotonic()
+            ):
+                self.log.warning("ReportRateLimited", client=client, recipient=address)
+                return self._reject(REPLY_REPORT_RATE)
             envelope.rcpt_tos.append(address)
             return "250 2.1.5 Ok"
         if not self.relay_allowed(session.peer):
@@ -604,7 +614,7 @@ class ReceptionHandler:
         try:
             intake = self._intake_for(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
             if intake is not None:
-                reply = await intake.consume(data, qid, client)
+                reply = await intake.consume(data, qid, client, envelope.rcpt_tos[0])
                 if reply.startswith("421"):
                     self.draining = True  # fenced, as the spool path would have found
                 return reply if reply.startswith("2") else self._reject(reply)

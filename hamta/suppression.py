@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 FILE_NAME = "suppression.sqlite"
-REASONS = ("hard-bounce", "complaint", "manual")
+REASONS = ("hard-bounce", "complaint", "manual", "domain-failure")
 # The bounce class (hamta.bounce_classes) whose recipients are suppressed.
 SUPPRESSED_BOUNCE_CLASS = "InvalidRecipient"
+# The class of a domain-level failure, suppressed only when it goes on (DomainFailurePolicy).
+DOMAIN_BOUNCE_CLASS = "BadDomain"
 # Complaint counters get a label of their own for the domains ranked this high, "other" else.
 TOP_DOMAINS = 20
 
@@ -42,13 +44,38 @@ CREATE TABLE IF NOT EXISTS suppression (
     address TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
     created REAL NOT NULL,
-    detail TEXT NOT NULL DEFAULT ''
+    detail TEXT NOT NULL DEFAULT '',
+    expires REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS domain_failure (
+    address TEXT PRIMARY KEY,
+    first REAL NOT NULL,
+    last REAL NOT NULL,
+    failures INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS complaint_domain (
     domain TEXT PRIMARY KEY,
     complaints INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+
+
+# Lists written before entries could expire have no ``expires`` column: added at open.
+_MIGRATIONS = {"expires": "ALTER TABLE suppression ADD COLUMN expires REAL"}
+_COLUMNS = "address, reason, created, detail, expires"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainFailurePolicy:
+    """When a recipient whose domain keeps failing (NXDOMAIN, null MX, no route) is suppressed.
+
+    A DNS answer says nothing about one mailbox, and a destination's DNS outage must not
+    suppress its real users: such failures bounce, but suppress only once they have gone on for
+    ``period`` seconds (at least two of them), and then only for ``expiry`` seconds.
+    """
+
+    period: float = 3 * 86400.0
+    expiry: float = 30 * 86400.0
 
 
 class SuppressionError(Exception):
@@ -78,6 +105,7 @@ class Suppression:
     reason: str
     created: float
     detail: str = ""
+    expires: float | None = None  # wall clock; None: until removed
 
     @property
     def date(self) -> str:
@@ -93,6 +121,12 @@ class Suppression:
         """
         if self.reason == "hard-bounce":
             return f"550 5.1.1 <{self.address}>: recipient suppressed (hard bounce on {self.date})"
+        if self.reason == "domain-failure":
+            until = datetime.fromtimestamp(self.expires or 0, UTC).strftime("%Y-%m-%d")
+            return (
+                f"550 5.1.2 <{self.address}>: recipient suppressed (its domain failing since "
+                f"{self.date}, until {until})"
+            )
         what = "complaint" if self.reason == "complaint" else "added by an operator"
         return f"550 5.7.1 <{self.address}>: recipient suppressed ({what} on {self.date})"
 
@@ -116,8 +150,19 @@ class SuppressionStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except (sqlite3.Error, OSError) as exc:
             raise SuppressionError(f"{path}: cannot open the suppression list: {exc}") from None
+
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(suppression)")}
+        for column, statement in _MIGRATIONS.items():
+            if column not in columns:
+                try:
+                    self._db.execute(statement)
+                except sqlite3.OperationalError as exc:  # another worker added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def busy_timeout(self, seconds: float) -> None:
         """How long a statement waits for another connection's lock before it fails."""
@@ -134,33 +179,49 @@ class SuppressionStore:
         """Close the connection."""
         self._db.close()
 
-    def get(self, address: str) -> Suppression | None:
-        """The entry for an address, or None."""
+    def get(self, address: str, now: float | None = None) -> Suppression | None:
+        """The entry for an address, or None (also when it has expired)."""
         row = self._db.execute(
-            "SELECT address, reason, created, detail FROM suppression WHERE address = ?",
-            (normalize(address),),
+            f"SELECT {_COLUMNS} FROM suppression WHERE address = ? "
+            "AND (expires IS NULL OR expires > ?)",
+            (normalize(address), time.time() if now is None else now),
         ).fetchone()
         return Suppression(*row) if row is not None else None
 
     def add(
-        self, address: str, reason: str, detail: str = "", when: float | None = None
-    ) -> tuple[Suppression, bool]:
+        self, address: str, reason: str, detail: str = "", when: float | None = None,
+        expires: float | None = None,
+    ) -> tuple[Suppression, bool]:  # fmt: skip
         """Suppress an address (durably); an existing entry is kept. Returns (entry, added)."""
         if reason not in REASONS:
             raise ValueError(f"unknown reason {reason!r}")
         address = normalize(address)
         if not valid_address(address):
             raise ValueError(f"not an address: {address!r}")
+        now = time.time() if when is None else when
         try:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO suppression VALUES (?, ?, ?, ?)",
-                (address, reason, time.time() if when is None else when, detail[:1000]),
-            )
+            with contextlib.closing(self._db.cursor()) as cursor:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    # An expired entry is replaced, not kept.
+                    cursor.execute(
+                        "DELETE FROM suppression WHERE address = ? AND expires <= ?",
+                        (address, now),
+                    )
+                    cursor.execute(
+                        f"INSERT OR IGNORE INTO suppression ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                        (address, reason, now, detail[:1000], expires),
+                    )
+                    added = cursor.rowcount == 1
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             raise SuppressionError(f"{self.path}: {exc}") from None
-        entry = self.get(address)
+        entry = self.get(address, now)
         assert entry is not None
-        return entry, cursor.rowcount == 1
+        return entry, added
 
     def remove(self, address: str) -> bool:
         """Take an address off the list; False when it was not on it."""
@@ -175,9 +236,49 @@ class SuppressionStore:
     def entries(self) -> list[Suppression]:
         """Every entry, oldest first."""
         rows = self._db.execute(
-            "SELECT address, reason, created, detail FROM suppression ORDER BY created, address"
+            f"SELECT {_COLUMNS} FROM suppression ORDER BY created, address"
         ).fetchall()
         return [Suppression(*row) for row in rows]
+
+    def domain_failed(self, address: str, now: float, policy: DomainFailurePolicy) -> float | None:
+        """Count a domain-level failure of ``address``; since when, once that is long enough.
+
+        The count starts again when the last failure is older than the expiry: a record that
+        old says nothing about the domain now.
+        """
+        address = normalize(address)
+        try:
+            with contextlib.closing(self._db.cursor()) as cursor:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor.execute(
+                        "INSERT INTO domain_failure VALUES (?, ?, ?, 1) ON CONFLICT(address) DO "
+                        "UPDATE SET first = CASE WHEN ? - last > ? THEN ? ELSE first END, "
+                        "failures = CASE WHEN ? - last > ? THEN 1 ELSE failures + 1 END, "
+                        "last = ?",
+                        (address, now, now, now, policy.expiry, now, now, policy.expiry, now),
+                    )
+                    first, failures = cursor.execute(
+                        "SELECT first, failures FROM domain_failure WHERE address = ?", (address,)
+                    ).fetchone()
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise SuppressionError(f"{self.path}: {exc}") from None
+        if failures >= 2 and now - first >= policy.period:
+            return float(first)
+        return None
+
+    def prune(self, before: float) -> int:
+        """Remove domain failures last seen and suppressions expired before ``before``."""
+        try:
+            failures = self._db.execute("DELETE FROM domain_failure WHERE last < ?", (before,))
+            expired = self._db.execute("DELETE FROM suppression WHERE expires < ?", (before,))
+        except sqlite3.Error as exc:
+            raise SuppressionError(f"{self.path}: {exc}") from None
+        return int(failures.rowcount + expired.rowcount)
 
     def count_complaint(self, domain: str) -> bool:
         """Count a complaint for ``domain``; True when it is now among the top domains."""
@@ -221,8 +322,12 @@ class Suppressions:
     not): a relay that a newer term superseded writes nothing more to the volume.
     """
 
-    def __init__(self, root: Path, log: Any, guard: Callable[[], str | None] | None = None) -> None:
+    def __init__(
+        self, root: Path, log: Any, guard: Callable[[], str | None] | None = None,
+        domain_failures: DomainFailurePolicy | None = None,
+    ) -> None:  # fmt: skip
         self.root = root
+        self.domain_failures = domain_failures or DomainFailurePolicy()
         self.log = log
         self.guard = guard
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hamta-suppression")
@@ -237,6 +342,11 @@ class Suppressions:
             self._executor,
             lambda: SuppressionStore.in_spool(self.root, check_same_thread=False),
         )
+        # Records that can no longer count go at each activation, so the table stays small.
+        stale = time.time() - self.domain_failures.expiry
+        pruned = await loop.run_in_executor(self._executor, self._writer.prune, stale)
+        if pruned:
+            self.log.info("SuppressionPruned", removed=pruned)
         self._reader = SuppressionStore.in_spool(self.root)
         # Looked up at RCPT on the event loop: never wait long on a lock (a failed lookup lets
         # the recipient through, as SuppressionLookupFailed says).
@@ -279,11 +389,16 @@ class Suppressions:
         finally:
             self._pending.discard(future)
 
-    async def add(self, address: str, reason: str, detail: str = "") -> tuple[Suppression, bool]:
+    async def add(
+        self, address: str, reason: str, detail: str = "", expires: float | None = None
+    ) -> tuple[Suppression, bool]:
         """Suppress an address durably; returns (entry, added) and logs ``Suppressed``."""
-        entry, added = await self._write(lambda store: store.add(address, reason, detail))
+        entry, added = await self._write(
+            lambda store: store.add(address, reason, detail, expires=expires)
+        )
         if added:
-            self.log.info("Suppressed", recipient=entry.address, reason=reason, detail=detail)
+            self.log.info("Suppressed", recipient=entry.address, reason=reason, detail=detail,
+                          expires=expires)  # fmt: skip
         return entry, bool(added)
 
     async def remove(self, address: str) -> bool:
@@ -317,6 +432,29 @@ class Suppressions:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return True
+
+    def record_domain_failure(self, address: str, reply: str) -> None:
+        """A permanent failure of a recipient's domain (no DNS, null MX, no route), not mailbox.
+
+        Counted; suppresses (for a while) only once it has gone on for the policy's period.
+        """
+        if self._writer is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._domain_failed(address, reply))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _domain_failed(self, address: str, reply: str) -> None:
+        policy = self.domain_failures
+        try:
+            now = time.time()
+            since = await self._write(lambda store: store.domain_failed(address, now, policy))
+            if since is not None:
+                since_day = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
+                await self.add(address, "domain-failure", f"failing since {since_day}: {reply}",
+                               expires=now + policy.expiry)  # fmt: skip
+        except (SuppressionError, ValueError) as exc:
+            self.log.error("SuppressionFailed", recipient=address, error=str(exc))
 
     async def _suppress_bounce(self, address: str, bounce_class: str, reply: str) -> None:
         try:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import smtplib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hamta.report_quarantine import quarantine_refusal
+from hamta.return_paths import SECRET_FILE, ReturnPaths
 from tests.conftest import RelayFactory
-from tests.support import DnsServer
+from tests.support import DnsServer, RecordingSink
 from tests.support.relay import RelayProcess
 from tests.test_suppression import CLIENT_HELO, metric, rcpt, send
 
@@ -94,8 +96,28 @@ def relay(
     process.stop()
 
 
-def test_a_dsn_of_an_unknown_recipient_suppresses_it_before_the_250(relay: RelayProcess) -> None:
-    reply = send(relay, "bounces+msg-4711@hamta.test", DSN, sender="")  # VERP, null sender
+def return_path_of(relay: RelayProcess, sink: RecordingSink, recipient: str) -> str:
+    """The signed return path the relay gives mail from the bounces address to ``recipient``."""
+    sink.clear()
+    send(relay, recipient, b"Subject: the November letter\r\n\r\nhello\r\n", sender=BOUNCES)
+    assert sink.wait_for(1, timeout=15)
+    (message,) = sink.messages
+    assert message.rcpt_tos == (recipient,)
+    return message.mail_from
+
+
+def signed_for(relay: RelayProcess, recipient: str, days_ago: float = 0) -> str:
+    """A return path signed with the relay's secret (on its spool), as of ``days_ago``."""
+    secret = (relay.spool / SECRET_FILE).read_bytes()
+    return ReturnPaths(BOUNCES, secret, 7, lambda: time.time() - days_ago * 86400).sign(recipient)
+
+
+def test_a_dsn_of_an_unknown_recipient_suppresses_it_before_the_250(
+    relay: RelayProcess, sink: RecordingSink
+) -> None:
+    return_path = return_path_of(relay, sink, "gone@sink.test")
+    assert re.match(r"^bounces\+\d+\.[0-9a-f]{16}\.gone=sink\.test@hamta\.test$", return_path)
+    reply = send(relay, return_path, DSN, sender="")  # the signed return path, null sender
     assert re.match(r"^250 2\.0\.0 Ok: bounce report read as \w+$", reply), reply
     # Durable before the 250: the very next RCPT is refused.
     code, text = rcpt(relay, "gone@sink.test")
@@ -117,7 +139,7 @@ def test_a_dsn_of_an_unknown_recipient_suppresses_it_before_the_250(relay: Relay
 
 def test_mail_to_the_bounces_address_that_is_no_dsn_is_kept(relay: RelayProcess) -> None:
     data = b"From: someone@remote.test\r\nSubject: out of office\r\n\r\nback monday\r\n"
-    reply = send(relay, BOUNCES, data, sender="")
+    reply = send(relay, signed_for(relay, "away@sink.test"), data, sender="")
     match = re.match(r"^250 2\.0\.0 Ok: unreadable report kept as (\w+)$", reply)
     assert match is not None, reply
     (event,) = [e for e in relay.events("BounceUnparsed") if e["queue_id"] == match.group(1)]
@@ -148,7 +170,7 @@ def test_reports_to_keep_never_take_the_spool_s_reserved_room(
     with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
         client.ehlo()
         client.mail("")
-        assert client.rcpt(BOUNCES)[0] == 250
+        assert client.rcpt(signed_for(relay, "away@sink.test"))[0] == 250
         code, text = client.data(b"Subject: out of office\r\n\r\nback monday\r\n")
     assert (code, text.decode()) == (452, "4.3.1 Insufficient system storage, try again later")
     assert relay.events("ReportNotKept")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import re
 import smtplib
 import subprocess
@@ -366,3 +367,58 @@ def test_signing_time(keys: dict[str, Any]) -> None:
         timings[f"rsa operation, {name}"] = (time.perf_counter() - started) / 20 * 1000
     print(f"signing ms per message (8 kB body): {timings}")
     assert timings["rsa operation, openssl"] * 3 < timings["rsa operation, pure"], timings
+
+
+# --------------------------------------------------- repeated headers; a second verifier
+
+
+def opendkim_verify(data: bytes, records: Mapping[str, Sequence[str]], work: Path) -> str:
+    """OpenDKIM's verdict on ``data`` ("" when it verifies): ``opendkim-testmsg``, a second
+    implementation, its key lookups answered by a dnsmasq on port 53 of a loopback address of
+    the test's own, named in a resolv.conf bound over /etc/resolv.conf in a mount namespace."""
+    address = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+    with TxtDnsServer(records, listen=address, port=53):
+        resolv = work / "resolv.conf"
+        resolv.write_text(f"nameserver {address}\n")
+        message = work / "message.eml"
+        message.write_bytes(data.replace(b"\r\n", b"\n"))  # it reads local (LF) line ends
+        result = subprocess.run(
+            ["unshare", "--mount", "sh", "-c",
+             f"mount --bind {resolv} /etc/resolv.conf && opendkim-testmsg < {message}"],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    return (result.stdout + result.stderr).strip() or ("" if result.returncode == 0 else "failed")
+
+
+def test_a_header_repeated_50000_times_is_signed_a_few_times(
+    dkim_relay: RelayProcess, sink: RecordingSink, txt_dns: TxtDnsServer, keys: dict[str, Any],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    subjects = b"".join(b"Subject: offer %d\r\n" % n for n in range(50000))
+    message = message_from("news@sign.test", "many").replace(b"Subject: many\r\n", subjects)
+    data = relay_once(dkim_relay, sink, "news@sign.test", message)
+    signature = data[: data.index(b"Received:")]
+    assert len(signature) < 2000, len(signature)  # was 515 KB: every Subject: was signed
+    (tags,) = signature_tags(data)
+    signed = [h.strip().lower() for h in tags["h"].split(":")]
+    assert signed.count("subject") == 4  # the last three, and one more (oversigned)
+    assert signed.count("from") == 2 and signed.count("to") == 2
+    assert verify_all(data, txt_dns) == [True]
+    # A Subject: added below the signed ones breaks the signature. (OpenDKIM refuses a message
+    # with two Subject: lines outright, as RFC 5322 allows one: dkimpy checks this one.)
+    added = data.replace(b"Subject: offer 49999\r\n", b"Subject: offer 49999\r\nSubject: new\r\n")
+    assert verify_all(added, txt_dns) == [False]
+
+
+def test_oversigned_mail_verifies_with_opendkim_too(
+    dkim_relay: RelayProcess, sink: RecordingSink, keys: dict[str, Any], tmp_path: Path
+) -> None:
+    data = relay_once(dkim_relay, sink, "news@sign.test", message_from("news@sign.test", "odk"))
+    (tags,) = signature_tags(data)
+    signed = [h.strip().lower() for h in tags["h"].split(":")]
+    assert signed.count("subject") == signed.count("to") == signed.count("from") == 2
+    _, name, strings = keys["sign"]
+    assert opendkim_verify(data, {name: strings}, tmp_path) == ""
+    tampered = data.replace(b"covered by the signature", b"covered by the signaturE")
+    verdict = opendkim_verify(tampered, {name: strings}, tmp_path)
+    assert "signature" in verdict.lower()

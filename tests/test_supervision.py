@@ -23,6 +23,7 @@ import structlog.testing
 from hamta import eventlog
 from hamta.config import Config
 from hamta.dsn import FailedRecipient
+from hamta.dsn_batch import FailedBatch
 from hamta.relay import Relay
 from tests.conftest import RelayFactory
 from tests.support import RecordingSink
@@ -222,9 +223,8 @@ def test_a_dsn_that_cannot_be_built_fails_its_message_alone(tmp_path: Path) -> N
         # put in memory only, as a bug could leave one).
         message.rec = msgspec.structs.replace(message.rec, recipients=("r\udce9@x.test",))
         report = FailedRecipient("r\udce9@x.test", "5.1.1", "550 5.1.1 no such user", "mx.x.test")
-        await asyncio.wait_for(
-            engine._bounce(message, [0], [report], expired=False, domain="x.test", attempts=1), 5
-        )
+        batch = FailedBatch(message, [report], [("x.test", [0], 1)], expired=False)
+        await asyncio.wait_for(engine._send_dsn(batch), 5)
         assert message.rec.qid not in spool.live  # finished, its DSN logged as not sent
         assert relay.ready
         await relay.deactivate(1.0)

@@ -24,6 +24,8 @@ from tests.support import DnsServer, RecordingSink
 from tests.support.relay import RelayProcess
 
 FBL = "fbl@hamta.test"
+# The complaints address, with the tests' client (loopback) as a trusted reporter network.
+REPORTS = {"complaints_address": FBL, "complaint_networks": ["127.0.0.0/8"]}
 CLIENT_HELO = "client.origin.test"
 TODAY = datetime.now(UTC).strftime("%Y-%m-%d")
 
@@ -102,7 +104,7 @@ def relay(
         {
             "dns": {"nameservers": [dns_server.nameserver]},
             "delivery": {"port": mx_port},
-            "suppression": {"complaints_address": FBL},
+            "suppression": REPORTS,
         },
     )
     process.start()
@@ -259,7 +261,7 @@ def test_the_complaints_address_takes_no_other_recipient(relay: RelayProcess) ->
 
 
 def test_complaint_domains_beyond_the_top_20_are_other(make_relay: RelayFactory) -> None:
-    relay = make_relay({"suppression": {"complaints_address": FBL}})
+    relay = make_relay({"suppression": REPORTS})
     with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
         for number in range(22):
             refused = client.sendmail("robot@x.test", [FBL], arf_report(f"u@d{number:02}.test"))
@@ -279,9 +281,7 @@ def test_complaint_domains_beyond_the_top_20_are_other(make_relay: RelayFactory)
 
 
 def test_reports_come_from_outside_the_relay_networks(make_relay: RelayFactory) -> None:
-    relay = make_relay(
-        {"smtp": {"relay_networks": ["198.18.0.0/15"]}, "suppression": {"complaints_address": FBL}}
-    )
+    relay = make_relay({"smtp": {"relay_networks": ["198.18.0.0/15"]}, "suppression": REPORTS})
     code, text = rcpt(relay, "someone@sink.test")
     assert (code, text) == (554, "5.7.1 Relay access denied")
     assert "complaint recorded" in send(relay, FBL, arf_report("far@sink.test"))
@@ -291,7 +291,7 @@ def test_reports_come_from_outside_the_relay_networks(make_relay: RelayFactory) 
 
 
 def test_suppression_survives_a_restart_on_the_same_spool(make_relay: RelayFactory) -> None:
-    relay = make_relay({"suppression": {"complaints_address": FBL}})
+    relay = make_relay({"suppression": REPORTS})
     send(relay, FBL, arf_report("kept@sink.test"))
     relay.kill()  # no graceful close: the 250 came after the commit was durable
     relay.start()
@@ -363,7 +363,7 @@ def test_control_reply_shape(relay: RelayProcess) -> None:
     reply: dict[str, Any] = send_command(relay.control, {"command": "suppression-list"})
     assert reply["ok"] is True
     for entry in reply["entries"]:
-        assert set(entry) == {"address", "reason", "created", "detail", "date"}
+        assert set(entry) == {"address", "reason", "created", "detail", "expires", "date"}
 
 
 def test_parser_names_what_is_missing() -> None:
