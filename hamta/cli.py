@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -44,19 +46,28 @@ def _load(path: Path | None) -> Config:
 # ------------------------------------------------------------------- serve
 
 
-async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
+async def _serve(
+    config: Config,
+    standby: bool,
+    config_file: Path | None,
+    worker: int,
+    listeners: list[socket.socket],
+    workers_listeners: list[list[socket.socket]],
+    dropped: dict[str, object],
+) -> int:
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
     from hamta.control import start_control  # noqa: PLC0415
     from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
     from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
-    eventlog.configure(config.log.level, config.log.file)
     pool = None
     if worker == 0 and config.node.workers > 1:
-        pool = WorkerPool(config.node.workers, config_file, config.control.socket,
-                          eventlog.get_logger(node=config.node.hostname, worker=0))  # fmt: skip
-    relay = Relay(config, worker=worker, pool=pool)
+        pool = WorkerPool(config_file, config.control.socket,
+                          eventlog.get_logger(node=config.node.hostname, worker=0),
+                          workers_listeners)  # fmt: skip
+    relay = Relay(config, listeners=listeners, worker=worker, pool=pool)
     log = relay.log
+    log.info("PrivilegesDropped", **dropped)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task[Any]] = set()
@@ -125,6 +136,10 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     return code
 
 
+def _fds(text: str) -> list[int]:
+    return [int(fd) for fd in text.split(",") if fd]
+
+
 def _run(coro: Any) -> int:
     if uvloop is None:
         return int(asyncio.run(coro))
@@ -139,7 +154,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         # A worker of a multi-process relay: it goes when the relay that started it goes.
         die_with_parent()
-    return _run(_serve(config, args.standby or bool(args.worker), args.config, args.worker))
+    from hamta import listeners as smtp_sockets  # noqa: PLC0415
+    from hamta import privileges  # noqa: PLC0415
+
+    standby = args.standby or bool(args.worker)
+    eventlog.configure(config.log.level, config.log.file)
+    # Everything that needs root happens here, before the event loop and its threads exist:
+    # the SMTP sockets are bound, the log and a standalone spool handed over, then root goes.
+    # A port taken is thus found at start, by a standby too, not at its first activation.
+    try:
+        if args.listen_fds is not None:  # a worker: worker 0 bound them
+            own, others = smtp_sockets.adopt(args.listen_fds), []
+        else:
+            workers = config.node.workers
+            # Workers share the port; a lone relay must not, or a second one started by
+            # mistake would silently take half the connections.
+            own = smtp_sockets.bind(config.smtp.listen, reuse_port=workers > 1)
+            others = [
+                smtp_sockets.bind(config.smtp.listen, reuse_port=True) for _ in range(1, workers)
+            ]
+        identity = privileges.resolve(config.node.user, config.node.group)
+        if os.geteuid() != identity.uid:
+            if config.log.file is not None:
+                privileges.give_file(config.log.file, identity)
+            if not standby:  # a standby is activated on a spool the cluster agent hands over
+                privileges.give_tree(config.spool.path, identity)
+        dropped = privileges.drop_privileges(identity)
+    except (smtp_sockets.ListenerError, privileges.PrivilegeError, OSError) as exc:
+        log = eventlog.get_logger(node=config.node.hostname)
+        log.error("StartFailed", error=str(exc))
+        log.info("RelayExited", code=1)
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run(_serve(config, standby, args.config, args.worker, own, others, dropped))
+    finally:
+        smtp_sockets.close_all([own_socket for group in [own, *others] for own_socket in group])
 
 
 # ------------------------------------------------------------------- relay
@@ -332,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start warm: no spool, no listener, until activated over the control socket",
     )  # fmt: skip
     serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    # A worker's SMTP sockets, bound by worker 0 (hamta.listeners), as file descriptors.
+    serve.add_argument("--listen-fds", type=_fds, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     relay = sub.add_parser("relay", help="drive a running relay over its control socket")

@@ -1,0 +1,226 @@
+"""The relay gives up root before it parses a client byte (hamta/privileges.py, hamta/listeners.py).
+
+Real ``hamta serve`` processes started as root (the tests run as root) with ``[node] user`` set
+to a system user each test creates with useradd and removes: the kernel's view of the process
+(/proc/PID/status) must show that user and no capability, and mail must still flow through a
+privileged port. The relay runs on /usr/bin/python3.11 with the shared virtualenv's packages on
+its path, because the virtualenv's own interpreter lives under /root, which no unprivileged
+user may enter (a production install lives under /opt/hamta).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtpd
+import pytest
+
+from hamta.workers import control_path
+from tests.conftest import MX_HOST
+from tests.support import RecordingSink
+from tests.support.relay import HAMTA, RelayProcess
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
+TREE = Path(__file__).resolve().parent.parent
+# Where the shared virtualenv's packages are (aiosmtpd is one of them).
+SITE_PACKAGES = Path(aiosmtpd.__file__).resolve().parent.parent
+CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+def status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dictionary."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def privileged_port(host: str) -> int:
+    """A port below 1024 that nothing listens on at ``host``."""
+    for port in range(700, 1024):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free privileged port")
+
+
+def refused(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port is refused (nothing listens)."""
+    with socket.socket() as client:
+        client.settimeout(5)
+        return client.connect_ex((host, port)) != 0
+
+
+def send(port: int, tag: str) -> str:
+    """One message to sink.test through the relay; its queue id."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo()
+        client.mail("a@origin.test")
+        client.rcpt("user@sink.test")
+        code, reply = client.data(f"Subject: {tag}\r\nMessage-ID: <{tag}@t>\r\n\r\nhi\r\n".encode())
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[-1]
+
+
+@pytest.fixture
+def system_user() -> Iterator[pwd.struct_passwd]:
+    """A system user (and its group) of its own for the test, removed afterwards."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"{SYSTEM_PYTHON} is needed to run the relay as another user")
+    name = f"hamtat{os.getpid() % 100000}"
+    subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home",
+         "--shell", "/usr/sbin/nologin", name],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def workdir(system_user: pwd.struct_passwd) -> Iterator[Path]:
+    """A directory the test user owns (pytest's are root's, mode 0700, all the way up)."""
+    path = Path(tempfile.mkdtemp(prefix="hamta-priv-"))
+    os.chown(path, system_user.pw_uid, system_user.pw_gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def unprivileged_relay(
+    workdir: Path, user: str, mx_port: int, overrides: dict[str, dict[str, Any]] | None = None,
+    *, standby: bool = False,
+) -> RelayProcess:  # fmt: skip
+    """A relay started as root on a privileged port, configured to run as ``user``."""
+    port = privileged_port("127.0.0.1")
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"user": user},
+        "smtp": {"listen": [f"127.0.0.1:{port}"]},
+        "delivery": {"port": mx_port, "routes": {"sink.test": f"[{MX_HOST}]:{mx_port}"}},
+    }
+    for section, keys in (overrides or {}).items():
+        sections.setdefault(section, {}).update(keys)
+    relay = RelayProcess(
+        workdir, sections, standby=standby,
+        command=[str(SYSTEM_PYTHON), "-m", "hamta.cli"],
+        env={**os.environ, "PYTHONPATH": f"{TREE}:{SITE_PACKAGES}"},
+    )  # fmt: skip
+    relay.port = port
+    return relay
+
+
+def assert_unprivileged(pid: int, user: pwd.struct_passwd) -> None:
+    fields = status(pid)
+    assert fields["Uid"].split() == [str(user.pw_uid)] * 4, fields["Uid"]
+    assert fields["Gid"].split() == [str(user.pw_gid)] * 4, fields["Gid"]
+    assert fields["Groups"] == "", fields["Groups"]
+    assert {name: int(fields[name], 16) for name in CAP_SETS} == dict.fromkeys(CAP_SETS, 0)
+    assert fields["NoNewPrivs"] == "1"
+
+
+def test_relay_started_as_root_serves_mail_as_its_user_with_no_capability(
+    workdir: Path, system_user: pwd.struct_passwd, sink: RecordingSink, mx_port: int
+) -> None:
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port)
+    with relay:
+        assert relay.port < 1024  # bound before the drop: no capability is needed to serve it
+        assert_unprivileged(relay.pid, system_user)
+        send(relay.port, "dropped")
+        assert sink.wait_for(1, timeout=30), sink.messages
+        relay.wait_queue_empty()
+        (dropped,) = relay.events("PrivilegesDropped")
+        assert dropped["user"] == system_user.pw_name
+        assert dropped["started_as_uid"] == 0 and dropped["bounding_set"] == "cleared"
+    # What the relay wrote is its user's: the spool it was handed and everything in it.
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in [relay.spool, *relay.spool.rglob("*")]}
+    assert owners == {(system_user.pw_uid, system_user.pw_gid)}
+
+
+def test_a_standby_listens_only_while_active_and_again_after_a_deactivation(
+    workdir: Path, system_user: pwd.struct_passwd, sink: RecordingSink, mx_port: int
+) -> None:
+    # 192.0.2.80 (TEST-NET-1) is on no interface, as the virtual IP is not on a standby node:
+    # IP_FREEBIND binds it all the same, before the drop; nothing is ever sent to it.
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, standby=True)
+    vip = f"192.0.2.80:{relay.port}"
+    relay.config_path.write_text(
+        relay.config_path.read_text().replace(
+            f'listen = ["127.0.0.1:{relay.port}"]', f'listen = ["127.0.0.1:{relay.port}", "{vip}"]'
+        )
+    )
+    config = str(relay.config_path)
+    with relay:
+        assert_unprivileged(relay.pid, system_user)
+        assert refused("127.0.0.1", relay.port)  # bound, not listening: a standby takes nothing
+        for round_ in range(2):  # the second activation listens again with no privilege
+            done = relay.cli("relay", "activate", "--config", config, "--spool", str(relay.spool))
+            assert done.returncode == 0, done.stderr
+            relay.wait_ready()
+            send(relay.port, f"round{round_}")
+            relay.wait_queue_empty()
+            done = relay.cli("relay", "deactivate", "--config", config)
+            assert done.returncode == 0, done.stderr
+            assert refused("127.0.0.1", relay.port)
+        assert sink.wait_for(2, timeout=30), sink.messages
+        assert not relay.events("ActivationFailed")
+
+
+def test_workers_run_unprivileged_and_a_restarted_worker_listens_again(
+    workdir: Path, system_user: pwd.struct_passwd, sink: RecordingSink, mx_port: int
+) -> None:
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, {"node": {"workers": 2}})
+    with relay:
+        (started,) = relay.wait_events("WorkerStarted")
+        worker = int(started["worker_pid"])
+        assert_unprivileged(relay.pid, system_user)
+        assert_unprivileged(worker, system_user)
+        os.kill(worker, 9)
+        # Worker 0 stops the dead worker's socket listening and hands it to the new worker:
+        # every connection is served meanwhile (none queued where nobody accepts).
+        restarted = relay.wait_events("WorkerStarted", count=2, timeout=30)[-1]
+        relay.wait_events("WorkerReactivated", timeout=30)
+        assert_unprivileged(int(restarted["worker_pid"]), system_user)
+        for n in range(20):
+            send(relay.port, f"w{n}")
+        assert sink.wait_for(20, timeout=60), len(sink.messages)
+        socket_path = control_path(relay.control, 1)
+        assert socket_path.stat().st_uid == system_user.pw_uid
+
+
+def test_root_without_a_user_to_become_refuses_to_start(tmp_path: Path) -> None:
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam("hamta")
+        pytest.skip("this host has a user hamta: a relay started as root would become it")
+    relay = RelayProcess(tmp_path, {"node": {"hostname": "relay.hamta.test"}})
+    relay.config_path.write_text(relay.config_path.read_text().replace('user = "root"\n', ""))
+    started = time.monotonic()
+    done = subprocess.run(
+        [*HAMTA, "serve", "--config", str(relay.config_path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done
+    assert "started as root and [node] user is not set" in done.stderr
+    assert "useradd --system hamta" in done.stderr
+    assert time.monotonic() - started < 30
+    assert not relay.spool.exists() and not relay.control.exists()
+    assert refused("127.0.0.1", relay.port)
