@@ -26,9 +26,11 @@ from typing import Any
 import aiosmtpd
 import pytest
 
+from cluster.zookeeper import ZooKeeperEnsemble
 from hamta.workers import control_path
 from tests.conftest import MX_HOST
 from tests.support import RecordingSink
+from tests.support.agents import AgentNode, message_ids, wait_for
 from tests.support.relay import HAMTA, RelayProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
@@ -224,3 +226,50 @@ def test_root_without_a_user_to_become_refuses_to_start(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
     assert not relay.spool.exists() and not relay.control.exists()
     assert refused("127.0.0.1", relay.port)
+
+
+def test_the_agent_gives_the_spool_to_the_relay_user_whose_relay_runs_unprivileged(
+    workdir: Path,
+    system_user: pwd.struct_passwd,
+    zookeeper: ZooKeeperEnsemble,
+    sink: RecordingSink,
+    mx_port: int,
+) -> None:
+    shared = workdir / "shared"
+    old = shared / "spool" / "quarantine" / "old-report.eml"
+    old.parent.mkdir(parents=True)
+    old.write_text("a spool from before the relay ran as its own user\n")  # root's
+    port = privileged_port("127.0.0.31")
+    relay_config = workdir / "node1" / "relay.toml"
+    node = AgentNode(
+        workdir, "node1", host="127.0.0.31", smtp_port=port, zookeeper=zookeeper.hosts,
+        shared_spool=shared, credentials=None,
+        relay={
+            "node": {"user": system_user.pw_name},
+            "delivery": {"port": mx_port, "routes": {"sink.test": f"[{MX_HOST}]:{mx_port}"}},
+        },
+        agent={
+            "cluster": f"privileges{os.getpid()}",
+            "relay_command": [
+                "env", f"PYTHONPATH={TREE}:{SITE_PACKAGES}", str(SYSTEM_PYTHON), "-m",
+                "hamta.cli", "serve", "--standby", "--config", str(relay_config),
+            ],
+        },
+    )  # fmt: skip
+    # The relay makes its control socket there once it runs as its user.
+    os.chown(node.workdir, system_user.pw_uid, system_user.pw_gid)
+    node.start()
+    try:
+        wait_for(lambda: node.role() == "active", 60, "the node active")
+        (relay,) = node.relay_pids()
+        assert_unprivileged(relay, system_user)
+        acked = node.send(2, tag="agent-")
+        wait_for(lambda: message_ids(sink) >= set(acked), 30, "deliveries")
+        tree = [shared / "spool", *(shared / "spool").rglob("*")]
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in tree}
+        assert owners == {(system_user.pw_uid, system_user.pw_gid)}
+        assert old.read_text().startswith("a spool from before")
+        promotion = next(d for d in node.events("StepDone") if d.get("step") == "storage")
+        assert f"given to {system_user.pw_name}" in promotion["detail"], promotion
+    finally:
+        node.stop()
