@@ -53,6 +53,7 @@ async def _serve(
     worker: int,
     listeners: list[socket.socket],
     workers_listeners: list[list[socket.socket]],
+    control_socket: socket.socket,
     dropped: dict[str, object],
 ) -> int:
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
@@ -101,7 +102,7 @@ async def _serve(
             await pool.stop(0)
         return 1
     socket_path = control_path(config.control.socket, worker)
-    control = await start_control(relay, socket_path, stop)
+    control = await start_control(relay, control_socket, stop)
     socket_inode = socket_path.stat().st_ino
     log.info("RelayStarted", standby=standby, admin=admin_listen, control=str(socket_path),
              workers=config.node.workers)  # fmt: skip
@@ -125,7 +126,9 @@ async def _serve(
         control.close()
         # A relay started since this one was given up for dead (a worker still stopping when
         # its node was restarted) has taken the path: its socket is not ours to remove.
-        with contextlib.suppress(FileNotFoundError):
+        # PermissionError: bound while root in a directory the relay's user may not write; the
+        # next start removes it.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
             if socket_path.stat().st_ino == socket_inode:
                 socket_path.unlink()
         if pool is not None:
@@ -156,12 +159,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         die_with_parent()
     from hamta import listeners as smtp_sockets  # noqa: PLC0415
     from hamta import privileges  # noqa: PLC0415
+    from hamta.control import bind_control  # noqa: PLC0415
+    from hamta.workers import control_path  # noqa: PLC0415
 
     standby = args.standby or bool(args.worker)
     eventlog.configure(config.log.level, config.log.file)
     # Everything that needs root happens here, before the event loop and its threads exist:
     # the SMTP sockets are bound, the log and a standalone spool handed over, then root goes.
     # A port taken is thus found at start, by a standby too, not at its first activation.
+    control: socket.socket | None = None
     try:
         if args.listen_fds is not None:  # a worker: worker 0 bound them
             own, others = smtp_sockets.adopt(args.listen_fds), []
@@ -174,6 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 smtp_sockets.bind(config.smtp.listen, reuse_port=True) for _ in range(1, workers)
             ]
         identity = privileges.resolve(config.node.user, config.node.group)
+        # Bound while root, so that it is root's (hamta.control.bind_control).
+        control = bind_control(control_path(config.control.socket, args.worker))
         if os.geteuid() != identity.uid:
             if config.log.file is not None:
                 privileges.give_file(config.log.file, identity)
@@ -185,9 +193,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("StartFailed", error=str(exc))
         log.info("RelayExited", code=1)
         print(f"hamta: {exc}", file=sys.stderr)
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control_path(config.control.socket, args.worker).unlink()
         return 1
     try:
-        return _run(_serve(config, standby, args.config, args.worker, own, others, dropped))
+        return _run(
+            _serve(config, standby, args.config, args.worker, own, others, control, dropped)
+        )
     finally:
         smtp_sockets.close_all([own_socket for group in [own, *others] for own_socket in group])
 

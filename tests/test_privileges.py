@@ -100,9 +100,14 @@ def system_user() -> Iterator[pwd.struct_passwd]:
 
 @pytest.fixture
 def workdir(system_user: pwd.struct_passwd) -> Iterator[Path]:
-    """A directory the test user owns (pytest's are root's, mode 0700, all the way up)."""
+    """A directory as the role makes /run/hamta/relay: root's, writable by the user's group.
+
+    (pytest's are root's, mode 0700, all the way up.) Root's, so that the agent, root without
+    CAP_DAC_READ_SEARCH under its unit, may reach the control socket in it.
+    """
     path = Path(tempfile.mkdtemp(prefix="hamta-priv-"))
-    os.chown(path, system_user.pw_uid, system_user.pw_gid)
+    os.chown(path, 0, system_user.pw_gid)
+    path.chmod(0o770)
     try:
         yield path
     finally:
@@ -150,6 +155,15 @@ def test_relay_started_as_root_serves_mail_as_its_user_with_no_capability(
         send(relay.port, "dropped")
         assert sink.wait_for(1, timeout=30), sink.messages
         relay.wait_queue_empty()
+        # The control socket was bound before the drop and stays root's: the agent, root
+        # without CAP_DAC_OVERRIDE under its unit, still drives the relay through it.
+        assert relay.control.stat().st_uid == 0
+        done = subprocess.run(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *HAMTA,
+             "relay", "status", "--socket", str(relay.control)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
         (dropped,) = relay.events("PrivilegesDropped")
         assert dropped["user"] == system_user.pw_name
         assert dropped["started_as_uid"] == 0 and dropped["bounding_set"] == "cleared"
@@ -257,7 +271,8 @@ def test_the_agent_gives_the_spool_to_the_relay_user_whose_relay_runs_unprivileg
         },
     )  # fmt: skip
     # The relay makes its control socket there once it runs as its user.
-    os.chown(node.workdir, system_user.pw_uid, system_user.pw_gid)
+    os.chown(node.workdir, 0, system_user.pw_gid)
+    node.workdir.chmod(0o770)
     node.start()
     try:
         wait_for(lambda: node.role() == "active", 60, "the node active")
