@@ -8,10 +8,8 @@ With no file, :data:`DEFAULT_TOML` applies: SMTP on 127.0.0.1:2525 and a spool u
 
 from __future__ import annotations
 
-import grp
 import ipaddress
 import os
-import pwd
 import re
 import socket
 import ssl
@@ -129,29 +127,10 @@ class NodeConfig(_Section):
     workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=64)] = 1
     # Who the relay runs as once its SMTP sockets are bound (hamta/privileges.py). Unset: a
     # relay started as root becomes "hamta" (and refuses to start without that user); "root"
-    # keeps root on purpose. group: the user's own group unless set.
+    # keeps root on purpose. group: the user's own group unless set. Looked up when the relay
+    # starts, not here: a controller renders and checks configurations for hosts it is not.
     user: str | None = Field(default=None, min_length=1)
     group: str | None = Field(default=None, min_length=1)
-
-    @field_validator("user")
-    @classmethod
-    def _check_user(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                pwd.getpwnam(value)
-            except KeyError:
-                raise ValueError(f"no such user {value!r} on this host") from None
-        return value
-
-    @field_validator("group")
-    @classmethod
-    def _check_group(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                grp.getgrnam(value)
-            except KeyError:
-                raise ValueError(f"no such group {value!r} on this host") from None
-        return value
 
 
 class SmtpConfig(_Section):

@@ -288,3 +288,16 @@ def test_the_agent_gives_the_spool_to_the_relay_user_whose_relay_runs_unprivileg
         assert f"given to {system_user.pw_name}" in promotion["detail"], promotion
     finally:
         node.stop()
+
+
+def test_an_unknown_user_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path, {"node": {"user": "no-such-hamta-user"}})
+    done = subprocess.run(
+        [*HAMTA, "serve", "--config", str(relay.config_path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done
+    assert done.stderr == "hamta: no such user 'no-such-hamta-user'\n"
+    (failed,) = relay.events("StartFailed")
+    assert failed["error"] == "no such user 'no-such-hamta-user'"
+    assert not relay.spool.exists() and not relay.control.exists()
