@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import AgentConfig, load_agent_config
-from cluster.lab.vagrant import parse_recap
+from cluster.lab.vagrant import libvirtd_config, parse_recap
 from hamta.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -411,3 +411,23 @@ def test_zookeepers_super_digest_is_on_no_command_line(tmp_path: Path) -> None:
     assert digest not in unit and "superDigest" not in unit and "EnvironmentFile" not in unit
     # The JVM reads it from an @argfile (0640 root:zookeeper, written by the role).
     assert "@/etc/zookeeper/hamta/secret.jvmargs" in unit
+
+
+def test_the_vagrant_libvirtd_listens_where_the_fence_agent_connects_and_nowhere_else(
+    tmp_path: Path,
+) -> None:
+    settings = dict(
+        (key.strip(), value.strip().strip('"'))
+        for key, _, value in (
+            line.partition("=") for line in libvirtd_config(tmp_path / "log").splitlines()
+        )
+    )
+    fence_uri = re.search(
+        r"uri: qemu\+tcp://([\d.]+)/system",
+        (VAGRANT_INVENTORY / "group_vars/all.yml").read_text(),
+    )
+    assert fence_uri is not None
+    # TCP without authentication: on the cluster network's host address, which the guests'
+    # libvirt fence agent uses, never on every address (the management network included).
+    assert settings["auth_tcp"] == "none" and settings["listen_tcp"] == "1"
+    assert settings["listen_addr"] == fence_uri.group(1) == "198.19.101.1"
