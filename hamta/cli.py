@@ -9,12 +9,13 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chaos.cli import add_chaos_commands
 from cluster.cli import add_cluster_commands
@@ -23,6 +24,9 @@ from hamta import capacity, eventlog
 from hamta.config import Config, ConfigError, load_config
 from hamta.control_client import ControlError, send_command
 from hamta.reputation_cli import add_reputation_commands
+
+if TYPE_CHECKING:
+    from hamta.relay import Relay
 
 # The relay itself (hamta.relay, the admin server with aiohttp, the spool, the workers) is
 # imported by the commands that run or read it, not here: every other command, DRBD's
@@ -48,25 +52,17 @@ def _load(path: Path | None) -> Config:
 
 async def _serve(
     config: Config,
+    relay: Relay,
     standby: bool,
-    config_file: Path | None,
-    worker: int,
-    listeners: list[socket.socket],
-    workers_listeners: list[list[socket.socket]],
     control_socket: socket.socket,
     dropped: dict[str, object],
 ) -> int:
     from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
     from hamta.control import start_control  # noqa: PLC0415
-    from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
-    from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
+    from hamta.relay import RelayError, RelayState  # noqa: PLC0415
+    from hamta.workers import control_path  # noqa: PLC0415
 
-    pool = None
-    if worker == 0 and config.node.workers > 1:
-        pool = WorkerPool(config_file, config.control.socket,
-                          eventlog.get_logger(node=config.node.hostname, worker=0),
-                          workers_listeners)  # fmt: skip
-    relay = Relay(config, listeners=listeners, worker=worker, pool=pool)
+    pool, worker = relay.pool, relay.worker
     log = relay.log
     log.info("PrivilegesDropped", **dropped)
     loop = asyncio.get_running_loop()
@@ -159,8 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         die_with_parent()
     from hamta import listeners as smtp_sockets  # noqa: PLC0415
     from hamta import privileges  # noqa: PLC0415
+    from hamta.bounce_classes import BounceRulesError, build_classifier  # noqa: PLC0415
     from hamta.control import bind_control  # noqa: PLC0415
-    from hamta.workers import control_path  # noqa: PLC0415
+    from hamta.relay import Relay  # noqa: PLC0415
+    from hamta.smtp import tls_context  # noqa: PLC0415
+    from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
     standby = args.standby or bool(args.worker)
     eventlog.configure(config.log.level, config.log.file)
@@ -187,7 +186,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 privileges.give_file(config.log.file, identity)
             if not standby:  # a standby is activated on a spool the cluster agent hands over
                 privileges.give_tree(config.spool.path, identity)
+        pool = None
+        if args.worker == 0 and config.node.workers > 1:
+            pool = WorkerPool(args.config, config.control.socket,
+                              eventlog.get_logger(node=config.node.hostname, worker=0),
+                              others)  # fmt: skip
+        # Built while root: the DKIM keys it loads may stay readable by root alone.
+        relay = Relay(config, listeners=own, worker=args.worker, pool=pool)
         dropped = privileges.drop_privileges(identity)
+        # What each activation reads again, read once now as the relay's user: a file it may
+        # not read stops the start (of a standby too), not a takeover.
+        try:
+            tls_context(config.smtp)
+        except (OSError, ssl.SSLError) as exc:
+            raise privileges.PrivilegeError(
+                f"as user {identity.user}: cannot load smtp.tls_cert {config.smtp.tls_cert} "
+                f"with smtp.tls_key {config.smtp.tls_key}: {exc}"
+            ) from None
+        try:
+            build_classifier(config.delivery.bounce_rules)
+        except BounceRulesError as exc:
+            raise privileges.PrivilegeError(f"as user {identity.user}: {exc}") from None
     except (smtp_sockets.ListenerError, privileges.PrivilegeError, OSError) as exc:
         log = eventlog.get_logger(node=config.node.hostname)
         log.error("StartFailed", error=str(exc))
@@ -198,9 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 control_path(config.control.socket, args.worker).unlink()
         return 1
     try:
-        return _run(
-            _serve(config, standby, args.config, args.worker, own, others, control, dropped)
-        )
+        return _run(_serve(config, relay, standby, control, dropped))
     finally:
         smtp_sockets.close_all([own_socket for group in [own, *others] for own_socket in group])
 

@@ -32,6 +32,7 @@ from tests.conftest import MX_HOST
 from tests.support import RecordingSink
 from tests.support.agents import AgentNode, message_ids, wait_for
 from tests.support.relay import HAMTA, RelayProcess
+from tests.support.tls import make_self_signed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 
@@ -301,3 +302,52 @@ def test_an_unknown_user_is_a_clear_error_at_start(tmp_path: Path) -> None:
     (failed,) = relay.events("StartFailed")
     assert failed["error"] == "no such user 'no-such-hamta-user'"
     assert not relay.spool.exists() and not relay.control.exists()
+
+
+def test_dkim_keys_readable_by_root_alone_still_sign_once_the_relay_is_unprivileged(
+    workdir: Path, system_user: pwd.struct_passwd, sink: RecordingSink, mx_port: int
+) -> None:
+    done = subprocess.run(
+        [*HAMTA, "dkim", "keygen", "sign.test", "s1", "--directory", str(workdir)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    key = workdir / "sign.test.s1.key"
+    assert key.stat().st_uid == 0 and key.stat().st_mode & 0o777 == 0o600
+    dkim = {"keys": [{"domain": "sign.test", "selector": "s1", "key": key}]}
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, {"dkim": dkim})
+    with relay, smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        assert_unprivileged(relay.pid, system_user)
+        client.sendmail(
+            "a@sign.test", ["user@sink.test"],
+            b"From: a@sign.test\r\nTo: user@sink.test\r\nSubject: signed\r\n\r\nhi\r\n",
+        )  # fmt: skip
+        assert sink.wait_for(1, timeout=30), sink.messages
+    (message,) = sink.messages
+    assert b"DKIM-Signature:" in message.data and b"d=sign.test" in message.data
+
+
+def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
+    workdir: Path, system_user: pwd.struct_passwd, mx_port: int
+) -> None:
+    cert, key = make_self_signed(workdir, "relay.hamta.test")
+    key.chmod(0o600)  # root's alone
+    smtp = {"tls_cert": cert, "tls_key": key}
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, {"smtp": smtp}, standby=True)
+    relay.start(wait_ready=False)
+    assert relay.proc is not None
+    assert relay.proc.wait(timeout=60) == 1
+    expected = f"as user {system_user.pw_name}: cannot load smtp.tls_cert {cert}"
+    assert expected in relay.stderr() and "Permission denied" in relay.stderr()
+    (failed,) = relay.events("StartFailed")
+    assert expected in failed["error"]
+    # Given to the relay's group, as the role does, the same key serves.
+    os.chown(key, 0, system_user.pw_gid)
+    key.chmod(0o640)
+    with relay:
+        done = relay.cli("relay", "activate", "--config", str(relay.config_path),
+                         "--spool", str(relay.spool))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.starttls()
+            assert client.noop()[0] == 250
