@@ -22,6 +22,8 @@ from pathlib import Path
 # The user a relay started as root becomes when its configuration names none.
 DEFAULT_USER = "hamta"
 
+_PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
@@ -134,6 +136,12 @@ def drop_privileges(identity: Identity) -> dict[str, object]:
     libc = _libc()
     started_as = os.geteuid()
     bounding = "kept"
+    # The kernel forgets the parent-death signal when the effective uid changes: the signal the
+    # cluster agent asked for (setpriv --pdeathsig, cluster/relayproc.py) is set again below,
+    # or a relay would outlive a killed agent.
+    parent = os.getppid()
+    death_signal = ctypes.c_int(0)
+    _check(libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death_signal), 0, 0, 0), "reading pdeathsig")
     if started_as == 0 and identity.uid != 0:
         # While root: empty the bounding set, so that not even an exec could regain a
         # capability. It needs CAP_SETPCAP, which a unit's CapabilityBoundingSet may have
@@ -152,6 +160,10 @@ def drop_privileges(identity: Identity) -> dict[str, object]:
             raise PrivilegeError(
                 f"cannot become {identity.user}:{identity.group}: {exc.strerror}"
             ) from None
+        if death_signal.value:
+            _check(libc.prctl(_PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0), "setting pdeathsig")
+            if os.getppid() != parent:  # the parent died before it took effect
+                os.kill(os.getpid(), death_signal.value)
     elif os.geteuid() != identity.uid:
         raise PrivilegeError(f"cannot become user {identity.user!r}: not started as root")
     if identity.uid != 0:
@@ -173,6 +185,7 @@ def drop_privileges(identity: Identity) -> dict[str, object]:
         "gid": identity.gid,
         "started_as_uid": started_as,
         "bounding_set": bounding,
+        "parent_death_signal": death_signal.value,
     }
 
 

@@ -11,12 +11,15 @@ user may enter (a production install lives under /opt/hamta).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -50,6 +53,14 @@ def status(pid: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return fields
+
+
+def dead(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def privileged_port(host: str) -> int:
@@ -336,7 +347,10 @@ def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
     relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, {"smtp": smtp}, standby=True)
     relay.start(wait_ready=False)
     assert relay.proc is not None
-    assert relay.proc.wait(timeout=60) == 1
+    try:
+        assert relay.proc.wait(timeout=60) == 1
+    finally:
+        relay.stop()  # one that started after all must not outlive the test
     expected = f"as user {system_user.pw_name}: cannot load smtp.tls_cert {cert}"
     assert expected in relay.stderr() and "Permission denied" in relay.stderr()
     (failed,) = relay.events("StartFailed")
@@ -351,3 +365,29 @@ def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.starttls()
             assert client.noop()[0] == 250
+
+
+def test_an_unprivileged_relay_still_dies_with_the_process_that_started_it(
+    workdir: Path, system_user: pwd.struct_passwd, mx_port: int
+) -> None:
+    # As the agent starts it (cluster/relayproc.py), without the agent's watchdog, which would
+    # kill it anyway: the kernel clears the parent-death signal when the uid changes.
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, standby=True)
+    serve = ["setpriv", "--pdeathsig", "KILL", "--", *relay.command, "serve", "--standby",
+             "--config", str(relay.config_path)]  # fmt: skip
+    starter = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); p.wait()"  # noqa: E501
+    parent = subprocess.Popen(
+        [sys.executable, "-c", starter, *serve], stdout=subprocess.PIPE, env=relay.env
+    )
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    try:
+        relay.wait_ready(live_only=True)
+        assert_unprivileged(pid, system_user)
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_for(functools.partial(dead, pid), 10, "the relay gone with its parent")
+        assert relay.events("PrivilegesDropped")[0]["parent_death_signal"] == signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
