@@ -76,6 +76,8 @@ CONFIG = """\
 [node]
 hostname = "hamta.bench.test"
 workers = {workers}
+# The harness runs as root and owns the spool: no drop (hamta/privileges.py).
+user = "root"
 stop_timeout = "2s"
 
 [smtp]

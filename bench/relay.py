@@ -783,6 +783,8 @@ HAMTA_TOML = """\
 [node]
 hostname = "hamta.bench.test"
 workers = {workers}
+# The harness runs as root and owns the spool: no drop (hamta/privileges.py).
+user = "root"
 
 [smtp]
 listen = [{listen}]

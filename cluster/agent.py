@@ -42,7 +42,7 @@ from cluster.storage import Storage, storage_from_config
 from cluster.vip import VirtualIp
 from fencing import FenceChain, agents_from_config
 from fencing.watchdog import Watchdog, WatchdogError
-from hamta import eventlog
+from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
 from hamta.eventlog import get_logger
 
@@ -135,6 +135,9 @@ class Agent:
             on_change=on_change,
         )
         relay_config = load_config(agent.relay_config)
+        # Who the relay child becomes (it starts with the agent's uid): PrivilegeError here is
+        # the relay's own refusal, said at the agent's start rather than at each relay start.
+        relay_user = privileges.resolve(relay_config.node.user, relay_config.node.group)
         self.relay = RelayProcess(
             agent.relay_command or default_relay_command(agent.relay_config),
             relay_config.control.socket,
@@ -163,6 +166,7 @@ class Agent:
             fencer=fencer or _fencer(config),
             probe_address=(probe_host, config.probe.port or smtp_port),
             probe_timeout=config.probe.timeout,
+            spool_owner=relay_user if relay_user.uid != os.geteuid() else None,
             clock=clock,
             wall=wall,
         )
@@ -541,3 +545,6 @@ def run_agent(config: AgentConfig) -> int:
     except (AgentStartError, CoordinationError, ConfigError, eventlog.LogFileError) as exc:
         print(f"hamta agent: {exc}", file=sys.stderr)
         return 1
+    except privileges.PrivilegeError as exc:
+        print(f"hamta: {config.agent.relay_config}: {exc}", file=sys.stderr)
+        return 2

@@ -23,6 +23,7 @@ from cluster.storage import Storage, StorageError
 from cluster.vip import VipError, VirtualIp
 from fencing import FenceChain, FenceError
 from hamta.epoch_token import TOKEN_FILE, TokenError, write_token
+from hamta.privileges import Identity, give_tree
 
 T = TypeVar("T")
 
@@ -110,6 +111,7 @@ class Executor:
         fencer: Fencer,
         probe_address: tuple[str, int],
         probe_timeout: float,
+        spool_owner: Identity | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -122,6 +124,9 @@ class Executor:
         self.fencer = fencer
         self.probe_address = probe_address
         self.probe_timeout = probe_timeout
+        # The relay's user (hamta.privileges), when it is not the agent's own: the spool on the
+        # promoted volume is made that user's, or the relay could not write it.
+        self.spool_owner = spool_owner
         self.clock = clock
         self.wall = wall
         self._steps: dict[Step, Callable[[Action], Awaitable[str | int]]] = {
@@ -206,8 +211,17 @@ class Executor:
         root = await asyncio.to_thread(self._locked(self._storage_lock, self.storage.promote))
         self._mounted = root
         spool = self.spool_path(root)
-        await asyncio.to_thread(spool.mkdir, parents=True, exist_ok=True)
-        return f"{self.storage.describe()} at {root}"
+        owner = self.spool_owner
+        if owner is None:
+            await asyncio.to_thread(spool.mkdir, parents=True, exist_ok=True)
+            return f"{self.storage.describe()} at {root}"
+        # One stat once the spool is the relay's; a walk only the first time (an older spool).
+        try:
+            changed = await asyncio.to_thread(give_tree, spool, owner)
+        except OSError as exc:
+            raise StepError(f"cannot give {spool} to {owner.user}: {exc}") from None
+        handed = f", {changed} entries given to {owner.user}" if changed else ""
+        return f"{self.storage.describe()} at {root}{handed}"
 
     async def _epoch(self, action: Action) -> str:
         if self._mounted is None:

@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import socket
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chaos.cli import add_chaos_commands
 from cluster.cli import add_cluster_commands
@@ -21,6 +24,10 @@ from hamta import capacity, eventlog
 from hamta.config import Config, ConfigError, load_config
 from hamta.control_client import ControlError, send_command
 from hamta.reputation_cli import add_reputation_commands
+
+if TYPE_CHECKING:
+    from hamta.relay import Relay
+    from hamta.supervision import StopDeadline
 
 # The relay itself (hamta.relay, the admin server with aiohttp, the spool, the workers) is
 # imported by the commands that run or read it, not here: every other command, DRBD's
@@ -44,43 +51,35 @@ def _load(path: Path | None) -> Config:
 # ------------------------------------------------------------------- serve
 
 
-async def _serve(config: Config, standby: bool, config_file: Path | None, worker: int) -> int:
-    from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
+class Shutdown:
+    """The stop of ``hamta serve``: asked by a signal, the control socket or a fatal failure.
+
+    Built before the event loop (the relay is, to load root-only keys before root goes), used
+    inside it; its deadline ends the process at ``node.stop_timeout`` from the request on.
+    """
+
+    def __init__(self, deadline: StopDeadline) -> None:
+        self.deadline = deadline
+        self.stop = asyncio.Event()
+        self.fatal: list[str] = []
+
+    def request(self) -> None:
+        self.deadline.arm()
+        self.stop.set()
+
+    def fail(self, reason: str) -> None:
+        self.fatal.append(reason)
+        self.request()
+
+
+def _check_descriptors(config: Config, log: Any) -> None:
+    """Raise the open-files limit to what the configuration needs, or warn that it is short.
+
+    Every session and connection is a file descriptor: run short of them and clients get broken
+    pipes while the health endpoint is reset.
+    """
     from hamta.admission import raise_descriptor_limit  # noqa: PLC0415
-    from hamta.control import start_control  # noqa: PLC0415
-    from hamta.relay import Relay, RelayError, RelayState  # noqa: PLC0415
-    from hamta.supervision import StopDeadline, Supervisor  # noqa: PLC0415
-    from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
 
-    try:
-        eventlog.configure(config.log.level, config.log.file)
-    except eventlog.LogFileError as exc:
-        print(f"hamta: {exc}", file=sys.stderr)
-        return 1
-    node_log = (
-        eventlog.get_logger(node=config.node.hostname, worker=worker)
-        if config.node.workers > 1
-        else eventlog.get_logger(node=config.node.hostname)
-    )
-
-    def task_failed(name: str, exc: BaseException) -> None:
-        relay.task_failed(name, exc)  # the relay is built before any task starts
-
-    # One supervisor for every long-lived task of the process: the relay's and the pool's.
-    supervisor = Supervisor(node_log, task_failed)
-    pool = None
-    if worker == 0 and config.node.workers > 1:
-        pool = WorkerPool(config.node.workers, config_file, config.control.socket, node_log,
-                          spawn=supervisor.spawn)  # fmt: skip
-    log = node_log
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    tasks: set[asyncio.Task[Any]] = set()
-    # From the stop's request on, the process is gone within node.stop_timeout, come what may.
-    deadline = StopDeadline(config.node.stop_timeout, log)
-    fatal: list[str] = []
-    # Every session and connection is a file descriptor: run short of them and clients get
-    # broken pipes while the health endpoint is reset.
     needed = capacity.descriptors_needed(
         config.smtp.max_connections, config.delivery.max_connections_per_destination
     )
@@ -92,16 +91,26 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
     elif limit > before:
         log.info("DescriptorLimitRaised", before=before, limit=limit, needed=needed)
 
-    def request_stop() -> None:
-        deadline.arm()
-        stop.set()
 
-    def on_fatal(reason: str) -> None:
-        fatal.append(reason)
-        request_stop()
+async def _serve(
+    config: Config,
+    relay: Relay,
+    standby: bool,
+    control_socket: socket.socket,
+    dropped: dict[str, object],
+    shutdown: Shutdown,
+) -> int:
+    from hamta.admin import start_admin  # noqa: PLC0415 - see the imports at the top
+    from hamta.control import start_control  # noqa: PLC0415
+    from hamta.relay import RelayError, RelayState  # noqa: PLC0415
+    from hamta.workers import control_path  # noqa: PLC0415
 
-    relay = Relay(config, worker=worker, pool=pool, on_fatal=on_fatal, supervisor=supervisor)
+    pool, worker = relay.pool, relay.worker
     log = relay.log
+    log.info("PrivilegesDropped", **dropped)
+    loop = asyncio.get_running_loop()
+    stop, deadline, fatal = shutdown.stop, shutdown.deadline, shutdown.fatal
+    tasks: set[asyncio.Task[Any]] = set()
 
     def activate_from_signal() -> None:
         if relay.state is RelayState.STANDBY:
@@ -109,8 +118,8 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, request_stop)
-    loop.add_signal_handler(signal.SIGINT, request_stop)
+    loop.add_signal_handler(signal.SIGTERM, shutdown.request)
+    loop.add_signal_handler(signal.SIGINT, shutdown.request)
     if pool is not None:
         # Before the control socket, the admin endpoint and SIGUSR1: once the node answers, all
         # of it is warm, and whoever drives it may activate it at once.
@@ -132,7 +141,7 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
             await pool.stop(0)
         return 1
     socket_path = control_path(config.control.socket, worker)
-    control = await start_control(relay, socket_path, stop)
+    control = await start_control(relay, control_socket, stop)
     socket_inode = socket_path.stat().st_ino
     log.info("RelayStarted", standby=standby, admin=admin_listen, control=str(socket_path),
              workers=config.node.workers)  # fmt: skip
@@ -159,7 +168,9 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
         control.close()
         # A relay started since this one was given up for dead (a worker still stopping when
         # its node was restarted) has taken the path: its socket is not ours to remove.
-        with contextlib.suppress(FileNotFoundError):
+        # PermissionError: bound while root in a directory the relay's user may not write; the
+        # next start removes it.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
             if socket_path.stat().st_ino == socket_inode:
                 socket_path.unlink()
         if pool is not None:
@@ -169,6 +180,10 @@ async def _serve(config: Config, standby: bool, config_file: Path | None, worker
         deadline.cancel()
         log.info("RelayExited", code=code)
     return code
+
+
+def _fds(text: str) -> list[int]:
+    return [int(fd) for fd in text.split(",") if fd]
 
 
 def _run(coro: Any) -> int:
@@ -185,7 +200,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         # A worker of a multi-process relay: it goes when the relay that started it goes.
         die_with_parent()
-    return _run(_serve(config, args.standby or bool(args.worker), args.config, args.worker))
+    from hamta import listeners as smtp_sockets  # noqa: PLC0415
+    from hamta import privileges  # noqa: PLC0415
+    from hamta.bounce_classes import BounceRulesError, build_classifier  # noqa: PLC0415
+    from hamta.control import bind_control  # noqa: PLC0415
+    from hamta.relay import Relay  # noqa: PLC0415
+    from hamta.smtp import tls_context  # noqa: PLC0415
+    from hamta.supervision import StopDeadline, Supervisor  # noqa: PLC0415
+    from hamta.workers import WorkerPool, control_path  # noqa: PLC0415
+
+    standby = args.standby or bool(args.worker)
+    try:
+        eventlog.configure(config.log.level, config.log.file)
+    except eventlog.LogFileError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    node_log = (
+        eventlog.get_logger(node=config.node.hostname, worker=args.worker)
+        if config.node.workers > 1
+        else eventlog.get_logger(node=config.node.hostname)
+    )
+    # From the stop's request on, the process is gone within node.stop_timeout, come what may.
+    shutdown = Shutdown(StopDeadline(config.node.stop_timeout, node_log))
+    # While root: the hard limit may be raised only so.
+    _check_descriptors(config, node_log)
+    # Everything that needs root happens here, before the event loop and its threads exist:
+    # the SMTP sockets are bound, the log and a standalone spool handed over, then root goes.
+    # A port taken is thus found at start, by a standby too, not at its first activation.
+    control: socket.socket | None = None
+    try:
+        if args.listen_fds is not None:  # a worker: worker 0 bound them
+            own, others = smtp_sockets.adopt(args.listen_fds), []
+        else:
+            workers = config.node.workers
+            # Workers share the port; a lone relay must not, or a second one started by
+            # mistake would silently take half the connections.
+            own = smtp_sockets.bind(config.smtp.listen, reuse_port=workers > 1)
+            others = [
+                smtp_sockets.bind(config.smtp.listen, reuse_port=True) for _ in range(1, workers)
+            ]
+        identity = privileges.resolve(config.node.user, config.node.group)
+        # Bound while root, so that it is root's (hamta.control.bind_control).
+        control = bind_control(control_path(config.control.socket, args.worker))
+        if os.geteuid() != identity.uid:
+            if config.log.file is not None:
+                privileges.give_file(config.log.file, identity)
+            if not standby:  # a standby is activated on a spool the cluster agent hands over
+                privileges.give_tree(config.spool.path, identity)
+
+        def task_failed(name: str, exc: BaseException) -> None:
+            relay.task_failed(name, exc)  # the relay is built before any task starts
+
+        # One supervisor for every long-lived task of the process: the relay's and the pool's.
+        supervisor = Supervisor(node_log, task_failed)
+        pool = None
+        if args.worker == 0 and config.node.workers > 1:
+            pool = WorkerPool(args.config, config.control.socket, node_log, others,
+                              spawn=supervisor.spawn)  # fmt: skip
+        # Built while root: the DKIM keys it loads may stay readable by root alone.
+        relay = Relay(config, listeners=own, worker=args.worker, pool=pool,
+                      on_fatal=shutdown.fail, supervisor=supervisor)  # fmt: skip
+        dropped = privileges.drop_privileges(identity)
+        # What each activation reads again, read once now as the relay's user: a file it may
+        # not read stops the start (of a standby too), not a takeover.
+        try:
+            tls_context(config.smtp)
+        except (OSError, ssl.SSLError) as exc:
+            raise privileges.PrivilegeError(
+                f"as user {identity.user}: cannot load smtp.tls_cert {config.smtp.tls_cert} "
+                f"with smtp.tls_key {config.smtp.tls_key}: {exc}"
+            ) from None
+        try:
+            build_classifier(config.delivery.bounce_rules)
+        except BounceRulesError as exc:
+            raise privileges.PrivilegeError(f"as user {identity.user}: {exc}") from None
+    except (smtp_sockets.ListenerError, privileges.PrivilegeError, OSError) as exc:
+        log = eventlog.get_logger(node=config.node.hostname)
+        log.error("StartFailed", error=str(exc))
+        log.info("RelayExited", code=1)
+        print(f"hamta: {exc}", file=sys.stderr)
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control_path(config.control.socket, args.worker).unlink()
+        return 1
+    try:
+        return _run(_serve(config, relay, standby, control, dropped, shutdown))
+    finally:
+        smtp_sockets.close_all([own_socket for group in [own, *others] for own_socket in group])
 
 
 # ------------------------------------------------------------------- relay
@@ -406,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start warm: no spool, no listener, until activated over the control socket",
     )  # fmt: skip
     serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    # A worker's SMTP sockets, bound by worker 0 (hamta.listeners), as file descriptors.
+    serve.add_argument("--listen-fds", type=_fds, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     relay = sub.add_parser("relay", help="drive a running relay over its control socket")

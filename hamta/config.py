@@ -127,6 +127,12 @@ class NodeConfig(_Section):
     stop_timeout: Seconds = 10.0
     # Relay processes sharing the SMTP port, one spool shard each (hamta/workers.py).
     workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=64)] = 1
+    # Who the relay runs as once its SMTP sockets are bound (hamta/privileges.py). Unset: a
+    # relay started as root becomes "hamta" (and refuses to start without that user); "root"
+    # keeps root on purpose. group: the user's own group unless set. Looked up when the relay
+    # starts, not here: a controller renders and checks configurations for hosts it is not.
+    user: str | None = Field(default=None, min_length=1)
+    group: str | None = Field(default=None, min_length=1)
 
 
 class SmtpConfig(_Section):

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,30 @@ async def _destination(relay: Relay, request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _prepare_socket_path(path: Path) -> None:
+def bind_control(path: Path) -> socket.socket:
+    """The control socket at ``path``, bound (mode 0600) but not yet listening.
+
+    ``hamta serve`` binds it before it gives up root (hamta.privileges), so that the socket
+    stays root's: the agent, root without CAP_DAC_OVERRIDE under its unit, may connect to it.
+    Until ``start_control`` listens, a connection is refused, as if it did not exist yet.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # left by a relay that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
 
 
-async def start_control(relay: Relay, path: Path, stop: asyncio.Event) -> asyncio.Server:
-    """Listen on the unix socket at ``path``; ``stop`` is set by the ``stop`` command."""
+async def start_control(relay: Relay, sock: socket.socket, stop: asyncio.Event) -> asyncio.Server:
+    """Listen on the bound unix socket ``sock``; ``stop`` is set by the ``stop`` command."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -130,9 +147,4 @@ async def start_control(relay: Relay, path: Path, stop: asyncio.Event) -> asynci
         finally:
             writer.close()
 
-    _prepare_socket_path(path)
-    old_umask = os.umask(0o177)
-    try:
-        return await asyncio.start_unix_server(serve, path=str(path))
-    finally:
-        os.umask(old_umask)
+    return await asyncio.start_unix_server(serve, sock=sock)

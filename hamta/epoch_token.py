@@ -106,6 +106,10 @@ def write_token(directory: Path, epoch: int) -> Path:
     created = not path.exists()
     fd, direct = _open(path, os.O_WRONLY | os.O_CREAT)
     try:
+        # Readable by the relay, which runs as a user of its own (hamta/privileges.py), whatever
+        # the writer's umask: the term is no secret.
+        if os.fstat(fd).st_mode & 0o777 != 0o644:
+            os.fchmod(fd, 0o644)
         if direct:
             with mmap.mmap(-1, _BLOCK) as buffer:
                 buffer[:] = block

@@ -14,9 +14,10 @@ import asyncio
 import dataclasses
 import enum
 import functools
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,13 +28,14 @@ from hamta import activations
 from hamta.bounce_classes import BounceRulesError, build_classifier
 from hamta.bounce_intake import BounceIntake
 from hamta.complaints import ComplaintIntake
-from hamta.config import Config, parse_hostport
+from hamta.config import Config
 from hamta.control_client import ControlError
 from hamta.delivery import DeliveryEngine
 from hamta.domain_stats import DomainStats, destination_metrics, merge_snapshots, relay_snapshot
 from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
 from hamta.intake import Intake
+from hamta.listeners import unlisten
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
@@ -110,6 +112,7 @@ class Relay:
         self,
         config: Config,
         *,
+        listeners: Sequence[socket.socket],
         worker: int = 0,
         pool: WorkerPool | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -117,6 +120,8 @@ class Relay:
         supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
+        # Bound at start by hamta serve (hamta.listeners), listening only while active.
+        self.listeners = list(listeners)
         self.worker = worker
         # Called once a supervised task has died: the process must stop (hamta.supervision).
         self._on_fatal = on_fatal
@@ -508,17 +513,15 @@ class Relay:
             loop=asyncio.get_running_loop(),
         )
         loop = asyncio.get_running_loop()
-        for item in config.smtp.listen:
-            host, port = parse_hostport(item)
+        for listener in self.listeners:
             try:
-                # Workers share the port; a lone relay must not, or a second one started by
-                # mistake would silently take half the connections.
-                server = await loop.create_server(
-                    factory, host, port, reuse_address=True,
-                    reuse_port=config.node.workers > 1,
-                )  # fmt: skip
+                # A duplicate for asyncio, which closes what it was given: the bound socket
+                # itself stays with the relay for the next activation.
+                server = await loop.create_server(factory, sock=listener.dup())
             except OSError as exc:
-                raise RelayError(f"cannot listen on {item}: {exc.strerror}") from None
+                raise RelayError(
+                    f"cannot listen on {listener.getsockname()}: {exc.strerror}"
+                ) from None
             self._active.servers.append(server)
         listen_seconds = time.perf_counter() - started
         self.log.info("RelayListening", listen=config.smtp.listen,
@@ -652,6 +655,8 @@ class Relay:
             session.close_session()
         for server in active.servers:
             await server.wait_closed()
+        for listener in self.listeners:  # a standby refuses connections, it does not queue them
+            unlisten(listener)
         active.timer.cancel()
         if active.sweeper is not None:
             active.sweeper.cancel()

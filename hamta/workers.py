@@ -23,12 +23,14 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hamta.control_client import ControlError, send_command
+from hamta.listeners import unlisten
 from hamta.spool import Spawn, create_task, load_state
 
 SHARD_PREFIX = "shard-"
@@ -73,9 +75,11 @@ def die_with_parent() -> None:
 
 
 class _Worker:
-    def __init__(self, index: int, socket: Path) -> None:
+    def __init__(self, index: int, control: Path, listeners: list[socket.socket]) -> None:
         self.index = index
-        self.socket = socket
+        self.socket = control
+        # Its SMTP sockets, bound by worker 0 before it gave up root (hamta.listeners).
+        self.listeners = listeners
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
@@ -84,10 +88,18 @@ class WorkerPool:
     """Workers 1..N-1 of a node, started and driven by worker 0."""
 
     def __init__(
-        self, count: int, config_file: Path | None, socket: Path, log: Any,
+        self,
+        config_file: Path | None,
+        control: Path,
+        log: Any,
+        listeners: list[list[socket.socket]],
         spawn: Spawn = create_task,
-    ) -> None:  # fmt: skip
-        self.workers = [_Worker(k, control_path(socket, k)) for k in range(1, count)]
+    ) -> None:
+        """Workers 1..N-1, ``listeners[k - 1]`` being worker K's bound SMTP sockets."""
+        self.workers = [
+            _Worker(k, control_path(control, k), sockets)
+            for k, sockets in enumerate(listeners, start=1)
+        ]
         # The node's supervisor: a watcher dying of a bug would leave a worker unrestarted.
         self._spawn_task = spawn
         self._config_file = config_file
@@ -108,8 +120,10 @@ class WorkerPool:
                 "--worker", str(worker.index)]  # fmt: skip
         if self._config_file is not None:
             args += ["--config", str(self._config_file)]
+        fds = [sock.fileno() for sock in worker.listeners]
+        args += ["--listen-fds", ",".join(map(str, fds))]
         worker.process = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL
+            *args, stdin=asyncio.subprocess.DEVNULL, pass_fds=fds
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -138,6 +152,10 @@ class WorkerPool:
         code = await process.wait()
         if self._stopping or worker.process is not process:
             return
+        # Worker 0 still holds the dead worker's sockets: were they left listening, the kernel
+        # would queue its share of connections where nobody accepts them.
+        for sock in worker.listeners:
+            unlisten(sock)
         worker.restarts += 1
         self._log.error("WorkerExited", worker=worker.index, code=code, restarts=worker.restarts)
         try:

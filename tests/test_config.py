@@ -309,7 +309,7 @@ def test_check_rejects_missing_certificate(checks: dict[str, CheckRun]) -> None:
 def serve_config(directory: Path, **extra: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """A serve configuration whose every path is under ``directory``; returns (file, sections)."""
     sections: dict[str, dict[str, Any]] = {
-        "node": {"hostname": "relay.hamta.test", "stop_timeout": "2s"},
+        "node": {"hostname": "relay.hamta.test", "stop_timeout": "2s", "user": "root"},
         "smtp": {"listen": [f"127.0.0.1:{free_port()}"]},
         "spool": {"path": directory / "spool"},
         "admin": {"listen": f"127.0.0.1:{free_port()}"},
@@ -407,7 +407,8 @@ def test_serve_exits_when_smtp_port_is_taken(port_taken: PortTaken) -> None:
     # Nothing is left behind: no control socket, and the admin port is free again.
     assert not relay.control.exists()
     assert not is_listening(relay.admin_port)
-    failed = relay.events("ActivationFailed")
+    # Found at start, while binding (hamta.listeners), before anything else was started.
+    failed = relay.events("StartFailed")
     assert len(failed) == 1 and f"127.0.0.1:{relay.port}" in failed[0]["error"]
     assert relay.events("RelayActive") == []
 

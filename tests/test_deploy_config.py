@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import AgentConfig, load_agent_config
-from cluster.lab.vagrant import parse_recap
+from cluster.lab.vagrant import libvirtd_config, parse_recap
 from hamta.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,8 @@ def test_the_example_renders_configs_that_hamta_accepts(example: Path, node: str
     assert agent.vip.address == "192.0.2.25/24"
     # The agent activates the relay on <mountpoint>/<spool>; standalone, spool.path is that.
     assert relay.spool.path == agent.storage.mountpoint / agent.storage.spool  # type: ignore[operator]
-    assert relay.control.socket == Path("/run/hamta/relay.sock")
+    assert relay.control.socket == Path("/run/hamta/relay/relay.sock")
+    assert (relay.node.user, relay.node.group) == ("hamta", "hamta")
     assert relay.smtp.listen == ["0.0.0.0:25"]
     assert [str(net) for net in relay.smtp.relay_networks] == ["192.0.2.0/24", "127.0.0.0/8"]
 
@@ -228,6 +229,11 @@ def test_the_agents_unit_keeps_its_mounts_visible_and_its_capabilities_few(
         "CAP_SYS_ADMIN",
         "CAP_NET_BIND_SERVICE",
         "CAP_KILL",
+        # The relay gives up root (hamta/privileges.py); its spool and log become its user's.
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_CHOWN",
     }
     assert settings["Restart"] == "always"
     assert settings["KillMode"] == "mixed"
@@ -362,3 +368,70 @@ def test_parse_recap() -> None:
     changed, failed = parse_recap(output)
     assert changed == {"arbiter": 0, "mx1": 2}
     assert failed == {"arbiter": 0, "mx1": 1}
+
+
+# ---------------------------------------------------------------- secrets out of sight
+
+# What a task may show of a secret: a module's arguments (in -v output and the callback's
+# logs), a template's diff (--diff), or drbdsetup commands carrying --shared-secret.
+_SECRET_USE = re.compile(
+    r"shared_secret|_password|super_digest|secret_files|resource\.res\.j2"
+    r"|drbdadm (--dry-run )?adjust"
+)
+
+
+def _tasks(path: Path) -> list[str]:
+    """The tasks of a role's tasks file, as text, one block each."""
+    blocks = re.split(r"\n(?=- name: )", path.read_text())
+    return [block for block in blocks if block.startswith("- name: ")]
+
+
+def test_every_task_handling_a_secret_hides_it_with_no_log() -> None:
+    unhidden = []
+    for path in sorted((ANSIBLE_DIR / "roles").glob("*/tasks/*.yml")):
+        for task in _tasks(path):
+            if "ansible.builtin.assert:" in task:
+                continue  # evaluates a secret's length; prints only its fail_msg
+            # Comments and the task's name say what it is about, and a condition is shown as
+            # written, not evaluated: only its arguments count.
+            body = "\n".join(
+                line
+                for line in task.splitlines()[1:]
+                if not line.strip().startswith(("#", "when:"))
+            )
+            if _SECRET_USE.search(body) and "no_log: true" not in body:
+                unhidden.append(f"{path.relative_to(ANSIBLE_DIR)}: {task.splitlines()[0]}")
+    assert unhidden == []
+
+
+@needs_ansible
+def test_zookeepers_super_digest_is_on_no_command_line(tmp_path: Path) -> None:
+    digest = "super:cHJpdmF0ZS1kaWdlc3Q="
+    rendered = render(
+        EXAMPLE_INVENTORY, tmp_path / "rendered", tmp_path,
+        {"vault_zookeeper_super_digest": digest},
+    )  # fmt: skip
+    unit = (rendered / "arbiter" / "zookeeper.service").read_text()
+    assert digest not in unit and "superDigest" not in unit and "EnvironmentFile" not in unit
+    # The JVM reads it from an @argfile (0640 root:zookeeper, written by the role).
+    assert "@/etc/zookeeper/hamta/secret.jvmargs" in unit
+
+
+def test_the_vagrant_libvirtd_listens_where_the_fence_agent_connects_and_nowhere_else(
+    tmp_path: Path,
+) -> None:
+    settings = dict(
+        (key.strip(), value.strip().strip('"'))
+        for key, _, value in (
+            line.partition("=") for line in libvirtd_config(tmp_path / "log").splitlines()
+        )
+    )
+    fence_uri = re.search(
+        r"uri: qemu\+tcp://([\d.]+)/system",
+        (VAGRANT_INVENTORY / "group_vars/all.yml").read_text(),
+    )
+    assert fence_uri is not None
+    # TCP without authentication: on the cluster network's host address, which the guests'
+    # libvirt fence agent uses, never on every address (the management network included).
+    assert settings["auth_tcp"] == "none" and settings["listen_tcp"] == "1"
+    assert settings["listen_addr"] == fence_uri.group(1) == "198.19.101.1"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import smtplib
+import stat
 import time
 from pathlib import Path
 
@@ -33,6 +35,25 @@ def test_token_round_trip_and_never_back_in_time(tmp_path: Path) -> None:
         write_token(tmp_path, 8)
     assert read_token(path) == 9
     assert path.read_text().split() == ["9"]  # still readable by a person
+
+
+def test_the_token_is_readable_by_the_relay_user_whatever_the_writers_umask(
+    tmp_path: Path,
+) -> None:
+    # The agent runs with UMask=0027 (its unit); the relay runs as a user of its own.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / TOKEN_FILE).write_bytes(b"1\n")
+    (earlier / TOKEN_FILE).chmod(0o640)  # written by a release before this one
+    previous = os.umask(0o027)
+    try:
+        fresh = write_token(tmp_path, 1)
+        rewritten = write_token(earlier, 2)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+    assert stat.S_IMODE(rewritten.stat().st_mode) == 0o644
+    assert read_token(rewritten) == 2
 
 
 def test_a_garbled_token_is_an_error_not_an_epoch(tmp_path: Path) -> None:

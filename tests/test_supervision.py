@@ -24,6 +24,7 @@ from hamta import eventlog
 from hamta.config import Config
 from hamta.dsn import FailedRecipient
 from hamta.dsn_batch import FailedBatch
+from hamta.listeners import bind
 from hamta.relay import Relay
 from tests.conftest import RelayFactory
 from tests.support import RecordingSink
@@ -153,7 +154,8 @@ def test_a_failed_task_turns_the_relay_unready_at_once(tmp_path: Path) -> None:
     reasons: list[str] = []
 
     async def main() -> None:
-        relay = Relay(config, on_fatal=reasons.append)
+        relay = Relay(config, listeners=bind(config.smtp.listen, reuse_port=False),
+                      on_fatal=reasons.append)  # fmt: skip
         await relay.activate()
         assert relay.ready
 
@@ -214,7 +216,8 @@ def test_a_dsn_that_cannot_be_built_fails_its_message_alone(tmp_path: Path) -> N
     reasons: list[str] = []
 
     async def main() -> None:
-        relay = Relay(config, on_fatal=reasons.append)
+        relay = Relay(config, listeners=bind(config.smtp.listen, reuse_port=False),
+                      on_fatal=reasons.append)  # fmt: skip
         await relay.activate()
         spool, engine = relay.spool, relay._active.engine if relay._active else None
         assert spool is not None and engine is not None

@@ -48,7 +48,9 @@ def relay_config(topology: Topology, node: str, node_dir: Path, spool: Path) -> 
     hands that path to the relay when it activates it.
     """
     return {
-        "node": {"hostname": f"{node}.{DOMAIN}", "stop_timeout": "5s"},
+        # The lab runs as root in its namespaces, with spools and sockets in root's directories:
+        # it keeps root on purpose (tests/test_privileges.py checks the drop to a user).
+        "node": {"hostname": f"{node}.{DOMAIN}", "stop_timeout": "5s", "user": "root"},
         "smtp": {
             "listen": [f"0.0.0.0:{SMTP_PORT}"],
             "relay_networks": [str(topology.subnet), "127.0.0.0/8"],

@@ -14,9 +14,9 @@ test traffic reaches the host's own network. :meth:`VagrantCluster.stop_host` re
 in libvirt's pool, the networks, the daemons, the runtime and configuration files libvirt wrote
 and the namespace.
 
-libvirtd also listens on TCP (port 16509, no authentication) on the namespace's bridges: the
-machines fence each other with ``virsh -c qemu+tcp://198.19.101.1/system destroy`` (the
-inventory's libvirt fence agent). Only the machines on those bridges reach it.
+libvirtd also listens on TCP (port 16509, no authentication) on the cluster network's host
+address alone (198.19.101.1), not on the management network's: the machines fence each other
+with ``virsh -c qemu+tcp://198.19.101.1/system destroy`` (the inventory's libvirt fence agent).
 
 The guests have no route to a package index: the wheels for the hamta role are built on the
 host (which has one) before ``vagrant up``, where the role finds them (``.vagrant/wheelhouse``).
@@ -68,6 +68,20 @@ _LIBVIRT_TREES = (Path("/etc/libvirt"), Path("/var/lib/libvirt"), Path("/var/log
 _LIBVIRT_LOGS = Path("/var/log/libvirt")
 _RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 _T = TypeVar("_T")
+
+
+def libvirtd_config(log: Path) -> str:
+    """The namespace's libvirtd.conf.
+
+    TCP without authentication, because the guests' fence agent destroys its peer through it;
+    so on the cluster network's host address only: a guest's management interface (and
+    anything else on that network) does not reach it.
+    """
+    return (
+        f'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "{HOST_ADDRESS}"\nauth_tcp = "none"\n'
+        'auth_unix_rw = "none"\nunix_sock_group = "root"\n'
+        f'log_outputs = "3:file:{log}"\n'
+    )
 
 
 class VagrantError(Exception):
@@ -208,15 +222,14 @@ class VagrantCluster:
         )
         subprocess.run(["ip", "netns", "add", self.namespace], check=True)
         subprocess.run(["ip", "-n", self.namespace, "link", "set", "lo", "up"], check=True)
-        config = self.workdir / "libvirtd.conf"
-        # TCP without authentication: the guests' fence agent destroys its peer through it. It
-        # listens in the namespace only, whose sole interfaces are the cluster's bridges.
-        config.write_text(
-            'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "0.0.0.0"\nauth_tcp = "none"\n'
-            'auth_unix_rw = "none"\nunix_sock_group = "root"\n'
-            f'log_outputs = "3:file:{self.workdir / "libvirtd.log"}"\n',
-            encoding="utf-8",
+        # The cluster network's bridge, which carries HOST_ADDRESS, exists only once vagrant
+        # has defined the networks: in this namespace (its own sysctl) libvirtd may bind the
+        # address before it is there.
+        subprocess.run(
+            self._netns(["sysctl", "-q", "-w", "net.ipv4.ip_nonlocal_bind=1"]), check=True
         )
+        config = self.workdir / "libvirtd.conf"
+        config.write_text(libvirtd_config(self.workdir / "libvirtd.log"), encoding="utf-8")
         for name, argv in (
             (
                 "virtlogd",

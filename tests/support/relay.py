@@ -53,11 +53,16 @@ class RelayProcess:
         host: str = "127.0.0.1",
         standby: bool = False,
         prelude: str | None = None,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         # Python run in the child before hamta.cli's main: process limits, or a fault injected
         # where no input can cause one (a bug in a long-lived task, a disk that hangs).
         self.prelude = prelude
+        # Another interpreter (tests/test_privileges.py: one an unprivileged user may run).
+        self.command = command or HAMTA
+        self.env = env
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
@@ -67,7 +72,8 @@ class RelayProcess:
         self.control = workdir / "relay.sock"
         self.standby = standby
         sections: dict[str, dict[str, Any]] = {
-            "node": {"hostname": "relay.hamta.test", "stop_timeout": "5s"},
+            # Tests run as root in directories root owns; tests/test_privileges.py drops.
+            "node": {"hostname": "relay.hamta.test", "stop_timeout": "5s", "user": "root"},
             "smtp": {"listen": [f"{host}:{self.port}"]},
             "spool": {"path": self.spool},
             "delivery": {"connect_timeout": "3s", "command_timeout": "10s"},
@@ -87,16 +93,16 @@ class RelayProcess:
 
     def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> None:
         """Start the process; unless told otherwise, wait until it reports ready."""
-        args = [*HAMTA, "serve", "--config", str(self.config_path)]
+        args = [*self.command, "serve", "--config", str(self.config_path)]
         if self.prelude is not None:
             main = "import sys, hamta.cli; sys.exit(hamta.cli.main(sys.argv[1:]))"
-            args = [sys.executable, "-c", f"{self.prelude}\n{main}", *args[len(HAMTA) :]]
+            args = [self.command[0], "-c", f"{self.prelude}\n{main}", *args[len(self.command) :]]
         if self.standby:
             args.append("--standby")
         self.stderr_path = self.workdir / f"stderr.{int(time.time() * 1000)}"
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=self.workdir
+                args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=self.workdir, env=self.env
             )
         if wait_ready:
             self.wait_ready(timeout, live_only=self.standby)

@@ -1,0 +1,244 @@
+"""Who the relay runs as: the user it becomes, and giving up root before any client byte.
+
+The relay parses bytes from anyone on the internet, so it must not hold what the cluster agent
+holds (root, CAP_SYS_ADMIN to mount, CAP_NET_ADMIN for the virtual IP). ``hamta serve`` binds
+its listening sockets first (hamta.listeners), then calls ``drop_privileges`` before its event
+loop, its threads or its worker processes exist: after it the process has a plain uid and gid,
+no supplementary groups, no capability in any set (effective, permitted, inheritable, ambient,
+and the bounding set when it may be cleared) and no_new_privs, so that nothing it executes
+can gain privileges again. capset(2) and prctl(2) act on the calling thread only: that is why
+the drop comes before the first thread, and why the check reads every thread's status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+# The user a relay started as root becomes when its configuration names none.
+DEFAULT_USER = "hamta"
+
+_PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_SETPCAP = 8
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+
+
+class PrivilegeError(Exception):
+    """The relay cannot run as the configured user, or could not give up its privileges."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A user and group to run as."""
+
+    user: str
+    uid: int
+    group: str
+    gid: int
+
+
+def _user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise PrivilegeError(f"no such user {name!r}") from None
+
+
+def _group(name: str) -> grp.struct_group:
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        raise PrivilegeError(f"no such group {name!r}") from None
+
+
+def resolve(user: str | None, group: str | None, euid: int | None = None) -> Identity:
+    """The identity the relay runs as, from ``[node] user`` and ``group``.
+
+    Unset, a relay started as root becomes ``hamta`` and refuses to start when that user does
+    not exist; a relay started as anyone else stays who it is. ``user = "root"`` keeps root on
+    purpose (the namespace lab, tests); it is never the default.
+    """
+    euid = os.geteuid() if euid is None else euid
+    if user is None:
+        if euid == 0:
+            try:
+                entry = pwd.getpwnam(DEFAULT_USER)
+            except KeyError:
+                raise PrivilegeError(
+                    f"started as root and [node] user is not set: no user {DEFAULT_USER!r} to "
+                    f"run as; create it (useradd --system {DEFAULT_USER}) or set [node] user "
+                    '(user = "root" keeps root, which is not recommended)'
+                ) from None
+        else:
+            entry = pwd.getpwuid(euid)
+    else:
+        entry = _user(user)
+        if euid not in (0, entry.pw_uid):
+            raise PrivilegeError(f"cannot become user {user!r}: started as uid {euid}, not as root")
+    gr = _group(group) if group is not None else grp.getgrgid(entry.pw_gid)
+    return Identity(entry.pw_name, entry.pw_uid, gr.gr_name, gr.gr_gid)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise PrivilegeError(f"{what}: {os.strerror(errno)}")
+
+
+def _last_cap() -> int:
+    return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+
+
+def _status(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _has_effective(status: dict[str, str], cap: int) -> bool:
+    return bool(int(status["CapEff"], 16) >> cap & 1)
+
+
+def drop_privileges(identity: Identity) -> dict[str, object]:
+    """Become ``identity`` for good, with no capability left; what was done, for the log.
+
+    Call it before any thread is started. Raises PrivilegeError when any step fails or the
+    kernel's view of any thread afterwards still shows a capability or another uid.
+    """
+    libc = _libc()
+    started_as = os.geteuid()
+    bounding = "kept"
+    # The kernel forgets the parent-death signal when the effective uid changes: the signal the
+    # cluster agent asked for (setpriv --pdeathsig, cluster/relayproc.py) is set again below,
+    # or a relay would outlive a killed agent.
+    parent = os.getppid()
+    death_signal = ctypes.c_int(0)
+    _check(libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death_signal), 0, 0, 0), "reading pdeathsig")
+    if started_as == 0 and identity.uid != 0:
+        # While root: empty the bounding set, so that not even an exec could regain a
+        # capability. It needs CAP_SETPCAP, which a unit's CapabilityBoundingSet may have
+        # taken away; no_new_privs below covers exec then.
+        if _has_effective(_status(Path("/proc/self/status")), _CAP_SETPCAP):
+            for cap in range(_last_cap() + 1):
+                _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
+            bounding = "cleared"
+        try:
+            os.setgroups([])
+            os.setresgid(identity.gid, identity.gid, identity.gid)
+            # Without PR_SET_KEEPCAPS (off by default) the kernel clears the permitted and
+            # effective sets when the last uid 0 goes.
+            os.setresuid(identity.uid, identity.uid, identity.uid)
+        except OSError as exc:
+            raise PrivilegeError(
+                f"cannot become {identity.user}:{identity.group}: {exc.strerror}"
+            ) from None
+        if death_signal.value:
+            _check(libc.prctl(_PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0), "setting pdeathsig")
+            if os.getppid() != parent:  # the parent died before it took effect
+                os.kill(os.getpid(), death_signal.value)
+    elif os.geteuid() != identity.uid:
+        raise PrivilegeError(f"cannot become user {identity.user!r}: not started as root")
+    if identity.uid != 0:
+        _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")
+        # A process started unprivileged may have been handed ambient or inheritable
+        # capabilities (systemd's AmbientCapabilities=): its sockets are bound, so none is left.
+        _check(
+            libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+            "clearing the ambient capabilities",
+        )
+        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        _check(libc.capset(ctypes.byref(header), data), "clearing the capabilities")
+        _verify(identity)
+    return {
+        "user": identity.user,
+        "uid": identity.uid,
+        "group": identity.group,
+        "gid": identity.gid,
+        "started_as_uid": started_as,
+        "bounding_set": bounding,
+        "parent_death_signal": death_signal.value,
+    }
+
+
+def _verify(identity: Identity) -> None:
+    """Read back, for every thread, what the kernel says this process is."""
+    for task in Path("/proc/self/task").iterdir():
+        status = _status(task / "status")
+        uids = set(status["Uid"].split())
+        gids = set(status["Gid"].split())
+        if uids != {str(identity.uid)} or gids != {str(identity.gid)}:
+            raise PrivilegeError(
+                f"thread {task.name} still runs as uid {status['Uid']} gid {status['Gid']}"
+            )
+        if status.get("Groups", "") not in ("", str(identity.gid)):
+            raise PrivilegeError(f"thread {task.name} keeps groups {status['Groups']}")
+        left = [name for name in _CAP_SETS if int(status.get(name, "0"), 16)]
+        if left or status.get("NoNewPrivs") != "1":
+            raise PrivilegeError(f"thread {task.name} keeps capabilities {left} or new privs")
+
+
+def give_tree(path: Path, identity: Identity) -> int:
+    """Make ``path`` (created if missing) and everything in it belong to ``identity``.
+
+    The relay's spool must be its user's; a spool created before the relay gave up root (or
+    by another release) is handed over once, deepest entries first and ``path`` itself last,
+    so that an interrupted hand-over is redone on the next call. A spool already owned costs
+    one stat. Returns how many entries changed owner.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    top = path.lstat()
+    if (top.st_uid, top.st_gid) == (identity.uid, identity.gid):
+        return 0
+    changed = 0
+    for directory, dirs, files in os.walk(path, topdown=False, onerror=_raise):
+        for name in [*files, *dirs]:
+            entry = Path(directory, name)
+            st = entry.lstat()
+            if (st.st_uid, st.st_gid) != (identity.uid, identity.gid):
+                os.lchown(entry, identity.uid, identity.gid)
+                changed += 1
+    os.lchown(path, identity.uid, identity.gid)
+    return changed + 1
+
+
+def _raise(error: OSError) -> None:
+    raise error  # os.walk would otherwise skip a directory it cannot read, silently
+
+
+def give_file(path: Path, identity: Identity) -> None:
+    """Create ``path`` (and its directory) if missing and make the file ``identity``'s.
+
+    For the relay's log: its workers, started after the drop, open it to append.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(exist_ok=True)
+    os.lchown(path, identity.uid, identity.gid)
