@@ -239,7 +239,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             others = [
                 smtp_sockets.bind(config.smtp.listen, reuse_port=True) for _ in range(1, workers)
             ]
-        identity = privileges.resolve(config.node.user, config.node.group)
+        user = config.node.user
+        if args.config is None and user is None and os.geteuid() == 0:
+            # The built-in configuration is for trying hamta on this machine: loopback only,
+            # where no outside client reaches the parser. A configuration file is what serves
+            # the world, and there root is given up unless the file keeps it on purpose.
+            user = "root"
+            node_log.warning("RunningAsRoot", reason="the built-in configuration (loopback "
+                             "only); a configuration file sets [node] user")  # fmt: skip
+        identity = privileges.resolve(user, config.node.group)
         # Bound while root, so that it is root's (hamta.control.bind_control).
         control = bind_control(control_path(config.control.socket, args.worker))
         if os.geteuid() != identity.uid:
