@@ -55,6 +55,8 @@ class Node:
         self.relay_config.write_text(
             render_toml(
                 {
+                    # The tests run as root, and the relay keeps it only when told so.
+                    "node": {"user": "root"},
                     "smtp": {"listen": [f"127.0.0.1:{free_port()}"]},
                     "spool": {"path": directory / "spool"},
                     "admin": {"listen": ""},
