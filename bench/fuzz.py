@@ -78,12 +78,17 @@ SINK_HOST: Final = "127.0.0.5"
 CANARY_HEADER: Final = "X-Fuzz-Canary"
 MAX_SAVED: Final = 3  # directories kept per finding signature; later ones are only counted
 RECENT: Final = 64  # finished sessions kept for a finding's transcripts
+TRIAGED: Final = frozenset({"stall", "unready", "crash", "no_reply"})
+TRIAGE_MAX: Final = 6  # findings whose suspects are replayed alone after a run
 OTHERS: Final = 16  # of which a finding's transcripts hold the last, after its suspects
 RESTART_TIMEOUT: Final = 30.0
 # Numbers that differ between occurrences of one fault (ports, positions, ids).
 # The marker's value: the field that carried it and the session's seed in hex.
 _ORIGIN = re.compile(r"\s*([a-z0-9]+)-([0-9a-f]+)")
-_DIGITS = re.compile(r"\b0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\b\d{2,}\b|(?<=position )\d+")
+_DIGITS = re.compile(
+    r"\b0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\b\d{2,}\b"
+    r"|(?<=position )\d+(?:-\d+)?|(?<=\\udc)[0-9a-f]{2}"  # where, and which bad byte
+)
 
 
 def say(text: str) -> None:
@@ -105,6 +110,7 @@ class Options:
     delivery_deadline: float
     relay_networks: list[str] | None
     replay: list[int]
+    triage: bool
 
 
 # --------------------------------------------------------------------------- the relay
@@ -254,6 +260,8 @@ class Findings:
         self.by_signature: collections.Counter[tuple[str, str]] = collections.Counter()
         self.recent: collections.deque[SessionResult] = collections.deque(maxlen=RECENT)
         self.saved = 0
+        # Findings whose suspects --triage replays one by one: (directory, session seeds).
+        self.to_triage: list[tuple[Path, list[int]]] = []
 
     def session_done(self, result: SessionResult) -> None:
         with self.lock:
@@ -262,7 +270,7 @@ class Findings:
     def report(
         self, kind: str, signature: str, detail: str, suspects: Sequence[SessionResult] = ()
     ) -> None:
-        signature = _DIGITS.sub("N", signature)[:160]
+        signature = _DIGITS.sub("N", signature.replace("characters in", "character in"))[:160]
         with self.lock:
             self.by_kind[kind] += 1
             self.by_signature[(kind, signature)] += 1
@@ -273,6 +281,8 @@ class Findings:
             where = self.dir / f"{self.saved:03d}-{kind}"
             others = [r for r in self.recent if all(r is not s for s in suspects)]
             sessions = list(suspects) + others[::-1][:OTHERS]
+            if kind in TRIAGED and suspects:
+                self.to_triage.append((where, [r.seed for r in suspects]))
         where.mkdir(parents=True, exist_ok=True)
         record = {
             "kind": kind, "signature": signature, "detail": detail, "run_seed": self.seed,
@@ -567,9 +577,9 @@ def _canary_id(data: bytes) -> str | None:
 def environment(options: Options) -> Iterator[Target]:
     """DNS, sink and relay, started in order and stopped in reverse."""
     # The relay's process runs this tree's hamta, whatever the virtualenv has installed.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if paths[:1] != [str(REPO)]:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *paths])
     with (
         DnsServer(mx={}, a={}) as dns,
         RecordingSink(SINK_HOST) as sink,
@@ -612,6 +622,8 @@ def fuzz(options: Options) -> int:
         run.check()  # a last look: the end of the run is watched like the rest
         seconds = time.monotonic() - started
         figures = run.figures(seconds)
+    if options.triage:
+        triage(options, findings)
     say(f"sessions {figures['sessions']} ({figures['sessions_per_s']}/s), commands "
         f"{figures['commands']} ({figures['commands_per_s']}/s), canaries {figures['canaries']}, "
         f"restarts {figures['restarts']}, outcomes {figures['outcomes']}")  # fmt: skip
@@ -620,6 +632,34 @@ def fuzz(options: Options) -> int:
         say(f"  {count:6d}  {kind}: {signature}")
     print(json.dumps(figures), flush=True)
     return 1 if findings.total else 0
+
+
+def triage(options: Options, findings: Findings) -> None:
+    """Replay each hang's suspects one by one against a fresh relay: which one alone does it.
+
+    The first suspect that gets no reply (or kills the relay) is the trigger; whether the
+    canary then stalls too tells a relay-wide stall from one hung session. The answer goes into
+    the finding's finding.json as ``reproduced_alone``.
+    """
+    for where, seeds in findings.to_triage[:TRIAGE_MAX]:
+        culprit: dict[str, str] | None = None
+        with environment(options) as target, tempfile.TemporaryDirectory() as scratch:
+            run = Run(options, target, Findings(Path(scratch), options.seed))
+            for seed in seeds:
+                result, _ = run.one_session(seed)
+                if result.outcome == "no_reply" or not target.alive():
+                    verdict, reply = run.canary() if target.alive() else ("crash", "")
+                    culprit = {"session": f"{seed:#x}", "waiting_for": repr(result.waiting_for),
+                               "canary": f"{verdict} {reply}".strip()}  # fmt: skip
+                    break
+        record = json.loads((where / "finding.json").read_text())
+        record["reproduced_alone"] = culprit
+        (where / "finding.json").write_text(json.dumps(record, indent=2) + "\n")
+        say(f"triage {where.name}: " + (
+            f"session {culprit['session']} alone hangs on {culprit['waiting_for']}; "
+            f"canary after it: {culprit['canary']}" if culprit
+            else f"no suspect alone reproduces it ({', '.join(f'{s:#x}' for s in seeds)})"
+        ))  # fmt: skip
 
 
 def replay(options: Options) -> int:
@@ -667,6 +707,8 @@ def parse(argv: list[str] | None) -> Options:
         type=lambda s: int(s, 0),
         help="session seeds to run alone against a fresh relay",
     )
+    parser.add_argument("--no-triage", dest="triage", action="store_false",
+                        help="do not replay the suspects of hangs alone after the run")  # fmt: skip
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.clients < 1 or args.deadline <= 0 or args.canary_every < 1:
         parser.error("--minutes, --deadline must be > 0; --clients, --canary-every >= 1")
@@ -674,7 +716,7 @@ def parse(argv: list[str] | None) -> Options:
         minutes=args.minutes, clients=args.clients, seed=args.seed, out=args.out.resolve(),
         deadline=args.deadline, canary_every=args.canary_every,
         canary_interval=args.canary_interval, delivery_deadline=args.delivery_deadline,
-        relay_networks=args.relay_networks, replay=args.replay,
+        relay_networks=args.relay_networks, replay=args.replay, triage=args.triage,
     )  # fmt: skip
 
 
