@@ -17,6 +17,8 @@ What counts as a finding
       ``unready``: the relay is running but not ready (or its admin endpoint does not answer);
       ``canary_refused``: ready, yet the canary's valid message is refused;
       ``undelivered``: the canary got its 250 but did not reach the sink in time;
+      ``stuck``: mail still queued ``--drain-deadline`` after the load (nothing may stay longer
+      than the 60 s max_queue_lifetime configured here and a retry);
     * ``no_reply``: a fuzz session waited past the deadline for a reply that was due while the
       canary still worked (one session hangs, the relay does not);
     * ``leak``: a reply holding an exception's name (``Error: (``), a traceback or a path;
@@ -108,6 +110,7 @@ class Options:
     canary_every: int
     canary_interval: float
     delivery_deadline: float
+    drain_deadline: float
     relay_networks: list[str] | None
     replay: list[int]
     triage: bool
@@ -450,6 +453,22 @@ class Run:
             )
         return self.take_hung()
 
+    def check_drained(self) -> None:
+        """Once the load stops, every message must leave the queue: delivered, bounced or expired.
+
+        The relay is configured so that nothing stays longer than max_queue_lifetime (60 s) plus
+        a retry, so a message still queued after the drain deadline is stuck for good (a delivery
+        task that died on it, a DSN that could not be built).
+        """
+        if not self.target.alive():
+            return
+        try:
+            self.target.relay.wait_queue_empty(timeout=self.options.drain_deadline)
+        except TimeoutError as exc:
+            self.findings.report("stuck", "queue not empty after the load", str(exc)[:1500])
+        except (AssertionError, OSError, ValueError) as exc:
+            self.findings.report("unready", "no queue summary", f"/api/queue: {exc}")
+
     def restart(self, why: str) -> None:
         say(f"restarting the relay after {why}...")
         try:
@@ -621,6 +640,9 @@ def fuzz(options: Options) -> int:
             thread.join(timeout=options.deadline + 5)
         run.check()  # a last look: the end of the run is watched like the rest
         seconds = time.monotonic() - started
+        say(f"waiting up to {options.drain_deadline:.0f} s for the queue to drain...")
+        run.check_drained()
+        run.check()  # what the drain delivered (injections, canaries) and logged
         figures = run.figures(seconds)
     if options.triage:
         triage(options, findings)
@@ -671,8 +693,7 @@ def replay(options: Options) -> int:
             result, generation = run.one_session(seed)
             say(result.text())
             run.account(result, generation)
-        with contextlib.suppress(TimeoutError):  # what is still queued then is not judged
-            target.relay.wait_queue_empty(timeout=options.delivery_deadline)
+        run.check_drained()
         run.check()
         figures = run.figures(1.0)
     print(json.dumps(figures), flush=True)
@@ -694,6 +715,8 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--canary-every", type=int, default=50, help="sessions between canaries")
     parser.add_argument("--canary-interval", type=float, default=3.0)
     parser.add_argument("--delivery-deadline", type=float, default=30.0)
+    parser.add_argument("--drain-deadline", type=float, default=120.0,
+                        help="seconds the queue may take to empty after the load")  # fmt: skip
     parser.add_argument(
         "--relay-networks",
         nargs="+",
@@ -716,6 +739,7 @@ def parse(argv: list[str] | None) -> Options:
         minutes=args.minutes, clients=args.clients, seed=args.seed, out=args.out.resolve(),
         deadline=args.deadline, canary_every=args.canary_every,
         canary_interval=args.canary_interval, delivery_deadline=args.delivery_deadline,
+        drain_deadline=args.drain_deadline,
         relay_networks=args.relay_networks, replay=args.replay, triage=args.triage,
     )  # fmt: skip
 
