@@ -22,6 +22,8 @@ What counts as a finding
     * ``no_reply``: a fuzz session waited past the deadline for a reply that was due while the
       canary still worked (one session hangs, the relay does not);
     * ``leak``: a reply holding an exception's name (``Error: (``), a traceback or a path;
+      ``protocol``: a reply that breaks RFC 3207 (220 to STARTTLS within TLS, or replies to
+      plain text pipelined after STARTTLS);
     * ``injection``: a message at the sink whose headers hold ``X-Fuzz-Injected``, the name the
       fuzzer hides in EHLO names, paths and bare line ends (its value says where and which session).
 
@@ -88,7 +90,7 @@ RESTART_TIMEOUT: Final = 30.0
 # The marker's value: the field that carried it and the session's seed in hex.
 _ORIGIN = re.compile(r"\s*([a-z0-9]+)-([0-9a-f]+)")
 _DIGITS = re.compile(
-    r"\b0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\b\d{2,}\b"
+    r"\b0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\b\d{5,}\b"
     r"|(?<=position )\d+(?:-\d+)?|(?<=\\udc)[0-9a-f]{2}"  # where, and which bad byte
 )
 
@@ -380,6 +382,11 @@ class Run:
             self.findings.report(
                 "leak", _leak_signature(line, text),
                 f"reply {text!r} to {line[:200]!r} in session {result.seed:#x}", [result],
+            )  # fmt: skip
+        for line, reply, rule in result.violations:
+            self.findings.report(
+                "protocol", rule, f"reply {reply!r} to {line[:200]!r} in session {result.seed:#x}",
+                [result],
             )  # fmt: skip
         if due:
             self.poke.set()

@@ -57,6 +57,8 @@ class SessionResult:
     transcript: list[tuple[float, str, bytes]] = field(default_factory=list)
     #: (line sent, reply) where the reply leaks internals (exception names, tracebacks, paths).
     leaks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: (line sent, reply, rule): replies that break the protocol without leaking anything.
+    violations: list[tuple[bytes, bytes, str]] = field(default_factory=list)
     #: For no_reply: the line whose reply never came.
     waiting_for: bytes = b""
     started: float = field(default_factory=time.monotonic)
@@ -250,6 +252,12 @@ class Session:
                 if reply.startswith(b"354"):
                     self.mode = "data"
                 elif reply.startswith(b"220") and verb == b"STARTTLS" and step.kind == "starttls":
+                    if isinstance(conn.sock, ssl.SSLSocket):
+                        rule = "220 to STARTTLS within TLS (RFC 3207 4.2: 503)"
+                        self.result.violations.append((line, reply, rule))
+                    if conn.inbuf:
+                        rule = "plain-text replies after STARTTLS's 220 (RFC 3207 4: discard)"
+                        self.result.violations.append((line, bytes(conn.inbuf[:200]), rule))
                     # What was pipelined after STARTTLS was plain text; RFC 3207 says the server
                     # must throw it away, so no reply is due for it.
                     buffer = b""
