@@ -303,9 +303,14 @@ class _Builder:
         body = steps[i].data[:-3]  # without ".\r\n"
         hazard = self.rng.choice(DATA_HAZARDS)
         if self.rng.random() < 0.3:
-            hazard += self.injection("data")[1:] + b"\r\n"  # a header smuggled in by the line end
+            # A header behind a line end that is not CRLF: at the sink it is a header only if the
+            # relay let the bare line end through (a CRLF would make it the client's own header).
+            end = self.rng.choice((b"\n", b"\r", b"\x00", b"\xc2\x85", b"\xe2\x80\xa8"))
+            hazard = end + f"{MARKER}: data-{self.tag}".encode() + b"\r\n"
         # In the header part (before the blank line) or the body.
         at = self.rng.randrange(len(body) + 1)
+        while hazard[:1] == b"\n" and body[at - 1 : at] == b"\r":
+            at -= 1  # a LF after the body's CR would be a CRLF
         data = body[:at] + hazard + body[at:] + b".\r\n"
         steps[i] = replace(steps[i], data=data, note="data-hazard")
         return "data-hazard"
