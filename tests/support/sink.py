@@ -244,6 +244,15 @@ class RecordingSink:
         with self._cond:
             return self._cond.wait_for(lambda: self._connections >= count, timeout)
 
+    def take(self) -> list[Delivered]:
+        """The messages accepted since the last call, then forgotten (a long run stays small).
+
+        :attr:`count` and :meth:`wait_for` count only what has not been taken.
+        """
+        with self._cond:
+            taken, self._messages = self._messages, []
+            return taken
+
     def clear(self) -> None:
         """Forget recorded messages and reset the connection count."""
         with self._cond:
