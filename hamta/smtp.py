@@ -206,6 +206,10 @@ class HamtaSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         """Send a reply, adding enhanced codes (not to the greeting or EHLO/HELO lines)."""
+        if self.transport is None or self.transport.is_closing():
+            # Nobody to tell: aiosmtpd goes on after its own goodbye (too many unknown commands)
+            # and a write to a closed TLS transport raises AttributeError ('_write_appdata').
+            return
         if self._ehlo_lines is not None and isinstance(status, str):
             self._ehlo_lines.append(status)  # sent in one write by smtp_EHLO
         elif isinstance(status, str) and not self._plain_replies and not status.startswith("220"):
