@@ -451,10 +451,12 @@ class HostileClient(Fault):
             ["--to", f"{ctx.lab.vip}:25", "--domain", MAIL_DOMAINS[0]],
             timeout=110.0,
         )
+        records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         self.findings = [
             f"{record['session']}: {problem}"
-            for record in map(json.loads, done.stdout.splitlines())
-            for problem in record.get("problems", [])
+            for record in records
+            if "session" in record  # the last line is the summary
+            for problem in record["problems"]
         ]
         if done.returncode not in (0, 1):
             self.findings.append(f"chaos.hostile exited {done.returncode}: {done.stderr[-300:]}")
