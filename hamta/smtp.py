@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import TYPE_CHECKING, Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -182,6 +182,26 @@ aiosmtpd.smtp.dir = _introspection.dir  # type: ignore[attr-defined]
 _session_ids = itertools.count(1)
 
 
+class _ClosedOnce:
+    """A TLS transport that may be closed again, as aiosmtpd does.
+
+    aiosmtpd reads on after it closed the connection (its goodbye to too many unknown commands),
+    and may close it again. asyncio's TLS transport takes a second close() as leave to drop its
+    protocol: every read after that raised AttributeError ('_resume_reading'), a SessionError
+    each time (found by bench/fuzz.py). The first close() alone reaches the transport.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def close(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class HamtaSMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, a configurable line limit and draining."""
 
@@ -207,8 +227,7 @@ class HamtaSMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         """Send a reply, adding enhanced codes (not to the greeting or EHLO/HELO lines)."""
         if self.transport is None or self.transport.is_closing():
-            # Nobody to tell: aiosmtpd goes on after its own goodbye (too many unknown commands)
-            # and a write to a closed TLS transport raises AttributeError ('_write_appdata').
+            # Nobody to tell: aiosmtpd reads on after its own goodbye (too many unknown commands).
             return
         if self._ehlo_lines is not None and isinstance(status, str):
             self._ehlo_lines.append(status)  # sent in one write by smtp_EHLO
@@ -331,6 +350,8 @@ class HamtaSMTP(SMTP):
             if not self._refused:
                 handler.sessions.add(self)
                 handler.metrics.smtp_sessions.inc()
+        if self._original_transport is not None:  # the STARTTLS upgrade
+            transport = cast(asyncio.BaseTransport, _ClosedOnce(transport))
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:

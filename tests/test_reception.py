@@ -9,6 +9,7 @@ the relays shared by a module hand each test a clean queue.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import re
 import shutil
@@ -257,6 +258,33 @@ def test_starttls_negotiates_modern_tls_and_stamps_esmtps(
     assert received is not None and len(received) == 1
     assert f"by {RELAY_HOSTNAME} (hamta) with ESMTPS id" in received[0]
     assert tls_relay.wait_events("Reception")[-1]["tls"] is True
+
+
+def test_reading_on_after_the_goodbye_within_tls_is_no_session_error(
+    tls_relay: RelayProcess,
+) -> None:
+    # aiosmtpd closes the connection after too many unknown commands, reads on and closes it
+    # again; asyncio's TLS transport took the second close() as leave to drop its protocol, and
+    # the next read raised AttributeError ('_resume_reading'), a SessionError (bench/fuzz.py).
+    # The reads after the goodbye must be buffered past the reader's limit to resume reading.
+    before = len(tls_relay.events("SessionError"))
+    with socket.create_connection(("127.0.0.1", tls_relay.port), timeout=10) as raw:
+        raw.recv(1024)
+        raw.sendall(b"EHLO client.test\r\nSTARTTLS\r\n")
+        greeting = b""
+        while b"220 " not in greeting.split(b"\r\n", 1)[-1]:
+            greeting += raw.recv(1024)
+        with unverified_context().wrap_socket(raw, server_hostname="relay") as tls:
+            bogus = b"".join(b"BOGUS%d\r\n" % i for i in range(30))
+            tls.sendall(bogus + (b"N" * 1000 + b"\r\n") * 400)
+            received = b""
+            with contextlib.suppress(OSError):
+                while chunk := tls.recv(65536):
+                    received += chunk
+    assert b"Too many unrecognized commands" in received
+    with session(tls_relay) as wire:  # the relay goes on
+        assert wire.command("NOOP").code == 250
+    assert len(tls_relay.events("SessionError")) == before
 
 
 def test_tls_below_1_2_is_refused(tls_relay: RelayProcess, tls_files: tuple[Path, Path]) -> None:
