@@ -350,6 +350,15 @@ def test_the_pair_elects_one_active_node_that_relays_to_the_sink(tmp_path: Path)
         while not set(result.ids_acked) <= lab.delivered_ids():
             assert time.monotonic() < deadline, "acknowledged mail never reached the sink"
             time.sleep(0.2)
+        # `hamta lab hostile`: the chaos suite's hostile sessions, each refused or answered.
+        hostile = subprocess.run(
+            [PYTHON, "-m", "hamta.cli", "lab", "hostile", "--dir", str(tmp_path / "lab"),
+             "--idle", "50"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert hostile.returncode == 0, hostile.stdout + hostile.stderr
+        assert "ehlo-header-injection" in hostile.stdout and "as it must be" in hostile.stdout
+        assert lab.active_node() == active
         pids = [pid for node in NODES for pid in lab.node_pids(node)]
         assert len(pids) >= 4  # an agent and its relay on each node
         device, image = lab.loop_device, lab.image_path
