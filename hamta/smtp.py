@@ -229,6 +229,10 @@ class HamtaSMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             # Nobody to tell: aiosmtpd reads on after its own goodbye (too many unknown commands).
             return
+        if isinstance(status, str) and not status.isascii():
+            # aiosmtpd echoes client text (VRFY, unknown commands), in which bytes that were not
+            # UTF-8 are lone surrogates no codec writes: escaped, they are only text.
+            status = status.encode("utf-8", "backslashreplace").decode("utf-8")
         if self._ehlo_lines is not None and isinstance(status, str):
             self._ehlo_lines.append(status)  # sent in one write by smtp_EHLO
         elif isinstance(status, str) and not self._plain_replies and not status.startswith("220"):

@@ -287,6 +287,18 @@ def test_reading_on_after_the_goodbye_within_tls_is_no_session_error(
     assert len(tls_relay.events("SessionError")) == before
 
 
+def test_client_bytes_echoed_in_a_reply_are_escaped(relay: RelayProcess) -> None:
+    # aiosmtpd echoes VRFY's argument; an invalid UTF-8 byte in it once raised
+    # UnicodeEncodeError in the reply's encoding, a SessionError (found by bench/fuzz.py).
+    before = len(relay.events("SessionError"))
+    with session(relay) as wire:
+        wire.command(f"EHLO {CLIENT_HELO}")
+        reply = wire.command(b"VRFY j\xe9 <unclosed")
+        assert reply.code in (252, 502), reply.lines
+        assert wire.command("NOOP").code == 250
+    assert len(relay.events("SessionError")) == before
+
+
 def test_tls_below_1_2_is_refused(tls_relay: RelayProcess, tls_files: tuple[Path, Path]) -> None:
     client = tls11_context(server=False)
     # Calibration: this client context can complete a TLS 1.1 handshake with a peer that allows
