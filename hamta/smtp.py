@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import inspect
 import ipaddress
 import itertools
@@ -649,15 +650,26 @@ class ReceptionHandler:
                 return reply if reply.startswith("2") else self._reject(reply)
             signatures = await self._dkim_signatures(data, envelope.mail_from or "", qid)
             body = signatures + received + data
-            message = await self.spool.append(
-                body,
-                # aiosmtpd keeps the null sender as "<>"; the spool and DSNs know it as "".
-                "" if envelope.mail_from in (None, "<>") else envelope.mail_from,
-                list(envelope.rcpt_tos),
-                qid=qid,
-                message_id=message_id_of(data),
-                client=client,
+            appending = asyncio.ensure_future(
+                self.spool.append(
+                    body,
+                    # aiosmtpd keeps the null sender as "<>"; the spool and DSNs know it as "".
+                    "" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    qid=qid,
+                    message_id=message_id_of(data),
+                    client=client,
+                )
             )
+            try:
+                message = await asyncio.shield(appending)
+            except asyncio.CancelledError:
+                # The connection was lost while the message was being synced: it becomes
+                # durable all the same, and must then be queued (once left to the next restart).
+                appending.add_done_callback(
+                    functools.partial(self._queue_unanswered, session, started, len(body))
+                )
+                raise
         except SpoolFullError as exc:
             self.log.error("SpoolFull", queue_id=qid, error=str(exc))
             return self._reject(REPLY_SPOOL_FULL)
@@ -673,23 +685,38 @@ class ReceptionHandler:
             self.in_data -= 1
             if self.in_data == 0:
                 self.idle.set()
+        self._queued(message, session, started, len(body))
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _queued(
+        self, message: LiveMessage, session: Session, started: float, size: int, **extra: Any
+    ) -> None:
+        """A durable message: counted, logged (Reception) and handed to the queue."""
         self.metrics.received.inc()
-        self.metrics.received_bytes.inc(len(body))
+        self.metrics.received_bytes.inc(size)
         rec = message.rec
         self.log.info(
             "Reception",
-            queue_id=qid,
+            queue_id=rec.qid,
             message_id=rec.message_id,
             sender=rec.sender,
             recipients=rec.recipients,
             client=rec.client,
             helo=session.host_name,
             tls=session.ssl is not None,
-            size=len(body),
+            size=size,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            **extra,
         )
         self.on_queued(message)
-        return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _queue_unanswered(
+        self, session: Session, started: float, size: int, appending: asyncio.Future[LiveMessage]
+    ) -> None:
+        """Queue a message whose client left before its 250 (it may send it again: a duplicate)."""
+        if appending.cancelled() or appending.exception() is not None:
+            return  # not durable: nothing was promised, nothing is kept
+        self._queued(appending.result(), session, started, size, unanswered=True)
 
     def _intake_for(self, address: str) -> Intake | None:
         return next((intake for intake in self.intakes if intake.accepts(address)), None)
