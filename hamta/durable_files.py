@@ -28,12 +28,7 @@ def write_durably(directory: Path, name: str, data: bytes) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     temporary = directory / f".{name}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_synced(temporary, data)
     os.replace(temporary, path)
     fsync_directory(directory)
     return path
@@ -53,12 +48,7 @@ def create_once(directory: Path, name: str, data: bytes) -> bytes:
         pass
     directory.mkdir(parents=True, exist_ok=True)
     temporary = directory / f".{name}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_synced(temporary, data)
     try:
         os.link(temporary, path)
     except FileExistsError:
@@ -67,3 +57,15 @@ def create_once(directory: Path, name: str, data: bytes) -> bytes:
         os.unlink(temporary)
     fsync_directory(directory)
     return path.read_bytes()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (0600) holding ``data`` whole, fsynced: a write may be partial."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
