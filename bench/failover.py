@@ -110,7 +110,7 @@ from cluster.lab.history import (
     recovery_time,
     unavailability,
 )
-from cluster.lab.lab import describe
+from cluster.lab.inspection import describe
 from cluster.lab.topology import CLIENT, DOMAIN, NODES
 from cluster.lab.vagrant import ARBITER, MAIL_DOMAIN, MAIL_NODES, VagrantCluster, VagrantError
 from cluster.lab.vagrant import NAMESPACE as VAGRANT_NAMESPACE
