@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from relay import MASTER_CF
+from relay_postfix import MASTER_CF
 
 from cluster.lab import Lab, LabError
 from cluster.lab.netns import NetnsError, addresses, remove_address

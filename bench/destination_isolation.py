@@ -45,26 +45,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay import (
+from relay_common import (
     HELO_NAME,
     LOCALHOST,
     SINK_HOST,
     START_TIMEOUT,
     BenchError,
-    Sink,
-    _child_env,
-    _free_ports,
-    _http_get,
-    _scratch,
-    _stop,
-    _tail,
-    _tool,
-    _unprivileged_user,
-    _wait_for_smtp,
-    _wait_ready,
+    child_env,
+    free_ports,
+    http_get,
+    log_tail,
+    postfix_tool,
     say,
+    scratch_directory,
     shielded,
+    stop_child,
+    wait_for_smtp,
 )
+from relay_hamta import wait_ready
+from relay_load import Sink, unprivileged_user
 
 REPO = Path(__file__).resolve().parent.parent
 SLOW_SHARE = 0.10
@@ -124,36 +123,36 @@ def _q(value: object) -> str:
 @contextlib.contextmanager
 def _sink(base: Path, name: str, port: int, options: list[str]) -> Iterator[Sink]:
     """``smtp-sink -c [options] SINK_HOST:port``, stopped by its pid on the way out."""
-    command = [_tool("smtp-sink")]
+    command = [postfix_tool("smtp-sink")]
     if os.geteuid() == 0:
-        command += ["-u", _unprivileged_user()]  # smtp-sink refuses to run as root
+        command += ["-u", unprivileged_user()]  # smtp-sink refuses to run as root
     command += ["-c", *options, f"{SINK_HOST}:{port}", "1000"]
     counter = base / f"{name}.out"
     with open(counter, "wb") as out, open(base / f"{name}.err", "wb") as err:
         proc = subprocess.Popen(
-            command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=_child_env(),
+            command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(),
             start_new_session=True,
         )  # fmt: skip
     try:
-        _wait_for_smtp(
+        wait_for_smtp(
             SINK_HOST, port, time.monotonic() + START_TIMEOUT, lambda: proc.poll() is None
         )
         yield Sink(port, proc, counter)
     finally:
         with shielded():
-            _stop(proc)
+            stop_child(proc)
 
 
 def _source(base: Path, name: str, port: int, messages: int, sessions: int, size: int,
             to: str) -> subprocess.Popen[bytes]:  # fmt: skip
     command = [
-        _tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
+        postfix_tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
         "-f", "from@bench.test", "-t", to, "-M", HELO_NAME, f"{LOCALHOST}:{port}",
     ]  # fmt: skip
     with open(base / f"{name}.err", "wb") as err:
         return subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-            env=_child_env(), start_new_session=True,
+            env=child_env(), start_new_session=True,
         )  # fmt: skip
 
 
@@ -164,10 +163,10 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
     slow_sessions = max(1, round(args.sessions * SLOW_SHARE))
     fast_sessions = max(1, args.sessions - slow_sessions)
     stall = mode == "stalled"
-    with _scratch(args.workdir, f"hamta-bench-isolation-{mode}-", args.keep) as base:
+    with scratch_directory(args.workdir, f"hamta-bench-isolation-{mode}-", args.keep) as base:
         taken: set[int] = set()
-        smtp_port, admin_port = _free_ports(LOCALHOST, 2, taken)
-        fast_port, slow_port = _free_ports(SINK_HOST, 2, taken)
+        smtp_port, admin_port = free_ports(LOCALHOST, 2, taken)
+        fast_port, slow_port = free_ports(SINK_HOST, 2, taken)
         config = base / "hamta.toml"
         config.write_text(
             CONFIG.format(
@@ -192,11 +191,11 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
                 relay = subprocess.Popen(
                     [sys.executable, "-m", "hamta.cli", "serve", "--config", str(config)],
                     stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                    env=_child_env(), cwd=base, start_new_session=True,
+                    env=child_env(), cwd=base, start_new_session=True,
                 )  # fmt: skip
             sources: list[subprocess.Popen[bytes]] = []
             try:
-                _wait_ready(relay, f"{admin}/health/ready", err_file)
+                wait_ready(relay, f"{admin}/health/ready", err_file)
                 started = time.monotonic()
                 sources = [
                     _source(base, "fast-source", smtp_port, fast_messages, fast_sessions,
@@ -207,12 +206,12 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
                 deadline = started + args.timeout
                 while fast.received() < fast_messages:
                     if relay.poll() is not None:
-                        raise BenchError(f"hamta exited {relay.returncode}: {_tail(err_file)}")
+                        raise BenchError(f"hamta exited {relay.returncode}: {log_tail(err_file)}")
                     failed = [s for s in sources if s.poll() not in (None, 0)]
                     if failed:
                         raise BenchError(f"smtp-source exited {failed[0].returncode}: "
-                                         f"{_tail(base / 'fast-source.err')}"
-                                         f"{_tail(base / 'slow-source.err')}")  # fmt: skip
+                                         f"{log_tail(base / 'fast-source.err')}"
+                                         f"{log_tail(base / 'slow-source.err')}")  # fmt: skip
                     if time.monotonic() > deadline:
                         raise BenchError(f"{fast.received()} of {fast_messages} in {args.timeout}s")
                     time.sleep(POLL_SECONDS)
@@ -221,7 +220,7 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
                     source.wait(timeout=args.timeout)
                 connections = 0
                 if stall:
-                    status, body = _http_get(f"{admin}/api/queue")
+                    status, body = http_get(f"{admin}/api/queue")
                     connections = (
                         int(json.loads(body).get("connections", 0)) if status == 200 else 0
                     )
@@ -232,8 +231,8 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
             finally:
                 with shielded():
                     for source in sources:
-                        _stop(source)
-                    _stop(relay, signal.SIGTERM)
+                        stop_child(source)
+                    stop_child(relay, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,7 +102,7 @@ from failover_common import DEFAULT_PREFIX, DEFAULT_SUBNET, VAGRANT_QUEUED, Benc
 from failover_measure import PartResult
 from failover_parts import run_baseline, run_hamta, run_vagrant
 from failover_report import figures, report
-from relay import shielded
+from relay_common import shielded
 
 import cluster
 from cluster.config import ConfigError

@@ -37,7 +37,7 @@ from failover_common import (
 from failover_load import Load, drain_and_check, verdict_line
 from failover_measure import PartResult, measure_failovers, record_switchover
 from failover_pairs import HamtaPair, VagrantPair
-from relay import shielded
+from relay_common import shielded
 
 from cluster.config import ConfigError, load_agent_config
 from cluster.lab import Lab, LabError, probes, processes
