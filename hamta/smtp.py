@@ -520,6 +520,10 @@ class ReceptionHandler:
             config.max_queued_messages, config.max_memory, lambda: len(spool.live)
         )
 
+    def drain(self) -> None:
+        """Take no more mail: new sessions and new MAIL get 421 4.3.2; DATA under way finishes."""
+        self.draining = True
+
     def _reject(self, reply: str) -> str:
         self.metrics.rejected.labels(reply[:3]).inc()
         return reply
