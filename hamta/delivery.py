@@ -108,6 +108,12 @@ class DeliveryEngine:
         retry: RetryConfig | None = None,
         spawn: Spawn = create_task,
         return_paths: ReturnPaths | None = None,
+        *,
+        guard: Callable[[], str | None] | None = None,
+        classifier: BounceClassifier | None = None,
+        domain_stats: DomainStats | None = None,
+        suppressions: Suppressions | None = None,
+        suspended: Iterable[str] = (),
     ) -> None:
         self.config = config
         self._spawn = spawn  # the relay's supervisor: a session dying of a bug stops the relay
@@ -122,7 +128,15 @@ class DeliveryEngine:
         self.metrics = metrics
         self.log = log
         self._wall = wall_clock
-        self.queue: MailQueue | None = None
+        # Owned here: its ready lines start this engine's sessions, shaped by this engine.
+        self.queue = MailQueue(
+            self.retry,
+            router.next_hop,
+            wall_clock,
+            self.on_ready,
+            shaper_for=self.shaper_for,
+            suspended=suspended,
+        )
         self._sessions: set[asyncio.Task[None]] = set()
         # Failed recipients of a message, collected for one DSN (hamta.dsn_batch).
         self._dsns = DsnBatcher(config.dsn_window, self._send_dsn, spawn)
@@ -133,12 +147,12 @@ class DeliveryEngine:
         self._halted = asyncio.Event()  # set by stop()
         # The fencing check (``hamta.epoch_token.EpochGuard.check``), run before each delivery
         # and again before DATA: a relay whose term is over must not deliver one more message.
-        self.guard: Callable[[], str | None] | None = None
+        self.guard = guard
         self.connections = 0
         # Names each failed attempt's cause; the relay puts the user's rules in front.
-        self.classifier: BounceClassifier = build_classifier()
-        self.domain_stats: DomainStats | None = None
-        self.suppressions: Suppressions | None = None
+        self.classifier = classifier if classifier is not None else build_classifier()
+        self.domain_stats = domain_stats
+        self.suppressions = suppressions
         # Signs the return path of mail sent from the bounces address (None: none configured).
         self.return_paths = return_paths
         self._tls = ssl.create_default_context()
@@ -263,7 +277,6 @@ class DeliveryEngine:
 
     async def _connect(self, domain: str) -> _Connection:
         """Connect to the first target of ``domain`` that greets us; raise RoutingError."""
-        assert self.queue is not None
         targets = await self.router.targets(domain)
         errors: list[str] = []
         permanent = False
@@ -442,7 +455,7 @@ class DeliveryEngine:
         reply = next(
             (r for r in replies if is_throttle_reply(r.code, r.text, self.classifier)), None
         )
-        if reply is None or self.queue is None:
+        if reply is None:
             return
         destination = self.queue.destination_for(domain)
         if destination.shaper.throttle(asyncio.get_running_loop().time()):
@@ -487,7 +500,6 @@ class DeliveryEngine:
     def _apply(
         self, job: Job, replies: dict[int, Reply], target: Target | None, started: float
     ) -> None:
-        assert self.queue is not None
         rec = job.message.rec
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         delivered = [i for i, r in replies.items() if 200 <= r.code < 300]
@@ -593,7 +605,6 @@ class DeliveryEngine:
 
         Never to the null sender, nor for a DSN; not beyond the sender domain's DSN rate.
         """
-        assert self.queue is not None
         message = batch.message
         rec = message.rec
         rcpts = [index for _, group, _ in batch.groups for index in group]
@@ -654,15 +665,19 @@ class DeliveryEngine:
 
     # ------------------------------------------------------------------ stopping
 
+    def halt(self) -> None:
+        """Start nothing more: each session ends after the transaction it is in."""
+        self.stopping = True
+        for destination in self.queue.destinations.values():
+            destination.wakeup.set()
+
     async def stop(self, timeout: float) -> None:
         """Let running transactions finish (up to ``timeout``), then close every session."""
-        self.stopping = True
+        self.halt()
         self._halted.set()
         for handle in self._recoveries.values():
             handle.cancel()
         self._recoveries.clear()
-        for destination in self.queue.destinations.values() if self.queue else []:
-            destination.wakeup.set()
         started = time.monotonic()
         pending = set(self._sessions)
         if pending:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import functools
 import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,31 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 
-from hamta import activations
-from hamta.bounce_classes import BounceRulesError, build_classifier
-from hamta.bounce_intake import BounceIntake
-from hamta.complaints import ComplaintIntake
+from hamta import activations, active_parts
+from hamta.active_parts import ActivationError, ActiveParts
 from hamta.config import Config
 from hamta.control_client import ControlError
-from hamta.delivery import DeliveryEngine
 from hamta.domain_stats import DomainStats, destination_metrics, merge_snapshots, relay_snapshot
 from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
-from hamta.intake import Intake
 from hamta.listeners import unlisten
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
-from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
-from hamta.report_rate import ClientRate
-from hamta.report_shape import ReportLimits
-from hamta.report_trust import ReporterTrust
-from hamta.return_paths import ReturnPaths
-from hamta.routing import Router
-from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
-from hamta.spool import Damage, Spool, SpoolError, SpoolState
+from hamta.smtp import HamtaSMTP
+from hamta.spool import Damage, Spool, SpoolState
 from hamta.supervision import Supervisor
-from hamta.suppression import DomainFailurePolicy, SuppressionError, Suppressions
-from hamta.suspensions import load_suspended
+from hamta.suppression import Suppressions
 from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
 
 if TYPE_CHECKING:
@@ -78,31 +65,6 @@ class Activation:
     recovery_seconds: float
     listen_seconds: float
     total_seconds: float
-
-
-class _Active:
-    """Everything that exists only while the relay is active."""
-
-    def __init__(
-        self,
-        spool: Spool,
-        queue: MailQueue,
-        engine: DeliveryEngine,
-        handler: ReceptionHandler,
-        servers: list[asyncio.Server],
-        timer: asyncio.Task[None],
-        sweeper: asyncio.Task[None] | None = None,
-    ) -> None:
-        self.spool = spool
-        self.sweeper = sweeper  # of quarantine/, on worker 0
-        self.queue = queue
-        self.engine = engine
-        self.handler = handler
-        self.servers = servers
-        self.timer = timer
-        self.recovery: asyncio.Task[SpoolState] | None = None
-        self.guard: EpochGuard | None = None
-        self.suppressions: Suppressions | None = None
 
 
 class Relay:
@@ -139,7 +101,10 @@ class Relay:
         )
         self._wall = wall_clock
         self.state = RelayState.STANDBY
-        self._active: _Active | None = None
+        self._active: ActiveParts | None = None
+        # The active relay's steps after its parts are built: listening, then recovering.
+        self._servers: list[asyncio.Server] = []
+        self._recovery: asyncio.Task[SpoolState] | None = None
         self._lock = asyncio.Lock()
         self.started_at = time.monotonic()
         self.last_activation: Activation | None = None
@@ -164,7 +129,7 @@ class Relay:
             and active is not None
             and (active.guard is None or active.guard.fenced is None)
             and active.spool.is_writable()
-            and all(server.is_serving() for server in active.servers)
+            and all(server.is_serving() for server in self._servers)
         )
 
     @property
@@ -211,7 +176,7 @@ class Relay:
                 depth=len(active.spool.live),
                 in_flight=active.queue.in_flight,
                 connections=active.engine.connections,
-                recovering=active.recovery is not None and not active.recovery.done(),
+                recovering=self._recovery is not None and not self._recovery.done(),
                 spool_writable=active.spool.is_writable(),
                 epoch=active.guard.epoch if active.guard is not None else None,
                 fenced=active.guard.fenced if active.guard is not None else None,
@@ -233,7 +198,7 @@ class Relay:
         active = self._active
         if active is None:
             return relay_snapshot(self.domain_stats, None, None)
-        return relay_snapshot(self.domain_stats, active.queue, active.engine.router.next_hop)
+        return relay_snapshot(self.domain_stats, active.queue, active.router.next_hop)
 
     async def node_domains(self) -> dict[str, Any]:
         """The per-domain sums of the whole node: this relay's and its workers', added up."""
@@ -341,25 +306,6 @@ class Relay:
                                               for k in dkim.keys])  # fmt: skip
         return signer
 
-    async def _open_suppressions(
-        self, root: Path, guard: Callable[[], str | None] | None
-    ) -> Suppressions | None:
-        """The suppression list on the spool volume, or None (logged) when it cannot be opened.
-
-        A damaged list must not keep a node from taking over: mail then flows unsuppressed and
-        complaints get 451 (their senders keep them) until an operator repairs it.
-        """
-        reports = self.config.suppression
-        policy = DomainFailurePolicy(reports.domain_failure_period, reports.domain_failure_expiry)
-        suppressions = Suppressions(root, self.log, guard, policy)
-        try:
-            await suppressions.open()
-        except SuppressionError as exc:
-            self.log.error("SuppressionUnavailable", error=str(exc))
-            await suppressions.close()
-            return None
-        return suppressions
-
     def _guard(self, epoch: int | None, token: Path | None) -> EpochGuard | None:
         """The fencing check of this activation, verified against the token right now."""
         if epoch is None or token is None:
@@ -381,10 +327,8 @@ class Relay:
         active = self._active
         if active is None:
             return
-        active.handler.draining = True
-        active.engine.stopping = True
-        for destination in active.queue.destinations.values():
-            destination.wakeup.set()
+        active.handler.drain()
+        active.engine.halt()
         self.metrics.fenced.set(1)
         self.log.error(
             "RelayFenced",
@@ -397,7 +341,7 @@ class Relay:
         """A supervised task died: unready at once, no new mail, and the process stops."""
         active = self._active
         if active is not None:
-            active.handler.draining = True  # new sessions and MAIL get 421, not a silent hang
+            active.handler.drain()  # new sessions and MAIL get 421, not a silent hang
         if self._on_fatal is not None:
             self._on_fatal(f"{name}: {type(exc).__name__}: {exc}")
 
@@ -405,137 +349,42 @@ class Relay:
         self, path: Path, epoch: int | None = None, token: Path | None = None,
         *, root: Path | None = None,
     ) -> Activation:  # fmt: skip
+        """This process's activation: its parts built (``hamta.active_parts``), then listening,
+        then recovery while the first sessions are served."""
         started = time.perf_counter()
         config = self.config
         self.log.info("RelayActivating", spool=str(path), epoch=epoch)
         guard = self._guard(epoch, token)
         try:
-            inbound_tls = tls_context(config.smtp)
-        except (OSError, ssl.SSLError) as exc:
-            raise RelayError(f"cannot load the TLS certificate: {exc}") from None
-        try:
-            classifier = build_classifier(config.delivery.bounce_rules)
-        except BounceRulesError as exc:  # changed since the configuration was checked
+            parts = await active_parts.build(
+                config,
+                path,
+                root or path,
+                guard,
+                worker=self.worker,
+                metrics=self.metrics,
+                log=self.log,
+                domain_stats=self.domain_stats,
+                signer=self.signer,
+                wall_clock=self._wall,
+                spawn=self.supervisor.spawn,
+                on_commit=self._observe_commit,
+                on_checkpoint=self._observe_checkpoint,
+            )
+        except ActivationError as exc:
             raise RelayError(str(exc)) from None
-        spool = Spool(
-            path,
-            segment_size=config.spool.segment_size,
-            journal_size=config.spool.journal_size,
-            min_free=config.spool.min_free,
-            wall_clock=self._wall,
-            on_checkpoint=self._observe_checkpoint,
-            spawn=self.supervisor.spawn,
-        )
-        try:
-            spool.open()
-        except SpoolError as exc:
-            raise RelayError(str(exc)) from None
-        spool.on_commit = self._observe_commit
-        spool.guard = guard.check if guard is not None else None
-        router = Router(config.delivery, config.dns)
-        reports = config.suppression
-        return_paths = None
-        if reports.bounces_address is not None:
-            try:
-                return_paths = ReturnPaths.on_spool(
-                    root or path, reports.bounces_address, reports.bounce_address_days, self._wall
-                )
-            except OSError as exc:
-                raise RelayError(f"cannot read or create the bounce secret: {exc}") from None
-        engine = DeliveryEngine(
-            config.delivery, config.node.hostname, spool, router, self.metrics, self.log,
-            wall_clock=self._wall, share=config.node.workers, retry=config.retry,
-            spawn=self.supervisor.spawn,
-            return_paths=return_paths,
-        )  # fmt: skip
-        queue = MailQueue(
-            config.retry, router.next_hop, self._wall, engine.on_ready,
-            shaper_for=engine.shaper_for, suspended=load_suspended(path, self.log),
-        )  # fmt: skip
-        engine.queue = queue
-        engine.guard = spool.guard
-        engine.classifier = classifier
-        engine.domain_stats = self.domain_stats
-        # At the spool's root (not a worker's shard): one list per volume, moving with it.
-        suppressions = await self._open_suppressions(root or path, spool.guard)
-        engine.suppressions = suppressions
-        intakes: list[Intake] = []
-        limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
-        quota = QuarantineQuota(
-            reports.quarantine_max_size, reports.quarantine_max_files, reports.quarantine_retention
-        )
-        if reports.complaints_address is not None:
-            if not reports.complaint_networks and not reports.complaint_dkim_domains:
-                self.log.warning(
-                    "ComplaintsIgnored", address=reports.complaints_address,
-                    reason="no complaint_networks and no complaint_dkim_domains: every "
-                           "complaint is logged and suppresses nobody",
-                )  # fmt: skip
-            intakes.append(ComplaintIntake(
-                reports.complaints_address, suppressions, root or path, self.metrics, self.log,
-                spool.guard, self.domain_stats.record_complaint, config.spool.min_free, limits,
-                quota, ReporterTrust.of(reports.complaint_networks,
-                                        reports.complaint_dkim_domains, config.dns),
-            ))  # fmt: skip
-        if reports.bounces_address is not None and return_paths is not None:
-            intakes.append(BounceIntake(
-                reports.bounces_address, classifier, suppressions, root or path, self.metrics,
-                self.log, spool.guard, config.spool.min_free, limits, quota, return_paths,
-            ))  # fmt: skip
-        handler = ReceptionHandler(
-            config.smtp, config.node.hostname, spool, queue.add, self.metrics, self.log,
-            signer=self.signer, suppressions=suppressions, intakes=intakes,
-            # Each worker (SO_REUSEPORT spreads a client's connections) keeps its share.
-            report_rate=ClientRate(reports.report_rate_per_client / config.node.workers,
-                                   reports.complaint_networks),
-        )  # fmt: skip
-        timer = self.supervisor.spawn("queue timer", queue.run_timer())
-        sweeper = None
-        if intakes and self.worker == 0:  # one sweeper per volume
-            sweeper = self.supervisor.spawn("quarantine sweeper", sweep_periodically(
-                (root or path) / QUARANTINE_DIR, quota, self._wall, self.log, spool.guard,
-            ))  # fmt: skip
-        self._active = _Active(spool, queue, engine, handler, [], timer, sweeper)
-        self._active.guard = guard
-        self._active.suppressions = suppressions
+        self._active = parts
         self.metrics.fenced.set(0)
-        factory = functools.partial(
-            HamtaSMTP,
-            handler,
-            line_length_limit=config.smtp.max_line_length + 2,
-            data_size_limit=config.smtp.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=config.node.hostname,
-            ident="ESMTP hamta",
-            tls_context=inbound_tls,
-            timeout=config.smtp.session_timeout,
-            loop=asyncio.get_running_loop(),
-        )
-        loop = asyncio.get_running_loop()
-        for listener in self.listeners:
-            try:
-                # A duplicate for asyncio, which closes what it was given: the bound socket
-                # itself stays with the relay for the next activation.
-                server = await loop.create_server(factory, sock=listener.dup())
-            except OSError as exc:
-                raise RelayError(
-                    f"cannot listen on {listener.getsockname()}: {exc.strerror}"
-                ) from None
-            self._active.servers.append(server)
+        await self._listen(parts.protocol)
         listen_seconds = time.perf_counter() - started
         self.log.info("RelayListening", listen=config.smtp.listen,
                       seconds=round(listen_seconds, 4))  # fmt: skip
-        self._active.recovery = loop.create_task(spool.recover())
-        state = await self._active.recovery
+        self._recovery = asyncio.get_running_loop().create_task(parts.spool.recover())
+        state = await self._recovery
         for message in state.live.values():
-            queue.add(message)
+            parts.queue.add(message)
         self.metrics.recovery_seconds.set(state.stats.seconds)
-        self.metrics.queue_depth.set_function(lambda: len(spool.live))
-        self.metrics.queue_ready.set_function(lambda: queue.ready_count)
-        self.metrics.queue_deferred.set_function(lambda: queue.deferred_count)
-        self.metrics.in_flight.set_function(lambda: queue.in_flight)
-        self.metrics.connections.set_function(lambda: engine.connections)
+        self._gauge_queue(parts)
         stats = state.stats
         self.log.info(
             "QueueRecovered",
@@ -568,6 +417,28 @@ class Relay:
             self._records.add(task)
             task.add_done_callback(self._records.discard)
         return self.last_activation
+
+    async def _listen(self, protocol: Callable[[], HamtaSMTP]) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            try:
+                # A duplicate for asyncio, which closes what it was given: the bound socket
+                # itself stays with the relay for the next activation.
+                server = await loop.create_server(protocol, sock=listener.dup())
+            except OSError as exc:
+                raise RelayError(
+                    f"cannot listen on {listener.getsockname()}: {exc.strerror}"
+                ) from None
+            self._servers.append(server)
+
+    def _gauge_queue(self, parts: ActiveParts) -> None:
+        """The queue's gauges, read from this activation's parts at each scrape."""
+        spool, queue, engine = parts.spool, parts.queue, parts.engine
+        self.metrics.queue_depth.set_function(lambda: len(spool.live))
+        self.metrics.queue_ready.set_function(lambda: queue.ready_count)
+        self.metrics.queue_deferred.set_function(lambda: queue.deferred_count)
+        self.metrics.in_flight.set_function(lambda: queue.in_flight)
+        self.metrics.connections.set_function(lambda: engine.connections)
 
     async def _record_activation(self, spool: Path, recovered: int, seconds: float) -> None:
         guard = self._active.guard if self._active is not None else None
@@ -637,10 +508,12 @@ class Relay:
 
     async def _teardown(self, timeout: float) -> None:
         active, self._active = self._active, None
+        servers, self._servers = self._servers, []
+        recovery, self._recovery = self._recovery, None
         if active is None:
             return
         handler = active.handler
-        handler.draining = True  # new sessions and new MAIL get 421 4.3.2
+        handler.drain()  # new sessions and new MAIL get 421 4.3.2
         deadline = time.monotonic() + timeout
         # DATA already received is spooled and answered before anything closes.
         if handler.in_data:
@@ -649,19 +522,19 @@ class Relay:
             except TimeoutError:
                 self.log.warning("DrainTimeout", sessions_in_data=handler.in_data)
         await active.engine.stop(max(0.0, deadline - time.monotonic()))
-        for server in active.servers:
+        for server in servers:
             server.close()
         for session in list(handler.sessions):
             session.close_session()
-        for server in active.servers:
+        for server in servers:
             await server.wait_closed()
         for listener in self.listeners:  # a standby refuses connections, it does not queue them
             unlisten(listener)
         active.timer.cancel()
         if active.sweeper is not None:
             active.sweeper.cancel()
-        if active.recovery is not None and not active.recovery.done():
-            await asyncio.gather(active.recovery, return_exceptions=True)
+        if recovery is not None and not recovery.done():
+            await asyncio.gather(recovery, return_exceptions=True)
         if active.suppressions is not None:
             await active.suppressions.close()  # after the engine: its bounce writes are done
         if self._records:  # an activation record still being written holds a file there

@@ -406,6 +406,8 @@ class Spool:
         on_checkpoint: Callable[[str | None], None] | None = None,
         checkpoint_retry: float = 30.0,
         spawn: Spawn = create_task,
+        on_commit: Callable[[int, float], None] | None = None,
+        guard: Callable[[], str | None] | None = None,
     ) -> None:
         self.path = path
         self._spawn = spawn
@@ -443,10 +445,11 @@ class Spool:
         self._checkpoint_retry_at = 0.0
         self._checkpoint_retry = checkpoint_retry
         self.fsyncs = 0
-        self.on_commit: Callable[[int, float], None] | None = None
+        # Told the messages and seconds of every group commit.
+        self.on_commit = on_commit
         # The fencing check (``hamta.epoch_token.EpochGuard.check``): the reason this spool
         # belongs to a newer term, or None. Run before and after every write, in the I/O thread.
-        self.guard: Callable[[], str | None] | None = None
+        self.guard = guard
         self.fenced: str | None = None
 
     # ---------------------------------------------------------------- opening
