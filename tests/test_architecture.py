@@ -88,7 +88,7 @@ def test_fencing_stands_below_the_agent() -> None:
 
 
 def test_nothing_but_the_command_imports_the_chaos_suite() -> None:
-    for package in ("hamta", "cluster", "fencing"):
+    for package in ("hamta", "cluster", "fencing", "bench"):
         for path in (ROOT / package).rglob("*.py"):
             if path == PACKAGE / "cli.py":
                 continue
