@@ -99,7 +99,7 @@ from relay import shielded
 
 import cluster
 from cluster.config import ConfigError, load_agent_config
-from cluster.lab import Lab, LabError, probes, processes
+from cluster.lab import probes, processes
 from cluster.lab.configs import render_toml
 from cluster.lab.history import (
     Attempt,
@@ -110,7 +110,7 @@ from cluster.lab.history import (
     recovery_time,
     unavailability,
 )
-from cluster.lab.lab import describe
+from cluster.lab.lab import Lab, LabError, describe
 from cluster.lab.topology import CLIENT, DOMAIN, NODES
 from cluster.lab.vagrant import ARBITER, MAIL_DOMAIN, MAIL_NODES, VagrantCluster, VagrantError
 from cluster.lab.vagrant import NAMESPACE as VAGRANT_NAMESPACE
@@ -617,7 +617,7 @@ def lab_switchover(lab: Lab, timeout: float) -> subprocess.CompletedProcess[str]
     argv = [
         lab.python,
         "-m",
-        "hamta.cli",
+        "hamtactl",
         "cluster",
         "switchover",
         "--json",

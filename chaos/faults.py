@@ -26,8 +26,9 @@ from typing import ClassVar, TypeVar
 
 from chaos.results import Mark
 from cluster.config import AgentSection
-from cluster.lab import Lab, partitions, probes
+from cluster.lab import partitions, probes
 from cluster.lab.history import Attempt, recovery_time
+from cluster.lab.lab import Lab
 from cluster.lab.topology import CLIENT, MAIL_DOMAINS, NODES
 from cluster.zookeeper import ZooKeeperServer
 
@@ -75,7 +76,7 @@ def process_pids(lab: Lab, node: str, *words: bytes) -> list[int]:
 
 def agent_pid(lab: Lab, node: str) -> int:
     """The pid of ``node``'s agent; FaultError when it does not run."""
-    pids = process_pids(lab, node, b"hamta.cli", b"agent")
+    pids = process_pids(lab, node, b"hamtactl", b"agent")
     if not pids:
         raise FaultError(f"no agent runs on {node}")
     return pids[0]
@@ -83,7 +84,7 @@ def agent_pid(lab: Lab, node: str) -> int:
 
 def relay_pid(lab: Lab, node: str) -> int:
     """The pid of ``node``'s main relay process (its workers are its children)."""
-    pids = [p for p in process_pids(lab, node, b"hamta.cli", b"serve") if not _is_worker(p)]
+    pids = [p for p in process_pids(lab, node, b"hamtactl", b"serve") if not _is_worker(p)]
     if not pids:
         raise FaultError(f"no relay runs on {node}")
     return pids[0]
@@ -275,7 +276,7 @@ class Switchover(Fault):
 
     def inject(self, ctx: FaultContext) -> None:
         config = ctx.lab.node_dir(ctx.active) / "agent.toml"
-        command = [ctx.lab.python, "-m", "hamta.cli", "cluster", "switchover", "--to", ctx.peer,
+        command = [ctx.lab.python, "-m", "hamtactl", "cluster", "switchover", "--to", ctx.peer,
                    "--config", str(config)]  # fmt: skip
         ctx.mark("fault", ctx.active, f"switchover to {ctx.peer} requested")
         done = ctx.lab.exec("client", command, timeout=90)

@@ -36,8 +36,9 @@ from chaos.faults import (
 )
 from chaos.holds import Event, read_log, split_brain
 from chaos.results import IterationResult, Mark
-from cluster.lab import Lab, LabError, partitions
+from cluster.lab import partitions
 from cluster.lab.history import LoadRun, check, recovery_time, unavailability
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.netns import NetnsError
 from cluster.lab.sampler import Sampler
 from cluster.lab.topology import NODES

@@ -426,7 +426,7 @@ class Lab:
         ]
 
     def _agent_argv(self, node_dir: Path) -> list[str]:
-        return [self.python, "-m", "hamta.cli", "agent", "--config", str(node_dir / "agent.toml")]
+        return [self.python, "-m", "hamtactl", "agent", "--config", str(node_dir / "agent.toml")]
 
     def _write_node_configs(self, node: str) -> None:
         node_dir = self.directory / node
@@ -731,7 +731,7 @@ class Lab:
         argv = [
             self.python,
             "-m",
-            "hamta.cli",
+            "hamtactl",
             "cluster",
             "status",
             "--json",
@@ -884,7 +884,7 @@ def describe(argv: Iterable[str]) -> str:
         return "sink"
     if "cluster.lab.client" in args:
         return "client"
-    if "agent" in args and "hamta.cli" in args:
+    if "agent" in args and "hamtactl" in args:
         return "agent"
     if "serve" in args:
         return "relay"
