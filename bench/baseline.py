@@ -40,7 +40,7 @@ from typing import Final, TypeVar
 
 from relay_postfix import MASTER_CF
 
-from cluster.lab import Lab, LabError
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.netns import NetnsError, addresses, remove_address
 from cluster.lab.probes import smtp_greeting
 from cluster.lab.topology import CLIENT, DOMAIN, INTERFACE, INTERNET, NODES, SMTP_PORT

@@ -189,7 +189,7 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
             err_file = base / "hamta.stderr"
             with open(err_file, "wb") as err:
                 relay = subprocess.Popen(
-                    [sys.executable, "-m", "hamta.cli", "serve", "--config", str(config)],
+                    [sys.executable, "-m", "hamtactl", "serve", "--config", str(config)],
                     stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
                     env=child_env(), cwd=base, start_new_session=True,
                 )  # fmt: skip

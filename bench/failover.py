@@ -106,7 +106,7 @@ from relay_common import shielded
 
 import cluster
 from cluster.config import ConfigError
-from cluster.lab import Lab, LabError
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.vagrant import NAMESPACE as VAGRANT_NAMESPACE
 from cluster.lab.vagrant import VagrantCluster, VagrantError
 

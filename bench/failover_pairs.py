@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from failover_common import VAGRANT_STANDBY_TIMEOUT, BenchError, tail, wait_for
 
-from cluster.lab import Lab
+from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
 from cluster.lab.vagrant import VagrantCluster
 from cluster.operator import is_standby

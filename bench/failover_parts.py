@@ -40,9 +40,10 @@ from failover_pairs import HamtaPair, VagrantPair
 from relay_common import shielded
 
 from cluster.config import ConfigError, load_agent_config
-from cluster.lab import Lab, LabError, probes, processes
+from cluster.lab import probes, processes
 from cluster.lab.configs import render_toml
 from cluster.lab.inspection import describe
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.topology import CLIENT, NODES
 from cluster.lab.vagrant import ARBITER, MAIL_DOMAIN, MAIL_NODES, VagrantCluster
 
@@ -95,7 +96,7 @@ def lab_switchover(lab: Lab, timeout: float) -> subprocess.CompletedProcess[str]
     argv = [
         lab.python,
         "-m",
-        "hamta.cli",
+        "hamtactl",
         "cluster",
         "switchover",
         "--json",

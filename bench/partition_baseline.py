@@ -3,18 +3,17 @@
 ``python bench/partition_baseline.py`` (as root) builds a lab of its own without hamta's agents,
 runs the do-it-yourself pair of ``bench/baseline.py`` (keepalived moves the VIP, notify scripts
 fsck, mount and start Postfix) and injects the chaos suite's ``partition-zk`` and
-``partition-node`` faults under the same continuous load, with the same split-brain sampler
-(two holders of the VIP, of the shared disk's mount or of port 25 at one instant). It prints a
-line per scenario and ends with one JSON line: a list of per-scenario results for
-``chaos.report.write_html(baseline=...)``. keepalived knows no ZooKeeper and no fencing, so a
-node cut off from the other keeps the address while the other takes it too.
+``partition-node`` cuts (``cluster.lab.partitions``) under the same continuous load, with the
+same split-brain sampler (two holders of the VIP, of the shared disk's mount or of port 25 at
+one instant). It prints a line per scenario and ends with one JSON line: a list of per-scenario
+results for ``chaos.report.write_html(baseline=...)``. keepalived knows no ZooKeeper and no
+fencing, so a node cut off from the other keeps the address while the other takes it too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -24,13 +23,18 @@ from typing import Any
 from baseline import BaselineError, KeepalivedPostfix
 from relay import shielded
 
-from chaos.faults import FAULTS, FaultContext, FaultError
-from cluster.lab import Lab, LabError
+from cluster.lab import partitions
 from cluster.lab.history import LoadRun, check, unavailability
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.sampler import Sampler
 from cluster.lab.topology import CLIENT, DOMAIN, NODES
 
-SCENARIOS = ("partition-zk", "partition-node")
+# The chaos suite's scenario → the cut it injects, and whether its outage is counted from the
+# moment the rules apply (as chaos.faults.PartitionNode does) rather than from just before.
+SCENARIOS = {
+    "partition-zk": (partitions.cut_from_zookeeper, False),
+    "partition-node": (partitions.cut_off, True),
+}
 CUT_FOR = 12.0  # seconds: four times keepalived's dead interval (3 adverts of 1 s, plus skew)
 
 
@@ -41,21 +45,21 @@ def _sampled(violations: list[str], what: str) -> int:
 def run_scenario(lab: Lab, pair: KeepalivedPostfix, name: str, directory: Path) -> dict[str, Any]:
     """One partition under load against the pair; what the sampler and the checker saw."""
     active = next(node for node in NODES if pair.state(node) == "master")
-    peer = next(node for node in NODES if node != active)
-    fault = FAULTS[name]()
-    ctx = FaultContext(lab, active, peer, random.Random(0))
+    cut, from_the_cut = SCENARIOS[name]
     sampler = Sampler(lab)
     load = LoadRun(lab, directory / f"{name}.jsonl", rate=20, connections=4)
     sampler.start()
     try:
         time.sleep(2.0)  # load before the fault
-        ctx.fault_at = time.monotonic()
+        fault_at = time.monotonic()
         try:
-            fault.inject(ctx)
-        except FaultError as exc:
+            cut(lab, active)
+        except LabError as exc:
             return {"scenario": name, "system": "keepalived+Postfix", "error": str(exc)}
+        if from_the_cut:
+            fault_at = time.monotonic()
         time.sleep(CUT_FOR)  # the partition itself: what the pair does meanwhile is the result
-        fault.heal(ctx)
+        partitions.lift(lab, active)
         time.sleep(5.0)  # VRRP settles: one master again
     finally:
         attempts = load.stop()
@@ -71,7 +75,7 @@ def run_scenario(lab: Lab, pair: KeepalivedPostfix, name: str, directory: Path) 
         "two_vip_holders_s": round(vip * interval, 2),
         "two_mounts_s": round(spool * interval, 2),
         "two_smtp_listeners_s": round(smtp * interval, 2),
-        "refused_s": round(unavailability(attempts, ctx.fault_at), 3),
+        "refused_s": round(unavailability(attempts, fault_at), 3),
         "acked": verdict.acked,
         "lost": len(verdict.lost),
         "note": "no ZooKeeper, no fencing: a cut-off node keeps the VIP while its peer takes it"

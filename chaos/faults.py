@@ -26,8 +26,9 @@ from typing import ClassVar, TypeVar
 
 from chaos.results import Mark
 from cluster.config import AgentSection
-from cluster.lab import Lab, probes
+from cluster.lab import partitions, probes
 from cluster.lab.history import Attempt, recovery_time
+from cluster.lab.lab import Lab
 from cluster.lab.topology import CLIENT, MAIL_DOMAINS, NODES
 from cluster.zookeeper import ZooKeeperServer
 
@@ -75,7 +76,7 @@ def process_pids(lab: Lab, node: str, *words: bytes) -> list[int]:
 
 def agent_pid(lab: Lab, node: str) -> int:
     """The pid of ``node``'s agent; FaultError when it does not run."""
-    pids = process_pids(lab, node, b"hamta.cli", b"agent")
+    pids = process_pids(lab, node, b"hamtactl", b"agent")
     if not pids:
         raise FaultError(f"no agent runs on {node}")
     return pids[0]
@@ -83,7 +84,7 @@ def agent_pid(lab: Lab, node: str) -> int:
 
 def relay_pid(lab: Lab, node: str) -> int:
     """The pid of ``node``'s main relay process (its workers are its children)."""
-    pids = [p for p in process_pids(lab, node, b"hamta.cli", b"serve") if not _is_worker(p)]
+    pids = [p for p in process_pids(lab, node, b"hamtactl", b"serve") if not _is_worker(p)]
     if not pids:
         raise FaultError(f"no relay runs on {node}")
     return pids[0]
@@ -100,17 +101,6 @@ def _signal(pids: Sequence[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-
-
-def _nft(lab: Lab, node: str, rules: str) -> None:
-    done = lab.exec(node, ["nft", "-f", "-"], input=rules)
-    if done.returncode != 0:
-        raise FaultError(f"nft on {node}: {done.stderr.strip()}")
-
-
-def _lift(lab: Lab, node: str) -> None:
-    # The namespace keeps its rules when its processes die: lift them whatever happened.
-    lab.exec(node, ["nft", "delete", "table", "inet", "hamta_chaos"])
 
 
 class Fault:
@@ -202,7 +192,7 @@ class _Partition(Fault):
         return self.took_over is not None and recovery_time(attempts, self.took_over) is not None
 
     def heal(self, ctx: FaultContext) -> None:
-        _lift(ctx.lab, ctx.active)
+        partitions.lift(ctx.lab, ctx.active)
         ctx.mark("heal", ctx.active, "partition lifted")
 
 
@@ -211,13 +201,7 @@ class PartitionZookeeper(_Partition):
     summary = "the active node cut off from ZooKeeper only (nftables); clients still reach it"
 
     def inject(self, ctx: FaultContext) -> None:
-        servers = ", ".join(host.split(":")[0] for host in ctx.lab.zookeeper_hosts.split(","))
-        _nft(
-            ctx.lab,
-            ctx.active,
-            "table inet hamta_chaos {\n chain out {\n  type filter hook output priority 0;\n"
-            f"  ip daddr {{ {servers} }} tcp dport 2181 drop\n }}\n}}\n",
-        )
+        partitions.cut_from_zookeeper(ctx.lab, ctx.active)
         ctx.mark("fault", ctx.active, "cut off from ZooKeeper")
 
 
@@ -226,14 +210,7 @@ class PartitionNode(_Partition):
     summary = "the active node cut off from everything (nftables drops all on its eth0)"
 
     def inject(self, ctx: FaultContext) -> None:
-        _nft(
-            ctx.lab,
-            ctx.active,
-            "table inet hamta_chaos {\n"
-            ' chain in { type filter hook input priority 0; iifname "eth0" drop; }\n'
-            ' chain out { type filter hook output priority 0; oifname "eth0" drop; }\n'
-            "}\n",
-        )
+        partitions.cut_off(ctx.lab, ctx.active)
         # The outage begins when the rules apply: an attempt begun before may still get its 250.
         ctx.fault_at = time.monotonic()
         ctx.mark("fault", ctx.active, "cut off from everything")
@@ -299,7 +276,7 @@ class Switchover(Fault):
 
     def inject(self, ctx: FaultContext) -> None:
         config = ctx.lab.node_dir(ctx.active) / "agent.toml"
-        command = [ctx.lab.python, "-m", "hamta.cli", "cluster", "switchover", "--to", ctx.peer,
+        command = [ctx.lab.python, "-m", "hamtactl", "cluster", "switchover", "--to", ctx.peer,
                    "--config", str(config)]  # fmt: skip
         ctx.mark("fault", ctx.active, f"switchover to {ctx.peer} requested")
         done = ctx.lab.exec("client", command, timeout=90)

@@ -36,8 +36,9 @@ from chaos.faults import (
 )
 from chaos.holds import Event, read_log, split_brain
 from chaos.results import IterationResult, Mark
-from cluster.lab import Lab, LabError
+from cluster.lab import partitions
 from cluster.lab.history import LoadRun, check, recovery_time, unavailability
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.netns import NetnsError
 from cluster.lab.sampler import Sampler
 from cluster.lab.topology import NODES
@@ -88,8 +89,7 @@ def restore_pair(lab: Lab, timeout: float = 90.0) -> str:
     for server in lab.ensemble.servers:
         server.wait_serving(60)
     for node in NODES:
-        for table in ("hamta_chaos",):  # a partition a failed heal left behind
-            lab.exec(node, ["nft", "delete", "table", "inet", table])
+        partitions.lift(lab, node)  # a partition a failed heal left behind
         if _skewed(lab, node):  # the clock-skew scenario's agent: back to the true clock
             lab.fence(node)
     for node in NODES:

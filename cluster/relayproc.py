@@ -29,7 +29,7 @@ class RelayControlError(Exception):
 
 def default_relay_command(relay_config: Path) -> list[str]:
     """``hamta serve --standby`` with this interpreter, on ``relay_config``."""
-    return [sys.executable, "-m", "hamta.cli", "serve", "--standby", "--config", str(relay_config)]
+    return [sys.executable, "-m", "hamtactl", "serve", "--standby", "--config", str(relay_config)]
 
 
 async def control_request(

@@ -14,19 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hamta.config import Config, ConfigError, load_config
+from hamta.commands import load_or_exit
 from hamta.control_client import ControlError, send_command
 from hamta.suppression import SuppressionError, SuppressionStore
 
 _ACTIONS = ("list", "add", "remove")
-
-
-def _load(path: Path | None) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"hamta: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------- dkim
@@ -101,7 +93,7 @@ def _print(action: str, address: str, reply: dict[str, Any]) -> None:
 
 def cmd_suppression(args: argparse.Namespace) -> int:
     """``hamta suppression list|add|remove``: through the running relay, else in the spool."""
-    config = _load(args.config)
+    config = load_or_exit(args.config)
     action: str = args.action
     address = args.address or ""
     if action != "list" and not address:
@@ -132,7 +124,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_reputation_commands(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``hamta dkim`` and ``hamta suppression`` on the top-level subparsers."""
     dkim = sub.add_parser("dkim", help="DKIM keys")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", required=True)

@@ -116,7 +116,7 @@ class WorkerPool:
         await asyncio.gather(*(self._spawn(worker, timeout) for worker in self.workers))
 
     async def _spawn(self, worker: _Worker, timeout: float) -> None:
-        args = [sys.executable, "-m", "hamta.cli", "serve", "--standby",
+        args = [sys.executable, "-m", "hamtactl", "serve", "--standby",
                 "--worker", str(worker.index)]  # fmt: skip
         if self._config_file is not None:
             args += ["--config", str(self._config_file)]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lab import Lab, netns
+from cluster.lab import netns
+from cluster.lab.lab import Lab
 from cluster.lab.topology import Topology
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

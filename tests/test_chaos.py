@@ -12,7 +12,7 @@ import pytest
 from chaos.faults import FAULTS
 from chaos.report import KILL_SCENARIOS
 from chaos.runner import node_events, schedule, timeline
-from cluster.lab import Lab
+from cluster.lab.lab import Lab
 from tests.support.relay import HAMTA
 
 

@@ -1,7 +1,7 @@
 """Configuration: the TOML model, ``hamta config check`` and how ``hamta serve`` refuses to start.
 
 The parser is tested in-process (it is a pure function); the command line is run as real
-``python -m hamta.cli`` processes, the ``config check`` ones all at once to keep the suite fast.
+``python -m hamtactl`` processes, the ``config check`` ones all at once to keep the suite fast.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def test_the_example_renders_configs_that_hamta_accepts(example: Path, node: str
 
 def test_hamta_config_check_accepts_the_rendered_relay_toml(example: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "hamta.cli", "config", "check", str(example / "mx1/relay.toml")],
+        [sys.executable, "-m", "hamtactl", "config", "check", str(example / "mx1/relay.toml")],
         capture_output=True,
         text=True,
         timeout=60,

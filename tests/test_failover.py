@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lab import Lab
 from cluster.lab.history import LoadRun, recovery_time, unavailability
+from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
 from tests.support.lab_checks import (
     Sampler,
@@ -111,7 +111,7 @@ def test_planned_switchover_under_load_loses_nothing(lab: Lab, tmp_path: Path) -
     active = wait_pair(lab)
     peer = next(n for n in NODES if n != active)
     config = lab.node_dir(active) / "agent.toml"
-    command = [lab.python, "-m", "hamta.cli", "cluster", "switchover", "--to", peer, "--json"]
+    command = [lab.python, "-m", "hamtactl", "cluster", "switchover", "--to", peer, "--json"]
     with Sampler(lab):
         load = LoadRun(lab, tmp_path / "history.jsonl", rate=20, connections=2)
         try:
@@ -135,17 +135,17 @@ def test_planned_switchover_under_load_loses_nothing(lab: Lab, tmp_path: Path) -
 def test_hamta_cluster_commands_act_on_the_lab(lab: Lab) -> None:
     config = lab.node_dir(NODES[0]) / "agent.toml"
     status = lab.exec(
-        "client", [lab.python, "-m", "hamta.cli", "cluster", "status", "--config", str(config)]
+        "client", [lab.python, "-m", "hamtactl", "cluster", "status", "--config", str(config)]
     )
     assert status.returncode == 0, status.stderr
     assert "active" in status.stdout and "passive" in status.stdout
     history = lab.exec(
-        "client", [lab.python, "-m", "hamta.cli", "cluster", "history", "--config", str(config)]
+        "client", [lab.python, "-m", "hamtactl", "cluster", "history", "--config", str(config)]
     )
     assert history.returncode == 0 and "epoch" in history.stdout, history.stderr
     # From the host with no configuration at all, hamta finds the lab in ./var/lab.
     host = subprocess.run(
-        [lab.python, "-m", "hamta.cli", "cluster", "status", "--json"],
+        [lab.python, "-m", "hamtactl", "cluster", "status", "--json"],
         cwd=lab.directory.parent.parent,
         capture_output=True,
         text=True,

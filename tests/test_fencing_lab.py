@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from cluster.lab import Lab
 from cluster.lab.history import LoadRun, recovery_time
+from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
 from tests.support.lab_checks import Sampler, agent_decisions, drained, roles, wait_pair, wait_until
 from tests.support.relay import read_events
@@ -75,7 +75,7 @@ def agent_pid(lab: Lab, node: str) -> int:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"hamta.cli" in argv and b"agent" in argv:
+        if b"hamtactl" in argv and b"agent" in argv:
             return pid
     raise AssertionError(f"no agent runs on {node}")
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_agent_config
-from cluster.lab import Lab, LabError, processes
 from cluster.lab import netns as lab_netns
+from cluster.lab import processes
 from cluster.lab.configs import render_toml
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.loopdev import attached_to
 from cluster.lab.topology import HOSTS, NODES, Topology, TopologyError
 from hamta.config import load_config
@@ -352,7 +353,7 @@ def test_the_pair_elects_one_active_node_that_relays_to_the_sink(tmp_path: Path)
             time.sleep(0.2)
         # `hamta lab hostile`: the chaos suite's hostile sessions, each refused or answered.
         hostile = subprocess.run(
-            [PYTHON, "-m", "hamta.cli", "lab", "hostile", "--dir", str(tmp_path / "lab"),
+            [PYTHON, "-m", "hamtactl", "lab", "hostile", "--dir", str(tmp_path / "lab"),
              "--idle", "50"],
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
@@ -407,7 +408,7 @@ def test_down_from_another_process_after_a_crash(tmp_path: Path) -> None:
             os.kill(process["pid"], signal.SIGKILL)
         assert processes.wait_gone([p["pid"] for p in recorded], 10.0) == set()
         down = subprocess.run(
-            [PYTHON, "-m", "cluster.lab.cli", "lab", "down", "--dir", str(tmp_path / "lab")],
+            [PYTHON, "-m", "hamtactl", "lab", "down", "--dir", str(tmp_path / "lab")],
             capture_output=True,
             text=True,
             timeout=60,

@@ -141,7 +141,7 @@ def unprivileged_relay(
         sections.setdefault(section, {}).update(keys)
     relay = RelayProcess(
         workdir, sections, standby=standby,
-        command=[str(SYSTEM_PYTHON), "-m", "hamta.cli"],
+        command=[str(SYSTEM_PYTHON), "-m", "hamtactl"],
         env={**os.environ, "PYTHONPATH": f"{TREE}:{SITE_PACKAGES}"},
     )  # fmt: skip
     relay.port = port
@@ -278,7 +278,7 @@ def test_the_agent_gives_the_spool_to_the_relay_user_whose_relay_runs_unprivileg
             "cluster": f"privileges{os.getpid()}",
             "relay_command": [
                 "env", f"PYTHONPATH={TREE}:{SITE_PACKAGES}", str(SYSTEM_PYTHON), "-m",
-                "hamta.cli", "serve", "--standby", "--config", str(relay_config),
+                "hamtactl", "serve", "--standby", "--config", str(relay_config),
             ],
         },
     )  # fmt: skip

@@ -339,7 +339,7 @@ def test_spool_check_reports_and_repairs(built: tuple[Path, Built], tmp_path: Pa
     checkpoint.write_bytes(bytes(data))
 
     def hamta(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "hamta.cli", "spool", "check", "--spool", str(work)]
+        command = [sys.executable, "-m", "hamtactl", "spool", "check", "--spool", str(work)]
         return subprocess.run(
             [*command, *args], check=False, capture_output=True, text=True, timeout=60
         )

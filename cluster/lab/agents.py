@@ -103,7 +103,7 @@ class Agents:
         if running:
             raise LabError(f"{node} still runs processes {running}; kill it first")
         node_dir = site.node_dir(node)
-        argv = site.module_argv("hamta.cli", "agent", "--config", str(node_dir / "agent.toml"))
+        argv = site.module_argv("hamtactl", "agent", "--config", str(node_dir / "agent.toml"))
         try:
             self._launcher.spawn(
                 f"{AGENT_PREFIX}{node}",

@@ -117,7 +117,7 @@ class Inspection:
         if not config.exists():
             return None
         argv = self._site.module_argv(
-            "hamta.cli", "cluster", "status", "--json", "--config", str(config)
+            "hamtactl", "cluster", "status", "--json", "--config", str(config)
         )
         try:
             done = self.exec(CLIENT, argv, timeout=timeout, env=self._site.env())
@@ -192,7 +192,7 @@ def describe(argv: Iterable[str]) -> str:
         return "sink"
     if "cluster.lab.client" in args:
         return "client"
-    if "agent" in args and "hamta.cli" in args:
+    if "agent" in args and "hamtactl" in args:
         return "agent"
     if "serve" in args:
         return "relay"

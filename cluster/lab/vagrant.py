@@ -608,7 +608,7 @@ class VagrantCluster:
 
     def hamta(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """``hamta ARGS --config <the host's agent.toml>`` from the namespace."""
-        argv = [self.python, "-m", "hamta.cli", *args, "--config", str(self.agent_config())]
+        argv = [self.python, "-m", "hamtactl", *args, "--config", str(self.agent_config())]
         try:
             return self.run(argv, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from cluster.lab import Lab
 from cluster.lab.history import Attempt
+from cluster.lab.lab import Lab
 from cluster.lab.sampler import Sampler as LabSampler
 
 

@@ -20,7 +20,7 @@ from .ports import free_port
 
 __all__ = ["HAMTA", "RelayProcess", "read_events", "render_toml"]
 
-HAMTA = [sys.executable, "-m", "hamta.cli"]
+HAMTA = [sys.executable, "-m", "hamtactl"]
 
 
 def read_events(path: Path, name: str | None = None) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ class RelayProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
-        # Python run in the child before hamta.cli's main: process limits, or a fault injected
+        # Python run in the child before hamtactl's main: process limits, or a fault injected
         # where no input can cause one (a bug in a long-lived task, a disk that hangs).
         self.prelude = prelude
         # Another interpreter (tests/test_privileges.py: one an unprivileged user may run).
@@ -95,7 +95,7 @@ class RelayProcess:
         """Start the process; unless told otherwise, wait until it reports ready."""
         args = [*self.command, "serve", "--config", str(self.config_path)]
         if self.prelude is not None:
-            main = "import sys, hamta.cli; sys.exit(hamta.cli.main(sys.argv[1:]))"
+            main = "import sys, hamtactl; sys.exit(hamtactl.main(sys.argv[1:]))"
             args = [self.command[0], "-c", f"{self.prelude}\n{main}", *args[len(self.command) :]]
         if self.standby:
             args.append("--standby")

@@ -1,4 +1,4 @@
-"""The ``hamta agent``, ``hamta cluster ...`` and ``hamta drbd ...`` commands (via ``hamta.cli``).
+"""The ``hamta agent``, ``hamta cluster ...`` and ``hamta drbd ...`` commands (``hamtactl``).
 
 ``hamta cluster`` reads the agent's configuration for ZooKeeper's address, the cluster's name
 and its credentials: ``--config FILE``, else ``/etc/hamta/agent.toml``, else, while a lab is up
@@ -15,11 +15,20 @@ import sys
 import syslog
 from pathlib import Path
 
+from cluster import drbd_handlers
 from cluster.config import AgentConfig, ConfigError, load_agent_config
+from cluster.coordination import CoordinationError
+from cluster.operator import (
+    OperatorError,
+    cluster_status,
+    format_history,
+    format_status,
+    operator_session,
+    switchover,
+    who,
+)
 from hamta import eventlog
 
-# The relay's own command (hamta serve) imports this module: kazoo and pyroute2 are imported
-# inside the commands that need them, to keep them off the relay's start-up.
 SYSTEM_CONFIG = Path("/etc/hamta/agent.toml")
 LAB_DIR = Path("./var/lab")
 
@@ -34,21 +43,26 @@ def _load(path: Path) -> AgentConfig:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """``hamta agent --config FILE``: run this node's agent."""
-    from cluster.agent import run_agent  # noqa: PLC0415 - kazoo and pyroute2 only when used
+    # Here, not at the top: the agent's machinery (the executor, pyroute2: 200 more modules)
+    # would slow every other command's start, DRBD's fence-peer handler's among them, which
+    # runs inside a takeover's storage step (seconds of it on a slow guest, README "Failover").
+    from cluster.agent import run_agent  # noqa: PLC0415
 
     return run_agent(_load(args.config))
 
 
 def _lab_reexec(argv: list[str]) -> int | None:
     """Run this ``hamta cluster`` command inside the lab's client namespace, if a lab is up."""
-    from cluster.lab import Lab, LabError  # noqa: PLC0415 - only without a configuration
+    # Here, not at the top: the lab (pyroute2, its ZooKeeper helpers) only without a
+    # configuration, never for DRBD's handlers or the agent (see cmd_agent).
+    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415
 
     try:
         lab = Lab.load(LAB_DIR)
     except LabError:
         return None
     config = lab.directory / "node1" / "agent.toml"
-    command = ["ip", "netns", "exec", f"{lab.prefix}-client", sys.executable, "-m", "hamta.cli"]
+    command = ["ip", "netns", "exec", f"{lab.prefix}-client", sys.executable, "-m", "hamtactl"]
     os.execvp("ip", [*command, *argv, "--config", str(config.resolve())])
     return 0  # pragma: no cover - exec does not return
 
@@ -69,17 +83,6 @@ def _cluster_config(args: argparse.Namespace) -> AgentConfig:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """``hamta cluster status|history|pause|resume|switchover``."""
-    from cluster.coordination import CoordinationError  # noqa: PLC0415 - see cmd_agent
-    from cluster.operator import (  # noqa: PLC0415
-        OperatorError,
-        cluster_status,
-        format_history,
-        format_status,
-        operator_session,
-        switchover,
-        who,
-    )
-
     config = _cluster_config(args)
     # The command's own error line says why it failed; kazoo's retries would bury it.
     eventlog.quiet_library("kazoo")
@@ -126,10 +129,6 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def cmd_drbd(args: argparse.Namespace) -> int:
     """``hamta drbd fence-peer|unfence|split-brain|clear-split-brain``: DRBD's handlers."""
-    from cluster import drbd_handlers  # noqa: PLC0415 - see cmd_agent
-    from cluster.coordination import CoordinationError  # noqa: PLC0415
-    from cluster.operator import operator_session  # noqa: PLC0415
-
     config = _cluster_config(args)
     eventlog.quiet_library("kazoo")  # see cmd_cluster
     node = config.agent.node
@@ -171,8 +170,8 @@ def cmd_drbd(args: argparse.Namespace) -> int:
     return verdict.code
 
 
-def add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``agent`` and ``cluster`` on the ``hamta`` command's subparsers."""
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``agent``, ``cluster`` and ``drbd`` on the ``hamta`` command's subparsers."""
     agent = sub.add_parser("agent", help="run this node's cluster agent")
     agent.add_argument("--config", type=Path, required=True, help="the agent's TOML file")
     agent.set_defaults(func=cmd_agent)

@@ -1,10 +1,4 @@
-"""``hamta lab ...``: build, look at, hurt and take down the namespace lab.
-
-``hamta.cli`` registers these commands with :func:`add_lab_commands`; ``python -m
-cluster.lab.cli`` runs them on their own. ``hamta serve`` imports this module too (through
-hamta.cli), so the lab itself (pyroute2, the ZooKeeper helpers) is imported inside the commands,
-to keep it off the relay's start-up.
-"""
+"""``hamta lab ...``: build, look at, hurt and take down the namespace lab (``hamtactl``)."""
 
 from __future__ import annotations
 
@@ -12,18 +6,15 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cluster.lab import netns
+from cluster.lab.lab import Lab, LabError
 from cluster.lab.topology import CLIENT, DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
-
-if TYPE_CHECKING:
-    from cluster.lab.lab import Lab
 
 
 def _load(args: argparse.Namespace) -> Lab:
-    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415 - see the module's docstring
 
     try:
         return Lab.load(args.dir)
@@ -34,7 +25,6 @@ def _load(args: argparse.Namespace) -> Lab:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """``hamta lab up``: build the lab and start everything."""
-    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415
 
     try:
         lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
@@ -49,8 +39,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """``hamta lab down``: end every process of the lab and remove what it built."""
-    from cluster.lab import netns  # noqa: PLC0415
-    from cluster.lab.lab import Lab, LabError  # noqa: PLC0415
 
     try:
         lab = Lab.load(args.dir)
@@ -84,7 +72,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """``hamta lab send``: mail from the client to the VIP; exit 1 unless all got 250."""
-    from cluster.lab.lab import LabError  # noqa: PLC0415
 
     lab = _load(args)
     try:
@@ -125,7 +112,6 @@ def cmd_hostile(args: argparse.Namespace) -> int:
 
 def cmd_fence(args: argparse.Namespace) -> int:
     """``hamta lab fence NODE``: kill the node's relay and take the VIP off it."""
-    from cluster.lab.lab import LabError  # noqa: PLC0415
 
     lab = _load(args)
     try:
@@ -139,7 +125,6 @@ def cmd_fence(args: argparse.Namespace) -> int:
 
 def cmd_kill(args: argparse.Namespace) -> int:
     """``hamta lab kill NODE``: kill -9 every process of the node (agent and relay)."""
-    from cluster.lab.lab import LabError  # noqa: PLC0415
 
     lab = _load(args)
     try:
@@ -153,7 +138,6 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """``hamta lab start NODE``: start a node's agent again after a kill."""
-    from cluster.lab.lab import LabError  # noqa: PLC0415
 
     lab = _load(args)
     try:
@@ -256,7 +240,7 @@ def format_status(status: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ parser
 
 
-def add_lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``lab`` and its subcommands on the ``hamta`` command's subparsers."""
     lab = sub.add_parser("lab", help="a test cluster on this host, in network namespaces")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -311,16 +295,3 @@ def add_lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     start = command("start", "start a node's agent again after a kill")
     start.add_argument("node", choices=NODES)
     start.set_defaults(func=cmd_start)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cluster.lab.cli lab ...``: the lab commands without the rest of hamta."""
-    parser = argparse.ArgumentParser(prog="hamta")
-    add_lab_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())

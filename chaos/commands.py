@@ -1,13 +1,20 @@
-"""``hamta chaos run``: the chaos suite from the command line (registered by ``hamta.cli``)."""
+"""``hamta chaos run``: the chaos suite from the command line (``hamtactl`` dispatches)."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from chaos import report
+from chaos.faults import FAULTS
+from chaos.runner import Settings, run, schedule
+from cluster.lab.lab import Lab, LabError
 
 PROFILES = ("short", "full")
 FULL_ITERATIONS = 20
@@ -15,11 +22,6 @@ FULL_ITERATIONS = 20
 
 def cmd_chaos(args: argparse.Namespace) -> int:
     """Build a lab of the suite's own, run the plan, print the verdict, write the report."""
-    from chaos import report  # noqa: PLC0415 - the relay's start-up never pays for these
-    from chaos.faults import FAULTS  # noqa: PLC0415
-    from chaos.runner import Settings, run, schedule  # noqa: PLC0415
-    from cluster.lab import Lab, LabError  # noqa: PLC0415
-
     scenarios = args.scenario or list(FAULTS)
     unknown = [name for name in scenarios if name not in FAULTS]
     if unknown:
@@ -73,9 +75,6 @@ def _partition_baseline(prefix: str, subnet: str) -> list[dict[str, object]] | N
 
     It runs in a lab of its own, beside where hamta's was (the next /24, another prefix).
     """
-    import ipaddress  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-
     if not BASELINE_SCRIPT.exists():
         print(f"hamta: no {BASELINE_SCRIPT} (the baseline runs from a checkout)", file=sys.stderr)
         return None
@@ -95,7 +94,7 @@ def _partition_baseline(prefix: str, subnet: str) -> list[dict[str, object]] | N
     return results
 
 
-def add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``chaos run`` on the ``hamta`` command's subparsers."""
     chaos = sub.add_parser("chaos", help="the chaos suite: faults under load in a lab")
     actions = chaos.add_subparsers(dest="chaos_action", required=True)
