@@ -130,9 +130,13 @@ def _sink(base: Path, name: str, port: int, options: list[str]) -> Iterator[Sink
     counter = base / f"{name}.out"
     with open(counter, "wb") as out, open(base / f"{name}.err", "wb") as err:
         proc = subprocess.Popen(
-            command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env(),
+            command,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
             start_new_session=True,
-        )  # fmt: skip
+        )
     try:
         wait_for_smtp(
             SINK_HOST, port, time.monotonic() + START_TIMEOUT, lambda: proc.poll() is None
@@ -143,17 +147,34 @@ def _sink(base: Path, name: str, port: int, options: list[str]) -> Iterator[Sink
             stop_child(proc)
 
 
-def _source(base: Path, name: str, port: int, messages: int, sessions: int, size: int,
-            to: str) -> subprocess.Popen[bytes]:  # fmt: skip
+def _source(
+    base: Path, name: str, port: int, messages: int, sessions: int, size: int, to: str
+) -> subprocess.Popen[bytes]:
     command = [
-        postfix_tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
-        "-f", "from@bench.test", "-t", to, "-M", HELO_NAME, f"{LOCALHOST}:{port}",
-    ]  # fmt: skip
+        postfix_tool("smtp-source"),
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        "from@bench.test",
+        "-t",
+        to,
+        "-M",
+        HELO_NAME,
+        f"{LOCALHOST}:{port}",
+    ]
     with open(base / f"{name}.err", "wb") as err:
         return subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-            env=child_env(), start_new_session=True,
-        )  # fmt: skip
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
+            start_new_session=True,
+        )
 
 
 def run_once(mode: str, args: argparse.Namespace) -> Run:
@@ -190,28 +211,48 @@ def run_once(mode: str, args: argparse.Namespace) -> Run:
             with open(err_file, "wb") as err:
                 relay = subprocess.Popen(
                     [sys.executable, "-m", "hamtactl", "serve", "--config", str(config)],
-                    stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                    env=child_env(), cwd=base, start_new_session=True,
-                )  # fmt: skip
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    env=child_env(),
+                    cwd=base,
+                    start_new_session=True,
+                )
             sources: list[subprocess.Popen[bytes]] = []
             try:
                 wait_ready(relay, f"{admin}/health/ready", err_file)
                 started = time.monotonic()
                 sources = [
-                    _source(base, "fast-source", smtp_port, fast_messages, fast_sessions,
-                            args.size, "to@fast.test"),
-                    _source(base, "slow-source", smtp_port, slow_messages, slow_sessions,
-                            args.size, "to@slow.test"),
-                ]  # fmt: skip
+                    _source(
+                        base,
+                        "fast-source",
+                        smtp_port,
+                        fast_messages,
+                        fast_sessions,
+                        args.size,
+                        "to@fast.test",
+                    ),
+                    _source(
+                        base,
+                        "slow-source",
+                        smtp_port,
+                        slow_messages,
+                        slow_sessions,
+                        args.size,
+                        "to@slow.test",
+                    ),
+                ]
                 deadline = started + args.timeout
                 while fast.received() < fast_messages:
                     if relay.poll() is not None:
                         raise BenchError(f"hamta exited {relay.returncode}: {log_tail(err_file)}")
                     failed = [s for s in sources if s.poll() not in (None, 0)]
                     if failed:
-                        raise BenchError(f"smtp-source exited {failed[0].returncode}: "
-                                         f"{log_tail(base / 'fast-source.err')}"
-                                         f"{log_tail(base / 'slow-source.err')}")  # fmt: skip
+                        raise BenchError(
+                            f"smtp-source exited {failed[0].returncode}: "
+                            f"{log_tail(base / 'fast-source.err')}"
+                            f"{log_tail(base / 'slow-source.err')}"
+                        )
                     if time.monotonic() > deadline:
                         raise BenchError(f"{fast.received()} of {fast_messages} in {args.timeout}s")
                     time.sleep(POLL_SECONDS)
@@ -261,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
                 say(
                     f"round {round_} {mode:>11}: fast.test {run.fast_messages} in "
                     f"{run.fast_seconds:.2f} s = {run.fast_per_s:.0f} msg/s; slow.test received "
-                    f"{run.slow_received}" + (f", relay connections open {run.slow_connections} "
-                                              "(20 hung on slow.test)"
-                                              if mode == "stalled" else "")
-                )  # fmt: skip
+                    f"{run.slow_received}"
+                    + (
+                        f", relay connections open {run.slow_connections} (20 hung on slow.test)"
+                        if mode == "stalled"
+                        else ""
+                    )
+                )
                 if mode == "stalled" and (run.slow_received or not run.slow_connections):
                     problems.append(f"round {round_}: the stall did not hold ({run})")
                 if mode == "undisturbed" and run.slow_received < round(args.messages * SLOW_SHARE):

@@ -140,8 +140,10 @@ class Target:
 
     def _new_relay(self) -> RelayProcess:
         smtp: dict[str, Any] = {
-            "tls_cert": self.cert, "tls_key": self.key, "max_message_size": 256 * 1024,
-        }  # fmt: skip
+            "tls_cert": self.cert,
+            "tls_key": self.key,
+            "max_message_size": 256 * 1024,
+        }
         if self.options.relay_networks is not None:
             smtp["relay_networks"] = self.options.relay_networks
         sink = f"[{SINK_HOST}]:{self.sink.port}"
@@ -290,12 +292,15 @@ class Findings:
                 self.to_triage.append((where, [r.seed for r in suspects]))
         where.mkdir(parents=True, exist_ok=True)
         record = {
-            "kind": kind, "signature": signature, "detail": detail, "run_seed": self.seed,
+            "kind": kind,
+            "signature": signature,
+            "detail": detail,
+            "run_seed": self.seed,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "suspects": [f"{r.seed:#x}" for r in suspects],
             "sessions": [f"{r.seed:#x}" for r in sessions],
             "replay": [f"bench/fuzz.py --replay {r.seed:#x}" for r in suspects],
-        }  # fmt: skip
+        }
         (where / "finding.json").write_text(json.dumps(record, indent=2) + "\n")
         (where / "transcripts.txt").write_text("\n\n".join(r.text() for r in sessions) + "\n")
         say(f"FINDING {kind}: {signature} -- {detail[:300]} [{where}]")
@@ -380,14 +385,18 @@ class Run:
         for line, reply in result.leaks:
             text = reply.decode("utf-8", "replace").strip()
             self.findings.report(
-                "leak", _leak_signature(line, text),
-                f"reply {text!r} to {line[:200]!r} in session {result.seed:#x}", [result],
-            )  # fmt: skip
+                "leak",
+                _leak_signature(line, text),
+                f"reply {text!r} to {line[:200]!r} in session {result.seed:#x}",
+                [result],
+            )
         for line, reply, rule in result.violations:
             self.findings.report(
-                "protocol", rule, f"reply {reply!r} to {line[:200]!r} in session {result.seed:#x}",
+                "protocol",
+                rule,
+                f"reply {reply!r} to {line[:200]!r} in session {result.seed:#x}",
                 [result],
-            )  # fmt: skip
+            )
         if due:
             self.poke.set()
 
@@ -425,15 +434,19 @@ class Run:
         if status == 200 and verdict == "ok":
             for result in self.take_hung(generation):
                 self.findings.report(
-                    "no_reply", _DIGITS.sub("N", repr(result.waiting_for))[:100],
+                    "no_reply",
+                    _DIGITS.sub("N", repr(result.waiting_for))[:100],
                     f"session {result.seed:#x} got no reply to {result.waiting_for!r} within "
-                    f"{self.options.deadline}s while the relay served the canary", [result],
-                )  # fmt: skip
+                    f"{self.options.deadline}s while the relay served the canary",
+                    [result],
+                )
         elif status == 200 and verdict == "stall":
             self.findings.report(
-                "stall", "canary got no reply", f"ready, but the canary waited: {reply}",
+                "stall",
+                "canary got no reply",
+                f"ready, but the canary waited: {reply}",
                 self.suspects(asked),
-            )  # fmt: skip
+            )
             self.restart("stall")
             return
         elif status == 200:
@@ -532,10 +545,11 @@ class Run:
                 origin = _ORIGIN.match(value)
                 field = origin.group(1) if origin else "?"
                 self.findings.report(
-                    "injection", f"{MARKER} via {field}",
-                    f"delivered headers hold {value!r}; message head: "
-                    f"{message.data[:1500]!r}", self._sessions_of(value),
-                )  # fmt: skip
+                    "injection",
+                    f"{MARKER} via {field}",
+                    f"delivered headers hold {value!r}; message head: {message.data[:1500]!r}",
+                    self._sessions_of(value),
+                )
             canary = _canary_id(message.data)
             if canary is not None:
                 with self.changed:
@@ -549,10 +563,11 @@ class Run:
                 del self.pending[ident]
         for ident in late:
             self.findings.report(
-                "undelivered", "canary not at the sink",
+                "undelivered",
+                "canary not at the sink",
                 f"canary {ident} got 250 but was not delivered in "
                 f"{self.options.delivery_deadline}s; queue: {self._queue()}",
-            )  # fmt: skip
+            )
 
     def _sessions_of(self, value: str) -> list[SessionResult]:
         origin = _ORIGIN.match(value)
@@ -623,12 +638,16 @@ def fuzz(options: Options) -> int:
     findings = Findings(options.out, options.seed)
     with environment(options) as target:
         run = Run(options, target, findings)
-        say(f"relay on {target.relay.host}:{target.relay.port}, sink {SINK_HOST}:"
+        say(
+            f"relay on {target.relay.host}:{target.relay.port}, sink {SINK_HOST}:"
             f"{target.sink.port}; seed {options.seed}, {options.clients} clients, "
-            f"{options.minutes} min; findings under {options.out}")  # fmt: skip
+            f"{options.minutes} min; findings under {options.out}"
+        )
         started = time.monotonic()
-        threads = [threading.Thread(target=run.client, args=(i,), daemon=True)
-                   for i in range(options.clients)]  # fmt: skip
+        threads = [
+            threading.Thread(target=run.client, args=(i,), daemon=True)
+            for i in range(options.clients)
+        ]
         threads.append(threading.Thread(target=run.watchdog, daemon=True))
         for thread in threads:
             thread.start()
@@ -638,8 +657,10 @@ def fuzz(options: Options) -> int:
                 if time.monotonic() >= end:
                     break
                 elapsed = time.monotonic() - started
-                say(f"{elapsed:6.0f} s: {run.sessions} sessions, {run.commands / elapsed:.0f} "
-                    f"commands/s, findings {dict(findings.by_kind)}")  # fmt: skip
+                say(
+                    f"{elapsed:6.0f} s: {run.sessions} sessions, {run.commands / elapsed:.0f} "
+                    f"commands/s, findings {dict(findings.by_kind)}"
+                )
         except KeyboardInterrupt:
             say("interrupted")
         run.stop.set()
@@ -653,9 +674,11 @@ def fuzz(options: Options) -> int:
         figures = run.figures(seconds)
     if options.triage:
         triage(options, findings)
-    say(f"sessions {figures['sessions']} ({figures['sessions_per_s']}/s), commands "
+    say(
+        f"sessions {figures['sessions']} ({figures['sessions_per_s']}/s), commands "
         f"{figures['commands']} ({figures['commands_per_s']}/s), canaries {figures['canaries']}, "
-        f"restarts {figures['restarts']}, outcomes {figures['outcomes']}")  # fmt: skip
+        f"restarts {figures['restarts']}, outcomes {figures['outcomes']}"
+    )
     say(f"findings by kind: {figures['findings'] or 'none'}")
     for (kind, signature), count in sorted(findings.by_signature.items()):
         say(f"  {count:6d}  {kind}: {signature}")
@@ -678,17 +701,24 @@ def triage(options: Options, findings: Findings) -> None:
                 result, _ = run.one_session(seed)
                 if result.outcome == "no_reply" or not target.alive():
                     verdict, reply = run.canary() if target.alive() else ("crash", "")
-                    culprit = {"session": f"{seed:#x}", "waiting_for": repr(result.waiting_for),
-                               "canary": f"{verdict} {reply}".strip()}  # fmt: skip
+                    culprit = {
+                        "session": f"{seed:#x}",
+                        "waiting_for": repr(result.waiting_for),
+                        "canary": f"{verdict} {reply}".strip(),
+                    }
                     break
         record = json.loads((where / "finding.json").read_text())
         record["reproduced_alone"] = culprit
         (where / "finding.json").write_text(json.dumps(record, indent=2) + "\n")
-        say(f"triage {where.name}: " + (
-            f"session {culprit['session']} alone hangs on {culprit['waiting_for']}; "
-            f"canary after it: {culprit['canary']}" if culprit
-            else f"no suspect alone reproduces it ({', '.join(f'{s:#x}' for s in seeds)})"
-        ))  # fmt: skip
+        say(
+            f"triage {where.name}: "
+            + (
+                f"session {culprit['session']} alone hangs on {culprit['waiting_for']}; "
+                f"canary after it: {culprit['canary']}"
+                if culprit
+                else f"no suspect alone reproduces it ({', '.join(f'{s:#x}' for s in seeds)})"
+            )
+        )
 
 
 def replay(options: Options) -> int:
@@ -722,8 +752,12 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--canary-every", type=int, default=50, help="sessions between canaries")
     parser.add_argument("--canary-interval", type=float, default=3.0)
     parser.add_argument("--delivery-deadline", type=float, default=30.0)
-    parser.add_argument("--drain-deadline", type=float, default=120.0,
-                        help="seconds the queue may take to empty after the load")  # fmt: skip
+    parser.add_argument(
+        "--drain-deadline",
+        type=float,
+        default=120.0,
+        help="seconds the queue may take to empty after the load",
+    )
     parser.add_argument(
         "--relay-networks",
         nargs="+",
@@ -737,18 +771,29 @@ def parse(argv: list[str] | None) -> Options:
         type=lambda s: int(s, 0),
         help="session seeds to run alone against a fresh relay",
     )
-    parser.add_argument("--no-triage", dest="triage", action="store_false",
-                        help="do not replay the suspects of hangs alone after the run")  # fmt: skip
+    parser.add_argument(
+        "--no-triage",
+        dest="triage",
+        action="store_false",
+        help="do not replay the suspects of hangs alone after the run",
+    )
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.clients < 1 or args.deadline <= 0 or args.canary_every < 1:
         parser.error("--minutes, --deadline must be > 0; --clients, --canary-every >= 1")
     return Options(
-        minutes=args.minutes, clients=args.clients, seed=args.seed, out=args.out.resolve(),
-        deadline=args.deadline, canary_every=args.canary_every,
-        canary_interval=args.canary_interval, delivery_deadline=args.delivery_deadline,
+        minutes=args.minutes,
+        clients=args.clients,
+        seed=args.seed,
+        out=args.out.resolve(),
+        deadline=args.deadline,
+        canary_every=args.canary_every,
+        canary_interval=args.canary_interval,
+        delivery_deadline=args.delivery_deadline,
         drain_deadline=args.drain_deadline,
-        relay_networks=args.relay_networks, replay=args.replay, triage=args.triage,
-    )  # fmt: skip
+        relay_networks=args.relay_networks,
+        replay=args.replay,
+        triage=args.triage,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

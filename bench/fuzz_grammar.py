@@ -151,10 +151,13 @@ class _Builder:
     def command_index(self, steps: list[Step], verb: bytes | None = None) -> int | None:
         """A step holding one command line (optionally with this verb)."""
         indexes = [
-            i for i, step in enumerate(steps)
-            if step.kind == "send" and step.data.count(b"\n") == 1 and step.data.endswith(b"\r\n")
+            i
+            for i, step in enumerate(steps)
+            if step.kind == "send"
+            and step.data.count(b"\n") == 1
+            and step.data.endswith(b"\r\n")
             and (verb is None or step.data[:4].upper() == verb)
-        ]  # fmt: skip
+        ]
         return self.rng.choice(indexes) if indexes else None
 
     def injection(self, field: str) -> bytes:

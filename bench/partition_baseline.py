@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         lab.up(wait=120.0, agents=False)
         pair = KeepalivedPostfix(
-            lab, workdir / "baseline", dead_domain=f"{CLIENT}.{DOMAIN}",
+            lab,
+            workdir / "baseline",
+            dead_domain=f"{CLIENT}.{DOMAIN}",
             dead_host=lab.address(CLIENT),
-        )  # fmt: skip
+        )
         try:
             pair.prepare()
             pair.up(120.0)

@@ -99,8 +99,10 @@ def measure(count: int, workdir: Path) -> dict[str, float]:
     fill_seconds = asyncio.run(fill(path, count))
     result = subprocess.run(
         [sys.executable, __file__, "--recover-only", str(path)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     figures: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
     figures["fill_s"] = fill_seconds
     figures["fill_msgs_per_s"] = count / fill_seconds
@@ -112,9 +114,11 @@ def main() -> None:
     """Run the benchmark for each requested depth."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--messages", type=int, action="append",
+        "--messages",
+        type=int,
+        action="append",
         help="queue depth to measure (repeatable; default 100000 and 1000000)",
-    )  # fmt: skip
+    )
     parser.add_argument("--workdir", type=Path, help="where to build the spools")
     parser.add_argument("--recover-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -25,16 +25,21 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     scenarios = args.scenario or list(FAULTS)
     unknown = [name for name in scenarios if name not in FAULTS]
     if unknown:
-        print(f"hamta: unknown scenario {', '.join(unknown)} (known: {', '.join(FAULTS)})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"hamta: unknown scenario {', '.join(unknown)} (known: {', '.join(FAULTS)})",
+            file=sys.stderr,
+        )
         return 2
     iterations = args.iterations or (FULL_ITERATIONS if args.profile == "full" else 1)
     output = (args.output or Path("var/chaos") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     output.mkdir(parents=True, exist_ok=True)
     plan = schedule(scenarios, iterations, args.seed)
-    print(f"chaos: {len(plan)} iterations of {len(scenarios)} scenarios"
-          f"{f' (seed {args.seed}, random order)' if args.seed is not None else ''}; "
-          f"report in {output}", flush=True)  # fmt: skip
+    print(
+        f"chaos: {len(plan)} iterations of {len(scenarios)} scenarios"
+        f"{f' (seed {args.seed}, random order)' if args.seed is not None else ''}; "
+        f"report in {output}",
+        flush=True,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="hamta-chaos-", dir=args.workdir))
     lab = Lab(workdir / "lab", prefix=args.prefix, subnet=args.subnet)
     try:
@@ -42,9 +47,12 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         lab.up(wait=120.0)
         print(f"lab {args.prefix} ({args.subnet}) up in {workdir / 'lab'}", flush=True)
         results = run(
-            lab, plan, output / "histories", Settings(rate=args.rate),
+            lab,
+            plan,
+            output / "histories",
+            Settings(rate=args.rate),
             progress=lambda line: print(line, flush=True),
-        )  # fmt: skip
+        )
     except LabError as exc:
         print(f"hamta: {exc}", file=sys.stderr)
         return 1
@@ -82,10 +90,19 @@ def _partition_baseline(prefix: str, subnet: str) -> list[dict[str, object]] | N
     other = ipaddress.ip_network((int(network.network_address) + network.num_addresses, 24))
     print("baseline: keepalived + Postfix through the partition scenarios", flush=True)
     done = subprocess.run(
-        [sys.executable, str(BASELINE_SCRIPT), "--prefix", f"{prefix[:2]}b",
-         "--subnet", str(other)],
-        stdout=subprocess.PIPE, text=True, check=False, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(BASELINE_SCRIPT),
+            "--prefix",
+            f"{prefix[:2]}b",
+            "--subnet",
+            str(other),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+        timeout=900,
+    )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         print("hamta: the baseline run failed (see its output above)", file=sys.stderr)
@@ -101,8 +118,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     runner = actions.add_parser(
         "run", help="run scenarios; exit 1 when one loses mail or shows split brain"
     )
-    runner.add_argument("--scenario", action="append",
-                        help="a scenario to run (repeat for more; default: all)")  # fmt: skip
+    runner.add_argument(
+        "--scenario", action="append", help="a scenario to run (repeat for more; default: all)"
+    )
     profile_help = f"short: each scenario once; full: {FULL_ITERATIONS} each"
     runner.add_argument("--profile", choices=PROFILES, default="short", help=profile_help)
     runner.add_argument("--iterations", type=int, help="iterations per scenario")

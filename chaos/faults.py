@@ -276,8 +276,17 @@ class Switchover(Fault):
 
     def inject(self, ctx: FaultContext) -> None:
         config = ctx.lab.node_dir(ctx.active) / "agent.toml"
-        command = [ctx.lab.python, "-m", "hamtactl", "cluster", "switchover", "--to", ctx.peer,
-                   "--config", str(config)]  # fmt: skip
+        command = [
+            ctx.lab.python,
+            "-m",
+            "hamtactl",
+            "cluster",
+            "switchover",
+            "--to",
+            ctx.peer,
+            "--config",
+            str(config),
+        ]
         ctx.mark("fault", ctx.active, f"switchover to {ctx.peer} requested")
         done = ctx.lab.exec("client", command, timeout=90)
         if done.returncode != 0:
@@ -326,16 +335,22 @@ class DiskFull(Fault):
         enter = ["nsenter", "-t", str(pid), "-m", "--"]
         df = subprocess.run(
             [*enter, "df", "-B1", "--output=avail", str(self.filler.parent)],
-            capture_output=True, text=True, check=False, timeout=10,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
         if df.returncode != 0:
             raise FaultError(f"df of the spool on {node}: {df.stderr.strip()}")
         avail = int(df.stdout.split()[-1])
         size = max(avail - 4 * 1024 * 1024, 1)
         done = subprocess.run(
             [*enter, "fallocate", "-l", str(size), str(self.filler)],
-            capture_output=True, text=True, check=False, timeout=30,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
         if done.returncode != 0:
             raise FaultError(f"filling the spool on {node}: {done.stderr.strip()}")
         self.enter = enter

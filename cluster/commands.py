@@ -191,11 +191,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     drbd = sub.add_parser(
         "drbd", help="DRBD's handlers (fence-peer, after-resync-target, split-brain)"
     )
-    drbd.add_argument("action", choices=["fence-peer", "unfence", "split-brain",
-                                         "clear-split-brain"])  # fmt: skip
+    drbd.add_argument(
+        "action", choices=["fence-peer", "unfence", "split-brain", "clear-split-brain"]
+    )
     drbd.add_argument("--config", type=Path, help=f"agent TOML (default: {SYSTEM_CONFIG})")
     drbd.add_argument("--resource", help="the DRBD resource (default: $DRBD_RESOURCE)")
-    drbd.add_argument("--peer", help="fence-peer: the peer's node name (default: $DRBD_PEER, "
-                      "else the only other node of the cluster)")  # fmt: skip
+    drbd.add_argument(
+        "--peer",
+        help="fence-peer: the peer's node name (default: $DRBD_PEER, "
+        "else the only other node of the cluster)",
+    )
     drbd.add_argument("--timeout", type=float, default=10.0, help="ZooKeeper connect, seconds")
     drbd.set_defaults(func=cmd_drbd)

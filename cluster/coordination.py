@@ -373,9 +373,12 @@ class Coordinator:
         # Creating nothing proves nothing about access: read the cluster's root once.
         self._wait(client.get_children_async(paths.root))
         if self._credentials is None:
-            self._log.warning("ZooKeeperOpen", root=paths.root,
-                              why="no agent.credentials: any client of the ensemble may change "
-                              "or delete the cluster's znodes")  # fmt: skip
+            self._log.warning(
+                "ZooKeeperOpen",
+                root=paths.root,
+                why="no agent.credentials: any client of the ensemble may change "
+                "or delete the cluster's znodes",
+            )
             return
         try:
             fixes = secure(client, self._wait, paths.root, self._acl)

@@ -49,8 +49,13 @@ def parents(root: str) -> list[str]:
 
 def describe(acls: list[ACL]) -> str:
     """An ACL as ZooKeeper's CLI writes it (``world:anyone:cdrwa``), for the log."""
-    letters = ((Permissions.CREATE, "c"), (Permissions.DELETE, "d"), (Permissions.READ, "r"),
-               (Permissions.WRITE, "w"), (Permissions.ADMIN, "a"))  # fmt: skip
+    letters = (
+        (Permissions.CREATE, "c"),
+        (Permissions.DELETE, "d"),
+        (Permissions.READ, "r"),
+        (Permissions.WRITE, "w"),
+        (Permissions.ADMIN, "a"),
+    )
     return ",".join(
         f"{acl.id.scheme}:{acl.id.id.split(':')[0]}:"
         + "".join(letter for bit, letter in letters if acl.perms & bit)

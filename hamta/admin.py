@@ -90,8 +90,14 @@ def make_app(relay: Relay, listen: str) -> web.Application:
     app[RELAY_KEY] = relay
     admin = relay.config.admin
     guard(app, listen, admin.allowed_hosts)
-    add_dashboard(app, relay.node_summary, lambda: relay.node_metrics(destinations=False),
-                  admin.dashboard_interval, admin.dashboard_samples, relay.log)  # fmt: skip
+    add_dashboard(
+        app,
+        relay.node_summary,
+        lambda: relay.node_metrics(destinations=False),
+        admin.dashboard_interval,
+        admin.dashboard_samples,
+        relay.log,
+    )
     app.router.add_get("/api/node", _node)
     app.router.add_get("/health/live", _live)
     app.router.add_get("/health/ready", _ready)

@@ -84,8 +84,14 @@ class BounceIntake:
             # Not about mail this relay sent (or too long ago): read nothing, keep nothing, and
             # answer as for any report, so a forger learns nothing.
             self.metrics.async_bounces_unverified.labels(verified.partition(" ")[0]).inc()
-            self.log.warning("BounceUnverified", queue_id=qid, address=normalize(recipient),
-                             reason=verified, client=client, size=len(data))  # fmt: skip
+            self.log.warning(
+                "BounceUnverified",
+                queue_id=qid,
+                address=normalize(recipient),
+                reason=verified,
+                client=client,
+                size=len(data),
+            )
             return f"250 2.0.0 Ok: bounce report read as {qid}"
         try:
             recipients = await asyncio.to_thread(
@@ -107,17 +113,23 @@ class BounceIntake:
             # nothing for them.
             if named == verified.recipient and self._suppresses(found):
                 if self.suppressions is None:
-                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=named,
-                                   error="the suppression list is unavailable")  # fmt: skip
+                    self.log.error(
+                        "BounceNotRecorded",
+                        queue_id=qid,
+                        recipient=named,
+                        error="the suppression list is unavailable",
+                    )
                     return REPLY_NOT_RECORDED
                 try:
                     _, suppressed = await self.suppressions.add(
-                        named, "hard-bounce",
+                        named,
+                        "hard-bounce",
                         f"{found.verdict.bounce_class}: {found.diagnostic or found.status}",
-                    )  # fmt: skip
+                    )
                 except SuppressionError as exc:
-                    self.log.error("BounceNotRecorded", queue_id=qid, recipient=named,
-                                   error=str(exc))  # fmt: skip
+                    self.log.error(
+                        "BounceNotRecorded", queue_id=qid, recipient=named, error=str(exc)
+                    )
                     return REPLY_NOT_RECORDED
             verdict = found.verdict
             self.metrics.async_bounces.labels(verdict.bounce_class, verdict.kind).inc()
@@ -151,6 +163,12 @@ class BounceIntake:
         if isinstance(kept, str):
             return kept
         self.metrics.async_bounces_unparsed.inc()
-        self.log.warning("BounceUnparsed", queue_id=qid, reason=reason, kept=str(kept),
-                         client=client, size=len(data))  # fmt: skip
+        self.log.warning(
+            "BounceUnparsed",
+            queue_id=qid,
+            reason=reason,
+            kept=str(kept),
+            client=client,
+            size=len(data),
+        )
         return kept_reply(qid)

@@ -97,8 +97,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
     summary = _queue_from_admin(config.admin.listen) if config.admin.listen else None
     if summary is None or summary.get("state") == "standby":
         if not (config.spool.path / "journal").is_dir():
-            print(f"hamta: no relay answers on {config.admin.listen} and no spool at "
-                  f"{config.spool.path}", file=sys.stderr)  # fmt: skip
+            print(
+                f"hamta: no relay answers on {config.admin.listen} and no spool at "
+                f"{config.spool.path}",
+                file=sys.stderr,
+            )
             return 1
         summary = _queue_from_spool(config.spool.path)
     if args.json:
@@ -176,15 +179,22 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         size = measured.avg_size_bytes if size is None else size
         latency = measured.latency_seconds if latency is None else latency
     if per_day is None or size is None:
-        print("hamta: give --messages-per-day and --avg-size, or --from-metrics a relay that has "
-              "received mail", file=sys.stderr)  # fmt: skip
+        print(
+            "hamta: give --messages-per-day and --avg-size, or --from-metrics a relay that has "
+            "received mail",
+            file=sys.stderr,
+        )
         return 2
     config = load_or_exit(args.config)
     try:
         workload = capacity.Workload(
-            per_day, size, args.retention, args.outage_hours, args.peak_factor,
+            per_day,
+            size,
+            args.retention,
+            args.outage_hours,
+            args.peak_factor,
             latency or capacity.DEFAULT_LATENCY_SECONDS,
-        )  # fmt: skip
+        )
     except capacity.CapacityError as exc:
         print(f"hamta: {exc}", file=sys.stderr)
         return 2
@@ -193,8 +203,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         print(json.dumps(capacity.to_dict(result, measured), indent=2))
         return 0
     if measured is not None:
-        print(capacity.format_measured(measured, f"{args.from_metrics} ({state})",
-                                       args.sample_seconds))  # fmt: skip
+        print(
+            capacity.format_measured(
+                measured, f"{args.from_metrics} ({state})", args.sample_seconds
+            )
+        )
     print(capacity.format_plan(result))
     return 0
 
@@ -260,11 +273,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         act = queue_sub.add_parser(action, help=text, description=text)
         act.add_argument("domain", help="recipient domain, or a static route's [host]:port")
         # SUPPRESS: not given here, the value given before the subcommand stands.
-        act.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                         help="TOML file naming the control socket")  # fmt: skip
+        act.add_argument(
+            "--config",
+            type=Path,
+            default=argparse.SUPPRESS,
+            help="TOML file naming the control socket",
+        )
         act.add_argument("--socket", type=Path, help="control socket (default: from config)")
-        act.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                         help="print JSON")  # fmt: skip
+        act.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+        )
         act.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a reply")
         act.set_defaults(func=cmd_queue_destination)
 
@@ -272,29 +290,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cap.add_argument("--messages-per-day", type=float, help="mail received a day")
     cap.add_argument("--avg-size", type=float, help="average message size in KiB")
     cap.add_argument(
-        "--retention", type=float, default=capacity.DEFAULT_RETENTION_DAYS,
+        "--retention",
+        type=float,
+        default=capacity.DEFAULT_RETENTION_DAYS,
         help="days the event log is kept (default: %(default)g)",
-    )  # fmt: skip
+    )
     cap.add_argument(
-        "--outage-hours", type=float, default=capacity.DEFAULT_OUTAGE_HOURS,
+        "--outage-hours",
+        type=float,
+        default=capacity.DEFAULT_OUTAGE_HOURS,
         help="delivery outage the spool must absorb (default: %(default)g)",
-    )  # fmt: skip
+    )
     cap.add_argument(
-        "--peak-factor", type=float, default=capacity.DEFAULT_PEAK_FACTOR,
+        "--peak-factor",
+        type=float,
+        default=capacity.DEFAULT_PEAK_FACTOR,
         help="peak rate over the daily average (default: %(default)g)",
-    )  # fmt: skip
+    )
     cap.add_argument(
-        "--latency", type=float,
+        "--latency",
+        type=float,
         help=f"seconds per delivery (default: measured, else {capacity.DEFAULT_LATENCY_SECONDS:g})",
-    )  # fmt: skip
+    )
     cap.add_argument(
-        "--from-metrics", metavar="URL",
+        "--from-metrics",
+        metavar="URL",
         help="a running relay's admin endpoint, e.g. http://127.0.0.1:8025",
-    )  # fmt: skip
+    )
     cap.add_argument(
-        "--sample-seconds", type=float, default=5.0,
+        "--sample-seconds",
+        type=float,
+        default=5.0,
         help="time between the two scrapes of --from-metrics (default: %(default)g)",
-    )  # fmt: skip
+    )
     cap.add_argument("--config", type=Path, help="relay TOML for its limits (default: built-in)")
     cap.add_argument("--json", action="store_true", help="print one JSON object")
     cap.set_defaults(func=cmd_capacity)
@@ -307,9 +335,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     checker.add_argument("--config", type=Path, help="TOML file naming the spool")
     checker.add_argument("--spool", type=Path, help="spool directory (default: from config)")
     checker.add_argument(
-        "--repair", action="store_true",
+        "--repair",
+        action="store_true",
         help="rebuild as a relay's recovery would: damaged files to damaged/, a fresh checkpoint",
-    )  # fmt: skip
+    )
     checker.add_argument("--json", action="store_true", help="print JSON")
     checker.set_defaults(func=cmd_spool_check)
 

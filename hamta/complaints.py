@@ -190,9 +190,12 @@ class ComplaintIntake:
             # tell a trusted report from his.
             self.metrics.complaints_untrusted.inc()
             self.log.warning(
-                "ComplaintUntrusted", queue_id=qid, client=client, size=len(data),
+                "ComplaintUntrusted",
+                queue_id=qid,
+                client=client,
+                size=len(data),
                 reason="neither a complaint network nor a reporter's DKIM",
-            )  # fmt: skip
+            )
             return f"250 2.0.0 Ok: report read as {qid}"
         try:
             report = await asyncio.to_thread(parse_within, self.limits, parse_feedback_report, data)
@@ -205,12 +208,17 @@ class ComplaintIntake:
             )
             return await self._quarantine(data, qid, client, reason)
         if report.feedback_type == NOT_SPAM:
-            self.log.info("FeedbackNotSpam", queue_id=qid, recipients=list(report.recipients),
-                          reporting_mta=report.reporting_mta)  # fmt: skip
+            self.log.info(
+                "FeedbackNotSpam",
+                queue_id=qid,
+                recipients=list(report.recipients),
+                reporting_mta=report.reporting_mta,
+            )
             return f"250 2.0.0 Ok: not-spam report read as {qid}"
         if self.suppressions is None:
-            self.log.error("ComplaintNotRecorded", queue_id=qid,
-                           error="the suppression list is unavailable")  # fmt: skip
+            self.log.error(
+                "ComplaintNotRecorded", queue_id=qid, error="the suppression list is unavailable"
+            )
             return REPLY_NOT_RECORDED
         for recipient in report.recipients:
             domain = recipient.rpartition("@")[2]
@@ -219,8 +227,9 @@ class ComplaintIntake:
                 entry, added = await self.suppressions.add(recipient, "complaint", detail)
                 ranked = await self.suppressions.count_complaint(domain)
             except SuppressionError as exc:
-                self.log.error("ComplaintNotRecorded", queue_id=qid, recipient=recipient,
-                               error=str(exc))  # fmt: skip
+                self.log.error(
+                    "ComplaintNotRecorded", queue_id=qid, recipient=recipient, error=str(exc)
+                )
                 return REPLY_NOT_RECORDED
             self.metrics.complaints.labels(domain if ranked else "other").inc()
             if self.on_complaint is not None:
@@ -251,6 +260,12 @@ class ComplaintIntake:
         if isinstance(kept, str):
             return kept
         self.metrics.complaints_unparsed.inc()
-        self.log.warning("ComplaintUnparsed", queue_id=qid, reason=reason, kept=str(kept),
-                         client=client, size=len(data))  # fmt: skip
+        self.log.warning(
+            "ComplaintUnparsed",
+            queue_id=qid,
+            reason=reason,
+            kept=str(kept),
+            client=client,
+            size=len(data),
+        )
         return kept_reply(qid)

@@ -88,8 +88,11 @@ async def _destination(relay: Relay, request: dict[str, Any]) -> dict[str, Any]:
             await asyncio.to_thread(write_suspended, spool.path, set(queue.suspended))
         except SuspensionError as exc:
             raise RelayError(f"{action} {key}: {exc}") from None
-        relay.log.info("DestinationSuspended" if action == "suspend" else "DestinationResumed",
-                       destination=key, queued=len(destination.ready))  # fmt: skip
+        relay.log.info(
+            "DestinationSuspended" if action == "suspend" else "DestinationResumed",
+            destination=key,
+            queued=len(destination.ready),
+        )
     workers = [{"worker": relay.worker, "moved": moved}]
     if relay.pool is not None:
         for index, reply in enumerate(await relay.pool.broadcast(request), start=1):

@@ -215,8 +215,12 @@ class DeliveryEngine:
                         # A domain dnspython cannot even encode (an empty or over-long label,
                         # bad IDNA), or a fault of ours: the line is retried, then bounced when
                         # its lifetime ends; never left in the spool with no event.
-                        self.log.exception("DeliveryError", queue_id=job.message.rec.qid,
-                                           domain=job.domain, error=_describe(exc))  # fmt: skip
+                        self.log.exception(
+                            "DeliveryError",
+                            queue_id=job.message.rec.qid,
+                            domain=job.domain,
+                            error=_describe(exc),
+                        )
                         failure = RoutingError(
                             f"cannot route: {_describe(exc)}", permanent=False, enhanced="4.4.3"
                         )
@@ -234,11 +238,13 @@ class DeliveryEngine:
                     return
                 except Exception as exc:
                     # A fault of ours must not leave the job in no line at all: retry it later.
-                    self.log.exception("DeliveryError", queue_id=job.message.rec.qid,
-                                       error=_describe(exc))  # fmt: skip
+                    self.log.exception(
+                        "DeliveryError", queue_id=job.message.rec.qid, error=_describe(exc)
+                    )
                     reply = Reply(0, f"internal error: {_describe(exc)}")
-                    self._apply(job, dict.fromkeys(job.rcpts, reply), connection.target,
-                                time.perf_counter())  # fmt: skip
+                    self._apply(
+                        job, dict.fromkeys(job.rcpts, reply), connection.target, time.perf_counter()
+                    )
                     alive = False
                 finally:
                     destination.in_flight -= 1
@@ -343,8 +349,12 @@ class DeliveryEngine:
             body = await self.spool.read_body(rec)
         except (SpoolError, OSError) as exc:
             self.log.error("SpoolReadError", queue_id=rec.qid, error=str(exc))
-            self._apply(job, {i: Reply(0, f"cannot read queued message: {exc}") for i in job.rcpts},
-                        connection.target, started)  # fmt: skip
+            self._apply(
+                job,
+                {i: Reply(0, f"cannot read queued message: {exc}") for i in job.rcpts},
+                connection.target,
+                started,
+            )
             return True
         replies: dict[int, Reply] = {}
         alive = True
@@ -362,8 +372,10 @@ class DeliveryEngine:
             if not alive:
                 # The link died in an earlier transaction: these were not tried on it.
                 for index in indices:
-                    replies[index] = Reply(0, f"lost connection with {connection.target.mx_host}"
-                                              f"[{connection.target.ip}]")  # fmt: skip
+                    replies[index] = Reply(
+                        0,
+                        f"lost connection with {connection.target.mx_host}[{connection.target.ip}]",
+                    )
                 continue
             alive = await self._transaction(connection, body, sender, job, indices, replies)
         self.metrics.delivery_seconds.observe(time.perf_counter() - started)
@@ -388,9 +400,14 @@ class DeliveryEngine:
         return [(paths.sign(recipients[i]), (i,)) for i in rcpts]
 
     async def _transaction(
-        self, connection: _Connection, body: bytes, sender: str, job: Job,
-        indices: tuple[int, ...], replies: dict[int, Reply],
-    ) -> bool:  # fmt: skip
+        self,
+        connection: _Connection,
+        body: bytes,
+        sender: str,
+        job: Job,
+        indices: tuple[int, ...],
+        replies: dict[int, Reply],
+    ) -> bool:
         """MAIL, RCPT and DATA for ``indices``; their replies; False if the link died."""
         client = connection.client
         rec = job.message.rec
@@ -406,9 +423,10 @@ class DeliveryEngine:
             # The addresses were checked at reception; aiosmtplib's mail()/rcpt() would parse
             # them again with the email package, a large part of a delivery's CPU time.
             response = await client.execute_command(
-                b"MAIL", b"FROM:<" + sender.encode(encoding) + b">",
+                b"MAIL",
+                b"FROM:<" + sender.encode(encoding) + b">",
                 *(option.encode() for option in options),
-            )  # fmt: skip
+            )
             if response.code != 250:
                 raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
             accepted: list[int] = []
@@ -441,8 +459,11 @@ class DeliveryEngine:
                 replies.setdefault(index, reply)
             alive = exc.code != 421 and client.is_connected
         except (aiosmtplib.SMTPException, OSError, TimeoutError, UnicodeError) as exc:
-            reply = Reply(0, f"lost connection with {connection.target.mx_host}"
-                             f"[{connection.target.ip}]: {_describe(exc)}")  # fmt: skip
+            reply = Reply(
+                0,
+                f"lost connection with {connection.target.mx_host}"
+                f"[{connection.target.ip}]: {_describe(exc)}",
+            )
             for index in indices:
                 replies.setdefault(index, reply)
             alive = False
@@ -460,9 +481,12 @@ class DeliveryEngine:
         destination = self.queue.destination_for(domain)
         if destination.shaper.throttle(asyncio.get_running_loop().time()):
             self.log.warning(
-                "DestinationThrottled", destination=destination.key, code=reply.code,
-                response=reply.text, **_shaping_fields(destination),
-            )  # fmt: skip
+                "DestinationThrottled",
+                destination=destination.key,
+                code=reply.code,
+                response=reply.text,
+                **_shaping_fields(destination),
+            )
         self._schedule_recovery(destination)
 
     def _schedule_recovery(self, destination: Destination) -> None:
@@ -477,9 +501,10 @@ class DeliveryEngine:
         del self._recoveries[destination.key]
         if destination.shaper.recover(asyncio.get_running_loop().time()):
             self.log.info(
-                "DestinationRecovered", destination=destination.key,
+                "DestinationRecovered",
+                destination=destination.key,
                 **_shaping_fields(destination),
-            )  # fmt: skip
+            )
             if destination.ready:
                 self.on_ready(destination)  # room for one more session now
         if destination.throttled:
@@ -524,11 +549,14 @@ class DeliveryEngine:
                         rec.recipients[index], verdict.bounce_class, str(reply)
                     )
             kind = (
-                "Delivery" if index in delivered
-                else "Bounce" if index in bounced
-                else "Expiration" if index in expired
+                "Delivery"
+                if index in delivered
+                else "Bounce"
+                if index in bounced
+                else "Expiration"
+                if index in expired
                 else "TransientFailure"
-            )  # fmt: skip
+            )
             self.log.info(
                 kind,
                 queue_id=rec.qid,
@@ -556,16 +584,16 @@ class DeliveryEngine:
         failed = bounced + expired
         if failed:
             mx = target.mx_host if target else ""
+            expiry = f"delivery time expired after {attempt} attempts; last error:"
             reports = [
                 FailedRecipient(
                     rec.recipients[i],
                     "4.4.7" if i in expired else replies[i].enhanced,
-                    str(replies[i]) if i not in expired else
-                    f"delivery time expired after {attempt} attempts; last error: {replies[i]}",
+                    f"{expiry} {replies[i]}" if i in expired else str(replies[i]),
                     mx,
                 )
                 for i in failed
-            ]  # fmt: skip
+            ]
             self._dsns.add(
                 job.message, job.domain, failed, reports, expired=bool(expired), attempts=attempt
             )
@@ -578,9 +606,13 @@ class DeliveryEngine:
             self.spool.mark_deferred(job.message, deferred, job.attempts, due)
 
     def _classify(
-        self, domain: str, replies: dict[int, Reply], delivered: list[int], expired: list[int],
+        self,
+        domain: str,
+        replies: dict[int, Reply],
+        delivered: list[int],
+        expired: list[int],
         latency_ms: float,
-    ) -> dict[int, BounceVerdict]:  # fmt: skip
+    ) -> dict[int, BounceVerdict]:
         """Class every failed recipient; count outcomes per class and per domain."""
         stats = self.domain_stats
         if delivered and stats is not None:
@@ -618,9 +650,13 @@ class DeliveryEngine:
             )
         elif not self._dsn_rate.allow(domain, asyncio.get_running_loop().time()):
             self.metrics.dsns.labels("rate_limited").inc()
-            self.log.warning("DsnRateLimited", queue_id=rec.qid, sender_domain=domain,
-                             recipients=len(batch.reports),
-                             per_minute=self.config.dsn_rate_per_domain)  # fmt: skip
+            self.log.warning(
+                "DsnRateLimited",
+                queue_id=rec.qid,
+                sender_domain=domain,
+                recipients=len(batch.reports),
+                per_minute=self.config.dsn_rate_per_domain,
+            )
         else:
             try:
                 headers = original_headers(await self.spool.read_body(rec))
@@ -641,8 +677,12 @@ class DeliveryEngine:
                 # This message's fault, and for good: its recipients are finished without a DSN
                 # (logged) rather than retried for ever or, escaping this supervised task,
                 # stopping the relay for one message.
-                self.log.error("DsnNotBuilt", queue_id=rec.qid, error=f"{type(exc).__name__}: "
-                               f"{exc}", recipients=[r.address for r in batch.reports])  # fmt: skip
+                self.log.error(
+                    "DsnNotBuilt",
+                    queue_id=rec.qid,
+                    error=f"{type(exc).__name__}: {exc}",
+                    recipients=[r.address for r in batch.reports],
+                )
                 self.spool.mark_done(message, rcpts)
                 return
             try:
@@ -658,8 +698,13 @@ class DeliveryEngine:
                     self.spool.mark_deferred(message, group, retry.attempts, due)
                 return
             self.metrics.dsns.labels("queued").inc()
-            self.log.info("DsnQueued", queue_id=notice.rec.qid, original_queue_id=rec.qid,
-                          recipient=rec.sender, failed_recipients=len(batch.reports))  # fmt: skip
+            self.log.info(
+                "DsnQueued",
+                queue_id=notice.rec.qid,
+                original_queue_id=rec.qid,
+                recipient=rec.sender,
+                failed_recipients=len(batch.reports),
+            )
             self.queue.add(notice)
         self.spool.mark_done(message, rcpts)
 

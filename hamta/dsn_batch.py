@@ -51,9 +51,15 @@ class DsnBatcher:
         self._running: set[asyncio.Task[None]] = set()  # timers, until their flush is done
 
     def add(
-        self, message: LiveMessage, domain: str, rcpts: list[int],
-        reports: list[FailedRecipient], *, expired: bool, attempts: int,
-    ) -> None:  # fmt: skip
+        self,
+        message: LiveMessage,
+        domain: str,
+        rcpts: list[int],
+        reports: list[FailedRecipient],
+        *,
+        expired: bool,
+        attempts: int,
+    ) -> None:
         """Failed recipients of ``message`` (at ``domain``): into its batch, opened if need be."""
         qid = message.rec.qid
         batch = self._batches.get(qid)

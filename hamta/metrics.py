@@ -144,9 +144,11 @@ class RelayMetrics:
             "hamta_recovery_duration_seconds", "Time of the last queue recovery", registry=r
         )
         self.dkim_signatures = Counter(
-            "hamta_dkim_signatures", "DKIM signatures added at reception", ["algorithm"],
+            "hamta_dkim_signatures",
+            "DKIM signatures added at reception",
+            ["algorithm"],
             registry=r,
-        )  # fmt: skip
+        )
         self.dkim_failures = Counter(
             "hamta_dkim_failures", "Messages passed unsigned because signing failed", registry=r
         )
@@ -169,9 +171,11 @@ class RelayMetrics:
             registry=r,
         )
         self.complaints = Counter(
-            "hamta_complaints", "Complaints (ARF feedback reports) recorded", ["domain"],
+            "hamta_complaints",
+            "Complaints (ARF feedback reports) recorded",
+            ["domain"],
             registry=r,
-        )  # fmt: skip
+        )
         self.complaints_unparsed = Counter(
             "hamta_complaints_unparsed", "Feedback reports kept in quarantine unread", registry=r
         )

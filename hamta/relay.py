@@ -302,8 +302,10 @@ class Relay:
         )
         for warning in warnings:
             self.log.warning("DkimKeyPermissions", warning=warning)
-        self.log.info("DkimKeysLoaded", keys=[f"{k.selector}._domainkey.{k.domain} {k.algorithm}"
-                                              for k in dkim.keys])  # fmt: skip
+        self.log.info(
+            "DkimKeysLoaded",
+            keys=[f"{k.selector}._domainkey.{k.domain} {k.algorithm}" for k in dkim.keys],
+        )
         return signer
 
     def _guard(self, epoch: int | None, token: Path | None) -> EpochGuard | None:
@@ -346,9 +348,13 @@ class Relay:
             self._on_fatal(f"{name}: {type(exc).__name__}: {exc}")
 
     async def _activate(
-        self, path: Path, epoch: int | None = None, token: Path | None = None,
-        *, root: Path | None = None,
-    ) -> Activation:  # fmt: skip
+        self,
+        path: Path,
+        epoch: int | None = None,
+        token: Path | None = None,
+        *,
+        root: Path | None = None,
+    ) -> Activation:
         """This process's activation: its parts built (``hamta.active_parts``), then listening,
         then recovery while the first sessions are served."""
         started = time.perf_counter()
@@ -377,8 +383,7 @@ class Relay:
         self.metrics.fenced.set(0)
         await self._listen(parts.protocol)
         listen_seconds = time.perf_counter() - started
-        self.log.info("RelayListening", listen=config.smtp.listen,
-                      seconds=round(listen_seconds, 4))  # fmt: skip
+        self.log.info("RelayListening", listen=config.smtp.listen, seconds=round(listen_seconds, 4))
         self._recovery = asyncio.get_running_loop().create_task(parts.spool.recover())
         state = await self._recovery
         for message in state.live.values():
@@ -477,11 +482,16 @@ class Relay:
         self.metrics.spool_damaged_messages.labels("rebuilt").inc(len(damage.rebuilt))
         self.metrics.spool_damaged_messages.labels("lost").inc(len(damage.lost))
         self.log.error(
-            "SpoolDamaged", spool=str(path), files=list(damage.files), kept=list(damage.kept),
-            damaged_frames=damage.damaged_frames, damaged_entries=damage.damaged_entries,
-            rebuilt=len(damage.rebuilt), lost=len(damage.lost),
+            "SpoolDamaged",
+            spool=str(path),
+            files=list(damage.files),
+            kept=list(damage.kept),
+            damaged_frames=damage.damaged_frames,
+            damaged_entries=damage.damaged_entries,
+            rebuilt=len(damage.rebuilt),
+            lost=len(damage.lost),
             action="damaged files kept in damaged/; no segment deleted until recovery is clean",
-        )  # fmt: skip
+        )
         for qid in damage.rebuilt:
             # Its journal record was damaged or missing: it is delivered (again, if its Done
             # record was lost too: at least once).
@@ -541,7 +551,10 @@ class Relay:
             await asyncio.gather(*self._records, return_exceptions=True)
         await active.spool.close()
         for gauge in (
-            self.metrics.queue_depth, self.metrics.queue_ready, self.metrics.queue_deferred,
-            self.metrics.in_flight, self.metrics.connections,
-        ):  # fmt: skip
+            self.metrics.queue_depth,
+            self.metrics.queue_ready,
+            self.metrics.queue_deferred,
+            self.metrics.in_flight,
+            self.metrics.connections,
+        ):
             gauge.set(0)

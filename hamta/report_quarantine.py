@@ -92,9 +92,12 @@ def sweep(directory: Path, retention: float, now: float) -> list[str]:
 
 
 async def sweep_periodically(
-    directory: Path, quota: QuarantineQuota, wall_clock: Callable[[], float], log: Any,
+    directory: Path,
+    quota: QuarantineQuota,
+    wall_clock: Callable[[], float],
+    log: Any,
     guard: Callable[[], str | None] | None,
-) -> None:  # fmt: skip
+) -> None:
     """Sweep expired reports now and then (a task of the active relay, cancelled with it)."""
     interval = min(3600.0, max(1.0, quota.retention / 10))
     while True:
@@ -105,8 +108,12 @@ async def sweep_periodically(
                 log.error("QuarantineSweepFailed", directory=str(directory), error=str(exc))
             else:
                 if removed:
-                    log.info("QuarantineSwept", removed=len(removed), files=removed[:20],
-                             retention=quota.retention)  # fmt: skip
+                    log.info(
+                        "QuarantineSwept",
+                        removed=len(removed),
+                        files=removed[:20],
+                        retention=quota.retention,
+                    )
         await asyncio.sleep(interval)
 
 

@@ -31,16 +31,20 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     try:
         key = generate_key(args.directory, args.domain, args.selector, args.algorithm, args.bits)
     except FileExistsError as exc:
-        print(f"hamta: {exc.filename} exists; a published key is never overwritten",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"hamta: {exc.filename} exists; a published key is never overwritten", file=sys.stderr
+        )
         return 1
     except OSError as exc:
         print(f"hamta: cannot write the key in {args.directory}: {exc.strerror}", file=sys.stderr)
         return 1
-    print(f"hamta: wrote {key.path} ({key.algorithm}, mode 0600); configure it with:\n"
-          f'  [[dkim.keys]]\n  domain = "{key.domain}"\n  selector = "{key.selector}"\n'
-          f'  key = "{key.path.resolve()}"\n  algorithm = "{key.algorithm}"\n'
-          "and publish this record before signing with it:", file=sys.stderr)  # fmt: skip
+    print(
+        f"hamta: wrote {key.path} ({key.algorithm}, mode 0600); configure it with:\n"
+        f'  [[dkim.keys]]\n  domain = "{key.domain}"\n  selector = "{key.selector}"\n'
+        f'  key = "{key.path.resolve()}"\n  algorithm = "{key.algorithm}"\n'
+        "and publish this record before signing with it:",
+        file=sys.stderr,
+    )
     print(dns_record_line(key.dns_name, key.txt_value))
     return 0
 
@@ -84,8 +88,9 @@ def _print(action: str, address: str, reply: dict[str, Any]) -> None:
     elif action == "add":
         entry = reply["entry"]
         verb = "suppressed" if reply["added"] else "already suppressed"
-        print(f"{verb}: {entry['address']} ({entry['reason']} on {entry['date']}) "
-              f"[{reply['source']}]")  # fmt: skip
+        print(
+            f"{verb}: {entry['address']} ({entry['reason']} on {entry['date']}) [{reply['source']}]"
+        )
     else:
         verb = "removed" if reply["removed"] else "was not suppressed"
         print(f"{verb}: {address.strip().lower()} [{reply['source']}]")
@@ -108,8 +113,10 @@ def cmd_suppression(args: argparse.Namespace) -> int:
         else:
             spool: Path = args.spool or config.spool.path
             if not (spool / "journal").is_dir():
-                print(f"hamta: no active relay answers on {socket} and no spool at {spool}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"hamta: no active relay answers on {socket} and no spool at {spool}",
+                    file=sys.stderr,
+                )
                 return 1
             reply = _in_spool(spool, action, address, args.detail)
             reply["source"] = f"spool {spool}, no relay active"

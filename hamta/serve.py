@@ -71,9 +71,12 @@ def _check_descriptors(config: Config, log: Any) -> None:
     )
     before, limit = raise_descriptor_limit(needed)
     if limit < needed:
-        log.warning("DescriptorLimitLow", limit=limit, needed=needed,
-                    action="raise LimitNOFILE (systemd) or ulimit -n, or lower "
-                           "smtp.max_connections")  # fmt: skip
+        log.warning(
+            "DescriptorLimitLow",
+            limit=limit,
+            needed=needed,
+            action="raise LimitNOFILE (systemd) or ulimit -n, or lower smtp.max_connections",
+        )
     elif limit > before:
         log.info("DescriptorLimitRaised", before=before, limit=limit, needed=needed)
 
@@ -124,8 +127,13 @@ async def _serve(
     socket_path = control_path(config.control.socket, worker)
     control = await start_control(relay, control_socket, stop)
     socket_inode = socket_path.stat().st_ino
-    log.info("RelayStarted", standby=standby, admin=admin_listen, control=str(socket_path),
-             workers=config.node.workers)  # fmt: skip
+    log.info(
+        "RelayStarted",
+        standby=standby,
+        admin=admin_listen,
+        control=str(socket_path),
+        workers=config.node.workers,
+    )
     code = 0
     try:
         if not standby:
@@ -215,8 +223,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # where no outside client reaches the parser. A configuration file is what serves
             # the world, and there root is given up unless the file keeps it on purpose.
             user = "root"
-            node_log.warning("RunningAsRoot", reason="the built-in configuration (loopback "
-                             "only); a configuration file sets [node] user")  # fmt: skip
+            node_log.warning(
+                "RunningAsRoot",
+                reason="the built-in configuration (loopback "
+                "only); a configuration file sets [node] user",
+            )
         identity = privileges.resolve(user, config.node.group)
         # Bound while root, so that it is root's (hamta.control.bind_control).
         control = bind_control(control_path(config.control.socket, args.worker))
@@ -233,11 +244,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         supervisor = Supervisor(node_log, task_failed)
         pool = None
         if args.worker == 0 and config.node.workers > 1:
-            pool = WorkerPool(args.config, config.control.socket, node_log, others,
-                              spawn=supervisor.spawn)  # fmt: skip
+            pool = WorkerPool(
+                args.config, config.control.socket, node_log, others, spawn=supervisor.spawn
+            )
         # Built while root: the DKIM keys it loads may stay readable by root alone.
-        relay = Relay(config, listeners=own, worker=args.worker, pool=pool,
-                      on_fatal=shutdown.fail, supervisor=supervisor)  # fmt: skip
+        relay = Relay(
+            config,
+            listeners=own,
+            worker=args.worker,
+            pool=pool,
+            on_fatal=shutdown.fail,
+            supervisor=supervisor,
+        )
         dropped = privileges.drop_privileges(identity)
         # What each activation reads again, read once now as the relay's user: a file it may
         # not read stops the start (of a standby too), not a takeover.
@@ -272,9 +290,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run the relay")
     serve.add_argument("--config", type=Path, help="TOML file (default: built-in)")
     serve.add_argument(
-        "--standby", action="store_true",
+        "--standby",
+        action="store_true",
         help="start warm: no spool, no listener, until activated over the control socket",
-    )  # fmt: skip
+    )
     serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     # A worker's SMTP sockets, bound by worker 0 (hamta.listeners), as file descriptors.
     serve.add_argument("--listen-fds", type=_fds, default=None, help=argparse.SUPPRESS)

@@ -289,9 +289,7 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
         try:
             address, parameters = split_path(argument)
             if address or not sender:  # <> is the null sender, for MAIL only
-                utf8 = (
-                    "SMTPUTF8" in parameters.upper().split() if sender else envelope.smtp_utf8
-                )  # fmt: skip
+                utf8 = "SMTPUTF8" in parameters.upper().split() if sender else envelope.smtp_utf8
                 check_mailbox(address, utf8=utf8)
         except NeedsSmtpUtf8Error:
             await self._refuse(REPLY_NEEDS_SMTPUTF8, "AddressRefused", argument)
@@ -307,8 +305,12 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
         handler.metrics.rejected.labels(reply[:3]).inc()
         peer = self.session.peer if self.session is not None else None
         # The client's text escaped: the log is JSON, and invalid UTF-8 has no JSON form.
-        handler.log.info(event, client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
-                         argument=header_safe(text)[:300], reply=reply)  # fmt: skip
+        handler.log.info(
+            event,
+            client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+            argument=header_safe(text)[:300],
+            reply=reply,
+        )
         await self.push(reply)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -440,9 +442,11 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
             handler.metrics.smtp_refused.labels(self._refused).inc()
             per_client = self._refused == "max_connections_per_client"
             handler.log.warning(
-                "ConnectionRefused", client=self.client, reason=self._refused,
+                "ConnectionRefused",
+                client=self.client,
+                reason=self._refused,
                 limit=handler.limits.per_client if per_client else handler.limits.max_connections,
-            )  # fmt: skip
+            )
             await self.push(REPLY_TOO_MANY_FROM_CLIENT if per_client else REPLY_TOO_MANY)
             if self.transport is not None:
                 self.transport.close()
@@ -496,9 +500,10 @@ class ReceptionHandler(_HooksOnlyDir):
         self.idle = asyncio.Event()
         self.idle.set()
         self.limits = ConnectionLimits(
-            config.max_connections, config.max_connections_per_client,
+            config.max_connections,
+            config.max_connections_per_client,
             lambda host: self.relay_allowed((host,)),
-        )  # fmt: skip
+        )
         self.pressure = Pressure(
             config.max_queued_messages, config.max_memory, lambda: len(spool.live)
         )
@@ -535,9 +540,13 @@ class ReceptionHandler(_HooksOnlyDir):
         return any(address in network for network in self.networks)
 
     async def handle_MAIL(
-        self, server: HamtaSMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: HamtaSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         mail_options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         """Accept the sender (the null sender included); refuse while stopping."""
         if self.draining:
             return self._reject(REPLY_SHUTTING_DOWN)
@@ -545,8 +554,9 @@ class ReceptionHandler(_HooksOnlyDir):
         if busy is not None:
             reason, value, limit = busy
             self.metrics.backpressure.labels(reason).inc()
-            self.log.warning("BackPressure", client=server.client, reason=reason, value=value,
-                             limit=limit)  # fmt: skip
+            self.log.warning(
+                "BackPressure", client=server.client, reason=reason, value=value, limit=limit
+            )
             return self._reject(REPLY_BUSY)
         if has_control_character(address):
             return self._reject(REPLY_BAD_SENDER)
@@ -555,9 +565,13 @@ class ReceptionHandler(_HooksOnlyDir):
         return REPLY_OK
 
     async def handle_RCPT(
-        self, server: HamtaSMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: HamtaSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         """Relay control, recipient syntax, suppressions and the recipient limit."""
         # A report address is always alone in its transaction: the first recipient tells.
         if self._intake_for(address) is not None or any(
@@ -579,16 +593,23 @@ class ReceptionHandler(_HooksOnlyDir):
             return self._reject(REPLY_RELAY_DENIED)
         local, at, domain = address.rpartition("@")
         if (
-            not at or not local or not domain or domain.startswith("[")
+            not at
+            or not local
+            or not domain
+            or domain.startswith("[")
             or has_control_character(address)
-        ):  # fmt: skip
+        ):
             return self._reject(REPLY_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return self._reject(REPLY_TOO_MANY_RCPTS)
         suppressed = self.suppressions.lookup(address) if self.suppressions else None
         if suppressed is not None:
-            self.log.info("SuppressedRecipient", recipient=suppressed.address,
-                          reason=suppressed.reason, sender=envelope.mail_from)  # fmt: skip
+            self.log.info(
+                "SuppressedRecipient",
+                recipient=suppressed.address,
+                reason=suppressed.reason,
+                sender=envelope.mail_from,
+            )
             return self._reject(suppressed.reply())
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -601,14 +622,15 @@ class ReceptionHandler(_HooksOnlyDir):
         client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if has_bare_line_end(data):
             self.log.warning(
-                "SmugglingRefused", client=client, sender=envelope.mail_from,
+                "SmugglingRefused",
+                client=client,
+                sender=envelope.mail_from,
                 size=len(data),
-            )  # fmt: skip
+            )
             return self._reject(REPLY_SMUGGLING)
         if b"\x00" in data:
             # A next hop that drops NUL bytes would read "\r\n\x00.\r\n" as end-of-data.
-            self.log.warning("NulRefused", client=client, sender=envelope.mail_from,
-                             size=len(data))  # fmt: skip
+            self.log.warning("NulRefused", client=client, sender=envelope.mail_from, size=len(data))
             return self._reject(REPLY_NUL)
         started = time.perf_counter()
         qid = self.spool.new_qid()
@@ -713,8 +735,12 @@ class ReceptionHandler(_HooksOnlyDir):
             signatures = await asyncio.to_thread(signer.sign, data, keys)
         except Exception as exc:  # dkimpy raises its own errors and others on odd input
             self.metrics.dkim_failures.inc()
-            self.log.warning("DkimSignFailed", queue_id=qid, domain=keys[0].domain,
-                             error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            self.log.warning(
+                "DkimSignFailed",
+                queue_id=qid,
+                domain=keys[0].domain,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return b""
         for key in keys:
             self.metrics.dkim_signatures.labels(key.algorithm).inc()
@@ -723,9 +749,9 @@ class ReceptionHandler(_HooksOnlyDir):
     def _received_header(
         self, session: Session, envelope: Envelope, qid: str, client: str
     ) -> bytes:
-        protocol = "ESMTPS" if session.ssl is not None else (
-            "ESMTP" if session.extended_smtp else "SMTP"
-        )  # fmt: skip
+        protocol = (
+            "ESMTPS" if session.ssl is not None else ("ESMTP" if session.extended_smtp else "SMTP")
+        )
         recipient = (
             f"\r\n\tfor <{header_safe(envelope.rcpt_tos[0])}>"
             if len(envelope.rcpt_tos) == 1

@@ -100,6 +100,9 @@ class StopDeadline:
             self._timer.cancel()
 
     def _expire(self) -> None:
-        self.log.error("StopDeadlineExceeded", stop_timeout=self.stop_timeout,
-                       action="exiting at once (code 1)")  # fmt: skip
+        self.log.error(
+            "StopDeadlineExceeded",
+            stop_timeout=self.stop_timeout,
+            action="exiting at once (code 1)",
+        )
         os._exit(1)

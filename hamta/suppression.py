@@ -189,9 +189,13 @@ class SuppressionStore:
         return Suppression(*row) if row is not None else None
 
     def add(
-        self, address: str, reason: str, detail: str = "", when: float | None = None,
+        self,
+        address: str,
+        reason: str,
+        detail: str = "",
+        when: float | None = None,
         expires: float | None = None,
-    ) -> tuple[Suppression, bool]:  # fmt: skip
+    ) -> tuple[Suppression, bool]:
         """Suppress an address (durably); an existing entry is kept. Returns (entry, added)."""
         if reason not in REASONS:
             raise ValueError(f"unknown reason {reason!r}")
@@ -323,9 +327,12 @@ class Suppressions:
     """
 
     def __init__(
-        self, root: Path, log: Any, guard: Callable[[], str | None] | None = None,
+        self,
+        root: Path,
+        log: Any,
+        guard: Callable[[], str | None] | None = None,
         domain_failures: DomainFailurePolicy | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.root = root
         self.domain_failures = domain_failures or DomainFailurePolicy()
         self.log = log
@@ -397,8 +404,9 @@ class Suppressions:
             lambda store: store.add(address, reason, detail, expires=expires)
         )
         if added:
-            self.log.info("Suppressed", recipient=entry.address, reason=reason, detail=detail,
-                          expires=expires)  # fmt: skip
+            self.log.info(
+                "Suppressed", recipient=entry.address, reason=reason, detail=detail, expires=expires
+            )
         return entry, bool(added)
 
     async def remove(self, address: str) -> bool:
@@ -451,8 +459,12 @@ class Suppressions:
             since = await self._write(lambda store: store.domain_failed(address, now, policy))
             if since is not None:
                 since_day = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
-                await self.add(address, "domain-failure", f"failing since {since_day}: {reply}",
-                               expires=now + policy.expiry)  # fmt: skip
+                await self.add(
+                    address,
+                    "domain-failure",
+                    f"failing since {since_day}: {reply}",
+                    expires=now + policy.expiry,
+                )
         except (SuppressionError, ValueError) as exc:
             self.log.error("SuppressionFailed", recipient=address, error=str(exc))
 

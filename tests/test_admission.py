@@ -104,18 +104,25 @@ def test_one_address_outside_the_relay_networks_is_limited(make_relay: RelayFact
 
 def test_a_flood_from_outside_leaves_room_for_relay_clients(make_relay: RelayFactory) -> None:
     # Many addresses outside the relay networks (127.0.0.1-8 here) may not take the last tenth.
-    relay = make_relay({"smtp": {"relay_networks": ["127.0.0.9/32"], "max_connections": 10,
-                                 "max_connections_per_client": 2}})  # fmt: skip
+    relay = make_relay(
+        {
+            "smtp": {
+                "relay_networks": ["127.0.0.9/32"],
+                "max_connections": 10,
+                "max_connections_per_client": 2,
+            }
+        }
+    )
     held = []
     try:
         for n in range(1, 6):
             for _ in range(2):
-                held.append(SmtpWire(relay.host, relay.port, timeout=5,
-                                     source_address=(f"127.0.0.{n}", 0)))  # fmt: skip
+                held.append(
+                    SmtpWire(relay.host, relay.port, timeout=5, source_address=(f"127.0.0.{n}", 0))
+                )
         greetings = [w.greeting.code for w in held]
         assert greetings == [220] * 9 + [421], greetings
-        relay_client = SmtpWire(relay.host, relay.port, timeout=5,
-                                source_address=("127.0.0.9", 0))  # fmt: skip
+        relay_client = SmtpWire(relay.host, relay.port, timeout=5, source_address=("127.0.0.9", 0))
         held.append(relay_client)
         assert relay_client.greeting.code == 220
         assert relay_client.command("EHLO client.test").code == 250

@@ -168,8 +168,15 @@ def test_first_election_one_active_node_serves_and_the_passive_holds_nothing(
     assert decisions and all("trigger" in d and "role" in d for d in decisions)
     final = next(d for d in decisions if d["role"] == "active")
     assert set(final["steps"]) == {
-        "acquire", "fence", "storage", "epoch", "vip", "relay", "probe", "publish"
-    }  # fmt: skip
+        "acquire",
+        "fence",
+        "storage",
+        "epoch",
+        "vip",
+        "relay",
+        "probe",
+        "publish",
+    }
 
     status = active.cli("cluster", "status", "--json")
     assert status.returncode == 0, status.stderr

@@ -38,8 +38,9 @@ needs_prometheus = pytest.mark.skipif(
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
-    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60,
-                          check=False)  # fmt: skip
+    return subprocess.run(
+        [PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 @needs_promtool
@@ -108,8 +109,9 @@ def test_prometheus_scrapes_a_relay_and_alerts_on_it(
 
     storage = tmp_path / "storage"
     token = write_token(storage, 1)
-    result = relay.cli("relay", "activate", "--socket", str(relay.control),
-                       "--epoch", "1", "--token", str(token))  # fmt: skip
+    result = relay.cli(
+        "relay", "activate", "--socket", str(relay.control), "--epoch", "1", "--token", str(token)
+    )
     assert result.returncode == 0, result.stderr
     ready = f'hamta_active{{instance="{instance}"}} == 1 and hamta_ready == 1'
     prometheus.wait_for(lambda: prometheus.query(ready), 30, "active and ready")

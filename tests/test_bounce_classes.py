@@ -322,9 +322,14 @@ def test_relay_logs_and_counts_bounce_classes(
     relay = make_relay({"retry": {"first_delay": "60s", "max_delay": "60s", "jitter": 0.0}})
     send_each(
         relay.port,
-        ["reject1@sink.test", "full1@sink.test", "ok1@sink.test", "throttle1@other.test",
-         "yahoo1@other.test"],
-    )  # fmt: skip
+        [
+            "reject1@sink.test",
+            "full1@sink.test",
+            "ok1@sink.test",
+            "throttle1@other.test",
+            "yahoo1@other.test",
+        ],
+    )
     bounces = relay.wait_events("Bounce", 2)
     failures = relay.wait_events("TransientFailure", 2)
     assert scripted_sink.wait_for(1, timeout=10)

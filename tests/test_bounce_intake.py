@@ -130,10 +130,13 @@ def test_a_dsn_of_an_unknown_recipient_suppresses_it_before_the_250(
     assert events["full@sink.test"]["bounce_class"] == "QuotaIssues"
     assert events["full@sink.test"]["newly_suppressed"] is False
     assert (events["slow@sink.test"]["action"], events["slow@sink.test"]["kind"]) == (
-        "delayed", "soft"
-    )  # fmt: skip
-    assert metric(relay, "hamta_async_bounces_total", **{"class": "InvalidRecipient",
-                                                         "kind": "hard"}) == 1  # fmt: skip
+        "delayed",
+        "soft",
+    )
+    assert (
+        metric(relay, "hamta_async_bounces_total", **{"class": "InvalidRecipient", "kind": "hard"})
+        == 1
+    )
     assert relay.queue()["depth"] == 0  # consumed, not relayed
 
 
@@ -165,8 +168,9 @@ def test_reports_to_keep_never_take_the_spool_s_reserved_room(
     """Mail to the report addresses comes from anywhere: it must not fill the spool's volume."""
     assert quarantine_refusal(tmp_path / "quarantine", 10, 0) is None
     assert "to stay free" in str(quarantine_refusal(tmp_path / "quarantine", 10, 2**62))
-    relay = make_relay({"suppression": {"bounces_address": BOUNCES},
-                        "spool": {"min_free": "100000g"}})  # fmt: skip
+    relay = make_relay(
+        {"suppression": {"bounces_address": BOUNCES}, "spool": {"min_free": "100000g"}}
+    )
     with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=10) as client:
         client.ehlo()
         client.mail("")

@@ -27,8 +27,9 @@ def test_defaults_are_the_relays() -> None:
 
 
 def test_plan_of_a_million_messages_a_day() -> None:
-    workload = Workload(1_000_000, 50 * 1024, retention_days=14, outage_hours=24,
-                        peak_factor=3, latency_seconds=0.5)  # fmt: skip
+    workload = Workload(
+        1_000_000, 50 * 1024, retention_days=14, outage_hours=24, peak_factor=3, latency_seconds=0.5
+    )
     result = plan(workload, DEFAULTS)
     assert result.average_rate_per_s == pytest.approx(1_000_000 / 86400)
     assert result.peak_rate_per_s == pytest.approx(3 * 1_000_000 / 86400)
@@ -64,8 +65,9 @@ def test_connections_beyond_one_destinations_cap() -> None:
     assert result.concurrent_connections == 200
     assert result.max_rate_per_destination == pytest.approx(10)
     assert result.destinations_at_cap == 10
-    tight = Limits(max_connections_per_destination=50, max_messages_per_connection=10,
-                   min_free_bytes=0)  # fmt: skip
+    tight = Limits(
+        max_connections_per_destination=50, max_messages_per_connection=10, min_free_bytes=0
+    )
     other = plan(Workload(100 * 86400, 1024, peak_factor=1, latency_seconds=2), tight)
     assert other.destinations_at_cap == 4
     assert other.new_connections_per_s == pytest.approx(10)
@@ -150,8 +152,9 @@ def _send(port: int, count: int, body: bytes) -> None:
 
 
 def _capacity(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*HAMTA, "capacity", *args], capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [*HAMTA, "capacity", *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_cli_from_the_metrics_of_a_running_relay(
@@ -163,8 +166,17 @@ def test_cli_from_the_metrics_of_a_running_relay(
     assert sink.wait_for(5, timeout=20)
 
     # Nothing received while it measures: the rate is the relay's lifetime average.
-    idle = _capacity("--from-metrics", relay.admin_url, "--sample-seconds", "0.5", "--json",
-                     "--outage-hours", "12", "--peak-factor", "2")  # fmt: skip
+    idle = _capacity(
+        "--from-metrics",
+        relay.admin_url,
+        "--sample-seconds",
+        "0.5",
+        "--json",
+        "--outage-hours",
+        "12",
+        "--peak-factor",
+        "2",
+    )
     assert idle.returncode == 0, idle.stderr
     result = json.loads(idle.stdout)
     measured = result["measured"]
@@ -188,8 +200,15 @@ def test_cli_from_the_metrics_of_a_running_relay(
     sender = threading.Thread(target=keep_sending)
     sender.start()
     try:
-        busy = _capacity("--from-metrics", relay.admin_url + "/metrics", "--sample-seconds",
-                         "2", "--json", "--avg-size", "100")  # fmt: skip
+        busy = _capacity(
+            "--from-metrics",
+            relay.admin_url + "/metrics",
+            "--sample-seconds",
+            "2",
+            "--json",
+            "--avg-size",
+            "100",
+        )
     finally:
         done.set()
         sender.join()
@@ -206,8 +225,17 @@ def test_cli_from_the_metrics_of_a_running_relay(
 
 
 def test_cli_without_figures(make_relay: RelayFactory) -> None:
-    given = _capacity("--messages-per-day", "86400", "--avg-size", "10", "--peak-factor", "1",
-                      "--latency", "1", "--json")  # fmt: skip
+    given = _capacity(
+        "--messages-per-day",
+        "86400",
+        "--avg-size",
+        "10",
+        "--peak-factor",
+        "1",
+        "--latency",
+        "1",
+        "--json",
+    )
     assert given.returncode == 0, given.stderr
     result = json.loads(given.stdout)
     assert result["peak_rate_per_s"] == pytest.approx(1.0)

@@ -57,8 +57,11 @@ def test_a_seed_shuffles_the_schedule_reproducibly() -> None:
 def test_an_unknown_scenario_is_refused_before_anything_starts() -> None:
     done = subprocess.run(
         [*HAMTA, "chaos", "run", "--scenario", "kill-everything"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "unknown scenario kill-everything" in done.stderr
 
@@ -67,15 +70,39 @@ def test_an_unknown_scenario_is_refused_before_anything_starts() -> None:
 def test_the_short_profile_runs_every_scenario_and_keeps_every_promise(tmp_path: Path) -> None:
     output = tmp_path / "report"
     done = subprocess.run(
-        [*HAMTA, "chaos", "run", "--profile", "short", "--output", str(output),
-         "--workdir", str(tmp_path), "--prefix", "hct", "--subnet", "198.19.238.0/24"],
-        capture_output=True, text=True, timeout=1800, check=False,
-    )  # fmt: skip
+        [
+            *HAMTA,
+            "chaos",
+            "run",
+            "--profile",
+            "short",
+            "--output",
+            str(output),
+            "--workdir",
+            str(tmp_path),
+            "--prefix",
+            "hct",
+            "--subnet",
+            "198.19.238.0/24",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     lines = done.stdout.strip().splitlines()
     assert lines, done.stderr[-3000:]
     summary = json.loads(lines[-1])
-    assert set(summary) == {"scenarios", "iterations", "acked", "lost", "duplicated",
-                            "split_brain", "rto_median_s", "rto_max_s"}  # fmt: skip
+    assert set(summary) == {
+        "scenarios",
+        "iterations",
+        "acked",
+        "lost",
+        "duplicated",
+        "split_brain",
+        "rto_median_s",
+        "rto_max_s",
+    }
     assert summary["scenarios"] == summary["iterations"] == len(FAULTS), done.stdout[-3000:]
     assert summary["lost"] == 0 and summary["split_brain"] == 0, done.stdout[-5000:]
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]

@@ -94,12 +94,20 @@ def test_a_node_killed_unfenced_still_holds_for_the_checker(tmp_path: Path) -> N
 
 
 def test_the_watchdog_releases_the_vip_but_not_the_spool(tmp_path: Path) -> None:
-    fired = {"reason": "agent_gone", "actions": [
-        {"action": "kill_relay", "outcome": "killed"},
-        {"action": "remove_vip", "outcome": "removed"},
-    ]}  # fmt: skip
-    _write(tmp_path, "node1", "agent", _take(1, 1),
-           _line(5, event="WatchdogFired", component="watchdog", **fired))  # fmt: skip
+    fired = {
+        "reason": "agent_gone",
+        "actions": [
+            {"action": "kill_relay", "outcome": "killed"},
+            {"action": "remove_vip", "outcome": "removed"},
+        ],
+    }
+    _write(
+        tmp_path,
+        "node1",
+        "agent",
+        _take(1, 1),
+        _line(5, event="WatchdogFired", component="watchdog", **fired),
+    )
     _write(tmp_path, "node2", "agent", _take(10, 2))
     assert _judge(tmp_path) == [
         "spool: node2 took it while node1 held it (node1 never released it)"
@@ -107,35 +115,55 @@ def test_the_watchdog_releases_the_vip_but_not_the_spool(tmp_path: Path) -> None
 
 
 def test_a_watchdog_that_failed_to_remove_the_vip_released_nothing(tmp_path: Path) -> None:
-    fired = {"reason": "missed_feed", "actions": [
-        {"action": "remove_vip", "outcome": "failed", "detail": "ip killed after 5s"},
-    ]}  # fmt: skip
+    fired = {
+        "reason": "missed_feed",
+        "actions": [
+            {"action": "remove_vip", "outcome": "failed", "detail": "ip killed after 5s"},
+        ],
+    }
     _write(tmp_path, "node1", "agent", _take(1, 1), _line(5, event="WatchdogFired", **fired))
     found = holds(_events(tmp_path, "agent"))
     assert [(h.resource, h.end) for h in found] == [("spool", None), ("vip", None)]
 
 
 def test_a_restarted_agent_s_cleanup_ends_what_its_former_run_held(tmp_path: Path) -> None:
-    _write(tmp_path, "node1", "agent", _take(1, 1),
-           _line(6, event="AgentStarting"),
-           _line(6.1, event="Cleanup", released="virtual IP", address="198.18.0.100/24"),
-           _line(6.2, event="Cleanup", released="storage", storage="/dev/loop0"))  # fmt: skip
+    _write(
+        tmp_path,
+        "node1",
+        "agent",
+        _take(1, 1),
+        _line(6, event="AgentStarting"),
+        _line(6.1, event="Cleanup", released="virtual IP", address="198.18.0.100/24"),
+        _line(6.2, event="Cleanup", released="storage", storage="/dev/loop0"),
+    )
     _write(tmp_path, "node2", "agent", _take(10, 2))
     assert _judge(tmp_path) == []
 
 
 def test_an_acknowledgement_in_a_superseded_epoch_is_split_brain(tmp_path: Path) -> None:
     _write(tmp_path, "node1", "agent", _take(1, 1))
-    _write(tmp_path, "node2", "agent",
-           _line(9.9, event="StepDone", step="fence", detail="fenced node1 with lab"),
-           _take(10, 2))  # fmt: skip
-    _write(tmp_path, "node1", "relay",
-           _line(1.05, event="RelayActivating", epoch=1),
-           _line(5, event="Reception", queue_id="EARLY"),
-           _line(12, event="Reception", queue_id="ZOMBIE"))  # fmt: skip
-    _write(tmp_path, "node2", "relay",
-           _line(10.05, event="RelayActivating", epoch=2),
-           _line(11, event="Reception", queue_id="FINE"))  # fmt: skip
+    _write(
+        tmp_path,
+        "node2",
+        "agent",
+        _line(9.9, event="StepDone", step="fence", detail="fenced node1 with lab"),
+        _take(10, 2),
+    )
+    _write(
+        tmp_path,
+        "node1",
+        "relay",
+        _line(1.05, event="RelayActivating", epoch=1),
+        _line(5, event="Reception", queue_id="EARLY"),
+        _line(12, event="Reception", queue_id="ZOMBIE"),
+    )
+    _write(
+        tmp_path,
+        "node2",
+        "relay",
+        _line(10.05, event="RelayActivating", epoch=2),
+        _line(11, event="Reception", queue_id="FINE"),
+    )
     agents, relays = _events(tmp_path, "agent"), _events(tmp_path, "relay")
     assert late_acknowledgements(agents, relays, 0, 100) == [
         "node1 acknowledged ZOMBIE in epoch 1, 1.990s after node2 began epoch 2"
@@ -145,10 +173,16 @@ def test_an_acknowledgement_in_a_superseded_epoch_is_split_brain(tmp_path: Path)
 
 def test_the_same_node_s_new_term_supersedes_its_own_old_relay(tmp_path: Path) -> None:
     """Epochs, not node names: a relay still in epoch 1 after its own node began epoch 3."""
-    _write(tmp_path, "node1", "agent", _take(1, 1), _line(20, event="StepDone", step="epoch",
-                                                          epoch=3))  # fmt: skip
-    _write(tmp_path, "node1", "relay", _line(1.05, event="RelayActivating", epoch=1),
-           _line(21, event="Reception", queue_id="STALE"))  # fmt: skip
+    _write(
+        tmp_path, "node1", "agent", _take(1, 1), _line(20, event="StepDone", step="epoch", epoch=3)
+    )
+    _write(
+        tmp_path,
+        "node1",
+        "relay",
+        _line(1.05, event="RelayActivating", epoch=1),
+        _line(21, event="Reception", queue_id="STALE"),
+    )
     assert late_acknowledgements(_events(tmp_path, "agent"), _events(tmp_path, "relay"), 0, 99)
 
 
@@ -162,16 +196,29 @@ def test_lines_of_a_process_with_a_skewed_clock_are_put_back_in_place(tmp_path: 
     )
     _write(tmp_path, "node2", "agent", _line(2, event="AgentStarting", pid=77), skewed)
     _write(tmp_path, "node1", "agent", _take(58, 3))  # taken after node2 gave up, below
-    _write(tmp_path, "node2", "agent",
-           _line(57 + 45, event="StepDone", step="vip_down", pid=4242),
-           _line(57.1 + 45, event="StepDone", step="storage_down", pid=4242))  # fmt: skip
+    _write(
+        tmp_path,
+        "node2",
+        "agent",
+        _line(57 + 45, event="StepDone", step="vip_down", pid=4242),
+        _line(57.1 + 45, event="StepDone", step="storage_down", pid=4242),
+    )
     assert _judge(tmp_path, {4242: 45.0}) == []
     assert _judge(tmp_path) != []  # read uncorrected, node2 seems to hold on
 
 
 def test_torn_and_foreign_lines_are_skipped(tmp_path: Path) -> None:
-    _write(tmp_path, "node1", "agent", _take(1, 1), '{"event": "StepDone", "st', "\n",
-           "not json\n", '["a", "list"]\n', '{"no": "ts"}\n')  # fmt: skip
+    _write(
+        tmp_path,
+        "node1",
+        "agent",
+        _take(1, 1),
+        '{"event": "StepDone", "st',
+        "\n",
+        "not json\n",
+        '["a", "list"]\n',
+        '{"no": "ts"}\n',
+    )
     assert len(_events(tmp_path, "agent")) == 3
     assert read_log(tmp_path / "node9" / "agent.log", "node9", WALL) == []
 

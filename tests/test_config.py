@@ -112,9 +112,18 @@ def test_parse_hostport(text: str, default: int | None, expected: tuple[str, int
 
 @pytest.mark.parametrize(
     "text",
-    ["mx.example.test", "mx.example.test:0", "mx.example.test:65536", ":25", "[::1", "[x]y:25",
-     "[]:25", "mx.example.test:port", "host:-1"],
-)  # fmt: skip
+    [
+        "mx.example.test",
+        "mx.example.test:0",
+        "mx.example.test:65536",
+        ":25",
+        "[::1",
+        "[x]y:25",
+        "[]:25",
+        "mx.example.test:port",
+        "host:-1",
+    ],
+)
 def test_parse_hostport_errors(text: str) -> None:
     with pytest.raises(ValueError):
         parse_hostport(text)
@@ -155,9 +164,19 @@ def test_bad_network_reported_as_section_key_reason() -> None:
 
 @pytest.mark.parametrize(
     "network",
-    ["0.0.0.0/0", "::/0", "128.0.0.0/1", "64.0.0.0/7", "2000::/3", "::ffff:0:0/96",
-     "::ffff:0.0.0.0/100", "64:ff9b::/96", "2002::/16", "0.0.0.0/4"],
-)  # fmt: skip
+    [
+        "0.0.0.0/0",
+        "::/0",
+        "128.0.0.0/1",
+        "64.0.0.0/7",
+        "2000::/3",
+        "::ffff:0:0/96",
+        "::ffff:0.0.0.0/100",
+        "64:ff9b::/96",
+        "2002::/16",
+        "0.0.0.0/4",
+    ],
+)
 def test_an_open_relay_is_refused_naming_the_key(network: str) -> None:
     text = f'[smtp]\nrelay_networks = ["127.0.0.0/8", "{network}"]\n'
     with pytest.raises(ConfigError) as caught:
@@ -166,14 +185,25 @@ def test_an_open_relay_is_refused_naming_the_key(network: str) -> None:
     assert "relay_networks" in message and "open relay" in message, message
     assert "smtp.allow_open_relay = true" in message, message
     opened = parse_config(text + "allow_open_relay = true\n")
-    assert str(opened.smtp.relay_networks[1]) == str(IPv4Network(network) if ":" not in network
-                                                      else IPv6Network(network))  # fmt: skip
+    assert str(opened.smtp.relay_networks[1]) == str(
+        IPv4Network(network) if ":" not in network else IPv6Network(network)
+    )
 
 
 @pytest.mark.parametrize(
-    "network", ["10.0.0.0/8", "fc00::/7", "fd00::/8", "fe80::/10", "2001:db8::/32", "8.0.0.0/8",
-                "::ffff:10.0.0.0/104", "2002:c000:0204::/48", "::1/128"],
-)  # fmt: skip
+    "network",
+    [
+        "10.0.0.0/8",
+        "fc00::/7",
+        "fd00::/8",
+        "fe80::/10",
+        "2001:db8::/32",
+        "8.0.0.0/8",
+        "::ffff:10.0.0.0/104",
+        "2002:c000:0204::/48",
+        "::1/128",
+    ],
+)
 def test_private_and_narrow_networks_are_not_an_open_relay(network: str) -> None:
     parse_config(f'[smtp]\nrelay_networks = ["{network}"]\n')
 
@@ -349,8 +379,12 @@ def test_serve_refuses_broken_config_before_starting(
     started = time.monotonic()
     result = subprocess.run(
         [*HAMTA, "serve", "--config", str(path)],
-        check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"hamta: {path}: invalid configuration\n"), result.stderr
@@ -425,8 +459,12 @@ def test_serve_with_unloadable_certificate_fails_cleanly(tmp_path: Path) -> None
     )
     result = subprocess.run(
         [*HAMTA, "serve", "--config", str(path)],
-        check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("hamta: ") and "missing.crt" in result.stderr

@@ -98,9 +98,11 @@ def test_the_dashboard_draws_a_loaded_relay_in_a_real_browser(
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (scripts/bootstrap installs it)")
     relay = make_relay(
-        {"admin": {"dashboard_interval": "0.25s"},
-         "retry": {"first_delay": "60s", "max_delay": "60s", "jitter": 0.0}}
-    )  # fmt: skip
+        {
+            "admin": {"dashboard_interval": "0.25s"},
+            "retry": {"first_delay": "60s", "max_delay": "60s", "jitter": 0.0},
+        }
+    )
     deadline = time.monotonic() + 30
     for round_ in itertools.count():  # load over a few samples, so the charts have a shape
         # A new address to reject each time: a hard bounce suppresses the one before.
@@ -120,9 +122,15 @@ def test_the_dashboard_draws_a_loaded_relay_in_a_real_browser(
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             errors: list[str] = []

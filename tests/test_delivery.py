@@ -234,8 +234,11 @@ def test_delivers_to_postfix_smtp_sink_reusing_connections(
         relay = make_relay({"delivery": {"max_connections_per_destination": 2}})
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             for i in range(25):
-                client.sendmail("a@origin.test", [f"user{i}@sink.test"],
-                                f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())  # fmt: skip
+                client.sendmail(
+                    "a@origin.test",
+                    [f"user{i}@sink.test"],
+                    f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(),
+                )
         assert postfix_sink.wait_for(25, timeout=20)
         relay.wait_queue_empty()
         assert len(relay.events("Delivery")) == 25

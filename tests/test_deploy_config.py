@@ -408,9 +408,11 @@ def test_every_task_handling_a_secret_hides_it_with_no_log() -> None:
 def test_zookeepers_super_digest_is_on_no_command_line(tmp_path: Path) -> None:
     digest = "super:cHJpdmF0ZS1kaWdlc3Q="
     rendered = render(
-        EXAMPLE_INVENTORY, tmp_path / "rendered", tmp_path,
+        EXAMPLE_INVENTORY,
+        tmp_path / "rendered",
+        tmp_path,
         {"vault_zookeeper_super_digest": digest},
-    )  # fmt: skip
+    )
     unit = (rendered / "arbiter" / "zookeeper.service").read_text()
     assert digest not in unit and "superDigest" not in unit and "EnvironmentFile" not in unit
     # The JVM reads it from an @argfile (0640 root:zookeeper, written by the role).

@@ -83,12 +83,20 @@ def test_domain_api_counts_deliveries_and_bounces(
     assert view["soft_bounce_rate"] == round(1 / 8, 4)
     assert view["complaints"] == 0 and view["complaint_rate"] == 0.0
     assert (view["queued"], view["queued_deferred"], view["in_flight"]) == (1, 1, 0)
-    assert view["bounce_classes"] == {"InvalidRecipient": 2, "QuotaIssues": 1,
-                                      "ServiceUnavailable": 1}  # fmt: skip
+    assert view["bounce_classes"] == {
+        "InvalidRecipient": 2,
+        "QuotaIssues": 1,
+        "ServiceUnavailable": 1,
+    }
     assert view["avg_latency_ms"] is not None and view["avg_latency_ms"] > 0
     assert view["suspended"] is False and view["throttled"] is False
-    assert view["totals"] == {"delivered": 4, "deferred": 1, "bounced": 3, "expired": 0,
-                              "complaints": 0}  # fmt: skip
+    assert view["totals"] == {
+        "delivered": 4,
+        "deferred": 1,
+        "bounced": 3,
+        "expired": 0,
+        "complaints": 0,
+    }
     assert isinstance(view["connections"], int)
 
     status, listing = get_json(relay, "/api/domains")
@@ -121,18 +129,26 @@ def test_top_n_destinations_and_other(make_relay: RelayFactory, sink: RecordingS
 
     samples = wait_until_metrics(relay, settled)
     assert samples["hamta_destination_queue_messages"] == {
-        ("d2.test",): 4.0, ("d4.test",): 3.0, ("other",): 4.0,
-    }  # fmt: skip
+        ("d2.test",): 4.0,
+        ("d4.test",): 3.0,
+        ("other",): 4.0,
+    }
     relay.wait_events("Bounce")
     samples = wait_until_metrics(
         relay,
         lambda s: s["hamta_destination_deliveries_total"].get(("other", "bounced")) == 1.0,
     )
     assert samples["hamta_destination_deliveries_total"] == {
-        ("d2.test", "delivered"): 0.0, ("d2.test", "deferred"): 4.0, ("d2.test", "bounced"): 0.0,
-        ("d4.test", "delivered"): 0.0, ("d4.test", "deferred"): 3.0, ("d4.test", "bounced"): 0.0,
-        ("other", "delivered"): 1.0, ("other", "deferred"): 4.0, ("other", "bounced"): 1.0,
-    }  # fmt: skip
+        ("d2.test", "delivered"): 0.0,
+        ("d2.test", "deferred"): 4.0,
+        ("d2.test", "bounced"): 0.0,
+        ("d4.test", "delivered"): 0.0,
+        ("d4.test", "deferred"): 3.0,
+        ("d4.test", "bounced"): 0.0,
+        ("other", "delivered"): 1.0,
+        ("other", "deferred"): 4.0,
+        ("other", "bounced"): 1.0,
+    }
 
     # d5 overtakes both: d4's labels are gone from the next scrape, not left to linger.
     send_each(relay.port, [f"defer{i}@d5.test" for i in range(1, 6)])
@@ -145,8 +161,10 @@ def test_top_n_destinations_and_other(make_relay: RelayFactory, sink: RecordingS
         ),
     )
     assert samples["hamta_destination_queue_messages"] == {
-        ("d5.test",): 6.0, ("d2.test",): 4.0, ("other",): 6.0,
-    }  # fmt: skip
+        ("d5.test",): 6.0,
+        ("d2.test",): 4.0,
+        ("other",): 6.0,
+    }
     assert not any("d4.test" in key for key in samples["hamta_destination_deliveries_total"])
 
 

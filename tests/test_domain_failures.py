@@ -31,8 +31,9 @@ def test_nxdomain_bounces_but_suppresses_nobody(
 
 
 def test_a_domain_failing_for_the_period_suppresses_for_a_while(make_relay: RelayFactory) -> None:
-    relay = make_relay({"suppression": {"domain_failure_period": "1s",
-                                        "domain_failure_expiry": "3s"}})  # fmt: skip
+    relay = make_relay(
+        {"suppression": {"domain_failure_period": "1s", "domain_failure_expiry": "3s"}}
+    )
     deadline = time.monotonic() + 20
     sent = 0
     while True:
@@ -48,8 +49,9 @@ def test_a_domain_failing_for_the_period_suppresses_for_a_while(make_relay: Rela
     assert code == 550
     assert re.match(
         r"^5\.1\.2 <user@gone\.test>: recipient suppressed \(its domain failing since "
-        r"\d{4}-\d\d-\d\d, until \d{4}-\d\d-\d\d\)$", text
-    ), text  # fmt: skip
+        r"\d{4}-\d\d-\d\d, until \d{4}-\d\d-\d\d\)$",
+        text,
+    ), text
     # And it expires.
     while rcpt(relay, "user@gone.test")[0] != 250:
         assert time.monotonic() < deadline + 10, "never expired"

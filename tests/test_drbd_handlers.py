@@ -75,8 +75,11 @@ def test_the_leader_outdates_its_peer_until_a_resync_clears_the_mark(
     leader_config = config(tmp_path, "a", name, zookeeper.hosts)
     status = subprocess.run(
         [*HAMTA, "cluster", "status", "--config", str(leader_config)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "OUTDATED: b's replica missed writes" in status.stdout, status.stderr
     done = drbd("unfence", config(tmp_path, "b", name, zookeeper.hosts))
     assert done.returncode == 0, done.stderr
@@ -128,11 +131,21 @@ def test_without_zookeeper_the_handler_fails_so_drbd_keeps_io_frozen(tmp_path: P
     nowhere = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     done = subprocess.run(
-        [*HAMTA, "drbd", "fence-peer", "--timeout", "2",
-         "--config", str(config(tmp_path, "a", "mail", nowhere))],
+        [
+            *HAMTA,
+            "drbd",
+            "fence-peer",
+            "--timeout",
+            "2",
+            "--config",
+            str(config(tmp_path, "a", "mail", nowhere)),
+        ],
         env={**os.environ, "DRBD_RESOURCE": "r0"},
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 1, done.stderr
     assert "ZooKeeper" in done.stderr
     assert time.monotonic() - started < 30
@@ -142,8 +155,12 @@ def test_a_handler_without_a_resource_is_refused(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DRBD_RESOURCE"}
     done = subprocess.run(
         [*HAMTA, "drbd", "fence-peer", "--config", str(config(tmp_path, "a", "m", "127.0.0.1:1"))],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2 and "no DRBD resource" in done.stderr
 
 

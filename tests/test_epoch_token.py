@@ -128,9 +128,17 @@ def test_verify_refuses_another_term(tmp_path: Path) -> None:
 
 def _activate(relay: RelayProcess, epoch: int, token: Path) -> dict[str, object]:
     result = relay.cli(
-        "relay", "activate", "--spool", str(relay.spool), "--socket", str(relay.control),
-        "--epoch", str(epoch), "--token", str(token),
-    )  # fmt: skip
+        "relay",
+        "activate",
+        "--spool",
+        str(relay.spool),
+        "--socket",
+        str(relay.control),
+        "--epoch",
+        str(epoch),
+        "--token",
+        str(token),
+    )
     assert result.returncode == 0, result.stderr
     reply: dict[str, object] = json.loads(result.stdout)
     return reply
@@ -167,7 +175,7 @@ def test_a_superseded_relay_stops_writing_accepting_and_delivering(
     relay = make_relay(standby=True)
     refused = relay.cli(
         "relay", "activate", "--socket", str(relay.control), "--epoch", "2", "--token", str(token)
-    )  # fmt: skip
+    )
     assert refused.returncode == 1 and "not activated" in refused.stderr
     with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=1.5) as sink:
         _activate(relay, 3, token)

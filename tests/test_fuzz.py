@@ -30,8 +30,13 @@ def run_fuzz(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[st
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(
         [sys.executable, str(BENCH), "--out", str(tmp_path / "out"), "--deadline", "3", *args],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     lines = done.stdout.strip().splitlines()
     assert lines, done.stderr
     figures: dict[str, Any] = json.loads(lines[-1])
@@ -40,9 +45,18 @@ def run_fuzz(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[st
 
 def test_a_refused_canary_is_a_finding_with_seed_and_transcripts(tmp_path: Path) -> None:
     done, figures = run_fuzz(
-        tmp_path, "--minutes", "0.1", "--clients", "2", "--seed", "7",
-        "--canary-interval", "1", "--relay-networks", "192.0.2.0/24",
-    )  # fmt: skip
+        tmp_path,
+        "--minutes",
+        "0.1",
+        "--clients",
+        "2",
+        "--seed",
+        "7",
+        "--canary-interval",
+        "1",
+        "--relay-networks",
+        "192.0.2.0/24",
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert figures["bench"] == "fuzz" and figures["seed"] == 7
     assert figures["sessions"] > 0 and figures["commands"] > 0 and figures["canaries"] > 0
@@ -75,9 +89,26 @@ def test_sessions_are_reproducible_and_cover_every_mutation() -> None:
         assert steps == session(seed)[0]
         applied.update(mutations)
     expected = {
-        "bytes", "utf8", "inject-ehlo", "inject-helo", "inject-mail", "inject-rcpt", "odd-ehlo",
-        "path", "overlong", "line-end", "command", "rcpt-flood", "pipeline", "starttls",
-        "data-hazard", "data-big", "drip", "disconnect", "disconnect-data", "truncate",
-    }  # fmt: skip
+        "bytes",
+        "utf8",
+        "inject-ehlo",
+        "inject-helo",
+        "inject-mail",
+        "inject-rcpt",
+        "odd-ehlo",
+        "path",
+        "overlong",
+        "line-end",
+        "command",
+        "rcpt-flood",
+        "pipeline",
+        "starttls",
+        "data-hazard",
+        "data-big",
+        "drip",
+        "disconnect",
+        "disconnect-data",
+        "truncate",
+    }
     assert applied == expected
     assert len(MUTATIONS) == 16

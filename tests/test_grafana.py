@@ -18,15 +18,24 @@ from tests.support.prometheus import Prometheus
 from tests.test_alerts import RULES, needs_prometheus
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "hamta-dashboard.json"
-FED_BY_TRAFFIC = {"Cluster role", "Queue depth", "Messages per second",
-                  "Bounces by class (1 h)", "Bounces by reply code (1 h)",
-                  "Top bouncing destinations (1 h)", "Takeovers (24 h)"}  # fmt: skip
+FED_BY_TRAFFIC = {
+    "Cluster role",
+    "Queue depth",
+    "Messages per second",
+    "Bounces by class (1 h)",
+    "Bounces by reply code (1 h)",
+    "Top bouncing destinations (1 h)",
+    "Takeovers (24 h)",
+}
 
 
 def _targets() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"]
-            for target in panel["targets"]]  # fmt: skip
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]
 
 
 def test_the_dashboard_is_importable_grafana_json() -> None:

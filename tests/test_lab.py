@@ -353,10 +353,22 @@ def test_the_pair_elects_one_active_node_that_relays_to_the_sink(tmp_path: Path)
             time.sleep(0.2)
         # `hamta lab hostile`: the chaos suite's hostile sessions, each refused or answered.
         hostile = subprocess.run(
-            [PYTHON, "-m", "hamtactl", "lab", "hostile", "--dir", str(tmp_path / "lab"),
-             "--idle", "50"],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
+            [
+                PYTHON,
+                "-m",
+                "hamtactl",
+                "lab",
+                "hostile",
+                "--dir",
+                str(tmp_path / "lab"),
+                "--idle",
+                "50",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert hostile.returncode == 0, hostile.stdout + hostile.stderr
         assert "ehlo-header-injection" in hostile.stdout and "as it must be" in hostile.stdout
         assert lab.active_node() == active

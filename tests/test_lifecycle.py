@@ -40,8 +40,9 @@ def test_warm_standby_activates_over_its_socket_and_goes_back(
     assert relay.get("/health/ready")[0] == 503
     assert not port_is_open(relay.port)
 
-    result = relay.cli("relay", "activate", "--spool", str(relay.spool),
-                       "--socket", str(relay.control))  # fmt: skip
+    result = relay.cli(
+        "relay", "activate", "--spool", str(relay.spool), "--socket", str(relay.control)
+    )
     assert result.returncode == 0, result.stderr
     activation = json.loads(result.stdout)
     assert activation["spool"] == str(relay.spool)
@@ -74,8 +75,9 @@ def test_sigusr1_activates_a_standby_relay(make_relay: RelayFactory) -> None:
 def test_activation_on_a_locked_spool_fails_clearly(make_relay: RelayFactory) -> None:
     first = make_relay()
     second = make_relay(standby=True)
-    result = second.cli("relay", "activate", "--spool", str(first.spool),
-                        "--socket", str(second.control))  # fmt: skip
+    result = second.cli(
+        "relay", "activate", "--spool", str(first.spool), "--socket", str(second.control)
+    )
     assert result.returncode == 1
     assert "in use by pid" in result.stderr
     assert second.get("/health/ready")[0] == 503

@@ -147,8 +147,9 @@ def test_a_log_file_that_cannot_be_created_is_one_line(node: Node, tmp_path: Pat
     assert line.startswith(f"hamta agent: log file {log}: cannot open it: Not a directory")
 
     relay = tmp_path / "relay-badlog.toml"
-    relay.write_text(node.relay_config.read_text().replace(str(node.directory / "relay.log"),
-                                                           str(log)))  # fmt: skip
+    relay.write_text(
+        node.relay_config.read_text().replace(str(node.directory / "relay.log"), str(log))
+    )
     line = one_line(run("serve", "--config", str(relay), timeout=30)[0])
     assert line.startswith(f"hamta: log file {log}: cannot open it: Not a directory")
 

@@ -27,8 +27,11 @@ SUBNET = "198.18.5.0/24"
 def test_keepalived_gives_the_vip_to_both_nodes_of_a_partition() -> None:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--prefix", PREFIX, "--subnet", SUBNET],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = {item["scenario"]: item for item in json.loads(done.stdout.strip().splitlines()[-1])}
     assert set(results) == {"partition-zk", "partition-node"}

@@ -100,10 +100,18 @@ def system_user() -> Iterator[pwd.struct_passwd]:
         pytest.skip(f"{SYSTEM_PYTHON} is needed to run the relay as another user")
     name = f"hamtat{os.getpid() % 100000}"
     subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home",
-         "--shell", "/usr/sbin/nologin", name],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield pwd.getpwnam(name)
     finally:
@@ -127,9 +135,13 @@ def workdir(system_user: pwd.struct_passwd) -> Iterator[Path]:
 
 
 def unprivileged_relay(
-    workdir: Path, user: str, mx_port: int, overrides: dict[str, dict[str, Any]] | None = None,
-    *, standby: bool = False,
-) -> RelayProcess:  # fmt: skip
+    workdir: Path,
+    user: str,
+    mx_port: int,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    standby: bool = False,
+) -> RelayProcess:
     """A relay started as root on a privileged port, configured to run as ``user``."""
     port = privileged_port("127.0.0.1")
     sections: dict[str, dict[str, Any]] = {
@@ -140,10 +152,12 @@ def unprivileged_relay(
     for section, keys in (overrides or {}).items():
         sections.setdefault(section, {}).update(keys)
     relay = RelayProcess(
-        workdir, sections, standby=standby,
+        workdir,
+        sections,
+        standby=standby,
         command=[str(SYSTEM_PYTHON), "-m", "hamtactl"],
         env={**os.environ, "PYTHONPATH": f"{TREE}:{SITE_PACKAGES}"},
-    )  # fmt: skip
+    )
     relay.port = port
     return relay
 
@@ -171,10 +185,21 @@ def test_relay_started_as_root_serves_mail_as_its_user_with_no_capability(
         # without CAP_DAC_OVERRIDE under its unit, still drives the relay through it.
         assert relay.control.stat().st_uid == 0
         done = subprocess.run(
-            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *HAMTA,
-             "relay", "status", "--socket", str(relay.control)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                "setpriv",
+                "--bounding-set",
+                "-dac_override,-dac_read_search",
+                *HAMTA,
+                "relay",
+                "status",
+                "--socket",
+                str(relay.control),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         (dropped,) = relay.events("PrivilegesDropped")
         assert dropped["user"] == system_user.pw_name
@@ -244,8 +269,12 @@ def test_root_without_a_user_to_become_refuses_to_start(tmp_path: Path) -> None:
     started = time.monotonic()
     done = subprocess.run(
         [*HAMTA, "serve", "--config", str(relay.config_path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
     assert done.returncode == 1, done
     assert "started as root and [node] user is not set" in done.stderr
     assert "useradd --system hamta" in done.stderr
@@ -268,8 +297,13 @@ def test_the_agent_gives_the_spool_to_the_relay_user_whose_relay_runs_unprivileg
     port = privileged_port("127.0.0.31")
     relay_config = workdir / "node1" / "relay.toml"
     node = AgentNode(
-        workdir, "node1", host="127.0.0.31", smtp_port=port, zookeeper=zookeeper.hosts,
-        shared_spool=shared, credentials=None,
+        workdir,
+        "node1",
+        host="127.0.0.31",
+        smtp_port=port,
+        zookeeper=zookeeper.hosts,
+        shared_spool=shared,
+        credentials=None,
         relay={
             "node": {"user": system_user.pw_name},
             "delivery": {"port": mx_port, "routes": {"sink.test": f"[{MX_HOST}]:{mx_port}"}},
@@ -277,11 +311,18 @@ def test_the_agent_gives_the_spool_to_the_relay_user_whose_relay_runs_unprivileg
         agent={
             "cluster": f"privileges{os.getpid()}",
             "relay_command": [
-                "env", f"PYTHONPATH={TREE}:{SITE_PACKAGES}", str(SYSTEM_PYTHON), "-m",
-                "hamtactl", "serve", "--standby", "--config", str(relay_config),
+                "env",
+                f"PYTHONPATH={TREE}:{SITE_PACKAGES}",
+                str(SYSTEM_PYTHON),
+                "-m",
+                "hamtactl",
+                "serve",
+                "--standby",
+                "--config",
+                str(relay_config),
             ],
         },
-    )  # fmt: skip
+    )
     # The relay makes its control socket there once it runs as its user.
     os.chown(node.workdir, 0, system_user.pw_gid)
     node.workdir.chmod(0o770)
@@ -306,8 +347,12 @@ def test_an_unknown_user_is_a_clear_error_at_start(tmp_path: Path) -> None:
     relay = RelayProcess(tmp_path, {"node": {"user": "no-such-hamta-user"}})
     done = subprocess.run(
         [*HAMTA, "serve", "--config", str(relay.config_path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
     assert done.returncode == 1, done
     assert done.stderr == "hamta: no such user 'no-such-hamta-user'\n"
     (failed,) = relay.events("StartFailed")
@@ -320,8 +365,11 @@ def test_dkim_keys_readable_by_root_alone_still_sign_once_the_relay_is_unprivile
 ) -> None:
     done = subprocess.run(
         [*HAMTA, "dkim", "keygen", "sign.test", "s1", "--directory", str(workdir)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     key = workdir / "sign.test.s1.key"
     assert key.stat().st_uid == 0 and key.stat().st_mode & 0o777 == 0o600
@@ -330,9 +378,10 @@ def test_dkim_keys_readable_by_root_alone_still_sign_once_the_relay_is_unprivile
     with relay, smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         assert_unprivileged(relay.pid, system_user)
         client.sendmail(
-            "a@sign.test", ["user@sink.test"],
+            "a@sign.test",
+            ["user@sink.test"],
             b"From: a@sign.test\r\nTo: user@sink.test\r\nSubject: signed\r\n\r\nhi\r\n",
-        )  # fmt: skip
+        )
         assert sink.wait_for(1, timeout=30), sink.messages
     (message,) = sink.messages
     assert b"DKIM-Signature:" in message.data and b"d=sign.test" in message.data
@@ -359,8 +408,9 @@ def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
     os.chown(key, 0, system_user.pw_gid)
     key.chmod(0o640)
     with relay:
-        done = relay.cli("relay", "activate", "--config", str(relay.config_path),
-                         "--spool", str(relay.spool))  # fmt: skip
+        done = relay.cli(
+            "relay", "activate", "--config", str(relay.config_path), "--spool", str(relay.spool)
+        )
         assert done.returncode == 0, done.stderr
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.starttls()
@@ -373,8 +423,17 @@ def test_an_unprivileged_relay_still_dies_with_the_process_that_started_it(
     # As the agent starts it (cluster/relayproc.py), without the agent's watchdog, which would
     # kill it anyway: the kernel clears the parent-death signal when the uid changes.
     relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, standby=True)
-    serve = ["setpriv", "--pdeathsig", "KILL", "--", *relay.command, "serve", "--standby",
-             "--config", str(relay.config_path)]  # fmt: skip
+    serve = [
+        "setpriv",
+        "--pdeathsig",
+        "KILL",
+        "--",
+        *relay.command,
+        "serve",
+        "--standby",
+        "--config",
+        str(relay.config_path),
+    ]
     starter = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); p.wait()"  # noqa: E501
     parent = subprocess.Popen(
         [sys.executable, "-c", starter, *serve], stdout=subprocess.PIPE, env=relay.env

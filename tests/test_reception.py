@@ -678,10 +678,26 @@ SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
 @pytest.mark.parametrize("extra", [[], ["--pipeline"]], ids=["plain", "pipeline"])
 def test_swaks_delivers(relay: RelayProcess, sink: RecordingSink, extra: list[str]) -> None:
     result = subprocess.run(
-        [SWAKS, "--server", f"127.0.0.1:{relay.port}", "--to", "x@sink.test",
-         "--from", "a@origin.test", "--helo", CLIENT_HELO, "--timeout", "10", *extra],
-        check=False, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            SWAKS,
+            "--server",
+            f"127.0.0.1:{relay.port}",
+            "--to",
+            "x@sink.test",
+            "--from",
+            "a@origin.test",
+            "--helo",
+            CLIENT_HELO,
+            "--timeout",
+            "10",
+            *extra,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"250 2\.0\.0 Ok: queued as (\S+)", result.stdout)
     assert match is not None, result.stdout

@@ -52,9 +52,16 @@ def nested(depth: int, inner: bytes) -> bytes:
     for level in range(depth):
         boundary = f"b{level}".encode()
         body = (
-            b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n--' + boundary
-            + b"\r\n" + body + b"\r\n--" + boundary + b"--\r\n"
-        )  # fmt: skip
+            b'Content-Type: multipart/mixed; boundary="'
+            + boundary
+            + b'"\r\n\r\n--'
+            + boundary
+            + b"\r\n"
+            + body
+            + b"\r\n--"
+            + boundary
+            + b"--\r\n"
+        )
     return b"From: robot@remote.test\r\nMIME-Version: 1.0\r\n" + body
 
 
@@ -67,8 +74,9 @@ def kept_reason(relay: RelayProcess, reply: str, event: str) -> str:
     return str(found["reason"])
 
 
-@pytest.mark.parametrize(("address", "event"), [(FBL, "ComplaintUnparsed"),
-                                                (BOUNCES, "BounceUnparsed")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("address", "event"), [(FBL, "ComplaintUnparsed"), (BOUNCES, "BounceUnparsed")]
+)
 def test_a_report_nested_1000_deep_is_kept_not_an_exception(
     relay: RelayProcess, address: str, event: str
 ) -> None:
@@ -110,8 +118,10 @@ def test_a_dsn_naming_20000_recipients_is_kept_unread(relay: RelayProcess) -> No
         "Diagnostic-Code: smtp; 550 5.1.1 unknown user\r\n\r\n"
     )
     blocks = "".join(block.format(n=n) for n in range(20000)).encode()
-    data = DSN.replace(b"Final-Recipient: rfc822; full@sink.test", blocks +
-                       b"Final-Recipient: rfc822; full@sink.test")  # fmt: skip
+    data = DSN.replace(
+        b"Final-Recipient: rfc822; full@sink.test",
+        blocks + b"Final-Recipient: rfc822; full@sink.test",
+    )
     started = time.monotonic()
     with smtplib.SMTP("127.0.0.1", relay.port, local_hostname=CLIENT_HELO, timeout=30) as client:
         client.ehlo()
@@ -130,8 +140,9 @@ def test_a_dsn_naming_20000_recipients_is_kept_unread(relay: RelayProcess) -> No
 def test_a_complaint_from_outside_the_complaint_networks_suppresses_nobody(
     make_relay: RelayFactory,
 ) -> None:
-    relay = make_relay({"suppression": {"complaints_address": FBL,
-                                        "complaint_networks": ["198.18.0.0/15"]}})  # fmt: skip
+    relay = make_relay(
+        {"suppression": {"complaints_address": FBL, "complaint_networks": ["198.18.0.0/15"]}}
+    )
     reply = send(relay, FBL, arf_report("forged@sink.test"))
     assert re.match(r"^250 2\.0\.0 Ok: report read as \w+$", reply), reply
     assert rcpt(relay, "forged@sink.test")[0] == 250
@@ -163,10 +174,15 @@ def test_a_complaint_signed_by_a_reporter_domain_counts_from_anywhere(
     make_relay: RelayFactory, reporter_dns: tuple[TxtDnsServer, Path]
 ) -> None:
     server, key = reporter_dns
-    relay = make_relay({
-        "dns": {"nameservers": [server.nameserver]},
-        "suppression": {"complaints_address": FBL, "complaint_dkim_domains": ["FBL.Reporter.test"]},
-    })  # fmt: skip
+    relay = make_relay(
+        {
+            "dns": {"nameservers": [server.nameserver]},
+            "suppression": {
+                "complaints_address": FBL,
+                "complaint_dkim_domains": ["FBL.Reporter.test"],
+            },
+        }
+    )
     assert "complaint recorded" in send(relay, FBL, signed(arf_report("real@sink.test"), key))
     assert rcpt(relay, "real@sink.test")[0] == 550
     assert relay.events("Complaint")[0]["vouched_by"] == "dkim d=fbl.reporter.test"
@@ -263,14 +279,22 @@ def data_reply(relay: RelayProcess, recipient: str, message: bytes) -> tuple[int
 def test_the_quarantine_has_a_quota_and_relayed_mail_still_flows(
     make_relay: RelayFactory, sink: RecordingSink
 ) -> None:
-    relay = make_relay({"suppression": {"bounces_address": BOUNCES, "quarantine_max_files": 3,
-                                        "quarantine_max_size": "40k"}})  # fmt: skip
+    relay = make_relay(
+        {
+            "suppression": {
+                "bounces_address": BOUNCES,
+                "quarantine_max_files": 3,
+                "quarantine_max_size": "40k",
+            }
+        }
+    )
     address = signed_for(relay, "someone@sink.test")
     replies = [data_reply(relay, address, junk(4000))[0] for _ in range(5)]
     assert replies == [250, 250, 250, 452, 452]
     assert data_reply(relay, address, junk(4000)) == (
-        452, "4.3.4 Too many unreadable reports kept, try again later"
-    )  # fmt: skip
+        452,
+        "4.3.4 Too many unreadable reports kept, try again later",
+    )
     assert len(list((relay.spool / "quarantine").glob("*.eml"))) == 3
     assert (
         "quarantine full: 3 reports kept, at most 3" in relay.events("ReportNotKept")[-1]["error"]
@@ -278,14 +302,14 @@ def test_the_quarantine_has_a_quota_and_relayed_mail_still_flows(
     sink.clear()
     send(relay, "still@sink.test", b"Subject: real mail\r\n\r\nflows\r\n")
     assert sink.wait_for(1, timeout=15)
-    big = make_relay({"suppression": {"bounces_address": BOUNCES, "quarantine_max_size": "40k"}},
-                     name="big")  # fmt: skip
+    big = make_relay(
+        {"suppression": {"bounces_address": BOUNCES, "quarantine_max_size": "40k"}}, name="big"
+    )
     assert data_reply(big, signed_for(big, "someone@sink.test"), junk(50_000))[0] == 452
 
 
 def test_kept_reports_are_swept_after_the_retention(make_relay: RelayFactory) -> None:
-    relay = make_relay({"suppression": {"bounces_address": BOUNCES,
-                                        "quarantine_retention": "2s"}})  # fmt: skip
+    relay = make_relay({"suppression": {"bounces_address": BOUNCES, "quarantine_retention": "2s"}})
     reply = send(relay, signed_for(relay, "someone@sink.test"), junk(1000), sender="")
     kept = Path(kept_reason_event(relay, reply)["kept"])
     assert kept.is_file()
@@ -306,14 +330,22 @@ def kept_reason_event(relay: RelayProcess, reply: str) -> dict[str, Any]:
 
 
 def test_reports_are_rate_limited_per_client(make_relay: RelayFactory) -> None:
-    relay = make_relay({"suppression": {"bounces_address": BOUNCES, "complaints_address": FBL,
-                                        "report_rate_per_client": 3}})  # fmt: skip
+    relay = make_relay(
+        {
+            "suppression": {
+                "bounces_address": BOUNCES,
+                "complaints_address": FBL,
+                "report_rate_per_client": 3,
+            }
+        }
+    )
     address = signed_for(relay, "someone@sink.test")
     codes = [data_reply(relay, target, junk(500))[0] for target in (address, FBL, address, FBL)]
     assert codes == [250, 250, 250, 450]
     assert data_reply(relay, BOUNCES, junk(500)) == (
-        450, "4.7.1 Too many reports from your address, try again later"
-    )  # fmt: skip
+        450,
+        "4.7.1 Too many reports from your address, try again later",
+    )
     assert relay.events("ReportRateLimited")[0]["client"] == "127.0.0.1"
     assert relay.events("ComplaintsIgnored")  # no reporter is trusted: said at activation
     assert rcpt(relay, "someone@sink.test")[0] == 250  # relayed mail is not limited

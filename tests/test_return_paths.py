@@ -40,7 +40,7 @@ def test_round_trip_and_what_breaks_it() -> None:
         address.replace("@hamta.test", "@other.test"),
         "bounces+1.2.3@hamta.test",
     ):
-        assert paths().verify(unsigned) == "not signed", unsigned  # fmt: skip
+        assert paths().verify(unsigned) == "not signed", unsigned
 
 
 def test_which_senders_are_signed() -> None:

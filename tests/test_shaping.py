@@ -299,16 +299,20 @@ max_delay = "5s"
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ('[delivery.domains."x.test"]\nmax_connections = 0', "delivery.domains.x.test"
-         ".max_connections: Input should be greater than 0"),
+        (
+            '[delivery.domains."x.test"]\nmax_connections = 0',
+            "delivery.domains.x.test.max_connections: Input should be greater than 0",
+        ),
         ("[delivery.limits]\nmessages_per_second = -1", "delivery.limits.messages_per_second"),
         ('[delivery.limits]\nmessages_per_second = "fast"', "delivery.limits.messages_per_second"),
         ('[delivery.domains."x.test"]\nmax_conections = 2', "max_conections: unknown key"),
-        ('[delivery.domains."x.test"]\nretry_first_delay = "2h"\nretry_max_delay = "1h"',
-         "retry_first_delay (7200s) exceeds retry_max_delay (3600s)"),
+        (
+            '[delivery.domains."x.test"]\nretry_first_delay = "2h"\nretry_max_delay = "1h"',
+            "retry_first_delay (7200s) exceeds retry_max_delay (3600s)",
+        ),
         ('[delivery.limits]\nthrottle_quiet_period = "soon"', "not a duration: 'soon'"),
     ],
-)  # fmt: skip
+)
 def test_bad_limit_config_is_a_clear_error(toml: str, expected: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         parse_config(toml)
@@ -459,8 +463,9 @@ def test_throttling_destination_slows_down_and_recovers(
         assert first["code"] == 451 and "Rate limited" in first["response"]
         wait_until(
             lambda: any(e["messages_per_second"] == 2 for e in relay.events(THROTTLED)),
-            timeout=15, what="the rate down to its floor",
-        )  # fmt: skip
+            timeout=15,
+            what="the rate down to its floor",
+        )
         throttling["on"] = False
         assert mx.wait(lambda: len(mx.arrivals) >= 20, timeout=30)
         # At the floor, 2 a second: the queued mail trickles, it does not rush.
@@ -468,8 +473,9 @@ def test_throttling_destination_slows_down_and_recovers(
         assert spread >= 2.0, spread
         wait_until(
             lambda: any(e["throttled"] is False for e in relay.events("DestinationRecovered")),
-            timeout=30, what="full recovery",
-        )  # fmt: skip
+            timeout=30,
+            what="full recovery",
+        )
         recovered = relay.events("DestinationRecovered")
         assert recovered[-1]["messages_per_second"] == 40 and recovered[-1]["concurrency"] == 4
         assert all(e["throttled"] for e in recovered[:-1])
@@ -523,6 +529,8 @@ def test_suspend_resume_retry_through_the_cli_in_every_worker(
 def test_destination_commands_need_a_running_relay(tmp_path: Path) -> None:
     result = subprocess.run(
         [*HAMTA, "queue", "suspend", "x.test", "--socket", str(tmp_path / "none.sock")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 1 and "no relay control socket" in result.stderr

@@ -108,11 +108,23 @@ class MountNamespaceWorker:
         entry = "from tests.test_storage import serve_worker; serve_worker()"
         with open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--",
-                 sys.executable, "-c", entry, json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    entry,
+                    json.dumps(spec),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
                 cwd=ROOT,
-            )  # fmt: skip
+            )
 
     def call(self, op: str, **args: Any) -> Any:
         """Run ``op`` in the worker and return its result; raise ``RemoteError`` for its error."""
@@ -197,8 +209,11 @@ def make_loop(tmp_path: Path) -> Iterator[LoopFactory]:
             subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=30)
         done = subprocess.run(
             ["losetup", "--find", "--show", str(image)],
-            capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
         devices.append(done.stdout.strip())
         return Path(devices[-1])
 

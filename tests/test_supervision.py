@@ -156,16 +156,18 @@ def test_a_failed_task_turns_the_relay_unready_at_once(tmp_path: Path) -> None:
     reasons: list[str] = []
 
     async def main() -> None:
-        relay = Relay(config, listeners=bind(config.smtp.listen, reuse_port=False),
-                      on_fatal=reasons.append)  # fmt: skip
+        relay = Relay(
+            config, listeners=bind(config.smtp.listen, reuse_port=False), on_fatal=reasons.append
+        )
         await relay.activate()
         assert relay.ready
 
         async def broken() -> None:
             raise ValueError("boom")
 
-        await asyncio.gather(relay.supervisor.spawn("broken loop", broken()),
-                             return_exceptions=True)  # fmt: skip
+        await asyncio.gather(
+            relay.supervisor.spawn("broken loop", broken()), return_exceptions=True
+        )
         assert not relay.ready
         assert relay.supervisor.failure == "broken loop: ValueError: boom"
         # A task cancelled by its owner is an expected end, not a failure.
@@ -218,8 +220,9 @@ def test_a_dsn_that_cannot_be_built_fails_its_message_alone(tmp_path: Path) -> N
     reasons: list[str] = []
 
     async def main() -> None:
-        relay = Relay(config, listeners=bind(config.smtp.listen, reuse_port=False),
-                      on_fatal=reasons.append)  # fmt: skip
+        relay = Relay(
+            config, listeners=bind(config.smtp.listen, reuse_port=False), on_fatal=reasons.append
+        )
         await relay.activate()
         spool, engine = relay.spool, relay._active.engine if relay._active else None
         assert spool is not None and engine is not None

@@ -200,8 +200,9 @@ def test_arf_complaint_suppresses_the_recipient_and_is_counted(relay: RelayProce
     # Recorded before the 250: refused at once, no polling.
     code, text = rcpt(relay, "victim@sink.test")
     assert (code, text) == (
-        550, f"5.7.1 <victim@sink.test>: recipient suppressed (complaint on {TODAY})"
-    )  # fmt: skip
+        550,
+        f"5.7.1 <victim@sink.test>: recipient suppressed (complaint on {TODAY})",
+    )
     events = [e for e in relay.events("Complaint") if e["recipient"] == "victim@sink.test"]
     (event,) = events
     assert event["domain"] == "sink.test"
@@ -256,8 +257,9 @@ def test_the_complaints_address_takes_no_other_recipient(relay: RelayProcess) ->
         assert client.rcpt(FBL)[0] == 250
         code, text = client.rcpt("someone@sink.test")
         assert (code, text.decode()) == (
-            452, "4.5.3 Reports (feedback, bounces) are taken one recipient per transaction"
-        )  # fmt: skip
+            452,
+            "4.5.3 Reports (feedback, bounces) are taken one recipient per transaction",
+        )
 
 
 def test_complaint_domains_beyond_the_top_20_are_other(make_relay: RelayFactory) -> None:
@@ -297,8 +299,9 @@ def test_suppression_survives_a_restart_on_the_same_spool(make_relay: RelayFacto
     relay.start()
     code, text = rcpt(relay, "kept@sink.test")
     assert (code, text) == (
-        550, f"5.7.1 <kept@sink.test>: recipient suppressed (complaint on {TODAY})"
-    )  # fmt: skip
+        550,
+        f"5.7.1 <kept@sink.test>: recipient suppressed (complaint on {TODAY})",
+    )
     assert (relay.spool / "suppression.sqlite").exists()
 
 
@@ -316,8 +319,9 @@ def test_cli_with_the_relay_running_and_stopped(make_relay: RelayFactory) -> Non
     assert code == 0, err
     assert out.startswith(f"suppressed: manual@sink.test (manual on {TODAY}) [relay at")
     assert rcpt(relay, "manual@sink.test") == (
-        550, f"5.7.1 <manual@sink.test>: recipient suppressed (added by an operator on {TODAY})"
-    )  # fmt: skip
+        550,
+        f"5.7.1 <manual@sink.test>: recipient suppressed (added by an operator on {TODAY})",
+    )
     code, out, _ = cli(relay, "list")
     assert code == 0 and "relay at" in out.splitlines()[0]
     assert entries(out) == ["manual@sink.test"]

@@ -97,8 +97,12 @@ def test_queued_mail_whose_domain_breaks_routing_fails_loudly_then_bounces(
         time.sleep(0.05)
     for qid in qids:
         # Each attempt is one event (the first may come after the lifetime already ran out).
-        attempts = [e for name in ("TransientFailure", "Expiration") for e in relay.events(name)
-                    if e["queue_id"] == qid]  # fmt: skip
+        attempts = [
+            e
+            for name in ("TransientFailure", "Expiration")
+            for e in relay.events(name)
+            if e["queue_id"] == qid
+        ]
         assert attempts and [e for e in attempts if e["event"] == "Expiration"], attempts
         assert all(e["enhanced_code"] == "4.4.3" for e in attempts), attempts
         assert all("cannot route" in e["response"] for e in attempts), attempts

@@ -97,8 +97,20 @@ def lab() -> Iterator[Lab]:
             (lab.first, FIRST_IF, "hvp-a", "198.19.250.1/24"),
             (lab.second, SECOND_IF, "hvp-c", "198.19.250.3/24"),
         ):
-            ip("-n", ns, "link", "add", interface, "type", "veth", "peer", "name", port,
-               "netns", lab.peer)  # fmt: skip
+            ip(
+                "-n",
+                ns,
+                "link",
+                "add",
+                interface,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                lab.peer,
+            )
             ip("-n", lab.peer, "link", "set", port, "master", BRIDGE, "up")
             ip("-n", ns, "addr", "add", address, "dev", interface)
             ip("-n", ns, "link", "set", interface, "up")

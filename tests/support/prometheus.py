@@ -38,11 +38,15 @@ class Prometheus:
         assert PROMETHEUS is not None
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={self.config}",
-                 f"--storage.tsdb.path={self.data}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    PROMETHEUS,
+                    f"--config.file={self.config}",
+                    f"--storage.tsdb.path={self.data}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.wait_for(lambda: self._get("/-/ready") is not None, timeout, "Prometheus ready")
 
     def stop(self) -> None:

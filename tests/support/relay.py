@@ -222,6 +222,11 @@ class RelayProcess:
         """Run a ``hamta`` command against this relay's configuration."""
         env = dict(os.environ)
         return subprocess.run(
-            [*HAMTA, *args], check=False, capture_output=True, text=True, timeout=timeout, env=env,
+            [*HAMTA, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
             cwd=self.workdir,
-        )  # fmt: skip
+        )
