@@ -44,6 +44,8 @@ from typing import Any
 
 import msgspec
 
+from hamta.durable_files import fsync_directory, write_all, write_durably, write_synced
+
 FORMAT_VERSION = "hamta-spool 2\n"
 # Version 1 spools are read (their journals and checkpoints) and upgraded in place; see
 # docs/spool-format.md.
@@ -346,27 +348,6 @@ def _envelope_at(data: bytes, view: memoryview, pos: int) -> Enqueue | None:
         return None
 
 
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write a small file whole or not at all (mode 0600: mail and its state are private)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _numbered(directory: Path, suffix: str) -> list[int]:
     numbers = []
     for entry in directory.iterdir():
@@ -479,7 +460,7 @@ class Spool:
             if found != FORMAT_VERSION:
                 # A version 1 spool's files stay readable; from now on a version 1 relay must
                 # refuse it, since it could not read what this one writes.
-                _replace_file(version, FORMAT_VERSION.encode())
+                write_durably(self.path, version.name, FORMAT_VERSION.encode())
             self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot open spool: {exc.strerror}") from None
@@ -702,7 +683,7 @@ class Spool:
                 for segment, bodies in by_segment.items():
                     fd = self._segment_fd(segment)
                     touched.append((fd, os.fstat(fd).st_size))
-                    _write_all(fd, b"".join(bodies))
+                    write_all(fd, b"".join(bodies))
                 for segment in by_segment:
                     os.fdatasync(self._seg_fds[segment])
                     self.fsyncs += 1
@@ -710,7 +691,7 @@ class Spool:
                 frame = _frame(batch.records)
                 fd = self._journal_fd()
                 touched.append((fd, os.fstat(fd).st_size))
-                _write_all(fd, frame)
+                write_all(fd, frame)
                 os.fdatasync(fd)
                 self.fsyncs += 1
                 self._journal_bytes_since_ckpt += len(frame)
@@ -754,7 +735,7 @@ class Spool:
             fd = os.open(
                 self.data_dir / f"{segment:08d}.seg", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600
             )
-            _fsync_dir(self.data_dir)
+            fsync_directory(self.data_dir)
             self._seg_fds[segment] = fd
             # Keep only the newest segment open for writing; older ones are read by path.
             for old in [s for s in self._seg_fds if s < segment - 1]:
@@ -768,7 +749,7 @@ class Spool:
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o600,
             )
-            _fsync_dir(self.journal_dir)
+            fsync_directory(self.journal_dir)
         return self._jnl_fd
 
     def _delete_segment(self, segment: int) -> None:
@@ -877,17 +858,11 @@ class Spool:
         self._check_fence()
         final = self.journal_dir / f"{cut:08d}.ckpt"
         tmp = final.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            for frame in frames:
-                _write_all(fd, frame)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, frames)
         # The rename and the deletions replace journals a newer term may be recovering from.
         self._check_fence()
         os.rename(tmp, final)
-        _fsync_dir(self.journal_dir)
+        fsync_directory(self.journal_dir)
         for path in stale:
             if path != final:
                 path.unlink(missing_ok=True)
@@ -1151,7 +1126,7 @@ def _keep_aside(path: Path, files: list[Path]) -> list[str]:
                 continue
         kept.append(str(target.relative_to(path)))
     if kept:
-        _fsync_dir(directory)
+        fsync_directory(directory)
     return kept
 
 
@@ -1177,10 +1152,3 @@ def _apply(
                 del live[rec.qid]
         elif type(rec) is Defer:
             message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
