@@ -21,7 +21,8 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import CoordinationError, Coordinator, Credentials
-from cluster.executor import ChainFencer, CommandFencer, Executor, Fencer
+from cluster.executor import Executor
+from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import (
     Action,

@@ -8,20 +8,19 @@ the whole demotion, and a demotion step that failed can simply be run again. Blo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from cluster.coordination import CoordinationError, Coordinator
+from cluster.fencers import FenceFailedError, Fencer
 from cluster.probe import smtp_probe
 from cluster.relayproc import RelayControlError, RelayProcess
 from cluster.state import Action, Session, Step, StepResult
 from cluster.storage import Storage, StorageError
 from cluster.vip import VipError, VirtualIp
-from fencing import FenceChain, FenceError
 from hamta.epoch_token import TOKEN_FILE, TokenError, write_token
 from hamta.privileges import Identity, give_tree
 
@@ -30,70 +29,6 @@ T = TypeVar("T")
 
 class StepError(Exception):
     """A step could not be done; the message says why, for the decision log."""
-
-
-class Fencer(Protocol):
-    """Fences the former active node (the fencing package supplies real agents)."""
-
-    async def fence(self, peer: str, epoch: int, timeout: float) -> str:
-        """Return how the peer was fenced; raise StepError when no method succeeded."""
-        ...
-
-
-class CommandFencer:
-    """Runs the configured fence commands in order until one exits 0."""
-
-    def __init__(self, commands: list[list[str]]) -> None:
-        self.commands = commands
-
-    async def fence(self, peer: str, epoch: int, timeout: float) -> str:
-        """Run each command with ``{peer}`` and ``{epoch}`` filled in; the first success wins."""
-        if not self.commands:
-            raise StepError("no fence agent or command configured")
-        failures: list[str] = []
-        for template in self.commands:
-            argv = [arg.format(peer=peer, epoch=epoch) for arg in template]
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            except OSError as exc:
-                failures.append(f"{argv[0]}: {exc.strerror}")
-                continue
-            try:
-                output, _ = await asyncio.wait_for(process.communicate(), timeout)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                failures.append(f"{argv[0]}: no answer within {timeout:g}s")
-                continue
-            except asyncio.CancelledError:  # the step was abandoned: leave no fence running
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                raise
-            if process.returncode == 0:
-                return f"fenced {peer} with {argv[0]}"
-            text = output.decode(errors="replace").strip().splitlines()
-            failures.append(f"{argv[0]}: exit {process.returncode} {text[-1] if text else ''}")
-        raise StepError("; ".join(failures))
-
-
-class ChainFencer:
-    """The ``fencing`` package's agents, tried in order for each node (its STONITH chain)."""
-
-    def __init__(self, chain: FenceChain) -> None:
-        self.chain = chain
-
-    async def fence(self, peer: str, epoch: int, timeout: float) -> str:
-        """How ``peer`` was fenced, with every attempt; StepError when no agent fenced it."""
-        try:
-            report = await self.chain.fence(peer, epoch, timeout)
-        except FenceError as exc:
-            raise StepError(str(exc)) from None
-        return report.summary()
 
 
 class Executor:
@@ -173,7 +108,14 @@ class Executor:
             ok = True
         except TimeoutError:
             ok, detail = False, f"no result within {action.timeout:g}s"
-        except (StepError, StorageError, VipError, RelayControlError, OSError) as exc:
+        except (
+            StepError,
+            FenceFailedError,
+            StorageError,
+            VipError,
+            RelayControlError,
+            OSError,
+        ) as exc:
             ok, detail = False, str(exc)
         except Exception as exc:  # a bug must still be reported as a failed step, not hang it
             ok, detail = False, f"{type(exc).__name__}: {exc}"

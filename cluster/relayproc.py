@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from hamta import control_client
 
 # util-linux's setpriv asks the kernel to SIGKILL the relay when the agent dies (even by
 # kill -9), with no Python code between fork and exec in a process that runs threads.
@@ -35,31 +36,11 @@ def default_relay_command(relay_config: Path) -> list[str]:
 async def control_request(
     socket_path: Path, request: dict[str, Any], timeout: float
 ) -> dict[str, Any]:
-    """One JSON request on the relay's control socket; its reply, or RelayControlError."""
+    """One request on the relay's control socket (``hamta.control_client``); RelayControlError."""
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(str(socket_path))
-            try:
-                writer.write(json.dumps(request).encode() + b"\n")
-                await writer.drain()
-                line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except TimeoutError:
-        raise RelayControlError(f"{request['command']}: no reply within {timeout:g}s") from None
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise RelayControlError(f"no relay listens on {socket_path}") from None
-    except OSError as exc:
-        raise RelayControlError(f"{socket_path}: {exc.strerror or exc}") from None
-    try:
-        reply: dict[str, Any] = json.loads(line)
-    except ValueError:
-        raise RelayControlError(f"unreadable reply {line[:200]!r}") from None
-    if not reply.get("ok"):
-        raise RelayControlError(str(reply.get("error", "refused")))
-    return reply
+        return await control_client.request(socket_path, request, timeout)
+    except control_client.ControlError as exc:
+        raise RelayControlError(str(exc)) from None
 
 
 class RelayProcess:

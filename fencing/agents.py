@@ -24,8 +24,6 @@ from fencing.process import Completed, ProgramMissingError, run
 
 Clock = Callable[[], float]
 
-_DETAIL_LIMIT = 300
-
 
 class FenceAgent(Protocol):
     """Fences one node: power it off, destroy its VM or stop everything it serves."""
@@ -52,22 +50,6 @@ def read_secret(path: Path) -> str:
     except OSError as exc:
         raise OSError(f"cannot read {path}: {exc.strerror}") from None
     return text.rstrip("\r\n")
-
-
-def _redact(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _last_words(completed: Completed, secrets: Sequence[str] = ()) -> str:
-    """The program's last line of complaint, shortened, with secrets removed."""
-    for stream in (completed.stderr, completed.stdout):
-        lines = [line.strip() for line in stream.splitlines() if line.strip()]
-        if lines:
-            return _redact(lines[-1], secrets)[:_DETAIL_LIMIT]
-    return "no output"
 
 
 class _Timer:
@@ -105,12 +87,12 @@ async def _run_for_verdict(
     if completed.timed_out:
         return timer.result(Outcome.TIMEOUT, f"{argv[0]} killed after {timeout:.3g}s")
     if completed.returncode == 0:
-        return timer.result(Outcome.FENCED, f"{argv[0]}: {_last_words(completed, secrets)}")
+        return timer.result(Outcome.FENCED, f"{argv[0]}: {completed.last_words(secrets)}")
     if also_fenced(completed):
-        return timer.result(Outcome.FENCED, f"{argv[0]}: {_last_words(completed, secrets)}")
+        return timer.result(Outcome.FENCED, f"{argv[0]}: {completed.last_words(secrets)}")
     return timer.result(
         Outcome.FAILED,
-        f"{argv[0]} exit {completed.returncode}: {_last_words(completed, secrets)}",
+        f"{argv[0]} exit {completed.returncode}: {completed.last_words(secrets)}",
     )
 
 
@@ -226,7 +208,7 @@ class IpmiAgent:
         if done.timed_out:
             return timer.result(Outcome.TIMEOUT, f"power off: no answer within {timeout:.3g}s")
         if done.returncode != 0:
-            words = _last_words(done, secrets)
+            words = done.last_words(secrets)
             return timer.result(Outcome.FAILED, f"power off exit {done.returncode}: {words}")
         last = "no answer"
         while (left := timeout - timer.elapsed()) > 0:
@@ -236,7 +218,7 @@ class IpmiAgent:
             if status.returncode == 0 and _POWER_OFF.search(status.stdout):
                 host = fill(self.host, node, epoch)
                 return timer.result(Outcome.FENCED, f"{node} power is off (BMC {host})")
-            last = _last_words(status, secrets)
+            last = status.last_words(secrets)
             if timeout - timer.elapsed() <= self.poll_interval:
                 break
             # A BMC sends no event when the power drops: asking again is the only way.

@@ -29,6 +29,24 @@ class Completed:
         """True when the program was killed at its time limit."""
         return self.returncode is None
 
+    def last_words(self, secrets: Sequence[str] = ()) -> str:
+        """The program's last line of complaint, shortened, with ``secrets`` cut out."""
+        for stream in (self.stderr, self.stdout):
+            lines = [line.strip() for line in stream.splitlines() if line.strip()]
+            if lines:
+                return _redact(lines[-1], secrets)[:_DETAIL_LIMIT]
+        return "no output"
+
+
+_DETAIL_LIMIT = 300
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
 
 class ProgramMissingError(Exception):
     """The program could not be started (not installed, or not executable)."""

@@ -9,10 +9,11 @@ people, not state: a line that cannot be written is logged and the relay serves 
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from hamta.durable_files import append_durably
 
 FILE = "activations.jsonl"
 
@@ -20,12 +21,7 @@ FILE = "activations.jsonl"
 def record(spool: Path, entry: dict[str, Any]) -> None:
     """Append ``entry`` as one line and make it durable (OSError when that fails)."""
     line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
-    fd = os.open(spool / FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_durably(spool / FILE, line, mode=0o640)
 
 
 def recent(spool: Path, limit: int = 20) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import stat
 from collections.abc import Iterable
@@ -32,6 +31,8 @@ import dkim
 import dkim.crypto
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+from hamta.durable_files import create_new
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 ALGORITHMS: tuple[Algorithm, ...] = ("rsa-sha256", "ed25519-sha256")
@@ -234,15 +235,8 @@ def generate_key(
         serialization.NoEncryption(),
     )
     domain = domain.lower().rstrip(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{domain}.{selector}.key"
-    # O_EXCL: a key that is already published must never be replaced by accident.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # Never over an existing file: a key that is already published must not be replaced.
+    path = create_new(directory, f"{domain}.{selector}.key", pem)
     return load_signing_key(path, domain, selector, algorithm)
 
 

@@ -1,12 +1,15 @@
-"""Small files that must survive a crash: written whole or not at all, then made durable.
+"""Files that must survive a crash: written whole, fsynced, and their directory entry too.
 
-A rename is durable only once the directory holding it is fsynced; both steps are here so that
-no caller forgets the second. The spool has its own (it imports nothing of hamta).
+A new or renamed file is durable only once the directory holding it is fsynced; every sequence
+of write, fsync of the file, fsync of its directory is here, so that no caller forgets a step.
+Standard library only: the spool uses it too (and imports nothing else of hamta).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -14,6 +17,28 @@ def fsync_directory(path: Path) -> None:
     """Make the entries of directory ``path`` (a new or renamed file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` whole to ``fd``: one ``os.write`` may write only a part."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_synced(path: Path, chunks: Iterable[bytes]) -> None:
+    """Create or truncate ``path`` (0600), write ``chunks`` whole, fsync it; no directory sync.
+
+    The first half of a replacement whose caller renames the file itself (the spool's
+    checkpoint checks its fencing token in between), then calls ``fsync_directory``.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in chunks:
+            write_all(fd, chunk)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -28,8 +53,29 @@ def write_durably(directory: Path, name: str, data: bytes) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     temporary = directory / f".{name}.tmp"
-    _write_synced(temporary, data)
+    write_synced(temporary, [data])
     os.replace(temporary, path)
+    fsync_directory(directory)
+    return path
+
+
+def create_new(directory: Path, name: str, data: bytes) -> Path:
+    """Create ``directory/name`` (0600) holding ``data``, whole and durable, never over a file.
+
+    ``FileExistsError`` when the name is taken. The data is written under a name of this
+    process's own and linked into place, so that a crash never leaves a part under the name.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    write_synced(temporary, [data])
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        # Named after the file that is there, not the temporary one the link came from.
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    finally:
+        os.unlink(temporary)
     fsync_directory(directory)
     return path
 
@@ -37,35 +83,36 @@ def write_durably(directory: Path, name: str, data: bytes) -> Path:
 def create_once(directory: Path, name: str, data: bytes) -> bytes:
     """``directory/name``'s content, creating it (0600, durably) with ``data`` if absent.
 
-    Several processes (a node's workers) may race to create it: the file is written whole
-    under a name of this process's own and linked into place, which fails if another got there
-    first; every caller then returns what is in place, so all of them agree on it.
+    Several processes (a node's workers) may race to create it: whoever links it first wins
+    (``create_new``), and every caller returns what is in place, so all of them agree on it.
     """
     path = directory / name
     try:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{name}.{os.getpid()}.tmp"
-    _write_synced(temporary, data)
     try:
-        os.link(temporary, path)
+        create_new(directory, name, data)
     except FileExistsError:
-        pass
-    finally:
-        os.unlink(temporary)
-    fsync_directory(directory)
+        fsync_directory(directory)  # the winner's link may not be durable yet
     return path.read_bytes()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` (0600) holding ``data`` whole, fsynced: a write may be partial."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def append_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Append ``data`` whole to ``path`` and fsync it; creating the file syncs its directory too.
+
+    For records appended one at a time (a reader skips a line a crash cut short).
+    """
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        created = False
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+        created = True
+    try:
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    if created:
+        fsync_directory(path.parent)

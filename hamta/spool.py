@@ -23,89 +23,59 @@ the segments the messages no intact record names (damage costs at most the damag
 Replay is idempotent (a repeated Enqueue or a Done for an unknown message is ignored), which is
 what lets a checkpoint be taken while mail keeps flowing.
 The format is documented for operators in ``docs/spool-format.md``.
+
+Three modules: this one (the ``Spool`` a relay opens: append, group commit, checkpoint),
+``hamta.spool_format`` (records, frames, segment entries, their readers) and
+``hamta.spool_recovery`` (the live state rebuilt from the files, damage kept aside).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import os
-import struct
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-FORMAT_VERSION = "hamta-spool 2\n"
-# Version 1 spools are read (their journals and checkpoints) and upgraded in place; see
-# docs/spool-format.md.
-_OLD_VERSIONS = ("hamta-spool 1\n",)
-# A frame starts with a magic so that a reader can find the next frame after damaged bytes.
-# As a version 1 length (u32 LE) it would be 2.7 GB, which no version 1 frame ever was.
-FRAME_MAGIC = b"HJ2\xa5"
-_FRAME = struct.Struct("<4sII")  # magic, payload length, crc32 of payload
-_FRAME_V1 = struct.Struct("<II")  # payload length, crc32 of payload
-# Each body in a segment is preceded by its own Enqueue record, so that the segments alone can
-# rebuild what a damaged journal or checkpoint lost.
-ENTRY_MAGIC = b"HS2\xa5"
-_ENTRY = struct.Struct("<4sII")  # magic, envelope length, crc32 of envelope
-_CHECKPOINT_CHUNK = 4096
+from hamta.durable_files import fsync_directory, write_all, write_durably, write_synced
+from hamta.spool_format import (
+    FORMAT_VERSION,
+    OLD_VERSIONS,
+    CheckpointEnd,
+    Defer,
+    Done,
+    Enqueue,
+    Record,
+    encode_frame,
+    entry_head,
+    numbered,
+)
+from hamta.spool_recovery import Damage, LiveMessage, SpoolState, load_state
 
+# The spool's public face: the spool, its errors, its messages and what its recovery returns
+# (also read offline). The bytes are hamta.spool_format's, their replay hamta.spool_recovery's.
+__all__ = [
+    "Damage",
+    "LiveMessage",
+    "Spawn",
+    "Spool",
+    "SpoolError",
+    "SpoolFencedError",
+    "SpoolFullError",
+    "SpoolState",
+    "create_task",
+    "load_state",
+]
 
-class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
-    """A message accepted into the spool: its envelope and where its body lies."""
-
-    qid: str
-    segment: int
-    offset: int
-    length: int
-    crc: int
-    arrival: float
-    sender: str
-    recipients: tuple[str, ...]
-    message_id: str = ""
-    client: str = ""
-    is_dsn: bool = False
-
-
-class Defer(msgspec.Struct, tag=2, array_like=True, gc=False):
-    """Some recipients failed temporarily: how often, and when to try next (wall clock)."""
-
-    qid: str
-    rcpts: tuple[int, ...]
-    attempts: int
-    next_attempt: float
-
-
-class Done(msgspec.Struct, tag=3, array_like=True, gc=False):
-    """Some recipients are finished: delivered, bounced or expired."""
-
-    qid: str
-    rcpts: tuple[int, ...]
-
-
-class CheckpointEnd(msgspec.Struct, tag=4, array_like=True, gc=False):
-    """The last record of a checkpoint: how many messages it holds, and the position in the
-    segments where the next body was to be written when it was taken (every message before it
-    is in the checkpoint, in a later journal, or finished)."""
-
-    messages: int
-    segment: int
-    offset: int
-
-
-Record = Enqueue | Defer | Done | CheckpointEnd
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[Record])
-_entry_decoder = msgspec.msgpack.Decoder(Enqueue)
+_CHECKPOINT_CHUNK = 4096  # live messages per checkpoint frame
 
 
 #: Starts one of the spool's background tasks (its name, its coroutine): the relay passes its
@@ -127,252 +97,6 @@ class SpoolFencedError(SpoolError):
 
 class SpoolFullError(SpoolError):
     """The spool's file system has no room: refuse temporarily, lose nothing."""
-
-
-class LiveMessage(msgspec.Struct, gc=False):
-    """A message with recipients still to finish, and their retry state.
-
-    Not tracked by the cyclic garbage collector (it never takes part in a cycle), so that a
-    queue of a million messages costs the collector nothing.
-    """
-
-    rec: Enqueue
-    # Set by the I/O thread once the Enqueue record is on disk; checkpoints take only these.
-    durable: bool = False
-    done: set[int] | None = None
-    # Recipient index -> (attempts so far, next attempt as wall-clock time).
-    retry: dict[int, tuple[int, float]] | None = None
-
-    @property
-    def pending(self) -> list[int]:
-        """Indices of the recipients not yet finished."""
-        done = self.done or ()
-        return [i for i in range(len(self.rec.recipients)) if i not in done]
-
-    def finish(self, rcpts: tuple[int, ...] | list[int]) -> bool:
-        """Mark recipients finished; return True when no recipient is left."""
-        if self.done is None:
-            self.done = set()
-        self.done.update(rcpts)
-        if self.retry:
-            for index in rcpts:
-                self.retry.pop(index, None)
-        return len(self.done) >= len(self.rec.recipients)
-
-    def defer(self, rcpts: tuple[int, ...] | list[int], attempts: int, when: float) -> None:
-        """Record the retry state of unfinished recipients."""
-        if self.retry is None:
-            self.retry = {}
-        for index in rcpts:
-            if not self.done or index not in self.done:
-                self.retry[index] = (attempts, when)
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryStats:
-    """What a recovery found and how long it took."""
-
-    messages: int
-    recipients: int
-    journal_files: int
-    journal_bytes: int
-    torn_frames: int
-    missing_segments: int
-    seconds: float
-
-
-def _frame(records: Iterable[Record]) -> bytes:
-    payload = _encoder.encode(list(records))
-    return _FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def _entry_head(rec: Enqueue) -> bytes:
-    """The bytes written before a body in its segment: magic, length and CRC, the envelope.
-
-    The envelope is the Enqueue record without its position (the reader knows where it found
-    it), so that it does not depend on the offset it describes.
-    """
-    envelope = _encoder.encode(msgspec.structs.replace(rec, segment=0, offset=0))
-    return _ENTRY.pack(ENTRY_MAGIC, len(envelope), zlib.crc32(envelope)) + envelope
-
-
-@dataclass(frozen=True, slots=True)
-class FrameScan:
-    """What a journal or checkpoint file holds: its valid frames and its damaged bytes."""
-
-    frames: list[tuple[int, list[Record]]]  # (offset, records), in file order
-    damaged: list[tuple[int, int]]  # [start, end) spans holding no valid frame, torn tail aside
-    torn: bool  # the file ends in an incomplete frame: a crash while it was being written
-    version: int  # 2, or 1 for a file written by a version 1 spool
-
-
-def scan_frames(data: bytes) -> FrameScan:
-    """Every valid frame of a journal or checkpoint, skipping damaged bytes.
-
-    Never raises. Bytes that are not a valid frame (no magic, a length past the end, a CRC-32
-    or msgpack that does not check) are reported as damaged spans and the scan goes on at the
-    next frame magic; records come only from frames whose CRC-32 matches. A file that does not
-    start with the magic but reads as version 1 frames is a version 1 file.
-    """
-    if data[:4] != FRAME_MAGIC:
-        old = _scan_frames_v1(data)
-        if old.frames:
-            return old
-    frames: list[tuple[int, list[Record]]] = []
-    damaged: list[tuple[int, int]] = []
-    view = memoryview(data)
-    pos, end = 0, len(data)
-    bad: int | None = None
-    while pos < end:
-        records = _frame_at(data, view, pos)
-        if records is not None:
-            if bad is not None:
-                damaged.append((bad, pos))
-                bad = None
-            frames.append((pos, records))
-            pos += _FRAME.size + _FRAME.unpack_from(data, pos)[1]
-            continue
-        if bad is None:
-            bad = pos
-        found = data.find(FRAME_MAGIC, pos + 1)
-        pos = found if found >= 0 else end
-    torn = bad is not None and _incomplete(data, bad)
-    if bad is not None and not torn:
-        damaged.append((bad, end))
-    return FrameScan(frames, damaged, torn, 2)
-
-
-def _frame_at(data: bytes, view: memoryview, pos: int) -> list[Record] | None:
-    if pos + _FRAME.size > len(data) or data[pos : pos + 4] != FRAME_MAGIC:
-        return None
-    _, length, crc = _FRAME.unpack_from(data, pos)
-    start = pos + _FRAME.size
-    if start + length > len(data) or zlib.crc32(view[start : start + length]) != crc:
-        return None
-    try:
-        return _decoder.decode(view[start : start + length])
-    except msgspec.DecodeError:
-        return None
-
-
-def _incomplete(data: bytes, pos: int) -> bool:
-    """Whether the bytes from ``pos`` to the end are the start of a frame cut short."""
-    rest = data[pos:]
-    if len(rest) < _FRAME.size:
-        return FRAME_MAGIC.startswith(rest[:4])
-    _, length, _ = _FRAME.unpack_from(rest)
-    return rest[:4] == FRAME_MAGIC and _FRAME.size + length > len(rest)
-
-
-def _scan_frames_v1(data: bytes) -> FrameScan:
-    """Version 1 frames had no magic: the first bad frame ends what can be read."""
-    frames: list[tuple[int, list[Record]]] = []
-    view = memoryview(data)
-    pos, end = 0, len(data)
-    while pos + _FRAME_V1.size <= end:
-        length, crc = _FRAME_V1.unpack_from(data, pos)
-        start = pos + _FRAME_V1.size
-        if start + length > end:
-            return FrameScan(frames, [], True, 1)
-        if zlib.crc32(view[start : start + length]) != crc:
-            break
-        try:
-            frames.append((pos, _decoder.decode(view[start : start + length])))
-        except msgspec.DecodeError:
-            break
-        pos = start + length
-    if pos == end:
-        return FrameScan(frames, [], False, 1)
-    if end - pos < _FRAME_V1.size:
-        return FrameScan(frames, [], True, 1)
-    return FrameScan(frames, [(pos, end)], False, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentEntry:
-    """A message found in a segment: its envelope, and whether its body passes its CRC."""
-
-    rec: Enqueue
-    intact: bool
-
-
-def scan_entries(
-    data: bytes, segment: int, base: int = 0
-) -> tuple[list[SegmentEntry], list[tuple[int, int]]]:
-    """The messages in ``data``, bytes of segment ``segment`` read from file offset ``base``.
-
-    Never raises. Returns the entries whose envelope checks (with their position filled in)
-    and the damaged spans (file offsets) where none could be read; like :func:`scan_frames`
-    it goes on at the next entry magic. An entry whose body runs past ``data`` is returned
-    with ``intact`` False.
-    """
-    entries: list[SegmentEntry] = []
-    damaged: list[tuple[int, int]] = []
-    view = memoryview(data)
-    pos, end = 0, len(data)
-    bad: int | None = None
-    while pos < end:
-        rec = _envelope_at(data, view, pos)
-        if rec is not None:
-            if bad is not None:
-                damaged.append((base + bad, base + pos))
-                bad = None
-            start = pos + _ENTRY.size + _ENTRY.unpack_from(data, pos)[1]
-            stop = start + rec.length
-            intact = stop <= end and zlib.crc32(view[start:stop]) == rec.crc
-            rec = msgspec.structs.replace(rec, segment=segment, offset=base + start)
-            entries.append(SegmentEntry(rec, intact))
-            pos = min(stop, end)
-            continue
-        if bad is None:
-            bad = pos
-        found = data.find(ENTRY_MAGIC, pos + 1)
-        pos = found if found >= 0 else end
-    if bad is not None:
-        damaged.append((base + bad, base + end))
-    return entries, damaged
-
-
-def _envelope_at(data: bytes, view: memoryview, pos: int) -> Enqueue | None:
-    if pos + _ENTRY.size > len(data) or data[pos : pos + 4] != ENTRY_MAGIC:
-        return None
-    _, length, crc = _ENTRY.unpack_from(data, pos)
-    start = pos + _ENTRY.size
-    if start + length > len(data) or zlib.crc32(view[start : start + length]) != crc:
-        return None
-    try:
-        return _entry_decoder.decode(view[start : start + length])
-    except msgspec.DecodeError:
-        return None
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write a small file whole or not at all (mode 0600: mail and its state are private)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _numbered(directory: Path, suffix: str) -> list[int]:
-    numbers = []
-    for entry in directory.iterdir():
-        if entry.name.endswith(suffix) and entry.name[: -len(suffix)].isdigit():
-            numbers.append(int(entry.name[: -len(suffix)]))
-    return sorted(numbers)
 
 
 class _Batch:
@@ -477,12 +201,12 @@ class Spool:
             self.journal_dir.mkdir(mode=0o700, exist_ok=True)
             version = self.path / "VERSION"
             found = version.read_text() if version.exists() else None
-            if found is not None and found not in (FORMAT_VERSION, *_OLD_VERSIONS):
+            if found is not None and found not in (FORMAT_VERSION, *OLD_VERSIONS):
                 raise SpoolError(f"{self.path}: unknown spool format {found!r}")
             if found != FORMAT_VERSION:
                 # A version 1 spool's files stay readable; from now on a version 1 relay must
                 # refuse it, since it could not read what this one writes.
-                _replace_file(version, FORMAT_VERSION.encode())
+                write_durably(self.path, version.name, FORMAT_VERSION.encode())
             self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot open spool: {exc.strerror}") from None
@@ -495,10 +219,8 @@ class Spool:
             raise SpoolError(f"{self.path}: spool is in use by pid {holder or '?'}") from None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
-        existing_journals = _numbered(self.journal_dir, ".jnl") + _numbered(
-            self.journal_dir, ".ckpt"
-        )
-        existing_segments = _numbered(self.data_dir, ".seg")
+        existing_journals = numbered(self.journal_dir, ".jnl") + numbered(self.journal_dir, ".ckpt")
+        existing_segments = numbered(self.data_dir, ".seg")
         self._journal = (max(existing_journals) if existing_journals else 0) + 1
         self._first_journal = self._journal
         self._segment = (max(existing_segments) if existing_segments else 0) + 1
@@ -547,7 +269,7 @@ class Spool:
             is_dsn=is_dsn,
         )
         try:
-            head = _entry_head(rec)
+            head = entry_head(rec)
         except (msgspec.EncodeError, ValueError, TypeError, OverflowError) as exc:
             # Fails this message alone (a 451 to its session), never the batch it would join.
             raise SpoolError(f"envelope cannot be encoded: {exc}") from None
@@ -705,15 +427,15 @@ class Spool:
                 for segment, bodies in by_segment.items():
                     fd = self._segment_fd(segment)
                     touched.append((fd, os.fstat(fd).st_size))
-                    _write_all(fd, b"".join(bodies))
+                    write_all(fd, b"".join(bodies))
                 for segment in by_segment:
                     os.fdatasync(self._seg_fds[segment])
                     self.fsyncs += 1
             if batch.records:
-                frame = _frame(batch.records)
+                frame = encode_frame(batch.records)
                 fd = self._journal_fd()
                 touched.append((fd, os.fstat(fd).st_size))
-                _write_all(fd, frame)
+                write_all(fd, frame)
                 os.fdatasync(fd)
                 self.fsyncs += 1
                 self._journal_bytes_since_ckpt += len(frame)
@@ -757,7 +479,7 @@ class Spool:
             fd = os.open(
                 self.data_dir / f"{segment:08d}.seg", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600
             )
-            _fsync_dir(self.data_dir)
+            fsync_directory(self.data_dir)
             self._seg_fds[segment] = fd
             # Keep only the newest segment open for writing; older ones are read by path.
             for old in [s for s in self._seg_fds if s < segment - 1]:
@@ -771,7 +493,7 @@ class Spool:
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o600,
             )
-            _fsync_dir(self.journal_dir)
+            fsync_directory(self.journal_dir)
         return self._jnl_fd
 
     def _delete_segment(self, segment: int) -> None:
@@ -841,10 +563,10 @@ class Spool:
                         records.append(Done(qid, tuple(sorted(message.done))))
                     for index, (attempts, when) in (message.retry or {}).items():
                         records.append(Defer(qid, (index,), attempts, when))
-                frames.append(_frame(records))
+                frames.append(encode_frame(records))
                 await asyncio.sleep(0)  # let sessions run between chunks
             # Its absence tells recovery that the checkpoint lost frames at its end.
-            frames.append(_frame([CheckpointEnd(count, *high_water)]))
+            frames.append(encode_frame([CheckpointEnd(count, *high_water)]))
             stale = [
                 p
                 for p in self.journal_dir.iterdir()
@@ -880,17 +602,11 @@ class Spool:
         self._check_fence()
         final = self.journal_dir / f"{cut:08d}.ckpt"
         tmp = final.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            for frame in frames:
-                _write_all(fd, frame)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, frames)
         # The rename and the deletions replace journals a newer term may be recovering from.
         self._check_fence()
         os.rename(tmp, final)
-        _fsync_dir(self.journal_dir)
+        fsync_directory(self.journal_dir)
         for path in stale:
             if path != final:
                 path.unlink(missing_ok=True)
@@ -937,253 +653,3 @@ class Spool:
             and self.fenced is None
             and os.access(self._data_path, os.W_OK)
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Damage:
-    """What recovery found damaged, and what that cost, by queue id."""
-
-    # Messages put back from their segment because no intact journal or checkpoint record
-    # named them (a damaged or truncated journal or checkpoint, or a crash before their 250).
-    rebuilt: tuple[str, ...] = ()
-    # Messages whose own bytes are unreadable (body CRC, or their segment is gone).
-    lost: tuple[str, ...] = ()
-    damaged_frames: int = 0  # spans of journal or checkpoint bytes that hold no valid frame
-    damaged_entries: int = 0  # spans of segment bytes that hold no valid message
-    files: tuple[str, ...] = ()  # spool files with damaged bytes, relative to the spool
-    kept: tuple[str, ...] = ()  # where they were kept aside for an operator (damaged/...)
-
-    def __bool__(self) -> bool:
-        return bool(self.rebuilt or self.lost or self.damaged_frames or self.damaged_entries)
-
-
-@dataclass(slots=True)
-class SpoolState:
-    """What the journals of a spool say is still to be done."""
-
-    live: dict[str, LiveMessage]
-    unreferenced_segments: list[int]
-    stats: RecoveryStats
-    damage: Damage = Damage()
-
-
-_Pos = tuple[int, int]  # (segment, offset): a place in the segments, in the order written
-
-
-def load_state(
-    path: Path, before_journal: int | None = None, before_segment: int | None = None
-) -> SpoolState:
-    """Read the live state from a spool's checkpoint and journals, and repair what is damaged.
-
-    Only journals numbered below ``before_journal`` and segments below ``before_segment`` are
-    considered (those of earlier runs, when a relay is running on the spool). Damaged frames
-    are skipped; the messages whose Enqueue they may have held are rebuilt from the segments
-    (each body carries its envelope). Bodies are read only there: in the gaps the journals
-    leave (normally a few bytes where one run's journal ends and the next begins).
-
-    The caller that owns the spool (``before_journal`` given) also gets damaged files linked
-    into ``damaged/`` for an operator; an offline reader (``hamta queue``, ``hamta spool
-    check``) changes nothing.
-    """
-    started = time.perf_counter()
-    journal_dir, data_dir = path / "journal", path / "data"
-    limit = before_journal if before_journal is not None else 1 << 62
-    journals = [n for n in _numbered(journal_dir, ".jnl") if n < limit]
-    checkpoints = [n for n in _numbered(journal_dir, ".ckpt") if n < limit]
-    base = checkpoints[-1] if checkpoints else 0
-    sources = [journal_dir / f"{base:08d}.ckpt"] if checkpoints else []
-    sources += [journal_dir / f"{n:08d}.jnl" for n in journals if n > base]
-    live: dict[str, LiveMessage] = {}
-    seen: set[str] = set()  # every qid an intact Enqueue named, finished or not
-    orphans: dict[str, list[Record]] = {}  # Done and Defer records for qids not (yet) known
-    # Stretches of the segments that may hold messages no intact record names. One is open
-    # (``gap``) from the start, after damage and at each file boundary; the next intact
-    # Enqueue of a journal closes it. Journals name bodies in the order they were written.
-    gaps: list[tuple[_Pos, _Pos | None]] = []
-    gap: _Pos | None = (0, 0)
-    last: _Pos = (0, 0)
-    damaged_files: list[Path] = []
-    torn = total_bytes = damaged_frames = 0
-    for source in sources:
-        data = source.read_bytes()
-        total_bytes += len(data)
-        scan = scan_frames(data)
-        torn += scan.torn
-        damaged_frames += len(scan.damaged)
-        spans = iter(scan.damaged)
-        span = next(spans, None)
-        is_checkpoint = source.suffix == ".ckpt"
-        end: CheckpointEnd | None = None
-        enqueued = 0
-        ckpt_last: _Pos = (0, 0)
-        for offset, records in scan.frames:
-            while span is not None and span[0] < offset:
-                gap = gap or last
-                span = next(spans, None)
-            for rec in records:
-                if type(rec) is Enqueue:
-                    seen.add(rec.qid)
-                    enqueued += 1
-                    if is_checkpoint:
-                        ckpt_last = max(ckpt_last, (rec.segment, rec.offset + rec.length))
-                        continue
-                    if gap is not None:
-                        gaps.append((gap, (rec.segment, rec.offset)))
-                        gap = None
-                    last = max(last, (rec.segment, rec.offset + rec.length))
-                elif type(rec) is CheckpointEnd:
-                    end = rec
-            _apply(live, records, orphans)
-        if is_checkpoint:
-            if scan.version == 1:  # no CheckpointEnd then: trust it as version 1 did
-                gap, last = None, ckpt_last
-            elif end is not None and end.messages == enqueued and not scan.damaged:
-                gap = last = (end.segment, end.offset)
-            elif not scan.damaged:  # frames lost at its end: truncated
-                damaged_frames += 1
-        if scan.damaged or (is_checkpoint and scan.version == 2 and gap == (0, 0)):
-            damaged_files.append(source)
-        gap = gap or last
-    if gap is not None:
-        gaps.append((gap, None))
-    seg_limit = before_segment if before_segment is not None else 1 << 62
-    segments = {n for n in _numbered(data_dir, ".seg") if n < seg_limit}
-    lost = [qid for qid, m in live.items() if m.rec.segment not in segments]
-    for qid in lost:
-        del live[qid]
-    missing = len(lost)
-    found = _rebuild(data_dir, sorted(segments), gaps, seen)
-    rebuilt: list[str] = []
-    for rec in found.rebuilt:
-        message = LiveMessage(rec)
-        live[rec.qid] = message
-        _apply(live, orphans.get(rec.qid, []), None)
-        if rec.qid in live:
-            rebuilt.append(rec.qid)
-    lost += found.lost
-    damaged_files += [data_dir / f"{n:08d}.seg" for n in found.damaged_segments]
-    damage = Damage(
-        rebuilt=tuple(rebuilt),
-        lost=tuple(lost),
-        damaged_frames=damaged_frames,
-        damaged_entries=found.damaged_entries,
-        files=tuple(str(p.relative_to(path)) for p in damaged_files),
-    )
-    if damage and before_journal is not None:
-        damage = dataclasses.replace(damage, kept=tuple(_keep_aside(path, damaged_files)))
-    referenced = {m.rec.segment for m in live.values()}
-    return SpoolState(
-        live=live,
-        # While anything is damaged, no segment goes: one may hold what a damaged record named.
-        unreferenced_segments=[] if damage else sorted(segments - referenced),
-        stats=RecoveryStats(
-            messages=len(live),
-            recipients=sum(len(m.rec.recipients) - len(m.done or ()) for m in live.values()),
-            journal_files=len(sources),
-            journal_bytes=total_bytes,
-            torn_frames=torn,
-            missing_segments=missing,
-            seconds=time.perf_counter() - started,
-        ),
-        damage=damage,
-    )
-
-
-@dataclass(slots=True)
-class _Found:
-    rebuilt: list[Enqueue]
-    lost: list[str]
-    damaged_entries: int
-    damaged_segments: list[int]
-
-
-def _rebuild(data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | None]],
-             seen: set[str]) -> _Found:  # fmt: skip
-    """The messages in the gaps of the segments that no intact record named."""
-    found = _Found([], [], 0, [])
-    for start, stop in gaps:
-        if stop is not None and stop <= start:
-            continue
-        for segment in segments:
-            if segment < start[0] or (stop is not None and segment > stop[0]):
-                continue
-            low = start[1] if segment == start[0] else 0
-            high = stop[1] if stop is not None and segment == stop[0] else None
-            try:
-                with open(data_dir / f"{segment:08d}.seg", "rb") as handle:
-                    legacy = handle.read(4) != ENTRY_MAGIC
-                    handle.seek(low)
-                    data = handle.read(-1 if high is None else max(0, high - low))
-            except OSError:
-                continue
-            entries, damaged = scan_entries(data, segment, low)
-            if legacy and not entries:
-                continue  # a version 1 segment: bodies only, nothing to rebuild from
-            lost = len(found.lost)
-            for entry in entries:
-                if entry.rec.qid in seen:
-                    continue
-                seen.add(entry.rec.qid)
-                if entry.intact:
-                    found.rebuilt.append(entry.rec)
-                else:
-                    found.lost.append(entry.rec.qid)
-            if damaged or len(found.lost) > lost:
-                found.damaged_entries += len(damaged)
-                if segment not in found.damaged_segments:
-                    found.damaged_segments.append(segment)
-    return found
-
-
-def _keep_aside(path: Path, files: list[Path]) -> list[str]:
-    """Link damaged files into ``damaged/`` (same volume: no copy, and they outlive deletion).
-
-    The spool never rewrites a journal, checkpoint or segment in place, so a link keeps the
-    bytes as found.
-    """
-    directory = path / "damaged"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = []
-    for source in files:
-        target = directory / f"{stamp}-{source.parent.name}-{source.name}"
-        with contextlib.suppress(FileExistsError):
-            try:
-                os.link(source, target)
-            except OSError:
-                continue
-        kept.append(str(target.relative_to(path)))
-    if kept:
-        _fsync_dir(directory)
-    return kept
-
-
-def _apply(
-    live: dict[str, LiveMessage],
-    records: list[Record],
-    orphans: dict[str, list[Record]] | None,
-) -> None:
-    for rec in records:
-        if type(rec) is Enqueue:
-            if rec.qid not in live:
-                live[rec.qid] = LiveMessage(rec)
-            continue
-        if isinstance(rec, CheckpointEnd):
-            continue
-        message = live.get(rec.qid)
-        if message is None:
-            if orphans is not None:  # its Enqueue may be rebuilt from a segment
-                orphans.setdefault(rec.qid, []).append(rec)
-            continue
-        if type(rec) is Done:
-            if message.finish(rec.rcpts):
-                del live[rec.qid]
-        elif type(rec) is Defer:
-            message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hamta.control_client import ControlError, send_command
+from hamta import control_client
+from hamta.control_client import ControlError
 from hamta.listeners import unlisten
 from hamta.spool import Spawn, create_task, load_state
 
@@ -193,7 +194,7 @@ class WorkerPool:
     async def _command(
         self, worker: _Worker, request: dict[str, Any], timeout: float = 120.0
     ) -> dict[str, Any]:
-        return await asyncio.to_thread(send_command, worker.socket, request, timeout)
+        return await control_client.request(worker.socket, request, timeout)
 
     async def _all(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self._command(w, request) for w in self.workers)))

@@ -199,8 +199,10 @@ def test_keygen_never_overwrites_a_key(keys: dict[str, Any]) -> None:
         check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1
-    assert "never overwritten" in result.stderr
+    taken = keys["directory"] / "sign.test.s2026.key"
+    assert f"{taken} exists; a published key is never overwritten" in result.stderr
     assert keys["sign"][0].read_bytes() == before
+    assert not list(keys["directory"].glob(".*")), "a temporary file was left behind"
 
 
 # ---------------------------------------------------------------------- signing

@@ -11,7 +11,8 @@ from typing import TypeVar
 
 import pytest
 
-from hamta.spool import FRAME_MAGIC, Spool, SpoolError, SpoolFullError, load_state
+from hamta.spool import Spool, SpoolError, SpoolFullError, load_state
+from hamta.spool_format import FRAME_MAGIC
 
 T = TypeVar("T")
 

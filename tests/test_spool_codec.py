@@ -1,6 +1,6 @@
 """Property tests of the spool's frame and entry decoders: any bytes in, no surprise out.
 
-Documented behaviour (hamta/spool.py): ``scan_frames`` and ``scan_entries`` never raise; they
+Documented behaviour (hamta/spool_format.py): ``scan_frames`` and ``scan_entries`` never raise; they
 return only records from frames (entries) whose CRC-32 matches, so never a record that was not
 written; and damage to some frames never hides the frames it did not touch.
 """
@@ -13,13 +13,13 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hamta.spool import (
+from hamta.spool_format import (
     Defer,
     Done,
     Enqueue,
     Record,
-    _entry_head,
-    _frame,
+    encode_frame,
+    entry_head,
     scan_entries,
     scan_frames,
 )
@@ -73,7 +73,7 @@ def test_any_bytes_scan_without_raising(data: bytes) -> None:
 def test_damage_yields_only_written_frames_and_spares_the_others(
     batches: list[list[Record]], flips: list[tuple[int, int]], data: st.DataObject
 ) -> None:
-    blobs = [_frame(batch) for batch in batches]
+    blobs = [encode_frame(batch) for batch in batches]
     original = b"".join(blobs)
     whole = bytearray(original)
     for position, mask in flips:
@@ -105,7 +105,7 @@ def test_segment_entries_come_back_or_are_reported(
     blobs = []
     for given_rec, body in messages:
         rec = msgspec.structs.replace(given_rec, length=len(body), crc=zlib.crc32(body))
-        blobs.append((rec, _entry_head(rec), body))
+        blobs.append((rec, entry_head(rec), body))
     whole = bytearray(b"".join(head + body for _, head, body in blobs))
     for position in flips:
         whole[position % len(whole)] ^= 0xA5

@@ -24,13 +24,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from hamta.spool import (
-    Enqueue,
-    Spool,
-    SpoolState,
-    load_state,
-    scan_frames,
-)
+from hamta.spool import Spool, SpoolState, load_state
+from hamta.spool_format import Enqueue, scan_frames
 from hamta.suppression import SuppressionStore
 from tests.conftest import RelayFactory
 from tests.support import RecordingSink

@@ -2,18 +2,18 @@
 
 It is written before the first namespace is made and again after every process is started, so
 that even a lab whose ``up`` crashed half-way leaves enough behind for ``down`` to clean up. It is
-replaced atomically (write, fsync, rename): a reader never sees half a record.
+replaced atomically (``hamta.durable_files``): a reader never sees half a record.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from cluster.lab.processes import ProcessRecord
+from hamta.durable_files import write_durably
 
 RECORD_NAME: Final = "lab.json"
 _VERSION: Final = 1
@@ -84,14 +84,8 @@ def record_path(directory: Path) -> Path:
 
 def save(record: LabRecord, directory: Path) -> None:
     """Write ``record`` atomically into ``directory``."""
-    path = record_path(directory)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as out:
-        json.dump(record.to_json(), out, indent=2)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    temporary.replace(path)
+    text = json.dumps(record.to_json(), indent=2) + "\n"
+    write_durably(directory, RECORD_NAME, text.encode())
 
 
 def load(directory: Path) -> LabRecord | None:

@@ -1,0 +1,325 @@
+"""Recovery: the live state rebuilt from a spool's checkpoint, journals and, where damage
+left gaps, its segments; damaged files kept aside for an operator.
+
+Run by ``Spool.recover`` in a thread while the relay already listens, and offline by ``hamta
+queue`` and ``hamta spool check`` (which change nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from hamta.durable_files import fsync_directory
+from hamta.spool_format import (
+    ENTRY_MAGIC,
+    CheckpointEnd,
+    Defer,
+    Done,
+    Enqueue,
+    Record,
+    numbered,
+    scan_entries,
+    scan_frames,
+)
+
+
+class LiveMessage(msgspec.Struct, gc=False):
+    """A message with recipients still to finish, and their retry state.
+
+    Not tracked by the cyclic garbage collector (it never takes part in a cycle), so that a
+    queue of a million messages costs the collector nothing.
+    """
+
+    rec: Enqueue
+    # Set by the I/O thread once the Enqueue record is on disk; checkpoints take only these.
+    durable: bool = False
+    done: set[int] | None = None
+    # Recipient index -> (attempts so far, next attempt as wall-clock time).
+    retry: dict[int, tuple[int, float]] | None = None
+
+    @property
+    def pending(self) -> list[int]:
+        """Indices of the recipients not yet finished."""
+        done = self.done or ()
+        return [i for i in range(len(self.rec.recipients)) if i not in done]
+
+    def finish(self, rcpts: tuple[int, ...] | list[int]) -> bool:
+        """Mark recipients finished; return True when no recipient is left."""
+        if self.done is None:
+            self.done = set()
+        self.done.update(rcpts)
+        if self.retry:
+            for index in rcpts:
+                self.retry.pop(index, None)
+        return len(self.done) >= len(self.rec.recipients)
+
+    def defer(self, rcpts: tuple[int, ...] | list[int], attempts: int, when: float) -> None:
+        """Record the retry state of unfinished recipients."""
+        if self.retry is None:
+            self.retry = {}
+        for index in rcpts:
+            if not self.done or index not in self.done:
+                self.retry[index] = (attempts, when)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryStats:
+    """What a recovery found and how long it took."""
+
+    messages: int
+    recipients: int
+    journal_files: int
+    journal_bytes: int
+    torn_frames: int
+    missing_segments: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """What recovery found damaged, and what that cost, by queue id."""
+
+    # Messages put back from their segment because no intact journal or checkpoint record
+    # named them (a damaged or truncated journal or checkpoint, or a crash before their 250).
+    rebuilt: tuple[str, ...] = ()
+    # Messages whose own bytes are unreadable (body CRC, or their segment is gone).
+    lost: tuple[str, ...] = ()
+    damaged_frames: int = 0  # spans of journal or checkpoint bytes that hold no valid frame
+    damaged_entries: int = 0  # spans of segment bytes that hold no valid message
+    files: tuple[str, ...] = ()  # spool files with damaged bytes, relative to the spool
+    kept: tuple[str, ...] = ()  # where they were kept aside for an operator (damaged/...)
+
+    def __bool__(self) -> bool:
+        return bool(self.rebuilt or self.lost or self.damaged_frames or self.damaged_entries)
+
+
+@dataclass(slots=True)
+class SpoolState:
+    """What the journals of a spool say is still to be done."""
+
+    live: dict[str, LiveMessage]
+    unreferenced_segments: list[int]
+    stats: RecoveryStats
+    damage: Damage = Damage()
+
+
+_Pos = tuple[int, int]  # (segment, offset): a place in the segments, in the order written
+
+
+def load_state(
+    path: Path, before_journal: int | None = None, before_segment: int | None = None
+) -> SpoolState:
+    """Read the live state from a spool's checkpoint and journals, and repair what is damaged.
+
+    Only journals numbered below ``before_journal`` and segments below ``before_segment`` are
+    considered (those of earlier runs, when a relay is running on the spool). Damaged frames
+    are skipped; the messages whose Enqueue they may have held are rebuilt from the segments
+    (each body carries its envelope). Bodies are read only there: in the gaps the journals
+    leave (normally a few bytes where one run's journal ends and the next begins).
+
+    The caller that owns the spool (``before_journal`` given) also gets damaged files linked
+    into ``damaged/`` for an operator; an offline reader (``hamta queue``, ``hamta spool
+    check``) changes nothing.
+    """
+    started = time.perf_counter()
+    journal_dir, data_dir = path / "journal", path / "data"
+    limit = before_journal if before_journal is not None else 1 << 62
+    journals = [n for n in numbered(journal_dir, ".jnl") if n < limit]
+    checkpoints = [n for n in numbered(journal_dir, ".ckpt") if n < limit]
+    base = checkpoints[-1] if checkpoints else 0
+    sources = [journal_dir / f"{base:08d}.ckpt"] if checkpoints else []
+    sources += [journal_dir / f"{n:08d}.jnl" for n in journals if n > base]
+    live: dict[str, LiveMessage] = {}
+    seen: set[str] = set()  # every qid an intact Enqueue named, finished or not
+    orphans: dict[str, list[Record]] = {}  # Done and Defer records for qids not (yet) known
+    # Stretches of the segments that may hold messages no intact record names. One is open
+    # (``gap``) from the start, after damage and at each file boundary; the next intact
+    # Enqueue of a journal closes it. Journals name bodies in the order they were written.
+    gaps: list[tuple[_Pos, _Pos | None]] = []
+    gap: _Pos | None = (0, 0)
+    last: _Pos = (0, 0)
+    damaged_files: list[Path] = []
+    torn = total_bytes = damaged_frames = 0
+    for source in sources:
+        data = source.read_bytes()
+        total_bytes += len(data)
+        scan = scan_frames(data)
+        torn += scan.torn
+        damaged_frames += len(scan.damaged)
+        spans = iter(scan.damaged)
+        span = next(spans, None)
+        is_checkpoint = source.suffix == ".ckpt"
+        end: CheckpointEnd | None = None
+        enqueued = 0
+        ckpt_last: _Pos = (0, 0)
+        for offset, records in scan.frames:
+            while span is not None and span[0] < offset:
+                gap = gap or last
+                span = next(spans, None)
+            for rec in records:
+                if type(rec) is Enqueue:
+                    seen.add(rec.qid)
+                    enqueued += 1
+                    if is_checkpoint:
+                        ckpt_last = max(ckpt_last, (rec.segment, rec.offset + rec.length))
+                        continue
+                    if gap is not None:
+                        gaps.append((gap, (rec.segment, rec.offset)))
+                        gap = None
+                    last = max(last, (rec.segment, rec.offset + rec.length))
+                elif type(rec) is CheckpointEnd:
+                    end = rec
+            _apply(live, records, orphans)
+        if is_checkpoint:
+            if scan.version == 1:  # no CheckpointEnd then: trust it as version 1 did
+                gap, last = None, ckpt_last
+            elif end is not None and end.messages == enqueued and not scan.damaged:
+                gap = last = (end.segment, end.offset)
+            elif not scan.damaged:  # frames lost at its end: truncated
+                damaged_frames += 1
+        if scan.damaged or (is_checkpoint and scan.version == 2 and gap == (0, 0)):
+            damaged_files.append(source)
+        gap = gap or last
+    if gap is not None:
+        gaps.append((gap, None))
+    seg_limit = before_segment if before_segment is not None else 1 << 62
+    segments = {n for n in numbered(data_dir, ".seg") if n < seg_limit}
+    lost = [qid for qid, m in live.items() if m.rec.segment not in segments]
+    for qid in lost:
+        del live[qid]
+    missing = len(lost)
+    found = _rebuild(data_dir, sorted(segments), gaps, seen)
+    rebuilt: list[str] = []
+    for rec in found.rebuilt:
+        message = LiveMessage(rec)
+        live[rec.qid] = message
+        _apply(live, orphans.get(rec.qid, []), None)
+        if rec.qid in live:
+            rebuilt.append(rec.qid)
+    lost += found.lost
+    damaged_files += [data_dir / f"{n:08d}.seg" for n in found.damaged_segments]
+    damage = Damage(
+        rebuilt=tuple(rebuilt),
+        lost=tuple(lost),
+        damaged_frames=damaged_frames,
+        damaged_entries=found.damaged_entries,
+        files=tuple(str(p.relative_to(path)) for p in damaged_files),
+    )
+    if damage and before_journal is not None:
+        damage = dataclasses.replace(damage, kept=tuple(_keep_aside(path, damaged_files)))
+    referenced = {m.rec.segment for m in live.values()}
+    return SpoolState(
+        live=live,
+        # While anything is damaged, no segment goes: one may hold what a damaged record named.
+        unreferenced_segments=[] if damage else sorted(segments - referenced),
+        stats=RecoveryStats(
+            messages=len(live),
+            recipients=sum(len(m.rec.recipients) - len(m.done or ()) for m in live.values()),
+            journal_files=len(sources),
+            journal_bytes=total_bytes,
+            torn_frames=torn,
+            missing_segments=missing,
+            seconds=time.perf_counter() - started,
+        ),
+        damage=damage,
+    )
+
+
+@dataclass(slots=True)
+class _Found:
+    rebuilt: list[Enqueue]
+    lost: list[str]
+    damaged_entries: int
+    damaged_segments: list[int]
+
+
+def _rebuild(data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | None]],
+             seen: set[str]) -> _Found:  # fmt: skip
+    """The messages in the gaps of the segments that no intact record named."""
+    found = _Found([], [], 0, [])
+    for start, stop in gaps:
+        if stop is not None and stop <= start:
+            continue
+        for segment in segments:
+            if segment < start[0] or (stop is not None and segment > stop[0]):
+                continue
+            low = start[1] if segment == start[0] else 0
+            high = stop[1] if stop is not None and segment == stop[0] else None
+            try:
+                with open(data_dir / f"{segment:08d}.seg", "rb") as handle:
+                    legacy = handle.read(4) != ENTRY_MAGIC
+                    handle.seek(low)
+                    data = handle.read(-1 if high is None else max(0, high - low))
+            except OSError:
+                continue
+            entries, damaged = scan_entries(data, segment, low)
+            if legacy and not entries:
+                continue  # a version 1 segment: bodies only, nothing to rebuild from
+            lost = len(found.lost)
+            for entry in entries:
+                if entry.rec.qid in seen:
+                    continue
+                seen.add(entry.rec.qid)
+                if entry.intact:
+                    found.rebuilt.append(entry.rec)
+                else:
+                    found.lost.append(entry.rec.qid)
+            if damaged or len(found.lost) > lost:
+                found.damaged_entries += len(damaged)
+                if segment not in found.damaged_segments:
+                    found.damaged_segments.append(segment)
+    return found
+
+
+def _keep_aside(path: Path, files: list[Path]) -> list[str]:
+    """Link damaged files into ``damaged/`` (same volume: no copy, and they outlive deletion).
+
+    The spool never rewrites a journal, checkpoint or segment in place, so a link keeps the
+    bytes as found.
+    """
+    directory = path / "damaged"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = []
+    for source in files:
+        target = directory / f"{stamp}-{source.parent.name}-{source.name}"
+        with contextlib.suppress(FileExistsError):
+            try:
+                os.link(source, target)
+            except OSError:
+                continue
+        kept.append(str(target.relative_to(path)))
+    if kept:
+        fsync_directory(directory)
+    return kept
+
+
+def _apply(
+    live: dict[str, LiveMessage],
+    records: list[Record],
+    orphans: dict[str, list[Record]] | None,
+) -> None:
+    for rec in records:
+        if type(rec) is Enqueue:
+            if rec.qid not in live:
+                live[rec.qid] = LiveMessage(rec)
+            continue
+        if isinstance(rec, CheckpointEnd):
+            continue
+        message = live.get(rec.qid)
+        if message is None:
+            if orphans is not None:  # its Enqueue may be rebuilt from a segment
+                orphans.setdefault(rec.qid, []).append(rec)
+            continue
+        if type(rec) is Done:
+            if message.finish(rec.rcpts):
+                del live[rec.qid]
+        elif type(rec) is Defer:
+            message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
