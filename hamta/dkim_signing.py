@@ -293,8 +293,11 @@ class DkimSigner:
             if lowered.decode("ascii", errors="replace") in self.headers:
                 counts[lowered] = counts.get(lowered, 0) + 1
         counts.setdefault(b"from", 0)
-        return [name for name, count in counts.items()
-                for _ in range(min(count, MAX_SIGNED_REPEATS) + 1)]  # fmt: skip
+        return [
+            name
+            for name, count in counts.items()
+            for _ in range(min(count, MAX_SIGNED_REPEATS) + 1)
+        ]
 
     def sign(self, message: bytes, keys: list[SigningKey]) -> bytes:
         """The DKIM-Signature headers to prepend, one per key (CPU-bound: call in a thread)."""

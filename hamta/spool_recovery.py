@@ -240,8 +240,9 @@ class _Found:
     damaged_segments: list[int]
 
 
-def _rebuild(data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | None]],
-             seen: set[str]) -> _Found:  # fmt: skip
+def _rebuild(
+    data_dir: Path, segments: list[int], gaps: list[tuple[_Pos, _Pos | None]], seen: set[str]
+) -> _Found:
     """The messages in the gaps of the segments that no intact record named."""
     found = _Found([], [], 0, [])
     for start, stop in gaps:

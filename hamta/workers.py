@@ -117,8 +117,15 @@ class WorkerPool:
         await asyncio.gather(*(self._spawn(worker, timeout) for worker in self.workers))
 
     async def _spawn(self, worker: _Worker, timeout: float) -> None:
-        args = [sys.executable, "-m", "hamtactl", "serve", "--standby",
-                "--worker", str(worker.index)]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "hamtactl",
+            "serve",
+            "--standby",
+            "--worker",
+            str(worker.index),
+        ]
         if self._config_file is not None:
             args += ["--config", str(self._config_file)]
         fds = [sock.fileno() for sock in worker.listeners]
@@ -143,8 +150,9 @@ class WorkerPool:
             if time.monotonic() > deadline:
                 raise ControlError(f"worker {worker.index} did not start")
             await asyncio.sleep(0.05)
-        task = self._spawn_task(f"worker {worker.index} watcher",
-                                self._watch(worker, worker.process))  # fmt: skip
+        task = self._spawn_task(
+            f"worker {worker.index} watcher", self._watch(worker, worker.process)
+        )
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
         self._log.info("WorkerStarted", worker=worker.index, worker_pid=worker.process.pid)
@@ -259,10 +267,19 @@ class WorkerPool:
 
 
 _SUMMED = (
-    "depth", "recipients_ready", "recipients_deferred", "in_flight", "connections",
-    "delivery_rate_per_s", "received_total", "delivered_total", "bounced_total",
-    "expired_total", "delivered_last_minute", "bounced_last_minute",
-)  # fmt: skip
+    "depth",
+    "recipients_ready",
+    "recipients_deferred",
+    "in_flight",
+    "connections",
+    "delivery_rate_per_s",
+    "received_total",
+    "delivered_total",
+    "bounced_total",
+    "expired_total",
+    "delivered_last_minute",
+    "bounced_last_minute",
+)
 
 
 def merge_summaries(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:

@@ -48,10 +48,22 @@ def keygen(
 ) -> tuple[Path, str, list[str]]:
     """Run ``hamta dkim keygen``; return the key file, the record's name and its strings."""
     result = subprocess.run(
-        [*HAMTA, "dkim", "keygen", domain, selector, "--algorithm", algorithm,
-         "--directory", str(directory)],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            *HAMTA,
+            "dkim",
+            "keygen",
+            domain,
+            selector,
+            "--algorithm",
+            algorithm,
+            "--directory",
+            str(directory),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     match = RECORD.match(result.stdout.strip())
     assert match is not None, result.stdout
@@ -90,12 +102,20 @@ def dkim_relay(
     """A relay that signs for sign.test, ed.test and rotate.test."""
     entries = [
         {"domain": "sign.test", "selector": "s2026", "key": keys["sign"][0]},
-        {"domain": "ed.test", "selector": "e2026", "key": keys["ed"][0],
-         "algorithm": "ed25519-sha256"},
+        {
+            "domain": "ed.test",
+            "selector": "e2026",
+            "key": keys["ed"][0],
+            "algorithm": "ed25519-sha256",
+        },
         {"domain": "rotate.test", "selector": "s2025", "key": keys["old"][0]},
-        {"domain": "rotate.test", "selector": "s2026", "key": keys["new"][0],
-         "algorithm": "ed25519-sha256"},
-    ]  # fmt: skip
+        {
+            "domain": "rotate.test",
+            "selector": "s2026",
+            "key": keys["new"][0],
+            "algorithm": "ed25519-sha256",
+        },
+    ]
     relay = RelayProcess(
         tmp_path_factory.mktemp("dkim-relay"),
         {
@@ -196,8 +216,11 @@ def test_keygen_never_overwrites_a_key(keys: dict[str, Any]) -> None:
     before = keys["sign"][0].read_bytes()
     result = subprocess.run(
         [*HAMTA, "dkim", "keygen", "sign.test", "s2026", "--directory", str(keys["directory"])],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     taken = keys["directory"] / "sign.test.s2026.key"
     assert f"{taken} exists; a published key is never overwritten" in result.stderr
@@ -213,9 +236,13 @@ def test_keygen_never_overwrites_a_key(keys: dict[str, Any]) -> None:
     [("sign.test", "s2026", "rsa-sha256"), ("ed.test", "e2026", "ed25519-sha256")],
 )
 def test_relayed_mail_verifies_against_the_published_key(
-    dkim_relay: RelayProcess, sink: RecordingSink, txt_dns: TxtDnsServer,
-    domain: str, selector: str, algorithm: str,
-) -> None:  # fmt: skip
+    dkim_relay: RelayProcess,
+    sink: RecordingSink,
+    txt_dns: TxtDnsServer,
+    domain: str,
+    selector: str,
+    algorithm: str,
+) -> None:
     data = relay_once(dkim_relay, sink, f"bounces@{domain}", message_from(f"news@{domain}"))
     assert verify_all(data, txt_dns) == [True]
     (tags,) = signature_tags(data)
@@ -288,8 +315,11 @@ def check_config(
     )
     return subprocess.run(
         [*HAMTA, "config", "check", str(config)],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_missing_malformed_or_mismatched_keys_are_config_errors(
@@ -385,17 +415,28 @@ def opendkim_verify(data: bytes, records: Mapping[str, Sequence[str]], work: Pat
         message = work / "message.eml"
         message.write_bytes(data.replace(b"\r\n", b"\n"))  # it reads local (LF) line ends
         result = subprocess.run(
-            ["unshare", "--mount", "sh", "-c",
-             f"mount --bind {resolv} /etc/resolv.conf && opendkim-testmsg < {message}"],
-            check=False, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                "unshare",
+                "--mount",
+                "sh",
+                "-c",
+                f"mount --bind {resolv} /etc/resolv.conf && opendkim-testmsg < {message}",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     return (result.stdout + result.stderr).strip() or ("" if result.returncode == 0 else "failed")
 
 
 def test_a_header_repeated_50000_times_is_signed_a_few_times(
-    dkim_relay: RelayProcess, sink: RecordingSink, txt_dns: TxtDnsServer, keys: dict[str, Any],
+    dkim_relay: RelayProcess,
+    sink: RecordingSink,
+    txt_dns: TxtDnsServer,
+    keys: dict[str, Any],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     subjects = b"".join(b"Subject: offer %d\r\n" % n for n in range(50000))
     message = message_from("news@sign.test", "many").replace(b"Subject: many\r\n", subjects)
     data = relay_once(dkim_relay, sink, "news@sign.test", message)

@@ -287,8 +287,7 @@ def test_an_envelope_that_cannot_be_encoded_fails_its_append_alone(tmp_path: Pat
         assert len(spool.live) == 3
         await asyncio.wait_for(spool.close(), 10)
         state = load_state(tmp_path)
-        assert sorted(state.live) == sorted([results[0].rec.qid, results[3].rec.qid,
-                                             later.rec.qid])  # fmt: skip
+        assert sorted(state.live) == sorted([results[0].rec.qid, results[3].rec.qid, later.rec.qid])
         for message in state.live.values():  # the good bodies lie where their records say
             rec = message.rec
             data = (tmp_path / "data" / f"{rec.segment:08d}.seg").read_bytes()

@@ -68,8 +68,11 @@ def test_any_bytes_scan_without_raising(data: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(frames, st.lists(st.tuples(st.integers(min_value=0), st.integers(1, 255)), max_size=6),
-       st.data())  # fmt: skip
+@given(
+    frames,
+    st.lists(st.tuples(st.integers(min_value=0), st.integers(1, 255)), max_size=6),
+    st.data(),
+)
 def test_damage_yields_only_written_frames_and_spares_the_others(
     batches: list[list[Record]], flips: list[tuple[int, int]], data: st.DataObject
 ) -> None:
@@ -97,8 +100,10 @@ def test_damage_yields_only_written_frames_and_spares_the_others(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(enqueues, st.binary(max_size=40)), min_size=1, max_size=5),
-       st.lists(st.integers(min_value=0), max_size=4))  # fmt: skip
+@given(
+    st.lists(st.tuples(enqueues, st.binary(max_size=40)), min_size=1, max_size=5),
+    st.lists(st.integers(min_value=0), max_size=4),
+)
 def test_segment_entries_come_back_or_are_reported(
     messages: list[tuple[Enqueue, bytes]], flips: list[int]
 ) -> None:

@@ -112,9 +112,9 @@ def damaged_copies(original: Path, work: Path) -> list[tuple[str, Path, bytes]]:
     return cases
 
 
-async def recover_copy(original: Path, work: Path, file: Path, data: bytes) -> tuple[
-    SpoolState, dict[str, bytes]
-]:  # fmt: skip
+async def recover_copy(
+    original: Path, work: Path, file: Path, data: bytes
+) -> tuple[SpoolState, dict[str, bytes]]:
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(original, work)
     (work / file.relative_to(original)).write_bytes(data)
@@ -299,10 +299,18 @@ def test_a_version_1_spool_is_read_and_upgraded(tmp_path: Path) -> None:
     bodies = [body(1), body(2)]
     (tmp_path / "data" / "00000001.seg").write_bytes(b"".join(bodies))
     records = [
-        Enqueue(f"Q{n}", 1, sum(map(len, bodies[:n])), len(b), zlib.crc32(b), 1.0, "a@a.test",
-                ("b@sink.test",))
+        Enqueue(
+            f"Q{n}",
+            1,
+            sum(map(len, bodies[:n])),
+            len(b),
+            zlib.crc32(b),
+            1.0,
+            "a@a.test",
+            ("b@sink.test",),
+        )
         for n, b in enumerate(bodies)
-    ]  # fmt: skip
+    ]
     journal = b""
     for batch in ([records[0]], [records[1]]):
         payload = msgspec.msgpack.encode(batch)
