@@ -53,6 +53,7 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
@@ -125,11 +126,6 @@ class Member:
     smtp: str = ""  # where its relay listens when active
     cooldown: bool = False  # it gave up lately and will not take over for a while
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
-
-    @property
-    def can_take_over(self) -> bool:
-        """Healthy enough to be a switchover target."""
-        return self.role is Role.PASSIVE and self.relay_running and not self.cooldown
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +337,7 @@ class Trigger(enum.StrEnum):
     RELAY_WARM = "relay_warm"  # the relay process answers (starting, failed)
     RELAY_UNHEALTHY = "relay_unhealthy"  # active, but not ready N checks in a row
     SWITCHOVER = "switchover"  # an operator asked this active node to hand over
+    SWITCHOVER_REFUSED = "switchover_refused"  # ... to a node that may not take over
     LEADER_VACANT = "leader_vacant"  # no leader, and this node may take over
     LEADER_STRAY = "leader_stray"  # this session holds the leader znode but is not promoting
     RETRY = "retry"  # a failed step may be tried again (or a lease wait is over)
@@ -419,16 +416,51 @@ def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float
     return ready_at, f"waiting for the leases to expire ({expired}; grace {policy.lease_grace:g}s)"
 
 
+def takeover_refusal(
+    member: Member, cluster: ClusterView, wall: float, stale_after: float = math.inf
+) -> str | None:
+    """Why ``member`` may not take over the active role, or None when it may.
+
+    The one rule, applied by the operator's switchover command to its target, by the active
+    node before it hands over (never demote into a cluster where nobody takes over) and by a
+    passive node to itself before it promotes. A node takes over only when it is passive, its
+    warm relay runs, it is not cooling down after giving up, its replica is not marked outdated
+    (it missed writes) and no split brain waits for an operator: stale or diverged mail is
+    never served. ``stale_after``: how old (by ``wall``) its heartbeat may be; the operator
+    checks it, the agents do not (a live member znode already says its session lives, and a
+    peer's wall clock may run ahead or behind).
+    """
+    reasons = []
+    if member.role is not Role.PASSIVE:
+        reasons.append(f"it is {member.role.value}")
+    if not member.relay_running:
+        reasons.append("its relay is not running")
+    if member.cooldown:
+        reasons.append("it is cooling down after a failure")
+    if member.node in cluster.outdated:
+        reasons.append("its replica is marked outdated (it missed writes)")
+    if cluster.split_brain is not None:
+        reasons.append(f"a split brain is reported ({cluster.split_brain})")
+    age = wall - member.heartbeat
+    if age > stale_after:
+        reasons.append(f"its last heartbeat is {age:.0f}s old")
+    return ", ".join(reasons) or None
+
+
 def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
     cluster = snapshot.cluster
     if cluster.session is not Session.CONNECTED or cluster.leader is not None:
         return False
-    if not snapshot.local.relay_running or now < state.cooldown_until:
-        return False
     if snapshot.local.stopping:
         return False
-    if policy.node in cluster.outdated or cluster.split_brain is not None:
-        return False  # its data may be stale, or the replicas diverged: never automatically
+    itself = Member(
+        policy.node,
+        state.role,
+        relay_running=snapshot.local.relay_running,
+        cooldown=now < state.cooldown_until,
+    )
+    if takeover_refusal(itself, cluster, snapshot.wall) is not None:
+        return False
     request = _switchover_pending(snapshot, policy)
     if request is not None:
         # A planned handover goes to its target only, and never back to the node that left.
@@ -439,12 +471,25 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
-def _can_hand_over(request: Switchover, snapshot: Snapshot) -> bool:
-    """A node to hand over to is there and ready: never demote into a cluster with nobody."""
-    members = snapshot.cluster.members
-    named = [request.target] if request.target else list(members)
-    targets = [name for name in named if name != request.source]
-    return any(name in members and members[name].can_take_over for name in targets)
+def hand_over_refusal(request: Switchover, snapshot: Snapshot) -> str | None:
+    """Why the active node may not hand over as asked, or None: never demote into a cluster
+    where nobody takes over (``takeover_refusal``)."""
+    cluster = snapshot.cluster
+    if request.target == request.source:
+        return f"{request.source} cannot hand over to itself"
+    if request.target is not None:
+        member = cluster.members.get(request.target)
+        if member is None:
+            return f"{request.target} is not connected"
+        why = takeover_refusal(member, cluster, snapshot.wall)
+        return None if why is None else f"{request.target} cannot take over: {why}"
+    others = sorted(name for name in cluster.members if name != request.source)
+    refusals = [(name, takeover_refusal(cluster.members[name], cluster, snapshot.wall))
+                for name in others]  # fmt: skip
+    if any(why is None for _, why in refusals):
+        return None
+    details = "; ".join(f"{name}: {why}" for name, why in refusals)
+    return f"no other node can take over ({details or 'none is connected'})"
 
 
 def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Trigger:
@@ -494,12 +539,9 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
         if local.relay_failures >= policy.relay_failure_limit and cluster.paused is None:
             return Trigger.RELAY_UNHEALTHY
         request = _switchover_pending(snapshot, policy)
-        if (
-            request is not None
-            and request.source == policy.node
-            and _can_hand_over(request, snapshot)
-        ):
-            return Trigger.SWITCHOVER
+        if request is not None and request.source == policy.node:
+            refused = hand_over_refusal(request, snapshot) is not None
+            return Trigger.SWITCHOVER_REFUSED if refused else Trigger.SWITCHOVER
         return Trigger.NOTHING
     if role is Role.PASSIVE:
         if not local.relay_running and now >= state.retry_at and not local.stopping:
@@ -527,6 +569,7 @@ class Then(enum.Enum):
     CHECK_LEASES = "check leases"  # not fenced: go on, wait, or roll back (``Takeover``)
     RETRY_DEMOTION_STEP = "retry demotion step"
     CUT_DRAIN_SHORT = "cut drain short"  # a graceful drain becomes an urgent one
+    REFUSE_SWITCHOVER = "refuse switchover"  # stay active, and say why
     RELEASE_ONLY = "release only"
     START_RELAY = "start relay"
     RESTART_RELAY = "restart relay"
@@ -568,6 +611,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_A, Trigger.SESSION_LOST): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.LEADERSHIP_LOST): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.SWITCHOVER): Transition(_D, Then.BEGIN_DEMOTION),
+    (_A, Trigger.SWITCHOVER_REFUSED): Transition(_A, Then.REFUSE_SWITCHOVER),
     (_A, Trigger.STOP): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.RELAY_UNHEALTHY): Transition(_D, Then.BEGIN_GIVING_UP),
     (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
@@ -740,6 +784,11 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
         case Then.CUT_DRAIN_SHORT:
             note = "session lost during a graceful drain: cutting it short"
             return _begin_demotion(ctx, give_up=state.give_up, note=note)
+        case Then.REFUSE_SWITCHOVER:
+            request = _switchover_pending(ctx.snapshot, policy)
+            assert request is not None
+            refusal = hand_over_refusal(request, ctx.snapshot)
+            return replace(state, step=None), (), f"switchover refused: {refusal}"
         case Then.BEGIN_GIVING_UP:
             return _begin_demotion(ctx, give_up=True, note="relay unhealthy; giving up leadership")
         case Then.RELEASE_ONLY:

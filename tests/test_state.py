@@ -352,6 +352,15 @@ CASES: dict[tuple[Role, Trigger], Case] = {
         World(leader=ours(), switchover=Switchover(NODE, PEER, WALL - 1), members=ready_peer()),
         steps=(Step.DRAIN,),
     ),
+    (Role.ACTIVE, Trigger.SWITCHOVER_REFUSED): Case(
+        active(),
+        World(
+            leader=ours(),
+            switchover=Switchover(NODE, PEER, WALL - 1),
+            members=ready_peer(),
+            outdated=frozenset({PEER}),
+        ),
+    ),
     (Role.ACTIVE, Trigger.STOP): Case(
         active(), World(leader=ours(), stopping=True), steps=(Step.DRAIN,)
     ),
@@ -477,6 +486,9 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             else:
                 assert after.retry_step is None
                 assert after.attempts == before.attempts
+        case Then.REFUSE_SWITCHOVER:
+            assert after == before
+            assert decision.note.startswith(f"switchover refused: {PEER} cannot take over: ")
         case Then.RELEASE_ONLY:
             assert after.reason == "stray leader"
             assert after.give_up is False
@@ -619,6 +631,7 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     | {(role, Trigger.RELAY_DOWN) for role in (Role.PROMOTING, Role.DEMOTING)}
     | {(role, Trigger.RELAY_UNHEALTHY) for role in Role if role is not Role.ACTIVE}
     | {(role, Trigger.SWITCHOVER) for role in Role if role is not Role.ACTIVE}
+    | {(role, Trigger.SWITCHOVER_REFUSED) for role in Role if role is not Role.ACTIVE}
     | {(role, t) for role in Role if role is not Role.PASSIVE for t in (Trigger.LEADER_VACANT,)}
     | {(role, Trigger.LEADER_STRAY) for role in Role if role is not Role.PASSIVE}
     | {(role, Trigger.RETRY) for role in Role if role not in (Role.DEMOTING, Role.PROMOTING)}
@@ -1743,9 +1756,16 @@ def test_switchover_is_refused_while_nobody_can_take_over(
     for _ in range(3):
         walk.tick()
         decision = walk.see()
-        assert decision.trigger is Trigger.NOTHING
+        assert decision.trigger is Trigger.SWITCHOVER_REFUSED
         assert decision.actions == ()
         assert decision.state.role is Role.ACTIVE
+        assert decision.changed  # logged, with the reason
+        if peer is None and target is not None:
+            assert decision.note == f"switchover refused: {PEER} is not connected"
+        elif target is not None:
+            assert decision.note.startswith(f"switchover refused: {PEER} cannot take over: ")
+        else:
+            assert decision.note.startswith("switchover refused: no other node can take over")
     walk.world.members[PEER] = ready(PEER)
     walk.tick()
     decision = walk.see()
@@ -1754,6 +1774,40 @@ def test_switchover_is_refused_while_nobody_can_take_over(
     assert decision.actions == (
         Action(Step.DRAIN, POLICY.drain_timeout, epoch=EPOCH, reason="switchover"),
     )
+
+
+@pytest.mark.parametrize("target", [PEER, None], ids=["to-peer", "to-anyone"])
+@pytest.mark.parametrize(
+    ("mark", "why"),
+    [
+        ("outdated", "its replica is marked outdated (it missed writes)"),
+        ("split brain", "a split brain is reported (replicas diverged)"),
+    ],
+)
+def test_an_active_node_refuses_a_switchover_its_target_would_refuse(
+    mark: str, why: str, target: str | None
+) -> None:
+    """The target does not take over with an outdated replica or a split brain reported: the
+    active node stays active and says why (issue 16: it used to demote, leaving nobody), and
+    hands over once the mark is cleared."""
+    walk = eligible()
+    promote(walk)
+    walk.world.members = {NODE: unready(NODE, "active"), PEER: ready(PEER)}
+    if mark == "outdated":
+        walk.world.outdated = frozenset({PEER})
+    else:
+        walk.world.split_brain = "replicas diverged"
+    walk.world.switchover = Switchover(NODE, target, walk.wall)
+    walk.tick()
+    decision = walk.see()
+    assert decision.trigger is Trigger.SWITCHOVER_REFUSED
+    assert (decision.state, decision.actions) == (replace(walk.log[-2].state), ())
+    assert decision.state.role is Role.ACTIVE
+    assert why in decision.note
+    walk.world.outdated = frozenset()
+    walk.world.split_brain = None
+    walk.tick()
+    assert walk.see().trigger is Trigger.SWITCHOVER
 
 
 @pytest.mark.parametrize(
@@ -1790,7 +1844,9 @@ def test_switchover_goes_only_to_a_member_that_can_take_over(
 ) -> None:
     world = World(leader=ours(), switchover=request_, members=members)
     decision = decide(active(), world.snapshot(WALL), NOW, POLICY)
-    assert decision.trigger is (Trigger.SWITCHOVER if hands_over else Trigger.NOTHING)
+    fresh = WALL - request_.at <= POLICY.switchover_timeout
+    refused = Trigger.SWITCHOVER_REFUSED if request_.source == NODE and fresh else Trigger.NOTHING
+    assert decision.trigger is (Trigger.SWITCHOVER if hands_over else refused)
     assert decision.state.role is (Role.DEMOTING if hands_over else Role.ACTIVE)
     assert bool(decision.actions) is hands_over
 
@@ -2047,14 +2103,16 @@ def may_hand_over(snapshot: Snapshot, policy: Policy) -> bool:
         return False
     if snapshot.wall - request.at > policy.switchover_timeout:
         return False
-    members = snapshot.cluster.members
+    cluster = snapshot.cluster
+    members = cluster.members
     names = {request.target} if request.target is not None else set(members)
-    return any(
+    return cluster.split_brain is None and any(
         name != policy.node
         and name in members
         and members[name].role is Role.PASSIVE
         and members[name].relay_running
         and not members[name].cooldown
+        and name not in cluster.outdated
         for name in names
     )
 
@@ -2178,11 +2236,18 @@ def check(
     if trigger is Trigger.SWITCHOVER:
         assert may_hand_over(snapshot, policy)
         history.handovers += 1
-    if before.role is Role.ACTIVE and trigger is Trigger.NOTHING:
+    if before.role is Role.ACTIVE and trigger in (Trigger.NOTHING, Trigger.SWITCHOVER_REFUSED):
         assert not may_hand_over(snapshot, policy)
         request = cluster.switchover
-        if request is not None and request.source == policy.node:
-            history.refused += snapshot.wall - request.at <= policy.switchover_timeout
+        pending = (
+            request is not None
+            and request.source == policy.node
+            and snapshot.wall - request.at <= policy.switchover_timeout
+        )
+        assert pending is (trigger is Trigger.SWITCHOVER_REFUSED)
+        if pending:
+            assert decision.note.startswith("switchover refused: ")
+        history.refused += pending
 
     # The current term: its epoch is the one ACQUIRE returned, and every action carries it.
     if Step.ACQUIRE in steps:
@@ -2731,7 +2796,7 @@ def test_a_switchover_never_hands_over_to_the_node_that_asks_to_leave() -> None:
     for target in (NODE, None):
         world = World(leader=ours(), switchover=Switchover(NODE, target, WALL), members=members)
         decision = decide(active(), world.snapshot(WALL), NOW, POLICY)
-        assert decision.trigger is Trigger.NOTHING and decision.actions == ()
+        assert decision.trigger is Trigger.SWITCHOVER_REFUSED and decision.actions == ()
 
 
 @pytest.mark.parametrize("role", [Role.STARTING, Role.FAILED, Role.PASSIVE])
