@@ -290,6 +290,25 @@ class Action:
     reason: str = ""
     steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
 
+    # How a step's time limit is shared among its parts is decided here, not by the executor.
+
+    @property
+    def fence_timeout(self) -> float:
+        """FENCE: the time limit of each node's fence chain. Most of the step's time, so that
+        the chain reports which agent failed (and kills what hangs) before the step's own limit
+        cuts it off without a word."""
+        return self.timeout * 0.9 / max(len(self.fence), 1)
+
+    @property
+    def graceful_timeout(self) -> float:
+        """DRAIN: the relay's graceful deactivation; whatever is left is for killing it."""
+        return self.timeout * 0.8
+
+    @property
+    def deliveries_timeout(self) -> float:
+        """DRAIN: the relay's own budget for the deliveries under way, within its graceful stop."""
+        return self.graceful_timeout * 0.75
+
 
 @dataclass(frozen=True, slots=True)
 class AgentState:
@@ -353,6 +372,7 @@ class Trigger(enum.StrEnum):
     RETRY = "retry"  # a failed step may be tried again (or a lease wait is over)
     FENCE_FAILED = "fence_failed"  # no fence agent fenced a node that may hold something
     LEASE_REFUSED = "lease_refused"  # ... and ``lease_verdict`` forbids going on (``refine``)
+    REPLICA_REFUSED = "replica_refused"  # the spool is next, but this replica is not to be served
     STOP = "stop"  # the agent is stopping: hand over first
     NOTHING = "nothing"
 
@@ -427,6 +447,16 @@ def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float
     return ready_at, f"waiting for the leases to expire ({expired}; grace {policy.lease_grace:g}s)"
 
 
+def replica_refusal(node: str, cluster: ClusterView) -> str | None:
+    """Why ``node``'s replica may not be served, or None: marked outdated by DRBD's fence-peer
+    handler (it missed writes), or a split brain reported that waits for an operator."""
+    if node in cluster.outdated:
+        return "its replica is marked outdated (it missed writes)"
+    if cluster.split_brain is not None:
+        return f"a split brain is reported ({cluster.split_brain})"
+    return None
+
+
 def takeover_refusal(
     member: Member, cluster: ClusterView, wall: float, stale_after: float = math.inf
 ) -> str | None:
@@ -448,10 +478,9 @@ def takeover_refusal(
         reasons.append("its relay is not running")
     if member.cooldown:
         reasons.append("it is cooling down after a failure")
-    if member.node in cluster.outdated:
-        reasons.append("its replica is marked outdated (it missed writes)")
-    if cluster.split_brain is not None:
-        reasons.append(f"a split brain is reported ({cluster.split_brain})")
+    data = replica_refusal(member.node, cluster)
+    if data is not None:
+        reasons.append(data)
     age = wall - member.heartbeat
     if age > stale_after:
         reasons.append(f"its last heartbeat is {age:.0f}s old")
@@ -604,8 +633,15 @@ def refine(
         return Trigger.LEADERSHIP_NOT_TAKEN
     # Not fenced, and the lease rule forbids going on: the promotion is abandoned.
     unfenced = trigger in (Trigger.FENCE_FAILED, Trigger.RETRY)
-    if role is Role.PROMOTING and unfenced and lease_verdict(snapshot, now, policy)[0] is None:
+    verdict = lease_verdict(snapshot, now, policy)[0] if unfenced else None
+    if role is Role.PROMOTING and unfenced and verdict is None:
         return Trigger.LEASE_REFUSED
+    # The spool is next (fenced, or the leases expired), but DRBD marked this replica outdated
+    # or reported a split brain since the decision to take over. This snapshot was read after
+    # ACQUIRE, and only the leader marks a replica outdated: no mark can come later.
+    fenced = done is Step.FENCE or (verdict is not None and verdict <= now)
+    if role is Role.PROMOTING and fenced and replica_refusal(policy.node, snapshot.cluster):
+        return Trigger.REPLICA_REFUSED
     if role is Role.PROMOTING and done is PROMOTION[-1]:
         return Trigger.PROMOTED
     if role is Role.DEMOTING and done is DEMOTION[-1]:
@@ -642,6 +678,7 @@ class Then(enum.Enum):
     FINISH_DEMOTION = "finish demotion"
     FORGET_PROMOTION = "forget promotion"  # it ended at ACQUIRE: nothing else was taken
     ABANDON_UNFENCED = "abandon unfenced"  # not fenced, and no lease to go on: roll back
+    ABANDON_REPLICA = "abandon replica"  # the replica is not to be served: roll back
     RELEASE_ONLY = "release only"
     START_RELAY = "start relay"
     RESTART_RELAY = "restart relay"
@@ -683,6 +720,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_P, Trigger.FENCE_FAILED): Transition(_P, Then.CHECK_LEASES),  # go on, or wait
     (_P, Trigger.RETRY): Transition(_P, Then.CHECK_LEASES),
     (_P, Trigger.LEASE_REFUSED): Transition(_D, Then.ABANDON_UNFENCED),
+    (_P, Trigger.REPLICA_REFUSED): Transition(_D, Then.ABANDON_REPLICA),
     (_P, Trigger.SESSION_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.LEADERSHIP_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.STOP): Transition(_D, Then.ROLL_BACK),
@@ -835,6 +873,10 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             fenced = result.detail if result is not None else "not fenced"
             _, why = lease_verdict(ctx.snapshot, now, policy)
             note = f"promotion abandoned ({fenced}; {why}); rolling back"
+            return _begin_demotion(ctx, give_up=True, note=note)
+        case Then.ABANDON_REPLICA:
+            refusal = replica_refusal(policy.node, ctx.snapshot.cluster)
+            note = f"promotion abandoned (not taking the spool: {refusal}); rolling back"
             return _begin_demotion(ctx, give_up=True, note=note)
         case Then.FORGET_PROMOTION:
             # Lost the race, or the session or znode right after winning it: nothing else is

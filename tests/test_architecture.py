@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,23 @@ def test_nothing_but_the_command_imports_the_chaos_suite() -> None:
                 continue
             for name in imports_of(path):
                 assert name.split(".")[0] != "chaos", (path, name)
+
+
+# The decision modules: every decision of the agent is testable with plain data.
+DECISIONS = ["state", "watchdog_policy"]
+
+
+@pytest.mark.parametrize("module", DECISIONS)
+def test_the_decision_modules_use_the_standard_library_only(module: str) -> None:
+    path = CLUSTER / f"{module}.py"
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id not in {"__import__", "open", "exec", "eval"}
+    roots = {name.split(".")[0] for name in imports_of(path)}
+    assert roots, "the parse found no imports at all"
+    assert roots <= sys.stdlib_module_names
+    forbidden = {"kazoo", "pyroute2", "asyncio", "subprocess", "socket", "time", "os", "threading"}
+    assert not roots & forbidden
