@@ -62,7 +62,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, NamedTuple
 
 # ------------------------------------------------------------------ what the agent sees
 
@@ -625,35 +625,51 @@ def refine(
     always its row's ``to``, and the trigger logged is the one looked up.
     """
     role, result = state.role, snapshot.result
+    if role is Role.PROMOTING and trigger in _PROMOTION_REFINABLE:
+        return _refine_promotion(trigger, result, snapshot, now, policy)
     done = result.step if result is not None and trigger is Trigger.STEP_DONE else None
-    # A promotion that ends at ACQUIRE (lost the race, or lost the session or the znode, or
-    # was stopped, right after winning it) took nothing else: back to passive, no demotion.
-    at_acquire = result is not None and result.step is Step.ACQUIRE
-    if role is Role.PROMOTING and at_acquire and trigger in _PROMOTION_ENDERS:
-        return Trigger.LEADERSHIP_NOT_TAKEN
-    # Not fenced, and the lease rule forbids going on: the promotion is abandoned.
-    unfenced = trigger in (Trigger.FENCE_FAILED, Trigger.RETRY)
-    verdict = lease_verdict(snapshot, now, policy)[0] if unfenced else None
-    if role is Role.PROMOTING and unfenced and verdict is None:
-        return Trigger.LEASE_REFUSED
-    # The spool is next (fenced, or the leases expired), but DRBD marked this replica outdated
-    # or reported a split brain since the decision to take over. This snapshot was read after
-    # ACQUIRE, and only the leader marks a replica outdated: no mark can come later.
-    fenced = done is Step.FENCE or (verdict is not None and verdict <= now)
-    if role is Role.PROMOTING and fenced and replica_refusal(policy.node, snapshot.cluster):
-        return Trigger.REPLICA_REFUSED
-    if role is Role.PROMOTING and done is PROMOTION[-1]:
-        return Trigger.PROMOTED
     if role is Role.DEMOTING and done is DEMOTION[-1]:
         return Trigger.DEMOTED
     # The start that fails for the ``relay_start_limit``-th time in a row: FAILED.
-    last_start = state.attempts + 1 >= policy.relay_start_limit
-    if role in (Role.STARTING, Role.PASSIVE) and trigger is Trigger.STEP_FAILED and last_start:
+    starting = role in (Role.STARTING, Role.PASSIVE) and trigger is Trigger.STEP_FAILED
+    if starting and state.attempts + 1 >= policy.relay_start_limit:
         return Trigger.RELAY_START_EXHAUSTED
     # The relay died again after its restarts: giving up, as when it stays unready.
     died = role is Role.ACTIVE and trigger is Trigger.RELAY_DOWN
     if died and _restarts_exhausted(state, snapshot, now, policy):
         return Trigger.RELAY_UNHEALTHY
+    return trigger
+
+
+_PROMOTION_REFINABLE: Final = _PROMOTION_ENDERS | {
+    Trigger.STEP_DONE,
+    Trigger.FENCE_FAILED,
+    Trigger.RETRY,
+}
+
+
+def _refine_promotion(
+    trigger: Trigger, result: StepResult | None, snapshot: Snapshot, now: float, policy: Policy
+) -> Trigger:
+    """``refine`` for a promoting node."""
+    # A promotion that ends at ACQUIRE (lost the race, or lost the session or the znode, or
+    # was stopped, right after winning it) took nothing else: back to passive, no demotion.
+    if result is not None and result.step is Step.ACQUIRE and trigger in _PROMOTION_ENDERS:
+        return Trigger.LEADERSHIP_NOT_TAKEN
+    # Not fenced, and the lease rule forbids going on: the promotion is abandoned.
+    unfenced = trigger in (Trigger.FENCE_FAILED, Trigger.RETRY)
+    verdict = lease_verdict(snapshot, now, policy)[0] if unfenced else None
+    if unfenced and verdict is None:
+        return Trigger.LEASE_REFUSED
+    done = result.step if result is not None and trigger is Trigger.STEP_DONE else None
+    # The spool is next (fenced, or the leases expired), but DRBD marked this replica outdated
+    # or reported a split brain since the decision to take over. This snapshot was read after
+    # ACQUIRE, and only the leader marks a replica outdated: no mark can come later.
+    fenced = done is Step.FENCE or (verdict is not None and verdict <= now)
+    if fenced and replica_refusal(policy.node, snapshot.cluster) is not None:
+        return Trigger.REPLICA_REFUSED
+    if done is PROMOTION[-1]:
+        return Trigger.PROMOTED
     return trigger
 
 
@@ -751,8 +767,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
 # ------------------------------------------------------------------ decide
 
 
-@dataclass(frozen=True, slots=True)
-class _Context:
+class _Context(NamedTuple):
     """One decision's inputs, so that the transition effects stay short."""
 
     state: AgentState
@@ -944,4 +959,6 @@ def decide(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) ->
         return Decision(state, (), trigger, "")
     new, actions, note = _effect(transition, _Context(state, snapshot, now, policy, trigger, cause))
     # The row is the whole truth about the role: no effect chooses one.
-    return Decision(replace(new, role=transition.to), actions, trigger, note)
+    if new.role is not transition.to:
+        new = replace(new, role=transition.to)
+    return Decision(new, actions, trigger, note)
