@@ -524,8 +524,9 @@ def hand_over_refusal(request: Switchover, snapshot: Snapshot) -> str | None:
         why = takeover_refusal(member, cluster, snapshot.wall)
         return None if why is None else f"{request.target} cannot take over: {why}"
     others = sorted(name for name in cluster.members if name != request.source)
-    refusals = [(name, takeover_refusal(cluster.members[name], cluster, snapshot.wall))
-                for name in others]  # fmt: skip
+    refusals = [
+        (name, takeover_refusal(cluster.members[name], cluster, snapshot.wall)) for name in others
+    ]
     if any(why is None for _, why in refusals):
         return None
     details = "; ".join(f"{name}: {why}" for name, why in refusals)
@@ -718,9 +719,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (Role.STARTING, Trigger.RELAY_WARM): Transition(Role.PASSIVE, Then.RELAY_STARTED),
     (Role.STARTING, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
     (Role.STARTING, Trigger.STEP_FAILED): Transition(Role.STARTING, Then.RELAY_START_FAILED),
-    (Role.STARTING, Trigger.RELAY_START_EXHAUSTED): Transition(
-        Role.FAILED, Then.RELAY_START_FAILED
-    ),
+    (Role.STARTING, Trigger.RELAY_START_EXHAUSTED): Transition(_F, Then.RELAY_START_FAILED),
     # passive: keep the warm relay up, take over a vacant leadership
     (Role.PASSIVE, Trigger.RELAY_DOWN): Transition(Role.PASSIVE, Then.START_RELAY),
     (Role.PASSIVE, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
