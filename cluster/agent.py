@@ -3,7 +3,8 @@
 It wakes on every ZooKeeper change (kazoo watches), every step that ends, every relay exit and
 every health tick, builds a ``Snapshot``, asks ``cluster.state.decide`` what to do, and hands
 the actions to the ``Executor``, which runs them in the background so that heartbeats and
-observation go on during a long step. Nothing here decides anything.
+observation go on during a long step. Nothing here decides anything: ``cluster.state`` decides
+the steps, ``cluster.watchdog_policy`` when the watchdog is armed, fed or starved.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cluster.state import (
 )
 from cluster.storage import Storage, storage_from_config
 from cluster.vip import VirtualIp
+from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
 from fencing.watchdog import Watchdog, WatchdogError
 from hamta import eventlog, privileges
@@ -184,18 +186,13 @@ class Agent:
         self.watchdog_timeout = config.watchdog_timeout
         self._armed = False
         self._watched_pgid: int | None = None
-        # The decision loop's last turn: a loop stuck in an await stops the feeding too. The
-        # bound plus the watchdog's timeout stays below the session timeout plus the lease
-        # grace, before which the peer cannot take over unfenced.
-        self.progress = clock()
-        self.progress_limit = agent.session_timeout + agent.health_interval
-        # Since when this node has held something without a ZooKeeper session. Past
-        # ``release_deadline`` (its demotion is stuck: a busy unmount, a hung step) it stops
-        # feeding the watchdog, which then kills the relay and drops the VIP (and, with a kernel
-        # device, reboots the machine) before the peer's lease rule lets it take over.
-        self.unsafe_since: float | None = None
+        # When to feed it is cluster.watchdog_policy's to say; these are its inputs.
+        self.watchdog_limits = WatchdogLimits.for_agent(
+            agent.session_timeout, agent.health_interval, config.fencing.lease_grace
+        )
+        self.progress = clock()  # the decision loop's last turn
+        self.unsafe_since: float | None = None  # holding without a ZooKeeper session since
         self._failover_seen: Sighting | None = None  # see trusted_failover()
-        self.release_deadline = agent.session_timeout / 3 + config.fencing.lease_grace / 2
 
     # ------------------------------------------------------------ observation
 
@@ -337,15 +334,23 @@ class Agent:
     # ------------------------------------------------------------ the watchdog
 
     def _tend_watchdog(self) -> None:
-        """Armed exactly while the node may hold something; fed while the agent makes progress."""
+        """Arm, disarm, feed or starve the watchdog as ``plan_watchdog`` says."""
         watchdog = self.watchdog
         if watchdog is None or watchdog.returncode is not None:
             return
-        holds = holds_resources(self.state)
-        if not holds:
-            self.unsafe_since = None
+        now = self.clock()
+        plan = plan_watchdog(
+            holds=holds_resources(self.state),
+            armed=self._armed,
+            connected=self.coordinator.session is Session.CONNECTED,
+            now=now,
+            progress=self.progress,
+            unsafe_since=self.unsafe_since,
+            limits=self.watchdog_limits,
+        )
+        self.unsafe_since = plan.unsafe_since
         try:
-            if holds and not self._armed:
+            if plan.arm:
                 vip = self.vip
                 self._watched_pgid = self.relay.pid if self.relay.running else None
                 watchdog.arm(
@@ -357,7 +362,7 @@ class Agent:
                 self._armed = True
                 self.log.info("WatchdogArmed", timeout=self.watchdog_timeout,
                               relay_pgid=self._watched_pgid)  # fmt: skip
-            elif not holds and self._armed:
+            elif plan.disarm:
                 watchdog.disarm()
                 self._armed = False
                 self.log.info("WatchdogDisarmed")
@@ -367,18 +372,13 @@ class Agent:
             if pgid != self._watched_pgid:  # restarted, or gone: never a stale group
                 watchdog.relay(pgid)
                 self._watched_pgid = pgid
-            now = self.clock()
-            if self.coordinator.session is Session.CONNECTED:
-                self.unsafe_since = None
-            elif self.unsafe_since is None:
-                self.unsafe_since = now
-            since = self.unsafe_since
-            stuck = since is not None and now - since > self.release_deadline
-            if now - self.progress < self.progress_limit and not stuck:
+            if plan.feed:
                 watchdog.feed()
-            elif stuck:
-                self.log.error("WatchdogStarved", why="still holding without a session",
-                               seconds=round(now - (since or now), 3))  # fmt: skip
+            elif plan.starve:
+                seconds = round(now - (plan.unsafe_since or now), 3)
+                self.log.error(
+                    "WatchdogStarved", why="still holding without a session", seconds=seconds
+                )
         except WatchdogError as exc:
             self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
 

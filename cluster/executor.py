@@ -132,9 +132,7 @@ class Executor:
     async def _fence(self, action: Action) -> str:
         if not action.fence:
             return "no peer to fence: every other node is connected and holds nothing"
-        # The fencer gets most of the step's time, so that it reports which agent failed
-        # (and kills what hangs) before the step's own limit cuts it off without a word.
-        budget = action.timeout * 0.9 / len(action.fence)
+        budget = action.fence_timeout
         done = [await self.fencer.fence(peer, action.epoch, budget) for peer in action.fence]
         return "; ".join(done)
 
@@ -143,13 +141,8 @@ class Executor:
         return root / self.spool_name
 
     async def _storage(self, action: Action) -> str:
-        # Checked again after ACQUIRE: DRBD's fence-peer handler of the former leader may have
-        # marked this node's replica outdated between the decision to take over and now.
-        view = await asyncio.to_thread(self.coordinator.view)
-        if self.node in view.outdated:
-            raise StepError(f"{self.node}'s replica is marked outdated: it missed writes")
-        if view.split_brain is not None:
-            raise StepError(f"split brain reported: {view.split_brain}")
+        # Whether this replica may be served was decided on a view read after ACQUIRE
+        # (cluster.state.refine: REPLICA_REFUSED).
         root = await asyncio.to_thread(self._locked(self._storage_lock, self.storage.promote))
         self._mounted = root
         spool = self.spool_path(root)
@@ -234,13 +227,13 @@ class Executor:
     async def _drain(self, action: Action) -> str:
         if not self.relay.running:
             return "relay not running"
-        # The relay gets most of the step's time to finish gracefully (its own budget for
-        # deliveries under way is shorter still); whatever is left is for killing it. It must
-        # stop serving whatever happens, so this step never fails.
-        graceful = action.timeout * 0.8
+        # The relay gets most of the step's time to finish gracefully (the Action says how
+        # much); whatever is left is for killing it. It must stop serving whatever happens, so
+        # this step never fails.
+        graceful = action.graceful_timeout
         try:
             async with asyncio.timeout(graceful):
-                await self.relay.deactivate(graceful * 0.75)
+                await self.relay.deactivate(action.deliveries_timeout)
             return "relay drained and back in standby"
         except (RelayControlError, TimeoutError) as exc:
             await self.relay.kill()

@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import OPERATOR, Coordinator, Credentials
-from cluster.state import ClusterView, Member, Role, Session, Switchover
+from cluster.state import ClusterView, Member, Role, Session, Switchover, takeover_refusal
 
 
 class OperatorError(Exception):
@@ -63,8 +63,13 @@ def operator_session(
         coordinator.stop()
 
 
+def _heartbeat_limit(heartbeat: float) -> float:
+    """How old a member's heartbeat may be: three missed, and a second of slack."""
+    return 3 * heartbeat + 1.0
+
+
 def _fresh(member: Member, now: float, heartbeat: float) -> bool:
-    return now - member.heartbeat <= 3 * heartbeat + 1.0
+    return now - member.heartbeat <= _heartbeat_limit(heartbeat)
 
 
 def fresh_view(coordinator: Coordinator) -> ClusterView:
@@ -220,43 +225,44 @@ def in_progress(request: Switchover, wall: float) -> OperatorError:
 
 
 def choose_switchover_target(
-    view: ClusterView, target: str | None, heartbeat: float, stale_after: float
+    view: ClusterView, target: str | None, heartbeat: float, stale_after: float, wall: float
 ) -> str:
-    """Check a switchover request against the cluster; the chosen target or OperatorError."""
-    now = time.time()
-    if view.switchover is not None and now - view.switchover.at <= stale_after:
+    """Check a switchover request against the cluster at wall clock ``wall``; the chosen target
+    or OperatorError. Who may take over is ``cluster.state.takeover_refusal``'s to say, the very
+    rule the active node applies before it hands over and the target before it promotes."""
+    if view.switchover is not None and wall - view.switchover.at <= stale_after:
         # During a hand-over nobody leads for a moment: that is not "no node is active".
-        raise in_progress(view.switchover, now)
+        raise in_progress(view.switchover, wall)
     leader = view.leader
     if leader is None:
         raise OperatorError("no node is active: there is nothing to switch over")
     if target == leader.node:
         raise OperatorError(f"{target} is already the active node")
-    candidates = {
-        name: member
-        for name, member in view.members.items()
-        if name != leader.node and member.can_take_over and _fresh(member, now, heartbeat)
-    }
+    fresh = _heartbeat_limit(heartbeat)
+
+    def refusal(member: Member) -> str | None:
+        return takeover_refusal(member, view, wall, stale_after=fresh)
+
     if target is not None:
         member = view.members.get(target)
         if member is None:
             raise OperatorError(f"{target} is not a member of the cluster (no agent connected)")
-        if target not in candidates:
-            relay = "running" if member.relay_running else "not running"
-            age = now - member.heartbeat
-            raise OperatorError(
-                f"{target} cannot take over: it is {member.role.value}, its relay is {relay}"
-                + (", it is cooling down after a failure" if member.cooldown else "")
-                + (
-                    f", its last heartbeat is {age:.0f}s old"
-                    if not _fresh(member, now, heartbeat)
-                    else ""
-                )
-            )
+        why = refusal(member)
+        if why is not None:
+            raise OperatorError(f"{target} cannot take over: {why}")
         return target
+    candidates = [
+        name
+        for name, member in sorted(view.members.items())
+        if name != leader.node and refusal(member) is None
+    ]
     if not candidates:
-        raise OperatorError("no healthy passive node can take over")
-    return sorted(candidates)[0]
+        others = [(n, m) for n, m in sorted(view.members.items()) if n != leader.node]
+        details = "; ".join(f"{name}: {refusal(member)}" for name, member in others)
+        raise OperatorError(
+            "no healthy passive node can take over" + (f" ({details})" if details else "")
+        )
+    return candidates[0]
 
 
 def switchover(
@@ -272,7 +278,7 @@ def switchover(
     """
     coordinator = session.coordinator
     view = fresh_view(coordinator)
-    chosen = choose_switchover_target(view, target, heartbeat, stale_after)
+    chosen = choose_switchover_target(view, target, heartbeat, stale_after, time.time())
     assert view.leader is not None
     source, epoch = view.leader.node, view.leader.epoch
     started = time.monotonic()

@@ -14,9 +14,15 @@ story of why the node did what it did.
 The snapshot is first reduced to one ``Trigger`` (``classify``), in a fixed order of priority:
 safety first (a lost session or lost leadership beats everything a node holding resources
 does), then the outcome of the step that just ended, then health, then opportunity (a vacant
-leadership). The pair (role, trigger) is then looked up in ``TRANSITIONS``, the one table of the
-state machine. A pair missing from the table means "nothing to do": the node waits for the next
-snapshot, which comes with every ZooKeeper watch, every step that ends and every heartbeat tick.
+leadership). A few named special rules (``refine``, written beside the table, as h11 writes the
+rules that do not fit its table outside it) then tell apart what the role alone cannot: the last
+step of a promotion or a demotion, a promotion that ends at ACQUIRE, a failed fence that the
+lease rule refuses to pass, the last relay start allowed, a relay that died once too often. The
+pair (role, trigger) is then looked up in ``TRANSITIONS``, the one table of the state machine,
+and the table is the whole truth: the role after a decision is always its row's ``to`` (no
+effect chooses one), and the trigger logged is the one looked up. A pair missing from the table
+means "nothing to do": the node waits for the next snapshot, which comes with every ZooKeeper
+watch, every step that ends and every heartbeat tick.
 
 Long actions are states, not calls. Promotion is the sequence ``PROMOTION`` (take leadership and
 a new epoch, fence the former active node, promote storage, write the epoch onto the spool, add
@@ -53,9 +59,10 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, NamedTuple
 
 # ------------------------------------------------------------------ what the agent sees
 
@@ -125,11 +132,6 @@ class Member:
     smtp: str = ""  # where its relay listens when active
     cooldown: bool = False  # it gave up lately and will not take over for a while
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
-
-    @property
-    def can_take_over(self) -> bool:
-        """Healthy enough to be a switchover target."""
-        return self.role is Role.PASSIVE and self.relay_running and not self.cooldown
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +290,25 @@ class Action:
     reason: str = ""
     steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
 
+    # How a step's time limit is shared among its parts is decided here, not by the executor.
+
+    @property
+    def fence_timeout(self) -> float:
+        """FENCE: the time limit of each node's fence chain. Most of the step's time, so that
+        the chain reports which agent failed (and kills what hangs) before the step's own limit
+        cuts it off without a word."""
+        return self.timeout * 0.9 / max(len(self.fence), 1)
+
+    @property
+    def graceful_timeout(self) -> float:
+        """DRAIN: the relay's graceful deactivation; whatever is left is for killing it."""
+        return self.timeout * 0.8
+
+    @property
+    def deliveries_timeout(self) -> float:
+        """DRAIN: the relay's own budget for the deliveries under way, within its graceful stop."""
+        return self.graceful_timeout * 0.75
+
 
 @dataclass(frozen=True, slots=True)
 class AgentState:
@@ -337,14 +358,21 @@ class Trigger(enum.StrEnum):
     LEADERSHIP_LOST = "leadership_lost"  # the leader znode is no longer this node's
     STEP_DONE = "step_done"
     STEP_FAILED = "step_failed"
+    PROMOTED = "promoted"  # the promotion's last step is done
+    DEMOTED = "demoted"  # the demotion's last step is done
+    LEADERSHIP_NOT_TAKEN = "leadership_not_taken"  # a promotion ends at ACQUIRE (``refine``)
+    RELAY_START_EXHAUSTED = "relay_start_exhausted"  # the last start allowed failed (``refine``)
     RELAY_DOWN = "relay_down"  # the relay process does not answer
     RELAY_WARM = "relay_warm"  # the relay process answers (starting, failed)
     RELAY_UNHEALTHY = "relay_unhealthy"  # active, but not ready N checks in a row
     SWITCHOVER = "switchover"  # an operator asked this active node to hand over
+    SWITCHOVER_REFUSED = "switchover_refused"  # ... to a node that may not take over
     LEADER_VACANT = "leader_vacant"  # no leader, and this node may take over
     LEADER_STRAY = "leader_stray"  # this session holds the leader znode but is not promoting
     RETRY = "retry"  # a failed step may be tried again (or a lease wait is over)
     FENCE_FAILED = "fence_failed"  # no fence agent fenced a node that may hold something
+    LEASE_REFUSED = "lease_refused"  # ... and ``lease_verdict`` forbids going on (``refine``)
+    REPLICA_REFUSED = "replica_refused"  # the spool is next, but this replica is not to be served
     STOP = "stop"  # the agent is stopping: hand over first
     NOTHING = "nothing"
 
@@ -419,16 +447,60 @@ def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float
     return ready_at, f"waiting for the leases to expire ({expired}; grace {policy.lease_grace:g}s)"
 
 
+def replica_refusal(node: str, cluster: ClusterView) -> str | None:
+    """Why ``node``'s replica may not be served, or None: marked outdated by DRBD's fence-peer
+    handler (it missed writes), or a split brain reported that waits for an operator."""
+    if node in cluster.outdated:
+        return "its replica is marked outdated (it missed writes)"
+    if cluster.split_brain is not None:
+        return f"a split brain is reported ({cluster.split_brain})"
+    return None
+
+
+def takeover_refusal(
+    member: Member, cluster: ClusterView, wall: float, stale_after: float = math.inf
+) -> str | None:
+    """Why ``member`` may not take over the active role, or None when it may.
+
+    The one rule, applied by the operator's switchover command to its target, by the active
+    node before it hands over (never demote into a cluster where nobody takes over) and by a
+    passive node to itself before it promotes. A node takes over only when it is passive, its
+    warm relay runs, it is not cooling down after giving up, its replica is not marked outdated
+    (it missed writes) and no split brain waits for an operator: stale or diverged mail is
+    never served. ``stale_after``: how old (by ``wall``) its heartbeat may be; the operator
+    checks it, the agents do not (a live member znode already says its session lives, and a
+    peer's wall clock may run ahead or behind).
+    """
+    reasons = []
+    if member.role is not Role.PASSIVE:
+        reasons.append(f"it is {member.role.value}")
+    if not member.relay_running:
+        reasons.append("its relay is not running")
+    if member.cooldown:
+        reasons.append("it is cooling down after a failure")
+    data = replica_refusal(member.node, cluster)
+    if data is not None:
+        reasons.append(data)
+    age = wall - member.heartbeat
+    if age > stale_after:
+        reasons.append(f"its last heartbeat is {age:.0f}s old")
+    return ", ".join(reasons) or None
+
+
 def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
     cluster = snapshot.cluster
     if cluster.session is not Session.CONNECTED or cluster.leader is not None:
         return False
-    if not snapshot.local.relay_running or now < state.cooldown_until:
-        return False
     if snapshot.local.stopping:
         return False
-    if policy.node in cluster.outdated or cluster.split_brain is not None:
-        return False  # its data may be stale, or the replicas diverged: never automatically
+    itself = Member(
+        policy.node,
+        state.role,
+        relay_running=snapshot.local.relay_running,
+        cooldown=now < state.cooldown_until,
+    )
+    if takeover_refusal(itself, cluster, snapshot.wall) is not None:
+        return False
     request = _switchover_pending(snapshot, policy)
     if request is not None:
         # A planned handover goes to its target only, and never back to the node that left.
@@ -439,12 +511,26 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
-def _can_hand_over(request: Switchover, snapshot: Snapshot) -> bool:
-    """A node to hand over to is there and ready: never demote into a cluster with nobody."""
-    members = snapshot.cluster.members
-    named = [request.target] if request.target else list(members)
-    targets = [name for name in named if name != request.source]
-    return any(name in members and members[name].can_take_over for name in targets)
+def hand_over_refusal(request: Switchover, snapshot: Snapshot) -> str | None:
+    """Why the active node may not hand over as asked, or None: never demote into a cluster
+    where nobody takes over (``takeover_refusal``)."""
+    cluster = snapshot.cluster
+    if request.target == request.source:
+        return f"{request.source} cannot hand over to itself"
+    if request.target is not None:
+        member = cluster.members.get(request.target)
+        if member is None:
+            return f"{request.target} is not connected"
+        why = takeover_refusal(member, cluster, snapshot.wall)
+        return None if why is None else f"{request.target} cannot take over: {why}"
+    others = sorted(name for name in cluster.members if name != request.source)
+    refusals = [
+        (name, takeover_refusal(cluster.members[name], cluster, snapshot.wall)) for name in others
+    ]
+    if any(why is None for _, why in refusals):
+        return None
+    details = "; ".join(f"{name}: {why}" for name, why in refusals)
+    return f"no other node can take over ({details or 'none is connected'})"
 
 
 def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Trigger:
@@ -494,12 +580,9 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
         if local.relay_failures >= policy.relay_failure_limit and cluster.paused is None:
             return Trigger.RELAY_UNHEALTHY
         request = _switchover_pending(snapshot, policy)
-        if (
-            request is not None
-            and request.source == policy.node
-            and _can_hand_over(request, snapshot)
-        ):
-            return Trigger.SWITCHOVER
+        if request is not None and request.source == policy.node:
+            refused = hand_over_refusal(request, snapshot) is not None
+            return Trigger.SWITCHOVER_REFUSED if refused else Trigger.SWITCHOVER
         return Trigger.NOTHING
     if role is Role.PASSIVE:
         if not local.relay_running and now >= state.retry_at and not local.stopping:
@@ -509,6 +592,86 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
         if _may_take_over(state, snapshot, now, policy):
             return Trigger.LEADER_VACANT
     return Trigger.NOTHING
+
+
+# ------------------------------------------------------------------ the special rules
+
+
+# Triggers that end a promotion: at ACQUIRE they leave nothing to roll back.
+_PROMOTION_ENDERS: Final = frozenset(
+    {Trigger.STEP_FAILED, Trigger.STOP, Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST}
+)
+
+
+def _recent_restarts(state: AgentState, now: float, policy: Policy) -> int:
+    """In-place relay restarts so far, counted within a window, not reset by a restart that
+    worked: a relay that dies a minute after every restart still makes the node give up."""
+    recent = now - state.restarted_at <= policy.relay_restart_window
+    return state.attempts if recent else 0
+
+
+def _restarts_exhausted(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The active relay died once more than ``relay_restart_limit`` allows (never while paused)."""
+    restarts = _recent_restarts(state, now, policy)
+    return restarts >= policy.relay_restart_limit and snapshot.cluster.paused is None
+
+
+def refine(
+    trigger: Trigger, state: AgentState, snapshot: Snapshot, now: float, policy: Policy
+) -> Trigger:
+    """The few moves that depend on more than (role, trigger), named here beside the table.
+
+    ``classify`` says what happened; these rules say which row it leads to when the role alone
+    cannot tell, so that every row of ``TRANSITIONS`` is true: the role after a decision is
+    always its row's ``to``, and the trigger logged is the one looked up.
+    """
+    role, result = state.role, snapshot.result
+    if role is Role.PROMOTING and trigger in _PROMOTION_REFINABLE:
+        return _refine_promotion(trigger, result, snapshot, now, policy)
+    done = result.step if result is not None and trigger is Trigger.STEP_DONE else None
+    if role is Role.DEMOTING and done is DEMOTION[-1]:
+        return Trigger.DEMOTED
+    # The start that fails for the ``relay_start_limit``-th time in a row: FAILED.
+    starting = role in (Role.STARTING, Role.PASSIVE) and trigger is Trigger.STEP_FAILED
+    if starting and state.attempts + 1 >= policy.relay_start_limit:
+        return Trigger.RELAY_START_EXHAUSTED
+    # The relay died again after its restarts: giving up, as when it stays unready.
+    died = role is Role.ACTIVE and trigger is Trigger.RELAY_DOWN
+    if died and _restarts_exhausted(state, snapshot, now, policy):
+        return Trigger.RELAY_UNHEALTHY
+    return trigger
+
+
+_PROMOTION_REFINABLE: Final = _PROMOTION_ENDERS | {
+    Trigger.STEP_DONE,
+    Trigger.FENCE_FAILED,
+    Trigger.RETRY,
+}
+
+
+def _refine_promotion(
+    trigger: Trigger, result: StepResult | None, snapshot: Snapshot, now: float, policy: Policy
+) -> Trigger:
+    """``refine`` for a promoting node."""
+    # A promotion that ends at ACQUIRE (lost the race, or lost the session or the znode, or
+    # was stopped, right after winning it) took nothing else: back to passive, no demotion.
+    if result is not None and result.step is Step.ACQUIRE and trigger in _PROMOTION_ENDERS:
+        return Trigger.LEADERSHIP_NOT_TAKEN
+    # Not fenced, and the lease rule forbids going on: the promotion is abandoned.
+    unfenced = trigger in (Trigger.FENCE_FAILED, Trigger.RETRY)
+    verdict = lease_verdict(snapshot, now, policy)[0] if unfenced else None
+    if unfenced and verdict is None:
+        return Trigger.LEASE_REFUSED
+    done = result.step if result is not None and trigger is Trigger.STEP_DONE else None
+    # The spool is next (fenced, or the leases expired), but DRBD marked this replica outdated
+    # or reported a split brain since the decision to take over. This snapshot was read after
+    # ACQUIRE, and only the leader marks a replica outdated: no mark can come later.
+    fenced = done is Step.FENCE or (verdict is not None and verdict <= now)
+    if fenced and replica_refusal(policy.node, snapshot.cluster) is not None:
+        return Trigger.REPLICA_REFUSED
+    if done is PROMOTION[-1]:
+        return Trigger.PROMOTED
+    return trigger
 
 
 # ------------------------------------------------------------------ the table
@@ -527,6 +690,12 @@ class Then(enum.Enum):
     CHECK_LEASES = "check leases"  # not fenced: go on, wait, or roll back (``Takeover``)
     RETRY_DEMOTION_STEP = "retry demotion step"
     CUT_DRAIN_SHORT = "cut drain short"  # a graceful drain becomes an urgent one
+    REFUSE_SWITCHOVER = "refuse switchover"  # stay active, and say why
+    FINISH_PROMOTION = "finish promotion"
+    FINISH_DEMOTION = "finish demotion"
+    FORGET_PROMOTION = "forget promotion"  # it ended at ACQUIRE: nothing else was taken
+    ABANDON_UNFENCED = "abandon unfenced"  # not fenced, and no lease to go on: roll back
+    ABANDON_REPLICA = "abandon replica"  # the replica is not to be served: roll back
     RELEASE_ONLY = "release only"
     START_RELAY = "start relay"
     RESTART_RELAY = "restart relay"
@@ -542,7 +711,7 @@ class Transition:
     then: Then = Then.NOTHING
 
 
-_P, _A, _D = Role.PROMOTING, Role.ACTIVE, Role.DEMOTING
+_P, _A, _D, _F = Role.PROMOTING, Role.ACTIVE, Role.DEMOTING, Role.FAILED
 
 TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     # starting: bring the warm relay up, then wait as passive
@@ -550,17 +719,23 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (Role.STARTING, Trigger.RELAY_WARM): Transition(Role.PASSIVE, Then.RELAY_STARTED),
     (Role.STARTING, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
     (Role.STARTING, Trigger.STEP_FAILED): Transition(Role.STARTING, Then.RELAY_START_FAILED),
+    (Role.STARTING, Trigger.RELAY_START_EXHAUSTED): Transition(_F, Then.RELAY_START_FAILED),
     # passive: keep the warm relay up, take over a vacant leadership
     (Role.PASSIVE, Trigger.RELAY_DOWN): Transition(Role.PASSIVE, Then.START_RELAY),
     (Role.PASSIVE, Trigger.STEP_DONE): Transition(Role.PASSIVE, Then.RELAY_STARTED),
     (Role.PASSIVE, Trigger.STEP_FAILED): Transition(Role.PASSIVE, Then.RELAY_START_FAILED),
+    (Role.PASSIVE, Trigger.RELAY_START_EXHAUSTED): Transition(_F, Then.RELAY_START_FAILED),
     (Role.PASSIVE, Trigger.LEADER_VACANT): Transition(_P, Then.BEGIN_PROMOTION),
     (Role.PASSIVE, Trigger.LEADER_STRAY): Transition(_D, Then.RELEASE_ONLY),
     # promoting: one step after another; any failure or loss rolls everything back
     (_P, Trigger.STEP_DONE): Transition(_P, Then.NEXT_PROMOTION_STEP),
+    (_P, Trigger.PROMOTED): Transition(_A, Then.FINISH_PROMOTION),
     (_P, Trigger.STEP_FAILED): Transition(_D, Then.ROLL_BACK),
-    (_P, Trigger.FENCE_FAILED): Transition(_P, Then.CHECK_LEASES),
+    (_P, Trigger.LEADERSHIP_NOT_TAKEN): Transition(Role.PASSIVE, Then.FORGET_PROMOTION),
+    (_P, Trigger.FENCE_FAILED): Transition(_P, Then.CHECK_LEASES),  # go on, or wait
     (_P, Trigger.RETRY): Transition(_P, Then.CHECK_LEASES),
+    (_P, Trigger.LEASE_REFUSED): Transition(_D, Then.ABANDON_UNFENCED),
+    (_P, Trigger.REPLICA_REFUSED): Transition(_D, Then.ABANDON_REPLICA),
     (_P, Trigger.SESSION_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.LEADERSHIP_LOST): Transition(_D, Then.ROLL_BACK),
     (_P, Trigger.STOP): Transition(_D, Then.ROLL_BACK),
@@ -568,6 +743,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_A, Trigger.SESSION_LOST): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.LEADERSHIP_LOST): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.SWITCHOVER): Transition(_D, Then.BEGIN_DEMOTION),
+    (_A, Trigger.SWITCHOVER_REFUSED): Transition(_A, Then.REFUSE_SWITCHOVER),
     (_A, Trigger.STOP): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.RELAY_UNHEALTHY): Transition(_D, Then.BEGIN_GIVING_UP),
     (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
@@ -575,6 +751,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_A, Trigger.STEP_FAILED): Transition(_A, Then.RELAY_START_FAILED),
     # demoting: every step in turn; a failed one is retried, never skipped
     (_D, Trigger.STEP_DONE): Transition(_D, Then.NEXT_DEMOTION_STEP),
+    (_D, Trigger.DEMOTED): Transition(Role.PASSIVE, Then.FINISH_DEMOTION),
     (_D, Trigger.STEP_FAILED): Transition(_D, Then.RETRY_DEMOTION_STEP),
     (_D, Trigger.RETRY): Transition(_D, Then.RETRY_DEMOTION_STEP),
     (_D, Trigger.SESSION_LOST): Transition(_D, Then.CUT_DRAIN_SHORT),
@@ -589,17 +766,15 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
 # ------------------------------------------------------------------ decide
 
 
-class _Context:
+class _Context(NamedTuple):
     """One decision's inputs, so that the transition effects stay short."""
 
-    def __init__(
-        self, state: AgentState, snapshot: Snapshot, now: float, policy: Policy, trigger: Trigger
-    ) -> None:
-        self.state = state
-        self.snapshot = snapshot
-        self.now = now
-        self.policy = policy
-        self.trigger = trigger
+    state: AgentState
+    snapshot: Snapshot
+    now: float
+    policy: Policy
+    trigger: Trigger  # the one looked up in the table (after ``refine``)
+    cause: Trigger  # what ``classify`` saw, for the notes (a lost session, a stop, ...)
 
     def run(self, step: Step, **fields: object) -> Action:
         # A retried DRAIN gets the drain time the first one had.
@@ -621,7 +796,6 @@ Effect = tuple[AgentState, tuple[Action, ...], str]
 def _begin_demotion(ctx: _Context, *, give_up: bool, note: str) -> Effect:
     state = replace(
         ctx.state,
-        role=Role.DEMOTING,
         step=Step.DRAIN,
         started=ctx.now,
         steps=(),
@@ -642,15 +816,7 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
         case Then.START_RELAY:
             return replace(state, step=Step.START_RELAY), (ctx.run(Step.START_RELAY),), ""
         case Then.RESTART_RELAY:
-            # Restarts are counted within a window, not reset by a restart that worked: a relay
-            # that dies a minute after every restart still makes the node give up.
-            recent = now - state.restarted_at <= policy.relay_restart_window
-            restarts = state.attempts if recent else 0
-            paused = ctx.snapshot.cluster.paused is not None
-            if restarts >= policy.relay_restart_limit and not paused:
-                ctx.trigger = Trigger.RELAY_UNHEALTHY
-                note = f"the relay died again after {restarts} restarts; giving up leadership"
-                return _begin_demotion(ctx, give_up=True, note=note)
+            restarts = _recent_restarts(state, now, policy)  # ``refine`` saw them not exhausted
             note = "the relay process is gone; restarting it on the spool"
             new = replace(state, step=Step.RESTART_RELAY, attempts=restarts + 1, restarted_at=now)
             return new, (ctx.run(Step.RESTART_RELAY),), note
@@ -663,9 +829,8 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             detail = result.detail if result else ""
             if state.role is Role.ACTIVE:  # the next snapshot finds it down: RESTART_RELAY counts
                 return replace(state, step=None), (), f"restart failed: {detail}"
-            role = Role.FAILED if attempts >= policy.relay_start_limit else state.role
             retry_at = now + policy.retry_interval
-            new = replace(state, role=role, step=None, attempts=attempts, retry_at=retry_at)
+            new = replace(state, step=None, attempts=attempts, retry_at=retry_at)
             return new, (), f"relay start failed ({attempts}): {detail}"
         case Then.BEGIN_PROMOTION:
             cluster = ctx.snapshot.cluster
@@ -673,7 +838,6 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             request = _switchover_pending(ctx.snapshot, policy)
             reason = "switchover" if request is not None else "leader vacant"
             new = AgentState(
-                role=Role.PROMOTING,
                 epoch=0,
                 step=Step.ACQUIRE,
                 started=now,
@@ -688,12 +852,7 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             epoch = state.epoch
             if result.step is Step.ACQUIRE:
                 epoch = result.epoch
-            index = PROMOTION.index(result.step) + 1
-            if index == len(PROMOTION):
-                total = round(now - state.started, 4)
-                new = replace(state, role=Role.ACTIVE, step=None, steps=steps, attempts=0)
-                return new, (), f"active in epoch {epoch} after {total}s"
-            step = PROMOTION[index]
+            step = PROMOTION[PROMOTION.index(result.step) + 1]
             new = replace(state, step=step, steps=steps, epoch=epoch)
             fields: dict[str, object] = {}
             if step is Step.FENCE:
@@ -702,6 +861,10 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
                 fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
             action = Action(step, policy.timeout(step), epoch=epoch, **fields)  # type: ignore[arg-type]
             return new, (action,), ""
+        case Then.FINISH_PROMOTION:
+            total = round(now - state.started, 4)
+            new = replace(state, step=None, steps=ctx.timed_steps(), attempts=0)
+            return new, (), f"active in epoch {state.epoch} after {total}s"
         case Then.CHECK_LEASES:
             steps = ctx.timed_steps()
             if result is not None:  # FENCE just failed: its time counts, then any wait
@@ -709,11 +872,7 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             else:
                 waiting_since, fenced = state.waiting_since, "not fenced"
             at, why = lease_verdict(ctx.snapshot, now, policy)
-            if at is None:
-                ctx.trigger = Trigger.FENCE_FAILED
-                note = f"promotion abandoned ({fenced}; {why}); rolling back"
-                new_state, actions, _ = _begin_demotion(ctx, give_up=True, note=note)
-                return new_state, actions, note
+            assert at is not None  # ``refine`` made it LEASE_REFUSED
             if at > now:
                 new = replace(state, step=None, steps=steps, retry_step=Step.FENCE, retry_at=at,
                               waiting_since=waiting_since)  # fmt: skip
@@ -724,24 +883,43 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             step = PROMOTION[PROMOTION.index(Step.FENCE) + 1]
             new = replace(state, step=step, steps=steps, retry_step=None, waiting_since=0.0)
             return new, (ctx.run(step),), f"{fenced}; going on: {why}"
+        case Then.ABANDON_UNFENCED:
+            fenced = result.detail if result is not None else "not fenced"
+            _, why = lease_verdict(ctx.snapshot, now, policy)
+            note = f"promotion abandoned ({fenced}; {why}); rolling back"
+            return _begin_demotion(ctx, give_up=True, note=note)
+        case Then.ABANDON_REPLICA:
+            refusal = replica_refusal(policy.node, ctx.snapshot.cluster)
+            note = f"promotion abandoned (not taking the spool: {refusal}); rolling back"
+            return _begin_demotion(ctx, give_up=True, note=note)
+        case Then.FORGET_PROMOTION:
+            # Lost the race, or the session or znode right after winning it: nothing else is
+            # held, and a leader znode still ours is released as a stray one.
+            assert result is not None
+            new = AgentState(cooldown_until=state.cooldown_until)
+            why = result.detail if not result.ok else ctx.cause.value.replace("_", " ")
+            return new, (), f"leadership not taken: {why}"
         case Then.ROLL_BACK:
-            if result is not None and result.step is Step.ACQUIRE:
-                # Lost the race, or the session or znode right after winning it: nothing else is
-                # held, and a leader znode still ours is released as a stray one.
-                new = AgentState(role=Role.PASSIVE, cooldown_until=state.cooldown_until)
-                why = result.detail if not result.ok else ctx.trigger.value.replace("_", " ")
-                return new, (), f"leadership not taken: {why}"
             why = f"{result.step.value} failed: {result.detail}" if result and not result.ok else ""
             note = f"promotion abandoned ({why or ctx.trigger.value}); rolling back"
-            new_state, actions, _ = _begin_demotion(ctx, give_up=True, note=note)
-            return new_state, actions, note
+            return _begin_demotion(ctx, give_up=True, note=note)
         case Then.BEGIN_DEMOTION:
             return _begin_demotion(ctx, give_up=False, note=ctx.trigger.value.replace("_", " "))
         case Then.CUT_DRAIN_SHORT:
             note = "session lost during a graceful drain: cutting it short"
             return _begin_demotion(ctx, give_up=state.give_up, note=note)
+        case Then.REFUSE_SWITCHOVER:
+            request = _switchover_pending(ctx.snapshot, policy)
+            assert request is not None
+            refusal = hand_over_refusal(request, ctx.snapshot)
+            return replace(state, step=None), (), f"switchover refused: {refusal}"
         case Then.BEGIN_GIVING_UP:
-            return _begin_demotion(ctx, give_up=True, note="relay unhealthy; giving up leadership")
+            if ctx.snapshot.local.relay_running:
+                note = "relay unhealthy; giving up leadership"
+            else:  # ``refine``: it died again after its restarts
+                restarts = _recent_restarts(state, now, policy)
+                note = f"the relay died again after {restarts} restarts; giving up leadership"
+            return _begin_demotion(ctx, give_up=True, note=note)
         case Then.RELEASE_ONLY:
             new = replace(state, step=Step.RELEASE, started=now, steps=(), reason="stray leader")
             action = ctx.run(Step.RELEASE)
@@ -749,15 +927,14 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
         case Then.NEXT_DEMOTION_STEP:
             assert result is not None
             steps = ctx.timed_steps()
-            index = DEMOTION.index(result.step) + 1
-            if index == len(DEMOTION):
-                cooldown = now + policy.cooldown if state.give_up else state.cooldown_until
-                total = round(now - state.started, 4)
-                new = AgentState(role=Role.PASSIVE, cooldown_until=cooldown, steps=steps)
-                return new, (), f"passive after {total}s"
-            step = DEMOTION[index]
+            step = DEMOTION[DEMOTION.index(result.step) + 1]
             new = replace(state, step=step, steps=steps, attempts=0)
             return new, (ctx.run(step),), ""
+        case Then.FINISH_DEMOTION:
+            cooldown = now + policy.cooldown if state.give_up else state.cooldown_until
+            total = round(now - state.started, 4)
+            new = AgentState(cooldown_until=cooldown, steps=ctx.timed_steps())
+            return new, (), f"passive after {total}s"
         case Then.RETRY_DEMOTION_STEP:
             if result is not None:  # it just failed: wait a little before trying again
                 attempts = state.attempts + 1
@@ -774,12 +951,13 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
 
 def decide(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Decision:
     """The next state and actions for ``snapshot`` seen at monotonic time ``now``."""
-    trigger = classify(state, snapshot, now, policy)
+    cause = classify(state, snapshot, now, policy)
+    trigger = refine(cause, state, snapshot, now, policy)
     transition = TRANSITIONS.get((state.role, trigger))
     if transition is None:
         return Decision(state, (), trigger, "")
-    ctx = _Context(state, snapshot, now, policy, trigger)
-    new, actions, note = _effect(transition, ctx)
-    if new.role is state.role:  # effects that divert (FAILED, DEMOTING, ...) set it themselves
+    new, actions, note = _effect(transition, _Context(state, snapshot, now, policy, trigger, cause))
+    # The row is the whole truth about the role: no effect chooses one.
+    if new.role is not transition.to:
         new = replace(new, role=transition.to)
-    return Decision(new, actions, ctx.trigger, note)
+    return Decision(new, actions, trigger, note)

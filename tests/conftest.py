@@ -20,6 +20,9 @@ from tests.support import zookeeper as zookeeper_support
 from tests.support.prometheus import Prometheus
 from tests.support.relay import RelayProcess
 
+# The decision tests' harness asserts on every step of a walk: pytest explains those failures too.
+pytest.register_assert_rewrite("tests.support.decisions", "tests.support.random_walks")
+
 MX_HOST = "127.0.0.5"
 DEAD_MX_HOST = "127.0.0.6"
 TLS_MX_HOST = "127.0.0.7"

@@ -146,7 +146,11 @@ def test_the_agent_never_imports_the_lab() -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [*sources("fencing", "hamtactl"), ROOT / "cluster" / "state.py"],
+    [
+        *sources("fencing", "hamtactl"),
+        ROOT / "cluster" / "state.py",
+        ROOT / "cluster" / "watchdog_policy.py",
+    ],
     ids=module_name,
 )
 def test_standard_library_only(path: Path) -> None:
@@ -206,3 +210,23 @@ def test_the_lab_fence_starts_on_the_standard_library() -> None:
     )
     roots = {name.split(".")[0] for name in done.stdout.split()}
     assert roots - set(sys.stdlib_module_names) == {"cluster"}, roots
+
+
+# The decision modules: every decision of the agent is testable with plain data.
+DECISIONS = ["state", "watchdog_policy"]
+
+
+@pytest.mark.parametrize("module", DECISIONS)
+def test_the_decision_modules_use_the_standard_library_only(module: str) -> None:
+    path = ROOT / "cluster" / f"{module}.py"
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id not in {"__import__", "open", "exec", "eval"}
+    roots = {name.split(".")[0] for name in imports_of(path)}
+    assert roots, "the parse found no imports at all"
+    assert roots <= sys.stdlib_module_names
+    forbidden = {"kazoo", "pyroute2", "asyncio", "subprocess", "socket", "time", "os", "threading"}
+    assert not roots & forbidden

@@ -106,7 +106,8 @@ def new_term_since(lab: Lab, since: float) -> str | None:
 
 def fence_outcome(lab: Lab, node: str) -> dict[str, Any]:
     """The last decision of ``node`` about its FENCE step's outcome."""
-    decisions = [d for d in agent_decisions(lab, node) if d["trigger"] == "fence_failed"]
+    outcomes = ("fence_failed", "lease_refused")  # go on or wait; or roll back
+    decisions = [d for d in agent_decisions(lab, node) if d["trigger"] in outcomes]
     assert decisions, agent_decisions(lab, node)[-6:]
     return decisions[-1]
 

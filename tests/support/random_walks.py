@@ -1,0 +1,513 @@
+"""Random walks of one agent through a changing world, and the invariants checked at each step.
+
+A seeded generator perturbs the world the way a real cluster does (sessions, leaders, pauses,
+switchovers, DRBD's marks, the peer's records) and simulates the executor; ``check`` restates
+the safety rules independently of the code under test and asserts them on every decision.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from cluster.state import (
+    DEMOTION,
+    PROMOTION,
+    TRANSITIONS,
+    AgentState,
+    Decision,
+    Leader,
+    Member,
+    Policy,
+    Role,
+    Session,
+    Snapshot,
+    Step,
+    StepResult,
+    Switchover,
+    Takeover,
+    Trigger,
+    classify,
+    decide,
+    holds_resources,
+    lease_verdict,
+    refine,
+)
+from tests.support.decisions import (
+    NODE,
+    NOW,
+    OTHER,
+    PAUSE,
+    PEER,
+    RESTART,
+    START,
+    UNREADY,
+    WALL,
+    World,
+    graceful_drain,
+    ours,
+    ready,
+    theirs,
+    unready,
+)
+
+# ------------------------------------------------------------------ random walks
+
+RANDOM_POLICY = Policy(
+    node=NODE,
+    relay_failure_limit=2,
+    relay_restart_limit=1,
+    relay_start_limit=2,
+    retry_interval=2.0,
+    min_failover_interval=3.0,
+    cooldown=10.0,
+    switchover_timeout=8.0,
+)
+
+
+def random_leader(rng: random.Random, epoch: int) -> Leader | None:
+    owner = rng.choice((None, NODE, PEER))
+    if owner is None:
+        return None
+    return Leader(owner, epoch, since=WALL, ours=owner == NODE)
+
+
+def random_switchover(rng: random.Random, wall: float) -> Switchover | None:
+    if rng.random() < 0.5:
+        return None
+    source = rng.choice((NODE, PEER))
+    target = rng.choice((None, NODE, PEER, OTHER))
+    return Switchover(source, target, wall - rng.choice((0.0, 4.0, 8.0, 9.0)))
+
+
+def random_members(rng: random.Random) -> dict[str, Member]:
+    """The other nodes' records: present or not, ready to take over or not."""
+    members: dict[str, Member] = {}
+    for node, choices in ((PEER, ("ready",) * 6 + tuple(UNREADY)), (OTHER, ("ready", "failed"))):
+        why = rng.choice((None, *choices))
+        if why == "ready":
+            members[node] = ready(node)
+        elif why is not None:
+            members[node] = unready(node, why)
+    return members
+
+
+def mark(rng: random.Random, world: World) -> None:
+    """DRBD marks a replica outdated or reports a split brain, or an operator clears them (drawn
+    from a generator of their own, so that the walks' other draws stay what they were)."""
+    if rng.random() < (0.2 if world.outdated or world.split_brain else 0.01):
+        marks: tuple[frozenset[str], ...] = (frozenset({NODE}), frozenset({PEER}), frozenset())
+        world.outdated = frozenset() if world.outdated else rng.choice(marks)
+        world.split_brain = "r0 diverged" if rng.random() < 0.2 else None
+
+
+def perturb(rng: random.Random, world: World, wall: float) -> None:
+    """The world changes a little, the way a real cluster does, and sometimes a lot."""
+    if rng.random() < 0.02:
+        world.session = rng.choices(list(Session), weights=(6, 3, 1))[0]
+        if world.session is Session.LOST and world.leader is not None and world.leader.ours:
+            world.leader = None
+    if world.leader is not None and not world.leader.ours:
+        if rng.random() < 0.05:  # the peer dies or hands over
+            world.leader = None
+    elif rng.random() < 0.01:
+        if rng.random() < 0.5:
+            world.leader = None
+        else:  # the peer takes over
+            world.epoch += 1
+            world.leader = theirs(world.epoch)
+            world.epoch_node = PEER
+            world.last_failover = wall
+    if rng.random() < (0.1 if world.paused is not None else 0.01):
+        world.paused = None if world.paused is not None else PAUSE
+    if rng.random() < 0.02:
+        world.switchover = random_switchover(rng, wall)
+    if rng.random() < 0.05:
+        world.members = random_members(rng)
+    if rng.random() < 0.03:
+        world.relay_running = not world.relay_running
+    if rng.random() < 0.05:
+        world.relay_failures = rng.randrange(4)
+    if rng.random() < 0.006:  # SIGTERM: stays until the agent exits
+        world.stopping = True
+
+
+def arbitrary(rng: random.Random, wall: float, result: StepResult | None) -> Snapshot:
+    """A snapshot with every field drawn independently: no coherence at all."""
+    world = World(
+        session=rng.choice(list(Session)),
+        leader=random_leader(rng, rng.randrange(1, 20)),
+        epoch=rng.randrange(20),
+        epoch_node=rng.choice((None, NODE, PEER)),
+        paused=rng.choice((None, PAUSE)),
+        switchover=random_switchover(rng, wall),
+        last_failover=rng.choice((None, wall, wall - 10)),
+        relay_running=rng.random() < 0.7,
+        relay_failures=rng.randrange(4),
+        members=random_members(rng),
+        stopping=rng.random() < 0.2,
+    )
+    return world.snapshot(wall, result)
+
+
+def run_executor(rng: random.Random, step: Step, world: World, wall: float) -> StepResult:
+    """The outcome of ``step``, and what it did to the world."""
+    success = rng.random() < (0.6 if step in (START, RESTART) else 0.9)
+    epoch = 0
+    if step is Step.ACQUIRE:
+        if success and world.leader is None:
+            world.epoch += 1
+            epoch = world.epoch
+            world.leader = ours(epoch)
+            world.epoch_node = NODE
+            world.last_failover = wall
+        else:
+            success = False
+    elif step is Step.RELEASE and success and world.leader is not None and world.leader.ours:
+        world.leader = None
+    elif step in (START, RESTART) and success:
+        world.relay_running = True
+        world.relay_failures = 0
+    return StepResult(step, success, round(rng.random(), 3), epoch=epoch)
+
+
+def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The essay's rules for taking over, restated independently of the code under test."""
+    cluster = snapshot.cluster
+    if state.role is not Role.PASSIVE or cluster.session is not Session.CONNECTED:
+        return False
+    if cluster.leader is not None or not snapshot.local.relay_running:
+        return False
+    if now < state.cooldown_until or snapshot.local.stopping:
+        return False
+    if policy.node in cluster.outdated or cluster.split_brain is not None:
+        return False
+    request = cluster.switchover
+    if request is not None and snapshot.wall - request.at <= policy.switchover_timeout:
+        return request.source != policy.node and request.target in (None, policy.node)
+    if cluster.paused is not None:
+        return False
+    last = cluster.last_failover
+    return last is None or snapshot.wall - last >= policy.min_failover_interval
+
+
+def may_hand_over(snapshot: Snapshot, policy: Policy) -> bool:
+    """A fresh request from this node names a member (or, with no target, some other member)
+    that is passive, has its warm relay running and is not cooling down."""
+    request = snapshot.cluster.switchover
+    if request is None or request.source != policy.node:
+        return False
+    if snapshot.wall - request.at > policy.switchover_timeout:
+        return False
+    cluster = snapshot.cluster
+    members = cluster.members
+    names = {request.target} if request.target is not None else set(members)
+    return cluster.split_brain is None and any(
+        name != policy.node
+        and name in members
+        and members[name].role is Role.PASSIVE
+        and members[name].relay_running
+        and not members[name].cooldown
+        and name not in cluster.outdated
+        for name in names
+    )
+
+
+# What each step may take, and the step whose success lets go of it again.
+TAKES: dict[Step, str] = {
+    Step.STORAGE: "spool",
+    Step.VIP: "address",
+    Step.RELAY: "serving relay",
+    RESTART: "serving relay",
+}
+LETS_GO: dict[Step, str] = {
+    Step.STORAGE_DOWN: "spool",
+    Step.VIP_DOWN: "address",
+    Step.DRAIN: "serving relay",
+}
+
+
+@dataclass
+class History:
+    """What the checker remembers of the walk so far."""
+
+    term_epoch: int = 0  # returned by the ACQUIRE of the current term, 0 outside a term
+    promoted: list[Step] = field(default_factory=list)  # promotion steps done in this term
+    demoted: list[Step] = field(default_factory=list)  # demotion steps done in this demotion
+    demotion: tuple[Step, ...] = ()  # the steps the current demotion must run
+    # What the node may hold on this machine: taken from the moment a step that takes it is
+    # started (an abandoned or failed step may have done half of its work), until the step
+    # that lets go of it succeeded.
+    taken: set[str] = field(default_factory=set)
+    seen: set[tuple[Role, Trigger]] = field(default_factory=set)
+    activations: int = 0
+    demotions: int = 0
+    give_ups: int = 0
+    preempted: int = 0  # steps in flight cut short by a lost session or leadership
+    stops: int = 0  # handovers because the agent was stopping
+    handovers: int = 0  # switchovers begun by this active node
+    refused: int = 0  # decisions to stay active on a fresh request nobody could take
+    exits: int = 0  # the agent stopped, holding nothing
+    storage_checked: int = 0  # STORAGE started, with the replica's marks looked at
+
+
+def check(
+    history: History,
+    before: AgentState,
+    snapshot: Snapshot,
+    now: float,
+    policy: Policy,
+    decision: Decision,
+) -> None:
+    """The invariants of one decision."""
+    after = decision.state
+    result = snapshot.result
+    cluster = snapshot.cluster
+    cause = classify(before, snapshot, now, policy)
+    trigger = refine(cause, before, snapshot, now, policy)
+    history.seen.add((before.role, trigger))
+    # The table is the whole truth: the trigger logged is the one looked up, and the role after
+    # the decision is its row's.
+    assert decision.trigger is trigger
+    if (before.role, trigger) in TRANSITIONS:
+        assert after.role is TRANSITIONS[(before.role, trigger)].to
+    else:
+        assert after == before
+    steps = [a.step for a in decision.actions]
+    stopping = snapshot.local.stopping
+
+    # What the node may hold: the last step's outcome, then the step it starts now.
+    if result is not None and result.ok and result.step in LETS_GO:
+        history.taken.discard(LETS_GO[result.step])
+    history.taken.update(TAKES[step] for step in steps if step in TAKES)
+    if history.taken:
+        assert holds_resources(after), (history.taken, after)
+    if after.role in (Role.STARTING, Role.PASSIVE, Role.FAILED):
+        assert not history.taken
+        assert not holds_resources(after)
+
+    # Safety first: a node holding resources (active, or promoting in a term it took) that
+    # lost its session or leadership lets go on this very snapshot, even with a step in flight.
+    acquired = result is not None and result.step is Step.ACQUIRE and result.ok
+    holding = before.role is Role.ACTIVE or (
+        before.role is Role.PROMOTING and (before.epoch > 0 or acquired)
+    )
+    lost = cluster.session is not Session.CONNECTED or not (cluster.leader and cluster.leader.ours)
+    assert len(decision.actions) <= 1
+    if holding and lost:
+        if before.step is not None and result is None:
+            history.preempted += 1
+        if before.role is Role.PROMOTING and before.epoch == 0:  # nothing taken but the znode
+            assert after.role is Role.PASSIVE
+            assert steps == []
+        else:
+            assert after.role is Role.DEMOTING
+            assert after.step is Step.DRAIN
+            assert decision.actions[0].timeout == policy.urgent_drain_timeout
+            assert after.give_up is (before.role is Role.PROMOTING)
+    elif graceful_drain(before) and result is None and cluster.session is not Session.CONNECTED:
+        # A graceful drain is cut short: an urgent one replaces it, the give-up kept.
+        assert trigger is Trigger.SESSION_LOST
+        assert after.step is Step.DRAIN and after.give_up is before.give_up
+        assert decision.actions[0].timeout == policy.urgent_drain_timeout
+        return
+    elif before.step is not None and result is None:
+        # One step at a time: nothing else happens while a step is in flight.
+        assert trigger is Trigger.WAITING
+        assert decision.actions == ()
+        assert after == before
+        return
+    if result is not None:
+        assert result.step is before.step
+    assert after.step == (steps[0] if steps else None)
+
+    # A stopping agent hands over and never takes anything on.
+    if stopping:
+        assert Step.ACQUIRE not in steps
+        assert not set(steps) & set(PROMOTION)
+        assert after.role is not Role.ACTIVE
+        if before.role is Role.PASSIVE:
+            assert START not in steps
+        if before.role in (Role.ACTIVE, Role.PROMOTING):
+            assert after.role in (Role.DEMOTING, Role.PASSIVE)
+            if not (holding and lost):
+                assert cause is Trigger.STOP
+                history.stops += 1
+                if before.role is Role.ACTIVE:
+                    assert not after.give_up
+                    assert decision.actions[0].timeout == policy.drain_timeout
+
+    # A switchover only to a member that can take it; otherwise the node stays active.
+    if trigger is Trigger.SWITCHOVER:
+        assert may_hand_over(snapshot, policy)
+        history.handovers += 1
+    if before.role is Role.ACTIVE and trigger in (Trigger.NOTHING, Trigger.SWITCHOVER_REFUSED):
+        assert not may_hand_over(snapshot, policy)
+        request = cluster.switchover
+        pending = (
+            request is not None
+            and request.source == policy.node
+            and snapshot.wall - request.at <= policy.switchover_timeout
+        )
+        assert pending is (trigger is Trigger.SWITCHOVER_REFUSED)
+        if pending:
+            assert decision.note.startswith("switchover refused: ")
+        history.refused += pending
+
+    # The current term: its epoch is the one ACQUIRE returned, and every action carries it.
+    # The spool is taken only for a replica that may be served.
+    if Step.STORAGE in steps:
+        assert policy.node not in cluster.outdated and cluster.split_brain is None
+        history.storage_checked += 1
+    if Step.ACQUIRE in steps:
+        assert may_take_over(before, snapshot, now, policy)
+        assert decision.actions[0].epoch == 0
+        history.term_epoch = 0
+        history.promoted = []
+    if before.role is Role.PROMOTING and result is not None and result.ok:
+        if result.step is Step.ACQUIRE:
+            history.term_epoch = result.epoch
+        if after.role in (Role.PROMOTING, Role.ACTIVE):
+            history.promoted.append(result.step)
+    if Step.STORAGE in steps and history.promoted == [Step.ACQUIRE]:
+        # Past FENCE without a fence: only over nodes whose leases provably expired.
+        assert policy.takeover is Takeover.FENCE_OR_LEASE
+        at, why = lease_verdict(snapshot, now, policy)
+        assert at is not None and at <= now, why
+        history.promoted.append(Step.FENCE)
+    for action in decision.actions:
+        if action.step is not Step.ACQUIRE:
+            assert action.epoch == history.term_epoch, (action, history.term_epoch)
+    if after.role in (Role.ACTIVE, Role.DEMOTING) or (
+        after.role is Role.PROMOTING and after.step is not Step.ACQUIRE
+    ):
+        assert after.epoch == history.term_epoch
+
+    # Promotion steps are taken only while connected and holding the leader znode.
+    if set(steps) & set(PROMOTION[1:]):
+        assert cluster.session is Session.CONNECTED
+        assert cluster.leader is not None and cluster.leader.ours
+
+    # ACTIVE only after the complete promotion of this term, and never without a session.
+    if after.role is Role.ACTIVE:
+        assert cluster.session is Session.CONNECTED
+        assert cluster.leader is not None and cluster.leader.ours
+        if before.role is not Role.ACTIVE:
+            assert before.role is Role.PROMOTING
+            assert history.promoted == list(PROMOTION)
+            history.activations += 1
+        else:
+            assert after.epoch == before.epoch
+
+    # Demotion: every step in order, a failed one again, RELEASE last, cooldown iff giving up.
+    if after.role is Role.DEMOTING and before.role is not Role.DEMOTING:
+        history.demoted = []
+        if before.role is Role.PASSIVE:
+            history.demotion = (Step.RELEASE,)
+            assert not after.give_up
+        else:
+            history.demotion = DEMOTION
+            giving_up = before.role is Role.PROMOTING or decision.trigger is Trigger.RELAY_UNHEALTHY
+            assert after.give_up is giving_up
+        assert steps == [history.demotion[0]]
+    elif before.role is Role.DEMOTING:
+        if result is not None and result.ok:
+            history.demoted.append(result.step)
+        for step in steps:
+            assert step is history.demotion[len(history.demoted)]
+        if before.step is None and result is None:
+            # A failed step waits out retry_interval; giving up leadership waits only for
+            # ZooKeeper to answer again.
+            back = before.retry_step is Step.RELEASE and cluster.session is Session.CONNECTED
+            assert bool(steps) is (now >= before.retry_at or back)
+        if after.role is not Role.DEMOTING:
+            assert after.role is Role.PASSIVE
+            assert history.demoted == list(history.demotion)
+            history.demotions += 1
+            if before.give_up:
+                history.give_ups += 1
+                assert after.cooldown_until == now + policy.cooldown
+            else:
+                assert after.cooldown_until == before.cooldown_until
+    if after.role in (Role.PASSIVE, Role.STARTING, Role.FAILED):
+        assert after.epoch == 0
+        assert not after.give_up
+        history.term_epoch = 0
+
+    # What the node publishes as ``holds``: from the leadership taken to the spool released.
+    if after.role is Role.PROMOTING:
+        assert holds_resources(after) is (after.step is not Step.ACQUIRE)
+    if after.role is Role.DEMOTING:
+        full = history.demotion == DEMOTION
+        assert holds_resources(after) is (full and Step.STORAGE_DOWN not in history.demoted)
+
+
+def random_walk(seed: int, steps: int) -> History:
+    rng = random.Random(seed)
+    marks = random.Random(-seed)
+    policy = RANDOM_POLICY
+    world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
+    state = AgentState()
+    history = History()
+    now, wall = NOW, WALL
+    for _ in range(steps):
+        done = state.role in (Role.STARTING, Role.PASSIVE, Role.FAILED) and state.step is None
+        exits = world.stopping and done
+        if exits or rng.random() < 0.003:
+            # The agent exits (stopped, holding nothing) or crashes, and starts again with a new
+            # ZooKeeper session; its clean slate releases what a former run left held.
+            history.exits += exits
+            state = AgentState()
+            history.term_epoch = 0
+            history.taken.clear()
+            world.stopping = False
+            world.relay_running = rng.random() < 0.5
+            if world.leader is not None and world.leader.ours:
+                world.leader = None
+        elapsed = rng.choice((0.0, 0.1, 0.5, 1.0, 2.5))
+        now += elapsed
+        wall += elapsed
+        perturb(rng, world, wall)
+        mark(marks, world)
+        # As the coordinator sees it: since when the peer has had no member znode.
+        if PEER in world.members:
+            world.absent_since = {}
+        elif PEER not in world.absent_since:
+            world.absent_since = {PEER: now - rng.choice((0.0, 0.0, 1.0, 3.0))}
+        if state.role is Role.ACTIVE and rng.random() < 0.1:  # the operator asks it to hand over
+            world.switchover = Switchover(NODE, rng.choice((None, PEER, OTHER)), wall)
+        # This node's own record, as its agent publishes it.
+        world.members[NODE] = Member(
+            node=NODE,
+            role=state.role,
+            epoch=state.epoch,
+            relay_running=world.relay_running,
+            cooldown=now < state.cooldown_until,
+            holds=holds_resources(state),
+        )
+        result = None
+        if state.step is not None and rng.random() < 0.5:
+            result = run_executor(rng, state.step, world, wall)
+        snapshot = world.snapshot(wall, result)
+        if rng.random() < 0.05:
+            snapshot = arbitrary(rng, wall, result)
+        decision = decide(state, snapshot, now, policy)
+        try:
+            check(history, state, snapshot, now, policy, decision)
+        except AssertionError as error:
+            raise AssertionError(
+                f"seed {seed}: {state}\n{snapshot}\nnow={now}\n-> {decision}"
+            ) from error
+        state = decision.state
+    return history
+
+
+SEEDS = (1, 2, 3, 4, 5, 6, 7, 8)
+_WALKS: dict[int, History] = {}
+
+
+def walked(seed: int) -> History:
+    """The history of the walk for ``seed`` (each walk runs once per test session)."""
+    if seed not in _WALKS:
+        _WALKS[seed] = random_walk(seed, 4000)
+    return _WALKS[seed]

@@ -1,0 +1,41 @@
+"""The random walks of tests/support/random_walks.py: invariants, every row, every new rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.state import (
+    TRANSITIONS,
+    Role,
+    Trigger,
+)
+from tests.support.random_walks import (
+    SEEDS,
+    walked,
+)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_walk_keeps_the_invariants(seed: int) -> None:
+    history = walked(seed)
+    assert history.activations >= 5
+    assert history.demotions >= 5
+    assert history.give_ups >= 1
+
+
+def test_random_walks_visit_every_row_of_the_table() -> None:
+    seen: set[tuple[Role, Trigger]] = set()
+    for seed in SEEDS:
+        seen |= walked(seed).seen
+    assert set(TRANSITIONS) <= seen
+
+
+def test_random_walks_exercise_the_new_rules() -> None:
+    """The invariants above were checked on walks that did meet each rule, more than once."""
+    histories = [walked(seed) for seed in SEEDS]
+    assert sum(h.preempted for h in histories) >= 5
+    assert sum(h.stops for h in histories) >= 5
+    assert sum(h.exits for h in histories) >= 5
+    assert sum(h.handovers for h in histories) >= 5
+    assert sum(h.refused for h in histories) >= 5
+    assert sum(h.storage_checked for h in histories) >= 5
