@@ -360,8 +360,9 @@ class Agent:
                     vip.interface if vip is not None else None,
                 )
                 self._armed = True
-                self.log.info("WatchdogArmed", timeout=self.watchdog_timeout,
-                              relay_pgid=self._watched_pgid)  # fmt: skip
+                self.log.info(
+                    "WatchdogArmed", timeout=self.watchdog_timeout, relay_pgid=self._watched_pgid
+                )
             elif plan.disarm:
                 watchdog.disarm()
                 self._armed = False

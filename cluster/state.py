@@ -874,8 +874,14 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             at, why = lease_verdict(ctx.snapshot, now, policy)
             assert at is not None  # ``refine`` made it LEASE_REFUSED
             if at > now:
-                new = replace(state, step=None, steps=steps, retry_step=Step.FENCE, retry_at=at,
-                              waiting_since=waiting_since)  # fmt: skip
+                new = replace(
+                    state,
+                    step=None,
+                    steps=steps,
+                    retry_step=Step.FENCE,
+                    retry_at=at,
+                    waiting_since=waiting_since,
+                )
                 return new, (), f"{fenced}; {why}"
             if state.retry_step is Step.FENCE and steps:  # the wait is part of FENCE's time
                 waited = round(now - state.waiting_since, 4)
