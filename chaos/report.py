@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from chaos.results import IterationResult, Mark
+from cluster.decision_data import Role
 from cluster.lab.history import Attempt
-from cluster.state import Role
 
 KILL_SCENARIOS: Final = ("kill-relay", "kill-agent", "kill-node")
 

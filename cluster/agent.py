@@ -22,10 +22,7 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import CoordinationError, Coordinator, Credentials
-from cluster.executor import Executor
-from cluster.fencers import ChainFencer, CommandFencer, Fencer
-from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
-from cluster.state import (
+from cluster.decision_data import (
     Action,
     AgentState,
     ClusterView,
@@ -37,10 +34,13 @@ from cluster.state import (
     Snapshot,
     Step,
     StepResult,
-    decide,
-    holds_resources,
 )
+from cluster.executor import Executor
+from cluster.fencers import ChainFencer, CommandFencer, Fencer
+from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
+from cluster.state import decide
 from cluster.storage import Storage, storage_from_config
+from cluster.takeover import holds_resources
 from cluster.vip import VirtualIp
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config

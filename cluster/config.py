@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.state import Policy, Step, Takeover
+from cluster.decision_data import Policy, Step, Takeover
 from cluster.zk_acl import split_chroot
 from fencing import agents_from_config
 from hamta.config import (

@@ -2,7 +2,7 @@
 
 Znodes, all under ``/hamta/<cluster>``, all JSON:
 
-- ``members/<node>`` (ephemeral): each agent's heartbeat, a ``cluster.state.Member``.
+- ``members/<node>`` (ephemeral): each agent's heartbeat, a ``cluster.decision_data.Member``.
 - ``leader`` (ephemeral): ``{"node", "epoch", "since"}``; its owner session is the leader.
 - ``epoch`` (persistent): ``{"epoch", "node", "at"}``, the highest term ever taken and by whom.
 - ``history`` (persistent): the last 50 failover records.
@@ -51,7 +51,7 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_digest_acl
 
-from cluster.state import ClusterView, Leader, Member, Pause, Session, Switchover
+from cluster.decision_data import ClusterView, Leader, Member, Pause, Session, Switchover
 from cluster.zk_acl import AclError, parents, secure, split_chroot
 from hamta.eventlog import get_logger
 

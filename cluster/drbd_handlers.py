@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cluster.coordination import CoordinationError, Coordinator
-from cluster.state import ClusterView, Session
+from cluster.decision_data import ClusterView, Session
 
 EXIT_FAILED = 1
 EXIT_PEER_OUTDATED = 4  # "peer has been successfully fenced"

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cluster.coordination import CoordinationError, Coordinator
+from cluster.decision_data import Action, Session, Step, StepResult
 from cluster.fencers import FenceFailedError, Fencer
 from cluster.probe import smtp_probe
 from cluster.relayproc import RelayControlError, RelayProcess
-from cluster.state import Action, Session, Step, StepResult
 from cluster.storage import Storage, StorageError
 from cluster.vip import VipError, VirtualIp
 from hamta.epoch_token import TOKEN_FILE, TokenError, write_token

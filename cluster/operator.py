@@ -17,7 +17,8 @@ from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import OPERATOR, Coordinator, Credentials
-from cluster.state import ClusterView, Member, Role, Session, Switchover, takeover_refusal
+from cluster.decision_data import ClusterView, Member, Role, Session, Switchover
+from cluster.takeover import takeover_refusal
 
 
 class OperatorError(Exception):
@@ -228,7 +229,7 @@ def choose_switchover_target(
     view: ClusterView, target: str | None, heartbeat: float, stale_after: float, wall: float
 ) -> str:
     """Check a switchover request against the cluster at wall clock ``wall``; the chosen target
-    or OperatorError. Who may take over is ``cluster.state.takeover_refusal``'s to say, the very
+    or OperatorError. Who may take over is ``cluster.takeover.takeover_refusal``'s to say, the very
     rule the active node applies before it hands over and the target before it promotes."""
     if view.switchover is not None and wall - view.switchover.at <= stale_after:
         # During a hand-over nobody leads for a moment: that is not "no node is active".

@@ -2,7 +2,7 @@
 
 The watchdog (``fencing.watchdog``) kills the relay's process group and drops the virtual IP
 when its feeding stops. It must be armed exactly while the node may hold something
-(``cluster.state.holds_resources``), and fed only while the agent is fit to hold it:
+(``cluster.takeover.holds_resources``), and fed only while the agent is fit to hold it:
 
 - the decision loop turned lately (``progress_limit``): a loop stuck in an await stops the
   feeding too;

@@ -20,8 +20,8 @@ import pytest
 from cluster.agent import trusted_failover
 from cluster.config import load_agent_config
 from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.decision_data import Role
 from cluster.operator import OperatorError, operator_session, switchover
-from cluster.state import Role
 from cluster.zookeeper import ServerSpec, ZooKeeperServer
 from tests.support import DnsServer, RecordingSink, free_port
 from tests.support.agents import AgentNode, message_ids, wait_for

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_agent_config, parse_agent_config
-from cluster.state import Step, Takeover
+from cluster.decision_data import Step, Takeover
 from tests.support.relay import HAMTA
 
 GOOD = """

@@ -15,7 +15,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 
 from cluster.coordination import HISTORY_LIMIT, CoordinationError, Coordinator, Credentials
-from cluster.state import Member, Role, Session
+from cluster.decision_data import Member, Role, Session
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import free_port
 from tests.support import zookeeper as zookeeper_support

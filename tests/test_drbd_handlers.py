@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.coordination import Coordinator
-from cluster.state import Member, Role
+from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import free_port
 from tests.support.relay import HAMTA

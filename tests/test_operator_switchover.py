@@ -12,8 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.operator import OperatorError, choose_switchover_target
-from cluster.state import (
+from cluster.decision_data import (
     PROMOTION,
     AgentState,
     ClusterView,
@@ -26,8 +25,9 @@ from cluster.state import (
     Snapshot,
     Switchover,
     Trigger,
-    decide,
 )
+from cluster.operator import OperatorError, choose_switchover_target
+from cluster.state import decide
 
 ACTIVE, TARGET = "alpha", "beta"
 NOW = 1000.0  # monotonic

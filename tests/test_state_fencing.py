@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.state import (
+from cluster.decision_data import (
     DEMOTION,
     PROMOTION,
     AgentState,
@@ -20,11 +20,9 @@ from cluster.state import (
     Switchover,
     Takeover,
     Trigger,
-    decide,
-    fence_targets,
-    holds_resources,
-    lease_verdict,
 )
+from cluster.state import decide
+from cluster.takeover import fence_targets, holds_resources, lease_verdict
 from tests.support.decisions import (
     EPOCH,
     NODE,

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.state import (
-    TRANSITIONS,
-    Role,
-    Trigger,
-)
+from cluster.decision_data import Role, Trigger
+from cluster.state import TRANSITIONS
 from tests.support.random_walks import (
     SEEDS,
     walked,

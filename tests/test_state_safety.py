@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.state import (
+from cluster.decision_data import (
     DEMOTION,
     PROMOTION,
     Action,
@@ -20,9 +20,9 @@ from cluster.state import (
     Switchover,
     Takeover,
     Trigger,
-    decide,
-    holds_resources,
 )
+from cluster.state import decide
+from cluster.takeover import holds_resources
 from tests.support.decisions import (
     EPOCH,
     LOSSES,

@@ -6,15 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.state import (
-    Action,
-    Member,
-    Role,
-    Step,
-    Switchover,
-    Trigger,
-    decide,
-)
+from cluster.decision_data import Action, Member, Role, Step, Switchover, Trigger
+from cluster.state import decide
 from tests.support.decisions import (
     EPOCH,
     NODE,

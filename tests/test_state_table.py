@@ -11,8 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.state import (
-    TRANSITIONS,
+from cluster.decision_data import (
     Action,
     AgentState,
     Decision,
@@ -21,13 +20,10 @@ from cluster.state import (
     Snapshot,
     Step,
     Switchover,
-    Then,
     Trigger,
-    classify,
-    decide,
-    holds_resources,
-    refine,
 )
+from cluster.state import TRANSITIONS, Then, classify, decide, refine
+from cluster.takeover import holds_resources
 from tests.support.decisions import (
     EPOCH,
     GRID_WORLDS,

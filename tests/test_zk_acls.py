@@ -16,7 +16,7 @@ from kazoo.exceptions import NoAuthError, NotEmptyError
 from kazoo.security import OPEN_ACL_UNSAFE, make_acl
 
 from cluster.coordination import CoordinationError, Coordinator, Credentials
-from cluster.state import Member, Role
+from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import zookeeper as zookeeper_support
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from cluster.state import (
+from cluster.decision_data import (
     PROMOTION,
     Action,
     AgentState,
@@ -29,9 +29,9 @@ from cluster.state import (
     StepResult,
     Switchover,
     Trigger,
-    decide,
-    holds_resources,
 )
+from cluster.state import decide
+from cluster.takeover import holds_resources
 
 # ---------------------------------------- the world, and one agent walking through it
 

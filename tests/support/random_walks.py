@@ -10,10 +10,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from cluster.state import (
+from cluster.decision_data import (
     DEMOTION,
     PROMOTION,
-    TRANSITIONS,
     AgentState,
     Decision,
     Leader,
@@ -27,12 +26,9 @@ from cluster.state import (
     Switchover,
     Takeover,
     Trigger,
-    classify,
-    decide,
-    holds_resources,
-    lease_verdict,
-    refine,
 )
+from cluster.state import TRANSITIONS, classify, decide, refine
+from cluster.takeover import holds_resources, lease_verdict
 from tests.support.decisions import (
     NODE,
     NOW,

@@ -1,0 +1,147 @@
+"""Who may take over the active role, and what must be fenced before a node takes the spool.
+
+The one rule of who may take over (``takeover_refusal``) is applied in three places, and all
+three read it from here: by the operator's switchover command to its target, by the active node
+before it hands over (``hand_over_refusal``: never demote into a cluster where nobody takes
+over) and by a passive node to itself before it promotes (``cluster.state.classify``). What a
+promotion must fence first (``fence_targets``), and when it may go on without a fence
+(``lease_verdict``) or not at all (``replica_refusal``), is decided here too; ``holds_resources``
+is what each node publishes about itself (``Member.holds``) for its peers' ``fence_targets``
+and what arms its watchdog. Pure functions of ``cluster.decision_data``; standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cluster.decision_data import (
+    AgentState,
+    ClusterView,
+    Member,
+    Policy,
+    Role,
+    Snapshot,
+    Step,
+    Switchover,
+    Takeover,
+)
+
+
+def holds_resources(state: AgentState) -> bool:
+    """Whether a node in ``state`` may hold the spool, the virtual IP or a serving relay."""
+    if state.role is Role.ACTIVE:
+        return True
+    if state.role is Role.PROMOTING:
+        return state.epoch > 0  # leadership taken: the next steps take the rest
+    if state.role is Role.DEMOTING:
+        # A stray leadership's release (epoch 0) follows no promotion: it took nothing else.
+        return state.epoch > 0 and not any(step is Step.STORAGE_DOWN for step, _ in state.steps)
+    return False
+
+
+def fence_targets(snapshot: Snapshot, policy: Policy) -> tuple[str, ...]:
+    """The nodes to fence before taking the spool: every other node not known to hold nothing.
+
+    A node holds nothing when its agent is connected (its ephemeral member znode exists) and
+    says so (``Member.holds`` is false: passive, starting, failed, promoting before it took
+    leadership, or demoting with everything but leadership released, as after a planned
+    switchover: no need to shoot a node that stepped down cleanly). Any other node (gone, or
+    holding by its own account) might still have the spool mounted or the virtual IP up. The
+    former epoch holder is not enough: after a failed fence and a retry, the epoch record names
+    this very node, while the peer that crashed still holds what it held.
+    """
+    cluster = snapshot.cluster
+    candidates = set(cluster.known_nodes)
+    if cluster.epoch_node:
+        candidates.add(cluster.epoch_node)
+    candidates.discard(policy.node)
+    clean = {name for name, member in cluster.members.items() if not member.holds}
+    return tuple(sorted(candidates - clean))
+
+
+def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float | None, str]:
+    """After a failed FENCE: when the promotion may go on without it, and why.
+
+    Returns ``(now, why)`` to go on at once, ``(later, why)`` to wait until ``later``, or
+    ``(None, why)`` to give up the promotion. A node may be passed over unfenced only when
+    the policy allows it and its lease has provably expired: it has had no member znode (its
+    ZooKeeper session ended on the server) for ``lease_grace``. A node still connected and
+    holding by its own account is alive and unfenced: taking over would make two active nodes.
+    """
+    if policy.takeover is Takeover.FENCE_ONLY:
+        return None, "takeover is fence-only"
+    cluster = snapshot.cluster
+    targets = fence_targets(snapshot, policy)
+    alive = [name for name in targets if name in cluster.members]
+    if alive:
+        return None, f"{', '.join(alive)} still connected to ZooKeeper and holding"
+    if not targets:
+        return now, "no node holds anything any more"
+    since = {name: cluster.absent_since.get(name, now) for name in targets}
+    ready_at = max(since.values()) + policy.lease_grace
+    expired = ", ".join(f"{name} {now - at:.1f}s ago" for name, at in sorted(since.items()))
+    if now >= ready_at:
+        return now, f"leases expired ({expired}; grace {policy.lease_grace:g}s)"
+    return ready_at, f"waiting for the leases to expire ({expired}; grace {policy.lease_grace:g}s)"
+
+
+def replica_refusal(node: str, cluster: ClusterView) -> str | None:
+    """Why ``node``'s replica may not be served, or None: marked outdated by DRBD's fence-peer
+    handler (it missed writes), or a split brain reported that waits for an operator."""
+    if node in cluster.outdated:
+        return "its replica is marked outdated (it missed writes)"
+    if cluster.split_brain is not None:
+        return f"a split brain is reported ({cluster.split_brain})"
+    return None
+
+
+def takeover_refusal(
+    member: Member, cluster: ClusterView, wall: float, stale_after: float = math.inf
+) -> str | None:
+    """Why ``member`` may not take over the active role, or None when it may.
+
+    The one rule, applied by the operator's switchover command to its target, by the active
+    node before it hands over (never demote into a cluster where nobody takes over) and by a
+    passive node to itself before it promotes. A node takes over only when it is passive, its
+    warm relay runs, it is not cooling down after giving up, its replica is not marked outdated
+    (it missed writes) and no split brain waits for an operator: stale or diverged mail is
+    never served. ``stale_after``: how old (by ``wall``) its heartbeat may be; the operator
+    checks it, the agents do not (a live member znode already says its session lives, and a
+    peer's wall clock may run ahead or behind).
+    """
+    reasons = []
+    if member.role is not Role.PASSIVE:
+        reasons.append(f"it is {member.role.value}")
+    if not member.relay_running:
+        reasons.append("its relay is not running")
+    if member.cooldown:
+        reasons.append("it is cooling down after a failure")
+    data = replica_refusal(member.node, cluster)
+    if data is not None:
+        reasons.append(data)
+    age = wall - member.heartbeat
+    if age > stale_after:
+        reasons.append(f"its last heartbeat is {age:.0f}s old")
+    return ", ".join(reasons) or None
+
+
+def hand_over_refusal(request: Switchover, snapshot: Snapshot) -> str | None:
+    """Why the active node may not hand over as asked, or None: never demote into a cluster
+    where nobody takes over (``takeover_refusal``)."""
+    cluster = snapshot.cluster
+    if request.target == request.source:
+        return f"{request.source} cannot hand over to itself"
+    if request.target is not None:
+        member = cluster.members.get(request.target)
+        if member is None:
+            return f"{request.target} is not connected"
+        why = takeover_refusal(member, cluster, snapshot.wall)
+        return None if why is None else f"{request.target} cannot take over: {why}"
+    others = sorted(name for name in cluster.members if name != request.source)
+    refusals = [
+        (name, takeover_refusal(cluster.members[name], cluster, snapshot.wall)) for name in others
+    ]
+    if any(why is None for _, why in refusals):
+        return None
+    details = "; ".join(f"{name}: {why}" for name, why in refusals)
+    return f"no other node can take over ({details or 'none is connected'})"
