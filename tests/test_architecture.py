@@ -94,3 +94,10 @@ def test_nothing_but_the_command_imports_the_chaos_suite() -> None:
                 continue
             for name in imports_of(path):
                 assert name.split(".")[0] != "chaos", (path, name)
+
+
+def test_the_relay_never_imports_the_monitor() -> None:
+    # The monitor watches the relay from outside and may read hamta's modules; never the reverse.
+    for path in PACKAGE.rglob("*.py"):
+        for name in imports_of(path):
+            assert name.split(".")[0] != "monitor", (path, name)
