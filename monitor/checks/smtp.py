@@ -104,14 +104,18 @@ def _tls_step(client: aiosmtplib.SMTP, found: Findings) -> str:
 async def _auth(
     client: aiosmtplib.SMTP, check: SubmissionCheck | SmtpsCheck, found: Findings
 ) -> str:
-    if not client.supports_extension("auth"):
+    methods = sorted(method.upper() for method in client.server_auth_methods)
+    # A bare "AUTH" keyword with no mechanism lets nobody log in either.
+    if not client.supports_extension("auth") or not methods:
         raise CheckFailedError("AUTH not advertised after TLS")
-    methods = sorted(client.server_auth_methods)
     found.facts["auth_methods"] = " ".join(methods)
     if check.login is None:
         return f"AUTH {' '.join(methods)}"
+    # One mechanism, PLAIN when offered (it is over TLS): a wrong password costs the probe
+    # account one failed attempt a run, not one per mechanism the server offers.
+    login = client.auth_plain if "PLAIN" in methods else client.auth_login
     try:
-        await client.login(check.login.username, check.login.password())
+        await login(check.login.username, check.login.password())
     except aiosmtplib.SMTPAuthenticationError as exc:
         raise CheckFailedError(f"login as {check.login.username} refused: {exc.code}") from None
     return f"login as {check.login.username} ok"

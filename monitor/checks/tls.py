@@ -71,24 +71,47 @@ async def _starttls_preamble(
         raise CheckFailedError(f"STARTTLS refused: {line[:80]!r}")
 
 
+class HandshakeError(Exception):
+    """The TLS handshake itself failed (not the certificate's verification)."""
+
+
 async def handshake(check: TlsCheck, context: ssl.SSLContext) -> ssl.SSLObject:
     """Connect to the endpoint and complete the TLS handshake; the session's SSL object."""
-    name = check.server_name or check.host
-    if check.implicit:
-        reader, writer = await asyncio.open_connection(
-            check.host, check.port, ssl=context, server_hostname=name
-        )
-    else:
-        reader, writer = await asyncio.open_connection(check.host, check.port)
-        try:
+    reader, writer = await asyncio.open_connection(check.host, check.port)
+    try:
+        if not check.implicit:
             await _starttls_preamble(reader, writer, check.ehlo_name)
-            await writer.start_tls(context, server_hostname=name)
-        except BaseException:
-            writer.close()
+        try:
+            await writer.start_tls(context, server_hostname=check.server_name or check.host)
+        except ssl.SSLCertVerificationError:
             raise
-    ssl_object: ssl.SSLObject = writer.get_extra_info("ssl_object")
-    writer.close()
-    return ssl_object
+        except (ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError) as exc:
+            # A peer that cannot meet the context often just drops the connection.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise HandshakeError(reason) from None
+        ssl_object: ssl.SSLObject = writer.get_extra_info("ssl_object")
+        return ssl_object
+    finally:
+        writer.close()
+
+
+def legacy_context() -> ssl.SSLContext:
+    """Anything the local OpenSSL can still speak: only to say what an old peer offers."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    return context
+
+
+async def _what_the_peer_offers(check: TlsCheck) -> str:
+    try:
+        ssl_object = await handshake(check, legacy_context())
+    except (HandshakeError, OSError, CheckFailedError):
+        return "no TLS at all that this OpenSSL speaks"
+    cipher = (ssl_object.cipher() or ("?",))[0]
+    return f"it negotiates {ssl_object.version()} {cipher}"
 
 
 def days_left(der: bytes, now: float) -> float:
@@ -119,11 +142,11 @@ async def run_tls(check: TlsCheck, context: CheckContext, found: Findings) -> st
         if code == _NOT_YET_VALID:
             raise CheckFailedError("certificate not yet valid") from None
         raise CheckFailedError(f"certificate not trusted: {message}") from None
-    except ssl.SSLError as exc:
+    except HandshakeError as exc:
         # TLS 1.0/1.1 only, or only weak ciphers: the handshake we insist on did not happen.
-        reason = exc.reason or str(exc)
+        offered = await _what_the_peer_offers(check)
         raise CheckFailedError(
-            f"TLS handshake failed ({reason}): needs TLS ≥ 1.2, strong ciphers"
+            f"TLS handshake failed ({exc}): needs TLS ≥ 1.2 and strong ciphers; {offered}"
         ) from None
     der = ssl_object.getpeercert(binary_form=True)
     version, cipher = ssl_object.version(), (ssl_object.cipher() or ("?",))[0]
@@ -144,7 +167,7 @@ async def _bad_certificate_facts(check: TlsCheck, now: float, facts: dict[str, F
     """Days to expiry of a certificate that failed verification (best effort)."""
     try:
         ssl_object = await handshake(check, client_context(check.ca_file, verify=False))
-    except (OSError, CheckFailedError):
+    except (OSError, CheckFailedError, HandshakeError):
         return
     der = ssl_object.getpeercert(binary_form=True)
     if der is not None:
