@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from monitor.observation import Observation
-from monitor.verdicts import CheckState, State, StateChange
+from monitor.verdicts import CheckState, Outcome, State, StateChange
 
 T = TypeVar("T")
 
@@ -117,6 +117,10 @@ class Store:
                         change.detail,
                     ),
                 )
+            if obs.outcome is not Outcome.FAILURE:
+                # A whole run's answers replace the last ones (a former MX's address goes);
+                # a run that failed half-way may not have asked everything: merged.
+                db.execute("DELETE FROM answers WHERE check_name = ?", (obs.check,))
             for key, value in obs.answers.items():
                 db.execute(
                     "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",

@@ -248,12 +248,16 @@ def _quoted(strings: Sequence[str]) -> str:
 
 
 class RecordsDnsServer(DnsServer):
-    """dnsmasq with TXT and PTR records too; :meth:`replace` restarts it on the same port."""
+    """dnsmasq with TXT and PTR records too; :meth:`replace` restarts it on the same port.
+
+    ``txt`` maps a name to its records: a string is a record of one character-string, a list
+    of strings one record of several (a DKIM key longer than 255 bytes).
+    """
 
     def __init__(
         self,
         *,
-        txt: dict[str, Sequence[str]] | None = None,
+        txt: dict[str, Sequence[str | Sequence[str]]] | None = None,
         ptr: dict[str, str] | None = None,
         **records: Any,
     ) -> None:
@@ -261,9 +265,16 @@ class RecordsDnsServer(DnsServer):
         self._records.extend(self._extra_lines(txt or {}, ptr or {}))
 
     @staticmethod
-    def _extra_lines(txt: dict[str, Sequence[str]], ptr: dict[str, str]) -> list[str]:
+    def _extra_lines(
+        txt: dict[str, Sequence[str | Sequence[str]]], ptr: dict[str, str]
+    ) -> list[str]:
         # dnsmasq makes each quoted text one character-string of the record.
-        lines = [f"txt-record={_name(n)},{_quoted(strings)}" for n, strings in txt.items()]
+        # One txt-record line per record; a record given as a list is several strings.
+        lines = [
+            f"txt-record={_name(n)},{_quoted([r] if isinstance(r, str) else r)}"
+            for n, records in txt.items()
+            for r in records
+        ]
         lines += [f"ptr-record={_name(n)},{_name(target)}" for n, target in ptr.items()]
         return lines
 
