@@ -161,8 +161,9 @@ class SmtpPeer:
         starttls: ssl.SSLContext | None = None,
         implicit: ssl.SSLContext | None = None,
         users: dict[str, str] | None = None,
+        port: int = 0,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.users = users or {}
         kwargs: dict[str, Any] = {
             "hostname": "127.0.0.1",
