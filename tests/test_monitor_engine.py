@@ -95,7 +95,7 @@ def test_closed_port_down_after_three_up_after_two(tmp_path: Path) -> None:
     logged = read_events(tmp_path / "monitor.log", "CheckStateChanged")
     assert [(e["previous"], e["current"]) for e in logged] == [("unknown", "down"), ("down", "up")]
     assert "ConnectionRefusedError" in logged[0]["detail"]
-    print(f"\ndetection {down:.2f}s (interval {INTERVAL}s × 3), recovery {up:.2f}s")
+    print(f"\ndetection {down:.2f}s (interval {INTERVAL}s, threshold 3), recovery {up:.2f}s")
 
 
 def test_slow_is_degraded_hanging_is_down_and_blocks_nobody(tmp_path: Path) -> None:
