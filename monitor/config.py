@@ -345,7 +345,12 @@ def load_monitor_config(path: Path) -> MonitorConfig:
     """Load monitor.toml; :class:`ConfigError` says why it cannot be used."""
     config = parse_monitor_config(read_config_file(path), str(path))
     if config.relay_config is not None:
-        relay_dkim_keys(config.relay_config)  # a broken relay config is this file's error too
+        try:
+            relay_dkim_keys(config.relay_config)
+        except ConfigError as exc:
+            # The relay's file is broken, but this file is what the operator asked to use.
+            reason = " ".join(str(exc).split("\n"))
+            raise ConfigError(f"{path}: relay_config: {' '.join(reason.split())}") from None
     return config
 
 
