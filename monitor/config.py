@@ -235,8 +235,8 @@ class RelayCheck(_CheckBase):
     url: str
     timeout: PositiveSeconds = 10.0
     # Past either, the check warns: mail is piling up or failing somewhere.
-    max_depth: Count = 10_000
-    max_deferred: Count = 1_000
+    max_depth: Annotated[int, Field(ge=0)] = 10_000
+    max_deferred: Annotated[int, Field(ge=0)] = 1_000
 
     @field_validator("url")
     @classmethod

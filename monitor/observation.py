@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,14 +23,12 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    def time(self) -> float:
-        import time  # noqa: PLC0415 - the one place the monitor reads the real clock
+    """The real clock; the engine and the checks read time only through a Clock."""
 
+    def time(self) -> float:
         return time.time()
 
     def monotonic(self) -> float:
-        import time  # noqa: PLC0415
-
         return time.monotonic()
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -143,6 +144,22 @@ def test_relay_check_against_hamta_serve(tmp_path: Path) -> None:
         )
     finally:
         standby.stop()
+
+
+def test_relay_check_warns_when_deferrals_pile_up(tmp_path: Path) -> None:
+    dead = f"[127.0.0.1]:{free_port()}"  # the only route leads nowhere: every attempt defers
+    overrides = {"delivery": {"routes": {"example.test": dead}}}
+    with RelayProcess(tmp_path / "relay", overrides) as process:
+        with smtplib.SMTP(process.host, process.port, timeout=10) as client:
+            client.sendmail("a@sender.test", ["b@example.test"], b"Subject: t\r\n\r\nbody\r\n")
+        deadline = time.monotonic() + 15
+        while process.queue()["recipients_deferred"] == 0:
+            assert time.monotonic() < deadline, process.queue()
+            time.sleep(0.05)
+        outcome, detail = relay_check(process.admin_url, max_deferred=0)
+        assert relay_check(process.admin_url)[0] is Outcome.SUCCESS  # within the defaults
+    assert outcome is Outcome.WARNING
+    assert detail == "active, queue 1, deferred 1 (limits 10000 / 0)"
 
 
 def get(url: str) -> bytes:
