@@ -68,16 +68,18 @@ def _load(args: argparse.Namespace) -> MonitorConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hamta.eventlog import LogFileError  # noqa: PLC0415
+
     config = _load(args)
     try:
-        asyncio.run(_serve(config))
-    except OSError as exc:  # the listen address taken, the store not writable
+        return asyncio.run(_serve(config))
+    except (OSError, LogFileError) as exc:  # the listen address taken, the log not writable
         print(f"monitor: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
-async def _serve(config: MonitorConfig) -> None:
+async def _serve(config: MonitorConfig) -> int:
+    """Run until a signal (0) or until the engine fails, e.g. its store cannot be written (1)."""
     # Imported here: `monitor status` and `check` need none of the server's modules.
     from aiohttp import web  # noqa: PLC0415
 
@@ -116,11 +118,17 @@ async def _serve(config: MonitorConfig) -> None:
         engine_task = asyncio.create_task(engine.run())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({engine_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if engine_task.done():
+            # The checks never raise: what ends the engine is the store (a full or broken disk).
+            # A monitor that records nothing must not look alive: it stops, and says why.
+            log.error("MonitorFailed", error=repr(engine_task.exception()))
+            return 1
         engine_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await engine_task
-        stopped.cancel()
         log.info("MonitorStopped")
+        return 0
     finally:
         await runner.cleanup()
         await store.close()
@@ -212,6 +220,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return asyncio.run(_check_now(config, check))
 
 
+async def _stored_answers(config: MonitorConfig, name: str) -> dict[str, list[str]]:
+    from monitor.store import Store  # noqa: PLC0415
+
+    if not config.store.path.exists():
+        return {}
+    store = Store(config.store.path)
+    try:
+        return await store.answers(name)
+    finally:
+        await store.close()
+
+
 async def _check_now(config: MonitorConfig, check: Any) -> int:
     from monitor.checks import run_check  # noqa: PLC0415
     from monitor.engine import thresholds  # noqa: PLC0415
@@ -220,7 +240,9 @@ async def _check_now(config: MonitorConfig, check: Any) -> int:
 
     keys = relay_dkim_keys(config.relay_config) if config.relay_config else []
     clock = SystemClock()
-    context = CheckContext(clock.time(), tuple(config.dns.nameservers), tuple(keys))
+    # The running monitor's last answers, read and not written: what changed since its run.
+    known = await _stored_answers(config, check.name) if check.kind == "dns" else {}
+    context = CheckContext(clock.time(), tuple(config.dns.nameservers), tuple(keys), known)
     observation = await run_check(check, context, clock)
     # One observation is the whole evidence here: thresholds of 1, the check's slowness limit.
     once = Thresholds(1, 1, thresholds(check).degraded_after)

@@ -96,7 +96,9 @@ class _CheckBase(_Model):
     def _timeout_within_interval(self) -> _CheckBase:
         # A check still running when its next run is due would pile runs up behind it.
         if self.timeout > self.interval:
-            raise ValueError(f"timeout ({self.timeout:g}s) is longer than interval")
+            raise ValueError(
+                f"timeout ({self.timeout:g}s) is longer than interval ({self.interval:g}s)"
+            )
         return self
 
 
@@ -311,7 +313,9 @@ def _where(loc: tuple[int | str, ...], data: Any) -> str:
         label = f"check {name!r}" if isinstance(name, str) else f"check #{loc[1] + 1}"
         # loc[2] is the discriminator's value (the kind), not a key of the file.
         rest = loc[3:] if len(loc) > 2 and loc[2] in KINDS else loc[2:]
-        return f"{label}: {'.'.join(str(p) for p in rest) or '(the check)'}"
+        # A problem of the check as a whole (its kind, timeout against interval) names the
+        # keys in its reason.
+        return ": ".join([label, *([".".join(str(p) for p in rest)] if rest else [])])
     return ".".join(str(part) for part in loc) or "(top level)"
 
 

@@ -37,11 +37,11 @@ MX = '[[checks]]\nname = "mx"\nkind = "smtp"\nhost = "127.0.0.1"\n'
         (MX + "port = 70000\n", "check 'mx': port: Input should be less than 65536"),
         (MX + "intervall = '1m'\n", "check 'mx': intervall: unknown key"),
         (MX + "interval = 'soon'\n", "check 'mx': interval: not a duration: 'soon'"),
-        (MX + "interval = '10s'\n", "check 'mx': (the check): timeout (30s) is longer than"),
+        (MX + "interval = '10s'\n", "check 'mx': timeout (30s) is longer than interval (10s)"),
         (MX + "failure_threshold = 0\n", "check 'mx': failure_threshold: Input should be greater"),
         ('[[checks]]\nname = "mx"\nkind = "smtp"\n', "check 'mx': host: Field required"),
-        ('[[checks]]\nname = "x"\nkind = "ping"\n', "check 'x': (the check): unknown kind 'ping'"),
-        ('[[checks]]\nname = "x"\nhost = "a"\n', "check 'x': (the check): no kind"),
+        ('[[checks]]\nname = "x"\nkind = "ping"\n', "check 'x': unknown kind 'ping'"),
+        ('[[checks]]\nname = "x"\nhost = "a"\n', "check 'x': no kind"),
         ('[[checks]]\nkind = "smtp"\nhost = "a"\n', "check #1: name: Field required"),
         (
             '[[checks]]\nname = "d"\nkind = "dns"\ndomain = "not a domain"\n',
@@ -274,3 +274,29 @@ def test_a_relay_config_with_a_bad_dkim_key_is_this_files_error(
     assert err.count("\n") == 1, err
     assert err.startswith(f"monitor: {path}: relay_config: {relay}: invalid configuration")
     assert f"cannot read DKIM key {missing}" in err
+
+
+def test_run_stops_with_exit_1_when_its_store_cannot_be_opened(tmp_path: Path) -> None:
+    store = tmp_path / "store-is-a-directory"
+    store.mkdir()
+    path = tmp_path / "monitor.toml"
+    path.write_text(
+        render_checks(
+            [{"name": "mx", "kind": "smtp", "host": "127.0.0.1", "port": free_port()}],
+            server={"listen": f"127.0.0.1:{free_port()}"},
+            store={"path": str(store)},
+            log={"file": str(tmp_path / "m.log")},
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "monitor", "run", "--config", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 1, done
+    failed = read_events(tmp_path / "m.log", "MonitorFailed")
+    assert len(failed) == 1 and "unable to open database file" in failed[0]["error"]

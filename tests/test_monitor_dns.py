@@ -15,6 +15,7 @@ import pytest
 
 from hamta import eventlog
 from hamta.dkim_signing import SigningKey, generate_key, txt_strings
+from monitor.__main__ import main
 from monitor.checks import run_check
 from monitor.config import load_monitor_config, relay_dkim_keys
 from monitor.engine import Engine
@@ -95,9 +96,16 @@ async def _two_runs(config_path: Path, dns: RecordsDnsServer) -> tuple[Observati
     return first.observation, second.observation
 
 
-def test_dns_mx_change_is_an_event(tmp_path: Path, dns: RecordsDnsServer) -> None:
+def test_dns_mx_change_is_an_event(
+    tmp_path: Path, dns: RecordsDnsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write_config(tmp_path, dns, DNS_CHECK)
     first, second = asyncio.run(_two_runs(path, dns))
+    # `monitor check` compares with the answers the engine stored (and stores nothing).
+    dns.replace(**{**RECORDS, "mx": {DOMAIN: [(20, "mx1.example.test")]}})
+    assert main(["check", "dns", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "changed: MX example.test: 10 mx2.example.test. → 20 mx1.example.test." in out
     assert first.outcome is Outcome.SUCCESS, first.detail
     assert first.answers["MX example.test"] == ["10 mx1.example.test."]
     assert first.answers["PTR 127.0.0.77"] == ["relay.example.test."]
