@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -23,7 +24,7 @@ from monitor.checks import run_check
 from monitor.config import parse_monitor_config
 from monitor.observation import CheckContext, SystemClock
 from monitor.verdicts import Outcome
-from tests.support.monitor_peers import SmtpPeer, render_checks
+from tests.support.monitor_peers import SmtpPeer, TestCa, render_checks, server_context
 from tests.support.ports import free_port
 from tests.support.relay import RelayProcess, read_events
 
@@ -172,8 +173,19 @@ def test_run_serves_the_api_and_metrics_and_status_reads_them(
     tmp_path: Path, relay: RelayProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    with SmtpPeer() as peer:
+    ca = TestCa(tmp_path / "ca")
+    certificate = ca.issue("mx", "mx.hamta.test", -1, 45)
+    with SmtpPeer(starttls=server_context(*certificate)) as peer:
+        tls = {"ca_file": str(ca.cert), "server_name": "mx.hamta.test"}
         checks: list[dict[str, Any]] = [
+            {
+                "name": "cert",
+                "kind": "tls",
+                "endpoint": f"starttls://127.0.0.1:{peer.port}",
+                "interval": "1s",
+                "timeout": "1s",
+                **tls,
+            },
             {
                 "name": "mx",
                 "kind": "smtp",
@@ -214,7 +226,8 @@ def test_run_serves_the_api_and_metrics_and_status_reads_them(
             stderr=subprocess.PIPE,
         )
         try:
-            states = wait_states(listen, {"mx": "up", "closed": "down", "relay": "up"}, process)
+            wanted = {"mx": "up", "closed": "down", "relay": "up", "cert": "up"}
+            states = wait_states(listen, wanted, process)
             metrics = get(f"http://{listen}/metrics").decode()
             assert main(["status", "--config", str(path)]) == 0
             table = capsys.readouterr().out
@@ -230,9 +243,14 @@ def test_run_serves_the_api_and_metrics_and_status_reads_them(
     assert 'hamta_monitor_check_up{check="closed",kind="smtp"} 0.0' in metrics
     assert 'hamta_monitor_check_state{check="closed",kind="smtp",state="down"} 1.0' in metrics
     assert 'hamta_monitor_check_latency_seconds{check="relay",kind="relay"}' in metrics
+    expiry = re.search(
+        r'hamta_monitor_certificate_expiry_days\{check="cert",kind="tls"\} (\S+)', metrics
+    )
+    assert expiry is not None and 44 < float(expiry.group(1)) <= 45, metrics
     lines = table.splitlines()
     assert lines[0].split() == ["CHECK", "KIND", "STATE", "SINCE", "LAST", "DETAIL"]
-    assert lines[2].split()[:3] == ["closed", "smtp", "down"]
+    assert lines[1].split()[:3] == ["cert", "tls", "up"]
+    assert lines[3].split()[:3] == ["closed", "smtp", "down"]
     assert {row["name"]: row["state"] for row in from_api}["closed"] == "down"
     events = read_events(tmp_path / "m.log")
     names = [event["event"] for event in events]
