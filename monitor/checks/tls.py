@@ -11,6 +11,7 @@ the certificate, so that an expired one is reported as "expired" with its days, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from pathlib import Path
 
@@ -34,8 +35,13 @@ _NOT_YET_VALID = 9  # X509_V_ERR_CERT_NOT_YET_VALID
 _SMTP_LINE = 1024
 
 
+@functools.cache
 def client_context(ca_file: Path | None, *, verify: bool = True) -> ssl.SSLContext:
-    """The TLS a client should insist on; ``verify=False`` only to read a bad certificate."""
+    """The TLS a client should insist on; ``verify=False`` only to read a bad certificate.
+
+    Made once per CA file: loading the system's store takes some 60 ms of the event loop, which
+    every run of every check would otherwise pay (a changed CA file needs a restart).
+    """
     context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(STRONG_CIPHERS)
@@ -95,6 +101,7 @@ async def handshake(check: TlsCheck, context: ssl.SSLContext) -> ssl.SSLObject:
         writer.close()
 
 
+@functools.cache
 def legacy_context() -> ssl.SSLContext:
     """Anything the local OpenSSL can still speak: only to say what an old peer offers."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
