@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "drbd": "cluster.commands",
     "chaos": "chaos.commands",
     "lab": "cluster.lab.commands",
+    "monitor": "monitor.commands",
 }
 
 

@@ -27,6 +27,8 @@ FOLDERS = (
     "fencing",
     "chaos",
     "bench",
+    "monitor",
+    "monitor/checks",
     "tests/support",
 )
 UNCHECKED = ("tests",)
@@ -225,3 +227,10 @@ def test_the_decision_modules_use_the_standard_library_only(module: str) -> None
     assert roots <= sys.stdlib_module_names
     forbidden = {"kazoo", "pyroute2", "asyncio", "subprocess", "socket", "time", "os", "threading"}
     assert not roots & forbidden
+
+
+def test_the_relay_never_imports_the_monitor() -> None:
+    # The monitor watches the relay from outside and may read hamta's modules; never the reverse.
+    for path in PACKAGE.rglob("*.py"):
+        for name in imports_of(path):
+            assert name.split(".")[0] != "monitor", (path, name)

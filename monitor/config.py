@@ -1,0 +1,370 @@
+"""The monitor's own configuration file (monitor.toml): where it listens, its store, its checks.
+
+Each check is a table of ``[[checks]]`` with a ``kind``; its interval and timeout default to the
+issue's table for that kind. Errors name the check (by its ``name``, else its position) and the
+key, one line each, so that a typo in the twentieth check is found at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hamta.config import (
+    ConfigError,
+    Count,
+    PositiveSeconds,
+    load_config,
+    parse_hostport,
+    read_config_file,
+)
+from hamta.dkim_signing import DkimKeyError, SigningKey, load_signing_key
+
+__all__ = ["Check", "ConfigError", "MonitorConfig", "load_monitor_config", "parse_monitor_config"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DOMAIN = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+MINUTE, DAY = 60.0, 86400.0
+
+
+def _domain(value: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    if not _DOMAIN.match(value):
+        raise ValueError(f"not a domain name: {value!r}")
+    return value
+
+
+def _hostport(value: str) -> str:
+    parse_hostport(value)  # a ValueError names what is wrong
+    return value
+
+
+def _nameserver(value: str) -> str:
+    """``addr``, ``addr:port`` or ``[v6]:port``; the port defaults to 53."""
+    if value.startswith("[") or value.count(":") == 1:
+        parse_hostport(value)
+        return value
+    if ":" in value:  # a bare IPv6 address
+        return f"[{value}]:53"
+    return f"{value}:53"
+
+
+Domain = Annotated[str, AfterValidator(_domain)]
+HostPort = Annotated[str, AfterValidator(_hostport)]
+Nameserver = Annotated[str, AfterValidator(_nameserver)]
+Port = Annotated[int, Field(gt=0, lt=65536)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _CheckBase(_Model):
+    """What every check has; subclasses set ``kind`` and their interval/timeout defaults."""
+
+    name: str
+    interval: PositiveSeconds = MINUTE
+    timeout: PositiveSeconds = 30.0
+    # N consecutive failures to go down, M consecutive successes to come back (Gatus' names).
+    failure_threshold: Count = 3
+    success_threshold: Count = 2
+    # A success slower than this is "degraded", not "down".
+    degraded_after: PositiveSeconds = 5.0
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"not a check name (letters, digits, _ . -; 64 at most): {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> _CheckBase:
+        # A check still running when its next run is due would pile runs up behind it.
+        if self.timeout > self.interval:
+            raise ValueError(
+                f"timeout ({self.timeout:g}s) is longer than interval ({self.interval:g}s)"
+            )
+        return self
+
+
+class _TlsOptions(_Model):
+    # The CA bundle the peer's chain must lead to; None: the system's store.
+    ca_file: Path | None = None
+    # The name the certificate must carry; None: the host.
+    server_name: str | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+
+class SmtpCheck(_CheckBase, _TlsOptions):
+    """Port 25: banner, EHLO, response time; STARTTLS offered and negotiated when asked."""
+
+    kind: Literal["smtp"]
+    host: str
+    port: Port = 25
+    ehlo_name: str = "monitor.invalid"
+    starttls: bool = False
+
+
+class Login(_Model):
+    """A probe account: the password is read from a file, never written in monitor.toml."""
+
+    username: str
+    password_file: Path
+
+    @field_validator("password_file")
+    @classmethod
+    def _readable(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+
+class SubmissionCheck(_CheckBase, _TlsOptions):
+    """Port 587: STARTTLS, then AUTH advertised; optionally a real login."""
+
+    kind: Literal["submission"]
+    host: str
+    port: Port = 587
+    ehlo_name: str = "monitor.invalid"
+    login: Login | None = None
+
+
+class SmtpsCheck(_CheckBase, _TlsOptions):
+    """Port 465: implicit TLS, AUTH advertised; optionally a real login."""
+
+    kind: Literal["smtps"]
+    host: str
+    port: Port = 465
+    ehlo_name: str = "monitor.invalid"
+    login: Login | None = None
+
+
+class TlsCheck(_CheckBase, _TlsOptions):
+    """The certificate and protocol of ``starttls://host:port`` or ``tls://host:port``."""
+
+    kind: Literal["tls"]
+    endpoint: str
+    interval: PositiveSeconds = DAY
+    ehlo_name: str = "monitor.invalid"
+    # Days before expiry at which the check warns (the nearest one is named).
+    warn_days: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [30, 14, 7])
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("starttls", "tls"):
+            raise ValueError(f"use starttls://host:port or tls://host:port, not {value!r}")
+        if not parts.hostname or parts.port is None:
+            raise ValueError(f"no host or port in {value!r}")
+        return value
+
+    @property
+    def implicit(self) -> bool:
+        return urlsplit(self.endpoint).scheme == "tls"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.endpoint).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.endpoint).port or 0
+
+
+class Egress(_Model):
+    """An address the relay sends from and the EHLO name its PTR must give (and resolve back)."""
+
+    address: str
+    ehlo_name: Domain
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+
+class DnsCheck(_CheckBase):
+    """MX of ``domain``, the addresses of its exchanges and ``names``, PTR of each egress."""
+
+    kind: Literal["dns"]
+    domain: Domain
+    names: list[Domain] = Field(default_factory=list)
+    egress: list[Egress] = Field(default_factory=list)
+    interval: PositiveSeconds = 5 * MINUTE
+    timeout: PositiveSeconds = 10.0
+
+
+class AuthRecordsCheck(_CheckBase):
+    """SPF, DMARC, the relay's DKIM keys of ``domain``, MTA-STS and TLS-RPT."""
+
+    kind: Literal["auth_records"]
+    domain: Domain
+    interval: PositiveSeconds = 15 * MINUTE
+    timeout: PositiveSeconds = 10.0
+    # RFC 7208 4.6.4: more DNS-querying terms than this is a permerror.
+    max_spf_lookups: Count = 10
+
+
+class RelayCheck(_CheckBase):
+    """The relay's admin endpoint: /health/ready and the figures of /api/queue."""
+
+    kind: Literal["relay"]
+    url: str
+    timeout: PositiveSeconds = 10.0
+    # Past either, the check warns: mail is piling up or failing somewhere.
+    max_depth: Annotated[int, Field(ge=0)] = 10_000
+    max_deferred: Annotated[int, Field(ge=0)] = 1_000
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+
+Check = Annotated[
+    SmtpCheck | SubmissionCheck | SmtpsCheck | TlsCheck | DnsCheck | AuthRecordsCheck | RelayCheck,
+    Field(discriminator="kind"),
+]
+KINDS = ("smtp", "submission", "smtps", "tls", "dns", "auth_records", "relay")
+
+
+class ServerConfig(_Model):
+    """Where the JSON API and /metrics listen."""
+
+    listen: HostPort = "127.0.0.1:8026"
+
+
+class StoreConfig(_Model):
+    """The SQLite file of observations, state changes and last known answers."""
+
+    path: Path = Path("./var/monitor.sqlite")
+    retention: PositiveSeconds = 30 * DAY
+
+
+class DnsConfig(_Model):
+    """The resolvers the dns and auth_records checks ask; empty: the system's."""
+
+    nameservers: list[Nameserver] = Field(default_factory=list)
+
+
+class LogConfig(_Model):
+    file: Path | None = None
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MonitorConfig(_Model):
+    """The whole of monitor.toml."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    # The relay's own TOML: the auth_records checks compare its DKIM keys with DNS.
+    relay_config: Path | None = None
+    checks: list[Check] = Field(default_factory=list)
+
+    @field_validator("checks")
+    @classmethod
+    def _unique(cls, value: list[Check]) -> list[Check]:
+        seen: set[str] = set()
+        for check in value:
+            if check.name in seen:
+                raise ValueError(f"check name {check.name!r} is given twice")
+            seen.add(check.name)
+        return value
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+
+def _where(loc: tuple[int | str, ...], data: Any) -> str:
+    """``check "mx": port`` for ('checks', 0, 'smtp', 'port'), else the dotted path."""
+    if len(loc) >= 2 and loc[0] == "checks" and isinstance(loc[1], int):
+        raw = data.get("checks", [])[loc[1]] if isinstance(data, dict) else None
+        name = raw.get("name") if isinstance(raw, dict) else None
+        label = f"check {name!r}" if isinstance(name, str) else f"check #{loc[1] + 1}"
+        # loc[2] is the discriminator's value (the kind), not a key of the file.
+        rest = loc[3:] if len(loc) > 2 and loc[2] in KINDS else loc[2:]
+        # A problem of the check as a whole (its kind, timeout against interval) names the
+        # keys in its reason.
+        return ": ".join([label, *([".".join(str(p) for p in rest)] if rest else [])])
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _format(error: ValidationError, data: Any, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        reason = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            reason = "unknown key"
+        elif item["type"] == "union_tag_invalid":
+            reason = f"unknown kind {item['input'].get('kind')!r} (one of {', '.join(KINDS)})"
+        elif item["type"] == "union_tag_not_found":
+            reason = f"no kind (one of {', '.join(KINDS)})"
+        lines.append(f"{source}: {_where(item['loc'], data)}: {reason}")
+    return "\n".join(lines)
+
+
+def parse_monitor_config(text: str, source: str = "<monitor.toml>") -> MonitorConfig:
+    """Parse and validate TOML text; :class:`ConfigError` has one line per problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return MonitorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, data, source)) from None
+
+
+def load_monitor_config(path: Path) -> MonitorConfig:
+    """Load monitor.toml; :class:`ConfigError` says why it cannot be used."""
+    config = parse_monitor_config(read_config_file(path), str(path))
+    if config.relay_config is not None:
+        try:
+            relay_dkim_keys(config.relay_config)
+        except ConfigError as exc:
+            # The relay's file is broken, but this file is what the operator asked to use.
+            reason = " ".join(str(exc).split("\n"))
+            raise ConfigError(f"{path}: relay_config: {' '.join(reason.split())}") from None
+    return config
+
+
+def relay_dkim_keys(path: Path) -> list[SigningKey]:
+    """The relay's DKIM keys, loaded as the relay loads them (their public halves are used)."""
+    relay = load_config(path)  # ConfigError names the relay's file and key
+    keys = []
+    for key in relay.dkim.keys:
+        try:
+            keys.append(load_signing_key(key.key, key.domain, key.selector, key.algorithm))
+        except DkimKeyError as exc:
+            raise ConfigError(f"{path}: dkim key {key.selector} of {key.domain}: {exc}") from None
+    return keys

@@ -1,0 +1,71 @@
+"""The monitor's Prometheus metrics, per check: up, latency, days to certificate expiry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from monitor.config import Check
+from monitor.observation import Observation
+from monitor.verdicts import SERVING, CheckState, State
+
+STATES = tuple(State)
+
+
+class MonitorMetrics:
+    """A registry of its own (several monitors in one test process must not share one)."""
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["check", "kind"]
+        self.up = Gauge(
+            "hamta_monitor_check_up",
+            "1 while the check's state is up, degraded or warning; 0 when down or expired",
+            labels,
+            registry=self.registry,
+        )
+        self.state = Gauge(
+            "hamta_monitor_check_state",
+            "1 for the check's current state, 0 for the others",
+            [*labels, "state"],
+            registry=self.registry,
+        )
+        self.latency = Gauge(
+            "hamta_monitor_check_latency_seconds",
+            "How long the check's last run took",
+            labels,
+            registry=self.registry,
+        )
+        self.expiry = Gauge(
+            "hamta_monitor_certificate_expiry_days",
+            "Days until the certificate seen by the check expires (negative: past)",
+            labels,
+            registry=self.registry,
+        )
+        self.runs = Counter(
+            "hamta_monitor_check_runs",
+            "Runs of the check by outcome",
+            [*labels, "outcome"],
+            registry=self.registry,
+        )
+        for check in checks:
+            self._set_state(check, State.UNKNOWN)
+
+    def _set_state(self, check: Check, current: State) -> None:
+        for state in STATES:
+            self.state.labels(check.name, check.kind, state.value).set(int(state is current))
+
+    def observe(self, check: Check, observation: Observation, state: CheckState) -> None:
+        labels = (check.name, check.kind)
+        self._set_state(check, state.state)
+        if state.state is not State.UNKNOWN:
+            self.up.labels(*labels).set(int(state.state in SERVING))
+        self.latency.labels(*labels).set(observation.seconds)
+        self.runs.labels(*labels, observation.outcome.value).inc()
+        days = observation.facts.get("days_to_expiry")
+        if isinstance(days, int | float) and not isinstance(days, bool):
+            self.expiry.labels(*labels).set(days)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
