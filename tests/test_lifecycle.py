@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from hamta import eventlog
+from hamta.return_paths import SECRET_FILE
 from tests.conftest import MX_HOST, RelayFactory
 from tests.support import RecordingSink
 
@@ -82,6 +83,44 @@ def test_activation_on_a_locked_spool_fails_clearly(make_relay: RelayFactory) ->
     assert "in use by pid" in result.stderr
     assert second.get("/health/ready")[0] == 503
     assert second.get("/health/live")[0] == 200  # still warm, ready to try again
+
+
+def open_files_under(pid: int, directory: Path) -> list[str]:
+    """The files below ``directory`` that process ``pid`` holds open."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except FileNotFoundError:  # closed while listed
+            continue
+        if target.is_relative_to(directory):
+            held.append(str(target))
+    return held
+
+
+def test_an_activation_refused_after_the_spool_opened_leaves_it_closed(
+    make_relay: RelayFactory, sink: RecordingSink
+) -> None:
+    # The bounce secret is read after the spool is open: a bad one fails the activation there.
+    relay = make_relay(
+        {"suppression": {"bounces_address": "bounces@relay.hamta.test"}}, standby=True
+    )
+    relay.spool.mkdir(parents=True, exist_ok=True)
+    secret = relay.spool / SECRET_FILE
+    secret.write_bytes(b"short")
+    activate = ("relay", "activate", "--spool", str(relay.spool), "--socket", str(relay.control))
+
+    refused = relay.cli(*activate)
+    assert refused.returncode == 1
+    assert "cannot read or create the bounce secret" in refused.stderr
+    assert open_files_under(relay.pid, relay.spool) == []  # the lock, journal and segments
+    assert relay.get("/health/ready")[0] == 503
+
+    secret.unlink()  # the operator removes the cause; the agent activates again
+    result = relay.cli(*activate)
+    assert result.returncode == 0, result.stderr
+    send_many(relay.port, 2)
+    assert sink.wait_for(2, timeout=10)
 
 
 def test_queue_survives_restart_and_is_delivered_once(
