@@ -302,7 +302,7 @@ def merge_summaries(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[s
                 merged[key] = merged.get(key, 0) + summary[key]
         for domain, row in summary.get("domains", {}).items():
             target = merged.setdefault("domains", {}).setdefault(
-                domain, {"ready": 0, "deferred": 0}
+                domain, {"ready": 0, "deferred": 0, "in_flight": 0}
             )
             for column, value in row.items():
                 target[column] = target.get(column, 0) + value

@@ -6,6 +6,7 @@ import json
 import signal
 import smtplib
 import socket
+import time
 from pathlib import Path
 
 from hamta import eventlog
@@ -156,8 +157,36 @@ def test_hamta_queue_summarises_a_running_relay_by_domain(make_relay: RelayFacto
     summary = json.loads(result.stdout)
     assert summary["state"] == "active"
     assert summary["depth"] == 6
-    counts = {d: row["ready"] + row["deferred"] for d, row in summary["domains"].items()}
+    # A session may hold one of them at any moment (no MX answers): it still counts, in flight.
+    counts = {d: sum(row.values()) for d, row in summary["domains"].items()}
     assert counts == {"sink.test": 4, "other.test": 2}
+    assert {tuple(row) for row in summary["domains"].values()} == {
+        ("ready", "deferred", "in_flight")
+    }
+
+
+def test_hamta_queue_counts_a_recipient_being_delivered_in_flight(
+    make_relay: RelayFactory, mx_port: int
+) -> None:
+    relay = make_relay()
+    with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=3.0) as sink:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:  # the MX answers late
+            client.sendmail("a@origin.test", ["slow@sink.test"], b"Subject: slow\r\n\r\nx\r\n")
+        deadline = time.monotonic() + 10
+        while relay.queue()["in_flight"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result = relay.cli("queue", "--config", str(relay.config_path), "--json")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        table = relay.cli("queue", "--config", str(relay.config_path)).stdout
+        _, body = relay.get("/api/domain/sink.test")
+        view = json.loads(body)
+        assert sink.wait_for(1, timeout=10)
+    assert summary["domains"]["sink.test"]["in_flight"] == 1
+    assert sum(summary["domains"]["sink.test"].values()) == summary["depth"]
+    assert "in_flight" in table.splitlines()[1]
+    assert view["queued_in_flight"] == 1
+    assert view["queued"] == view["queued_ready"] + view["queued_deferred"] + 1
 
 
 def test_sigterm_drains_with_421_and_exits_zero(make_relay: RelayFactory, mx_port: int) -> None:
