@@ -4,13 +4,16 @@ Each part is constructed with everything it needs, in the order they need each o
 (opened, with its fencing check), the delivery engine (which owns the queue, since the queue's
 ready lines start the engine's sessions), the suppression list and the report intakes, the
 reception handler that spools and queues, the queue's timer, and the factory of SMTP sessions.
-Nothing is set on a part after it is built. Listening and recovery are the relay's steps
-(``hamta.relay``): they come after, in the relay's order.
+Nothing is set on a part after it is built. A part that fails closes what was opened before it
+(the spool's lock, the suppression list, the tasks), so a refused activation can be retried in
+the same process. Listening and recovery are the relay's steps (``hamta.relay``): they come
+after, in the relay's order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 from collections.abc import Callable
@@ -93,137 +96,146 @@ async def build(
     except BounceRulesError as exc:  # changed since the configuration was checked
         raise ActivationError(str(exc)) from None
     check = guard.check if guard is not None else None
-    spool = Spool(
-        path,
-        segment_size=config.spool.segment_size,
-        journal_size=config.spool.journal_size,
-        min_free=config.spool.min_free,
-        wall_clock=wall_clock,
-        on_checkpoint=on_checkpoint,
-        spawn=spawn,
-        on_commit=on_commit,
-        guard=check,
-    )
-    try:
-        spool.open()
-    except SpoolError as exc:
-        raise ActivationError(str(exc)) from None
-    router = Router(config.delivery, config.dns)
-    reports = config.suppression
-    return_paths = None
-    if reports.bounces_address is not None:
+    # What is opened is closed again, in reverse order, if a later part fails: a refused
+    # activation leaves nothing held (the spool's lock above all) for the next one.
+    async with contextlib.AsyncExitStack() as opened:
+        spool = Spool(
+            path,
+            segment_size=config.spool.segment_size,
+            journal_size=config.spool.journal_size,
+            min_free=config.spool.min_free,
+            wall_clock=wall_clock,
+            on_checkpoint=on_checkpoint,
+            spawn=spawn,
+            on_commit=on_commit,
+            guard=check,
+        )
         try:
-            return_paths = ReturnPaths.on_spool(
-                root, reports.bounces_address, reports.bounce_address_days, wall_clock
-            )
-        except OSError as exc:
-            raise ActivationError(f"cannot read or create the bounce secret: {exc}") from None
-    # At the spool's root (not a worker's shard): one list per volume, moving with it.
-    suppressions = await _open_suppressions(config, root, check, log)
-    engine = DeliveryEngine(
-        config.delivery,
-        config.node.hostname,
-        spool,
-        router,
-        metrics,
-        log,
-        wall_clock=wall_clock,
-        share=config.node.workers,
-        retry=config.retry,
-        spawn=spawn,
-        return_paths=return_paths,
-        guard=check,
-        classifier=classifier,
-        domain_stats=domain_stats,
-        suppressions=suppressions,
-        suspended=load_suspended(path, log),
-    )
-    queue = engine.queue
-    limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
-    quota = QuarantineQuota(
-        reports.quarantine_max_size, reports.quarantine_max_files, reports.quarantine_retention
-    )
-    intakes: list[Intake] = []
-    if reports.complaints_address is not None:
-        if not reports.complaint_networks and not reports.complaint_dkim_domains:
-            log.warning(
-                "ComplaintsIgnored",
-                address=reports.complaints_address,
-                reason="no complaint_networks and no complaint_dkim_domains: every "
-                "complaint is logged and suppresses nobody",
-            )
-        trust = ReporterTrust.of(
-            reports.complaint_networks, reports.complaint_dkim_domains, config.dns
+            spool.open()
+        except SpoolError as exc:
+            raise ActivationError(str(exc)) from None
+        opened.push_async_callback(spool.close)
+        router = Router(config.delivery, config.dns)
+        reports = config.suppression
+        return_paths = None
+        if reports.bounces_address is not None:
+            try:
+                return_paths = ReturnPaths.on_spool(
+                    root, reports.bounces_address, reports.bounce_address_days, wall_clock
+                )
+            except OSError as exc:
+                raise ActivationError(f"cannot read or create the bounce secret: {exc}") from None
+        # At the spool's root (not a worker's shard): one list per volume, moving with it.
+        suppressions = await _open_suppressions(config, root, check, log)
+        if suppressions is not None:
+            opened.push_async_callback(suppressions.close)
+        engine = DeliveryEngine(
+            config.delivery,
+            config.node.hostname,
+            spool,
+            router,
+            metrics,
+            log,
+            wall_clock=wall_clock,
+            share=config.node.workers,
+            retry=config.retry,
+            spawn=spawn,
+            return_paths=return_paths,
+            guard=check,
+            classifier=classifier,
+            domain_stats=domain_stats,
+            suppressions=suppressions,
+            suspended=load_suspended(path, log),
         )
-        intakes.append(
-            ComplaintIntake(
-                reports.complaints_address,
-                suppressions,
-                root,
-                metrics,
-                log,
-                check,
-                domain_stats.record_complaint,
-                config.spool.min_free,
-                limits,
-                quota,
-                trust,
+        queue = engine.queue
+        limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
+        quota = QuarantineQuota(
+            reports.quarantine_max_size, reports.quarantine_max_files, reports.quarantine_retention
+        )
+        intakes: list[Intake] = []
+        if reports.complaints_address is not None:
+            if not reports.complaint_networks and not reports.complaint_dkim_domains:
+                log.warning(
+                    "ComplaintsIgnored",
+                    address=reports.complaints_address,
+                    reason="no complaint_networks and no complaint_dkim_domains: every "
+                    "complaint is logged and suppresses nobody",
+                )
+            trust = ReporterTrust.of(
+                reports.complaint_networks, reports.complaint_dkim_domains, config.dns
             )
-        )
-    if reports.bounces_address is not None and return_paths is not None:
-        intakes.append(
-            BounceIntake(
-                reports.bounces_address,
-                classifier,
-                suppressions,
-                root,
-                metrics,
-                log,
-                check,
-                config.spool.min_free,
-                limits,
-                quota,
-                return_paths,
+            intakes.append(
+                ComplaintIntake(
+                    reports.complaints_address,
+                    suppressions,
+                    root,
+                    metrics,
+                    log,
+                    check,
+                    domain_stats.record_complaint,
+                    config.spool.min_free,
+                    limits,
+                    quota,
+                    trust,
+                )
             )
+        if reports.bounces_address is not None and return_paths is not None:
+            intakes.append(
+                BounceIntake(
+                    reports.bounces_address,
+                    classifier,
+                    suppressions,
+                    root,
+                    metrics,
+                    log,
+                    check,
+                    config.spool.min_free,
+                    limits,
+                    quota,
+                    return_paths,
+                )
+            )
+        handler = ReceptionHandler(
+            config.smtp,
+            config.node.hostname,
+            spool,
+            queue.add,
+            metrics,
+            log,
+            signer=signer,
+            suppressions=suppressions,
+            intakes=intakes,
+            # Each worker (SO_REUSEPORT spreads a client's connections) keeps its share.
+            report_rate=ClientRate(
+                reports.report_rate_per_client / config.node.workers, reports.complaint_networks
+            ),
         )
-    handler = ReceptionHandler(
-        config.smtp,
-        config.node.hostname,
-        spool,
-        queue.add,
-        metrics,
-        log,
-        signer=signer,
-        suppressions=suppressions,
-        intakes=intakes,
-        # Each worker (SO_REUSEPORT spreads a client's connections) keeps its share.
-        report_rate=ClientRate(
-            reports.report_rate_per_client / config.node.workers, reports.complaint_networks
-        ),
-    )
-    timer = spawn("queue timer", queue.run_timer())
-    sweeper = None
-    if intakes and worker == 0:  # one sweeper per volume
-        sweeper = spawn(
-            "quarantine sweeper",
-            sweep_periodically(root / QUARANTINE_DIR, quota, wall_clock, log, check),
+        timer = spawn("queue timer", queue.run_timer())
+        opened.callback(timer.cancel)
+        sweeper = None
+        if intakes and worker == 0:  # one sweeper per volume
+            sweeper = spawn(
+                "quarantine sweeper",
+                sweep_periodically(root / QUARANTINE_DIR, quota, wall_clock, log, check),
+            )
+            opened.callback(sweeper.cancel)
+        protocol = functools.partial(
+            HamtaSMTP,
+            handler,
+            line_length_limit=config.smtp.max_line_length + 2,
+            data_size_limit=config.smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.node.hostname,
+            ident="ESMTP hamta",
+            tls_context=inbound_tls,
+            timeout=config.smtp.session_timeout,
+            loop=asyncio.get_running_loop(),
         )
-    protocol = functools.partial(
-        HamtaSMTP,
-        handler,
-        line_length_limit=config.smtp.max_line_length + 2,
-        data_size_limit=config.smtp.max_message_size,
-        enable_SMTPUTF8=True,
-        decode_data=False,
-        hostname=config.node.hostname,
-        ident="ESMTP hamta",
-        tls_context=inbound_tls,
-        timeout=config.smtp.session_timeout,
-        loop=asyncio.get_running_loop(),
-    )
-    return ActiveParts(
-        spool, queue, engine, router, handler, suppressions, guard, protocol, timer, sweeper
-    )
+        opened.pop_all()  # built whole: the relay's deactivation closes it from now on
+        return ActiveParts(
+            spool, queue, engine, router, handler, suppressions, guard, protocol, timer, sweeper
+        )
 
 
 async def _open_suppressions(

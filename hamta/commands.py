@@ -85,7 +85,8 @@ def _queue_from_spool(path: Path) -> dict[str, Any]:
     for message in messages:
         for index in message.pending:
             row = domains.setdefault(
-                recipient_domain(message.rec.recipients[index]), {"ready": 0, "deferred": 0}
+                recipient_domain(message.rec.recipients[index]),
+                {"ready": 0, "deferred": 0, "in_flight": 0},  # no relay: none in flight
             )
             row["deferred" if message.retry and index in message.retry else "ready"] += 1
     return {"state": "offline", "spool": str(path), "depth": depth, "domains": domains}
@@ -111,9 +112,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
     domains: dict[str, dict[str, int]] = summary.get("domains", {})
     if domains:
         width = max(len("domain"), *(len(d) for d in domains))
-        print(f"{'domain':<{width}}  {'ready':>8}  {'deferred':>8}")
+        print(f"{'domain':<{width}}  {'ready':>8}  {'deferred':>8}  {'in_flight':>9}")
         for domain, row in sorted(domains.items(), key=lambda kv: -sum(kv[1].values())):
-            print(f"{domain:<{width}}  {row['ready']:>8}  {row['deferred']:>8}")
+            print(
+                f"{domain:<{width}}  {row['ready']:>8}  {row['deferred']:>8}  "
+                f"{row.get('in_flight', 0):>9}"
+            )
     return 0
 
 

@@ -204,7 +204,7 @@ class DeliveryEngine:
                         await asyncio.wait_for(self._halted.wait(), timeout=delay)
                     if self.stopping or destination.suspended or not destination.ready:
                         continue
-                job = destination.ready.popleft()
+                job = self.queue.take(destination)
                 if connection is None:
                     try:
                         connection = await self._connect(job.domain)
@@ -232,6 +232,7 @@ class DeliveryEngine:
                 except SupersededError:
                     # Drop the link before DATA: the next hop discards the transaction. The job
                     # stays unfinished in the spool, for the term that owns it now.
+                    self.queue.settle(job)
                     connection.client.close()
                     connection = None
                     self.connections -= 1
@@ -525,6 +526,7 @@ class DeliveryEngine:
     def _apply(
         self, job: Job, replies: dict[int, Reply], target: Target | None, started: float
     ) -> None:
+        self.queue.settle(job)  # before a deferral puts it in the deferred heap: counted once
         rec = job.message.rec
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         delivered = [i for i, r in replies.items() if 200 <= r.code < 300]

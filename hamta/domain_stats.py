@@ -163,6 +163,7 @@ def _queue_row() -> dict[str, Any]:
     return {
         "queued_ready": 0,
         "queued_deferred": 0,
+        "queued_in_flight": 0,  # recipients a session holds (``in_flight``: the destination's jobs)
         "in_flight": 0,
         "connections": 0,
         "suspended": False,
@@ -192,6 +193,7 @@ def relay_snapshot(
         row = domains.setdefault(domain, _queue_row())
         row["queued_ready"] += counts.get("ready", 0)
         row["queued_deferred"] += counts.get("deferred", 0)
+        row["queued_in_flight"] += counts.get("in_flight", 0)
     for domain, row in domains.items():
         # Not MailQueue.destination(): a view must not create destinations.
         destination = queue.destinations.get(next_hop(domain))
@@ -247,13 +249,15 @@ def domain_view(domain: str, row: dict[str, Any], window_seconds: float) -> dict
     attempts = delivered + deferred + bounced + expired
     latency_count = window.get("latency_count", 0)
     ready, waiting = int(row.get("queued_ready", 0)), int(row.get("queued_deferred", 0))
+    held = int(row.get("queued_in_flight", 0))
     view: dict[str, Any] = {
         "domain": domain,
         "destination": row.get("destination", domain),
         "window_seconds": window_seconds,
-        "queued": ready + waiting,
+        "queued": ready + waiting + held,
         "queued_ready": ready,
         "queued_deferred": waiting,
+        "queued_in_flight": held,
         "in_flight": int(row.get("in_flight", 0)),
         "connections": int(row.get("connections", 0)),
         "suspended": bool(row.get("suspended", False)),
@@ -278,7 +282,7 @@ def domain_view(domain: str, row: dict[str, Any], window_seconds: float) -> dict
 
 
 def _depth(row: dict[str, Any]) -> int:
-    return int(row.get("queued_ready", 0)) + int(row.get("queued_deferred", 0))
+    return sum(int(row.get(f"queued_{f}", 0)) for f in ("ready", "deferred", "in_flight"))
 
 
 def ranked(snapshot: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

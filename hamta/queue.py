@@ -111,6 +111,9 @@ class MailQueue:
         self.destinations: dict[str, Destination] = {}
         self._by_domain: dict[str, Destination] = {}
         self._deferred: list[tuple[float, int, Job]] = []
+        # Jobs a session took from a ready line whose outcome is not applied yet, by id(): in
+        # no line, yet still queued (``hamta queue`` counts them in flight).
+        self._taken: dict[int, Job] = {}
         self._seq = itertools.count()
         self._timer_changed = asyncio.Event()
 
@@ -149,6 +152,16 @@ class MailQueue:
         destination = self.destination_for(job.domain)
         destination.ready.append(job)
         self._on_ready(destination)
+
+    def take(self, destination: Destination) -> Job:
+        """The next job of ``destination``'s ready line, counted in flight until :meth:`settle`."""
+        job = destination.ready.popleft()
+        self._taken[id(job)] = job
+        return job
+
+    def settle(self, job: Job) -> None:
+        """A taken job leaves the flight: its outcome is applied, or it is left to the spool."""
+        self._taken.pop(id(job), None)
 
     def destination_for(self, domain: str) -> Destination:
         """The destination that mail for ``domain`` goes to."""
@@ -261,13 +274,22 @@ class MailQueue:
         return sum(d.in_flight for d in self.destinations.values())
 
     def by_domain(self) -> dict[str, dict[str, int]]:
-        """Recipients waiting per domain, ready and deferred."""
+        """Recipients queued per domain: ready, deferred, and in flight (taken by a session).
+
+        The three add up to every recipient of the queue, so that a domain's mail never seems
+        to vanish while a session holds it.
+        """
         summary: dict[str, dict[str, int]] = {}
+
+        def count(job: Job, column: str) -> None:
+            row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0, "in_flight": 0})
+            row[column] += len(job.rcpts)
+
         for destination in self.destinations.values():
             for job in destination.ready:
-                row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0})
-                row["ready"] += len(job.rcpts)
+                count(job, "ready")
         for _, _, job in self._deferred:
-            row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0})
-            row["deferred"] += len(job.rcpts)
+            count(job, "deferred")
+        for job in self._taken.values():
+            count(job, "in_flight")
         return summary

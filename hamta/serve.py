@@ -183,10 +183,11 @@ def _run(coro: Any) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``hamta serve``: run the relay (or a warm standby) until SIGTERM."""
-    config = load_or_exit(args.config)
     if args.worker:
-        # A worker of a multi-process relay: it goes when the relay that started it goes.
-        die_with_parent()
+        # A worker of a multi-process relay: it goes when the relay that started it goes (or
+        # went already: a worker started by hand, with no pid given, trusts its parent now).
+        die_with_parent(args.parent_pid or os.getppid())
+    config = load_or_exit(args.config)
     standby = args.standby or bool(args.worker)
     try:
         eventlog.configure(config.log.level, config.log.file)
@@ -295,6 +296,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="start warm: no spool, no listener, until activated over the control socket",
     )
     serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    # The pid of worker 0, which started this worker: it must still be its parent.
+    serve.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     # A worker's SMTP sockets, bound by worker 0 (hamta.listeners), as file descriptors.
     serve.add_argument("--listen-fds", type=_fds, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)

@@ -63,15 +63,19 @@ def stray_shards(root: Path, workers: int) -> list[Path]:
     return sorted(found)
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when its parent dies (Linux prctl)."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGTERM this process when ``parent``, the process that started it, dies.
+
+    ``parent`` is the pid the starter gave: a parent that died while this process was still
+    starting (before the Linux prctl took effect) has left it to another one, which the kernel's
+    request would never report; the pid that differs shows it.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != parent:  # orphaned already: go as if the parent's death were reported
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -125,6 +129,8 @@ class WorkerPool:
             "--standby",
             "--worker",
             str(worker.index),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if self._config_file is not None:
             args += ["--config", str(self._config_file)]
@@ -302,7 +308,7 @@ def merge_summaries(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[s
                 merged[key] = merged.get(key, 0) + summary[key]
         for domain, row in summary.get("domains", {}).items():
             target = merged.setdefault("domains", {}).setdefault(
-                domain, {"ready": 0, "deferred": 0}
+                domain, {"ready": 0, "deferred": 0, "in_flight": 0}
             )
             for column, value in row.items():
                 target[column] = target.get(column, 0) + value

@@ -109,8 +109,8 @@ def test_domain_api_counts_deliveries_and_bounces(
     assert get_json(relay, "/api/domain/SINK.test.")[1]["delivered"] == 4
     status, missing = get_json(relay, "/api/domain/never.test")
     assert status == 404 and missing["domain"] == "never.test"
-    # /api/queue is as before.
-    assert relay.queue()["domains"]["sink.test"] == {"ready": 0, "deferred": 1}
+    # /api/queue as before, with the recipients a session holds beside them.
+    assert relay.queue()["domains"]["sink.test"] == {"ready": 0, "deferred": 1, "in_flight": 0}
 
 
 def test_top_n_destinations_and_other(make_relay: RelayFactory, sink: RecordingSink) -> None:

@@ -6,9 +6,11 @@ import json
 import signal
 import smtplib
 import socket
+import time
 from pathlib import Path
 
 from hamta import eventlog
+from hamta.return_paths import SECRET_FILE
 from tests.conftest import MX_HOST, RelayFactory
 from tests.support import RecordingSink
 
@@ -84,6 +86,44 @@ def test_activation_on_a_locked_spool_fails_clearly(make_relay: RelayFactory) ->
     assert second.get("/health/live")[0] == 200  # still warm, ready to try again
 
 
+def open_files_under(pid: int, directory: Path) -> list[str]:
+    """The files below ``directory`` that process ``pid`` holds open."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except FileNotFoundError:  # closed while listed
+            continue
+        if target.is_relative_to(directory):
+            held.append(str(target))
+    return held
+
+
+def test_an_activation_refused_after_the_spool_opened_leaves_it_closed(
+    make_relay: RelayFactory, sink: RecordingSink
+) -> None:
+    # The bounce secret is read after the spool is open: a bad one fails the activation there.
+    relay = make_relay(
+        {"suppression": {"bounces_address": "bounces@relay.hamta.test"}}, standby=True
+    )
+    relay.spool.mkdir(parents=True, exist_ok=True)
+    secret = relay.spool / SECRET_FILE
+    secret.write_bytes(b"short")
+    activate = ("relay", "activate", "--spool", str(relay.spool), "--socket", str(relay.control))
+
+    refused = relay.cli(*activate)
+    assert refused.returncode == 1
+    assert "cannot read or create the bounce secret" in refused.stderr
+    assert open_files_under(relay.pid, relay.spool) == []  # the lock, journal and segments
+    assert relay.get("/health/ready")[0] == 503
+
+    secret.unlink()  # the operator removes the cause; the agent activates again
+    result = relay.cli(*activate)
+    assert result.returncode == 0, result.stderr
+    send_many(relay.port, 2)
+    assert sink.wait_for(2, timeout=10)
+
+
 def test_queue_survives_restart_and_is_delivered_once(
     make_relay: RelayFactory, mx_port: int
 ) -> None:
@@ -117,8 +157,36 @@ def test_hamta_queue_summarises_a_running_relay_by_domain(make_relay: RelayFacto
     summary = json.loads(result.stdout)
     assert summary["state"] == "active"
     assert summary["depth"] == 6
-    counts = {d: row["ready"] + row["deferred"] for d, row in summary["domains"].items()}
+    # A session may hold one of them at any moment (no MX answers): it still counts, in flight.
+    counts = {d: sum(row.values()) for d, row in summary["domains"].items()}
     assert counts == {"sink.test": 4, "other.test": 2}
+    assert {tuple(row) for row in summary["domains"].values()} == {
+        ("ready", "deferred", "in_flight")
+    }
+
+
+def test_hamta_queue_counts_a_recipient_being_delivered_in_flight(
+    make_relay: RelayFactory, mx_port: int
+) -> None:
+    relay = make_relay()
+    with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=3.0) as sink:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:  # the MX answers late
+            client.sendmail("a@origin.test", ["slow@sink.test"], b"Subject: slow\r\n\r\nx\r\n")
+        deadline = time.monotonic() + 10
+        while relay.queue()["in_flight"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result = relay.cli("queue", "--config", str(relay.config_path), "--json")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        table = relay.cli("queue", "--config", str(relay.config_path)).stdout
+        _, body = relay.get("/api/domain/sink.test")
+        view = json.loads(body)
+        assert sink.wait_for(1, timeout=10)
+    assert summary["domains"]["sink.test"]["in_flight"] == 1
+    assert sum(summary["domains"]["sink.test"].values()) == summary["depth"]
+    assert "in_flight" in table.splitlines()[1]
+    assert view["queued_in_flight"] == 1
+    assert view["queued"] == view["queued_ready"] + view["queued_deferred"] + 1
 
 
 def test_sigterm_drains_with_421_and_exits_zero(make_relay: RelayFactory, mx_port: int) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import smtplib
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from hamta.spool import load_state
 from hamta.workers import control_path, shard_path
 from tests.conftest import MX_HOST, RelayFactory
 from tests.support import RecordingSink
-from tests.support.relay import RelayProcess
+from tests.support.relay import HAMTA, RelayProcess
 from tests.test_crash import History, sender
 
 RETRY = {"first_delay": "200ms", "max_delay": "1s", "jitter": 0.0}
@@ -305,6 +306,32 @@ def test_a_killed_worker_is_restarted_on_its_shard(node: RelayFactory, mx_port: 
     delivered = relay.events("Delivery")
     assert Counter(e["queue_id"] for e in delivered) == Counter(set(qids))
     assert Counter(int(e["worker"]) for e in delivered)[1] == depths[1]
+
+
+def test_a_worker_whose_parent_is_gone_before_it_arms_its_death_signal_exits(
+    node: RelayFactory, tmp_path: Path
+) -> None:
+    relay = node(workers(2), start=False)
+    serve = [*HAMTA, "serve", "--config", str(relay.config_path), "--worker", "1"]
+    # Started by a shell that exits at once, as a worker 0 killed during the worker's imports:
+    # the worker is an orphan before it asks the kernel to signal its parent's death.
+    stderr = tmp_path / "orphan.stderr"
+    script = 'exec 2>"$1"; shift; "$@" --parent-pid $$ >/dev/null & echo $!'
+    shell = subprocess.run(
+        ["sh", "-c", script, "sh", str(stderr), *serve], check=True, capture_output=True
+    )
+    orphan = int(shell.stdout)
+    try:
+        wait_until(lambda: gone(orphan), 10, "the orphaned worker lives on")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+    assert stderr.read_text() == ""  # gone by its own SIGTERM, not by a usage error
+    # Told of a parent that is not its own (init, not this test): it goes by SIGTERM at once.
+    stated = subprocess.run(
+        [*serve, "--parent-pid", "1"], check=False, capture_output=True, timeout=10
+    )
+    assert stated.returncode == -signal.SIGTERM, stated.stderr
 
 
 def test_killing_worker_0_stops_the_node_and_a_restart_recovers_every_shard(
