@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from monitor.observation import Observation
+from monitor.uptime import Bucket
 from monitor.verdicts import CheckState, Outcome, State, StateChange
 
 T = TypeVar("T")
@@ -26,6 +28,8 @@ CREATE TABLE IF NOT EXISTS observations (
     id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL, outcome TEXT NOT NULL,
     seconds REAL NOT NULL, detail TEXT NOT NULL, facts TEXT NOT NULL, changes TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS observations_by_check ON observations (check_name, at);
+-- Covering the response-time series: a range is summed up from the index, not the table.
+CREATE INDEX IF NOT EXISTS observations_series ON observations (check_name, at, seconds, outcome);
 CREATE TABLE IF NOT EXISTS state_changes (
     id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL, previous TEXT NOT NULL,
     current TEXT NOT NULL, detail TEXT NOT NULL);
@@ -202,6 +206,43 @@ class Store:
             {"at": at, "outcome": o, "seconds": s, "detail": d, "changes": json.loads(c)}
             for at, o, s, d, c in rows
         ]
+
+    async def history(self, checks: Sequence[str], since: float) -> dict[str, list[StateChange]]:
+        """Per check, its state changes from ``since`` on, after the last one before it (where
+        the check stood when the range began), in time order."""
+        result: dict[str, list[StateChange]] = await self._run(self._history, checks, since)
+        return result
+
+    def _history(self, checks: Sequence[str], since: float) -> dict[str, list[StateChange]]:
+        db = self._connection()
+        columns = "SELECT check_name, previous, current, at, detail FROM state_changes"
+        result = {}
+        for check in checks:
+            before = db.execute(
+                columns + " WHERE check_name = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1",
+                (check, since),
+            ).fetchall()
+            after = db.execute(
+                columns + " WHERE check_name = ? AND at >= ? ORDER BY at, id", (check, since)
+            ).fetchall()
+            result[check] = [
+                StateChange(c, State(p), State(n), at, d) for c, p, n, at, d in before + after
+            ]
+        return result
+
+    async def buckets(self, check: str, start: float, width: float, count: int) -> list[Bucket]:
+        """The observations of ``check`` from ``start`` in ``count`` buckets of ``width``."""
+        result: list[Bucket] = await self._run(self._buckets, check, start, width, count)
+        return result
+
+    def _buckets(self, check: str, start: float, width: float, count: int) -> list[Bucket]:
+        rows = self._connection().execute(
+            "SELECT CAST((at - ?) / ? AS INTEGER) AS bucket, COUNT(*), AVG(seconds),"
+            " MAX(seconds), SUM(outcome = 'failure') FROM observations"
+            " WHERE check_name = ? AND at >= ? AND at < ? GROUP BY bucket ORDER BY bucket",
+            (start, width, check, start, start + width * count),
+        )
+        return [Bucket(*row) for row in rows]
 
     async def close(self) -> None:
         await self._run(self._close)
