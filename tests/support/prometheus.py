@@ -18,16 +18,17 @@ PROMETHEUS = shutil.which("prometheus")
 
 
 class Prometheus:
-    """A Prometheus server on loopback scraping the given targets as job "hamta", every second."""
+    """A Prometheus server on loopback scraping the given targets as job ``job`` ("hamta", the
+    relays, unless told), every second."""
 
-    def __init__(self, workdir: Path, targets: list[str], rules: Path) -> None:
+    def __init__(self, workdir: Path, targets: list[str], rules: Path, job: str = "hamta") -> None:
         self.port = free_port("127.0.0.1")
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "prometheus.yml"
         self.config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             f"rule_files:\n  - {json.dumps(str(rules))}\n"
-            "scrape_configs:\n  - job_name: hamta\n    static_configs:\n"
+            f"scrape_configs:\n  - job_name: {json.dumps(job)}\n    static_configs:\n"
             f"      - targets: {json.dumps(targets)}\n"
         )
         self.data = workdir / "data"
