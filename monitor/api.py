@@ -20,6 +20,7 @@ from monitor.config import Check
 from monitor.history_api import add_history_routes
 from monitor.metrics import MonitorMetrics
 from monitor.observation import Clock, SystemClock
+from monitor.page import add_status_page
 from monitor.store import Store
 
 
@@ -81,4 +82,5 @@ def build_app(
     app.router.add_get("/api/checks", _checks)
     app.router.add_get("/metrics", _metrics)
     add_history_routes(app, store, checks, clock or SystemClock())
+    add_status_page(app)
     return app
