@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.monitor_peers import SmtpPeer
 from tests.support.monitor_process import MonitorProcess
-from tests.support.prometheus import PROMETHEUS, Prometheus
+from tests.support.prometheus import PROMETHEUS, Prometheus, shorten_waits
 from tests.test_alerts import needs_prometheus, needs_promtool
 
 ALERTS = Path(__file__).resolve().parent.parent / "alerts"
@@ -52,9 +52,7 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
 @pytest.fixture
 def short_rules(tmp_path: Path) -> Path:
     """The shipped rules with every ``for:`` cut to 1s, so a test sees them fire."""
-    path = tmp_path / "monitor.rules.yml"
-    path.write_text(re.sub(r"(?m)^(\s+for:) \S+$", r"\1 1s", RULES.read_text()))
-    return path
+    return shorten_waits(RULES, tmp_path / "monitor.rules.yml")
 
 
 @needs_prometheus

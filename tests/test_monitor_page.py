@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.browser import CHROMIUM, launch_chromium
 from tests.support.monitor_peers import SmtpPeer, Tarpit
 from tests.support.monitor_process import MonitorProcess
-from tests.test_dashboard import CHROMIUM
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "monitor-status-page.png"
 
@@ -113,17 +113,7 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
 
 def _browse(playwright: Any, url: str) -> dict[str, Any]:
     with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(driver)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             errors: list[str] = []
