@@ -60,10 +60,7 @@ const sources = {
     const windows = await optionalJson("/api/maintenance");
     return windows === null ? [] : windows.windows || windows.maintenance || [];
   },
-  async cluster() {
-    const cluster = await optionalJson("/api/cluster");
-    return cluster === null ? null : cluster;
-  },
+  cluster: () => optionalJson("/api/cluster"),
 };
 
 // ------------------------------------------------------------------- drawing
