@@ -27,11 +27,13 @@ async def uptime_view(store: Store, checks: Sequence[Check], now: float) -> dict
     names = [check.name for check in checks]
     longest = max(RANGES.values())
     history = await store.history(names, now - longest)
+    gaps = await store.gaps(now - longest)
     view = []
     for check in checks:
         changes = history[check.name]
         ranges = {
-            name: uptime(changes, now - seconds, now).as_json() for name, seconds in RANGES.items()
+            name: uptime(changes, now - seconds, now, gaps).as_json()
+            for name, seconds in RANGES.items()
         }
         view.append({"name": check.name, "kind": check.kind, "ranges": ranges})
     return {"now": now, "ranges": list(RANGES), "checks": view}
@@ -60,6 +62,7 @@ async def check_history_view(
     since = now - span(range_name)
     changes = (await store.history([check.name], since))[check.name]
     rows = await store.buckets(check.name, start, width, count)
+    gaps = await store.gaps(since)
     return {
         "now": now,
         "check": check.name,
@@ -68,11 +71,12 @@ async def check_history_view(
         "start": since,
         "bucket_s": width,
         "series": series(rows, start, width, count),
-        "uptime": uptime(changes, since, now).as_json(),
+        "uptime": uptime(changes, since, now, gaps).as_json(),
         "timeline": [
             {"state": i.state.value, "start": i.start, "end": i.end}
-            for i in timeline(changes, since, now)
+            for i in timeline(changes, since, now, gaps)
         ],
+        "monitor_gaps": [{"start": a, "end": b} for a, b in gaps],
         "outages": [outage.as_json(now) for outage in outages(changes, since, now)],
     }
 

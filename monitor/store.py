@@ -37,6 +37,10 @@ CREATE INDEX IF NOT EXISTS state_changes_by_check ON state_changes (check_name, 
 CREATE TABLE IF NOT EXISTS states (
     check_name TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, since REAL,
     failures INTEGER NOT NULL, successes INTEGER NOT NULL, last_observation INTEGER);
+-- Each run of the monitor: when it started, its last sign of life (the time between one run's
+-- last sign and the next one's start nobody looked: unknown, not the last state).
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, started REAL NOT NULL, alive REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     check_name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (check_name, key));
@@ -130,6 +134,26 @@ class Store:
                     (obs.check, key, json.dumps(value)),
                 )
 
+    async def start_run(self, at: float) -> int:
+        """A run of the monitor begins at ``at``; its id, for :meth:`alive`."""
+        result: int = await self._run(self._start_run, at)
+        return result
+
+    def _start_run(self, at: float) -> int:
+        db = self._connection()
+        with db:
+            cursor = db.execute("INSERT INTO runs (started, alive) VALUES (?, ?)", (at, at))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def alive(self, run: int, at: float) -> None:
+        await self._run(self._alive, run, at)
+
+    def _alive(self, run: int, at: float) -> None:
+        db = self._connection()
+        with db:
+            db.execute("UPDATE runs SET alive = ? WHERE id = ?", (at, run))
+
     async def prune(self, before: float) -> int:
         """Forget observations and state changes older than ``before``; how many went."""
         result: int = await self._run(self._prune, before)
@@ -140,6 +164,11 @@ class Store:
         with db:
             gone = db.execute("DELETE FROM observations WHERE at < ?", (before,)).rowcount
             gone += db.execute("DELETE FROM state_changes WHERE at < ?", (before,)).rowcount
+            # The runs before the last one that ended before ``before``: no gap of theirs is
+            # inside the retention any more.
+            db.execute(
+                "DELETE FROM runs WHERE id < (SELECT MAX(id) FROM runs WHERE alive < ?)", (before,)
+            )
         return gone
 
     # ------------------------------------------------------------------- reads
@@ -229,6 +258,20 @@ class Store:
                 StateChange(c, State(p), State(n), at, d) for c, p, n, at, d in before + after
             ]
         return result
+
+    async def gaps(self, since: float) -> list[tuple[float, float]]:
+        """The times from ``since`` on when the monitor did not run: from one run's last sign of
+        life to the next run's start."""
+        result: list[tuple[float, float]] = await self._run(self._gaps, since)
+        return result
+
+    def _gaps(self, since: float) -> list[tuple[float, float]]:
+        rows = self._connection().execute(
+            "SELECT alive, next FROM (SELECT alive, LEAD(started) OVER (ORDER BY id) AS next"
+            " FROM runs) WHERE next IS NOT NULL AND next > alive AND next >= ?",
+            (since,),
+        )
+        return [(alive, following) for alive, following in rows]
 
     async def buckets(self, check: str, start: float, width: float, count: int) -> list[Bucket]:
         """The observations of ``check`` from ``start`` in ``count`` buckets of ``width``."""

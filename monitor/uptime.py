@@ -8,7 +8,10 @@ stood when the range began) and the observations summed up per bucket; the arith
 - Uptime over a range is the time serving (up, degraded, or warning: a certificate near its end
   still serves) over the time known; "unknown" time is left out of both and reported, so a
   monitor started an hour ago shows 100 % of an hour, not 1/24 of a day. No known time: None.
-- An outage is an interval in "down": start, end (None while it lasts), duration.
+- The times the monitor itself did not run (``gaps``: from its last sign of life to its next
+  start) are "unknown" too, whatever the state was before: nobody looked.
+- An outage is an interval in "down": start, end (None while it lasts), duration; it runs
+  from the change into down to the change out of it, across a gap if the monitor stopped.
 """
 
 from __future__ import annotations
@@ -93,9 +96,15 @@ class Outage:
         }
 
 
-def timeline(changes: Sequence[StateChange], start: float, end: float) -> list[Interval]:
+Gap = tuple[float, float]
+
+
+def timeline(
+    changes: Sequence[StateChange], start: float, end: float, gaps: Sequence[Gap] = ()
+) -> list[Interval]:
     """The states from ``start`` to ``end``, given the changes in time order (the last one
-    before ``start`` included, if any); adjacent intervals, empty ones left out."""
+    before ``start`` included, if any), "unknown" in the ``gaps``; adjacent intervals, empty
+    ones left out, neighbours in the same state merged."""
     state, at = State.UNKNOWN, start
     intervals: list[Interval] = []
     for change in changes:
@@ -107,12 +116,40 @@ def timeline(changes: Sequence[StateChange], start: float, end: float) -> list[I
         state = change.current
     if end > at:
         intervals.append(Interval(state, at, end))
-    return intervals
+    return _merged([piece for i in intervals for piece in _cut(i, sorted(gaps))])
 
 
-def uptime(changes: Sequence[StateChange], start: float, end: float) -> Uptime:
+def _cut(interval: Interval, gaps: Sequence[Gap]) -> list[Interval]:
+    """``interval`` with the parts inside ``gaps`` (sorted by start) made unknown."""
+    pieces, at = [], interval.start
+    for gap_start, gap_end in gaps:
+        low, high = max(gap_start, at), min(gap_end, interval.end)
+        if high <= low:
+            continue
+        if low > at:
+            pieces.append(Interval(interval.state, at, low))
+        pieces.append(Interval(State.UNKNOWN, low, high))
+        at = high
+    if interval.end > at:
+        pieces.append(Interval(interval.state, at, interval.end))
+    return pieces
+
+
+def _merged(intervals: list[Interval]) -> list[Interval]:
+    merged: list[Interval] = []
+    for interval in intervals:
+        if merged and merged[-1].state is interval.state and merged[-1].end == interval.start:
+            merged[-1] = Interval(interval.state, merged[-1].start, interval.end)
+        else:
+            merged.append(interval)
+    return merged
+
+
+def uptime(
+    changes: Sequence[StateChange], start: float, end: float, gaps: Sequence[Gap] = ()
+) -> Uptime:
     serving = failing = unknown = 0.0
-    for interval in timeline(changes, start, end):
+    for interval in timeline(changes, start, end, gaps):
         length = interval.end - interval.start
         if interval.state is State.UNKNOWN:
             unknown += length
