@@ -17,7 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.admin_guard import guard
 from monitor.config import Check
+from monitor.history_api import add_history_routes
 from monitor.metrics import MonitorMetrics
+from monitor.observation import Clock, SystemClock
+from monitor.page import add_status_page
 from monitor.store import Store
 
 
@@ -67,11 +70,17 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    store: Store, metrics: MonitorMetrics, checks: Sequence[Check], listen: str
+    store: Store,
+    metrics: MonitorMetrics,
+    checks: Sequence[Check],
+    listen: str,
+    clock: Clock | None = None,
 ) -> web.Application:
     app = web.Application()
     app[SOURCES_KEY] = Sources(store, metrics, tuple(checks))
     guard(app, listen, [])
     app.router.add_get("/api/checks", _checks)
     app.router.add_get("/metrics", _metrics)
+    add_history_routes(app, store, checks, clock or SystemClock())
+    add_status_page(app)
     return app

@@ -27,6 +27,9 @@ Runner = Callable[[Check, CheckContext, Clock], Awaitable[Observation]]
 Sleep = Callable[[float], Awaitable[None]]
 # How often old observations are pruned; retention is counted in days, this need not be exact.
 PRUNE_EVERY = 3600.0
+# How often the engine leaves a sign of life in the store: a monitor that dies counts at most
+# this long of its last states as known before the gap until its next start is "unknown".
+ALIVE_EVERY = 60.0
 
 
 def next_due(due: float, interval: float, now: float) -> float:
@@ -136,10 +139,17 @@ class Engine:
                 self.log.info("MonitorPruned", rows=gone)
             await self.sleep(PRUNE_EVERY)
 
+    async def _alive_loop(self, run: int) -> None:
+        while True:
+            await self.sleep(ALIVE_EVERY)
+            await self.store.alive(run, self.clock.time())
+
     async def run(self) -> None:
         """Run every check until cancelled."""
         await self.load()
+        run = await self.store.start_run(self.clock.time())
         async with asyncio.TaskGroup() as group:
+            group.create_task(self._alive_loop(run))
             group.create_task(self._prune_loop())
             for check in self.checks:
                 group.create_task(self._loop(check), name=f"check {check.name}")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from monitor.observation import Observation
+from monitor.uptime import Bucket
 from monitor.verdicts import CheckState, Outcome, State, StateChange
 
 T = TypeVar("T")
@@ -26,6 +28,8 @@ CREATE TABLE IF NOT EXISTS observations (
     id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL, outcome TEXT NOT NULL,
     seconds REAL NOT NULL, detail TEXT NOT NULL, facts TEXT NOT NULL, changes TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS observations_by_check ON observations (check_name, at);
+-- Covering the response-time series: a range is summed up from the index, not the table.
+CREATE INDEX IF NOT EXISTS observations_series ON observations (check_name, at, seconds, outcome);
 CREATE TABLE IF NOT EXISTS state_changes (
     id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL, previous TEXT NOT NULL,
     current TEXT NOT NULL, detail TEXT NOT NULL);
@@ -33,6 +37,10 @@ CREATE INDEX IF NOT EXISTS state_changes_by_check ON state_changes (check_name, 
 CREATE TABLE IF NOT EXISTS states (
     check_name TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, since REAL,
     failures INTEGER NOT NULL, successes INTEGER NOT NULL, last_observation INTEGER);
+-- Each run of the monitor: when it started, its last sign of life (the time between one run's
+-- last sign and the next one's start nobody looked: unknown, not the last state).
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, started REAL NOT NULL, alive REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     check_name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (check_name, key));
@@ -126,6 +134,26 @@ class Store:
                     (obs.check, key, json.dumps(value)),
                 )
 
+    async def start_run(self, at: float) -> int:
+        """A run of the monitor begins at ``at``; its id, for :meth:`alive`."""
+        result: int = await self._run(self._start_run, at)
+        return result
+
+    def _start_run(self, at: float) -> int:
+        db = self._connection()
+        with db:
+            cursor = db.execute("INSERT INTO runs (started, alive) VALUES (?, ?)", (at, at))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def alive(self, run: int, at: float) -> None:
+        await self._run(self._alive, run, at)
+
+    def _alive(self, run: int, at: float) -> None:
+        db = self._connection()
+        with db:
+            db.execute("UPDATE runs SET alive = ? WHERE id = ?", (at, run))
+
     async def prune(self, before: float) -> int:
         """Forget observations and state changes older than ``before``; how many went."""
         result: int = await self._run(self._prune, before)
@@ -136,6 +164,11 @@ class Store:
         with db:
             gone = db.execute("DELETE FROM observations WHERE at < ?", (before,)).rowcount
             gone += db.execute("DELETE FROM state_changes WHERE at < ?", (before,)).rowcount
+            # The runs before the last one that ended before ``before``: no gap of theirs is
+            # inside the retention any more.
+            db.execute(
+                "DELETE FROM runs WHERE id < (SELECT MAX(id) FROM runs WHERE alive < ?)", (before,)
+            )
         return gone
 
     # ------------------------------------------------------------------- reads
@@ -202,6 +235,57 @@ class Store:
             {"at": at, "outcome": o, "seconds": s, "detail": d, "changes": json.loads(c)}
             for at, o, s, d, c in rows
         ]
+
+    async def history(self, checks: Sequence[str], since: float) -> dict[str, list[StateChange]]:
+        """Per check, its state changes from ``since`` on, after the last one before it (where
+        the check stood when the range began), in time order."""
+        result: dict[str, list[StateChange]] = await self._run(self._history, checks, since)
+        return result
+
+    def _history(self, checks: Sequence[str], since: float) -> dict[str, list[StateChange]]:
+        db = self._connection()
+        columns = "SELECT check_name, previous, current, at, detail FROM state_changes"
+        result = {}
+        for check in checks:
+            before = db.execute(
+                columns + " WHERE check_name = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1",
+                (check, since),
+            ).fetchall()
+            after = db.execute(
+                columns + " WHERE check_name = ? AND at >= ? ORDER BY at, id", (check, since)
+            ).fetchall()
+            result[check] = [
+                StateChange(c, State(p), State(n), at, d) for c, p, n, at, d in before + after
+            ]
+        return result
+
+    async def gaps(self, since: float) -> list[tuple[float, float]]:
+        """The times from ``since`` on when the monitor did not run: from one run's last sign of
+        life to the next run's start."""
+        result: list[tuple[float, float]] = await self._run(self._gaps, since)
+        return result
+
+    def _gaps(self, since: float) -> list[tuple[float, float]]:
+        rows = self._connection().execute(
+            "SELECT alive, next FROM (SELECT alive, LEAD(started) OVER (ORDER BY id) AS next"
+            " FROM runs) WHERE next IS NOT NULL AND next > alive AND next >= ?",
+            (since,),
+        )
+        return [(alive, following) for alive, following in rows]
+
+    async def buckets(self, check: str, start: float, width: float, count: int) -> list[Bucket]:
+        """The observations of ``check`` from ``start`` in ``count`` buckets of ``width``."""
+        result: list[Bucket] = await self._run(self._buckets, check, start, width, count)
+        return result
+
+    def _buckets(self, check: str, start: float, width: float, count: int) -> list[Bucket]:
+        rows = self._connection().execute(
+            "SELECT CAST((at - ?) / ? AS INTEGER) AS bucket, COUNT(*), AVG(seconds),"
+            " MAX(seconds), SUM(outcome = 'failure') FROM observations"
+            " WHERE check_name = ? AND at >= ? AND at < ? GROUP BY bucket ORDER BY bucket",
+            (start, width, check, start, start + width * count),
+        )
+        return [Bucket(*row) for row in rows]
 
     async def close(self) -> None:
         await self._run(self._close)

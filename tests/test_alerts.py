@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import smtplib
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 
 from hamta.epoch_token import write_token
 from tests.conftest import RelayFactory
-from tests.support.prometheus import PROMETHEUS, Prometheus
+from tests.support.prometheus import PROMETHEUS, Prometheus, shorten_waits
 from tests.test_delivery import send
 
 ALERTS = Path(__file__).resolve().parent.parent / "alerts"
@@ -71,9 +70,7 @@ def test_every_alert_has_a_unit_test() -> None:
 @pytest.fixture
 def short_rules(tmp_path: Path) -> Path:
     """The shipped rules with every ``for:`` cut to 1s, so a test sees them fire."""
-    path = tmp_path / "hamta.rules.yml"
-    path.write_text(re.sub(r"(?m)^(\s+for:) \S+$", r"\1 1s", RULES.read_text()))
-    return path
+    return shorten_waits(RULES, tmp_path / "hamta.rules.yml")
 
 
 @needs_prometheus

@@ -234,3 +234,17 @@ def test_the_relay_never_imports_the_monitor() -> None:
     for path in PACKAGE.rglob("*.py"):
         for name in imports_of(path):
             assert name.split(".")[0] != "monitor", (path, name)
+
+
+# The monitor's arithmetic: verdicts (state from observations) and uptime (figures from the
+# state changes) are pure, over plain data, like the agent's decision modules.
+MONITOR_PURE = ["verdicts", "uptime"]
+
+
+@pytest.mark.parametrize("module", MONITOR_PURE)
+def test_the_monitor_s_pure_modules_use_the_standard_library_only(module: str) -> None:
+    path = ROOT / "monitor" / f"{module}.py"
+    own = {f"monitor.{other}" for other in MONITOR_PURE}
+    roots = {name.split(".")[0] for name in imports_of(path) - own}
+    assert roots and roots <= sys.stdlib_module_names, roots
+    assert not roots & {"asyncio", "sqlite3", "time", "os", "socket", "subprocess"}, roots

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import smtplib
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ from hamta import activations
 from hamta.dashboard import Figures, History, read_figures
 from tests.conftest import RelayFactory
 from tests.support import RecordingSink
+from tests.support.browser import CHROMIUM, launch_chromium
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 EXPOSITION = """\
 # TYPE hamta_messages_received_total counter
@@ -120,17 +119,7 @@ def test_the_dashboard_draws_a_loaded_relay_in_a_real_browser(
 
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(driver)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             errors: list[str] = []

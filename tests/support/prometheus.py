@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -18,16 +19,17 @@ PROMETHEUS = shutil.which("prometheus")
 
 
 class Prometheus:
-    """A Prometheus server on loopback scraping the given targets as job "hamta", every second."""
+    """A Prometheus server on loopback scraping the given targets as job ``job`` ("hamta", the
+    relays, unless told), every second."""
 
-    def __init__(self, workdir: Path, targets: list[str], rules: Path) -> None:
+    def __init__(self, workdir: Path, targets: list[str], rules: Path, job: str = "hamta") -> None:
         self.port = free_port("127.0.0.1")
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "prometheus.yml"
         self.config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             f"rule_files:\n  - {json.dumps(str(rules))}\n"
-            "scrape_configs:\n  - job_name: hamta\n    static_configs:\n"
+            f"scrape_configs:\n  - job_name: {json.dumps(job)}\n    static_configs:\n"
             f"      - targets: {json.dumps(targets)}\n"
         )
         self.data = workdir / "data"
@@ -110,3 +112,9 @@ class Prometheus:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def shorten_waits(rules: Path, target: Path) -> Path:
+    """``rules`` with every ``for:`` cut to 1s, written to ``target``: a test sees them fire."""
+    target.write_text(re.sub(r"(?m)^(\s+for:) \S+$", r"\1 1s", rules.read_text()))
+    return target

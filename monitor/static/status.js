@@ -1,0 +1,248 @@
+// The hamta monitor's status page: reads the monitor's JSON API and draws with uPlot (vendored).
+// Everything the page shows comes through `sources` below: when the monitor serves incidents,
+// maintenance windows or the cluster's nodes, these functions read them; until then they say
+// "none" (or derive incidents from the outages) rather than make anything up.
+"use strict";
+
+const RANGES = ["24h", "7d", "30d", "90d"];
+const REFRESH_MS = 10_000;
+const charts = {};
+let range = "24h";
+
+async function getJson(path) {
+  const response = await fetch(path, { cache: "no-store" });
+  if (!response.ok) throw new Error(`${path}: ${response.status}`);
+  return response.json();
+}
+
+// A route this monitor may not serve yet: null on 404, the JSON otherwise.
+async function optionalJson(path) {
+  const response = await fetch(path, { cache: "no-store" });
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`${path}: ${response.status}`);
+  return response.json();
+}
+
+// ------------------------------------------------------------------ data layer
+
+// An outage as an incident: the shape the page draws (title, checks, start, end, steps).
+function outageIncident(outage) {
+  const steps = [{ at: outage.start, text: `down: ${outage.detail || "failing"}` }];
+  if (outage.end !== null) steps.push({ at: outage.end, text: "recovered" });
+  return {
+    title: `${outage.check} down`, checks: [outage.check], start: outage.start, end: outage.end,
+    duration: outage.duration_s, steps,
+  };
+}
+
+// An incident of /api/incidents (the alerting part), in the same shape.
+function apiIncident(incident) {
+  return {
+    title: incident.title || `${(incident.checks || [incident.check]).join(", ")} ${incident.state || ""}`,
+    checks: incident.checks || [incident.check],
+    start: incident.started ?? incident.start, end: incident.resolved ?? incident.end ?? null,
+    duration: incident.duration_s ?? null,
+    steps: (incident.timeline || []).map((s) => ({ at: s.at, text: s.text || s.event || "" })),
+  };
+}
+
+const sources = {
+  checks: () => getJson("/api/checks").then((r) => r.checks),
+  uptime: () => getJson("/api/uptime"),
+  history: (name) => getJson(`/api/checks/${encodeURIComponent(name)}/history?range=${range}`),
+  async incidents() {
+    const real = await optionalJson("/api/incidents");
+    if (real !== null) return { source: "", items: real.incidents.map(apiIncident) };
+    const derived = await getJson("/api/outages?range=90d");
+    return { source: "(outages of the last 90 days)", items: derived.outages.map(outageIncident) };
+  },
+  async maintenance() {
+    const windows = await optionalJson("/api/maintenance");
+    return windows === null ? [] : windows.windows || windows.maintenance || [];
+  },
+  cluster: () => optionalJson("/api/cluster"),
+};
+
+// ------------------------------------------------------------------- drawing
+
+const when = (t) => new Date(t * 1000).toLocaleString("en-GB", { hour12: false });
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["min", 60]]) {
+    if (seconds >= size) return `${(seconds / size).toFixed(1)} ${unit}`;
+  }
+  return `${seconds.toFixed(1)} s`;
+}
+const percent = (ratio) => (ratio === null ? "–" : `${(ratio * 100).toFixed(3)} %`);
+
+function cell(tr, value, className) {
+  const td = document.createElement("td");
+  td.textContent = value;
+  if (className) td.className = className;
+  tr.append(td);
+  return td;
+}
+
+function drawChecks(checks, uptime) {
+  const byName = Object.fromEntries(uptime.checks.map((c) => [c.name, c.ranges]));
+  const body = document.querySelector("#checks tbody");
+  body.replaceChildren();
+  for (const check of checks) {
+    const tr = document.createElement("tr");
+    tr.dataset.check = check.name;
+    tr.dataset.state = check.state;
+    cell(tr, check.name);
+    cell(tr, check.kind);
+    const state = document.createElement("span");
+    state.className = `badge ${check.state}`;
+    state.textContent = check.state;
+    cell(tr, "").append(state);
+    cell(tr, check.since ? when(check.since) : "–");
+    cell(tr, check.last ? `${check.last.seconds.toFixed(3)} s` : "–");
+    for (const name of RANGES) {
+      const figures = byName[check.name]?.[name];
+      const td = cell(tr, percent(figures?.ratio ?? null), "uptime");
+      td.dataset.range = name;
+      if (figures) {
+        td.dataset.ratio = String(figures.ratio);
+        td.dataset.serving = String(figures.serving_s);
+        td.dataset.failing = String(figures.failing_s);
+        td.title = `unknown: ${duration(figures.unknown_s) || "0 s"}`;
+      }
+    }
+    body.append(tr);
+  }
+  const bad = checks.filter((c) => c.state === "down" || c.state === "expired");
+  const slow = checks.filter((c) => c.state === "degraded" || c.state === "warning");
+  const overall = document.getElementById("overall");
+  overall.className = `badge ${bad.length ? "down" : slow.length ? "degraded" : "up"}`;
+  overall.textContent = bad.length ? `${bad.length} of ${checks.length} down`
+    : slow.length ? `${slow.length} degraded` : "all up";
+}
+
+function drawChart(name, history) {
+  let box = document.getElementById(`chart-${name}`);
+  if (!box) {
+    box = document.createElement("div");
+    box.id = `chart-${name}`;
+    box.className = "chart";
+    const title = document.createElement("h3");
+    title.textContent = name;
+    box.append(title);
+    document.getElementById("charts").append(box);
+  }
+  const s = history.series;
+  const data = [s.t, s.mean_s, s.max_s];
+  const width = Math.max(320, box.clientWidth);
+  if (!charts[name]) {
+    charts[name] = new uPlot({
+      width, height: 160,
+      // Points too: a bucket between two empty ones has no line to draw.
+      series: [{}, { label: "mean s", stroke: "#2b6cb0", width: 2, points: { show: true, size: 5 } },
+        { label: "max s", stroke: "#c05621", width: 1, points: { show: true, size: 3 } }],
+      axes: [{}, { size: 50 }],
+      scales: { y: { range: (u, min, max) => [0, Math.max(0.01, (max ?? 0) * 1.2)] } },
+    }, data, box);
+  } else {
+    charts[name].setData(data);
+  }
+  box.dataset.points = String(s.mean_s.filter((v) => v !== null).length);
+  box.dataset.range = history.range;
+}
+
+function drawList(id, items, empty, draw) {
+  const list = document.getElementById(id);
+  list.replaceChildren();
+  if (!items.length) {
+    const li = document.createElement("li");
+    li.className = "empty";
+    li.textContent = empty;
+    list.append(li);
+    return;
+  }
+  for (const item of items) list.append(draw(item));
+}
+
+function incidentItem(incident) {
+  const li = document.createElement("li");
+  li.className = incident.end === null ? "incident ongoing" : "incident resolved";
+  li.dataset.start = String(incident.start);
+  li.dataset.end = String(incident.end);
+  const head = document.createElement("b");
+  head.textContent = incident.title;
+  const span = document.createElement("span");
+  span.className = "muted";
+  span.textContent = ` ${incident.end === null ? "ongoing, " : ""}${duration(incident.duration)}`;
+  const steps = document.createElement("ol");
+  steps.className = "steps";
+  for (const step of incident.steps) {
+    const s = document.createElement("li");
+    s.textContent = `${when(step.at)} ${step.text}`;
+    steps.append(s);
+  }
+  li.append(head, span, steps);
+  return li;
+}
+
+function maintenanceItem(window_) {
+  const li = document.createElement("li");
+  li.className = "maintenance";
+  li.textContent = `${window_.title || window_.name || "maintenance"}: ${when(window_.start)}`
+    + (window_.end ? ` – ${when(window_.end)}` : "");
+  return li;
+}
+
+function drawCluster(cluster) {
+  const box = document.getElementById("cluster");
+  box.replaceChildren();
+  const nodes = cluster?.nodes || [];
+  if (!nodes.length) {
+    const p = document.createElement("p");
+    p.className = "empty";
+    p.textContent = cluster === null
+      ? "This monitor does not report the cluster's nodes and roles yet."
+      : "No nodes reported.";
+    box.append(p);
+    return;
+  }
+  const table = document.createElement("table");
+  for (const node of nodes) {
+    const tr = document.createElement("tr");
+    cell(tr, node.name);
+    cell(tr, node.role || "");
+    cell(tr, node.state || "");
+    table.append(tr);
+  }
+  box.append(table);
+}
+
+async function refresh() {
+  try {
+    const [checks, uptime, incidents, maintenance, cluster] = await Promise.all([
+      sources.checks(), sources.uptime(), sources.incidents(), sources.maintenance(),
+      sources.cluster(),
+    ]);
+    drawChecks(checks, uptime);
+    document.getElementById("incident-source").textContent = incidents.source;
+    drawList("incidents", incidents.items, "none", incidentItem);
+    drawList("maintenance", maintenance, "none", maintenanceItem);
+    drawCluster(cluster);
+    const histories = await Promise.all(checks.map((c) => sources.history(c.name)));
+    checks.forEach((c, i) => drawChart(c.name, histories[i]));
+    document.getElementById("updated").textContent = `updated ${when(uptime.now)}`;
+    document.body.dataset.now = String(uptime.now);
+    document.body.dataset.loaded = "yes";
+  } catch (error) {
+    document.getElementById("updated").textContent = `cannot read the monitor: ${error.message}`;
+  }
+}
+
+for (const button of document.querySelectorAll("#ranges button")) {
+  button.addEventListener("click", () => {
+    range = button.dataset.range;
+    for (const b of document.querySelectorAll("#ranges button")) b.classList.toggle("on", b === button);
+    refresh();
+  });
+}
+refresh();
+setInterval(refresh, REFRESH_MS);
