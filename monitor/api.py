@@ -16,7 +16,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.admin_guard import guard
+from monitor.api_incidents import add_incident_routes
 from monitor.config import Check
+from monitor.incident_store import IncidentStore
+from monitor.maintenance import Window
 from monitor.metrics import MonitorMetrics
 from monitor.store import Store
 
@@ -67,9 +70,15 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    store: Store, metrics: MonitorMetrics, checks: Sequence[Check], listen: str
+    store: Store,
+    metrics: MonitorMetrics,
+    checks: Sequence[Check],
+    listen: str,
+    windows: Sequence[Window] = (),
 ) -> web.Application:
     app = web.Application()
+    # Incidents, acknowledgement and maintenance windows (monitor.api_incidents).
+    add_incident_routes(app, IncidentStore(store), windows)
     app[SOURCES_KEY] = Sources(store, metrics, tuple(checks))
     guard(app, listen, [])
     app.router.add_get("/api/checks", _checks)

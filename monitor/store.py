@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,12 @@ class Store:
             {"at": at, "outcome": o, "seconds": s, "detail": d, "changes": json.loads(c)}
             for at, o, s, d, c in rows
         ]
+
+    async def call(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``function(connection)`` in the store's thread: how other modules' tables
+        (monitor.incident_store) share the one connection."""
+        result: T = await self._run(lambda: function(self._connection()))
+        return result
 
     async def close(self) -> None:
         await self._run(self._close)

@@ -29,6 +29,7 @@ FOLDERS = (
     "bench",
     "monitor",
     "monitor/checks",
+    "monitor/notifiers",
     "tests/support",
 )
 UNCHECKED = ("tests",)
