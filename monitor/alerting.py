@@ -13,13 +13,16 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from monitor.config import Check
+import aiohttp
+
+from monitor.config import Check, MonitorConfig
 from monitor.incident_store import IncidentRow, IncidentStore
 from monitor.incidents import Action, Step, due_steps, on_change, resolve_targets, severity_of
 from monitor.maintenance import Window, active_window
-from monitor.notifiers import Notification
+from monitor.notifiers import Notification, build_senders
 from monitor.notifiers.dispatch import Dispatcher, OnResult
 from monitor.observation import Clock
+from monitor.store import Store
 from monitor.verdicts import StateChange
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -191,3 +194,37 @@ class Alerting:
             state=i.state.value,
             **extra,
         )
+
+
+def assemble(
+    config: MonitorConfig,
+    store: Store,
+    session: aiohttp.ClientSession,
+    log: Any,
+    clock: Clock,
+    monitor: str,
+) -> tuple[Alerting, Dispatcher]:
+    """The alerting of ``config``, built in one place (``hamta monitor run`` and the tests)."""
+    incidents = IncidentStore(store)
+    dispatcher = Dispatcher(
+        build_senders(config.notifiers, session),
+        log,
+        timeline_recorder(incidents, clock),
+        queue=config.alerting.queue,
+        attempts=config.alerting.attempts,
+        retry_wait=config.alerting.retry_wait,
+        retry_max_wait=config.alerting.retry_max_wait,
+    )
+    alerting = Alerting(
+        config.checks,
+        [Step(step.after, tuple(step.notifiers)) for step in config.escalation],
+        [window.window() for window in config.maintenance],
+        incidents,
+        dispatcher,
+        log,
+        clock,
+        tick=config.alerting.tick,
+        retention=config.store.retention,
+        monitor=monitor,
+    )
+    return alerting, dispatcher

@@ -96,14 +96,10 @@ async def _serve(config: MonitorConfig) -> int:
     from aiohttp import web  # noqa: PLC0415
 
     from hamta import eventlog  # noqa: PLC0415
-    from monitor.alerting import Alerting, timeline_recorder  # noqa: PLC0415
+    from monitor.alerting import assemble  # noqa: PLC0415
     from monitor.api import build_app  # noqa: PLC0415
     from monitor.engine import Engine  # noqa: PLC0415
-    from monitor.incident_store import IncidentStore  # noqa: PLC0415
-    from monitor.incidents import Step  # noqa: PLC0415
     from monitor.metrics import MonitorMetrics  # noqa: PLC0415
-    from monitor.notifiers import build_senders  # noqa: PLC0415
-    from monitor.notifiers.dispatch import Dispatcher  # noqa: PLC0415
     from monitor.observation import SystemClock  # noqa: PLC0415
     from monitor.store import Store  # noqa: PLC0415
 
@@ -113,30 +109,8 @@ async def _serve(config: MonitorConfig) -> int:
     store = Store(config.store.path)
     metrics = MonitorMetrics(config.checks)
     clock = SystemClock()
-    windows = [window.window() for window in config.maintenance]
     session = aiohttp.ClientSession()
-    incidents = IncidentStore(store)
-    dispatcher = Dispatcher(
-        build_senders(config.notifiers, session),
-        log,
-        timeline_recorder(incidents, clock),
-        queue=config.alerting.queue,
-        attempts=config.alerting.attempts,
-        retry_wait=config.alerting.retry_wait,
-        retry_max_wait=config.alerting.retry_max_wait,
-    )
-    alerting = Alerting(
-        config.checks,
-        [Step(step.after, tuple(step.notifiers)) for step in config.escalation],
-        windows,
-        incidents,
-        dispatcher,
-        log,
-        clock,
-        tick=config.alerting.tick,
-        retention=config.store.retention,
-        monitor=socket.gethostname(),
-    )
+    alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
     engine = Engine(
         config.checks,
         store,
@@ -148,7 +122,7 @@ async def _serve(config: MonitorConfig) -> int:
         retention=config.store.retention,
         on_change=alerting.on_change,
     )
-    app = build_app(store, metrics, config.checks, config.server.listen, windows)
+    app = build_app(store, metrics, config.checks, config.server.listen, alerting.windows)
     runner = web.AppRunner(app)
     await runner.setup()
     host, port = parse_hostport(config.server.listen)
