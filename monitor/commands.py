@@ -1,4 +1,4 @@
-"""``monitor run | status | check NAME``: the monitor's sub-commands, for any dispatcher.
+"""``monitor run | status | check NAME | incidents | ack ID``: the monitor's sub-commands.
 
 ``register(subparsers)`` adds them under ``monitor``; each sets ``args.func(args) -> int``.
 The collaborators of a running monitor (store, metrics, engine, HTTP app) are built in one

@@ -235,3 +235,17 @@ def test_the_relay_never_imports_the_monitor() -> None:
     for path in PACKAGE.rglob("*.py"):
         for name in imports_of(path):
             assert name.split(".")[0] != "monitor", (path, name)
+
+
+# The monitor's pure rules: verdicts, incidents and escalation, maintenance windows. Plain data
+# in and out, no clock read, no I/O: the standard library and each other only.
+MONITOR_RULES = ["verdicts", "incidents", "maintenance"]
+
+
+@pytest.mark.parametrize("module", MONITOR_RULES)
+def test_the_monitor_rules_are_pure(module: str) -> None:
+    path = ROOT / "monitor" / f"{module}.py"
+    own = {f"monitor.{other}" for other in MONITOR_RULES}
+    roots = {name.split(".")[0] for name in imports_of(path) - own}
+    assert roots <= sys.stdlib_module_names, roots
+    assert not roots & {"asyncio", "socket", "time", "os", "sqlite3", "subprocess", "threading"}
