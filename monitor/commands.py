@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,16 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def columns(lines: Sequence[tuple[str, ...]]) -> str:
+    """Lines as aligned columns; the last column (a free-text detail) is left unpadded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
+        + f"  {line[-1]}"
+        for line in lines
+    )
+
+
 def format_table(rows: list[dict[str, Any]], now: float) -> str:
     """One line per check: name, kind, state, since, last run's time and detail."""
     header = ("CHECK", "KIND", "STATE", "SINCE", "LAST", "DETAIL")
@@ -225,12 +236,7 @@ def format_table(rows: list[dict[str, Any]], now: float) -> str:
         lines.append(
             (row["name"], row["kind"], row["state"], since, took, str(last.get("detail", "")))
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
-        + f"  {line[-1]}"
-        for line in lines
-    )
+    return columns(lines)
 
 
 # ------------------------------------------------------------------- check
@@ -308,12 +314,7 @@ def format_incidents(rows: list[dict[str, Any]]) -> str:
                 + row["detail"],
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
-        + f"  {line[-1]}"
-        for line in lines
-    )
+    return columns(lines)
 
 
 def cmd_incidents(args: argparse.Namespace) -> int:
