@@ -101,14 +101,15 @@ class Alerting:
                 detail=change.detail,
             )
         elif action is Action.RESOLVE and current is not None:
-            await self.incidents.resolve(current.incident.id, change.at, change.detail)
-            targets = resolve_targets(current.incident)
-            self._log_incident("IncidentResolved", current, notifiers=list(targets))
-            note = self._notification(
-                current, "resolve", change.at, None, change.current.value, change.detail
-            )
-            for name in targets:
-                self.dispatcher.submit(name, note)
+            await self._resolve(current, change.at, change.current.value, change.detail)
+
+    async def _resolve(self, row: IncidentRow, at: float, state: str, detail: str) -> None:
+        await self.incidents.resolve(row.incident.id, at, detail)
+        targets = resolve_targets(row.incident)
+        self._log_incident("IncidentResolved", row, notifiers=list(targets), detail=detail)
+        note = self._notification(row, "resolve", at, None, state, detail)
+        for name in targets:
+            self.dispatcher.submit(name, note)
 
     # --------------------------------------------------------------- escalation
 
@@ -119,6 +120,10 @@ class Alerting:
         if self._acks_seen is None:  # at start: those acknowledged before are old news
             self._acks_seen = {r.incident.id for r in rows if r.incident.acked_by}
         for row in rows:
+            if row.incident.check not in self.kinds:
+                # Its check was taken out of the configuration: it will never recover to say so.
+                await self._resolve(row, now, "up", "check no longer configured")
+                continue
             await self._escalate(row, now)
 
     async def _escalate(self, row: IncidentRow, now: float) -> None:
@@ -133,14 +138,12 @@ class Alerting:
             await self.incidents.in_maintenance(incident.id, window.name, now)
             self._log_incident("IncidentInMaintenance", row, window=window.name)
         for index in due_steps(incident, self.policy, now, window is not None):
-            step = self.policy[index]
-            await self.incidents.fire_step(incident.id, index, step.notifiers, now)
-            self._log_incident(
-                "IncidentEscalated", row, step=index + 1, notifiers=list(step.notifiers)
-            )
             note = self._notification(row, "trigger", now, index + 1)
-            for name in step.notifiers:
-                self.dispatcher.submit(name, note)
+            # The step is spent either way; a notifier whose queue was full (logged by the
+            # dispatcher) is not counted as told, so it is not sent the resolve either.
+            told = tuple(n for n in self.policy[index].notifiers if self.dispatcher.submit(n, note))
+            await self.incidents.fire_step(incident.id, index, told, now)
+            self._log_incident("IncidentEscalated", row, step=index + 1, notifiers=list(told))
 
     async def run(self) -> None:
         """Escalate at every tick; forget old resolved incidents every hour. Until cancelled."""
