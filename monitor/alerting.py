@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
 from monitor.config import Check, MonitorConfig
 from monitor.incident_store import IncidentRow, IncidentStore
-from monitor.incidents import Action, Step, due_steps, on_change, resolve_targets, severity_of
+from monitor.incidents import (
+    Action,
+    Step,
+    due_steps,
+    on_change,
+    resolve_targets,
+    severity_of,
+    step_targets,
+)
 from monitor.maintenance import Window, active_window
 from monitor.notifiers import Notification, build_senders
 from monitor.notifiers.dispatch import Dispatcher, OnResult
@@ -141,8 +150,10 @@ class Alerting:
             note = self._notification(row, "trigger", now, index + 1)
             # The step is spent either way; a notifier whose queue was full (logged by the
             # dispatcher) is not counted as told, so it is not sent the resolve either.
-            told = tuple(n for n in self.policy[index].notifiers if self.dispatcher.submit(n, note))
+            targets = step_targets(incident, self.policy[index])
+            told = tuple(n for n in targets if self.dispatcher.submit(n, note))
             await self.incidents.fire_step(incident.id, index, told, now)
+            incident = replace(incident, notified=incident.notified | set(told))
             self._log_incident("IncidentEscalated", row, step=index + 1, notifiers=list(told))
 
     async def run(self) -> None:

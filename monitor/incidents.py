@@ -12,7 +12,8 @@ follows its state while open, and resolves when the check comes back. Severities
 
 Escalation is by incident age: step ``i`` of the policy is due once ``now - opened >= after``;
 each step fires at most once per incident, never after an acknowledgement, and is held (not
-spent) while the check is in a maintenance window. A resolve goes to every notifier that was
+spent) while the check is in a maintenance window. A notifier hears one trigger per incident,
+however many steps name it. A resolve goes to every notifier that was
 notified of the incident, and to no other.
 """
 
@@ -99,6 +100,12 @@ def due_steps(
         for index, step in enumerate(policy)
         if index not in incident.steps_fired and age >= step.after
     ]
+
+
+def step_targets(incident: Incident, step: Step) -> tuple[str, ...]:
+    """The step's notifiers not yet told of this incident: each hears one trigger (one
+    PagerDuty alert, one mail), however many steps name it."""
+    return tuple(name for name in step.notifiers if name not in incident.notified)
 
 
 def resolve_targets(incident: Incident) -> tuple[str, ...]:

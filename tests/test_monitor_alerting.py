@@ -207,10 +207,13 @@ def test_every_notifier_hears_the_trigger_and_the_resolve(tmp_path: Path) -> Non
                     "starttls": False,
                 },
             }
-            text = render(port, notifiers, [("0s", list(notifiers))])
-            async with monitoring(tmp_path, text) as monitor:
+            # PagerDuty named again by a later step: still one trigger for the incident.
+            steps = [("0s", list(notifiers)), ("0.2s", ["pd", "hook"])]
+            async with monitoring(tmp_path, render(port, notifiers, steps)) as monitor:
                 await wait_state(monitor, State.DOWN)
                 await until(lambda: len(receiver.bodies["/pd"]) == 1, 5, "no trigger")
+                row = (await monitor.incidents.open_incidents())[0]
+                await until(lambda: time.time() > row.incident.opened + 0.4, 5, "")
                 peer = await recover(port)
                 try:
                     await wait_state(monitor, State.UP)
@@ -230,7 +233,7 @@ def test_every_notifier_hears_the_trigger_and_the_resolve(tmp_path: Path) -> Non
         sink.stop()
     # One incident, resolved; every notifier told twice (trigger, resolve), nothing more.
     assert len(rows) == 1 and rows[0]["resolved"] is not None, rows
-    assert rows[0]["severity"] == "critical" and rows[0]["steps_fired"] == [1]
+    assert rows[0]["severity"] == "critical" and rows[0]["steps_fired"] == [1, 2]
     assert {path: len(b) for path, b in receiver.bodies.items()} == {
         "/hook": 2,
         "/slack": 2,

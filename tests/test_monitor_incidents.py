@@ -15,6 +15,7 @@ from monitor.incidents import (
     on_change,
     resolve_targets,
     severity_of,
+    step_targets,
 )
 from monitor.maintenance import Window, active_window
 from monitor.verdicts import State, StateChange
@@ -67,6 +68,11 @@ def test_acknowledged_resolved_or_in_maintenance_fire_nothing() -> None:
     assert due_steps(fresh, POLICY, 10_000.0, True) == []
     # Held, not spent: once the window is over the steps fire.
     assert due_steps(fresh, POLICY, 10_000.0, False) == [0, 1, 2]
+
+
+def test_a_notifier_hears_one_trigger_per_incident() -> None:
+    incident = Incident(1, "mx", Severity.CRITICAL, State.DOWN, 0.0, notified=frozenset({"pd"}))
+    assert step_targets(incident, Step(300.0, ("pd", "email"))) == ("email",)
 
 
 def test_resolve_goes_to_those_notified() -> None:
