@@ -16,8 +16,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.admin_guard import guard
+from monitor.api_incidents import add_incident_routes
 from monitor.config import Check
 from monitor.history_api import add_history_routes
+from monitor.incident_store import IncidentStore
+from monitor.maintenance import Window
 from monitor.metrics import MonitorMetrics
 from monitor.observation import Clock, SystemClock
 from monitor.page import add_status_page
@@ -74,9 +77,13 @@ def build_app(
     metrics: MonitorMetrics,
     checks: Sequence[Check],
     listen: str,
+    *,
     clock: Clock | None = None,
+    windows: Sequence[Window] = (),
 ) -> web.Application:
     app = web.Application()
+    # Incidents, acknowledgement and maintenance windows (monitor.api_incidents).
+    add_incident_routes(app, IncidentStore(store), windows)
     app[SOURCES_KEY] = Sources(store, metrics, tuple(checks))
     guard(app, listen, [])
     app.router.add_get("/api/checks", _checks)

@@ -1,4 +1,4 @@
-"""``monitor run | status | check NAME``: the monitor's sub-commands, for any dispatcher.
+"""``monitor run | status | check NAME | incidents | ack ID``: the monitor's sub-commands.
 
 ``register(subparsers)`` adds them under ``monitor``; each sets ``args.func(args) -> int``.
 The collaborators of a running monitor (store, metrics, engine, HTTP app) are built in one
@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _config_option(check)
     check.add_argument("name", help="the check's name in the configuration")
     check.set_defaults(func=cmd_check)
+    incidents = sub.add_parser("incidents", help="open and recent incidents, from the store")
+    _config_option(incidents)
+    incidents.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    incidents.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    incidents.set_defaults(func=cmd_incidents)
+    ack = sub.add_parser("ack", help="acknowledge an incident: no further escalation")
+    _config_option(ack)
+    ack.add_argument("incident", type=int, help="the incident's number")
+    ack.add_argument("--by", default=None, help="who acknowledges (default: the user's name)")
+    ack.set_defaults(func=cmd_ack)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _serve(config: MonitorConfig) -> int:
     """Run until a signal (0) or until the engine fails, e.g. its store cannot be written (1)."""
     # Imported here: `monitor status` and `check` need none of the server's modules.
+    import aiohttp  # noqa: PLC0415
     from aiohttp import web  # noqa: PLC0415
 
     from hamta import eventlog  # noqa: PLC0415
+    from monitor.alerting import assemble  # noqa: PLC0415
     from monitor.api import build_app  # noqa: PLC0415
     from monitor.engine import Engine  # noqa: PLC0415
     from monitor.metrics import MonitorMetrics  # noqa: PLC0415
@@ -95,17 +109,24 @@ async def _serve(config: MonitorConfig) -> int:
     keys = relay_dkim_keys(config.relay_config) if config.relay_config else []
     store = Store(config.store.path)
     metrics = MonitorMetrics(config.checks)
+    clock = SystemClock()
+    session = aiohttp.ClientSession()
+    alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
     engine = Engine(
         config.checks,
         store,
         metrics,
         log,
-        SystemClock(),
+        clock,
         nameservers=tuple(config.dns.nameservers),
         dkim_keys=tuple(keys),
         retention=config.store.retention,
+        on_change=alerting.on_change,
     )
-    runner = web.AppRunner(build_app(store, metrics, config.checks, config.server.listen))
+    app = build_app(
+        store, metrics, config.checks, config.server.listen, clock=clock, windows=alerting.windows
+    )
+    runner = web.AppRunner(app)
     await runner.setup()
     host, port = parse_hostport(config.server.listen)
     stop = asyncio.Event()
@@ -116,21 +137,29 @@ async def _serve(config: MonitorConfig) -> int:
         await web.TCPSite(runner, host, port).start()
         log.info("MonitorStarted", listen=config.server.listen, checks=len(config.checks))
         engine_task = asyncio.create_task(engine.run())
+        # The notifications and the escalation: beside the engine, never in its way.
+        tasks = {engine_task, asyncio.create_task(alerting.run())}
+        tasks.add(asyncio.create_task(dispatcher.run()))
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({engine_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        if engine_task.done():
+        failed = next((task for task in tasks if task.done()), None)
+        if failed is not None:
             # The checks never raise: what ends the engine is the store (a full or broken disk).
             # A monitor that records nothing must not look alive: it stops, and says why.
-            log.error("MonitorFailed", error=repr(engine_task.exception()))
+            log.error("MonitorFailed", error=repr(failed.exception()))
             return 1
-        engine_task.cancel()
+        # Notifications already queued (a resolve, say) get a moment to go out.
+        await dispatcher.drain(2.0)
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await engine_task
+            await asyncio.gather(*tasks)
         log.info("MonitorStopped")
         return 0
     finally:
         await runner.cleanup()
+        await session.close()
         await store.close()
 
 
@@ -188,6 +217,16 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def columns(lines: Sequence[tuple[str, ...]]) -> str:
+    """Lines as aligned columns; the last column (a free-text detail) is left unpadded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
+        + f"  {line[-1]}"
+        for line in lines
+    )
+
+
 def format_table(rows: list[dict[str, Any]], now: float) -> str:
     """One line per check: name, kind, state, since, last run's time and detail."""
     header = ("CHECK", "KIND", "STATE", "SINCE", "LAST", "DETAIL")
@@ -199,12 +238,7 @@ def format_table(rows: list[dict[str, Any]], now: float) -> str:
         lines.append(
             (row["name"], row["kind"], row["state"], since, took, str(last.get("detail", "")))
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
-        + f"  {line[-1]}"
-        for line in lines
-    )
+    return columns(lines)
 
 
 # ------------------------------------------------------------------- check
@@ -253,3 +287,87 @@ async def _check_now(config: MonitorConfig, check: Any) -> int:
     for line in observation.changes:
         print(f"  changed: {line}")
     return 0 if state.state is State.UP else 1
+
+
+# --------------------------------------------------------------- incidents
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+
+
+def format_incidents(rows: list[dict[str, Any]]) -> str:
+    """One line per incident: number, check, severity, state, opened, resolved, ack, window."""
+    header = ("ID", "CHECK", "SEVERITY", "STATE", "OPENED", "RESOLVED", "ACK", "DETAIL")
+    lines = [header]
+    for row in rows:
+        lines.append(
+            (
+                str(row["id"]),
+                row["check"],
+                row["severity"],
+                row["state"],
+                _when(row["opened"]),
+                _when(row["resolved"]),
+                row["acked_by"] or "-",
+                (f"[maintenance {row['maintenance']}] " if row["maintenance"] else "")
+                + row["detail"],
+            )
+        )
+    return columns(lines)
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not config.store.path.exists():
+        print(f"monitor: no store at {config.store.path} (has the monitor run?)", file=sys.stderr)
+        return 1
+    rows = asyncio.run(_incidents(config, max(1, args.limit)))
+    print(json.dumps(rows, indent=2) if args.json else format_incidents(rows))
+    return 0
+
+
+async def _incidents(config: MonitorConfig, limit: int) -> list[dict[str, Any]]:
+    from monitor.incident_store import IncidentStore  # noqa: PLC0415
+    from monitor.store import Store  # noqa: PLC0415
+
+    store = Store(config.store.path)
+    try:
+        return [row.as_dict() for row in await IncidentStore(store).recent(limit)]
+    finally:
+        await store.close()
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    """Acknowledge through the store, not the API: it works whether the monitor runs or not
+    (stopped for an upgrade, crashed), and the running monitor reads the store at each tick."""
+    import getpass  # noqa: PLC0415
+
+    from monitor.incident_store import AckError  # noqa: PLC0415
+
+    config = _load(args)
+    if not config.store.path.exists():
+        print(f"monitor: no store at {config.store.path} (has the monitor run?)", file=sys.stderr)
+        return 1
+    by = args.by or getpass.getuser()
+    try:
+        row = asyncio.run(_ack(config, args.incident, by))
+    except AckError as exc:
+        print(f"monitor: {exc}", file=sys.stderr)
+        return 1
+    print(f"incident {row['id']} ({row['check']}) acknowledged by {row['acked_by']}")
+    return 0
+
+
+async def _ack(config: MonitorConfig, incident: int, by: str) -> dict[str, Any]:
+    from monitor.incident_store import IncidentStore  # noqa: PLC0415
+    from monitor.store import Store  # noqa: PLC0415
+
+    store = Store(config.store.path)
+    try:
+        row = await IncidentStore(store).ack(incident, by, time.time())
+        return row.as_dict()
+    finally:
+        await store.close()

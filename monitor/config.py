@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -33,6 +34,14 @@ from hamta.config import (
     read_config_file,
 )
 from hamta.dkim_signing import DkimKeyError, SigningKey, load_signing_key
+from monitor.alerting_config import (
+    NOTIFIER_KINDS,
+    AlertingConfig,
+    EmailNotifier,
+    EscalationStep,
+    MaintenanceWindow,
+    Notifier,
+)
 
 __all__ = ["Check", "ConfigError", "MonitorConfig", "load_monitor_config", "parse_monitor_config"]
 
@@ -290,6 +299,11 @@ class MonitorConfig(_Model):
     # The relay's own TOML: the auth_records checks compare its DKIM keys with DNS.
     relay_config: Path | None = None
     checks: list[Check] = Field(default_factory=list)
+    # Alerting (monitor.alerting_config); after the checks, which they are checked against.
+    notifiers: dict[str, Notifier] = Field(default_factory=dict)
+    escalation: list[EscalationStep] = Field(default_factory=list)
+    maintenance: list[MaintenanceWindow] = Field(default_factory=list)
+    alerting: AlertingConfig = Field(default_factory=AlertingConfig)
 
     @field_validator("checks")
     @classmethod
@@ -299,6 +313,54 @@ class MonitorConfig(_Model):
             if check.name in seen:
                 raise ValueError(f"check name {check.name!r} is given twice")
             seen.add(check.name)
+        return value
+
+    @field_validator("notifiers")
+    @classmethod
+    def _not_the_relay(cls, value: dict[str, Notifier], info: ValidationInfo) -> dict[str, Any]:
+        # An alert that the relay is down cannot go out through that relay.
+        targets = {
+            c.host.lower(): c.name
+            for c in info.data.get("checks", [])
+            if c.kind in ("smtp", "submission", "smtps", "tls")
+        }
+        for name, notifier in value.items():
+            if isinstance(notifier, EmailNotifier):
+                host = parse_hostport(notifier.smarthost, 25)[0].lower()
+                if host in targets:
+                    raise ValueError(
+                        f"{name}: smarthost {notifier.smarthost!r} is monitored by check"
+                        f" {targets[host]!r}: alerts must not go through the relay they are about"
+                    )
+        return value
+
+    @field_validator("escalation")
+    @classmethod
+    def _known_notifiers(
+        cls, value: list[EscalationStep], info: ValidationInfo
+    ) -> list[EscalationStep]:
+        known = info.data.get("notifiers")
+        if known is None:  # the notifiers were refused already, and said why
+            return value
+        for number, step in enumerate(value, 1):
+            for name in step.notifiers:
+                if name not in known:
+                    names = ", ".join(known) or "none"
+                    raise ValueError(
+                        f"step {number}: unknown notifier {name!r} (configured: {names})"
+                    )
+        return value
+
+    @field_validator("maintenance")
+    @classmethod
+    def _known_checks(
+        cls, value: list[MaintenanceWindow], info: ValidationInfo
+    ) -> list[MaintenanceWindow]:
+        known = {c.name for c in info.data.get("checks", [])}
+        for window in value:
+            for name in window.checks:
+                if name not in known:
+                    raise ValueError(f"window {window.name!r}: unknown check {name!r}")
         return value
 
     def check(self, name: str) -> Check | None:
@@ -316,6 +378,12 @@ def _where(loc: tuple[int | str, ...], data: Any) -> str:
         # A problem of the check as a whole (its kind, timeout against interval) names the
         # keys in its reason.
         return ": ".join([label, *([".".join(str(p) for p in rest)] if rest else [])])
+    if len(loc) >= 2 and loc[0] in ("notifiers", "escalation", "maintenance"):
+        # ('notifiers', 'pd', 'pagerduty', 'url'): the kind is the discriminator, not a key;
+        # a step or window is numbered from 1, like a check without a name.
+        head = f"{loc[0]} {loc[1]!r}" if loc[0] == "notifiers" else f"{loc[0]} #{int(loc[1]) + 1}"
+        rest = loc[3:] if len(loc) > 2 and loc[2] in NOTIFIER_KINDS else loc[2:]
+        return ": ".join([head, *([".".join(str(p) for p in rest)] if rest else [])])
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
@@ -325,10 +393,10 @@ def _format(error: ValidationError, data: Any, source: str) -> str:
         reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             reason = "unknown key"
-        elif item["type"] == "union_tag_invalid":
-            reason = f"unknown kind {item['input'].get('kind')!r} (one of {', '.join(KINDS)})"
-        elif item["type"] == "union_tag_not_found":
-            reason = f"no kind (one of {', '.join(KINDS)})"
+        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            kinds = ", ".join(NOTIFIER_KINDS if item["loc"][:1] == ("notifiers",) else KINDS)
+            kind = item["input"].get("kind") if isinstance(item["input"], dict) else None
+            reason = f"unknown kind {kind!r} (one of {kinds})" if kind else f"no kind ({kinds})"
         lines.append(f"{source}: {_where(item['loc'], data)}: {reason}")
     return "\n".join(lines)
 

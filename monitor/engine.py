@@ -24,6 +24,8 @@ from monitor.store import Store
 from monitor.verdicts import CheckState, StateChange, Thresholds, next_state
 
 Runner = Callable[[Check, CheckContext, Clock], Awaitable[Observation]]
+# Told of each state change once it is recorded (monitor.alerting.Alerting.on_change).
+OnChange = Callable[[Check, StateChange], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
 # How often old observations are pruned; retention is counted in days, this need not be exact.
 PRUNE_EVERY = 3600.0
@@ -67,6 +69,7 @@ class Engine:
         retention: float = 30 * 86400.0,
         runner: Runner = run_check,
         sleep: Sleep = asyncio.sleep,
+        on_change: OnChange | None = None,
     ) -> None:
         self.checks = list(checks)
         self.store = store
@@ -78,6 +81,7 @@ class Engine:
         self.retention = retention
         self.runner = runner
         self.sleep = sleep
+        self.on_change = on_change
         self.states: dict[str, CheckState] = {}
 
     async def load(self) -> None:
@@ -105,6 +109,8 @@ class Engine:
         await self.store.record(observation, state, change)
         self.metrics.observe(check, observation, state)
         self._log(check, observation, change)
+        if change is not None and self.on_change is not None:
+            await self.on_change(check, change)
         return Result(observation, state, change)
 
     def _log(self, check: Check, observation: Observation, change: StateChange | None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +286,12 @@ class Store:
             (start, width, check, start, start + width * count),
         )
         return [Bucket(*row) for row in rows]
+
+    async def call(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``function(connection)`` in the store's thread: how other modules' tables
+        (monitor.incident_store) share the one connection."""
+        result: T = await self._run(lambda: function(self._connection()))
+        return result
 
     async def close(self) -> None:
         await self._run(self._close)

@@ -29,6 +29,7 @@ FOLDERS = (
     "bench",
     "monitor",
     "monitor/checks",
+    "monitor/notifiers",
     "tests/support",
 )
 UNCHECKED = ("tests",)
@@ -236,9 +237,10 @@ def test_the_relay_never_imports_the_monitor() -> None:
             assert name.split(".")[0] != "monitor", (path, name)
 
 
-# The monitor's arithmetic: verdicts (state from observations) and uptime (figures from the
-# state changes) are pure, over plain data, like the agent's decision modules.
-MONITOR_PURE = ["verdicts", "uptime"]
+# The monitor's pure parts: verdicts (state from observations), uptime (figures from the state
+# changes), incidents and escalation, maintenance windows. Plain data in and out, no clock read,
+# no I/O: the standard library and each other only, like the agent's decision modules.
+MONITOR_PURE = ["verdicts", "uptime", "incidents", "maintenance"]
 
 
 @pytest.mark.parametrize("module", MONITOR_PURE)
@@ -247,4 +249,5 @@ def test_the_monitor_s_pure_modules_use_the_standard_library_only(module: str) -
     own = {f"monitor.{other}" for other in MONITOR_PURE}
     roots = {name.split(".")[0] for name in imports_of(path) - own}
     assert roots and roots <= sys.stdlib_module_names, roots
-    assert not roots & {"asyncio", "sqlite3", "time", "os", "socket", "subprocess"}, roots
+    forbidden = {"asyncio", "socket", "time", "os", "sqlite3", "subprocess", "threading"}
+    assert not roots & forbidden, roots

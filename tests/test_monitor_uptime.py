@@ -242,7 +242,11 @@ def test_the_history_routes_answer_from_the_store(tmp_path: Path) -> None:
         store = Store(tmp_path / "m.sqlite")
         await _write_history(store)
         app = build_app(
-            store, MonitorMetrics(config.checks), config.checks, "127.0.0.1:1", FixedClock(NOW)
+            store,
+            MonitorMetrics(config.checks),
+            config.checks,
+            "127.0.0.1:1",
+            clock=FixedClock(NOW),
         )
         got: dict[str, Any] = {}
         async with TestClient(TestServer(app)) as client:
