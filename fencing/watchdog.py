@@ -11,9 +11,10 @@ the watchdog fires. It
    network namespace, which is the agent's),
 3. SIGKILLs the agent, for a missed feed only (at the end of input the agent is gone already),
 4. writes one ``WatchdogFired`` JSON line to standard error saying what it did and why,
-5. ends the agent's ZooKeeper session, if the agent handed it one (``fencing.zk_session``), so
-   that its ephemeral znodes vanish now rather than at the session's expiry and the peer's
-   promotion starts at once, and writes one ``WatchdogSessionEnded`` line with the outcome,
+5. ends the agent's ZooKeeper session, if the agent handed it one (``fencing.zk_session``) and
+   every action above succeeded, so that its ephemeral znodes vanish now rather than at the
+   session's expiry and the peer's promotion starts at once, and writes one
+   ``WatchdogSessionEnded`` line with the outcome,
 6. exits with status 2 (``EXIT_FIRED``).
 
 Disarmed, it waits for nothing; the end of its input while disarmed is a clean stop (status 0).
@@ -85,6 +86,8 @@ READY: Final = b"ready\n"
 KEEPALIVE: Final = b"\0"
 MAGIC_CLOSE: Final = b"V"
 IP_TIMEOUT: Final = 3.0
+#: How long the processes it killed may take to exit before it ends the agent's session.
+GONE_LIMIT: Final = 2.0
 _IFNAMSIZ: Final = 16  # the kernel's limit on interface names, NUL included
 # Where ``ip`` lives when the agent's PATH (a service manager's) lacks the sbin directories.
 _IP_FALLBACK: Final = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -477,15 +480,58 @@ class Guard:
             "actions": actions,
         }
         log("WatchdogFired", level="error", **record)
-        # Only now, with the relay and the VIP gone: the peer may take over as soon as the
-        # session ends (docs/fencing.md, "Ending the dead agent's session").
         if self.session is not None:
-            closed = close_session(self.session)
-            ended = _session_record(self.session, closed)
-            record["session"] = ended
-            level = "info" if closed.outcome in ("closed", "not_open") else "error"
-            log("WatchdogSessionEnded", level=level, **ended)
+            record["session"] = self._end_session(self.session, actions)
         return record
+
+    def _end_session(self, session: ZkSession, actions: list[dict[str, Any]]) -> dict[str, Any]:
+        """End the agent's session, once the relay and the VIP are surely gone; the record.
+
+        The peer may take over as soon as the session ends (docs/fencing.md, "Ending the dead
+        agent's session"): a SIGKILLed process may still be exiting (an fsync under way, its
+        mounts still held), so the agent and the relay's group are waited for first. Should an
+        action have failed, or a process outlive ``GONE_LIMIT``, the session is left to expire,
+        as without a watchdog.
+        """
+        failed = [action["action"] for action in actions if action["outcome"] == "failed"]
+        if failed:
+            closed = Closed("skipped", None, f"{', '.join(failed)} failed: left to expire", 0.0)
+        else:
+            started = time.monotonic()
+            left = _still_running(self.agent_pid, self.relay_pgid)
+            while left and time.monotonic() - started < GONE_LIMIT:
+                time.sleep(0.005)  # a SIGKILLed process is gone within milliseconds; no event
+                left = _still_running(self.agent_pid, self.relay_pgid)
+            if left:
+                detail = f"processes {left} still running after {GONE_LIMIT:g}s: left to expire"
+                closed = Closed("skipped", None, detail, round(time.monotonic() - started, 3))
+            else:
+                closed = close_session(session)
+        ended = _session_record(session, closed)
+        level = "info" if closed.outcome in ("closed", "not_open") else "error"
+        log("WatchdogSessionEnded", level=level, **ended)
+        return ended
+
+
+def _still_running(agent_pid: int, relay_pgid: int | None) -> list[int]:
+    """The agent, if alive, and the relay group's live processes (a zombie has let go of its
+    files and mounts: it counts as gone)."""
+    running = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid != agent_pid and relay_pgid is None:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        state, pgrp = fields[0], int(fields[2])
+        if state != b"Z" and (pid == agent_pid or pgrp == relay_pgid):
+            running.append(pid)
+    return running
 
 
 def _session_record(session: ZkSession, closed: Closed) -> dict[str, Any]:

@@ -115,7 +115,8 @@ class Closed:
     - ``not_open``: a server does not know the session with that password (ended already, or
       the password is wrong: ZooKeeper answers both alike);
     - ``auth_failed``: a server refused the credentials, the session was not closed;
-    - ``unreachable``: no server answered within the limit (``detail`` says what each did).
+    - ``unreachable``: no server answered within the limit (``detail`` says what each did);
+    - ``skipped``: not tried (the watchdog's fencing failed: the session is left to expire).
     """
 
     outcome: str

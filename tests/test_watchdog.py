@@ -27,7 +27,16 @@ import pytest
 from kazoo.client import KazooClient
 
 from cluster.zookeeper import ZooKeeperEnsemble
-from fencing.watchdog import EXIT_FIRED, BadCommandError, Watchdog, WatchdogError
+from fencing.watchdog import (
+    EXIT_FIRED,
+    GONE_LIMIT,
+    Arm,
+    BadCommandError,
+    Guard,
+    Watchdog,
+    WatchdogError,
+    parse_command,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 0.3
@@ -273,6 +282,8 @@ def test_firing_ends_the_agents_session_after_the_relay_and_vip(
     observer.start(10)
     try:
         assert exists_after(observer, 0.2), "the session lives while the agent does"
+        agent.kill()  # the agent dies: its end of the pipe closes
+        agent.wait()
         watchdog.end_input()
         assert watchdog.wait() == EXIT_FIRED
         assert not exists_after(observer, 0.5), "the agent's ephemeral znode outlived it"
@@ -288,6 +299,22 @@ def test_firing_ends_the_agents_session_after_the_relay_and_vip(
     assert watchdog.events("WatchdogSession")[0]["auth"] == ["digest"]
     log = watchdog.log.read_text()
     assert command["password"] not in log and "watchdog-secret" not in log
+
+
+def test_the_session_outlives_a_process_that_will_not_die(
+    procs: Procs, tmp_path: Path, zk_session: tuple[KazooClient, dict[str, Any]]
+) -> None:
+    owner, command = zk_session
+    agent = victim(procs)  # its input ends but it lives on: it may still hold the spool
+    watchdog = start_watchdog(procs, tmp_path, "--agent-pid", str(agent.pid))
+    watchdog.send(command)
+    watchdog.arm(timeout=30.0)
+    watchdog.end_input()
+    assert watchdog.wait() == EXIT_FIRED
+    (ended,) = watchdog.events("WatchdogSessionEnded")
+    assert ended["outcome"] == "skipped" and str(agent.pid) in ended["detail"]
+    assert ended["seconds"] >= GONE_LIMIT
+    assert owner.connected and exists_after(owner, 0.3)
 
 
 def test_a_clean_stop_leaves_the_session_alone(
@@ -342,6 +369,8 @@ def test_a_session_it_cannot_end_is_reported_and_changes_nothing_else(
             {"cmd": "session", "servers": servers, "session_id": 7, "password": "ab" * 16}
         )
         watchdog.arm(timeout=30.0, relay_pgid=relay.pid)
+        agent.kill()
+        agent.wait()
         watchdog.end_input()
         assert watchdog.wait() == EXIT_FIRED
     assert killed(relay)
@@ -350,6 +379,21 @@ def test_a_session_it_cannot_end_is_reported_and_changes_nothing_else(
     assert (ended["outcome"], ended["session_id"]) == ("unreachable", "0x7")
     assert ended["level"] == "error"
     assert "Connection refused" in ended["detail"]
+
+
+def test_when_fencing_failed_the_session_is_left_to_expire(
+    zookeeper: ZooKeeperEnsemble, zk_session: tuple[KazooClient, dict[str, Any]]
+) -> None:
+    owner, command = zk_session
+    # ``ip`` that fails: the VIP may still be up, so the peer must not be let in early.
+    guard = Guard(agent_pid=os.getpid(), device=None, ip="/bin/false")
+    guard.handle(parse_command(json.dumps(command).encode()), 0.0)
+    guard.handle(Arm(timeout=30.0, vip="198.18.0.100/24", interface="eth0"), 0.0)
+    record = guard.fire("stdin_eof", 1.0)
+    assert outcomes(record)["remove_vip"] == "failed"
+    assert record["session"]["outcome"] == "skipped"
+    assert "remove_vip failed" in record["session"]["detail"]
+    assert owner.connected and exists_after(owner, 0.3)
 
 
 # ---------------------------------------------------------------------- not firing
