@@ -218,6 +218,10 @@ class Coordinator:
         self._on_change = on_change
         # A chroot is a prefix of our paths, not kazoo's: the agent creates its components too.
         servers, chroot = split_chroot(hosts)
+        try:  # for the watchdog, which ends the session should the agent die
+            self._servers = parse_servers(servers)
+        except ValueError as exc:
+            raise CoordinationError(f"ZooKeeper hosts {hosts!r}: {exc}") from None
         self._paths = _Paths(f"{chroot}{ROOT}/{cluster}")
         self._acl: list[ACL] = credentials.acl() if credentials else list(OPEN_ACL_UNSAFE)
         # Replies can only come while the session lives; waiting longer is waiting for nothing.
@@ -334,9 +338,7 @@ class Coordinator:
             return None
         session_id, password = client_id
         auth = (self._credentials.auth,) if self._credentials is not None else ()
-        return ZkSession(
-            parse_servers(split_chroot(self.hosts)[0]), int(session_id), bytes(password), auth
-        )
+        return ZkSession(self._servers, int(session_id), bytes(password), auth)
 
     def _session_id(self) -> int | None:
         client_id = self._client.client_id

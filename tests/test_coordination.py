@@ -589,3 +589,8 @@ def test_the_session_handle_is_the_live_session_and_follows_a_new_one(
     )
     new = coordinator.session_handle()
     assert new is not None and new.session_id != handle.session_id
+
+
+def test_hosts_the_watchdog_could_not_reach_are_refused_at_once() -> None:
+    with pytest.raises(CoordinationError, match="bad port"):
+        Coordinator("127.0.0.1:2181,127.0.0.2:x/chroot", "c", "a")
