@@ -45,6 +45,7 @@ from cluster.vip import VirtualIp
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
 from fencing.watchdog import Watchdog, WatchdogError
+from fencing.zk_session import ZkSession
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
 from hamta.eventlog import get_logger
@@ -186,6 +187,7 @@ class Agent:
         self.watchdog_timeout = config.watchdog_timeout
         self._armed = False
         self._watched_pgid: int | None = None
+        self._handed: ZkSession | None = None  # the session the watchdog would end
         # When to feed it is cluster.watchdog_policy's to say; these are its inputs.
         self.watchdog_limits = WatchdogLimits.for_agent(
             agent.session_timeout, agent.health_interval, config.fencing.lease_grace
@@ -338,6 +340,7 @@ class Agent:
         watchdog = self.watchdog
         if watchdog is None or watchdog.returncode is not None:
             return
+        self._hand_session(watchdog)
         now = self.clock()
         plan = plan_watchdog(
             holds=holds_resources(self.state),
@@ -383,6 +386,20 @@ class Agent:
         except WatchdogError as exc:
             self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
 
+    def _hand_session(self, watchdog: Watchdog) -> None:
+        """Give the watchdog this agent's ZooKeeper session, whenever it is a new one, so that it
+        can end it should the agent die (its password is never logged)."""
+        handle = self.coordinator.session_handle()
+        if handle is None or handle == self._handed:
+            return
+        try:
+            watchdog.session(handle)
+        except WatchdogError as exc:
+            self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
+            return
+        self._handed = handle
+        self.log.info("WatchdogSession", session_id=handle.label)
+
     async def _keep_watchdog(self) -> None:
         """Feed (and, should it have gone, restart) the watchdog; runs every quarter timeout."""
         watchdog = self.watchdog
@@ -393,6 +410,7 @@ class Agent:
             self.log.error("WatchdogRestarting", status=watchdog.returncode)
             self.watchdog = Watchdog()
             self._armed = False
+            self._handed = None
             try:
                 await self._start_watchdog()
             except WatchdogError as exc:

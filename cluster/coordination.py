@@ -53,6 +53,7 @@ from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_digest_acl
 
 from cluster.decision_data import ClusterView, Leader, Member, Pause, Session, Switchover
 from cluster.zk_acl import AclError, parents, secure, split_chroot
+from fencing.zk_session import ZkSession, parse_servers
 from hamta.eventlog import get_logger
 
 ROOT: Final = "/hamta"
@@ -217,6 +218,10 @@ class Coordinator:
         self._on_change = on_change
         # A chroot is a prefix of our paths, not kazoo's: the agent creates its components too.
         servers, chroot = split_chroot(hosts)
+        try:  # for the watchdog, which ends the session should the agent die
+            self._servers = parse_servers(servers)
+        except ValueError as exc:
+            raise CoordinationError(f"ZooKeeper hosts {hosts!r}: {exc}") from None
         self._paths = _Paths(f"{chroot}{ROOT}/{cluster}")
         self._acl: list[ACL] = credentials.acl() if credentials else list(OPEN_ACL_UNSAFE)
         # Replies can only come while the session lives; waiting longer is waiting for nothing.
@@ -324,6 +329,16 @@ class Coordinator:
             self._on_change()
         except Exception as exc:
             self._log.error("on_change failed", error=repr(exc))
+
+    def session_handle(self) -> ZkSession | None:
+        """This session as the watchdog needs it to end it when the agent dies: the servers, the
+        id and password (kazoo's ``client_id``) and the credentials; None without a session."""
+        client_id = self._client.client_id
+        if client_id is None or not self._client.connected:
+            return None
+        session_id, password = client_id
+        auth = (self._credentials.auth,) if self._credentials is not None else ()
+        return ZkSession(self._servers, int(session_id), bytes(password), auth)
 
     def _session_id(self) -> int | None:
         client_id = self._client.client_id

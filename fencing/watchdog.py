@@ -11,7 +11,11 @@ the watchdog fires. It
    network namespace, which is the agent's),
 3. SIGKILLs the agent, for a missed feed only (at the end of input the agent is gone already),
 4. writes one ``WatchdogFired`` JSON line to standard error saying what it did and why,
-5. exits with status 2 (``EXIT_FIRED``).
+5. ends the agent's ZooKeeper session, if the agent handed it one (``fencing.zk_session``) and
+   every action above succeeded, so that its ephemeral znodes vanish now rather than at the
+   session's expiry and the peer's promotion starts at once, and writes one
+   ``WatchdogSessionEnded`` line with the outcome,
+6. exits with status 2 (``EXIT_FIRED``).
 
 Disarmed, it waits for nothing; the end of its input while disarmed is a clean stop (status 0).
 
@@ -23,10 +27,15 @@ a line on standard input::
     {"cmd": "relay", "pgid": 1240}
     {"cmd": "feed"}
     {"cmd": "disarm"}
+    {"cmd": "session", "servers": "10.0.0.1:2181,10.0.0.2:2181", "session_id": 72057...,
+     "password": "<hex>", "auth": [["digest", "user:password"]]}
 
 An arm replaces every setting (what it leaves out, or sets to null, is not protected), so that a
 process group or address from an earlier term is never acted on; arming while armed also counts
-as a feed. ``relay`` changes the process group while armed (after a relay restart). A line that
+as a feed. ``relay`` changes the process group while armed (after a relay restart). ``session``
+(armed or not, kept across arms and disarms: it is the agent's, not a term's) replaces the
+session to end when firing; its password and credentials are secrets, held in memory only and
+never logged, nor is a line that may hold them. A line that
 is not a valid command is logged and ignored: garbage never fires the watchdog, but neither does
 a malformed ``arm`` arm it (``Watchdog.arm`` checks with the same code before it sends).
 
@@ -67,6 +76,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, Final, NoReturn
 
+from fencing.zk_session import Closed, ZkSession, close_session, parse_servers
+
 EXIT_FIRED: Final = 2
 # Not argparse's 2, which would read as "fired" to whoever checks the status.
 EXIT_USAGE: Final = 64
@@ -75,6 +86,8 @@ READY: Final = b"ready\n"
 KEEPALIVE: Final = b"\0"
 MAGIC_CLOSE: Final = b"V"
 IP_TIMEOUT: Final = 3.0
+#: How long the processes it killed may take to exit before it ends the agent's session.
+GONE_LIMIT: Final = 2.0
 _IFNAMSIZ: Final = 16  # the kernel's limit on interface names, NUL included
 # Where ``ip`` lives when the agent's PATH (a service manager's) lacks the sbin directories.
 _IP_FALLBACK: Final = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -158,14 +171,36 @@ class Disarm:
     """The node holds nothing any more: stop watching."""
 
 
-Command = Arm | Relay | Feed | Disarm
+Command = Arm | Relay | Feed | Disarm | ZkSession
 
 _FIELDS: Final[dict[str, frozenset[str]]] = {
     "arm": frozenset({"timeout", "relay_pgid", "vip", "interface"}),
     "relay": frozenset({"pgid"}),
     "feed": frozenset(),
     "disarm": frozenset(),
+    "session": frozenset({"servers", "session_id", "password", "auth"}),
 }
+
+
+def _session(message: dict[str, Any]) -> ZkSession:
+    # Every message below names no value: one could be the password or the credentials.
+    missing = sorted({"servers", "session_id", "password"} - set(message))
+    if missing:
+        raise BadCommandError(f"session: {', '.join(missing)} required")
+    password, auth = message["password"], message.get("auth") or []
+    try:
+        if not isinstance(password, str):
+            raise ValueError("password must be a hex string")
+        if not isinstance(auth, list) or not all(isinstance(pair, list) for pair in auth):
+            raise ValueError("auth must be a list of [scheme, credential] pairs")
+        return ZkSession(
+            parse_servers(message["servers"]),
+            message["session_id"],
+            bytes.fromhex(password),
+            tuple((pair[0], pair[1]) if len(pair) == 2 else ("", "") for pair in auth),
+        )
+    except ValueError as exc:
+        raise BadCommandError(f"session: {exc}") from None
 
 
 def parse_command(line: bytes) -> Command:
@@ -187,6 +222,8 @@ def parse_command(line: bytes) -> Command:
         if "timeout" not in message:
             raise BadCommandError("arm: timeout is required")
         return Arm(**message)
+    if cmd == "session":
+        return _session(message)
     if cmd == "relay":
         if "pgid" not in message:
             raise BadCommandError("relay: pgid is required")
@@ -207,6 +244,17 @@ def encode(command: Command) -> bytes:
         }
     elif isinstance(command, Relay):
         message = {"cmd": "relay", "pgid": command.pgid}
+    elif isinstance(command, ZkSession):
+        message = {
+            "cmd": "session",
+            "servers": ",".join(
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                for host, port in command.servers
+            ),
+            "session_id": command.session_id,
+            "password": command.password.hex(),
+            "auth": [list(pair) for pair in command.auth],
+        }
     else:
         message = {"cmd": "feed" if isinstance(command, Feed) else "disarm"}
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -338,6 +386,7 @@ class Guard:
         self.ip = ip
         self.armed: Arm | None = None
         self.relay_pgid: int | None = None
+        self.session: ZkSession | None = None
         self.deadline = math.inf
         self.last_feed = 0.0
 
@@ -345,6 +394,11 @@ class Guard:
         """Apply ``command`` read at ``now``."""
         if isinstance(command, Arm):
             self._arm(command, now)
+        elif isinstance(command, ZkSession):
+            self.session = command
+            servers = [f"{host}:{port}" for host, port in command.servers]
+            schemes = [scheme for scheme, _ in command.auth]
+            log("WatchdogSession", session_id=command.label, servers=servers, auth=schemes)
         elif isinstance(command, Relay):
             if self.armed is not None:
                 self.relay_pgid = command.pgid
@@ -426,7 +480,68 @@ class Guard:
             "actions": actions,
         }
         log("WatchdogFired", level="error", **record)
+        if self.session is not None:
+            record["session"] = self._end_session(self.session, actions)
         return record
+
+    def _end_session(self, session: ZkSession, actions: list[dict[str, Any]]) -> dict[str, Any]:
+        """End the agent's session, once the relay and the VIP are surely gone; the record.
+
+        The peer may take over as soon as the session ends (docs/fencing.md, "Ending the dead
+        agent's session"): a SIGKILLed process may still be exiting (an fsync under way, its
+        mounts still held), so the agent and the relay's group are waited for first. Should an
+        action have failed, or a process outlive ``GONE_LIMIT``, the session is left to expire,
+        as without a watchdog.
+        """
+        failed = [action["action"] for action in actions if action["outcome"] == "failed"]
+        if failed:
+            closed = Closed("skipped", None, f"{', '.join(failed)} failed: left to expire", 0.0)
+        else:
+            started = time.monotonic()
+            left = _still_running(self.agent_pid, self.relay_pgid)
+            while left and time.monotonic() - started < GONE_LIMIT:
+                time.sleep(0.005)  # a SIGKILLed process is gone within milliseconds; no event
+                left = _still_running(self.agent_pid, self.relay_pgid)
+            if left:
+                detail = f"processes {left} still running after {GONE_LIMIT:g}s: left to expire"
+                closed = Closed("skipped", None, detail, round(time.monotonic() - started, 3))
+            else:
+                closed = close_session(session)
+        ended = _session_record(session, closed)
+        level = "info" if closed.outcome in ("closed", "not_open") else "error"
+        log("WatchdogSessionEnded", level=level, **ended)
+        return ended
+
+
+def _still_running(agent_pid: int, relay_pgid: int | None) -> list[int]:
+    """The agent, if alive, and the relay group's live processes (a zombie has let go of its
+    files and mounts: it counts as gone)."""
+    running = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid != agent_pid and relay_pgid is None:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        state, pgrp = fields[0], int(fields[2])
+        if state != b"Z" and (pid == agent_pid or pgrp == relay_pgid):
+            running.append(pid)
+    return running
+
+
+def _session_record(session: ZkSession, closed: Closed) -> dict[str, Any]:
+    return {
+        "session_id": session.label,
+        "outcome": closed.outcome,
+        "server": closed.server,
+        "detail": closed.detail,
+        "seconds": closed.seconds,
+    }
 
 
 class _Lines:
@@ -493,6 +608,8 @@ def serve(guard: Guard, stdin: int = 0, clock: Clock = time.monotonic) -> int:
 
 
 def _show(line: bytes) -> str:
+    if b"session" in line or b"password" in line or b"auth" in line:
+        return "(withheld: it may hold the session's password or credentials)"
     return line[:200].decode(errors="replace")
 
 
@@ -621,6 +738,10 @@ class Watchdog:
     def disarm(self) -> None:
         """Stop watching: missed feeds and the end of input no longer fire."""
         self._send(Disarm())
+
+    def session(self, session: ZkSession) -> None:
+        """The agent's ZooKeeper session (a new one after an expiry): ended when it fires."""
+        self._send(session)
 
     async def wait(self) -> int:
         """Wait for the watchdog to exit; its status."""

@@ -19,7 +19,7 @@ import pytest
 
 from cluster.agent import trusted_failover
 from cluster.config import load_agent_config
-from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.coordination import ROOT, CoordinationError, Coordinator, Credentials
 from cluster.decision_data import Role
 from cluster.operator import OperatorError, operator_session, switchover
 from cluster.zookeeper import ServerSpec, ZooKeeperServer
@@ -220,6 +220,38 @@ def test_kill_9_of_the_active_agent_fails_over_and_replays_its_queue(
     assert history[-1]["node"] == second.name
     assert history[-1]["previous"] == first.name
     assert history[-1]["epoch"] > history[-2]["epoch"]
+
+
+def test_kill_9_of_the_active_agent_ends_its_session_at_once(pair: Pair) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    handed = wait_for(lambda: first.events("WatchdogSession"), 10, "session handed over")
+    session_id = int(handed[-1]["session_id"], 16)
+    root = f"/{pair.cluster}{ROOT}/{pair.cluster}"
+    operator = pair.operator()
+    client = operator.client
+
+    def owned(path: str) -> bool:
+        stat = client.exists(path)
+        return stat is not None and stat.ephemeralOwner == session_id
+
+    try:
+        assert owned(f"{root}/leader") and owned(f"{root}/members/{first.name}")
+        killed_at = time.monotonic()
+        first.kill(signal.SIGKILL)
+        while owned(f"{root}/leader") or owned(f"{root}/members/{first.name}"):
+            assert time.monotonic() - killed_at < 5, "the dead agent's znodes linger"
+            time.sleep(0.01)
+        gone = time.monotonic() - killed_at
+    finally:
+        operator.stop()
+    # The session's timeout is 2 s: without the watchdog ending it, they would last that long.
+    assert gone < 1.0, f"the dead agent's znodes went after {gone:.2f}s"
+    (ended,) = first.events("WatchdogSessionEnded")
+    assert ended["outcome"] == "closed" and ended["session_id"] == f"0x{session_id:x}"
+    assert pair.wait_active(timeout=30, not_=first.name) is second
 
 
 def test_planned_switchover_hands_over_with_nothing_lost(pair: Pair, sink: RecordingSink) -> None:

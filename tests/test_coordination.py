@@ -17,6 +17,7 @@ from kazoo.exceptions import NoAuthError
 from cluster.coordination import HISTORY_LIMIT, CoordinationError, Coordinator, Credentials
 from cluster.decision_data import Member, Role, Session
 from cluster.zookeeper import ZooKeeperEnsemble
+from fencing.zk_session import close_session
 from tests.support import free_port
 from tests.support import zookeeper as zookeeper_support
 from tests.support.tcp_proxy import TcpProxy
@@ -562,3 +563,34 @@ def test_a_zookeeper_leader_crash_keeps_session_and_leadership(
         if victim.pid is None:
             victim.start()
             victim.wait_serving(30)
+
+
+def test_the_session_handle_is_the_live_session_and_follows_a_new_one(
+    make_coordinator: MakeCoordinator, zookeeper: ZooKeeperEnsemble
+) -> None:
+    credentials = Credentials("hamta", "handle-secret")
+    coordinator = make_coordinator("a", start=False, credentials=credentials)
+    assert coordinator.session_handle() is None  # no session yet
+    coordinator.start(timeout=10)
+    handle = coordinator.session_handle()
+    assert handle is not None
+    session_id, password = coordinator.client.client_id
+    assert (handle.session_id, handle.password) == (session_id, password)
+    assert handle.servers == ((zookeeper.servers[0].spec.address, upstream(zookeeper)[1]),)
+    assert handle.auth == (("digest", "hamta:handle-secret"),)
+    assert "handle-secret" not in repr(handle) and password.hex() not in repr(handle)
+
+    # Its session ended (as the watchdog ends a dead agent's), kazoo makes a new one: a new handle.
+    assert close_session(handle).outcome == "closed"
+    wait_until(
+        lambda: (new := coordinator.session_handle()) is not None and new != handle,
+        10,
+        "a handle for the new session",
+    )
+    new = coordinator.session_handle()
+    assert new is not None and new.session_id != handle.session_id
+
+
+def test_hosts_the_watchdog_could_not_reach_are_refused_at_once() -> None:
+    with pytest.raises(CoordinationError, match="bad port"):
+        Coordinator("127.0.0.1:2181,127.0.0.2:x/chroot", "c", "a")

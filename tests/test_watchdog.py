@@ -14,6 +14,7 @@ import os
 import secrets
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,8 +24,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from kazoo.client import KazooClient
 
-from fencing.watchdog import EXIT_FIRED, BadCommandError, Watchdog, WatchdogError
+from cluster.zookeeper import ZooKeeperEnsemble
+from fencing.watchdog import (
+    EXIT_FIRED,
+    GONE_LIMIT,
+    Arm,
+    BadCommandError,
+    Guard,
+    Watchdog,
+    WatchdogError,
+    parse_command,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 0.3
@@ -223,6 +235,165 @@ def test_a_relay_already_gone_is_no_failure(procs: Procs, tmp_path: Path) -> Non
 
     assert watchdog.wait() == EXIT_FIRED
     assert outcomes(watchdog.fired())["kill_relay"] == "gone"
+
+
+# ---------------------------------------------------------------------- the agent's session
+
+
+@pytest.fixture
+def zk_session(zookeeper: ZooKeeperEnsemble) -> Iterator[tuple[KazooClient, dict[str, Any]]]:
+    """A kazoo session (10 s) holding an ephemeral znode, and its ``session`` command."""
+    client = KazooClient(hosts=zookeeper.hosts, timeout=10)
+    client.start(10)
+    client.create("/watchdog-session", ephemeral=True)
+    session_id, password = client.client_id
+    command = {
+        "cmd": "session",
+        "servers": zookeeper.hosts,
+        "session_id": session_id,
+        "password": password.hex(),
+        "auth": [["digest", "hamta:watchdog-secret"]],
+    }
+    yield client, command
+    client.stop()
+    client.close()
+
+
+def exists_after(client: KazooClient, seconds: float) -> bool:
+    """Whether the session's znode still exists ``seconds`` from now, for another client."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and client.exists("/watchdog-session") is not None:
+        time.sleep(0.01)
+    return client.exists("/watchdog-session") is not None
+
+
+def test_firing_ends_the_agents_session_after_the_relay_and_vip(
+    procs: Procs,
+    tmp_path: Path,
+    zookeeper: ZooKeeperEnsemble,
+    zk_session: tuple[KazooClient, dict[str, Any]],
+) -> None:
+    _owner, command = zk_session
+    relay, agent = victim(procs), victim(procs)
+    watchdog = start_watchdog(procs, tmp_path, "--agent-pid", str(agent.pid))
+    watchdog.send(command)
+    watchdog.arm(timeout=30.0, relay_pgid=relay.pid)
+    observer = KazooClient(hosts=zookeeper.hosts)
+    observer.start(10)
+    try:
+        assert exists_after(observer, 0.2), "the session lives while the agent does"
+        agent.kill()  # the agent dies: its end of the pipe closes
+        agent.wait()
+        watchdog.end_input()
+        assert watchdog.wait() == EXIT_FIRED
+        assert not exists_after(observer, 0.5), "the agent's ephemeral znode outlived it"
+    finally:
+        observer.stop()
+        observer.close()
+    assert killed(relay)
+    names = [e["event"] for e in watchdog.events()]
+    assert names[-2:] == ["WatchdogFired", "WatchdogSessionEnded"]  # fenced first
+    (ended,) = watchdog.events("WatchdogSessionEnded")
+    assert ended["outcome"] == "closed", ended
+    assert ended["session_id"] == f"0x{command['session_id']:x}"
+    assert watchdog.events("WatchdogSession")[0]["auth"] == ["digest"]
+    log = watchdog.log.read_text()
+    assert command["password"] not in log and "watchdog-secret" not in log
+
+
+def test_the_session_outlives_a_process_that_will_not_die(
+    procs: Procs, tmp_path: Path, zk_session: tuple[KazooClient, dict[str, Any]]
+) -> None:
+    owner, command = zk_session
+    agent = victim(procs)  # its input ends but it lives on: it may still hold the spool
+    watchdog = start_watchdog(procs, tmp_path, "--agent-pid", str(agent.pid))
+    watchdog.send(command)
+    watchdog.arm(timeout=30.0)
+    watchdog.end_input()
+    assert watchdog.wait() == EXIT_FIRED
+    (ended,) = watchdog.events("WatchdogSessionEnded")
+    assert ended["outcome"] == "skipped" and str(agent.pid) in ended["detail"]
+    assert ended["seconds"] >= GONE_LIMIT
+    assert owner.connected and exists_after(owner, 0.3)
+
+
+def test_a_clean_stop_leaves_the_session_alone(
+    procs: Procs,
+    tmp_path: Path,
+    zookeeper: ZooKeeperEnsemble,
+    zk_session: tuple[KazooClient, dict[str, Any]],
+) -> None:
+    owner, command = zk_session
+    agent = victim(procs)
+    watchdog = start_watchdog(procs, tmp_path, "--agent-pid", str(agent.pid))
+    watchdog.send(command)
+    watchdog.arm(timeout=30.0)
+    watchdog.send({"cmd": "disarm"})
+    watchdog.end_input()
+    assert watchdog.wait() == 0
+    assert not watchdog.events("WatchdogSessionEnded")
+    assert owner.connected and exists_after(owner, 0.3)
+
+
+def test_a_bad_session_command_is_refused_without_showing_its_secrets(
+    procs: Procs, tmp_path: Path
+) -> None:
+    agent = victim(procs)
+    watchdog = start_watchdog(procs, tmp_path, "--agent-pid", str(agent.pid))
+    secret = "00112233445566778899aabbccddeeff"
+    bad = [
+        {"cmd": "session", "servers": "127.0.0.1:2181", "session_id": 0, "password": secret},
+        {"cmd": "session", "servers": "127.0.0.1:x", "session_id": 5, "password": secret},
+        {"cmd": "session", "servers": "127.0.0.1", "session_id": 5, "password": secret + "zz"},
+        {"cmd": "session", "servers": "h", "session_id": 5, "password": secret, "auth": "no"},
+        {"cmd": "session", "session_id": 5, "password": secret, "token": secret},
+    ]
+    watchdog.send(*bad)
+    watchdog.arm(timeout=30.0)
+    watchdog.end_input()
+    assert watchdog.wait() == EXIT_FIRED
+    assert len(watchdog.events("WatchdogBadCommand")) == len(bad)
+    assert not watchdog.events("WatchdogSession") and not watchdog.events("WatchdogSessionEnded")
+    assert secret not in watchdog.log.read_text()
+
+
+def test_a_session_it_cannot_end_is_reported_and_changes_nothing_else(
+    procs: Procs, tmp_path: Path
+) -> None:
+    relay, agent = victim(procs), victim(procs)
+    watchdog = start_watchdog(procs, tmp_path, "--agent-pid", str(agent.pid))
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))
+        servers = f"127.0.0.1:{refusing.getsockname()[1]}"
+        watchdog.send(
+            {"cmd": "session", "servers": servers, "session_id": 7, "password": "ab" * 16}
+        )
+        watchdog.arm(timeout=30.0, relay_pgid=relay.pid)
+        agent.kill()
+        agent.wait()
+        watchdog.end_input()
+        assert watchdog.wait() == EXIT_FIRED
+    assert killed(relay)
+    assert outcomes(watchdog.fired())["kill_relay"] == "killed"
+    (ended,) = watchdog.events("WatchdogSessionEnded")
+    assert (ended["outcome"], ended["session_id"]) == ("unreachable", "0x7")
+    assert ended["level"] == "error"
+    assert "Connection refused" in ended["detail"]
+
+
+def test_when_fencing_failed_the_session_is_left_to_expire(
+    zookeeper: ZooKeeperEnsemble, zk_session: tuple[KazooClient, dict[str, Any]]
+) -> None:
+    owner, command = zk_session
+    # ``ip`` that fails: the VIP may still be up, so the peer must not be let in early.
+    guard = Guard(agent_pid=os.getpid(), device=None, ip="/bin/false")
+    guard.handle(parse_command(json.dumps(command).encode()), 0.0)
+    guard.handle(Arm(timeout=30.0, vip="198.18.0.100/24", interface="eth0"), 0.0)
+    record = guard.fire("stdin_eof", 1.0)
+    assert outcomes(record)["remove_vip"] == "failed"
+    assert record["session"]["outcome"] == "skipped"
+    assert "remove_vip failed" in record["session"]["detail"]
+    assert owner.connected and exists_after(owner, 0.3)
 
 
 # ---------------------------------------------------------------------- not firing

@@ -91,7 +91,9 @@ def fence_node(
     """
     victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
     # Only a node that has the disk mounted is waited for: its peer may hold it legitimately.
-    held = bool(device) and _mounts(victims, device or "")
+    # A node whose last process has just exited (its watchdog, after ending the agent's
+    # session) shows no mount any more while its namespace is still being torn down.
+    held = bool(device) and (_mounts(victims, device or "") or _orphaned(device or "", victims))
     killed: list[int] = []
     # A process forked while the others were being killed escapes a round: kill until none.
     for _ in range(5):
@@ -120,6 +122,22 @@ def fence_node(
     if held and device:
         _wait_released(device, _GONE_WITHIN)
     return killed
+
+
+def _orphaned(device: str, victims: Sequence[int]) -> bool:
+    """Whether ``device`` is busy although no process outside ``victims`` has it mounted: a
+    mount namespace whose last process is gone but whose teardown has not released it yet."""
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+        return False  # free
+    except OSError:
+        pass
+    others = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and int(entry.name) not in victims
+    ]
+    return not _mounts(others, device)
 
 
 def _mounts(pids: Sequence[int], device: str) -> bool:
