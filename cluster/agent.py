@@ -38,7 +38,7 @@ from cluster.decision_data import (
 from cluster.executor import Executor
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
-from cluster.state import decide
+from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
 from cluster.takeover import holds_resources
 from cluster.vip import VirtualIp
@@ -192,6 +192,8 @@ class Agent:
         )
         self.progress = clock()  # the decision loop's last turn
         self.unsafe_since: float | None = None  # holding without a ZooKeeper session since
+        # Active with a suspended session: when the decision must look again (demotion_due).
+        self.demotion_due: float | None = None
         self._failover_seen: Sighting | None = None  # see trusted_failover()
 
     # ------------------------------------------------------------ observation
@@ -288,6 +290,8 @@ class Agent:
     def _log_decision(self, before: AgentState, decision: Decision, snapshot: Snapshot) -> None:
         after = decision.state
         cluster = snapshot.cluster
+        deadline = cluster.session_deadline
+        suspended = cluster.session is Session.SUSPENDED and deadline is not None
         self.log.info(
             "Decision",
             role=after.role.value,
@@ -297,6 +301,8 @@ class Agent:
             note=decision.note,
             epoch=after.epoch or cluster.epoch,
             session=cluster.session.value,
+            # Suspended: how long the session surely lives on on the server (None: unknown).
+            session_left=round(deadline - self.clock(), 3) if suspended and deadline else None,
             leader=cluster.leader.node if cluster.leader else None,
             paused=cluster.paused is not None,
             relay_ready=snapshot.local.relay_ready,
@@ -309,6 +315,8 @@ class Agent:
         before = self.state
         decision = decide(before, snapshot, self.clock(), self.policy)
         self.state = decision.state
+        active = self.state.role is Role.ACTIVE
+        self.demotion_due = demotion_due(snapshot, self.policy) if active else None
         self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
@@ -422,6 +430,9 @@ class Agent:
             device=str(device) if device else None,
         )
 
+    async def _touch(self) -> None:
+        self.coordinator.touch()  # does not wait: the answer comes in kazoo's thread
+
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` every ``interval`` until the agent exits; a failure is logged, not fatal."""
         while not self.exiting.is_set():
@@ -479,6 +490,9 @@ class Agent:
         background = [
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
+            # Dates the session's last contact with a server: the fresher, the longer an active
+            # node rides out a dropped connection (a tenth of the session: 0.2 s by default).
+            asyncio.create_task(self._every(agent.session_timeout / 10, self._touch)),
             asyncio.create_task(self._every(agent.health_interval, self._check_health)),
             asyncio.create_task(self._every(self.watchdog_timeout / 4, self._keep_watchdog)),
         ]
@@ -495,6 +509,10 @@ class Agent:
                 wait = agent.health_interval
                 if self.state.retry_at > self.clock():
                     wait = min(wait, self.state.retry_at - self.clock() + 0.001)
+                # ... and so is the urgent demotion of a suspended session that did not come back.
+                due = self.demotion_due
+                if due is not None and due > self.clock():
+                    wait = min(wait, due - self.clock() + 0.001)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
         finally:

@@ -562,3 +562,45 @@ def test_a_zookeeper_leader_crash_keeps_session_and_leadership(
         if victim.pid is None:
             victim.start()
             victim.wait_serving(30)
+
+
+# ------------------------------------------------------------------ the session deadline
+
+
+def test_the_session_deadline_is_the_last_answered_request_plus_the_timeout(
+    zookeeper: ZooKeeperEnsemble, make_coordinator: MakeCoordinator
+) -> None:
+    """Dated by the send time of the last request answered (a read or a touch), kept while the
+    session is suspended."""
+    now = [100.0]
+    with TcpProxy(upstream(zookeeper)) as proxy:
+        changes = Changes()
+        a = make_coordinator(
+            "a",
+            start=False,
+            hosts=proxy.hosts,
+            on_change=changes,
+            session_timeout=2.0,
+            clock=lambda: now[0],
+        )
+        changes.coordinator = a
+        a.start()
+        a.publish_member(Member("a", Role.ACTIVE))
+        b = make_coordinator("b")
+        assert a.view().session_deadline == 102.0
+        now[0] = 200.0
+        a.touch()  # answered in kazoo's thread, dated when it was sent
+        now[0] = 150.0  # a read sent earlier than the touch does not move the date back
+        wait_until(lambda: a.view().session_deadline == 202.0, 2, "the touch answered")
+        proxy.sever()
+        wait_until(lambda: a.session is Session.SUSPENDED, 2, "suspended at once")
+        now[0] = 300.0
+        a.touch()  # not sent: nothing to date
+        view = a.view()
+        assert view.session is Session.SUSPENDED and view.session_deadline == 202.0
+        # Cut off for longer than the session: expired on the server, lost for the client.
+        wait_until(lambda: "a" not in b.view().members, 5, "the server expires the session")
+        proxy.restore()
+        wait_until(lambda: Session.LOST in changes.sessions, 5, "the session lost")
+        wait_until(lambda: a.session is Session.CONNECTED, 5, "a new session")
+        assert a.view().session_deadline == 302.0  # dated by the new session's own read

@@ -94,10 +94,12 @@ class World:
     known: frozenset[str] = frozenset()  # every node that ever joined
     outdated: frozenset[str] = frozenset()  # replicas DRBD's fence-peer handler marked
     split_brain: str | None = None
+    session_deadline: float | None = None  # monotonic: the session surely lives on until then
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
             session=self.session,
+            session_deadline=self.session_deadline,
             leader=self.leader,
             epoch=self.epoch,
             epoch_node=self.epoch_node,

@@ -187,6 +187,19 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
+def session_gone(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The session rule, restated: a lost session is gone; a suspended one too, unless the node
+    is active and the session surely lives on the server for longer than the urgent drain and
+    the margin."""
+    cluster = snapshot.cluster
+    if cluster.session is Session.CONNECTED:
+        return False
+    deadline = cluster.session_deadline
+    if cluster.session is Session.LOST or deadline is None or role is not Role.ACTIVE:
+        return True
+    return deadline - now <= policy.urgent_drain_timeout + policy.session_margin
+
+
 def may_hand_over(snapshot: Snapshot, policy: Policy) -> bool:
     """A fresh request from this node names a member (or, with no target, some other member)
     that is passive, has its warm relay running and is not cooling down."""
@@ -245,6 +258,7 @@ class History:
     refused: int = 0  # decisions to stay active on a fresh request nobody could take
     exits: int = 0  # the agent stopped, holding nothing
     storage_checked: int = 0  # STORAGE started, with the replica's marks looked at
+    rode_out: int = 0  # decisions that kept a suspended active node serving (deadline ahead)
 
 
 def check(
@@ -288,7 +302,9 @@ def check(
     holding = before.role is Role.ACTIVE or (
         before.role is Role.PROMOTING and (before.epoch > 0 or acquired)
     )
-    lost = cluster.session is not Session.CONNECTED or not (cluster.leader and cluster.leader.ours)
+    lost = session_gone(before.role, snapshot, now, policy) or not (
+        cluster.leader and cluster.leader.ours
+    )
     assert len(decision.actions) <= 1
     if holding and lost:
         if before.step is not None and result is None:
@@ -384,9 +400,12 @@ def check(
         assert cluster.session is Session.CONNECTED
         assert cluster.leader is not None and cluster.leader.ours
 
-    # ACTIVE only after the complete promotion of this term, and never without a session.
+    # ACTIVE only after the complete promotion of this term, and never without a session but
+    # while it surely lives on on the server, the urgent drain and the margin before its end.
     if after.role is Role.ACTIVE:
-        assert cluster.session is Session.CONNECTED
+        assert not session_gone(Role.ACTIVE, snapshot, now, policy)
+        if cluster.session is not Session.CONNECTED:
+            history.rode_out += 1
         assert cluster.leader is not None and cluster.leader.ours
         if before.role is not Role.ACTIVE:
             assert before.role is Role.PROMOTING
@@ -463,8 +482,12 @@ def random_walk(seed: int, steps: int) -> History:
         elapsed = rng.choice((0.0, 0.1, 0.5, 1.0, 2.5))
         now += elapsed
         wall += elapsed
+        suspended = world.session is Session.SUSPENDED
         perturb(rng, world, wall)
         mark(marks, world)
+        if world.session is Session.SUSPENDED and not suspended:
+            # The last answered read was a moment ago, or long enough ago to be past the margin.
+            world.session_deadline = rng.choice((None, now + 2.0, now + 0.8, now + 0.5))
         # As the coordinator sees it: since when the peer has had no member znode.
         if PEER in world.members:
             world.absent_since = {}
