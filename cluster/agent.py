@@ -195,6 +195,7 @@ class Agent:
         # Active with a suspended session: when the decision must look again (demotion_due).
         self.demotion_due: float | None = None
         self._failover_seen: Sighting | None = None  # see trusted_failover()
+        self._served_seen: Sighting | None = None  # ... for the last takeover that served
 
     # ------------------------------------------------------------ observation
 
@@ -230,6 +231,9 @@ class Agent:
                 view.last_failover, wall, self._failover_seen
             )
             view = replace(view, last_failover=last)
+        if view.last_served is not None:
+            served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
+            view = replace(view, last_served=served)
         return Snapshot(cluster=view, local=local, wall=wall, result=result)
 
     async def _check_health(self) -> None:

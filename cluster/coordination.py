@@ -6,6 +6,7 @@ Znodes, all under ``/hamta/<cluster>``, all JSON:
 - ``leader`` (ephemeral): ``{"node", "epoch", "since"}``; its owner session is the leader.
 - ``epoch`` (persistent): ``{"epoch", "node", "at"}``, the highest term ever taken and by whom.
 - ``history`` (persistent): the last 50 failover records.
+- ``served`` (persistent): ``{"epoch", "node", "at"}``, the last takeover that served (published).
 - ``paused`` (persistent, present while paused): ``{"by", "at", "reason"}``.
 - ``switchover`` (persistent, present while requested): ``{"source", "target", "at"}``.
 
@@ -130,7 +131,15 @@ class _LeaderRecord(msgspec.Struct):
 class _EpochRecord(msgspec.Struct):
     epoch: int = 0
     node: str | None = None
-    at: float | None = None
+    at: float | None = None  # when the term was taken (wall clock of the taker)
+
+
+class _ServedRecord(msgspec.Struct):
+    """The last takeover that served (its promotion published: ACTIVE), whichever term it was."""
+
+    epoch: int
+    node: str
+    at: float
 
 
 _SESSIONS: Final = {
@@ -179,6 +188,10 @@ class _Paths:
     @property
     def split_brain(self) -> str:
         return f"{self.root}/split-brain"
+
+    @property
+    def served(self) -> str:
+        return f"{self.root}/served"
 
     def outdated_node(self, node: str) -> str:
         return f"{self.outdated}/{node}"
@@ -521,6 +534,7 @@ class Coordinator:
         known_result = client.get_children_async(paths.nodes)
         outdated_result = client.get_children_async(paths.outdated)
         split_result = client.get_async(paths.split_brain)
+        served_result = client.get_async(paths.served)
         names = self._wait(client.get_children_async(paths.members))
         member_results = {name: client.get_async(paths.member(name)) for name in sorted(names)}
         found = {path: self._fetch(result) for path, result in pending.items()}
@@ -541,6 +555,11 @@ class Coordinator:
         switchover = None
         if (got := found[paths.switchover]) is not None:
             switchover = self._decode(paths.switchover, got[0], Switchover, problems)
+        # Absent until a takeover served (or in a cluster an older agent ran): then, as before,
+        # the last acquisition counts.
+        served = None
+        if (got := self._fetch(served_result)) is not None:
+            served = self._decode(paths.served, got[0], _ServedRecord, problems)
         members: dict[str, Member] = {}
         for name, result in member_results.items():
             got = self._fetch(result)
@@ -585,6 +604,7 @@ class Coordinator:
             paused=paused,
             switchover=switchover,
             last_failover=epoch.at,
+            last_served=served.at if served is not None else epoch.at,
         )
 
     def history(self) -> list[dict[str, Any]]:
@@ -731,6 +751,22 @@ class Coordinator:
             and session_id is not None
             and stat.ephemeralOwner == session_id
         )
+
+    def mark_served(self, epoch: int) -> bool:
+        """Record that the takeover of ``epoch`` serves (published), now: the anti-flapping
+        interval counts from it (``ClusterView.last_served``).
+
+        False when ``epoch`` is no longer the cluster's: a newer term was taken meanwhile.
+        """
+        client, paths = self._client, self._paths
+        with self._kazoo("recording the takeover as serving"):
+            data, _stat = self._wait(client.get_async(paths.epoch))
+            record = self._decode(paths.epoch, data, _EpochRecord, [])
+            if record is None or record.epoch != epoch:
+                return False
+            served = _ServedRecord(epoch, self.node, self._wall())
+            self._put(paths.served, msgspec.json.encode(served))
+        return True
 
     def record_failover(self, record: Mapping[str, Any]) -> None:
         """Append a record to the history, keeping the last 50."""

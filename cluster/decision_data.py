@@ -126,7 +126,11 @@ class ClusterView:
     members: Mapping[str, Member] = field(default_factory=dict)
     paused: Pause | None = None
     switchover: Switchover | None = None
-    last_failover: float | None = None  # wall clock of the last takeover
+    last_failover: float | None = None  # wall clock of the last takeover (acquisition)
+    # Wall clock of the last takeover that served (reached ACTIVE and published it): an aborted
+    # promotion took the epoch but served nothing. The coordinator gives the last acquisition
+    # when no takeover was recorded as serving yet. None: no takeover at all.
+    last_served: float | None = None
     known_nodes: frozenset[str] = frozenset()  # every node that ever joined (persistent)
     # Monotonic time (this agent's clock) since which each other known node has had no member
     # znode, i.e. its ZooKeeper session had ended on the server: the lease it held has expired.

@@ -138,7 +138,9 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
         return request.target in (None, policy.node) and request.source != policy.node
     if cluster.paused is not None:
         return False
-    last = cluster.last_failover
+    # The anti-flapping interval counts from the last takeover that served: a promotion aborted
+    # (its node killed, its session lost) served nothing, and must not hold back the next one.
+    last = cluster.last_served
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 

@@ -604,3 +604,28 @@ def test_the_session_deadline_is_the_last_answered_request_plus_the_timeout(
         wait_until(lambda: Session.LOST in changes.sessions, 5, "the session lost")
         wait_until(lambda: a.session is Session.CONNECTED, 5, "a new session")
         assert a.view().session_deadline == 302.0  # dated by the new session's own read
+
+
+def test_the_last_takeover_that_served_is_carried_across_aborted_ones(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """``last_served`` moves only when a takeover is marked serving (its PUBLISH); a term taken
+    and abandoned before that moves ``last_failover`` only."""
+    wall = [1000.0]
+    a = make_coordinator("a", wall=lambda: wall[0])
+    b = make_coordinator("b", wall=lambda: wall[0])
+    first = a.acquire_leadership()
+    assert first is not None
+    # Nothing served yet (or a cluster an older agent ran): the last acquisition counts.
+    assert (a.view().last_failover, a.view().last_served) == (1000.0, 1000.0)
+    wall[0] = 1001.0
+    assert a.mark_served(first)
+    assert a.view().last_served == 1001.0
+    assert a.release_leadership(first)
+    wall[0] = 1010.0
+    second = b.acquire_leadership()  # ... and b dies promoting: never marked serving
+    assert second == first + 1
+    view = a.view()
+    assert (view.last_failover, view.last_served) == (1010.0, 1001.0)
+    assert not a.mark_served(first)  # a term superseded is not marked
+    assert a.view().last_served == 1001.0

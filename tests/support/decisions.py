@@ -85,6 +85,7 @@ class World:
     paused: Pause | None = None
     switchover: Switchover | None = None
     last_failover: float | None = None
+    last_served: float | None = None
     relay_running: bool = True
     relay_ready: bool = True
     relay_failures: int = 0
@@ -107,6 +108,7 @@ class World:
             paused=self.paused,
             switchover=self.switchover,
             last_failover=self.last_failover,
+            last_served=self.last_served,
             absent_since=dict(self.absent_since),
             known_nodes=self.known,
             outdated=self.outdated,

@@ -114,6 +114,8 @@ def perturb(rng: random.Random, world: World, wall: float) -> None:
             world.leader = theirs(world.epoch)
             world.epoch_node = PEER
             world.last_failover = wall
+            if rng.random() < 0.7:  # ... and serves (or dies promoting: served nothing)
+                world.last_served = wall
     if rng.random() < (0.1 if world.paused is not None else 0.01):
         world.paused = None if world.paused is not None else PAUSE
     if rng.random() < 0.02:
@@ -138,6 +140,7 @@ def arbitrary(rng: random.Random, wall: float, result: StepResult | None) -> Sna
         paused=rng.choice((None, PAUSE)),
         switchover=random_switchover(rng, wall),
         last_failover=rng.choice((None, wall, wall - 10)),
+        last_served=rng.choice((None, wall, wall - 10)),
         relay_running=rng.random() < 0.7,
         relay_failures=rng.randrange(4),
         members=random_members(rng),
@@ -159,6 +162,8 @@ def run_executor(rng: random.Random, step: Step, world: World, wall: float) -> S
             world.last_failover = wall
         else:
             success = False
+    elif step is Step.PUBLISH and success:
+        world.last_served = wall
     elif step is Step.RELEASE and success and world.leader is not None and world.leader.ours:
         world.leader = None
     elif step in (START, RESTART) and success:
@@ -183,7 +188,7 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
         return request.source != policy.node and request.target in (None, policy.node)
     if cluster.paused is not None:
         return False
-    last = cluster.last_failover
+    last = cluster.last_served  # a takeover aborted before it served does not count
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
@@ -460,6 +465,7 @@ def check(
 def random_walk(seed: int, steps: int) -> History:
     rng = random.Random(seed)
     marks = random.Random(-seed)
+    deadlines = random.Random(seed + 1000)  # its own too: the session deadlines' draws
     policy = RANDOM_POLICY
     world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
     state = AgentState()
@@ -485,9 +491,13 @@ def random_walk(seed: int, steps: int) -> History:
         suspended = world.session is Session.SUSPENDED
         perturb(rng, world, wall)
         mark(marks, world)
+        if state.role is Role.ACTIVE and not suspended and deadlines.random() < 0.05:
+            world.session = Session.SUSPENDED  # a ZooKeeper server restarted under it
+        elif suspended and deadlines.random() < 0.3:
+            world.session = Session.CONNECTED  # kazoo found another server
         if world.session is Session.SUSPENDED and not suspended:
             # The last answered read was a moment ago, or long enough ago to be past the margin.
-            world.session_deadline = rng.choice((None, now + 2.0, now + 0.8, now + 0.5))
+            world.session_deadline = deadlines.choice((None, now + 3.0, now + 2.0, now + 0.8))
         # As the coordinator sees it: since when the peer has had no member znode.
         if PEER in world.members:
             world.absent_since = {}
