@@ -194,6 +194,7 @@ class Agent:
         self.unsafe_since: float | None = None  # holding without a ZooKeeper session since
         # Active with a suspended session: when the decision must look again (demotion_due).
         self.demotion_due: float | None = None
+        self.riding_since: float | None = None  # ... and since when it has served on so
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
 
@@ -321,6 +322,7 @@ class Agent:
         self.state = decision.state
         active = self.state.role is Role.ACTIVE
         self.demotion_due = demotion_due(snapshot, self.policy) if active else None
+        self._note_ride_out(snapshot)
         self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
@@ -330,6 +332,29 @@ class Agent:
             await self._publish()
         for action in decision.actions:
             self._start(action)
+
+    def _note_ride_out(self, snapshot: Snapshot) -> None:
+        """One line when the active node begins to serve on through a suspended session (no
+        decision line says so: nothing changes), one when that ends, back or demoting."""
+        now = self.clock()
+        due = self.demotion_due
+        riding = due is not None and due > now
+        if riding and self.riding_since is None:
+            self.riding_since = now
+            deadline = snapshot.cluster.session_deadline or now
+            self.log.warning(
+                "SessionSuspended",
+                serving_on=True,
+                session_left=round(deadline - now, 3),
+                demotes_in=round((due or now) - now, 3),
+            )
+        elif not riding and self.riding_since is not None:
+            back = snapshot.cluster.session is Session.CONNECTED
+            self.log.info(
+                "SessionResumed" if back else "SessionGivenUp",
+                seconds=round(now - self.riding_since, 3),
+            )
+            self.riding_since = None
 
     async def _publish(self) -> None:
         if self.coordinator.session is not Session.CONNECTED:

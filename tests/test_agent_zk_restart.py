@@ -73,6 +73,9 @@ def test_a_rolling_restart_of_the_ensemble_demotes_nobody(
     # Every server went down once, so the active agent's own did: its connection dropped.
     assert _dropped(active) >= 1
     assert [d["trigger"] for d in active.events("Decision")[decisions:]] == []
+    # ... and it said so: it served on, and its session came back.
+    assert active.events("SessionSuspended")
+    assert len(active.events("SessionResumed")) == len(active.events("SessionSuspended"))
     assert pair.wait_active(5) is active
     assert active.accepts_mail()
 
@@ -102,3 +105,4 @@ def test_with_every_server_down_the_active_node_demotes_before_its_session_may_e
     # the agent last no earlier than the stop less one read interval).
     assert _at(drained) < stopped + SESSION_TIMEOUT - 0.5
     assert not active.accepts_mail()
+    assert active.events("SessionSuspended") and active.events("SessionGivenUp")
