@@ -338,7 +338,8 @@ class Agent:
         decision line says so: nothing changes), one when that ends, back or demoting."""
         now = self.clock()
         due = self.demotion_due
-        riding = due is not None and due > now
+        suspended = snapshot.cluster.session is Session.SUSPENDED
+        riding = suspended and due is not None and due > now
         if riding and self.riding_since is None:
             self.riding_since = now
             deadline = snapshot.cluster.session_deadline or now
@@ -538,7 +539,7 @@ class Agent:
                 wait = agent.health_interval
                 if self.state.retry_at > self.clock():
                     wait = min(wait, self.state.retry_at - self.clock() + 0.001)
-                # ... and so is the urgent demotion of a suspended session that did not come back.
+                # ... and so is the urgent demotion of a session whose contact is not renewed.
                 due = self.demotion_due
                 if due is not None and due > self.clock():
                     wait = min(wait, due - self.clock() + 0.001)

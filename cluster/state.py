@@ -54,8 +54,10 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   ``session_margin``, so its relay has stopped serving before the session may expire, and the
   peer may take over only after it has expired (and, without a fence, ``lease_grace`` later,
   which covers dropping the virtual IP and the spool). A session back to CONNECTED before that
-  changes nothing: a ZooKeeper server's restart costs no demotion. Without a known deadline, a
-  lost (expired) session, or while promoting, the node demotes at the first suspension.
+  changes nothing: a ZooKeeper server's restart costs no demotion. The deadline holds while the
+  session looks connected too (a silent server is noticed by kazoo late, if ever, while requests
+  flow). Without a known deadline, a lost (expired) session, or while promoting, the node
+  demotes at the first suspension.
 - Leadership is given up last, after the spool is released, so the peer cannot mount it early.
 - A node whose replica DRBD's fence-peer handler marked outdated never takes over (not even by
   switchover) until a resync clears the mark, and nobody takes over while a split brain that
@@ -145,16 +147,22 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
 
 
 def demotion_due(snapshot: Snapshot, policy: Policy) -> float | None:
-    """When an active node whose session is suspended must begin its urgent demotion: early
-    enough that the drain (and a margin) ends before the session may expire on the server.
-    None when the session is connected; minus infinity when the deadline is unknown or the
-    session is lost (at once, as the expired session's ephemeral znodes are gone already)."""
+    """When a node holding resources must begin its urgent demotion: early enough that the
+    drain (and a margin) ends before its session may expire on the server. Minus infinity when
+    the session is lost (the expired session's ephemeral znodes are gone already) or suspended
+    with no known deadline; None when connected with no known deadline.
+
+    It holds while kazoo still says connected, too: a server that went silent (a partition,
+    a stall) is noticed by kazoo late, or not at all while requests keep flowing, but a
+    contact that is not renewed runs out all the same.
+    """
     cluster = snapshot.cluster
-    if cluster.session is Session.CONNECTED:
-        return None
-    if cluster.session is Session.LOST or cluster.session_deadline is None:
+    deadline = cluster.session_deadline
+    if cluster.session is Session.LOST:
         return float("-inf")
-    return cluster.session_deadline - (policy.urgent_drain_timeout + policy.session_margin)
+    if deadline is None:
+        return None if cluster.session is Session.CONNECTED else float("-inf")
+    return deadline - (policy.urgent_drain_timeout + policy.session_margin)
 
 
 def session_doomed(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -162,13 +170,13 @@ def session_doomed(role: Role, snapshot: Snapshot, now: float, policy: Policy) -
 
     Only an ACTIVE node rides out a suspension until ``demotion_due``: a ZooKeeper server's
     restart drops the connection, and kazoo reconnects to another server within milliseconds,
-    the session never in danger. A promotion (or anything else) still gives up at the first
-    suspension: it serves nothing yet, and going on without a session would prove nothing.
+    the session never in danger. A promotion still gives up at the first suspension: it serves
+    nothing yet, and going on without a session would prove nothing.
     """
+    if snapshot.cluster.session is not Session.CONNECTED and role is not Role.ACTIVE:
+        return True
     due = demotion_due(snapshot, policy)
-    if due is None:
-        return False
-    return role is not Role.ACTIVE or now >= due
+    return due is not None and now >= due
 
 
 def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Trigger:

@@ -48,6 +48,7 @@ def test_a_session_back_before_the_deadline_changes_nothing() -> None:
         walk.tick(0.25)
         walk.see()
     walk.world.session = Session.CONNECTED
+    walk.world.session_deadline = walk.now + 2.0  # answered again: the contact renewed
     walk.tick(1.0)  # past the deadline of the suspension: it no longer matters
     walk.see()
     assert walk.state.role is Role.ACTIVE
@@ -82,9 +83,23 @@ def test_a_step_in_flight_goes_on_while_the_deadline_is_ahead() -> None:
     assert walk.see().trigger is Trigger.SESSION_LOST  # safety preempts the restart
 
 
+def test_a_silent_server_demotes_a_connected_node_when_the_contact_runs_out() -> None:
+    """kazoo may not notice a silent server before the session expires (it does not while
+    requests keep flowing): the deadline holds while the session looks connected, too."""
+    walk = suspended(NOW + 2.0)
+    walk.world.session = Session.CONNECTED
+    walk.tick(2.0 - LEAD - 0.01)
+    assert walk.see().trigger is Trigger.NOTHING
+    walk.tick(0.01)
+    assert walk.see().trigger is Trigger.SESSION_LOST
+    assert walk.state.role is Role.DEMOTING
+
+
 def test_demotion_due() -> None:
-    world = World(session=Session.CONNECTED, session_deadline=NOW + 2.0)
+    world = World(session=Session.CONNECTED, session_deadline=None)
     assert demotion_due(world.snapshot(WALL), POLICY) is None
+    world.session_deadline = NOW + 2.0
+    assert demotion_due(world.snapshot(WALL), POLICY) == pytest.approx(NOW + 2.0 - LEAD)
     world.session = Session.SUSPENDED
     assert demotion_due(world.snapshot(WALL), POLICY) == pytest.approx(NOW + 2.0 - LEAD)
     world.session_deadline = None
@@ -115,8 +130,11 @@ def serving_ends_before_expiry(seed: int) -> tuple[bool, bool]:
     back = NOW + rng.choice((0.005, 0.05, 0.3, 0.9, float("inf")))  # reconnected (same session)
     walk = suspended(contact + timeout)
     while walk.now < expiry:
-        if walk.now >= back:
+        if walk.now >= back:  # the same session, answered again: its expiry moves on too
             walk.world.session = Session.CONNECTED
+            walk.world.session_deadline = walk.now + timeout
+            walk.see()
+            return walk.state.role is Role.ACTIVE, False
         decision = walk.see()
         if decision.trigger is Trigger.SESSION_LOST:
             (drain,) = decision.actions
@@ -127,7 +145,7 @@ def serving_ends_before_expiry(seed: int) -> tuple[bool, bool]:
         if due is not None and due > walk.now:
             wake = min(wake, due)
         walk.tick(max(wake - walk.now, 0.001) + rng.uniform(0.0, lag))
-    return walk.world.session is Session.CONNECTED, False
+    return False, False  # still serving at expiry
 
 
 def test_the_relay_always_stops_before_the_session_may_expire() -> None:

@@ -197,11 +197,14 @@ def session_gone(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> 
     is active and the session surely lives on the server for longer than the urgent drain and
     the margin."""
     cluster = snapshot.cluster
-    if cluster.session is Session.CONNECTED:
-        return False
     deadline = cluster.session_deadline
-    if cluster.session is Session.LOST or deadline is None or role is not Role.ACTIVE:
+    if cluster.session is Session.CONNECTED and deadline is None:
+        return False
+    if cluster.session is not Session.CONNECTED and (
+        cluster.session is Session.LOST or deadline is None or role is not Role.ACTIVE
+    ):
         return True
+    assert deadline is not None
     return deadline - now <= policy.urgent_drain_timeout + policy.session_margin
 
 
@@ -264,6 +267,7 @@ class History:
     exits: int = 0  # the agent stopped, holding nothing
     storage_checked: int = 0  # STORAGE started, with the replica's marks looked at
     rode_out: int = 0  # decisions that kept a suspended active node serving (deadline ahead)
+    silent: int = 0  # ... that found a "connected" session's contact run out while holding
 
 
 def check(
@@ -310,6 +314,8 @@ def check(
     lost = session_gone(before.role, snapshot, now, policy) or not (
         cluster.leader and cluster.leader.ours
     )
+    connected = cluster.session is Session.CONNECTED
+    history.silent += connected and holding and session_gone(before.role, snapshot, now, policy)
     assert len(decision.actions) <= 1
     if holding and lost:
         if before.step is not None and result is None:
@@ -498,6 +504,15 @@ def random_walk(seed: int, steps: int) -> History:
         if world.session is Session.SUSPENDED and not suspended:
             # The last answered read was a moment ago, or long enough ago to be past the margin.
             world.session_deadline = deadlines.choice((None, now + 3.0, now + 2.0, now + 0.8))
+        elif world.session is Session.CONNECTED:
+            # Contacts renewed as requests are answered; now and then a server gone silent that
+            # kazoo has not noticed: the contact ages while the session looks connected.
+            silent = state.role is Role.ACTIVE and deadlines.random() < 0.02
+            world.session_deadline = now + 0.6 if silent else now + 2.0
+        if state.step is Step.FENCE and deadlines.random() < 0.3:
+            # The former active node's session ends while it is being fenced: if the fence
+            # fails, its lease has yet to run out (the lease wait, and its RETRY).
+            world.members.pop(PEER, None)
         # As the coordinator sees it: since when the peer has had no member znode.
         if PEER in world.members:
             world.absent_since = {}
