@@ -220,8 +220,15 @@ class Agent:
         # The result first: a view read after it is at least as new as what the step did.
         result = self.results.pop(0) if self.results else None
         view: ClusterView
+        # A silent server holds a read up for as long as the session lasts: an active node does
+        # not wait past its demotion moment for it (the read goes on in its thread, unheeded).
+        due = self.demotion_due
+        patience = None if due is None else max(due - self.clock(), 0.0)
         try:
-            view = await asyncio.to_thread(self.coordinator.view)
+            view = await asyncio.wait_for(asyncio.to_thread(self.coordinator.view), patience)
+        except TimeoutError:
+            self.log.warning("ClusterViewUnanswered", waited=round(patience or 0.0, 3))
+            view = self.coordinator.unanswered_view()
         except Exception as exc:  # a failed read must look like a lost connection, not a crash
             self.log.warning("ClusterViewFailed", error=str(exc))
             view = ClusterView(session=Session.SUSPENDED)

@@ -478,8 +478,14 @@ class Coordinator:
             else:
                 self._last = view
                 return view
+        return self.unanswered_view()
+
+    def unanswered_view(self) -> ClusterView:
+        """The last view read, with the current session state, without asking ZooKeeper: for a
+        read that failed, or that the agent stopped waiting for (its session deadline is near
+        and a silent server holds the read up)."""
         session = self.session
-        if session is Session.CONNECTED:  # the read failed, yet kazoo has not noticed yet
+        if session is Session.CONNECTED:  # no answer, yet kazoo has not noticed yet
             session = Session.SUSPENDED
         leader = self._last.leader
         if session is Session.LOST and leader is not None and leader.ours:
