@@ -592,6 +592,10 @@ def test_the_session_deadline_is_the_last_answered_request_plus_the_timeout(
         a.touch()  # answered in kazoo's thread, dated when it was sent
         now[0] = 150.0  # a read sent earlier than the touch does not move the date back
         wait_until(lambda: a.view().session_deadline == 202.0, 2, "the touch answered")
+        # A read the agent stopped waiting for: the last view, suspended, with the deadline.
+        unanswered = a.unanswered_view()
+        assert (unanswered.session, unanswered.session_deadline) == (Session.SUSPENDED, 202.0)
+        assert unanswered.members == a.view().members
         proxy.sever()
         wait_until(lambda: a.session is Session.SUSPENDED, 2, "suspended at once")
         now[0] = 300.0
