@@ -112,6 +112,9 @@ class Fault:
     fails_over: ClassVar[bool] = True
     # How long the runner waits for ``recovered`` before it calls the iteration a failure.
     patience: ClassVar[float] = 45.0
+    # The active node must ride the fault out: the runner fails the iteration on any demotion
+    # of it or any refused client after the fault.
+    steady: ClassVar[bool] = False
 
     def inject(self, ctx: FaultContext) -> None:
         """Break something."""
@@ -268,6 +271,38 @@ class ZookeeperQuorumLoss(Fault):
 
     def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
         return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
+
+
+class ZookeeperRollingRestart(Fault):
+    """Every ZooKeeper server restarted in turn (SIGTERM, started again), ``pause`` apart.
+
+    The quorum never goes: at most one server is down at a time. The active agent's connection
+    drops when its server stops, and kazoo reconnects to another within milliseconds, long
+    before the session could expire on the server: the node has no reason to demote.
+    """
+
+    name = "zk-rolling-restart"
+    summary = "every ZooKeeper server restarted in turn, 5 s apart: no demotion, no refusal"
+    fails_over = False
+    steady = True
+    pause = 5.0
+    patience = 120.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        for server in ctx.lab.ensemble.servers:
+            server.stop()
+            ctx.mark("fault", "zookeeper", f"ZooKeeper server {server.spec.id} stopped (SIGTERM)")
+            server.start()
+            server.wait_serving(60)
+            ctx.mark("heal", "zookeeper", f"ZooKeeper server {server.spec.id} back")
+            time.sleep(self.pause)  # the operator's pace between two servers: part of the fault
+        ctx.heal_at = time.monotonic()
+
+    def heal(self, ctx: FaultContext) -> None:
+        for server in ctx.lab.ensemble.servers:  # a restart that failed half-way
+            if server.pid is None:
+                server.start()
+                server.wait_serving(60)
 
 
 class Switchover(Fault):
@@ -543,7 +578,7 @@ FAULTS: dict[str, type[Fault]] = {
     fault.name: fault
     for fault in (
         KillRelay, KillAgent, KillNode, FreezeNode, PartitionZookeeper, PartitionNode,
-        KillZookeeperLeader, ZookeeperQuorumLoss, Switchover, Flapping, DiskFull, ClockSkew,
-        HostileClient,
+        KillZookeeperLeader, ZookeeperQuorumLoss, ZookeeperRollingRestart, Switchover, Flapping,
+        DiskFull, ClockSkew, HostileClient,
     )
 }  # fmt: skip

@@ -52,6 +52,7 @@ class ScenarioSummary:
     rto_max_s: float | None
     refused_s_max: float
     ok: bool
+    demotions: int = 0  # of a node that was active, after the fault (agents' logs)
     rtos: tuple[float, ...] = ()  # sorted; the TOTAL row's distribution needs the values
 
 
@@ -114,6 +115,7 @@ def _summarize_one(scenario: str, results: Sequence[IterationResult]) -> Scenari
         refused_s_max=max((r.refused_s for r in results), default=0.0),
         ok=all(r.ok for r in results),
         rtos=tuple(rtos),
+        demotions=sum(r.demotions for r in results),
     )
 
 
@@ -209,6 +211,7 @@ def summary_line(results: Sequence[IterationResult]) -> dict[str, Any]:
         "lost": sum(len(r.verdict.lost) for r in results),
         "duplicated": sum(r.verdict.duplicated for r in results),
         "split_brain": sum(1 for r in results if r.split_brain),
+        "demotions": sum(r.demotions for r in results),
         "rto_median_s": round(statistics.median(rtos), 3) if rtos else None,
         "rto_max_s": round(max(rtos), 3) if rtos else None,
     }
@@ -599,6 +602,7 @@ def _iteration_html(result: IterationResult) -> str:
         ("recovered", str(verdict.recovered)),
         ("RTO", _seconds(result.rto_s)),
         ("refused for", _seconds(result.refused_s)),
+        ("demotions", str(result.demotions)),
         ("verdict", "ok" if result.ok else "FAIL"),
     ]
     problems = [f"split brain: {text}" for text in result.split_brain]

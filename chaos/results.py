@@ -46,6 +46,8 @@ class IterationResult:
     # Where the recovery time starts: the fault, or the outage's first failure for faults after
     # which the active node serves on, or the heal for faults that stop the service by design.
     rto_from: float | None = None
+    # Demotions of a node that was active, from the fault to the end of the load (agents' logs).
+    demotions: int = 0
 
     @property
     def ok(self) -> bool:
@@ -69,6 +71,7 @@ class IterationResult:
             "rto_s": self.rto_s,
             "rto_from": self.rto_from,
             "refused_s": self.refused_s,
+            "demotions": self.demotions,
             "split_brain": self.split_brain,
             "problems": self.problems,
             "marks": [asdict(mark) for mark in self.marks],

@@ -37,7 +37,7 @@ from chaos.faults import (
 from chaos.holds import Event, read_log, split_brain
 from chaos.results import IterationResult, Mark
 from cluster.lab import partitions
-from cluster.lab.history import LoadRun, check, recovery_time, unavailability
+from cluster.lab.history import Attempt, LoadRun, check, recovery_time, unavailability
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.netns import NetnsError
 from cluster.lab.sampler import Sampler
@@ -206,6 +206,9 @@ def run_iteration(
     split = [f"sampler: {v}" for v in sampler.violations[:20]]
     split += [f"logs: {v}" for v in split_brain(agents, relays, started, ended)[:20]]
     marks = sorted([*ctx.marks, *timeline(agents, started, ended)], key=lambda m: m.at)
+    demoted = demotions(agents, ctx.fault_at, ended)
+    if fault.steady:
+        problems += steady_problems(demoted, attempts, ctx.fault_at)
     if sampler.samples < 10:
         problems.append(f"the split-brain sampler ran only {sampler.samples} times")
     return IterationResult(
@@ -225,12 +228,35 @@ def run_iteration(
         problems=problems,
         marks=marks,
         attempts=list(attempts),
+        demotions=demoted,
     )
+
+
+def demotions(agent_events: Iterable[Event], start: float, end: float) -> int:
+    """How many times an active node began to demote within [start, end] (agents' logs)."""
+    return sum(
+        1
+        for event in agent_events
+        if event.name == "Decision"
+        and start <= event.at <= end
+        and event.fields.get("was") == "active"
+        and event.fields.get("role") == "demoting"
+    )
+
+
+def steady_problems(demoted: int, attempts: Sequence[Attempt], since: float) -> list[str]:
+    """What a fault the active node must ride out (``Fault.steady``) broke: a demotion of it,
+    a client refused or cut off after the fault."""
+    problems = [f"{demoted} demotion(s) of the active node"] if demoted else []
+    failed = [a for a in attempts if a.start >= since and a.outcome != "acked"]
+    if failed:
+        problems.append(f"{len(failed)} client attempt(s) not acknowledged after the fault")
+    return problems
 
 
 # Faults after which the active node serves on for a while (until it demotes itself, hands
 # over, or its session moves): their recovery time is the outage, from its first failure.
-SERVES_ON = ("partition-zk", "kill-zk-leader", "switchover")
+SERVES_ON = ("partition-zk", "kill-zk-leader", "zk-rolling-restart", "switchover")
 
 
 def _outage_start(ctx: FaultContext) -> float:
@@ -283,7 +309,8 @@ def run(
         progress(
             f"  {'ok' if result.ok else 'FAIL'}  RTO {rto}  refused {result.refused_s:.2f}s  "
             f"sent {verdict.sent} acked {verdict.acked} delivered {verdict.delivered} "
-            f"lost {len(verdict.lost)} duplicated {verdict.duplicated}"
+            f"lost {len(verdict.lost)} duplicated {verdict.duplicated} "
+            f"demotions {result.demotions}"
             + "".join(f"\n  ! {p}" for p in [*result.split_brain, *result.problems][:6])
         )
     return results

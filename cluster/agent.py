@@ -38,7 +38,7 @@ from cluster.decision_data import (
 from cluster.executor import Executor
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
-from cluster.state import decide
+from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
 from cluster.takeover import holds_resources
 from cluster.vip import VirtualIp
@@ -194,7 +194,11 @@ class Agent:
         )
         self.progress = clock()  # the decision loop's last turn
         self.unsafe_since: float | None = None  # holding without a ZooKeeper session since
+        # Active with a suspended session: when the decision must look again (demotion_due).
+        self.demotion_due: float | None = None
+        self.riding_since: float | None = None  # ... and since when it has served on so
         self._failover_seen: Sighting | None = None  # see trusted_failover()
+        self._served_seen: Sighting | None = None  # ... for the last takeover that served
 
     # ------------------------------------------------------------ observation
 
@@ -218,8 +222,15 @@ class Agent:
         # The result first: a view read after it is at least as new as what the step did.
         result = self.results.pop(0) if self.results else None
         view: ClusterView
+        # A silent server holds a read up for as long as the session lasts: an active node does
+        # not wait past its demotion moment for it (the read goes on in its thread, unheeded).
+        due = self.demotion_due
+        patience = None if due is None else max(due - self.clock(), 0.0)
         try:
-            view = await asyncio.to_thread(self.coordinator.view)
+            view = await asyncio.wait_for(asyncio.to_thread(self.coordinator.view), patience)
+        except TimeoutError:
+            self.log.warning("ClusterViewUnanswered", waited=round(patience or 0.0, 3))
+            view = self.coordinator.unanswered_view()
         except Exception as exc:  # a failed read must look like a lost connection, not a crash
             self.log.warning("ClusterViewFailed", error=str(exc))
             view = ClusterView(session=Session.SUSPENDED)
@@ -230,6 +241,9 @@ class Agent:
                 view.last_failover, wall, self._failover_seen
             )
             view = replace(view, last_failover=last)
+        if view.last_served is not None:
+            served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
+            view = replace(view, last_served=served)
         return Snapshot(cluster=view, local=local, wall=wall, result=result)
 
     async def _check_health(self) -> None:
@@ -290,6 +304,8 @@ class Agent:
     def _log_decision(self, before: AgentState, decision: Decision, snapshot: Snapshot) -> None:
         after = decision.state
         cluster = snapshot.cluster
+        deadline = cluster.session_deadline
+        suspended = cluster.session is Session.SUSPENDED and deadline is not None
         self.log.info(
             "Decision",
             role=after.role.value,
@@ -299,6 +315,8 @@ class Agent:
             note=decision.note,
             epoch=after.epoch or cluster.epoch,
             session=cluster.session.value,
+            # Suspended: how long the session surely lives on on the server (None: unknown).
+            session_left=round(deadline - self.clock(), 3) if suspended and deadline else None,
             leader=cluster.leader.node if cluster.leader else None,
             paused=cluster.paused is not None,
             relay_ready=snapshot.local.relay_ready,
@@ -311,6 +329,9 @@ class Agent:
         before = self.state
         decision = decide(before, snapshot, self.clock(), self.policy)
         self.state = decision.state
+        active = self.state.role is Role.ACTIVE
+        self.demotion_due = demotion_due(snapshot, self.policy) if active else None
+        self._note_ride_out(snapshot)
         self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
@@ -320,6 +341,30 @@ class Agent:
             await self._publish()
         for action in decision.actions:
             self._start(action)
+
+    def _note_ride_out(self, snapshot: Snapshot) -> None:
+        """One line when the active node begins to serve on through a suspended session (no
+        decision line says so: nothing changes), one when that ends, back or demoting."""
+        now = self.clock()
+        due = self.demotion_due
+        suspended = snapshot.cluster.session is Session.SUSPENDED
+        riding = suspended and due is not None and due > now
+        if riding and self.riding_since is None:
+            self.riding_since = now
+            deadline = snapshot.cluster.session_deadline or now
+            self.log.warning(
+                "SessionSuspended",
+                serving_on=True,
+                session_left=round(deadline - now, 3),
+                demotes_in=round((due or now) - now, 3),
+            )
+        elif not riding and self.riding_since is not None:
+            back = snapshot.cluster.session is Session.CONNECTED
+            self.log.info(
+                "SessionResumed" if back else "SessionGivenUp",
+                seconds=round(now - self.riding_since, 3),
+            )
+            self.riding_since = None
 
     async def _publish(self) -> None:
         if self.coordinator.session is not Session.CONNECTED:
@@ -440,6 +485,9 @@ class Agent:
             device=str(device) if device else None,
         )
 
+    async def _touch(self) -> None:
+        self.coordinator.touch()  # does not wait: the answer comes in kazoo's thread
+
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` every ``interval`` until the agent exits; a failure is logged, not fatal."""
         while not self.exiting.is_set():
@@ -497,6 +545,9 @@ class Agent:
         background = [
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
+            # Dates the session's last contact with a server: the fresher, the longer an active
+            # node rides out a dropped connection (a tenth of the session: 0.2 s by default).
+            asyncio.create_task(self._every(agent.session_timeout / 10, self._touch)),
             asyncio.create_task(self._every(agent.health_interval, self._check_health)),
             asyncio.create_task(self._every(self.watchdog_timeout / 4, self._keep_watchdog)),
         ]
@@ -513,6 +564,10 @@ class Agent:
                 wait = agent.health_interval
                 if self.state.retry_at > self.clock():
                     wait = min(wait, self.state.retry_at - self.clock() + 0.001)
+                # ... and so is the urgent demotion of a session whose contact is not renewed.
+                due = self.demotion_due
+                if due is not None and due > self.clock():
+                    wait = min(wait, due - self.clock() + 0.001)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
         finally:

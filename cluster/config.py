@@ -71,6 +71,9 @@ class AgentSection(_Section):
     switchover_timeout: PositiveSeconds = 30.0
     drain_timeout: Seconds = 10.0
     urgent_drain_timeout: Seconds = 0.5
+    # A suspended active node demotes this long plus urgent_drain_timeout before its session
+    # may expire on the server (decision lag, killing a relay that overruns its drain).
+    session_margin: Seconds = 0.25
     step_timeouts: dict[Step, PositiveSeconds] = Field(default_factory=dict)
 
     @field_validator("zookeeper")
@@ -221,6 +224,7 @@ class AgentConfig(_Section):
             switchover_timeout=agent.switchover_timeout,
             drain_timeout=agent.drain_timeout,
             urgent_drain_timeout=agent.urgent_drain_timeout,
+            session_margin=agent.session_margin,
             takeover=self.fencing.takeover,
             lease_grace=self.fencing.lease_grace,
             # fencing.timeout is FENCE's time limit unless agent.step_timeouts names it.

@@ -6,6 +6,7 @@ Znodes, all under ``/hamta/<cluster>``, all JSON:
 - ``leader`` (ephemeral): ``{"node", "epoch", "since"}``; its owner session is the leader.
 - ``epoch`` (persistent): ``{"epoch", "node", "at"}``, the highest term ever taken and by whom.
 - ``history`` (persistent): the last 50 failover records.
+- ``served`` (persistent): ``{"epoch", "node", "at"}``, the last takeover that served (published).
 - ``paused`` (persistent, present while paused): ``{"by", "at", "reason"}``.
 - ``switchover`` (persistent, present while requested): ``{"source", "target", "at"}``.
 
@@ -64,6 +65,12 @@ HISTORY_LIMIT: Final = 50
 _VERSION_RETRIES: Final = 20
 # The client reconnects quickly after an outage, never waiting more than this between tries.
 _RECONNECT_MAX_DELAY: Final = 1.0
+# ... and tries often at first: a restarted ZooKeeper server (its ensemble electing a leader)
+# serves again within a few hundred milliseconds, and an active node whose connection dropped
+# serves on only until its session deadline less the drain (cluster.state.session_doomed).
+# 0.05 s growing by 1.3: eight rounds of tries within the first 1.2 s.
+_RECONNECT_DELAY: Final = 0.05
+_RECONNECT_BACKOFF: Final = 1.3
 
 T = TypeVar("T")
 
@@ -125,7 +132,15 @@ class _LeaderRecord(msgspec.Struct):
 class _EpochRecord(msgspec.Struct):
     epoch: int = 0
     node: str | None = None
-    at: float | None = None
+    at: float | None = None  # when the term was taken (wall clock of the taker)
+
+
+class _ServedRecord(msgspec.Struct):
+    """The last takeover that served (its promotion published: ACTIVE), whichever term it was."""
+
+    epoch: int
+    node: str
+    at: float
 
 
 _SESSIONS: Final = {
@@ -174,6 +189,10 @@ class _Paths:
     @property
     def split_brain(self) -> str:
         return f"{self.root}/split-brain"
+
+    @property
+    def served(self) -> str:
+        return f"{self.root}/served"
 
     def outdated_node(self, node: str) -> str:
         return f"{self.outdated}/{node}"
@@ -232,7 +251,10 @@ class Coordinator:
             auth_data=[credentials.auth] if credentials else None,
             default_acl=self._acl,
             connection_retry=KazooRetry(
-                max_tries=-1, delay=0.1, backoff=2, max_delay=_RECONNECT_MAX_DELAY
+                max_tries=-1,
+                delay=_RECONNECT_DELAY,
+                backoff=_RECONNECT_BACKOFF,
+                max_delay=_RECONNECT_MAX_DELAY,
             ),
         )
         self._lock = threading.Lock()
@@ -242,6 +264,9 @@ class Coordinator:
         # When this coordinator first saw each other node without a member znode: its session
         # had ended on the server by then (the lease the fencing policy may rely on).
         self._absent_since: dict[str, float] = {}
+        # The send time of the last read a server answered in this session: the server heard
+        # from the session then or later (the base of ``session_deadline``).
+        self._contact: float | None = None
         self._problems: tuple[str, ...] = ()
         self._log = get_logger(component="coordination", cluster=cluster, node=node)
 
@@ -315,6 +340,8 @@ class Coordinator:
                 # Absences seen before a gap prove nothing about what happened during it: a node
                 # may have come and gone. They are timed afresh from the next read.
                 self._absent_since.clear()
+            if self._session is Session.LOST:  # a new session starts without any contact
+                self._contact = None
         self._notify()
 
     def _data_changed(self, data: bytes | None, stat: ZnodeStat | None, event: object) -> None:
@@ -466,17 +493,60 @@ class Coordinator:
             else:
                 self._last = view
                 return view
+        return self.unanswered_view()
+
+    def unanswered_view(self) -> ClusterView:
+        """The last view read, with the current session state, without asking ZooKeeper: for a
+        read that failed, or that the agent stopped waiting for (its session deadline is near
+        and a silent server holds the read up)."""
         session = self.session
-        if session is Session.CONNECTED:  # the read failed, yet kazoo has not noticed yet
+        if session is Session.CONNECTED:  # no answer, yet kazoo has not noticed yet
             session = Session.SUSPENDED
         leader = self._last.leader
         if session is Session.LOST and leader is not None and leader.ours:
             leader = None  # the session that owned the ephemeral znode is gone, and so is it
-        return replace(self._last, session=session, leader=leader)
+        deadline = self._session_deadline() if session is Session.SUSPENDED else None
+        return replace(self._last, session=session, leader=leader, session_deadline=deadline)
+
+    def touch(self) -> None:
+        """Ask a server something trivial, without waiting for the answer: the answer dates the
+        session's last contact (``session_deadline``) more finely than the reads of the cluster
+        do. The agent calls it often; a request lost with its connection dates nothing."""
+        if self.session is not Session.CONNECTED:
+            return
+        sent = self._clock()
+        try:
+            pending = self._client.exists_async(self._paths.root)
+        except KazooException:  # closed meanwhile: nothing to date
+            return
+        pending.rawlink(lambda done: self._heard(sent) if done.successful() else None)
+
+    def _heard(self, sent: float) -> None:
+        """A server answered a request sent at ``sent``: it heard from this session then."""
+        with self._lock:
+            # Not over a session that ended meanwhile (an answer may come after its end).
+            if self._session is Session.CONNECTED and (
+                self._contact is None or self._contact <= sent
+            ):
+                self._contact = sent
+
+    def _session_deadline(self) -> float | None:
+        """The last moment this session is surely alive on the server (monotonic), or None.
+
+        The server expires a session when it has heard nothing from it for the session timeout
+        (rounded up to its tick, never down). kazoo's own pings also count on the server, but
+        kazoo does not say when they were answered, so only this coordinator's reads are used:
+        a conservative deadline. The agent's session timeout is assumed to be what the server
+        granted (ZooKeeper grants at most its maxSessionTimeout, 20 ticks by default).
+        """
+        with self._lock:
+            contact = self._contact
+        return None if contact is None else contact + self.session_timeout
 
     def _read(self) -> ClusterView:
         client, paths = self._client, self._paths
         session_id = self._session_id()
+        sent = self._clock()
         # Pipelined: one round trip for the singletons, one for the members.
         pending = {
             path: client.get_async(path)
@@ -485,6 +555,7 @@ class Coordinator:
         known_result = client.get_children_async(paths.nodes)
         outdated_result = client.get_children_async(paths.outdated)
         split_result = client.get_async(paths.split_brain)
+        served_result = client.get_async(paths.served)
         names = self._wait(client.get_children_async(paths.members))
         member_results = {name: client.get_async(paths.member(name)) for name in sorted(names)}
         found = {path: self._fetch(result) for path, result in pending.items()}
@@ -505,6 +576,11 @@ class Coordinator:
         switchover = None
         if (got := found[paths.switchover]) is not None:
             switchover = self._decode(paths.switchover, got[0], Switchover, problems)
+        # Absent until a takeover served (or in a cluster an older agent ran): then, as before,
+        # the last acquisition counts.
+        served = None
+        if (got := self._fetch(served_result)) is not None:
+            served = self._decode(paths.served, got[0], _ServedRecord, problems)
         members: dict[str, Member] = {}
         for name, result in member_results.items():
             got = self._fetch(result)
@@ -534,8 +610,10 @@ class Coordinator:
             for name in others - set(names):
                 self._absent_since.setdefault(name, now)
             absent_since = dict(self._absent_since)
+        self._heard(sent)
         return ClusterView(
             session=Session.CONNECTED,
+            session_deadline=self._session_deadline(),
             known_nodes=known,
             absent_since=absent_since,
             outdated=outdated,
@@ -547,6 +625,7 @@ class Coordinator:
             paused=paused,
             switchover=switchover,
             last_failover=epoch.at,
+            last_served=served.at if served is not None else epoch.at,
         )
 
     def history(self) -> list[dict[str, Any]]:
@@ -693,6 +772,22 @@ class Coordinator:
             and session_id is not None
             and stat.ephemeralOwner == session_id
         )
+
+    def mark_served(self, epoch: int) -> bool:
+        """Record that the takeover of ``epoch`` serves (published), now: the anti-flapping
+        interval counts from it (``ClusterView.last_served``).
+
+        False when ``epoch`` is no longer the cluster's: a newer term was taken meanwhile.
+        """
+        client, paths = self._client, self._paths
+        with self._kazoo("recording the takeover as serving"):
+            data, _stat = self._wait(client.get_async(paths.epoch))
+            record = self._decode(paths.epoch, data, _EpochRecord, [])
+            if record is None or record.epoch != epoch:
+                return False
+            served = _ServedRecord(epoch, self.node, self._wall())
+            self._put(paths.served, msgspec.json.encode(served))
+        return True
 
     def record_failover(self, record: Mapping[str, Any]) -> None:
         """Append a record to the history, keeping the last 50."""

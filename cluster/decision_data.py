@@ -126,7 +126,11 @@ class ClusterView:
     members: Mapping[str, Member] = field(default_factory=dict)
     paused: Pause | None = None
     switchover: Switchover | None = None
-    last_failover: float | None = None  # wall clock of the last takeover
+    last_failover: float | None = None  # wall clock of the last takeover (acquisition)
+    # Wall clock of the last takeover that served (reached ACTIVE and published it): an aborted
+    # promotion took the epoch but served nothing. The coordinator gives the last acquisition
+    # when no takeover was recorded as serving yet. None: no takeover at all.
+    last_served: float | None = None
     known_nodes: frozenset[str] = frozenset()  # every node that ever joined (persistent)
     # Monotonic time (this agent's clock) since which each other known node has had no member
     # znode, i.e. its ZooKeeper session had ended on the server: the lease it held has expired.
@@ -135,6 +139,12 @@ class ClusterView:
     # resynced), and a split brain DRBD reported (no automatic failover until it is resolved).
     outdated: frozenset[str] = frozenset()
     split_brain: str | None = None
+    # The last moment (this agent's monotonic clock) at which this agent's session is surely
+    # still alive on the server: the send time of the last request a server answered, plus the
+    # session timeout. None when unknown (no request answered in this session). A suspended
+    # session is not lost before it (``cluster.state.session_doomed``); a failsafe lease may
+    # later extend it.
+    session_deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +207,9 @@ class Policy:
     # ... unless another node may be taking over right now (session or leadership lost): then
     # the relay must let go of the spool at once; what it was delivering stays queued.
     urgent_drain_timeout: float = 0.5
+    # A suspended active node demotes this long, plus the urgent drain, before its session
+    # deadline: the relay has stopped serving before the session may expire on the server.
+    session_margin: float = 0.25
     takeover: Takeover = Takeover.FENCE_OR_LEASE
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)

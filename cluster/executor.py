@@ -211,6 +211,12 @@ class Executor:
         # The bookkeeping does not decide the promotion: only leadership does.
         notes = []
         try:
+            # From now on this takeover is the one the anti-flapping interval counts from.
+            if not await asyncio.to_thread(self.coordinator.mark_served, action.epoch):
+                notes.append("not marked serving: a newer epoch was taken")
+        except CoordinationError as exc:
+            notes.append(f"not marked serving: {exc}")
+        try:
             await asyncio.to_thread(self.coordinator.record_failover, record)
         except CoordinationError as exc:
             notes.append(f"history not written: {exc}")

@@ -46,9 +46,18 @@ is not held is a no-op.
 Safety rules encoded here (the fencing issue adds the layers below the agent):
 - A node promotes only while its ZooKeeper session is connected and it holds the leader znode,
   created in the same transaction that incremented the epoch: every term has a unique number.
-- A node that holds or is taking resources demotes as soon as its session is suspended, not when
-  it expires: kazoo notices a silent server after two thirds of the session timeout, and the
-  peer may take over once the session has expired, so the remaining third is all there is.
+- A node that holds resources demotes before its session may expire on the server, and as late
+  as that allows (``session_doomed``): the coordinator knows the send time of the last request a
+  server answered (the server heard from this session then, or later), so the session is alive
+  on the server at least until that time plus the session timeout (``session_deadline``). A
+  suspended ACTIVE node begins its urgent demotion at that deadline less the urgent drain and
+  ``session_margin``, so its relay has stopped serving before the session may expire, and the
+  peer may take over only after it has expired (and, without a fence, ``lease_grace`` later,
+  which covers dropping the virtual IP and the spool). A session back to CONNECTED before that
+  changes nothing: a ZooKeeper server's restart costs no demotion. The deadline holds while the
+  session looks connected too (a silent server is noticed by kazoo late, if ever, while requests
+  flow). Without a known deadline, a lost (expired) session, or while promoting, the node
+  demotes at the first suspension.
 - Leadership is given up last, after the spool is released, so the peer cannot mount it early.
 - A node whose replica DRBD's fence-peer handler marked outdated never takes over (not even by
   switchover) until a resync clears the mark, and nobody takes over while a split brain that
@@ -131,8 +140,43 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
         return request.target in (None, policy.node) and request.source != policy.node
     if cluster.paused is not None:
         return False
-    last = cluster.last_failover
+    # The anti-flapping interval counts from the last takeover that served: a promotion aborted
+    # (its node killed, its session lost) served nothing, and must not hold back the next one.
+    last = cluster.last_served
     return last is None or snapshot.wall - last >= policy.min_failover_interval
+
+
+def demotion_due(snapshot: Snapshot, policy: Policy) -> float | None:
+    """When a node holding resources must begin its urgent demotion: early enough that the
+    drain (and a margin) ends before its session may expire on the server. Minus infinity when
+    the session is lost (the expired session's ephemeral znodes are gone already) or suspended
+    with no known deadline; None when connected with no known deadline.
+
+    It holds while kazoo still says connected, too: a server that went silent (a partition,
+    a stall) is noticed by kazoo late, or not at all while requests keep flowing, but a
+    contact that is not renewed runs out all the same.
+    """
+    cluster = snapshot.cluster
+    deadline = cluster.session_deadline
+    if cluster.session is Session.LOST:
+        return float("-inf")
+    if deadline is None:
+        return None if cluster.session is Session.CONNECTED else float("-inf")
+    return deadline - (policy.urgent_drain_timeout + policy.session_margin)
+
+
+def session_doomed(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """Whether a node holding resources must treat its session as lost now.
+
+    Only an ACTIVE node rides out a suspension until ``demotion_due``: a ZooKeeper server's
+    restart drops the connection, and kazoo reconnects to another server within milliseconds,
+    the session never in danger. A promotion still gives up at the first suspension: it serves
+    nothing yet, and going on without a session would prove nothing.
+    """
+    if snapshot.cluster.session is not Session.CONNECTED and role is not Role.ACTIVE:
+        return True
+    due = demotion_due(snapshot, policy)
+    return due is not None and now >= due
 
 
 def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Trigger:
@@ -147,7 +191,7 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     holding = role is Role.ACTIVE or (role is Role.PROMOTING and (state.steps != () or acquired))
     # Safety preempts a step in flight (a restart, a mount): the executor abandons it, and the
     # relay must stop serving before the peer may take over.
-    if holding and cluster.session is not Session.CONNECTED:
+    if holding and session_doomed(role, snapshot, now, policy):
         return Trigger.SESSION_LOST
     if holding and not _holds_leadership(snapshot):
         return Trigger.LEADERSHIP_LOST

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from chaos.faults import FAULTS
+from chaos.holds import Event
 from chaos.report import (
     KILL_SCENARIOS,
     MAX_ATTEMPT_MARKS,
@@ -25,6 +27,7 @@ from chaos.report import (
     write_json_history,
 )
 from chaos.results import IterationResult, Mark
+from chaos.runner import demotions, steady_problems
 from cluster.lab.history import Attempt, check
 
 T0 = 5000.0  # the monotonic clock of these made-up runs
@@ -186,6 +189,7 @@ def test_nothing_to_summarize() -> None:
         "lost": 0,
         "duplicated": 0,
         "split_brain": 0,
+        "demotions": 0,
         "rto_median_s": None,
         "rto_max_s": None,
     }
@@ -243,6 +247,7 @@ def test_summary_line_prefers_the_kill_scenarios_rto() -> None:
         "lost",
         "duplicated",
         "split_brain",
+        "demotions",
         "rto_median_s",
         "rto_max_s",
     }
@@ -476,3 +481,43 @@ def test_json_history_round_trips(tmp_path: Path) -> None:
         assert [Attempt(**a) for a in record["attempts"]] == result.attempts
         assert [Mark(**m) for m in record["marks"]] == result.marks
         assert record["ok"] is result.ok
+
+
+# ------------------------------------------------------------------ demotions
+
+
+def test_demotions_are_added_up_per_scenario_and_in_the_summary_line() -> None:
+    results = [iteration("zk-rolling-restart", 1), iteration("zk-rolling-restart", 2)]
+    results[0].demotions = 2
+    (summary,) = summarize(results)
+    assert summary.demotions == 2
+    assert summary_line(results)["demotions"] == 2
+    assert results[0].as_dict()["demotions"] == 2
+    assert "<b>demotions</b> 2" in render_html(results, title="zk")
+
+
+def decision(at: float, node: str, was: str, role: str) -> Event:
+    return Event(at, node, {"event": "Decision", "was": was, "role": role})
+
+
+def test_demotions_counts_an_active_node_beginning_to_demote_after_the_fault() -> None:
+    events = [
+        decision(T0 + 1, "node1", "active", "demoting"),  # before the fault: not counted
+        decision(T0 + 6, "node1", "active", "demoting"),
+        decision(T0 + 6.1, "node1", "demoting", "demoting"),
+        decision(T0 + 7, "node2", "promoting", "active"),
+        decision(T0 + 9, "node2", "active", "demoting"),
+        Event(T0 + 9, "node2", {"event": "StepDone", "was": "active", "role": "demoting"}),
+    ]
+    assert demotions(events, T0 + 5, T0 + 20) == 2
+
+
+def test_a_steady_fault_fails_on_a_demotion_or_a_refused_client() -> None:
+    ok = iteration("zk-rolling-restart", 1, failures=())
+    assert steady_problems(0, ok.attempts, ok.fault_at) == []
+    refused = iteration("zk-rolling-restart", 2)
+    assert steady_problems(1, refused.attempts, refused.fault_at) == [
+        "1 demotion(s) of the active node",
+        "2 client attempt(s) not acknowledged after the fault",
+    ]
+    assert FAULTS["zk-rolling-restart"].steady and not FAULTS["kill-node"].steady

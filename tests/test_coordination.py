@@ -569,7 +569,11 @@ def test_the_session_handle_is_the_live_session_and_follows_a_new_one(
     make_coordinator: MakeCoordinator, zookeeper: ZooKeeperEnsemble
 ) -> None:
     credentials = Credentials("hamta", "handle-secret")
-    coordinator = make_coordinator("a", start=False, credentials=credentials)
+    # A chroot of its own: the digest ACLs it creates must not make /hamta this user's for the
+    # anonymous coordinators of the other tests on the same server.
+    coordinator = make_coordinator(
+        "a", start=False, credentials=credentials, hosts=f"{zookeeper.hosts}/handle-test"
+    )
     assert coordinator.session_handle() is None  # no session yet
     coordinator.start(timeout=10)
     handle = coordinator.session_handle()
@@ -594,3 +598,74 @@ def test_the_session_handle_is_the_live_session_and_follows_a_new_one(
 def test_hosts_the_watchdog_could_not_reach_are_refused_at_once() -> None:
     with pytest.raises(CoordinationError, match="bad port"):
         Coordinator("127.0.0.1:2181,127.0.0.2:x/chroot", "c", "a")
+
+
+# ------------------------------------------------------------------ the session deadline
+
+
+def test_the_session_deadline_is_the_last_answered_request_plus_the_timeout(
+    zookeeper: ZooKeeperEnsemble, make_coordinator: MakeCoordinator
+) -> None:
+    """Dated by the send time of the last request answered (a read or a touch), kept while the
+    session is suspended."""
+    now = [100.0]
+    with TcpProxy(upstream(zookeeper)) as proxy:
+        changes = Changes()
+        a = make_coordinator(
+            "a",
+            start=False,
+            hosts=proxy.hosts,
+            on_change=changes,
+            session_timeout=2.0,
+            clock=lambda: now[0],
+        )
+        changes.coordinator = a
+        a.start()
+        a.publish_member(Member("a", Role.ACTIVE))
+        b = make_coordinator("b")
+        assert a.view().session_deadline == 102.0
+        now[0] = 200.0
+        a.touch()  # answered in kazoo's thread, dated when it was sent
+        now[0] = 150.0  # a read sent earlier than the touch does not move the date back
+        wait_until(lambda: a.view().session_deadline == 202.0, 2, "the touch answered")
+        # A read the agent stopped waiting for: the last view, suspended, with the deadline.
+        unanswered = a.unanswered_view()
+        assert (unanswered.session, unanswered.session_deadline) == (Session.SUSPENDED, 202.0)
+        assert unanswered.members == a.view().members
+        proxy.sever()
+        wait_until(lambda: a.session is Session.SUSPENDED, 2, "suspended at once")
+        now[0] = 300.0
+        a.touch()  # not sent: nothing to date
+        view = a.view()
+        assert view.session is Session.SUSPENDED and view.session_deadline == 202.0
+        # Cut off for longer than the session: expired on the server, lost for the client.
+        wait_until(lambda: "a" not in b.view().members, 5, "the server expires the session")
+        proxy.restore()
+        wait_until(lambda: Session.LOST in changes.sessions, 5, "the session lost")
+        wait_until(lambda: a.session is Session.CONNECTED, 5, "a new session")
+        assert a.view().session_deadline == 302.0  # dated by the new session's own read
+
+
+def test_the_last_takeover_that_served_is_carried_across_aborted_ones(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """``last_served`` moves only when a takeover is marked serving (its PUBLISH); a term taken
+    and abandoned before that moves ``last_failover`` only."""
+    wall = [1000.0]
+    a = make_coordinator("a", wall=lambda: wall[0])
+    b = make_coordinator("b", wall=lambda: wall[0])
+    first = a.acquire_leadership()
+    assert first is not None
+    # Nothing served yet (or a cluster an older agent ran): the last acquisition counts.
+    assert (a.view().last_failover, a.view().last_served) == (1000.0, 1000.0)
+    wall[0] = 1001.0
+    assert a.mark_served(first)
+    assert a.view().last_served == 1001.0
+    assert a.release_leadership(first)
+    wall[0] = 1010.0
+    second = b.acquire_leadership()  # ... and b dies promoting: never marked serving
+    assert second == first + 1
+    view = a.view()
+    assert (view.last_failover, view.last_served) == (1010.0, 1001.0)
+    assert not a.mark_served(first)  # a term superseded is not marked
+    assert a.view().last_served == 1001.0

@@ -36,3 +36,5 @@ def test_random_walks_exercise_the_new_rules() -> None:
     assert sum(h.handovers for h in histories) >= 5
     assert sum(h.refused for h in histories) >= 5
     assert sum(h.storage_checked for h in histories) >= 5
+    assert sum(h.rode_out for h in histories) >= 5  # suspended, still active: deadline ahead
+    assert sum(h.silent for h in histories) >= 5  # "connected", but the contact ran out

@@ -91,7 +91,7 @@ def block_cooldown(walk: Walk) -> None:
 
 
 def block_recent_failover(walk: Walk) -> None:
-    walk.world.last_failover = walk.wall - POLICY.min_failover_interval + 0.001
+    walk.world.last_served = walk.wall - POLICY.min_failover_interval + 0.001
 
 
 def block_switchover_to_another(walk: Walk) -> None:
@@ -171,7 +171,7 @@ def test_eligible_node_promotes() -> None:
 def test_cooldown_and_interval_end_exactly_on_time() -> None:
     walk = eligible()
     walk.state = replace(walk.state, cooldown_until=walk.now)
-    walk.world.last_failover = walk.wall - POLICY.min_failover_interval
+    walk.world.last_served = walk.wall - POLICY.min_failover_interval
     assert walk.see().trigger is Trigger.LEADER_VACANT
 
 
@@ -179,7 +179,7 @@ def test_cooldown_and_interval_end_exactly_on_time() -> None:
 def test_switchover_to_this_node_overrides_pause_and_interval(target: str | None) -> None:
     walk = eligible()
     walk.world.paused = PAUSE
-    walk.world.last_failover = walk.wall - 0.1
+    walk.world.last_served = walk.wall - 0.1
     walk.world.switchover = Switchover(PEER, target, walk.wall - POLICY.switchover_timeout)
     decision = walk.see()
     assert decision.trigger is Trigger.LEADER_VACANT
@@ -475,3 +475,23 @@ def test_pause_does_not_stop_self_demotion(loss: Callable[[Walk], None]) -> None
     decision = walk.see()
     assert decision.state.role is Role.DEMOTING
     assert [a.step for a in decision.actions] == [Step.DRAIN]
+
+
+def test_an_aborted_promotion_does_not_hold_back_the_next_takeover() -> None:
+    """The peer took the epoch a moment ago and died promoting: it served nothing, so the
+    anti-flapping interval counts from the last takeover that served, long ago."""
+    walk = eligible()
+    walk.world.last_failover = walk.wall - 0.1  # the peer's aborted acquisition
+    walk.world.last_served = walk.wall - 60.0
+    decision = walk.see()
+    assert decision.trigger is Trigger.LEADER_VACANT
+    assert [a.step for a in decision.actions] == [Step.ACQUIRE]
+
+
+def test_a_takeover_that_served_lately_holds_back_the_next() -> None:
+    walk = eligible()
+    walk.world.last_failover = walk.wall - 60.0
+    walk.world.last_served = walk.wall - 0.1
+    assert walk.see().trigger is Trigger.NOTHING
+    walk.tick(POLICY.min_failover_interval)
+    assert walk.see().trigger is Trigger.LEADER_VACANT

@@ -85,6 +85,7 @@ class World:
     paused: Pause | None = None
     switchover: Switchover | None = None
     last_failover: float | None = None
+    last_served: float | None = None
     relay_running: bool = True
     relay_ready: bool = True
     relay_failures: int = 0
@@ -94,10 +95,12 @@ class World:
     known: frozenset[str] = frozenset()  # every node that ever joined
     outdated: frozenset[str] = frozenset()  # replicas DRBD's fence-peer handler marked
     split_brain: str | None = None
+    session_deadline: float | None = None  # monotonic: the session surely lives on until then
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
             session=self.session,
+            session_deadline=self.session_deadline,
             leader=self.leader,
             epoch=self.epoch,
             epoch_node=self.epoch_node,
@@ -105,6 +108,7 @@ class World:
             paused=self.paused,
             switchover=self.switchover,
             last_failover=self.last_failover,
+            last_served=self.last_served,
             absent_since=dict(self.absent_since),
             known_nodes=self.known,
             outdated=self.outdated,

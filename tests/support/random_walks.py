@@ -114,6 +114,8 @@ def perturb(rng: random.Random, world: World, wall: float) -> None:
             world.leader = theirs(world.epoch)
             world.epoch_node = PEER
             world.last_failover = wall
+            if rng.random() < 0.7:  # ... and serves (or dies promoting: served nothing)
+                world.last_served = wall
     if rng.random() < (0.1 if world.paused is not None else 0.01):
         world.paused = None if world.paused is not None else PAUSE
     if rng.random() < 0.02:
@@ -138,6 +140,7 @@ def arbitrary(rng: random.Random, wall: float, result: StepResult | None) -> Sna
         paused=rng.choice((None, PAUSE)),
         switchover=random_switchover(rng, wall),
         last_failover=rng.choice((None, wall, wall - 10)),
+        last_served=rng.choice((None, wall, wall - 10)),
         relay_running=rng.random() < 0.7,
         relay_failures=rng.randrange(4),
         members=random_members(rng),
@@ -159,6 +162,8 @@ def run_executor(rng: random.Random, step: Step, world: World, wall: float) -> S
             world.last_failover = wall
         else:
             success = False
+    elif step is Step.PUBLISH and success:
+        world.last_served = wall
     elif step is Step.RELEASE and success and world.leader is not None and world.leader.ours:
         world.leader = None
     elif step in (START, RESTART) and success:
@@ -183,8 +188,24 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
         return request.source != policy.node and request.target in (None, policy.node)
     if cluster.paused is not None:
         return False
-    last = cluster.last_failover
+    last = cluster.last_served  # a takeover aborted before it served does not count
     return last is None or snapshot.wall - last >= policy.min_failover_interval
+
+
+def session_gone(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The session rule, restated: a lost session is gone; a suspended one too, unless the node
+    is active and the session surely lives on the server for longer than the urgent drain and
+    the margin."""
+    cluster = snapshot.cluster
+    deadline = cluster.session_deadline
+    if cluster.session is Session.CONNECTED and deadline is None:
+        return False
+    if cluster.session is not Session.CONNECTED and (
+        cluster.session is Session.LOST or deadline is None or role is not Role.ACTIVE
+    ):
+        return True
+    assert deadline is not None
+    return deadline - now <= policy.urgent_drain_timeout + policy.session_margin
 
 
 def may_hand_over(snapshot: Snapshot, policy: Policy) -> bool:
@@ -245,6 +266,8 @@ class History:
     refused: int = 0  # decisions to stay active on a fresh request nobody could take
     exits: int = 0  # the agent stopped, holding nothing
     storage_checked: int = 0  # STORAGE started, with the replica's marks looked at
+    rode_out: int = 0  # decisions that kept a suspended active node serving (deadline ahead)
+    silent: int = 0  # ... that found a "connected" session's contact run out while holding
 
 
 def check(
@@ -288,7 +311,11 @@ def check(
     holding = before.role is Role.ACTIVE or (
         before.role is Role.PROMOTING and (before.epoch > 0 or acquired)
     )
-    lost = cluster.session is not Session.CONNECTED or not (cluster.leader and cluster.leader.ours)
+    lost = session_gone(before.role, snapshot, now, policy) or not (
+        cluster.leader and cluster.leader.ours
+    )
+    connected = cluster.session is Session.CONNECTED
+    history.silent += connected and holding and session_gone(before.role, snapshot, now, policy)
     assert len(decision.actions) <= 1
     if holding and lost:
         if before.step is not None and result is None:
@@ -384,9 +411,12 @@ def check(
         assert cluster.session is Session.CONNECTED
         assert cluster.leader is not None and cluster.leader.ours
 
-    # ACTIVE only after the complete promotion of this term, and never without a session.
+    # ACTIVE only after the complete promotion of this term, and never without a session but
+    # while it surely lives on on the server, the urgent drain and the margin before its end.
     if after.role is Role.ACTIVE:
-        assert cluster.session is Session.CONNECTED
+        assert not session_gone(Role.ACTIVE, snapshot, now, policy)
+        if cluster.session is not Session.CONNECTED:
+            history.rode_out += 1
         assert cluster.leader is not None and cluster.leader.ours
         if before.role is not Role.ACTIVE:
             assert before.role is Role.PROMOTING
@@ -441,6 +471,7 @@ def check(
 def random_walk(seed: int, steps: int) -> History:
     rng = random.Random(seed)
     marks = random.Random(-seed)
+    deadlines = random.Random(seed + 1000)  # its own too: the session deadlines' draws
     policy = RANDOM_POLICY
     world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
     state = AgentState()
@@ -463,8 +494,25 @@ def random_walk(seed: int, steps: int) -> History:
         elapsed = rng.choice((0.0, 0.1, 0.5, 1.0, 2.5))
         now += elapsed
         wall += elapsed
+        suspended = world.session is Session.SUSPENDED
         perturb(rng, world, wall)
         mark(marks, world)
+        if state.role is Role.ACTIVE and not suspended and deadlines.random() < 0.05:
+            world.session = Session.SUSPENDED  # a ZooKeeper server restarted under it
+        elif suspended and deadlines.random() < 0.3:
+            world.session = Session.CONNECTED  # kazoo found another server
+        if world.session is Session.SUSPENDED and not suspended:
+            # The last answered read was a moment ago, or long enough ago to be past the margin.
+            world.session_deadline = deadlines.choice((None, now + 3.0, now + 2.0, now + 0.8))
+        elif world.session is Session.CONNECTED:
+            # Contacts renewed as requests are answered; now and then a server gone silent that
+            # kazoo has not noticed: the contact ages while the session looks connected.
+            silent = state.role is Role.ACTIVE and deadlines.random() < 0.02
+            world.session_deadline = now + 0.6 if silent else now + 2.0
+        if state.step is Step.FENCE and deadlines.random() < 0.3:
+            # The former active node's session ends while it is being fenced: if the fence
+            # fails, its lease has yet to run out (the lease wait, and its RETRY).
+            world.members.pop(PEER, None)
         # As the coordinator sees it: since when the peer has had no member znode.
         if PEER in world.members:
             world.absent_since = {}
