@@ -88,6 +88,6 @@ def build_app(
     guard(app, listen, [])
     app.router.add_get("/api/checks", _checks)
     app.router.add_get("/metrics", _metrics)
-    add_history_routes(app, store, checks, clock or SystemClock())
+    add_history_routes(app, store, checks, clock or SystemClock(), windows)
     add_status_page(app)
     return app

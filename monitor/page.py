@@ -4,8 +4,9 @@ second copy: nothing is fetched from the network when the page is shown.
 
 The page draws only what the JSON API gives (``/api/checks``, ``/api/uptime``,
 ``/api/checks/NAME/history``, ``/api/incidents`` and ``/api/incidents/ID`` for the timelines,
-``/api/maintenance``, and ``/api/cluster`` once a monitor serves it); the security headers and the ``Host`` check are the API's
-(``hamta.admin_guard``): a Content-Security-Policy of ``'self'`` only, no inline code.
+``/api/maintenance``, and ``/api/cluster`` once a monitor serves it); the security headers and
+the ``Host`` check are the API's (``hamta.admin_guard``): a Content-Security-Policy of
+``'self'`` only, no inline code.
 """
 
 from __future__ import annotations

@@ -140,10 +140,19 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
             assert float(cell["failing"]) == figures["failing_s"], (check["name"], name)
             serving = float(cell["serving"])
             assert serving <= figures["serving_s"] <= serving + 30, (check["name"], name)
-            ratio = float(cell["ratio"])
-            assert cell["text"] == f"{ratio * 100:.3f} %"
+            maintenance = float(cell["maintenance"])
+            assert maintenance <= figures["maintenance_s"] <= maintenance + 30
+            if figures["ratio"] is None:
+                assert cell["text"] == "\u2013" and cell["ratio"] == "null"
+            else:
+                assert cell["text"] == f"{float(cell['ratio']) * 100:.3f} %"
     mx_24h = shown["uptime"]["mx"]["24h"]
     assert 0 < float(mx_24h["ratio"]) < 1 and float(mx_24h["failing"]) > 0
+    assert float(mx_24h["maintenance"]) == 0
+    # slow-mx has been in its maintenance window all along: none of its time counts.
+    slow_24h = shown["uptime"]["slow-mx"]["24h"]
+    assert float(slow_24h["maintenance"]) > 0 and slow_24h["ratio"] == "null"
+    assert float(slow_24h["serving"]) == float(slow_24h["failing"]) == 0
 
     # The incidents are the API's: the outage of mx (critical, acknowledged by alice, resolved)
     # and the degraded slow-mx (a warning, open, in the maintenance window), with timelines.
@@ -219,7 +228,8 @@ def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
                     for (const td of row.querySelectorAll('td.uptime')) {
                         uptime[row.dataset.check][td.dataset.range] = {
                             text: td.textContent, ratio: td.dataset.ratio,
-                            serving: td.dataset.serving, failing: td.dataset.failing};
+                            serving: td.dataset.serving, failing: td.dataset.failing,
+                            maintenance: td.dataset.maintenance};
                     }
                 }
                 return {

@@ -85,7 +85,9 @@ function drawChecks(checks, uptime) {
         td.dataset.ratio = String(figures.ratio);
         td.dataset.serving = String(figures.serving_s);
         td.dataset.failing = String(figures.failing_s);
-        td.title = `unknown: ${duration(figures.unknown_s) || "0 s"}`;
+        td.dataset.maintenance = String(figures.maintenance_s);
+        td.title = `unknown: ${duration(figures.unknown_s) || "0 s"}, `
+          + `maintenance: ${duration(figures.maintenance_s) || "0 s"} (both left out)`;
       }
     }
     body.append(tr);
