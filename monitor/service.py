@@ -31,10 +31,11 @@ async def serve(config: MonitorConfig) -> int:
     log = eventlog.get_logger(component="monitor")
     keys = relay_dkim_keys(config.relay_config) if config.relay_config else []
     store = Store(config.store.path)
-    metrics = MonitorMetrics(config.checks)
     clock = SystemClock()
     session = aiohttp.ClientSession()
     alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
+    # The notification counts are the dispatcher's own, read at each scrape.
+    metrics = MonitorMetrics(config.checks, notifications=dispatcher.counts)
     engine = Engine(
         config.checks,
         store,
