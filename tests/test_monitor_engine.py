@@ -33,10 +33,12 @@ def smtp(name: str, port: int, **extra: Any) -> dict[str, Any]:
     return {"name": name, "kind": "smtp", "host": "127.0.0.1", "port": port, **extra}
 
 
-def build(tmp_path: Path, checks: list[dict[str, Any]]) -> tuple[Engine, Store]:
+def build(
+    tmp_path: Path, checks: list[dict[str, Any]], store: Store | None = None
+) -> tuple[Engine, Store]:
     config = parse_monitor_config(render_checks(checks))
     eventlog.configure("info", tmp_path / "monitor.log")
-    store = Store(tmp_path / "monitor.sqlite")
+    store = store or Store(tmp_path / "monitor.sqlite")
     engine = Engine(
         config.checks,
         store,
@@ -169,19 +171,12 @@ class _GatedStore(Store):
 def test_the_state_shows_only_once_the_change_is_recorded(tmp_path: Path) -> None:
     """Regression: the engine set ``states`` before ``store.record``; a reader who saw the new
     state and stopped the monitor lost the change from the store and the log."""
-    config = parse_monitor_config(render_checks([smtp("mx", free_port(), failure_threshold=1)]))
-    eventlog.configure("info", tmp_path / "monitor.log")
 
     async def scenario() -> tuple[State, list[Any], State]:
         store = _GatedStore(tmp_path / "monitor.sqlite")
-        engine = Engine(
-            config.checks,
-            store,
-            MonitorMetrics(config.checks),
-            eventlog.get_logger(component="monitor"),
-            SystemClock(),
-        )
-        run = asyncio.create_task(engine.run_once(config.checks[0]))
+        checks = [smtp("mx", free_port(), failure_threshold=1)]
+        engine, _ = build(tmp_path, checks, store)
+        run = asyncio.create_task(engine.run_once(engine.checks[0]))
         await store.recording.wait()
         during = engine.states.get("mx", CheckState()).state
         changes_during = await store.changes("mx")
