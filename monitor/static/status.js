@@ -79,7 +79,9 @@ function drawChecks(checks, uptime) {
     cell(tr, check.last ? `${check.last.seconds.toFixed(3)} s` : "–");
     for (const name of RANGES) {
       const figures = byName[check.name]?.[name];
-      const td = cell(tr, percent(figures?.ratio ?? null), "uptime");
+      // All of the known time in a maintenance window: say so rather than a bare dash.
+      const held = figures?.ratio === null && figures.maintenance_s > 0;
+      const td = cell(tr, held ? "maintenance" : percent(figures?.ratio ?? null), "uptime");
       td.dataset.range = name;
       if (figures) {
         td.dataset.ratio = String(figures.ratio);
