@@ -174,6 +174,10 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
     assert [e["event"] for e in mx["timeline"]] == ["opened", "acknowledged", "resolved"]
     assert slow["severity"] == "warning" and slow["resolved"] is None
     assert slow["maintenance"] == "tarpit tuning"
+    # Acknowledged on the page: the store has it, with its timeline line; nothing left to ack.
+    assert slow["acked_by"] == "bob" and "acknowledged by bob" in slow_facts(shown, slow)
+    assert [e["event"] for e in slow["timeline"]][-1] == "acknowledged"
+    assert shown["ack_forms"] == 0
     mx_shown = next(i for i in shown["incidents"] if i["id"] == str(mx["id"]))
     assert "acknowledged by alice" in mx_shown["facts"]
     slow_shown = next(i for i in shown["incidents"] if i["id"] == str(slow["id"]))
@@ -192,6 +196,10 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
     assert "does not report the cluster" in shown["cluster"]
     assert min(shown["painted"]) > 200, shown["painted"]
     assert _screenshot_path(tmp_path).stat().st_size > 10_000
+
+
+def slow_facts(shown: dict[str, Any], row: dict[str, Any]) -> str:
+    return str(next(i["facts"] for i in shown["incidents"] if i["id"] == str(row["id"])))
 
 
 def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
@@ -216,6 +224,16 @@ def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
             response = page.goto(url + "/")
             assert response is not None
             page.wait_for_function("() => document.body.dataset.loaded === 'yes'", timeout=15_000)
+            # Acknowledge the open incident on the page, as an operator would.
+            ack = page.locator("#incidents li.ongoing form.ack")
+            assert ack.count() == 1
+            ack.locator("input").fill("bob")
+            ack.locator("button").click()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#incidents li.ongoing')]"
+                ".every((li) => li.dataset.ackedBy === 'bob')",
+                timeout=15_000,
+            )
             page.wait_for_function(
                 "[...document.querySelectorAll('.chart')].length === 2"
                 " && [...document.querySelectorAll('.chart')]"
@@ -239,6 +257,7 @@ def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
                     states: Object.fromEntries(rows.map((r) => [r.dataset.check, r.dataset.state])),
                     uptime,
                     overall: document.getElementById('overall').textContent,
+                    ack_forms: document.querySelectorAll('#incidents form.ack').length,
                     incidents: [...document.querySelectorAll('#incidents > li.incident')].map(
                         (li) => ({id: li.dataset.id, opened: li.dataset.opened,
                                   resolved: li.dataset.resolved, class: li.className,

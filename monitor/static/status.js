@@ -183,7 +183,35 @@ function incidentItem(incident) {
     steps.append(s);
   }
   li.append(head, " ", severity, span, detail, steps);
+  if (open && !incident.acked_by) li.append(ackForm(incident.id));
   return li;
+}
+
+// Acknowledge through the API (a JSON POST: a form of another site cannot send one).
+function ackForm(id) {
+  const form = document.createElement("form");
+  form.className = "ack";
+  const name = document.createElement("input");
+  name.name = "by";
+  name.required = true;
+  name.placeholder = "your name";
+  name.setAttribute("aria-label", `acknowledge incident ${id} as`);
+  const button = document.createElement("button");
+  button.type = "submit";
+  button.textContent = "acknowledge";
+  const said = document.createElement("span");
+  said.className = "muted";
+  form.append(name, " ", button, " ", said);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const response = await fetch(`/api/incidents/${id}/ack`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ by: name.value.trim() }),
+    });
+    if (response.ok) refresh();
+    else said.textContent = `not acknowledged: ${await response.text()}`;
+  });
+  return form;
 }
 
 function maintenanceItem(window_) {
@@ -230,7 +258,10 @@ async function refresh() {
       sources.cluster(),
     ]);
     drawChecks(checks, uptime);
-    drawList("incidents", incidents, "none", incidentItem);
+    // Not while someone types a name to acknowledge with: the redraw would wipe it.
+    if (!document.activeElement?.matches("#incidents form.ack input")) {
+      drawList("incidents", incidents, "none", incidentItem);
+    }
     drawList("maintenance", maintenance, "none", maintenanceItem);
     drawCluster(cluster);
     const histories = await Promise.all(checks.map((c) => sources.history(c.name)));
