@@ -8,6 +8,7 @@ same DNS-rebinding reasoning applies to a monitor on loopback.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,10 @@ async def _checks(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[SOURCES_KEY].metrics.exposition()
+    sources = request.app[SOURCES_KEY]
+    rows = await IncidentStore(sources.store).open_incidents()
+    sources.metrics.open_incidents(collections.Counter(row.incident.severity for row in rows))
+    body = sources.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -88,6 +92,6 @@ def build_app(
     guard(app, listen, [])
     app.router.add_get("/api/checks", _checks)
     app.router.add_get("/metrics", _metrics)
-    add_history_routes(app, store, checks, clock or SystemClock())
+    add_history_routes(app, store, checks, clock or SystemClock(), windows)
     add_status_page(app)
     return app

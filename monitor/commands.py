@@ -2,17 +2,16 @@
 
 ``register(subparsers)`` adds them under ``monitor``; each sets ``args.func(args) -> int``.
 The collaborators of a running monitor (store, metrics, engine, HTTP app) are built in one
-place, ``_serve``. Exit codes: 0 fine, 1 the check is not up, 2 a configuration or usage error.
+place, ``monitor.service.serve``. Exit codes: 0 fine, 1 the check is not up, 2 a configuration
+or usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import getpass
 import json
-import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -22,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from hamta.config import ConfigError, parse_hostport
+from hamta.eventlog import LogFileError
+from monitor.api import checks_view
+from monitor.checks import run_check
 from monitor.config import MonitorConfig, load_monitor_config, relay_dkim_keys
+from monitor.engine import thresholds
+from monitor.incident_store import AckError, IncidentStore
+from monitor.observation import CheckContext, SystemClock
+from monitor.service import serve
+from monitor.store import Store
+from monitor.verdicts import CheckState, State, Thresholds, next_state
 
 DEFAULT_CONFIG = Path("monitor.toml")
 
@@ -80,87 +88,12 @@ def _load(args: argparse.Namespace) -> MonitorConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hamta.eventlog import LogFileError  # noqa: PLC0415
-
     config = _load(args)
     try:
-        return asyncio.run(_serve(config))
+        return asyncio.run(serve(config))
     except (OSError, LogFileError) as exc:  # the listen address taken, the log not writable
         print(f"monitor: {exc}", file=sys.stderr)
         return 1
-
-
-async def _serve(config: MonitorConfig) -> int:
-    """Run until a signal (0) or until the engine fails, e.g. its store cannot be written (1)."""
-    # Imported here: `monitor status` and `check` need none of the server's modules.
-    import aiohttp  # noqa: PLC0415
-    from aiohttp import web  # noqa: PLC0415
-
-    from hamta import eventlog  # noqa: PLC0415
-    from monitor.alerting import assemble  # noqa: PLC0415
-    from monitor.api import build_app  # noqa: PLC0415
-    from monitor.engine import Engine  # noqa: PLC0415
-    from monitor.metrics import MonitorMetrics  # noqa: PLC0415
-    from monitor.observation import SystemClock  # noqa: PLC0415
-    from monitor.store import Store  # noqa: PLC0415
-
-    eventlog.configure(config.log.level, config.log.file)
-    log = eventlog.get_logger(component="monitor")
-    keys = relay_dkim_keys(config.relay_config) if config.relay_config else []
-    store = Store(config.store.path)
-    metrics = MonitorMetrics(config.checks)
-    clock = SystemClock()
-    session = aiohttp.ClientSession()
-    alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
-    engine = Engine(
-        config.checks,
-        store,
-        metrics,
-        log,
-        clock,
-        nameservers=tuple(config.dns.nameservers),
-        dkim_keys=tuple(keys),
-        retention=config.store.retention,
-        on_change=alerting.on_change,
-    )
-    app = build_app(
-        store, metrics, config.checks, config.server.listen, clock=clock, windows=alerting.windows
-    )
-    runner = web.AppRunner(app)
-    await runner.setup()
-    host, port = parse_hostport(config.server.listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await web.TCPSite(runner, host, port).start()
-        log.info("MonitorStarted", listen=config.server.listen, checks=len(config.checks))
-        engine_task = asyncio.create_task(engine.run())
-        # The notifications and the escalation: beside the engine, never in its way.
-        tasks = {engine_task, asyncio.create_task(alerting.run())}
-        tasks.add(asyncio.create_task(dispatcher.run()))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        failed = next((task for task in tasks if task.done()), None)
-        if failed is not None:
-            # The checks never raise: what ends the engine is the store (a full or broken disk).
-            # A monitor that records nothing must not look alive: it stops, and says why.
-            log.error("MonitorFailed", error=repr(failed.exception()))
-            return 1
-        # Notifications already queued (a resolve, say) get a moment to go out.
-        await dispatcher.drain(2.0)
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks)
-        log.info("MonitorStopped")
-        return 0
-    finally:
-        await runner.cleanup()
-        await session.close()
-        await store.close()
 
 
 # ------------------------------------------------------------------ status
@@ -187,8 +120,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _from_store(config: MonitorConfig) -> list[dict[str, Any]]:
-    from monitor.api import checks_view  # noqa: PLC0415
-    from monitor.store import Store  # noqa: PLC0415
 
     store = Store(config.store.path)
     try:
@@ -255,7 +186,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _stored_answers(config: MonitorConfig, name: str) -> dict[str, list[str]]:
-    from monitor.store import Store  # noqa: PLC0415
 
     if not config.store.path.exists():
         return {}
@@ -267,10 +197,6 @@ async def _stored_answers(config: MonitorConfig, name: str) -> dict[str, list[st
 
 
 async def _check_now(config: MonitorConfig, check: Any) -> int:
-    from monitor.checks import run_check  # noqa: PLC0415
-    from monitor.engine import thresholds  # noqa: PLC0415
-    from monitor.observation import CheckContext, SystemClock  # noqa: PLC0415
-    from monitor.verdicts import CheckState, State, Thresholds, next_state  # noqa: PLC0415
 
     keys = relay_dkim_keys(config.relay_config) if config.relay_config else []
     clock = SystemClock()
@@ -330,8 +256,6 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 
 
 async def _incidents(config: MonitorConfig, limit: int) -> list[dict[str, Any]]:
-    from monitor.incident_store import IncidentStore  # noqa: PLC0415
-    from monitor.store import Store  # noqa: PLC0415
 
     store = Store(config.store.path)
     try:
@@ -343,9 +267,6 @@ async def _incidents(config: MonitorConfig, limit: int) -> list[dict[str, Any]]:
 def cmd_ack(args: argparse.Namespace) -> int:
     """Acknowledge through the store, not the API: it works whether the monitor runs or not
     (stopped for an upgrade, crashed), and the running monitor reads the store at each tick."""
-    import getpass  # noqa: PLC0415
-
-    from monitor.incident_store import AckError  # noqa: PLC0415
 
     config = _load(args)
     if not config.store.path.exists():
@@ -362,8 +283,6 @@ def cmd_ack(args: argparse.Namespace) -> int:
 
 
 async def _ack(config: MonitorConfig, incident: int, by: str) -> dict[str, Any]:
-    from monitor.incident_store import IncidentStore  # noqa: PLC0415
-    from monitor.store import Store  # noqa: PLC0415
 
     store = Store(config.store.path)
     try:

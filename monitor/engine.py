@@ -105,10 +105,12 @@ class Engine:
             observation.detail,
             thresholds(check),
         )
-        self.states[check.name] = state
         await self.store.record(observation, state, change)
         self.metrics.observe(check, observation, state)
         self._log(check, observation, change)
+        # Shown only once recorded and logged: whoever reads ``states`` (and may stop the
+        # monitor on what it sees) never sees a change the store and the log do not hold.
+        self.states[check.name] = state
         if change is not None and self.on_change is not None:
             await self.on_change(check, change)
         return Result(observation, state, change)

@@ -15,15 +15,29 @@ from typing import Any
 from aiohttp import web
 
 from monitor.config import Check
+from monitor.maintenance import Window, spans
 from monitor.observation import Clock
 from monitor.store import Store
-from monitor.uptime import RANGES, RangeError, grid, outages, series, span, timeline, uptime
+from monitor.uptime import (
+    RANGES,
+    RangeError,
+    grid,
+    merged_spans,
+    outages,
+    series,
+    span,
+    timeline,
+    uptime,
+)
 
 DEFAULT_RANGE = "24h"
 
 
-async def uptime_view(store: Store, checks: Sequence[Check], now: float) -> dict[str, Any]:
-    """Each check's uptime over every range (one read of the longest range's changes)."""
+async def uptime_view(
+    store: Store, checks: Sequence[Check], now: float, windows: Sequence[Window] = ()
+) -> dict[str, Any]:
+    """Each check's uptime over every range (one read of the longest range's changes), the
+    time in its maintenance windows left out."""
     names = [check.name for check in checks]
     longest = max(RANGES.values())
     history = await store.history(names, now - longest)
@@ -31,8 +45,9 @@ async def uptime_view(store: Store, checks: Sequence[Check], now: float) -> dict
     view = []
     for check in checks:
         changes = history[check.name]
+        held = spans(windows, check.name, now - longest, now)
         ranges = {
-            name: uptime(changes, now - seconds, now, gaps).as_json()
+            name: uptime(changes, now - seconds, now, gaps, held).as_json()
             for name, seconds in RANGES.items()
         }
         view.append({"name": check.name, "kind": check.kind, "ranges": ranges})
@@ -55,7 +70,7 @@ async def outages_view(
 
 
 async def check_history_view(
-    store: Store, check: Check, now: float, range_name: str
+    store: Store, check: Check, now: float, range_name: str, windows: Sequence[Window] = ()
 ) -> dict[str, Any]:
     """One check over a range: response-time series, uptime, state timeline, outages."""
     start, width, count = grid(range_name, now)
@@ -63,6 +78,7 @@ async def check_history_view(
     changes = (await store.history([check.name], since))[check.name]
     rows = await store.buckets(check.name, start, width, count)
     gaps = await store.gaps(since)
+    held = spans(windows, check.name, since, now)
     return {
         "now": now,
         "check": check.name,
@@ -71,12 +87,13 @@ async def check_history_view(
         "start": since,
         "bucket_s": width,
         "series": series(rows, start, width, count),
-        "uptime": uptime(changes, since, now, gaps).as_json(),
+        "uptime": uptime(changes, since, now, gaps, held).as_json(),
         "timeline": [
             {"state": i.state.value, "start": i.start, "end": i.end}
             for i in timeline(changes, since, now, gaps)
         ],
         "monitor_gaps": [{"start": a, "end": b} for a, b in gaps],
+        "maintenance": [{"start": a, "end": b} for a, b in merged_spans(held)],
         "outages": [outage.as_json(now) for outage in outages(changes, since, now)],
     }
 
@@ -93,12 +110,16 @@ def _range(request: web.Request) -> str:
 
 
 def add_history_routes(
-    app: web.Application, store: Store, checks: Sequence[Check], clock: Clock
+    app: web.Application,
+    store: Store,
+    checks: Sequence[Check],
+    clock: Clock,
+    windows: Sequence[Window] = (),
 ) -> None:
     by_name = {check.name: check for check in checks}
 
     async def _uptime(_request: web.Request) -> web.Response:
-        return web.json_response(await uptime_view(store, checks, clock.time()))
+        return web.json_response(await uptime_view(store, checks, clock.time(), windows))
 
     async def _outages(request: web.Request) -> web.Response:
         view = await outages_view(store, checks, clock.time(), _range(request))
@@ -111,7 +132,7 @@ def add_history_routes(
             raise web.HTTPNotFound(
                 text=json.dumps({"error": error}), content_type="application/json"
             )
-        view = await check_history_view(store, check, clock.time(), _range(request))
+        view = await check_history_view(store, check, clock.time(), _range(request), windows)
         return web.json_response(view)
 
     app.router.add_get("/api/uptime", _uptime)

@@ -63,6 +63,15 @@ class Window:
                 begin = dt.datetime.combine(day, self.at, tzinfo=zone).timestamp()
                 yield begin, begin + self.duration
 
+    def between(self, start: float, end: float) -> Iterable[tuple[float, float]]:
+        """This window's occurrences that overlap ``start``..``end`` (not clipped)."""
+        if not self.recurring:
+            found = self.occurrences(start)
+        else:
+            # A week's look around each week of the range finds every occurrence in it.
+            found = (o for around in _weekly(start, end) for o in self.occurrences(around))
+        yield from sorted({(s, e) for s, e in found if s < end and e > start})
+
     def current(self, now: float) -> tuple[float, float] | None:
         """The occurrence running at ``now``, if any."""
         return next(((s, e) for s, e in self.occurrences(now) if s <= now < e), None)
@@ -71,6 +80,26 @@ class Window:
         """The running occurrence, else the next one to start (None: none to come)."""
         future = sorted((s, e) for s, e in self.occurrences(now) if e > now)
         return future[0] if future else None
+
+
+def _weekly(start: float, end: float) -> Iterable[float]:
+    at = start
+    while at < end + 7 * DAY:
+        yield at
+        at += 7 * DAY
+
+
+def spans(
+    windows: Iterable[Window], check: str, start: float, end: float
+) -> list[tuple[float, float]]:
+    """The times from ``start`` to ``end`` that a window covering ``check`` holds (clipped,
+    maybe overlapping: ``monitor.uptime`` joins them), for the uptime to leave out."""
+    return [
+        (max(s, start), min(e, end))
+        for window in windows
+        if window.covers(check)
+        for s, e in window.between(start, end)
+    ]
 
 
 def active_window(windows: Iterable[Window], check: str, now: float) -> Window | None:

@@ -2,10 +2,11 @@
 uPlot, read from hamta's vendored copy (``hamta/static/``, MIT licence beside it) rather than a
 second copy: nothing is fetched from the network when the page is shown.
 
-The page draws only what the JSON API gives (``/api/checks``, ``/api/uptime``, ``/api/outages``,
-``/api/checks/NAME/history``, and ``/api/incidents``, ``/api/maintenance``, ``/api/cluster``
-when the monitor serves them); the security headers and the ``Host`` check are the API's
-(``hamta.admin_guard``): a Content-Security-Policy of ``'self'`` only, no inline code.
+The page draws only what the JSON API gives (``/api/checks``, ``/api/uptime``,
+``/api/checks/NAME/history``, ``/api/incidents`` and ``/api/incidents/ID`` for the timelines,
+``/api/maintenance``, and ``/api/cluster`` once a monitor serves it); the security headers and
+the ``Host`` check are the API's (``hamta.admin_guard``): a Content-Security-Policy of
+``'self'`` only, no inline code.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ stood when the range began) and the observations summed up per bucket; the arith
   monitor started an hour ago shows 100 % of an hour, not 1/24 of a day. No known time: None.
 - The times the monitor itself did not run (``gaps``: from its last sign of life to its next
   start) are "unknown" too, whatever the state was before: nobody looked.
+- Time inside a maintenance window of the check (``maintenance``: the windows' occurrences,
+  from ``monitor.maintenance.spans``) is left out of the ratio too, and reported on its own,
+  as status pages (Gatus, Uptime Kuma, Statuspage) do: planned work is not downtime, nor is it
+  counted as up. A window over time nobody looked at leaves it "unknown" (nobody looked).
 - An outage is an interval in "down": start, end (None while it lasts), duration; it runs
   from the change into down to the change out of it, across a gap if the monitor stopped.
 """
@@ -51,11 +55,13 @@ class Interval:
 
 @dataclass(frozen=True, slots=True)
 class Uptime:
-    """Seconds serving, not serving and unknown in a range; ``ratio`` of the known time."""
+    """Seconds serving, not serving, unknown and in maintenance in a range; ``ratio`` of the
+    known time outside maintenance."""
 
     serving: float
     failing: float
     unknown: float
+    maintenance: float = 0.0
 
     @property
     def known(self) -> float:
@@ -72,6 +78,7 @@ class Uptime:
             "serving_s": round(self.serving, 3),
             "failing_s": round(self.failing, 3),
             "unknown_s": round(self.unknown, 3),
+            "maintenance_s": round(self.maintenance, 3),
         }
 
 
@@ -145,19 +152,45 @@ def _merged(intervals: list[Interval]) -> list[Interval]:
     return merged
 
 
+def merged_spans(spans: Iterable[Gap]) -> list[Gap]:
+    """``spans`` sorted, overlapping and touching ones joined, empty ones left out."""
+    joined: list[Gap] = []
+    for low, high in sorted(spans):
+        if high <= low:
+            continue
+        if joined and low <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], high))
+        else:
+            joined.append((low, high))
+    return joined
+
+
+def _inside(start: float, end: float, spans: Sequence[Gap]) -> float:
+    """Seconds of ``start``..``end`` inside ``spans`` (merged: no second counted twice)."""
+    return sum(max(0.0, min(end, high) - max(start, low)) for low, high in spans)
+
+
 def uptime(
-    changes: Sequence[StateChange], start: float, end: float, gaps: Sequence[Gap] = ()
+    changes: Sequence[StateChange],
+    start: float,
+    end: float,
+    gaps: Sequence[Gap] = (),
+    maintenance: Sequence[Gap] = (),
 ) -> Uptime:
-    serving = failing = unknown = 0.0
+    serving = failing = unknown = held = 0.0
+    windows = merged_spans(maintenance)
     for interval in timeline(changes, start, end, gaps):
         length = interval.end - interval.start
         if interval.state is State.UNKNOWN:
             unknown += length
-        elif interval.state in SERVING:
-            serving += length
+            continue
+        planned = _inside(interval.start, interval.end, windows)
+        held += planned
+        if interval.state in SERVING:
+            serving += length - planned
         else:
-            failing += length
-    return Uptime(serving, failing, unknown)
+            failing += length - planned
+    return Uptime(serving, failing, unknown, held)
 
 
 def outages(changes: Sequence[StateChange], start: float, now: float) -> list[Outage]:

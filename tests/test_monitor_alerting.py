@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from hamta import eventlog
 from monitor.alerting import Alerting, assemble
@@ -25,7 +27,7 @@ from monitor.config import parse_monitor_config
 from monitor.engine import Engine
 from monitor.incident_store import IncidentStore
 from monitor.incidents import Severity
-from monitor.metrics import MonitorMetrics
+from monitor.metrics import RESULTS, MonitorMetrics
 from monitor.notifiers import Notification
 from monitor.notifiers.dispatch import Dispatcher
 from monitor.observation import SystemClock
@@ -127,6 +129,7 @@ class Monitor:
     dispatcher: Dispatcher
     store: Store
     incidents: IncidentStore
+    metrics: MonitorMetrics
 
 
 @asynccontextmanager
@@ -139,17 +142,18 @@ async def monitoring(tmp_path: Path, text: str) -> AsyncIterator[Monitor]:
     clock = SystemClock()
     async with aiohttp.ClientSession() as session:
         alerting, dispatcher = assemble(config, store, session, log, clock, "test-monitor")
+        metrics = MonitorMetrics(config.checks, notifications=dispatcher.counts)
         engine = Engine(
             config.checks,
             store,
-            MonitorMetrics(config.checks),
+            metrics,
             log,
             clock,
             on_change=alerting.on_change,
         )
         tasks = [asyncio.create_task(t) for t in (engine.run(), alerting.run(), dispatcher.run())]
         try:
-            yield Monitor(engine, alerting, dispatcher, store, alerting.incidents)
+            yield Monitor(engine, alerting, dispatcher, store, alerting.incidents, metrics)
         finally:
             for task in tasks:
                 task.cancel()
@@ -420,3 +424,71 @@ def test_a_full_queue_is_not_counted_as_told_and_a_removed_check_is_resolved(
     assert by_check["gone"]["resolved"] is not None
     # mx's step was spent, but only the notifier that took it counts as told.
     assert by_check["mx"]["steps_fired"] == [1] and by_check["mx"]["notified"] == ["hook"]
+
+
+async def scrape(monitor: Monitor) -> dict[str, float]:
+    """The monitor's /metrics through its real route, as samples by name and labels."""
+    config_checks = monitor.engine.checks
+    app = build_app(monitor.store, monitor.metrics, config_checks, "127.0.0.1:1")
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/metrics", headers={"Host": "127.0.0.1"})
+        text = await response.text()
+    return {
+        f"{sample.name}{json.dumps(sample.labels, sort_keys=True)}": sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_alerting_shows_on_metrics(tmp_path: Path) -> None:
+    """Notifications sent, failed and dropped per notifier, and the open incidents by severity
+    (read from the store at each scrape: the resolve shows at the next one)."""
+    port = free_port()
+
+    def n(notifier: str, result: str) -> str:
+        return "hamta_monitor_notifications_total" + json.dumps(
+            {"notifier": notifier, "result": result}, sort_keys=True
+        )
+
+    def sev(severity: str) -> str:
+        return f'hamta_monitor_incidents_open{{"severity": "{severity}"}}'
+
+    async def scenario() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        async with receiving() as receiver:
+            notifiers = {
+                "flaky": {"kind": "webhook", "url": receiver.url("/flaky")},
+                "dead": {"kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/"},
+                "stuck": {"kind": "webhook", "url": receiver.url("/hang"), "timeout": "5s"},
+            }
+            text = render(port, notifiers, [("0s", ["flaky", "dead"])], queue=1)
+            async with monitoring(tmp_path, text) as monitor:
+                before = await scrape(monitor)
+                await wait_state(monitor, State.DOWN)
+                counts = monitor.dispatcher.counts
+                await until(lambda: counts["flaky"].sent and counts["dead"].failed, 5, "no end")
+                note = Notification("trigger", 99, "mx", "smtp", "critical", "down", "", 0, 0)
+                assert monitor.dispatcher.submit("stuck", note)
+                await until(lambda: receiver.hits["/hang"] == 1, 5, "not in flight")
+                assert monitor.dispatcher.submit("stuck", note)
+                assert not monitor.dispatcher.submit("stuck", note)  # the queue of 1 is full
+                down = await scrape(monitor)
+                peer = await recover(port)
+                try:
+                    await wait_state(monitor, State.UP)
+                    await until(lambda: counts["flaky"].sent == 2, 5, "no resolve")
+                    up = await scrape(monitor)
+                finally:
+                    await asyncio.to_thread(peer.__exit__, None, None, None)
+        return before, down, up
+
+    before, down, up = asyncio.run(scenario())
+    # Every configured notifier and result is there from the start, at 0 (rate() needs it).
+    assert all(before[n(name, r)] == 0 for name in ("flaky", "dead", "stuck") for r in RESULTS)
+    assert before[sev("critical")] == before[sev("warning")] == 0
+    assert down[n("flaky", "sent")] == 1 and down[n("flaky", "failed")] == 0
+    assert down["hamta_monitor_notification_retries_total" + '{"notifier": "flaky"}'] == 2
+    assert down[n("dead", "failed")] == 1 and down[n("dead", "sent")] == 0
+    assert down["hamta_monitor_notification_retries_total" + '{"notifier": "dead"}'] == 2
+    assert down[n("stuck", "dropped")] == 1
+    assert down[sev("critical")] == 1 and down[sev("warning")] == 0
+    assert up[sev("critical")] == 0 and up[n("flaky", "sent")] == 2

@@ -23,6 +23,7 @@ EXPECTED_ALERTS = {
     "HamtaMonitorCertificateExpiringSoon",
     "HamtaMonitorCertificateExpired",
     "HamtaMonitorNotScraped",
+    "HamtaMonitorNotifierFailing",
 }
 
 
@@ -36,7 +37,7 @@ def _promtool(*args: str) -> str:
 
 @needs_promtool
 def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
-    assert "SUCCESS: 6 rules found" in _promtool("check", "rules", str(RULES))
+    assert "SUCCESS: 7 rules found" in _promtool("check", "rules", str(RULES))
     assert "SUCCESS" in _promtool("test", "rules", str(RULE_TESTS))
 
 

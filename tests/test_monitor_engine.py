@@ -33,10 +33,12 @@ def smtp(name: str, port: int, **extra: Any) -> dict[str, Any]:
     return {"name": name, "kind": "smtp", "host": "127.0.0.1", "port": port, **extra}
 
 
-def build(tmp_path: Path, checks: list[dict[str, Any]]) -> tuple[Engine, Store]:
+def build(
+    tmp_path: Path, checks: list[dict[str, Any]], store: Store | None = None
+) -> tuple[Engine, Store]:
     config = parse_monitor_config(render_checks(checks))
     eventlog.configure("info", tmp_path / "monitor.log")
-    store = Store(tmp_path / "monitor.sqlite")
+    store = store or Store(tmp_path / "monitor.sqlite")
     engine = Engine(
         config.checks,
         store,
@@ -149,3 +151,41 @@ def test_state_survives_a_restart_and_old_rows_are_pruned(tmp_path: Path) -> Non
         await reopened.close()
 
     asyncio.run(scenario())
+
+
+class _GatedStore(Store):
+    """The real store, whose ``record`` waits for the test's go: the window in which the engine
+    has taken a verdict but not yet recorded it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.recording = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def record(self, observation: Any, state: Any, change: Any) -> None:
+        self.recording.set()
+        await self.go.wait()
+        await super().record(observation, state, change)
+
+
+def test_the_state_shows_only_once_the_change_is_recorded(tmp_path: Path) -> None:
+    """Regression: the engine set ``states`` before ``store.record``; a reader who saw the new
+    state and stopped the monitor lost the change from the store and the log."""
+
+    async def scenario() -> tuple[State, list[Any], State]:
+        store = _GatedStore(tmp_path / "monitor.sqlite")
+        checks = [smtp("mx", free_port(), failure_threshold=1)]
+        engine, _ = build(tmp_path, checks, store)
+        run = asyncio.create_task(engine.run_once(engine.checks[0]))
+        await store.recording.wait()
+        during = engine.states.get("mx", CheckState()).state
+        changes_during = await store.changes("mx")
+        store.go.set()
+        await run
+        after = engine.states["mx"].state
+        await store.close()
+        return during, changes_during, after
+
+    during, changes_during, after = asyncio.run(scenario())
+    assert changes_during == [] and during is State.UNKNOWN
+    assert after is State.DOWN

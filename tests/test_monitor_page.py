@@ -1,9 +1,14 @@
 """The monitor's status page in Debian's chromium (Playwright), against a running ``hamta
 monitor run`` whose SMTP peer goes down and comes back: it renders under the CSP without
-errors, its figures are the JSON API's, the outage is listed; a screenshot goes to docs/."""
+errors, its figures are the JSON API's, and its incidents (acknowledged through the API, one in
+a maintenance window) and maintenance windows are what ``/api/incidents`` and
+``/api/maintenance`` return. The screenshot goes to the test's tmp dir; to docs/ only with
+``HAMTA_UPDATE_SCREENSHOTS=1`` (so that a test run leaves the tree clean)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +21,26 @@ from tests.support.browser import CHROMIUM, launch_chromium
 from tests.support.monitor_peers import SmtpPeer, Tarpit
 from tests.support.monitor_process import MonitorProcess
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "monitor-status-page.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "monitor-status-page.png"
+
+
+def _screenshot_path(tmp_path: Path) -> Path:
+    if os.environ.get("HAMTA_UPDATE_SCREENSHOTS") == "1":
+        return DOCS_SCREENSHOT
+    return tmp_path / "monitor-status-page.png"
+
+
+def _maintenance_now(check: str) -> str:
+    """A one-off window over ``check`` running from an hour ago to an hour ahead."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    start, end = (now + dt.timedelta(hours=h) for h in (-1, 1))
+    return (
+        "[[maintenance]]\n"
+        'name = "tarpit tuning"\n'
+        f'checks = ["{check}"]\n'
+        f"start = {start.isoformat().replace('+00:00', 'Z')}\n"
+        f"end = {end.isoformat().replace('+00:00', 'Z')}\n"
+    )
 
 
 def _status(url: str) -> int:
@@ -55,7 +79,10 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
                 "degraded_after": "0.2s",
             },
         ]
-        with MonitorProcess(tmp_path / "monitor", checks) as monitor:
+        monitor_process = MonitorProcess(
+            tmp_path / "monitor", checks, extra=_maintenance_now("slow-mx")
+        )
+        with monitor_process as monitor:
             with peer:
                 monitor.wait_states({"mx": "up"})
                 # Some up time before the outage, so that the ratio is neither 0 nor 1.
@@ -67,15 +94,35 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
                     "a second up",
                 )
             monitor.wait_states({"mx": "down"})
+            # Acknowledged through the API while it is open, as the page would.
+            opened = _wait(
+                lambda: [
+                    i for i in monitor.get("/api/incidents")["incidents"] if i["check"] == "mx"
+                ],
+                10,
+                "the incident opened",
+            )
+            acked = monitor.post(f"/api/incidents/{opened[0]['id']}/ack", {"by": "alice"})
+            assert acked["acked_by"] == "alice"
             with SmtpPeer(port=peer.port):
                 monitor.wait_states({"mx": "up", "slow-mx": "degraded"})
+                _wait(
+                    lambda: monitor.get(f"/api/incidents/{opened[0]['id']}")["resolved"],
+                    10,
+                    "the incident resolved",
+                )
                 outages = _wait(
                     lambda: monitor.get("/api/outages")["outages"], 10, "the outage in the API"
                 )
                 assert [o["check"] for o in outages] == ["mx"] and outages[0]["end"] is not None
                 assert _status(monitor.url + "/static/../monitor.toml") == 404
                 assert _status(monitor.url + "/static/nothing.js") == 404
-                shown = _browse(playwright, monitor.url)
+                shown = _browse(playwright, monitor.url, _screenshot_path(tmp_path))
+                api_incidents = [
+                    monitor.get(f"/api/incidents/{i['id']}")
+                    for i in monitor.get("/api/incidents")["incidents"]
+                ]
+                api_maintenance = monitor.get("/api/maintenance")["maintenance"]
                 api_uptime = monitor.get("/api/uptime")
                 api_checks = {row["name"]: row for row in monitor.get("/api/checks")["checks"]}
 
@@ -93,25 +140,69 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
             assert float(cell["failing"]) == figures["failing_s"], (check["name"], name)
             serving = float(cell["serving"])
             assert serving <= figures["serving_s"] <= serving + 30, (check["name"], name)
-            ratio = float(cell["ratio"])
-            assert cell["text"] == f"{ratio * 100:.3f} %"
+            maintenance = float(cell["maintenance"])
+            assert maintenance <= figures["maintenance_s"] <= maintenance + 30
+            if figures["ratio"] is None:
+                held = figures["maintenance_s"] > 0
+                assert cell["text"] == ("maintenance" if held else "\u2013")
+                assert cell["ratio"] == "null"
+            else:
+                assert cell["text"] == f"{float(cell['ratio']) * 100:.3f} %"
     mx_24h = shown["uptime"]["mx"]["24h"]
     assert 0 < float(mx_24h["ratio"]) < 1 and float(mx_24h["failing"]) > 0
+    assert float(mx_24h["maintenance"]) == 0
+    # slow-mx has been in its maintenance window all along: none of its time counts.
+    slow_24h = shown["uptime"]["slow-mx"]["24h"]
+    assert float(slow_24h["maintenance"]) > 0 and slow_24h["ratio"] == "null"
+    assert float(slow_24h["serving"]) == float(slow_24h["failing"]) == 0
+    assert slow_24h["text"] == "maintenance"
 
-    # The outage is the incident, with the API's times, and its timeline.
-    assert shown["incident_source"] == "(outages of the last 90 days)"
-    (incident,) = shown["incidents"]
-    assert float(incident["start"]) == outages[0]["start"]
-    assert float(incident["end"]) == outages[0]["end"]
-    assert incident["title"] == "mx down" and incident["class"] == "incident resolved"
-    assert len(incident["steps"]) == 2 and incident["steps"][1].endswith("recovered")
-    assert shown["maintenance"] == "none"
+    # The incidents are the API's: the outage of mx (critical, acknowledged by alice, resolved)
+    # and the degraded slow-mx (a warning, open, in the maintenance window), with timelines.
+    assert [i["id"] for i in shown["incidents"]] == [str(i["id"]) for i in api_incidents]
+    for page_row, api_row in zip(shown["incidents"], api_incidents, strict=True):
+        assert page_row["severity"] == api_row["severity"]
+        assert page_row["state"] == api_row["state"]
+        assert float(page_row["opened"]) == api_row["opened"]
+        assert page_row["resolved"] == str(api_row["resolved"]).replace("None", "null")
+        assert page_row["acked_by"] == (api_row["acked_by"] or "")
+        assert page_row["maintenance"] == (api_row["maintenance"] or "")
+        assert page_row["events"] == [step["event"] for step in api_row["timeline"]]
+    by_check = {i["check"]: i for i in api_incidents}
+    mx, slow = by_check["mx"], by_check["slow-mx"]
+    assert mx["severity"] == "critical" and mx["acked_by"] == "alice" and mx["resolved"]
+    assert [e["event"] for e in mx["timeline"]] == ["opened", "acknowledged", "resolved"]
+    assert slow["severity"] == "warning" and slow["resolved"] is None
+    assert slow["maintenance"] == "tarpit tuning"
+    # Acknowledged on the page: the store has it, with its timeline line; nothing left to ack.
+    assert slow["acked_by"] == "bob" and "acknowledged by bob" in slow_facts(shown, slow)
+    assert [e["event"] for e in slow["timeline"]][-1] == "acknowledged"
+    assert shown["ack_forms"] == 0
+    mx_shown = next(i for i in shown["incidents"] if i["id"] == str(mx["id"]))
+    assert "acknowledged by alice" in mx_shown["facts"]
+    slow_shown = next(i for i in shown["incidents"] if i["id"] == str(slow["id"]))
+    assert "in maintenance (tarpit tuning)" in slow_shown["facts"]
+    assert "ongoing" in slow_shown["facts"] and slow_shown["class"] == "incident ongoing"
+    (window,) = api_maintenance
+    assert window["active"] and window["checks"] == ["slow-mx"]
+    assert shown["maintenance"] == [
+        {
+            "name": "tarpit tuning",
+            "class": "maintenance active",
+            "text": shown["maintenance"][0]["text"],
+        }
+    ]
+    assert "tarpit tuning (slow-mx): now:" in shown["maintenance"][0]["text"]
     assert "does not report the cluster" in shown["cluster"]
     assert min(shown["painted"]) > 200, shown["painted"]
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert _screenshot_path(tmp_path).stat().st_size > 10_000
 
 
-def _browse(playwright: Any, url: str) -> dict[str, Any]:
+def slow_facts(shown: dict[str, Any], row: dict[str, Any]) -> str:
+    return str(next(i["facts"] for i in shown["incidents"] if i["id"] == str(row["id"])))
+
+
+def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
     with playwright.sync_playwright() as driver:
         browser = launch_chromium(driver)
         try:
@@ -132,7 +223,17 @@ def _browse(playwright: Any, url: str) -> dict[str, Any]:
             page.on("request", lambda request: requests.append(request.url))
             response = page.goto(url + "/")
             assert response is not None
-            page.wait_for_function("document.body.dataset.loaded === 'yes'", timeout=15_000)
+            page.wait_for_function("() => document.body.dataset.loaded === 'yes'", timeout=15_000)
+            # Acknowledge the open incident on the page, as an operator would.
+            ack = page.locator("#incidents li.ongoing form.ack")
+            assert ack.count() == 1
+            ack.locator("input").fill("bob")
+            ack.locator("button").click()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#incidents li.ongoing')]"
+                ".every((li) => li.dataset.ackedBy === 'bob')",
+                timeout=15_000,
+            )
             page.wait_for_function(
                 "[...document.querySelectorAll('.chart')].length === 2"
                 " && [...document.querySelectorAll('.chart')]"
@@ -148,21 +249,27 @@ def _browse(playwright: Any, url: str) -> dict[str, Any]:
                     for (const td of row.querySelectorAll('td.uptime')) {
                         uptime[row.dataset.check][td.dataset.range] = {
                             text: td.textContent, ratio: td.dataset.ratio,
-                            serving: td.dataset.serving, failing: td.dataset.failing};
+                            serving: td.dataset.serving, failing: td.dataset.failing,
+                            maintenance: td.dataset.maintenance};
                     }
                 }
                 return {
                     states: Object.fromEntries(rows.map((r) => [r.dataset.check, r.dataset.state])),
                     uptime,
                     overall: document.getElementById('overall').textContent,
-                    incident_source: document.getElementById('incident-source').textContent,
+                    ack_forms: document.querySelectorAll('#incidents form.ack').length,
                     incidents: [...document.querySelectorAll('#incidents > li.incident')].map(
-                        (li) => ({start: li.dataset.start, end: li.dataset.end,
-                                  class: li.className,
-                                  title: li.querySelector('b').textContent,
-                                  steps: [...li.querySelectorAll('.steps li')].map(
-                                      (s) => s.textContent)})),
-                    maintenance: document.getElementById('maintenance').textContent.trim(),
+                        (li) => ({id: li.dataset.id, opened: li.dataset.opened,
+                                  resolved: li.dataset.resolved, class: li.className,
+                                  severity: li.dataset.severity, state: li.dataset.state,
+                                  acked_by: li.dataset.ackedBy,
+                                  maintenance: li.dataset.maintenance,
+                                  facts: li.querySelector('.facts').textContent,
+                                  events: [...li.querySelectorAll('.steps li')].map(
+                                      (s) => s.dataset.event)})),
+                    maintenance: [...document.querySelectorAll('#maintenance > li')].map(
+                        (li) => ({name: li.dataset.name, class: li.className,
+                                  text: li.textContent})),
                     cluster: document.getElementById('cluster').textContent,
                     painted: [...document.querySelectorAll('.chart canvas')].map((canvas) => {
                         const pixels = canvas.getContext('2d')
@@ -174,7 +281,7 @@ def _browse(playwright: Any, url: str) -> dict[str, Any]:
                 };
             }"""
             )
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.screenshot(path=str(screenshot), full_page=True)
             # Another range: each chart is read again over 7 days.
             page.click("#ranges button[data-range='7d']")
             page.wait_for_function(

@@ -4,11 +4,13 @@ routes over a real SQLite store with a history written at known times."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import json
 import time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,6 +21,7 @@ from hamta import eventlog
 from monitor.api import build_app
 from monitor.config import Check, parse_monitor_config
 from monitor.engine import Engine
+from monitor.maintenance import Window, spans
 from monitor.metrics import MonitorMetrics
 from monitor.observation import CheckContext, Clock, Observation, SystemClock
 from monitor.store import Store
@@ -102,6 +105,64 @@ def test_the_time_the_monitor_did_not_run_is_unknown(
 ) -> None:
     result = uptime(changes(*steps), 0, 100, gaps)
     assert (result.serving, result.failing, result.unknown, result.ratio) == expected
+
+
+@pytest.mark.parametrize(
+    ("steps", "gaps", "windows", "expected"),
+    [
+        # Down for 20 s, all of it inside a window: planned, not downtime; the ratio is 1.
+        (((0, U), (40, D), (60, U)), (), ((40, 60),), (80, 0, 0, 20, 1.0)),
+        # A window over up time is not counted as up either: shown, left out of both.
+        (((0, U),), (), ((10, 30),), (80, 0, 0, 20, 1.0)),
+        # A window over part of an outage: only the rest is failing.
+        (((0, U), (40, D), (60, U)), (), ((50, 70),), (70, 10, 0, 20, 70 / 80)),
+        # Overlapping windows are not counted twice; one beyond the range is not counted.
+        (((0, U),), (), ((10, 30), (20, 40), (150, 200)), (70, 0, 0, 30, 1.0)),
+        # Over time the monitor did not run, unknown stays unknown (nobody looked).
+        (((0, U),), ((20, 50),), ((10, 40),), (60, 0, 30, 10, 1.0)),
+        # All of the known time in maintenance: no ratio, as with nothing known.
+        (((0, D),), (), ((0, 100),), (0, 0, 0, 100, None)),
+    ],
+)
+def test_time_in_maintenance_is_shown_and_left_out_of_the_uptime(
+    steps: tuple[tuple[float, State], ...],
+    gaps: tuple[tuple[float, float], ...],
+    windows: tuple[tuple[float, float], ...],
+    expected: tuple[float, float, float, float, float | None],
+) -> None:
+    result = uptime(changes(*steps), 0, 100, gaps, windows)
+    got = (result.serving, result.failing, result.unknown, result.maintenance, result.ratio)
+    assert got == pytest.approx(expected)
+    assert result.as_json()["maintenance_s"] == expected[3]
+
+
+def test_the_windows_of_a_range_are_every_occurrence_in_it() -> None:
+    weekly = Window(
+        "weekly reboot",
+        ("mx",),
+        days=(6,),
+        at=dt.time(1, 0),
+        duration=7200,
+        zone="Europe/Stockholm",
+    )
+    once = Window("upgrade", (), start=1000.0, end=5000.0)
+    other = Window("dns work", ("dns",), start=0.0, end=1e12)
+    # 2026-12-07 (a Monday) back 30 days: the Sundays 8, 15, 22 and 29 November, 6 December.
+    end = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC).timestamp()
+    start = end - 30 * DAY
+    found = spans([weekly, once, other], "mx", start, end)
+    sundays = [dt.datetime.fromtimestamp(s, ZoneInfo("Europe/Stockholm")) for s, _ in found]
+    assert [(d.month, d.day, d.hour) for d in sundays] == [
+        (11, 8, 1),
+        (11, 15, 1),
+        (11, 22, 1),
+        (11, 29, 1),
+        (12, 6, 1),
+    ]
+    assert all(e - s == 7200 for s, e in found)
+    # Clipped to the range; a one-off window inside it as it is.
+    assert spans([once], "mx", 3000.0, 9000.0) == [(3000.0, 5000.0)]
+    assert spans([once], "mx", 6000.0, 9000.0) == []
 
 
 def test_outages_have_start_end_and_duration_and_one_may_still_last() -> None:
@@ -247,6 +308,8 @@ def test_the_history_routes_answer_from_the_store(tmp_path: Path) -> None:
             config.checks,
             "127.0.0.1:1",
             clock=FixedClock(NOW),
+            # The tls check's last hour is planned work: shown, and left out of its uptime.
+            windows=[Window("cert rollover", ("tls",), start=NOW - 3600, end=NOW + 3600)],
         )
         got: dict[str, Any] = {}
         async with TestClient(TestServer(app)) as client:
@@ -256,6 +319,7 @@ def test_the_history_routes_answer_from_the_store(tmp_path: Path) -> None:
                 "/api/outages?range=24h",
                 "/api/checks/mx/history?range=7d",
                 "/api/checks/mx/history",
+                "/api/checks/tls/history",
                 "/api/checks/mx/history?range=1y",
                 "/api/checks/nope/history",
             ):
@@ -273,6 +337,7 @@ def test_the_history_routes_answer_from_the_store(tmp_path: Path) -> None:
         "serving_s": DAY,
         "failing_s": 0.0,
         "unknown_s": 0.0,
+        "maintenance_s": 0.0,
     }
     # Down an hour, and an hour when the monitor did not run: unknown, not up.
     assert mx["ranges"]["7d"]["unknown_s"] == 3600
@@ -282,10 +347,14 @@ def test_the_history_routes_answer_from_the_store(tmp_path: Path) -> None:
     assert mx["ranges"]["30d"]["ratio"] == pytest.approx(1 - 3600 / (10 * DAY - 3600), abs=1e-6)
     assert tls["ranges"]["24h"] == {
         "ratio": 1.0,
-        "serving_s": 12 * 3600,
+        "serving_s": 11 * 3600,
         "failing_s": 0.0,
         "unknown_s": 12 * 3600,
+        "maintenance_s": 3600,
     }
+    tls_history = got["/api/checks/tls/history"][1]
+    assert tls_history["maintenance"] == [{"start": NOW - 3600, "end": NOW}]
+    assert tls_history["uptime"]["maintenance_s"] == 3600
 
     status, view = got["/api/outages?range=7d"]
     assert status == 200
@@ -309,6 +378,7 @@ def test_the_history_routes_answer_from_the_store(tmp_path: Path) -> None:
     assert sum(columns["failures"]) == 6 and max(v for v in columns["max_s"] if v) == 0.2
     assert [t["state"] for t in view["timeline"]] == ["up", "unknown", "up", "down", "up"]
     assert view["monitor_gaps"] == [{"start": NOW - 5 * DAY, "end": NOW - 5 * DAY + 3600}]
+    assert view["maintenance"] == []  # the window is the tls check's only
     assert view["outages"][0]["duration_s"] == 3600.0
     assert got["/api/checks/mx/history"][1]["range"] == "24h"
     assert got["/api/checks/mx/history?range=1y"] == (

@@ -1,7 +1,7 @@
 // The hamta monitor's status page: reads the monitor's JSON API and draws with uPlot (vendored).
-// Everything the page shows comes through `sources` below: when the monitor serves incidents,
-// maintenance windows or the cluster's nodes, these functions read them; until then they say
-// "none" (or derive incidents from the outages) rather than make anything up.
+// Everything the page shows comes through `sources` below: checks, uptime, history, incidents
+// (with their timelines) and maintenance windows as the monitor's API returns them; the
+// cluster's nodes once a monitor serves them (until then the page says it does not).
 "use strict";
 
 const RANGES = ["24h", "7d", "30d", "90d"];
@@ -25,41 +25,19 @@ async function optionalJson(path) {
 
 // ------------------------------------------------------------------ data layer
 
-// An outage as an incident: the shape the page draws (title, checks, start, end, steps).
-function outageIncident(outage) {
-  const steps = [{ at: outage.start, text: `down: ${outage.detail || "failing"}` }];
-  if (outage.end !== null) steps.push({ at: outage.end, text: "recovered" });
-  return {
-    title: `${outage.check} down`, checks: [outage.check], start: outage.start, end: outage.end,
-    duration: outage.duration_s, steps,
-  };
-}
-
-// An incident of /api/incidents (the alerting part), in the same shape.
-function apiIncident(incident) {
-  return {
-    title: incident.title || `${(incident.checks || [incident.check]).join(", ")} ${incident.state || ""}`,
-    checks: incident.checks || [incident.check],
-    start: incident.started ?? incident.start, end: incident.resolved ?? incident.end ?? null,
-    duration: incident.duration_s ?? null,
-    steps: (incident.timeline || []).map((s) => ({ at: s.at, text: s.text || s.event || "" })),
-  };
+// The incidents as /api/incidents lists them, each with its timeline from /api/incidents/{id}.
+async function incidentsWithTimelines() {
+  const listed = await getJson("/api/incidents");
+  return Promise.all(listed.incidents.map((i) => getJson(`/api/incidents/${i.id}`)));
 }
 
 const sources = {
   checks: () => getJson("/api/checks").then((r) => r.checks),
   uptime: () => getJson("/api/uptime"),
   history: (name) => getJson(`/api/checks/${encodeURIComponent(name)}/history?range=${range}`),
-  async incidents() {
-    const real = await optionalJson("/api/incidents");
-    if (real !== null) return { source: "", items: real.incidents.map(apiIncident) };
-    const derived = await getJson("/api/outages?range=90d");
-    return { source: "(outages of the last 90 days)", items: derived.outages.map(outageIncident) };
-  },
-  async maintenance() {
-    const windows = await optionalJson("/api/maintenance");
-    return windows === null ? [] : windows.windows || windows.maintenance || [];
-  },
+  incidents: incidentsWithTimelines,
+  maintenance: () => getJson("/api/maintenance").then((r) => r.maintenance),
+  // Not served yet (the cluster awareness comes later): null on 404.
   cluster: () => optionalJson("/api/cluster"),
 };
 
@@ -101,13 +79,17 @@ function drawChecks(checks, uptime) {
     cell(tr, check.last ? `${check.last.seconds.toFixed(3)} s` : "–");
     for (const name of RANGES) {
       const figures = byName[check.name]?.[name];
-      const td = cell(tr, percent(figures?.ratio ?? null), "uptime");
+      // All of the known time in a maintenance window: say so rather than a bare dash.
+      const held = figures?.ratio === null && figures.maintenance_s > 0;
+      const td = cell(tr, held ? "maintenance" : percent(figures?.ratio ?? null), "uptime");
       td.dataset.range = name;
       if (figures) {
         td.dataset.ratio = String(figures.ratio);
         td.dataset.serving = String(figures.serving_s);
         td.dataset.failing = String(figures.failing_s);
-        td.title = `unknown: ${duration(figures.unknown_s) || "0 s"}`;
+        td.dataset.maintenance = String(figures.maintenance_s);
+        td.title = `unknown: ${duration(figures.unknown_s) || "0 s"}, `
+          + `maintenance: ${duration(figures.maintenance_s) || "0 s"} (both left out)`;
       }
     }
     body.append(tr);
@@ -165,30 +147,83 @@ function drawList(id, items, empty, draw) {
 
 function incidentItem(incident) {
   const li = document.createElement("li");
-  li.className = incident.end === null ? "incident ongoing" : "incident resolved";
-  li.dataset.start = String(incident.start);
-  li.dataset.end = String(incident.end);
+  const open = incident.resolved === null;
+  li.className = open ? "incident ongoing" : "incident resolved";
+  li.dataset.id = String(incident.id);
+  li.dataset.opened = String(incident.opened);
+  li.dataset.resolved = String(incident.resolved);
+  li.dataset.severity = incident.severity;
+  li.dataset.state = incident.state;
+  li.dataset.ackedBy = incident.acked_by ?? "";
+  li.dataset.maintenance = incident.maintenance ?? "";
   const head = document.createElement("b");
-  head.textContent = incident.title;
+  head.textContent = `#${incident.id} ${incident.check} ${incident.state}`;
+  const severity = document.createElement("span");
+  severity.className = `badge ${incident.severity === "critical" ? "down" : "degraded"}`;
+  severity.textContent = incident.severity;
+  const facts = [
+    `opened ${when(incident.opened)}`,
+    open ? "ongoing" : `resolved ${when(incident.resolved)}`
+      + ` (${duration(incident.resolved - incident.opened)})`,
+  ];
+  if (incident.acked_by) facts.push(`acknowledged by ${incident.acked_by}`);
+  if (incident.maintenance) facts.push(`in maintenance (${incident.maintenance})`);
   const span = document.createElement("span");
-  span.className = "muted";
-  span.textContent = ` ${incident.end === null ? "ongoing, " : ""}${duration(incident.duration)}`;
+  span.className = "muted facts";
+  span.textContent = ` ${facts.join(", ")}`;
+  const detail = document.createElement("div");
+  detail.className = "muted";
+  detail.textContent = incident.detail;
   const steps = document.createElement("ol");
   steps.className = "steps";
-  for (const step of incident.steps) {
+  for (const step of incident.timeline) {
     const s = document.createElement("li");
-    s.textContent = `${when(step.at)} ${step.text}`;
+    s.dataset.event = step.event;
+    s.textContent = `${when(step.at)} ${step.event}: ${step.detail}`;
     steps.append(s);
   }
-  li.append(head, span, steps);
+  li.append(head, " ", severity, span, detail, steps);
+  if (open && !incident.acked_by) li.append(ackForm(incident.id));
   return li;
+}
+
+// Acknowledge through the API (a JSON POST: a form of another site cannot send one).
+function ackForm(id) {
+  const form = document.createElement("form");
+  form.className = "ack";
+  const name = document.createElement("input");
+  name.name = "by";
+  name.required = true;
+  name.placeholder = "your name";
+  name.setAttribute("aria-label", `acknowledge incident ${id} as`);
+  const button = document.createElement("button");
+  button.type = "submit";
+  button.textContent = "acknowledge";
+  const said = document.createElement("span");
+  said.className = "muted";
+  form.append(name, " ", button, " ", said);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const response = await fetch(`/api/incidents/${id}/ack`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ by: name.value.trim() }),
+    });
+    if (response.ok) refresh();
+    else said.textContent = `not acknowledged: ${await response.text()}`;
+  });
+  return form;
 }
 
 function maintenanceItem(window_) {
   const li = document.createElement("li");
-  li.className = "maintenance";
-  li.textContent = `${window_.title || window_.name || "maintenance"}: ${when(window_.start)}`
-    + (window_.end ? ` – ${when(window_.end)}` : "");
+  li.className = window_.active ? "maintenance active" : "maintenance";
+  li.dataset.name = window_.name;
+  const checks = window_.checks === "all" ? "all checks" : window_.checks.join(", ");
+  const every = window_.recurring
+    ? ` every ${window_.days.join(", ")} ${window_.time} ${window_.timezone},` : "";
+  const next = window_.start === null ? "no occurrence to come"
+    : `${window_.active ? "now" : "next"}: ${when(window_.start)} – ${when(window_.end)}`;
+  li.textContent = `${window_.name} (${checks}):${every} ${next}`;
   return li;
 }
 
@@ -223,8 +258,10 @@ async function refresh() {
       sources.cluster(),
     ]);
     drawChecks(checks, uptime);
-    document.getElementById("incident-source").textContent = incidents.source;
-    drawList("incidents", incidents.items, "none", incidentItem);
+    // Not while someone types a name to acknowledge with: the redraw would wipe it.
+    if (!document.activeElement?.matches("#incidents form.ack input")) {
+      drawList("incidents", incidents, "none", incidentItem);
+    }
     drawList("maintenance", maintenance, "none", maintenanceItem);
     drawCluster(cluster);
     const histories = await Promise.all(checks.map((c) => sources.history(c.name)));

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 class MonitorProcess:
     """``hamta monitor run`` over ``checks`` (dicts as in monitor.toml); stopped by SIGTERM."""
 
-    def __init__(self, workdir: Path, checks: list[dict[str, Any]]) -> None:
+    def __init__(self, workdir: Path, checks: list[dict[str, Any]], extra: str = "") -> None:
+        """``extra``: more monitor.toml, as text (``[[maintenance]]`` windows, say)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.listen = f"127.0.0.1:{free_port()}"
         self.url = f"http://{self.listen}"
@@ -33,6 +34,7 @@ class MonitorProcess:
                 store={"path": str(workdir / "monitor.sqlite")},
                 log={"file": str(workdir / "monitor.log")},
             )
+            + extra
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -53,6 +55,16 @@ class MonitorProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=5) as response:
