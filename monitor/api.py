@@ -16,7 +16,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.admin_guard import guard
+from monitor.api_cluster import add_cluster_routes
 from monitor.api_incidents import add_incident_routes
+from monitor.cluster_link import ClusterLink
 from monitor.config import Check
 from monitor.history_api import add_history_routes
 from monitor.incident_store import IncidentStore
@@ -80,6 +82,7 @@ def build_app(
     *,
     clock: Clock | None = None,
     windows: Sequence[Window] = (),
+    link: ClusterLink | None = None,
 ) -> web.Application:
     app = web.Application()
     # Incidents, acknowledgement and maintenance windows (monitor.api_incidents).
@@ -90,4 +93,6 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     add_history_routes(app, store, checks, clock or SystemClock())
     add_status_page(app)
+    if link is not None:  # [cluster]: /api/cluster and /api/locations
+        add_cluster_routes(app, link)
     return app

@@ -99,6 +99,7 @@ async def _serve(config: MonitorConfig) -> int:
     from hamta import eventlog  # noqa: PLC0415
     from monitor.alerting import assemble  # noqa: PLC0415
     from monitor.api import build_app  # noqa: PLC0415
+    from monitor.cluster_link import cluster_link  # noqa: PLC0415
     from monitor.engine import Engine  # noqa: PLC0415
     from monitor.metrics import MonitorMetrics  # noqa: PLC0415
     from monitor.observation import SystemClock  # noqa: PLC0415
@@ -112,6 +113,7 @@ async def _serve(config: MonitorConfig) -> int:
     clock = SystemClock()
     session = aiohttp.ClientSession()
     alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
+    link = cluster_link(config, store, log, clock)  # None without [cluster]
     engine = Engine(
         config.checks,
         store,
@@ -121,10 +123,17 @@ async def _serve(config: MonitorConfig) -> int:
         nameservers=tuple(config.dns.nameservers),
         dkim_keys=tuple(keys),
         retention=config.store.retention,
-        on_change=alerting.on_change,
+        on_change=link.chain(alerting.on_change) if link else alerting.on_change,
+        relabel=link.relabel if link else None,
     )
     app = build_app(
-        store, metrics, config.checks, config.server.listen, clock=clock, windows=alerting.windows
+        store,
+        metrics,
+        config.checks,
+        config.server.listen,
+        clock=clock,
+        windows=alerting.windows,
+        link=link,
     )
     runner = web.AppRunner(app)
     await runner.setup()
@@ -136,10 +145,16 @@ async def _serve(config: MonitorConfig) -> int:
     try:
         await web.TCPSite(runner, host, port).start()
         log.info("MonitorStarted", listen=config.server.listen, checks=len(config.checks))
+        if link is not None:
+            # The cluster first (at most its connect_timeout): the passive node's relay must
+            # not be judged down, and open an incident, before the monitor knows it is passive.
+            await link.step()
         engine_task = asyncio.create_task(engine.run())
         # The notifications and the escalation: beside the engine, never in its way.
         tasks = {engine_task, asyncio.create_task(alerting.run())}
         tasks.add(asyncio.create_task(dispatcher.run()))
+        if link is not None:
+            tasks.add(asyncio.create_task(link.run()))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

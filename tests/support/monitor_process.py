@@ -21,7 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 class MonitorProcess:
     """``hamta monitor run`` over ``checks`` (dicts as in monitor.toml); stopped by SIGTERM."""
 
-    def __init__(self, workdir: Path, checks: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        checks: list[dict[str, Any]],
+        top: dict[str, Any] | None = None,
+        **sections: dict[str, Any],
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.listen = f"127.0.0.1:{free_port()}"
         self.url = f"http://{self.listen}"
@@ -32,6 +38,8 @@ class MonitorProcess:
                 server={"listen": self.listen},
                 store={"path": str(workdir / "monitor.sqlite")},
                 log={"file": str(workdir / "monitor.log")},
+                top=top or {},
+                **sections,
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None
