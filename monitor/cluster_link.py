@@ -25,9 +25,19 @@ from typing import Any
 from cluster.coordination import OPERATOR, CoordinationError, Coordinator, Credentials
 from cluster.decision_data import ClusterView, Role, Session
 from monitor.config import Check, ClusterLinkConfig, MonitorConfig
+from monitor.failover_rules import (
+    Grace,
+    Held,
+    decide,
+    failovers_within,
+    recovered,
+    seen_from,
+    takeovers,
+)
+from monitor.incident_store import IncidentStore
 from monitor.observation import Clock, Observation
 from monitor.store import Store
-from monitor.verdicts import Outcome, StateChange
+from monitor.verdicts import Outcome, State, StateChange
 
 Connect = Callable[[], Coordinator]
 OnChange = Callable[[Check, StateChange], Awaitable[None]]
@@ -116,6 +126,7 @@ class ClusterLink:
         log: Any,
         clock: Clock,
         *,
+        then: OnChange | None = None,
         connect: Connect | None = None,
     ) -> None:
         self.config = config
@@ -125,6 +136,12 @@ class ClusterLink:
         self.log = log
         self.clock = clock
         self.connect = connect or self._coordinator
+        self.then = then  # the alerting's on_change: told of every change but failovers
+        self.incidents = IncidentStore(store)
+        # Service checks down under the grace (monitor.failover_rules): the interval, and the
+        # changes not yet passed on to the alerting.
+        self._held: dict[str, tuple[Held, list[StateChange]]] = {}
+        self._noted: set[tuple[int, str]] = set()  # (incident, note) already in its timeline
         self.snapshot = ClusterSnapshot(link="connecting", detail="", cluster=config.cluster)
         self._coordinator_now: Coordinator | None = None
         self._wake = asyncio.Event()
@@ -143,15 +160,73 @@ class ClusterLink:
             clock=self.clock.monotonic,
         )
 
-    def chain(self, then: OnChange | None) -> OnChange:
-        """The engine's ``on_change``: publish soon, then tell ``then`` (the alerting)."""
+    async def on_change(self, check: Check, change: StateChange) -> None:
+        """The engine's hook: publish soon; tell the alerting, but for a failover's refusals."""
+        self._wake.set()
+        held = self._held.get(check.name)
+        if held is not None:
+            interval, changes = held
+            changes.append(change)
+            if interval.up_at is None and recovered(change.current):
+                self._held[check.name] = (Held(interval.down_at, change.at), changes)
+            elif not recovered(change.current):
+                self._held[check.name] = (Held(interval.down_at), changes)
+            return
+        grace = self.config.failover_grace
+        service = getattr(check, "service", False)
+        if service and grace > 0 and change.current is State.DOWN and self.snapshot.link == "up":
+            self._held[check.name] = (Held(change.at), [change])
+            return
+        if self.then is not None:
+            await self.then(check, change)
 
-        async def on_change(check: Check, change: StateChange) -> None:
-            self._wake.set()
-            if then is not None:
-                await then(check, change)
+    async def _settle(self, now: float) -> None:
+        """Decide the held down intervals: a failover event, or the outage passed on."""
+        times = takeovers(self.snapshot.failovers, self.snapshot.active_since)
+        for name, (interval, changes) in list(self._held.items()):
+            verdict = decide(
+                interval, now, self.config.failover_grace, 2 * self.config.poll_every, times
+            )
+            if verdict is Grace.HOLD:
+                continue
+            del self._held[name]
+            if verdict is Grace.FAILOVER:
+                self.log.info(
+                    "FailoverSeen",
+                    check=name,
+                    down_at=interval.down_at,
+                    up_at=interval.up_at,
+                    refused=round((interval.up_at or now) - interval.down_at, 3),
+                    active=self.snapshot.active,
+                    location=self.location,
+                )
+                continue
+            check = self.checks[name]
+            for change in changes:
+                if self.then is not None:
+                    await self.then(check, change)
 
-        return on_change
+    async def _annotate(self, now: float) -> None:
+        """Each open incident's timeline: the failovers inside it, the locations that saw it."""
+        snapshot = self.snapshot
+        rows = await self.incidents.open_incidents()
+        # What was noted of incidents since resolved is forgotten: the set stays small.
+        self._noted = {key for key in self._noted if key[0] in {row.incident.id for row in rows}}
+        for row in rows:
+            incident = row.incident
+            notes = []
+            for record in failovers_within(snapshot.failovers, incident.opened, None):
+                text = (
+                    f"failover to {record.get('node')} from {record.get('previous')} "
+                    f"(epoch {record.get('epoch')}, {record.get('reason')})"
+                )
+                notes.append((f"failover {record.get('at')}", "failover", text))
+            for where in seen_from(incident.check, snapshot.locations, self.location):
+                notes.append((f"seen {where}", "seen-from", f"also seen from {where}"))
+            for key, event, text in notes:
+                if (incident.id, key) not in self._noted:
+                    self._noted.add((incident.id, key))
+                    await self.incidents.note(incident.id, now, event, text)
 
     def relabel(self, check: Check, observation: Observation) -> Observation:
         return relabel(observation, check, self.snapshot)
@@ -240,6 +315,7 @@ class ClusterLink:
             # one); a failed start was stopped above and the next round builds another.
             self._published = None  # the znode may be gone with the session: publish anew
             self._set(replace(self.snapshot, link="down", detail=str(exc)[:300]))
+            await self._settle(now)  # without news of a takeover: an outage after the grace
             return
         shown = cluster_view(view, history)
         self._set(
@@ -256,6 +332,8 @@ class ClusterLink:
                 locations=self._locations(raw),
             )
         )
+        await self._settle(now)
+        await self._annotate(now)
 
     async def run(self) -> None:
         """Until cancelled: a round every ``poll_every`` seconds, or at once on a state change."""
@@ -269,13 +347,19 @@ class ClusterLink:
                 finally:
                     waiter.cancel()
         finally:
-            if self._coordinator_now is not None:
-                await asyncio.to_thread(self._coordinator_now.stop)
-                self._coordinator_now = None
+            await self.close()
+
+    async def close(self) -> None:
+        """End the ZooKeeper session: this location's znode goes with it."""
+        if self._coordinator_now is not None:
+            coordinator, self._coordinator_now = self._coordinator_now, None
+            await asyncio.to_thread(coordinator.stop)
 
 
-def cluster_link(config: MonitorConfig, store: Store, log: Any, clock: Clock) -> ClusterLink | None:
+def cluster_link(
+    config: MonitorConfig, store: Store, log: Any, clock: Clock, then: OnChange | None
+) -> ClusterLink | None:
     """The link of a monitor.toml with a ``[cluster]`` section; None without one."""
     if config.cluster is None:
         return None
-    return ClusterLink(config.cluster, config.location, config.checks, store, log, clock)
+    return ClusterLink(config.cluster, config.location, config.checks, store, log, clock, then=then)

@@ -113,7 +113,7 @@ async def _serve(config: MonitorConfig) -> int:
     clock = SystemClock()
     session = aiohttp.ClientSession()
     alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
-    link = cluster_link(config, store, log, clock)  # None without [cluster]
+    link = cluster_link(config, store, log, clock, alerting.on_change)  # None: no [cluster]
     engine = Engine(
         config.checks,
         store,
@@ -123,7 +123,7 @@ async def _serve(config: MonitorConfig) -> int:
         nameservers=tuple(config.dns.nameservers),
         dkim_keys=tuple(keys),
         retention=config.store.retention,
-        on_change=link.chain(alerting.on_change) if link else alerting.on_change,
+        on_change=link.on_change if link else alerting.on_change,
         relabel=link.relabel if link else None,
     )
     app = build_app(

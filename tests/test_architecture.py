@@ -240,7 +240,7 @@ def test_the_relay_never_imports_the_monitor() -> None:
 # The monitor's pure parts: verdicts (state from observations), uptime (figures from the state
 # changes), incidents and escalation, maintenance windows. Plain data in and out, no clock read,
 # no I/O: the standard library and each other only, like the agent's decision modules.
-MONITOR_PURE = ["verdicts", "uptime", "incidents", "maintenance"]
+MONITOR_PURE = ["verdicts", "uptime", "incidents", "maintenance", "failover_rules"]
 
 
 @pytest.mark.parametrize("module", MONITOR_PURE)

@@ -7,6 +7,7 @@ record_failover), as cluster/executor.py uses it, never hand-made JSON.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -19,11 +20,20 @@ import pytest
 from cluster.coordination import Coordinator
 from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
-from monitor.cluster_link import ClusterSnapshot, relabel
+from monitor.cluster_link import ClusterLink, ClusterSnapshot, relabel
 from monitor.config import ConfigError, RelayCheck, parse_monitor_config
+from monitor.failover_rules import (
+    Grace,
+    Held,
+    decide,
+    failovers_within,
+    seen_from,
+    takeovers,
+)
 from monitor.incidents import severity_of
 from monitor.observation import Observation
-from monitor.verdicts import CheckState, Outcome, State, Thresholds, next_state
+from monitor.store import Store
+from monitor.verdicts import CheckState, Outcome, State, StateChange, Thresholds, next_state
 from tests.support import free_port
 from tests.support.monitor_process import MonitorProcess
 from tests.support.tcp_proxy import TcpProxy
@@ -107,6 +117,20 @@ def test_api_cluster_shows_the_active_node_and_a_standby_relay_is_standby(
         # No incident for a standby; one for the active node's relay.
         incidents = m.get("/api/incidents")["incidents"]
         assert {incident["check"] for incident in incidents} == {"node1-relay"}
+        # A failover inside the open incident is noted in its timeline, once.
+        record = {"epoch": pair["epoch"], "node": "node1", "previous": "node2", "reason": "later"}
+        pair["node1"].record_failover({**record, "at": time.time(), "steps": {}, "total": 0.1})
+        ident = incidents[0]["id"]
+
+        def noted() -> list[dict[str, Any]]:
+            timeline = m.get(f"/api/incidents/{ident}")["timeline"]
+            return [step for step in timeline if step["event"] == "failover"]
+
+        notes = wait_for(noted, 10, "the failover in the incident's timeline")
+        assert "failover to node1 from node2" in notes[0]["detail"]
+        assert "later" in notes[0]["detail"]
+        time.sleep(1.0)  # a few more rounds of the link: still noted once
+        assert len(noted()) == 1
 
 
 def test_two_locations_see_each_other_s_verdicts(
@@ -218,3 +242,97 @@ def test_the_cluster_section_is_checked(tmp_path: Path) -> None:
         parse_monitor_config(f'[cluster]\nzookeeper = "h:2181"\ncredentials = "{loose}"\n')
     with pytest.raises(ConfigError, match="location"):
         parse_monitor_config('location = "a/b"\n')
+
+
+# ------------------------------------------------------------------ failover grace
+
+
+def test_the_grace_rule() -> None:
+    grace, settle = 10.0, 4.0
+    # Still down within the grace: wait; past it: an outage.
+    assert decide(Held(100.0), 105.0, grace, settle, []) is Grace.HOLD
+    assert decide(Held(100.0), 110.5, grace, settle, []) is Grace.OUTAGE
+    # Back within the grace, a takeover inside (widened by the grace): a failover.
+    assert decide(Held(100.0, 104.0), 104.0, grace, settle, [102.0]) is Grace.FAILOVER
+    assert decide(Held(100.0, 104.0), 104.0, grace, settle, [113.0]) is Grace.FAILOVER
+    # Back, no takeover yet: wait for the link to read one, then an outage.
+    assert decide(Held(100.0, 104.0), 105.0, grace, settle, [50.0]) is Grace.HOLD
+    assert decide(Held(100.0, 104.0), 108.0, grace, settle, [50.0]) is Grace.OUTAGE
+    # Down longer than the grace: an outage, takeover or not.
+    assert decide(Held(100.0, 111.0), 111.0, grace, settle, [105.0]) is Grace.OUTAGE
+    assert takeovers([{"at": 3.0}, {"at": "x"}, {}], 5.0) == [3.0, 5.0]
+    assert failovers_within([{"at": 3.0}, {"at": 9.0}], 2.0, 5.0) == [{"at": 3.0}]
+    published = {"checks": {"vip": {"state": "down"}}}
+    locations = {"inet": published, "client": published, "x": {"checks": {"vip": {"state": "up"}}}}
+    assert seen_from("vip", locations, "inet") == ["client"]
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class NullLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    info = warning = error = _record
+
+
+def test_a_failover_under_the_grace_opens_no_incident_an_outage_does(
+    tmp_path: Path, pair: dict[str, Any], cluster_name: str
+) -> None:
+    since = pair["node1"].view().leader.since
+    clock = FakeClock(since + 1.0)
+    config = parse_monitor_config(
+        f'[cluster]\nzookeeper = "{pair["hosts"]}"\ncluster = "{cluster_name}"\n'
+        '[[checks]]\nname = "vip"\nkind = "smtp"\nhost = "127.0.0.1"\nservice = true\n'
+        '[[checks]]\nname = "other"\nkind = "smtp"\nhost = "127.0.0.1"\n'
+    )
+    told: list[StateChange] = []
+
+    async def then(check: Any, change: StateChange) -> None:
+        told.append(change)
+
+    async def scenario() -> None:
+        store = Store(tmp_path / "m.sqlite")
+        log = NullLog()
+        assert config.cluster is not None
+        link = ClusterLink(config.cluster, "inet", config.checks, store, log, clock, then=then)
+        vip, other = config.checks
+        try:
+            await link.step()
+            assert link.snapshot.link == "up" and link.snapshot.active == "node1"
+            # The VIP refused for 3 s around the takeover: an event, not an outage.
+            await link.on_change(vip, StateChange("vip", State.UP, State.DOWN, since - 1, "x"))
+            await link.on_change(vip, StateChange("vip", State.DOWN, State.UP, since + 2, "ok"))
+            await link.step()
+            assert told == []
+            assert [e for e, _ in log.events if e == "FailoverSeen"] == ["FailoverSeen"]
+            # Down long after the takeover: held for the grace, then the outage goes on.
+            down = StateChange("vip", State.UP, State.DOWN, since + 100, "refused")
+            clock.now = since + 100
+            await link.on_change(vip, down)
+            await link.step()
+            assert told == []
+            clock.now = since + 111
+            await link.step()
+            assert told == [down]
+            # A check that is not the service's: straight on.
+            plain = StateChange("other", State.UP, State.DOWN, since + 112, "refused")
+            await link.on_change(other, plain)
+            assert told == [down, plain]
+        finally:
+            await link.close()
+            await store.close()
+
+    asyncio.run(scenario())
