@@ -60,10 +60,14 @@ class ClusterSnapshot:
     locations: Mapping[str, dict[str, Any]] = field(default_factory=dict)
 
     def passive(self, node: str) -> bool:
-        """Whether the cluster says ``node`` is up but not the active one (a standby)."""
+        """Whether the cluster says ``node`` is up but not the active one (a standby).
+
+        A node without a member znode (its agent dead, the machine off) is no standby: its
+        refusals are an outage of the pair's redundancy, and stay "down".
+        """
         if self.link != "up" or self.active is None or node == self.active:
             return False
-        return any(entry["name"] == node for entry in self.nodes)
+        return any(entry["name"] == node and entry["state"] == "standby" for entry in self.nodes)
 
 
 def cluster_view(view: ClusterView, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

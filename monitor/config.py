@@ -138,6 +138,9 @@ class SmtpCheck(_CheckBase, _TlsOptions):
     starttls: bool = False
     # The cluster's service address (the VIP): published as such, for the agent's rules to find.
     service: bool = False
+    # The cluster node this address is (not the VIP): while [cluster] says it is passive, its
+    # refusals are "standby" (a passive node does not listen on port 25).
+    node: str | None = None
 
 
 class Login(_Model):

@@ -214,9 +214,12 @@ def test_standby_is_a_state_at_once_and_opens_no_incident() -> None:
 def test_relabel_only_failures_of_a_node_the_cluster_says_is_passive() -> None:
     check = RelayCheck(kind="relay", name="r", url="http://127.0.0.1:1", node="node2")
     failed = Observation("r", "relay", Outcome.FAILURE, 0.1, "refused")
-    nodes = ({"name": "node1"}, {"name": "node2"})
+    nodes = ({"name": "node1", "state": "active"}, {"name": "node2", "state": "standby"})
     up = ClusterSnapshot(link="up", active="node1", nodes=nodes)
     assert relabel(failed, check, up).outcome is Outcome.STANDBY
+    # A node without its member znode (agent dead, machine off) is down, not standby.
+    gone = ({"name": "node1", "state": "active"}, {"name": "node2", "state": "absent"})
+    assert relabel(failed, check, ClusterSnapshot(link="up", active="node1", nodes=gone)) == failed
     # Not passive: the active node, an unknown link, or no active node at all.
     assert relabel(failed, check, ClusterSnapshot(link="up", active="node2", nodes=nodes)) == failed
     assert relabel(failed, check, ClusterSnapshot(link="down", active="node1", nodes=nodes)) == (
