@@ -169,8 +169,9 @@ class Lab:
 
     # ------------------------------------------------------------------ up and down
 
-    def up(self, *, wait: float = 60.0, agents: bool = True) -> None:
-        """Build the lab and start its services; with ``agents``, also both agents.
+    def up(self, *, wait: float = 60.0, agents: bool = True, monitors: bool = True) -> None:
+        """Build the lab and start its services; with ``agents``, also both agents; with
+        ``monitors``, the check locations' monitors (in the background: not waited for).
 
         Returns once ZooKeeper serves with a leader, the DNS and the sink answer from the client
         namespace and (with ``agents``) one node holds the virtual IP and answers SMTP on it, all
@@ -195,8 +196,9 @@ class Lab:
                 for node in NODES:
                     self._agents.start(node)
                 self._agents.wait_active(max(0.0, deadline - time.monotonic()))
-            # The check locations (inet, client), in the background: up does not wait for them.
-            self._monitors.start()
+            if monitors:
+                # The check locations (inet, client), in the background: not waited for.
+                self._monitors.start()
         except BaseException as exc:
             try:
                 self.down()
