@@ -136,7 +136,13 @@ def test_api_cluster_shows_the_active_node_and_a_standby_relay_is_standby(
 def test_two_locations_see_each_other_s_verdicts(
     tmp_path: Path, pair: dict[str, Any], cluster_name: str
 ) -> None:
-    link = {"zookeeper": pair["hosts"], "cluster": cluster_name, "poll_every": "0.2s"}
+    # No grace: the VIP's incident opens at once, to be noted as seen from the other location.
+    link = {
+        "zookeeper": pair["hosts"],
+        "cluster": cluster_name,
+        "poll_every": "0.2s",
+        "failover_grace": "0s",
+    }
     vip = fast({"name": "vip-smtp", "kind": "smtp", "host": "127.0.0.1", "port": free_port()})
     vip["service"] = True
     with (
@@ -157,6 +163,15 @@ def test_two_locations_see_each_other_s_verdicts(
             assert record["checks"]["vip-smtp"]["kind"] == "smtp"
             assert record["checks"]["vip-smtp"]["target"].startswith("127.0.0.1:")
             assert record["at"] > time.time() - 30
+            # The incident this location opened says the other location saw it too.
+            ident = wait_for(lambda m=monitor: m.get("/api/incidents")["incidents"], 10, "it")
+            ident = ident[0]["id"]
+
+            def noted(m: MonitorProcess = monitor, ident: int = ident) -> Any:
+                timeline = m.get(f"/api/incidents/{ident}")["timeline"]
+                return [step for step in timeline if step["event"] == "seen-from"]
+
+            assert wait_for(noted, 10, "seen from")[0]["detail"] == f"also seen from {other}"
         # What the agent's side would read: the znodes themselves, through its coordinator.
         raw = pair["node1"].monitor_states()
         assert set(raw) == {"inet", "client"}
