@@ -193,8 +193,9 @@ def test_zookeeper_unreachable_the_checks_go_on_and_the_link_comes_back(
             "connect_timeout": "1s",
         }
         check = fast({"name": "r", "kind": "relay", "url": closed_port_url()})
-        with MonitorProcess(tmp_path / "m", [check], cluster=link) as m:
+        with MonitorProcess(tmp_path / "m", [check], top={"location": "far"}, cluster=link) as m:
             wait_for(lambda: m.get("/api/cluster")["link"] == "up", 20, "the link up")
+            wait_for(lambda: "far" in pair["node1"].monitor_states(), 10, "published")
             proxy.sever()
             down = wait_for(
                 lambda: (c := m.get("/api/cluster"))["link"] == "down" and c, 20, "link down"
@@ -202,10 +203,14 @@ def test_zookeeper_unreachable_the_checks_go_on_and_the_link_comes_back(
             assert down["detail"]
             # The checks go on meanwhile.
             before = m.wait_states({"r": "down"})["r"]["last"]["at"]
+            # Away longer than the session (2 s): the server ends it, and the znode goes.
+            wait_for(lambda: "far" not in pair["node1"].monitor_states(), 15, "znode expired")
             wait_for(lambda: m.get("/api/checks")["checks"][0]["last"]["at"] > before, 5, "runs")
             proxy.restore()
             wait_for(lambda: m.get("/api/cluster")["link"] == "up", 30, "the link back")
             assert m.get("/api/cluster")["active"] == "node1"
+            # Its session may have expired meanwhile, and its znode with it: published again.
+            wait_for(lambda: "far" in pair["node1"].monitor_states(), 10, "published again")
         log = (tmp_path / "m" / "monitor.log").read_text().splitlines()
         changes = [json.loads(line) for line in log if "ClusterLinkChanged" in line]
         links = [change["link"] for change in changes]
