@@ -123,7 +123,7 @@ def run_hamta(lab: Lab, args: argparse.Namespace, result: PartResult) -> None:
     say(f"hamta: lab {lab.prefix} ({lab.topology.subnet}) in {lab.directory}")
     started = time.monotonic()
     try:
-        lab.up(wait=UP_TIMEOUT, agents=False)
+        lab.up(wait=UP_TIMEOUT, agents=False, monitors=False)
     except LabError as exc:
         raise BenchError(
             f"{exc}\n(left by a benchmark run that was killed? hamta lab down --dir "

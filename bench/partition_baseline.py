@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         lab.down()
-        lab.up(wait=120.0, agents=False)
+        lab.up(wait=120.0, agents=False, monitors=False)
         pair = KeepalivedPostfix(
             lab,
             workdir / "baseline",

@@ -44,7 +44,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     lab = Lab(workdir / "lab", prefix=args.prefix, subnet=args.subnet)
     try:
         lab.down()  # what an interrupted run may have left with this prefix
-        lab.up(wait=120.0)
+        lab.up(wait=120.0, monitors=False)  # the pair alone: no check load during the faults
         print(f"lab {args.prefix} ({args.subnet}) up in {workdir / 'lab'}", flush=True)
         results = run(
             lab,

@@ -9,6 +9,7 @@ Znodes, all under ``/hamta/<cluster>``, all JSON:
 - ``served`` (persistent): ``{"epoch", "node", "at"}``, the last takeover that served (published).
 - ``paused`` (persistent, present while paused): ``{"by", "at", "reason"}``.
 - ``switchover`` (persistent, present while requested): ``{"source", "target", "at"}``.
+- ``monitors/<location>`` (ephemeral): each monitor's current verdicts (``monitor.cluster_link``).
 
 Two rules carry the safety of the whole cluster, and both are ZooKeeper's, not ours: the leader
 znode is created in the same transaction that moves the epoch on, guarded by the epoch znode's
@@ -202,6 +203,13 @@ class _Paths:
 
     def known(self, node: str) -> str:
         return f"{self.nodes}/{node}"
+
+    @property
+    def monitors(self) -> str:
+        return f"{self.root}/monitors"
+
+    def monitor(self, location: str) -> str:
+        return f"{self.monitors}/{location}"
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -673,6 +681,43 @@ class Coordinator:
                 with suppress(NoNodeError):
                     self._wait(client.delete_async(path, version=stat.version))
             self._wait(client.create_async(path, data, acl=self._acl, ephemeral=True))
+
+    # ------------------------------------------------------------------ monitors
+
+    def publish_monitor(self, location: str, data: bytes) -> None:
+        """Create or update this session's ephemeral znode of a check location's verdicts.
+
+        The monitor's session is an operator's: it creates no cluster, only ``monitors`` (which
+        an agent of an older version never made) and its own location's znode in it.
+        """
+        _check_name("location", location)
+        path = self._paths.monitor(location)
+        client = self._client
+        with self._kazoo("publishing a monitor's verdicts"):
+            self._require_connected("publishing a monitor's verdicts")
+            if self._wait(client.exists_async(self._paths.monitors)) is None:
+                with suppress(NodeExistsError):
+                    self._wait(client.create_async(self._paths.monitors, b"", acl=self._acl))
+            stat = self._wait(client.exists_async(path))
+            if stat is not None and stat.ephemeralOwner == self._session_id():
+                self._wait(client.set_async(path, data, version=stat.version))
+                return
+            if stat is not None:  # a previous session of this location's, not yet expired
+                with suppress(NoNodeError):
+                    self._wait(client.delete_async(path, version=stat.version))
+            self._wait(client.create_async(path, data, acl=self._acl, ephemeral=True))
+
+    def monitor_states(self) -> dict[str, bytes]:
+        """Every check location's published verdicts (raw JSON), by location."""
+        client, paths = self._client, self._paths
+        with self._kazoo("reading the monitors' verdicts"):
+            try:
+                names = self._wait(client.get_children_async(paths.monitors))
+            except NoNodeError:
+                return {}
+            pending = {name: client.get_async(paths.monitor(name)) for name in sorted(names)}
+            found = {name: self._fetch(result) for name, result in pending.items()}
+        return {name: got[0] for name, got in found.items() if got is not None}
 
     def acquire_leadership(self) -> int | None:
         """Take leadership and a new epoch in one transaction; None when another node won.

@@ -17,7 +17,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.admin_guard import guard
+from monitor.api_cluster import add_cluster_routes
 from monitor.api_incidents import add_incident_routes
+from monitor.cluster_link import ClusterLink
 from monitor.config import Check
 from monitor.history_api import add_history_routes
 from monitor.incident_store import IncidentStore
@@ -84,6 +86,7 @@ def build_app(
     *,
     clock: Clock | None = None,
     windows: Sequence[Window] = (),
+    link: ClusterLink | None = None,
 ) -> web.Application:
     app = web.Application()
     # Incidents, acknowledgement and maintenance windows (monitor.api_incidents).
@@ -94,4 +97,6 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     add_history_routes(app, store, checks, clock or SystemClock(), windows)
     add_status_page(app)
+    if link is not None:  # [cluster]: /api/cluster and /api/locations
+        add_cluster_routes(app, link)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,10 +26,12 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.zk_acl import split_chroot
 from hamta.config import (
     ConfigError,
     Count,
     PositiveSeconds,
+    Seconds,
     load_config,
     parse_hostport,
     read_config_file,
@@ -133,6 +136,11 @@ class SmtpCheck(_CheckBase, _TlsOptions):
     port: Port = 25
     ehlo_name: str = "monitor.invalid"
     starttls: bool = False
+    # The cluster's service address (the VIP): published as such, for the agent's rules to find.
+    service: bool = False
+    # The cluster node this address is (not the VIP): while [cluster] says it is passive, its
+    # refusals are "standby" (a passive node does not listen on port 25).
+    node: str | None = None
 
 
 class Login(_Model):
@@ -248,6 +256,8 @@ class RelayCheck(_CheckBase):
     # Past either, the check warns: mail is piling up or failing somewhere.
     max_depth: Annotated[int, Field(ge=0)] = 10_000
     max_deferred: Annotated[int, Field(ge=0)] = 1_000
+    # The cluster node whose relay this is: while [cluster] says it is passive, "standby".
+    node: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -289,6 +299,54 @@ class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+_ZNODE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _host_location() -> str:
+    """The default check location: this host's short name (as a znode may be named)."""
+    name = socket.gethostname().split(".")[0]
+    return name if re.match(_ZNODE_NAME, name) else "monitor"
+
+
+class ClusterLinkConfig(_Model):
+    """[cluster]: the ZooKeeper of the cluster, named as the agent's [agent] section names it."""
+
+    zookeeper: str = Field(min_length=1)  # "host:port,host:port[/chroot]", as agent.zookeeper
+    cluster: str = Field(default="hamta", min_length=1, pattern=_ZNODE_NAME)
+    credentials: Path | None = None  # "user:password", mode 0600, as agent.credentials
+    session_timeout: PositiveSeconds = 4.0
+    # How long one attempt to reach ZooKeeper may take; the link then tries again.
+    connect_timeout: PositiveSeconds = 10.0
+    # How often the cluster's znodes and the other locations' verdicts are read.
+    poll_every: PositiveSeconds = 2.0
+    # This location's verdicts are published on each state change and at least this often.
+    publish_every: PositiveSeconds = 10.0
+    # A service check down no longer than this around a failover saw a failover, not an outage.
+    failover_grace: Seconds = 10.0
+
+    @field_validator("zookeeper")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        servers, _chroot = split_chroot(value)
+        for host in servers.split(","):
+            parse_hostport(host, 2181)
+        return value
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials(cls, value: Path | None) -> Path | None:
+        # Read as the agent reads it (owner-only mode, "user:password"): a wrong file is an
+        # error at start, not a link that never comes up.
+        from cluster.coordination import CoordinationError, Credentials  # noqa: PLC0415
+
+        if value is not None:
+            try:
+                Credentials.from_file(value)
+            except CoordinationError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class MonitorConfig(_Model):
     """The whole of monitor.toml."""
 
@@ -304,6 +362,10 @@ class MonitorConfig(_Model):
     escalation: list[EscalationStep] = Field(default_factory=list)
     maintenance: list[MaintenanceWindow] = Field(default_factory=list)
     alerting: AlertingConfig = Field(default_factory=AlertingConfig)
+    # This monitor's check location (published in ZooKeeper under it); default: the host name.
+    location: str = Field(default_factory=_host_location, pattern=_ZNODE_NAME, max_length=64)
+    # The cluster (monitor.cluster_link); absent: the monitor works without it.
+    cluster: ClusterLinkConfig | None = None
 
     @field_validator("checks")
     @classmethod

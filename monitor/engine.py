@@ -27,6 +27,8 @@ Runner = Callable[[Check, CheckContext, Clock], Awaitable[Observation]]
 # Told of each state change once it is recorded (monitor.alerting.Alerting.on_change).
 OnChange = Callable[[Check, StateChange], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
+# What the cluster adds to an observation before its verdict (monitor.cluster_link: standby).
+Relabel = Callable[[Check, Observation], Observation]
 # How often old observations are pruned; retention is counted in days, this need not be exact.
 PRUNE_EVERY = 3600.0
 # How often the engine leaves a sign of life in the store: a monitor that dies counts at most
@@ -70,6 +72,7 @@ class Engine:
         runner: Runner = run_check,
         sleep: Sleep = asyncio.sleep,
         on_change: OnChange | None = None,
+        relabel: Relabel | None = None,
     ) -> None:
         self.checks = list(checks)
         self.store = store
@@ -82,6 +85,7 @@ class Engine:
         self.runner = runner
         self.sleep = sleep
         self.on_change = on_change
+        self.relabel = relabel
         self.states: dict[str, CheckState] = {}
 
     async def load(self) -> None:
@@ -95,6 +99,8 @@ class Engine:
         known = await self.store.answers(check.name) if check.kind == "dns" else {}
         context = CheckContext(self.clock.time(), self.nameservers, self.dkim_keys, known)
         observation = await self.runner(check, context, self.clock)
+        if self.relabel is not None:
+            observation = self.relabel(check, observation)
         previous = self.states.get(check.name, CheckState())
         state, change = next_state(
             check.name,

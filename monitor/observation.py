@@ -81,3 +81,7 @@ class CertificateExpiredError(Exception):
 
 class CheckWarningError(Exception):
     """The service works but something needs attention soon: outcome "warning"."""
+
+
+class CheckStandbyError(Exception):
+    """The service is the cluster's passive side, which by design does not serve: "standby"."""

@@ -18,6 +18,7 @@ from hamta import eventlog
 from hamta.config import parse_hostport
 from monitor.alerting import assemble
 from monitor.api import build_app
+from monitor.cluster_link import cluster_link
 from monitor.config import MonitorConfig, relay_dkim_keys
 from monitor.engine import Engine
 from monitor.metrics import MonitorMetrics
@@ -36,6 +37,7 @@ async def serve(config: MonitorConfig) -> int:
     alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
     # The notification counts are the dispatcher's own, read at each scrape.
     metrics = MonitorMetrics(config.checks, notifications=dispatcher.counts)
+    link = cluster_link(config, store, log, clock, alerting.on_change)  # None: no [cluster]
     engine = Engine(
         config.checks,
         store,
@@ -45,10 +47,17 @@ async def serve(config: MonitorConfig) -> int:
         nameservers=tuple(config.dns.nameservers),
         dkim_keys=tuple(keys),
         retention=config.store.retention,
-        on_change=alerting.on_change,
+        on_change=link.on_change if link else alerting.on_change,
+        relabel=link.relabel if link else None,
     )
     app = build_app(
-        store, metrics, config.checks, config.server.listen, clock=clock, windows=alerting.windows
+        store,
+        metrics,
+        config.checks,
+        config.server.listen,
+        clock=clock,
+        windows=alerting.windows,
+        link=link,
     )
     runner = web.AppRunner(app)
     await runner.setup()
@@ -60,10 +69,16 @@ async def serve(config: MonitorConfig) -> int:
     try:
         await web.TCPSite(runner, host, port).start()
         log.info("MonitorStarted", listen=config.server.listen, checks=len(config.checks))
+        if link is not None:
+            # The cluster first (at most its connect_timeout): the passive node's relay must
+            # not be judged down, and open an incident, before the monitor knows it is passive.
+            await link.step()
         engine_task = asyncio.create_task(engine.run())
         # The notifications and the escalation: beside the engine, never in its way.
         tasks = {engine_task, asyncio.create_task(alerting.run())}
         tasks.add(asyncio.create_task(dispatcher.run()))
+        if link is not None:
+            tasks.add(asyncio.create_task(link.run()))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

@@ -9,6 +9,9 @@ No clock is read here: the time of an observation comes in with it. The rules:
 - ``warning`` (a certificate near its end, a queue past its threshold): "warning" at once,
   under the same way back from "down".
 - ``expired``: a certificate past its end is a fact, not a flake: "expired" at once.
+- ``standby``: the passive node of the cluster, which by design does not serve (its relay says
+  so, or the cluster says the node is passive): "standby" at once, never an incident. A success
+  from there is "up" at once: standby is no outage to come back from.
 
 A state change is returned as an event, at most one per observation.
 """
@@ -26,6 +29,7 @@ class State(StrEnum):
     WARNING = "warning"
     DOWN = "down"
     EXPIRED = "expired"
+    STANDBY = "standby"
 
 
 class Outcome(StrEnum):
@@ -33,6 +37,7 @@ class Outcome(StrEnum):
     WARNING = "warning"
     FAILURE = "failure"
     EXPIRED = "expired"
+    STANDBY = "standby"
 
 
 #: States in which the service answers as it should, more or less well.
@@ -91,6 +96,9 @@ def next_state(
     elif outcome is Outcome.EXPIRED:
         failures, successes = 0, 0
         target = State.EXPIRED
+    elif outcome is Outcome.STANDBY:
+        failures, successes = 0, 0
+        target = State.STANDBY
     else:
         failures, successes = 0, previous.successes + 1
         waiting = previous.state is State.DOWN and successes < thresholds.success_threshold

@@ -240,7 +240,7 @@ def test_the_relay_never_imports_the_monitor() -> None:
 # The monitor's pure parts: verdicts (state from observations), uptime (figures from the state
 # changes), incidents and escalation, maintenance windows. Plain data in and out, no clock read,
 # no I/O: the standard library and each other only, like the agent's decision modules.
-MONITOR_PURE = ["verdicts", "uptime", "incidents", "maintenance"]
+MONITOR_PURE = ["verdicts", "uptime", "incidents", "maintenance", "failover_rules"]
 
 
 @pytest.mark.parametrize("module", MONITOR_PURE)
@@ -251,3 +251,16 @@ def test_the_monitor_s_pure_modules_use_the_standard_library_only(module: str) -
     assert roots and roots <= sys.stdlib_module_names, roots
     forbidden = {"asyncio", "socket", "time", "os", "sqlite3", "subprocess", "threading"}
     assert not roots & forbidden, roots
+
+
+def test_the_monitor_reads_the_cluster_but_never_the_lab_chaos_or_the_command_line() -> None:
+    # The monitor knows the cluster (monitor.cluster_link reads its znodes with the agent's own
+    # coordinator and config models); the lab, chaos and the dispatcher stay out of it.
+    for path in sources("monitor", "monitor/checks", "monitor/notifiers"):
+        for name in imports_of(path):
+            assert not name.startswith(("cluster.lab", "chaos", "hamtactl")), (path, name)
+            if name.split(".")[0] == "cluster":
+                assert module_name(path) in {"monitor.cluster_link", "monitor.config"}, (
+                    path,
+                    name,
+                )

@@ -11,6 +11,7 @@ from typing import Any
 
 from cluster.lab import netns
 from cluster.lab.lab import Lab, LabError
+from cluster.lab.monitors import format_verdicts
 from cluster.lab.topology import CLIENT, DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
 
 
@@ -66,6 +67,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``hamta lab status``: hosts, processes, ZooKeeper, VIP, spool and roles."""
     lab = _load(args)
     status = lab.status()
+    # The check locations' verdicts (cluster.lab.monitors): per location, per check.
+    status["monitors"] = lab.monitor_verdicts()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
@@ -234,6 +237,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"cluster: {nodes or 'no agent has joined'}; leader {cluster.get('leader')}")
     elif status["up"]:
         lines.append("cluster: (no answer from ZooKeeper through 'hamta cluster status')")
+    if status.get("monitors"):
+        lines += format_verdicts(status["monitors"])
     return "\n".join(lines)
 
 

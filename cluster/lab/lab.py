@@ -22,6 +22,7 @@ builds its parts in one place and hands each call to the part that holds the con
 :class:`~cluster.lab.site.LabSite` (directory, names, record), :class:`~cluster.lab.site.Launcher`
 (the processes it starts), :class:`~cluster.lab.host_setup.HostSetup` (namespaces, disk,
 credentials), :class:`~cluster.lab.services.Services` (ZooKeeper, DNS, sink),
+:class:`~cluster.lab.monitors.Monitors` (the monitors of the inet and client hosts),
 :class:`~cluster.lab.agents.Agents`, :class:`~cluster.lab.inspection.Inspection` and
 :class:`~cluster.lab.actions.Actions` (mail, kill, fence).
 """
@@ -41,6 +42,7 @@ from cluster.lab.actions import Actions
 from cluster.lab.agents import Agents
 from cluster.lab.host_setup import HostSetup
 from cluster.lab.inspection import Inspection
+from cluster.lab.monitors import Monitors
 from cluster.lab.results import SendResult
 from cluster.lab.services import Services
 from cluster.lab.site import LabError, LabSite, Launcher
@@ -77,6 +79,7 @@ class Lab:
         self._inspection = inspection
         self._agents = Agents(site, launcher, inspection)
         self._actions = Actions(site, launcher, inspection)
+        self._monitors = Monitors(site, launcher)
 
     # ------------------------------------------------------------------ identity
 
@@ -166,8 +169,9 @@ class Lab:
 
     # ------------------------------------------------------------------ up and down
 
-    def up(self, *, wait: float = 60.0, agents: bool = True) -> None:
-        """Build the lab and start its services; with ``agents``, also both agents.
+    def up(self, *, wait: float = 60.0, agents: bool = True, monitors: bool = True) -> None:
+        """Build the lab and start its services; with ``agents``, also both agents; with
+        ``monitors``, the check locations' monitors (in the background: not waited for).
 
         Returns once ZooKeeper serves with a leader, the DNS and the sink answer from the client
         namespace and (with ``agents``) one node holds the virtual IP and answers SMTP on it, all
@@ -192,6 +196,9 @@ class Lab:
                 for node in NODES:
                     self._agents.start(node)
                 self._agents.wait_active(max(0.0, deadline - time.monotonic()))
+            if monitors:
+                # The check locations (inet, client), in the background: not waited for.
+                self._monitors.start()
         except BaseException as exc:
             try:
                 self.down()
@@ -301,6 +308,10 @@ class Lab:
     def cluster_status(self, timeout: float = 15.0) -> dict[str, Any] | None:
         """``hamta cluster status --json`` run from the client namespace; None if it fails."""
         return self._inspection.cluster_status(timeout)
+
+    def monitor_verdicts(self) -> dict[str, Any]:
+        """Each check location's monitor: its checks' states (None: no answer from its store)."""
+        return self._monitors.verdicts()
 
     def status(self, *, cluster: bool = True) -> dict[str, Any]:
         """The lab as data: hosts with their processes, ZooKeeper, VIP, spool and roles."""

@@ -1,7 +1,7 @@
 """The checks, one module per kind, and ``run_check``: one run, with its timeout, as data.
 
 Each check is ``async def run_KIND(check, context, findings) -> detail``: it returns the detail
-of a success and raises ``CheckFailedError``, ``CheckWarningError`` or
+of a success and raises ``CheckFailedError``, ``CheckWarningError``, ``CheckStandbyError`` or
 ``CertificateExpiredError`` for the other outcomes; what it found on the way is in
 ``findings`` either way. ``run_check`` turns that, a timeout, a refused connection or a
 check's own bug into one ``Observation``: a check never raises into the engine.
@@ -26,6 +26,7 @@ from monitor.observation import (
     CertificateExpiredError,
     CheckContext,
     CheckFailedError,
+    CheckStandbyError,
     CheckWarningError,
     Clock,
     Findings,
@@ -61,6 +62,8 @@ async def run_check(check: Check, context: CheckContext, clock: Clock) -> Observ
         outcome, detail = Outcome.WARNING, str(exc)
     except CertificateExpiredError as exc:
         outcome, detail = Outcome.EXPIRED, str(exc)
+    except CheckStandbyError as exc:
+        outcome, detail = Outcome.STANDBY, str(exc)
     except CheckFailedError as exc:
         detail = str(exc)
     except TimeoutError:

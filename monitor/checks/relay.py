@@ -1,8 +1,9 @@
 """The relay check: the admin endpoint's readiness and the queue figures of /api/queue.
 
-Not ready (503) fails the check, with the relay's own state in the detail; a queue deeper than
-``max_depth`` or more deferred recipients than ``max_deferred`` is a warning: the relay serves,
-but mail piles up behind something.
+Not ready (503) fails the check, with the relay's own state in the detail, but for a warm
+standby (the cluster's passive node), which by design is never ready: that is "standby". A
+queue deeper than ``max_depth`` or more deferred recipients than ``max_deferred`` is a warning:
+the relay serves, but mail piles up behind something.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from typing import Any
 import aiohttp
 
 from monitor.config import RelayCheck
-from monitor.observation import CheckContext, CheckFailedError, CheckWarningError, Findings
+from monitor.observation import (
+    CheckContext,
+    CheckFailedError,
+    CheckStandbyError,
+    CheckWarningError,
+    Findings,
+)
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
@@ -33,6 +40,8 @@ async def run_relay(check: RelayCheck, context: CheckContext, found: Findings) -
     async with aiohttp.ClientSession(timeout=timeout) as session:
         status, ready = await _get(session, f"{check.url}/health/ready")
         found.facts["relay_state"] = str(ready.get("state"))
+        if status != 200 and ready.get("state") == "standby":
+            raise CheckStandbyError(f"warm standby ({status})")
         if status != 200:
             raise CheckFailedError(f"not ready ({status}, state {ready.get('state')})")
         status, queue = await _get(session, f"{check.url}/api/queue")

@@ -21,8 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 class MonitorProcess:
     """``hamta monitor run`` over ``checks`` (dicts as in monitor.toml); stopped by SIGTERM."""
 
-    def __init__(self, workdir: Path, checks: list[dict[str, Any]], extra: str = "") -> None:
-        """``extra``: more monitor.toml, as text (``[[maintenance]]`` windows, say)."""
+    def __init__(
+        self,
+        workdir: Path,
+        checks: list[dict[str, Any]],
+        extra: str = "",
+        top: dict[str, Any] | None = None,
+        **sections: dict[str, Any],
+    ) -> None:
+        """``extra``: more monitor.toml, as text (``[[maintenance]]`` windows, say); ``top`` and
+        ``sections``: its top-level keys and tables (``cluster={...}``, say)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.listen = f"127.0.0.1:{free_port()}"
         self.url = f"http://{self.listen}"
@@ -33,6 +41,8 @@ class MonitorProcess:
                 server={"listen": self.listen},
                 store={"path": str(workdir / "monitor.sqlite")},
                 log={"file": str(workdir / "monitor.log")},
+                top=top or {},
+                **sections,
             )
             + extra
         )

@@ -1,0 +1,138 @@
+"""The lab's check locations: a ``hamta monitor`` on the internet host and one on the client.
+
+Each watches the service as its clients see it, from its own namespace: the VIP's SMTP (the
+service check), each node's own address on port 25 (the passive node's refusals are "standby",
+the cluster says which is passive) and the lab's DNS; each knows the cluster through the lab's
+ZooKeeper and credentials (``[cluster]``) and publishes its verdicts there under its location.
+They start in the background (``lab up`` does not wait for them) and are recorded in
+``lab.json`` like every process of the lab, so ``down`` ends them. ``verdicts`` reads each
+one's store with ``hamta monitor status --json`` (the lab never imports the monitor).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Final
+
+from cluster.lab.configs import render_toml
+from cluster.lab.site import LabError, LabSite, Launcher
+from cluster.lab.topology import CLIENT, DNS_PORT, INTERNET, MAIL_DOMAINS, NODES, SMTP_PORT
+
+LOCATIONS: Final = (INTERNET, CLIENT)
+_FAST: Final = {"interval": "1s", "timeout": "0.9s", "failure_threshold": 1, "success_threshold": 1}
+
+
+def monitor_dir(site: LabSite, location: str) -> Path:
+    return site.directory / f"monitor-{location}"
+
+
+def monitor_config(site: LabSite, location: str) -> str:
+    """``monitor.toml`` of the monitor at ``location`` (a host of the lab)."""
+    directory = monitor_dir(site, location)
+    topology = site.topology
+    head = render_toml(
+        {
+            "server": {"listen": "127.0.0.1:8026"},
+            "store": {"path": directory / "monitor.sqlite"},
+            "log": {"file": directory / "monitor.log"},
+            "dns": {"nameservers": [f"{site.address(INTERNET)}:{DNS_PORT}"]},
+            "cluster": {
+                "zookeeper": topology.zookeeper_hosts,
+                "cluster": "lab",
+                "credentials": site.credentials_path,
+                "poll_every": "1s",
+                "publish_every": "5s",
+                "failover_grace": "10s",
+            },
+        }
+    )
+    vip = str(topology.vip.ip)
+    checks: list[dict[str, Any]] = [
+        {"name": "vip-smtp", "kind": "smtp", "host": vip, "port": SMTP_PORT, "service": True},
+        *(
+            {"name": f"{node}-smtp", "kind": "smtp", "host": site.address(node), "node": node}
+            for node in NODES
+        ),
+        {"name": "dns", "kind": "dns", "domain": MAIL_DOMAINS[0], "interval": "5s"},
+    ]
+    body = "".join(
+        "[[checks]]\n" + render_toml({"_": {**_FAST, **check}}).split("\n", 1)[1]
+        for check in checks
+    )
+    return f"location = {json.dumps(location)}\n{head}{body}"
+
+
+class Monitors:
+    """Writes the monitors' configurations, starts them, and reads their verdicts."""
+
+    def __init__(self, site: LabSite, launcher: Launcher) -> None:
+        self._site = site
+        self._launcher = launcher
+
+    def start(self) -> None:
+        """Start both monitors in their namespaces, without waiting for them."""
+        site = self._site
+        for location in LOCATIONS:
+            directory = monitor_dir(site, location)
+            directory.mkdir(parents=True, exist_ok=True)
+            config = directory / "monitor.toml"
+            config.write_text(monitor_config(site, location))
+            argv = site.module_argv("hamtactl", "monitor", "run", "--config", str(config))
+            try:
+                self._launcher.spawn(
+                    f"monitor-{location}",
+                    location,
+                    argv,
+                    directory / "monitor.out",
+                    env=site.env(),
+                    cwd=directory,
+                )
+            except OSError as exc:
+                raise LabError(f"cannot start the monitor on {location}: {exc}") from None
+
+    def verdicts(self, timeout: float = 15.0) -> dict[str, Any]:
+        """Each location's checks as ``hamta monitor status --json`` reads them from its store."""
+        site = self._site
+        found: dict[str, Any] = {}
+        for location in LOCATIONS:
+            config = monitor_dir(site, location) / "monitor.toml"
+            if not config.exists():
+                found[location] = None
+                continue
+            argv = site.module_argv("hamtactl", "monitor", "status", "--json", "--config")
+            try:
+                done = subprocess.run(
+                    [*argv, str(config)],
+                    env=site.env(),
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=False,
+                )
+                found[location] = json.loads(done.stdout) if done.returncode == 0 else None
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                found[location] = None
+        return found
+
+
+def format_verdicts(verdicts: dict[str, Any]) -> list[str]:
+    """One table: a row per check, a column per location."""
+    locations = list(verdicts)
+    names: list[str] = []
+    for rows in verdicts.values():
+        for row in rows or []:
+            if row["name"] not in names:
+                names.append(row["name"])
+    if not names:
+        return ["monitors: no verdicts yet (" + ", ".join(locations) + ")"]
+    width = max(len(name) for name in names) + 2
+    lines = ["monitors:", " " * (width + 2) + "".join(f"{loc:<10}" for loc in locations)]
+    for name in names:
+        cells = []
+        for location in locations:
+            states = {row["name"]: row["state"] for row in verdicts[location] or []}
+            cells.append(f"{states.get(name, '-'):<10}")
+        lines.append(f"  {name:<{width}}" + "".join(cells))
+    return lines
