@@ -132,7 +132,7 @@ def faults(workdir: Path, interval: float, threshold: int, timeout: float) -> di
     namespace = Namespace() if why_not is None else None
     blocked_how = "nftables drop in netns hh5mon" if namespace else f"closed port ({why_not})"
     ports = free_ports("127.0.0.1", 4, set())
-    tls_peer = Peer("127.0.0.1", ports[0])
+    tls_peer = Peer(workdir / "tls-peer.log", "127.0.0.1", ports[0])
     dnsmasq = Dnsmasq(workdir, ports[1])
     relay = Relay(workdir / "relay", ports[2], ports[3])
     mx_good = ["mx-host=bench.test,mx1.bench.test,10", "host-record=mx1.bench.test,192.0.2.10"]
@@ -142,9 +142,9 @@ def faults(workdir: Path, interval: float, threshold: int, timeout: float) -> di
         if namespace is not None:
             namespace.__enter__()
         blocked_peer = (
-            Peer(NS_ADDRESS, 25, netns="hh5mon")
+            Peer(workdir / "peer.log", NS_ADDRESS, 25, netns="hh5mon")
             if namespace
-            else Peer("127.0.0.1", free_ports("127.0.0.1", 1, set(ports))[0])
+            else Peer(workdir / "peer.log", "127.0.0.1", free_ports("127.0.0.1", 1, set(ports))[0])
         )
         monitor: Monitor | None = None
         try:
@@ -217,7 +217,7 @@ def load(workdir: Path, count: int, interval: float, seconds: float) -> dict[str
     certs = Certificates(workdir)
     valid = certs.issue("valid", NAME, -1, 90)
     ports = free_ports("127.0.0.1", 4, set())
-    peers = [Peer("127.0.0.1", port) for port in ports]
+    peers = [Peer(workdir / f"peer-{port}.log", "127.0.0.1", port) for port in ports]
     checks: list[dict[str, Any]] = []
     common = {"interval": f"{interval}s", "timeout": f"{min(interval, 5)}s"}
     for number in range(count):

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from relay_common import BenchError, child_env, stop_child, wait_for_smtp
+from relay_common import BenchError, child_env, log_tail, stop_child, wait_for_smtp
 
 from cluster.lab.configs import render_toml
 from cluster.lab.dns import dnsmasq_argv
@@ -98,8 +98,8 @@ class Certificates:
 class Peer:
     """``python -m aiosmtpd`` on ``host:port`` (in ``netns`` when given); STARTTLS with a cert."""
 
-    def __init__(self, host: str, port: int, *, netns: str | None = None) -> None:
-        self.host, self.port, self.netns = host, port, netns
+    def __init__(self, log: Path, host: str, port: int, *, netns: str | None = None) -> None:
+        self.log, self.host, self.port, self.netns = log, host, port, netns
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, cert: tuple[Path, Path] | None = None) -> None:
@@ -109,17 +109,24 @@ class Peer:
             argv += ["--tlscert", str(cert[0]), "--tlskey", str(cert[1]), "--no-requiretls"]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
-        self.proc = subprocess.Popen(
-            argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        proc = self.proc
-        deadline = time.monotonic() + START_SECONDS
-        wait_for_smtp(self.host, self.port, deadline, lambda: proc.poll() is None)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=log
+            )
+        _started(self.proc, self.host, self.port, self.log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             stop_child(self.proc)
         self.proc = None
+
+
+def _started(proc: subprocess.Popen[bytes], host: str, port: int, log: Path) -> None:
+    """Wait for the 220 of what ``proc`` serves; a BenchError quotes its stderr if it died."""
+    try:
+        wait_for_smtp(host, port, time.monotonic() + START_SECONDS, lambda: proc.poll() is None)
+    except BenchError as exc:
+        raise BenchError(f"{exc}: {log_tail(log)}") from None
 
 
 def _run(*argv: str, stdin: str | None = None) -> None:
@@ -216,12 +223,12 @@ class Relay:
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "hamtactl", "serve", "--config", str(self.config)]
-        self.proc = subprocess.Popen(
-            argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        proc = self.proc
-        deadline = time.monotonic() + START_SECONDS
-        wait_for_smtp("127.0.0.1", self.port, deadline, lambda: proc.poll() is None)
+        log_path = self.workdir / "stderr"
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=log
+            )
+        _started(self.proc, "127.0.0.1", self.port, log_path)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
