@@ -19,8 +19,9 @@ from hamta.config import ConfigError
 from monitor.checks import run_check
 from monitor.checks.round_trip import PROBE_HEADER
 from monitor.config import parse_monitor_config
+from monitor.engine import thresholds
 from monitor.observation import CheckContext, Observation, SystemClock
-from monitor.verdicts import Outcome
+from monitor.verdicts import CheckState, Outcome, State, next_state
 from tests.support.monitor_peers import Tarpit, render_checks
 from tests.support.relay import RelayProcess
 from tests.support.sink import Delivered, RecordingSink
@@ -30,7 +31,7 @@ class MaildirSink(RecordingSink):
     """A recording sink that also writes each message into ``maildir/new``, one file each."""
 
     def __init__(self, maildir: Path) -> None:
-        super().__init__()
+        super().__init__(slow_seconds=1.0)  # for slow* recipients only
         self.maildir = maildir
         for sub in ("new", "cur", "tmp"):
             (maildir / sub).mkdir(parents=True, exist_ok=True)
@@ -100,12 +101,40 @@ def test_success_is_timed_and_the_probe_removed(path: dict[str, Any]) -> None:
 
 
 def test_followed_in_the_log_alone(path: dict[str, Any]) -> None:
-    seen = observe(path["relay"], relay_log=str(path["relay"].log_path))
+    # Looked at once a second: the time is the log line's, not when the line was read.
+    seen = observe(path["relay"], relay_log=str(path["relay"].log_path), poll=1.0)
     assert seen.outcome is Outcome.SUCCESS, seen.detail
     assert seen.facts["stage"] == "delivered"
+    assert isinstance(seen.facts["delivered_seconds"], float)
+    assert seen.facts["delivered_seconds"] < 0.9 and seen.seconds >= 1.0
     assert f"delivered {seen.facts['delivered_seconds']:.2f}s to" in seen.detail
     for leftover in path["maildir"].glob("new/*"):  # delivered, not looked for: tidy up
         leftover.unlink()
+
+
+def test_a_slow_round_trip_is_degraded(path: dict[str, Any]) -> None:
+    # The sink holds RCPT of slow* for 1 s: through, but slower than degraded_after.
+    seen = observe(
+        path["relay"],
+        mailbox=str(path["maildir"]),
+        recipient="slow@probe.test",
+        degraded_after=0.5,
+    )
+    assert seen.outcome is Outcome.SUCCESS, seen.detail
+    assert seen.seconds > 1.0 and seen.facts["stage"] == "arrived"
+    check = parse_monitor_config(
+        render_checks(
+            [
+                {"name": "rt", "kind": "round_trip", "host": "h", "sender": "a@b.c"}
+                | {"recipient": "p@q.r", "mailbox": str(path["maildir"])}
+                | {"degraded_after": 0.5}
+            ]
+        )
+    ).checks[0]
+    after, _ = next_state(
+        "rt", CheckState(State.UP), seen.outcome, seen.seconds, 0, "", thresholds(check)
+    )
+    assert after.state is State.DEGRADED
 
 
 def test_refused_names_the_reply(tmp_path: Path) -> None:

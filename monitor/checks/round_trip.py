@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -104,10 +106,12 @@ def _probe_of(path: Path) -> str | None:
     return None
 
 
-def sweep_mailbox(mailbox: Path, check: str, token: str) -> tuple[bool, list[str]]:
-    """Remove this check's probes from ``mailbox``: (the one of ``token`` was there, problems)."""
+def sweep_mailbox(mailbox: Path, check: str, token: str) -> tuple[float | None, list[str]]:
+    """Remove this check's probes from ``mailbox``: (when the one of ``token`` was written,
+    as a wall time, None if it is not there; problems)."""
     folders = [mailbox / "new", mailbox / "cur"] if (mailbox / "new").is_dir() else [mailbox]
-    found, problems = False, []
+    found: float | None = None
+    problems: list[str] = []
     for folder in folders:
         try:
             files = [entry for entry in folder.iterdir() if entry.is_file()]
@@ -118,7 +122,10 @@ def sweep_mailbox(mailbox: Path, check: str, token: str) -> tuple[bool, list[str
             probe = _probe_of(file)
             if probe is None or probe.split(" ")[0] != check:
                 continue  # another's mail, or another check's probe: not ours to remove
-            found = found or probe == f"{check} {token}"
+            if probe == f"{check} {token}":
+                with contextlib.suppress(OSError):
+                    found = file.stat().st_mtime
+                found = found if found is not None else 0.0
             try:
                 file.unlink()
             except FileNotFoundError:
@@ -138,16 +145,31 @@ class Trail:
     attempts: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
     arrived: float | None = None
 
-    def note(self, events: list[dict[str, Any]], at: float) -> None:
+    def note(self, events: list[dict[str, Any]], at: float, now: float) -> None:
+        """Keep the probe's events, each at the time its line says (``now``: the run's start,
+        wall time), within what is known for sure: after the 250, by the time it was read."""
         for event in events:
             kind = event.get("event")
             if kind not in _ATTEMPT_EVENTS or self.queue_id is None:
                 continue
             if event.get("queue_id") == self.queue_id and event.get("recipient") == self.recipient:
-                self.attempts[str(kind)] = (at, event)
+                self.attempts[str(kind)] = (self.within(_wall(event) - now, at), event)
+
+    def within(self, seconds: float, seen: float) -> float:
+        """``seconds`` (from another clock: a log line's, a file's) clamped to what was seen."""
+        return min(max(seconds, self.accepted), seen)
 
     def last(self, kind: str) -> tuple[float, dict[str, Any]] | None:
         return self.attempts.get(kind)
+
+
+def _wall(event: dict[str, Any]) -> float:
+    """The wall time of a relay's log line (its ``ts``); infinity when it has none."""
+    try:
+        stamp = datetime.datetime.fromisoformat(str(event["ts"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return math.inf  # clamped to when it was read
+    return stamp.timestamp()
 
 
 def _reply(event: dict[str, Any]) -> str:
@@ -193,13 +215,16 @@ async def run_round_trip(check: RoundTripCheck, context: CheckContext, found: Fi
     while True:
         at = loop.time() - start
         if tail is not None:
-            trail.note(await asyncio.to_thread(tail.read), at)
+            trail.note(await asyncio.to_thread(tail.read), at, context.now)
         if check.mailbox is not None:
             arrived, problems = await asyncio.to_thread(
                 sweep_mailbox, check.mailbox, check.name, token
             )
-            if arrived:
-                trail.arrived = at
+            if arrived is not None:
+                delivered = trail.last("Delivery")
+                trail.arrived = max(
+                    trail.within(arrived - context.now, at), delivered[0] if delivered else 0.0
+                )
         outcome = _settled(check, trail, found)
         if outcome is not None:
             if problems:
