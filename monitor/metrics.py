@@ -1,4 +1,5 @@
-"""The monitor's Prometheus metrics, per check: up, latency, days to certificate expiry."""
+"""The monitor's Prometheus metrics, per check: up, latency, days to certificate expiry, and
+the round trip's steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from monitor.observation import Observation
 from monitor.verdicts import SERVING, CheckState, State
 
 STATES = tuple(State)
+# The round-trip check's facts ``<step>_seconds`` (monitor.checks.round_trip).
+ROUND_TRIP_STEPS = ("accepted", "delivered", "arrived")
 
 
 class MonitorMetrics:
@@ -43,6 +46,13 @@ class MonitorMetrics:
             labels,
             registry=self.registry,
         )
+        self.round_trip = Gauge(
+            "hamta_monitor_round_trip_seconds",
+            "The last round-trip probe's time from sending to each step it reached"
+            " (accepted, delivered, arrived)",
+            [*labels, "step"],
+            registry=self.registry,
+        )
         self.runs = Counter(
             "hamta_monitor_check_runs",
             "Runs of the check by outcome",
@@ -66,6 +76,10 @@ class MonitorMetrics:
         days = observation.facts.get("days_to_expiry")
         if isinstance(days, int | float) and not isinstance(days, bool):
             self.expiry.labels(*labels).set(days)
+        for step in ROUND_TRIP_STEPS:
+            seconds = observation.facts.get(f"{step}_seconds")
+            if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                self.round_trip.labels(*labels, step).set(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
