@@ -17,7 +17,7 @@ import pytest
 
 from hamta.config import ConfigError
 from monitor.checks import run_check
-from monitor.checks.round_trip import PROBE_HEADER
+from monitor.checks.round_trip import PROBE_HEADER, Trail
 from monitor.config import parse_monitor_config
 from monitor.engine import thresholds
 from monitor.metrics import MonitorMetrics
@@ -164,6 +164,7 @@ def test_refused_names_the_reply(tmp_path: Path) -> None:
         relay.stop()
     assert seen.outcome is Outcome.FAILURE
     assert seen.detail == "refused: RCPT TO 554 5.7.1 Relay access denied", seen.detail
+    assert seen.facts["stage"] == "refused"
 
 
 def test_deferred_names_the_reason(path: dict[str, Any]) -> None:
@@ -240,3 +241,17 @@ def test_bad_definitions_name_the_check_and_key(keys: dict[str, Any], message: s
     check.setdefault("recipient", "p@probe.test")
     with pytest.raises(ConfigError, match=message):
         parse_monitor_config(render_checks([{**check, **keys}]))
+
+
+def test_followed_by_message_id_when_the_250_names_no_queue_id() -> None:
+    # Another relay's 250 may name no queue id: its lines are matched by the probe's Message-ID,
+    # and a line's time ("ts") is kept within what was seen (after the 250, by the read).
+    trail = Trail(None, "<t.probe@m.test>", "p@probe.test", 0.1)
+    ours = {"event": "Delivery", "message_id": "<t.probe@m.test>", "recipient": "p@probe.test"}
+    other = {**ours, "message_id": "<other@m.test>", "response": "not ours"}
+    trail.note([other, {**ours, "ts": "2026-01-01T00:00:00.300000Z"}], 0.5, 1767225600.0)
+    seen = trail.last("Delivery")
+    assert seen is not None and seen[1]["message_id"] == "<t.probe@m.test>"
+    assert seen[0] == pytest.approx(0.3)
+    trail.note([{**ours, "ts": "2026-01-01T00:00:09Z"}], 0.6, 1767225600.0)
+    assert trail.last("Delivery") == (0.6, {**ours, "ts": "2026-01-01T00:00:09Z"})

@@ -42,13 +42,17 @@ _HEAD_BYTES = 16 * 1024
 _ATTEMPT_EVENTS = ("Delivery", "TransientFailure", "Bounce", "Expiration")
 
 
+def message_id(check: RoundTripCheck, token: str) -> str:
+    return f"<{token}.probe@{check.ehlo_name}>"
+
+
 def probe_message(check: RoundTripCheck, token: str, now: float) -> bytes:
     message = EmailMessage()
     message["From"] = check.sender
     message["To"] = check.recipient
     message["Subject"] = f"hamta round-trip probe {check.name}"
     message["Date"] = formatdate(now)
-    message["Message-ID"] = f"<{token}.probe@{check.ehlo_name}>"
+    message["Message-ID"] = message_id(check, token)
     message[PROBE_HEADER] = f"{check.name} {token}"
     message.set_content("A probe of the mail path; the monitor removes it when it arrives.\n")
     return message.as_bytes(policy=SMTP_POLICY)
@@ -140,6 +144,7 @@ class Trail:
     """What was seen of the probe, and when (seconds after it was sent)."""
 
     queue_id: str | None
+    message_id: str
     recipient: str
     accepted: float
     attempts: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
@@ -150,9 +155,11 @@ class Trail:
         wall time), within what is known for sure: after the 250, by the time it was read."""
         for event in events:
             kind = event.get("event")
-            if kind not in _ATTEMPT_EVENTS or self.queue_id is None:
+            if kind not in _ATTEMPT_EVENTS or event.get("recipient") != self.recipient:
                 continue
-            if event.get("queue_id") == self.queue_id and event.get("recipient") == self.recipient:
+            # By the queue id of the 250, or, if the reply named none, by the Message-ID.
+            ours = event.get("queue_id") == self.queue_id if self.queue_id else None
+            if ours or (ours is None and event.get("message_id") == self.message_id):
                 self.attempts[str(kind)] = (self.within(_wall(event) - now, at), event)
 
     def within(self, seconds: float, seen: float) -> float:
@@ -178,6 +185,11 @@ def _reply(event: dict[str, Any]) -> str:
     return f"{code} {text}".strip() if code else text or "no reply"
 
 
+def _refused(found: Findings, reply: str) -> CheckFailedError:
+    found.facts["stage"] = "refused"
+    return CheckFailedError(f"refused: {reply}")
+
+
 async def _send(check: RoundTripCheck, message: bytes, found: Findings) -> str:
     """Send the probe; the 250's text, or CheckFailedError "refused: ..." with the reply."""
     client, _ = await open_session(
@@ -187,12 +199,12 @@ async def _send(check: RoundTripCheck, message: bytes, found: Findings) -> str:
         try:
             _, reply = await client.sendmail(check.sender, [check.recipient], message)
         except aiosmtplib.SMTPSenderRefused as exc:
-            raise CheckFailedError(f"refused: MAIL FROM {exc.code} {exc.message}") from None
+            raise _refused(found, f"MAIL FROM {exc.code} {exc.message}") from None
         except aiosmtplib.SMTPRecipientsRefused as exc:
             first = exc.recipients[0]
-            raise CheckFailedError(f"refused: RCPT TO {first.code} {first.message}") from None
+            raise _refused(found, f"RCPT TO {first.code} {first.message}") from None
         except aiosmtplib.SMTPDataError as exc:
-            raise CheckFailedError(f"refused: DATA {exc.code} {exc.message}") from None
+            raise _refused(found, f"DATA {exc.code} {exc.message}") from None
         # The message was accepted; a rude goodbye changes nothing of it.
         with contextlib.suppress(aiosmtplib.SMTPException):
             await client.quit()
@@ -208,7 +220,8 @@ async def run_round_trip(check: RoundTripCheck, context: CheckContext, found: Fi
     tail = LogTail.at_end(check.relay_log) if check.relay_log is not None else None
     reply = await _send(check, probe_message(check, token, context.now), found)
     match = _QUEUED_AS.search(reply)
-    trail = Trail(match.group(1) if match else None, check.recipient, loop.time() - start)
+    queue_id = match.group(1) if match else None
+    trail = Trail(queue_id, message_id(check, token), check.recipient, loop.time() - start)
     found.facts.update(accepted_seconds=round(trail.accepted, 3), queue_id=trail.queue_id)
     follow_until = start + check.timeout * 0.9
     problems: list[str] = []
