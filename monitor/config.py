@@ -268,11 +268,67 @@ class RelayCheck(_CheckBase):
         return value.rstrip("/")
 
 
+class RoundTripCheck(_CheckBase, _TlsOptions):
+    """A probe message through ``host:port`` to ``recipient``, followed to its delivery.
+
+    Followed in the relay's event log (``relay_log``: its Reception, Delivery and
+    TransientFailure lines), in the probe mailbox (``mailbox``: a Maildir, or a directory of
+    one file a message), or both: then it has arrived only when it is in the mailbox.
+    """
+
+    kind: Literal["round_trip"]
+    host: str
+    port: Port = 25
+    ehlo_name: str = "monitor.invalid"
+    starttls: bool = False
+    login: Login | None = None
+    sender: str
+    recipient: str
+    relay_log: Path | None = None
+    mailbox: Path | None = None
+    interval: PositiveSeconds = 5 * MINUTE
+    timeout: PositiveSeconds = 2 * MINUTE
+    # A round trip crosses a queue and a second MTA: slower than a session is normal.
+    degraded_after: PositiveSeconds = MINUTE
+    # How often the log and the mailbox are looked at while the probe is on its way.
+    poll: PositiveSeconds = 1.0
+
+    @field_validator("sender", "recipient")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        local, at, domain = value.rpartition("@")
+        if not at or not local or not domain or any(c in value for c in "<> \t\r\n"):
+            raise ValueError(f"not a mail address: {value!r}")
+        return value
+
+    @field_validator("mailbox")
+    @classmethod
+    def _directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no such directory: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _followed(self) -> RoundTripCheck:
+        if self.relay_log is None and self.mailbox is None:
+            raise ValueError("give relay_log, mailbox or both: how the probe is followed")
+        if self.login is not None and not self.starttls:
+            raise ValueError("login needs starttls = true: no password goes in the clear")
+        return self
+
+
 Check = Annotated[
-    SmtpCheck | SubmissionCheck | SmtpsCheck | TlsCheck | DnsCheck | AuthRecordsCheck | RelayCheck,
+    SmtpCheck
+    | SubmissionCheck
+    | SmtpsCheck
+    | TlsCheck
+    | DnsCheck
+    | AuthRecordsCheck
+    | RelayCheck
+    | RoundTripCheck,
     Field(discriminator="kind"),
 ]
-KINDS = ("smtp", "submission", "smtps", "tls", "dns", "auth_records", "relay")
+KINDS = ("smtp", "submission", "smtps", "tls", "dns", "auth_records", "relay", "round_trip")
 
 
 class ServerConfig(_Model):
@@ -384,7 +440,7 @@ class MonitorConfig(_Model):
         targets = {
             c.host.lower(): c.name
             for c in info.data.get("checks", [])
-            if c.kind in ("smtp", "submission", "smtps", "tls")
+            if c.kind in ("smtp", "submission", "smtps", "tls", "round_trip")
         }
         for name, notifier in value.items():
             if isinstance(notifier, EmailNotifier):

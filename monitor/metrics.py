@@ -1,5 +1,6 @@
-"""The monitor's Prometheus metrics: per check (up, latency, days to certificate expiry) and of
-the alerting (notifications sent, failed and dropped per notifier; open incidents by severity).
+"""The monitor's Prometheus metrics: per check (up, latency, days to certificate expiry, the round
+trip's steps) and of the alerting (notifications sent, failed and dropped per notifier; open
+incidents by severity).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class _NotificationCollector(Collector):
         yield retries
 
 
+# The round-trip check's facts ``<step>_seconds`` (monitor.checks.round_trip).
+ROUND_TRIP_STEPS = ("accepted", "delivered", "arrived")
+
+
 class MonitorMetrics:
     """A registry of its own (several monitors in one test process must not share one)."""
 
@@ -101,6 +106,13 @@ class MonitorMetrics:
             labels,
             registry=self.registry,
         )
+        self.round_trip = Gauge(
+            "hamta_monitor_round_trip_seconds",
+            "The last round-trip probe's time from sending to each step it reached"
+            " (accepted, delivered, arrived)",
+            [*labels, "step"],
+            registry=self.registry,
+        )
         self.runs = Counter(
             "hamta_monitor_check_runs",
             "Runs of the check by outcome",
@@ -124,6 +136,10 @@ class MonitorMetrics:
         days = observation.facts.get("days_to_expiry")
         if isinstance(days, int | float) and not isinstance(days, bool):
             self.expiry.labels(*labels).set(days)
+        for step in ROUND_TRIP_STEPS:
+            seconds = observation.facts.get(f"{step}_seconds")
+            if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                self.round_trip.labels(*labels, step).set(seconds)
 
     def open_incidents(self, by_severity: Mapping[Severity, int]) -> None:
         """The store's open incidents, counted at a scrape (an ack or a resolve by another

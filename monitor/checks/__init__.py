@@ -19,6 +19,7 @@ import aiosmtplib
 from monitor.checks.auth_records import run_auth_records
 from monitor.checks.dns import run_dns
 from monitor.checks.relay import run_relay
+from monitor.checks.round_trip import run_round_trip
 from monitor.checks.smtp import run_smtp
 from monitor.checks.tls import run_tls
 from monitor.config import Check
@@ -42,6 +43,7 @@ RUNNERS: dict[str, Callable[[Any, CheckContext, Findings], Awaitable[str]]] = {
     "dns": run_dns,
     "auth_records": run_auth_records,
     "relay": run_relay,
+    "round_trip": run_round_trip,
 }
 
 

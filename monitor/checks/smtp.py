@@ -16,7 +16,7 @@ import ssl
 import aiosmtplib
 
 from monitor.checks.tls import client_context
-from monitor.config import SmtpCheck, SmtpsCheck, SubmissionCheck
+from monitor.config import Login, RoundTripCheck, SmtpCheck, SmtpsCheck, SubmissionCheck
 from monitor.observation import CheckContext, CheckFailedError, Findings
 
 SmtpLike = SmtpCheck | SubmissionCheck | SmtpsCheck
@@ -40,6 +40,24 @@ async def _connect(host: str, port: int) -> socket.socket:
 
 async def run_smtp(check: SmtpLike, context: CheckContext, found: Findings) -> str:
     """Walk the session; the one-line detail, or CheckFailedError naming the step that failed."""
+    starttls = check.kind == "submission" or (isinstance(check, SmtpCheck) and check.starttls)
+    login = isinstance(check, SubmissionCheck | SmtpsCheck)
+    client, steps = await open_session(check, found, starttls=starttls, auth=login)
+    try:
+        await client.quit()
+    finally:
+        client.close()
+    return ", ".join(steps)
+
+
+async def open_session(
+    check: SmtpLike | RoundTripCheck, found: Findings, *, starttls: bool, auth: bool
+) -> tuple[aiosmtplib.SMTP, list[str]]:
+    """Connect, banner, EHLO, TLS (implicit for smtps, else STARTTLS if asked), AUTH if asked.
+
+    The open client (the caller quits and closes it) and the steps passed, one word or so each;
+    CheckFailedError names the step that failed. The round-trip check sends through it.
+    """
     name = check.server_name or check.host
     implicit = check.kind == "smtps"
     tls = client_context(check.ca_file)
@@ -65,7 +83,7 @@ async def run_smtp(check: SmtpLike, context: CheckContext, found: Findings) -> s
         await _ehlo(client)
         if implicit:
             steps.append(_tls_step(client, found))
-        elif check.kind == "submission" or (isinstance(check, SmtpCheck) and check.starttls):
+        elif starttls:
             if not client.supports_extension("starttls"):
                 raise CheckFailedError("STARTTLS not offered")
             try:
@@ -78,12 +96,13 @@ async def run_smtp(check: SmtpLike, context: CheckContext, found: Findings) -> s
                 raise CheckFailedError(f"STARTTLS failed: {exc}") from None
             steps.append(f"STARTTLS {_tls_step(client, found)}")
             await _ehlo(client)
-        if isinstance(check, SubmissionCheck | SmtpsCheck):
-            steps.append(await _auth(client, check, found))
-        await client.quit()
-    finally:
+        if auth:
+            login_as = None if isinstance(check, SmtpCheck) else check.login
+            steps.append(await _auth(client, login_as, found))
+    except BaseException:
         client.close()
-    return ", ".join(steps)
+        raise
+    return client, steps
 
 
 async def _ehlo(client: aiosmtplib.SMTP) -> None:
@@ -101,21 +120,19 @@ def _tls_step(client: aiosmtplib.SMTP, found: Findings) -> str:
     return str(version)
 
 
-async def _auth(
-    client: aiosmtplib.SMTP, check: SubmissionCheck | SmtpsCheck, found: Findings
-) -> str:
+async def _auth(client: aiosmtplib.SMTP, login_as: Login | None, found: Findings) -> str:
     methods = sorted(method.upper() for method in client.server_auth_methods)
     # A bare "AUTH" keyword with no mechanism lets nobody log in either.
     if not client.supports_extension("auth") or not methods:
         raise CheckFailedError("AUTH not advertised after TLS")
     found.facts["auth_methods"] = " ".join(methods)
-    if check.login is None:
+    if login_as is None:
         return f"AUTH {' '.join(methods)}"
     # One mechanism, PLAIN when offered (it is over TLS): a wrong password costs the probe
     # account one failed attempt a run, not one per mechanism the server offers.
     login = client.auth_plain if "PLAIN" in methods else client.auth_login
     try:
-        await login(check.login.username, check.login.password())
+        await login(login_as.username, login_as.password())
     except aiosmtplib.SMTPAuthenticationError as exc:
-        raise CheckFailedError(f"login as {check.login.username} refused: {exc.code}") from None
-    return f"login as {check.login.username} ok"
+        raise CheckFailedError(f"login as {login_as.username} refused: {exc.code}") from None
+    return f"login as {login_as.username} ok"
