@@ -115,6 +115,9 @@ class Fault:
     # The active node must ride the fault out: the runner fails the iteration on any demotion
     # of it or any refused client after the fault.
     steady: ClassVar[bool] = False
+    # Why the profiles leave the scenario out (run it by name with --scenario), when its goal is
+    # not met in the lab yet: a profile is what operators put in their CI, and it must pass.
+    pending: ClassVar[str | None] = None
 
     def inject(self, ctx: FaultContext) -> None:
         """Break something."""
@@ -287,6 +290,10 @@ class ZookeeperRollingRestart(Fault):
     steady = True
     pause = 5.0
     patience = 120.0
+    # Measured: restarting the ensemble's leader leaves ~1.3 s without any answer, and the lab's
+    # 2 s session leaves 1.25 s before the node must demote (5 demotions in 8 iterations; none
+    # with 4 s sessions). The failsafe lease of issue 17 is what makes the goal reachable.
+    pending = "restarting the ZooKeeper leader still demotes with the lab's 2 s sessions"
 
     def inject(self, ctx: FaultContext) -> None:
         for server in ctx.lab.ensemble.servers:
