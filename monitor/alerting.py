@@ -28,8 +28,9 @@ from monitor.incidents import (
     step_targets,
 )
 from monitor.maintenance import Window, active_window
-from monitor.notifiers import Notification, build_senders
+from monitor.notifiers import Notification
 from monitor.notifiers.dispatch import Dispatcher, OnResult
+from monitor.notifiers.senders import build_senders
 from monitor.observation import Clock
 from monitor.store import Store
 from monitor.verdicts import StateChange

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.coordination import CoordinationError, Credentials
 from cluster.zk_acl import split_chroot
 from hamta.config import (
     ConfigError,
@@ -393,8 +394,6 @@ class ClusterLinkConfig(_Model):
     def _credentials(cls, value: Path | None) -> Path | None:
         # Read as the agent reads it (owner-only mode, "user:password"): a wrong file is an
         # error at start, not a link that never comes up.
-        from cluster.coordination import CoordinationError, Credentials  # noqa: PLC0415
-
         if value is not None:
             try:
                 Credentials.from_file(value)

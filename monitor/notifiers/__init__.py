@@ -1,17 +1,15 @@
 """Notifiers: one module per kind, each a :class:`Sender` that raises when a send fails.
 
 Retries, queues and logging are not theirs: monitor.notifiers.dispatch does them, the same for
-every kind. ``build_senders`` makes one sender per configured notifier, in one place.
+every kind. ``monitor.notifiers.senders.build_senders`` makes one sender per configured
+notifier, in one place.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
-
-import aiohttp
 
 
 class NotifierError(Exception):
@@ -67,39 +65,3 @@ class Notification:
 
 class Sender(Protocol):
     async def send(self, note: Notification) -> None: ...
-
-
-def build_senders(
-    notifiers: Mapping[str, object], session: aiohttp.ClientSession
-) -> dict[str, Sender]:
-    """One sender per configured notifier (``MonitorConfig.notifiers``)."""
-    from monitor.alerting_config import (  # noqa: PLC0415 - the models import nothing of ours
-        EmailNotifier,
-        PagerDutyNotifier,
-        SlackNotifier,
-        TeamsNotifier,
-        WebhookNotifier,
-    )
-    from monitor.notifiers.email import EmailSender  # noqa: PLC0415
-    from monitor.notifiers.pagerduty import PagerDutySender  # noqa: PLC0415
-    from monitor.notifiers.slack import SlackSender  # noqa: PLC0415
-    from monitor.notifiers.teams import TeamsSender  # noqa: PLC0415
-    from monitor.notifiers.webhook import WebhookSender  # noqa: PLC0415
-
-    senders: dict[str, Sender] = {}
-    for name, config in notifiers.items():
-        if isinstance(config, WebhookNotifier):
-            senders[name] = WebhookSender(session, config.url, config.timeout, config.headers)
-        elif isinstance(config, SlackNotifier):
-            senders[name] = SlackSender(session, config.url, config.timeout)
-        elif isinstance(config, TeamsNotifier):
-            senders[name] = TeamsSender(session, config.url, config.timeout)
-        elif isinstance(config, PagerDutyNotifier):
-            senders[name] = PagerDutySender(
-                session, config.url, config.timeout, config.routing_key(), config.source
-            )
-        elif isinstance(config, EmailNotifier):
-            senders[name] = EmailSender(config)
-        else:
-            raise TypeError(f"notifier {name!r}: no sender for {config!r}")
-    return senders
