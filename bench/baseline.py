@@ -61,6 +61,10 @@ _SBIN_PATH: Final = "/usr/sbin:/usr/bin:/sbin:/bin"
 _QUEUES: Final = ("incoming", "active", "deferred", "hold", "maildrop")
 
 
+# The pid files of keepalived, its VRRP child and its checkers (--pid, --vrrp_pid, --checkers_pid).
+_PID_FILES = ("keepalived.pid", "vrrp.pid", "checkers.pid")
+
+
 class BaselineError(Exception):
     """The baseline cannot be set up or did not behave; the message says why."""
 
@@ -383,6 +387,12 @@ class KeepalivedPostfix:
             raise BaselineError(f"{node} still runs processes {self.lab.node_pids(node)}")
         files = self.files[node]
         self._seen[node] = len(self._lines(node))
+        # A killed keepalived leaves its pid files, and its VRRP child, orphaned by the SIGKILL,
+        # may still be a zombie awaiting this machine's init: keepalived then refuses to start
+        # ("daemon is already running") although no process of the node is left (checked above).
+        # A node started again after a kill is a machine booted again: its /run is empty.
+        for name in _PID_FILES:
+            (files.directory / name).unlink(missing_ok=True)
         argv = [
             shutil.which("keepalived", path=_SBIN_PATH) or "keepalived",
             "--vrrp",
@@ -393,11 +403,11 @@ class KeepalivedPostfix:
             "--use-file",
             str(files.conf),
             "--pid",
-            str(files.directory / "keepalived.pid"),
+            str(files.directory / _PID_FILES[0]),
             "--vrrp_pid",
-            str(files.directory / "vrrp.pid"),
+            str(files.directory / _PID_FILES[1]),
             "--checkers_pid",
-            str(files.directory / "checkers.pid"),
+            str(files.directory / _PID_FILES[2]),
         ]
         with files.keepalived_log.open("ab") as log:
             self._keepalived[node] = self.lab.popen(

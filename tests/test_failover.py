@@ -40,7 +40,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
     built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
     try:
-        built.up(wait=90.0)
+        built.up(wait=90.0, monitors=False)
         yield built
     finally:
         built.down()

@@ -47,7 +47,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One lab (no agents) shared by the tests that only look at it or clean up after them."""
     built = make_lab(tmp_path_factory.mktemp("lab") / "lab")
     try:
-        built.up(wait=60.0, agents=False)
+        built.up(wait=60.0, agents=False, monitors=False)
         yield built
     finally:
         built.down()
@@ -340,7 +340,7 @@ def test_spool_mounts_stay_private_to_their_node(lab: Lab, tmp_path: Path) -> No
 def test_the_pair_elects_one_active_node_that_relays_to_the_sink(tmp_path: Path) -> None:
     lab = make_lab(tmp_path / "lab", "hlx", "198.19.244.0/24")
     try:
-        lab.up(wait=60.0)
+        lab.up(wait=60.0, monitors=False)
         active = lab.active_node()
         assert active in NODES
         assert lab.vip_holders() == [active]
@@ -388,10 +388,10 @@ def test_down_leaves_nothing_behind_and_twice_is_fine(tmp_path: Path) -> None:
     # Its own prefix and subnet: the module's lab is still up.
     lab = make_lab(tmp_path / "lab", "hlu", "198.19.241.0/24")
     try:
-        lab.up(wait=60.0, agents=False)
+        lab.up(wait=60.0, agents=False)  # the monitors too: down must end them as well
         device, image = lab.loop_device, lab.image_path
         pids = [pid for host in HOSTS for pid in lab.node_pids(host)]
-        assert len(pids) == 5  # three ZooKeeper servers, dnsmasq, the sink
+        assert len(pids) == 7  # three ZooKeeper servers, dnsmasq, the sink, two monitors
     finally:
         lab.down()
     assert lab_leftovers(lab, pids, device, image) == []
@@ -408,7 +408,7 @@ def test_down_leaves_nothing_behind_and_twice_is_fine(tmp_path: Path) -> None:
 def test_down_from_another_process_after_a_crash(tmp_path: Path) -> None:
     lab = make_lab(tmp_path / "lab", "hlv", "198.19.242.0/24")
     try:
-        lab.up(wait=60.0, agents=False)
+        lab.up(wait=60.0, agents=False, monitors=False)
         device, image = lab.loop_device, lab.image_path
         recorded = json.loads((tmp_path / "lab" / "lab.json").read_text())["processes"]
         # A process nobody recorded (an operator's shell, say) inside the lab.
