@@ -335,9 +335,12 @@ class Agent:
         self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
-        if before.role is not self.state.role or before.steps != self.state.steps:
+        moved = before.role is not self.state.role or before.steps != self.state.steps
+        if moved and snapshot.cluster.session is Session.CONNECTED:
             # Before the next step: the peer must see that this node no longer holds anything
-            # before leadership goes, or it would fence a node that stepped down cleanly.
+            # before leadership goes, or it would fence a node that stepped down cleanly. Not
+            # when this snapshot found the servers silent (kazoo may still say connected): the
+            # write would hold the urgent drain back until kazoo gives up, past the deadline.
             await self._publish()
         for action in decision.actions:
             self._start(action)
