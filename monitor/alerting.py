@@ -32,6 +32,7 @@ from monitor.notifiers import Notification
 from monitor.notifiers.dispatch import Dispatcher, OnResult
 from monitor.notifiers.senders import build_senders
 from monitor.observation import Clock
+from monitor.pause_window import Windows
 from monitor.store import Store
 from monitor.verdicts import StateChange
 
@@ -73,7 +74,8 @@ class Alerting:
     ) -> None:
         self.kinds = {check.name: check.kind for check in checks}
         self.policy = tuple(policy)
-        self.windows = tuple(windows)
+        # Live: the configured windows and the cluster's pause (monitor.pause_window).
+        self.windows = Windows.of(windows)
         self.incidents = incidents
         self.dispatcher = dispatcher
         self.log = log
@@ -233,7 +235,7 @@ def assemble(
     alerting = Alerting(
         config.checks,
         [Step(step.after, tuple(step.notifiers)) for step in config.escalation],
-        [window.window() for window in config.maintenance],
+        Windows([window.window() for window in config.maintenance], config.checks),
         incidents,
         dispatcher,
         log,

@@ -27,6 +27,7 @@ async def _cluster(request: web.Request) -> web.Response:
             "active_since": snapshot.active_since,
             "nodes": list(snapshot.nodes),
             "failovers": list(snapshot.failovers),
+            "paused": dict(snapshot.paused) if snapshot.paused is not None else None,
         }
     )
 

@@ -8,6 +8,7 @@ of another site cannot post it with a plain form (that needs a CORS preflight, r
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ from aiohttp import web
 
 from monitor.incident_store import AckError, IncidentStore
 from monitor.maintenance import Window
+from monitor.pause_window import Windows
 
 
 @dataclass(frozen=True, slots=True)
 class AlertingSources:
     incidents: IncidentStore
-    windows: tuple[Window, ...]
+    windows: Windows  # live: the configured windows and the cluster's pause
 
 
 ALERTING_KEY = web.AppKey("alerting", AlertingSources)
@@ -31,6 +33,7 @@ ALERTING_KEY = web.AppKey("alerting", AlertingSources)
 def window_view(window: Window, now: float) -> dict[str, Any]:
     """A window as the API and the status page show it: what it is, and when it next runs."""
     upcoming = window.upcoming(now)
+    start, end = upcoming if upcoming else (window.start, window.end)
     return {
         "name": window.name,
         "checks": list(window.checks) or "all",
@@ -39,9 +42,11 @@ def window_view(window: Window, now: float) -> dict[str, Any]:
         "time": window.at.isoformat(timespec="minutes") if window.at else None,
         "duration": window.duration if window.recurring else None,
         "timezone": window.zone,
-        "start": upcoming[0] if upcoming else window.start,
-        "end": upcoming[1] if upcoming else window.end,
+        "start": start,
+        "end": None if end is not None and math.isinf(end) else end,  # a pause: until resume
         "active": window.current(now) is not None,
+        "by": window.by or None,
+        "reason": window.reason or None,
     }
 
 
@@ -90,13 +95,13 @@ async def _ack(request: web.Request) -> web.Response:
 async def _maintenance(request: web.Request) -> web.Response:
     now = time.time()
     windows = request.app[ALERTING_KEY].windows
-    return web.json_response({"maintenance": [window_view(w, now) for w in windows]})
+    return web.json_response({"maintenance": [window_view(w, now) for w in windows.shown()]})
 
 
 def add_incident_routes(
     app: web.Application, incidents: IncidentStore, windows: Sequence[Window]
 ) -> None:
-    app[ALERTING_KEY] = AlertingSources(incidents, tuple(windows))
+    app[ALERTING_KEY] = AlertingSources(incidents, Windows.of(windows))
     app.router.add_get("/api/incidents", _incidents)
     app.router.add_get("/api/incidents/{ident}", _incident)
     app.router.add_post("/api/incidents/{ident}/ack", _ack)

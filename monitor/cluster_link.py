@@ -36,6 +36,7 @@ from monitor.failover_rules import (
 )
 from monitor.incident_store import IncidentStore
 from monitor.observation import Clock, Observation
+from monitor.pause_window import PAUSE_WINDOW, Windows
 from monitor.store import Store
 from monitor.verdicts import Outcome, State, StateChange
 
@@ -58,6 +59,7 @@ class ClusterSnapshot:
     nodes: tuple[dict[str, Any], ...] = ()
     failovers: tuple[dict[str, Any], ...] = ()
     locations: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    paused: Mapping[str, Any] | None = None  # ``hamta cluster pause``: {"by", "at", "reason"}
 
     def passive(self, node: str) -> bool:
         """Whether the cluster says ``node`` is up but not the active one (a standby).
@@ -110,6 +112,11 @@ def relabel(observation: Observation, check: Check, snapshot: ClusterSnapshot) -
     return replace(observation, outcome=Outcome.STANDBY, detail=detail[:300])
 
 
+def _pause(view: ClusterView) -> dict[str, Any] | None:
+    paused = view.paused
+    return None if paused is None else {"by": paused.by, "at": paused.at, "reason": paused.reason}
+
+
 def _target(check: Check) -> str:
     for name in ("url", "host", "endpoint", "domain"):
         value = getattr(check, name, None)
@@ -132,6 +139,7 @@ class ClusterLink:
         *,
         then: OnChange | None = None,
         connect: Connect | None = None,
+        windows: Windows | None = None,
     ) -> None:
         self.config = config
         self.location = location
@@ -141,6 +149,8 @@ class ClusterLink:
         self.clock = clock
         self.connect = connect or self._coordinator
         self.then = then  # the alerting's on_change: told of every change but failovers
+        # The alerting's windows: the pause read here is a window of the cluster's checks.
+        self.windows = windows if windows is not None else Windows((), checks)
         self.incidents = IncidentStore(store)
         # Service checks down under the grace (monitor.failover_rules): the interval, and the
         # changes not yet passed on to the alerting.
@@ -231,6 +241,23 @@ class ClusterLink:
                 if (incident.id, key) not in self._noted:
                     self._noted.add((incident.id, key))
                     await self.incidents.note(incident.id, now, event, text)
+
+    def _follow_pause(self, now: float) -> None:
+        """The pause as a maintenance window (monitor.pause_window); one line when it changes."""
+        paused = self.snapshot.paused
+        change = self.windows.follow(paused, now)
+        if change == "opened" and paused is not None:
+            self.log.warning(
+                "MaintenanceFromPause",
+                window=PAUSE_WINDOW,
+                by=paused.get("by"),
+                reason=paused.get("reason"),
+                since=paused.get("at"),
+                checks=list(self.windows.covered),
+                location=self.location,
+            )
+        elif change == "closed":
+            self.log.info("MaintenanceFromPauseEnded", window=PAUSE_WINDOW, location=self.location)
 
     def relabel(self, check: Check, observation: Observation) -> Observation:
         return relabel(observation, check, self.snapshot)
@@ -334,8 +361,10 @@ class ClusterLink:
                 nodes=tuple(shown["nodes"]),
                 failovers=tuple(shown["failovers"]),
                 locations=self._locations(raw),
+                paused=_pause(view),
             )
         )
+        self._follow_pause(now)
         await self._settle(now)
         await self._annotate(now)
 
@@ -361,9 +390,23 @@ class ClusterLink:
 
 
 def cluster_link(
-    config: MonitorConfig, store: Store, log: Any, clock: Clock, then: OnChange | None
+    config: MonitorConfig,
+    store: Store,
+    log: Any,
+    clock: Clock,
+    then: OnChange | None,
+    windows: Windows | None = None,
 ) -> ClusterLink | None:
     """The link of a monitor.toml with a ``[cluster]`` section; None without one."""
     if config.cluster is None:
         return None
-    return ClusterLink(config.cluster, config.location, config.checks, store, log, clock, then=then)
+    return ClusterLink(
+        config.cluster,
+        config.location,
+        config.checks,
+        store,
+        log,
+        clock,
+        then=then,
+        windows=windows,
+    )

@@ -7,9 +7,9 @@ local on both sides of the change, so its instant in UTC moves by an hour; its d
 elapsed time. A start that falls in the hour a spring change skips is read with the offset
 before the change (``fold=0``), i.e. an hour later on the new wall clock.
 
-Windows come from the configuration today; ``hamta cluster pause`` will add one-off windows at
-run time (a source of more :class:`Window` values handed to :func:`active_window` beside the
-configured ones: nothing here needs to change for it).
+Windows come from the configuration, and from ``hamta cluster pause`` at run time (a one-off
+window with an infinite end until ``resume``; monitor.pause_window keeps it beside the
+configured ones).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class Window:
     at: dt.time | None = None
     duration: float = 0.0
     zone: str = "UTC"
+    # A window opened at run time (``hamta cluster pause``): who opened it and why. Its ``end``
+    # is infinite until the pause is lifted.
+    by: str = ""
+    reason: str = ""
 
     def covers(self, check: str) -> bool:
         return not self.checks or check in self.checks

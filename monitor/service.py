@@ -37,7 +37,8 @@ async def serve(config: MonitorConfig) -> int:
     alerting, dispatcher = assemble(config, store, session, log, clock, socket.gethostname())
     # The notification counts are the dispatcher's own, read at each scrape.
     metrics = MonitorMetrics(config.checks, notifications=dispatcher.counts)
-    link = cluster_link(config, store, log, clock, alerting.on_change)  # None: no [cluster]
+    # None without [cluster]; its pause is a window of the alerting's (monitor.pause_window).
+    link = cluster_link(config, store, log, clock, alerting.on_change, alerting.windows)
     engine = Engine(
         config.checks,
         store,

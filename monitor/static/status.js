@@ -221,9 +221,14 @@ function maintenanceItem(window_) {
   const checks = window_.checks === "all" ? "all checks" : window_.checks.join(", ");
   const every = window_.recurring
     ? ` every ${window_.days.join(", ")} ${window_.time} ${window_.timezone},` : "";
+  // A pause of the cluster has no end: it lasts until `hamta cluster resume`.
+  const end = window_.end === null ? "until resume" : when(window_.end);
   const next = window_.start === null ? "no occurrence to come"
-    : `${window_.active ? "now" : "next"}: ${when(window_.start)} – ${when(window_.end)}`;
-  li.textContent = `${window_.name} (${checks}):${every} ${next}`;
+    : `${window_.active ? "now" : "next"}: ${when(window_.start)} – ${end}`;
+  const who = window_.by ? `, by ${window_.by}` : "";
+  const why = window_.reason ? `: ${window_.reason}` : "";
+  li.textContent = `${window_.name} (${checks}):${every} ${next}${who}${why}`;
+  li.dataset.by = window_.by ?? "";
   return li;
 }
 
