@@ -17,10 +17,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hamta.admin_guard import guard
-from monitor.api_cluster import add_cluster_routes
+from monitor.api_cluster import LINK_KEY, add_cluster_routes
 from monitor.api_incidents import add_incident_routes
 from monitor.cluster_link import ClusterLink
 from monitor.config import Check
+from monitor.failover_rules import states_by_location
 from monitor.history_api import add_history_routes
 from monitor.incident_store import IncidentStore
 from monitor.maintenance import Window
@@ -67,6 +68,11 @@ async def checks_view(store: Store, checks: Sequence[Check]) -> list[dict[str, A
 async def _checks(request: web.Request) -> web.Response:
     sources = request.app[SOURCES_KEY]
     view = await checks_view(sources.store, sources.checks)
+    link = request.app.get(LINK_KEY)
+    if link is not None:  # [cluster]: each location's verdict, from the published znodes
+        located = link.snapshot.locations
+        for row in view:
+            row["locations"] = states_by_location(row["name"], located, link.location, row["state"])
     return web.json_response({"checks": view})
 
 
@@ -90,7 +96,8 @@ def build_app(
 ) -> web.Application:
     app = web.Application()
     # Incidents, acknowledgement and maintenance windows (monitor.api_incidents).
-    add_incident_routes(app, IncidentStore(store), windows)
+    location = link.location if link is not None else None
+    add_incident_routes(app, IncidentStore(store), windows, location)
     app[SOURCES_KEY] = Sources(store, metrics, tuple(checks))
     guard(app, listen, [])
     app.router.add_get("/api/checks", _checks)

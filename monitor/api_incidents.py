@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from monitor.failover_rules import incident_locations
 from monitor.incident_store import AckError, IncidentStore
 from monitor.maintenance import Window
 from monitor.pause_window import Windows
@@ -25,6 +26,7 @@ from monitor.pause_window import Windows
 class AlertingSources:
     incidents: IncidentStore
     windows: Windows  # live: the configured windows and the cluster's pause
+    location: str | None  # this check location's name, with a [cluster] section
 
 
 ALERTING_KEY = web.AppKey("alerting", AlertingSources)
@@ -72,7 +74,12 @@ async def _incident(request: web.Request) -> web.Response:
     row = await incidents.get(ident)
     if row is None:
         raise web.HTTPNotFound(text=f"no incident {ident}")
-    return web.json_response({**row.as_dict(), "timeline": await incidents.timeline(ident)})
+    timeline = await incidents.timeline(ident)
+    shown = {**row.as_dict(), "timeline": timeline}
+    location = request.app[ALERTING_KEY].location
+    if location is not None:  # the check locations that saw it: this one, then its notes'
+        shown["locations"] = incident_locations(location, timeline)
+    return web.json_response(shown)
 
 
 async def _ack(request: web.Request) -> web.Response:
@@ -99,9 +106,12 @@ async def _maintenance(request: web.Request) -> web.Response:
 
 
 def add_incident_routes(
-    app: web.Application, incidents: IncidentStore, windows: Sequence[Window]
+    app: web.Application,
+    incidents: IncidentStore,
+    windows: Sequence[Window],
+    location: str | None = None,
 ) -> None:
-    app[ALERTING_KEY] = AlertingSources(incidents, Windows.of(windows))
+    app[ALERTING_KEY] = AlertingSources(incidents, Windows.of(windows), location)
     app.router.add_get("/api/incidents", _incidents)
     app.router.add_get("/api/incidents/{ident}", _incident)
     app.router.add_post("/api/incidents/{ident}/ack", _ack)

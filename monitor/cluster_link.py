@@ -26,6 +26,7 @@ from cluster.coordination import OPERATOR, CoordinationError, Coordinator, Crede
 from cluster.decision_data import ClusterView, Role, Session
 from monitor.config import Check, ClusterLinkConfig, MonitorConfig
 from monitor.failover_rules import (
+    SEEN_FROM,
     Grace,
     Held,
     decide,
@@ -236,7 +237,7 @@ class ClusterLink:
                 )
                 notes.append((f"failover {record.get('at')}", "failover", text))
             for where in seen_from(incident.check, snapshot.locations, self.location):
-                notes.append((f"seen {where}", "seen-from", f"also seen from {where}"))
+                notes.append((f"seen {where}", "seen-from", f"{SEEN_FROM}{where}"))
             for key, event, text in notes:
                 if (incident.id, key) not in self._noted:
                     self._noted.add((incident.id, key))

@@ -86,3 +86,33 @@ def seen_from(check: str, locations: Mapping[str, Mapping[str, Any]], own: str) 
         if name != own and isinstance(entry, Mapping) and entry.get("state") in bad:
             found.append(name)
     return found
+
+
+SEEN_FROM = "also seen from "  # an incident's seen-from note: this, then the location's name
+
+
+def states_by_location(
+    check: str, locations: Mapping[str, Mapping[str, Any]], own: str, own_state: str
+) -> dict[str, str]:
+    """Each location's verdict of ``check``: this one's (``own_state``, fresher than what it
+    published), then every other location that publishes a check of that name."""
+    found = {own: own_state}
+    for name, record in sorted(locations.items()):
+        checks = record.get("checks")
+        entry = checks.get(check) if isinstance(checks, Mapping) else None
+        if name != own and isinstance(entry, Mapping) and isinstance(entry.get("state"), str):
+            found[name] = entry["state"]
+    return found
+
+
+def incident_locations(own: str, timeline: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The locations that saw an incident: this one (it opened it), then those its timeline's
+    seen-from notes name."""
+    seen = [own]
+    for step in timeline:
+        detail = str(step.get("detail", ""))
+        if step.get("event") == "seen-from" and detail.startswith(SEEN_FROM):
+            where = detail.removeprefix(SEEN_FROM)
+            if where not in seen:
+                seen.append(where)
+    return seen

@@ -2,8 +2,11 @@
 monitor run`` whose SMTP peer goes down and comes back: it renders under the CSP without
 errors, its figures are the JSON API's, and its incidents (acknowledged through the API, one in
 a maintenance window) and maintenance windows are what ``/api/incidents`` and
-``/api/maintenance`` return. The screenshot goes to the test's tmp dir; to docs/ only with
-``HAMTA_UPDATE_SCREENSHOTS=1`` (so that a test run leaves the tree clean)."""
+``/api/maintenance`` return. The monitor knows a cluster (a real ZooKeeper, node1 active and
+node2 passive as their agents publish them) and a second check location runs beside it: each
+component shows every location's verdict, and the outage says both locations saw it. The
+screenshot goes to the test's tmp dir; to docs/ only with ``HAMTA_UPDATE_SCREENSHOTS=1`` (so
+that a test run leaves the tree clean)."""
 
 from __future__ import annotations
 
@@ -12,11 +15,16 @@ import os
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cluster.coordination import Coordinator
+from cluster.decision_data import Member, Role
+from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support.browser import CHROMIUM, launch_chromium
 from tests.support.monitor_peers import SmtpPeer, Tarpit
 from tests.support.monitor_process import MonitorProcess
@@ -59,7 +67,30 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
     return value
 
 
-def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Path) -> None:
+@pytest.fixture
+def pair(zookeeper: ZooKeeperEnsemble) -> Iterator[dict[str, Any]]:
+    """A cluster of its own: node1 active (the leader), node2 passive, as their agents write."""
+    name = f"pg{uuid.uuid4().hex[:10]}"
+    node1 = Coordinator(zookeeper.hosts, name, "node1")
+    node2 = Coordinator(zookeeper.hosts, name, "node2")
+    node1.start(10)
+    node2.start(10)
+    try:
+        epoch = node1.acquire_leadership()
+        assert epoch is not None
+        now = time.time()
+        node1.publish_member(Member("node1", Role.ACTIVE, epoch, True, True, heartbeat=now))
+        node2.publish_member(Member("node2", Role.PASSIVE, 0, True, False, heartbeat=now))
+        link = {"zookeeper": zookeeper.hosts, "cluster": name, "poll_every": "0.2s"}
+        yield {"cluster": link}
+    finally:
+        node1.stop()
+        node2.stop()
+
+
+def test_the_status_page_shows_what_the_api_says_in_a_real_browser(
+    tmp_path: Path, pair: dict[str, Any]
+) -> None:
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (scripts/bootstrap installs it)")
@@ -80,9 +111,17 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
             },
         ]
         monitor_process = MonitorProcess(
-            tmp_path / "monitor", checks, extra=_maintenance_now("slow-mx")
+            tmp_path / "monitor",
+            checks,
+            extra=_maintenance_now("slow-mx"),
+            top={"location": "arbiter"},
+            cluster=pair["cluster"],
         )
-        with monitor_process as monitor:
+        # The other check location watches mx only.
+        client_process = MonitorProcess(
+            tmp_path / "client", checks[:1], top={"location": "client"}, cluster=pair["cluster"]
+        )
+        with monitor_process as monitor, client_process as client:
             with peer:
                 monitor.wait_states({"mx": "up"})
                 # Some up time before the outage, so that the ratio is neither 0 nor 1.
@@ -104,8 +143,27 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
             )
             acked = monitor.post(f"/api/incidents/{opened[0]['id']}/ack", {"by": "alice"})
             assert acked["acked_by"] == "alice"
+            # The other location saw mx down too: the incident says so before it ends.
+            client.wait_states({"mx": "down"})
+            _wait(
+                lambda: (
+                    monitor.get(f"/api/incidents/{opened[0]['id']}")["locations"]
+                    == ["arbiter", "client"]
+                ),
+                15,
+                "the incident seen from client",
+            )
             with SmtpPeer(port=peer.port):
                 monitor.wait_states({"mx": "up", "slow-mx": "degraded"})
+                client.wait_states({"mx": "up"})
+                _wait(
+                    lambda: (
+                        monitor.get("/api/checks")["checks"][0]["locations"]
+                        == {"arbiter": "up", "client": "up"}
+                    ),
+                    15,
+                    "both locations' verdicts of mx",
+                )
                 _wait(
                     lambda: monitor.get(f"/api/incidents/{opened[0]['id']}")["resolved"],
                     10,
@@ -130,6 +188,9 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
     assert "default-src 'self'" in shown["csp"]
     assert all(url.startswith(monitor.url) for url in shown["requests"]), shown["requests"]
     assert shown["states"] == {name: row["state"] for name, row in api_checks.items()}
+    # Each component shows every location's verdict, as /api/checks gives them.
+    assert shown["locations"] == {name: row["locations"] for name, row in api_checks.items()}
+    assert shown["locations"]["slow-mx"] == {"arbiter": "degraded"}  # watched from here only
     assert shown["overall"] == "1 degraded"  # slow-mx; mx is up again
 
     # The uptime cells are the API's figures. The check's down time is over, so it is the same
@@ -168,10 +229,14 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
         assert page_row["acked_by"] == (api_row["acked_by"] or "")
         assert page_row["maintenance"] == (api_row["maintenance"] or "")
         assert page_row["events"] == [step["event"] for step in api_row["timeline"]]
+        assert page_row["locations"] == ",".join(api_row["locations"])
     by_check = {i["check"]: i for i in api_incidents}
     mx, slow = by_check["mx"], by_check["slow-mx"]
     assert mx["severity"] == "critical" and mx["acked_by"] == "alice" and mx["resolved"]
-    assert [e["event"] for e in mx["timeline"]] == ["opened", "acknowledged", "resolved"]
+    events = [e["event"] for e in mx["timeline"]]
+    # The acknowledgement and the other location's note race: either may come first.
+    assert events[0] == "opened" and events[-1] == "resolved"
+    assert sorted(events[1:-1]) == ["acknowledged", "seen-from"]
     assert slow["severity"] == "warning" and slow["resolved"] is None
     assert slow["maintenance"] == "tarpit tuning"
     # Acknowledged on the page: the store has it, with its timeline line; nothing left to ack.
@@ -180,6 +245,8 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
     assert shown["ack_forms"] == 0
     mx_shown = next(i for i in shown["incidents"] if i["id"] == str(mx["id"]))
     assert "acknowledged by alice" in mx_shown["facts"]
+    assert mx["locations"] == ["arbiter", "client"] and slow["locations"] == ["arbiter"]
+    assert "seen from arbiter, client" in mx_shown["facts"]
     slow_shown = next(i for i in shown["incidents"] if i["id"] == str(slow["id"]))
     assert "in maintenance (tarpit tuning)" in slow_shown["facts"]
     assert "ongoing" in slow_shown["facts"] and slow_shown["class"] == "incident ongoing"
@@ -193,7 +260,7 @@ def test_the_status_page_shows_what_the_api_says_in_a_real_browser(tmp_path: Pat
         }
     ]
     assert "tarpit tuning (slow-mx): now:" in shown["maintenance"][0]["text"]
-    assert "does not report the cluster" in shown["cluster"]
+    assert "node1activeactive" in shown["cluster"] and "node2passivestandby" in shown["cluster"]
     assert min(shown["painted"]) > 200, shown["painted"]
     assert _screenshot_path(tmp_path).stat().st_size > 10_000
 
@@ -255,6 +322,9 @@ def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
                 }
                 return {
                     states: Object.fromEntries(rows.map((r) => [r.dataset.check, r.dataset.state])),
+                    locations: Object.fromEntries(rows.map((r) => [r.dataset.check,
+                        Object.fromEntries([...r.querySelectorAll('td.locations .badge')].map(
+                            (b) => [b.dataset.location, b.dataset.state]))])),
                     uptime,
                     overall: document.getElementById('overall').textContent,
                     ack_forms: document.querySelectorAll('#incidents form.ack').length,
@@ -264,6 +334,7 @@ def _browse(playwright: Any, url: str, screenshot: Path) -> dict[str, Any]:
                                   severity: li.dataset.severity, state: li.dataset.state,
                                   acked_by: li.dataset.ackedBy,
                                   maintenance: li.dataset.maintenance,
+                                  locations: li.dataset.locations,
                                   facts: li.querySelector('.facts').textContent,
                                   events: [...li.querySelectorAll('.steps li')].map(
                                       (s) => s.dataset.event)})),

@@ -24,6 +24,7 @@ from cluster.coordination import OPERATOR, Coordinator
 from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from monitor.config import parse_monitor_config
+from monitor.failover_rules import SEEN_FROM, incident_locations, states_by_location
 from monitor.maintenance import active_window
 from monitor.pause_window import PAUSE_WINDOW, Windows, cluster_checks
 from tests.support import free_port
@@ -164,3 +165,22 @@ def test_the_pause_covers_the_cluster_s_checks_and_ended_pauses_stay_for_the_upt
     # A monitor with no check of the cluster opens no window: one with no checks covers all.
     bare = Windows((), [config.checks[3]])
     assert bare.follow({"by": "bob", "at": 1.0}, 2.0) is None and len(bare) == 0
+
+
+def test_each_location_s_verdict_and_the_locations_that_saw_an_incident() -> None:
+    published: dict[str, dict[str, Any]] = {
+        "inet": {"checks": {"vip": {"state": "up"}}},
+        "client": {"checks": {"vip": {"state": "down"}, "other": {"state": "up"}}},
+        "odd": {"checks": {"vip": {}}},  # no state: left out
+    }
+    assert states_by_location("vip", published, "inet", "down") == {
+        "inet": "down",  # this location's own state, fresher than what it published
+        "client": "down",
+    }
+    assert states_by_location("mine", published, "inet", "up") == {"inet": "up"}
+    timeline = [
+        {"event": "opened", "detail": "down"},
+        {"event": "seen-from", "detail": f"{SEEN_FROM}client"},
+        {"event": "seen-from", "detail": f"{SEEN_FROM}client"},
+    ]
+    assert incident_locations("inet", timeline) == ["inet", "client"]

@@ -77,6 +77,16 @@ function drawChecks(checks, uptime) {
     cell(tr, "").append(state);
     cell(tr, check.since ? when(check.since) : "–");
     cell(tr, check.last ? `${check.last.seconds.toFixed(3)} s` : "–");
+    // Each check location's verdict (a monitor with [cluster]): which see it up, which down.
+    const where = cell(tr, check.locations ? "" : "–", "locations");
+    for (const [location, seen] of Object.entries(check.locations || {})) {
+      const badge = document.createElement("span");
+      badge.className = `badge ${seen}`;
+      badge.dataset.location = location;
+      badge.dataset.state = seen;
+      badge.textContent = `${location}: ${seen}`;
+      where.append(badge, " ");
+    }
     for (const name of RANGES) {
       const figures = byName[check.name]?.[name];
       // All of the known time in a maintenance window: say so rather than a bare dash.
@@ -168,6 +178,8 @@ function incidentItem(incident) {
   ];
   if (incident.acked_by) facts.push(`acknowledged by ${incident.acked_by}`);
   if (incident.maintenance) facts.push(`in maintenance (${incident.maintenance})`);
+  if (incident.locations) facts.push(`seen from ${incident.locations.join(", ")}`);
+  li.dataset.locations = (incident.locations || []).join(",");
   const span = document.createElement("span");
   span.className = "muted facts";
   span.textContent = ` ${facts.join(", ")}`;
