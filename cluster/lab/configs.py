@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.lab.topology import DNS_PORT, DOMAIN, INTERFACE, INTERNET, SMTP_PORT, Topology
+from cluster.lab.topology import (
+    ADMIN_PORT,
+    DNS_PORT,
+    DOMAIN,
+    INTERFACE,
+    INTERNET,
+    SMTP_PORT,
+    Topology,
+)
 
 Sections = Mapping[str, Mapping[str, Any]]
 
@@ -59,7 +67,10 @@ def relay_config(topology: Topology, node: str, node_dir: Path, spool: Path) -> 
         "dns": {"nameservers": [f"{topology.address(INTERNET)}:{DNS_PORT}"], "timeout": "2s"},
         "delivery": {"port": SMTP_PORT, "connect_timeout": "5s", "command_timeout": "30s"},
         "retry": {"first_delay": "1s", "max_delay": "10s"},
-        "admin": {"listen": "127.0.0.1:8025"},
+        # On the node's own lab address, not loopback: the check locations (the monitors on
+        # inet and client) read its health and queue from outside. Every route is a GET (health,
+        # queue, domains, metrics, the dashboard): nothing there changes the relay.
+        "admin": {"listen": f"{topology.address(node)}:{ADMIN_PORT}"},
         "control": {"socket": node_dir / "relay.sock"},
         "log": {"file": node_dir / "relay.log"},
     }

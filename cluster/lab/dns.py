@@ -1,9 +1,10 @@
 """The lab's DNS: dnsmasq on the "internet" host, answering for the lab's mail domains only.
 
-Each mail domain has an MX pointing at ``mx.lab.test``, whose A record is the internet host (where
-the sink listens). Every host of the lab also gets ``<host>.lab.test``. dnsmasq reads no
-resolv.conf and no hosts file, and ``address=/#/`` makes every other name NXDOMAIN instead of a
-query forwarded upstream: nothing the lab's relays ask can leave the lab.
+Each mail domain (and the monitors' probe domain) has an MX pointing at ``mx.lab.test``, whose
+A record is the internet host (where the sink listens). Every host of the lab also gets
+``<host>.lab.test``. dnsmasq reads no resolv.conf and no hosts file, and ``address=/#/`` makes
+every other name NXDOMAIN instead of a query forwarded upstream: nothing the lab's relays ask
+can leave the lab.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from cluster.lab.topology import DOMAIN, HOSTS, INTERNET, MAIL_DOMAINS, MX_NAME, Topology
+from cluster.lab.topology import (
+    DOMAIN,
+    HOSTS,
+    INTERNET,
+    MAIL_DOMAINS,
+    MX_NAME,
+    PROBE_DOMAIN,
+    Topology,
+)
 
 DNSMASQ: Final = "/usr/sbin/dnsmasq"
 
@@ -24,7 +33,7 @@ def dnsmasq_config(topology: Topology) -> str:
         "no-hosts",
         "address=/#/",
     ]
-    lines += [f"mx-host={domain},{MX_NAME},10" for domain in MAIL_DOMAINS]
+    lines += [f"mx-host={domain},{MX_NAME},10" for domain in (*MAIL_DOMAINS, PROBE_DOMAIN)]
     lines.append(f"host-record={MX_NAME},{topology.address(INTERNET)}")
     lines += [f"host-record={host}.{DOMAIN},{topology.address(host)}" for host in HOSTS]
     return "\n".join(lines) + "\n"

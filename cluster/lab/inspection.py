@@ -14,9 +14,15 @@ from typing import Any
 
 from cluster.lab import loopdev, netns, probes, processes
 from cluster.lab.site import LabSite
-from cluster.lab.topology import CLIENT, HOSTS, INTERFACE, NODES, ZOOKEEPER_HOSTS, ZOOKEEPER_PORT
-
-ADMIN_PORT = 8025  # the lab's relays serve their admin endpoint on 127.0.0.1:8025
+from cluster.lab.topology import (
+    ADMIN_PORT,
+    CLIENT,
+    HOSTS,
+    INTERFACE,
+    NODES,
+    ZOOKEEPER_HOSTS,
+    ZOOKEEPER_PORT,
+)
 
 
 class Inspection:
@@ -98,7 +104,7 @@ class Inspection:
     def relay_state(self, node: str) -> str | None:
         """What ``node``'s relay says it is (standby, active, ...); None when it does not answer."""
         answer = probes.http_json(
-            self._site.namespace(node), "127.0.0.1", ADMIN_PORT, "/health/live"
+            self._site.namespace(node), self._site.address(node), ADMIN_PORT, "/health/live"
         )
         state = answer.get("state") if answer else None
         return str(state) if state is not None else None
@@ -106,7 +112,7 @@ class Inspection:
     def relay_ready(self, node: str) -> bool | None:
         """What ``node``'s relay says of its readiness; None when it does not answer."""
         answer = probes.http_json(
-            self._site.namespace(node), "127.0.0.1", ADMIN_PORT, "/health/ready"
+            self._site.namespace(node), self._site.address(node), ADMIN_PORT, "/health/ready"
         )
         ready = answer.get("ready") if answer else None
         return bool(ready) if ready is not None else None

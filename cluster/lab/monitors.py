@@ -2,7 +2,9 @@
 
 Each watches the service as its clients see it, from its own namespace: the VIP's SMTP (the
 service check), each node's own address on port 25 (the passive node's refusals are "standby",
-the cluster says which is passive) and the lab's DNS; each knows the cluster through the lab's
+the cluster says which is passive), each node's relay admin endpoint (health and queue), the
+round trip of a probe message through the VIP to the internet host's probe mailbox, and the
+lab's DNS; each knows the cluster through the lab's
 ZooKeeper and credentials (``[cluster]``) and publishes its verdicts there under its location.
 They start in the background (``lab up`` does not wait for them) and are recorded in
 ``lab.json`` like every process of the lab, so ``down`` ends them. ``verdicts`` reads each
@@ -18,7 +20,17 @@ from typing import Any, Final
 
 from cluster.lab.configs import render_toml
 from cluster.lab.site import LabError, LabSite, Launcher
-from cluster.lab.topology import CLIENT, DNS_PORT, INTERNET, MAIL_DOMAINS, NODES, SMTP_PORT
+from cluster.lab.topology import (
+    ADMIN_PORT,
+    CLIENT,
+    DNS_PORT,
+    DOMAIN,
+    INTERNET,
+    MAIL_DOMAINS,
+    NODES,
+    PROBE_DOMAIN,
+    SMTP_PORT,
+)
 
 LOCATIONS: Final = (INTERNET, CLIENT)
 _FAST: Final = {"interval": "1s", "timeout": "0.9s", "failure_threshold": 1, "success_threshold": 1}
@@ -56,12 +68,48 @@ def monitor_config(site: LabSite, location: str) -> str:
             for node in NODES
         ),
         {"name": "dns", "kind": "dns", "domain": MAIL_DOMAINS[0], "interval": "5s"},
+        # Each relay's admin endpoint (on its node's address, cluster.lab.configs): readiness,
+        # queue depth, deferrals; a warm standby answers 503 "standby", which is no outage.
+        *(
+            {
+                "name": f"{node}-relay",
+                "kind": "relay",
+                "url": f"http://{site.address(node)}:{ADMIN_PORT}",
+                "node": node,
+                "interval": "2s",
+                "timeout": "1.5s",
+            }
+            for node in NODES
+        ),
+        round_trip_check(site, location),
     ]
     body = "".join(
         "[[checks]]\n" + render_toml({"_": {**_FAST, **check}}).split("\n", 1)[1]
         for check in checks
     )
     return f"location = {json.dumps(location)}\n{head}{body}"
+
+
+def round_trip_check(site: LabSite, location: str) -> dict[str, Any]:
+    """A probe through the VIP to ``LOCATION@probe.lab.test``: the sink's probe mailbox on the
+    internet host (cluster.lab.sink), a folder per location, so that each monitor removes only
+    its own probes. Followed in the mailbox only: the relay's log is on whichever node is
+    active. Lab-suited times: a probe every 10 s, delivered within 8 s (the relay retries after
+    1 s in the lab), two failures in a row before it is down (a failover can hold one probe)."""
+    return {
+        "name": "round-trip",
+        "kind": "round_trip",
+        "host": str(site.topology.vip.ip),
+        "port": SMTP_PORT,
+        "sender": f"monitor-{location}@{DOMAIN}",
+        "recipient": f"{location}@{PROBE_DOMAIN}",
+        "mailbox": site.probe_mailbox / location,
+        "interval": "10s",
+        "timeout": "8s",
+        "degraded_after": "3s",
+        "poll": "200ms",
+        "failure_threshold": 2,
+    }
 
 
 class Monitors:
@@ -77,6 +125,8 @@ class Monitors:
         for location in LOCATIONS:
             directory = monitor_dir(site, location)
             directory.mkdir(parents=True, exist_ok=True)
+            # The round trip's folder of the probe mailbox: there before the first probe lands.
+            (site.probe_mailbox / location).mkdir(parents=True, exist_ok=True)
             config = directory / "monitor.toml"
             config.write_text(monitor_config(site, location))
             argv = site.module_argv("hamtactl", "monitor", "run", "--config", str(config))
@@ -135,4 +185,31 @@ def format_verdicts(verdicts: dict[str, Any]) -> list[str]:
             states = {row["name"]: row["state"] for row in verdicts[location] or []}
             cells.append(f"{states.get(name, '-'):<10}")
         lines.append(f"  {name:<{width}}" + "".join(cells))
+    return lines + _round_trips(verdicts)
+
+
+def _round_trips(verdicts: dict[str, Any]) -> list[str]:
+    """The round trip's last probe from each location: how far it went, and in what time."""
+    lines = []
+    for location, rows in verdicts.items():
+        for row in rows or []:
+            if row.get("kind") != "round_trip":
+                continue
+            last = row.get("last") or {}
+            facts = last.get("facts") or {}
+            steps = [
+                f"{step} {facts[key]:.2f}s"
+                for step, key in (
+                    ("accepted", "accepted_seconds"),
+                    ("arrived", "arrived_seconds"),
+                )
+                if isinstance(facts.get(key), int | float)
+            ]
+            shown = ", ".join(steps)
+            if row["state"] not in ("up", "degraded") or not shown:
+                # Where the probe stopped: refused, queued, deferred, never arrived.
+                shown = "; ".join(p for p in (shown, str(last.get("detail") or "")) if p)
+            lines.append(
+                f"  round trip from {location}: {row['state']} ({shown or 'no probe yet'})"
+            )
     return lines

@@ -20,6 +20,7 @@ from cluster.lab.topology import (
     DNS_PORT,
     INTERNET,
     MAIL_DOMAINS,
+    PROBE_DOMAIN,
     SMTP_PORT,
     ZOOKEEPER_HOSTS,
     ZOOKEEPER_PORT,
@@ -98,6 +99,11 @@ class Services:
                 f"{address}:{SMTP_PORT}",
                 "--record",
                 str(site.sink_record),
+                # The monitors' round-trip probes land there (cluster.lab.monitors).
+                "--mailbox",
+                str(site.probe_mailbox),
+                "--mailbox-domain",
+                PROBE_DOMAIN,
             )
             site.sink_record.touch()
             self._launcher.spawn(

@@ -9,13 +9,20 @@ process (the lab, a chaos check) sees it as soon as the relay got its 250::
 
 ``x_lab_id`` is the message's ``X-Lab-Id`` header (null without one): the lab's client stamps a
 unique one on each message it sends, so lost and duplicated mail can be counted exactly.
+
+With ``--mailbox DIR --mailbox-domain DOMAIN`` it is also the probe mailbox of the monitors'
+round-trip check: a message for ``LOCAL@DOMAIN`` is written whole as one file in ``DIR/LOCAL/``
+(written under ``DIR/.tmp`` and renamed, so a reader never sees half of it) and not recorded:
+the record counts the lab's own mail only, which the chaos checker compares with what was sent.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -55,26 +62,64 @@ def _header(value: Any) -> str | None:
     return None if value is None else str(value).strip()
 
 
-class RecordingHandler:
-    """aiosmtpd hooks: accept every message and append its recipients to the record."""
+class ProbeMailbox:
+    """The probe mailbox: one file a message and recipient, in a folder per local part."""
 
-    def __init__(self, record: IO[str], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: Path, domain: str) -> None:
+        self.directory = directory
+        self.domain = domain.lower()
+        self._count = itertools.count()
+
+    def takes(self, rcpt: str) -> bool:
+        local, _, domain = rcpt.rpartition("@")
+        return bool(local) and domain.lower() == self.domain
+
+    def store(self, rcpt: str, content: bytes) -> None:
+        local = rcpt.rpartition("@")[0].lower()
+        if not local or "/" in local or local.startswith("."):
+            return  # not a name a folder can have: dropped, as a mailbox would refuse it
+        folder = self.directory / local
+        scratch = self.directory / ".tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns()}.{os.getpid()}.{next(self._count)}.eml"
+        (scratch / name).write_bytes(content)
+        os.replace(scratch / name, folder / name)
+
+
+class RecordingHandler:
+    """aiosmtpd hooks: accept every message and append its recipients to the record (those of
+    the probe mailbox's domain, when there is one, go to the mailbox instead)."""
+
+    def __init__(
+        self,
+        record: IO[str],
+        clock: Callable[[], float] = time.time,
+        mailbox: ProbeMailbox | None = None,
+    ) -> None:
         self._record = record
         self._clock = clock
+        self._mailbox = mailbox
         self.delivered = 0
 
     async def handle_DATA(  # noqa: N802 - the hook name aiosmtpd looks up
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         content = envelope.original_content or b""
+        mailbox = self._mailbox
         for line in delivery_lines(envelope, content, self._clock()):
+            if mailbox is not None and mailbox.takes(line["rcpt"]):
+                mailbox.store(line["rcpt"], content)
+                continue
             self._record.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._record.flush()
         self.delivered += 1
         return ACCEPTED
 
 
-async def serve(host: str, port: int, record: Path, hostname: str) -> None:
+async def serve(
+    host: str, port: int, record: Path, hostname: str, mailbox: ProbeMailbox | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -82,7 +127,7 @@ async def serve(host: str, port: int, record: Path, hostname: str) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     record.parent.mkdir(parents=True, exist_ok=True)
     with record.open("a", encoding="utf-8") as out:
-        handler = RecordingHandler(out)
+        handler = RecordingHandler(out, mailbox=mailbox)
 
         def factory() -> SMTP:
             # An explicit hostname also keeps aiosmtpd from asking DNS for this host's FQDN.
@@ -104,13 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="ADDR:PORT to accept mail on")
     parser.add_argument("--record", required=True, type=Path, help="JSON lines file to append to")
     parser.add_argument("--hostname", default="mx.lab.test", help="name in the greeting")
+    parser.add_argument("--mailbox", type=Path, help="the probe mailbox's directory")
+    parser.add_argument("--mailbox-domain", help="the domain whose mail goes to --mailbox")
     args = parser.parse_args(argv)
+    if (args.mailbox is None) != (args.mailbox_domain is None):
+        parser.error("--mailbox and --mailbox-domain go together")
+    mailbox = ProbeMailbox(args.mailbox, args.mailbox_domain) if args.mailbox else None
     try:
         host, port = parse_hostport(args.listen)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        asyncio.run(serve(host, port, args.record, args.hostname))
+        asyncio.run(serve(host, port, args.record, args.hostname, mailbox))
     except OSError as exc:
         print(f"sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

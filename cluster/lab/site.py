@@ -84,6 +84,11 @@ class LabSite:
         return self.directory / INTERNET / "delivered.jsonl"
 
     @property
+    def probe_mailbox(self) -> Path:
+        """The sink's probe mailbox (cluster.lab.sink): a folder per monitor's probe address."""
+        return self.directory / INTERNET / "probe-mailbox"
+
+    @property
     def power_log(self) -> Path:
         """The lab's record of the nodes it powered off (``fence``), JSON lines."""
         return self.directory / "power.log"

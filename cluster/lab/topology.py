@@ -44,11 +44,14 @@ _LONGEST_PREFIX: Final = 25
 LAB_RANGE: Final = IPv4Network("198.18.0.0/15")
 ZOOKEEPER_PORT: Final = 2181
 SMTP_PORT: Final = 25
+ADMIN_PORT: Final = 8025  # each relay's admin endpoint, on its node's own lab address
 DNS_PORT: Final = 53
 # The mail domains the lab's DNS answers for; all of them are delivered to the sink.
 MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")
 MX_NAME: Final = "mx.lab.test"
 DOMAIN: Final = "lab.test"
+# The monitors' round-trip probes go to LOCATION@PROBE_DOMAIN: the sink's probe mailbox.
+PROBE_DOMAIN: Final = "probe.lab.test"
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
