@@ -57,13 +57,15 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     lab = Lab(workdir / "lab", prefix=args.prefix, subnet=args.subnet)
     try:
         lab.down()  # what an interrupted run may have left with this prefix
-        lab.up(wait=120.0, monitors=False)  # the pair alone: no check load during the faults
+        # By default the pair alone: no check load on the machine during the faults, so the
+        # figures measure the pair. --monitors: the lab's monitors too, their alerts reported.
+        lab.up(wait=120.0, monitors=args.monitors)
         print(f"lab {args.prefix} ({args.subnet}) up in {workdir / 'lab'}", flush=True)
         results = run(
             lab,
             plan,
             output / "histories",
-            Settings(rate=args.rate),
+            Settings(rate=args.rate, monitors=args.monitors),
             progress=lambda line: print(line, flush=True),
         )
     except LabError as exc:
@@ -142,6 +144,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     runner.add_argument("--output", type=Path, help="report directory (default: var/chaos/TIME)")
     baseline_help = "also run the partition scenarios against keepalived + Postfix"
     runner.add_argument("--baseline", action="store_true", help=baseline_help)
+    monitors_help = (
+        "run the lab's monitors too, and report per scenario which alerts fired and when"
+        " (off by default: the figures then measure the pair alone)"
+    )
+    runner.add_argument("--monitors", action="store_true", help=monitors_help)
     runner.add_argument("--workdir", help="where the lab's directory goes (default: /tmp)")
     runner.add_argument("--prefix", default="hcs", help="the lab's namespace prefix")
     runner.add_argument("--subnet", default="198.18.6.0/24", help="the lab's addresses")

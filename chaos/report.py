@@ -521,6 +521,9 @@ ul.problems { color: #c62828; font-size: 13px; margin: 4px 0 0 70px; padding-lef
 .legend .key { display: inline-block; width: 300px; margin: 2px 0; }
 .legend .key i { vertical-align: middle; margin: 0 4px 0 2px; }
 table.baseline th.text { text-align: left; }
+table.alerts { font-size: 12px; margin: 4px 0 0 70px; }
+table.alerts td { text-align: left; } table.alerts td:first-child { text-align: right; }
+p.alerts { margin: 4px 0 0 70px; }
 .muted { color: #66707a; font-size: 12px; }
 """
 
@@ -613,6 +616,8 @@ def _iteration_html(result: IterationResult) -> str:
             f"unexpected ({len(verdict.unexpected)}): " + ", ".join(_some(verdict.unexpected))
         )
     problems += result.problems
+    if result.alerts is not None:
+        facts.insert(-1, ("alerts", str(len(result.alerts))))
     out = [
         f"<div class='iteration' id='{esc(_anchor(result.scenario))}-{result.iteration}'>",
         timeline_svg(result),
@@ -620,12 +625,44 @@ def _iteration_html(result: IterationResult) -> str:
         + " ".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in facts)
         + "</div>",
     ]
+    if result.alerts is not None:
+        out.append(_alerts_html(result.alerts))
     if problems:
         out.append("<ul class='problems'>")
         out += [f"<li>{esc(problem)}</li>" for problem in problems]
         out.append("</ul>")
     out.append("</div>")
     return "\n".join(out)
+
+
+def _alerts_html(alerts: Sequence[Mapping[str, Any]]) -> str:
+    """The monitors' alerts of one iteration (chaos.alerts), with their delay from the fault."""
+    esc = html.escape
+    if not alerts:
+        return "<p class='alerts muted'>no alert from the monitors</p>"
+    head = ("after fault", "location", "event", "check", "severity", "state", "detail")
+    rows = [
+        "<table class='alerts'><thead><tr>",
+        *(f"<th>{esc(h)}</th>" for h in head),
+        "</tr></thead><tbody>",
+    ]
+    for alert in alerts:
+        cells = (
+            f"{float(alert.get('after_s') or 0.0):.2f} s",
+            str(alert.get("location") or ""),
+            str(alert.get("event") or ""),
+            str(alert.get("check") or ""),
+            str(alert.get("severity") or ""),
+            str(alert.get("state") or ""),
+            _shorten(str(alert.get("detail") or ""), 120),
+        )
+        rows.append(
+            f"<tr data-check='{esc(cells[3])}' data-after='{esc(str(alert.get('after_s')))}'>"
+            + "".join(f"<td>{esc(c)}</td>" for c in cells)
+            + "</tr>"
+        )
+    rows.append("</tbody></table>")
+    return "\n".join(rows)
 
 
 def _some(ids: Sequence[str], limit: int = 10) -> list[str]:

@@ -48,6 +48,8 @@ class IterationResult:
     rto_from: float | None = None
     # Demotions of a node that was active, from the fault to the end of the load (agents' logs).
     demotions: int = 0
+    # With --monitors: the monitors' alerts of this fault (chaos.alerts), None without monitors.
+    alerts: list[dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,7 @@ class IterationResult:
             "split_brain": self.split_brain,
             "problems": self.problems,
             "marks": [asdict(mark) for mark in self.marks],
+            "alerts": self.alerts,
         }
         if with_attempts:
             data["attempts"] = [asdict(attempt) for attempt in self.attempts]

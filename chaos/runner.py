@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from chaos.alerts import iteration_alerts
 from chaos.faults import (
     FAULTS,
     Fault,
@@ -66,6 +67,9 @@ class Settings:
     before: float = 2.0  # seconds of load before the fault
     after: float = 2.0  # seconds of load after recovery
     drain: float = 90.0  # at most this long for acknowledged mail to arrive
+    # The lab runs its monitors: each iteration collects their alerts (chaos.alerts).
+    monitors: bool = False
+    alert_window: float = 5.0  # with monitors: alerts arriving this long after the load count
 
 
 def _roles(lab: Lab) -> dict[str, str]:
@@ -207,6 +211,12 @@ def run_iteration(
     split += [f"logs: {v}" for v in split_brain(agents, relays, started, ended)[:20]]
     marks = sorted([*ctx.marks, *timeline(agents, started, ended)], key=lambda m: m.at)
     demoted = demotions(agents, ctx.fault_at, ended)
+    alerts = None
+    if settings.monitors:
+        # Alerts come after their checks' thresholds: they are given a while after the load
+        # (and the drain) to arrive; what comes later is not counted as this fault's.
+        time.sleep(max(0.0, ended + settings.alert_window - time.monotonic()))
+        alerts = iteration_alerts(lab.alerts(), ctx.fault_at + wall_offset, time.time())
     if fault.steady:
         problems += steady_problems(demoted, attempts, ctx.fault_at)
     if sampler.samples < 10:
@@ -229,6 +239,7 @@ def run_iteration(
         marks=marks,
         attempts=list(attempts),
         demotions=demoted,
+        alerts=alerts,
     )
 
 
@@ -311,6 +322,7 @@ def run(
             f"sent {verdict.sent} acked {verdict.acked} delivered {verdict.delivered} "
             f"lost {len(verdict.lost)} duplicated {verdict.duplicated} "
             f"demotions {result.demotions}"
+            + (f" alerts {len(result.alerts)}" if result.alerts is not None else "")
             + "".join(f"\n  ! {p}" for p in [*result.split_brain, *result.problems][:6])
         )
     return results

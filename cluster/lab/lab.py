@@ -42,7 +42,7 @@ from cluster.lab.actions import Actions
 from cluster.lab.agents import Agents
 from cluster.lab.host_setup import HostSetup
 from cluster.lab.inspection import Inspection
-from cluster.lab.monitors import Monitors
+from cluster.lab.monitors import Monitors, read_alerts
 from cluster.lab.results import SendResult
 from cluster.lab.services import Services
 from cluster.lab.site import LabError, LabSite, Launcher
@@ -312,6 +312,10 @@ class Lab:
     def monitor_verdicts(self) -> dict[str, Any]:
         """Each check location's monitor: its checks' states (None: no answer from its store)."""
         return self._monitors.verdicts()
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The monitors' notifications the lab's alert receiver recorded (oldest first)."""
+        return read_alerts(self._site)
 
     def status(self, *, cluster: bool = True) -> dict[str, Any]:
         """The lab as data: hosts with their processes, ZooKeeper, VIP, spool and roles."""

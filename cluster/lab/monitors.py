@@ -18,10 +18,12 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final
 
+from cluster.lab.alert_sink import read_record
 from cluster.lab.configs import render_toml
 from cluster.lab.site import LabError, LabSite, Launcher
 from cluster.lab.topology import (
     ADMIN_PORT,
+    ALERTS_PORT,
     CLIENT,
     DNS_PORT,
     DOMAIN,
@@ -87,7 +89,25 @@ def monitor_config(site: LabSite, location: str) -> str:
         "[[checks]]\n" + render_toml({"_": {**_FAST, **check}}).split("\n", 1)[1]
         for check in checks
     )
-    return f"location = {json.dumps(location)}\n{head}{body}"
+    # Every incident goes at once to the lab's alert receiver on the internet host, the URL
+    # naming this location (cluster.lab.alert_sink): the chaos report times them.
+    alerting = render_toml(
+        {
+            "notifiers.lab": {"kind": "webhook", "url": alert_url(site, location)},
+            "alerting": {"tick": "0.5s", "retry_wait": "0.5s"},
+        }
+    )
+    escalation = '[[escalation]]\nafter = "0s"\nnotifiers = ["lab"]\n\n'
+    return f"location = {json.dumps(location)}\n{head}{alerting}{escalation}{body}"
+
+
+def alert_url(site: LabSite, location: str) -> str:
+    return f"http://{site.address(INTERNET)}:{ALERTS_PORT}/{location}"
+
+
+def read_alerts(site: LabSite) -> list[dict[str, Any]]:
+    """The monitors' notifications the alert receiver recorded, oldest first."""
+    return read_record(site.alert_record)
 
 
 def round_trip_check(site: LabSite, location: str) -> dict[str, Any]:
@@ -120,8 +140,28 @@ class Monitors:
         self._launcher = launcher
 
     def start(self) -> None:
-        """Start both monitors in their namespaces, without waiting for them."""
+        """Start the alert receiver and both monitors in their namespaces, without waiting."""
         site = self._site
+        receiver = site.module_argv(
+            "cluster.lab.alert_sink",
+            "--listen",
+            f"{site.address(INTERNET)}:{ALERTS_PORT}",
+            "--record",
+            str(site.alert_record),
+        )
+        site.alert_record.parent.mkdir(parents=True, exist_ok=True)
+        site.alert_record.touch()
+        try:
+            self._launcher.spawn(
+                "alerts",
+                INTERNET,
+                receiver,
+                site.alert_record.with_suffix(".out"),
+                env=site.env(),
+                cwd=site.alert_record.parent,
+            )
+        except OSError as exc:
+            raise LabError(f"cannot start the alert receiver on {INTERNET}: {exc}") from None
         for location in LOCATIONS:
             directory = monitor_dir(site, location)
             directory.mkdir(parents=True, exist_ok=True)

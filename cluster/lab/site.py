@@ -89,6 +89,11 @@ class LabSite:
         return self.directory / INTERNET / "probe-mailbox"
 
     @property
+    def alert_record(self) -> Path:
+        """The monitors' notifications as the alert receiver got them (cluster.lab.alert_sink)."""
+        return self.directory / INTERNET / "alerts.jsonl"
+
+    @property
     def power_log(self) -> Path:
         """The lab's record of the nodes it powered off (``fence``), JSON lines."""
         return self.directory / "power.log"

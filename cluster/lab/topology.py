@@ -45,6 +45,7 @@ LAB_RANGE: Final = IPv4Network("198.18.0.0/15")
 ZOOKEEPER_PORT: Final = 2181
 SMTP_PORT: Final = 25
 ADMIN_PORT: Final = 8025  # each relay's admin endpoint, on its node's own lab address
+ALERTS_PORT: Final = 8099  # the monitors' webhook receiver, on the internet host
 DNS_PORT: Final = 53
 # The mail domains the lab's DNS answers for; all of them are delivered to the sink.
 MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")
