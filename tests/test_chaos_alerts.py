@@ -9,7 +9,6 @@ active node raises the monitors' alerts, listed with their delay in the JSON and
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from chaos.report import render_html
 from cluster.lab.alert_sink import read_record, record_line
 from tests.support import free_port
 from tests.support.monitor_process import MonitorProcess
+from tests.support.ports import listening
 from tests.support.relay import HAMTA
 from tests.test_chaos_report import iteration, parse
 
@@ -103,15 +103,7 @@ def test_the_lab_s_alert_receiver_records_a_real_monitor_s_webhook(tmp_path: Pat
     argv = [sys.executable, "-m", "cluster.lab.alert_sink", "--listen", f"127.0.0.1:{port}"]
     receiver = subprocess.Popen([*argv, "--record", str(record)], cwd=ROOT)
     try:
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        wait_for(listening, 20, "the receiver listening")
+        wait_for(lambda: listening(port), 20, "the receiver listening")
         check = {"name": "mx", "kind": "smtp", "host": "127.0.0.1", "port": free_port()}
         check |= {"interval": "0.3s", "timeout": "0.25s", "failure_threshold": 1}
         sections: dict[str, Any] = {"alerting": {"tick": "0.1s"}}

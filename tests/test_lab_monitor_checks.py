@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from cluster.lab.monitors import format_verdicts, monitor_config
 from cluster.lab.site import LabSite
 from monitor.config import RelayCheck, RoundTripCheck, parse_monitor_config
 from tests.support import free_port
+from tests.support.ports import listening
 
 PREFIX = "hmt"
 SUBNET = "198.19.167.0/24"
@@ -54,15 +54,7 @@ def test_the_sink_keeps_probes_in_the_mailbox_and_out_of_the_record(tmp_path: Pa
     assert refused.returncode == 2 and "go together" in refused.stderr
     sink = subprocess.Popen([*argv, "--mailbox-domain", "probe.lab.test"], cwd=ROOT)
     try:
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        wait_for(listening, 20, "the sink listening")
+        wait_for(lambda: listening(port), 20, "the sink listening")
         message = EmailMessage()
         message["From"], message["Subject"] = "m@lab.test", "probe"
         message["X-Hamta-Probe"] = "round-trip TOKEN"

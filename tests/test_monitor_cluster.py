@@ -17,8 +17,6 @@ from typing import Any
 
 import pytest
 
-from cluster.coordination import Coordinator
-from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from monitor.cluster_link import ClusterLink, ClusterSnapshot, relabel
 from monitor.config import ConfigError, RelayCheck, parse_monitor_config
@@ -36,6 +34,7 @@ from monitor.store import Store
 from monitor.verdicts import CheckState, Outcome, State, StateChange, Thresholds, next_state
 from tests.support import free_port
 from tests.support.monitor_process import MonitorProcess
+from tests.support.pair import active_and_passive
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -61,22 +60,10 @@ def cluster_name() -> str:
 @pytest.fixture
 def pair(zookeeper: ZooKeeperEnsemble, cluster_name: str) -> Iterator[dict[str, Any]]:
     """node1 active (leader, epoch 1, one failover recorded), node2 passive: as agents write."""
-    node1 = Coordinator(zookeeper.hosts, cluster_name, "node1")
-    node2 = Coordinator(zookeeper.hosts, cluster_name, "node2")
-    node1.start(10)
-    node2.start(10)
-    try:
-        epoch = node1.acquire_leadership()
-        assert epoch is not None
-        now = time.time()
-        node1.publish_member(Member("node1", Role.ACTIVE, epoch, True, True, heartbeat=now))
-        node2.publish_member(Member("node2", Role.PASSIVE, 0, True, False, heartbeat=now))
+    with active_and_passive(zookeeper.hosts, cluster_name) as (node1, node2, epoch):
         record = {"epoch": epoch, "node": "node1", "previous": "node2", "reason": "test"}
-        node1.record_failover({**record, "at": now, "steps": {}, "total": 0.5})
+        node1.record_failover({**record, "at": time.time(), "steps": {}, "total": 0.5})
         yield {"hosts": zookeeper.hosts, "epoch": epoch, "node1": node1, "node2": node2}
-    finally:
-        node1.stop()
-        node2.stop()
 
 
 def closed_port_url() -> str:

@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 
-from cluster.coordination import Coordinator
-from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support.browser import CHROMIUM, launch_chromium
 from tests.support.monitor_peers import SmtpPeer, Tarpit
 from tests.support.monitor_process import MonitorProcess
+from tests.support.pair import active_and_passive
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "monitor-status-page.png"
 
@@ -71,21 +70,8 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 def pair(zookeeper: ZooKeeperEnsemble) -> Iterator[dict[str, Any]]:
     """A cluster of its own: node1 active (the leader), node2 passive, as their agents write."""
     name = f"pg{uuid.uuid4().hex[:10]}"
-    node1 = Coordinator(zookeeper.hosts, name, "node1")
-    node2 = Coordinator(zookeeper.hosts, name, "node2")
-    node1.start(10)
-    node2.start(10)
-    try:
-        epoch = node1.acquire_leadership()
-        assert epoch is not None
-        now = time.time()
-        node1.publish_member(Member("node1", Role.ACTIVE, epoch, True, True, heartbeat=now))
-        node2.publish_member(Member("node2", Role.PASSIVE, 0, True, False, heartbeat=now))
-        link = {"zookeeper": zookeeper.hosts, "cluster": name, "poll_every": "0.2s"}
-        yield {"cluster": link}
-    finally:
-        node1.stop()
-        node2.stop()
+    with active_and_passive(zookeeper.hosts, name):
+        yield {"cluster": {"zookeeper": zookeeper.hosts, "cluster": name, "poll_every": "0.2s"}}
 
 
 def test_the_status_page_shows_what_the_api_says_in_a_real_browser(

@@ -44,10 +44,11 @@ def record_line(body: bytes, path: str, received: float) -> dict[str, Any] | Non
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a record (a line being written is skipped)."""
+    """Every complete line of a JSON lines record, in order (a line being written is skipped):
+    the alert receiver's, and the sink's (cluster.lab.inspection)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
         return []
     found = []
     for line in text.splitlines():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.lab import loopdev, netns, probes, processes
+from cluster.lab.alert_sink import read_record
 from cluster.lab.site import LabSite
 from cluster.lab.topology import (
     ADMIN_PORT,
@@ -85,17 +86,7 @@ class Inspection:
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every line the sink has recorded (one per delivered recipient), in order."""
-        try:
-            text = self._site.sink_record.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return []
-        lines = []
-        for line in text.splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:  # a line being written right now
-                continue
-        return lines
+        return read_record(self._site.sink_record)
 
     def delivered_ids(self) -> set[str]:
         """The ``X-Lab-Id`` values the sink has recorded."""

@@ -30,3 +30,12 @@ def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
                     continue
                 return port
     raise OSError(f"no port free for both TCP and UDP on {host}")
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now (a server started)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
