@@ -85,6 +85,8 @@ class RelayProcess:
         }
         for section, keys in (overrides or {}).items():
             sections.setdefault(section, {}).update(keys)
+        if "listeners" in sections["smtp"]:  # the listeners name their own addresses
+            sections["smtp"].pop("listen", None)
         self.config_path = workdir / "hamta.toml"
         self.config_path.write_text(render_toml(sections))
         self.proc: subprocess.Popen[bytes] | None = None
