@@ -20,13 +20,16 @@ from hamta.auth_backends import (
     read_password_file,
     write_password_file,
 )
-from hamta.commands import load_or_exit
+from hamta.config import ConfigError, load_config
 
 
 def _file(args: argparse.Namespace) -> Path:
     if args.file is not None:
         return Path(args.file)
-    config = load_or_exit(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise PasswordFileError(str(exc)) from None
     files = {
         name: backend.path
         for name, backend in config.auth.backends.items()
