@@ -56,7 +56,7 @@ class SubmissionFiles:
     def ensure(self, hostnames: list[str]) -> None:
         """Create what is missing: certificate (for ``hostnames``), password file, account."""
         if not (self.cert.exists() and self.key.exists()):
-            cert, key = _self_signed(hostnames)
+            cert, key = self_signed(hostnames)
             write_durably(self.key.parent, self.key.name, key)
             write_durably(self.cert.parent, self.cert.name, cert)
         if not (self.account.exists() and self.users.exists()):
@@ -100,7 +100,7 @@ class SubmissionFiles:
         }
 
 
-def _self_signed(hostnames: list[str]) -> tuple[bytes, bytes]:
+def self_signed(hostnames: list[str]) -> tuple[bytes, bytes]:
     """A self-signed P-256 certificate for ``hostnames`` (a year) and its key, as PEM."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
