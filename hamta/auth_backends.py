@@ -31,7 +31,7 @@ import argon2
 import bcrypt
 
 from hamta.config import AuthBackendConfig
-from hamta.durable_files import write_durably
+from hamta.durable_files import fsync_directory, write_durably, write_synced
 
 _USER = re.compile(r"^[^\s:#][^\s:]*$")
 _hasher = argon2.PasswordHasher()  # argon2id with argon2-cffi's (RFC 9106 low-memory) defaults
@@ -123,9 +123,21 @@ def write_password_file(path: Path, entries: dict[str, str]) -> None:
     """Replace the password file with ``entries``, mode 0600, atomically and durably."""
     lines = ["# hamta SMTP AUTH users: user:hash (argon2id or bcrypt); see hamta auth --help"]
     lines += [f"{user}:{hashed}" for user, hashed in sorted(entries.items())]
+    data = ("\n".join(lines) + "\n").encode()
     try:
-        # 0600 whole or not at all: a reader (the relay) never sees half a file.
-        write_durably(path.parent, path.name, ("\n".join(lines) + "\n").encode())
+        try:
+            owner = os.stat(path)
+        except FileNotFoundError:
+            # A new file: 0600, whole or not at all (a reader never sees half a file).
+            write_durably(path.parent, path.name, data)
+            return
+        # A replacement keeps the file's owner: the relay, no longer root, reads it as its own
+        # user (chown hamta once), and an edit by root must not take that away from it.
+        temporary = path.parent / f".{path.name}.tmp"
+        write_synced(temporary, [data])
+        os.chown(temporary, owner.st_uid, owner.st_gid)
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
     except OSError as exc:
         raise PasswordFileError(f"{path}: cannot write: {exc.strerror}") from None
 

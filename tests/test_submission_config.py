@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from hamta.auth_backends import (
     hash_password,
     password_matches,
     read_password_file,
+    write_password_file,
 )
 from hamta.auth_guard import Gate, LoginGuard, SendRate
 from hamta.config import AuthConfig, ConfigError, parse_config
@@ -102,6 +105,18 @@ def test_a_broken_password_file_names_its_line(tmp_path: Path) -> None:
     path.write_text("# users\nalice:$argon2id$x\nno hash here\n")
     with pytest.raises(PasswordFileError, match=r"users:3: not a 'user:hash' line"):
         read_password_file(path)
+
+
+def test_a_rewritten_password_file_keeps_its_owner(tmp_path: Path) -> None:
+    # The relay reads it as its own user after dropping root: root's edit must not take it away.
+    path = tmp_path / "users"
+    write_password_file(path, {"alice": hash_password("a", "bcrypt")})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.chown(path, 65534, 65534)
+    write_password_file(path, {"alice": "$2b$x", "bob": "$2b$y"})
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_password_file(path) == {"alice": "$2b$x", "bob": "$2b$y"}
 
 
 class Clock:
