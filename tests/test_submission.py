@@ -160,18 +160,6 @@ def login(client: smtplib.SMTP, user: str, password: str) -> None:
     client.auth("PLAIN", client.auth_plain)
 
 
-def metric_value(relay: RelayProcess, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
-
-    status, body = relay.get("/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
 # ------------------------------------------------------------------ refusals before TLS
 
 
@@ -327,8 +315,8 @@ def test_brute_force_is_slowed_then_locked_out(relay: RelayProcess, ports: dict[
     log = relay.log_path.read_text()
     assert "guess0" not in log and PASSWORDS[user] not in log  # no secret in the log
     listener = f"127.0.0.1:{ports['sub']}"
-    assert metric_value(relay, "hamta_smtp_auth_total", listener=listener, outcome="locked") >= 1
-    assert metric_value(relay, "hamta_smtp_auth_total", listener=listener, outcome="failure") >= 4
+    assert relay.metric("hamta_smtp_auth_total", listener=listener, outcome="locked") >= 1
+    assert relay.metric("hamta_smtp_auth_total", listener=listener, outcome="failure") >= 4
 
 
 # ---------------------------------------------------------------------- Dovecot
