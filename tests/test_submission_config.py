@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 from pathlib import Path
@@ -16,6 +17,7 @@ from hamta.auth_backends import (
     write_password_file,
 )
 from hamta.auth_guard import Gate, LoginGuard, SendRate
+from hamta.commands import cmd_config_check
 from hamta.config import AuthConfig, ConfigError, parse_config
 from tests.support import make_self_signed
 
@@ -45,6 +47,20 @@ def test_listeners_give_the_listen_addresses(tls: str, tmp_path: Path) -> None:
     )
     assert config.smtp.listen == ["0.0.0.0:25", "0.0.0.0:587", "0.0.0.0:465"]
     assert [item.role for item in config.smtp.listeners] == ["smtp", "submission", "submissions"]
+
+
+def test_config_check_names_the_roles(
+    tls: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f"[smtp]\n{tls}listeners = ["
+        '{listen = "127.0.0.1:25"}, {listen = "127.0.0.1:465", role = "submissions", auth = "u"}]\n'
+        f'[auth.backends.u]\ntype = "password_file"\npath = "{tmp_path / "users"}"\n'
+    )
+    assert cmd_config_check(argparse.Namespace(file=path)) == 0
+    out = capsys.readouterr().out
+    assert "SMTP on 127.0.0.1:25, 127.0.0.1:465 (submissions, auth u)," in out
 
 
 @pytest.mark.parametrize(
