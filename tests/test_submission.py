@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from hamtactl import build_parser
 from tests.support import DnsServer, RecordingSink, free_port, make_self_signed
 from tests.support.dovecot import Dovecot
 from tests.support.postfix_client import PostfixClient
@@ -57,8 +58,17 @@ def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
 
 
 @pytest.fixture(scope="module")
+def sick_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """A Dovecot whose auth service cannot read its passwd-file."""
+    directory = tmp_path_factory.mktemp("sick-dovecot")
+    with Dovecot(directory, {"dave@example.test": "dave-pw"}, readable=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
-    return {name: free_port("127.0.0.1") for name in ("smtp", "sub", "subs", "dove", "dead")}
+    names = ("smtp", "sub", "subs", "dove", "dead", "sick")
+    return {name: free_port("127.0.0.1") for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +77,7 @@ def relay(
     dns_server: DnsServer,
     mx_port: int,
     dovecot: Dovecot,
+    sick_dovecot: Dovecot,
     ports: dict[str, int],
 ) -> Iterator[RelayProcess]:
     work = tmp_path_factory.mktemp("submission")
@@ -81,6 +92,7 @@ def relay(
         {"listen": f"127.0.0.1:{ports['subs']}", "role": "submissions", "auth": "file"},
         {"listen": f"127.0.0.1:{ports['dove']}", "role": "submission", "auth": "dovecot"},
         {"listen": f"127.0.0.1:{ports['dead']}", "role": "submission", "auth": "gone"},
+        {"listen": f"127.0.0.1:{ports['sick']}", "role": "submission", "auth": "sick"},
     ]
     process = RelayProcess(
         work,
@@ -96,6 +108,7 @@ def relay(
                 "backends": {
                     "file": {"type": "password_file", "path": users},
                     "dovecot": {"type": "dovecot", "socket": dovecot.socket},
+                    "sick": {"type": "dovecot", "socket": sick_dovecot.socket},
                     "gone": {"type": "dovecot", "socket": work / "no-such-socket", "timeout": "2s"},
                 },
                 "users": {
@@ -332,40 +345,55 @@ def test_dovecot_backend_accepts_its_user_and_refuses_a_wrong_password(
     assert refused.value.smtp_code == 535
 
 
-def test_unreachable_backend_is_a_temporary_failure(
-    relay: RelayProcess, ports: dict[str, int]
+@pytest.mark.parametrize("listener", ["dead", "sick"])
+def test_a_backend_that_cannot_tell_is_a_temporary_failure(
+    relay: RelayProcess, ports: dict[str, int], listener: str
 ) -> None:
+    # dead: no Dovecot on the socket; sick: Dovecot answers FAIL code=temp_fail.
     with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
-        submit(ports["dead"], "dave@example.test", "dave-pw")
+        submit(ports[listener], "dave@example.test", "dave-pw")
     assert refused.value.smtp_code == 454
     assert str(refused.value.smtp_error).startswith("b'4.7.0")
-    assert read_events(relay.log_path, "AuthUnavailable")
+    listen = f"127.0.0.1:{ports[listener]}"
+    errors = [e["error"] for e in read_events(relay.log_path, "AuthUnavailable")]
+    events = [e for e in read_events(relay.log_path, "AuthUnavailable") if e["listener"] == listen]
+    assert events, errors
+    if listener == "sick":
+        assert events[-1]["error"] == "dovecot: temporary failure"
 
 
 # ------------------------------------------------------------------ hamta auth
 
 
-def hamta_auth(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """``hamta auth ARGS``, its output captured."""
-    return subprocess.run(
-        [*HAMTA, "auth", *args], input=stdin, capture_output=True, text=True, check=False
-    )
+def hamta_auth(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``hamta auth ARGS`` in this process (the first test runs it as a command): code, out, err."""
+    parsed = build_parser(["hamta.auth_cli"]).parse_args(["auth", *args])
+    code = parsed.func(parsed)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_auth_cli_writes_lists_and_removes(tmp_path: Path) -> None:
+def test_auth_cli_writes_lists_and_removes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     users = tmp_path / "users"
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
-    added = hamta_auth("add", "erin", "--file", str(users), "--password-file", str(secret))
+    added = subprocess.run(
+        [*HAMTA, "auth", "add", "erin", "--file", str(users), "--password-file", str(secret)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert added.returncode == 0, added.stderr
     assert stat.S_IMODE(users.stat().st_mode) == 0o600
     assert "s3cret" not in users.read_text()
-    assert hamta_auth("list", "--file", str(users)).stdout.split() == ["erin", "argon2id"]
-    bad = hamta_auth("add", "bad:name", "--file", str(users), stdin="x\n")
-    assert bad.returncode == 1 and "not a user name" in bad.stderr
-    assert hamta_auth("remove", "erin", "--file", str(users)).returncode == 0
-    again = hamta_auth("remove", "erin", "--file", str(users))
-    assert again.returncode == 1 and "no user 'erin'" in again.stderr
+    assert hamta_auth(capsys, "list", "--file", str(users))[1].split() == ["erin", "argon2id"]
+    code, _, err = hamta_auth(capsys, "add", "bad:name", "--file", str(users))
+    assert code == 1 and "not a user name" in err
+    assert hamta_auth(capsys, "remove", "erin", "--file", str(users))[0] == 0
+    code, _, err = hamta_auth(capsys, "remove", "erin", "--file", str(users))
+    assert code == 1 and "no user 'erin'" in err
 
 
 # ------------------------------------------------------------ Postfix as a client

@@ -35,7 +35,7 @@ userdb {{
 }}
 service auth {{
   # The passwd-file lies in the test's directory, which only root may enter.
-  user = root
+  user = {auth_user}
   unix_listener auth-client {{
     mode = 0600
   }}
@@ -44,9 +44,13 @@ service auth {{
 
 
 class Dovecot:
-    """``dovecot -F`` with ``users`` (name → plain password) in its passwd-file."""
+    """``dovecot -F`` with ``users`` (name → plain password) in its passwd-file.
 
-    def __init__(self, dir: Path, users: dict[str, str]) -> None:
+    ``readable=False`` runs its auth service as Dovecot's own user, which cannot enter the
+    test's directory: every lookup fails inside Dovecot (a temporary failure, not a refusal).
+    """
+
+    def __init__(self, dir: Path, users: dict[str, str], *, readable: bool = True) -> None:
         if shutil.which("dovecot") is None:
             raise FileNotFoundError("dovecot is not installed (Debian's dovecot-core)")
         self.dir = dir
@@ -55,7 +59,7 @@ class Dovecot:
             "".join(f"{user}:{{PLAIN}}{password}\n" for user, password in users.items())
         )
         self.config = dir / "dovecot.conf"
-        self.config.write_text(_CONFIG.format(dir=dir))
+        self.config.write_text(_CONFIG.format(dir=dir, auth_user="root" if readable else "dovecot"))
         self.socket = dir / "run" / "auth-client"
         self.proc: subprocess.Popen[bytes] | None = None
 
