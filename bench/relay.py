@@ -20,6 +20,11 @@ What is measured
 
     The last line of output is one JSON object with the figures and the hamta/Postfix ratio.
 
+    What AUTH costs (``relay_auth``): sessions per second on a ``submissions`` listener (465,
+    TLS from the first byte) with AUTH PLAIN against an argon2id password file, beside the same
+    sessions without AUTH: ``auth_sessions_per_s`` and ``tls_sessions_per_s`` in the JSON line
+    (``--auth-seconds 0`` skips it).
+
 How completion is judged
     smtp-sink's dump files undercount when a relay reuses connections, so delivery is judged on
     the relay's side:
@@ -61,7 +66,7 @@ Where it is
 Usage
     .venv/bin/python bench/relay.py [--only postfix|hamta|both] [--messages 10000]
         [--sessions 20] [--size 2048] [--reuse-connections] [--timeout 900]
-        [--workdir DIR] [--keep] [--hamta PATH]
+        [--workdir DIR] [--keep] [--hamta PATH] [--auth-seconds 10] [--auth-clients 8]
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ from types import FrameType
 from typing import Any
 
 from recovery import measure as measure_recovery
+from relay_auth import run_auth
 from relay_common import DEFAULT_HAMTA, BenchError, say, shielded
 from relay_hamta import run_hamta
 from relay_load import Result
@@ -128,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[100_000, 1_000_000],
         help="queue depths at which to measure queue recovery (bench/recovery.py); none to skip",
     )
+    parser.add_argument(
+        "--auth-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of each AUTH figure (bench/relay_auth.py); 0 to skip",
+    )
+    parser.add_argument("--auth-clients", type=int, default=8, help="AUTH sessions at once")
     args = parser.parse_args(argv)
     if min(args.messages, args.sessions, args.size) <= 0:
         parser.error("--messages, --sessions and --size must be positive")
@@ -150,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"load average before the run: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     results: dict[str, Result | None] = {"hamta": None, "postfix": None}
     recovery: dict[int, dict[str, float]] = {}
+    auth: dict[str, float | None] = {"auth_sessions_per_s": None, "tls_sessions_per_s": None}
     ok = True
     runners: list[tuple[str, Callable[[], Result]]] = []
     if args.only in ("postfix", "both"):
@@ -192,10 +206,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{figures_at['load_s']:.3f} s, queue built in {figures_at['queue_s']:.3f} s), "
                 f"peak RSS {figures_at['peak_rss_mib']:.0f} MiB"
             )
+        if args.auth_seconds > 0 and args.only in ("hamta", "both"):
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                try:
+                    auth |= run_auth(
+                        Path(tmp),
+                        args.hamta,
+                        seconds=args.auth_seconds,
+                        clients=args.auth_clients,
+                    )
+                except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                    say(f"auth: FAILED: {exc}")
+                    ok = False
     except KeyboardInterrupt:
         say("interrupted; everything started has been stopped")
         ok = False
     figures = summary(args, results["hamta"], results["postfix"], ok, recovery)
+    figures.update(auth)
     if figures["ratio"] is not None:
         say(f"ratio hamta/postfix: {figures['ratio']:.3f}")
     print(json.dumps(figures), flush=True)

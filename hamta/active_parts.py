@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import functools
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hamta.auth_backends import build_backends
 from hamta.bounce_classes import BounceRulesError, build_classifier
 from hamta.bounce_intake import BounceIntake
 from hamta.complaints import ComplaintIntake
@@ -39,6 +41,7 @@ from hamta.return_paths import ReturnPaths
 from hamta.routing import Router
 from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
 from hamta.spool import Spawn, Spool, SpoolError
+from hamta.submission import Submission, listeners
 from hamta.suppression import DomainFailurePolicy, SuppressionError, Suppressions
 from hamta.suspensions import load_suspended
 
@@ -61,7 +64,9 @@ class ActiveParts:
     handler: ReceptionHandler
     suppressions: Suppressions | None
     guard: EpochGuard | None
-    protocol: Callable[[], HamtaSMTP]  # one SMTP session per accepted connection
+    # One SMTP session per accepted connection, per listener (in smtp.listen's order), with
+    # the TLS context its server wraps connections in (465) or None.
+    protocols: tuple[tuple[Callable[[], HamtaSMTP], ssl.SSLContext | None], ...]
     timer: asyncio.Task[None]
     sweeper: asyncio.Task[None] | None  # of quarantine/, on worker 0
 
@@ -195,6 +200,8 @@ async def build(
                     return_paths,
                 )
             )
+        backends = build_backends(config.auth.backends)
+        submission = Submission(config.auth, metrics, log, time.monotonic) if backends else None
         handler = ReceptionHandler(
             config.smtp,
             config.node.hostname,
@@ -209,6 +216,7 @@ async def build(
             report_rate=ClientRate(
                 reports.report_rate_per_client / config.node.workers, reports.complaint_networks
             ),
+            submission=submission,
         )
         timer = spawn("queue timer", queue.run_timer())
         opened.callback(timer.cancel)
@@ -219,22 +227,30 @@ async def build(
                 sweep_periodically(root / QUARANTINE_DIR, quota, wall_clock, log, check),
             )
             opened.callback(sweeper.cancel)
-        protocol = functools.partial(
-            HamtaSMTP,
-            handler,
-            line_length_limit=config.smtp.max_line_length + 2,
-            data_size_limit=config.smtp.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=config.node.hostname,
-            ident="ESMTP hamta",
-            tls_context=inbound_tls,
-            timeout=config.smtp.session_timeout,
-            loop=asyncio.get_running_loop(),
+        protocols = tuple(
+            (
+                functools.partial(
+                    HamtaSMTP,
+                    handler,
+                    listener=listener,
+                    line_length_limit=config.smtp.max_line_length + 2,
+                    data_size_limit=config.smtp.max_message_size,
+                    enable_SMTPUTF8=True,
+                    decode_data=False,
+                    hostname=config.node.hostname,
+                    ident="ESMTP hamta",
+                    # 465 is TLS from the first byte (its server's context): no STARTTLS in it.
+                    tls_context=None if listener.implicit_tls else inbound_tls,
+                    timeout=config.smtp.session_timeout,
+                    loop=asyncio.get_running_loop(),
+                ),
+                inbound_tls if listener.implicit_tls else None,
+            )
+            for listener in listeners(config.smtp.listeners, backends)
         )
         opened.pop_all()  # built whole: the relay's deactivation closes it from now on
         return ActiveParts(
-            spool, queue, engine, router, handler, suppressions, guard, protocol, timer, sweeper
+            spool, queue, engine, router, handler, suppressions, guard, protocols, timer, sweeper
         )
 
 

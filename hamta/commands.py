@@ -247,7 +247,14 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if config.log.file is not None and (problem := eventlog.log_file_problem(config.log.file)):
         print(f"hamta: {args.file}: log.file: {problem}", file=sys.stderr)
         return 2
-    print(f"{args.file}: ok (SMTP on {', '.join(config.smtp.listen)}, spool {config.spool.path})")
+    # Each address with its role when it is not plain smtp (submission, submissions + backend).
+    listening = ", ".join(
+        item.listen
+        if item.role == "smtp" and item.auth is None
+        else f"{item.listen} ({item.role}, auth {item.auth})"
+        for item in config.smtp.listeners
+    )
+    print(f"{args.file}: ok (SMTP on {listening}, spool {config.spool.path})")
     return 0
 
 

@@ -135,10 +135,36 @@ class NodeConfig(_Section):
     group: str | None = Field(default=None, min_length=1)
 
 
+ListenerRole = Literal["smtp", "submission", "submissions"]
+
+
+class ListenerConfig(_Section):
+    """One SMTP listening address and what it is for (``[[smtp.listeners]]``).
+
+    ``smtp`` (port 25): relay for ``relay_networks`` (and for authenticated sessions when ``auth``
+    names a backend), STARTTLS offered. ``submission`` (587): STARTTLS, then AUTH, before any
+    MAIL. ``submissions`` (465): TLS from the first byte (RFC 8314), then AUTH before MAIL.
+    """
+
+    listen: str
+    role: ListenerRole = "smtp"
+    # The name of an ``[auth.backends.NAME]`` that checks this listener's logins; none: no AUTH.
+    auth: str | None = Field(default=None, min_length=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+
 class SmtpConfig(_Section):
     """The receiving side."""
 
+    # Every listening address (the listeners' own when ``listeners`` is given).
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"], min_length=1)
+    # The listeners with their roles; without it each ``listen`` address is an ``smtp`` one.
+    listeners: list[ListenerConfig] = Field(default_factory=list)
     max_message_size: Bytes = 25 * 1024 * 1024
     max_recipients: Count = 100
     # RFC 5321 4.5.3.1.6: 998 characters plus CRLF.
@@ -169,6 +195,47 @@ class SmtpConfig(_Section):
         for item in value:
             parse_hostport(item)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _listeners_or_listen(cls, data: Any) -> Any:
+        # The older single list of addresses stays valid: each becomes an smtp listener. Both
+        # at once would leave it unclear which addresses are meant, so that is refused.
+        if not isinstance(data, dict):
+            return data
+        if "listeners" in data:
+            if "listen" in data:
+                raise ValueError(
+                    "give smtp.listeners or smtp.listen, not both (smtp.listen is the older "
+                    "form: one smtp listener per address)"
+                )
+            listeners = data["listeners"]
+            if isinstance(listeners, list):
+                addresses = [item.get("listen") for item in listeners if isinstance(item, dict)]
+                if all(isinstance(item, str) for item in addresses) and addresses:
+                    return {**data, "listen": addresses}
+            return data
+        listen = data.get("listen", ["127.0.0.1:2525"])
+        if isinstance(listen, list) and all(isinstance(item, str) for item in listen):
+            return {**data, "listeners": [{"listen": item, "role": "smtp"} for item in listen]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_listeners(self) -> SmtpConfig:
+        if len(set(self.listen)) != len(self.listen):
+            raise ValueError("listeners: an address is given twice")
+        for item in self.listeners:
+            if item.role != "smtp" and item.auth is None:
+                raise ValueError(
+                    f"listeners: {item.listen} ({item.role}) needs auth = the name of an "
+                    "[auth.backends] entry: a submission listener takes mail only after AUTH"
+                )
+            if (item.role != "smtp" or item.auth is not None) and self.tls_cert is None:
+                raise ValueError(
+                    f"listeners: {item.listen} ({item.role}, auth) needs smtp.tls_cert and "
+                    "smtp.tls_key: AUTH is never offered without TLS"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_open_relay(self) -> SmtpConfig:
@@ -513,6 +580,92 @@ class SuppressionConfig(_Section):
         return domains
 
 
+class AuthBackendConfig(_Section):
+    """Where a listener's logins are checked (``[auth.backends.NAME]``).
+
+    ``password_file``: ``user:hash`` lines, argon2id or bcrypt hashes (``hamta auth add``).
+    ``dovecot``: Dovecot's auth service, over its ``auth-client`` unix socket.
+    """
+
+    type: Literal["password_file", "dovecot"]
+    path: Path | None = None  # password_file
+    socket: Path | None = None  # dovecot
+    # A Dovecot that does not answer within this long is a temporary failure (454 4.7.0).
+    timeout: PositiveSeconds = 5.0
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> AuthBackendConfig:
+        if self.type == "password_file" and (self.path is None or self.socket is not None):
+            raise ValueError("a password_file backend takes path (and no socket)")
+        if self.type == "dovecot" and (self.socket is None or self.path is not None):
+            raise ValueError("a dovecot backend takes socket (and no path)")
+        return self
+
+
+class AuthUserConfig(_Section):
+    """What one authenticated user may send (``[auth.users."name"]``).
+
+    ``senders``: envelope senders, an address or ``@domain`` for a whole domain; unset, a login
+    that is an address may use that address only. ``from_domains``: the domains its ``From:``
+    may name; unset, those of ``senders``.
+    """
+
+    senders: list[str] | None = None
+    from_domains: list[str] | None = None
+    # Messages a minute (beyond: 450 4.7.1); unset: no limit.
+    messages_per_minute: Count | None = None
+
+    @field_validator("senders")
+    @classmethod
+    def _check_senders(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        senders = [item.strip().lower() for item in value]
+        for item in senders:
+            if item.startswith("@"):
+                if not _DOMAIN.match(item[1:]):
+                    raise ValueError(f"not a domain after @: {item!r}")
+            elif not _ADDRESS.match(item):
+                raise ValueError(f"not an address or @domain: {item!r}")
+        return senders
+
+    @field_validator("from_domains")
+    @classmethod
+    def _check_from_domains(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        domains = [item.strip().lower().rstrip(".") for item in value]
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"not a domain: {domain!r}")
+        return domains
+
+
+class AuthConfig(_Section):
+    """SMTP AUTH: the credential backends, failed-login limits and per-user policies."""
+
+    backends: dict[str, AuthBackendConfig] = Field(default_factory=dict)
+    users: dict[str, AuthUserConfig] = Field(default_factory=dict)
+    # Failed logins counted over failure_window, per client address and per user: each failure
+    # delays the next reply (backoff doubling from failure_delay up to max_failure_delay); at
+    # max_failures_per_client (or _per_user) AUTH gets 454 4.7.0 for lockout.
+    failure_window: PositiveSeconds = 600.0
+    failure_delay: Seconds = 1.0
+    max_failure_delay: Seconds = 8.0
+    max_failures_per_client: Count = 10
+    max_failures_per_user: Count = 20
+    lockout: PositiveSeconds = 900.0
+
+    @model_validator(mode="after")
+    def _check_delays(self) -> AuthConfig:
+        if self.failure_delay > self.max_failure_delay:
+            raise ValueError(
+                f"failure_delay ({self.failure_delay:g}s) exceeds max_failure_delay "
+                f"({self.max_failure_delay:g}s)"
+            )
+        return self
+
+
 class Config(_Section):
     """The whole relay configuration."""
 
@@ -527,6 +680,18 @@ class Config(_Section):
     log: LogConfig = Field(default_factory=LogConfig)
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @model_validator(mode="after")
+    def _check_listener_backends(self) -> Config:
+        for item in self.smtp.listeners:
+            if item.auth is not None and item.auth not in self.auth.backends:
+                known = ", ".join(sorted(self.auth.backends)) or "none"
+                raise ValueError(
+                    f"smtp.listeners: {item.listen} names auth backend {item.auth!r}, which "
+                    f"[auth.backends] does not define (defined: {known})"
+                )
+        return self
 
 
 DEFAULT_TOML = """\

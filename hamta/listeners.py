@@ -69,6 +69,29 @@ def bind(listen: Sequence[str], *, reuse_port: bool) -> list[socket.socket]:
     return sockets
 
 
+def _resolve(item: str) -> list[tuple[str, int]]:
+    host, port = parse_hostport(item)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenerError(f"cannot resolve {item}: {exc.strerror}") from None
+    return [(str(info[4][0]), int(info[4][1])) for info in infos]
+
+
+def listener_index(sock: socket.socket, listen: Sequence[str]) -> int:
+    """Which of the ``listen`` addresses ``sock`` was bound for (its listener's role).
+
+    Found from the socket's own address, as :func:`bind` resolved it: a worker is handed bare
+    file descriptors at exec, and the address is what tells a 587 socket from a 25 one.
+    """
+    name = sock.getsockname()
+    bound = (str(name[0]), int(name[1]))
+    for index, item in enumerate(listen):
+        if bound in _resolve(item):
+            return index
+    raise ListenerError(f"socket {bound} matches no smtp listener ({', '.join(listen)})")
+
+
 def adopt(fds: Sequence[int]) -> list[socket.socket]:
     """The sockets a worker was handed at exec, by file descriptor."""
     sockets = []

@@ -126,6 +126,19 @@ class RelayMetrics:
             ["reason"],  # idle, session_time, data_rate
             registry=r,
         )
+        self.smtp_auth = Counter(
+            "hamta_smtp_auth",
+            "SMTP AUTH attempts, by listener (its address) and outcome",
+            # success, failure (535), locked (454 lockout), unavailable (454 backend), no_tls
+            ["listener", "outcome"],
+            registry=r,
+        )
+        self.submission_refused = Counter(
+            "hamta_submission_refused",
+            "Authenticated mail refused by the user's policy, by reason",
+            ["reason"],  # sender, from, rate
+            registry=r,
+        )
         self.backpressure = Counter(
             "hamta_smtp_backpressure",
             "MAIL refused with 452 4.3.1 for the relay's own resources, by resource",

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import enum
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from hamta.control_client import ControlError
 from hamta.domain_stats import DomainStats, destination_metrics, merge_snapshots, relay_snapshot
 from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
-from hamta.listeners import unlisten
+from hamta.listeners import ListenerError, listener_index, unlisten
 from hamta.metrics import RelayMetrics, merge_expositions
 from hamta.queue import MailQueue
 from hamta.smtp import HamtaSMTP
@@ -381,7 +382,7 @@ class Relay:
             raise RelayError(str(exc)) from None
         self._active = parts
         self.metrics.fenced.set(0)
-        await self._listen(parts.protocol)
+        await self._listen(parts.protocols)
         listen_seconds = time.perf_counter() - started
         self.log.info("RelayListening", listen=config.smtp.listen, seconds=round(listen_seconds, 4))
         self._recovery = asyncio.get_running_loop().create_task(parts.spool.recover())
@@ -423,17 +424,26 @@ class Relay:
             task.add_done_callback(self._records.discard)
         return self.last_activation
 
-    async def _listen(self, protocol: Callable[[], HamtaSMTP]) -> None:
+    async def _listen(
+        self, protocols: Sequence[tuple[Callable[[], HamtaSMTP], ssl.SSLContext | None]]
+    ) -> None:
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
             try:
+                # Each socket serves its listener's role (hamta.submission); 465 is wrapped in
+                # TLS by its server, before the first byte.
+                protocol, implicit_tls = protocols[
+                    listener_index(listener, self.config.smtp.listen)
+                ]
                 # A duplicate for asyncio, which closes what it was given: the bound socket
                 # itself stays with the relay for the next activation.
-                server = await loop.create_server(protocol, sock=listener.dup())
+                server = await loop.create_server(protocol, sock=listener.dup(), ssl=implicit_tls)
             except OSError as exc:
                 raise RelayError(
                     f"cannot listen on {listener.getsockname()}: {exc.strerror}"
                 ) from None
+            except ListenerError as exc:
+                raise RelayError(str(exc)) from None
             self._servers.append(server)
 
     def _gauge_queue(self, parts: ActiveParts) -> None:

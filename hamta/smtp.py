@@ -47,6 +47,17 @@ from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
 from hamta.report_rate import REPLY_REPORT_RATE, ClientRate
 from hamta.spool import LiveMessage, Spool, SpoolError, SpoolFencedError, SpoolFullError
+from hamta.submission import (
+    MECHANISMS,
+    REPLY_AUTH_NEEDS_TLS,
+    REPLY_AUTH_REQUIRED,
+    REPLY_AUTH_TWICE,
+    REPLY_FROM_NOT_OWNED,
+    REPLY_SENDER_NOT_OWNED,
+    REPLY_USER_RATE,
+    Listener,
+    Submission,
+)
 
 if TYPE_CHECKING:  # only configured relays import dkimpy and cryptography
     from hamta.dkim_signing import DkimSigner
@@ -179,12 +190,25 @@ class _ClosedOnce:
         return getattr(self._transport, name)
 
 
+# A session of a listener that takes no AUTH (what tests and tools build without a listener).
+PLAIN_SMTP = Listener("", "smtp", None)
+
+
 class HamtaSMTP(_HooksOnlyDir, SMTP):
     """aiosmtpd's SMTP with enhanced status codes, a configurable line limit and draining."""
 
-    def __init__(self, handler: ReceptionHandler, *, line_length_limit: int, **kwargs: Any):
+    def __init__(
+        self,
+        handler: ReceptionHandler,
+        *,
+        line_length_limit: int,
+        listener: Listener = PLAIN_SMTP,
+        **kwargs: Any,
+    ):
         # Read by SMTP.__init__ to size its stream buffer: lines longer than this get 500.
         self.line_length_limit = line_length_limit
+        # Its role (smtp, submission, submissions) and credential backend (hamta.submission).
+        self.listener = listener
         # Names the session in the log, so that an error line can be tied to its client.
         self.session_id = f"{next(_session_ids):X}"
         self._plain_replies = False
@@ -230,8 +254,11 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
         finally:
             lines, self._ehlo_lines = self._ehlo_lines, None
         if lines[-1:] == ["250 HELP"]:  # the extensions (not aiosmtpd's 501 Syntax)
-            # aiosmtpd offers AUTH after STARTTLS; hamta has none to offer.
+            # aiosmtpd's AUTH line follows its own idea of TLS, blind to 465's (aiosmtpd issue
+            # 281): hamta offers AUTH itself, inside TLS on a listener with a backend only.
             offered = [line for line in lines[:-1] if not line.startswith("250-AUTH")]
+            if self.listener.backend is not None and self.tls_active:
+                offered.append("250-AUTH " + " ".join(MECHANISMS))
             lines = [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", lines[-1]]
         if lines:
             await super().push("\r\n".join(lines))
@@ -261,8 +288,34 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
             return True
         return False
 
+    @property
+    def tls_active(self) -> bool:
+        """Whether this session is inside TLS: after STARTTLS, or from the first byte (465)."""
+        return self._tls_protocol is not None or self.listener.implicit_tls
+
+    @property
+    def user(self) -> str | None:
+        """The authenticated user of this session (STARTTLS starts a new session: None)."""
+        session = self.session
+        if session is None or not session.authenticated:
+            return None
+        return cast(str, session.login_data)
+
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """MAIL, its path checked first (RFC 5321 4.1.2, 4.5.3.1; RFC 6531 3.4)."""
+        """MAIL, its path checked first (RFC 5321 4.1.2, 4.5.3.1; RFC 6531 3.4).
+
+        On a submission listener, nothing before TLS and AUTH (RFC 8314, RFC 6409 4.3).
+        """
+        session = self.session
+        if (
+            self.listener.needs_auth
+            and session is not None
+            and session.host_name
+            and self.user is None
+        ):
+            reply = REPLY_AUTH_REQUIRED if self.tls_active else REPLY_AUTH_NEEDS_TLS
+            await self._refuse(reply, "SubmissionRefused", arg or "")
+            return
         if not await self._refused_path(arg, "FROM:"):
             await super().smtp_MAIL(arg)
 
@@ -343,6 +396,9 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
         if self._original_transport is not None:  # the STARTTLS upgrade
             transport = cast(asyncio.BaseTransport, _ClosedOnce(transport))
         super().connection_made(transport)
+        if self.listener.implicit_tls and self.session is not None:
+            # aiosmtpd sets it at STARTTLS only: Received: says ESMTPS(A) from it.
+            self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the session."""
@@ -427,8 +483,24 @@ class HamtaSMTP(_HooksOnlyDir, SMTP):
         return self.hamta_handler._reject(REPLY_LOCAL_ERROR)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        """hamta relays for its client networks only and offers no authentication."""
-        await self.push(REPLY_NO_AUTH)
+        """AUTH PLAIN or LOGIN, inside TLS on a listener with a credential backend only."""
+        submission = self.hamta_handler.submission
+        session = self.session
+        if session is None or await self.check_helo_needed("EHLO"):
+            return
+        if submission is None or self.listener.backend is None or not session.extended_smtp:
+            await self.push(REPLY_NO_AUTH)
+            return
+        if self.user is not None:
+            await self.push(REPLY_AUTH_TWICE)
+            return
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 AUTH is not allowed during a mail transaction")
+            return
+        user = await submission.authenticate(self, self.listener, arg or "", tls=self.tls_active)
+        if user is not None and self.session is session:
+            session.authenticated = True
+            session.login_data = user
 
     async def _handle_client(self) -> None:
         if self.hamta_handler.draining:
@@ -478,8 +550,11 @@ class ReceptionHandler(_HooksOnlyDir):
         suppressions: Suppressions | None = None,
         intakes: Sequence[Intake] = (),
         report_rate: ClientRate | None = None,
+        submission: Submission | None = None,
     ) -> None:
         self.signer = signer
+        # Logins and what authenticated users may send (None: no listener takes AUTH).
+        self.submission = submission
         # How often one client may send to those addresses (None: unlimited).
         self.report_rate = report_rate
         self.suppressions = suppressions
@@ -560,9 +635,31 @@ class ReceptionHandler(_HooksOnlyDir):
             return self._reject(REPLY_BUSY)
         if has_control_character(address):
             return self._reject(REPLY_BAD_SENDER)
+        user = server.user
+        if user is not None and self.submission is not None:
+            refused = self._user_refusal(user, address)
+            if refused is not None:
+                self.metrics.submission_refused.labels(refused[0]).inc()
+                self.log.warning(
+                    "SubmissionRefused",
+                    client=server.client,
+                    user=header_safe(user)[:100],
+                    sender=address,
+                    reason=refused[0],
+                )
+                return self._reject(refused[1])
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return REPLY_OK
+
+    def _user_refusal(self, user: str, sender: str) -> tuple[str, str] | None:
+        """Why ``user`` may not send from ``sender`` now: (reason, reply), or None."""
+        assert self.submission is not None
+        if not self.submission.sender_allowed(user, sender):
+            return "sender", REPLY_SENDER_NOT_OWNED
+        if not self.submission.allow_message(user):
+            return "rate", REPLY_USER_RATE
+        return None
 
     async def handle_RCPT(
         self,
@@ -589,7 +686,8 @@ class ReceptionHandler(_HooksOnlyDir):
                 return self._reject(REPLY_REPORT_RATE)
             envelope.rcpt_tos.append(address)
             return "250 2.1.5 Ok"
-        if not self.relay_allowed(session.peer):
+        # An authenticated user may relay anywhere; others only from the relay networks.
+        if not session.authenticated and not self.relay_allowed(session.peer):
             return self._reject(REPLY_RELAY_DENIED)
         local, at, domain = address.rpartition("@")
         if (
@@ -632,6 +730,20 @@ class ReceptionHandler(_HooksOnlyDir):
             # A next hop that drops NUL bytes would read "\r\n\x00.\r\n" as end-of-data.
             self.log.warning("NulRefused", client=client, sender=envelope.mail_from, size=len(data))
             return self._reject(REPLY_NUL)
+        user = server.user
+        if user is not None and self.submission is not None:
+            bad_from = self.submission.bad_from(user, data)
+            if bad_from is not None:
+                self.metrics.submission_refused.labels("from").inc()
+                self.log.warning(
+                    "SubmissionRefused",
+                    client=client,
+                    user=header_safe(user)[:100],
+                    sender=envelope.mail_from,
+                    header_from=header_safe(bad_from)[:300],
+                    reason="from",
+                )
+                return self._reject(REPLY_FROM_NOT_OWNED)
         started = time.perf_counter()
         qid = self.spool.new_qid()
         received = self._received_header(session, envelope, qid, client)
@@ -752,6 +864,8 @@ class ReceptionHandler(_HooksOnlyDir):
         protocol = (
             "ESMTPS" if session.ssl is not None else ("ESMTP" if session.extended_smtp else "SMTP")
         )
+        if session.authenticated:
+            protocol += "A"  # RFC 3848: ESMTPSA, authenticated (who, the log says)
         recipient = (
             f"\r\n\tfor <{header_safe(envelope.rcpt_tos[0])}>"
             if len(envelope.rcpt_tos) == 1

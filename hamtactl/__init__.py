@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "config": "hamta.commands",
     "dkim": "hamta.reputation_cli",
     "suppression": "hamta.reputation_cli",
+    "auth": "hamta.auth_cli",
     "agent": "cluster.commands",
     "cluster": "cluster.commands",
     "drbd": "cluster.commands",

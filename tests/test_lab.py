@@ -226,7 +226,8 @@ def test_shared_disk_is_an_ext4_loop_device_with_a_spool(lab: Lab) -> None:
 def test_node_configurations_are_valid(lab: Lab) -> None:
     for node in NODES:
         relay = load_config(lab.node_dir(node) / "relay.toml")
-        assert relay.smtp.listen == ["0.0.0.0:25"]
+        # 25 (relay), 587 and 465 (submission: tests/test_lab_submission.py)
+        assert relay.smtp.listen == ["0.0.0.0:25", "0.0.0.0:587", "0.0.0.0:465"]
         assert relay.dns.nameservers == [f"{INET}:53"]
         assert relay.control.socket == lab.node_dir(node) / "relay.sock"
         agent = load_agent_config(lab.node_dir(node) / "agent.toml")

@@ -12,6 +12,7 @@ from cluster.lab.fence import FenceError, fence_node
 from cluster.lab.inspection import Inspection
 from cluster.lab.results import SendResult
 from cluster.lab.site import LabError, LabSite, Launcher
+from cluster.lab.submission import SUBMISSION_PORT, SUBMISSIONS_PORT, SubmissionFiles
 from cluster.lab.topology import CLIENT, INTERFACE, SMTP_PORT
 
 
@@ -31,17 +32,34 @@ class Actions:
         domain: str = "a.lab.test",
         timeout: float = 30.0,
         connections: int = 1,
+        submission: int | None = None,
+        password: str | None = None,
+        sender: str | None = None,
     ) -> SendResult:
-        """Send ``count`` messages from the client namespace to the virtual IP, port 25."""
+        """Send ``count`` messages from the client namespace to the virtual IP, port 25.
+
+        ``submission`` (587 or 465): to that port instead, logged in with the lab's probe
+        account (``password`` instead of its own, to see a refusal); ``sender``: the envelope
+        sender instead of the account's.
+        """
         site = self._site
+        extra: list[str] = []
+        if submission is not None:
+            if submission not in (SUBMISSION_PORT, SUBMISSIONS_PORT):
+                raise LabError(f"submission is on {SUBMISSION_PORT} or {SUBMISSIONS_PORT}")
+            extra = ["--account", str(SubmissionFiles(site.directory).account)]
+            extra += ["--implicit-tls"] if submission == SUBMISSIONS_PORT else []
+            extra += ["--password", password] if password is not None else []
+        extra += ["--sender", sender] if sender is not None else []
         argv = client.command(
             site.python,
-            f"{site.topology.vip.ip}:{SMTP_PORT}",
+            f"{site.topology.vip.ip}:{submission or SMTP_PORT}",
             count,
             size=size,
             domain=domain,
             timeout=timeout,
             connections=connections,
+            submission=extra,
         )
         try:
             # Each SMTP command has its own limit (10 s) after the last message is started.

@@ -15,7 +15,8 @@ from pathlib import Path
 from cluster.lab import configs, probes
 from cluster.lab.inspection import Inspection
 from cluster.lab.site import AGENT_PREFIX, LabError, LabSite, Launcher, log_tail
-from cluster.lab.topology import CLIENT, INTERFACE, NODES, SMTP_PORT
+from cluster.lab.submission import SubmissionFiles
+from cluster.lab.topology import CLIENT, DOMAIN, INTERFACE, NODES, SMTP_PORT
 
 
 class Agents:
@@ -51,7 +52,19 @@ class Agents:
         site = self._site
         node_dir = site.directory / node
         (node_dir / "mnt").mkdir(parents=True, exist_ok=True)
-        relay = configs.relay_config(site.topology, node, node_dir, node_dir / "mnt" / "spool")
+        relay = {
+            section: dict(keys)
+            for section, keys in configs.relay_config(
+                site.topology, node, node_dir, node_dir / "mnt" / "spool"
+            ).items()
+        }
+        # Submission on 587 and 465 besides 25, one password file for the pair (a probe
+        # account in <lab dir>/submission-account.json): the lab shows AUTH work and refuse.
+        files = SubmissionFiles(site.directory)
+        files.ensure([f"{name}.{DOMAIN}" for name in NODES])
+        for section, keys in files.relay_sections(SMTP_PORT).items():
+            relay.setdefault(section, {}).update(keys)
+        relay["smtp"].pop("listen", None)  # the listeners name their addresses
         (node_dir / "relay.toml").write_text(configs.render_toml(relay))
         self.configure(node, {})
 

@@ -17,12 +17,15 @@ import argparse
 import json
 import secrets
 import smtplib
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from email.utils import formatdate
+from pathlib import Path
 from typing import Final
 
 from cluster.lab.results import ERROR_SAMPLES, SendResult
@@ -30,6 +33,40 @@ from hamta.config import parse_hostport
 
 SENDER: Final = "lab@client.lab.test"
 _COMMAND_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """Submission instead of relaying: TLS (465's from the first byte, else STARTTLS), AUTH."""
+
+    user: str
+    password: str
+    implicit_tls: bool
+
+
+def _connect(host: str, port: int, login: Login | None, timeout: float) -> smtplib.SMTP:
+    if login is None:
+        connection = smtplib.SMTP(host, port, local_hostname="client.lab.test", timeout=timeout)
+        connection.ehlo()
+        return connection
+    # The lab's certificate is its own, self-signed: encrypted, not verified.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if login.implicit_tls:
+        connection = smtplib.SMTP_SSL(
+            host, port, local_hostname="client.lab.test", timeout=timeout, context=context
+        )
+    else:
+        connection = smtplib.SMTP(host, port, local_hostname="client.lab.test", timeout=timeout)
+        connection.starttls(context=context)
+    try:
+        connection.ehlo()
+        connection.login(login.user, login.password)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 def make_message(lab_id: str, rcpt: str, size: int) -> bytes:
@@ -97,7 +134,15 @@ def _close(connection: smtplib.SMTP | None) -> None:
 
 
 def _sender(
-    run: _Run, host: str, port: int, run_id: str, size: int, domain: str, timeout: float
+    run: _Run,
+    host: str,
+    port: int,
+    run_id: str,
+    size: int,
+    domain: str,
+    timeout: float,
+    login: Login | None,
+    sender: str,
 ) -> None:
     connection: smtplib.SMTP | None = None
     try:
@@ -106,11 +151,8 @@ def _sender(
             rcpt = f"user{number}@{domain}"
             try:
                 if connection is None:
-                    connection = smtplib.SMTP(
-                        host, port, local_hostname="client.lab.test", timeout=timeout
-                    )
-                    connection.ehlo()
-                connection.sendmail(SENDER, [rcpt], make_message(lab_id, rcpt, size))
+                    connection = _connect(host, port, login, timeout)
+                connection.sendmail(sender, [rcpt], make_message(lab_id, rcpt, size))
                 run.acked(lab_id)
             except smtplib.SMTPRecipientsRefused as exc:
                 code = int(exc.recipients[rcpt][0])
@@ -143,6 +185,8 @@ def send(
     connections: int = 1,
     run_id: str | None = None,
     clock: Callable[[], float] = time.monotonic,
+    login: Login | None = None,
+    sender: str = SENDER,
 ) -> SendResult:
     """Send ``count`` messages to ``host:port`` over up to ``connections`` sessions at once.
 
@@ -155,7 +199,7 @@ def send(
     workers = [
         threading.Thread(
             target=_sender,
-            args=(run, host, port, run_id, size, domain, command_timeout),
+            args=(run, host, port, run_id, size, domain, command_timeout, login, sender),
             name=f"lab-client-{index}",
             daemon=True,
         )
@@ -178,8 +222,12 @@ def command(
     domain: str = "a.lab.test",
     timeout: float = 30.0,
     connections: int = 1,
+    submission: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of this client, sending ``count`` messages to ``to`` (ADDR:PORT)."""
+    """The command line of this client, sending ``count`` messages to ``to`` (ADDR:PORT).
+
+    ``submission``: the arguments of a submission run (see :func:`main`: --account, ...).
+    """
     return [
         python,
         "-m",
@@ -196,6 +244,7 @@ def command(
         str(timeout),
         "--connections",
         str(connections),
+        *submission,
     ]
 
 
@@ -220,7 +269,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
     parser.add_argument("--connections", type=int, default=1, help="sessions in parallel")
     parser.add_argument("--run-id", default=None, help="prefix of the X-Lab-Id values")
+    parser.add_argument("--account", help="submit with this JSON account (user, password)")
+    parser.add_argument("--implicit-tls", action="store_true", help="TLS at connect (465)")
+    parser.add_argument("--password", help="instead of the account's (to see a refusal)")
+    parser.add_argument("--sender", default=SENDER, help="the envelope sender")
     args = parser.parse_args(argv)
+    login = None
+    if args.account:
+        try:
+            account = json.loads(Path(args.account).read_text())
+            login = Login(account["user"], args.password or account["password"], args.implicit_tls)
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"cannot read the account {args.account}: {exc}")
     try:
         host, port = parse_hostport(args.to)
     except ValueError as exc:
@@ -236,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout,
         connections=args.connections,
         run_id=args.run_id,
+        login=login,
+        sender=args.sender,
     )
     print(json.dumps(result.to_json()))
     return 0

@@ -84,11 +84,16 @@ def cmd_send(args: argparse.Namespace) -> int:
             domain=args.domain,
             timeout=args.timeout,
             connections=args.connections,
+            submission=args.submission,
+            password=args.password,
+            sender=args.sender,
         )
     except LabError as exc:
         print(f"hamta: {exc}", file=sys.stderr)
         return 1
-    print(f"{result.summary()} (to {lab.vip}:25, domain {args.domain})")
+    how = "submission with the probe account" if args.submission else "relay"
+    port = args.submission or 25
+    print(f"{result.summary()} (to {lab.vip}:{port}, {how}, domain {args.domain})")
     for sample in result.error_samples:
         print(f"  error: {sample}")
     return 0 if result.all_acked and result.sent == args.count else 1
@@ -282,6 +287,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument("--domain", default="a.lab.test", help="a.lab.test, b.lab.test, c.lab.test")
     send.add_argument("--connections", type=int, default=1, help="SMTP sessions in parallel")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
+    send.add_argument(
+        "--submission",
+        type=int,
+        choices=[587, 465],
+        help="submit on 587 (STARTTLS) or 465 (TLS) with <lab dir>/submission-account.json",
+    )
+    send.add_argument("--password", help="a wrong password instead of the account's (535)")
+    send.add_argument("--sender", help="another envelope sender (553 5.7.1 with --submission)")
     send.set_defaults(func=cmd_send)
 
     hostile = command("hostile", "hostile SMTP sessions from the client to the VIP (refused?)")

@@ -331,10 +331,24 @@ class Lab:
         domain: str = "a.lab.test",
         timeout: float = 30.0,
         connections: int = 1,
+        submission: int | None = None,
+        password: str | None = None,
+        sender: str | None = None,
     ) -> SendResult:
-        """Send ``count`` messages from the client namespace to the virtual IP, port 25."""
+        """Send ``count`` messages from the client namespace to the virtual IP, port 25.
+
+        ``submission`` (587, 465): through submission with the probe account instead (see
+        ``cluster.lab.submission``); ``password``, ``sender``: to see AUTH and policy refuse.
+        """
         return self._actions.send(
-            count, size=size, domain=domain, timeout=timeout, connections=connections
+            count,
+            size=size,
+            domain=domain,
+            timeout=timeout,
+            connections=connections,
+            submission=submission,
+            password=password,
+            sender=sender,
         )
 
     def kill_node(self, node: str, sig: int = signal.SIGKILL) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from cluster.lab.configs import render_toml
 
 from .ports import free_port
@@ -85,6 +87,8 @@ class RelayProcess:
         }
         for section, keys in (overrides or {}).items():
             sections.setdefault(section, {}).update(keys)
+        if "listeners" in sections["smtp"]:  # the listeners name their own addresses
+            sections["smtp"].pop("listen", None)
         self.config_path = workdir / "hamta.toml"
         self.config_path.write_text(render_toml(sections))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -184,6 +188,16 @@ class RelayProcess:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of ``/metrics``; 0 when the sample is not there yet."""
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def queue(self) -> dict[str, Any]:
         """``GET /api/queue``."""
