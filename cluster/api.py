@@ -43,6 +43,9 @@ from hamta.config import parse_hostport
 
 Handler = Callable[[web.Request], Any]
 
+#: Who made a request, as the change's log line and a pause's record name them.
+CALLER = web.RequestKey("caller", str)
+
 #: How long an immediate switchover asked over HTTP may take before it is withdrawn.
 SWITCHOVER_TIMEOUT = 30.0
 
@@ -164,7 +167,7 @@ class AgentApi:
         changes = request.method not in ("GET", "HEAD")
         verdict, why = self.access.judge(caller, changes=changes)
         if verdict is Verdict.ALLOWED:
-            request["caller"] = f"api {caller.address} ({why})"
+            request[CALLER] = f"api {caller.address} ({why})"
             response: web.StreamResponse = await handler(request)
             return response
         status = 401 if verdict is Verdict.UNAUTHENTICATED else 403
@@ -242,7 +245,7 @@ class AgentApi:
         self, request: web.Request, action: str, work: Callable[[], Any], status: int = 200
     ) -> web.Response:
         """Run ``work`` (blocking: cluster.operator) in a thread; one log line either way."""
-        caller = request["caller"]
+        caller = request[CALLER]
         try:
             result = await asyncio.to_thread(work)
         except BadRequestError as exc:
@@ -266,7 +269,7 @@ class AgentApi:
                 due = parse_time(body["scheduled_at"], self.wall())
         except (BadRequestError, OperatorError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        config, caller = self.config, request["caller"]
+        config, caller = self.config, request[CALLER]
         if due is not None:
             when: float = due
 
@@ -309,7 +312,7 @@ class AgentApi:
             return web.json_response(
                 {"error": 'give a reason: {"reason": "..."}, for the record'}, status=400
             )
-        config, caller = self.config, request["caller"]
+        config, caller = self.config, request[CALLER]
 
         def pause() -> dict[str, Any]:
             with operator_session(config) as session:
