@@ -18,10 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cluster.api import AgentApi, NodeStatus
 from cluster.api_auth import Access, ApiAuthError, load_token
+from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig
 from cluster.coordination import CoordinationError, Coordinator, Credentials
 from cluster.decision_data import (
@@ -52,6 +52,9 @@ from fencing.zk_session import ZkSession
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
 from hamta.eventlog import get_logger
+
+if TYPE_CHECKING:
+    from cluster.api import AgentApi
 
 
 class AgentStartError(Exception):
@@ -215,6 +218,9 @@ class Agent:
         self.api = self._api(config) if config.api.listen else None
 
     def _api(self, config: AgentConfig) -> AgentApi:
+        # Here, not at the top: aiohttp only for an agent with an API (see cluster.api_status).
+        from cluster.api import AgentApi  # noqa: PLC0415
+
         api = config.api
         try:
             token = load_token(api.token_file) if api.token_file else None

@@ -18,15 +18,15 @@ import json
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from cluster.api_auth import Access, Caller, Verdict
+from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig
 from cluster.coordination import CoordinationError, Coordinator
-from cluster.decision_data import Role, Step
+from cluster.decision_data import Role
 from cluster.operator import (
     OperatorError,
     cancel_switchover,
@@ -48,33 +48,6 @@ CALLER = web.RequestKey("caller", str)
 
 #: How long an immediate switchover asked over HTTP may take before it is withdrawn.
 SWITCHOVER_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStatus:
-    """This agent as the local endpoints see it."""
-
-    node: str
-    role: Role
-    epoch: int
-    step: Step | None
-    relay_ready: bool
-    loop_age: float  # seconds since the decision loop last turned
-
-    @property
-    def serving(self) -> bool:
-        """Active with nothing in flight and a ready relay: where clients should go."""
-        return self.role is Role.ACTIVE and self.step is None and self.relay_ready
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "node": self.node,
-            "role": self.role.value,
-            "epoch": self.epoch,
-            "step": self.step.value if self.step else None,
-            "relay_ready": self.relay_ready,
-            "serving": self.serving,
-        }
 
 
 class BadRequestError(Exception):

@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from cluster.api import AgentApi, NodeStatus
+from cluster.api import AgentApi
 from cluster.api_auth import Access, ApiAuthError, load_token
+from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig, parse_agent_config
 from cluster.coordination import Coordinator
 from cluster.decision_data import Member, Role, Step
