@@ -221,15 +221,14 @@ class AgentApi:
         caller = request[CALLER]
         try:
             result = await asyncio.to_thread(work)
-        except BadRequestError as exc:
-            self.log.warning("ApiChange", action=action, caller=caller, status=400, error=str(exc))
-            return web.json_response({"error": str(exc)}, status=400)
-        except OperatorError as exc:
-            self.log.warning("ApiChange", action=action, caller=caller, status=409, error=str(exc))
-            return web.json_response({"error": str(exc)}, status=409)
-        except CoordinationError as exc:
-            self.log.warning("ApiChange", action=action, caller=caller, status=503, error=str(exc))
-            return web.json_response({"error": str(exc)}, status=503)
+        except (BadRequestError, OperatorError, CoordinationError) as exc:
+            # Bad input, a refusal the command line would give too, or ZooKeeper away.
+            failed = 400 if isinstance(exc, BadRequestError) else 409
+            failed = 503 if isinstance(exc, CoordinationError) else failed
+            self.log.warning(
+                "ApiChange", action=action, caller=caller, status=failed, error=str(exc)
+            )
+            return web.json_response({"error": str(exc)}, status=failed)
         self.log.info("ApiChange", action=action, caller=caller, status=status, result=result)
         return web.json_response(result, status=status)
 
