@@ -189,6 +189,11 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
         active = found or "node1"
         steps = [
             (f"hamta lab send --count 10{dir_option}", "mail from the client to the VIP"),
+            (
+                f"ip netns exec {lab.namespace(CLIENT)} curl -s "
+                f"http://{lab.address(active)}:{API_PORT}/active",
+                "the agent's API: 200 on the active node, 503 on the other",
+            ),
             (f"hamta lab status{dir_option}", "who is active, holds the VIP, mounts the spool"),
             (f"hamta lab kill {active}{dir_option}", "kill -9 the active node"),
             (f"hamta lab status{dir_option}", "the other node took over"),
