@@ -23,6 +23,7 @@ from cluster.config import AgentConfig, parse_agent_config
 from cluster.coordination import Coordinator
 from cluster.decision_data import Member, Role, Step
 from cluster.zookeeper import ZooKeeperEnsemble
+from hamta.config import ConfigError
 from hamta.eventlog import get_logger
 from tests.support.ports import free_port
 from tests.support.tls import make_self_signed
@@ -359,7 +360,46 @@ def test_a_token_file_others_may_read_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_the_api_address_is_checked(tmp_path: Path, listen: str, message: str) -> None:
-    from hamta.config import ConfigError  # noqa: PLC0415
-
     with pytest.raises(ConfigError, match=message):
         agent_config(tmp_path, "127.0.0.1:2181", "c", {"listen": listen})
+
+
+@pytest.mark.parametrize(
+    ("api", "message"),
+    [
+        (
+            {"listen": "127.0.0.1:8008", "tls_cert": "/c.pem"},
+            "tls_cert and api.tls_key go together",
+        ),
+        ({"listen": "127.0.0.1:8008", "client_ca": "/ca.pem"}, "client_ca needs api.tls_cert"),
+        ({"read_networks": ["10.0.0.300/8"]}, "read_networks"),
+    ],
+)
+def test_api_settings_that_cannot_work_are_refused(
+    tmp_path: Path, api: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        agent_config(tmp_path, "127.0.0.1:2181", "c", api)
+
+
+def test_the_hooks_settings_shape_the_promotion(tmp_path: Path) -> None:
+    base = agent_config(tmp_path, "127.0.0.1:2181", "c", {})
+    assert base.api.url == "" and not base.policy().pre_promote
+    text = "\n".join(
+        [
+            "[agent]",
+            'node = "alpha"',
+            'zookeeper = "127.0.0.1:2181"',
+            f'relay_config = "{tmp_path / "relay.toml"}"',
+            "[storage]",
+            f'path = "{tmp_path}"',
+            "[hooks]",
+            'pre_promote = ["/usr/local/bin/go-no-go", "--strict"]',
+            'timeout = "4s"',
+        ]
+    )
+    policy = parse_agent_config(text).policy()
+    assert policy.pre_promote and Step.PRE_PROMOTE in policy.promotion
+    assert policy.timeout(Step.PRE_PROMOTE) == 5.0  # the hook is killed first, then said so
+    with pytest.raises(ConfigError, match="the program"):
+        parse_agent_config(text.replace('"/usr/local/bin/go-no-go"', '""'))
