@@ -18,8 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cluster.api_auth import Access, ApiAuthError, load_token
+from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig
 from cluster.coordination import CoordinationError, Coordinator, Credentials
 from cluster.decision_data import (
@@ -37,6 +39,7 @@ from cluster.decision_data import (
 )
 from cluster.executor import Executor
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
+from cluster.hooks import Hooks, RoleChange
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
@@ -49,6 +52,9 @@ from fencing.zk_session import ZkSession
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
 from hamta.eventlog import get_logger
+
+if TYPE_CHECKING:
+    from cluster.api import AgentApi
 
 
 class AgentStartError(Exception):
@@ -160,6 +166,15 @@ class Agent:
         if probe_host in ("0.0.0.0", "::"):
             probe_host = "127.0.0.1"
         self.smtp_address = f"{probe_host}:{config.probe.port or smtp_port}"
+        hooks = config.hooks
+        self.hooks = Hooks(
+            pre_promote=hooks.pre_promote,
+            on_role_change=hooks.on_role_change,
+            post_demote=hooks.post_demote,
+            timeout=hooks.timeout,
+            log=self.log,
+            clock=clock,
+        )
         self.executor = Executor(
             node=agent.node,
             coordinator=self.coordinator,
@@ -171,6 +186,7 @@ class Agent:
             probe_address=(probe_host, config.probe.port or smtp_port),
             probe_timeout=config.probe.timeout,
             spool_owner=relay_user if relay_user.uid != os.geteuid() else None,
+            hooks=self.hooks,
             clock=clock,
             wall=wall,
         )
@@ -199,6 +215,38 @@ class Agent:
         self.riding_since: float | None = None  # ... and since when it has served on so
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
+        self.api = self._api(config) if config.api.listen else None
+
+    def _api(self, config: AgentConfig) -> AgentApi:
+        # Here, not at the top: aiohttp only for an agent with an API (see cluster.api_status).
+        from cluster.api import AgentApi  # noqa: PLC0415
+
+        api = config.api
+        try:
+            token = load_token(api.token_file) if api.token_file else None
+        except ApiAuthError as exc:
+            raise AgentStartError(str(exc)) from None
+        access = Access(api.read_networks, token, client_certificates=api.client_ca is not None)
+        return AgentApi(
+            config=config,
+            access=access,
+            status=self.node_status,
+            coordinator=self.coordinator,
+            log=self.log,
+            wall=self.wall,
+        )
+
+    def node_status(self) -> NodeStatus:
+        """This agent as the API's local endpoints (/active, /passive, /health) report it."""
+        state = self.state
+        return NodeStatus(
+            node=self.policy.node,
+            role=state.role,
+            epoch=state.epoch,
+            step=state.step,
+            relay_ready=self.health.view.relay_ready,
+            loop_age=self.clock() - self.progress,
+        )
 
     # ------------------------------------------------------------ observation
 
@@ -216,6 +264,7 @@ class Agent:
             smtp=self.smtp_address,
             cooldown=self.clock() < self.state.cooldown_until,
             holds=holds_resources(self.state),
+            api=self.config.api.url,
         )
 
     async def _snapshot(self) -> Snapshot:
@@ -335,6 +384,15 @@ class Agent:
         self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
             self._log_decision(before, decision, snapshot)
+        if before.role is not self.state.role:  # queued: the hooks never hold the loop up
+            vip = self.config.vip.address
+            epoch = self.state.epoch or before.epoch or snapshot.cluster.epoch
+            reason = decision.note or decision.trigger.value
+            self.hooks.role_changed(
+                RoleChange(
+                    self.policy.node, before.role.value, self.state.role.value, epoch, vip, reason
+                )
+            )
         moved = before.role is not self.state.role or before.steps != self.state.steps
         if moved and snapshot.cluster.session is Session.CONNECTED:
             # Before the next step: the peer must see that this node no longer holds anything
@@ -544,8 +602,16 @@ class Agent:
         except CoordinationError as exc:
             self.log.error("AgentFailed", error=str(exc))
             raise AgentStartError(str(exc)) from None
+        if self.api is not None:
+            try:
+                await self.api.start()
+            except OSError as exc:
+                self.log.error("AgentFailed", error=f"api.listen: {exc}")
+                await asyncio.to_thread(self.coordinator.stop)
+                raise AgentStartError(f"api.listen {self.config.api.listen}: {exc}") from None
         agent = self.config.agent
         background = [
+            asyncio.create_task(self.hooks.serve()),
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
             # Dates the session's last contact with a server: the fresher, the longer an active
@@ -587,9 +653,12 @@ class Agent:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         """Stop the loops and the relay, and close the session (ephemeral znodes go at once)."""
         self.exiting.set()
+        await self.hooks.drain()  # the hand-over's on_role_change and post_demote run first
         for task in [*background, *self.tasks]:
             task.cancel()
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
+        if self.api is not None:
+            await self.api.stop()
         await self.relay.stop(self.config.agent.drain_timeout)
         await asyncio.to_thread(self.coordinator.stop)
         if self.watchdog is not None and not holds_resources(self.state):

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import syslog
+import time
 from pathlib import Path
 
 from cluster import drbd_handlers
@@ -20,10 +21,15 @@ from cluster.config import AgentConfig, ConfigError, load_agent_config
 from cluster.coordination import CoordinationError
 from cluster.operator import (
     OperatorError,
+    cancel_switchover,
     cluster_status,
     format_history,
     format_status,
     operator_session,
+    parse_time,
+    pause_failover,
+    resume_failover,
+    schedule_switchover,
     switchover,
     who,
 )
@@ -96,16 +102,27 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 history = coordinator.history()[-args.last :] if args.last > 0 else []
                 print(json.dumps(history, indent=2) if args.json else format_history(history))
             elif args.action == "pause":
-                coordinator.pause(who(), args.reason or "")
-                print("paused: no automatic failover until 'hamta cluster resume'")
+                print(pause_failover(coordinator, who(), args.reason or ""))
             elif args.action == "resume":
-                coordinator.resume()
-                print("resumed: automatic failover is on")
+                print(resume_failover(coordinator))
             elif args.action == "forget":
                 if not args.node:
                     raise OperatorError("forget: name the node to forget with --node")
                 coordinator.forget(args.node)
                 print(f"{args.node} forgotten: it will no longer be fenced before a takeover")
+            elif args.action == "switchover" and args.cancel:
+                cancelled = cancel_switchover(coordinator)
+                print("scheduled switchover cancelled" if cancelled else "no switchover scheduled")
+            elif args.action == "switchover" and args.at:
+                due = parse_time(args.at, time.time())
+                scheduled = schedule_switchover(coordinator, args.to, due, who())
+                if args.json:
+                    print(json.dumps(scheduled))
+                else:
+                    print(
+                        f"switchover from {scheduled['source']} to "
+                        f"{scheduled['target'] or 'any peer'} scheduled in {scheduled['in_s']:.0f}s"
+                    )
             elif args.action == "switchover":
                 result = switchover(
                     session,
@@ -184,6 +201,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cluster.add_argument("--json", action="store_true", help="print JSON")
     cluster.add_argument("--to", help="switchover: the node to hand over to")
     cluster.add_argument("--timeout", type=float, default=30.0, help="switchover: seconds")
+    cluster.add_argument(
+        "--at",
+        metavar="TIME",
+        help="switchover: schedule it for TIME (ISO 8601 with its zone, e.g. 2026-12-07T09:00Z)",
+    )
+    cluster.add_argument(
+        "--cancel", action="store_true", help="switchover: cancel the scheduled switchover"
+    )
     cluster.add_argument("--reason", help="pause: why, for the record")
     cluster.add_argument("--last", type=int, default=20, help="history: how many")
     cluster.set_defaults(func=cmd_cluster)

@@ -8,6 +8,7 @@ from it only the control socket and the SMTP port, to drive and probe the relay 
 from __future__ import annotations
 
 import tomllib
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from cluster.zk_acl import split_chroot
 from fencing import agents_from_config
 from hamta.config import (
     ConfigError,
+    IPNetwork,
     PositiveSeconds,
     Seconds,
     format_errors,
@@ -185,6 +187,77 @@ class ProbeSection(_Section):
     timeout: PositiveSeconds = 5.0
 
 
+def _loopback() -> list[IPv4Network | IPv6Network]:
+    return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
+
+
+class ApiSection(_Section):
+    """The agent's HTTP API (``cluster.api``): health for load balancers, status, steering.
+
+    ``listen``: "address:port" on a management network ("": no API). Reads (``/active``,
+    ``/cluster``, ...) are open to ``read_networks``; everything else, and every change, needs
+    the bearer token in ``token_file`` (mode 0600, checked at start) or, with ``tls_cert``,
+    ``tls_key`` and ``client_ca``, a client certificate that CA signed.
+    """
+
+    listen: str = ""
+    read_networks: list[IPNetwork] = Field(default_factory=_loopback)
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None  # mTLS: a client certificate signed by it may change things
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value:
+            host, _port = parse_hostport(value)  # "no port in ..." names the problem
+            if host in ("", "0.0.0.0", "::"):
+                raise ValueError(
+                    f"{value!r}: bind a management address, not every address "
+                    "(the API steers the cluster)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ApiSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("api.tls_cert and api.tls_key go together")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("api.client_ca needs api.tls_cert and api.tls_key (mTLS is TLS)")
+        return self
+
+    @property
+    def url(self) -> str:
+        """Where the API answers, as published in the member record ("" when off)."""
+        if not self.listen:
+            return ""
+        host, port = parse_hostport(self.listen, 0)
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls_cert else 'http'}://{host}:{port}"
+
+
+class HooksSection(_Section):
+    """Commands run at role changes (``cluster.hooks``), each an argv list, killed with its
+    process group at ``timeout``. ``pre_promote`` runs as a promotion step before the spool is
+    taken: a non-zero exit or a timeout abandons the promotion. ``on_role_change`` (every change
+    of role) and ``post_demote`` (after a demotion) run in the background: they never delay a
+    failover. Each gets HAMTA_NODE, HAMTA_OLD_ROLE, HAMTA_NEW_ROLE, HAMTA_EPOCH, HAMTA_VIP and
+    HAMTA_REASON in its environment."""
+
+    pre_promote: list[str] = Field(default_factory=list)
+    on_role_change: list[str] = Field(default_factory=list)
+    post_demote: list[str] = Field(default_factory=list)
+    timeout: PositiveSeconds = 30.0
+
+    @field_validator("pre_promote", "on_role_change", "post_demote")
+    @classmethod
+    def _check_command(cls, value: list[str]) -> list[str]:
+        if value and not value[0]:
+            raise ValueError("the command's first word (the program) is empty")
+        return value
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -194,6 +267,8 @@ class AgentConfig(_Section):
     fencing: FencingSection = Field(default_factory=FencingSection)
     probe: ProbeSection = Field(default_factory=ProbeSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    hooks: HooksSection = Field(default_factory=HooksSection)
 
     @model_validator(mode="after")
     def _check_watchdog(self) -> AgentConfig:
@@ -228,7 +303,13 @@ class AgentConfig(_Section):
             takeover=self.fencing.takeover,
             lease_grace=self.fencing.lease_grace,
             # fencing.timeout is FENCE's time limit unless agent.step_timeouts names it.
-            step_timeouts={Step.FENCE: self.fencing.timeout, **agent.step_timeouts},
+            # hooks.timeout kills the pre_promote hook; the step's limit leaves time to say so.
+            step_timeouts={
+                Step.FENCE: self.fencing.timeout,
+                Step.PRE_PROMOTE: self.hooks.timeout + 1.0,
+                **agent.step_timeouts,
+            },
+            pre_promote=bool(self.hooks.pre_promote),
         )
 
 

@@ -53,7 +53,15 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_digest_acl
 
-from cluster.decision_data import ClusterView, Leader, Member, Pause, Session, Switchover
+from cluster.decision_data import (
+    ClusterView,
+    Leader,
+    Member,
+    Pause,
+    ScheduledSwitchover,
+    Session,
+    Switchover,
+)
 from cluster.zk_acl import AclError, parents, secure, split_chroot
 from fencing.zk_session import ZkSession, parse_servers
 from hamta.eventlog import get_logger
@@ -182,6 +190,10 @@ class _Paths:
     @property
     def nodes(self) -> str:
         return f"{self.root}/nodes"
+
+    @property
+    def scheduled_switchover(self) -> str:
+        return f"{self.root}/scheduled-switchover"
 
     @property
     def outdated(self) -> str:
@@ -314,7 +326,14 @@ class Coordinator:
         paths = self._paths
         try:
             self._ensure_paths()
-            for path in (paths.leader, paths.epoch, paths.paused, paths.switchover):
+            watched = (
+                paths.leader,
+                paths.epoch,
+                paths.paused,
+                paths.switchover,
+                paths.scheduled_switchover,
+            )
+            for path in watched:
                 self._watches.append(DataWatch(self._client, path, self._data_changed))
             self._watches.append(ChildrenWatch(self._client, paths.members, self._members_changed))
         except CoordinationError:
@@ -563,6 +582,7 @@ class Coordinator:
         known_result = client.get_children_async(paths.nodes)
         outdated_result = client.get_children_async(paths.outdated)
         split_result = client.get_async(paths.split_brain)
+        scheduled_result = client.get_async(paths.scheduled_switchover)
         served_result = client.get_async(paths.served)
         names = self._wait(client.get_children_async(paths.members))
         member_results = {name: client.get_async(paths.member(name)) for name in sorted(names)}
@@ -589,6 +609,11 @@ class Coordinator:
         served = None
         if (got := self._fetch(served_result)) is not None:
             served = self._decode(paths.served, got[0], _ServedRecord, problems)
+        scheduled = None
+        if (got := self._fetch(scheduled_result)) is not None:
+            scheduled = self._decode(
+                paths.scheduled_switchover, got[0], ScheduledSwitchover, problems
+            )
         members: dict[str, Member] = {}
         for name, result in member_results.items():
             got = self._fetch(result)
@@ -632,6 +657,7 @@ class Coordinator:
             members=members,
             paused=paused,
             switchover=switchover,
+            scheduled_switchover=scheduled,
             last_failover=epoch.at,
             last_served=served.at if served is not None else epoch.at,
         )
@@ -908,6 +934,38 @@ class Coordinator:
         """Withdraw a switchover request (done or abandoned)."""
         with self._kazoo("clearing switchover"):
             self._delete(self._paths.switchover)
+
+    def schedule_switchover(self, request: ScheduledSwitchover) -> ScheduledSwitchover | None:
+        """Store a switchover to begin at ``request.due``: None when stored, else the one
+        already scheduled, left as it is (cancel it first). Stored, not kept by the process
+        that asked: the agents act on it when it is due (``cluster.state``), restarts or not."""
+        data = msgspec.json.encode(request)
+        client, path = self._client, self._paths.scheduled_switchover
+        with self._kazoo("scheduling switchover"):
+            self._require_connected("scheduling switchover")
+            try:
+                self._wait(client.create_async(path, data, acl=self._acl))
+            except NodeExistsError:
+                got = self._fetch(client.get_async(path))
+                existing = (
+                    None if got is None else self._decode(path, got[0], ScheduledSwitchover, [])
+                )
+                if existing is not None:
+                    return existing
+                raise CoordinationError(
+                    "scheduling switchover: the schedule changed meanwhile; try again"
+                ) from None
+        return None
+
+    def cancel_scheduled_switchover(self) -> bool:
+        """Withdraw a scheduled switchover (done, or cancelled); whether there was one."""
+        client, path = self._client, self._paths.scheduled_switchover
+        with self._kazoo("cancelling the scheduled switchover"):
+            try:
+                self._wait(client.delete_async(path))
+            except NoNodeError:
+                return False
+        return True
 
     # ------------------------------------------------------- DRBD resource-level fencing
 

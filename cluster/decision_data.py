@@ -56,6 +56,9 @@ class Step(enum.StrEnum):
     RELEASE = "release"
     START_RELAY = "start_relay"
     RESTART_RELAY = "restart_relay"
+    # Only when ``[hooks] pre_promote`` is set (``Policy.pre_promote``): after FENCE, before
+    # STORAGE, the operator's go/no-go; a non-zero exit or a timeout abandons the promotion.
+    PRE_PROMOTE = "pre_promote"
 
 
 PROMOTION: Final = (
@@ -85,6 +88,7 @@ class Member:
     smtp: str = ""  # where its relay listens when active
     cooldown: bool = False  # it gave up lately and will not take over for a while
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
+    api: str = ""  # the agent's HTTP API ("http://address:port"), "" when it has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,19 @@ class Switchover:
     source: str
     target: str | None
     at: float  # wall clock of the request
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSwitchover:
+    """A switchover asked for at a later time (``due``, wall clock); kept in ZooKeeper, so that
+    it survives an agent's restart, and turned into the usual request by
+    ``cluster.state.scheduled_switchover_due`` once its time has come."""
+
+    source: str
+    target: str | None
+    due: float  # wall clock at which the hand-over begins
+    at: float  # wall clock of the request
+    by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +162,7 @@ class ClusterView:
     # session is not lost before it (``cluster.state.session_doomed``); a failsafe lease may
     # later extend it.
     session_deadline: float | None = None
+    scheduled_switchover: ScheduledSwitchover | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +231,15 @@ class Policy:
     takeover: Takeover = Takeover.FENCE_OR_LEASE
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
+    pre_promote: bool = False  # a ``[hooks] pre_promote`` command runs as a promotion step
+
+    @property
+    def promotion(self) -> tuple[Step, ...]:
+        """This node's promotion steps: ``PROMOTION``, with PRE_PROMOTE after FENCE if set."""
+        if not self.pre_promote:
+            return PROMOTION
+        at = PROMOTION.index(Step.FENCE) + 1
+        return (*PROMOTION[:at], Step.PRE_PROMOTE, *PROMOTION[at:])
 
     def timeout(self, step: Step) -> float:
         """The time limit of ``step``."""
@@ -239,6 +266,7 @@ DEFAULT_STEP_TIMEOUTS: Final[Mapping[Step, float]] = {
     Step.RELEASE: 5.0,
     Step.START_RELAY: 30.0,
     Step.RESTART_RELAY: 60.0,
+    Step.PRE_PROMOTE: 30.0,  # ``[hooks] timeout`` when configured
 }
 
 # ------------------------------------------------------------------ what the agent does

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from cluster.coordination import CoordinationError, Coordinator
 from cluster.decision_data import Action, Session, Step, StepResult
 from cluster.fencers import FenceFailedError, Fencer
+from cluster.hooks import HookRefusedError, Hooks, RoleChange
 from cluster.probe import smtp_probe
 from cluster.relayproc import RelayControlError, RelayProcess
 from cluster.storage import Storage, StorageError
@@ -47,6 +48,7 @@ class Executor:
         probe_address: tuple[str, int],
         probe_timeout: float,
         spool_owner: Identity | None = None,
+        hooks: Hooks | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -62,6 +64,7 @@ class Executor:
         # The relay's user (hamta.privileges), when it is not the agent's own: the spool on the
         # promoted volume is made that user's, or the relay could not write it.
         self.spool_owner = spool_owner
+        self.hooks = hooks
         self.clock = clock
         self.wall = wall
         self._steps: dict[Step, Callable[[Action], Awaitable[str | int]]] = {
@@ -79,6 +82,7 @@ class Executor:
             Step.RELEASE: self._release,
             Step.START_RELAY: self._start_relay,
             Step.RESTART_RELAY: self._restart_relay,
+            Step.PRE_PROMOTE: self._pre_promote,
         }
         self._mounted: Path | None = None
         # A step abandoned for safety leaves its thread running (a mount cannot be interrupted);
@@ -110,6 +114,7 @@ class Executor:
             ok, detail = False, f"no result within {action.timeout:g}s"
         except (
             StepError,
+            HookRefusedError,
             FenceFailedError,
             StorageError,
             VipError,
@@ -135,6 +140,13 @@ class Executor:
         budget = action.fence_timeout
         done = [await self.fencer.fence(peer, action.epoch, budget) for peer in action.fence]
         return "; ".join(done)
+
+    async def _pre_promote(self, action: Action) -> str:
+        if self.hooks is None:
+            return "no hooks"
+        vip = self.vip.address if self.vip is not None else ""
+        change = RoleChange(self.node, "passive", "active", action.epoch, vip, action.reason)
+        return await self.hooks.pre_promote(change)
 
     def spool_path(self, root: Path) -> Path:
         """The relay's spool directory on the promoted storage."""
@@ -224,6 +236,9 @@ class Executor:
             view = await asyncio.to_thread(self.coordinator.view)
             if view.switchover is not None:
                 await asyncio.to_thread(self.coordinator.clear_switchover)
+            scheduled = view.scheduled_switchover
+            if scheduled is not None and self.wall() >= scheduled.due:  # carried out: done
+                await asyncio.to_thread(self.coordinator.cancel_scheduled_switchover)
         except CoordinationError as exc:
             notes.append(f"switchover request not cleared: {exc}")
         return "; ".join([f"active in epoch {action.epoch}", *notes])

@@ -13,11 +13,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from cluster.config import AgentConfig
 from cluster.coordination import OPERATOR, Coordinator, Credentials
-from cluster.decision_data import ClusterView, Member, Role, Session, Switchover
+from cluster.decision_data import (
+    ClusterView,
+    Member,
+    Role,
+    ScheduledSwitchover,
+    Session,
+    Switchover,
+)
 from cluster.takeover import takeover_refusal
 
 
@@ -110,6 +118,7 @@ def cluster_status(
                 "cooldown": member.cooldown,
                 "vip": holds,
                 "smtp": member.smtp,
+                "api": member.api or None,
             }
         )
     last = history[-1] if history else None
@@ -130,6 +139,7 @@ def cluster_status(
             if view.switchover
             else None
         ),
+        "scheduled_switchover": _scheduled(view.scheduled_switchover, now),
         "last_failover": last,
         "since_last_failover_s": round(now - float(last["at"]), 1) if last else None,
         "outdated": sorted(view.outdated),
@@ -162,6 +172,13 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"PAUSED by {paused['by']}: {paused['reason'] or 'no reason given'}")
     if status["switchover"]:
         lines.append(f"switchover requested to {status['switchover']['target'] or 'any peer'}")
+    if scheduled := status.get("scheduled_switchover"):
+        due = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(scheduled["due"]))
+        when = f"in {scheduled['in_s']:.0f}s" if scheduled["in_s"] > 0 else "due now"
+        lines.append(
+            f"switchover scheduled at {due} ({when}) from {scheduled['source']} to "
+            f"{scheduled['target'] or 'any peer'}, by {scheduled['by'] or '-'}"
+        )
     if status.get("split_brain"):
         lines.append(f"SPLIT BRAIN: {status['split_brain']} (no automatic failover)")
     for node in status.get("outdated", []):
@@ -209,6 +226,85 @@ def format_history(history: list[dict[str, Any]]) -> str:
         )
         lines.append(f"    {timings}")
     return "\n".join(lines)
+
+
+def _scheduled(scheduled: ScheduledSwitchover | None, now: float) -> dict[str, Any] | None:
+    if scheduled is None:
+        return None
+    return {
+        "source": scheduled.source,
+        "target": scheduled.target,
+        "due": scheduled.due,
+        "at": scheduled.at,
+        "by": scheduled.by,
+        "in_s": round(scheduled.due - now, 1),
+    }
+
+
+def parse_time(text: str, wall: float) -> float:
+    """An ISO 8601 time with its zone ("2026-12-07T09:00:00Z", "...+01:00") as wall-clock
+    seconds, later than ``wall``; OperatorError says what is wrong with it."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise OperatorError(
+            f"{text!r} is not a time: give it in ISO 8601 with its zone, "
+            "as in 2026-12-07T09:00:00Z or 2026-12-07T10:00:00+01:00"
+        ) from None
+    if parsed.tzinfo is None:
+        raise OperatorError(f"{text!r} has no time zone: add Z (UTC) or an offset such as +01:00")
+    due = parsed.timestamp()
+    if due <= wall:
+        raise OperatorError(f"{text!r} is in the past: a scheduled switchover is for later")
+    return due
+
+
+def schedule_switchover(
+    coordinator: Coordinator,
+    target: str | None,
+    due: float,
+    by: str,
+    wall: Callable[[], float] = time.time,
+) -> dict[str, Any]:
+    """Store a switchover from the active node to ``target`` (None: any healthy peer) at
+    ``due``; the agents carry it out then (``cluster.state.scheduled_switchover_due``). Who may
+    take over is checked again at that time by the active node, as for any switchover."""
+    view = fresh_view(coordinator)
+    leader = view.leader
+    if leader is None:
+        raise OperatorError("no node is active: there is nothing to switch over")
+    if target == leader.node:
+        raise OperatorError(f"{target} is already the active node")
+    if target is not None and target not in view.known_nodes:
+        raise OperatorError(f"{target} is not a node of the cluster")
+    now = wall()
+    request = ScheduledSwitchover(leader.node, target, due, now, by)
+    existing = coordinator.schedule_switchover(request)
+    if existing is not None:
+        raise OperatorError(
+            f"a switchover is already scheduled from {existing.source} to "
+            f"{existing.target or 'any peer'} in {existing.due - now:.0f}s; cancel it first"
+        )
+    scheduled = _scheduled(request, now)
+    assert scheduled is not None
+    return scheduled
+
+
+def cancel_switchover(coordinator: Coordinator) -> bool:
+    """Withdraw the scheduled switchover; whether there was one."""
+    return coordinator.cancel_scheduled_switchover()
+
+
+def pause_failover(coordinator: Coordinator, by: str, reason: str) -> str:
+    """Maintenance: no automatic failover until :func:`resume_failover`."""
+    coordinator.pause(by, reason)
+    return "paused: no automatic failover until 'hamta cluster resume'"
+
+
+def resume_failover(coordinator: Coordinator) -> str:
+    """Automatic failover on again."""
+    coordinator.resume()
+    return "resumed: automatic failover is on"
 
 
 def who() -> str:

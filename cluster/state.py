@@ -113,11 +113,21 @@ def _holds_leadership(snapshot: Snapshot) -> bool:
     return leader is not None and leader.ours
 
 
-def _switchover_pending(snapshot: Snapshot, policy: Policy) -> Switchover | None:
-    request = snapshot.cluster.switchover
-    if request is None or snapshot.wall - request.at > policy.switchover_timeout:
+def scheduled_switchover_due(snapshot: Snapshot) -> Switchover | None:
+    """Named rule: a scheduled switchover whose time has come is the usual request, dated at
+    its due time, so that it goes stale after ``switchover_timeout`` like any other (a pair that
+    was down at that time does not hand over hours later)."""
+    scheduled = snapshot.cluster.scheduled_switchover
+    if scheduled is None or snapshot.wall < scheduled.due:
         return None
-    return request
+    return Switchover(scheduled.source, scheduled.target, scheduled.due)
+
+
+def _switchover_pending(snapshot: Snapshot, policy: Policy) -> Switchover | None:
+    for request in (snapshot.cluster.switchover, scheduled_switchover_due(snapshot)):
+        if request is not None and snapshot.wall - request.at <= policy.switchover_timeout:
+            return request
+    return None
 
 
 def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -498,13 +508,16 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             epoch = state.epoch
             if result.step is Step.ACQUIRE:
                 epoch = result.epoch
-            step = PROMOTION[PROMOTION.index(result.step) + 1]
+            promotion = policy.promotion
+            step = promotion[promotion.index(result.step) + 1]
             new = replace(state, step=step, steps=steps, epoch=epoch)
             fields: dict[str, object] = {}
             if step is Step.FENCE:
                 fields = {"peer": state.previous, "fence": fence_targets(ctx.snapshot, policy)}
             if step is Step.PUBLISH:
                 fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
+            if step is Step.PRE_PROMOTE:  # the hook is told why the node takes over
+                fields = {"reason": state.reason}
             action = Action(step, policy.timeout(step), epoch=epoch, **fields)  # type: ignore[arg-type]
             return new, (action,), ""
         case Then.FINISH_PROMOTION:
@@ -532,9 +545,10 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             if state.retry_step is Step.FENCE and steps:  # the wait is part of FENCE's time
                 waited = round(now - state.waiting_since, 4)
                 steps = (*steps[:-1], (Step.FENCE, round(steps[-1][1] + waited, 4)))
-            step = PROMOTION[PROMOTION.index(Step.FENCE) + 1]
+            step = policy.promotion[policy.promotion.index(Step.FENCE) + 1]
             new = replace(state, step=step, steps=steps, retry_step=None, waiting_since=0.0)
-            return new, (ctx.run(step),), f"{fenced}; going on: {why}"
+            reason = state.reason if step is Step.PRE_PROMOTE else ""
+            return new, (ctx.run(step, reason=reason),), f"{fenced}; going on: {why}"
         case Then.ABANDON_UNFENCED:
             fenced = result.detail if result is not None else "not fenced"
             _, why = lease_verdict(ctx.snapshot, now, policy)

@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from cluster.lab import netns
+from cluster.lab.haproxy import HAPROXY_PORT
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.monitors import format_verdicts
-from cluster.lab.topology import CLIENT, DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
+from cluster.lab.topology import (
+    API_PORT,
+    CLIENT,
+    DEFAULT_DIRECTORY,
+    HOSTS,
+    NODES,
+    ZOOKEEPER_HOSTS,
+)
 
 
 def _load(args: argparse.Namespace) -> Lab:
@@ -30,11 +38,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
         print(f"building the lab in {lab.directory} (prefix {lab.prefix}) ...", flush=True)
-        lab.up(wait=args.wait, agents=not args.no_agents)
+        lab.up(wait=args.wait, agents=not args.no_agents, haproxy=args.haproxy)
     except LabError as exc:
         print(f"hamta: {exc}", file=sys.stderr)
         return 1
-    print(format_built(lab, agents=not args.no_agents))
+    print(format_built(lab, agents=not args.no_agents, haproxy=args.haproxy))
     return 0
 
 
@@ -160,7 +168,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ output
 
 
-def format_built(lab: Lab, *, agents: bool) -> str:
+def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
     """What ``lab up`` built, and how to try it."""
     dir_option = "" if lab.directory == DEFAULT_DIRECTORY.absolute() else f" --dir {lab.directory}"
     lines = [f"lab {lab.prefix} is up in {lab.directory}", ""]
@@ -172,13 +180,25 @@ def format_built(lab: Lab, *, agents: bool) -> str:
         f"  virtual IP       {lab.vip}:25",
         f"  shared disk      {lab.loop_device} (ext4, mounted only on the active node)",
         f"  mail sink        {lab.address('inet')}:25, recording to {lab.sink_record}",
-        "",
+        f"  agents' API      http://{lab.address('node1')}:{API_PORT}/active (and node2's): "
+        "200 on the active node only",
     ]
+    if haproxy:
+        lines.append(
+            f"  HAProxy          {lab.address('client')}:{HAPROXY_PORT} -> the node whose "
+            f"/active says 200 (log {lab.directory / 'client' / 'haproxy.log'})"
+        )
+    lines.append("")
     if agents:
         found = lab.active_node()
         active = found or "node1"
         steps = [
             (f"hamta lab send --count 10{dir_option}", "mail from the client to the VIP"),
+            (
+                f"ip netns exec {lab.namespace(CLIENT)} curl -s "
+                f"http://{lab.address(active)}:{API_PORT}/active",
+                "the agent's API: 200 on the active node, 503 on the other",
+            ),
             (f"hamta lab status{dir_option}", "who is active, holds the VIP, mounts the spool"),
             (f"hamta lab kill {active}{dir_option}", "kill -9 the active node"),
             (f"hamta lab status{dir_option}", "the other node took over"),
@@ -270,6 +290,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--subnet", default="198.18.0.0/24", help="inside 198.18.0.0/15")
     up.add_argument("--wait", type=float, default=90.0, help="seconds to wait for everything")
     up.add_argument("--no-agents", action="store_true", help="build the lab without agents")
+    up.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="HAProxy on the client host in front of both nodes, checking each agent's /active",
+    )
     up.set_defaults(func=cmd_up)
 
     down = command("down", "end every process of the lab and remove what it built")

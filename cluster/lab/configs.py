@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.lab.topology import (
     ADMIN_PORT,
+    API_PORT,
     DNS_PORT,
     DOMAIN,
     INTERFACE,
@@ -106,4 +107,10 @@ def agent_config(
         "vip": {"address": str(topology.vip), "interface": INTERFACE},
         "fencing": {"commands": [list(fence_command)]},
         "probe": {"port": SMTP_PORT, "timeout": "5s"},
+        # Open to the lab's hosts for reads (HAProxy's check, curl from the client); changes
+        # need a token, which the lab does not set: they are refused (401), as they should be.
+        "api": {
+            "listen": f"{topology.address(node)}:{API_PORT}",
+            "read_networks": [str(topology.subnet)],
+        },
     }

@@ -169,9 +169,17 @@ class Lab:
 
     # ------------------------------------------------------------------ up and down
 
-    def up(self, *, wait: float = 60.0, agents: bool = True, monitors: bool = True) -> None:
+    def up(
+        self,
+        *,
+        wait: float = 60.0,
+        agents: bool = True,
+        monitors: bool = True,
+        haproxy: bool = False,
+    ) -> None:
         """Build the lab and start its services; with ``agents``, also both agents; with
-        ``monitors``, the check locations' monitors (in the background: not waited for).
+        ``monitors``, the check locations' monitors (in the background: not waited for); with
+        ``haproxy``, HAProxy on the client host in front of both nodes (``cluster.lab.haproxy``).
 
         Returns once ZooKeeper serves with a leader, the DNS and the sink answer from the client
         namespace and (with ``agents``) one node holds the virtual IP and answers SMTP on it, all
@@ -196,6 +204,8 @@ class Lab:
                 for node in NODES:
                     self._agents.start(node)
                 self._agents.wait_active(max(0.0, deadline - time.monotonic()))
+            if haproxy:
+                self._services.start_haproxy(deadline)
             if monitors:
                 # The check locations (inet, client), in the background: not waited for.
                 self._monitors.start()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from cluster.lab import dns, probes, processes
+from cluster.lab import dns, haproxy, probes, processes
 from cluster.lab.processes import ProcessRecord
 from cluster.lab.site import LabError, LabSite, Launcher, log_tail
 from cluster.lab.topology import (
@@ -111,6 +111,28 @@ class Services:
             )
         except OSError as exc:
             raise LabError(f"cannot start the internet host's services: {exc}") from None
+
+    def start_haproxy(self, deadline: float) -> None:
+        """Start HAProxy on the client host in front of both nodes (``cluster.lab.haproxy``),
+        and wait until it accepts connections."""
+        site = self._site
+        directory = site.directory / CLIENT
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "haproxy.cfg"
+        config.write_text(haproxy.haproxy_config(site.topology))
+        log = directory / "haproxy.log"
+        try:
+            self._launcher.spawn("haproxy", CLIENT, haproxy.haproxy_argv(config), log)
+        except OSError as exc:
+            raise LabError(f"cannot start haproxy: {exc}") from None
+        client = site.namespace(CLIENT)
+
+        def listening() -> bool:
+            site.require_alive("haproxy")
+            return probes.tcp_open(client, site.address(CLIENT), haproxy.HAPROXY_PORT)
+
+        if not probes.wait_for(listening, max(0.0, deadline - time.monotonic())):
+            raise LabError(f"haproxy does not listen; log:\n{log_tail(log)}")
 
     def wait(self, deadline: float) -> None:
         """Wait until ZooKeeper has a leader and the DNS and the sink answer from the client."""

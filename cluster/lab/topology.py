@@ -47,6 +47,7 @@ SMTP_PORT: Final = 25
 ADMIN_PORT: Final = 8025  # each relay's admin endpoint, on its node's own lab address
 ALERTS_PORT: Final = 8099  # the monitors' webhook receiver, on the internet host
 DNS_PORT: Final = 53
+API_PORT: Final = 8008  # each agent's HTTP API, on the node's own address
 # The mail domains the lab's DNS answers for; all of them are delivered to the sink.
 MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")
 MX_NAME: Final = "mx.lab.test"

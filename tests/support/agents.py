@@ -38,6 +38,7 @@ class AgentNode:
         credentials: Path | None,
         relay: dict[str, dict[str, Any]] | None = None,
         agent: dict[str, Any] | None = None,
+        agent_sections: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.name = name
         self.workdir = workdir / name
@@ -80,6 +81,7 @@ class AgentNode:
                 {
                     "agent": agent_section,
                     "storage": {"driver": "directory", "path": shared_spool},
+                    **(agent_sections or {}),  # more of the agent's sections ([api], [hooks], ...)
                 }
             )
         )

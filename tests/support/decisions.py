@@ -23,6 +23,7 @@ from cluster.decision_data import (
     Pause,
     Policy,
     Role,
+    ScheduledSwitchover,
     Session,
     Snapshot,
     Step,
@@ -96,6 +97,7 @@ class World:
     outdated: frozenset[str] = frozenset()  # replicas DRBD's fence-peer handler marked
     split_brain: str | None = None
     session_deadline: float | None = None  # monotonic: the session surely lives on until then
+    scheduled: ScheduledSwitchover | None = None  # a switchover stored for a later time
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -113,6 +115,7 @@ class World:
             known_nodes=self.known,
             outdated=self.outdated,
             split_brain=self.split_brain,
+            scheduled_switchover=self.scheduled,
         )
         local = LocalView(
             relay_running=self.relay_running,
