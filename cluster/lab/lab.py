@@ -309,6 +309,15 @@ class Lab:
         """``hamta cluster status --json`` run from the client namespace; None if it fails."""
         return self._inspection.cluster_status(timeout)
 
+    def start_monitors(self) -> None:
+        """Start the check locations' monitors (a lab brought up without them: the chaos
+        suite's, for the scenarios that need them); in the background, not waited for."""
+        self._monitors.start()
+
+    def stop_monitors(self) -> None:
+        """End the check locations' monitors; their stores and logs stay."""
+        self._monitors.stop()
+
     def monitor_verdicts(self) -> dict[str, Any]:
         """Each check location's monitor: its checks' states (None: no answer from its store)."""
         return self._monitors.verdicts()

@@ -16,11 +16,13 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final
 
+from cluster.lab import processes
 from cluster.lab.configs import render_toml
 from cluster.lab.site import LabError, LabSite, Launcher
 from cluster.lab.topology import CLIENT, DNS_PORT, INTERNET, MAIL_DOMAINS, NODES, SMTP_PORT
 
 LOCATIONS: Final = (INTERNET, CLIENT)
+STOP_GRACE: Final = 5.0  # a monitor's graceful stop ends its ZooKeeper session: its znode goes
 _FAST: Final = {"interval": "1s", "timeout": "0.9s", "failure_threshold": 1, "success_threshold": 1}
 
 
@@ -91,6 +93,15 @@ class Monitors:
                 )
             except OSError as exc:
                 raise LabError(f"cannot start the monitor on {location}: {exc}") from None
+
+    def stop(self) -> None:
+        """End both monitors (their znodes go with their sessions); their stores stay."""
+        found = self._site.read_record()
+        records = found.processes if found is not None else ()
+        names = {f"monitor-{location}" for location in LOCATIONS}
+        pids = [record.pid for record in processes.live(records) if record.name in names]
+        processes.end(pids, STOP_GRACE)
+        self._launcher.reap()
 
     def verdicts(self, timeout: float = 15.0) -> dict[str, Any]:
         """Each location's checks as ``hamta monitor status --json`` reads them from its store."""
