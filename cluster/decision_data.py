@@ -316,7 +316,8 @@ class AgentState:
     # time, for the leases of the nodes it could not fence to expire.
     waiting_since: float = 0.0
     restarted_at: float = 0.0  # ACTIVE: the last in-place relay restart (``attempts`` counts them)
-    # ACTIVE: why a gray failure seen was not acted on, as last logged (one line per reason).
+    # ACTIVE: why a gray failure seen was not acted on, and since when it was seen, as last
+    # logged (one line per reason and episode, not one per tick).
     gray_held: str = ""
 
 

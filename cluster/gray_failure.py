@@ -38,6 +38,7 @@ class GraySighting(NamedTuple):
     locations: tuple[str, ...]
     checks: tuple[str, ...]  # "location/check"
     known: tuple[str, ...]
+    since: float  # the latest moment one of those checks went down: this episode's date
 
     def describe(self) -> str:
         return (
@@ -79,17 +80,20 @@ def gray_sighting(snapshot: Snapshot, policy: Policy) -> GraySighting | None:
     known = [verdict for verdict in snapshot.location_verdicts if verdict.watched]
     seeing: list[str] = []
     checks: list[str] = []
+    since = leader.since
     for verdict in known:
         if snapshot.wall - verdict.at > policy.gray_verdict_max_age:
             continue  # stale: the monitor may be hung, or cut off from ZooKeeper
-        down = [name for name, since in verdict.down if since >= leader.since]
+        down = [(name, at) for name, at in verdict.down if at >= leader.since]
         if down:
             seeing.append(verdict.location)
-            checks.extend(f"{verdict.location}/{name}" for name in down)
+            checks.extend(f"{verdict.location}/{name}" for name, _ in down)
+            since = max(since, *(at for _, at in down))
     enough = len(seeing) >= max(policy.gray_failure_locations, 2)
     if not enough or 2 * len(seeing) <= len(known):
         return None
-    return GraySighting(tuple(seeing), tuple(checks), tuple(v.location for v in known))
+    known_names = tuple(v.location for v in known)
+    return GraySighting(tuple(seeing), tuple(checks), known_names, since)
 
 
 def gray_refusal(snapshot: Snapshot, policy: Policy) -> str | None:

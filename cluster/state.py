@@ -592,10 +592,13 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             sighting = gray_sighting(ctx.snapshot, policy)
             held = gray_refusal(ctx.snapshot, policy)
             assert sighting is not None and held is not None  # ``classify``, ``refine``
-            if held == state.gray_held:  # said already: one line per reason, not per tick
+            # One line per reason and episode (a check that went down again is a new one), not
+            # one per tick.
+            key = f"{held} (down since {sighting.since:.3f})"
+            if key == state.gray_held:
                 return replace(state, step=None), (), ""
             note = f"gray failure: {sighting.describe()}; not handing over: {held}"
-            return replace(state, step=None, gray_held=held), (), note
+            return replace(state, step=None, gray_held=key), (), note
         case Then.BEGIN_GIVING_UP:
             if ctx.snapshot.local.relay_running:
                 note = "relay unhealthy; giving up leadership"

@@ -139,6 +139,20 @@ def test_paused_it_stays_and_says_why_once() -> None:
     assert walk.see().trigger is Trigger.GRAY_FAILURE
 
 
+def test_a_new_episode_while_held_is_said_again() -> None:
+    walk = serving()
+    walk.world.paused = PAUSE
+    walk.world.locations = (seen(walk, "inet"), seen(walk, "client"))
+    assert walk.see().note != ""
+    walk.world.locations = ()  # the service came back
+    assert walk.see().trigger is Trigger.NOTHING
+    walk.tick(600)
+    walk.world.locations = (seen(walk, "inet"), seen(walk, "client"))  # down again, later
+    again = walk.see()
+    assert again.trigger is Trigger.GRAY_FAILURE_HELD
+    assert "not handing over: the cluster is paused" in again.note
+
+
 @pytest.mark.parametrize(
     ("members", "why"),
     [
