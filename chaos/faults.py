@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+from chaos.gray_views import VERDICTS_TIMEOUT, gray_decisions, service_up_everywhere, vip_state
 from chaos.results import Mark
 from cluster.config import AgentSection
 from cluster.lab import partitions, probes
@@ -534,9 +535,11 @@ class GrayFailure(Fault):
 
     def inject(self, ctx: FaultContext) -> None:
         lab = ctx.lab
-        lab.start_monitors()
-        wait_until(lambda: _service_up_everywhere(lab), 60, "the monitors to see the service up")
+        # First: the log holds the decisions of earlier iterations, judged by theirs.
         self.gray_before = len(gray_decisions(lab, ctx.active))
+        lab.start_monitors()
+        # Each look starts `hamta monitor status` per location: seconds on a loaded machine.
+        wait_until(lambda: service_up_everywhere(lab), 120, "the monitors to see the service up")
         partitions.block_smtp_from(lab, ctx.active, self.sources)
         ctx.fault_at = time.monotonic()  # the outage begins when the rule applies
         ctx.mark("fault", ctx.active, f"port 25 dropped from {', '.join(self.sources)}")
@@ -578,8 +581,9 @@ class GrayFailureOneLocation(GrayFailure):
         return time.monotonic() - ctx.fault_at >= self.hold
 
     def heal(self, ctx: FaultContext) -> None:
-        verdicts = ctx.lab.monitor_verdicts()  # before the rule goes: what each location saw
-        self.seen = {location: _vip_state(rows) for location, rows in verdicts.items()}
+        # What each location saw, read before the rule goes.
+        verdicts = ctx.lab.monitor_verdicts(VERDICTS_TIMEOUT)
+        self.seen = {location: vip_state(rows) for location, rows in verdicts.items()}
         super().heal(ctx)
 
     def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
@@ -589,35 +593,6 @@ class GrayFailureOneLocation(GrayFailure):
         if self.seen != {INTERNET: "down", CLIENT: "up"}:
             problems.append(f"the locations did not see what the fault does: {self.seen}")
         return problems
-
-
-def gray_decisions(lab: Lab, node: str) -> list[str]:
-    """The notes of ``node``'s gray failure decisions (its agent's log), in order."""
-    notes = []
-    try:
-        lines = (lab.node_dir(node) / "agent.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        if '"gray_failure' not in line:
-            continue
-        with contextlib.suppress(ValueError):
-            fields = json.loads(line)
-            if fields.get("event") == "Decision" and fields.get("trigger") == "gray_failure":
-                notes.append(str(fields.get("note", "")))
-    return notes
-
-
-def _vip_state(rows: Sequence[dict[str, object]] | None) -> str | None:
-    for row in rows or ():
-        if row.get("name") == "vip-smtp":
-            return str(row.get("state"))
-    return None
-
-
-def _service_up_everywhere(lab: Lab) -> bool:
-    verdicts = lab.monitor_verdicts()
-    return bool(verdicts) and all(_vip_state(rows) == "up" for rows in verdicts.values())
 
 
 def _pair_or_alone(lab: Lab) -> str | None:

@@ -318,9 +318,10 @@ class Lab:
         """End the check locations' monitors; their stores and logs stay."""
         self._monitors.stop()
 
-    def monitor_verdicts(self) -> dict[str, Any]:
-        """Each check location's monitor: its checks' states (None: no answer from its store)."""
-        return self._monitors.verdicts()
+    def monitor_verdicts(self, timeout: float = 15.0) -> dict[str, Any]:
+        """Each check location's monitor: its checks' states (None: no answer from its store
+        within ``timeout``)."""
+        return self._monitors.verdicts(timeout)
 
     def status(self, *, cluster: bool = True) -> dict[str, Any]:
         """The lab as data: hosts with their processes, ZooKeeper, VIP, spool and roles."""
