@@ -309,10 +309,11 @@ class Lab:
         """``hamta cluster status --json`` run from the client namespace; None if it fails."""
         return self._inspection.cluster_status(timeout)
 
-    def start_monitors(self) -> None:
+    def start_monitors(self, failure_threshold: int = 1) -> None:
         """Start the check locations' monitors (a lab brought up without them: the chaos
-        suite's, for the scenarios that need them); in the background, not waited for."""
-        self._monitors.start()
+        suite's, for the scenarios that need them); in the background, not waited for. A check
+        is down after ``failure_threshold`` failures in a row (checks every second)."""
+        self._monitors.start(failure_threshold)
 
     def stop_monitors(self) -> None:
         """End the check locations' monitors; their stores and logs stay."""

@@ -30,8 +30,9 @@ def monitor_dir(site: LabSite, location: str) -> Path:
     return site.directory / f"monitor-{location}"
 
 
-def monitor_config(site: LabSite, location: str) -> str:
-    """``monitor.toml`` of the monitor at ``location`` (a host of the lab)."""
+def monitor_config(site: LabSite, location: str, failure_threshold: int = 1) -> str:
+    """``monitor.toml`` of the monitor at ``location`` (a host of the lab); a check is down
+    after ``failure_threshold`` failures in a row."""
     directory = monitor_dir(site, location)
     topology = site.topology
     head = render_toml(
@@ -59,8 +60,9 @@ def monitor_config(site: LabSite, location: str) -> str:
         ),
         {"name": "dns", "kind": "dns", "domain": MAIL_DOMAINS[0], "interval": "5s"},
     ]
+    defaults = {**_FAST, "failure_threshold": failure_threshold}
     body = "".join(
-        "[[checks]]\n" + render_toml({"_": {**_FAST, **check}}).split("\n", 1)[1]
+        "[[checks]]\n" + render_toml({"_": {**defaults, **check}}).split("\n", 1)[1]
         for check in checks
     )
     return f"location = {json.dumps(location)}\n{head}{body}"
@@ -73,14 +75,14 @@ class Monitors:
         self._site = site
         self._launcher = launcher
 
-    def start(self) -> None:
+    def start(self, failure_threshold: int = 1) -> None:
         """Start both monitors in their namespaces, without waiting for them."""
         site = self._site
         for location in LOCATIONS:
             directory = monitor_dir(site, location)
             directory.mkdir(parents=True, exist_ok=True)
             config = directory / "monitor.toml"
-            config.write_text(monitor_config(site, location))
+            config.write_text(monitor_config(site, location, failure_threshold))
             argv = site.module_argv("hamtactl", "monitor", "run", "--config", str(config))
             try:
                 self._launcher.spawn(
