@@ -516,7 +516,7 @@ class HostileClient(Fault):
         return problems
 
 
-class GrayFailure(Fault):
+class GrayFailure(_Partition):
     """The active node's port 25 dropped from its clients only: it looks healthy to itself.
 
     The lab runs its check locations' monitors for this scenario only (the others measure the
@@ -530,7 +530,6 @@ class GrayFailure(Fault):
     )
     sources: ClassVar[tuple[str, ...]] = (CLIENT, INTERNET)
     patience = 60.0
-    took_over: float | None = None
     gray_before = 0  # the active node's gray failure decisions before the fault
 
     def inject(self, ctx: FaultContext) -> None:
@@ -546,11 +545,7 @@ class GrayFailure(Fault):
         ctx.fault_at = time.monotonic()  # the outage begins when the rule applies
         ctx.mark("fault", ctx.active, f"port 25 dropped from {', '.join(self.sources)}")
 
-    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
-        # As for a partition: a 250 from the node cut off proves nothing; the peer's does.
-        if self.took_over is None and ctx.lab.active_node() == ctx.peer:
-            self.took_over = time.monotonic()
-        return self.took_over is not None and recovery_time(attempts, self.took_over) is not None
+    # recovered: as for a partition, a 250 from the node cut off proves nothing; the peer's does.
 
     def heal(self, ctx: FaultContext) -> None:
         partitions.lift(ctx.lab, ctx.active)
