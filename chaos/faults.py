@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+from chaos.gray_views import VERDICTS_TIMEOUT, gray_decisions, service_up_everywhere, vip_state
 from chaos.results import Mark
 from cluster.config import AgentSection
 from cluster.lab import partitions, probes
 from cluster.lab.history import Attempt, recovery_time
 from cluster.lab.lab import Lab
-from cluster.lab.topology import CLIENT, MAIL_DOMAINS, NODES
+from cluster.lab.topology import CLIENT, INTERNET, MAIL_DOMAINS, NODES
 from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
@@ -515,6 +516,82 @@ class HostileClient(Fault):
         return problems
 
 
+class GrayFailure(_Partition):
+    """The active node's port 25 dropped from its clients only: it looks healthy to itself.
+
+    The lab runs its check locations' monitors for this scenario only (the others measure the
+    pair alone): they are started, and seen to find the service up, before the fault.
+    """
+
+    name = "gray-failure"
+    summary = (
+        "the active node's port 25 dropped from the client and internet hosts (nftables); its "
+        "own probe passes: the check locations' verdicts move the service"
+    )
+    sources: ClassVar[tuple[str, ...]] = (CLIENT, INTERNET)
+    patience = 60.0
+    gray_before = 0  # the active node's gray failure decisions before the fault
+
+    def inject(self, ctx: FaultContext) -> None:
+        lab = ctx.lab
+        # First: the log holds the decisions of earlier iterations, judged by theirs.
+        self.gray_before = len(gray_decisions(lab, ctx.active))
+        # Down after two failed checks a second apart: the goal's 10 s allow it, and one check
+        # that a loaded machine made slow does not move the service.
+        lab.start_monitors(failure_threshold=2)
+        # Each look starts `hamta monitor status` per location: seconds on a loaded machine.
+        wait_until(lambda: service_up_everywhere(lab), 120, "the monitors to see the service up")
+        partitions.block_smtp_from(lab, ctx.active, self.sources)
+        ctx.fault_at = time.monotonic()  # the outage begins when the rule applies
+        ctx.mark("fault", ctx.active, f"port 25 dropped from {', '.join(self.sources)}")
+
+    # recovered: as for a partition, a 250 from the node cut off proves nothing; the peer's does.
+
+    def heal(self, ctx: FaultContext) -> None:
+        partitions.lift(ctx.lab, ctx.active)
+        ctx.mark("heal", ctx.active, "port 25 open to everyone again")
+        ctx.lab.stop_monitors()
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        decisions = gray_decisions(ctx.lab, ctx.active)[self.gray_before :]
+        if not decisions:
+            return [f"{ctx.active} made no gray failure decision"]
+        ctx.mark("note", ctx.active, decisions[0])
+        return []
+
+
+class GrayFailureOneLocation(GrayFailure):
+    """The same fault seen from one check location only: the service must not move."""
+
+    name = "gray-failure-one"
+    summary = (
+        "the active node's port 25 dropped from the internet host only: one check location "
+        "sees the service down, the other does not; no failover"
+    )
+    sources = (INTERNET,)
+    fails_over = False
+    steady = True  # the client's host still reaches it: no refusal, no demotion
+    hold = 12.0  # how long the fault stays: several of the monitors' check rounds
+    seen: dict[str, str | None] | None = None
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        return time.monotonic() - ctx.fault_at >= self.hold
+
+    def heal(self, ctx: FaultContext) -> None:
+        # What each location saw, read before the rule goes.
+        verdicts = ctx.lab.monitor_verdicts(VERDICTS_TIMEOUT)
+        self.seen = {location: vip_state(rows) for location, rows in verdicts.items()}
+        super().heal(ctx)
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        problems = []
+        if gray_decisions(ctx.lab, ctx.active)[self.gray_before :]:
+            problems.append(f"{ctx.active} made a gray failure decision on one location's word")
+        if self.seen != {INTERNET: "down", CLIENT: "up"}:
+            problems.append(f"the locations did not see what the fault does: {self.seen}")
+        return problems
+
+
 def _pair_or_alone(lab: Lab) -> str | None:
     roles = _members(lab)
     active = [node for node, role in roles.items() if role == "active"]
@@ -586,6 +663,6 @@ FAULTS: dict[str, type[Fault]] = {
     for fault in (
         KillRelay, KillAgent, KillNode, FreezeNode, PartitionZookeeper, PartitionNode,
         KillZookeeperLeader, ZookeeperQuorumLoss, ZookeeperRollingRestart, Switchover, Flapping,
-        DiskFull, ClockSkew, HostileClient,
+        DiskFull, ClockSkew, HostileClient, GrayFailure, GrayFailureOneLocation,
     )
 }  # fmt: skip

@@ -30,15 +30,18 @@ from cluster.decision_data import (
     ClusterView,
     Decision,
     LocalView,
+    LocationVerdict,
     Member,
     Role,
     Session,
     Snapshot,
     Step,
     StepResult,
+    Trigger,
 )
 from cluster.executor import Executor
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
+from cluster.gray_failure import gray_sighting, location_verdict
 from cluster.hooks import Hooks, RoleChange
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
@@ -215,6 +218,9 @@ class Agent:
         self.riding_since: float | None = None  # ... and since when it has served on so
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
+        # What the check locations see (monitors/<location>), read while active (gray failure).
+        self.locations: tuple[LocationVerdict, ...] = ()
+        self._locations_trouble = ""  # the last failure to read them, logged once
         self.api = self._api(config) if config.api.listen else None
 
     def _api(self, config: AgentConfig) -> AgentApi:
@@ -293,7 +299,40 @@ class Agent:
         if view.last_served is not None:
             served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
             view = replace(view, last_served=served)
-        return Snapshot(cluster=view, local=local, wall=wall, result=result)
+        return Snapshot(
+            cluster=view,
+            local=local,
+            wall=wall,
+            result=result,
+            location_verdicts=self.locations,
+        )
+
+    async def _read_locations(self) -> None:
+        """The check locations' verdicts, for the gray failure rule: read on a timer, apart from
+        the decision's own reads, so that a slow read never holds a decision up. Only the
+        active node needs them; a failed read keeps the last ones (they go stale by age)."""
+        wanted = self.policy.gray_failure and self.state.role is Role.ACTIVE
+        if not wanted or self.coordinator.session is not Session.CONNECTED:
+            self.locations = ()
+            return
+        try:
+            raw = await asyncio.to_thread(self.coordinator.monitor_states)
+        except CoordinationError as exc:
+            trouble = str(exc)
+        else:
+            trouble = ""
+            found = {name: location_verdict(name, data) for name, data in raw.items()}
+            unreadable = sorted(name for name, verdict in found.items() if verdict is None)
+            if unreadable:
+                trouble = f"unreadable verdicts of {', '.join(unreadable)}"
+            locations = tuple(verdict for verdict in found.values() if verdict is not None)
+            if locations != self.locations:
+                self.locations = locations
+                self.wake.set()
+        if trouble != self._locations_trouble:
+            self._locations_trouble = trouble
+            if trouble:
+                self.log.warning("LocationVerdictsUnread", error=trouble)
 
     async def _check_health(self) -> None:
         active = self.state.role is Role.ACTIVE and self.state.step is None
@@ -370,7 +409,21 @@ class Agent:
             paused=cluster.paused is not None,
             relay_ready=snapshot.local.relay_ready,
             steps={step.value: seconds for step, seconds in after.steps} or None,
+            gray_failure=self._gray_fields(decision, snapshot),
         )
+
+    def _gray_fields(self, decision: Decision, snapshot: Snapshot) -> dict[str, Any] | None:
+        """A gray failure's decision names the locations and the checks that saw it."""
+        if decision.trigger not in (Trigger.GRAY_FAILURE, Trigger.GRAY_FAILURE_HELD):
+            return None
+        sighting = gray_sighting(snapshot, self.policy)
+        if sighting is None:
+            return None
+        return {
+            "locations": list(sighting.locations),
+            "checks": list(sighting.checks),
+            "known": list(sighting.known),
+        }
 
     async def _decide_once(self) -> None:
         self.progress = self.clock()
@@ -618,6 +671,7 @@ class Agent:
             # node rides out a dropped connection (a tenth of the session: 0.2 s by default).
             asyncio.create_task(self._every(agent.session_timeout / 10, self._touch)),
             asyncio.create_task(self._every(agent.health_interval, self._check_health)),
+            asyncio.create_task(self._every(agent.health_interval, self._read_locations)),
             asyncio.create_task(self._every(self.watchdog_timeout / 4, self._keep_watchdog)),
         ]
         try:

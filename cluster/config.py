@@ -77,6 +77,22 @@ class AgentSection(_Section):
     # may expire on the server (decision lag, killing a relay that overruns its drain).
     session_margin: Seconds = 0.25
     step_timeouts: dict[Step, PositiveSeconds] = Field(default_factory=dict)
+    # Gray failure (cluster.gray_failure): the active node hands over when at least this many
+    # check locations (and a majority of them) see its SMTP service on the virtual IP down
+    # while it thinks itself healthy; a location's verdicts older than the max age are stale.
+    gray_failure: bool = True
+    gray_failure_locations: int = 2
+    gray_verdict_max_age: PositiveSeconds = 30.0
+
+    @field_validator("gray_failure_locations")
+    @classmethod
+    def _check_gray_locations(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(
+                f"must be at least 2, not {value}: one check location alone never moves the "
+                "service (it may be the one cut off)"
+            )
+        return value
 
     @field_validator("zookeeper")
     @classmethod
@@ -310,6 +326,9 @@ class AgentConfig(_Section):
                 **agent.step_timeouts,
             },
             pre_promote=bool(self.hooks.pre_promote),
+            gray_failure=agent.gray_failure,
+            gray_failure_locations=agent.gray_failure_locations,
+            gray_verdict_max_age=agent.gray_verdict_max_age,
         )
 
 

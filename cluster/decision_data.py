@@ -188,6 +188,19 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class LocationVerdict:
+    """One check location's view of the service, as its monitor last published it
+    (``monitors/<location>``; read by the active node's agent, parsed by
+    ``cluster.gray_failure.location_verdict``)."""
+
+    location: str
+    at: float  # wall clock of the monitor's publication: older than the policy's age is stale
+    watched: tuple[str, ...] = ()  # its SMTP checks of the service (the virtual IP)
+    # ... those it sees down, with since when (the monitor's wall clock)
+    down: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything one decision looks at."""
 
@@ -195,6 +208,8 @@ class Snapshot:
     local: LocalView
     wall: float  # wall clock, for ages of records written by other nodes
     result: StepResult | None = None
+    # What the check locations see of the service (gray failure); read while active only.
+    location_verdicts: tuple[LocationVerdict, ...] = ()
 
 
 class Takeover(enum.StrEnum):
@@ -232,6 +247,11 @@ class Policy:
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
     pre_promote: bool = False  # a ``[hooks] pre_promote`` command runs as a promotion step
+    # Gray failure: hand over when this many check locations (and a majority of those known)
+    # see the service down while this node thinks itself healthy; verdicts older are stale.
+    gray_failure: bool = True
+    gray_failure_locations: int = 2
+    gray_verdict_max_age: float = 30.0
 
     @property
     def promotion(self) -> tuple[Step, ...]:
@@ -324,6 +344,9 @@ class AgentState:
     # time, for the leases of the nodes it could not fence to expire.
     waiting_since: float = 0.0
     restarted_at: float = 0.0  # ACTIVE: the last in-place relay restart (``attempts`` counts them)
+    # ACTIVE: why a gray failure seen was not acted on, and since when it was seen, as last
+    # logged (one line per reason and episode, not one per tick).
+    gray_held: str = ""
 
 
 # ------------------------------------------------------------------ what the agent decided
@@ -353,6 +376,8 @@ class Trigger(enum.StrEnum):
     LEASE_REFUSED = "lease_refused"  # ... and ``lease_verdict`` forbids going on (``refine``)
     REPLICA_REFUSED = "replica_refused"  # the spool is next, but this replica is not to be served
     STOP = "stop"  # the agent is stopping: hand over first
+    GRAY_FAILURE = "gray_failure"  # check locations see the service down; this node looks fine
+    GRAY_FAILURE_HELD = "gray_failure_held"  # ... but no handover now (``refine``)
     NOTHING = "nothing"
 
 

@@ -26,7 +26,9 @@ does), then the outcome of the step that just ended, then health, then opportuni
 leadership). A few named special rules (``refine``, written beside the table, as h11 writes the
 rules that do not fit its table outside it) then tell apart what the role alone cannot: the last
 step of a promotion or a demotion, a promotion that ends at ACQUIRE, a failed fence that the
-lease rule refuses to pass, the last relay start allowed, a relay that died once too often. The
+lease rule refuses to pass, the last relay start allowed, a relay that died once too often, a
+gray failure (``cluster.gray_failure``: clients cannot reach a node that looks healthy) that
+may not move the service now. The
 pair (role, trigger) is then looked up in ``TRANSITIONS``, the one table of the state machine,
 and the table is the whole truth: the role after a decision is always its row's ``to`` (no
 effect chooses one), and the trigger logged is the one looked up. A pair missing from the table
@@ -97,6 +99,7 @@ from cluster.decision_data import (
     Switchover,
     Trigger,
 )
+from cluster.gray_failure import gray_refusal, gray_sighting
 from cluster.takeover import (
     fence_targets,
     hand_over_refusal,
@@ -239,6 +242,10 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
         if request is not None and request.source == policy.node:
             refused = hand_over_refusal(request, snapshot) is not None
             return Trigger.SWITCHOVER_REFUSED if refused else Trigger.SWITCHOVER
+        # Healthy by its own account, yet its clients cannot reach it (cluster.gray_failure).
+        healthy = local.relay_ready and local.relay_failures == 0
+        if healthy and gray_sighting(snapshot, policy) is not None:
+            return Trigger.GRAY_FAILURE
         return Trigger.NOTHING
     if role is Role.PASSIVE:
         if not local.relay_running and now >= state.retry_at and not local.stopping:
@@ -295,6 +302,11 @@ def refine(
     died = role is Role.ACTIVE and trigger is Trigger.RELAY_DOWN
     if died and _restarts_exhausted(state, snapshot, now, policy):
         return Trigger.RELAY_UNHEALTHY
+    # A gray failure moves the service only as an automatic failover may: not while paused,
+    # not within the minimum interval, and only to a peer that can take over.
+    gray = role is Role.ACTIVE and trigger is Trigger.GRAY_FAILURE
+    if gray and gray_refusal(snapshot, policy) is not None:
+        return Trigger.GRAY_FAILURE_HELD
     return trigger
 
 
@@ -347,6 +359,8 @@ class Then(enum.Enum):
     RETRY_DEMOTION_STEP = "retry demotion step"
     CUT_DRAIN_SHORT = "cut drain short"  # a graceful drain becomes an urgent one
     REFUSE_SWITCHOVER = "refuse switchover"  # stay active, and say why
+    BEGIN_GRAY_HANDOVER = "begin gray handover"  # clients cannot reach it: hand over, cool down
+    HOLD_GRAY = "hold gray"  # ... but not now: stay active, and say why once
     FINISH_PROMOTION = "finish promotion"
     FINISH_DEMOTION = "finish demotion"
     FORGET_PROMOTION = "forget promotion"  # it ended at ACQUIRE: nothing else was taken
@@ -402,6 +416,8 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_A, Trigger.SWITCHOVER_REFUSED): Transition(_A, Then.REFUSE_SWITCHOVER),
     (_A, Trigger.STOP): Transition(_D, Then.BEGIN_DEMOTION),
     (_A, Trigger.RELAY_UNHEALTHY): Transition(_D, Then.BEGIN_GIVING_UP),
+    (_A, Trigger.GRAY_FAILURE): Transition(_D, Then.BEGIN_GRAY_HANDOVER),
+    (_A, Trigger.GRAY_FAILURE_HELD): Transition(_A, Then.HOLD_GRAY),
     (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
     (_A, Trigger.STEP_DONE): Transition(_A, Then.RELAY_STARTED),
     (_A, Trigger.STEP_FAILED): Transition(_A, Then.RELAY_START_FAILED),
@@ -579,6 +595,24 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             assert request is not None
             refusal = hand_over_refusal(request, ctx.snapshot)
             return replace(state, step=None), (), f"switchover refused: {refusal}"
+        case Then.BEGIN_GRAY_HANDOVER:
+            # A planned handover (a graceful drain, the peer not fenced), ending in a cooldown:
+            # a node its clients could not reach does not take the service back at once.
+            sighting = gray_sighting(ctx.snapshot, policy)
+            assert sighting is not None  # ``classify`` saw it
+            note = f"gray failure: {sighting.describe()}; handing over to the passive node"
+            return _begin_demotion(ctx, give_up=True, note=note)
+        case Then.HOLD_GRAY:
+            sighting = gray_sighting(ctx.snapshot, policy)
+            held = gray_refusal(ctx.snapshot, policy)
+            assert sighting is not None and held is not None  # ``classify``, ``refine``
+            # One line per reason and episode (a check that went down again is a new one), not
+            # one per tick.
+            key = f"{held} (down since {sighting.since:.3f})"
+            if key == state.gray_held:
+                return replace(state, step=None), (), ""
+            note = f"gray failure: {sighting.describe()}; not handing over: {held}"
+            return replace(state, step=None, gray_held=key), (), note
         case Then.BEGIN_GIVING_UP:
             if ctx.snapshot.local.relay_running:
                 note = "relay unhealthy; giving up leadership"

@@ -449,3 +449,41 @@ def test_a_takeover_stamped_by_a_clock_running_ahead_is_dated_when_first_seen() 
     assert trusted_failover(1045.0, 1003.0, seen) == (1000.0, seen)  # still the first sighting
     assert trusted_failover(990.0, 1003.0, seen) == (990.0, (990.0, 1003.0))  # a past stamp holds
     assert trusted_failover(1100.0, 1050.0, seen)[0] == 1050.0  # a new takeover, a new sighting
+
+
+def _verdicts(location: str, vip: str) -> bytes:
+    """A check location's published verdicts (monitor.cluster_link's format): the service's
+    SMTP check in state ``vip``, since now."""
+    now = time.time()
+    check = {"kind": "smtp", "state": vip, "since": now, "target": "vip:25", "service": True}
+    record = {"location": location, "at": now, "checks": {"vip-smtp": check}}
+    return json.dumps(record).encode()
+
+
+def test_check_locations_that_see_the_service_down_move_it_one_location_does_not(
+    pair: Pair,
+) -> None:
+    pair.start()
+    first = pair.wait_active()
+    second = pair.other(first)
+    wait_for(lambda: pair.roles().get(second.name) is Role.PASSIVE, 20, "passive peer")
+    monitors = pair.operator()  # the monitors' session: their znodes are ephemeral
+    try:
+        monitors.publish_monitor("inet", _verdicts("inet", "down"))
+        monitors.publish_monitor("client", _verdicts("client", "up"))
+        # One location of two: the agent reads them every health check; give it several.
+        time.sleep(2.5)
+        assert pair.roles()[first.name] is Role.ACTIVE
+        assert all(e.get("trigger") != "gray_failure" for e in first.events("Decision"))
+        monitors.publish_monitor("client", _verdicts("client", "down"))
+        assert pair.wait_active(timeout=20, not_=first.name) is second
+        (decision,) = [e for e in first.events("Decision") if e.get("trigger") == "gray_failure"]
+        assert decision["gray_failure"]["locations"] == ["client", "inet"]
+        assert decision["gray_failure"]["checks"] == ["client/vip-smtp", "inet/vip-smtp"]
+        # The new active node finds the checks down since before its term: it stays.
+        wait_for(lambda: pair.roles().get(first.name) is Role.PASSIVE, 20, "old active passive")
+        time.sleep(1.5)
+        assert pair.roles()[second.name] is Role.ACTIVE
+        assert not [e for e in second.events("Decision") if e.get("trigger") == "gray_failure"]
+    finally:
+        monitors.stop()

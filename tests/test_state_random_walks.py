@@ -38,3 +38,5 @@ def test_random_walks_exercise_the_new_rules() -> None:
     assert sum(h.storage_checked for h in histories) >= 5
     assert sum(h.rode_out for h in histories) >= 5  # suspended, still active: deadline ahead
     assert sum(h.silent for h in histories) >= 5  # "connected", but the contact ran out
+    assert sum(h.grays for h in histories) >= 5  # the check locations saw the service down
+    assert sum(h.gray_held for h in histories) >= 5  # ... but it was not the moment

@@ -26,10 +26,12 @@ from cluster.state import TRANSITIONS, Then, classify, decide, refine
 from cluster.takeover import holds_resources
 from tests.support.decisions import (
     EPOCH,
+    GRAY_SEEN,
     GRID_WORLDS,
     NODE,
     NOW,
     OTHER,
+    PAUSE,
     PEER,
     POLICY,
     RESTART,
@@ -122,6 +124,11 @@ CASES: dict[tuple[Role, Trigger], Case] = {
     ),
     (Role.ACTIVE, Trigger.LEADERSHIP_LOST): Case(
         active(), World(leader=theirs(EPOCH + 1)), steps=(Step.DRAIN,)
+    ),
+    (Role.ACTIVE, Trigger.GRAY_FAILURE): Case(
+        active(),
+        World(leader=ours(), members=ready_peer(), locations=GRAY_SEEN),
+        steps=(Step.DRAIN,),
     ),
     (Role.ACTIVE, Trigger.SWITCHOVER): Case(
         active(),
@@ -262,6 +269,18 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             else:
                 assert after.retry_step is None
                 assert after.attempts == before.attempts
+        case Then.BEGIN_GRAY_HANDOVER:
+            # A planned handover (graceful drain), ending in a cooldown.
+            assert after.give_up and after.started == NOW and after.epoch == EPOCH
+            assert after.reason == Trigger.GRAY_FAILURE.value
+            (drain,) = decision.actions
+            assert drain.timeout == POLICY.drain_timeout
+            assert drain.reason == decision.note
+            assert decision.note.startswith("gray failure: 2 of 2 check locations")
+            assert holds_resources(after)
+        case Then.HOLD_GRAY:
+            assert after == replace(before, gray_held=after.gray_held)
+            assert decision.actions == ()
         case Then.REFUSE_SWITCHOVER:
             assert after == before
             assert decision.note.startswith(f"switchover refused: {PEER} cannot take over: ")
@@ -296,6 +315,13 @@ def test_each_row_moves_to_its_role_and_starts_its_steps(key: tuple[Role, Trigge
 # Each special rule. Before them, the cause's own row said one role and its effect sent the node
 # to another: the table was not the whole truth.
 REFINED: dict[str, Refined] = {
+    "active: a gray failure while paused": Refined(
+        (Role.ACTIVE, Trigger.GRAY_FAILURE_HELD),
+        Trigger.GRAY_FAILURE,
+        active(),
+        World(leader=ours(), members=ready_peer(), locations=GRAY_SEEN, paused=PAUSE),
+        None,
+    ),
     "starting: too many failed starts": Refined(
         (Role.STARTING, Trigger.RELAY_START_EXHAUSTED),
         Trigger.STEP_FAILED,
@@ -444,6 +470,8 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     | {(role, Trigger.RETRY) for role in Role if role not in (Role.DEMOTING, Role.PROMOTING)}
     | {(role, Trigger.FENCE_FAILED) for role in Role if role is not Role.PROMOTING}
     | {(role, Trigger.STOP) for role in Role if role not in (Role.ACTIVE, Role.PROMOTING)}
+    | {(role, Trigger.GRAY_FAILURE) for role in Role if role is not Role.ACTIVE}
+    | {(role, Trigger.GRAY_FAILURE_HELD) for role in Role if role is not Role.ACTIVE}
     # ``refine`` names an outcome only for the roles whose rows it leads to.
     | {(role, t) for role in Role for t in ONLY_REFINED if (role, t) not in TRANSITIONS}
 )

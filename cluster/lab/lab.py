@@ -319,9 +319,20 @@ class Lab:
         """``hamta cluster status --json`` run from the client namespace; None if it fails."""
         return self._inspection.cluster_status(timeout)
 
-    def monitor_verdicts(self) -> dict[str, Any]:
-        """Each check location's monitor: its checks' states (None: no answer from its store)."""
-        return self._monitors.verdicts()
+    def start_monitors(self, failure_threshold: int = 1) -> None:
+        """Start the check locations' monitors (a lab brought up without them: the chaos
+        suite's, for the scenarios that need them); in the background, not waited for. A check
+        is down after ``failure_threshold`` failures in a row (checks every second)."""
+        self._monitors.start(failure_threshold)
+
+    def stop_monitors(self) -> None:
+        """End the check locations' monitors; their stores and logs stay."""
+        self._monitors.stop()
+
+    def monitor_verdicts(self, timeout: float = 15.0) -> dict[str, Any]:
+        """Each check location's monitor: its checks' states (None: no answer from its store
+        within ``timeout``)."""
+        return self._monitors.verdicts(timeout)
 
     def alerts(self) -> list[dict[str, Any]]:
         """The monitors' notifications the lab's alert receiver recorded (oldest first)."""

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final
 
+from cluster.lab import processes
 from cluster.lab.alert_sink import read_record
 from cluster.lab.configs import render_toml
 from cluster.lab.site import LabError, LabSite, Launcher
@@ -35,6 +36,7 @@ from cluster.lab.topology import (
 )
 
 LOCATIONS: Final = (INTERNET, CLIENT)
+STOP_GRACE: Final = 5.0  # a monitor's graceful stop ends its ZooKeeper session: its znode goes
 _FAST: Final = {"interval": "1s", "timeout": "0.9s", "failure_threshold": 1, "success_threshold": 1}
 
 
@@ -42,8 +44,9 @@ def monitor_dir(site: LabSite, location: str) -> Path:
     return site.directory / f"monitor-{location}"
 
 
-def monitor_config(site: LabSite, location: str) -> str:
-    """``monitor.toml`` of the monitor at ``location`` (a host of the lab)."""
+def monitor_config(site: LabSite, location: str, failure_threshold: int = 1) -> str:
+    """``monitor.toml`` of the monitor at ``location`` (a host of the lab); a check is down
+    after ``failure_threshold`` failures in a row."""
     directory = monitor_dir(site, location)
     topology = site.topology
     head = render_toml(
@@ -85,8 +88,9 @@ def monitor_config(site: LabSite, location: str) -> str:
         ),
         round_trip_check(site, location),
     ]
+    defaults = {**_FAST, "failure_threshold": failure_threshold}
     body = "".join(
-        "[[checks]]\n" + render_toml({"_": {**_FAST, **check}}).split("\n", 1)[1]
+        "[[checks]]\n" + render_toml({"_": {**defaults, **check}}).split("\n", 1)[1]
         for check in checks
     )
     # Every incident goes at once to the lab's alert receiver on the internet host, the URL
@@ -139,7 +143,7 @@ class Monitors:
         self._site = site
         self._launcher = launcher
 
-    def start(self) -> None:
+    def start(self, failure_threshold: int = 1) -> None:
         """Start the alert receiver and both monitors in their namespaces, without waiting."""
         site = self._site
         receiver = site.module_argv(
@@ -168,7 +172,7 @@ class Monitors:
             # The round trip's folder of the probe mailbox: there before the first probe lands.
             (site.probe_mailbox / location).mkdir(parents=True, exist_ok=True)
             config = directory / "monitor.toml"
-            config.write_text(monitor_config(site, location))
+            config.write_text(monitor_config(site, location, failure_threshold))
             argv = site.module_argv("hamtactl", "monitor", "run", "--config", str(config))
             try:
                 self._launcher.spawn(
@@ -181,6 +185,16 @@ class Monitors:
                 )
             except OSError as exc:
                 raise LabError(f"cannot start the monitor on {location}: {exc}") from None
+
+    def stop(self) -> None:
+        """End both monitors (their znodes go with their sessions) and the alert receiver, which
+        ``start`` starts again; their stores and records stay."""
+        found = self._site.read_record()
+        records = found.processes if found is not None else ()
+        names = {"alerts"} | {f"monitor-{location}" for location in LOCATIONS}
+        pids = [record.pid for record in processes.live(records) if record.name in names]
+        processes.end(pids, STOP_GRACE)
+        self._launcher.reap()
 
     def verdicts(self, timeout: float = 15.0) -> dict[str, Any]:
         """Each location's checks as ``hamta monitor status --json`` reads them from its store."""

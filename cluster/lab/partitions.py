@@ -1,4 +1,5 @@
-"""Network partitions of a lab node with nftables: cut off from ZooKeeper, or from everything.
+"""Network partitions of a lab node with nftables: cut off from ZooKeeper, from everything, or
+its SMTP port from some hosts only (a gray failure).
 
 The chaos suite's partition scenarios and the keepalived baseline of the same scenarios
 (``bench/partition_baseline.py``) inject these cuts; both live above the lab, so the cuts live
@@ -7,7 +8,10 @@ here. A cut is one nftables table in the node's namespace, which ``lift`` delete
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cluster.lab.lab import Lab, LabError
+from cluster.lab.topology import SMTP_PORT
 
 TABLE = "hamta_chaos"
 
@@ -32,6 +36,18 @@ def cut_off(lab: Lab, node: str) -> None:
         ' chain in { type filter hook input priority 0; iifname "eth0" drop; }\n'
         ' chain out { type filter hook output priority 0; oifname "eth0" drop; }\n'
         "}\n",
+    )
+
+
+def block_smtp_from(lab: Lab, node: str, hosts: Sequence[str]) -> None:
+    """Drop what ``hosts`` send to ``node``'s port 25 (a gray failure: those clients cannot
+    reach it, while its agent's own probe, sent from the node itself, still passes)."""
+    sources = ", ".join(lab.address(host) for host in hosts)
+    _apply(
+        lab,
+        node,
+        f"table inet {TABLE} {{\n chain in {{\n  type filter hook input priority 0;\n"
+        f"  ip saddr {{ {sources} }} tcp dport {SMTP_PORT} drop\n }}\n}}\n",
     )
 
 

@@ -19,6 +19,7 @@ from cluster.decision_data import (
     Decision,
     Leader,
     LocalView,
+    LocationVerdict,
     Member,
     Pause,
     Policy,
@@ -65,6 +66,12 @@ def failed(step: Step) -> StepResult:
     return StepResult(step, False, 0.5, detail="boom")
 
 
+# Two check locations that see the service down since this term began (``ours()``: WALL).
+GRAY_SEEN = tuple(
+    LocationVerdict(name, WALL, ("vip-smtp",), (("vip-smtp", WALL),)) for name in ("inet", "client")
+)
+
+
 def ready(node: str) -> Member:
     """A member that can take over: passive, its warm relay running, not cooling down."""
     return Member(node=node, role=Role.PASSIVE, relay_running=True, relay_ready=True)
@@ -98,6 +105,7 @@ class World:
     split_brain: str | None = None
     session_deadline: float | None = None  # monotonic: the session surely lives on until then
     scheduled: ScheduledSwitchover | None = None  # a switchover stored for a later time
+    locations: tuple[LocationVerdict, ...] = ()  # what the check locations see (gray failure)
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -123,7 +131,7 @@ class World:
             relay_failures=self.relay_failures,
             stopping=self.stopping,
         )
-        return Snapshot(cluster, local, wall, result)
+        return Snapshot(cluster, local, wall, result, location_verdicts=self.locations)
 
 
 class Walk:
@@ -347,7 +355,9 @@ def grid_worlds() -> list[World]:
                                             stopping=stopping,
                                         )
                                     )
-    return worlds
+    # A gray failure seen by the check locations, where it can matter: a connected leader.
+    leading = [w for w in worlds if w.session is Session.CONNECTED and w.leader == ours()]
+    return worlds + [replace(world, locations=GRAY_SEEN) for world in leading]
 
 
 GRID_WORLDS = grid_worlds()

@@ -8,7 +8,7 @@ the safety rules independently of the code under test and asserts them on every 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.decision_data import (
     DEMOTION,
@@ -16,6 +16,7 @@ from cluster.decision_data import (
     AgentState,
     Decision,
     Leader,
+    LocationVerdict,
     Member,
     Policy,
     Role,
@@ -95,6 +96,33 @@ def mark(rng: random.Random, world: World) -> None:
         marks: tuple[frozenset[str], ...] = (frozenset({NODE}), frozenset({PEER}), frozenset())
         world.outdated = frozenset() if world.outdated else rng.choice(marks)
         world.split_brain = "r0 diverged" if rng.random() < 0.2 else None
+
+
+def gray(rng: random.Random, world: World, wall: float) -> None:
+    """The check locations' verdicts change: some see the service down, since before or after
+    the term began, some are stale (drawn from a generator of their own, like ``mark``)."""
+    if rng.random() < 0.3:
+        verdicts = []
+        for index in range(rng.choice((0, 1, 2, 2, 2, 3, 3))):
+            since = rng.choice((wall - 1.0, wall - 1.0, WALL - 100.0))
+            down = (("vip-smtp", since),) if rng.random() < 0.8 else ()
+            at = wall - rng.choice((0.0, 0.0, 1.0, RANDOM_POLICY.gray_verdict_max_age + 1))
+            verdicts.append(LocationVerdict(f"loc{index}", at, ("vip-smtp",), down))
+        world.locations = tuple(verdicts)
+        if rng.random() < 0.5:  # a peer ready to take over, so that handovers happen too
+            world.members[PEER] = ready(PEER)
+
+
+def gray_seen(snapshot: Snapshot, policy: Policy) -> bool:
+    """The gray failure rule, restated: at least two fresh locations, and more than half of
+    those that watch the service, see it down since the term began."""
+    leader = snapshot.cluster.leader
+    if leader is None:
+        return False
+    known = [v for v in snapshot.location_verdicts if v.watched]
+    fresh = [v for v in known if snapshot.wall - v.at <= policy.gray_verdict_max_age]
+    seeing = [v for v in fresh if any(since >= leader.since for _, since in v.down)]
+    return len(seeing) >= 2 and len(seeing) > len(known) / 2
 
 
 def perturb(rng: random.Random, world: World, wall: float) -> None:
@@ -268,6 +296,8 @@ class History:
     storage_checked: int = 0  # STORAGE started, with the replica's marks looked at
     rode_out: int = 0  # decisions that kept a suspended active node serving (deadline ahead)
     silent: int = 0  # ... that found a "connected" session's contact run out while holding
+    grays: int = 0  # handovers begun because the check locations saw the service down
+    gray_held: int = 0  # ... seen, but not acted on (paused, too soon, nobody to take over)
 
 
 def check(
@@ -364,6 +394,21 @@ def check(
     if trigger is Trigger.SWITCHOVER:
         assert may_hand_over(snapshot, policy)
         history.handovers += 1
+    # A gray failure hands over only when the locations see it, and as a failover may.
+    if trigger in (Trigger.GRAY_FAILURE, Trigger.GRAY_FAILURE_HELD):
+        assert before.role is Role.ACTIVE and gray_seen(snapshot, policy)
+        assert snapshot.local.relay_ready and snapshot.local.relay_failures == 0
+    if trigger is Trigger.GRAY_FAILURE:
+        assert cluster.paused is None
+        last = cluster.last_served
+        assert last is None or snapshot.wall - last >= policy.min_failover_interval
+        assert may_hand_over(replace_request(snapshot, policy), policy)
+        history.grays += 1
+    history.gray_held += trigger is Trigger.GRAY_FAILURE_HELD
+    if before.role is Role.ACTIVE and trigger is Trigger.NOTHING and policy.gray_failure:
+        local = snapshot.local
+        if local.relay_ready and local.relay_failures == 0 and cluster.switchover is None:
+            assert not gray_seen(snapshot, policy)
     if before.role is Role.ACTIVE and trigger in (Trigger.NOTHING, Trigger.SWITCHOVER_REFUSED):
         assert not may_hand_over(snapshot, policy)
         request = cluster.switchover
@@ -433,7 +478,10 @@ def check(
             assert not after.give_up
         else:
             history.demotion = DEMOTION
-            giving_up = before.role is Role.PROMOTING or decision.trigger is Trigger.RELAY_UNHEALTHY
+            giving_up = before.role is Role.PROMOTING or decision.trigger in (
+                Trigger.RELAY_UNHEALTHY,
+                Trigger.GRAY_FAILURE,
+            )
             assert after.give_up is giving_up
         assert steps == [history.demotion[0]]
     elif before.role is Role.DEMOTING:
@@ -468,10 +516,17 @@ def check(
         assert holds_resources(after) is (full and Step.STORAGE_DOWN not in history.demoted)
 
 
+def replace_request(snapshot: Snapshot, policy: Policy) -> Snapshot:
+    """``snapshot`` with this node asking for a handover to anyone (what a gray failure does)."""
+    request = Switchover(policy.node, None, snapshot.wall)
+    return replace(snapshot, cluster=replace(snapshot.cluster, switchover=request))
+
+
 def random_walk(seed: int, steps: int) -> History:
     rng = random.Random(seed)
     marks = random.Random(-seed)
     deadlines = random.Random(seed + 1000)  # its own too: the session deadlines' draws
+    grays = random.Random(seed + 2000)  # ... and the check locations' verdicts
     policy = RANDOM_POLICY
     world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
     state = AgentState()
@@ -497,6 +552,7 @@ def random_walk(seed: int, steps: int) -> History:
         suspended = world.session is Session.SUSPENDED
         perturb(rng, world, wall)
         mark(marks, world)
+        gray(grays, world, wall)
         if state.role is Role.ACTIVE and not suspended and deadlines.random() < 0.05:
             world.session = Session.SUSPENDED  # a ZooKeeper server restarted under it
         elif suspended and deadlines.random() < 0.3:
