@@ -24,6 +24,9 @@ from hamta.config import RetryConfig
 from hamta.shaping import Shaper
 from hamta.spool import LiveMessage
 
+# The places a job's recipients are counted in, per domain (MailQueue._counts).
+_READY, _DEFERRED, _IN_FLIGHT = 0, 1, 2
+
 
 def recipient_domain(address: str) -> str:
     """The domain of an address, lower-cased, as a queue and routing key."""
@@ -112,8 +115,12 @@ class MailQueue:
         self._by_domain: dict[str, Destination] = {}
         self._deferred: list[tuple[float, int, Job]] = []
         # Jobs a session took from a ready line whose outcome is not applied yet, by id(): in
-        # no line, yet still queued (``hamta queue`` counts them in flight).
-        self._taken: dict[int, Job] = {}
+        # no line, yet still queued (``hamta queue`` counts them in flight). With each, the
+        # recipients it was counted with (the engine narrows a job's rcpts before deferring it).
+        self._taken: dict[int, tuple[Job, int]] = {}
+        # Recipients per domain in each place (READY, DEFERRED, IN_FLIGHT), kept as jobs move,
+        # so that the metrics and the domain API cost O(domains), never a walk of the queue.
+        self._counts: dict[str, list[int]] = {}
         self._seq = itertools.count()
         self._timer_changed = asyncio.Event()
 
@@ -151,17 +158,42 @@ class MailQueue:
         """Put a job at the end of its destination's ready line."""
         destination = self.destination_for(job.domain)
         destination.ready.append(job)
+        self._count(job.domain, _READY, len(job.rcpts))
         self._on_ready(destination)
 
     def take(self, destination: Destination) -> Job:
         """The next job of ``destination``'s ready line, counted in flight until :meth:`settle`."""
         job = destination.ready.popleft()
-        self._taken[id(job)] = job
+        self._hold(job)
         return job
+
+    def take_all(self, destination: Destination) -> list[Job]:
+        """Every job of ``destination``'s ready line, each in flight until :meth:`settle`."""
+        jobs = list(destination.ready)
+        destination.ready.clear()
+        for job in jobs:
+            self._hold(job)
+        return jobs
+
+    def _hold(self, job: Job) -> None:
+        recipients = len(job.rcpts)
+        self._taken[id(job)] = (job, recipients)
+        self._count(job.domain, _READY, -recipients)
+        self._count(job.domain, _IN_FLIGHT, recipients)
 
     def settle(self, job: Job) -> None:
         """A taken job leaves the flight: its outcome is applied, or it is left to the spool."""
-        self._taken.pop(id(job), None)
+        taken = self._taken.pop(id(job), None)
+        if taken is not None:
+            self._count(job.domain, _IN_FLIGHT, -taken[1])
+
+    def _count(self, domain: str, place: int, recipients: int) -> None:
+        row = self._counts.get(domain)
+        if row is None:
+            row = self._counts[domain] = [0, 0, 0]
+        row[place] += recipients
+        if not any(row):  # a domain with nothing queued leaves no row behind
+            del self._counts[domain]
 
     def destination_for(self, domain: str) -> Destination:
         """The destination that mail for ``domain`` goes to."""
@@ -225,6 +257,7 @@ class MailQueue:
     def _push_deferred(self, job: Job) -> None:
         was_first = not self._deferred or job.due < self._deferred[0][0]
         heapq.heappush(self._deferred, (job.due, next(self._seq), job))
+        self._count(job.domain, _DEFERRED, len(job.rcpts))
         if was_first:
             self._timer_changed.set()
 
@@ -234,6 +267,7 @@ class MailQueue:
         moved = 0
         for entry in self._deferred:
             if predicate is None or predicate(entry[2]):
+                self._count(entry[2].domain, _DEFERRED, -len(entry[2].rcpts))
                 self.make_ready(entry[2])
                 moved += 1
             else:
@@ -242,13 +276,20 @@ class MailQueue:
         self._deferred = keep
         return moved
 
+    def release_due(self) -> float:
+        """Move the deferred jobs due by now to their ready lines; return that now."""
+        now = self._wall()
+        while self._deferred and self._deferred[0][0] <= now:
+            job = heapq.heappop(self._deferred)[2]
+            self._count(job.domain, _DEFERRED, -len(job.rcpts))
+            self.make_ready(job)
+        return now
+
     async def run_timer(self) -> None:
         """Forever: move deferred jobs to their ready lines when they fall due."""
         while True:
             self._timer_changed.clear()
-            now = self._wall()
-            while self._deferred and self._deferred[0][0] <= now:
-                self.make_ready(heapq.heappop(self._deferred)[2])
+            now = self.release_due()
             if not self._deferred:
                 await self._timer_changed.wait()
                 continue
@@ -277,19 +318,26 @@ class MailQueue:
         """Recipients queued per domain: ready, deferred, and in flight (taken by a session).
 
         The three add up to every recipient of the queue, so that a domain's mail never seems
-        to vanish while a session holds it.
+        to vanish while a session holds it. Read from counters kept as jobs move: O(domains).
         """
+        return {
+            domain: {"ready": ready, "deferred": deferred, "in_flight": in_flight}
+            for domain, (ready, deferred, in_flight) in self._counts.items()
+        }
+
+    def walk_by_domain(self) -> dict[str, dict[str, int]]:
+        """:meth:`by_domain` counted by walking every job: what the counters must equal."""
         summary: dict[str, dict[str, int]] = {}
 
-        def count(job: Job, column: str) -> None:
+        def count(job: Job, column: str, recipients: int) -> None:
             row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0, "in_flight": 0})
-            row[column] += len(job.rcpts)
+            row[column] += recipients
 
         for destination in self.destinations.values():
             for job in destination.ready:
-                count(job, "ready")
+                count(job, "ready", len(job.rcpts))
         for _, _, job in self._deferred:
-            count(job, "deferred")
-        for job in self._taken.values():
-            count(job, "in_flight")
+            count(job, "deferred", len(job.rcpts))
+        for job, recipients in self._taken.values():
+            count(job, "in_flight", recipients)
         return summary

@@ -215,7 +215,7 @@ class Relay:
 
     async def node_metrics(self, destinations: bool = True) -> str:
         """The Prometheus exposition of the whole node (``destinations``: with the series per
-        destination, which walk every queued job; the dashboard's sampling goes without)."""
+        destination, from the counters the queue keeps; the dashboard's sampling goes without)."""
         own = generate_latest(self.metrics.registry).decode()
         text = own if self.pool is None else merge_expositions([own, *await self.pool.metrics()])
         if not destinations:
