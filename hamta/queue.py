@@ -14,6 +14,7 @@ import contextlib
 import heapq
 import itertools
 import random
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,8 +30,22 @@ _READY, _DEFERRED, _IN_FLIGHT = 0, 1, 2
 
 
 def recipient_domain(address: str) -> str:
-    """The domain of an address, lower-cased, as a queue and routing key."""
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The domain of an address, lower-cased, as a queue and routing key.
+
+    Interned: a queue of a million jobs holds each domain's name once, not once per job.
+    """
+    return sys.intern(address.rpartition("@")[2].lower().rstrip("."))
+
+
+# One tuple per single recipient index, shared by every job of one recipient (the usual job):
+# a tuple made per job costs 48 bytes each in a deep queue.
+_SINGLE = tuple((index,) for index in range(256))
+
+
+def _indices(indices: list[int]) -> tuple[int, ...]:
+    if len(indices) == 1 and indices[0] < len(_SINGLE):
+        return _SINGLE[indices[0]]
+    return tuple(indices)
 
 
 def backoff_delay(attempts: int, policy: RetryConfig, rng: random.Random) -> float:
@@ -131,14 +146,17 @@ class MailQueue:
         recipients = message.rec.recipients
         if message.done is None and message.retry is None:
             # The common case, and the one recovery at depth depends on: nothing done yet.
-            if len(recipients) == 1:
-                self.make_ready(Job(message, recipient_domain(recipients[0]), (0,)))
+            domains = [recipient_domain(address) for address in recipients]
+            if len(set(domains)) == len(domains) <= len(_SINGLE):
+                # Each recipient in a domain of its own (one recipient, most often): no grouping.
+                for index, domain in enumerate(domains):
+                    self.make_ready(Job(message, domain, _SINGLE[index]))
                 return
             by_domain: dict[str, list[int]] = {}
-            for index, address in enumerate(recipients):
-                by_domain.setdefault(recipient_domain(address), []).append(index)
+            for index, domain in enumerate(domains):
+                by_domain.setdefault(domain, []).append(index)
             for domain, indices in by_domain.items():
-                self.make_ready(Job(message, domain, tuple(indices)))
+                self.make_ready(Job(message, domain, _indices(indices)))
             return
         groups: dict[tuple[str, int, float], list[int]] = {}
         retry = message.retry or {}
@@ -148,7 +166,7 @@ class MailQueue:
             groups.setdefault(key, []).append(index)
         now = self._wall()
         for (domain, attempts, due), indices in groups.items():
-            job = Job(message, domain, tuple(indices), attempts, due)
+            job = Job(message, domain, _indices(indices), attempts, due)
             if due > now:
                 self._push_deferred(job)
             else:
@@ -192,8 +210,8 @@ class MailQueue:
         if row is None:
             row = self._counts[domain] = [0, 0, 0]
         row[place] += recipients
-        if not any(row):  # a domain with nothing queued leaves no row behind
-            del self._counts[domain]
+        if recipients < 0 and not (row[0] or row[1] or row[2]):
+            del self._counts[domain]  # a domain with nothing queued leaves no row behind
 
     def destination_for(self, domain: str) -> Destination:
         """The destination that mail for ``domain`` goes to."""

@@ -107,3 +107,17 @@ def test_a_settled_job_counts_what_it_was_taken_with() -> None:
     queue.settle(job)
     queue.defer(job)
     assert queue.by_domain() == {"a.test": {"ready": 0, "deferred": 1, "in_flight": 0}}
+
+
+def test_a_deep_queue_holds_each_domain_and_single_index_once() -> None:
+    # Recovery builds a million jobs: each must not carry its own copy of its domain's name
+    # or of its one-recipient index tuple (bench/recovery.py measures bytes per message).
+    queue = MailQueue(
+        RetryConfig(), next_hop=lambda d: d, wall_clock=Clock(), on_ready=lambda d: None
+    )
+    for serial in range(2):
+        # Two recipients in two domains: the general path, which groups by domain.
+        queue.add(message(serial, [0, 1], {}))
+    first, second = (queue.destinations["b.test"].ready[i] for i in (0, 1))
+    assert first.domain is second.domain
+    assert first.rcpts is second.rcpts == (1,)
