@@ -266,7 +266,7 @@ class Spool:
             sender=sys.intern(sender),  # held once however many messages it sends
             recipients=tuple(recipients),
             message_id=message_id,
-            client=client,
+            client=sys.intern(client),  # a relay's clients are few: each held once
             is_dsn=is_dsn,
         )
         try:

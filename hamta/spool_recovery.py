@@ -311,8 +311,10 @@ def _apply(
     for rec in records:
         if type(rec) is Enqueue:
             if rec.qid not in live:
-                # Senders repeat (a few applications send most mail): held once, not per message.
+                # Senders and clients repeat (a few applications send most mail from a few
+                # hosts): each held once, not once per message.
                 rec.sender = sys.intern(rec.sender)
+                rec.client = sys.intern(rec.client)
                 live[rec.qid] = LiveMessage(rec)
             continue
         if isinstance(rec, CheckpointEnd):
