@@ -166,35 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         runners.append(
             ("postfix", lambda: run_postfix(args.messages, args.sessions, args.size, **options))
         )
-    if args.only in ("hamta", "both"):
-        runners.append(
-            (
-                "hamta",
-                lambda: run_hamta(
-                    args.messages,
-                    args.sessions,
-                    args.size,
-                    hamta=args.hamta,
-                    workers=args.workers,
-                    **options,
-                ),
-            )
+
+    def hamta_run(dkim: bool) -> Callable[[], Result]:
+        return lambda: run_hamta(
+            args.messages,
+            args.sessions,
+            args.size,
+            hamta=args.hamta,
+            workers=args.workers,
+            dkim=dkim,
+            **options,
         )
+
+    if args.only in ("hamta", "both"):
+        runners.append(("hamta", hamta_run(dkim=False)))
         if not args.no_dkim:
-            runners.append(
-                (
-                    "hamta-dkim",
-                    lambda: run_hamta(
-                        args.messages,
-                        args.sessions,
-                        args.size,
-                        hamta=args.hamta,
-                        workers=args.workers,
-                        dkim=True,
-                        **options,
-                    ),
-                )
-            )
+            runners.append(("hamta-dkim", hamta_run(dkim=True)))
     try:
         for name, runner in runners:
             try:
