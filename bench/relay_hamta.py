@@ -145,6 +145,11 @@ def run_hamta(
                     confirm=lambda _submitted: True,
                     timeout=timeout,
                 )
+                if dkim:
+                    # The DKIM run counts only if every message was signed (the node's sum).
+                    signed = _signatures(f"{admin}/metrics")
+                    if signed < submitted:
+                        problems.append(f"{signed} DKIM signatures for {submitted} messages")
                 rss = vm_kib(proc.pid, "VmHWM")
                 cpu = session_cpu_seconds(proc.pid) - cpu_before
                 time.sleep(0.05)
@@ -204,6 +209,18 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, err_file: Path) -> None:
             last = str(exc)
         time.sleep(0.05)
     raise BenchError(f"hamta not ready after {START_TIMEOUT:.0f}s ({url}: {last})")
+
+
+def _signatures(url: str) -> int:
+    """``hamta_dkim_signatures_total`` of every algorithm, from the node's /metrics."""
+    status, body = http_get(url)
+    if status != 200:
+        raise BenchError(f"GET {url}: HTTP {status} {body[:200]!r}")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("hamta_dkim_signatures_total{"):
+            total += float(line.rpartition(" ")[2])
+    return int(total)
 
 
 def _queue_figures(url: str) -> tuple[int, int]:
