@@ -146,6 +146,9 @@ class MailQueue:
         recipients = message.rec.recipients
         if message.done is None and message.retry is None:
             # The common case, and the one recovery at depth depends on: nothing done yet.
+            if len(recipients) == 1:
+                self.make_ready(Job(message, recipient_domain(recipients[0]), _SINGLE[0]))
+                return
             domains = [recipient_domain(address) for address in recipients]
             if len(set(domains)) == len(domains) <= len(_SINGLE):
                 # Each recipient in a domain of its own (one recipient, most often): no grouping.
@@ -174,9 +177,14 @@ class MailQueue:
 
     def make_ready(self, job: Job) -> None:
         """Put a job at the end of its destination's ready line."""
-        destination = self.destination_for(job.domain)
+        domain = job.domain
+        destination = self._by_domain.get(domain) or self.destination_for(domain)
         destination.ready.append(job)
-        self._count(job.domain, _READY, len(job.rcpts))
+        # _count(domain, _READY, ...) written out: recovery calls this once per job, millions.
+        row = self._counts.get(domain)
+        if row is None:
+            row = self._counts[domain] = [0, 0, 0]
+        row[_READY] += len(job.rcpts)
         self._on_ready(destination)
 
     def take(self, destination: Destination) -> Job:
