@@ -36,7 +36,7 @@ from hamta.smtp import HamtaSMTP
 from hamta.spool import Damage, Spool, SpoolState
 from hamta.supervision import Supervisor
 from hamta.suppression import Suppressions
-from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
+from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_refusal, stray_shards
 
 if TYPE_CHECKING:
     from hamta.dkim_signing import DkimSigner
@@ -253,10 +253,14 @@ class Relay:
                 # Also with one worker: mail left in shards would otherwise never be delivered.
                 stray = stray_shards(path, self.config.node.workers) if self.worker == 0 else []
                 if stray:
+                    node = self.config.node
                     raise RelayError(
-                        f"{path} has shards no worker owns with node.workers = "
-                        f"{self.config.node.workers}: {', '.join(p.name for p in stray)}; "
-                        "raise node.workers until they are empty"
+                        stray_refusal(
+                            path,
+                            node.workers,
+                            stray,
+                            default="workers" not in node.model_fields_set,
+                        )
                     )
                 if self.pool is not None:
                     workers = asyncio.get_running_loop().create_task(
