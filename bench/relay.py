@@ -125,7 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--hamta", type=Path, default=DEFAULT_HAMTA, help="the hamta executable")
     parser.add_argument(
-        "--workers", type=int, default=1, help="hamta's node.workers (relay processes)"
+        "--workers",
+        type=int,
+        default=None,
+        help="hamta's node.workers (relay processes); default: the relay's own, one per CPU",
+    )
+    parser.add_argument(
+        "--no-dkim",
+        action="store_true",
+        help="skip the second hamta run, with rsa-sha256 DKIM signing of every message",
     )
     parser.add_argument(
         "--recovery-depths",
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.messages, args.sessions, args.size) <= 0:
         parser.error("--messages, --sessions and --size must be positive")
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        parser.error("--workers must be between 1 and 64")
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop every child; SIGINT
     # may arrive ignored (started with & from a non-interactive shell), so set it explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The figures are only as good as the machine is quiet: show what else was running.
     say(f"load average before the run: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-    results: dict[str, Result | None] = {"hamta": None, "postfix": None}
+    results: dict[str, Result | None] = {"hamta": None, "postfix": None, "hamta-dkim": None}
     recovery: dict[int, dict[str, float]] = {}
     auth: dict[str, float | None] = {"auth_sessions_per_s": None, "tls_sessions_per_s": None}
     ok = True
@@ -170,20 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         runners.append(
             ("postfix", lambda: run_postfix(args.messages, args.sessions, args.size, **options))
         )
-    if args.only in ("hamta", "both"):
-        runners.append(
-            (
-                "hamta",
-                lambda: run_hamta(
-                    args.messages,
-                    args.sessions,
-                    args.size,
-                    hamta=args.hamta,
-                    workers=args.workers,
-                    **options,
-                ),
-            )
+
+    def hamta_run(dkim: bool) -> Callable[[], Result]:
+        return lambda: run_hamta(
+            args.messages,
+            args.sessions,
+            args.size,
+            hamta=args.hamta,
+            workers=args.workers,
+            dkim=dkim,
+            **options,
         )
+
+    if args.only in ("hamta", "both"):
+        runners.append(("hamta", hamta_run(dkim=False)))
+        if not args.no_dkim:
+            runners.append(("hamta-dkim", hamta_run(dkim=True)))
     try:
         for name, runner in runners:
             try:
@@ -221,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; everything started has been stopped")
         ok = False
-    figures = summary(args, results["hamta"], results["postfix"], ok, recovery)
+    figures = summary(
+        args, results["hamta"], results["postfix"], ok, recovery, dkim=results["hamta-dkim"]
+    )
     figures.update(auth)
     if figures["ratio"] is not None:
         say(f"ratio hamta/postfix: {figures['ratio']:.3f}")
+    if figures["dkim_ratio"] is not None:
+        say(f"ratio hamta with DKIM signing/postfix without: {figures['dkim_ratio']:.3f}")
     print(json.dumps(figures), flush=True)
     return 0 if ok else 1
 

@@ -108,6 +108,35 @@ def vm_kib(pid: int, field: str) -> int | None:
     return None
 
 
+def session_pids(leader: int) -> list[int]:
+    """The processes of the session ``leader`` started (start_new_session): hamta's workers."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == leader:  # the session id, after state, ppid and pgrp
+            pids.append(int(entry))
+    return pids
+
+
+def session_cpu_seconds(leader: int) -> float:
+    """User + system CPU seconds used so far by the live processes of ``leader``'s session."""
+    total = 0
+    for pid in session_pids(leader):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pss_kib(pid: int) -> int | None:
     """Proportional set size (KiB) from /proc/PID/smaps_rollup, or None."""
     try:

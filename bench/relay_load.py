@@ -42,6 +42,10 @@ class Result:
     sink_received: int | None = None
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    #: CPU (user + system) of every process of the relay, per delivered message (hamta only:
+    #: Postfix's short-lived processes are gone before they can be read).
+    cpu_ms_per_msg: float | None = None
+    processes: int | None = None  # the relay's processes (hamta: worker 0 and its workers)
 
     @property
     def submit_msgs_per_s(self) -> float:

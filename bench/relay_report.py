@@ -16,6 +16,11 @@ def describe_result(name: str, result: Result) -> None:
         f"(sink counted {result.sink_received}) in {result.end_to_end_seconds:.2f}s "
         f"end to end -> {result.msgs_per_s:.1f} msg/s; peak RSS {rss}"
     )
+    if result.cpu_ms_per_msg is not None:
+        say(
+            f"{name}: {result.cpu_ms_per_msg:.3f} ms of CPU per message "
+            f"({result.processes} processes, reception and delivery)"
+        )
     for note in result.notes:
         say(f"{name}: {note}")
     for problem in result.problems:
@@ -28,15 +33,27 @@ def summary(
     postfix: Result | None,
     ok: bool,
     recovery: dict[int, dict[str, float]],
+    *,
+    dkim: Result | None = None,
 ) -> dict[str, Any]:
     """The figures of the JSON line: rates, ratio, peak RSS, recovery, times, ok."""
 
     def rate(result: Result | None) -> float | None:
         return None if result is None else round(result.msgs_per_s, 1)
 
-    ratio = None
-    if hamta is not None and postfix is not None and postfix.msgs_per_s > 0:
-        ratio = round(hamta.msgs_per_s / postfix.msgs_per_s, 3)
+    def against_postfix(result: Result | None) -> float | None:
+        if result is None or postfix is None or postfix.msgs_per_s <= 0:
+            return None
+        return round(result.msgs_per_s / postfix.msgs_per_s, 3)
+
+    def cpu(result: Result | None) -> float | None:
+        return (
+            None
+            if result is None or result.cpu_ms_per_msg is None
+            else round(result.cpu_ms_per_msg, 3)
+        )
+
+    ratio = against_postfix(hamta)
     figures: dict[str, Any] = {
         "messages": args.messages,
         "sessions": args.sessions,
@@ -59,6 +76,13 @@ def summary(
         )
         figures[f"{name}_submit_s"] = None if result is None else round(result.submit_seconds, 3)
         figures[f"{name}_delivered"] = None if result is None else result.delivered
+    # Added later: the relay's processes, its CPU per message, and the run that DKIM-signs
+    # every message (rsa-sha256), whose ratio is against Postfix without signing.
+    figures["hamta_workers"] = None if hamta is None else hamta.processes
+    figures["hamta_cpu_ms_per_msg"] = cpu(hamta)
+    figures["hamta_dkim_msgs_per_s"] = rate(dkim)
+    figures["dkim_ratio"] = against_postfix(dkim)
+    figures["hamta_dkim_cpu_ms_per_msg"] = cpu(dkim)
     figures["ok"] = ok
     return figures
 

@@ -111,6 +111,16 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     return host, int(port_text)
 
 
+#: The most relay processes one node runs (``node.workers``).
+MAX_WORKERS = 64
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a cgroup's cpuset also narrows),
+    at most :data:`MAX_WORKERS`: the default number of relay processes."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
 def _loopback_networks() -> list[IPNetwork]:
     return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
 
@@ -125,8 +135,11 @@ class NodeConfig(_Section):
     hostname: str = Field(default_factory=socket.getfqdn, min_length=1)
     # How long a graceful stop lets sessions and deliveries under way finish.
     stop_timeout: Seconds = 10.0
-    # Relay processes sharing the SMTP port, one spool shard each (hamta/workers.py).
-    workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=64)] = 1
+    # Relay processes sharing the SMTP port, one spool shard each (hamta/workers.py). Unset:
+    # one per CPU this process may run on, as a relay process is CPU-bound on one core.
+    workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=MAX_WORKERS)] = Field(
+        default_factory=usable_cpus
+    )
     # Who the relay runs as once its SMTP sockets are bound (hamta/privileges.py). Unset: a
     # relay started as root becomes "hamta" (and refuses to start without that user); "root"
     # keeps root on purpose. group: the user's own group unless set. Looked up when the relay

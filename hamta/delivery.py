@@ -513,8 +513,7 @@ class DeliveryEngine:
 
     def _routing_failed(self, destination: Destination, job: Job, exc: RoutingError) -> None:
         """No session could be had: the job and its whole line share the outcome."""
-        jobs = [job, *destination.ready]
-        destination.ready.clear()
+        jobs = [job, *self.queue.take_all(destination)]
         code = 550 if exc.permanent else 0
         text = f"{exc.enhanced} {exc}"
         for each in jobs:

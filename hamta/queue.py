@@ -14,6 +14,7 @@ import contextlib
 import heapq
 import itertools
 import random
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,10 +25,27 @@ from hamta.config import RetryConfig
 from hamta.shaping import Shaper
 from hamta.spool import LiveMessage
 
+# The places a job's recipients are counted in, per domain (MailQueue._counts).
+_READY, _DEFERRED, _IN_FLIGHT = 0, 1, 2
+
 
 def recipient_domain(address: str) -> str:
-    """The domain of an address, lower-cased, as a queue and routing key."""
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The domain of an address, lower-cased, as a queue and routing key.
+
+    Interned: a queue of a million jobs holds each domain's name once, not once per job.
+    """
+    return sys.intern(address.rpartition("@")[2].lower().rstrip("."))
+
+
+# One tuple per single recipient index, shared by every job of one recipient (the usual job):
+# a tuple made per job costs 48 bytes each in a deep queue.
+_SINGLE = tuple((index,) for index in range(256))
+
+
+def _indices(indices: list[int]) -> tuple[int, ...]:
+    if len(indices) == 1 and indices[0] < len(_SINGLE):
+        return _SINGLE[indices[0]]
+    return tuple(indices)
 
 
 def backoff_delay(attempts: int, policy: RetryConfig, rng: random.Random) -> float:
@@ -112,8 +130,12 @@ class MailQueue:
         self._by_domain: dict[str, Destination] = {}
         self._deferred: list[tuple[float, int, Job]] = []
         # Jobs a session took from a ready line whose outcome is not applied yet, by id(): in
-        # no line, yet still queued (``hamta queue`` counts them in flight).
-        self._taken: dict[int, Job] = {}
+        # no line, yet still queued (``hamta queue`` counts them in flight). With each, the
+        # recipients it was counted with (the engine narrows a job's rcpts before deferring it).
+        self._taken: dict[int, tuple[Job, int]] = {}
+        # Recipients per domain in each place (READY, DEFERRED, IN_FLIGHT), kept as jobs move,
+        # so that the metrics and the domain API cost O(domains), never a walk of the queue.
+        self._counts: dict[str, list[int]] = {}
         self._seq = itertools.count()
         self._timer_changed = asyncio.Event()
 
@@ -125,13 +147,19 @@ class MailQueue:
         if message.done is None and message.retry is None:
             # The common case, and the one recovery at depth depends on: nothing done yet.
             if len(recipients) == 1:
-                self.make_ready(Job(message, recipient_domain(recipients[0]), (0,)))
+                self.make_ready(Job(message, recipient_domain(recipients[0]), _SINGLE[0]))
+                return
+            domains = [recipient_domain(address) for address in recipients]
+            if len(set(domains)) == len(domains) <= len(_SINGLE):
+                # Each recipient in a domain of its own (one recipient, most often): no grouping.
+                for index, domain in enumerate(domains):
+                    self.make_ready(Job(message, domain, _SINGLE[index]))
                 return
             by_domain: dict[str, list[int]] = {}
-            for index, address in enumerate(recipients):
-                by_domain.setdefault(recipient_domain(address), []).append(index)
+            for index, domain in enumerate(domains):
+                by_domain.setdefault(domain, []).append(index)
             for domain, indices in by_domain.items():
-                self.make_ready(Job(message, domain, tuple(indices)))
+                self.make_ready(Job(message, domain, _indices(indices)))
             return
         groups: dict[tuple[str, int, float], list[int]] = {}
         retry = message.retry or {}
@@ -141,7 +169,7 @@ class MailQueue:
             groups.setdefault(key, []).append(index)
         now = self._wall()
         for (domain, attempts, due), indices in groups.items():
-            job = Job(message, domain, tuple(indices), attempts, due)
+            job = Job(message, domain, _indices(indices), attempts, due)
             if due > now:
                 self._push_deferred(job)
             else:
@@ -149,19 +177,49 @@ class MailQueue:
 
     def make_ready(self, job: Job) -> None:
         """Put a job at the end of its destination's ready line."""
-        destination = self.destination_for(job.domain)
+        domain = job.domain
+        destination = self._by_domain.get(domain) or self.destination_for(domain)
         destination.ready.append(job)
+        # _count(domain, _READY, ...) written out: recovery calls this once per job, millions.
+        row = self._counts.get(domain)
+        if row is None:
+            row = self._counts[domain] = [0, 0, 0]
+        row[_READY] += len(job.rcpts)
         self._on_ready(destination)
 
     def take(self, destination: Destination) -> Job:
         """The next job of ``destination``'s ready line, counted in flight until :meth:`settle`."""
         job = destination.ready.popleft()
-        self._taken[id(job)] = job
+        self._hold(job)
         return job
+
+    def take_all(self, destination: Destination) -> list[Job]:
+        """Every job of ``destination``'s ready line, each in flight until :meth:`settle`."""
+        jobs = list(destination.ready)
+        destination.ready.clear()
+        for job in jobs:
+            self._hold(job)
+        return jobs
+
+    def _hold(self, job: Job) -> None:
+        recipients = len(job.rcpts)
+        self._taken[id(job)] = (job, recipients)
+        self._count(job.domain, _READY, -recipients)
+        self._count(job.domain, _IN_FLIGHT, recipients)
 
     def settle(self, job: Job) -> None:
         """A taken job leaves the flight: its outcome is applied, or it is left to the spool."""
-        self._taken.pop(id(job), None)
+        taken = self._taken.pop(id(job), None)
+        if taken is not None:
+            self._count(job.domain, _IN_FLIGHT, -taken[1])
+
+    def _count(self, domain: str, place: int, recipients: int) -> None:
+        row = self._counts.get(domain)
+        if row is None:
+            row = self._counts[domain] = [0, 0, 0]
+        row[place] += recipients
+        if recipients < 0 and not (row[0] or row[1] or row[2]):
+            del self._counts[domain]  # a domain with nothing queued leaves no row behind
 
     def destination_for(self, domain: str) -> Destination:
         """The destination that mail for ``domain`` goes to."""
@@ -225,6 +283,7 @@ class MailQueue:
     def _push_deferred(self, job: Job) -> None:
         was_first = not self._deferred or job.due < self._deferred[0][0]
         heapq.heappush(self._deferred, (job.due, next(self._seq), job))
+        self._count(job.domain, _DEFERRED, len(job.rcpts))
         if was_first:
             self._timer_changed.set()
 
@@ -234,6 +293,7 @@ class MailQueue:
         moved = 0
         for entry in self._deferred:
             if predicate is None or predicate(entry[2]):
+                self._count(entry[2].domain, _DEFERRED, -len(entry[2].rcpts))
                 self.make_ready(entry[2])
                 moved += 1
             else:
@@ -242,13 +302,20 @@ class MailQueue:
         self._deferred = keep
         return moved
 
+    def release_due(self) -> float:
+        """Move the deferred jobs due by now to their ready lines; return that now."""
+        now = self._wall()
+        while self._deferred and self._deferred[0][0] <= now:
+            job = heapq.heappop(self._deferred)[2]
+            self._count(job.domain, _DEFERRED, -len(job.rcpts))
+            self.make_ready(job)
+        return now
+
     async def run_timer(self) -> None:
         """Forever: move deferred jobs to their ready lines when they fall due."""
         while True:
             self._timer_changed.clear()
-            now = self._wall()
-            while self._deferred and self._deferred[0][0] <= now:
-                self.make_ready(heapq.heappop(self._deferred)[2])
+            now = self.release_due()
             if not self._deferred:
                 await self._timer_changed.wait()
                 continue
@@ -277,19 +344,26 @@ class MailQueue:
         """Recipients queued per domain: ready, deferred, and in flight (taken by a session).
 
         The three add up to every recipient of the queue, so that a domain's mail never seems
-        to vanish while a session holds it.
+        to vanish while a session holds it. Read from counters kept as jobs move: O(domains).
         """
+        return {
+            domain: {"ready": ready, "deferred": deferred, "in_flight": in_flight}
+            for domain, (ready, deferred, in_flight) in self._counts.items()
+        }
+
+    def walk_by_domain(self) -> dict[str, dict[str, int]]:
+        """:meth:`by_domain` counted by walking every job: what the counters must equal."""
         summary: dict[str, dict[str, int]] = {}
 
-        def count(job: Job, column: str) -> None:
+        def count(job: Job, column: str, recipients: int) -> None:
             row = summary.setdefault(job.domain, {"ready": 0, "deferred": 0, "in_flight": 0})
-            row[column] += len(job.rcpts)
+            row[column] += recipients
 
         for destination in self.destinations.values():
             for job in destination.ready:
-                count(job, "ready")
+                count(job, "ready", len(job.rcpts))
         for _, _, job in self._deferred:
-            count(job, "deferred")
-        for job in self._taken.values():
-            count(job, "in_flight")
+            count(job, "deferred", len(job.rcpts))
+        for job, recipients in self._taken.values():
+            count(job, "in_flight", recipients)
         return summary

@@ -37,7 +37,7 @@ from hamta.smtp import HamtaSMTP
 from hamta.spool import Damage, Spool, SpoolState
 from hamta.supervision import Supervisor
 from hamta.suppression import Suppressions
-from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_shards
+from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_refusal, stray_shards
 
 if TYPE_CHECKING:
     from hamta.dkim_signing import DkimSigner
@@ -216,7 +216,7 @@ class Relay:
 
     async def node_metrics(self, destinations: bool = True) -> str:
         """The Prometheus exposition of the whole node (``destinations``: with the series per
-        destination, which walk every queued job; the dashboard's sampling goes without)."""
+        destination, from the counters the queue keeps; the dashboard's sampling goes without)."""
         own = generate_latest(self.metrics.registry).decode()
         text = own if self.pool is None else merge_expositions([own, *await self.pool.metrics()])
         if not destinations:
@@ -254,10 +254,14 @@ class Relay:
                 # Also with one worker: mail left in shards would otherwise never be delivered.
                 stray = stray_shards(path, self.config.node.workers) if self.worker == 0 else []
                 if stray:
+                    node = self.config.node
                     raise RelayError(
-                        f"{path} has shards no worker owns with node.workers = "
-                        f"{self.config.node.workers}: {', '.join(p.name for p in stray)}; "
-                        "raise node.workers until they are empty"
+                        stray_refusal(
+                            path,
+                            node.workers,
+                            stray,
+                            default="workers" not in node.model_fields_set,
+                        )
                     )
                 if self.pool is not None:
                     workers = asyncio.get_running_loop().create_task(

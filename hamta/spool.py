@@ -36,6 +36,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable, Coroutine
@@ -262,10 +263,10 @@ class Spool:
             length=len(body),
             crc=zlib.crc32(body),
             arrival=self._wall(),
-            sender=sender,
+            sender=sys.intern(sender),  # held once however many messages it sends
             recipients=tuple(recipients),
             message_id=message_id,
-            client=client,
+            client=sys.intern(client),  # a relay's clients are few: each held once
             is_dsn=is_dsn,
         )
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +311,10 @@ def _apply(
     for rec in records:
         if type(rec) is Enqueue:
             if rec.qid not in live:
+                # Senders and clients repeat (a few applications send most mail from a few
+                # hosts): each held once, not once per message.
+                rec.sender = sys.intern(rec.sender)
+                rec.client = sys.intern(rec.client)
                 live[rec.qid] = LiveMessage(rec)
             continue
         if isinstance(rec, CheckpointEnd):

@@ -63,6 +63,24 @@ def stray_shards(root: Path, workers: int) -> list[Path]:
     return sorted(found)
 
 
+def stray_refusal(root: Path, workers: int, stray: list[Path], *, default: bool) -> str:
+    """Why a node whose ``workers`` would strand the ``stray`` shards of ``root`` does not start.
+
+    ``default``: ``node.workers`` is not set, so the count is this machine's CPUs; a spool that
+    came from a larger node by a failover is the usual cause, hence the hint.
+    """
+    reason = (
+        f"{root} has shards no worker owns with node.workers = {workers}: "
+        f"{', '.join(p.name for p in stray)}; raise node.workers until they are empty"
+    )
+    if default:
+        reason += (
+            f" (node.workers is not set: it follows the {workers} CPU(s) this relay may use; "
+            "set it to the same value on every node of a cluster)"
+        )
+    return reason
+
+
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGTERM this process when ``parent``, the process that started it, dies.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,6 +87,29 @@ def test_defaults() -> None:
         assert config.smtp.tls_cert is None and config.smtp.tls_key is None
         assert config.delivery.port == 25
         assert config.delivery.starttls == "opportunistic"
+
+
+def test_workers_follow_the_cpus_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Users run the defaults: one relay process per CPU the process may run on (its affinity,
+    # not the machine's count), at most 64; a set value is kept.
+    for cpus, expected in ((set(range(3)), 3), ({5}, 1), (set(range(100)), 64)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: cpus)
+        assert parse_config("").node.workers == expected
+    assert parse_config("[node]\nworkers = 2").node.workers == 2
+    with pytest.raises(ConfigError, match="workers"):
+        parse_config("[node]\nworkers = 0")
+
+
+def test_workers_default_under_a_cpu_affinity_of_one() -> None:
+    # A real process pinned to one CPU (taskset, a cgroup's cpuset) gets one worker.
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from hamta.config import parse_config; print(parse_config('').node.workers)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "1"
 
 
 def test_config_is_immutable() -> None:

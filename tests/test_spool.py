@@ -294,3 +294,30 @@ def test_an_envelope_that_cannot_be_encoded_fails_its_append_alone(tmp_path: Pat
             assert zlib.crc32(data[rec.offset : rec.offset + rec.length]) == rec.crc
 
     run(main)
+
+
+def test_recovered_messages_share_their_sender_and_client(tmp_path: Path) -> None:
+    # A deep queue holds a sender once, not once per message (one application sends most).
+    async def fill() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()
+        for n in range(3):
+            client = "".join(["app1.example [", "192.0.2.1]"])
+            await spool.append(
+                body(n), "".join(["news@", "a.test"]), [f"r{n}@b.test"], client=client
+            )
+        await spool.close()
+
+    run(fill)
+
+    async def recover() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()
+        senders = {id(message.rec.sender) for message in spool.live.values()}
+        clients = {id(message.rec.client) for message in spool.live.values()}
+        assert len(spool.live) == 3 and len(senders) == len(clients) == 1
+        await spool.close()
+
+    run(recover)

@@ -9,6 +9,7 @@ own naming, and listening sockets by ``/proc/net/tcp``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -27,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hamta.control_client import ControlError, send_command
-from hamta.spool import load_state
+from hamta.spool import Spool, load_state
 from hamta.workers import control_path, shard_path
 from tests.conftest import MX_HOST, RelayFactory
 from tests.support import RecordingSink
@@ -447,3 +448,27 @@ def test_fewer_workers_than_shards_holding_mail_is_refused(
     single = node(workers(1, spool={"path": first.spool}))
     assert single.queue()["depth"] == 0
     assert single.terminate() == 0
+
+
+def test_the_default_worker_count_is_named_when_it_strands_a_shard(node: RelayFactory) -> None:
+    # A spool from a node with more CPUs (a failover to a smaller one): a relay whose
+    # node.workers is unset, pinned to one CPU, owns shard-1 with no worker. It refuses, and
+    # says that the count came from the CPUs and what to set.
+    relay = node(start=False, prelude="import os; os.sched_setaffinity(0, {0})")
+    text = relay.config_path.read_text()
+    assert "workers = 1\n" in text
+    relay.config_path.write_text(text.replace("workers = 1\n", ""))
+
+    async def strand() -> None:
+        shard = Spool(shard_path(relay.spool, 1))
+        shard.open()
+        await shard.recover()
+        await shard.append(b"Subject: left\r\n\r\nbehind\r\n", "a@origin.test", ["u@sink.test"])
+        await shard.close()
+
+    asyncio.run(strand())
+    relay.start(wait_ready=False)
+    assert relay.proc is not None and relay.proc.wait(timeout=30) == 1
+    assert "node.workers = 1: shard-1;" in relay.stderr()
+    assert "node.workers is not set: it follows the 1 CPU(s)" in relay.stderr()
+    assert load_state(shard_path(relay.spool, 1)).stats.messages == 1, "the refusal lost mail"

@@ -48,7 +48,13 @@ class AgentNode:
         self.relay_log = self.workdir / "relay.log"
         self.agent_log = self.workdir / "agent.log"
         sections: dict[str, dict[str, Any]] = {
-            "node": {"hostname": f"{name}.hamta.test", "stop_timeout": "3s", "user": "root"},
+            # One relay process (the default follows the CPUs; tests/test_workers.py has more).
+            "node": {
+                "hostname": f"{name}.hamta.test",
+                "stop_timeout": "3s",
+                "user": "root",
+                "workers": 1,
+            },
             "smtp": {"listen": [f"{host}:{smtp_port}"]},
             "delivery": {"connect_timeout": "3s", "command_timeout": "10s"},
             "retry": {"first_delay": "300ms", "max_delay": "1s", "jitter": 0.1},

@@ -75,7 +75,14 @@ class RelayProcess:
         self.standby = standby
         sections: dict[str, dict[str, Any]] = {
             # Tests run as root in directories root owns; tests/test_privileges.py drops.
-            "node": {"hostname": "relay.hamta.test", "stop_timeout": "5s", "user": "root"},
+            # One process unless a test asks for more (tests/test_workers.py): the default
+            # follows the CPUs, which would make every test's figures depend on the machine.
+            "node": {
+                "hostname": "relay.hamta.test",
+                "stop_timeout": "5s",
+                "user": "root",
+                "workers": 1,
+            },
             "smtp": {"listen": [f"{host}:{self.port}"]},
             "spool": {"path": self.spool},
             "delivery": {"connect_timeout": "3s", "command_timeout": "10s"},
