@@ -1,0 +1,152 @@
+"""A test certificate authority (openssl) and an HTTPS server with its certificate.
+
+MTA-STS (RFC 8461) fetches policies over HTTPS with a certificate that verifies, and its
+``enforce`` mode needs MX certificates valid for the MX names: :class:`TestCa` issues both, and
+the relay trusts it through ``[tls_policy] ca_file``. :class:`HttpsServer` serves fixed bodies
+by Host header (the standard library's server, in a thread), as a policy host does.
+"""
+
+from __future__ import annotations
+
+import http.server
+import ssl
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+
+class TestCa:
+    """A CA in ``dir``: ``ca.crt`` and leaf certificates it signs (P-256, quick to make)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir
+        dir.mkdir(parents=True, exist_ok=True)
+        self.cert = dir / "ca.crt"
+        self.key = dir / "ca.key"
+        _openssl(
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=hamta test CA",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            str(self.key),
+            "-out",
+            str(self.cert),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
+
+    def issue(self, name: str, dns_names: Sequence[str]) -> tuple[Path, Path, Path]:
+        """A leaf for ``dns_names``: ``(cert, key, chain)``, the chain being leaf then CA."""
+        key, csr = self.dir / f"{name}.key", self.dir / f"{name}.csr"
+        cert, chain = self.dir / f"{name}.crt", self.dir / f"{name}.chain.crt"
+        _openssl(
+            "req",
+            "-new",
+            "-nodes",
+            "-subj",
+            f"/CN={dns_names[0]}",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        )
+        ext = self.dir / f"{name}.ext"
+        ext.write_text(
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=serverAuth\n"
+            f"subjectAltName={','.join(f'DNS:{n}' for n in dns_names)}\n"
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(self.cert),
+            "-CAkey",
+            str(self.key),
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        )
+        chain.write_bytes(cert.read_bytes() + self.cert.read_bytes())
+        return cert, key, chain
+
+
+class HttpsServer:
+    """HTTPS on ``host:port``: ``pages`` maps (Host, path) to (status, content type, body)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        cert: Path,
+        key: Path,
+        pages: Mapping[tuple[str, str], tuple[int, str, str]],
+    ) -> None:
+        self.host, self.port = host, port
+        self.pages = dict(pages)
+        self.requests: list[tuple[str, str]] = []
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host = (self.headers.get("Host") or "").split(":")[0]
+                owner.requests.append((host, self.path))
+                status, ctype, body = owner.pages.get((host, self.path), (404, "text/plain", ""))
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()

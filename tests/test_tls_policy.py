@@ -1,0 +1,257 @@
+"""Outbound TLS policy against real peers: unbound validating an ldns-signed zone (DANE), an
+HTTPS policy host with a test CA (MTA-STS), aiosmtpd MX sinks with and without STARTTLS.
+
+One relay serves every case (a domain per case, docs/tls-policy.md lists them); each test sends
+to its domain and reads the outcome from the sinks and the relay's JSON events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import smtplib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.support import RecordingSink, free_port
+from tests.support.dnssec import ValidatingResolver
+from tests.support.pki import HttpsServer, TestCa
+from tests.support.relay import RelayProcess
+
+# Loopback addresses of this file's servers (none of the other tests use 127.19.175.0/24).
+TLS_MX = "127.19.175.10"  # STARTTLS, a certificate from the test CA for the names below
+PLAIN_MX = "127.19.175.11"  # no STARTTLS
+POLICY_HOST = "127.19.175.20"  # HTTPS: MTA-STS policies
+RESOLVER = "127.19.175.53"
+CA_NAMES = ["mx.good.dane.test", "mx.ta.dane.test", "mx.sts.test", "mx.plain.test"]
+
+
+def _spki_sha256(cert: Path) -> str:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    spki = loaded.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def _cert_sha256(cert: Path) -> str:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    return hashlib.sha256(loaded.public_bytes(Encoding.DER)).hexdigest()
+
+
+def _mx(domain: str, host: str, ip: str) -> list[str]:
+    return [f"{domain}. IN MX 10 {host}.", f"{host}. IN A {ip}"]
+
+
+@dataclass
+class World:
+    relay: RelayProcess
+    tls_sink: RecordingSink
+    plain_sink: RecordingSink
+    https: HttpsServer
+
+
+STS_ENFORCE = "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmx: *.stsgood.test\nmax_age: 86400\n"
+STS_OTHER_MX = "version: STSv1\nmode: enforce\nmx: mx.elsewhere.test\nmax_age: 86400\n"
+STS_TESTING = "version: STSv1\nmode: testing\nmx: mx.ststesting.test\nmax_age: 86400\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("tlspolicy")
+    ca = TestCa(base / "ca")
+    mx_cert, mx_key, mx_chain = ca.issue("mx", CA_NAMES)
+    web_cert, web_key, _ = ca.issue(
+        "web", ["mta-sts.sts.test", "mta-sts.ststesting.test", "mta-sts.stsother.test"]
+    )
+    port = free_port(TLS_MX)
+    ee = _spki_sha256(mx_cert)
+    signed = [
+        *_mx("good.dane.test", "mx.good.dane.test", TLS_MX),
+        f"_{port}._tcp.mx.good.dane.test. IN TLSA 3 1 1 {ee}",
+        *_mx("full.dane.test", "mx.full.dane.test", TLS_MX),
+        f"_{port}._tcp.mx.full.dane.test. IN TLSA 3 0 1 {_cert_sha256(mx_cert)}",
+        *_mx("ta.dane.test", "mx.ta.dane.test", TLS_MX),
+        f"_{port}._tcp.mx.ta.dane.test. IN TLSA 2 0 1 {_cert_sha256(ca.cert)}",
+        *_mx("bad.dane.test", "mx.bad.dane.test", TLS_MX),
+        f"_{port}._tcp.mx.bad.dane.test. IN TLSA 3 1 1 {'00' * 32}",
+        *_mx("notls.dane.test", "mx.notls.dane.test", PLAIN_MX),
+        f"_{port}._tcp.mx.notls.dane.test. IN TLSA 3 1 1 {ee}",
+        *_mx("unusable.dane.test", "mx.unusable.dane.test", TLS_MX),
+        f"_{port}._tcp.mx.unusable.dane.test. IN TLSA 1 1 1 {'00' * 32}",
+        *_mx("none.dane.test", "mx.none.dane.test", TLS_MX),
+        *_mx("bogus.dane.test", "mx.bogus.dane.test", TLS_MX),
+    ]
+    # Added after signing: no valid signature, so unbound answers SERVFAIL (bogus).
+    tamper = [f"_{port}._tcp.mx.bogus.dane.test. 60 IN TLSA 3 1 1 {ee}"]
+    sts = f"mta-sts.{{}}. IN A {POLICY_HOST}"
+    unsigned = {
+        "plain.test": [*_mx("plain.test", "mx.plain.test", TLS_MX)],
+        "clear.test": [*_mx("clear.test", "mx.clear.test", PLAIN_MX)],
+        "wrongname.test": [*_mx("wrongname.test", "mx.wrongname.test", TLS_MX)],
+        "sts.test": [
+            *_mx("sts.test", "mx.sts.test", TLS_MX),
+            '_mta-sts.sts.test. IN TXT "v=STSv1; id=20261207"',
+            sts.format("sts.test"),
+        ],
+        "stsother.test": [
+            *_mx("stsother.test", "mx.stsother.test", TLS_MX),
+            '_mta-sts.stsother.test. IN TXT "v=STSv1; id=1"',
+            sts.format("stsother.test"),
+        ],
+        "ststesting.test": [
+            *_mx("ststesting.test", "mx.ststesting.test", TLS_MX),
+            '_mta-sts.ststesting.test. IN TXT "v=STSv1; id=1"',
+            sts.format("ststesting.test"),
+        ],
+    }
+    pages = {
+        ("mta-sts.sts.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_ENFORCE),
+        ("mta-sts.stsother.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_OTHER_MX),
+        ("mta-sts.ststesting.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_TESTING),
+    }
+    resolver = ValidatingResolver(
+        base / "dns", {"dane.test": signed}, unsigned, {"dane.test": tamper}, listen=RESOLVER
+    )
+    with (
+        resolver,
+        RecordingSink(host=TLS_MX, port=port, tls_cert=mx_chain, tls_key=mx_key) as tls_sink,
+        RecordingSink(host=PLAIN_MX, port=port) as plain_sink,
+        HttpsServer(POLICY_HOST, 443, web_cert, web_key, pages) as https,
+    ):
+        config: dict[str, dict[str, Any]] = {
+            "dns": {"nameservers": [resolver.nameserver], "dnssec": True},
+            "delivery": {
+                "port": port,
+                "domains": {
+                    "clear.test": {"tls": "required"},
+                    "plain.test": {"tls": "verify"},
+                    "wrongname.test": {"tls": "verify"},
+                    "none.dane.test": {"tls": "dane"},
+                },
+            },
+            "retry": {"first_delay": "1h"},
+            "tls_policy": {"ca_file": str(ca.cert)},
+        }
+        relay = RelayProcess(base / "relay", config)
+        relay.start()
+        try:
+            yield World(relay, tls_sink, plain_sink, https)
+        finally:
+            relay.stop()
+
+
+def _send(world: World, domain: str) -> str:
+    with smtplib.SMTP("127.0.0.1", world.relay.port, timeout=10) as client:
+        client.sendmail("a@origin.test", [f"x@{domain}"], f"Subject: {domain}\r\n\r\nhi\r\n")
+    return domain
+
+
+def _outcome(world: World, domain: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The first Delivery or TransientFailure event for ``domain``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in world.relay.events():
+            if event.get("event") in ("Delivery", "TransientFailure", "Bounce") and (
+                event.get("domain") == domain
+            ):
+                return event
+        time.sleep(0.1)  # the relay's log is a file another process writes: nothing to await
+    raise AssertionError(f"no outcome for {domain}: {world.relay.events()[-5:]}")
+
+
+def _delivered_over(world: World, sink: RecordingSink, domain: str) -> bool:
+    event = _outcome(world, domain)
+    assert event["event"] == "Delivery", event
+    (message,) = [m for m in sink.messages if m.rcpt_tos == (f"x@{domain}",)]
+    return message.tls
+
+
+def _deferred(world: World, domain: str) -> str:
+    event = _outcome(world, domain)
+    assert event["event"] == "TransientFailure", event
+    assert event["enhanced_code"] == "4.7.5", event
+    assert not [m for m in world.tls_sink.messages if m.rcpt_tos == (f"x@{domain}",)]
+    assert not [m for m in world.plain_sink.messages if m.rcpt_tos == (f"x@{domain}",)]
+    return str(event["response"])
+
+
+def test_dane_ee_spki_sha256_match_delivers_over_tls(world: World) -> None:
+    assert _delivered_over(world, world.tls_sink, _send(world, "good.dane.test"))
+    met = [e for e in world.relay.events("TlsPolicyMet") if e["mx_host"] == "mx.good.dane.test"]
+    assert met[0]["policy"] == "DANE" and met[0]["policy_type"] == "tlsa"
+
+
+def test_dane_ee_full_certificate_match_delivers(world: World) -> None:
+    assert _delivered_over(world, world.tls_sink, _send(world, "full.dane.test"))
+
+
+def test_dane_ta_matches_the_issuer_in_the_chain(world: World) -> None:
+    assert _delivered_over(world, world.tls_sink, _send(world, "ta.dane.test"))
+
+
+def test_dane_mismatch_defers(world: World) -> None:
+    reason = _deferred(world, _send(world, "bad.dane.test"))
+    assert "no TLSA record matches" in reason
+
+
+def test_dane_without_starttls_defers(world: World) -> None:
+    reason = _deferred(world, _send(world, "notls.dane.test"))
+    assert "STARTTLS not offered" in reason
+
+
+def test_dane_bogus_tlsa_lookup_defers(world: World) -> None:
+    reason = _deferred(world, _send(world, "bogus.dane.test"))
+    assert "TLSA lookup for mx.bogus.dane.test failed" in reason
+
+
+def test_dane_only_unusable_records_means_tls_unauthenticated(world: World) -> None:
+    # RFC 7672 2.2: PKIX-EE (1) is not for SMTP; TLS is still mandatory (the name does not match).
+    assert _delivered_over(world, world.tls_sink, _send(world, "unusable.dane.test"))
+
+
+def test_tls_dane_mode_without_tlsa_defers(world: World) -> None:
+    reason = _deferred(world, _send(world, "none.dane.test"))
+    assert "no DNSSEC-validated TLSA record" in reason
+
+
+def test_required_without_starttls_defers_never_clear(world: World) -> None:
+    reason = _deferred(world, _send(world, "clear.test"))
+    assert "STARTTLS not offered" in reason
+    failure = [e for e in world.relay.events("TlsPolicyFailure") if e["domain"] == "clear.test"]
+    assert failure[0]["result_type"] == "starttls-not-supported"
+
+
+def test_verify_with_trusted_certificate_delivers(world: World) -> None:
+    assert _delivered_over(world, world.tls_sink, _send(world, "plain.test"))
+
+
+def test_verify_name_mismatch_defers(world: World) -> None:
+    reason = _deferred(world, _send(world, "wrongname.test"))
+    assert "certificate" in reason.lower()
+
+
+def test_mta_sts_enforce_delivers_verified_and_caches_on_the_spool(world: World) -> None:
+    assert _delivered_over(world, world.tls_sink, _send(world, "sts.test"))
+    cached = json.loads((world.relay.spool / "mta-sts" / "sts.test.json").read_text())
+    assert cached["id"] == "20261207" and "mode: enforce" in cached["policy"]
+    assert ("mta-sts.sts.test", "/.well-known/mta-sts.txt") in world.https.requests
+
+
+def test_mta_sts_enforce_mx_not_in_policy_defers(world: World) -> None:
+    reason = _deferred(world, _send(world, "stsother.test"))
+    assert "not in the MTA-STS policy" in reason
+
+
+def test_mta_sts_testing_sends_despite_a_failed_check(world: World) -> None:
+    # The certificate does not name mx.ststesting.test: reported, then sent (RFC 8461 5).
+    assert _delivered_over(world, world.tls_sink, _send(world, "ststesting.test"))
+    failed = [
+        e for e in world.relay.events("StartTlsFailed") if e["mx_host"] == "mx.ststesting.test"
+    ]
+    assert failed and failed[0]["policy"] == "MTA-STS testing"
