@@ -148,8 +148,18 @@ async def build(
             suppressions=suppressions,
             suspended=load_suspended(path, log),
             # MTA-STS policies cached at the spool's root: they move with it on failover.
-            tls=OutboundTls(config.delivery, config.dns, config.tls_policy, root, wall_clock, log),
+            tls=OutboundTls(
+                config.delivery,
+                config.dns,
+                config.tls_policy,
+                root,
+                wall_clock,
+                log,
+                hostname=config.node.hostname,
+                shard=f"w{worker}",
+            ),
         )
+        engine.start_tls_reports()
         queue = engine.queue
         limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
         quota = QuarantineQuota(

@@ -359,6 +359,11 @@ class TlsPolicyConfig(_Section):
     # Fetching a policy over HTTPS: at most this long, and this many bytes (RFC 8461 3.3).
     mta_sts_fetch_timeout: PositiveSeconds = 10.0
     mta_sts_max_size: Bytes = 64 * 1024
+    # TLS reports (RFC 8460) to the domains that publish _smtp._tls, from this address
+    # (unset: postmaster@[node] hostname); the counts are written at most this far apart.
+    tls_reports: bool = True
+    tls_report_from: str | None = None
+    tls_report_flush_interval: PositiveSeconds = 60.0
 
     @field_validator("ca_file")
     @classmethod

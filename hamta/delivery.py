@@ -78,12 +78,19 @@ class _Connection:
     """An open SMTP client session to one target."""
 
     def __init__(
-        self, client: aiosmtplib.SMTP, target: Target, tls: bool, requirement: Requirement
+        self,
+        client: aiosmtplib.SMTP,
+        target: Target,
+        tls: bool,
+        requirement: Requirement,
+        failure: str = "",
     ) -> None:
         self.client = client
         self.target = target
         self.tls = tls
         self.requirement = requirement
+        # A policy in testing mode was not met (its RFC 8460 result type), the session went on.
+        self.failure = failure or requirement.reported_failure
         self.sent = 0
 
     async def close(self) -> None:
@@ -153,6 +160,7 @@ class DeliveryEngine:
         # Keyed by sender domain; each of a node's workers keeps its share of the node's rate.
         self._dsn_rate = ClientRate(config.dsn_rate_per_domain / share)
         self._no_tls_until: dict[str, float] = {}
+        self._tls_reports: asyncio.Task[None] | None = None
         self.stopping = False
         self._halted = asyncio.Event()  # set by stop()
         # The fencing check (``hamta.epoch_token.EpochGuard.check``), run before each delivery
@@ -306,6 +314,7 @@ class DeliveryEngine:
                 connection = await self._open(target, requirement)
             except TlsPolicyError as exc:
                 tls_failed = True
+                self.tls.record(domain, requirement, sts, target, exc.result_type)
                 errors.append(f"{target.mx_host}[{target.ip}]: {exc}")
                 self.log.warning(
                     "TlsPolicyFailure",
@@ -327,6 +336,7 @@ class DeliveryEngine:
                 errors.append(f"{target.mx_host}[{target.ip}]:{target.port}: {_describe(exc)}")
                 continue
             self.connections += 1
+            self.tls.record(domain, connection.requirement, sts, target, connection.failure)
             return connection
         raise RoutingError(
             "; ".join(errors) or f"no target for {domain}",
@@ -385,7 +395,11 @@ class DeliveryEngine:
             )
             if level == "may":
                 self._no_tls_until[key] = time.monotonic() + 3600
-            return await self._open(target, _OPPORTUNISTIC)
+                return await self._open(target, _OPPORTUNISTIC)
+            fallback = await self._open(target, _OPPORTUNISTIC)
+            return _Connection(
+                fallback.client, target, fallback.tls, requirement, failure.result_type
+            )
         if level != "may":  # a policy applied and was met: say which
             self.log.info(
                 "TlsPolicyMet",
@@ -766,6 +780,28 @@ class DeliveryEngine:
             self.queue.add(notice)
         self.spool.mark_done(message, rcpts)
 
+    # ----------------------------------------------------------------- TLS reports
+
+    def start_tls_reports(self, interval: float = 3600.0) -> None:
+        """Send the TLS reports of days gone by, now and every ``interval`` (RFC 8460)."""
+        if self.tls.reports is not None:
+            self._tls_reports = self._spawn("tls reports", self._tls_report_loop(interval))
+
+    async def _tls_report_loop(self, interval: float) -> None:
+        reports = self.tls.reports
+        assert reports is not None
+        while not self.stopping:
+            if not self._superseded():
+                await reports.send_due(self._enqueue_report)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._halted.wait(), timeout=interval)
+
+    async def _enqueue_report(self, body: bytes, sender: str, recipients: list[str]) -> None:
+        """A report queued as a message of this relay's (its 250: after the spool's fsync)."""
+        notice = await self.spool.append(body, sender, recipients, message_id=message_id_of(body))
+        self.log.info("TlsReportQueued", queue_id=notice.rec.qid, recipients=recipients)
+        self.queue.add(notice)
+
     # ------------------------------------------------------------------ stopping
 
     def halt(self) -> None:
@@ -778,6 +814,10 @@ class DeliveryEngine:
         """Let running transactions finish (up to ``timeout``), then close every session."""
         self.halt()
         self._halted.set()
+        if self._tls_reports is not None:
+            self._tls_reports.cancel()
+        if self.tls.reports is not None:
+            self.tls.reports.flush()  # the day's counts so far, for the node after this one
         for handle in self._recoveries.values():
             handle.cancel()
         self._recoveries.clear()

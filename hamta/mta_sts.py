@@ -148,7 +148,7 @@ class MtaSts:
         port = "" if self.port == 443 else f":{self.port}"
         url = f"https://{host}{port}/.well-known/mta-sts.txt"
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        connector = aiohttp.TCPConnector(ssl=self._tls, resolver=_Resolver(self._resolver))
+        connector = aiohttp.TCPConnector(ssl=self._tls, resolver=DnsResolver(self._resolver))
         async with (
             aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
             # RFC 8461 3.3: redirects are not followed; only a 200 is a policy.
@@ -185,7 +185,7 @@ class MtaSts:
         )
 
 
-class _Resolver(aiohttp.abc.AbstractResolver):
+class DnsResolver(aiohttp.abc.AbstractResolver):
     """aiohttp's name lookups through the relay's [dns] resolvers (not the system's)."""
 
     def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:

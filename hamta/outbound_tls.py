@@ -19,6 +19,7 @@ from hamta.config import DeliveryConfig, DnsConfig, TlsPolicyConfig
 from hamta.mta_sts import Discovery, MtaSts
 from hamta.routing import Target, configured_resolver
 from hamta.tls_policy import DaneLookup, Requirement, decide
+from hamta.tls_reports import TlsReports
 
 
 class TlsPolicyError(Exception):
@@ -43,6 +44,9 @@ class OutboundTls:
         spool_root: Path | None,
         wall_clock: Callable[[], float],
         log: Any,
+        *,
+        hostname: str = "localhost",
+        shard: str = "0",
     ) -> None:
         self.delivery = delivery
         self.dnssec = dns_config.dnssec
@@ -63,6 +67,19 @@ class OutboundTls:
                 log,
                 timeout=policy.mta_sts_fetch_timeout,
                 max_size=policy.mta_sts_max_size,
+            )
+        self.reports: TlsReports | None = None
+        if policy.tls_reports and spool_root is not None:
+            self.reports = TlsReports(
+                spool_root / "tlsrpt",
+                shard,
+                hostname,
+                self._resolver,
+                self.verifying,
+                wall_clock,
+                log,
+                sender=policy.tls_report_from or f"postmaster@{hostname}",
+                flush_interval=policy.tls_report_flush_interval,
             )
 
     def mode(self, domain: str, destination: str) -> str:
@@ -86,6 +103,32 @@ class OutboundTls:
         else:
             found = DaneLookup("insecure")
         return decide(mode, target.mx_host, found, sts.policy)
+
+    def record(
+        self,
+        domain: str,
+        requirement: Requirement,
+        sts: Discovery,
+        target: Target,
+        failure: str = "",
+    ) -> None:
+        """Count a session for TLS reports: those a DANE or MTA-STS policy applied to, and
+        those to a domain whose MTA-STS policy could not be had (RFC 8460 4.3)."""
+        if self.reports is None:
+            return
+        if requirement.policy_type == "tlsa":
+            strings = [str(r) for r in requirement.tlsa]
+            self.reports.record(
+                domain, "tlsa", strings, target.mx_host, failure=failure, ip=target.ip
+            )
+        elif requirement.policy_type == "sts" and sts.policy is not None:
+            self.reports.record(
+                domain, "sts", sts.policy.report_strings(), "", failure=failure, ip=target.ip
+            )
+        elif sts.failure:
+            self.reports.record(
+                domain, "no-policy-found", [], "", failure=sts.failure, ip=target.ip
+            )
 
     def context(self, requirement: Requirement) -> ssl.SSLContext:
         """PKIX verification for ``verify``; DANE checks the chain itself after the handshake."""

@@ -177,6 +177,8 @@ class Requirement:
     tlsa: tuple[Tlsa, ...] = ()
     refuse: str = ""
     enforce: bool = True
+    # A policy in testing mode that already failed (RFC 8460 result type), to be reported.
+    reported_failure: str = ""
 
 
 def decide(mode: str, mx_host: str, dane: DaneLookup, sts: StsPolicy | None) -> Requirement:
@@ -207,5 +209,11 @@ def decide(mode: str, mx_host: str, dane: DaneLookup, sts: StsPolicy | None) -> 
         refusal = f"MX {mx_host} is not in the MTA-STS policy ({', '.join(sts.mx)})"
         if enforce:
             return Requirement("verify", "MTA-STS", "sts", refuse=refusal)
-        return Requirement("may", f"MTA-STS testing: {refusal}", "sts", enforce=False)
+        return Requirement(
+            "may",
+            f"MTA-STS testing: {refusal}",
+            "sts",
+            enforce=False,
+            reported_failure="validation-failure",
+        )
     return Requirement("verify", f"MTA-STS {sts.mode}", "sts", enforce=enforce)

@@ -7,19 +7,28 @@ to its domain and reads the outcome from the sinks and the relay's JSON events.
 
 from __future__ import annotations
 
+import asyncio
+import email
+import gzip
 import hashlib
 import json
 import smtplib
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dns.asyncresolver
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from hamta.config import DnsConfig
+from hamta.eventlog import get_logger
+from hamta.routing import configured_resolver
+from hamta.tls_reports import TlsReports
 from tests.support import RecordingSink, free_port
 from tests.support.dnssec import ValidatingResolver
 from tests.support.pki import HttpsServer, TestCa
@@ -48,12 +57,18 @@ def _mx(domain: str, host: str, ip: str) -> list[str]:
     return [f"{domain}. IN MX 10 {host}.", f"{host}. IN A {ip}"]
 
 
+RUA_MAIL = "mailto:tlsrpt@reports.test"
+RUA_HTTPS = "https://mta-sts.sts.test/tlsrpt"
+
+
 @dataclass
 class World:
     relay: RelayProcess
     tls_sink: RecordingSink
     plain_sink: RecordingSink
     https: HttpsServer
+    resolver: ValidatingResolver
+    ca: TestCa
 
 
 STS_ENFORCE = "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmx: *.stsgood.test\nmax_age: 86400\n"
@@ -98,6 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             *_mx("sts.test", "mx.sts.test", TLS_MX),
             '_mta-sts.sts.test. IN TXT "v=STSv1; id=20261207"',
             sts.format("sts.test"),
+            f'_smtp._tls.sts.test. IN TXT "v=TLSRPTv1; rua={RUA_MAIL},{RUA_HTTPS}"',
         ],
         "stsother.test": [
             *_mx("stsother.test", "mx.stsother.test", TLS_MX),
@@ -141,7 +157,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         relay = RelayProcess(base / "relay", config)
         relay.start()
         try:
-            yield World(relay, tls_sink, plain_sink, https)
+            yield World(relay, tls_sink, plain_sink, https, resolver, ca)
         finally:
             relay.stop()
 
@@ -255,3 +271,86 @@ def test_mta_sts_testing_sends_despite_a_failed_check(world: World) -> None:
         e for e in world.relay.events("StartTlsFailed") if e["mx_host"] == "mx.ststesting.test"
     ]
     assert failed and failed[0]["policy"] == "MTA-STS testing"
+
+
+def test_tls_reports_are_counted_durably_and_sent_to_each_rua(world: World, tmp_path: Path) -> None:
+    """RFC 8460: a day's counts, read back by another process (the next node), sent once the
+    day is over: gzipped JSON by POST to the https rua, a multipart/report to the mailto one."""
+    day = 1796601600.0  # 2026-12-07 00:00 UTC
+    now = [day + 3600]
+    dns_config = DnsConfig(nameservers=[world.resolver.nameserver])
+    resolver = configured_resolver(dns.asyncresolver.Resolver, dns_config)
+    tls = ssl.create_default_context(cafile=str(world.ca.cert))
+    directory = tmp_path / "tlsrpt"
+
+    def reports() -> TlsReports:
+        return TlsReports(
+            directory,
+            "w0",
+            "relay.test",
+            resolver,
+            tls,
+            lambda: now[0],
+            get_logger(),
+            sender="postmaster@relay.test",
+        )
+
+    policy = ["version: STSv1", "mode: enforce", "mx: mx.sts.test", "max_age: 86400"]
+    first = reports()
+    for _ in range(3):
+        first.record("sts.test", "sts", policy, "")
+    first.record("sts.test", "sts", policy, "", failure="certificate-host-mismatch", ip="192.0.2.1")
+    first.flush()
+    queued: list[tuple[bytes, str, list[str]]] = []
+
+    async def enqueue(body: bytes, sender: str, recipients: list[str]) -> None:
+        queued.append((body, sender, recipients))
+
+    second = reports()  # after a failover: what the first one wrote
+    assert asyncio.run(second.send_due(enqueue)) == 0  # the day is not over
+    now[0] = day + 86400 + 60
+    assert asyncio.run(second.send_due(enqueue)) == 2
+    assert asyncio.run(reports().send_due(enqueue)) == 0  # sent once
+    ((host, _, ctype, body),) = [p for p in world.https.posts if p[1] == "/tlsrpt"]
+    assert (host, ctype) == ("mta-sts.sts.test", "application/tlsrpt+gzip")
+    report = json.loads(gzip.decompress(body))
+    assert report["date-range"]["start-datetime"] == "2026-12-07T00:00:00Z"
+    (entry,) = report["policies"]
+    assert entry["policy"]["policy-type"] == "sts"
+    assert entry["policy"]["policy-domain"] == "sts.test"
+    assert entry["summary"] == {
+        "total-successful-session-count": 3,
+        "total-failure-session-count": 1,
+    }
+    assert entry["failure-details"] == [
+        {
+            "result-type": "certificate-host-mismatch",
+            "receiving-mx-hostname": "",
+            "receiving-ip": "192.0.2.1",
+            "failed-session-count": 1,
+        }
+    ]
+    ((message, sender, recipients),) = queued
+    assert sender == "postmaster@relay.test" and recipients == ["tlsrpt@reports.test"]
+    parsed = email.message_from_bytes(message)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "tlsrpt"
+    assert parsed["TLS-Report-Domain"] == "sts.test"
+    (attached,) = [p for p in parsed.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    payload = attached.get_payload(decode=True)
+    assert isinstance(payload, bytes) and json.loads(gzip.decompress(payload)) == report
+
+
+def test_relay_counts_policy_sessions_on_the_spool(world: World) -> None:
+    """The relay's own counts, written when it stops (the last test: it stops the relay)."""
+    _delivered_over(world, world.tls_sink, _send(world, "sts.test"))
+    _deferred(world, _send(world, "stsother.test"))
+    world.relay.stop()
+    (counts,) = (world.relay.spool / "tlsrpt").glob("*.w0.json")
+    data = json.loads(counts.read_text())
+    (sts,) = data["sts.test"].values()
+    assert sts["type"] == "sts" and sts["success"] >= 1
+    (other,) = data["stsother.test"].values()
+    assert other["failures"] and not other["success"]
+    (dane,) = data["good.dane.test"].values()
+    assert dane["type"] == "tlsa" and dane["success"] == 1

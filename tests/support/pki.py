@@ -115,6 +115,8 @@ class HttpsServer:
         self.host, self.port = host, port
         self.pages = dict(pages)
         self.requests: list[tuple[str, str]] = []
+        # POSTs: (Host, path, Content-Type, body); answered 200.
+        self.posts: list[tuple[str, str, str, bytes]] = []
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         owner = self
@@ -130,6 +132,14 @@ class HttpsServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                host = (self.headers.get("Host") or "").split(":")[0]
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                owner.posts.append((host, self.path, self.headers.get("Content-Type", ""), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, format: str, *args: object) -> None:
                 return None
