@@ -26,7 +26,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hamta.config import DnsConfig
+from hamta.durable_files import write_durably
 from hamta.eventlog import get_logger
+from hamta.mta_sts import MtaSts
 from hamta.routing import configured_resolver
 from hamta.tls_reports import TlsReports
 from tests.support import RecordingSink, free_port
@@ -354,3 +356,31 @@ def test_relay_counts_policy_sessions_on_the_spool(world: World) -> None:
     assert other["failures"] and not other["success"]
     (dane,) = data["good.dane.test"].values()
     assert dane["type"] == "tlsa" and dane["success"] == 1
+
+
+def test_mta_sts_fetches_again_on_a_new_id_or_near_expiry_only(
+    world: World, tmp_path: Path
+) -> None:
+    """RFC 8461 3.3/5.1: a cached policy whose id the TXT record still names, far from expiry,
+    is used as it is; a new id, or a policy near its max_age, is fetched again."""
+    dns_config = DnsConfig(nameservers=[world.resolver.nameserver])
+    resolver = configured_resolver(dns.asyncresolver.Resolver, dns_config)
+    tls = ssl.create_default_context(cafile=str(world.ca.cert))
+    now = 5_000_000.0
+    fetches = ("mta-sts.sts.test", "/.well-known/mta-sts.txt")
+
+    def policy_with(cached_id: str, expires: float) -> str:
+        record = {"id": cached_id, "policy": STS_ENFORCE, "fetched": now - 10, "expires": expires}
+        write_durably(tmp_path, "sts.test.json", json.dumps(record).encode())
+        before = world.https.requests.count(fetches)
+        found = asyncio.run(
+            MtaSts(tmp_path, resolver, tls, lambda: now, get_logger()).policy("sts.test")
+        )
+        assert found.policy is not None and found.policy.mode == "enforce"
+        return "fetched" if world.https.requests.count(fetches) > before else "cached"
+
+    assert policy_with("20261207", now + 80000) == "cached"
+    assert policy_with("old", now + 80000) == "fetched"  # the id changed
+    assert policy_with("20261207", now + 100) == "fetched"  # refreshed before it expires
+    stored = json.loads((tmp_path / "sts.test.json").read_text())
+    assert stored["id"] == "20261207" and stored["expires"] == now + 86400
