@@ -6,13 +6,13 @@ need a real one: :class:`ValidatingResolver` signs the ``signed`` zones with ``l
 fetched from upstream, so the validator checks them) and trusts the signed zones' keys as
 anchors. A signed zone's answers carry AD; an unsigned zone's do not (insecure: no anchor covers
 it); a record edited after signing (``tamper``) fails validation, and unbound answers SERVFAIL
-(bogus). Nothing is forwarded anywhere: a name outside the zones gets REFUSED or SERVFAIL.
+(bogus). Nothing is forwarded anywhere: a name outside the zones gets no answer.
+The zones and unbound's configuration are made by cluster.lab.dnssec, as for the lab.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -20,27 +20,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
 
-from .ports import free_port
+from cluster.lab.dnssec import ZoneError, sign_zone, unbound_argv, unbound_config, write_zone
 
-UNBOUND = Path("/usr/sbin/unbound")
+from .ports import free_port
 
 
 class ResolverError(RuntimeError):
     """unbound or the ldns tools failed; the message quotes their output."""
-
-
-def _run(argv: Sequence[str], cwd: Path) -> str:
-    done = subprocess.run(
-        list(argv), cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
-    )
-    if done.returncode != 0:
-        raise ResolverError(f"{argv[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout.strip()
 
 
 class ValidatingResolver:
@@ -77,36 +69,6 @@ class ValidatingResolver:
         """``host:port`` for a relay's ``[dns] nameservers``."""
         return f"{self.host}:{self.port}"
 
-    def _zone_file(self, zone: str, records: Sequence[str]) -> Path:
-        origin = zone.rstrip(".") + "."
-        lines = [
-            f"$ORIGIN {origin}",
-            "$TTL 60",
-            f"@ IN SOA ns.{origin} hostmaster.{origin} 1 3600 600 86400 60",
-            f"@ IN NS ns.{origin}",
-            f"ns.{origin} IN A {self.host}",
-            *records,
-        ]
-        path = self.dir / f"{origin}zone"
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    def _sign(self, zone: str, path: Path) -> tuple[Path, Path]:
-        """Sign ``path``; return the signed file and the trust anchor (the key's DS record)."""
-        ldns_keygen, ldns_signzone = shutil.which("ldns-keygen"), shutil.which("ldns-signzone")
-        if ldns_keygen is None or ldns_signzone is None:
-            raise ResolverError("ldns-keygen/ldns-signzone are not installed (ldnsutils)")
-        origin = zone.rstrip(".") + "."
-        # One key signing the whole zone (KSK flag): enough for a validator, quick to make.
-        base = _run([ldns_keygen, "-a", "ECDSAP256SHA256", "-k", origin], self.dir)
-        _run([ldns_signzone, "-o", origin, str(path), base], self.dir)
-        signed = path.with_name(path.name + ".signed")
-        extra = self._tamper.get(zone, ())
-        if extra:
-            with signed.open("a") as out:
-                out.write("\n".join(extra) + "\n")
-        return signed, self.dir / f"{base}.ds"
-
     def start(self) -> None:
         """Make and sign the zones, start unbound, return once it answers with AD."""
         if self._proc is not None:
@@ -114,51 +76,22 @@ class ValidatingResolver:
         self.dir.mkdir(parents=True, exist_ok=True)
         anchors: list[Path] = []
         auth: list[tuple[str, Path]] = []
-        for zone, records in self._signed.items():
-            signed, anchor = self._sign(zone, self._zone_file(zone, records))
-            anchors.append(anchor)
-            auth.append((zone, signed))
-        for zone, records in self._unsigned.items():
-            auth.append((zone, self._zone_file(zone, records)))
-        self.port = free_port(self.host, udp=True)
-        lines = [
-            "server:",
-            f"  interface: {self.host}",
-            f"  port: {self.port}",
-            "  do-daemonize: no",
-            '  username: ""',
-            '  chroot: ""',
-            f'  directory: "{self.dir}"',
-            '  pidfile: ""',
-            '  logfile: ""',
-            "  use-syslog: no",
-            "  verbosity: 1",
-            "  val-log-level: 2",
-            f"  access-control: {self.host}/32 allow",
-            '  module-config: "validator iterator"',
-            "  do-not-query-localhost: no",
-            # unbound's own local zones would answer these names before the auth zones.
-            '  local-zone: "test." nodefault',
-            "  cache-max-ttl: 0",
-            "  cache-max-negative-ttl: 0",
-            *(f'  trust-anchor-file: "{anchor}"' for anchor in anchors),
-        ]
-        for zone, path in auth:
-            lines += [
-                "auth-zone:",
-                f'  name: "{zone}"',
-                f'  zonefile: "{path}"',
-                "  for-downstream: no",
-                "  for-upstream: yes",
-                "  fallback-enabled: no",
-            ]
-        conf = self.dir / "unbound.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        _run(["/usr/sbin/unbound-checkconf", str(conf)], self.dir)
+        try:
+            for zone, records in self._signed.items():
+                path = write_zone(self.dir, zone, self.host, records)
+                signed, anchor = sign_zone(zone, path, self._tamper.get(zone, ()))
+                anchors.append(anchor)
+                auth.append((zone, signed))
+            for zone, records in self._unsigned.items():
+                auth.append((zone, write_zone(self.dir, zone, self.host, records)))
+            self.port = free_port(self.host, udp=True)
+            conf = unbound_config(
+                self.dir, self.host, self.port, anchors, auth, [f"{self.host}/32"]
+            )
+        except ZoneError as exc:
+            raise ResolverError(str(exc)) from None
         log = (self.dir / "unbound.log").open("wb")
-        self._proc = subprocess.Popen(
-            [str(UNBOUND), "-d", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
+        self._proc = subprocess.Popen(unbound_argv(conf), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self._wait_ready(next(iter(self._signed)))
 
