@@ -227,7 +227,9 @@ def test_node_configurations_are_valid(lab: Lab) -> None:
     for node in NODES:
         relay = load_config(lab.node_dir(node) / "relay.toml")
         assert relay.smtp.listen == ["0.0.0.0:25"]
-        assert relay.dns.nameservers == [f"{INET}:53"]
+        # The internet host's validating resolver (DANE), and the lab's CA for MTA-STS.
+        assert relay.dns.nameservers == [f"{INET}:5353"] and relay.dns.dnssec
+        assert relay.tls_policy.ca_file == lab.directory / "inet" / "tls" / "ca.crt"
         assert relay.control.socket == lab.node_dir(node) / "relay.sock"
         agent = load_agent_config(lab.node_dir(node) / "agent.toml")
         assert agent.agent.node == node

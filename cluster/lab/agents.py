@@ -15,7 +15,8 @@ from pathlib import Path
 from cluster.lab import configs, probes
 from cluster.lab.inspection import Inspection
 from cluster.lab.site import AGENT_PREFIX, LabError, LabSite, Launcher, log_tail
-from cluster.lab.topology import CLIENT, INTERFACE, NODES, SMTP_PORT
+from cluster.lab.tls_site import TlsSite
+from cluster.lab.topology import CLIENT, INTERFACE, INTERNET, NODES, SMTP_PORT
 
 
 class Agents:
@@ -51,7 +52,13 @@ class Agents:
         site = self._site
         node_dir = site.directory / node
         (node_dir / "mnt").mkdir(parents=True, exist_ok=True)
-        relay = configs.relay_config(site.topology, node, node_dir, node_dir / "mnt" / "spool")
+        relay = configs.relay_config(
+            site.topology,
+            node,
+            node_dir,
+            node_dir / "mnt" / "spool",
+            tls_ca=TlsSite(site.directory / INTERNET / "tls").ca_cert,
+        )
         (node_dir / "relay.toml").write_text(configs.render_toml(relay))
         self.configure(node, {})
 

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -74,8 +75,10 @@ class RecordingHandler:
         return ACCEPTED
 
 
-async def serve(host: str, port: int, record: Path, hostname: str) -> None:
-    """Serve until SIGTERM or SIGINT."""
+async def serve(
+    host: str, port: int, record: Path, hostname: str, tls: ssl.SSLContext | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; with ``tls``, STARTTLS is offered (not required)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -86,7 +89,14 @@ async def serve(host: str, port: int, record: Path, hostname: str) -> None:
 
         def factory() -> SMTP:
             # An explicit hostname also keeps aiosmtpd from asking DNS for this host's FQDN.
-            return SMTP(handler, hostname=hostname, decode_data=False, enable_SMTPUTF8=True)
+            return SMTP(
+                handler,
+                hostname=hostname,
+                decode_data=False,
+                enable_SMTPUTF8=True,
+                tls_context=tls,
+                require_starttls=False,
+            )
 
         server = await loop.create_server(factory, host, port, reuse_address=True)
         print(f"sink: listening on {host}:{port}, recording to {record}", flush=True)
@@ -104,13 +114,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="ADDR:PORT to accept mail on")
     parser.add_argument("--record", required=True, type=Path, help="JSON lines file to append to")
     parser.add_argument("--hostname", default="mx.lab.test", help="name in the greeting")
+    parser.add_argument("--tls-cert", type=Path, help="certificate chain (PEM): offer STARTTLS")
+    parser.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     args = parser.parse_args(argv)
+    tls = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"cannot load {args.tls_cert}: {exc}")
     try:
         host, port = parse_hostport(args.listen)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        asyncio.run(serve(host, port, args.record, args.hostname))
+        asyncio.run(serve(host, port, args.record, args.hostname, tls))
     except OSError as exc:
         print(f"sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -45,6 +45,8 @@ LAB_RANGE: Final = IPv4Network("198.18.0.0/15")
 ZOOKEEPER_PORT: Final = 2181
 SMTP_PORT: Final = 25
 DNS_PORT: Final = 53
+# The internet host's validating resolver (unbound, cluster.lab.tls_site), the relays' DNS.
+RESOLVER_PORT: Final = 5353
 # The mail domains the lab's DNS answers for; all of them are delivered to the sink.
 MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")
 MX_NAME: Final = "mx.lab.test"
