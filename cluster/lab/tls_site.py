@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -94,12 +95,42 @@ def _openssl(directory: Path, *args: str) -> None:
         raise dnssec.ZoneError(f"openssl {args[0]}: {exc}") from None
 
 
-def _issue(site: TlsSite, name: str, names: list[str]) -> None:
-    """A P-256 leaf ``<name>.crt``/``.key`` for ``names``, signed by the lab's CA."""
-    d = site.directory
-    key, csr, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.ext"
+def make_ca(directory: Path, name: str = "hamta lab CA") -> tuple[Path, Path]:
+    """A P-256 CA in ``directory``: ``ca.crt`` and ``ca.key``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "ca.crt", directory / "ca.key"
     _openssl(
-        d,
+        directory,
+        "req",
+        "-x509",
+        "-nodes",
+        "-days",
+        "365",
+        "-subj",
+        f"/CN={name}",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    return cert, key
+
+
+def issue(directory: Path, name: str, names: Sequence[str]) -> tuple[Path, Path, Path]:
+    """A P-256 server certificate for ``names`` signed by ``directory``'s CA (make_ca):
+    ``(<name>.crt, <name>.key, <name>.chain.crt)``, the chain being the leaf then the CA."""
+    key, csr, ext = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.ext"
+    cert, chain = directory / f"{name}.crt", directory / f"{name}.chain.crt"
+    _openssl(
+        directory,
         "req",
         "-new",
         "-nodes",
@@ -119,23 +150,25 @@ def _issue(site: TlsSite, name: str, names: list[str]) -> None:
         f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(f'DNS:{n}' for n in names)}\n"
     )
     _openssl(
-        d,
+        directory,
         "x509",
         "-req",
         "-in",
         str(csr),
         "-CA",
-        str(site.ca_cert),
+        str(directory / "ca.crt"),
         "-CAkey",
-        str(d / "ca.key"),
+        str(directory / "ca.key"),
         "-CAcreateserial",
         "-days",
         "365",
         "-extfile",
         str(ext),
         "-out",
-        str(d / f"{name}.crt"),
+        str(cert),
     )
+    chain.write_bytes(cert.read_bytes() + (directory / "ca.crt").read_bytes())
+    return cert, key, chain
 
 
 def spki_sha256(cert: Path) -> str:
@@ -148,33 +181,10 @@ def spki_sha256(cert: Path) -> str:
 def prepare(directory: Path, topology: Topology) -> TlsSite:
     """Make the CA, the certificates, the zones (two signed) and unbound's configuration."""
     site = TlsSite(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _openssl(
-        directory,
-        "req",
-        "-x509",
-        "-nodes",
-        "-days",
-        "365",
-        "-subj",
-        "/CN=hamta lab CA",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-keyout",
-        str(directory / "ca.key"),
-        "-out",
-        str(site.ca_cert),
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
+    make_ca(directory)
     mx_names = [MX_NAME, *(f"mx.{domain}" for domain in TLS_DOMAINS)]
-    _issue(site, "sink", mx_names)
-    site.sink_chain.write_bytes((directory / "sink.crt").read_bytes() + site.ca_cert.read_bytes())
-    _issue(site, "policy", [f"mta-sts.{STS_DOMAIN}"])
+    issue(directory, "sink", mx_names)
+    issue(directory, "policy", [f"mta-sts.{STS_DOMAIN}"])
     site.policies.mkdir(exist_ok=True)
     (site.policies / f"{STS_DOMAIN}.txt").write_text(STS_POLICY)
 

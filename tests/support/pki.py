@@ -10,95 +10,27 @@ from __future__ import annotations
 
 import http.server
 import ssl
-import subprocess
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+from cluster.lab.tls_site import issue, make_ca
 
 
 class TestCa:
-    """A CA in ``dir``: ``ca.crt`` and leaf certificates it signs (P-256, quick to make)."""
+    """A CA in ``dir``: ``ca.crt`` and leaf certificates it signs (cluster.lab.tls_site's)."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, dir: Path) -> None:
         self.dir = dir
-        dir.mkdir(parents=True, exist_ok=True)
-        self.cert = dir / "ca.crt"
-        self.key = dir / "ca.key"
-        _openssl(
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=hamta test CA",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-keyout",
-            str(self.key),
-            "-out",
-            str(self.cert),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        )
+        self.cert, self.key = make_ca(dir, "hamta test CA")
 
     def issue(self, name: str, dns_names: Sequence[str]) -> tuple[Path, Path, Path]:
         """A leaf for ``dns_names``: ``(cert, key, chain)``, the chain being leaf then CA."""
-        key, csr = self.dir / f"{name}.key", self.dir / f"{name}.csr"
-        cert, chain = self.dir / f"{name}.crt", self.dir / f"{name}.chain.crt"
-        _openssl(
-            "req",
-            "-new",
-            "-nodes",
-            "-subj",
-            f"/CN={dns_names[0]}",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-        )
-        ext = self.dir / f"{name}.ext"
-        ext.write_text(
-            "basicConstraints=critical,CA:FALSE\n"
-            "keyUsage=critical,digitalSignature\n"
-            "extendedKeyUsage=serverAuth\n"
-            f"subjectAltName={','.join(f'DNS:{n}' for n in dns_names)}\n"
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(self.cert),
-            "-CAkey",
-            str(self.key),
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            str(ext),
-            "-out",
-            str(cert),
-        )
-        chain.write_bytes(cert.read_bytes() + self.cert.read_bytes())
-        return cert, key, chain
+        return issue(self.dir, name, dns_names)
 
 
 class HttpsServer:
