@@ -302,7 +302,7 @@ class DeliveryEngine:
         requires (hamta.outbound_tls); raise RoutingError."""
         targets = await self.router.targets(domain)
         mode = self.tls.mode(domain, destination)
-        sts = await self.tls.sts(domain, mode)
+        sts = await self.tls.sts(domain, destination, mode)
         errors: list[str] = []
         permanent = False
         tls_failed = False

@@ -90,9 +90,10 @@ class OutboundTls:
                 return override.tls
         return self.delivery.starttls
 
-    async def sts(self, domain: str, mode: str) -> Discovery:
-        """The domain's MTA-STS policy when it matters (opportunistic mode), else none."""
-        if mode != "opportunistic" or self.mta_sts is None:
+    async def sts(self, domain: str, destination: str, mode: str) -> Discovery:
+        """The domain's MTA-STS policy when it matters (opportunistic mode, delivery to the
+        domain's MX hosts), else none: a static route's host is not one the policy names."""
+        if mode != "opportunistic" or self.mta_sts is None or destination != domain:
             return Discovery(None)
         return await self.mta_sts.policy(domain)
 

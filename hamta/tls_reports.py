@@ -137,11 +137,13 @@ class TlsReports:
     async def send_due(self, enqueue: Enqueue) -> int:
         """Send the reports of every day that is over and not sent yet; return how many."""
         self.flush()
-        today = day_of(self._wall())
-        days = sorted({p.name.split(".")[0] for p in self._glob("*.json")} - {today})
+        # A day is over for every worker once each has flushed after its end (twice the
+        # interval: the other workers' last counts of the day are on the volume by then).
+        today = day_of(self._wall() - 2 * self.flush_interval)
+        days = sorted({p.name.split(".")[0] for p in self._glob("*.json")})
         sent = 0
         for day in days:
-            if day > today or (self.directory / f"{day}.sent").exists():
+            if day >= today or (self.directory / f"{day}.sent").exists():
                 continue
             try:
                 create_new(self.directory, f"{day}.sent", b"")

@@ -84,7 +84,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ca = TestCa(base / "ca")
     mx_cert, mx_key, mx_chain = ca.issue("mx", CA_NAMES)
     web_cert, web_key, _ = ca.issue(
-        "web", ["mta-sts.sts.test", "mta-sts.ststesting.test", "mta-sts.stsother.test"]
+        "web",
+        [
+            "mta-sts.sts.test",
+            "mta-sts.ststesting.test",
+            "mta-sts.stsother.test",
+            "mta-sts.stsrouted.test",
+        ],
     )
     port = free_port(TLS_MX)
     ee = _spki_sha256(mx_cert)
@@ -122,6 +128,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             '_mta-sts.stsother.test. IN TXT "v=STSv1; id=1"',
             sts.format("stsother.test"),
         ],
+        "stsrouted.test": [
+            '_mta-sts.stsrouted.test. IN TXT "v=STSv1; id=1"',
+            sts.format("stsrouted.test"),
+        ],
         "ststesting.test": [
             *_mx("ststesting.test", "mx.ststesting.test", TLS_MX),
             '_mta-sts.ststesting.test. IN TXT "v=STSv1; id=1"',
@@ -132,6 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         ("mta-sts.sts.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_ENFORCE),
         ("mta-sts.stsother.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_OTHER_MX),
         ("mta-sts.ststesting.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_TESTING),
+        ("mta-sts.stsrouted.test", "/.well-known/mta-sts.txt"): (200, "text/plain", STS_OTHER_MX),
     }
     resolver = ValidatingResolver(
         base / "dns", {"dane.test": signed}, unsigned, {"dane.test": tamper}, listen=RESOLVER
@@ -146,6 +157,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "dns": {"nameservers": [resolver.nameserver], "dnssec": True},
             "delivery": {
                 "port": port,
+                "routes": {"stsrouted.test": f"[{TLS_MX}]:{port}"},
                 "domains": {
                     "clear.test": {"tls": "required"},
                     "plain.test": {"tls": "verify"},
@@ -266,6 +278,11 @@ def test_mta_sts_enforce_mx_not_in_policy_defers(world: World) -> None:
     assert "not in the MTA-STS policy" in reason
 
 
+def test_mta_sts_does_not_apply_to_a_static_route(world: World) -> None:
+    # The domain's enforce policy names other MX hosts; mail routed to a smarthost goes there.
+    assert _delivered_over(world, world.tls_sink, _send(world, "stsrouted.test"))
+
+
 def test_mta_sts_testing_sends_despite_a_failed_check(world: World) -> None:
     # The certificate does not name mx.ststesting.test: reported, then sent (RFC 8461 5).
     assert _delivered_over(world, world.tls_sink, _send(world, "ststesting.test"))
@@ -310,7 +327,9 @@ def test_tls_reports_are_counted_durably_and_sent_to_each_rua(world: World, tmp_
 
     second = reports()  # after a failover: what the first one wrote
     assert asyncio.run(second.send_due(enqueue)) == 0  # the day is not over
-    now[0] = day + 86400 + 60
+    now[0] = day + 86400 + 60  # over, but another worker may not have flushed the day yet
+    assert asyncio.run(second.send_due(enqueue)) == 0
+    now[0] = day + 86400 + 180
     assert asyncio.run(second.send_due(enqueue)) == 2
     assert asyncio.run(reports().send_due(enqueue)) == 0  # sent once
     ((host, _, ctype, body),) = [p for p in world.https.posts if p[1] == "/tlsrpt"]
