@@ -310,7 +310,9 @@ class DeliveryEngine:
             requirement = await self.tls.requirement(mode, target, sts)
             try:
                 if requirement.refuse:
-                    raise TlsPolicyError(requirement.refuse, "validation-failure")
+                    raise TlsPolicyError(
+                        requirement.refuse, requirement.reported_failure or "validation-failure"
+                    )
                 connection = await self._open(target, requirement)
             except TlsPolicyError as exc:
                 tls_failed = True

@@ -177,7 +177,7 @@ class Requirement:
     tlsa: tuple[Tlsa, ...] = ()
     refuse: str = ""
     enforce: bool = True
-    # A policy in testing mode that already failed (RFC 8460 result type), to be reported.
+    # The RFC 8460 result type of a refusal, or of a policy in testing mode already failed.
     reported_failure: str = ""
 
 
@@ -188,7 +188,11 @@ def decide(mode: str, mx_host: str, dane: DaneLookup, sts: StsPolicy | None) -> 
     if dane.status == "failed" and mode in ("opportunistic", "dane"):
         # RFC 7672 2.2.2: a TLSA lookup that fails leaves the MX unusable, not insecure.
         return Requirement(
-            "dane", "DANE", "tlsa", refuse=f"TLSA lookup for {mx_host} failed: {dane.error}"
+            "dane",
+            "DANE",
+            "tlsa",
+            refuse=f"TLSA lookup for {mx_host} failed: {dane.error}",
+            reported_failure="dnssec-invalid",
         )
     if mode == "dane" or (mode == "opportunistic" and dane.status == "records"):
         if dane.usable:

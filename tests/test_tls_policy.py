@@ -238,6 +238,10 @@ def test_dane_without_starttls_defers(world: World) -> None:
 def test_dane_bogus_tlsa_lookup_defers(world: World) -> None:
     reason = _deferred(world, _send(world, "bogus.dane.test"))
     assert "TLSA lookup for mx.bogus.dane.test failed" in reason
+    failure = [
+        e for e in world.relay.events("TlsPolicyFailure") if e["domain"] == "bogus.dane.test"
+    ]
+    assert failure[0]["result_type"] == "dnssec-invalid"
 
 
 def test_dane_only_unusable_records_means_tls_unauthenticated(world: World) -> None:
