@@ -339,6 +339,15 @@ class DnsConfig(_Section):
     # (loopback or the same host): an AD bit from anywhere else proves nothing.
     dnssec: bool = False
 
+    @model_validator(mode="after")
+    def _check_dnssec(self) -> DnsConfig:
+        if self.dnssec and not self.nameservers:
+            raise ValueError(
+                "dnssec = true needs nameservers: the validating resolver whose AD bit is "
+                "trusted, named explicitly (not whatever resolv.conf says)"
+            )
+        return self
+
     @field_validator("nameservers")
     @classmethod
     def _check_nameservers(cls, value: list[str]) -> list[str]:

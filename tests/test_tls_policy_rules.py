@@ -10,7 +10,7 @@ from pathlib import Path
 import dns.asyncresolver
 import pytest
 
-from hamta.config import DnsConfig
+from hamta.config import ConfigError, DnsConfig, parse_config
 from hamta.durable_files import write_durably
 from hamta.eventlog import get_logger
 from hamta.mta_sts import MtaSts
@@ -127,3 +127,26 @@ def test_cached_policy_serves_the_next_node_when_dns_is_down(tmp_path: Path) -> 
     # Expired: no longer applies.
     late = MtaSts(tmp_path, resolver, tls, lambda: 1000.0 + 86401, get_logger())
     assert late.cached("example.test") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('[delivery.domains."x.test"]\ntls = "dane"\n', "needs \\[dns\\] dnssec = true"),
+        ('[delivery]\nstarttls = "strict"\n', "delivery.starttls"),
+        ("[dns]\ndnssec = true\n", "dnssec = true needs nameservers"),
+        ('[tls_policy]\nca_file = "/nonexistent/ca.pem"\n', "cannot load CA certificates"),
+    ],
+)
+def test_tls_settings_are_validated_with_a_clear_message(text: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        parse_config(text)
+
+
+def test_tls_settings_accepted() -> None:
+    config = parse_config(
+        '[dns]\nnameservers = ["127.0.0.1:53"]\ndnssec = true\n'
+        '[delivery.domains."x.test"]\ntls = "dane"\n[delivery.domains."y.test"]\ntls = "off"\n'
+    )
+    assert config.delivery.domains["x.test"].tls == "dane"
+    assert config.delivery.starttls == "opportunistic"
