@@ -317,6 +317,7 @@ class DeliveryEngine:
             except TlsPolicyError as exc:
                 tls_failed = True
                 self.tls.record(domain, requirement, sts, target, exc.result_type)
+                self.metrics.tls_sessions.labels(requirement.policy_type, exc.result_type).inc()
                 errors.append(f"{target.mx_host}[{target.ip}]: {exc}")
                 self.log.warning(
                     "TlsPolicyFailure",
@@ -339,6 +340,10 @@ class DeliveryEngine:
                 continue
             self.connections += 1
             self.tls.record(domain, connection.requirement, sts, target, connection.failure)
+            if connection.requirement.level != "may":
+                self.metrics.tls_sessions.labels(
+                    connection.requirement.policy_type, connection.failure or "met"
+                ).inc()
             return connection
         raise RoutingError(
             "; ".join(errors) or f"no target for {domain}",

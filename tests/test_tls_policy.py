@@ -169,7 +169,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "tls_policy": {"ca_file": str(ca.cert)},
         }
         relay = RelayProcess(base / "relay", config)
-        relay.start()
+        relay.start(timeout=60.0)  # a loaded shared machine starts slowly
         try:
             yield World(relay, tls_sink, plain_sink, https, resolver, ca)
         finally:
@@ -259,6 +259,12 @@ def test_required_without_starttls_defers_never_clear(world: World) -> None:
     assert "STARTTLS not offered" in reason
     failure = [e for e in world.relay.events("TlsPolicyFailure") if e["domain"] == "clear.test"]
     assert failure[0]["result_type"] == "starttls-not-supported"
+    status, metrics = world.relay.get("/metrics")
+    assert status == 200
+    line = (
+        'hamta_tls_policy_sessions_total{outcome="starttls-not-supported",policy="no-policy-found"}'
+    )
+    assert line.encode() in metrics
 
 
 def test_verify_with_trusted_certificate_delivers(world: World) -> None:
