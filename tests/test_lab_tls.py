@@ -7,6 +7,7 @@ sink with STARTTLS; the pair's relays resolve through the resolver (cluster.lab.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -63,6 +64,12 @@ def test_wrong_tlsa_is_deferred_with_the_reason(lab: Lab) -> None:
     assert failure["enhanced_code"] == "4.7.5"
     assert "no TLSA record matches" in failure["response"]
     assert not [d for d in lab.deliveries() if d["rcpt"].endswith("@badtlsa.lab.test")]
+    # The operator's view: `hamta queue` on the active node holds it, deferred.
+    node = lab.wait_active()
+    config = str(lab.node_dir(node) / "relay.toml")
+    queue = lab.run_module(node, "hamtactl", ["queue", "--json", "--config", config], timeout=30)
+    assert queue.returncode == 0, queue.stderr
+    assert json.loads(queue.stdout)["domains"]["badtlsa.lab.test"]["deferred"] == 1
 
 
 def test_mta_sts_enforce_domain_is_delivered_verified(lab: Lab) -> None:
