@@ -372,7 +372,8 @@ class DeliveryEngine:
         key = f"{target.ip}:{target.port}"
         if not client.supports_extension("starttls"):
             if level == "may" or not requirement.enforce:
-                return _Connection(client, target, False, requirement)
+                missing = "" if level == "may" else "starttls-not-supported"  # testing: reported
+                return _Connection(client, target, False, requirement, missing)
             client.close()
             raise TlsPolicyError(
                 f"STARTTLS not offered, and {requirement.reason} requires TLS",
@@ -799,7 +800,10 @@ class DeliveryEngine:
         assert reports is not None
         while not self.stopping:
             if not self._superseded():
-                await reports.send_due(self._enqueue_report)
+                try:
+                    await reports.send_due(self._enqueue_report)
+                except OSError as exc:  # the spool volume: tried again at the next round
+                    self.log.error("TlsReportsNotSent", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._halted.wait(), timeout=interval)
 

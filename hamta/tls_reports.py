@@ -31,6 +31,7 @@ import dns.exception
 
 from hamta.durable_files import create_new, write_durably
 from hamta.mta_sts import DnsResolver
+from hamta.spool import SpoolError
 from hamta.tls_policy import PolicyError, parse_tags
 
 MEDIA_TYPE = "application/tlsrpt+gzip"
@@ -204,7 +205,7 @@ class TlsReports:
                 else:
                     self.log.warning("TlsReportRuaUnsupported", domain=domain, rua=rua)
                     continue
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, SpoolError) as exc:
                 self.log.warning("TlsReportNotSent", domain=domain, rua=rua, error=str(exc))
                 continue
             sent += 1
