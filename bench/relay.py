@@ -66,7 +66,12 @@ Where it is
 Usage
     .venv/bin/python bench/relay.py [--only postfix|hamta|both] [--messages 10000]
         [--sessions 20] [--size 2048] [--reuse-connections] [--timeout 900]
-        [--workdir DIR] [--keep] [--hamta PATH] [--auth-seconds 10] [--auth-clients 8]
+        [--workdir DIR] [--keep] [--hamta PATH] [--auth-seconds 10] [--auth-clients 8] [--no-dane]
+
+DANE
+    After the relays, hamta runs the same load twice more, finding the sink through DNS: without
+    and with DNSSEC-validated MX, A and TLSA lookups (bench/relay_dane.py); the JSON line has
+    hamta_no_dane_msgs_per_s and hamta_dane_msgs_per_s.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ from typing import Any
 from recovery import measure as measure_recovery
 from relay_auth import run_auth
 from relay_common import DEFAULT_HAMTA, BenchError, say, shielded
+from relay_dane import measure_dane
 from relay_hamta import run_hamta
 from relay_load import Result
 from relay_postfix import run_postfix
@@ -149,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of each AUTH figure (bench/relay_auth.py); 0 to skip",
     )
     parser.add_argument("--auth-clients", type=int, default=8, help="AUTH sessions at once")
+    parser.add_argument(
+        "--no-dane",
+        action="store_true",
+        help="skip the DANE runs (hamta without and with DNSSEC-validated TLSA lookups)",
+    )
     args = parser.parse_args(argv)
     if min(args.messages, args.sessions, args.size) <= 0:
         parser.error("--messages, --sessions and --size must be positive")
@@ -237,6 +248,21 @@ def main(argv: list[str] | None = None) -> int:
         args, results["hamta"], results["postfix"], ok, recovery, dkim=results["hamta-dkim"]
     )
     figures.update(auth)
+    # Delivery with DANE lookups against without (bench/relay_dane.py): None when not run.
+    dane: dict[str, float | None] = {
+        "hamta_no_dane_msgs_per_s": None,
+        "hamta_dane_msgs_per_s": None,
+    }
+    if args.only in ("hamta", "both") and not args.no_dane:
+        try:
+            dane.update(
+                measure_dane(args.messages, args.sessions, args.size, hamta=args.hamta, **options)
+            )
+        except (BenchError, OSError) as exc:
+            say(f"DANE runs: FAILED: {exc}")
+        except KeyboardInterrupt:
+            say("interrupted; everything started has been stopped")
+    figures.update(dane)
     if figures["ratio"] is not None:
         say(f"ratio hamta/postfix: {figures['ratio']:.3f}")
     if figures["dkim_ratio"] is not None:

@@ -47,7 +47,7 @@ path = {spool}
 
 [delivery]
 port = {sink_port}
-routes = {{ "sink.test" = {route} }}
+{routes}
 
 [admin]
 listen = {admin}
@@ -82,8 +82,13 @@ def run_hamta(
     hamta: Path = DEFAULT_HAMTA,
     workers: int | None = None,
     dkim: bool = False,
+    dns: tuple[str, bool] | None = None,
 ) -> Result:
-    """hamta: smtp-source -> ``hamta serve`` -> smtp-sink, completion per ``/api/queue``."""
+    """hamta: smtp-source -> ``hamta serve`` -> smtp-sink, completion per ``/api/queue``.
+
+    With ``dns`` (a nameserver ``host:port``, whether to trust its AD bit): no static route;
+    the sink is found through the MX of sink.test there (bench/relay_dane.py).
+    """
     load = Load(messages, sessions, size, reuse_connections)
     env = child_env()
     if not os.access(hamta, os.X_OK):
@@ -98,7 +103,12 @@ def run_hamta(
                 listen=_toml_string(f"{LOCALHOST}:{smtp_port}"),
                 spool=_toml_string(base / "spool"),
                 sink_port=sink_port,
-                route=_toml_string(f"[{SINK_HOST}]:{sink_port}"),
+                routes=(
+                    f'routes = {{ "sink.test" = {_toml_string(f"[{SINK_HOST}]:{sink_port}")} }}'
+                    if dns is None
+                    else f"\n[dns]\nnameservers = [{_toml_string(dns[0])}]\n"
+                    f"dnssec = {'true' if dns[1] else 'false'}"
+                ),
                 admin=_toml_string(f"{LOCALHOST}:{admin_port}"),
                 control=_toml_string(base / "relay.sock"),
                 log=_toml_string(base / "hamta.log"),

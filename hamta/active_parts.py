@@ -32,6 +32,7 @@ from hamta.domain_stats import DomainStats
 from hamta.epoch_token import EpochGuard
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics
+from hamta.outbound_tls import OutboundTls
 from hamta.queue import MailQueue
 from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
 from hamta.report_rate import ClientRate
@@ -151,7 +152,19 @@ async def build(
             domain_stats=domain_stats,
             suppressions=suppressions,
             suspended=load_suspended(path, log),
+            # MTA-STS policies cached at the spool's root: they move with it on failover.
+            tls=OutboundTls(
+                config.delivery,
+                config.dns,
+                config.tls_policy,
+                root,
+                wall_clock,
+                log,
+                hostname=config.node.hostname,
+                shard=f"w{worker}",
+            ),
         )
+        engine.start_tls_reports()
         queue = engine.queue
         limits = ReportLimits(reports.report_max_parts, reports.report_max_recipients)
         quota = QuarantineQuota(

@@ -313,6 +313,12 @@ class SpoolConfig(_Section):
     min_free: Annotated[int, BeforeValidator(_parse_size), Field(ge=0)] = 32 * 1024 * 1024
 
 
+# off: plain text; opportunistic: STARTTLS when offered, and a domain's published DANE or
+# MTA-STS policy applies; required: TLS or defer, unverified; verify: TLS with a certificate
+# valid for the MX name (tls_policy.ca_file) or defer; dane: DANE-authenticated TLS or defer.
+TlsMode = Literal["opportunistic", "required", "verify", "dane", "off"]
+
+
 class DestinationLimits(_Section):
     """Traffic shaping of a destination (``[delivery.limits]`` or ``[delivery.domains."d"]``).
 
@@ -333,6 +339,8 @@ class DestinationLimits(_Section):
     min_messages_per_second: Annotated[Ratio, Field(gt=0.0)] | None = None
     # ... and each period without a throttle reply steps rate and connections back up.
     throttle_quiet_period: PositiveSeconds | None = None
+    # Outbound TLS for this destination (hamta/tls_policy.py); unset: [delivery] starttls.
+    tls: TlsMode | None = None
 
     @model_validator(mode="after")
     def _check_retry(self) -> DestinationLimits:
@@ -352,7 +360,8 @@ class DeliveryConfig(_Section):
     max_connections_per_destination: Count = 20
     max_messages_per_connection: Count = 100
     idle_connection_timeout: Seconds = 2.0
-    starttls: Literal["opportunistic", "off"] = "opportunistic"
+    # The default TLS policy of every destination (hamta/tls_policy.py, docs/tls-policy.md).
+    starttls: TlsMode = "opportunistic"
     routes: dict[str, str] = Field(default_factory=dict)
     # A TOML file of bounce classification rules tried before hamta's own
     # (hamta/bounce_classes.py); loaded now, so that a broken file is a configuration error.
@@ -405,6 +414,19 @@ class DnsConfig(_Section):
 
     nameservers: list[str] = Field(default_factory=list)
     timeout: PositiveSeconds = 5.0
+    # Trust the resolvers' AD bit (DNSSEC validated), as Postfix's smtp_dns_support_level =
+    # dnssec: DANE (RFC 7672) needs it. Only for a validating resolver on a trusted path
+    # (loopback or the same host): an AD bit from anywhere else proves nothing.
+    dnssec: bool = False
+
+    @model_validator(mode="after")
+    def _check_dnssec(self) -> DnsConfig:
+        if self.dnssec and not self.nameservers:
+            raise ValueError(
+                "dnssec = true needs nameservers: the validating resolver whose AD bit is "
+                "trusted, named explicitly (not whatever resolv.conf says)"
+            )
+        return self
 
     @field_validator("nameservers")
     @classmethod
@@ -412,6 +434,34 @@ class DnsConfig(_Section):
         for item in value:
             host, _ = parse_hostport(item, default_port=53)
             ipaddress.ip_address(host)
+        return value
+
+
+class TlsPolicyConfig(_Section):
+    """Outbound TLS policies: MTA-STS (RFC 8461) and TLS reporting (RFC 8460)."""
+
+    # CA certificates (PEM) for MTA-STS policy fetches and for verifying MX certificates
+    # (starttls = "verify", MTA-STS); unset: the system's store.
+    ca_file: Path | None = None
+    # Look up and honour the MTA-STS policies domains publish.
+    mta_sts: bool = True
+    # Fetching a policy over HTTPS: at most this long, and this many bytes (RFC 8461 3.3).
+    mta_sts_fetch_timeout: PositiveSeconds = 10.0
+    mta_sts_max_size: Bytes = 64 * 1024
+    # TLS reports (RFC 8460) to the domains that publish _smtp._tls, from this address
+    # (unset: postmaster@[node] hostname); the counts are written at most this far apart.
+    tls_reports: bool = True
+    tls_report_from: str | None = None
+    tls_report_flush_interval: PositiveSeconds = 60.0
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load CA certificates from {value}: {exc}") from None
         return value
 
 
@@ -688,6 +738,7 @@ class Config(_Section):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     dns: DnsConfig = Field(default_factory=DnsConfig)
+    tls_policy: TlsPolicyConfig = Field(default_factory=TlsPolicyConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -704,6 +755,20 @@ class Config(_Section):
                     f"smtp.listeners: {item.listen} names auth backend {item.auth!r}, which "
                     f"[auth.backends] does not define (defined: {known})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_dane(self) -> Config:
+        delivery = self.delivery
+        wanting = ["delivery.starttls"] if delivery.starttls == "dane" else []
+        wanting += [
+            f'delivery.domains."{d}"' for d, lim in delivery.domains.items() if lim.tls == "dane"
+        ]
+        if wanting and not self.dns.dnssec:
+            raise ValueError(
+                f'tls = "dane" ({", ".join(wanting)}) needs [dns] dnssec = true and a '
+                "validating resolver in [dns] nameservers"
+            )
         return self
 
 

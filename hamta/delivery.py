@@ -27,11 +27,12 @@ from typing import Any
 import aiosmtplib
 
 from hamta.bounce_classes import BounceClassifier, BounceVerdict, build_classifier
-from hamta.config import DeliveryConfig, RetryConfig
+from hamta.config import DeliveryConfig, DnsConfig, RetryConfig, TlsPolicyConfig
 from hamta.domain_stats import DomainStats
 from hamta.dsn import FailedRecipient, build_dsn, original_headers
 from hamta.dsn_batch import DsnBatcher, FailedBatch
 from hamta.metrics import RelayMetrics
+from hamta.outbound_tls import OutboundTls, TlsPolicyError
 from hamta.queue import Destination, Job, MailQueue
 from hamta.report_rate import ClientRate
 from hamta.return_paths import ReturnPaths
@@ -40,6 +41,7 @@ from hamta.shaping import Shaper, is_throttle_reply, limits_for
 from hamta.smtp import message_id_of
 from hamta.spool import Spawn, Spool, SpoolError, create_task
 from hamta.suppression import DOMAIN_BOUNCE_CLASS, Suppressions
+from hamta.tls_policy import Requirement
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -75,10 +77,20 @@ class Reply:
 class _Connection:
     """An open SMTP client session to one target."""
 
-    def __init__(self, client: aiosmtplib.SMTP, target: Target, tls: bool) -> None:
+    def __init__(
+        self,
+        client: aiosmtplib.SMTP,
+        target: Target,
+        tls: bool,
+        requirement: Requirement,
+        failure: str = "",
+    ) -> None:
         self.client = client
         self.target = target
         self.tls = tls
+        self.requirement = requirement
+        # A policy in testing mode was not met (its RFC 8460 result type), the session went on.
+        self.failure = failure or requirement.reported_failure
         self.sent = 0
 
     async def close(self) -> None:
@@ -114,8 +126,13 @@ class DeliveryEngine:
         domain_stats: DomainStats | None = None,
         suppressions: Suppressions | None = None,
         suspended: Iterable[str] = (),
+        tls: OutboundTls | None = None,
     ) -> None:
         self.config = config
+        # Without one: the configured modes only, no MTA-STS, no DANE (no [dns] dnssec).
+        self.tls = tls or OutboundTls(
+            config, DnsConfig(), TlsPolicyConfig(mta_sts=False), None, wall_clock, log
+        )
         self._spawn = spawn  # the relay's supervisor: a session dying of a bug stops the relay
         self.retry = retry or RetryConfig()
         self.share = share
@@ -143,6 +160,7 @@ class DeliveryEngine:
         # Keyed by sender domain; each of a node's workers keeps its share of the node's rate.
         self._dsn_rate = ClientRate(config.dsn_rate_per_domain / share)
         self._no_tls_until: dict[str, float] = {}
+        self._tls_reports: asyncio.Task[None] | None = None
         self.stopping = False
         self._halted = asyncio.Event()  # set by stop()
         # The fencing check (``hamta.epoch_token.EpochGuard.check``), run before each delivery
@@ -155,9 +173,6 @@ class DeliveryEngine:
         self.suppressions = suppressions
         # Signs the return path of mail sent from the bounces address (None: none configured).
         self.return_paths = return_paths
-        self._tls = ssl.create_default_context()
-        self._tls.check_hostname = False
-        self._tls.verify_mode = ssl.CERT_NONE
 
     # ---------------------------------------------------------------- sessions
 
@@ -207,7 +222,7 @@ class DeliveryEngine:
                 job = self.queue.take(destination)
                 if connection is None:
                     try:
-                        connection = await self._connect(job.domain)
+                        connection = await self._connect(job.domain, destination.key)
                     except RoutingError as exc:
                         self._routing_failed(destination, job, exc)
                         return
@@ -282,14 +297,39 @@ class DeliveryEngine:
         self.connections -= 1
         await connection.close()
 
-    async def _connect(self, domain: str) -> _Connection:
-        """Connect to the first target of ``domain`` that greets us; raise RoutingError."""
+    async def _connect(self, domain: str, destination: str) -> _Connection:
+        """Connect to the first target of ``domain`` that greets us with the TLS its policy
+        requires (hamta.outbound_tls); raise RoutingError."""
         targets = await self.router.targets(domain)
+        mode = self.tls.mode(domain, destination)
+        sts = await self.tls.sts(domain, destination, mode)
         errors: list[str] = []
         permanent = False
+        tls_failed = False
         for target in targets:
+            requirement = await self.tls.requirement(mode, target, sts)
             try:
-                connection = await self._open(target)
+                if requirement.refuse:
+                    raise TlsPolicyError(
+                        requirement.refuse, requirement.reported_failure or "validation-failure"
+                    )
+                connection = await self._open(target, requirement)
+            except TlsPolicyError as exc:
+                tls_failed = True
+                self.tls.record(domain, requirement, sts, target, exc.result_type)
+                self.metrics.tls_sessions.labels(requirement.policy_type, exc.result_type).inc()
+                errors.append(f"{target.mx_host}[{target.ip}]: {exc}")
+                self.log.warning(
+                    "TlsPolicyFailure",
+                    domain=domain,
+                    mx_host=target.mx_host,
+                    mx_ip=target.ip,
+                    policy=requirement.reason,
+                    policy_type=requirement.policy_type,
+                    result_type=exc.result_type,
+                    error=str(exc),
+                )
+                continue
             except aiosmtplib.SMTPResponseException as exc:
                 errors.append(f"{target.mx_host}[{target.ip}]: {exc.code} {exc.message}")
                 self._observe_throttle(domain, [Reply(exc.code, exc.message)])
@@ -299,14 +339,20 @@ class DeliveryEngine:
                 errors.append(f"{target.mx_host}[{target.ip}]:{target.port}: {_describe(exc)}")
                 continue
             self.connections += 1
+            self.tls.record(domain, connection.requirement, sts, target, connection.failure)
+            if connection.requirement.level != "may":
+                self.metrics.tls_sessions.labels(
+                    connection.requirement.policy_type, connection.failure or "met"
+                ).inc()
             return connection
         raise RoutingError(
             "; ".join(errors) or f"no target for {domain}",
             permanent=False,
-            enhanced="4.4.1" if not permanent else "4.4.2",
+            # 4.7.5: a cryptographic failure (RFC 3463) kept the message from going.
+            enhanced="4.4.2" if permanent else "4.7.5" if tls_failed else "4.4.1",
         )
 
-    async def _open(self, target: Target) -> _Connection:
+    async def _open(self, target: Target, requirement: Requirement) -> _Connection:
         client = aiosmtplib.SMTP(
             hostname=target.ip,
             port=target.port,
@@ -320,25 +366,57 @@ class DeliveryEngine:
             await client.ehlo()
         except aiosmtplib.SMTPHeloError:
             await client.helo()
+        level = requirement.level
+        if level == "off":
+            return _Connection(client, target, False, requirement)
         key = f"{target.ip}:{target.port}"
-        use_tls = (
-            self.config.starttls == "opportunistic"
-            and client.supports_extension("starttls")
-            and self._no_tls_until.get(key, 0.0) < time.monotonic()
-        )
-        if use_tls:
-            try:
-                await client.starttls(tls_context=self._tls, server_hostname=target.mx_host)
-                await client.ehlo()  # RFC 3207: the session starts afresh after STARTTLS
-            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
-                # Opportunistic TLS: remember the failure for an hour and go on in plain text.
+        if not client.supports_extension("starttls"):
+            if level == "may" or not requirement.enforce:
+                missing = "" if level == "may" else "starttls-not-supported"  # testing: reported
+                return _Connection(client, target, False, requirement, missing)
+            client.close()
+            raise TlsPolicyError(
+                f"STARTTLS not offered, and {requirement.reason} requires TLS",
+                "starttls-not-supported",
+            )
+        if level == "may" and self._no_tls_until.get(key, 0.0) >= time.monotonic():
+            return _Connection(client, target, False, requirement)
+        try:
+            await client.starttls(
+                tls_context=self.tls.context(requirement), server_hostname=target.mx_host
+            )
+            self.tls.check(requirement, target, client.get_transport_info("ssl_object"))
+            await client.ehlo()  # RFC 3207: the session starts afresh after STARTTLS
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TlsPolicyError) as exc:
+            client.close()
+            failure = exc if isinstance(exc, TlsPolicyError) else _tls_failure(exc, requirement)
+            if level != "may" and requirement.enforce:
+                raise failure from None
+            # Opportunistic TLS (or a policy in testing mode): the failure is remembered for an
+            # hour (opportunistic) and the message goes in plain text.
+            self.log.warning(
+                "StartTlsFailed",
+                mx_host=target.mx_host,
+                mx_ip=target.ip,
+                policy=requirement.reason,
+                error=_describe(exc),
+            )
+            if level == "may":
                 self._no_tls_until[key] = time.monotonic() + 3600
-                self.log.warning(
-                    "StartTlsFailed", mx_host=target.mx_host, mx_ip=target.ip, error=_describe(exc)
-                )
-                client.close()
-                return await self._open(target)
-        return _Connection(client, target, use_tls)
+                return await self._open(target, _OPPORTUNISTIC)
+            fallback = await self._open(target, _OPPORTUNISTIC)
+            return _Connection(
+                fallback.client, target, fallback.tls, requirement, failure.result_type
+            )
+        if level != "may":  # a policy applied and was met: say which
+            self.log.info(
+                "TlsPolicyMet",
+                mx_host=target.mx_host,
+                mx_ip=target.ip,
+                policy=requirement.reason,
+                policy_type=requirement.policy_type,
+            )
+        return _Connection(client, target, True, requirement)
 
     # -------------------------------------------------------------- one message
 
@@ -709,6 +787,31 @@ class DeliveryEngine:
             self.queue.add(notice)
         self.spool.mark_done(message, rcpts)
 
+    # ----------------------------------------------------------------- TLS reports
+
+    def start_tls_reports(self, interval: float = 3600.0) -> None:
+        """Send the TLS reports of days gone by, now and every ``interval`` (RFC 8460)."""
+        if self.tls.reports is not None:
+            self._tls_reports = self._spawn("tls reports", self._tls_report_loop(interval))
+
+    async def _tls_report_loop(self, interval: float) -> None:
+        reports = self.tls.reports
+        assert reports is not None
+        while not self.stopping:
+            if not self._superseded():
+                try:
+                    await reports.send_due(self._enqueue_report)
+                except OSError as exc:  # the spool volume: tried again at the next round
+                    self.log.error("TlsReportsNotSent", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._halted.wait(), timeout=interval)
+
+    async def _enqueue_report(self, body: bytes, sender: str, recipients: list[str]) -> None:
+        """A report queued as a message of this relay's (its 250: after the spool's fsync)."""
+        notice = await self.spool.append(body, sender, recipients, message_id=message_id_of(body))
+        self.log.info("TlsReportQueued", queue_id=notice.rec.qid, recipients=recipients)
+        self.queue.add(notice)
+
     # ------------------------------------------------------------------ stopping
 
     def halt(self) -> None:
@@ -721,6 +824,10 @@ class DeliveryEngine:
         """Let running transactions finish (up to ``timeout``), then close every session."""
         self.halt()
         self._halted.set()
+        if self._tls_reports is not None:
+            self._tls_reports.cancel()
+        if self.tls.reports is not None:
+            self.tls.reports.flush()  # the day's counts so far, for the node after this one
         for handle in self._recoveries.values():
             handle.cancel()
         self._recoveries.clear()
@@ -757,6 +864,25 @@ def _needing_smtputf8(
         f"{'sender' if not sender.isascii() else 'recipient'} address needs (RFC 6531 3.4)"
     )
     return {index: Reply(553, text) for index in failing}
+
+
+_OPPORTUNISTIC = Requirement("may", "opportunistic")
+
+
+def _tls_failure(exc: BaseException, requirement: Requirement) -> TlsPolicyError:
+    """A failed handshake as the policy's failure, with its RFC 8460 result type."""
+    text = _describe(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        kind = (
+            "certificate-host-mismatch"
+            if "hostname" in text.lower() or "match" in text.lower()
+            else "certificate-expired"
+            if "expired" in text.lower()
+            else "certificate-not-trusted"
+        )
+    else:
+        kind = "validation-failure"
+    return TlsPolicyError(f"TLS with {requirement.reason} failed: {text}", kind)
 
 
 def _describe(exc: BaseException) -> str:

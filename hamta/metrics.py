@@ -67,6 +67,13 @@ class RelayMetrics:
             ["outcome"],  # delivered, deferred, bounced, expired
             registry=r,
         )
+        self.tls_sessions = Counter(
+            "hamta_tls_policy_sessions",
+            "Delivery connections by the TLS policy that applied (docs/tls-policy.md) and "
+            "outcome: met, or the RFC 8460 failure type (the connection was not used)",
+            ["policy", "outcome"],  # policy: tlsa, sts, no-policy-found
+            registry=r,
+        )
         self.dsns = Counter(
             "hamta_dsns",
             "DSNs to senders, one per message: queued, rate_limited (per sender domain), "

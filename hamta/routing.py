@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -26,11 +27,18 @@ R = TypeVar("R", bound=dns.resolver.BaseResolver)
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One address to try: the MX name it came from, its IP and port."""
+    """One address to try: the MX name it came from, its IP and port.
+
+    ``mx_secure``/``address_secure``: the MX RRset (or, with no MX, the domain's own address
+    records) and this host's address records were DNSSEC-validated ([dns] dnssec, the AD bit);
+    DANE (hamta.dane) applies only then.
+    """
 
     mx_host: str
     ip: str
     port: int
+    mx_secure: bool = False
+    address_secure: bool = False
 
 
 def configured_resolver(kind: type[R], dns_config: DnsConfig) -> R:
@@ -42,6 +50,10 @@ def configured_resolver(kind: type[R], dns_config: DnsConfig) -> R:
         resolver.port = hosts[0][1]
     resolver.lifetime = dns_config.timeout
     resolver.cache = dns.resolver.Cache()
+    if dns_config.dnssec:
+        # Ask for validation (AD in the query, RFC 6840 5.7; DO for the DNSSEC records).
+        resolver.flags = dns.flags.RD | dns.flags.AD
+        resolver.use_edns(0, dns.flags.DO, 1232)
     return resolver
 
 
@@ -64,6 +76,7 @@ class Router:
         }
         self._port = delivery.port
         self._resolver = configured_resolver(dns.asyncresolver.Resolver, dns_config)
+        self.dnssec = dns_config.dnssec
         self._rng = random.Random()
 
     def next_hop(self, domain: str) -> str:
@@ -76,7 +89,7 @@ class Router:
         route = self._routes.get(domain)
         if route is not None:
             host, port = route
-            return [Target(host, ip, port) for ip in await self._addresses(host)]
+            return [Target(host, ip, port) for ip, _ in await self._addresses(host)]
         try:
             answer = await self._resolver.resolve(domain, "MX", raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
@@ -88,6 +101,7 @@ class Router:
                 f"MX lookup for {domain} failed: {exc}", permanent=False, enhanced="4.4.3"
             ) from None
         rrset = list(answer.rrset or [])
+        mx_secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
         if any(r.exchange == dns.name.root for r in rrset):
             raise RoutingError(
                 f"domain {domain} accepts no mail (null MX)", permanent=True, enhanced="5.1.10"
@@ -101,27 +115,33 @@ class Router:
         last_error: RoutingError | None = None
         for host in hosts:
             try:
-                targets += [Target(host, ip, self._port) for ip in await self._addresses(host)]
+                found = await self._addresses(host)
             except RoutingError as exc:
                 last_error = exc
+                continue
+            # With no MX, the domain is its own MX: its address records stand for the MX RRset.
+            secure = mx_secure if rrset else all(s for _, s in found)
+            targets += [Target(host, ip, self._port, secure, s) for ip, s in found]
         if not targets:
             raise last_error or RoutingError(
                 f"no address for {domain}", permanent=False, enhanced="4.4.4"
             )
         return targets
 
-    async def _addresses(self, host: str) -> list[str]:
+    async def _addresses(self, host: str) -> list[tuple[str, bool]]:
+        """The host's addresses, each with whether its RRset was DNSSEC-validated."""
         try:
-            return [str(ipaddress.ip_address(host))]
+            return [(str(ipaddress.ip_address(host)), False)]
         except ValueError:
             pass
-        found: list[str] = []
+        found: list[tuple[str, bool]] = []
         transient = False
         nxdomain = False
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(host, rdtype, raise_on_no_answer=False)
-                found += [r.to_text() for r in answer.rrset or []]
+                secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
+                found += [(r.to_text(), secure) for r in answer.rrset or []]
             except dns.resolver.NXDOMAIN:
                 nxdomain = True
             except (dns.exception.Timeout, dns.resolver.NoNameservers):

@@ -265,3 +265,12 @@ def test_the_monitor_reads_the_cluster_but_never_the_lab_chaos_or_the_command_li
                     path,
                     name,
                 )
+
+
+def test_the_tls_policy_decision_uses_the_standard_library_only() -> None:
+    # hamta.tls_policy decides what TLS a session needs from plain data (docs/tls-policy.md):
+    # the lookups (hamta.dane, hamta.mta_sts) and the handshake stay in the I/O modules.
+    roots = {name.split(".")[0] for name in imports_of(PACKAGE / "tls_policy.py")}
+    assert roots and roots <= sys.stdlib_module_names, roots
+    forbidden = {"asyncio", "socket", "ssl", "time", "os", "subprocess"}
+    assert not roots & forbidden, roots

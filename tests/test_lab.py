@@ -228,7 +228,9 @@ def test_node_configurations_are_valid(lab: Lab) -> None:
         relay = load_config(lab.node_dir(node) / "relay.toml")
         # 25 (relay), 587 and 465 (submission: tests/test_lab_submission.py)
         assert relay.smtp.listen == ["0.0.0.0:25", "0.0.0.0:587", "0.0.0.0:465"]
-        assert relay.dns.nameservers == [f"{INET}:53"]
+        # The internet host's validating resolver (DANE), and the lab's CA for MTA-STS.
+        assert relay.dns.nameservers == [f"{INET}:5353"] and relay.dns.dnssec
+        assert relay.tls_policy.ca_file == lab.directory / "inet" / "tls" / "ca.crt"
         assert relay.control.socket == lab.node_dir(node) / "relay.sock"
         agent = load_agent_config(lab.node_dir(node) / "agent.toml")
         assert agent.agent.node == node

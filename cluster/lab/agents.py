@@ -16,7 +16,8 @@ from cluster.lab import configs, probes
 from cluster.lab.inspection import Inspection
 from cluster.lab.site import AGENT_PREFIX, LabError, LabSite, Launcher, log_tail
 from cluster.lab.submission import SubmissionFiles
-from cluster.lab.topology import CLIENT, DOMAIN, INTERFACE, NODES, SMTP_PORT
+from cluster.lab.tls_site import TlsSite
+from cluster.lab.topology import CLIENT, DOMAIN, INTERFACE, INTERNET, NODES, SMTP_PORT
 
 
 class Agents:
@@ -55,7 +56,11 @@ class Agents:
         relay = {
             section: dict(keys)
             for section, keys in configs.relay_config(
-                site.topology, node, node_dir, node_dir / "mnt" / "spool"
+                site.topology,
+                node,
+                node_dir,
+                node_dir / "mnt" / "spool",
+                tls_ca=TlsSite(site.directory / INTERNET / "tls").ca_cert,
             ).items()
         }
         # Submission on 587 and 465 besides 25, one password file for the pair (a probe

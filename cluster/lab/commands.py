@@ -309,7 +309,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send = command("send", "send mail from the client to the VIP (exit 1 unless all got 250)")
     send.add_argument("--count", type=int, default=10)
     send.add_argument("--size", type=int, default=1024, help="bytes per message")
-    send.add_argument("--domain", default="a.lab.test", help="a.lab.test, b.lab.test, c.lab.test")
+    send.add_argument(
+        "--domain",
+        default="a.lab.test",
+        help="a.lab.test, b.lab.test, c.lab.test; dane.lab.test (DANE, TLSA matches), "
+        "badtlsa.lab.test (TLSA wrong: deferred), sts.lab.test (MTA-STS enforce)",
+    )
     send.add_argument("--connections", type=int, default=1, help="SMTP sessions in parallel")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
     send.add_argument(

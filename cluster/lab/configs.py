@@ -18,6 +18,7 @@ from cluster.lab.topology import (
     DOMAIN,
     INTERFACE,
     INTERNET,
+    RESOLVER_PORT,
     SMTP_PORT,
     Topology,
 )
@@ -50,13 +51,17 @@ def render_toml(sections: Sections) -> str:
     return "\n".join(lines)
 
 
-def relay_config(topology: Topology, node: str, node_dir: Path, spool: Path) -> Sections:
+def relay_config(
+    topology: Topology, node: str, node_dir: Path, spool: Path, *, tls_ca: Path | None = None
+) -> Sections:
     """The relay of ``node``: SMTP on every address, DNS from the lab, delivery on port 25.
 
     ``spool`` is where the active node finds the spool inside the mounted shared disk; the agent
-    hands that path to the relay when it activates it.
+    hands that path to the relay when it activates it. With ``tls_ca`` (the lab's CA,
+    cluster.lab.tls_site), the relay resolves through the internet host's validating resolver
+    (DANE) and trusts that CA for MTA-STS.
     """
-    return {
+    sections: dict[str, dict[str, Any]] = {
         # The lab runs as root in its namespaces, with spools and sockets in root's directories:
         # it keeps root on purpose (tests/test_privileges.py checks the drop to a user).
         "node": {"hostname": f"{node}.{DOMAIN}", "stop_timeout": "5s", "user": "root"},
@@ -75,6 +80,11 @@ def relay_config(topology: Topology, node: str, node_dir: Path, spool: Path) -> 
         "control": {"socket": node_dir / "relay.sock"},
         "log": {"file": node_dir / "relay.log"},
     }
+    if tls_ca is not None:
+        resolver = f"{topology.address(INTERNET)}:{RESOLVER_PORT}"
+        sections["dns"] = {"nameservers": [resolver], "timeout": "2s", "dnssec": True}
+        sections["tls_policy"] = {"ca_file": tls_ca}
+    return sections
 
 
 def agent_config(

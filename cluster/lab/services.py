@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from cluster.lab import dns, haproxy, probes, processes
+from cluster.lab import dns, haproxy, probes, processes, tls_site
+from cluster.lab.dnssec import ZoneError, unbound_argv
 from cluster.lab.processes import ProcessRecord
 from cluster.lab.site import LabError, LabSite, Launcher, log_tail
 from cluster.lab.topology import (
@@ -21,6 +22,7 @@ from cluster.lab.topology import (
     INTERNET,
     MAIL_DOMAINS,
     PROBE_DOMAIN,
+    RESOLVER_PORT,
     SMTP_PORT,
     ZOOKEEPER_HOSTS,
     ZOOKEEPER_PORT,
@@ -87,6 +89,10 @@ class Services:
         address = site.address(host)
         directory = site.directory / host
         directory.mkdir(parents=True, exist_ok=True)
+        try:
+            tls = tls_site.prepare(directory / "tls", site.topology)
+        except ZoneError as exc:
+            raise LabError(f"cannot make the lab's TLS policies: {exc}") from None
         config = directory / "dnsmasq.conf"
         config.write_text(dns.dnsmasq_config(site.topology))
         dns_log = directory / "dnsmasq.log"
@@ -104,10 +110,31 @@ class Services:
                 str(site.probe_mailbox),
                 "--mailbox-domain",
                 PROBE_DOMAIN,
+                "--tls-cert",
+                str(tls.sink_chain),
+                "--tls-key",
+                str(tls.sink_key),
             )
             site.sink_record.touch()
             self._launcher.spawn(
                 "sink", host, sink, directory / "sink.log", env=site.env(), cwd=directory
+            )
+            self._launcher.spawn(
+                "resolver", host, unbound_argv(tls.unbound_conf), directory / "unbound.log"
+            )
+            policy_host = site.module_argv(
+                "cluster.lab.policy_host",
+                "--listen",
+                f"{address}:{tls_site.POLICY_PORT}",
+                "--cert",
+                str(tls.policy_cert),
+                "--key",
+                str(tls.policy_key),
+                "--policies",
+                str(tls.policies),
+            )
+            self._launcher.spawn(
+                "policyhost", host, policy_host, directory / "policy_host.log", env=site.env()
             )
         except OSError as exc:
             raise LabError(f"cannot start the internet host's services: {exc}") from None
@@ -163,6 +190,16 @@ class Services:
             f"the DNS server on {inet}:{DNS_PORT}",
             lambda: probes.dns_answer(client, inet, DNS_PORT, MAIL_DOMAINS[0], "MX"),
             "dns",
+        )
+        answers(
+            f"the validating resolver on {inet}:{RESOLVER_PORT}",
+            lambda: probes.dns_answer(client, inet, RESOLVER_PORT, tls_site.DANE_DOMAIN, "MX"),
+            "resolver",
+        )
+        answers(
+            f"the MTA-STS policy host on {inet}:{tls_site.POLICY_PORT}",
+            lambda: probes.tcp_open(client, inet, tls_site.POLICY_PORT),
+            "policyhost",
         )
         answers(
             f"the sink on {inet}:{SMTP_PORT}",

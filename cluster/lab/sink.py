@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -118,9 +119,14 @@ class RecordingHandler:
 
 
 async def serve(
-    host: str, port: int, record: Path, hostname: str, mailbox: ProbeMailbox | None = None
+    host: str,
+    port: int,
+    record: Path,
+    hostname: str,
+    mailbox: ProbeMailbox | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT; with ``tls``, STARTTLS is offered (not required)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -131,7 +137,14 @@ async def serve(
 
         def factory() -> SMTP:
             # An explicit hostname also keeps aiosmtpd from asking DNS for this host's FQDN.
-            return SMTP(handler, hostname=hostname, decode_data=False, enable_SMTPUTF8=True)
+            return SMTP(
+                handler,
+                hostname=hostname,
+                decode_data=False,
+                enable_SMTPUTF8=True,
+                tls_context=tls,
+                require_starttls=False,
+            )
 
         server = await loop.create_server(factory, host, port, reuse_address=True)
         print(f"sink: listening on {host}:{port}, recording to {record}", flush=True)
@@ -151,16 +164,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hostname", default="mx.lab.test", help="name in the greeting")
     parser.add_argument("--mailbox", type=Path, help="the probe mailbox's directory")
     parser.add_argument("--mailbox-domain", help="the domain whose mail goes to --mailbox")
+    parser.add_argument("--tls-cert", type=Path, help="certificate chain (PEM): offer STARTTLS")
+    parser.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     args = parser.parse_args(argv)
     if (args.mailbox is None) != (args.mailbox_domain is None):
         parser.error("--mailbox and --mailbox-domain go together")
     mailbox = ProbeMailbox(args.mailbox, args.mailbox_domain) if args.mailbox else None
+    tls = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"cannot load {args.tls_cert}: {exc}")
     try:
         host, port = parse_hostport(args.listen)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        asyncio.run(serve(host, port, args.record, args.hostname, mailbox))
+        asyncio.run(serve(host, port, args.record, args.hostname, mailbox, tls))
     except OSError as exc:
         print(f"sink: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

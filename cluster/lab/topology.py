@@ -48,6 +48,8 @@ ADMIN_PORT: Final = 8025  # each relay's admin endpoint, on its node's own lab a
 ALERTS_PORT: Final = 8099  # the monitors' webhook receiver, on the internet host
 DNS_PORT: Final = 53
 API_PORT: Final = 8008  # each agent's HTTP API, on the node's own address
+# The internet host's validating resolver (unbound, cluster.lab.tls_site), the relays' DNS.
+RESOLVER_PORT: Final = 5353
 # The mail domains the lab's DNS answers for; all of them are delivered to the sink.
 MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")
 MX_NAME: Final = "mx.lab.test"
