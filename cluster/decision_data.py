@@ -177,6 +177,9 @@ class Snapshot:
     local: LocalView
     wall: float  # wall clock, for ages of records written by other nodes
     result: StepResult | None = None
+    # The peer channel (cluster.peer_channel): for each peer node heard at least once, the
+    # seconds since its last authenticated heartbeat, by this agent's monotonic clock.
+    heartbeat_ages: tuple[tuple[str, float], ...] = ()
 
 
 class Takeover(enum.StrEnum):
