@@ -36,6 +36,8 @@ from cluster.decision_data import (
     StepResult,
 )
 from cluster.executor import Executor
+from cluster.failsafe import failsafe_due
+from cluster.failsafe_leases import FailsafeLeases
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.peer_channel import (
     Address,
@@ -208,6 +210,17 @@ class Agent:
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
         self.channel = self._peer_channel(config)
+        self.failsafe: FailsafeLeases | None = None
+        if self.channel is not None:
+            self.failsafe = FailsafeLeases(
+                channel=self.channel,
+                policy=self.policy,
+                session=lambda: self.coordinator.session,
+                clock=clock,
+                log=self.log,
+                on_change=self.wake.set,
+            )
+        self.last_snapshot: Snapshot | None = None
 
     def _peer_channel(self, config: AgentConfig) -> PeerChannel | None:
         """The direct channel to the other agents, when ``agent.peers`` names any."""
@@ -233,11 +246,15 @@ class Agent:
 
     def _on_peer_message(self, message: Message, address: Address) -> None:
         """An authenticated message from a peer (heartbeats are counted by the channel)."""
-        del message, address  # the failsafe protocol's asks and answers come here
+        if self.failsafe is not None:
+            self.failsafe.receive(message, self.state)
 
     async def _heartbeat_peers(self) -> None:
+        """Every heartbeat interval: a heartbeat to each peer, and the failsafe asks."""
         if self.channel is not None:
             self.channel.heartbeat({"role": self.state.role.value, "epoch": self.state.epoch})
+        if self.failsafe is not None:
+            self.failsafe.ask(self.state)
 
     # ------------------------------------------------------------ observation
 
@@ -284,7 +301,10 @@ class Agent:
             served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
             view = replace(view, last_served=served)
         ages = self.channel.heartbeat_ages() if self.channel is not None else ()
-        return Snapshot(cluster=view, local=local, wall=wall, result=result, heartbeat_ages=ages)
+        snapshot = Snapshot(
+            cluster=view, local=local, wall=wall, result=result, heartbeat_ages=ages
+        )
+        return self.failsafe.view(snapshot) if self.failsafe is not None else snapshot
 
     async def _check_health(self) -> None:
         active = self.state.role is Role.ACTIVE and self.state.step is None
@@ -361,6 +381,10 @@ class Agent:
             paused=cluster.paused is not None,
             relay_ready=snapshot.local.relay_ready,
             steps={step.value: seconds for step, seconds in after.steps} or None,
+            # Serving on the peers' leases: for how long so far (None: not in failsafe).
+            failsafe=round(self.clock() - after.failsafe_since, 3)
+            if after.failsafe_since is not None
+            else None,
         )
 
     async def _decide_once(self) -> None:
@@ -369,6 +393,9 @@ class Agent:
         before = self.state
         decision = decide(before, snapshot, self.clock(), self.policy)
         self.state = decision.state
+        self.last_snapshot = snapshot
+        if self.failsafe is not None:
+            self.failsafe.saw(snapshot.cluster.session)
         active = self.state.role is Role.ACTIVE
         self.demotion_due = demotion_due(snapshot, self.policy) if active else None
         self._note_ride_out(snapshot)
@@ -430,7 +457,13 @@ class Agent:
             return
         self._hand_session(watchdog)
         now = self.clock()
+        # Until when the failsafe leases cover this node, as they stand now (renewed between
+        # decisions): None when they do not.
+        covered = None
+        if self.last_snapshot is not None and self.failsafe is not None:
+            covered = failsafe_due(self.failsafe.view(self.last_snapshot), self.policy)
         plan = plan_watchdog(
+            covered_until=covered,
             holds=holds_resources(self.state),
             armed=self._armed,
             connected=self.coordinator.session is Session.CONNECTED,

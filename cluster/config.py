@@ -282,6 +282,9 @@ class AgentConfig(_Section):
             session_margin=agent.session_margin,
             takeover=self.fencing.takeover,
             lease_grace=self.fencing.lease_grace,
+            failsafe=agent.failsafe,
+            failsafe_peers=frozenset(agent.peers),
+            failsafe_lease=agent.failsafe_lease,
             # fencing.timeout is FENCE's time limit unless agent.step_timeouts names it.
             step_timeouts={Step.FENCE: self.fencing.timeout, **agent.step_timeouts},
         )

@@ -180,6 +180,12 @@ class Snapshot:
     # The peer channel (cluster.peer_channel): for each peer node heard at least once, the
     # seconds since its last authenticated heartbeat, by this agent's monotonic clock.
     heartbeat_ages: tuple[tuple[str, float], ...] = ()
+    # Failsafe (cluster.failsafe), on this agent's monotonic clock. Held: for each peer whose
+    # last answer granted one, when the lease it granted this node ends (the ask's send time
+    # plus the lease: the peer started counting later). Granted: for each node this node
+    # granted a lease to, when it ends: this node does not take over unfenced before then.
+    failsafe_held: tuple[tuple[str, float], ...] = ()
+    failsafe_granted: tuple[tuple[str, float], ...] = ()
 
 
 class Takeover(enum.StrEnum):
@@ -215,6 +221,10 @@ class Policy:
     session_margin: float = 0.25
     takeover: Takeover = Takeover.FENCE_OR_LEASE
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
+    # Failsafe: a suspended active node serves on while every peer holds it a lease.
+    failsafe: bool = True
+    failsafe_peers: frozenset[str] = frozenset()  # the nodes of [agent] peers
+    failsafe_lease: float = 3.0
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
 
     def timeout(self, step: Step) -> float:
@@ -299,6 +309,9 @@ class AgentState:
     # time, for the leases of the nodes it could not fence to expire.
     waiting_since: float = 0.0
     restarted_at: float = 0.0  # ACTIVE: the last in-place relay restart (``attempts`` counts them)
+    # ACTIVE: since when it has served in failsafe (its session suspended, every peer's lease
+    # held); None when not.
+    failsafe_since: float | None = None
 
 
 # ------------------------------------------------------------------ what the agent decided
@@ -328,6 +341,8 @@ class Trigger(enum.StrEnum):
     LEASE_REFUSED = "lease_refused"  # ... and ``lease_verdict`` forbids going on (``refine``)
     REPLICA_REFUSED = "replica_refused"  # the spool is next, but this replica is not to be served
     STOP = "stop"  # the agent is stopping: hand over first
+    FAILSAFE_ENTERED = "failsafe_entered"  # active, suspended, every peer holds it a lease
+    FAILSAFE_ENDED = "failsafe_ended"  # ... no longer: the session is back, or a lease is gone
     NOTHING = "nothing"
 
 
