@@ -22,7 +22,6 @@ from cluster.decision_data import (
     LocalView,
     Member,
     Policy,
-    Role,
     Session,
     Snapshot,
     Step,
