@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -39,6 +40,7 @@ from cluster.executor import Executor
 from cluster.failsafe import failsafe_due
 from cluster.failsafe_leases import FailsafeLeases
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
+from cluster.operator import LOCAL_STATUS
 from cluster.peer_channel import (
     Address,
     Message,
@@ -58,6 +60,7 @@ from fencing.watchdog import Watchdog, WatchdogError
 from fencing.zk_session import ZkSession
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
+from hamta.durable_files import write_durably
 from hamta.eventlog import get_logger
 
 
@@ -411,6 +414,27 @@ class Agent:
             await self._publish()
         for action in decision.actions:
             self._start(action)
+        if before.role is not self.state.role or before.failsafe_since != self.state.failsafe_since:
+            await self._write_status(snapshot)
+
+    async def _write_status(self, snapshot: Snapshot) -> None:
+        """This node's role and failsafe in its state directory, for ``hamta cluster status``
+        while ZooKeeper cannot be read."""
+        now, wall = self.clock(), self.wall()
+        since = self.state.failsafe_since
+        status = {
+            "node": self.policy.node,
+            "role": self.state.role.value,
+            "epoch": self.state.epoch,
+            "session": snapshot.cluster.session.value,
+            "failsafe_since": None if since is None else round(wall - (now - since), 3),
+            "written": round(wall, 3),
+        }
+        data = json.dumps(status).encode() + b"\n"
+        try:
+            await asyncio.to_thread(write_durably, self.config.agent.state_dir, LOCAL_STATUS, data)
+        except OSError as exc:
+            self.log.warning("StatusNotWritten", error=str(exc))
 
     def _note_ride_out(self, snapshot: Snapshot) -> None:
         """One line when the active node begins to serve on through a suspended session (no
