@@ -312,6 +312,21 @@ class ZookeeperRollingRestart(Fault):
                 server.wait_serving(60)
 
 
+def _stop_ensemble(ctx: FaultContext) -> None:
+    for server in ctx.lab.ensemble.servers:
+        server.kill()
+    ctx.mark("fault", "zookeeper", "every ZooKeeper server killed: no ensemble at all")
+
+
+def _start_ensemble(ctx: FaultContext, *, missing_only: bool = False) -> None:
+    """Every server started again (``missing_only``: those an error left down)."""
+    servers = [s for s in ctx.lab.ensemble.servers if not missing_only or s.pid is None]
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_serving(60)
+
+
 class ZookeeperOutage(Fault):
     """Every ZooKeeper server stopped (kill -9) for ``outage`` seconds, then started again.
 
@@ -328,15 +343,9 @@ class ZookeeperOutage(Fault):
 
     def inject(self, ctx: FaultContext) -> None:
         self.cut(ctx)
-        servers = ctx.lab.ensemble.servers
-        for server in servers:
-            server.kill()
-        ctx.mark("fault", "zookeeper", "every ZooKeeper server killed: no ensemble at all")
+        _stop_ensemble(ctx)
         time.sleep(self.outage)  # the outage itself: what the pair does meanwhile is the test
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_serving(60)
+        _start_ensemble(ctx)
         ctx.heal_at = time.monotonic()
         ctx.mark("heal", "zookeeper", "every ZooKeeper server back")
 
@@ -347,10 +356,7 @@ class ZookeeperOutage(Fault):
         return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
 
     def heal(self, ctx: FaultContext) -> None:
-        for server in ctx.lab.ensemble.servers:  # an outage cut short by an error
-            if server.pid is None:
-                server.start()
-                server.wait_serving(60)
+        _start_ensemble(ctx, missing_only=True)  # an outage cut short by an error
 
 
 class ZookeeperOutageChannelCut(ZookeeperOutage):
@@ -381,7 +387,7 @@ class ZookeeperOutageChannelCut(ZookeeperOutage):
         return []
 
 
-class ZookeeperRegainOneSide(Fault):
+class ZookeeperRegainOneSide(_Partition):
     """Every ZooKeeper server down; the active node serves in failsafe; the ensemble comes back
     for the passive node only (the active node cut off from it by nftables). The failsafe node
     must stop serving before the passive node serves: the sampler and the logs judge it."""
@@ -390,34 +396,18 @@ class ZookeeperRegainOneSide(Fault):
     summary = "ZooKeeper down, then back for the passive node only: failover, never two"
     outage = 10.0
     patience = 90.0
-    took_over: float | None = None
 
     def inject(self, ctx: FaultContext) -> None:
-        servers = ctx.lab.ensemble.servers
-        for server in servers:
-            server.kill()
-        ctx.mark("fault", "zookeeper", "every ZooKeeper server killed: no ensemble at all")
+        _stop_ensemble(ctx)
         time.sleep(self.outage)  # the active node serves in failsafe meanwhile
         partitions.cut_from_zookeeper(ctx.lab, ctx.active)
         ctx.mark("fault", ctx.active, "cut off from ZooKeeper")
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_serving(60)
+        _start_ensemble(ctx)
         ctx.mark("heal", "zookeeper", f"every ZooKeeper server back, for {ctx.peer} only")
 
-    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
-        if self.took_over is None and ctx.lab.active_node() == ctx.peer:
-            self.took_over = time.monotonic()
-        return self.took_over is not None and recovery_time(attempts, self.took_over) is not None
-
     def heal(self, ctx: FaultContext) -> None:
-        partitions.lift(ctx.lab, ctx.active)
-        ctx.mark("heal", ctx.active, "partition lifted")
-        for server in ctx.lab.ensemble.servers:
-            if server.pid is None:
-                server.start()
-                server.wait_serving(60)
+        super().heal(ctx)
+        _start_ensemble(ctx, missing_only=True)
 
 
 class Switchover(Fault):
