@@ -29,7 +29,7 @@ SERVICE_GRACE: Final = 5.0
 STRAY_GRACE: Final = 2.0
 # The files and directories one run of the lab writes into its directory; ``up`` removes those
 # of the previous run (and nothing else), ``down`` keeps them for their logs.
-_RUN_FILES: Final = ("zookeeper", "inet", *NODES, "spool.img", "zk-credentials")
+_RUN_FILES: Final = ("zookeeper", "inet", *NODES, "spool.img", "zk-credentials", "peer-secret")
 
 
 class HostSetup:
@@ -125,8 +125,8 @@ class HostSetup:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(f"{CREDENTIALS_USER}:{password}\n")
         os.chmod(path, 0o600)  # whatever the umask, or a file that was there before
-        # The agents' peer channel secret: a fresh one for every lab, mode 0600.
-        self._site.peer_secret_path.unlink(missing_ok=True)
+        # The agents' peer channel secret: a fresh one for every lab (``prepare_directory``
+        # removed the last one), mode 0600.
         write_secret(self._site.peer_secret_path)
 
     def recorded_topology(self, found: LabRecord | None) -> Topology:
