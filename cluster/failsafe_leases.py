@@ -4,7 +4,9 @@
 node); this keeps its inputs. While the active node's session is not connected, it asks every
 peer over the peer channel at each heartbeat; each peer answers each ask with a lease or a
 refusal. A lease held is counted from the ask's sending (the peer began counting later); a
-refusal drops the lease held from that peer at once. A lease granted is remembered until it has
+refusal renews nothing, and the lease held runs out (the peer keeps its promise until then: the
+peer that reconnects first after an outage must not make this node demote while its own session
+comes back too). A lease granted is remembered until it has
 ended and ``lease_grace`` more, for ``cluster.takeover.lease_verdict``. One log line when a
 peer's answer changes, not one per ask.
 """
@@ -48,6 +50,7 @@ class FailsafeLeases:
             # A former run of this agent may have granted one just before it ended.
             self.granted[FORMER_RUN] = clock() + policy.failsafe_lease
         self.answers: dict[str, str | None] = {}  # per asker: the last answer's refusal
+        self.refusals: dict[str, str | None] = {}  # per peer: why its last answer refused
         # The last decision's session: a server gone silent makes it suspended before kazoo
         # notices (``Coordinator.unanswered_view``).
         self.session_seen = Session.CONNECTED
@@ -115,9 +118,15 @@ class FailsafeLeases:
             end = sent[1] + min(lease, self.policy.failsafe_lease)
             self.held[answer.node] = max(self.held.get(answer.node, end), end)
         else:
-            fresh = self.held.pop(answer.node, None) is not None
+            # No renewal; what was granted stands (the peer keeps its promise until it ends):
+            # the peer that reconnects first after an outage must not make this node demote
+            # while its own session is about to come back too.
+            fresh = self.refusals.get(answer.node) != answer.body.get("why")
             if fresh:
                 self.log.warning("FailsafeRefused", by=answer.node, why=answer.body.get("why"))
+        self.refusals[answer.node] = (
+            None if answer.body.get("granted") is True else str(answer.body.get("why"))
+        )
         if fresh:
             self.on_change()
 

@@ -19,6 +19,7 @@ import pytest
 from cluster.lab import partitions
 from cluster.lab.history import LoadRun
 from cluster.lab.lab import Lab
+from cluster.lab.topology import NODES
 from tests.support.lab_checks import Sampler, agent_decisions, drained, wait_pair, wait_until
 
 pytestmark = pytest.mark.root
@@ -119,3 +120,33 @@ def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None
     print(f"demoted {demoted:.2f}s after ZooKeeper stopped, the peer channel cut")
     assert demoted < 5.0
     wait_pair(lab)
+
+
+def lab_command(lab: Lab, *words: str) -> subprocess.CompletedProcess[str]:
+    argv = [*HAMTA, "lab", *words, "--dir", str(lab.directory)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_as_a_newcomer_sees_it_serve_on_and_then_stop_for_the_peer(lab: Lab) -> None:
+    """What ``lab up`` suggests trying: both nodes cut off from ZooKeeper (the ensemble itself
+    runs on), mail still flows; ZooKeeper back for the passive node only: it takes over, after
+    the failsafe node stopped (the sampler sees no overlap)."""
+    active = wait_pair(lab)
+    passive = next(node for node in NODES if node != active)
+    with Sampler(lab):
+        try:
+            for node in (passive, active):
+                cut = lab_command(lab, "cut", node, "--from", "zookeeper")
+                assert cut.returncode == 0, cut.stderr
+            time.sleep(4.0)  # past both sessions' deadlines: on the leases alone
+            sent = lab_command(lab, "send", "--count", "5")
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            assert "serving in failsafe since" in local_status(lab, active)
+            assert lab_command(lab, "heal", passive).returncode == 0
+            assert lab.wait_active(30, other_than=active) == passive
+        finally:
+            for node in NODES:
+                lab_command(lab, "heal", node)
+    if not lab.node_pids(active):  # fenced by its peer's takeover: started again
+        lab.start_agent(active)
+    assert wait_pair(lab) == passive

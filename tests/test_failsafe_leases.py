@@ -88,15 +88,22 @@ async def _protocol() -> None:
     assert a.woken == 1  # a lease came: decide again (not at every renewal)
     granting = [line for line in logs if line["event"] == "FailsafeGranting"]
     assert len(granting) == 1 and granting[0]["to"] == "alpha"  # one line, not one per ask
-    # The passive node regains ZooKeeper: it refuses, and the lease held is dropped at once.
+    # The passive node regains ZooKeeper: it refuses; nothing is renewed, and what it granted
+    # stands until it ends (one line, however many refusals).
     b.session = Session.CONNECTED
     with capture_logs() as logs:
-        a.leases.ask(a.state)
-        await _turns()
-    assert a.view().failsafe_held == ()
+        for _ in range(3):
+            a.now += 0.1
+            b.now += 0.1
+            a.leases.ask(a.state)
+            await _turns()
+    assert a.view().failsafe_held == (("beta", NOW + 0.1 + 3.0),)
+    assert a.woken == 2
     assert [line["why"] for line in logs if line["event"] == "FailsafeRefused"] == [
         "connected to ZooKeeper"
     ]
+    a.now += 3.0
+    assert a.view().failsafe_held == ()
     # ... but it still remembers the lease it granted (for its own takeover).
     assert dict(b.view().failsafe_granted)["alpha"] == NOW + 0.1 + 3.0
     # Connected again, the active node asks nothing.

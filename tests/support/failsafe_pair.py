@@ -180,12 +180,9 @@ class FailsafePair:
                 if refusal is None:
                     node.granted[message.sender] = self.now + node.policy.failsafe_lease
                 self.send(node.name, message.sender, "answer", message.seq, refusal is None)
-            elif message.seq in node.asks:
-                if message.granted:
-                    end = node.asks[message.seq] + node.policy.failsafe_lease
-                    node.held[message.sender] = max(node.held.get(message.sender, end), end)
-                else:
-                    node.held.pop(message.sender, None)
+            elif message.seq in node.asks and message.granted:  # a refusal renews nothing
+                end = node.asks[message.seq] + node.policy.failsafe_lease
+                node.held[message.sender] = max(node.held.get(message.sender, end), end)
 
     # ---------------------------------------------------------------- the agents
 
