@@ -58,6 +58,11 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   session looks connected too (a silent server is noticed by kazoo late, if ever, while requests
   flow). Without a known deadline, a lost (expired) session, or while promoting, the node
   demotes at the first suspension.
+- Failsafe (``cluster.failsafe``): a suspended ACTIVE node serves on past its session deadline
+  only while every other member holds it a lease (it lost ZooKeeper too, and will not take over
+  before the lease ends and ``lease_grace`` more, unless it fences this node first); it demotes
+  the urgent drain and the margin before the first lease held ends. Serving so is the sub-state
+  ``AgentState.failsafe_since``, entered and left by rows of the table.
 - Leadership is given up last, after the spool is released, so the peer cannot mount it early.
 - A node whose replica DRBD's fence-peer handler marked outdated never takes over (not even by
   switchover) until a resync clears the mark, and nobody takes over while a split brain that
