@@ -141,7 +141,8 @@ def test_as_a_newcomer_sees_it_serve_on_and_then_stop_for_the_peer(lab: Lab) -> 
             time.sleep(4.0)  # past both sessions' deadlines: on the leases alone
             sent = lab_command(lab, "send", "--count", "5")
             assert sent.returncode == 0, sent.stdout + sent.stderr
-            assert "serving in failsafe since" in local_status(lab, active)
+            decisions = agent_decisions(lab, active)
+            assert decisions[-1]["trigger"] == "failsafe_entered", decisions[-3:]
             assert lab_command(lab, "heal", passive).returncode == 0
             assert lab.wait_active(30, other_than=active) == passive
         finally:
