@@ -122,6 +122,12 @@ def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None
     wait_pair(lab)
 
 
+def in_failsafe(lab: Lab, node: str) -> bool:
+    """The node's last decision put it in failsafe."""
+    decisions = agent_decisions(lab, node)
+    return bool(decisions) and decisions[-1]["trigger"] == "failsafe_entered"
+
+
 def lab_command(lab: Lab, *words: str) -> subprocess.CompletedProcess[str]:
     argv = [*HAMTA, "lab", *words, "--dir", str(lab.directory)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
@@ -138,11 +144,11 @@ def test_as_a_newcomer_sees_it_serve_on_and_then_stop_for_the_peer(lab: Lab) -> 
             for node in (passive, active):
                 cut = lab_command(lab, "cut", node, "--from", "zookeeper")
                 assert cut.returncode == 0, cut.stderr
-            time.sleep(4.0)  # past both sessions' deadlines: on the leases alone
+            wait_until(lambda: in_failsafe(lab, active), 15, f"{active} serving in failsafe")
+            time.sleep(2.0)  # past its session's deadline: on the leases alone
             sent = lab_command(lab, "send", "--count", "5")
             assert sent.returncode == 0, sent.stdout + sent.stderr
-            decisions = agent_decisions(lab, active)
-            assert decisions[-1]["trigger"] == "failsafe_entered", decisions[-3:]
+            assert in_failsafe(lab, active), agent_decisions(lab, active)[-3:]
             assert lab_command(lab, "heal", passive).returncode == 0
             assert lab.wait_active(30, other_than=active) == passive
         finally:
