@@ -69,19 +69,25 @@ async def _turns() -> None:
         await asyncio.sleep(0.002)
 
 
-async def _protocol() -> None:
+async def _pair() -> tuple[Node, Node, FailsafeLeases, FailsafeLeases]:
+    """alpha active, beta passive, both suspended, their channels connected."""
     a = Node("alpha", "beta", active())
     b = Node("beta", "alpha", AgentState(role=Role.PASSIVE))
     await a.connect(b)
     await b.connect(a)
     assert a.leases is not None and b.leases is not None
+    return a, b, a.leases, b.leases
+
+
+async def _protocol() -> None:
+    a, b, leases_a, leases_b = await _pair()
     # Both lost ZooKeeper: the active node asks, the passive one grants.
     with capture_logs() as logs:
-        a.leases.ask(a.state)
+        leases_a.ask(a.state)
         await _turns()
         a.now += 0.1
         b.now += 0.1
-        a.leases.ask(a.state)
+        leases_a.ask(a.state)
         await _turns()
     assert a.view().failsafe_held == (("beta", NOW + 0.1 + 3.0),)  # from the ask's sending
     assert dict(b.view().failsafe_granted)["alpha"] == NOW + 0.1 + 3.0
@@ -95,7 +101,7 @@ async def _protocol() -> None:
         for _ in range(3):
             a.now += 0.1
             b.now += 0.1
-            a.leases.ask(a.state)
+            leases_a.ask(a.state)
             await _turns()
     assert a.view().failsafe_held == (("beta", NOW + 0.1 + 3.0),)
     assert a.woken == 2
@@ -108,11 +114,11 @@ async def _protocol() -> None:
     assert dict(b.view().failsafe_granted)["alpha"] == NOW + 0.1 + 3.0
     # Connected again, the active node asks nothing.
     a.session = Session.CONNECTED
-    a.leases.saw(Session.CONNECTED)
-    a.leases.ask(a.state)
-    assert a.leases.asks == {}
-    a.leases.channel.close()
-    b.leases.channel.close()
+    leases_a.saw(Session.CONNECTED)
+    leases_a.ask(a.state)
+    assert leases_a.asks == {}
+    leases_a.channel.close()
+    leases_b.channel.close()
 
 
 def test_the_protocol_over_real_sockets() -> None:
@@ -120,25 +126,21 @@ def test_the_protocol_over_real_sockets() -> None:
 
 
 async def _answers_to_nobody() -> None:
-    a = Node("alpha", "beta", active())
-    b = Node("beta", "alpha", AgentState(role=Role.PASSIVE))
-    await a.connect(b)
-    await b.connect(a)
-    assert a.leases is not None and b.leases is not None
+    a, _, leases_a, leases_b = await _pair()
     # An answer to an ask alpha never sent (forged by a peer, or very late) is no lease.
-    b.leases.channel.send("alpha", "answer", {"ask": 999, "granted": True, "lease": 3.0})
-    b.leases.channel.send("alpha", "answer", {"ask": "x", "granted": True})
+    leases_b.channel.send("alpha", "answer", {"ask": 999, "granted": True, "lease": 3.0})
+    leases_b.channel.send("alpha", "answer", {"ask": "x", "granted": True})
     await _turns()
     assert a.view().failsafe_held == ()
     # A peer asking more than it is given: the lease is this node's own setting at most.
-    a.leases.ask(a.state)
+    leases_a.ask(a.state)
     await _turns()
-    seq = max(a.leases.asks)
-    b.leases.channel.send("alpha", "answer", {"ask": seq, "granted": True, "lease": 60.0})
+    seq = max(leases_a.asks)
+    leases_b.channel.send("alpha", "answer", {"ask": seq, "granted": True, "lease": 60.0})
     await _turns()
     assert a.view().failsafe_held == (("beta", NOW + 3.0),)
-    a.leases.channel.close()
-    b.leases.channel.close()
+    leases_a.channel.close()
+    leases_b.channel.close()
 
 
 def test_stray_answers_and_long_leases_are_not_trusted() -> None:
