@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -40,9 +41,20 @@ from cluster.decision_data import (
     Trigger,
 )
 from cluster.executor import Executor
+from cluster.failsafe import failsafe_due
+from cluster.failsafe_leases import FailsafeLeases
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.gray_failure import gray_sighting, location_verdict
 from cluster.hooks import Hooks, RoleChange
+from cluster.operator import LOCAL_STATUS
+from cluster.peer_channel import (
+    Address,
+    Message,
+    PeerChannel,
+    PeerChannelError,
+    bind_socket,
+    load_secret,
+)
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
@@ -54,6 +66,7 @@ from fencing.watchdog import Watchdog, WatchdogError
 from fencing.zk_session import ZkSession
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
+from hamta.durable_files import write_durably
 from hamta.eventlog import get_logger
 
 if TYPE_CHECKING:
@@ -223,6 +236,19 @@ class Agent:
         self._locations_trouble = ""  # the last failure to read them, logged once
         self.api = self._api(config) if config.api.listen else None
 
+        self.channel = self._peer_channel(config)
+        self.failsafe: FailsafeLeases | None = None
+        if self.channel is not None:
+            self.failsafe = FailsafeLeases(
+                channel=self.channel,
+                policy=self.policy,
+                session=lambda: self.coordinator.session,
+                clock=clock,
+                log=self.log,
+                on_change=self.wake.set,
+            )
+        self.last_snapshot: Snapshot | None = None
+
     def _api(self, config: AgentConfig) -> AgentApi:
         # Here, not at the top: aiohttp only for an agent with an API (see cluster.api_status).
         from cluster.api import AgentApi  # noqa: PLC0415
@@ -253,6 +279,40 @@ class Agent:
             relay_ready=self.health.view.relay_ready,
             loop_age=self.clock() - self.progress,
         )
+
+    def _peer_channel(self, config: AgentConfig) -> PeerChannel | None:
+        """The direct channel to the other agents, when ``agent.peers`` names any."""
+        agent = config.agent
+        if not agent.peers:
+            return None
+        assert agent.peer_secret_file is not None  # the configuration says so
+        try:
+            secret = load_secret(agent.peer_secret_file)
+            sock = bind_socket(parse_hostport(agent.peer_address))
+        except PeerChannelError as exc:
+            raise AgentStartError(str(exc)) from None
+        return PeerChannel(
+            node=agent.node,
+            secret=secret,
+            peers=agent.peer_addresses(),
+            sock=sock,
+            handler=self._on_peer_message,
+            clock=self.clock,
+            wall=self.wall,
+            max_skew=agent.peer_max_skew,
+        )
+
+    def _on_peer_message(self, message: Message, address: Address) -> None:
+        """An authenticated message from a peer (heartbeats are counted by the channel)."""
+        if self.failsafe is not None:
+            self.failsafe.receive(message, self.state)
+
+    async def _heartbeat_peers(self) -> None:
+        """Every heartbeat interval: a heartbeat to each peer, and the failsafe asks."""
+        if self.channel is not None:
+            self.channel.heartbeat({"role": self.state.role.value, "epoch": self.state.epoch})
+        if self.failsafe is not None:
+            self.failsafe.ask(self.state)
 
     # ------------------------------------------------------------ observation
 
@@ -299,13 +359,16 @@ class Agent:
         if view.last_served is not None:
             served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
             view = replace(view, last_served=served)
-        return Snapshot(
+        ages = self.channel.heartbeat_ages() if self.channel is not None else ()
+        snapshot = Snapshot(
             cluster=view,
             local=local,
             wall=wall,
             result=result,
+            heartbeat_ages=ages,
             location_verdicts=self.locations,
         )
+        return self.failsafe.view(snapshot) if self.failsafe is not None else snapshot
 
     async def _read_locations(self) -> None:
         """The check locations' verdicts, for the gray failure rule: read on a timer, apart from
@@ -410,6 +473,10 @@ class Agent:
             relay_ready=snapshot.local.relay_ready,
             steps={step.value: seconds for step, seconds in after.steps} or None,
             gray_failure=self._gray_fields(decision, snapshot),
+            # Serving on the peers' leases: for how long so far (None: not in failsafe).
+            failsafe=round(self.clock() - after.failsafe_since, 3)
+            if after.failsafe_since is not None
+            else None,
         )
 
     def _gray_fields(self, decision: Decision, snapshot: Snapshot) -> dict[str, Any] | None:
@@ -431,6 +498,9 @@ class Agent:
         before = self.state
         decision = decide(before, snapshot, self.clock(), self.policy)
         self.state = decision.state
+        self.last_snapshot = snapshot
+        if self.failsafe is not None:
+            self.failsafe.saw(snapshot.cluster.session)
         active = self.state.role is Role.ACTIVE
         self.demotion_due = demotion_due(snapshot, self.policy) if active else None
         self._note_ride_out(snapshot)
@@ -455,6 +525,27 @@ class Agent:
             await self._publish()
         for action in decision.actions:
             self._start(action)
+        if before.role is not self.state.role or before.failsafe_since != self.state.failsafe_since:
+            await self._write_status(snapshot)
+
+    async def _write_status(self, snapshot: Snapshot) -> None:
+        """This node's role and failsafe in its state directory, for ``hamta cluster status``
+        while ZooKeeper cannot be read."""
+        now, wall = self.clock(), self.wall()
+        since = self.state.failsafe_since
+        status = {
+            "node": self.policy.node,
+            "role": self.state.role.value,
+            "epoch": self.state.epoch,
+            "session": snapshot.cluster.session.value,
+            "failsafe_since": None if since is None else round(wall - (now - since), 3),
+            "written": round(wall, 3),
+        }
+        data = json.dumps(status).encode() + b"\n"
+        try:
+            await asyncio.to_thread(write_durably, self.config.agent.state_dir, LOCAL_STATUS, data)
+        except OSError as exc:
+            self.log.warning("StatusNotWritten", error=str(exc))
 
     def _note_ride_out(self, snapshot: Snapshot) -> None:
         """One line when the active node begins to serve on through a suspended session (no
@@ -501,7 +592,13 @@ class Agent:
             return
         self._hand_session(watchdog)
         now = self.clock()
+        # Until when the failsafe leases cover this node, as they stand now (renewed between
+        # decisions): None when they do not.
+        covered = None
+        if self.last_snapshot is not None and self.failsafe is not None:
+            covered = failsafe_due(self.failsafe.view(self.last_snapshot), self.policy)
         plan = plan_watchdog(
+            covered_until=covered,
             holds=holds_resources(self.state),
             armed=self._armed,
             connected=self.coordinator.session is Session.CONNECTED,
@@ -663,8 +760,14 @@ class Agent:
                 await asyncio.to_thread(self.coordinator.stop)
                 raise AgentStartError(f"api.listen {self.config.api.listen}: {exc}") from None
         agent = self.config.agent
+        if self.channel is not None:
+            await self.channel.start()
+            self.log.info(
+                "PeerChannelStarted", address=agent.peer_address, peers=sorted(agent.peers)
+            )
         background = [
             asyncio.create_task(self.hooks.serve()),
+            asyncio.create_task(self._every(agent.heartbeat_interval, self._heartbeat_peers)),
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
             # Dates the session's last contact with a server: the fresher, the longer an active
@@ -713,6 +816,8 @@ class Agent:
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
         if self.api is not None:
             await self.api.stop()
+        if self.channel is not None:
+            self.channel.close()
         await self.relay.stop(self.config.agent.drain_timeout)
         await asyncio.to_thread(self.coordinator.stop)
         if self.watchdog is not None and not holds_resources(self.state):

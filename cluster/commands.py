@@ -24,7 +24,9 @@ from cluster.operator import (
     cancel_switchover,
     cluster_status,
     format_history,
+    format_local_status,
     format_status,
+    local_status,
     operator_session,
     parse_time,
     pause_failover,
@@ -140,6 +142,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                     )
     except (CoordinationError, OperatorError) as exc:
         print(f"hamta: {exc}", file=sys.stderr)
+        # ZooKeeper down: what this node's agent says of itself (serving in failsafe?).
+        local = local_status(config) if args.action == "status" else None
+        if local is not None:
+            print(
+                json.dumps(local, indent=2)
+                if args.json
+                else format_local_status(local, time.time())
+            )
         return 1
     return 0
 

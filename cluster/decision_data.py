@@ -210,6 +210,15 @@ class Snapshot:
     result: StepResult | None = None
     # What the check locations see of the service (gray failure); read while active only.
     location_verdicts: tuple[LocationVerdict, ...] = ()
+    # The peer channel (cluster.peer_channel): for each peer node heard at least once, the
+    # seconds since its last authenticated heartbeat, by this agent's monotonic clock.
+    heartbeat_ages: tuple[tuple[str, float], ...] = ()
+    # Failsafe (cluster.failsafe), on this agent's monotonic clock. Held: for each peer whose
+    # last answer granted one, when the lease it granted this node ends (the ask's send time
+    # plus the lease: the peer started counting later). Granted: for each node this node
+    # granted a lease to, when it ends: this node does not take over unfenced before then.
+    failsafe_held: tuple[tuple[str, float], ...] = ()
+    failsafe_granted: tuple[tuple[str, float], ...] = ()
 
 
 class Takeover(enum.StrEnum):
@@ -245,6 +254,10 @@ class Policy:
     session_margin: float = 0.25
     takeover: Takeover = Takeover.FENCE_OR_LEASE
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
+    # Failsafe: a suspended active node serves on while every peer holds it a lease.
+    failsafe: bool = True
+    failsafe_peers: frozenset[str] = frozenset()  # the nodes of [agent] peers
+    failsafe_lease: float = 3.0
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
     pre_promote: bool = False  # a ``[hooks] pre_promote`` command runs as a promotion step
     # Gray failure: hand over when this many check locations (and a majority of those known)
@@ -347,6 +360,9 @@ class AgentState:
     # ACTIVE: why a gray failure seen was not acted on, and since when it was seen, as last
     # logged (one line per reason and episode, not one per tick).
     gray_held: str = ""
+    # ACTIVE: since when it has served in failsafe (its session suspended, every peer's lease
+    # held); None when not.
+    failsafe_since: float | None = None
 
 
 # ------------------------------------------------------------------ what the agent decided
@@ -378,6 +394,8 @@ class Trigger(enum.StrEnum):
     STOP = "stop"  # the agent is stopping: hand over first
     GRAY_FAILURE = "gray_failure"  # check locations see the service down; this node looks fine
     GRAY_FAILURE_HELD = "gray_failure_held"  # ... but no handover now (``refine``)
+    FAILSAFE_ENTERED = "failsafe_entered"  # active, suspended, every peer holds it a lease
+    FAILSAFE_ENDED = "failsafe_ended"  # ... no longer: the session is back, or a lease is gone
     NOTHING = "nothing"
 
 

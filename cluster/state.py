@@ -60,6 +60,11 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   session looks connected too (a silent server is noticed by kazoo late, if ever, while requests
   flow). Without a known deadline, a lost (expired) session, or while promoting, the node
   demotes at the first suspension.
+- Failsafe (``cluster.failsafe``): a suspended ACTIVE node serves on past its session deadline
+  only while every other member holds it a lease (it lost ZooKeeper too, and will not take over
+  before the lease ends and ``lease_grace`` more, unless it fences this node first); it demotes
+  the urgent drain and the margin before the first lease held ends. Serving so is the sub-state
+  ``AgentState.failsafe_since``, entered and left by rows of the table.
 - Leadership is given up last, after the spool is released, so the peer cannot mount it early.
 - A node whose replica DRBD's fence-peer handler marked outdated never takes over (not even by
   switchover) until a resync clears the mark, and nobody takes over while a split brain that
@@ -99,6 +104,7 @@ from cluster.decision_data import (
     Switchover,
     Trigger,
 )
+from cluster.failsafe import failsafe_due, held_until, members, serving_in_failsafe
 from cluster.gray_failure import gray_refusal, gray_sighting
 from cluster.takeover import (
     fence_targets,
@@ -173,9 +179,16 @@ def demotion_due(snapshot: Snapshot, policy: Policy) -> float | None:
     deadline = cluster.session_deadline
     if cluster.session is Session.LOST:
         return float("-inf")
+    due: float | None
     if deadline is None:
-        return None if cluster.session is Session.CONNECTED else float("-inf")
-    return deadline - (policy.urgent_drain_timeout + policy.session_margin)
+        due = None if cluster.session is Session.CONNECTED else float("-inf")
+    else:
+        due = deadline - (policy.urgent_drain_timeout + policy.session_margin)
+    # Suspended, every peer's failsafe lease held: it serves on until the first one would end.
+    leased = failsafe_due(snapshot, policy)
+    if leased is not None and (due is None or leased > due):
+        return leased
+    return due
 
 
 def session_doomed(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -214,6 +227,13 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     graceful = policy.drain_time(state.reason) > policy.urgent_drain_timeout
     if draining and graceful and cluster.session is not Session.CONNECTED:
         return Trigger.SESSION_LOST
+    # The failsafe sub-state of an active node changes whatever step is in flight
+    # (Never over a step's result: the result would be lost.)
+    failsafe = serving_in_failsafe(snapshot, now, policy)
+    if role is Role.ACTIVE and result is None and (state.failsafe_since is None) == failsafe:
+        return (
+            Trigger.FAILSAFE_ENDED if state.failsafe_since is not None else Trigger.FAILSAFE_ENTERED
+        )
     if result is None and state.step is not None:
         return Trigger.WAITING
     if local.stopping and role in (Role.ACTIVE, Role.PROMOTING):
@@ -371,6 +391,8 @@ class Then(enum.Enum):
     RESTART_RELAY = "restart relay"
     RELAY_STARTED = "relay started"
     RELAY_START_FAILED = "relay start failed"
+    ENTER_FAILSAFE = "enter failsafe"  # note since when, and until when the leases hold
+    LEAVE_FAILSAFE = "leave failsafe"  # note why: the session is back, or a lease is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +443,8 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
     (_A, Trigger.STEP_DONE): Transition(_A, Then.RELAY_STARTED),
     (_A, Trigger.STEP_FAILED): Transition(_A, Then.RELAY_START_FAILED),
+    (_A, Trigger.FAILSAFE_ENTERED): Transition(_A, Then.ENTER_FAILSAFE),
+    (_A, Trigger.FAILSAFE_ENDED): Transition(_A, Then.LEAVE_FAILSAFE),
     # demoting: every step in turn; a failed one is retried, never skipped
     (_D, Trigger.STEP_DONE): Transition(_D, Then.NEXT_DEMOTION_STEP),
     (_D, Trigger.DEMOTED): Transition(Role.PASSIVE, Then.FINISH_DEMOTION),
@@ -474,6 +498,7 @@ def _begin_demotion(ctx: _Context, *, give_up: bool, note: str) -> Effect:
         reason=ctx.trigger.value,
         give_up=give_up,
         attempts=0,
+        failsafe_since=None,
     )
     timeout = ctx.policy.drain_time(state.reason)
     return state, (Action(Step.DRAIN, timeout, epoch=ctx.state.epoch, reason=note),), note
@@ -590,6 +615,20 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
         case Then.CUT_DRAIN_SHORT:
             note = "session lost during a graceful drain: cutting it short"
             return _begin_demotion(ctx, give_up=state.give_up, note=note)
+        case Then.ENTER_FAILSAFE:
+            until = held_until(ctx.snapshot, policy)
+            assert until is not None  # ``classify`` saw every lease held
+            peers = ", ".join(sorted(members(ctx.snapshot, policy)))
+            note = f"serving in failsafe: ZooKeeper lost, leases held from {peers}"
+            return replace(state, failsafe_since=now), (), f"{note} for {until - now:.1f}s"
+        case Then.LEAVE_FAILSAFE:
+            since = now - (state.failsafe_since or now)
+            if ctx.snapshot.cluster.session is Session.CONNECTED:
+                why = "the session is back"
+            else:
+                why = f"a peer's lease is gone ({_missing_leases(ctx.snapshot, policy)})"
+            note = f"failsafe over after {since:.1f}s: {why}"
+            return replace(state, failsafe_since=None), (), note
         case Then.REFUSE_SWITCHOVER:
             request = _switchover_pending(ctx.snapshot, policy)
             assert request is not None
@@ -647,6 +686,14 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             new = replace(state, step=step, retry_step=None)
             return new, (ctx.run(step),), f"retrying {step.value}"
     raise AssertionError(transition)  # pragma: no cover - the match is exhaustive
+
+
+def _missing_leases(snapshot: Snapshot, policy: Policy) -> str:
+    held = dict(snapshot.failsafe_held)
+    missing = sorted(members(snapshot, policy) - held.keys())
+    if missing:
+        return "none held from " + ", ".join(missing)
+    return "the first ends too soon" if policy.failsafe else "failsafe is off"
 
 
 def decide(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Decision:

@@ -210,8 +210,8 @@ def test_the_lab_fence_starts_on_the_standard_library() -> None:
 # The decision modules: every decision of the agent is testable with plain data. They import
 # the standard library and each other only (state: the table; takeover: who may take over and
 # what to fence; decision_data: what they decide over and return; gray_failure: what the check
-# locations see).
-DECISIONS = ["state", "takeover", "decision_data", "watchdog_policy", "gray_failure"]
+# locations see; failsafe: the leases).
+DECISIONS = ["state", "takeover", "decision_data", "watchdog_policy", "gray_failure", "failsafe"]
 
 
 @pytest.mark.parametrize("module", DECISIONS)

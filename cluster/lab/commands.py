@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.lab import netns
+from cluster.lab import netns, partitions
 from cluster.lab.haproxy import HAPROXY_PORT
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.monitors import format_verdicts
@@ -19,6 +19,7 @@ from cluster.lab.topology import (
     DEFAULT_DIRECTORY,
     HOSTS,
     NODES,
+    PEER_PORT,
     ZOOKEEPER_HOSTS,
 )
 
@@ -165,6 +166,33 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cut(args: argparse.Namespace) -> int:
+    """``hamta lab cut NODE --from zookeeper|peer``: a partition of one node (nftables)."""
+    lab = _load(args)
+    cut = partitions.cut_from_zookeeper if args.side == "zookeeper" else partitions.cut_peer_channel
+    try:
+        partitions.lift(lab, args.node)  # one cut at a time: the new one replaces the old
+        cut(lab, args.node)
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.node} cut off from its {CUTS[args.side]}; undo it with: hamta lab heal {args.node}"
+    )
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    """``hamta lab heal NODE``: lift the node's cut."""
+    lab = _load(args)
+    partitions.lift(lab, args.node)
+    print(f"{args.node}: cut lifted")
+    return 0
+
+
+CUTS = {"zookeeper": "ZooKeeper servers", "peer": "peer agent (the peer channel)"}
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -177,6 +205,8 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
     lines += [
         "",
         f"  ZooKeeper        {lab.zookeeper_hosts} (credentials {lab.credentials_path})",
+        f"  peer channel     UDP {PEER_PORT} between the nodes (secret {lab.peer_secret_path};"
+        " failsafe on: stop every ZooKeeper server and the active node serves on)",
         f"  virtual IP       {lab.vip}:25",
         f"  shared disk      {lab.loop_device} (ext4, mounted only on the active node)",
         f"  mail sink        {lab.address('inet')}:25, recording to {lab.sink_record}",
@@ -192,6 +222,7 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
     if agents:
         found = lab.active_node()
         active = found or "node1"
+        passive = next(node for node in NODES if node != active)
         steps = [
             (f"hamta lab send --count 10{dir_option}", "mail from the client to the VIP"),
             (
@@ -204,6 +235,16 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
             (f"hamta lab status{dir_option}", "the other node took over"),
             (f"hamta lab send --count 10{dir_option}", "mail still flows"),
             (f"hamta lab start {active}{dir_option}", "bring it back, as the passive node"),
+            (f"hamta lab cut {passive} --from zookeeper{dir_option}", "ZooKeeper gone: passive"),
+            (f"hamta lab cut {active} --from zookeeper{dir_option}", "... and active: serves on"),
+            (f"hamta lab send --count 10{dir_option}", "in failsafe: still 250"),
+            (
+                f"hamta cluster status --config {lab.directory}/{active}/agent.toml",
+                "'serving in failsafe since ...'",
+            ),
+            (f"hamta lab heal {passive}{dir_option}", "ZooKeeper back for the passive: it refuses"),
+            (f"hamta lab status{dir_option}", f"{passive} took over once {active} stopped"),
+            (f"hamta lab heal {active}{dir_option}", "all back"),
             (f"hamta lab down{dir_option}", "take it all away"),
         ]
         width = max(len(command) for command, _ in steps)
@@ -343,3 +384,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start = command("start", "start a node's agent again after a kill")
     start.add_argument("node", choices=NODES)
     start.set_defaults(func=cmd_start)
+
+    cut = command("cut", "cut a node off from ZooKeeper or from its peer agent (nftables)")
+    cut.add_argument("node", choices=NODES)
+    cut.add_argument("--from", dest="side", choices=sorted(CUTS), required=True)
+    cut.set_defaults(func=cmd_cut)
+
+    heal = command("heal", "lift a node's cut")
+    heal.add_argument("node", choices=NODES)
+    heal.set_defaults(func=cmd_heal)

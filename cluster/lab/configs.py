@@ -18,6 +18,8 @@ from cluster.lab.topology import (
     DOMAIN,
     INTERFACE,
     INTERNET,
+    NODES,
+    PEER_PORT,
     RESOLVER_PORT,
     SMTP_PORT,
     Topology,
@@ -95,14 +97,20 @@ def agent_config(
     credentials: Path,
     device: str,
     fence_command: Sequence[str],
+    peer_secret: Path,
 ) -> Sections:
-    """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence."""
+    """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence,
+    and the peer channel to the other node (heartbeats, failsafe)."""
+    peers = {other: f"{topology.address(other)}:{PEER_PORT}" for other in NODES if other != node}
     return {
         "agent": {
             "node": node,
             "cluster": "lab",
             "zookeeper": topology.zookeeper_hosts,
             "session_timeout": "2s",
+            "peer_address": f"{topology.address(node)}:{PEER_PORT}",
+            "peers": peers,
+            "peer_secret_file": peer_secret,
             "credentials": credentials,
             "relay_config": node_dir / "relay.toml",
             "state_dir": node_dir,

@@ -46,6 +46,7 @@ ZOOKEEPER_PORT: Final = 2181
 SMTP_PORT: Final = 25
 ADMIN_PORT: Final = 8025  # each relay's admin endpoint, on its node's own lab address
 ALERTS_PORT: Final = 8099  # the monitors' webhook receiver, on the internet host
+PEER_PORT: Final = 7946  # the agents' peer channel (UDP)
 DNS_PORT: Final = 53
 API_PORT: Final = 8008  # each agent's HTTP API, on the node's own address
 # The internet host's validating resolver (unbound, cluster.lab.tls_site), the relays' DNS.

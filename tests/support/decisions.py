@@ -41,7 +41,7 @@ from cluster.takeover import holds_resources
 NODE = "alpha"
 PEER = "beta"
 OTHER = "gamma"
-POLICY = Policy(node=NODE)
+POLICY = Policy(node=NODE, failsafe_peers=frozenset({PEER}))
 NOW = 1000.0  # monotonic
 WALL = 1_700_000_000.0  # wall clock
 EPOCH = 7
@@ -106,6 +106,8 @@ class World:
     session_deadline: float | None = None  # monotonic: the session surely lives on until then
     scheduled: ScheduledSwitchover | None = None  # a switchover stored for a later time
     locations: tuple[LocationVerdict, ...] = ()  # what the check locations see (gray failure)
+    failsafe_held: dict[str, float] = field(default_factory=dict)  # leases peers granted it
+    failsafe_granted: dict[str, float] = field(default_factory=dict)  # leases it granted
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -131,7 +133,15 @@ class World:
             relay_failures=self.relay_failures,
             stopping=self.stopping,
         )
-        return Snapshot(cluster, local, wall, result, location_verdicts=self.locations)
+        return Snapshot(
+            cluster,
+            local,
+            wall,
+            result,
+            location_verdicts=self.locations,
+            failsafe_held=tuple(sorted(self.failsafe_held.items())),
+            failsafe_granted=tuple(sorted(self.failsafe_granted.items())),
+        )
 
 
 class Walk:
@@ -320,6 +330,7 @@ def grid_states() -> list[AgentState]:
         replace(promoting(Step.FENCE), step=None, retry_step=Step.FENCE, retry_at=NOW),
         active(),
         active(step=RESTART, attempts=1),
+        active(failsafe_since=NOW - 1),
         demoting(Step.DRAIN),
         demoting(Step.RELEASE, give_up=True),
         demoting(Step.RELEASE, reason="stray leader", epoch=0),
@@ -353,6 +364,8 @@ def grid_worlds() -> list[World]:
                                             switchover=switchover,
                                             members=members,
                                             stopping=stopping,
+                                            # With a peer: it holds this node a lease.
+                                            failsafe_held={PEER: NOW + 2} if members else {},
                                         )
                                     )
     # A gray failure seen by the check locations, where it can matter: a connected leader.
