@@ -399,8 +399,9 @@ def test_down_leaves_nothing_behind_and_twice_is_fine(tmp_path: Path) -> None:
         lab.up(wait=60.0, agents=False)  # the monitors too: down must end them as well
         device, image = lab.loop_device, lab.image_path
         pids = [pid for host in HOSTS for pid in lab.node_pids(host)]
-        # Three ZooKeeper servers, dnsmasq, the sink, two monitors and their alert receiver.
-        assert len(pids) == 8
+        # Three ZooKeeper servers, dnsmasq, the sink, two monitors and their alert receiver, the
+        # validating resolver (unbound) and the MTA-STS policy host.
+        assert len(pids) == 10
     finally:
         lab.down()
     assert lab_leftovers(lab, pids, device, image) == []

@@ -32,6 +32,7 @@ from cluster.lab.topology import (
     INTERNET,
     MAIL_DOMAINS,
     MX_NAME,
+    PROBE_DOMAIN,
     RESOLVER_PORT,
     SMTP_PORT,
     Topology,
@@ -188,7 +189,8 @@ def prepare(directory: Path, topology: Topology) -> TlsSite:
 
     inet = str(topology.address(INTERNET))
     tlsa = f"_{SMTP_PORT}._tcp"
-    plain = [f"{domain}. IN MX 10 {MX_NAME}." for domain in MAIL_DOMAINS]
+    # The monitors' round-trip probes go to PROBE_DOMAIN (cluster.lab.monitors), as in dnsmasq.
+    plain = [f"{domain}. IN MX 10 {MX_NAME}." for domain in (*MAIL_DOMAINS, PROBE_DOMAIN)]
     plain += [f"{MX_NAME}. IN A {inet}"]
     plain += [f"{host}.{DOMAIN}. IN A {topology.address(host)}" for host in HOSTS]
     plain += [
