@@ -177,6 +177,9 @@ class Snapshot:
     local: LocalView
     wall: float  # wall clock, for ages of records written by other nodes
     result: StepResult | None = None
+    # For each peer heard at least once over the peer channel: (node, seconds since its last
+    # authenticated heartbeat). A peer never heard is absent: its silence proves nothing.
+    heartbeat_ages: tuple[tuple[str, float], ...] = ()
 
 
 class Takeover(enum.StrEnum):
@@ -212,6 +215,11 @@ class Policy:
     session_margin: float = 0.25
     takeover: Takeover = Takeover.FENCE_OR_LEASE
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
+    # Fenced immediate takeover: a passive node that has not heard the leader's heartbeats for
+    # ``peer_timeout`` fences it and, once the fence is confirmed, replaces its leader znode
+    # without waiting for its session to expire (``cluster.takeover.silent_leader``).
+    fast_takeover: bool = True
+    peer_timeout: float = 1.0
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
 
     def timeout(self, step: Step) -> float:
@@ -255,6 +263,9 @@ class Action:
     fence: tuple[str, ...] = ()  # FENCE: every node that may still hold something
     reason: str = ""
     steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
+    # ACQUIRE after a confirmed fence: the silent leader's znode (node, epoch) that may be
+    # replaced in the same transaction; None: only a vacant leadership is taken.
+    stale_leader: tuple[str, int] | None = None
 
     # How a step's time limit is shared among its parts is decided here, not by the executor.
 
@@ -296,6 +307,11 @@ class AgentState:
     # time, for the leases of the nodes it could not fence to expire.
     waiting_since: float = 0.0
     restarted_at: float = 0.0  # ACTIVE: the last in-place relay restart (``attempts`` counts them)
+    # The silent leader's znode (node, epoch) this node is fencing (PASSIVE, its FENCE step in
+    # flight) or fenced before ACQUIRE (PROMOTING: not fenced twice); PASSIVE: no silent leader
+    # is fenced again before ``silent_fence_at`` (after a failed fence or a takeover refused).
+    silent_leader: tuple[str, int] | None = None
+    silent_fence_at: float = 0.0
 
 
 # ------------------------------------------------------------------ what the agent decided
@@ -325,6 +341,9 @@ class Trigger(enum.StrEnum):
     LEASE_REFUSED = "lease_refused"  # ... and ``lease_verdict`` forbids going on (``refine``)
     REPLICA_REFUSED = "replica_refused"  # the spool is next, but this replica is not to be served
     STOP = "stop"  # the agent is stopping: hand over first
+    PEER_SILENT = "peer_silent"  # the leader's heartbeats stopped: fence it (``silent_leader``)
+    PEER_FENCED = "peer_fenced"  # ... fenced, confirmed: take over at once
+    FENCED_HELD = "fenced_held"  # ... fenced, but a takeover is not allowed now (``refine``)
     NOTHING = "nothing"
 
 

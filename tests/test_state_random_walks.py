@@ -38,3 +38,5 @@ def test_random_walks_exercise_the_new_rules() -> None:
     assert sum(h.storage_checked for h in histories) >= 5
     assert sum(h.rode_out for h in histories) >= 5  # suspended, still active: deadline ahead
     assert sum(h.silent for h in histories) >= 5  # "connected", but the contact ran out
+    assert sum(h.silent_fences for h in histories) >= 5  # a silent leader fenced ...
+    assert sum(h.fast_takeovers for h in histories) >= 5  # ... and replaced at once
