@@ -37,6 +37,14 @@ from cluster.decision_data import (
 )
 from cluster.executor import Executor
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
+from cluster.peer_channel import (
+    Address,
+    Message,
+    PeerChannel,
+    PeerChannelError,
+    bind_socket,
+    load_secret,
+)
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
@@ -199,6 +207,37 @@ class Agent:
         self.riding_since: float | None = None  # ... and since when it has served on so
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
+        self.channel = self._peer_channel(config)
+
+    def _peer_channel(self, config: AgentConfig) -> PeerChannel | None:
+        """The direct channel to the other agents, when ``agent.peers`` names any."""
+        agent = config.agent
+        if not agent.peers:
+            return None
+        assert agent.peer_secret_file is not None  # the configuration says so
+        try:
+            secret = load_secret(agent.peer_secret_file)
+            sock = bind_socket(parse_hostport(agent.peer_address))
+        except PeerChannelError as exc:
+            raise AgentStartError(str(exc)) from None
+        return PeerChannel(
+            node=agent.node,
+            secret=secret,
+            peers=agent.peer_addresses(),
+            sock=sock,
+            handler=self._on_peer_message,
+            clock=self.clock,
+            wall=self.wall,
+            max_skew=agent.peer_max_skew,
+        )
+
+    def _on_peer_message(self, message: Message, address: Address) -> None:
+        """An authenticated message from a peer (heartbeats are counted by the channel)."""
+        del message, address  # the failsafe protocol's asks and answers come here
+
+    async def _heartbeat_peers(self) -> None:
+        if self.channel is not None:
+            self.channel.heartbeat({"role": self.state.role.value, "epoch": self.state.epoch})
 
     # ------------------------------------------------------------ observation
 
@@ -244,7 +283,8 @@ class Agent:
         if view.last_served is not None:
             served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
             view = replace(view, last_served=served)
-        return Snapshot(cluster=view, local=local, wall=wall, result=result)
+        ages = self.channel.heartbeat_ages() if self.channel is not None else ()
+        return Snapshot(cluster=view, local=local, wall=wall, result=result, heartbeat_ages=ages)
 
     async def _check_health(self) -> None:
         active = self.state.role is Role.ACTIVE and self.state.step is None
@@ -545,7 +585,13 @@ class Agent:
             self.log.error("AgentFailed", error=str(exc))
             raise AgentStartError(str(exc)) from None
         agent = self.config.agent
+        if self.channel is not None:
+            await self.channel.start()
+            self.log.info(
+                "PeerChannelStarted", address=agent.peer_address, peers=sorted(agent.peers)
+            )
         background = [
+            asyncio.create_task(self._every(agent.heartbeat_interval, self._heartbeat_peers)),
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
             # Dates the session's last contact with a server: the fresher, the longer an active
@@ -590,6 +636,8 @@ class Agent:
         for task in [*background, *self.tasks]:
             task.cancel()
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
+        if self.channel is not None:
+            self.channel.close()
         await self.relay.stop(self.config.agent.drain_timeout)
         await asyncio.to_thread(self.coordinator.stop)
         if self.watchdog is not None and not holds_resources(self.state):

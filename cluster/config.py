@@ -75,6 +75,18 @@ class AgentSection(_Section):
     # may expire on the server (decision lag, killing a relay that overruns its drain).
     session_margin: Seconds = 0.25
     step_timeouts: dict[Step, PositiveSeconds] = Field(default_factory=dict)
+    # The direct channel between the agents (cluster.peer_channel): where this agent listens
+    # ("host:port"), each other node's name and address, the shared secret's file (0600).
+    peer_address: str = ""
+    peers: dict[str, str] = Field(default_factory=dict)
+    peer_secret_file: Path | None = None
+    heartbeat_interval: PositiveSeconds = 0.1
+    # How far a message's timestamp may be from this node's clock: bounds how old a captured
+    # message may be when replayed to a receiver that restarted (the chaos suite skews 45 s).
+    peer_max_skew: PositiveSeconds = 60.0
+    # Serve through a ZooKeeper outage while every peer grants a lease (docs/fencing.md).
+    failsafe: bool = True
+    failsafe_lease: PositiveSeconds = 3.0
 
     @field_validator("zookeeper")
     @classmethod
@@ -83,6 +95,49 @@ class AgentSection(_Section):
         for host in servers.split(","):
             parse_hostport(host, 2181)
         return value
+
+    @field_validator("peer_address")
+    @classmethod
+    def _check_peer_address(cls, value: str) -> str:
+        if value:
+            _peer_hostport(value)
+        return value
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, address in value.items():
+            _peer_hostport(address, f"peers.{name}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_channel(self) -> AgentSection:
+        if not self.peers:
+            return self
+        if self.node in self.peers:
+            raise ValueError(f"agent.peers names this node ({self.node}); list the others only")
+        if not self.peer_address or self.peer_secret_file is None:
+            raise ValueError("agent.peers needs agent.peer_address and agent.peer_secret_file")
+        lease, beat = self.failsafe_lease, self.heartbeat_interval
+        serving = self.urgent_drain_timeout + self.session_margin + 2 * beat
+        if self.failsafe and lease <= serving:
+            raise ValueError(
+                f"agent.failsafe_lease ({lease:g}s) must be longer than urgent_drain_timeout + "
+                f"session_margin + two heartbeat_interval ({serving:g}s): a lease held must "
+                "outlast the drain that ends it"
+            )
+        return self
+
+    def peer_addresses(self) -> dict[str, tuple[str, int]]:
+        """Each peer's (host, port)."""
+        return {name: _peer_hostport(address) for name, address in self.peers.items()}
+
+
+def _peer_hostport(value: str, what: str = "peer_address") -> tuple[str, int]:
+    host, port = parse_hostport(value, 0)
+    if not port:
+        raise ValueError(f"{what}: {value!r} needs a port (host:port)")
+    return host, port
 
 
 class StorageSection(_Section):

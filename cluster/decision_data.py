@@ -177,8 +177,8 @@ class Snapshot:
     local: LocalView
     wall: float  # wall clock, for ages of records written by other nodes
     result: StepResult | None = None
-    # For each peer heard at least once over the peer channel: (node, seconds since its last
-    # authenticated heartbeat). A peer never heard is absent: its silence proves nothing.
+    # The peer channel (cluster.peer_channel): for each peer node heard at least once, the
+    # seconds since its last authenticated heartbeat, by this agent's monotonic clock.
     heartbeat_ages: tuple[tuple[str, float], ...] = ()
 
 
