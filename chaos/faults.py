@@ -312,6 +312,104 @@ class ZookeeperRollingRestart(Fault):
                 server.wait_serving(60)
 
 
+def _stop_ensemble(ctx: FaultContext) -> None:
+    for server in ctx.lab.ensemble.servers:
+        server.kill()
+    ctx.mark("fault", "zookeeper", "every ZooKeeper server killed: no ensemble at all")
+
+
+def _start_ensemble(ctx: FaultContext, *, missing_only: bool = False) -> None:
+    """Every server started again (``missing_only``: those an error left down)."""
+    servers = [s for s in ctx.lab.ensemble.servers if not missing_only or s.pid is None]
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_serving(60)
+
+
+class ZookeeperOutage(Fault):
+    """Every ZooKeeper server stopped (kill -9) for ``outage`` seconds, then started again.
+
+    Both nodes stay healthy: the active node serves on in failsafe, on its peer's leases over
+    the peer channel (docs/fencing.md, "Failsafe"). Goal: no demotion, no refusal at all.
+    """
+
+    name = "zk-outage"
+    summary = "all three ZooKeeper servers down for 60 s: failsafe, no refusal"
+    fails_over = False
+    steady = True
+    outage = 60.0
+    patience = 150.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        self.cut(ctx)
+        _stop_ensemble(ctx)
+        time.sleep(self.outage)  # the outage itself: what the pair does meanwhile is the test
+        _start_ensemble(ctx)
+        ctx.heal_at = time.monotonic()
+        ctx.mark("heal", "zookeeper", "every ZooKeeper server back")
+
+    def cut(self, ctx: FaultContext) -> None:
+        """What else is cut for the outage (the variant with the peer channel)."""
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
+
+    def heal(self, ctx: FaultContext) -> None:
+        _start_ensemble(ctx, missing_only=True)  # an outage cut short by an error
+
+
+class ZookeeperOutageChannelCut(ZookeeperOutage):
+    """The same outage with the active node's peer channel cut too: nothing to confirm with,
+    so it demotes by its session deadline, as without failsafe; nobody serves until the
+    ensemble is back."""
+
+    name = "zk-outage-cut"
+    summary = "ZooKeeper down and the peer channel cut: the active node demotes, never two"
+    steady = False
+    outage = 20.0
+
+    def cut(self, ctx: FaultContext) -> None:
+        partitions.cut_peer_channel(ctx.lab, ctx.active)
+        ctx.mark("fault", ctx.active, "peer channel cut (nftables)")
+
+    def heal(self, ctx: FaultContext) -> None:
+        partitions.lift(ctx.lab, ctx.active)
+        ctx.mark("heal", ctx.active, "peer channel back")
+        super().heal(ctx)
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        log = ctx.lab.node_dir(ctx.active) / "agent.log"
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        lost = [d for d in lines if d.get("event") == "Decision" and d.get("was") == "active"]
+        if not any(d.get("trigger") == "session_lost" for d in lost):
+            return ["the active node did not demote with ZooKeeper down and the channel cut"]
+        return []
+
+
+class ZookeeperRegainOneSide(_Partition):
+    """Every ZooKeeper server down; the active node serves in failsafe; the ensemble comes back
+    for the passive node only (the active node cut off from it by nftables). The failsafe node
+    must stop serving before the passive node serves: the sampler and the logs judge it."""
+
+    name = "zk-regain-one-side"
+    summary = "ZooKeeper down, then back for the passive node only: failover, never two"
+    outage = 10.0
+    patience = 90.0
+
+    def inject(self, ctx: FaultContext) -> None:
+        _stop_ensemble(ctx)
+        time.sleep(self.outage)  # the active node serves in failsafe meanwhile
+        partitions.cut_from_zookeeper(ctx.lab, ctx.active)
+        ctx.mark("fault", ctx.active, "cut off from ZooKeeper")
+        _start_ensemble(ctx)
+        ctx.mark("heal", "zookeeper", f"every ZooKeeper server back, for {ctx.peer} only")
+
+    def heal(self, ctx: FaultContext) -> None:
+        super().heal(ctx)
+        _start_ensemble(ctx, missing_only=True)
+
+
 class Switchover(Fault):
     name = "switchover"
     summary = "a planned switchover under load (hamta cluster switchover --to PEER)"
@@ -585,7 +683,8 @@ FAULTS: dict[str, type[Fault]] = {
     fault.name: fault
     for fault in (
         KillRelay, KillAgent, KillNode, FreezeNode, PartitionZookeeper, PartitionNode,
-        KillZookeeperLeader, ZookeeperQuorumLoss, ZookeeperRollingRestart, Switchover, Flapping,
-        DiskFull, ClockSkew, HostileClient,
+        KillZookeeperLeader, ZookeeperQuorumLoss, ZookeeperRollingRestart, ZookeeperOutage,
+        ZookeeperOutageChannelCut, ZookeeperRegainOneSide, Switchover, Flapping, DiskFull,
+        ClockSkew, HostileClient,
     )
 }  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -36,7 +37,10 @@ from cluster.decision_data import (
     StepResult,
 )
 from cluster.executor import Executor
+from cluster.failsafe import failsafe_due
+from cluster.failsafe_leases import FailsafeLeases
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
+from cluster.operator import LOCAL_STATUS
 from cluster.peer_channel import (
     Address,
     Message,
@@ -56,6 +60,7 @@ from fencing.watchdog import Watchdog, WatchdogError
 from fencing.zk_session import ZkSession
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
+from hamta.durable_files import write_durably
 from hamta.eventlog import get_logger
 
 
@@ -209,6 +214,17 @@ class Agent:
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
         self.channel = self._peer_channel(config)
+        self.failsafe: FailsafeLeases | None = None
+        if self.channel is not None:
+            self.failsafe = FailsafeLeases(
+                channel=self.channel,
+                policy=self.policy,
+                session=lambda: self.coordinator.session,
+                clock=clock,
+                log=self.log,
+                on_change=self.wake.set,
+            )
+        self.last_snapshot: Snapshot | None = None
 
     def _peer_channel(self, config: AgentConfig) -> PeerChannel | None:
         """The direct channel to the other agents, when ``agent.peers`` names any."""
@@ -234,11 +250,15 @@ class Agent:
 
     def _on_peer_message(self, message: Message, address: Address) -> None:
         """An authenticated message from a peer (heartbeats are counted by the channel)."""
-        del message, address  # the failsafe protocol's asks and answers come here
+        if self.failsafe is not None:
+            self.failsafe.receive(message, self.state)
 
     async def _heartbeat_peers(self) -> None:
+        """Every heartbeat interval: a heartbeat to each peer, and the failsafe asks."""
         if self.channel is not None:
             self.channel.heartbeat({"role": self.state.role.value, "epoch": self.state.epoch})
+        if self.failsafe is not None:
+            self.failsafe.ask(self.state)
 
     # ------------------------------------------------------------ observation
 
@@ -285,7 +305,10 @@ class Agent:
             served, self._served_seen = trusted_failover(view.last_served, wall, self._served_seen)
             view = replace(view, last_served=served)
         ages = self.channel.heartbeat_ages() if self.channel is not None else ()
-        return Snapshot(cluster=view, local=local, wall=wall, result=result, heartbeat_ages=ages)
+        snapshot = Snapshot(
+            cluster=view, local=local, wall=wall, result=result, heartbeat_ages=ages
+        )
+        return self.failsafe.view(snapshot) if self.failsafe is not None else snapshot
 
     async def _check_health(self) -> None:
         active = self.state.role is Role.ACTIVE and self.state.step is None
@@ -362,6 +385,10 @@ class Agent:
             paused=cluster.paused is not None,
             relay_ready=snapshot.local.relay_ready,
             steps={step.value: seconds for step, seconds in after.steps} or None,
+            # Serving on the peers' leases: for how long so far (None: not in failsafe).
+            failsafe=round(self.clock() - after.failsafe_since, 3)
+            if after.failsafe_since is not None
+            else None,
         )
 
     async def _decide_once(self) -> None:
@@ -370,6 +397,9 @@ class Agent:
         before = self.state
         decision = decide(before, snapshot, self.clock(), self.policy)
         self.state = decision.state
+        self.last_snapshot = snapshot
+        if self.failsafe is not None:
+            self.failsafe.saw(snapshot.cluster.session)
         active = self.state.role is Role.ACTIVE
         self.demotion_due = demotion_due(snapshot, self.policy) if active else None
         # A silence sends no wake-up: look again when the leader's heartbeats would be
@@ -389,6 +419,27 @@ class Agent:
             await self._publish()
         for action in decision.actions:
             self._start(action)
+        if before.role is not self.state.role or before.failsafe_since != self.state.failsafe_since:
+            await self._write_status(snapshot)
+
+    async def _write_status(self, snapshot: Snapshot) -> None:
+        """This node's role and failsafe in its state directory, for ``hamta cluster status``
+        while ZooKeeper cannot be read."""
+        now, wall = self.clock(), self.wall()
+        since = self.state.failsafe_since
+        status = {
+            "node": self.policy.node,
+            "role": self.state.role.value,
+            "epoch": self.state.epoch,
+            "session": snapshot.cluster.session.value,
+            "failsafe_since": None if since is None else round(wall - (now - since), 3),
+            "written": round(wall, 3),
+        }
+        data = json.dumps(status).encode() + b"\n"
+        try:
+            await asyncio.to_thread(write_durably, self.config.agent.state_dir, LOCAL_STATUS, data)
+        except OSError as exc:
+            self.log.warning("StatusNotWritten", error=str(exc))
 
     def _note_ride_out(self, snapshot: Snapshot) -> None:
         """One line when the active node begins to serve on through a suspended session (no
@@ -435,7 +486,13 @@ class Agent:
             return
         self._hand_session(watchdog)
         now = self.clock()
+        # Until when the failsafe leases cover this node, as they stand now (renewed between
+        # decisions): None when they do not.
+        covered = None
+        if self.last_snapshot is not None and self.failsafe is not None:
+            covered = failsafe_due(self.failsafe.view(self.last_snapshot), self.policy)
         plan = plan_watchdog(
+            covered_until=covered,
             holds=holds_resources(self.state),
             armed=self._armed,
             connected=self.coordinator.session is Session.CONNECTED,

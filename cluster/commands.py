@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import syslog
+import time
 from pathlib import Path
 
 from cluster import drbd_handlers
@@ -22,7 +23,9 @@ from cluster.operator import (
     OperatorError,
     cluster_status,
     format_history,
+    format_local_status,
     format_status,
+    local_status,
     operator_session,
     switchover,
     who,
@@ -123,6 +126,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                     )
     except (CoordinationError, OperatorError) as exc:
         print(f"hamta: {exc}", file=sys.stderr)
+        # ZooKeeper down: what this node's agent says of itself (serving in failsafe?).
+        local = local_status(config) if args.action == "status" else None
+        if local is not None:
+            print(
+                json.dumps(local, indent=2)
+                if args.json
+                else format_local_status(local, time.time())
+            )
         return 1
     return 0
 

@@ -308,6 +308,9 @@ class AgentConfig(_Section):
             peer_timeout=agent.peer_timeout,
             takeover=self.fencing.takeover,
             lease_grace=self.fencing.lease_grace,
+            failsafe=agent.failsafe,
+            failsafe_peers=frozenset(agent.peers),
+            failsafe_lease=agent.failsafe_lease,
             # fencing.timeout is FENCE's time limit unless agent.step_timeouts names it.
             step_timeouts={Step.FENCE: self.fencing.timeout, **agent.step_timeouts},
         )

@@ -180,6 +180,12 @@ class Snapshot:
     # The peer channel (cluster.peer_channel): for each peer node heard at least once, the
     # seconds since its last authenticated heartbeat, by this agent's monotonic clock.
     heartbeat_ages: tuple[tuple[str, float], ...] = ()
+    # Failsafe (cluster.failsafe), on this agent's monotonic clock. Held: for each peer whose
+    # last answer granted one, when the lease it granted this node ends (the ask's send time
+    # plus the lease: the peer started counting later). Granted: for each node this node
+    # granted a lease to, when it ends: this node does not take over unfenced before then.
+    failsafe_held: tuple[tuple[str, float], ...] = ()
+    failsafe_granted: tuple[tuple[str, float], ...] = ()
 
 
 class Takeover(enum.StrEnum):
@@ -220,6 +226,10 @@ class Policy:
     # without waiting for its session to expire (``cluster.takeover.silent_leader``).
     fast_takeover: bool = True
     peer_timeout: float = 1.0
+    # Failsafe: a suspended active node serves on while every peer holds it a lease.
+    failsafe: bool = True
+    failsafe_peers: frozenset[str] = frozenset()  # the nodes of [agent] peers
+    failsafe_lease: float = 3.0
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
 
     def timeout(self, step: Step) -> float:
@@ -312,6 +322,9 @@ class AgentState:
     # is fenced again before ``silent_fence_at`` (after a failed fence or a takeover refused).
     silent_leader: tuple[str, int] | None = None
     silent_fence_at: float = 0.0
+    # ACTIVE: since when it has served in failsafe (its session suspended, every peer's lease
+    # held); None when not.
+    failsafe_since: float | None = None
 
 
 # ------------------------------------------------------------------ what the agent decided
@@ -344,6 +357,8 @@ class Trigger(enum.StrEnum):
     PEER_SILENT = "peer_silent"  # the leader's heartbeats stopped: fence it (``silent_leader``)
     PEER_FENCED = "peer_fenced"  # ... fenced, confirmed: take over at once
     FENCED_HELD = "fenced_held"  # ... fenced, but a takeover is not allowed now (``refine``)
+    FAILSAFE_ENTERED = "failsafe_entered"  # active, suspended, every peer holds it a lease
+    FAILSAFE_ENDED = "failsafe_ended"  # ... no longer: the session is back, or a lease is gone
     NOTHING = "nothing"
 
 

@@ -8,11 +8,13 @@ scripts; errors are one clear sentence and a non-zero exit.
 from __future__ import annotations
 
 import getpass
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from cluster.config import AgentConfig
@@ -190,6 +192,33 @@ def format_status(status: dict[str, Any]) -> str:
     if len(rows) == 1:
         lines.append("(no agent is connected)")
     return "\n".join(line.rstrip() for line in lines)
+
+
+LOCAL_STATUS = "status.json"  # in the agent's state_dir: its role and failsafe, by itself
+
+
+def local_status(config: AgentConfig) -> dict[str, Any] | None:
+    """What this node's agent last wrote about itself (None: no file, or not readable), for
+    when ZooKeeper cannot be read: a node serving in failsafe says so there."""
+    try:
+        data = json.loads((Path(config.agent.state_dir) / LOCAL_STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def format_local_status(status: dict[str, Any], wall: float) -> str:
+    """One line: this node's agent, as of its last decision that changed something."""
+    line = f"this node ({status.get('node')}), by its agent: {status.get('role')}"
+    line += f", epoch {status.get('epoch')}, session {status.get('session')}"
+    since = status.get("failsafe_since")
+    if isinstance(since, int | float):
+        stamp = time.strftime("%H:%M:%S", time.gmtime(since))
+        line += f", serving in failsafe since {stamp} UTC ({wall - since:.0f}s)"
+    written = status.get("written")
+    if isinstance(written, int | float):
+        line += f" (written {wall - written:.0f}s ago)"
+    return line
 
 
 def format_history(history: list[dict[str, Any]]) -> str:

@@ -104,6 +104,7 @@ from cluster.decision_data import (
     Switchover,
     Trigger,
 )
+from cluster.failsafe import failsafe_due, held_until, members, serving_in_failsafe
 from cluster.takeover import (
     fence_targets,
     hand_over_refusal,
@@ -206,9 +207,16 @@ def demotion_due(snapshot: Snapshot, policy: Policy) -> float | None:
     deadline = cluster.session_deadline
     if cluster.session is Session.LOST:
         return float("-inf")
+    due: float | None
     if deadline is None:
-        return None if cluster.session is Session.CONNECTED else float("-inf")
-    return deadline - (policy.urgent_drain_timeout + policy.session_margin)
+        due = None if cluster.session is Session.CONNECTED else float("-inf")
+    else:
+        due = deadline - (policy.urgent_drain_timeout + policy.session_margin)
+    # Suspended, every peer's failsafe lease held: it serves on until the first one would end.
+    leased = failsafe_due(snapshot, policy)
+    if leased is not None and (due is None or leased > due):
+        return leased
+    return due
 
 
 def session_doomed(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -248,6 +256,13 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     graceful = policy.drain_time(state.reason) > policy.urgent_drain_timeout
     if draining and graceful and cluster.session is not Session.CONNECTED:
         return Trigger.SESSION_LOST
+    # The failsafe sub-state of an active node changes whatever step is in flight
+    # (Never over a step's result: the result would be lost.)
+    failsafe = serving_in_failsafe(snapshot, now, policy)
+    if role is Role.ACTIVE and result is None and (state.failsafe_since is None) == failsafe:
+        return (
+            Trigger.FAILSAFE_ENDED if state.failsafe_since is not None else Trigger.FAILSAFE_ENTERED
+        )
     if result is None and state.step is not None:
         return Trigger.WAITING
     if local.stopping and role in (Role.ACTIVE, Role.PROMOTING):
@@ -407,6 +422,8 @@ class Then(enum.Enum):
     BEGIN_FENCED_PROMOTION = "begin fenced promotion"  # replace its leader znode at once
     HOLD_FENCED = "hold fenced"  # fenced, but no takeover now: today's path will follow
     SILENT_FENCE_FAILED = "silent fence failed"  # not fenced: nothing changes
+    ENTER_FAILSAFE = "enter failsafe"  # note since when, and until when the leases hold
+    LEAVE_FAILSAFE = "leave failsafe"  # note why: the session is back, or a lease is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +479,8 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (_A, Trigger.RELAY_DOWN): Transition(_A, Then.RESTART_RELAY),
     (_A, Trigger.STEP_DONE): Transition(_A, Then.RELAY_STARTED),
     (_A, Trigger.STEP_FAILED): Transition(_A, Then.RELAY_START_FAILED),
+    (_A, Trigger.FAILSAFE_ENTERED): Transition(_A, Then.ENTER_FAILSAFE),
+    (_A, Trigger.FAILSAFE_ENDED): Transition(_A, Then.LEAVE_FAILSAFE),
     # demoting: every step in turn; a failed one is retried, never skipped
     (_D, Trigger.STEP_DONE): Transition(_D, Then.NEXT_DEMOTION_STEP),
     (_D, Trigger.DEMOTED): Transition(Role.PASSIVE, Then.FINISH_DEMOTION),
@@ -515,6 +534,7 @@ def _begin_demotion(ctx: _Context, *, give_up: bool, note: str) -> Effect:
         reason=ctx.trigger.value,
         give_up=give_up,
         attempts=0,
+        failsafe_since=None,
     )
     timeout = ctx.policy.drain_time(state.reason)
     return state, (Action(Step.DRAIN, timeout, epoch=ctx.state.epoch, reason=note),), note
@@ -633,6 +653,20 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
         case Then.CUT_DRAIN_SHORT:
             note = "session lost during a graceful drain: cutting it short"
             return _begin_demotion(ctx, give_up=state.give_up, note=note)
+        case Then.ENTER_FAILSAFE:
+            until = held_until(ctx.snapshot, policy)
+            assert until is not None  # ``classify`` saw every lease held
+            peers = ", ".join(sorted(members(ctx.snapshot, policy)))
+            note = f"serving in failsafe: ZooKeeper lost, leases held from {peers}"
+            return replace(state, failsafe_since=now), (), f"{note} for {until - now:.1f}s"
+        case Then.LEAVE_FAILSAFE:
+            since = now - (state.failsafe_since or now)
+            if ctx.snapshot.cluster.session is Session.CONNECTED:
+                why = "the session is back"
+            else:
+                why = f"a peer's lease is gone ({_missing_leases(ctx.snapshot, policy)})"
+            note = f"failsafe over after {since:.1f}s: {why}"
+            return replace(state, failsafe_since=None), (), note
         case Then.REFUSE_SWITCHOVER:
             request = _switchover_pending(ctx.snapshot, policy)
             assert request is not None
@@ -719,6 +753,14 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             new = replace(state, step=step, retry_step=None)
             return new, (ctx.run(step),), f"retrying {step.value}"
     raise AssertionError(transition)  # pragma: no cover - the match is exhaustive
+
+
+def _missing_leases(snapshot: Snapshot, policy: Policy) -> str:
+    held = dict(snapshot.failsafe_held)
+    missing = sorted(members(snapshot, policy) - held.keys())
+    if missing:
+        return "none held from " + ", ".join(missing)
+    return "the first ends too soon" if policy.failsafe else "failsafe is off"
 
 
 def decide(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> Decision:

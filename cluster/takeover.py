@@ -76,14 +76,26 @@ def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float
     alive = [name for name in targets if name in cluster.members]
     if alive:
         return None, f"{', '.join(alive)} still connected to ZooKeeper and holding"
+    # A failsafe lease this node granted (cluster.failsafe): the node it granted it to may
+    # serve until it ends, its session gone or not; it has let go ``lease_grace`` later.
+    granted = max(snapshot.failsafe_granted, key=lambda item: item[1], default=None)
+    granted_at = granted[1] + policy.lease_grace if granted is not None else -math.inf
+    granted_why = ""
+    if granted is not None and granted_at > now:
+        granted_why = (
+            f"; the failsafe lease granted to {granted[0]} ends in {granted[1] - now:.1f}s"
+        )
     if not targets:
+        if granted_at > now:
+            return granted_at, f"waiting: nobody holds anything{granted_why}"
         return now, "no node holds anything any more"
     since = {name: cluster.absent_since.get(name, now) for name in targets}
-    ready_at = max(since.values()) + policy.lease_grace
+    ready_at = max(max(since.values()) + policy.lease_grace, granted_at)
     expired = ", ".join(f"{name} {now - at:.1f}s ago" for name, at in sorted(since.items()))
+    grace = f"grace {policy.lease_grace:g}s"
     if now >= ready_at:
-        return now, f"leases expired ({expired}; grace {policy.lease_grace:g}s)"
-    return ready_at, f"waiting for the leases to expire ({expired}; grace {policy.lease_grace:g}s)"
+        return now, f"leases expired ({expired}; {grace})"
+    return ready_at, f"waiting for the leases to expire ({expired}; {grace}{granted_why})"
 
 
 def heartbeat_age(snapshot: Snapshot, node: str) -> float | None:

@@ -9,6 +9,11 @@ when its feeding stops. It must be armed exactly while the node may hold somethi
 - and, without a ZooKeeper session, not for longer than ``release_deadline``: a node still
   holding by then has a demotion that is stuck (a busy unmount, a hung step), and the watchdog
   must fire before the peer's lease rule lets it take over unfenced.
+- A node serving in failsafe (``cluster.failsafe``) is as safe as a connected one while its
+  peers' leases cover it (``covered_until``: the moment its failsafe demotion is due): it is
+  fed. From that moment it counts as holding without a session, so the watchdog fires within
+  ``release_deadline`` plus its timeout, before the peer's own rule lets it take over unfenced
+  (the last lease it granted, plus ``lease_grace``: the same arithmetic as a session's end).
 
 Both limits derive from the agent's configuration here, so that the arithmetic that keeps the
 firing ahead of the peer's takeover sits in one place: the bound on progress plus the
@@ -63,16 +68,23 @@ def plan_watchdog(
     progress: float,
     unsafe_since: float | None,
     limits: WatchdogLimits,
+    covered_until: float | None = None,
 ) -> WatchdogPlan:
     """What to do with the watchdog at monotonic time ``now``.
 
     ``holds``: the node may hold the spool, the virtual IP or a serving relay; ``armed``: the
     watchdog is armed; ``connected``: the ZooKeeper session is; ``progress``: the decision
-    loop's last turn; ``unsafe_since``: the plan before's.
+    loop's last turn; ``unsafe_since``: the plan before's; ``covered_until``: until when the
+    failsafe leases cover it without a session (None: they do not).
     """
     if not holds:
         return WatchdogPlan(disarm=armed)
-    since = None if connected else (now if unsafe_since is None else unsafe_since)
+    covered = covered_until is not None and now < covered_until
+    since = None
+    if not connected and not covered:
+        # A lease that ran out counts from its end: the decision may see it a little late.
+        lapsed = min(now, covered_until) if covered_until is not None else now
+        since = lapsed if unsafe_since is None else unsafe_since
     stuck = since is not None and now - since > limits.release_deadline
     fed = not stuck and now - progress < limits.progress_limit
     return WatchdogPlan(arm=not armed, feed=fed, starve=stuck, unsafe_since=since)

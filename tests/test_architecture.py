@@ -209,8 +209,8 @@ def test_the_lab_fence_starts_on_the_standard_library() -> None:
 
 # The decision modules: every decision of the agent is testable with plain data. They import
 # the standard library and each other only (state: the table; takeover: who may take over and
-# what to fence; decision_data: what they decide over and return).
-DECISIONS = ["state", "takeover", "decision_data", "watchdog_policy"]
+# what to fence; decision_data: what they decide over and return; failsafe: the leases).
+DECISIONS = ["state", "takeover", "decision_data", "watchdog_policy", "failsafe"]
 
 
 @pytest.mark.parametrize("module", DECISIONS)

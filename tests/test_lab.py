@@ -233,6 +233,10 @@ def test_node_configurations_are_valid(lab: Lab) -> None:
         assert agent.agent.node == node
         assert agent.agent.zookeeper == lab.zookeeper_hosts
         assert agent.agent.credentials == lab.credentials_path
+        other = next(peer for peer in NODES if peer != node)
+        assert agent.agent.peers == {other: f"{lab.address(other)}:7946"}
+        assert agent.agent.peer_secret_file == lab.peer_secret_path
+        assert agent.agent.failsafe
         assert agent.storage.driver == "blockdev"
         assert agent.storage.device == Path(lab.loop_device)
         assert agent.storage.mountpoint == lab.node_dir(node) / "mnt"
@@ -253,6 +257,7 @@ def test_node_configurations_are_valid(lab: Lab) -> None:
             ]
         ]
     assert lab.credentials_path.stat().st_mode & 0o777 == 0o600
+    assert lab.peer_secret_path.stat().st_mode & 0o777 == 0o600
     user, _, password = lab.credentials_path.read_text().strip().partition(":")
     assert user and len(password) >= 20
 

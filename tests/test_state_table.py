@@ -171,6 +171,18 @@ CASES: dict[tuple[Role, Trigger], Case] = {
     (Role.ACTIVE, Trigger.STEP_FAILED): Case(
         active(step=RESTART), World(leader=ours(), relay_running=False), failed(RESTART)
     ),
+    (Role.ACTIVE, Trigger.FAILSAFE_ENTERED): Case(
+        active(),
+        World(
+            session=Session.SUSPENDED,
+            leader=ours(),
+            session_deadline=NOW + 0.5,  # the session alone: demote now
+            failsafe_held={PEER: NOW + 2.0},  # but the peer holds it a lease
+        ),
+    ),
+    (Role.ACTIVE, Trigger.FAILSAFE_ENDED): Case(
+        active(failsafe_since=NOW - 30), World(leader=ours(), session_deadline=NOW + 2)
+    ),
     (Role.DEMOTING, Trigger.STEP_DONE): Case(
         demoting(Step.DRAIN), World(leader=ours()), ok(Step.DRAIN), steps=(Step.VIP_DOWN,)
     ),
@@ -297,6 +309,14 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
         case Then.REFUSE_SWITCHOVER:
             assert after == before
             assert decision.note.startswith(f"switchover refused: {PEER} cannot take over: ")
+        case Then.ENTER_FAILSAFE:
+            assert after == replace(before, failsafe_since=NOW)
+            assert decision.note == (
+                f"serving in failsafe: ZooKeeper lost, leases held from {PEER} for 2.0s"
+            )
+        case Then.LEAVE_FAILSAFE:
+            assert after == replace(before, failsafe_since=None)
+            assert decision.note == "failsafe over after 30.0s: the session is back"
         case Then.RELEASE_ONLY:
             assert after.reason == "stray leader"
             assert after.give_up is False
@@ -477,6 +497,7 @@ ONLY_REFINED = (
 _PASSIVE = Role.PASSIVE
 _PASSIVE_ONLY = (Trigger.PEER_SILENT, Trigger.PEER_FENCED)  # the fast path starts passive
 
+FAILSAFE = (Trigger.FAILSAFE_ENTERED, Trigger.FAILSAFE_ENDED)
 UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     {(role, t) for role in Role for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
     - {(Role.PROMOTING, t) for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
@@ -495,6 +516,8 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     | {(role, Trigger.STOP) for role in Role if role not in (Role.ACTIVE, Role.PROMOTING)}
     # ``refine`` names an outcome only for the roles whose rows it leads to.
     | {(role, t) for role in Role for t in ONLY_REFINED if (role, t) not in TRANSITIONS}
+    # Serving in failsafe is a sub-state of the active role only.
+    | {(role, t) for role in Role if role is not Role.ACTIVE for t in FAILSAFE}
 )
 
 
@@ -558,7 +581,18 @@ def test_over_the_grid_only_safety_preempts_a_step_in_flight() -> None:
             continue
         for world in GRID_WORLDS:
             decision = decide(state, world.snapshot(WALL), NOW, POLICY)
-            lost = world.session is not Session.CONNECTED or world.leader != ours()
+            # Suspended, yet the peer holds it a lease: an active node serves on in failsafe
+            # (a sub-state: the step in flight goes on).
+            leased = world.session is Session.SUSPENDED and bool(world.failsafe_held)
+            covered = state.role is Role.ACTIVE and leased and world.leader == ours()
+            if covered:
+                assert decision.trigger is Trigger.FAILSAFE_ENTERED
+                assert decision.state == replace(state, failsafe_since=NOW)
+                assert decision.actions == ()
+                continue
+            leased = leased and state.role is Role.ACTIVE
+            suspended = world.session is not Session.CONNECTED and not leased
+            lost = suspended or world.leader != ours()
             if graceful_drain(state) and world.session is not Session.CONNECTED:
                 assert decision.trigger is Trigger.SESSION_LOST
                 (drain,) = decision.actions
@@ -570,11 +604,7 @@ def test_over_the_grid_only_safety_preempts_a_step_in_flight() -> None:
                 assert decision.actions == ()
                 assert decision.state == state
                 continue
-            expected = (
-                Trigger.SESSION_LOST
-                if world.session is not Session.CONNECTED
-                else Trigger.LEADERSHIP_LOST
-            )
+            expected = Trigger.SESSION_LOST if suspended else Trigger.LEADERSHIP_LOST
             assert decision.trigger is expected
             preempted.add((state.role, expected))
             assert decision.state.role is Role.DEMOTING

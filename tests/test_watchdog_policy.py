@@ -17,8 +17,10 @@ def plan(
     connected: bool = True,
     progress: float = NOW,
     unsafe_since: float | None = None,
+    covered_until: float | None = None,
 ) -> WatchdogPlan:
     return plan_watchdog(
+        covered_until=covered_until,
         holds=holds,
         armed=armed,
         connected=connected,
@@ -68,3 +70,16 @@ def test_starved_past_the_release_deadline_without_a_session(since: float, starv
     assert result.starve is starved
     assert result.feed is not starved
     assert result.unsafe_since == since
+
+
+def test_serving_in_failsafe_is_fed_while_the_leases_cover_it_and_starved_after() -> None:
+    # Suspended for long (past the release deadline), but every peer's lease covers it.
+    covered = plan(connected=False, unsafe_since=NOW - 60, covered_until=NOW + 1)
+    assert covered == WatchdogPlan(feed=True)
+    # The leases ran out a moment ago: unsafe since their end, starved release_deadline later.
+    lapsed = plan(connected=False, covered_until=NOW - 0.5)
+    assert lapsed == WatchdogPlan(feed=True, unsafe_since=NOW - 0.5)
+    stuck = plan(connected=False, unsafe_since=NOW - 3.01, covered_until=NOW - 3.01)
+    assert stuck == WatchdogPlan(starve=True, unsafe_since=NOW - 3.01)
+    # Connected again: the leases do not matter.
+    assert plan(connected=True, covered_until=NOW - 10) == WatchdogPlan(feed=True)

@@ -72,6 +72,7 @@ class Agents:
             credentials=site.credentials_path,
             device=site.current_record().loop_device,
             fence_command=self.fence_command(),
+            peer_secret=site.peer_secret_path,
         )
         merged = {section: dict(keys) for section, keys in agent.items()}
         for section, keys in overrides.items():

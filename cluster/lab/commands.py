@@ -12,7 +12,14 @@ from typing import Any
 from cluster.lab import netns
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.monitors import format_verdicts
-from cluster.lab.topology import CLIENT, DEFAULT_DIRECTORY, HOSTS, NODES, ZOOKEEPER_HOSTS
+from cluster.lab.topology import (
+    CLIENT,
+    DEFAULT_DIRECTORY,
+    HOSTS,
+    NODES,
+    PEER_PORT,
+    ZOOKEEPER_HOSTS,
+)
 
 
 def _load(args: argparse.Namespace) -> Lab:
@@ -164,6 +171,8 @@ def format_built(lab: Lab, *, agents: bool) -> str:
     lines += [
         "",
         f"  ZooKeeper        {lab.zookeeper_hosts} (credentials {lab.credentials_path})",
+        f"  peer channel     UDP {PEER_PORT} between the nodes (secret {lab.peer_secret_path};"
+        " failsafe on: stop every ZooKeeper server and the active node serves on)",
         f"  virtual IP       {lab.vip}:25",
         f"  shared disk      {lab.loop_device} (ext4, mounted only on the active node)",
         f"  mail sink        {lab.address('inet')}:25, recording to {lab.sink_record}",

@@ -11,7 +11,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.lab.topology import DNS_PORT, DOMAIN, INTERFACE, INTERNET, SMTP_PORT, Topology
+from cluster.lab.topology import (
+    DNS_PORT,
+    DOMAIN,
+    INTERFACE,
+    INTERNET,
+    NODES,
+    PEER_PORT,
+    SMTP_PORT,
+    Topology,
+)
 
 Sections = Mapping[str, Mapping[str, Any]]
 
@@ -73,14 +82,20 @@ def agent_config(
     credentials: Path,
     device: str,
     fence_command: Sequence[str],
+    peer_secret: Path,
 ) -> Sections:
-    """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence."""
+    """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence,
+    and the peer channel to the other node (heartbeats, failsafe)."""
+    peers = {other: f"{topology.address(other)}:{PEER_PORT}" for other in NODES if other != node}
     return {
         "agent": {
             "node": node,
             "cluster": "lab",
             "zookeeper": topology.zookeeper_hosts,
             "session_timeout": "2s",
+            "peer_address": f"{topology.address(node)}:{PEER_PORT}",
+            "peers": peers,
+            "peer_secret_file": peer_secret,
             "credentials": credentials,
             "relay_config": node_dir / "relay.toml",
             "state_dir": node_dir,

@@ -21,6 +21,7 @@ from cluster.lab import loopdev, netns, processes, record
 from cluster.lab.record import LabRecord
 from cluster.lab.site import AGENT_PREFIX, LabError, LabSite
 from cluster.lab.topology import BRIDGE, HOSTS, INTERFACE, NODES, Topology, TopologyError
+from cluster.peer_channel import write_secret
 
 CREDENTIALS_USER: Final = "hamta"
 AGENT_GRACE: Final = 15.0  # an agent stopping demotes first: drain, VIP down, unmount
@@ -28,7 +29,7 @@ SERVICE_GRACE: Final = 5.0
 STRAY_GRACE: Final = 2.0
 # The files and directories one run of the lab writes into its directory; ``up`` removes those
 # of the previous run (and nothing else), ``down`` keeps them for their logs.
-_RUN_FILES: Final = ("zookeeper", "inet", *NODES, "spool.img", "zk-credentials")
+_RUN_FILES: Final = ("zookeeper", "inet", *NODES, "spool.img", "zk-credentials", "peer-secret")
 
 
 class HostSetup:
@@ -117,13 +118,16 @@ class HostSetup:
             raise LabError(f"cannot build the shared disk: {exc}") from None
 
     def write_credentials(self) -> None:
-        """A fresh ZooKeeper digest password, readable by root only."""
+        """A fresh ZooKeeper digest password and peer channel secret, readable by root only."""
         password = secrets.token_urlsafe(18)
         path = self._site.credentials_path
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(f"{CREDENTIALS_USER}:{password}\n")
         os.chmod(path, 0o600)  # whatever the umask, or a file that was there before
+        # The agents' peer channel secret: a fresh one for every lab (``prepare_directory``
+        # removed the last one), mode 0600.
+        write_secret(self._site.peer_secret_path)
 
     def recorded_topology(self, found: LabRecord | None) -> Topology:
         """The topology the record names (a lab may be taken down by another ``Lab``)."""

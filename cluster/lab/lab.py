@@ -131,6 +131,11 @@ class Lab:
         return self._site.credentials_path
 
     @property
+    def peer_secret_path(self) -> Path:
+        """The agents' peer channel secret (mode 0600)."""
+        return self._site.peer_secret_path
+
+    @property
     def image_path(self) -> Path:
         """The sparse file behind the shared disk."""
         return self._site.image_path

@@ -1,4 +1,5 @@
-"""Network partitions of a lab node with nftables: cut off from ZooKeeper, or from everything.
+"""Network partitions of a lab node with nftables: cut off from ZooKeeper, from its peer's
+agent (the peer channel), or from everything.
 
 The chaos suite's partition scenarios and the keepalived baseline of the same scenarios
 (``bench/partition_baseline.py``) inject these cuts; both live above the lab, so the cuts live
@@ -8,6 +9,7 @@ here. A cut is one nftables table in the node's namespace, which ``lift`` delete
 from __future__ import annotations
 
 from cluster.lab.lab import Lab, LabError
+from cluster.lab.topology import PEER_PORT
 
 TABLE = "hamta_chaos"
 
@@ -20,6 +22,18 @@ def cut_from_zookeeper(lab: Lab, node: str) -> None:
         node,
         f"table inet {TABLE} {{\n chain out {{\n  type filter hook output priority 0;\n"
         f"  ip daddr {{ {servers} }} tcp dport 2181 drop\n }}\n}}\n",
+    )
+
+
+def cut_peer_channel(lab: Lab, node: str) -> None:
+    """Drop ``node``'s peer channel both ways (heartbeats, failsafe); all else still flows."""
+    _apply(
+        lab,
+        node,
+        f"table inet {TABLE} {{\n"
+        f" chain in {{ type filter hook input priority 0; udp dport {PEER_PORT} drop; }}\n"
+        f" chain out {{ type filter hook output priority 0; udp dport {PEER_PORT} drop; }}\n"
+        "}\n",
     )
 
 

@@ -69,6 +69,11 @@ class LabSite:
         return self.directory / "zk-credentials"
 
     @property
+    def peer_secret_path(self) -> Path:
+        """The agents' peer channel secret (``cluster.peer_channel``), mode 0600."""
+        return self.directory / "peer-secret"
+
+    @property
     def image_path(self) -> Path:
         """The sparse file behind the shared disk."""
         return self.directory / "spool.img"

@@ -44,6 +44,7 @@ _LONGEST_PREFIX: Final = 25
 LAB_RANGE: Final = IPv4Network("198.18.0.0/15")
 ZOOKEEPER_PORT: Final = 2181
 SMTP_PORT: Final = 25
+PEER_PORT: Final = 7946  # the agents' peer channel (UDP)
 DNS_PORT: Final = 53
 # The mail domains the lab's DNS answers for; all of them are delivered to the sink.
 MAIL_DOMAINS: Final = ("a.lab.test", "b.lab.test", "c.lab.test")

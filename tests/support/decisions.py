@@ -39,7 +39,7 @@ from cluster.takeover import holds_resources
 NODE = "alpha"
 PEER = "beta"
 OTHER = "gamma"
-POLICY = Policy(node=NODE)
+POLICY = Policy(node=NODE, failsafe_peers=frozenset({PEER}))
 NOW = 1000.0  # monotonic
 WALL = 1_700_000_000.0  # wall clock
 EPOCH = 7
@@ -97,6 +97,8 @@ class World:
     split_brain: str | None = None
     session_deadline: float | None = None  # monotonic: the session surely lives on until then
     heartbeat_ages: dict[str, float] = field(default_factory=dict)  # peers heard over the channel
+    failsafe_held: dict[str, float] = field(default_factory=dict)  # leases peers granted it
+    failsafe_granted: dict[str, float] = field(default_factory=dict)  # leases it granted
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -121,8 +123,15 @@ class World:
             relay_failures=self.relay_failures,
             stopping=self.stopping,
         )
-        ages = tuple(sorted(self.heartbeat_ages.items()))
-        return Snapshot(cluster, local, wall, result, heartbeat_ages=ages)
+        return Snapshot(
+            cluster,
+            local,
+            wall,
+            result,
+            heartbeat_ages=tuple(sorted(self.heartbeat_ages.items())),
+            failsafe_held=tuple(sorted(self.failsafe_held.items())),
+            failsafe_granted=tuple(sorted(self.failsafe_granted.items())),
+        )
 
 
 class Walk:
@@ -312,6 +321,7 @@ def grid_states() -> list[AgentState]:
         replace(promoting(Step.FENCE), step=None, retry_step=Step.FENCE, retry_at=NOW),
         active(),
         active(step=RESTART, attempts=1),
+        active(failsafe_since=NOW - 1),
         demoting(Step.DRAIN),
         demoting(Step.RELEASE, give_up=True),
         demoting(Step.RELEASE, reason="stray leader", epoch=0),
@@ -348,6 +358,8 @@ def grid_worlds() -> list[World]:
                                                 members=members,
                                                 stopping=stopping,
                                                 heartbeat_ages={PEER: age},
+                                                # With a peer: it holds this node a lease.
+                                                failsafe_held={PEER: NOW + 2} if members else {},
                                             )
                                         )
     return worlds

@@ -58,7 +58,21 @@ RANDOM_POLICY = Policy(
     min_failover_interval=3.0,
     cooldown=10.0,
     switchover_timeout=8.0,
+    failsafe_peers=frozenset({PEER}),
 )
+FAILSAFE_TRIGGERS = (Trigger.FAILSAFE_ENTERED, Trigger.FAILSAFE_ENDED)
+
+
+def failsafe_covers(snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The failsafe rule, restated: suspended, and every other node (configured or known) holds
+    this node a lease that ends after the urgent drain and the margin from now."""
+    cluster = snapshot.cluster
+    if not policy.failsafe or not policy.failsafe_peers or cluster.session is not Session.SUSPENDED:
+        return False
+    held = dict(snapshot.failsafe_held)
+    needed = (policy.failsafe_peers | cluster.known_nodes) - {policy.node}
+    margin = policy.urgent_drain_timeout + policy.session_margin
+    return all(name in held and held[name] - now > margin for name in needed)
 
 
 def random_leader(rng: random.Random, epoch: int) -> Leader | None:
@@ -251,6 +265,8 @@ def session_gone(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> 
     deadline = cluster.session_deadline
     if cluster.session is Session.CONNECTED and deadline is None:
         return False
+    if role is Role.ACTIVE and failsafe_covers(snapshot, now, policy):
+        return False
     if cluster.session is not Session.CONNECTED and (
         cluster.session is Session.LOST or deadline is None or role is not Role.ACTIVE
     ):
@@ -321,6 +337,9 @@ class History:
     silent_fences: int = 0  # a passive node fenced a silent leader
     fast_takeovers: int = 0  # ... and, the fence confirmed, replaced its leader znode
     silent: int = 0  # ... that found a "connected" session's contact run out while holding
+    failsafe: int = 0  # decisions that began serving in failsafe (every peer's lease held)
+    failsafe_rides: int = 0  # active, suspended, past its session's deadline: on the leases
+    past_grants: int = 0  # unfenced takeovers after a failsafe lease it granted had ended
 
 
 def check(
@@ -370,6 +389,20 @@ def check(
     connected = cluster.session is Session.CONNECTED
     history.silent += connected and holding and session_gone(before.role, snapshot, now, policy)
     assert len(decision.actions) <= 1
+    # Failsafe: the sub-state of an active node follows the leases, whatever step is in flight,
+    # but never over a step's result (it would be lost).
+    covered = before.role is Role.ACTIVE and failsafe_covers(snapshot, now, policy)
+    if trigger in FAILSAFE_TRIGGERS:
+        assert not (holding and lost) and result is None and decision.actions == ()
+        entered = trigger is Trigger.FAILSAFE_ENTERED
+        assert entered is covered
+        assert after == replace(before, failsafe_since=now if entered else None)
+        history.failsafe += entered
+        return
+    if after.role is Role.ACTIVE and result is None:
+        assert (after.failsafe_since is not None) is covered
+    if after.role is not Role.ACTIVE:
+        assert after.failsafe_since is None
     if holding and lost:
         if before.step is not None and result is None:
             history.preempted += 1
@@ -457,6 +490,10 @@ def check(
         assert policy.takeover is Takeover.FENCE_OR_LEASE
         at, why = lease_verdict(snapshot, now, policy)
         assert at is not None and at <= now, why
+        # ... and never within a failsafe lease this node granted, nor its grace.
+        granted = [until + policy.lease_grace for _, until in snapshot.failsafe_granted]
+        assert all(end <= now for end in granted), (granted, now)
+        history.past_grants += bool(granted)
         history.promoted.append(Step.FENCE)
     pre_fence = before.role is Role.PASSIVE and steps == [Step.FENCE]
     if pre_fence:
@@ -484,6 +521,9 @@ def check(
         assert not session_gone(Role.ACTIVE, snapshot, now, policy)
         if cluster.session is not Session.CONNECTED:
             history.rode_out += 1
+            deadline = cluster.session_deadline
+            margin = policy.urgent_drain_timeout + policy.session_margin
+            history.failsafe_rides += deadline is None or deadline - now <= margin
         assert cluster.leader is not None and cluster.leader.ours
         if before.role is not Role.ACTIVE:
             assert before.role is Role.PROMOTING
@@ -539,8 +579,9 @@ def random_walk(seed: int, steps: int) -> History:
     rng = random.Random(seed)
     marks = random.Random(-seed)
     deadlines = random.Random(seed + 1000)  # its own too: the session deadlines' draws
-    silence = random.Random(seed + 2000)  # ... and the peer's heartbeats'
+    silence = random.Random(seed + 3000)  # ... and the peer's heartbeats'
     stale: tuple[str, int] | None = None  # the ACQUIRE in flight may replace this znode
+    leases = random.Random(seed + 2000)  # ... and the failsafe leases'
     policy = RANDOM_POLICY
     world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
     state = AgentState()
@@ -578,6 +619,18 @@ def random_walk(seed: int, steps: int) -> History:
             # kazoo has not noticed: the contact ages while the session looks connected.
             silent = state.role is Role.ACTIVE and deadlines.random() < 0.02
             world.session_deadline = now + 0.6 if silent else now + 2.0
+        # Failsafe: while suspended, the peer answers an active node's asks (a grant renews the
+        # lease, a refusal or silence lets it run out); now and then it granted one lately.
+        if world.session is Session.SUSPENDED and state.role is Role.ACTIVE:
+            answer = leases.random()
+            if answer < 0.6:
+                world.failsafe_held[PEER] = now + policy.failsafe_lease
+            elif answer < 0.7:
+                world.failsafe_held.pop(PEER, None)
+        elif leases.random() < 0.05:
+            world.failsafe_held.clear()
+        if leases.random() < 0.02:
+            world.failsafe_granted = {PEER: now + leases.choice((0.5, 3.0))}
         if state.step is Step.FENCE and deadlines.random() < 0.3:
             # The former active node's session ends while it is being fenced: if the fence
             # fails, its lease has yet to run out (the lease wait, and its RETRY).

@@ -1,0 +1,78 @@
+"""Failsafe: an active node serves through a ZooKeeper outage on its peers' leases (pure).
+
+ZooKeeper is needed to *change* who is active, not to go on being active. When the active
+node's session is suspended, it asks every peer over the peer channel (``cluster.peer_channel``),
+every heartbeat, whether it too has lost ZooKeeper. A peer that has (``grant``) answers with a
+lease: it will not take over before the lease ends, unless it fences the asker first. The asker
+counts each lease from the moment it sent the ask (the peer started counting later, so the
+asker's end comes first), and serves on past its own session's deadline only while every peer
+holds it a lease (``failsafe_due``): it then demotes early enough that its relay has let go
+before the first of them ends. A peer that can still reach ZooKeeper refuses (the asker may be
+the one cut off, and it demotes as it would without failsafe); a peer that does not answer holds
+no lease. A peer that regains ZooKeeper stops granting, and its promotion waits for the last
+lease it granted to end, and ``lease_grace`` more, unless the FENCE step fenced the asker
+(``cluster.takeover.lease_verdict``). docs/fencing.md has the whole safety argument.
+
+Standard library only, like ``cluster.state``: the agent sends, receives and keeps the leases.
+"""
+
+from __future__ import annotations
+
+from cluster.decision_data import AgentState, Policy, Role, Session, Snapshot
+from cluster.takeover import holds_resources
+
+
+def members(snapshot: Snapshot, policy: Policy) -> frozenset[str]:
+    """Every other node whose lease the asker needs: the configured peers and every node that
+    ever joined the cluster (one missing from ``[agent] peers`` cannot be asked, so it
+    holds no lease, and no failsafe is possible: safety beats availability)."""
+    return (policy.failsafe_peers | snapshot.cluster.known_nodes) - {policy.node}
+
+
+def held_until(snapshot: Snapshot, policy: Policy) -> float | None:
+    """Until when every peer holds this node a lease (the earliest end); None when failsafe is
+    off, no peer is configured, or some peer holds none."""
+    if not policy.failsafe or not policy.failsafe_peers:
+        return None
+    held = dict(snapshot.failsafe_held)
+    needed = members(snapshot, policy)
+    if not needed <= held.keys():
+        return None
+    return min(held[name] for name in needed)
+
+
+def failsafe_due(snapshot: Snapshot, policy: Policy) -> float | None:
+    """When a suspended active node serving on its peers' leases must begin its urgent
+    demotion: its relay has stopped serving (urgent drain, and a margin) before the first lease
+    ends. None: no lease covers it (see ``held_until``)."""
+    until = held_until(snapshot, policy)
+    if until is None or snapshot.cluster.session is not Session.SUSPENDED:
+        return None
+    return until - (policy.urgent_drain_timeout + policy.session_margin)
+
+
+def serving_in_failsafe(snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """Whether an active node serves on its peers' leases right now."""
+    due = failsafe_due(snapshot, policy)
+    return due is not None and now < due
+
+
+def should_ask(state: AgentState, session: Session) -> bool:
+    """Whether the agent asks its peers for leases at this heartbeat: active, not connected."""
+    return state.role is Role.ACTIVE and session is not Session.CONNECTED
+
+
+def grant(state: AgentState, session: Session, policy: Policy) -> str | None:
+    """Why this node refuses a peer's ask, or None when it grants ``policy.failsafe_lease``.
+
+    It grants only while it has lost ZooKeeper too (it cannot take over then anyway) and holds
+    nothing itself; it refuses while connected: the asker may be the one cut off, and this node
+    may take over once the asker's session has expired.
+    """
+    if not policy.failsafe:
+        return "failsafe is off here"
+    if session is Session.CONNECTED:
+        return "connected to ZooKeeper"
+    if holds_resources(state):
+        return f"it holds resources itself ({state.role.value})"
+    return None

@@ -1,0 +1,284 @@
+"""A pair of agents over a simulated ZooKeeper and peer channel, for the failsafe invariant.
+
+Each agent decides with the real ``cluster.state.decide`` and the real failsafe rules
+(``cluster.failsafe``); around them, plain data stands in for ZooKeeper (a quorum that can go
+and come back, each node reaching it or not, sessions that expire on the server only while a
+quorum stands, their timers reset when it is elected again), for the peer channel (cut or not in
+each direction, one tick of delay) and for the executor (every step takes one tick; FENCE works
+or not; a fenced node is dead for good). The invariant checked at every tick: never two nodes
+serving at once, counting the failsafe leases (a node serves from its RELAY step's end to its
+DRAIN step's end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.decision_data import (
+    PROMOTION,
+    AgentState,
+    ClusterView,
+    Leader,
+    LocalView,
+    Member,
+    Policy,
+    Session,
+    Snapshot,
+    Step,
+    StepResult,
+)
+from cluster.failsafe import grant, should_ask
+from cluster.state import decide
+from cluster.takeover import holds_resources
+
+NODES = ("alpha", "beta")
+TIMEOUT = 2.0  # the ZooKeeper session timeout
+TICK = 0.05
+STEP_TIME = 0.1
+WALL0 = 1_700_000_000.0
+
+
+def other(node: str) -> str:
+    return NODES[1 - NODES.index(node)]
+
+
+@dataclass
+class Node:
+    name: str
+    policy: Policy
+    state: AgentState = field(default_factory=AgentState)
+    reach: bool = True  # reaches the ZooKeeper servers (when they have a quorum)
+    alive: bool = True  # not fenced
+    session_alive: bool = True  # on the server
+    lost_seen: bool = False  # the client has yet to see its expiry (one LOST snapshot)
+    contact: float = 0.0  # last answered request (client: its deadline; server: expiry)
+    record: Member | None = None  # its member znode, as last published
+    last_leader: Leader | None = None  # the leader znode as it last read it
+    step_end: float | None = None  # when the step in flight ends
+    result: StepResult | None = None
+    serving: bool = False
+    held: dict[str, float] = field(default_factory=dict)
+    granted: dict[str, float] = field(default_factory=dict)
+    asks: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Message:
+    to: str
+    kind: str
+    sender: str
+    seq: int
+    at: float  # delivery time
+    granted: bool = False
+
+
+class FailsafePair:
+    def __init__(self, *, fence_works: bool = False, lease: float = 3.0) -> None:
+        self.now = 1000.0
+        self.quorum = True
+        self.quorum_since = self.now
+        self.channel = {name: True for name in NODES}  # name -> its outgoing datagrams pass
+        self.fence_works = fence_works
+        self.nodes = {
+            name: Node(
+                name,
+                Policy(
+                    node=name,
+                    failsafe_peers=frozenset({other(name)}),
+                    failsafe_lease=lease,
+                    min_failover_interval=0.0,
+                ),
+                contact=self.now,
+            )
+            for name in NODES
+        }
+        self.leader: Leader | None = None
+        self.epoch = 0
+        self.absent: dict[str, float] = {}
+        self.inbox: list[Message] = []
+        self.seq = 0
+        self.overlaps = 0
+        self.serving_time = dict.fromkeys(NODES, 0.0)
+        self.failsafe_time = dict.fromkeys(NODES, 0.0)
+        self.promotions = dict.fromkeys(NODES, 0)
+        self.last_serving = dict.fromkeys(NODES, 0.0)
+
+    # ---------------------------------------------------------------- ZooKeeper
+
+    def reaches(self, node: Node) -> bool:
+        return self.quorum and node.reach and node.alive
+
+    def set_quorum(self, up: bool) -> None:
+        if up and not self.quorum:
+            self.quorum_since = self.now  # a new leader: every session's timer starts again
+        self.quorum = up
+
+    def _expire_sessions(self) -> None:
+        if not self.quorum:
+            return
+        for node in self.nodes.values():
+            if not node.session_alive or self.reaches(node):
+                continue
+            if self.now - max(node.contact, self.quorum_since) > TIMEOUT:
+                node.session_alive = False
+                node.lost_seen = True
+                self.absent[node.name] = self.now
+                if self.leader is not None and self.leader.node == node.name:
+                    self.leader = None
+
+    def view(self, node: Node) -> ClusterView:
+        if not self.reaches(node):
+            # Cut off, a client cannot know whether its session expired on the server.
+            session = Session.SUSPENDED
+            leader = node.last_leader  # its last read: it cannot see the znode go
+            deadline = node.contact + TIMEOUT
+            return ClusterView(session=session, leader=leader, session_deadline=deadline)
+        if not node.session_alive:
+            if node.lost_seen:
+                node.lost_seen = False
+                return ClusterView(session=Session.LOST)
+            node.session_alive = True  # kazoo's new session
+            self.absent.pop(node.name, None)
+        node.contact = self.now
+        members = {
+            name: peer.record
+            for name, peer in self.nodes.items()
+            if peer.session_alive and peer.record is not None
+        }
+        leader = None
+        if self.leader is not None:
+            leader = Leader(
+                self.leader.node, self.leader.epoch, WALL0, self.leader.node == node.name
+            )
+        node.last_leader = leader
+        return ClusterView(
+            session=Session.CONNECTED,
+            leader=leader,
+            epoch=self.epoch,
+            members=members,
+            known_nodes=frozenset(NODES),
+            absent_since={k: v for k, v in self.absent.items() if k != node.name},
+            session_deadline=self.now + TIMEOUT,
+        )
+
+    # ---------------------------------------------------------------- the channel
+
+    def send(self, sender: str, to: str, kind: str, seq: int, granted: bool = False) -> None:
+        if self.channel[sender] and self.nodes[to].alive:
+            self.inbox.append(Message(to, kind, sender, seq, self.now + TICK, granted))
+
+    def _deliver(self) -> None:
+        due = [m for m in self.inbox if m.at <= self.now]
+        self.inbox = [m for m in self.inbox if m.at > self.now]
+        for message in due:
+            node = self.nodes[message.to]
+            if not node.alive:
+                continue
+            if message.kind == "ask":
+                session = Session.CONNECTED if self.reaches(node) else Session.SUSPENDED
+                refusal = grant(node.state, session, node.policy)
+                if refusal is None:
+                    node.granted[message.sender] = self.now + node.policy.failsafe_lease
+                self.send(node.name, message.sender, "answer", message.seq, refusal is None)
+            elif message.seq in node.asks:
+                if message.granted:
+                    end = node.asks[message.seq] + node.policy.failsafe_lease
+                    node.held[message.sender] = max(node.held.get(message.sender, end), end)
+                else:
+                    node.held.pop(message.sender, None)
+
+    # ---------------------------------------------------------------- the agents
+
+    def _snapshot(self, node: Node) -> Snapshot:
+        view = self.view(node)
+        node.held = {k: v for k, v in node.held.items() if v > self.now}
+        grace = node.policy.lease_grace
+        node.granted = {k: v for k, v in node.granted.items() if v + grace > self.now}
+        result, node.result = node.result, None
+        return Snapshot(
+            view,
+            LocalView(relay_running=True, relay_ready=True),
+            WALL0 + self.now,
+            result,
+            failsafe_held=tuple(sorted(node.held.items())),
+            failsafe_granted=tuple(sorted(node.granted.items())),
+        )
+
+    def _run_step(self, node: Node) -> None:
+        step = node.state.step
+        if step is None or node.step_end is None or self.now < node.step_end:
+            return
+        node.step_end = None
+        ok, epoch, detail = True, 0, ""
+        if step is Step.ACQUIRE:
+            if self.reaches(node) and self.leader is None:
+                self.epoch += 1
+                epoch = self.epoch
+                self.leader = Leader(node.name, epoch, WALL0)
+                node.last_leader = Leader(node.name, epoch, WALL0, ours=True)
+            else:
+                ok, detail = False, "node exists"
+        elif step is Step.FENCE:
+            peer = self.nodes[other(node.name)]
+            if self.fence_works:
+                peer.alive = peer.serving = False
+            else:
+                ok, detail = False, "no fence agent"
+        elif step is Step.RELAY:
+            node.serving = True
+        elif step is Step.DRAIN:
+            node.serving = False
+        elif step is Step.RELEASE:
+            if not self.reaches(node):
+                ok, detail = False, "no session"
+            elif self.leader is not None and self.leader.node == node.name:
+                self.leader = None
+            if ok:
+                node.last_leader = None
+        node.result = StepResult(step, ok, STEP_TIME, detail, epoch)
+
+    def tick(self) -> None:
+        self.now += TICK
+        self._expire_sessions()
+        self._deliver()
+        for node in self.nodes.values():
+            if not node.alive:
+                continue
+            self._run_step(node)
+            decision = decide(node.state, self._snapshot(node), self.now, node.policy)
+            node.state = decision.state
+            if decision.actions:
+                action = decision.actions[0]
+                # Every step a tick or two; a drain its whole time limit (the worst case).
+                took = action.timeout if action.step is Step.DRAIN else STEP_TIME
+                node.step_end = self.now + took
+            if decision.actions and decision.actions[0].step is PROMOTION[0]:
+                self.promotions[node.name] += 1
+            if self.reaches(node):
+                node.record = Member(
+                    node.name,
+                    node.state.role,
+                    relay_running=True,
+                    holds=holds_resources(node.state),
+                )
+            session = Session.CONNECTED if self.reaches(node) else Session.SUSPENDED
+            if should_ask(node.state, session):
+                self.seq += 1
+                node.asks[self.seq] = self.now
+                self.send(node.name, other(node.name), "ask", self.seq)
+        serving = [name for name, node in self.nodes.items() if node.serving and node.alive]
+        self.overlaps += len(serving) > 1
+        for name in serving:
+            self.last_serving[name] = self.now
+            self.serving_time[name] += TICK
+            if self.nodes[name].state.failsafe_since is not None:
+                self.failsafe_time[name] += TICK
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / TICK)):
+            self.tick()
+            assert self.overlaps == 0, f"two nodes serving at {self.now:.2f}"
+
+    def active(self) -> str | None:
+        serving = [name for name, node in self.nodes.items() if node.serving and node.alive]
+        return serving[0] if serving else None

@@ -1,0 +1,121 @@
+"""Failsafe in the lab: every ZooKeeper server stopped under client load (issue 17, section 1).
+
+With the peer channel up, the active node serves on through the outage on its peer's lease:
+no refusal, and it says "serving in failsafe since ..." (its log, and ``hamta cluster status``
+from its state directory while ZooKeeper cannot be read). With the channel cut as well
+(nftables on the peer port), it has nothing to confirm with and demotes as before.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.lab import partitions
+from cluster.lab.history import LoadRun
+from cluster.lab.lab import Lab
+from tests.support.lab_checks import Sampler, agent_decisions, drained, wait_pair, wait_until
+
+pytestmark = pytest.mark.root
+HAMTA = (sys.executable, "-m", "hamtactl")
+
+PREFIX = "hf1"
+SUBNET = "198.19.150.0/24"
+OUTAGE = 12.0  # seconds: several leases (3 s) and session timeouts (2 s) long
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    directory = tmp_path_factory.mktemp("failsafe") / "lab"
+    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
+    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
+    try:
+        built.up(wait=90.0, monitors=False)
+        yield built
+    finally:
+        built.down()
+
+
+def stop_zookeeper(lab: Lab) -> None:
+    for server in lab.ensemble.servers:
+        server.kill()
+
+
+def start_zookeeper(lab: Lab) -> None:
+    for server in lab.ensemble.servers:
+        server.start()
+    for server in lab.ensemble.servers:
+        server.wait_serving(60)
+
+
+def local_status(lab: Lab, node: str) -> str:
+    """``hamta cluster status`` with ``node``'s configuration, while ZooKeeper is down."""
+    done = subprocess.run(
+        [*HAMTA, "cluster", "status", "--config", str(lab.node_dir(node) / "agent.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done
+    return done.stdout
+
+
+def test_a_zookeeper_outage_under_load_costs_no_refusal(lab: Lab, tmp_path: Path) -> None:
+    active = wait_pair(lab)
+    with Sampler(lab):
+        load = LoadRun(lab, tmp_path / "history.jsonl", rate=20, connections=2)
+        try:
+            wait_until(lambda: len(load.attempts()) >= 20, 20, "load started")
+            fault = time.monotonic()  # the load's clock
+            stop_zookeeper(lab)
+            try:
+                time.sleep(OUTAGE / 2)
+                status = local_status(lab, active)
+                time.sleep(max(0.0, OUTAGE - (time.monotonic() - fault)))
+            finally:
+                start_zookeeper(lab)
+            assert wait_pair(lab) == active
+            time.sleep(2)
+        finally:
+            attempts = load.stop()
+    refused = [a for a in attempts if a.outcome != "acked"]
+    during = [a for a in attempts if fault <= a.start <= fault + OUTAGE]
+    print(f"ZooKeeper down {OUTAGE:g}s: {len(during)} attempts, {len(refused)} not acknowledged")
+    assert len(during) > OUTAGE * 10  # the load went on throughout
+    assert refused == [], refused[:5]
+    assert f"this node ({active}), by its agent: active" in status
+    assert "serving in failsafe since" in status
+    decisions = agent_decisions(lab, active)
+    entered = [d for d in decisions if d["trigger"] == "failsafe_entered"]
+    assert entered and str(entered[-1]["note"]).startswith("serving in failsafe")
+    assert not any(d["trigger"] == "session_lost" for d in decisions)
+    drained(lab, attempts)
+    verdict = load.verdict(attempts)
+    assert verdict.ok, verdict
+
+
+def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None:
+    active = wait_pair(lab)
+    partitions.cut_peer_channel(lab, active)
+    try:
+        time.sleep(1.0)  # no answer can be on its way
+        fault = time.monotonic()
+        stop_zookeeper(lab)
+        try:
+            wait_until(lambda: lab.active_node(timeout=0.5) is None, 15, "the active node demoted")
+            demoted = time.monotonic() - fault
+        finally:
+            start_zookeeper(lab)
+    finally:
+        partitions.lift(lab, active)
+    lost = [d for d in agent_decisions(lab, active) if d["trigger"] == "session_lost"]
+    assert lost, agent_decisions(lab, active)[-5:]
+    print(f"demoted {demoted:.2f}s after ZooKeeper stopped, the peer channel cut")
+    assert demoted < 5.0
+    wait_pair(lab)
