@@ -229,6 +229,7 @@ def run_iteration(
         marks=marks,
         attempts=list(attempts),
         demotions=demoted,
+        false_failovers=demoted if fault.steady else 0,
     )
 
 
