@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -172,10 +171,6 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
     return 0 if data["ok"] else 1
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench/soak.py``."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
@@ -196,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--minutes, --hog-seconds and --rate must be positive, --rest >= 0")
     if args.hog_workers <= 0 or args.connections <= 0:
         parser.error("--hog-workers and --connections must be positive")
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args, sys.stdout)
     except BenchError as exc:

@@ -1,5 +1,6 @@
-"""The fenced fast takeover in the lab: kill -9 of the active node, the peer fences it and takes
-over without waiting for the dead session to expire; with a fence that fails, it does not."""
+"""The fenced fast takeover in the lab: the active node frozen whole (SIGSTOP: its watchdog
+cannot end its session either, as after a kill -9 it sometimes does before it dies), the peer
+fences it and takes over before the session expires; with a fence that fails, it does not."""
 
 from __future__ import annotations
 
@@ -40,16 +41,22 @@ def acquisitions(lab: Lab, node: str) -> list[dict[str, object]]:
     return [line for line in parsed if line.get("event") == "leadership taken"]
 
 
-def kill_active(lab: Lab, tmp_path: Path, overrides: dict[str, Any]) -> tuple[str, list[object]]:
-    """kill -9 of the active node under load with the sampler on; its peer, which must serve
-    after, and the peer's triggers since. Nothing acknowledged is lost."""
+def kill_active(
+    lab: Lab, tmp_path: Path, overrides: dict[str, Any], *, power_off: bool = False
+) -> tuple[str, list[object]]:
+    """The active node frozen under load with the sampler on; its peer, which must serve after,
+    and the peer's triggers since. Nothing acknowledged is lost. ``power_off``: then powered
+    off (its session left to expire), as a machine switched off that no fence agent can confirm
+    (otherwise the frozen node would keep the address and the mount)."""
     active = restart_pair(lab, overrides)
     peer = "node2" if active == "node1" else "node1"
     seen = len(agent_decisions(lab, peer))
     with Sampler(lab):
         load = start_load(lab, tmp_path / "history.jsonl")
         try:
-            lab.kill_node(active, signal.SIGKILL)
+            lab.kill_node(active, signal.SIGSTOP)
+            if power_off:
+                lab.fence(active)
             assert lab.wait_active(30, other_than=active) == peer
         finally:
             attempts = load.stop()
@@ -59,7 +66,7 @@ def kill_active(lab: Lab, tmp_path: Path, overrides: dict[str, Any]) -> tuple[st
     return peer, [d["trigger"] for d in agent_decisions(lab, peer)[seen:]]
 
 
-def test_a_killed_active_node_is_fenced_then_replaced_before_its_session_expires(
+def test_a_frozen_active_node_is_fenced_then_replaced_before_its_session_expires(
     lab: Lab, tmp_path: Path
 ) -> None:
     peer, triggers = kill_active(lab, tmp_path, {})
@@ -73,7 +80,8 @@ def test_a_killed_active_node_is_fenced_then_replaced_before_its_session_expires
 def test_with_a_fence_that_fails_the_peer_waits_for_the_session_as_before(
     lab: Lab, tmp_path: Path
 ) -> None:
-    peer, triggers = kill_active(lab, tmp_path, {"fencing": {"commands": [["false"]]}})
+    failing = {"fencing": {"commands": [["false"]]}}
+    peer, triggers = kill_active(lab, tmp_path, failing, power_off=True)
     assert triggers[:2] == ["peer_silent", "fence_failed"], triggers
     assert "peer_fenced" not in triggers
     assert "leader_vacant" in triggers  # the session expired: today's path, the lease rule
