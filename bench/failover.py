@@ -268,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="the lab's namespace prefix")
     parser.add_argument("--subnet", default=DEFAULT_SUBNET, help="the lab's subnet")
     parser.add_argument(
+        "--fast-takeover",
+        choices=("on", "off"),
+        default="on",
+        help="lab: [agent] fast_takeover (off: the session-expiry path alone, as before)",
+    )
+    parser.add_argument(
         "--cluster",
         choices=("lab", "vagrant"),
         default="lab",

@@ -45,6 +45,10 @@ class PartResult:
     switchover_command: float | None = None
     verdict: Verdict | None = None
     error: str | None = None
+    # From the agents' logs (bench/takeovers.py): takeovers nobody caused, and the fast path.
+    false_failovers: int | None = None
+    silent_fences: int | None = None
+    fast_takeovers: int | None = None
 
     @property
     def rtos(self) -> list[float]:

@@ -38,6 +38,7 @@ from failover_load import Load, drain_and_check, verdict_line
 from failover_measure import PartResult, measure_failovers, record_switchover
 from failover_pairs import HamtaPair, VagrantPair
 from relay_common import shielded
+from takeovers import count_moves
 
 from cluster.config import ConfigError, load_agent_config
 from cluster.lab import probes, processes
@@ -130,9 +131,14 @@ def run_hamta(lab: Lab, args: argparse.Namespace, result: PartResult) -> None:
             f"{lab.directory} --prefix {lab.prefix}; or use --prefix and --subnet)"
         ) from None
     _quiet_retries(lab)
+    fast = args.fast_takeover == "on"
+    for node in NODES:
+        lab.configure_agent(node, {"agent": {"fast_takeover": fast}})
+    since = time.time()
     for node in NODES:
         lab.start_agent(node)
     active = lab.wait_active(UP_TIMEOUT)
+    say(f"  fast takeover (fence a silent leader, then take over at once): {args.fast_takeover}")
     settle = _min_failover_interval(lab) + SETTLE_MARGIN
     not_before = time.monotonic() + settle  # the first election counts as a takeover
     say(f"  up in {time.monotonic() - started:.1f}s, {active} active")
@@ -165,6 +171,12 @@ def run_hamta(lab: Lab, args: argparse.Namespace, result: PartResult) -> None:
     result.verdict = drain_and_check(lab, attempts, DRAIN_TIMEOUT)
     say(f"  load: {verdict_line(result.verdict)}")
     stop_agents(lab)
+    moves = count_moves([lab.node_dir(node) / "agent.log" for node in NODES], since)
+    # The first election, one per kill, the switchover: any other takeover nobody caused.
+    caused = 1 + len(result.failovers) + (result.switchover is not None)
+    result.false_failovers = max(moves.takeovers - caused, 0)
+    result.silent_fences, result.fast_takeovers = moves.silent_fences, moves.fast_takeovers
+    say(f"  takeovers {moves.takeovers} ({caused} caused), {moves.as_dict()}")
 
 
 def run_vagrant(machines: VagrantCluster, args: argparse.Namespace, result: PartResult) -> None:

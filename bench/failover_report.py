@@ -98,6 +98,10 @@ def figures(
         "switchover_command_s": (
             None if hamta.switchover_command is None else round(hamta.switchover_command, 3)
         ),
+        "false_failovers": hamta.false_failovers,
+        "fast_takeover": getattr(args, "fast_takeover", "on"),
+        "silent_fences": hamta.silent_fences,
+        "fast_takeovers": hamta.fast_takeovers,
         "queued": hamta.queued,
         "queue_depth": hamta.queue_depth,
         "unknown": verdict.unknown if verdict else None,

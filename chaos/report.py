@@ -212,6 +212,7 @@ def summary_line(results: Sequence[IterationResult]) -> dict[str, Any]:
         "duplicated": sum(r.verdict.duplicated for r in results),
         "split_brain": sum(1 for r in results if r.split_brain),
         "demotions": sum(r.demotions for r in results),
+        "false_failovers": sum(r.false_failovers for r in results),
         "rto_median_s": round(statistics.median(rtos), 3) if rtos else None,
         "rto_max_s": round(max(rtos), 3) if rtos else None,
     }

@@ -50,6 +50,10 @@ class IterationResult:
     demotions: int = 0
     # With --monitors: the monitors' alerts of this fault (chaos.alerts), None without monitors.
     alerts: list[dict[str, Any]] | None = None
+    # Takeovers the fault should not have caused: demotions of the active node under a fault
+    # it must ride out (``Fault.steady``); in production each one costs a fence of a healthy
+    # node. The soak (bench/soak.py) counts them under load and CPU hogs.
+    false_failovers: int = 0
 
     @property
     def ok(self) -> bool:
@@ -74,6 +78,7 @@ class IterationResult:
             "rto_from": self.rto_from,
             "refused_s": self.refused_s,
             "demotions": self.demotions,
+            "false_failovers": self.false_failovers,
             "split_brain": self.split_brain,
             "problems": self.problems,
             "marks": [asdict(mark) for mark in self.marks],

@@ -240,6 +240,7 @@ def run_iteration(
         attempts=list(attempts),
         demotions=demoted,
         alerts=alerts,
+        false_failovers=demoted if fault.steady else 0,
     )
 
 

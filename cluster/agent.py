@@ -58,7 +58,7 @@ from cluster.peer_channel import (
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
-from cluster.takeover import holds_resources
+from cluster.takeover import holds_resources, silence_due
 from cluster.vip import VirtualIp
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
@@ -229,6 +229,7 @@ class Agent:
         # Active with a suspended session: when the decision must look again (demotion_due).
         self.demotion_due: float | None = None
         self.riding_since: float | None = None  # ... and since when it has served on so
+        self.silence_at: float | None = None  # when the leader's heartbeats would be too old
         self._failover_seen: Sighting | None = None  # see trusted_failover()
         self._served_seen: Sighting | None = None  # ... for the last takeover that served
         # What the check locations see (monitors/<location>), read while active (gray failure).
@@ -503,6 +504,10 @@ class Agent:
             self.failsafe.saw(snapshot.cluster.session)
         active = self.state.role is Role.ACTIVE
         self.demotion_due = demotion_due(snapshot, self.policy) if active else None
+        # A silence sends no wake-up: look again when the leader's heartbeats would be
+        # peer_timeout old (heartbeats that come meanwhile just push it back).
+        silent_in = silence_due(snapshot, self.policy)
+        self.silence_at = None if silent_in is None else self.clock() + silent_in
         self._note_ride_out(snapshot)
         self._tend_watchdog()
         if decision.changed or before.role is not decision.state.role:
@@ -794,6 +799,10 @@ class Agent:
                 due = self.demotion_due
                 if due is not None and due > self.clock():
                     wait = min(wait, due - self.clock() + 0.001)
+                # ... and the moment the leader's heartbeats would have stopped for peer_timeout.
+                silent = self.silence_at
+                if silent is not None and silent > self.clock():
+                    wait = min(wait, silent - self.clock() + 0.001)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -106,6 +106,12 @@ class AgentSection(_Section):
     # Serve through a ZooKeeper outage while every peer grants a lease (docs/fencing.md).
     failsafe: bool = True
     failsafe_lease: PositiveSeconds = 3.0
+    # Fenced immediate takeover (docs/fencing.md): a passive node that has not heard the
+    # leader's heartbeats for peer_timeout fences it and, the fence confirmed, takes over
+    # without waiting for its session to expire. Needs the peer channel and a fence agent or
+    # command; several heartbeats must be missed (a CPU-starved peer must not be shot).
+    fast_takeover: bool = True
+    peer_timeout: PositiveSeconds = 1.0
 
     @field_validator("zookeeper")
     @classmethod
@@ -130,6 +136,17 @@ class AgentSection(_Section):
         return value
 
     @model_validator(mode="after")
+    def _check_peer_timeout(self) -> AgentSection:
+        least = _MISSED_HEARTBEATS * self.heartbeat_interval
+        if self.peer_timeout < least:
+            raise ValueError(
+                f"agent.peer_timeout ({self.peer_timeout:g}s) must be at least "
+                f"{_MISSED_HEARTBEATS} heartbeat_interval ({least:g}s): one lost or late "
+                "heartbeat must never get a live node fenced"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_channel(self) -> AgentSection:
         if not self.peers:
             return self
@@ -150,6 +167,10 @@ class AgentSection(_Section):
     def peer_addresses(self) -> dict[str, tuple[str, int]]:
         """Each peer's (host, port)."""
         return {name: _peer_hostport(address) for name, address in self.peers.items()}
+
+
+# Heartbeats a peer must miss in a row before it counts as silent (agent.peer_timeout).
+_MISSED_HEARTBEATS: Final = 5
 
 
 def _peer_hostport(value: str, what: str = "peer_address") -> tuple[str, int]:
@@ -372,6 +393,11 @@ class AgentConfig(_Section):
             drain_timeout=agent.drain_timeout,
             urgent_drain_timeout=agent.urgent_drain_timeout,
             session_margin=agent.session_margin,
+            # Without a fence agent or command the fast path could never be confirmed.
+            fast_takeover=agent.fast_takeover
+            and bool(agent.peers)
+            and bool(self.fencing.agents or self.fencing.commands),
+            peer_timeout=agent.peer_timeout,
             takeover=self.fencing.takeover,
             lease_grace=self.fencing.lease_grace,
             failsafe=agent.failsafe,

@@ -745,20 +745,37 @@ class Coordinator:
             found = {name: self._fetch(result) for name, result in pending.items()}
         return {name: got[0] for name, got in found.items() if got is not None}
 
-    def acquire_leadership(self) -> int | None:
+    def acquire_leadership(self, stale: tuple[str, int] | None = None) -> int | None:
         """Take leadership and a new epoch in one transaction; None when another node won.
 
         The epoch znode's version guards the transaction, so of two racing nodes one wins and
         the other's transaction fails as a whole: never two leaders, never one epoch twice.
+
+        ``stale`` (node, epoch): a leader znode the agent has fenced the holder of (its session
+        may live on until it expires). If the leader znode is still that one, the same
+        transaction deletes it, guarded by its version (a rewrite) and by the epoch znode's,
+        read before it: a leader znode deleted and created again since has the same version
+        (0), but every acquisition moved the epoch on, so the whole transaction fails.
         """
         client, paths = self._client, self._paths
         with self._kazoo("acquiring leadership"):
             self._require_connected("acquiring leadership")
             started = self._clock()
-            if self._wait(client.exists_async(paths.leader)) is not None:
-                return None
-            data, stat = self._wait(client.get_async(paths.epoch))
+            replaced: int | None = None  # the stale leader znode's version
             problems: list[str] = []
+            # The epoch first: see above (a replaced znode read after it is still the stale one).
+            data, stat = self._wait(client.get_async(paths.epoch))
+            if stale is None:
+                if self._wait(client.exists_async(paths.leader)) is not None:
+                    return None
+            elif (held := self._fetch(client.get_async(paths.leader))) is not None:
+                leader = self._decode(paths.leader, held[0], _LeaderRecord, problems)
+                found = None if leader is None else (leader.node, leader.epoch)
+                if found != stale:
+                    self._report(problems)
+                    self._log.info("leadership not taken", stale=stale, found=found)
+                    return None
+                replaced = held[1].version
             record = self._decode(paths.epoch, data, _EpochRecord, problems)
             self._report(problems)
             # Every write of the epoch znode bumps its version, so the version is a floor for any
@@ -767,6 +784,8 @@ class Coordinator:
             now = self._wall()
             transaction = client.transaction()
             transaction.check(paths.epoch, stat.version)
+            if replaced is not None:
+                transaction.delete(paths.leader, version=replaced)
             transaction.set_data(
                 paths.epoch,
                 msgspec.json.encode(_EpochRecord(epoch, self.node, now)),
@@ -784,7 +803,13 @@ class Coordinator:
             why = ", ".join(sorted({type(f).__name__ for f in failures}))
             self._log.info("leadership not taken", epoch=epoch, why=why)
             return None
-        self._log.info("leadership taken", epoch=epoch, seconds=round(self._clock() - started, 4))
+        seconds = round(self._clock() - started, 4)
+        self._log.info(
+            "leadership taken",
+            epoch=epoch,
+            seconds=seconds,
+            replaced=stale if replaced is not None else None,
+        )
         return epoch
 
     def release_leadership(self, epoch: int) -> bool:

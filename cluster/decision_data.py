@@ -254,6 +254,11 @@ class Policy:
     session_margin: float = 0.25
     takeover: Takeover = Takeover.FENCE_OR_LEASE
     lease_grace: float = 2.0  # after a node's session ended, before its lease counts as expired
+    # Fenced immediate takeover: a passive node that has not heard the leader's heartbeats for
+    # ``peer_timeout`` fences it and, once the fence is confirmed, replaces its leader znode
+    # without waiting for its session to expire (``cluster.takeover.silent_leader``).
+    fast_takeover: bool = True
+    peer_timeout: float = 1.0
     # Failsafe: a suspended active node serves on while every peer holds it a lease.
     failsafe: bool = True
     failsafe_peers: frozenset[str] = frozenset()  # the nodes of [agent] peers
@@ -316,6 +321,9 @@ class Action:
     fence: tuple[str, ...] = ()  # FENCE: every node that may still hold something
     reason: str = ""
     steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
+    # ACQUIRE after a confirmed fence: the silent leader's znode (node, epoch) that may be
+    # replaced in the same transaction; None: only a vacant leadership is taken.
+    stale_leader: tuple[str, int] | None = None
 
     # How a step's time limit is shared among its parts is decided here, not by the executor.
 
@@ -360,6 +368,11 @@ class AgentState:
     # ACTIVE: why a gray failure seen was not acted on, and since when it was seen, as last
     # logged (one line per reason and episode, not one per tick).
     gray_held: str = ""
+    # The silent leader's znode (node, epoch) this node is fencing (PASSIVE, its FENCE step in
+    # flight) or fenced before ACQUIRE (PROMOTING: not fenced twice); PASSIVE: no silent leader
+    # is fenced again before ``silent_fence_at`` (after a failed fence or a takeover refused).
+    silent_leader: tuple[str, int] | None = None
+    silent_fence_at: float = 0.0
     # ACTIVE: since when it has served in failsafe (its session suspended, every peer's lease
     # held); None when not.
     failsafe_since: float | None = None
@@ -394,6 +407,9 @@ class Trigger(enum.StrEnum):
     STOP = "stop"  # the agent is stopping: hand over first
     GRAY_FAILURE = "gray_failure"  # check locations see the service down; this node looks fine
     GRAY_FAILURE_HELD = "gray_failure_held"  # ... but no handover now (``refine``)
+    PEER_SILENT = "peer_silent"  # the leader's heartbeats stopped: fence it (``silent_leader``)
+    PEER_FENCED = "peer_fenced"  # ... fenced, confirmed: take over at once
+    FENCED_HELD = "fenced_held"  # ... fenced, but a takeover is not allowed now (``refine``)
     FAILSAFE_ENTERED = "failsafe_entered"  # active, suspended, every peer holds it a lease
     FAILSAFE_ENDED = "failsafe_ended"  # ... no longer: the session is back, or a lease is gone
     NOTHING = "nothing"

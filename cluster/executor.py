@@ -129,8 +129,11 @@ class Executor:
     # ------------------------------------------------------------ promotion
 
     async def _acquire(self, action: Action) -> int:
-        epoch = await asyncio.to_thread(self.coordinator.acquire_leadership)
+        stale = action.stale_leader
+        epoch = await asyncio.to_thread(self.coordinator.acquire_leadership, stale)
         if epoch is None:
+            if stale is not None:
+                raise StepError(f"the leader znode is no longer {stale[0]}'s in epoch {stale[1]}")
             raise StepError("another node holds leadership or took the epoch first")
         return epoch
 

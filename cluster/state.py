@@ -76,6 +76,13 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   server and ``lease_grace`` has passed since this agent saw it end (``lease_verdict``). A node
   still connected and holding is never passed over. The wait is a state, not a sleep: the
   promotion holds leadership, and a lost session still rolls it back.
+- Fenced immediate takeover: a passive node that has not heard the leader's authenticated
+  heartbeats for ``peer_timeout`` fences it first (``PEER_SILENT``: a FENCE step while still
+  passive, under every rule a takeover obeys), and only once the fence is confirmed replaces the
+  leader znode in one transaction with the epoch increment, checked to be the very znode fenced
+  (``PEER_FENCED``), without waiting for the old session to expire. A failed fence changes
+  nothing: the old session's expiry and the lease rule follow as before. A node heard again, a
+  pause, a switchover or a znode changed meanwhile holds the takeover back (``FENCED_HELD``).
 - Below the agent, a newer term's epoch on the spool stops a zombie relay (``hamta.epoch_token``)
   and a watchdog fed by the agent stops the relay and drops the virtual IP when the agent hangs
   (``fencing.watchdog``). docs/fencing.md puts the layers together.
@@ -109,8 +116,10 @@ from cluster.gray_failure import gray_refusal, gray_sighting
 from cluster.takeover import (
     fence_targets,
     hand_over_refusal,
+    heartbeat_age,
     lease_verdict,
     replica_refusal,
+    silent_leader,
     takeover_refusal,
 )
 
@@ -143,6 +152,43 @@ def _may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Po
     cluster = snapshot.cluster
     if cluster.session is not Session.CONNECTED or cluster.leader is not None:
         return False
+    return _eligible(state, snapshot, now, policy)
+
+
+def _may_fence_silent(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The fast path's first half: fence the leader whose heartbeats stopped (``silent_leader``),
+    under every rule a takeover obeys, but never for a planned handover (its leader drains and
+    releases on its own) and not again soon after a fence that failed or led nowhere."""
+    if snapshot.cluster.session is not Session.CONNECTED or now < state.silent_fence_at:
+        return False
+    if silent_leader(snapshot, policy) is None or _switchover_pending(snapshot, policy):
+        return False
+    return _eligible(state, snapshot, now, policy)
+
+
+def _may_take_over_fenced(
+    state: AgentState, snapshot: Snapshot, now: float, policy: Policy
+) -> bool:
+    """The fast path's second half: the silent leader was fenced, the fence confirmed. Take over
+    at once if the leader znode is still the one fenced (or vacant), the fenced node has stayed
+    silent (a heartbeat now would prove the fence wrong) and a takeover is allowed now."""
+    cluster, fenced = snapshot.cluster, state.silent_leader
+    if cluster.session is not Session.CONNECTED or fenced is None:
+        return False
+    leader = cluster.leader
+    if leader is not None and (leader.ours or (leader.node, leader.epoch) != fenced):
+        return False
+    age = heartbeat_age(snapshot, fenced[0])
+    if age is not None and age < policy.peer_timeout:
+        return False
+    if _switchover_pending(snapshot, policy) is not None:
+        return False
+    return _eligible(state, snapshot, now, policy)
+
+
+def _eligible(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """Whether this node may take over, its leadership aside: the rules both paths obey."""
+    cluster = snapshot.cluster
     if snapshot.local.stopping:
         return False
     itself = Member(
@@ -214,7 +260,8 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     # A promotion holds the leader znode from the moment ACQUIRE succeeds: the step after it
     # (FENCE) must not run on a session or a znode that is already gone.
     acquired = result is not None and result.step is Step.ACQUIRE and result.ok
-    holding = role is Role.ACTIVE or (role is Role.PROMOTING and (state.steps != () or acquired))
+    # (Its epoch is the term's from then on: ``steps`` may time a fence made before ACQUIRE.)
+    holding = role is Role.ACTIVE or (role is Role.PROMOTING and (state.epoch > 0 or acquired))
     # Safety preempts a step in flight (a restart, a mount): the executor abandons it, and the
     # relay must stop serving before the peer may take over.
     if holding and session_doomed(role, snapshot, now, policy):
@@ -241,6 +288,8 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     if result is not None:
         if result.step is Step.FENCE and not result.ok:
             return Trigger.FENCE_FAILED
+        if result.step is Step.FENCE and role is Role.PASSIVE:  # a silent leader's fence
+            return Trigger.PEER_FENCED
         return Trigger.STEP_DONE if result.ok else Trigger.STEP_FAILED
     if role is Role.PROMOTING and state.retry_step is Step.FENCE:
         return Trigger.RETRY if now >= state.retry_at else Trigger.NOTHING
@@ -274,6 +323,8 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
             return Trigger.LEADER_STRAY
         if _may_take_over(state, snapshot, now, policy):
             return Trigger.LEADER_VACANT
+        if _may_fence_silent(state, snapshot, now, policy):
+            return Trigger.PEER_SILENT
     return Trigger.NOTHING
 
 
@@ -314,6 +365,11 @@ def refine(
     done = result.step if result is not None and trigger is Trigger.STEP_DONE else None
     if role is Role.DEMOTING and done is DEMOTION[-1]:
         return Trigger.DEMOTED
+    # The silent leader is fenced, the fence confirmed: take over at once, unless a takeover
+    # is no longer allowed (paused meanwhile, the znode changed, the node heard again, ...).
+    fenced = role is Role.PASSIVE and trigger is Trigger.PEER_FENCED
+    if fenced and not _may_take_over_fenced(state, snapshot, now, policy):
+        return Trigger.FENCED_HELD
     # The start that fails for the ``relay_start_limit``-th time in a row: FAILED.
     starting = role in (Role.STARTING, Role.PASSIVE) and trigger is Trigger.STEP_FAILED
     if starting and state.attempts + 1 >= policy.relay_start_limit:
@@ -391,6 +447,10 @@ class Then(enum.Enum):
     RESTART_RELAY = "restart relay"
     RELAY_STARTED = "relay started"
     RELAY_START_FAILED = "relay start failed"
+    FENCE_SILENT_PEER = "fence silent peer"  # its heartbeats stopped: fence it first
+    BEGIN_FENCED_PROMOTION = "begin fenced promotion"  # replace its leader znode at once
+    HOLD_FENCED = "hold fenced"  # fenced, but no takeover now: today's path will follow
+    SILENT_FENCE_FAILED = "silent fence failed"  # not fenced: nothing changes
     ENTER_FAILSAFE = "enter failsafe"  # note since when, and until when the leases hold
     LEAVE_FAILSAFE = "leave failsafe"  # note why: the session is back, or a lease is gone
 
@@ -419,6 +479,13 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (Role.PASSIVE, Trigger.RELAY_START_EXHAUSTED): Transition(_F, Then.RELAY_START_FAILED),
     (Role.PASSIVE, Trigger.LEADER_VACANT): Transition(_P, Then.BEGIN_PROMOTION),
     (Role.PASSIVE, Trigger.LEADER_STRAY): Transition(_D, Then.RELEASE_ONLY),
+    # passive, the leader's heartbeats stopped: fence it, and take over once that is confirmed
+    # (``_may_fence_silent``, ``_may_take_over_fenced``); without a confirmed fence, nothing
+    # changes: the leader's session must expire as before.
+    (Role.PASSIVE, Trigger.PEER_SILENT): Transition(Role.PASSIVE, Then.FENCE_SILENT_PEER),
+    (Role.PASSIVE, Trigger.PEER_FENCED): Transition(_P, Then.BEGIN_FENCED_PROMOTION),
+    (Role.PASSIVE, Trigger.FENCED_HELD): Transition(Role.PASSIVE, Then.HOLD_FENCED),
+    (Role.PASSIVE, Trigger.FENCE_FAILED): Transition(Role.PASSIVE, Then.SILENT_FENCE_FAILED),
     # promoting: one step after another; any failure or loss rolls everything back
     (_P, Trigger.STEP_DONE): Transition(_P, Then.NEXT_PROMOTION_STEP),
     (_P, Trigger.PROMOTED): Transition(_A, Then.FINISH_PROMOTION),
@@ -554,7 +621,10 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             new = replace(state, step=step, steps=steps, epoch=epoch)
             fields: dict[str, object] = {}
             if step is Step.FENCE:
-                fields = {"peer": state.previous, "fence": fence_targets(ctx.snapshot, policy)}
+                # A node fenced before ACQUIRE (the fast path) is not fenced twice.
+                done = state.silent_leader[0] if state.silent_leader else None
+                targets = tuple(t for t in fence_targets(ctx.snapshot, policy) if t != done)
+                fields = {"peer": state.previous, "fence": targets}
             if step is Step.PUBLISH:
                 fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
             if step is Step.PRE_PROMOTE:  # the hook is told why the node takes over
@@ -563,7 +633,8 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             return new, (action,), ""
         case Then.FINISH_PROMOTION:
             total = round(now - state.started, 4)
-            new = replace(state, step=None, steps=ctx.timed_steps(), attempts=0)
+            steps = ctx.timed_steps()
+            new = replace(state, step=None, steps=steps, attempts=0, silent_leader=None)
             return new, (), f"active in epoch {state.epoch} after {total}s"
         case Then.CHECK_LEASES:
             steps = ctx.timed_steps()
@@ -603,7 +674,9 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             # Lost the race, or the session or znode right after winning it: nothing else is
             # held, and a leader znode still ours is released as a stray one.
             assert result is not None
-            new = AgentState(cooldown_until=state.cooldown_until)
+            # After a fence, the silent leader is not fenced again at once.
+            again = now + policy.retry_interval if state.silent_leader else 0.0
+            new = AgentState(cooldown_until=state.cooldown_until, silent_fence_at=again)
             why = result.detail if not result.ok else ctx.cause.value.replace("_", " ")
             return new, (), f"leadership not taken: {why}"
         case Then.ROLL_BACK:
@@ -674,6 +747,53 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             total = round(now - state.started, 4)
             new = AgentState(cooldown_until=cooldown, steps=ctx.timed_steps())
             return new, (), f"passive after {total}s"
+        case Then.FENCE_SILENT_PEER:
+            leader = silent_leader(ctx.snapshot, policy)
+            assert leader is not None  # ``classify`` saw it silent
+            age = heartbeat_age(ctx.snapshot, leader.node) or 0.0
+            new = replace(state, step=Step.FENCE, silent_leader=(leader.node, leader.epoch))
+            # Epoch 0: a passive node has no term yet (the fence agents' ``{epoch}``).
+            action = Action(
+                Step.FENCE,
+                policy.timeout(Step.FENCE),
+                peer=leader.node,
+                fence=(leader.node,),
+                reason="peer silent",
+            )
+            note = (
+                f"{leader.node}'s heartbeats stopped {age:.2f}s ago (peer_timeout "
+                f"{policy.peer_timeout:g}s): fencing it before taking over"
+            )
+            return new, (action,), note
+        case Then.BEGIN_FENCED_PROMOTION:
+            assert result is not None and state.silent_leader is not None
+            node, epoch = state.silent_leader
+            leader = ctx.snapshot.cluster.leader
+            stale = state.silent_leader if leader is not None else None
+            new = AgentState(
+                epoch=0,
+                step=Step.ACQUIRE,
+                started=now - result.seconds,  # the takeover began with the fence
+                steps=((Step.FENCE, round(result.seconds, 4)),),
+                reason="peer fenced",
+                previous=node,
+                cooldown_until=state.cooldown_until,
+                silent_leader=state.silent_leader,
+            )
+            timeout = policy.timeout(Step.ACQUIRE)
+            action = Action(Step.ACQUIRE, timeout, reason="peer fenced", stale_leader=stale)
+            note = f"{result.detail}; taking over from epoch {epoch} at once"
+            return new, (action,), note
+        case Then.HOLD_FENCED | Then.SILENT_FENCE_FAILED:
+            node = state.silent_leader[0] if state.silent_leader else "the silent leader"
+            if transition.then is Then.HOLD_FENCED:
+                note = f"{node} fenced ({result.detail if result else ''}), but not taking over now"
+            else:
+                detail = result.detail if result else ""
+                note = f"{node} not fenced ({detail}): waiting for its session to end"
+            again = now + policy.retry_interval
+            new = replace(state, step=None, silent_leader=None, silent_fence_at=again)
+            return new, (), note
         case Then.RETRY_DEMOTION_STEP:
             if result is not None:  # it just failed: wait a little before trying again
                 attempts = state.attempts + 1

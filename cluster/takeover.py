@@ -17,6 +17,7 @@ import math
 from cluster.decision_data import (
     AgentState,
     ClusterView,
+    Leader,
     Member,
     Policy,
     Role,
@@ -95,6 +96,36 @@ def lease_verdict(snapshot: Snapshot, now: float, policy: Policy) -> tuple[float
     if now >= ready_at:
         return now, f"leases expired ({expired}; {grace})"
     return ready_at, f"waiting for the leases to expire ({expired}; {grace}{granted_why})"
+
+
+def heartbeat_age(snapshot: Snapshot, node: str) -> float | None:
+    """Seconds since ``node``'s last authenticated heartbeat; None when never heard."""
+    return dict(snapshot.heartbeat_ages).get(node)
+
+
+def silent_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
+    """The other node's leader znode, when its heartbeats over the peer channel have stopped.
+
+    Its session may live on in ZooKeeper for the session timeout, and its znode with it; its
+    silence alone proves nothing (a stalled machine, a cut link): it is a reason to fence it,
+    never to take over unfenced. A node never heard, or heard within ``peer_timeout``, is not
+    silent. None with ``fast_takeover`` off.
+    """
+    leader = snapshot.cluster.leader
+    if not policy.fast_takeover or leader is None or leader.ours or leader.node == policy.node:
+        return None
+    age = heartbeat_age(snapshot, leader.node)
+    return leader if age is not None and age >= policy.peer_timeout else None
+
+
+def silence_due(snapshot: Snapshot, policy: Policy) -> float | None:
+    """Seconds from ``snapshot`` until the leader's heartbeats are ``peer_timeout`` old, so the
+    agent looks again then (no wake-up comes with a silence); None when nothing is awaited."""
+    leader = snapshot.cluster.leader
+    if not policy.fast_takeover or leader is None or leader.ours or leader.node == policy.node:
+        return None
+    age = heartbeat_age(snapshot, leader.node)
+    return None if age is None else max(policy.peer_timeout - age, 0.0)
 
 
 def replica_refusal(node: str, cluster: ClusterView) -> str | None:

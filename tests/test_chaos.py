@@ -104,6 +104,7 @@ def test_the_short_profile_runs_every_scenario_and_keeps_every_promise(tmp_path:
         "rto_median_s",
         "rto_max_s",
         "demotions",
+        "false_failovers",
     }
     profile = profile_scenarios()
     assert summary["scenarios"] == summary["iterations"] == len(profile), done.stdout[-3000:]

@@ -190,6 +190,7 @@ def test_nothing_to_summarize() -> None:
         "duplicated": 0,
         "split_brain": 0,
         "demotions": 0,
+        "false_failovers": 0,
         "rto_median_s": None,
         "rto_max_s": None,
     }
@@ -248,6 +249,7 @@ def test_summary_line_prefers_the_kill_scenarios_rto() -> None:
         "duplicated",
         "split_brain",
         "demotions",
+        "false_failovers",
         "rto_median_s",
         "rto_max_s",
     }
@@ -494,6 +496,15 @@ def test_demotions_are_added_up_per_scenario_and_in_the_summary_line() -> None:
     assert summary_line(results)["demotions"] == 2
     assert results[0].as_dict()["demotions"] == 2
     assert "<b>demotions</b> 2" in render_html(results, title="zk")
+
+
+def test_false_failovers_are_the_demotions_under_a_fault_to_ride_out() -> None:
+    results = [iteration("zk-rolling-restart", 1), iteration("kill-node", 1)]
+    results[0].false_failovers = 1
+    results[1].demotions = 1  # a kill's takeover is no false failover
+    assert summary_line(results)["false_failovers"] == 1
+    assert results[0].as_dict()["false_failovers"] == 1
+    assert results[1].as_dict()["false_failovers"] == 0
 
 
 def decision(at: float, node: str, was: str, role: str) -> Event:

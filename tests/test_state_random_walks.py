@@ -40,6 +40,8 @@ def test_random_walks_exercise_the_new_rules() -> None:
     assert sum(h.silent for h in histories) >= 5  # "connected", but the contact ran out
     assert sum(h.grays for h in histories) >= 5  # the check locations saw the service down
     assert sum(h.gray_held for h in histories) >= 5  # ... but it was not the moment
+    assert sum(h.silent_fences for h in histories) >= 5  # a silent leader fenced ...
+    assert sum(h.fast_takeovers for h in histories) >= 5  # ... and replaced at once
     assert sum(h.failsafe for h in histories) >= 5  # began serving in failsafe
     assert sum(h.failsafe_rides for h in histories) >= 5  # ... past the session's deadline
     assert sum(h.past_grants for h in histories) >= 3  # unfenced, once its grant had ended

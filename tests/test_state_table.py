@@ -81,6 +81,22 @@ CASES: dict[tuple[Role, Trigger], Case] = {
     (Role.PASSIVE, Trigger.LEADER_STRAY): Case(
         AgentState(role=Role.PASSIVE), World(leader=ours()), steps=(Step.RELEASE,)
     ),
+    (Role.PASSIVE, Trigger.PEER_SILENT): Case(
+        AgentState(role=Role.PASSIVE),
+        World(leader=theirs(), heartbeat_ages={PEER: 2.0}),
+        steps=(Step.FENCE,),
+    ),
+    (Role.PASSIVE, Trigger.PEER_FENCED): Case(
+        AgentState(role=Role.PASSIVE, step=Step.FENCE, silent_leader=(PEER, EPOCH)),
+        World(leader=theirs(), heartbeat_ages={PEER: 2.0}),
+        ok(Step.FENCE),
+        steps=(Step.ACQUIRE,),
+    ),
+    (Role.PASSIVE, Trigger.FENCE_FAILED): Case(
+        AgentState(role=Role.PASSIVE, step=Step.FENCE, silent_leader=(PEER, EPOCH)),
+        World(leader=theirs(), heartbeat_ages={PEER: 2.0}),
+        failed(Step.FENCE),
+    ),
     (Role.PROMOTING, Trigger.STEP_DONE): Case(
         promoting(Step.FENCE), World(leader=ours()), ok(Step.FENCE), steps=(Step.STORAGE,)
     ),
@@ -239,6 +255,21 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             assert after.started == NOW
             assert after.steps == ()
             assert after.cooldown_until == before.cooldown_until
+        case Then.FENCE_SILENT_PEER:
+            assert after.silent_leader == (PEER, EPOCH)
+            (fence,) = decision.actions
+            assert fence.fence == (PEER,) and fence.peer == PEER
+        case Then.BEGIN_FENCED_PROMOTION:
+            assert result is not None
+            assert after.epoch == 0 and after.previous == PEER
+            assert after.reason == "peer fenced"
+            assert after.started == NOW - result.seconds
+            assert after.silent_leader == before.silent_leader
+            (acquire,) = decision.actions
+            assert acquire.stale_leader == (PEER, EPOCH)
+        case Then.SILENT_FENCE_FAILED | Then.HOLD_FENCED:
+            assert after.silent_leader is None
+            assert after.silent_fence_at == NOW + POLICY.retry_interval
         case Then.NEXT_PROMOTION_STEP:
             assert result is not None
             assert after.steps == (*before.steps, (result.step, result.seconds))
@@ -431,6 +462,13 @@ REFINED: dict[str, Refined] = {
         None,
         (Step.DRAIN,),
     ),
+    "passive: fenced, but paused meanwhile": Refined(
+        (Role.PASSIVE, Trigger.FENCED_HELD),
+        Trigger.PEER_FENCED,
+        AgentState(role=Role.PASSIVE, step=Step.FENCE, silent_leader=(PEER, EPOCH)),
+        World(leader=theirs(), heartbeat_ages={PEER: 2.0}, paused=PAUSE),
+        ok(Step.FENCE),
+    ),
     "demoting: release done": Refined(
         (Role.DEMOTING, Trigger.DEMOTED),
         Trigger.STEP_DONE,
@@ -459,7 +497,12 @@ def test_each_special_rule_leads_to_its_own_true_row(name: str) -> None:
         assert decision.state.give_up
     if decision.state.role is Role.PASSIVE:
         # Nothing but (maybe) the leader znode was taken: a stray one is released later.
-        assert decision.state == AgentState(role=Role.PASSIVE, steps=decision.state.steps)
+        expected = AgentState(
+            role=Role.PASSIVE,
+            steps=decision.state.steps,
+            silent_fence_at=decision.state.silent_fence_at,  # a fence made: not again at once
+        )
+        assert decision.state == expected
         assert not holds_resources(decision.state)
 
 
@@ -470,11 +513,15 @@ ONLY_REFINED = (
     Trigger.LEASE_REFUSED,
     Trigger.RELAY_START_EXHAUSTED,
     Trigger.REPLICA_REFUSED,
+    Trigger.FENCED_HELD,
 )
 
 # Pairs ``classify`` never produces for a role: safety triggers concern only a node holding or
 # taking resources, so does a stop (a node that holds nothing just exits), each role has its own
 # health and opportunity triggers, and a promotion always has a step in flight.
+_PASSIVE = Role.PASSIVE
+_PASSIVE_ONLY = (Trigger.PEER_SILENT, Trigger.PEER_FENCED)  # the fast path starts passive
+
 FAILSAFE = (Trigger.FAILSAFE_ENTERED, Trigger.FAILSAFE_ENDED)
 UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     {(role, t) for role in Role for t in (Trigger.SESSION_LOST, Trigger.LEADERSHIP_LOST)}
@@ -489,7 +536,8 @@ UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(
     | {(role, t) for role in Role if role is not Role.PASSIVE for t in (Trigger.LEADER_VACANT,)}
     | {(role, Trigger.LEADER_STRAY) for role in Role if role is not Role.PASSIVE}
     | {(role, Trigger.RETRY) for role in Role if role not in (Role.DEMOTING, Role.PROMOTING)}
-    | {(role, Trigger.FENCE_FAILED) for role in Role if role is not Role.PROMOTING}
+    | {(role, Trigger.FENCE_FAILED) for role in Role if role not in (Role.PROMOTING, _PASSIVE)}
+    | {(role, t) for role in Role if role is not _PASSIVE for t in _PASSIVE_ONLY}
     | {(role, Trigger.STOP) for role in Role if role not in (Role.ACTIVE, Role.PROMOTING)}
     | {(role, Trigger.GRAY_FAILURE) for role in Role if role is not Role.ACTIVE}
     | {(role, Trigger.GRAY_FAILURE_HELD) for role in Role if role is not Role.ACTIVE}

@@ -106,6 +106,7 @@ class World:
     session_deadline: float | None = None  # monotonic: the session surely lives on until then
     scheduled: ScheduledSwitchover | None = None  # a switchover stored for a later time
     locations: tuple[LocationVerdict, ...] = ()  # what the check locations see (gray failure)
+    heartbeat_ages: dict[str, float] = field(default_factory=dict)  # peers heard over the channel
     failsafe_held: dict[str, float] = field(default_factory=dict)  # leases peers granted it
     failsafe_granted: dict[str, float] = field(default_factory=dict)  # leases it granted
 
@@ -139,6 +140,7 @@ class World:
             wall,
             result,
             location_verdicts=self.locations,
+            heartbeat_ages=tuple(sorted(self.heartbeat_ages.items())),
             failsafe_held=tuple(sorted(self.failsafe_held.items())),
             failsafe_granted=tuple(sorted(self.failsafe_granted.items())),
         )
@@ -322,6 +324,7 @@ def grid_states() -> list[AgentState]:
         AgentState(role=Role.PASSIVE, step=START),
         AgentState(role=Role.PASSIVE, retry_at=NOW + 1),
         AgentState(role=Role.PASSIVE, cooldown_until=NOW + 1),
+        AgentState(role=Role.PASSIVE, step=Step.FENCE, silent_leader=(PEER, EPOCH)),
         promoting(Step.ACQUIRE),
         promoting(Step.FENCE),
         promoting(Step.STORAGE),
@@ -354,20 +357,23 @@ def grid_worlds() -> list[World]:
                         ):
                             for members in ({}, ready_peer()):
                                 for stopping in (False, True):
-                                    worlds.append(
-                                        World(
-                                            session=session,
-                                            leader=leader,
-                                            relay_running=running,
-                                            relay_failures=failures,
-                                            paused=paused,
-                                            switchover=switchover,
-                                            members=members,
-                                            stopping=stopping,
-                                            # With a peer: it holds this node a lease.
-                                            failsafe_held={PEER: NOW + 2} if members else {},
+                                    # The peer heard lately, or silent past peer_timeout.
+                                    for age in (0.1, 2.0):
+                                        worlds.append(
+                                            World(
+                                                session=session,
+                                                leader=leader,
+                                                relay_running=running,
+                                                relay_failures=failures,
+                                                paused=paused,
+                                                switchover=switchover,
+                                                members=members,
+                                                stopping=stopping,
+                                                heartbeat_ages={PEER: age},
+                                                # With a peer: it holds this node a lease.
+                                                failsafe_held={PEER: NOW + 2} if members else {},
+                                            )
                                         )
-                                    )
     # A gray failure seen by the check locations, where it can matter: a connected leader.
     leading = [w for w in worlds if w.session is Session.CONNECTED and w.leader == ours()]
     return worlds + [replace(world, locations=GRAY_SEEN) for world in leading]
@@ -461,6 +467,11 @@ class Pair:
         self.now = NOW
         self.wall = WALL
         self.fenced: list[tuple[str, ...]] = []  # the targets of every FENCE action, in order
+        # The peer channel: since when each node's heartbeats have not been heard (a dead node,
+        # or a live one cut off or stalled); the others' are heard fresh.
+        self.silent_since: dict[str, float] = {}
+        self.dead: set[str] = set()  # fenced (powered off): decides nothing; session lingers
+        self.started: dict[str, Action] = {}  # each node's action in flight
 
     def record(self, node: str) -> Member:
         state = self.states[node]
@@ -487,13 +498,21 @@ class Pair:
             switchover=self.switchover,
             known_nodes=frozenset(self.states),
         )
-        return Snapshot(view, LocalView(relay_running=True, relay_ready=True), self.wall, result)
+        ages = tuple(
+            (name, self.now - self.silent_since.get(name, self.now))
+            for name in sorted(self.states)
+            if name != node
+        )
+        local = LocalView(relay_running=True, relay_ready=True)
+        return Snapshot(view, local, self.wall, result, heartbeat_ages=ages)
 
     def decide(self, node: str, result: StepResult | None = None) -> Decision:
         snapshot = self.snapshot(node, result)
         decision = decide(self.states[node], snapshot, self.now, Policy(node=node))
         self.states[node] = decision.state
         self.fenced.extend(a.fence for a in decision.actions if a.step is Step.FENCE)
+        for action in decision.actions:
+            self.started[node] = action
         return decision
 
     def execute(self, node: str) -> StepResult:
@@ -502,8 +521,11 @@ class Pair:
         assert step is not None
         self.now += 0.1
         self.wall += 0.1
+        action = self.started.get(node)
         if step is Step.ACQUIRE:
-            if self.leader is not None:
+            # Replacing a stale leader znode: the transaction checks that it is still the one.
+            stale = action.stale_leader if action is not None else None
+            if self.leader is not None and stale != (self.leader, self.epoch):
                 return StepResult(step, False, 0.1, "node exists")
             self.epoch += 1
             self.leader = self.epoch_node = node
@@ -512,6 +534,10 @@ class Pair:
             self.leader = None
         if step is Step.PUBLISH:
             self.switchover = None
+        if step is Step.FENCE and action is not None:
+            for target in action.fence:  # powered off: stops deciding and heartbeating
+                self.dead.add(target)
+                self.silent_since.setdefault(target, self.now)
         return StepResult(step, True, 0.1)
 
     def run(self, node: str) -> Decision:

@@ -29,7 +29,7 @@ from cluster.decision_data import (
     Trigger,
 )
 from cluster.state import TRANSITIONS, classify, decide, refine
-from cluster.takeover import holds_resources, lease_verdict
+from cluster.takeover import heartbeat_age, holds_resources, lease_verdict
 from tests.support.decisions import (
     NODE,
     NOW,
@@ -191,12 +191,23 @@ def arbitrary(rng: random.Random, wall: float, result: StepResult | None) -> Sna
     return world.snapshot(wall, result)
 
 
-def run_executor(rng: random.Random, step: Step, world: World, wall: float) -> StepResult:
-    """The outcome of ``step``, and what it did to the world."""
+def run_executor(
+    rng: random.Random,
+    step: Step,
+    world: World,
+    wall: float,
+    stale: tuple[str, int] | None = None,
+) -> StepResult:
+    """The outcome of ``step``, and what it did to the world (``stale``: the leader znode an
+    ACQUIRE after a confirmed fence may replace, if it is still that one)."""
     success = rng.random() < (0.6 if step in (START, RESTART) else 0.9)
     epoch = 0
     if step is Step.ACQUIRE:
-        if success and world.leader is None:
+        leader = world.leader
+        replaceable = leader is None or (
+            stale is not None and not leader.ours and (leader.node, leader.epoch) == stale
+        )
+        if success and replaceable:
             world.epoch += 1
             epoch = world.epoch
             world.leader = ours(epoch)
@@ -232,6 +243,46 @@ def may_take_over(state: AgentState, snapshot: Snapshot, now: float, policy: Pol
         return False
     last = cluster.last_served  # a takeover aborted before it served does not count
     return last is None or snapshot.wall - last >= policy.min_failover_interval
+
+
+def eligible(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """The fast path's rules, restated: a passive, connected, warm node, not cooling down or
+    stopping, its replica servable, no planned handover, not paused, no recent takeover."""
+    cluster = snapshot.cluster
+    if state.role is not Role.PASSIVE or cluster.session is not Session.CONNECTED:
+        return False
+    if not snapshot.local.relay_running or snapshot.local.stopping:
+        return False
+    if now < state.cooldown_until or policy.node in cluster.outdated:
+        return False
+    if cluster.split_brain is not None or cluster.paused is not None:
+        return False
+    request = cluster.switchover
+    if request is not None and snapshot.wall - request.at <= policy.switchover_timeout:
+        return False
+    last = cluster.last_served
+    return last is None or snapshot.wall - last >= policy.min_failover_interval
+
+
+def may_fence_silent(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """A passive node fences the leader only when its heartbeats stopped ``peer_timeout`` ago."""
+    leader = snapshot.cluster.leader
+    if leader is None or leader.ours or now < state.silent_fence_at:
+        return False
+    age = heartbeat_age(snapshot, leader.node)
+    return age is not None and age >= policy.peer_timeout and eligible(state, snapshot, now, policy)
+
+
+def may_take_over_fenced(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
+    """ACQUIRE over a leader znode only after this node's confirmed fence of that very term."""
+    result, leader, fenced = snapshot.result, snapshot.cluster.leader, state.silent_leader
+    if result is None or result.step is not Step.FENCE or not result.ok or fenced is None:
+        return False
+    if leader is not None and (leader.ours or (leader.node, leader.epoch) != fenced):
+        return False
+    age = heartbeat_age(snapshot, fenced[0])
+    heard = age is not None and age < policy.peer_timeout
+    return not heard and eligible(state, snapshot, now, policy)
 
 
 def session_gone(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -311,6 +362,8 @@ class History:
     exits: int = 0  # the agent stopped, holding nothing
     storage_checked: int = 0  # STORAGE started, with the replica's marks looked at
     rode_out: int = 0  # decisions that kept a suspended active node serving (deadline ahead)
+    silent_fences: int = 0  # a passive node fenced a silent leader
+    fast_takeovers: int = 0  # ... and, the fence confirmed, replaced its leader znode
     silent: int = 0  # ... that found a "connected" session's contact run out while holding
     grays: int = 0  # handovers begun because the check locations saw the service down
     gray_held: int = 0  # ... seen, but not acted on (paused, too soon, nobody to take over)
@@ -461,7 +514,14 @@ def check(
         assert policy.node not in cluster.outdated and cluster.split_brain is None
         history.storage_checked += 1
     if Step.ACQUIRE in steps:
-        assert may_take_over(before, snapshot, now, policy)
+        stale = decision.actions[0].stale_leader
+        if may_take_over(before, snapshot, now, policy):
+            assert stale is None
+        else:
+            # A silent but perhaps alive leader: fenced, confirmed, before anything is taken.
+            assert may_take_over_fenced(before, snapshot, now, policy)
+            assert stale == (before.silent_leader if cluster.leader is not None else None)
+            history.fast_takeovers += 1
         assert decision.actions[0].epoch == 0
         history.term_epoch = 0
         history.promoted = []
@@ -480,6 +540,13 @@ def check(
         assert all(end <= now for end in granted), (granted, now)
         history.past_grants += bool(granted)
         history.promoted.append(Step.FENCE)
+    pre_fence = before.role is Role.PASSIVE and steps == [Step.FENCE]
+    if pre_fence:
+        assert may_fence_silent(before, snapshot, now, policy)
+        assert cluster.leader is not None
+        assert decision.actions[0].fence == (cluster.leader.node,)
+        assert after.silent_leader == (cluster.leader.node, cluster.leader.epoch)
+        history.silent_fences += 1
     for action in decision.actions:
         if action.step is not Step.ACQUIRE:
             assert action.epoch == history.term_epoch, (action, history.term_epoch)
@@ -489,7 +556,7 @@ def check(
         assert after.epoch == history.term_epoch
 
     # Promotion steps are taken only while connected and holding the leader znode.
-    if set(steps) & set(PROMOTION[1:]):
+    if set(steps) & set(PROMOTION[1:]) and not pre_fence:
         assert cluster.session is Session.CONNECTED
         assert cluster.leader is not None and cluster.leader.ours
 
@@ -568,6 +635,8 @@ def random_walk(seed: int, steps: int) -> History:
     deadlines = random.Random(seed + 1000)  # its own too: the session deadlines' draws
     grays = random.Random(seed + 2000)  # ... and the check locations' verdicts
     leases = random.Random(seed + 3000)  # ... and the failsafe leases'
+    silence = random.Random(seed + 4000)  # ... and the peer's heartbeats'
+    stale: tuple[str, int] | None = None  # the ACQUIRE in flight may replace this znode
     policy = RANDOM_POLICY
     world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
     state = AgentState()
@@ -638,12 +707,18 @@ def random_walk(seed: int, steps: int) -> History:
             cooldown=now < state.cooldown_until,
             holds=holds_resources(state),
         )
+        # The peer channel: the peer heard lately, long ago, or never (its own generator).
+        if silence.random() < 0.1:
+            age = silence.choice((None, 0.0, 0.5, 1.5, 4.0))
+            world.heartbeat_ages = {} if age is None else {PEER: age}
         result = None
         if state.step is not None and rng.random() < 0.5:
-            result = run_executor(rng, state.step, world, wall)
+            result = run_executor(rng, state.step, world, wall, stale)
         snapshot = world.snapshot(wall, result)
         if rng.random() < 0.05:
             snapshot = arbitrary(rng, wall, result)
+            ages = silence.choice(((), ((PEER, 2.0),), ((PEER, 0.2),)))
+            snapshot = replace(snapshot, heartbeat_ages=ages)
         decision = decide(state, snapshot, now, policy)
         try:
             check(history, state, snapshot, now, policy, decision)
@@ -652,6 +727,8 @@ def random_walk(seed: int, steps: int) -> History:
                 f"seed {seed}: {state}\n{snapshot}\nnow={now}\n-> {decision}"
             ) from error
         state = decision.state
+        if decision.actions:
+            stale = decision.actions[0].stale_leader
     return history
 
 
