@@ -22,7 +22,7 @@ from hamta.config import Config, ConfigError, load_config
 from hamta.control_client import ControlError, send_command
 from hamta.queue import recipient_domain
 from hamta.spool import LiveMessage, SpoolError, load_state
-from hamta.workers import SHARD_PREFIX
+from hamta.workers import SHARD_PREFIX, stray_refusal, stray_shards
 
 
 def load_or_exit(path: Path | None) -> Config:
@@ -247,6 +247,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if config.log.file is not None and (problem := eventlog.log_file_problem(config.log.file)):
         print(f"hamta: {args.file}: log.file: {problem}", file=sys.stderr)
         return 2
+    # A count set on purpose below the shards holding mail: the relay would refuse to activate
+    # on this spool (hamta.workers). Said now, not by a failed start or takeover; a spool on
+    # shared storage is seen where it is mounted (the active node). The default adopts them.
+    if "workers" in config.node.model_fields_set:
+        try:
+            stray = stray_shards(config.spool.path, config.node.workers)
+        except (SpoolError, OSError) as exc:
+            print(
+                f"hamta: {args.file}: spool.path: cannot read {config.spool.path}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
+        if stray:
+            refusal = stray_refusal(config.spool.path, config.node.workers, stray, default=False)
+            print(f"hamta: {args.file}: node.workers: {refusal}", file=sys.stderr)
+            return 2
     # Each address with its role when it is not plain smtp (submission, submissions + backend).
     listening = ", ".join(
         item.listen

@@ -37,7 +37,14 @@ from hamta.smtp import HamtaSMTP
 from hamta.spool import Damage, Spool, SpoolState
 from hamta.supervision import Supervisor
 from hamta.suppression import Suppressions
-from hamta.workers import WorkerPool, merge_summaries, shard_path, stray_refusal, stray_shards
+from hamta.workers import (
+    WorkerPool,
+    merge_summaries,
+    shard_index,
+    shard_path,
+    stray_refusal,
+    stray_shards,
+)
 
 if TYPE_CHECKING:
     from hamta.dkim_signing import DkimSigner
@@ -188,11 +195,17 @@ class Relay:
             summary["recipients_deferred"] = active.queue.deferred_count
         return summary
 
+    @property
+    def _others(self) -> WorkerPool | None:
+        """The pool when it runs workers: a node of one worker by default has an empty one, in
+        case an activation must adopt shards (``activate``)."""
+        return self.pool if self.pool is not None and self.pool.workers else None
+
     async def node_summary(self) -> dict[str, Any]:
         """The queue summary of the whole node: this relay and its workers, added up."""
-        if self.pool is None:
+        if self._others is None:
             return self.queue_summary()
-        return merge_summaries(self.queue_summary(), await self.pool.statuses())
+        return merge_summaries(self.queue_summary(), await self._others.statuses())
 
     def domain_snapshot(self) -> dict[str, Any]:
         """This relay's per-domain sums (``hamta.domain_stats``), with its queue's state."""
@@ -204,21 +217,23 @@ class Relay:
     async def node_domains(self) -> dict[str, Any]:
         """The per-domain sums of the whole node: this relay's and its workers', added up."""
         own = self.domain_snapshot()
-        if self.pool is None:
+        if self._others is None:
             return own
-        return merge_snapshots([own, *await self.pool.domains()])
+        return merge_snapshots([own, *await self._others.domains()])
 
     async def node_ready(self) -> bool:
         """Ready, and so is every worker."""
         if not self.ready:
             return False
-        return self.pool is None or all(s.get("ready") for s in await self.pool.statuses())
+        others = self._others
+        return others is None or all(s.get("ready") for s in await others.statuses())
 
     async def node_metrics(self, destinations: bool = True) -> str:
         """The Prometheus exposition of the whole node (``destinations``: with the series per
         destination, from the counters the queue keeps; the dashboard's sampling goes without)."""
         own = generate_latest(self.metrics.registry).decode()
-        text = own if self.pool is None else merge_expositions([own, *await self.pool.metrics()])
+        others = self._others
+        text = own if others is None else merge_expositions([own, *await others.metrics()])
         if not destinations:
             return text
         # Per destination from the node's merged sums, so that the top N is the node's.
@@ -252,20 +267,26 @@ class Relay:
             workers: asyncio.Task[list[dict[str, Any]]] | None = None
             try:
                 # Also with one worker: mail left in shards would otherwise never be delivered.
-                stray = stray_shards(path, self.config.node.workers) if self.worker == 0 else []
+                node = self.config.node
+                stray = stray_shards(path, node.workers) if self.worker == 0 else []
+                # The default follows this machine's CPUs, so a failover to a smaller node must
+                # not strand the mail of the larger one: its shards are adopted (docs/cluster.md
+                # "Workers on both nodes"). A count set on purpose is the operator's to raise.
+                default = "workers" not in node.model_fields_set
+                if stray and not (default and self.pool is not None):
+                    raise RelayError(stray_refusal(path, node.workers, stray, default=default))
                 if stray:
-                    node = self.config.node
-                    raise RelayError(
-                        stray_refusal(
-                            path,
-                            node.workers,
-                            stray,
-                            default="workers" not in node.model_fields_set,
-                        )
+                    self.log.warning(
+                        "StrayShardsAdopted",
+                        shards=[p.name for p in stray],
+                        workers=node.workers,
+                        reason="node.workers is not set and follows the CPUs; a worker with no "
+                        "SMTP socket delivers each shard's mail for this activation",
                     )
                 if self.pool is not None:
+                    adopt = [shard_index(p) for p in stray]
                     workers = asyncio.get_running_loop().create_task(
-                        self.pool.activate(path, epoch, token)
+                        self.pool.activate(path, epoch, token, adopt)
                     )
                 activation = await self._activate(
                     shard_path(path, self.worker), epoch, token, root=path

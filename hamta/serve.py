@@ -244,7 +244,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # One supervisor for every long-lived task of the process: the relay's and the pool's.
         supervisor = Supervisor(node_log, task_failed)
         pool = None
-        if args.worker == 0 and config.node.workers > 1:
+        # With node.workers unset, also a pool of no workers: an activation may have to adopt
+        # shards a node with more CPUs left (Relay.activate).
+        default = "workers" not in config.node.model_fields_set
+        if args.worker == 0 and (config.node.workers > 1 or default):
             pool = WorkerPool(
                 args.config, config.control.socket, node_log, others, spawn=supervisor.spawn
             )

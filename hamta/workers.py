@@ -14,6 +14,11 @@ the whole node, fanning commands out and adding figures up. The other workers ar
 (standby) when worker 0 starts, so that activation costs no interpreter start-up; they die with
 worker 0 (the kernel sends them SIGTERM when it goes, even by kill -9), and worker 0 restarts any
 that dies on its own, activating it on its shard again.
+
+A spool taken over from a node that ran more workers may hold mail in shards beyond this node's
+count. With ``node.workers`` unset (the count follows the CPUs) worker 0 adopts them: for the
+activation it starts one worker per such shard with no SMTP socket, which recovers and delivers
+that shard's mail and takes no new mail (docs/cluster.md "Workers on both nodes").
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,11 @@ _PR_SET_PDEATHSIG = 1
 def shard_path(root: Path, worker: int) -> Path:
     """The spool directory of ``worker`` inside the node's spool ``root``."""
     return root if worker == 0 else root / f"{SHARD_PREFIX}{worker}"
+
+
+def shard_index(shard: Path) -> int:
+    """The worker that owns ``shard``, a directory named by :func:`shard_path` (not the root)."""
+    return int(shard.name.removeprefix(SHARD_PREFIX))
 
 
 def control_path(socket: Path, worker: int) -> Path:
@@ -126,6 +137,7 @@ class WorkerPool:
         # The node's supervisor: a watcher dying of a bug would leave a worker unrestarted.
         self._spawn_task = spawn
         self._config_file = config_file
+        self._control = control
         self._log = log
         self._root: Path | None = None  # set while active
         self._term: dict[str, Any] = {}  # the activation's epoch and fencing token
@@ -206,7 +218,13 @@ class WorkerPool:
         self._stopping = True
         for task in list(self._watchers):
             task.cancel()
-        running = [w.process for w in self.workers if w.process and w.process.returncode is None]
+        await self._stop(self.workers, timeout)
+
+    @staticmethod
+    async def _stop(workers: list[_Worker], timeout: float) -> None:
+        running = [w.process for w in workers if w.process and w.process.returncode is None]
+        for worker in workers:
+            worker.process = None  # its watcher must not start it again
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -232,29 +250,48 @@ class WorkerPool:
         return list(await asyncio.gather(*(self._command(w, request) for w in self.workers)))
 
     async def activate(
-        self, root: Path, epoch: int | None = None, token: Path | None = None
+        self,
+        root: Path,
+        epoch: int | None = None,
+        token: Path | None = None,
+        adopt: Sequence[int] = (),
     ) -> list[dict[str, Any]]:
         """Activate every worker on its shard of ``root`` (each finds its shard in the root).
 
         Each worker checks the fencing token (``epoch``, ``token``) on its own, as the first.
+        ``adopt``: shards holding mail that no worker owns (a spool from a node that ran more
+        workers): a worker with no SMTP socket is started for each, for this activation, to
+        recover and deliver that shard's mail while accepting none into it.
         """
         self._root = root
         self._term = {"epoch": epoch, "token": str(token)} if token is not None else {}
+        adopters = [_Worker(k, control_path(self._control, k), []) for k in adopt]
+        self.workers.extend(adopters)
+        await asyncio.gather(*(self._spawn(worker, 30) for worker in adopters))
         return await self._all({"command": "activate", "spool": str(root), **self._term})
 
     async def deactivate(self, timeout: float) -> None:
-        """Deactivate every worker gracefully."""
+        """Deactivate every worker gracefully; the ones started to adopt a shard then stop."""
         self._root = None
         results = await asyncio.gather(
             *(
                 self._command(w, {"command": "deactivate", "timeout": timeout})
                 for w in self.workers
+                if w.process is not None
             ),
             return_exceptions=True,
         )
-        for worker, result in zip(self.workers, results, strict=True):
+        started = [w for w in self.workers if w.process is not None]
+        for worker, result in zip(started, results, strict=True):
             if isinstance(result, BaseException):
                 self._log.warning("WorkerDeactivateFailed", worker=worker.index, error=str(result))
+        adopters = [w for w in self.workers if not w.listeners]
+        self.workers[:] = [w for w in self.workers if w.listeners]
+        await self._stop(adopters, timeout)
+
+    def adopting(self) -> list[int]:
+        """The shards this pool's workers adopted in the current activation."""
+        return [w.index for w in self.workers if not w.listeners]
 
     async def broadcast(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         """Send one command to every worker; their replies in worker order, or a ControlError."""
@@ -267,10 +304,10 @@ class WorkerPool:
             return_exceptions=True,
         )
         return [
-            {"ready": False, "state": "unreachable", "error": str(r)}
+            {"ready": False, "state": "unreachable", "error": str(r), "worker": w.index}
             if isinstance(r, BaseException)
-            else r
-            for r in results
+            else {**r, "worker": w.index}
+            for w, r in zip(self.workers, results, strict=True)
         ]
 
     async def metrics(self) -> list[str]:
@@ -317,7 +354,12 @@ def merge_summaries(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[s
             "depth": own.get("depth"),
         }
     ] + [
-        {"worker": k, "state": s.get("state"), "ready": s.get("ready"), "depth": s.get("depth")}
+        {
+            "worker": s.get("worker", k),
+            "state": s.get("state"),
+            "ready": s.get("ready"),
+            "depth": s.get("depth"),
+        }
         for k, s in enumerate(others, start=1)
     ]
     for summary in others:

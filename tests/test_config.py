@@ -6,6 +6,7 @@ The parser is tested in-process (it is a pure function); the command line is run
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 from hamta.config import ConfigError, load_config, parse_config, parse_hostport
+from hamta.spool import Spool
+from hamta.workers import shard_path
 from tests.support import free_port
 from tests.support.relay import HAMTA, RelayProcess, render_toml
 
@@ -301,6 +304,15 @@ class CheckRun:
     stderr: str
 
 
+async def strand(path: Path) -> None:
+    """A spool at ``path`` holding one message."""
+    shard = Spool(path)
+    shard.open()
+    await shard.recover()
+    await shard.append(b"Subject: left\r\n\r\nbehind\r\n", "a@origin.test", ["u@sink.test"])
+    await shard.close()
+
+
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CheckRun]:
     """``hamta config check`` on every file below, run as processes side by side."""
@@ -314,6 +326,13 @@ def checks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CheckRun]:
     files["good"].write_text(GOOD)
     files["missing-cert"] = directory / "missing-cert.toml"
     files["missing-cert"].write_text(MISSING_CERT)
+    # A spool whose shard-1 holds mail: one worker set on purpose would strand it, the
+    # default adopts it at activation (hamta/workers.py).
+    spool = directory / "stranding-spool"
+    asyncio.run(strand(shard_path(spool, 1)))
+    for name, workers in (("stranding", {"workers": 1}), ("stranding-default", {})):
+        files[name] = directory / f"{name}.toml"
+        files[name].write_text(render_toml({"node": workers, "spool": {"path": spool}}))
     procs = {
         name: subprocess.Popen(
             [*HAMTA, "config", "check", str(path)],
@@ -349,6 +368,16 @@ def test_check_rejects_bad_file(checks: dict[str, CheckRun], name: str) -> None:
     assert "Traceback" not in run.stderr
     for expected in BAD[name][1]:
         assert expected in run.stderr, run.stderr
+
+
+def test_check_rejects_a_worker_count_that_strands_a_shard(checks: dict[str, CheckRun]) -> None:
+    run = checks["stranding"]
+    assert run.returncode == 2, run.stdout
+    assert run.stderr.startswith(f"hamta: {run.path}: node.workers: "), run.stderr
+    assert "has shards no worker owns with node.workers = 1: shard-1;" in run.stderr
+    # The default follows the CPUs and adopts such shards at activation: nothing to say.
+    default = checks["stranding-default"]
+    assert default.returncode == 0, default.stderr
 
 
 def test_check_rejects_missing_certificate(checks: dict[str, CheckRun]) -> None:
