@@ -134,6 +134,7 @@ class Agent:
             agent.node,
             session_timeout=agent.session_timeout,
             credentials=credentials,
+            readers=(agent.fleet_reader,) if agent.fleet_reader else (),
             wall=wall,
             clock=clock,
             on_change=on_change,
@@ -216,6 +217,7 @@ class Agent:
             smtp=self.smtp_address,
             cooldown=self.clock() < self.state.cooldown_until,
             holds=holds_resources(self.state),
+            vip=self.vip.address if self.vip is not None else "",
         )
 
     async def _snapshot(self) -> Snapshot:

@@ -85,6 +85,7 @@ class Member:
     smtp: str = ""  # where its relay listens when active
     cooldown: bool = False  # it gave up lately and will not take over for a while
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
+    vip: str = ""  # the pair's virtual IP ("198.18.0.100/24"), for the fleet's view (none: "")
 
 
 @dataclass(frozen=True, slots=True)
