@@ -34,6 +34,10 @@ class FleetError(Exception):
     """The fleet's root cannot be read or a pair cannot be created; the message says why."""
 
 
+class PairExistsError(FleetError):
+    """The pair's root exists already (created before: nothing is changed)."""
+
+
 def fleet_root(hosts: str) -> tuple[str, str]:
     """``"h1:2181,h2:2181/x"`` -> (``"h1:2181,h2:2181"``, ``"/x/hamta"``)."""
     servers, chroot = split_chroot(hosts)
@@ -75,7 +79,7 @@ def create_pair(
             _wait(client.create_async(path, b"", acl=acl))
         except NodeExistsError:
             if path.endswith(f"/{pair}"):
-                raise FleetError(f"pair {pair!r} exists already ({path})") from None
+                raise PairExistsError(f"pair {pair!r} exists already ({path})") from None
             continue
         except NoAuthError:
             raise FleetError(

@@ -22,6 +22,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from cluster.coordination import CoordinationError, Credentials
 from cluster.fleet import (
     FleetError,
+    PairExistsError,
     create_pair,
     fleet_history,
     fleet_root,
@@ -29,6 +30,7 @@ from cluster.fleet import (
     format_fleet,
     format_fleet_history,
 )
+from cluster.zk_acl import check_digest_id
 
 
 @contextmanager
@@ -68,22 +70,46 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdin_credentials() -> Credentials:
+    """``user:password`` on standard input: a deployment tool's way, no file on any disk."""
+    user, colon, password = sys.stdin.readline().strip().partition(":")
+    if not (user and colon and password):
+        raise FleetError("--credentials -: standard input must hold one line 'user:password'")
+    return Credentials(user, password)
+
+
 def cmd_create_pair(args: argparse.Namespace) -> int:
     """``hamta fleet create-pair NAME --credentials ADMIN --owner FILE --reader FILE``."""
     if args.credentials is None:
         raise FleetError("create-pair needs the administrator's --credentials")
-    admin = Credentials.from_file(args.credentials)
+    if (args.reader is None) == (args.reader_id is None):
+        raise FleetError("create-pair needs one of --reader FILE and --reader-id USER:HASH")
+    admin = (
+        _stdin_credentials()
+        if str(args.credentials) == "-"
+        else Credentials.from_file(args.credentials)
+    )
     owner = Credentials.from_file(args.owner).digest_id
-    reader = Credentials.from_file(args.reader).digest_id
+    reader = (
+        Credentials.from_file(args.reader).digest_id
+        if args.reader is not None
+        else check_digest_id(args.reader_id)
+    )
     with _client(args.zookeeper, admin, args.timeout) as client:
-        created = create_pair(
-            client,
-            fleet_root(args.zookeeper)[1],
-            args.pair,
-            admin=admin,
-            owner=owner,
-            readers=[reader],
-        )
+        try:
+            created = create_pair(
+                client,
+                fleet_root(args.zookeeper)[1],
+                args.pair,
+                admin=admin,
+                owner=owner,
+                readers=[reader],
+            )
+        except PairExistsError as exc:
+            if not args.exist_ok:
+                raise
+            print(f"exists: {exc}")
+            return 0
     print("\n".join(f"created {path}" for path in created))
     return 0
 
@@ -97,7 +123,7 @@ def cmd_reader_id(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         result: int = args.action(args)
-    except (FleetError, CoordinationError) as exc:
+    except (FleetError, CoordinationError, ValueError) as exc:
         print(f"hamta fleet: {exc}", file=sys.stderr)
         return 1
     return result
@@ -115,7 +141,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help='the ensemble, as agent.zookeeper without the pair: "h1:2181,h2:2181[/chroot]"',
         )
         parser.add_argument(
-            "--credentials", type=Path, help="user:password file (0600): the reader's, or admin's"
+            "--credentials",
+            type=Path,
+            help="user:password file (0600): the reader's, or the admin's ('-': standard input)",
         )
         parser.add_argument("--timeout", type=float, default=10.0, help="to reach ZooKeeper (s)")
         parser.set_defaults(func=_run)
@@ -132,7 +160,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common(create)
     create.add_argument("pair", help="the pair's name (its agents' agent.cluster)")
     create.add_argument("--owner", type=Path, required=True, help="the pair's credentials file")
-    create.add_argument("--reader", type=Path, required=True, help="the reader's credentials file")
+    create.add_argument("--reader", type=Path, help="the reader's credentials file")
+    create.add_argument("--reader-id", help="or the reader's id, as `hamta fleet reader-id` says")
+    create.add_argument(
+        "--exist-ok", action="store_true", help="a pair that exists already is no error (exit 0)"
+    )
     create.set_defaults(action=cmd_create_pair)
     reader = actions.add_parser("reader-id", help="print a reader's id for agent.fleet_reader")
     reader.add_argument("--credentials", type=Path, required=True, help="the reader's file")

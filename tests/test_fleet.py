@@ -141,7 +141,7 @@ def test_fleet_status_lists_every_pair_and_names_the_unreadable_one(
     finally:
         reader.stop()
         reader.close()
-    assert sorted(status) == ["a", "b", "hidden"]
+    assert {"a", "b", "hidden"} <= set(status)  # and "c", once created below
     assert status["hidden"]["problem"].startswith("unreadable")
     for pair in ("a", "b"):
         assert status[pair]["problem"] is None
@@ -204,3 +204,47 @@ def test_fleet_reader_must_be_a_digest_identity(tmp_path: Path) -> None:
     # The password itself, by mistake: refused, and not echoed... by the pattern's message.
     with pytest.raises(ConfigError, match="fleet_reader"):
         parse_agent_config(config("fleet-reader:reader-secret"))
+
+
+def test_create_pair_from_standard_input_is_idempotent_with_exist_ok(
+    zookeeper: ZooKeeperEnsemble, fleet: dict[str, Coordinator], tmp_path: Path
+) -> None:
+    owner = tmp_path / "owner"
+    owner.write_text("pair-c:c-secret\n")
+    owner.chmod(0o600)
+    command = [sys.executable, "-m", "hamtactl", "fleet", "create-pair", "c", "--exist-ok"]
+    command += ["--zookeeper", zookeeper.hosts + CHROOT, "--credentials", "-"]
+    command += ["--owner", str(owner), "--reader-id", READER.digest_id]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    admin_line = f"{ADMIN.user}:{ADMIN.password}\n"
+    runs = [
+        subprocess.run(
+            command,
+            input=admin_line,
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        for _ in range(2)
+    ]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout == f"created {CHROOT}/hamta/c\n"
+    assert runs[1].stdout.startswith("exists:")
+    # The pair's own agents may now start there; the reader sees it.
+    agent = Coordinator(
+        zookeeper.hosts + CHROOT,
+        "c",
+        "c1",
+        credentials=Credentials("pair-c", "c-secret"),
+        readers=[READER.digest_id],
+    )
+    agent.start(20)
+    agent.stop()
+    reader = client(zookeeper, READER)
+    try:
+        assert reader.exists(f"{CHROOT}/hamta/c/epoch") is not None
+    finally:
+        reader.stop()
+        reader.close()
