@@ -82,19 +82,17 @@ def cmd_create_pair(args: argparse.Namespace) -> int:
     """``hamta fleet create-pair NAME --credentials ADMIN --owner FILE --reader FILE``."""
     if args.credentials is None:
         raise FleetError("create-pair needs the administrator's --credentials")
-    if (args.reader is None) == (args.reader_id is None):
-        raise FleetError("create-pair needs one of --reader FILE and --reader-id USER:HASH")
+    if args.reader is not None and args.reader_id is not None:
+        raise FleetError("create-pair takes --reader FILE or --reader-id USER:HASH, not both")
     admin = (
         _stdin_credentials()
         if str(args.credentials) == "-"
         else Credentials.from_file(args.credentials)
     )
     owner = Credentials.from_file(args.owner).digest_id
-    reader = (
-        Credentials.from_file(args.reader).digest_id
-        if args.reader is not None
-        else check_digest_id(args.reader_id)
-    )
+    # Without a reader the pair is hidden from `hamta fleet status` (listed as unreadable).
+    readers = [Credentials.from_file(args.reader).digest_id] if args.reader is not None else []
+    readers += [check_digest_id(args.reader_id)] if args.reader_id is not None else []
     with _client(args.zookeeper, admin, args.timeout) as client:
         try:
             created = create_pair(
@@ -103,7 +101,7 @@ def cmd_create_pair(args: argparse.Namespace) -> int:
                 args.pair,
                 admin=admin,
                 owner=owner,
-                readers=[reader],
+                readers=readers,
             )
         except PairExistsError as exc:
             if not args.exist_ok:

@@ -31,6 +31,7 @@ VAGRANT_DIR = ROOT / "vagrant"
 EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory.example"
 FLEET_INVENTORY = ANSIBLE_DIR / "inventory.fleet-example"
 VAGRANT_INVENTORY = VAGRANT_DIR / "inventory"
+VAGRANT_PAIRS_INVENTORY = VAGRANT_DIR / "inventory-pairs"
 PLAYBOOKS = [
     ANSIBLE_DIR / "site.yml",
     ANSIBLE_DIR / "switchover.yml",
@@ -387,12 +388,62 @@ def test_every_vagrant_address_is_in_the_benchmarking_range() -> None:
     # 198.18.0.0/15 only: never vagrant-libvirt's default private range.
     text = "\n".join(
         path.read_text()
-        for path in [VAGRANT_DIR / "Vagrantfile", *sorted(VAGRANT_INVENTORY.rglob("*.yml"))]
+        for path in [
+            VAGRANT_DIR / "Vagrantfile",
+            *sorted(VAGRANT_INVENTORY.rglob("*.yml")),
+            *sorted(VAGRANT_PAIRS_INVENTORY.rglob("*.yml")),
+        ]
     )
     addresses = re.findall(r"\b(\d{1,3})\.(\d{1,3})\.\d{1,3}\.\d{1,3}\b", text)
     assert addresses
     for first, second in addresses:
         assert (first, second) in {("198", "18"), ("198", "19"), ("127", "0"), ("255", "255")}
+
+
+@needs_ansible
+def test_the_vagrant_fleet_renders_two_pairs_on_the_one_ensemble(tmp_path: Path) -> None:
+    """HAMTA_PAIRS=2: its inventory (not booted here: no KVM, and TCG guests are too slow)."""
+    extra = {"vault_hamta_fleet_admin_password": "test-fleet-admin"}
+    rendered = render(VAGRANT_PAIRS_INVENTORY, tmp_path / "rendered", tmp_path, extra)
+    vips = {}
+    for node, pair in (("mx1", "vagrant1"), ("mx2", "vagrant1"), ("mx3", "vagrant2")):
+        _relay, agent = relay_and_agent(rendered, node)
+        assert agent.agent.cluster == pair
+        vips[node] = agent.vip.address
+        assert sorted(agent.agent.zookeeper.split(",")) == [
+            "198.19.101.11:2181",
+            "198.19.101.12:2181",
+            "198.19.101.13:2181",
+        ]
+    assert vips == {
+        "mx1": "198.19.101.100/24",
+        "mx2": "198.19.101.100/24",
+        "mx3": "198.19.101.101/24",
+    }
+    text = (rendered / "mx4/r0.res").read_text()
+    assert re.findall(r"address (\S+);", text) == ["198.19.101.14:7789", "198.19.101.15:7789"]
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby is not installed")
+@pytest.mark.parametrize(
+    ("pairs", "machines"),
+    [("1", "mx1,mx2,arbiter inventory"), ("2", "mx1,mx2,mx3,mx4,arbiter inventory-pairs")],
+)
+def test_the_vagrantfile_takes_hamta_pairs(pairs: str, machines: str) -> None:
+    script = (
+        "module Vagrant; def self.configure(*); end; end; load 'Vagrantfile'; "
+        "puts MACHINES.map { |m| m[:name] }.join(',') + ' ' + INVENTORY"
+    )
+    done = subprocess.run(
+        ["ruby", "-e", script],
+        cwd=VAGRANT_DIR,
+        env={**os.environ, "HAMTA_PAIRS": pairs},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.strip() == machines, done.stderr
 
 
 # ---------------------------------------------------------------- lint
