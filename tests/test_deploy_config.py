@@ -46,7 +46,7 @@ TEST_SECRETS = {
     "vault_drbd_shared_secret": "test-drbd-secret",
 }
 # The fleet example's: a password per pair, and the fleet's administrator's.
-FLEET_SECRETS = {
+FLEET_SECRETS: dict[str, object] = {
     "vault_hamta_zookeeper_passwords": {"mail1": "test-mail1", "mail2": "test-mail2"},
     "vault_hamta_fleet_admin_password": "test-fleet-admin",
 }
@@ -403,7 +403,7 @@ def test_every_vagrant_address_is_in_the_benchmarking_range() -> None:
 @needs_ansible
 def test_the_vagrant_fleet_renders_two_pairs_on_the_one_ensemble(tmp_path: Path) -> None:
     """HAMTA_PAIRS=2: its inventory (not booted here: no KVM, and TCG guests are too slow)."""
-    extra = {"vault_hamta_fleet_admin_password": "test-fleet-admin"}
+    extra: dict[str, object] = {"vault_hamta_fleet_admin_password": "test-fleet-admin"}
     rendered = render(VAGRANT_PAIRS_INVENTORY, tmp_path / "rendered", tmp_path, extra)
     vips = {}
     for node, pair in (("mx1", "vagrant1"), ("mx2", "vagrant1"), ("mx3", "vagrant2")):
