@@ -31,6 +31,7 @@ from cluster.fleet import (
     format_fleet_history,
 )
 from cluster.zk_acl import check_digest_id
+from hamta import eventlog
 
 
 @contextmanager
@@ -119,6 +120,8 @@ def cmd_reader_id(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The command's own error line says why it failed; kazoo's retries would bury it.
+    eventlog.quiet_library("kazoo")
     try:
         result: int = args.action(args)
     except (FleetError, CoordinationError, ValueError) as exc:

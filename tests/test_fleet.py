@@ -249,3 +249,14 @@ def test_create_pair_from_standard_input_is_idempotent_with_exist_ok(
     finally:
         reader.stop()
         reader.close()
+
+
+def test_an_unreachable_ensemble_is_one_line_and_exit_status_1() -> None:
+    command = [sys.executable, "-m", "hamtactl", "fleet", "status", "--timeout", "1"]
+    command += ["--zookeeper", "127.0.0.1:1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "hamta fleet: ZooKeeper at 127.0.0.1:1 unreachable within 1s (Connection time-out)"
+    ]
