@@ -260,3 +260,30 @@ def test_an_unreachable_ensemble_is_one_line_and_exit_status_1() -> None:
     assert done.stderr.splitlines() == [
         "hamta fleet: ZooKeeper at 127.0.0.1:1 unreachable within 1s (Connection time-out)"
     ]
+
+
+def test_a_pair_that_joins_the_fleet_later_gives_the_reader_read_at_its_agents_start(
+    zookeeper: ZooKeeperEnsemble, fleet: dict[str, Coordinator]
+) -> None:
+    """An existing pair (no reader yet) whose agents get agent.fleet_reader: one start is enough."""
+    root = fleet_root(zookeeper.hosts + CHROOT)[1]
+    admin = client(zookeeper, ADMIN)
+    create_pair(admin, root, "later", admin=ADMIN, owner=PAIR_A.digest_id, readers=[])
+    admin.stop()
+    admin.close()
+    hosts = zookeeper.hosts + CHROOT
+    before = Coordinator(hosts, "later", "l1", credentials=PAIR_A)
+    before.start(20)
+    before.stop()
+    reader = client(zookeeper, READER)
+    try:
+        with pytest.raises(NoAuthError):
+            reader.get(f"{root}/later/epoch")
+        after = Coordinator(hosts, "later", "l1", credentials=PAIR_A, readers=[READER.digest_id])
+        after.start(20)
+        after.stop()
+        for path in ("", "/epoch", "/history", "/members", "/nodes/l1"):
+            reader.get(f"{root}/later{path}")
+    finally:
+        reader.stop()
+        reader.close()
