@@ -156,6 +156,7 @@ class Agent:
             agent.node,
             session_timeout=agent.session_timeout,
             credentials=credentials,
+            readers=(agent.fleet_reader,) if agent.fleet_reader else (),
             wall=wall,
             clock=clock,
             on_change=on_change,
@@ -332,6 +333,7 @@ class Agent:
             cooldown=self.clock() < self.state.cooldown_until,
             holds=holds_resources(self.state),
             api=self.config.api.url,
+            vip=self.vip.address if self.vip is not None else "",
         )
 
     async def _snapshot(self) -> Snapshot:

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from cluster.decision_data import Policy, Step, Takeover
-from cluster.zk_acl import split_chroot
+from cluster.zk_acl import check_digest_id, split_chroot
 from fencing import agents_from_config
 from hamta.config import (
     ConfigError,
@@ -54,6 +54,10 @@ class AgentSection(_Section):
     # naming the hosts (the agent exits 1 and its service manager starts it again).
     connect_timeout: PositiveSeconds = 10.0
     credentials: Path | None = None  # "user:password", mode 0600
+    # The fleet's reader (docs/fleet.md): its digest identity "user:hash" (`hamta fleet
+    # reader-id`, no secret in it) gets READ on every znode of this pair, so that `hamta fleet
+    # status` sees the pair while changing nothing. "": no fleet reader.
+    fleet_reader: str = ""
     relay_config: Path
     relay_command: list[str] = Field(default_factory=list)  # default: this Python's hamta serve
     state_dir: Path = Path("./var/agent")
@@ -112,6 +116,11 @@ class AgentSection(_Section):
     # command; several heartbeats must be missed (a CPU-starved peer must not be shot).
     fast_takeover: bool = True
     peer_timeout: PositiveSeconds = 1.0
+
+    @field_validator("fleet_reader")
+    @classmethod
+    def _check_fleet_reader(cls, value: str) -> str:
+        return check_digest_id(value)
 
     @field_validator("zookeeper")
     @classmethod

@@ -32,7 +32,7 @@ from __future__ import annotations
 import stat as stat_module
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,7 +51,14 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import ZnodeStat
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
-from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_digest_acl
+from kazoo.security import (
+    ACL,
+    OPEN_ACL_UNSAFE,
+    Id,
+    Permissions,
+    make_digest_acl,
+    make_digest_acl_credential,
+)
 
 from cluster.decision_data import (
     ClusterView,
@@ -127,9 +134,23 @@ class Credentials:
         """The (scheme, credential) pair kazoo sends at every connection."""
         return ("digest", f"{self.user}:{self.password}")
 
-    def acl(self) -> list[ACL]:
-        """Every permission for this user, none for anybody else."""
-        return [make_digest_acl(self.user, self.password, all=True)]
+    @property
+    def digest_id(self) -> str:
+        """``user:hash``, as an ACL names this user (no secret: the hash of the password)."""
+        return str(make_digest_acl_credential(self.user, self.password))
+
+    def acl(self, readers: Sequence[str] = ()) -> list[ACL]:
+        """Every permission for this user, READ for each reader (``user:hash``), none for others.
+
+        The readers are the fleet's (``agent.fleet_reader``): they may read every pair of the
+        ensemble and change none (docs/fleet.md).
+        """
+        return [make_digest_acl(self.user, self.password, all=True), *reader_acl(readers)]
+
+
+def reader_acl(readers: Sequence[str]) -> list[ACL]:
+    """READ, and nothing else, for each digest identity ``user:hash`` of ``readers``."""
+    return [ACL(Permissions.READ, Id("digest", reader)) for reader in readers]
 
 
 class _LeaderRecord(msgspec.Struct):
@@ -240,6 +261,7 @@ class Coordinator:
         *,
         session_timeout: float = 2.0,
         credentials: Credentials | None = None,
+        readers: Sequence[str] = (),
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] = lambda: None,
@@ -262,7 +284,7 @@ class Coordinator:
         except ValueError as exc:
             raise CoordinationError(f"ZooKeeper hosts {hosts!r}: {exc}") from None
         self._paths = _Paths(f"{chroot}{ROOT}/{cluster}")
-        self._acl: list[ACL] = credentials.acl() if credentials else list(OPEN_ACL_UNSAFE)
+        self._acl: list[ACL] = credentials.acl(readers) if credentials else list(OPEN_ACL_UNSAFE)
         # Replies can only come while the session lives; waiting longer is waiting for nothing.
         self._io_timeout = max(session_timeout, 1.0)
         self._client = client or KazooClient(

@@ -89,6 +89,7 @@ class Member:
     cooldown: bool = False  # it gave up lately and will not take over for a while
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
     api: str = ""  # the agent's HTTP API ("http://address:port"), "" when it has none
+    vip: str = ""  # the pair's virtual IP ("198.18.0.100/24"), for the fleet's view (none: "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ def operator_session(
         OPERATOR,
         session_timeout=max(agent.session_timeout, 4.0),
         credentials=credentials,
+        readers=(agent.fleet_reader,) if agent.fleet_reader else (),
         on_change=changed.set,
     )
     coordinator.start(agent.connect_timeout if timeout is None else timeout)

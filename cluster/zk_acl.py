@@ -41,6 +41,24 @@ def split_chroot(hosts: str) -> tuple[str, str]:
     return servers, "/" + "/".join(parts)
 
 
+def check_digest_id(value: str) -> str:
+    """``user:hash`` (base64 of SHA-1, as ``hamta fleet reader-id`` prints it), or ``""``."""
+    user, colon, digest = value.partition(":")
+    if value and not (
+        user
+        and colon
+        and len(digest) == 28
+        and digest.endswith("=")
+        and all(c.isascii() and (c.isalnum() or c in "+/") for c in digest[:-1])
+    ):
+        # Never echo the value: it may be the password itself, given by mistake.
+        raise ValueError(
+            "must be a digest identity 'user:hash' as `hamta fleet reader-id` prints it "
+            "(the base64 hash of 'user:password', never the password)"
+        )
+    return value
+
+
 def parents(root: str) -> list[str]:
     """Every path above ``root``, top down: ``/a/b/c`` -> ``["/a", "/a/b"]``."""
     parts = [part for part in root.split("/") if part][:-1]

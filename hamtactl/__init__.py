@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "agent": "cluster.commands",
     "cluster": "cluster.commands",
     "drbd": "cluster.commands",
+    "fleet": "cluster.fleet_commands",
     "chaos": "chaos.commands",
     "lab": "cluster.lab.commands",
     "monitor": "monitor.commands",

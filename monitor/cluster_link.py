@@ -171,6 +171,7 @@ class ClusterLink:
             OPERATOR,
             session_timeout=config.session_timeout,
             credentials=credentials,
+            readers=(config.fleet_reader,) if config.fleet_reader else (),
             wall=self.clock.time,
             clock=self.clock.monotonic,
         )

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from cluster.coordination import CoordinationError, Credentials
-from cluster.zk_acl import split_chroot
+from cluster.zk_acl import check_digest_id, split_chroot
 from hamta.config import (
     ConfigError,
     Count,
@@ -371,6 +371,8 @@ class ClusterLinkConfig(_Model):
     zookeeper: str = Field(min_length=1)  # "host:port,host:port[/chroot]", as agent.zookeeper
     cluster: str = Field(default="hamta", min_length=1, pattern=_ZNODE_NAME)
     credentials: Path | None = None  # "user:password", mode 0600, as agent.credentials
+    # As agent.fleet_reader: READ for the fleet's reader on the znodes the monitor creates.
+    fleet_reader: str = ""
     session_timeout: PositiveSeconds = 4.0
     # How long one attempt to reach ZooKeeper may take; the link then tries again.
     connect_timeout: PositiveSeconds = 10.0
@@ -380,6 +382,11 @@ class ClusterLinkConfig(_Model):
     publish_every: PositiveSeconds = 10.0
     # A service check down no longer than this around a failover saw a failover, not an outage.
     failover_grace: Seconds = 10.0
+
+    @field_validator("fleet_reader")
+    @classmethod
+    def _check_fleet_reader(cls, value: str) -> str:
+        return check_digest_id(value)
 
     @field_validator("zookeeper")
     @classmethod

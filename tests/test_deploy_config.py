@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
 VAGRANT_DIR = ROOT / "vagrant"
 EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory.example"
+FLEET_INVENTORY = ANSIBLE_DIR / "inventory.fleet-example"
 VAGRANT_INVENTORY = VAGRANT_DIR / "inventory"
+VAGRANT_PAIRS_INVENTORY = VAGRANT_DIR / "inventory-pairs"
 PLAYBOOKS = [
     ANSIBLE_DIR / "site.yml",
     ANSIBLE_DIR / "switchover.yml",
@@ -42,6 +44,11 @@ PLAYBOOKS = [
 TEST_SECRETS = {
     "vault_hamta_zookeeper_password": "test-zookeeper-password",
     "vault_drbd_shared_secret": "test-drbd-secret",
+}
+# The fleet example's: a password per pair, and the fleet's administrator's.
+FLEET_SECRETS: dict[str, object] = {
+    "vault_hamta_zookeeper_passwords": {"mail1": "test-mail1", "mail2": "test-mail2"},
+    "vault_hamta_fleet_admin_password": "test-fleet-admin",
 }
 ANSIBLE_TIMEOUT = 120.0
 
@@ -286,6 +293,81 @@ def test_any_key_and_any_string_reach_hamta_intact(tmp_path: Path) -> None:
     assert agent.agent.step_timeouts  # {storage: 60s}
 
 
+# ---------------------------------------------------------------- a fleet of two pairs
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The fleet example's files (two pairs on one ensemble), rendered once for the module."""
+    if shutil.which("ansible-playbook") is None:
+        pytest.skip("Debian's ansible is not installed")
+    tmp = tmp_path_factory.mktemp("fleet")
+    yield render(FLEET_INVENTORY, tmp / "rendered", tmp, FLEET_SECRETS)
+
+
+@pytest.mark.parametrize(
+    ("node", "pair", "vip", "peers"),
+    [
+        ("mx1", "mail1", "192.0.2.25/24", ["198.51.100.11:7789", "198.51.100.12:7789"]),
+        ("mx2", "mail1", "192.0.2.25/24", ["198.51.100.11:7789", "198.51.100.12:7789"]),
+        ("mx3", "mail2", "192.0.2.26/24", ["198.51.100.13:7789", "198.51.100.14:7789"]),
+        ("mx4", "mail2", "192.0.2.26/24", ["198.51.100.13:7789", "198.51.100.14:7789"]),
+    ],
+)
+def test_each_pair_of_the_fleet_renders_its_own_cluster_on_the_one_ensemble(
+    fleet: Path, node: str, pair: str, vip: str, peers: list[str]
+) -> None:
+    _relay, agent = relay_and_agent(fleet, node)
+    assert agent.agent.cluster == pair
+    assert agent.vip.address == vip
+    assert agent.agent.fleet_reader == "fleet-reader:Ave0kzgkZcGrCjAct53Pw17vPFY="
+    assert sorted(agent.agent.zookeeper.split(",")) == [
+        "198.51.100.21:2181",
+        "198.51.100.22:2181",
+        "198.51.100.23:2181",
+    ]
+    # DRBD replicates between the pair's two hosts, never across pairs.
+    text = (fleet / node / "r0.res").read_text()
+    assert re.findall(r"address (\S+);", text) == peers
+    assert zoo_cfg(fleet, "zk1")["server.3"] == "198.51.100.23:2888:3888"
+
+
+@needs_ansible
+@pytest.mark.parametrize("playbook", ["site.yml", "rolling-upgrade.yml"])
+def test_the_fleet_playbooks_parse_with_two_pairs(playbook: str, tmp_path: Path) -> None:
+    done = _ansible(
+        ["ansible-playbook", "--syntax-check", "-i", str(FLEET_INVENTORY), playbook],
+        ANSIBLE_DIR,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_ansible
+@pytest.mark.parametrize(("order", "refused"), [("1234", False), ("1324", True)])
+def test_the_rolling_upgrade_refuses_two_hosts_of_different_pairs_together(
+    order: str, refused: bool, tmp_path: Path
+) -> None:
+    """Its first play (on this machine, no host reached) checks that every two hosts are a pair;
+    with the hosts in a good order the upgrade goes on (and fails here, finding no hamta)."""
+    pair = {"1": "mail1", "2": "mail1", "3": "mail2", "4": "mail2"}
+    hosts = "".join(
+        f"    mx{n}: {{ansible_connection: local, hamta_pair_group: {pair[n]}, "
+        f"hamta_install_dir: {tmp_path}/none}}\n"
+        for n in order
+    )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        f"all:\n  children:\n    hamta:\n      hosts:\n{hosts}".replace("\n    mx", "\n        mx")
+    )
+    done = _ansible(
+        ["ansible-playbook", "-i", str(inventory), "rolling-upgrade.yml"], ANSIBLE_DIR, tmp_path
+    )
+    assert done.returncode != 0  # no hamta to upgrade here, either way
+    assert ("list each pair's two hosts together" in done.stdout) is refused, done.stdout
+    assert ("Read the pair's status" in done.stdout) is not refused, done.stdout
+
+
 # ---------------------------------------------------------------- the Vagrant cluster
 
 
@@ -306,12 +388,62 @@ def test_every_vagrant_address_is_in_the_benchmarking_range() -> None:
     # 198.18.0.0/15 only: never vagrant-libvirt's default private range.
     text = "\n".join(
         path.read_text()
-        for path in [VAGRANT_DIR / "Vagrantfile", *sorted(VAGRANT_INVENTORY.rglob("*.yml"))]
+        for path in [
+            VAGRANT_DIR / "Vagrantfile",
+            *sorted(VAGRANT_INVENTORY.rglob("*.yml")),
+            *sorted(VAGRANT_PAIRS_INVENTORY.rglob("*.yml")),
+        ]
     )
     addresses = re.findall(r"\b(\d{1,3})\.(\d{1,3})\.\d{1,3}\.\d{1,3}\b", text)
     assert addresses
     for first, second in addresses:
         assert (first, second) in {("198", "18"), ("198", "19"), ("127", "0"), ("255", "255")}
+
+
+@needs_ansible
+def test_the_vagrant_fleet_renders_two_pairs_on_the_one_ensemble(tmp_path: Path) -> None:
+    """HAMTA_PAIRS=2: its inventory (not booted here: no KVM, and TCG guests are too slow)."""
+    extra: dict[str, object] = {"vault_hamta_fleet_admin_password": "test-fleet-admin"}
+    rendered = render(VAGRANT_PAIRS_INVENTORY, tmp_path / "rendered", tmp_path, extra)
+    vips = {}
+    for node, pair in (("mx1", "vagrant1"), ("mx2", "vagrant1"), ("mx3", "vagrant2")):
+        _relay, agent = relay_and_agent(rendered, node)
+        assert agent.agent.cluster == pair
+        vips[node] = agent.vip.address
+        assert sorted(agent.agent.zookeeper.split(",")) == [
+            "198.19.101.11:2181",
+            "198.19.101.12:2181",
+            "198.19.101.13:2181",
+        ]
+    assert vips == {
+        "mx1": "198.19.101.100/24",
+        "mx2": "198.19.101.100/24",
+        "mx3": "198.19.101.101/24",
+    }
+    text = (rendered / "mx4/r0.res").read_text()
+    assert re.findall(r"address (\S+);", text) == ["198.19.101.14:7789", "198.19.101.15:7789"]
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby is not installed")
+@pytest.mark.parametrize(
+    ("pairs", "machines"),
+    [("1", "mx1,mx2,arbiter inventory"), ("2", "mx1,mx2,mx3,mx4,arbiter inventory-pairs")],
+)
+def test_the_vagrantfile_takes_hamta_pairs(pairs: str, machines: str) -> None:
+    script = (
+        "module Vagrant; def self.configure(*); end; end; load 'Vagrantfile'; "
+        "puts MACHINES.map { |m| m[:name] }.join(',') + ' ' + INVENTORY"
+    )
+    done = subprocess.run(
+        ["ruby", "-e", script],
+        cwd=VAGRANT_DIR,
+        env={**os.environ, "HAMTA_PAIRS": pairs},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.strip() == machines, done.stderr
 
 
 # ---------------------------------------------------------------- lint
