@@ -59,6 +59,9 @@ def test_mail_leaves_from_the_pool_of_its_domain_or_header(
     assert events["three@sink.test"]["egress_pool"] == "pool bulk by header"
     assert events["one@sink.test"]["egress_address"] == "127.0.0.21"
     assert relay.metric("hamta_egress_deliveries_total", source="b", outcome="delivery") == 2
+    # The test DNS has no PTR for these addresses: warned about at start, and mail went.
+    warnings = relay.wait_events("EgressPtrMismatch", 3)
+    assert any("no PTR for 127.0.0.21" in w["warning"] for w in warnings)
 
 
 def test_a_source_not_on_this_host_defers_with_its_reason(
