@@ -523,6 +523,7 @@ class Agent:
                     self._watched_pgid,
                     vip.address if vip is not None else None,
                     vip.interface if vip is not None else None,
+                    vip.others() if isinstance(vip, VipSet) else (),
                 )
                 self._armed = True
                 self.log.info(

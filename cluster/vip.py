@@ -327,6 +327,10 @@ class VipSet:
         """Announce every address again."""
         self._each(lambda member: member.announce())
 
+    def others(self) -> list[str]:
+        """The members after the first, as ``ip`` takes them: the watchdog removes them too."""
+        return [member.ip.with_prefixlen for member in self.members[1:]]
+
     def describe(self) -> str:
         """The addresses, for the executor's step results."""
         return ", ".join(m.ip.with_prefixlen for m in self.members) + f" on {self.interface}"
