@@ -58,3 +58,6 @@ def test_mail_leaves_from_the_egress_addresses_before_and_after_a_failover(lab: 
     after = lab.send(20, domain="a.lab.test")
     assert after.all_acked, after
     assert senders_of(lab, list(after.ids_acked)) == expected
+    # The lab's DNS has their PTRs: no relay warned (hamta.egress_ptr).
+    for node in NODES:
+        assert "EgressPtrMismatch" not in (lab.node_dir(node) / "relay.log").read_text()
