@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from cluster.lab.commands import format_status
 from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
 
@@ -44,8 +45,12 @@ def senders_of(lab: Lab, ids: list[str], timeout: float = 30.0) -> set[tuple[str
 def test_mail_leaves_from_the_egress_addresses_before_and_after_a_failover(lab: Lab) -> None:
     expected = {(str(address), name) for address, name in lab.topology.egress}
     active = lab.wait_active(30.0)
-    holders = lab.status(cluster=False)["egress_holders"]
+    status = lab.status(cluster=False)
+    holders = status["egress_holders"]
     assert all(nodes == [active] for nodes in holders.values()), holders
+    text = format_status(status)  # hamta lab status
+    for address, _ in lab.topology.egress:
+        assert f"egress {address}: {active}\n" in text + "\n", text
     before = lab.send(20, domain="a.lab.test")
     assert before.all_acked, before
     assert senders_of(lab, list(before.ids_acked)) == expected  # both sources, weights 1:1
