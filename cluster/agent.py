@@ -59,7 +59,7 @@ from cluster.relayproc import RelayControlError, RelayProcess, default_relay_com
 from cluster.state import decide, demotion_due
 from cluster.storage import Storage, storage_from_config
 from cluster.takeover import holds_resources, silence_due
-from cluster.vip import VirtualIp
+from cluster.vip import VipSet, VirtualIp, moving_addresses
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
 from fencing.watchdog import Watchdog, WatchdogError
@@ -132,7 +132,7 @@ class Agent:
         *,
         coordinator: Coordinator | None = None,
         storage: Storage | None = None,
-        vip: VirtualIp | None = None,
+        vip: VirtualIp | VipSet | None = None,
         fencer: Fencer | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -173,8 +173,11 @@ class Agent:
         self.storage = storage or storage_from_config(
             config.storage.driver, **config.storage.options()
         )
-        if vip is None and config.vip.address:
-            vip = VirtualIp(config.vip.address, config.vip.interface)
+        if vip is None:
+            # The relay's [delivery.egress] sources are the one list of sending addresses: the
+            # relay binds them, the agent moves them with the virtual IP, on [vip] interface.
+            egress = [str(s.address) for s in relay_config.delivery.egress.sources.values()]
+            vip = moving_addresses(config.vip.address, config.vip.interface, egress)
         self.vip = vip
         smtp_host, smtp_port = parse_hostport(relay_config.smtp.listen[0], 25)
         probe_host = config.probe.host or (
@@ -624,6 +627,7 @@ class Agent:
                     self._watched_pgid,
                     vip.address if vip is not None else None,
                     vip.interface if vip is not None else None,
+                    vip.others() if isinstance(vip, VipSet) else (),
                 )
                 self._armed = True
                 self.log.info(

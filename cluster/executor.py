@@ -21,7 +21,7 @@ from cluster.hooks import HookRefusedError, Hooks, RoleChange
 from cluster.probe import smtp_probe
 from cluster.relayproc import RelayControlError, RelayProcess
 from cluster.storage import Storage, StorageError
-from cluster.vip import VipError, VirtualIp
+from cluster.vip import VipError, VipSet, VirtualIp
 from hamta.epoch_token import TOKEN_FILE, TokenError, write_token
 from hamta.privileges import Identity, give_tree
 
@@ -42,7 +42,7 @@ class Executor:
         coordinator: Coordinator,
         storage: Storage,
         spool_name: str,
-        vip: VirtualIp | None,
+        vip: VirtualIp | VipSet | None,  # with the relay's egress addresses, a VipSet
         relay: RelayProcess,
         fencer: Fencer,
         probe_address: tuple[str, int],
@@ -186,7 +186,7 @@ class Executor:
         if self.vip is None:
             return "no virtual IP configured"
         await asyncio.to_thread(self._locked(self._vip_lock, self.vip.add))
-        return f"{self.vip.address} on {self.vip.interface}"
+        return self.vip.describe()
 
     async def _relay(self, action: Action) -> str:
         if self._mounted is None:
@@ -268,7 +268,7 @@ class Executor:
         if self.vip is None:
             return "no virtual IP configured"
         await asyncio.to_thread(self._locked(self._vip_lock, self.vip.remove))
-        return f"{self.vip.address} removed"
+        return f"{self.vip.describe()} removed"
 
     async def _storage_down(self, action: Action) -> str:
         await asyncio.to_thread(self._locked(self._storage_lock, self.storage.release))
