@@ -36,10 +36,11 @@ from cluster.decision_data import (
     StepResult,
 )
 from cluster.executor import Executor
+from cluster.fast_fence import FastFence
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
-from cluster.storage import Storage, storage_from_config
+from cluster.storage import DrbdStorage, Storage, storage_from_config
 from cluster.takeover import holds_resources
 from cluster.vip import VirtualIp
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
@@ -60,6 +61,24 @@ def _fencer(config: AgentConfig) -> Fencer:
     if config.fencing.agents:
         return ChainFencer(FenceChain(agents_from_config(config.fencing.agents)))
     return CommandFencer(config.fencing.commands)
+
+
+def _fast_fence(
+    config: AgentConfig, coordinator: Coordinator, storage: Storage, wall: Callable[[], float]
+) -> FastFence | None:
+    """DRBD's fast fence-peer path (cluster.fast_fence), for a DRBD spool unless turned off."""
+    directory, resource = config.storage.fence_marker_dir, config.storage.resource
+    if not isinstance(storage, DrbdStorage) or directory is None or resource is None:
+        return None
+    return FastFence(
+        coordinator=coordinator,
+        node=config.agent.node,
+        resource=resource,
+        directory=directory,
+        valid=config.storage.fence_marker_valid(),
+        peer_unknown=storage.peer_disk_unknown,
+        wall=wall,
+    )
 
 
 Sighting = tuple[float, float]  # (a takeover's recorded time, local wall clock when first seen)
@@ -171,6 +190,7 @@ class Agent:
             probe_address=(probe_host, config.probe.port or smtp_port),
             probe_timeout=config.probe.timeout,
             spool_owner=relay_user if relay_user.uid != os.geteuid() else None,
+            fast_fence=_fast_fence(config, self.coordinator, self.storage, wall),
             clock=clock,
             wall=wall,
         )

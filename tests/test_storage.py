@@ -29,6 +29,7 @@ from cluster.storage import (
     StorageError,
     local_disk_states,
     mounts,
+    peer_disk_states,
     peer_roles,
     run_command,
     storage_from_config,
@@ -483,3 +484,9 @@ def test_storage_from_config(tmp_path: Path) -> None:
         storage_from_config("blockdev", device="/dev/sdz")
     with pytest.raises(StorageError, match=r"storage driver directory: .*unexpected .*device"):
         storage_from_config("directory", path="/x", device="/dev/sdz")
+
+
+def test_peer_disk_states_of_drbdadm_dstate() -> None:
+    assert peer_disk_states("UpToDate/DUnknown\n") == ["DUnknown"]
+    assert peer_disk_states("UpToDate/UpToDate\nUpToDate/Outdated\n") == ["UpToDate", "Outdated"]
+    assert peer_disk_states("Diskless\n") == []
