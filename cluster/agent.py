@@ -76,7 +76,7 @@ def _fast_fence(
         resource=resource,
         directory=directory,
         valid=config.storage.fence_marker_valid(),
-        peer_unknown=storage.peer_disk_unknown,
+        fence_expected=storage.primary_would_fence,
         wall=wall,
     )
 

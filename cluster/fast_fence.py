@@ -33,7 +33,7 @@ class FastFence:
         resource: str,
         directory: Path,
         valid: float,
-        peer_unknown: Callable[[], bool],
+        fence_expected: Callable[[], bool],
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.coordinator = coordinator
@@ -41,7 +41,8 @@ class FastFence:
         self.resource = resource
         self.directory = directory
         self.valid = valid
-        self.peer_unknown = peer_unknown  # DRBD does not know the peer's disk (DUnknown)
+        # `drbdadm primary` would call fence-peer: local disk UpToDate, the peer's DUnknown.
+        self.fence_expected = fence_expected
         self.wall = wall
 
     @property
@@ -56,15 +57,16 @@ class FastFence:
     def arm(self, epoch: int, peers: Sequence[str]) -> str:
         """Mark the fenced peer outdated in ZooKeeper, then write the marker; what was done.
 
-        Nothing is written (and the full handler will answer) unless exactly one peer was fenced
-        and DRBD does not know its disk: a peer DRBD still reaches receives every write, and
-        marking it would keep it from ever taking over (only a resync clears the mark).
+        Nothing is written (and the full handler will answer) unless exactly one peer was fenced,
+        DRBD does not know its disk and ours is UpToDate: a peer DRBD still reaches receives
+        every write, and a promotion refused for our own disk must not leave the peer marked
+        too; either way it could never take over again (only a resync clears the mark).
         """
         if len(peers) != 1:
             return "fast fence-peer path unused: no single fenced peer"
         peer = peers[0]
-        if not self.peer_unknown():
-            return f"fast fence-peer path unused: DRBD still knows {peer}'s disk"
+        if not self.fence_expected():
+            return f"fast fence-peer path unused: DRBD knows {peer}'s disk, or ours is not current"
         record = {"by": self.node, "resource": self.resource, "at": self.wall()}
         try:
             marked = self.coordinator.mark_outdated(peer, record, leader=self.node)

@@ -381,9 +381,12 @@ class DrbdStorage(Storage):
         self._drbdadm("primary")
         return self.filesystem.promote()
 
-    def peer_disk_unknown(self) -> bool:
-        """DRBD does not know the peer's disk (``DUnknown``): ``primary`` will call fence-peer."""
-        return _UNKNOWN in peer_disk_states(self._drbdadm("dstate").stdout)
+    def primary_would_fence(self) -> bool:
+        """``primary`` would call DRBD's fence-peer: the local disk is UpToDate (else promotion
+        is refused before) and DRBD does not know the peer's (``DUnknown``)."""
+        output = self._drbdadm("dstate").stdout
+        local = local_disk_states(output)
+        return bool(local) and set(local) == {_UPTODATE} and _UNKNOWN in peer_disk_states(output)
 
     def _await_peer_not_primary(self) -> None:
         # The takeover starts when the old node's ZooKeeper session ends, and its fence may

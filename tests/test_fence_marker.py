@@ -178,7 +178,7 @@ def promote(tmp_path: Path, coordinator: Coordinator, fast: bool) -> tuple[list[
         resource="r0",
         directory=markers,
         valid=30.0,
-        peer_unknown=storage.peer_disk_unknown,
+        fence_expected=storage.primary_would_fence,
     )
     executor = Executor(
         node="a",
@@ -253,8 +253,8 @@ def test_a_peer_drbd_still_knows_is_neither_marked_nor_answered_for(
         resource="r0",
         directory=tmp_path,
         valid=30.0,
-        peer_unknown=lambda: False,
+        fence_expected=lambda: False,
     )
-    assert "DRBD still knows b's disk" in fast.arm(epoch, ("b",))
+    assert "DRBD knows b's disk, or ours is not current" in fast.arm(epoch, ("b",))
     assert "b" not in a.view().outdated
     assert not (tmp_path / marker_name("r0")).exists()
