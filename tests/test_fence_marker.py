@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from cluster.config import StorageSection
 from cluster.coordination import Coordinator
-from cluster.decision_data import Action, Member, Role, Step
+from cluster.decision_data import Action, Step
 from cluster.executor import Executor
 from cluster.fast_fence import FastFence
 from cluster.fence_marker import TERM_FILE, Marker, marker_name
@@ -32,6 +32,7 @@ from cluster.fencers import CommandFencer
 from cluster.relayproc import RelayProcess
 from cluster.storage import DrbdStorage
 from cluster.zookeeper import ZooKeeperEnsemble
+from tests.support.pair import active_and_passive
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = 6  # what the stand-in full handler answers, to tell it from the fast path's 4
@@ -109,18 +110,6 @@ def test_a_garbled_marker_falls_back(tmp_path: Path) -> None:
     assert "unreadable marker" in done.stderr
 
 
-def test_the_fast_handler_loads_the_standard_library_only() -> None:
-    code = (
-        "import sys\nbefore = set(sys.modules)\nimport cluster.fence_marker\n"
-        "print('\\n'.join(set(sys.modules) - before))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    roots = {name.split(".")[0] for name in done.stdout.split()}
-    assert roots - set(sys.stdlib_module_names) == {"cluster"}, roots
-
-
 # ---------------------------------------------------------------------- the agent's half
 
 
@@ -141,7 +130,7 @@ def drbdadm_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, markers: Pa
         'case "$1" in\n'
         "  dstate) echo UpToDate/DUnknown ;;\n"
         "  role) echo Secondary/Unknown ;;\n"
-        f"  primary) DRBD_RESOURCE=$2 DRBD_PEER=b {handler} 2>/dev/null; code=$?\n"
+        f"  primary) DRBD_RESOURCE=$2 DRBD_PEER=node1 {handler} 2>/dev/null; code=$?\n"
         f'    echo "fence-peer $code" >> {calls}; [ $code -eq 4 ] || exit 11 ;;\n'
         "esac\n"
     )
@@ -153,35 +142,33 @@ def drbdadm_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, markers: Pa
 
 @pytest.fixture
 def pair(zookeeper: ZooKeeperEnsemble) -> Iterator[tuple[Coordinator, Coordinator]]:
-    """Nodes a and b of a fresh cluster, both connected; b was active."""
-    name = f"f{uuid.uuid4().hex[:10]}"
-    a = Coordinator(zookeeper.hosts, name, "a", session_timeout=2.0)
-    b = Coordinator(zookeeper.hosts, name, "b", session_timeout=2.0)
-    a.start(10)
-    b.start(10)
-    try:
-        a.publish_member(Member("a", Role.PASSIVE, relay_running=True))
-        b.publish_member(Member("b", Role.ACTIVE, epoch=1, holds=True))
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+    """node1 was active and is gone (its session ended); node2, passive, is connected."""
+    with active_and_passive(zookeeper.hosts, f"f{uuid.uuid4().hex[:10]}") as (node1, node2, _):
+        node1.stop()
+        yield node1, node2
+
+
+@pytest.fixture
+def leading(zookeeper: ZooKeeperEnsemble) -> Iterator[tuple[Coordinator, int]]:
+    """node1 leads (its epoch), node2 is passive and connected."""
+    with active_and_passive(zookeeper.hosts, f"f{uuid.uuid4().hex[:10]}") as (node1, _, epoch):
+        yield node1, epoch
 
 
 def promote(tmp_path: Path, coordinator: Coordinator, fast: bool) -> tuple[list[str], bool]:
-    """ACQUIRE, FENCE b, STORAGE on node a's executor; drbdadm's calls and the step's outcome."""
+    """ACQUIRE, FENCE node1, STORAGE on node2's executor; drbdadm's calls and the outcome."""
     markers = tmp_path / "markers"
     storage = DrbdStorage("r0", tmp_path / "no-device", tmp_path / "mnt", timeout=10.0)
     fast_fence = FastFence(
         coordinator=coordinator,
-        node="a",
+        node="node2",
         resource="r0",
         directory=markers,
         valid=30.0,
         fence_expected=storage.primary_would_fence,
     )
     executor = Executor(
-        node="a",
+        node="node2",
         coordinator=coordinator,
         storage=storage,
         spool_name="spool",
@@ -197,7 +184,7 @@ def promote(tmp_path: Path, coordinator: Coordinator, fast: bool) -> tuple[list[
         acquired = await executor.run(Action(Step.ACQUIRE, 10.0))
         assert acquired.ok, acquired.detail
         epoch = acquired.epoch
-        fenced = await executor.run(Action(Step.FENCE, 10.0, epoch, peer="b", fence=("b",)))
+        fenced = await executor.run(Action(Step.FENCE, 10.0, epoch, peer="node1", fence=("node1",)))
         assert fenced.ok, fenced.detail
         stored = await executor.run(Action(Step.STORAGE, 30.0, epoch))
         return "no-device" in stored.detail  # primary succeeded; the mount has no device
@@ -210,26 +197,26 @@ def promote(tmp_path: Path, coordinator: Coordinator, fast: bool) -> tuple[list[
 def test_the_agent_marks_the_peer_and_writes_the_marker_before_drbdadm_primary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Coordinator, Coordinator]
 ) -> None:
-    a, _ = pair
+    _, node2 = pair
     drbdadm_on_path(tmp_path, monkeypatch, tmp_path / "markers")
-    drbdadm, promoted = promote(tmp_path, a, fast=True)
+    drbdadm, promoted = promote(tmp_path, node2, fast=True)
     assert drbdadm[-2:] == ["primary", "fence-peer 4"]  # answered from the marker
     assert promoted
-    assert "b" in a.view().outdated  # the mark the marker stands for, in ZooKeeper
+    assert "node1" in node2.view().outdated  # the mark the marker stands for, in ZooKeeper
     assert not (tmp_path / "markers" / marker_name("r0")).exists()  # removed after the step
     term = json.loads((tmp_path / "markers" / TERM_FILE).read_text())["term"]
-    assert term == a.view().epoch
+    assert term == node2.view().epoch
 
 
 def test_without_the_fast_path_drbd_s_handler_falls_back_to_the_full_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Coordinator, Coordinator]
 ) -> None:
-    a, _ = pair
+    _, node2 = pair
     drbdadm_on_path(tmp_path, monkeypatch, tmp_path / "markers")
-    drbdadm, promoted = promote(tmp_path, a, fast=False)
+    drbdadm, promoted = promote(tmp_path, node2, fast=False)
     assert drbdadm[-2:] == ["primary", f"fence-peer {FULL}"]
     assert not promoted
-    assert "b" not in a.view().outdated
+    assert "node1" not in node2.view().outdated
 
 
 def test_the_marker_directory_setting() -> None:
@@ -241,20 +228,18 @@ def test_the_marker_directory_setting() -> None:
 
 
 def test_a_peer_drbd_still_knows_is_neither_marked_nor_answered_for(
-    tmp_path: Path, pair: tuple[Coordinator, Coordinator]
+    tmp_path: Path, leading: tuple[Coordinator, int]
 ) -> None:
     # It receives every write: marked, it could never take over again (only a resync clears it).
-    a, _ = pair
-    epoch = a.acquire_leadership()
-    assert epoch is not None
+    node1, epoch = leading
     fast = FastFence(
-        coordinator=a,
-        node="a",
+        coordinator=node1,
+        node="node1",
         resource="r0",
         directory=tmp_path,
         valid=30.0,
         fence_expected=lambda: False,
     )
-    assert "DRBD knows b's disk, or ours is not current" in fast.arm(epoch, ("b",))
-    assert "b" not in a.view().outdated
+    assert "DRBD knows node2's disk, or ours is not current" in fast.arm(epoch, ("node2",))
+    assert "node2" not in node1.view().outdated
     assert not (tmp_path / marker_name("r0")).exists()
