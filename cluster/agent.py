@@ -43,6 +43,7 @@ from cluster.decision_data import (
 from cluster.executor import Executor
 from cluster.failsafe import failsafe_due
 from cluster.failsafe_leases import FailsafeLeases
+from cluster.fast_fence import FastFence
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.gray_failure import gray_sighting, location_verdict
 from cluster.hooks import Hooks, RoleChange
@@ -57,7 +58,7 @@ from cluster.peer_channel import (
 )
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
-from cluster.storage import Storage, storage_from_config
+from cluster.storage import DrbdStorage, Storage, storage_from_config
 from cluster.takeover import holds_resources, silence_due
 from cluster.vip import VipSet, VirtualIp, moving_addresses
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
@@ -82,6 +83,24 @@ def _fencer(config: AgentConfig) -> Fencer:
     if config.fencing.agents:
         return ChainFencer(FenceChain(agents_from_config(config.fencing.agents)))
     return CommandFencer(config.fencing.commands)
+
+
+def _fast_fence(
+    config: AgentConfig, coordinator: Coordinator, storage: Storage, wall: Callable[[], float]
+) -> FastFence | None:
+    """DRBD's fast fence-peer path (cluster.fast_fence), for a DRBD spool unless turned off."""
+    directory, resource = config.storage.fence_marker_dir, config.storage.resource
+    if not isinstance(storage, DrbdStorage) or directory is None or resource is None:
+        return None
+    return FastFence(
+        coordinator=coordinator,
+        node=config.agent.node,
+        resource=resource,
+        directory=directory,
+        valid=config.storage.fence_marker_valid(),
+        fence_expected=storage.primary_would_fence,
+        wall=wall,
+    )
 
 
 Sighting = tuple[float, float]  # (a takeover's recorded time, local wall clock when first seen)
@@ -207,6 +226,7 @@ class Agent:
             probe_timeout=config.probe.timeout,
             spool_owner=relay_user if relay_user.uid != os.geteuid() else None,
             hooks=self.hooks,
+            fast_fence=_fast_fence(config, self.coordinator, self.storage, wall),
             clock=clock,
             wall=wall,
         )
