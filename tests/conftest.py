@@ -23,9 +23,44 @@ from tests.support.relay import RelayProcess
 # The decision tests' harness asserts on every step of a walk: pytest explains those failures too.
 pytest.register_assert_rewrite("tests.support.decisions", "tests.support.random_walks")
 
+# The files that build network namespaces, labs, chaos runs or benchmarks. Under pytest-xdist
+# (pyproject's addopts: --dist loadgroup) they all run, one after another, on one worker: their
+# timings are sensitive to load and some judge host-wide state (``ip netns list``, the lab's
+# leftovers), while the other tests, independent (free ports, their own tmp_path), spread over
+# the other workers. tests/test_ci_groups.py finds files that should be here and are not.
+SERIAL_GROUP = "namespaces"
+SERIAL_FILES = frozenset(
+    {
+        "test_bench_failover.py",
+        "test_bench_monitor.py",
+        "test_chaos.py",
+        "test_chaos_alerts.py",
+        "test_failover.py",
+        "test_fencing_lab.py",
+        "test_fuzz.py",
+        "test_lab.py",
+        "test_lab_haproxy.py",
+        "test_lab_monitor.py",
+        "test_lab_monitor_checks.py",
+        "test_lab_submission.py",
+        "test_partition_baseline.py",
+        "test_vagrant_cluster.py",
+        "test_vip.py",
+        "test_watchdog.py",
+        "test_zookeeper.py",
+    }
+)
+
 MX_HOST = "127.0.0.5"
 DEAD_MX_HOST = "127.0.0.6"
 TLS_MX_HOST = "127.0.0.7"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put every test of SERIAL_FILES in one xdist group (without xdist the mark does nothing)."""
+    for item in items:
+        if item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
 
 
 @pytest.fixture(scope="session")

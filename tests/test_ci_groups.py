@@ -1,0 +1,43 @@
+"""The suite's parallel run: every file that builds namespaces, labs or benchmarks is serial.
+
+pyproject's addopts run the suite under pytest-xdist with ``--dist loadgroup``; the files of
+conftest.SERIAL_FILES share one group, so they run one after another on one worker. A new lab
+or namespace test left out of it would run beside them, and both could fail by load or by
+seeing the other's namespaces: this test names it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SERIAL_FILES, SERIAL_GROUP
+
+TESTS = Path(__file__).resolve().parent
+# What such a file does: network namespaces, a lab (built here or by `hamta lab/chaos
+# --prefix`), a bench script end to end, the Vagrant cluster's virtual machines.
+BUILDS_NAMESPACES = re.compile(r'\bnetns\b|\bLab\(|"--prefix"|/ "bench" /|mark\.vagrant\b')
+
+
+def test_every_file_that_builds_namespaces_or_labs_is_in_the_serial_group() -> None:
+    found = {
+        path.name
+        for path in TESTS.glob("test_*.py")
+        if path.name != Path(__file__).name and BUILDS_NAMESPACES.search(path.read_text())
+    }
+    assert found - SERIAL_FILES == set(), "add these to SERIAL_FILES in tests/conftest.py"
+    assert SERIAL_FILES - found == set(), "these no longer build namespaces: take them out"
+
+
+def test_the_serial_files_tests_carry_the_group(request: pytest.FixtureRequest) -> None:
+    items = request.session.items
+    marked = {
+        item.path.name
+        for item in items
+        if any(m.args == (SERIAL_GROUP,) for m in item.iter_markers("xdist_group"))
+    }
+    collected = {item.path.name for item in items}
+    assert marked == SERIAL_FILES & collected
+    assert Path(__file__).name not in marked  # the others stay free to spread
