@@ -25,7 +25,7 @@ from tests.support.relay import RelayProcess
 pytest.register_assert_rewrite("tests.support.decisions", "tests.support.random_walks")
 
 # The files that build network namespaces, labs, chaos runs or benchmarks. Under pytest-xdist
-# (pyproject's addopts: --dist loadgroup) they all run, one after another, on one worker: their
+# (pytest -n 2 --dist loadgroup) they all run, one after another, on one worker: their
 # timings are sensitive to load and some judge host-wide state (``ip netns list``, the lab's
 # leftovers), while the other tests, independent (free ports, their own tmp_path), spread over
 # the other workers. tests/test_ci_groups.py finds files that should be here and are not.
@@ -76,7 +76,7 @@ def scheduling_unit(nodeid: str) -> str:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> SerialGroupScheduling | None:
-    """With ``--dist loadgroup`` (pyproject's addopts), the serial group of SERIAL_FILES."""
+    """With ``--dist loadgroup``, the serial group of SERIAL_FILES."""
     if config.getvalue("dist") != "loadgroup":
         return None
     return SerialGroupScheduling(config, log)

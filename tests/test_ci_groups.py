@@ -1,6 +1,6 @@
 """The suite's parallel run: every file that builds namespaces, labs or benchmarks is serial.
 
-pyproject's addopts run the suite under pytest-xdist with ``--dist loadgroup``; conftest's
+``pytest -n 2`` runs the suite under pytest-xdist with ``--dist loadgroup``; conftest's
 scheduler gives the files of SERIAL_FILES one group, so they run one after another on one
 worker. A new lab or namespace test left out of it would run beside them, and both could fail
 by load or by seeing the other's namespaces: this test names it.
