@@ -9,6 +9,10 @@ Znodes, all under ``/hamta/<cluster>``, all JSON:
 - ``served`` (persistent): ``{"epoch", "node", "at"}``, the last takeover that served (published).
 - ``paused`` (persistent, present while paused): ``{"by", "at", "reason"}``.
 - ``switchover`` (persistent, present while requested): ``{"source", "target", "at"}``.
+- ``scheduled-switchover`` (persistent, present while scheduled): a ``ScheduledSwitchover``.
+- ``nodes/<node>`` (persistent, empty): every node that ever joined, until an operator forgets it.
+- ``outdated/<node>`` (persistent): a node whose DRBD replica missed writes, and in which epoch.
+- ``split-brain`` (persistent, text): DRBD found the replicas diverged.
 - ``monitors/<location>`` (ephemeral): each monitor's current verdicts (``monitor.cluster_link``).
 
 The ``cluster.coordination.Coordinator`` reads and writes them (``cluster.coordination_*``).
@@ -123,6 +127,8 @@ class ServedRecord(msgspec.Struct):
 
 @dataclass(frozen=True)
 class Paths:
+    """The path of each znode of one cluster, whose root is ``root``."""
+
     root: str
 
     @property
@@ -187,5 +193,6 @@ class Paths:
 
 
 def check_name(kind: str, name: str) -> None:
+    """Refuse a name that would not be one znode's (a cluster, node or location name)."""
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise ValueError(f"invalid {kind} name for a znode: {name!r}")
