@@ -44,6 +44,7 @@ from cluster.decision_data import (
 from cluster.executor import Executor
 from cluster.failsafe import failsafe_due
 from cluster.failsafe_leases import FailsafeLeases
+from cluster.fast_fence import FastFence
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
 from cluster.gray_failure import gray_sighting, location_verdict
 from cluster.hooks import Hooks, RoleChange
@@ -58,9 +59,9 @@ from cluster.peer_channel import (
 )
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
-from cluster.storage import Storage, storage_from_config
+from cluster.storage import DrbdStorage, Storage, storage_from_config
 from cluster.takeover import holds_resources, silence_due
-from cluster.vip import VirtualIp
+from cluster.vip import VipSet, VirtualIp, moving_addresses
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
 from fencing.watchdog import Watchdog, WatchdogError
@@ -83,6 +84,24 @@ def _fencer(config: AgentConfig) -> Fencer:
     if config.fencing.agents:
         return ChainFencer(FenceChain(agents_from_config(config.fencing.agents)))
     return CommandFencer(config.fencing.commands)
+
+
+def _fast_fence(
+    config: AgentConfig, coordinator: Coordinator, storage: Storage, wall: Callable[[], float]
+) -> FastFence | None:
+    """DRBD's fast fence-peer path (cluster.fast_fence), for a DRBD spool unless turned off."""
+    directory, resource = config.storage.fence_marker_dir, config.storage.resource
+    if not isinstance(storage, DrbdStorage) or directory is None or resource is None:
+        return None
+    return FastFence(
+        coordinator=coordinator,
+        node=config.agent.node,
+        resource=resource,
+        directory=directory,
+        valid=config.storage.fence_marker_valid(),
+        fence_expected=storage.primary_would_fence,
+        wall=wall,
+    )
 
 
 Sighting = tuple[float, float]  # (a takeover's recorded time, local wall clock when first seen)
@@ -133,7 +152,7 @@ class Agent:
         *,
         coordinator: Coordinator | None = None,
         storage: Storage | None = None,
-        vip: VirtualIp | None = None,
+        vip: VirtualIp | VipSet | None = None,
         fencer: Fencer | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -174,8 +193,11 @@ class Agent:
         self.storage = storage or storage_from_config(
             config.storage.driver, **config.storage.options()
         )
-        if vip is None and config.vip.address:
-            vip = VirtualIp(config.vip.address, config.vip.interface)
+        if vip is None:
+            # The relay's [delivery.egress] sources are the one list of sending addresses: the
+            # relay binds them, the agent moves them with the virtual IP, on [vip] interface.
+            egress = [str(s.address) for s in relay_config.delivery.egress.sources.values()]
+            vip = moving_addresses(config.vip.address, config.vip.interface, egress)
         self.vip = vip
         smtp_host, smtp_port = parse_hostport(relay_config.smtp.listen[0], 25)
         probe_host = config.probe.host or (
@@ -205,6 +227,7 @@ class Agent:
             probe_timeout=config.probe.timeout,
             spool_owner=relay_user if relay_user.uid != os.geteuid() else None,
             hooks=self.hooks,
+            fast_fence=_fast_fence(config, self.coordinator, self.storage, wall),
             clock=clock,
             wall=wall,
         )
@@ -625,6 +648,7 @@ class Agent:
                     self._watched_pgid,
                     vip.address if vip is not None else None,
                     vip.interface if vip is not None else None,
+                    vip.others() if isinstance(vip, VipSet) else (),
                 )
                 self._armed = True
                 self.log.info(

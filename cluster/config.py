@@ -204,6 +204,26 @@ class StorageSection(_Section):
     # on a slow machine (a TCG guest) that handler's start alone can take 10 s.
     timeout: PositiveSeconds = 20.0
     fsck_timeout: PositiveSeconds = 35.0
+    # drbd: where the promoting agent leaves the term-stamped marker DRBD's fast fence-peer
+    # handler (cluster.fence_marker) answers from; "" turns the fast path off (the handler
+    # then always asks ZooKeeper). Local to the node, never on the replicated disk.
+    fence_marker_dir: Path | None = Path("/var/lib/hamta/drbd-fence")
+
+    @field_validator("fence_marker_dir", mode="before")
+    @classmethod
+    def _off_when_empty(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("fence_marker_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"storage.fence_marker_dir must be an absolute path, not {value}")
+        return value
+
+    def fence_marker_valid(self) -> float:
+        """How long a marker may be answered from: the storage step's three drbdadm calls."""
+        return 3 * self.timeout
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``cluster.storage.storage_from_config``."""

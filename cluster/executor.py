@@ -8,6 +8,7 @@ the whole demotion, and a demotion step that failed can simply be run again. Blo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -17,12 +18,13 @@ from typing import Any, TypeVar
 from cluster.coordination import Coordinator
 from cluster.coordination_layout import CoordinationError
 from cluster.decision_data import Action, Session, Step, StepResult
+from cluster.fast_fence import FastFence
 from cluster.fencers import FenceFailedError, Fencer
 from cluster.hooks import HookRefusedError, Hooks, RoleChange
 from cluster.probe import smtp_probe
 from cluster.relayproc import RelayControlError, RelayProcess
 from cluster.storage import Storage, StorageError
-from cluster.vip import VipError, VirtualIp
+from cluster.vip import VipError, VipSet, VirtualIp
 from hamta.epoch_token import TOKEN_FILE, TokenError, write_token
 from hamta.privileges import Identity, give_tree
 
@@ -43,13 +45,14 @@ class Executor:
         coordinator: Coordinator,
         storage: Storage,
         spool_name: str,
-        vip: VirtualIp | None,
+        vip: VirtualIp | VipSet | None,  # with the relay's egress addresses, a VipSet
         relay: RelayProcess,
         fencer: Fencer,
         probe_address: tuple[str, int],
         probe_timeout: float,
         spool_owner: Identity | None = None,
         hooks: Hooks | None = None,
+        fast_fence: FastFence | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -66,6 +69,8 @@ class Executor:
         # promoted volume is made that user's, or the relay could not write it.
         self.spool_owner = spool_owner
         self.hooks = hooks
+        # DRBD only: the mark and marker its fast fence-peer handler answers from (fast_fence).
+        self.fast_fence = fast_fence
         self.clock = clock
         self.wall = wall
         self._steps: dict[Step, Callable[[Action], Awaitable[str | int]]] = {
@@ -86,6 +91,7 @@ class Executor:
             Step.PRE_PROMOTE: self._pre_promote,
         }
         self._mounted: Path | None = None
+        self._fenced: tuple[int, tuple[str, ...]] = (0, ())  # the last FENCE: epoch, nodes
         # A step abandoned for safety leaves its thread running (a mount cannot be interrupted);
         # the next step on the same resource waits for it instead of racing it.
         self._storage_lock = threading.Lock()
@@ -136,6 +142,10 @@ class Executor:
             if stale is not None:
                 raise StepError(f"the leader znode is no longer {stale[0]}'s in epoch {stale[1]}")
             raise StepError("another node holds leadership or took the epoch first")
+        if self.fast_fence is not None:
+            # Makes the markers of earlier terms stale; if it fails they stay so (other term).
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.fast_fence.enter_term, epoch)
         return epoch
 
     async def _fence(self, action: Action) -> str:
@@ -143,6 +153,7 @@ class Executor:
             return "no peer to fence: every other node is connected and holds nothing"
         budget = action.fence_timeout
         done = [await self.fencer.fence(peer, action.epoch, budget) for peer in action.fence]
+        self._fenced = (action.epoch, action.fence)
         return "; ".join(done)
 
     async def _pre_promote(self, action: Action) -> str:
@@ -159,20 +170,42 @@ class Executor:
     async def _storage(self, action: Action) -> str:
         # Whether this replica may be served was decided on a view read after ACQUIRE
         # (cluster.state.refine: REPLICA_REFUSED).
-        root = await asyncio.to_thread(self._locked(self._storage_lock, self.storage.promote))
+        armed = ""
+        if self.fast_fence is not None:
+            armed = await self._arm_fast_fence(self.fast_fence, action.epoch)
+        try:
+            root = await asyncio.to_thread(self._locked(self._storage_lock, self.storage.promote))
+        finally:
+            if self.fast_fence is not None:
+                await asyncio.to_thread(self.fast_fence.disarm)
         self._mounted = root
         spool = self.spool_path(root)
         owner = self.spool_owner
         if owner is None:
             await asyncio.to_thread(spool.mkdir, parents=True, exist_ok=True)
-            return f"{self.storage.describe()} at {root}"
+            return f"{self.storage.describe()} at {root}{armed}"
         # One stat once the spool is the relay's; a walk only the first time (an older spool).
         try:
             changed = await asyncio.to_thread(give_tree, spool, owner)
         except OSError as exc:
             raise StepError(f"cannot give {spool} to {owner.user}: {exc}") from None
         handed = f", {changed} entries given to {owner.user}" if changed else ""
-        return f"{self.storage.describe()} at {root}{handed}"
+        return f"{self.storage.describe()} at {root}{handed}{armed}"
+
+    async def _arm_fast_fence(self, fast_fence: FastFence, epoch: int) -> str:
+        """The mark and the marker DRBD's fast handler answers from, durable before ``primary``.
+
+        Only for the peers this term fenced; a failure costs speed, never the step: without a
+        marker DRBD's handler asks ZooKeeper itself.
+        """
+        fenced_epoch, peers = self._fenced
+        try:
+            done = await asyncio.to_thread(
+                fast_fence.arm, epoch, peers if fenced_epoch == epoch else ()
+            )
+        except (StorageError, OSError) as exc:
+            done = f"fast fence-peer path unused: {exc}"
+        return f"; {done}"
 
     async def _epoch(self, action: Action) -> str:
         if self._mounted is None:
@@ -187,7 +220,7 @@ class Executor:
         if self.vip is None:
             return "no virtual IP configured"
         await asyncio.to_thread(self._locked(self._vip_lock, self.vip.add))
-        return f"{self.vip.address} on {self.vip.interface}"
+        return self.vip.describe()
 
     async def _relay(self, action: Action) -> str:
         if self._mounted is None:
@@ -269,7 +302,7 @@ class Executor:
         if self.vip is None:
             return "no virtual IP configured"
         await asyncio.to_thread(self._locked(self._vip_lock, self.vip.remove))
-        return f"{self.vip.address} removed"
+        return f"{self.vip.describe()} removed"
 
     async def _storage_down(self, action: Action) -> str:
         await asyncio.to_thread(self._locked(self._storage_lock, self.storage.release))

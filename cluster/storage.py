@@ -37,6 +37,7 @@ MOUNTINFO: Final = Path("/proc/self/mountinfo")
 _REAP_GRACE: Final = 2.0
 _UPTODATE: Final = "UpToDate"
 _PRIMARY: Final = "Primary"
+_UNKNOWN: Final = "DUnknown"
 _PEER_POLL: Final = 0.2
 
 
@@ -380,6 +381,13 @@ class DrbdStorage(Storage):
         self._drbdadm("primary")
         return self.filesystem.promote()
 
+    def primary_would_fence(self) -> bool:
+        """``primary`` would call DRBD's fence-peer: the local disk is UpToDate (else promotion
+        is refused before) and DRBD does not know the peer's (``DUnknown``)."""
+        output = self._drbdadm("dstate").stdout
+        local = local_disk_states(output)
+        return bool(local) and set(local) == {_UPTODATE} and _UNKNOWN in peer_disk_states(output)
+
     def _await_peer_not_primary(self) -> None:
         # The takeover starts when the old node's ZooKeeper session ends, and its fence may
         # have cut the power already; DRBD learns that its peer is gone on its own clock (the
@@ -423,6 +431,11 @@ class DrbdStorage(Storage):
 def peer_roles(role_output: str) -> list[str]:
     """The peer's role of each volume in ``drbdadm role`` output ("Secondary/Primary")."""
     return [line.split("/")[1].strip() for line in role_output.splitlines() if "/" in line]
+
+
+def peer_disk_states(dstate_output: str) -> list[str]:
+    """The peer's disk state of each volume in ``drbdadm dstate`` output ("UpToDate/DUnknown")."""
+    return [line.split("/")[1].strip() for line in dstate_output.splitlines() if "/" in line]
 
 
 def local_disk_states(dstate_output: str) -> list[str]:

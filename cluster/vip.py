@@ -99,6 +99,10 @@ class VirtualIp:
 
     # ------------------------------------------------------------------ public API
 
+    def describe(self) -> str:
+        """The address, for the executor's step results."""
+        return f"{self.address} on {self.interface}"
+
     def add(self) -> None:
         """Add the address if it is not there yet, then announce it with gratuitous ARP."""
         self._netlink("add", self._add)
@@ -285,3 +289,70 @@ def _in_netns(netns: str | None, work: Callable[[], T]) -> T:
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+class VipSet:
+    """The virtual IP and the relay's egress addresses (``[delivery.egress.sources]``), moved
+    together: added (each announced) on promotion, removed on demotion, before the peer adds
+    them. It stands where one :class:`VirtualIp` would: ``address`` and ``interface`` are the
+    first member's (the virtual IP when there is one), for hooks and the watchdog.
+
+    A failure of one member does not stop the others: removal in particular goes on, so that a
+    demoted node holds as few of the service's addresses as it can; the first error is raised.
+    """
+
+    def __init__(self, members: list[VirtualIp]) -> None:
+        if not members:
+            raise VipError("no addresses to move")
+        self.members = members
+        self.address = members[0].address
+        self.interface = members[0].interface
+
+    def __repr__(self) -> str:
+        return f"VipSet({', '.join(repr(m) for m in self.members)})"
+
+    def add(self) -> None:
+        """Add and announce every address."""
+        self._each(lambda member: member.add())
+
+    def remove(self) -> None:
+        """Remove every address that is there."""
+        self._each(lambda member: member.remove())
+
+    def held(self) -> bool:
+        """Whether any of the addresses is on the interface (a demoted node must hold none)."""
+        return any(member.held() for member in self.members)
+
+    def announce(self) -> None:
+        """Announce every address again."""
+        self._each(lambda member: member.announce())
+
+    def others(self) -> list[str]:
+        """The members after the first, as ``ip`` takes them: the watchdog removes them too."""
+        return [member.ip.with_prefixlen for member in self.members[1:]]
+
+    def describe(self) -> str:
+        """The addresses, for the executor's step results."""
+        return ", ".join(m.ip.with_prefixlen for m in self.members) + f" on {self.interface}"
+
+    def _each(self, work: Callable[[VirtualIp], None]) -> None:
+        errors: list[VipError] = []
+        for member in self.members:
+            try:
+                work(member)
+            except VipError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def moving_addresses(
+    vip: str, interface: str, egress: list[str], *, netns: str | None = None
+) -> VirtualIp | VipSet | None:
+    """What the agent moves with the active role: the virtual IP (``vip``, "" for none) and the
+    egress addresses (each a /32 on the same interface); None when there is nothing."""
+    members = [VirtualIp(vip, interface, netns=netns)] if vip else []
+    members += [VirtualIp(address, interface, netns=netns) for address in egress]
+    if not members:
+        return None
+    return members[0] if len(members) == 1 else VipSet(members)

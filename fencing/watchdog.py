@@ -8,7 +8,8 @@ the watchdog fires. It
 
 1. SIGKILLs the relay's process group,
 2. takes the virtual IP off its interface (``ip addr del ADDR/PREFIX dev IFACE``, in its own
-   network namespace, which is the agent's),
+   network namespace, which is the agent's), and the addresses of ``also`` (the relay's egress
+   addresses, which move with it),
 3. SIGKILLs the agent, for a missed feed only (at the end of input the agent is gone already),
 4. writes one ``WatchdogFired`` JSON line to standard error saying what it did and why,
 5. ends the agent's ZooKeeper session, if the agent handed it one (``fencing.zk_session``) and
@@ -23,7 +24,7 @@ Disarmed, it waits for nothing; the end of its input while disarmed is a clean s
 a line on standard input::
 
     {"cmd": "arm", "timeout": 1.0, "relay_pgid": 1234, "vip": "198.18.0.100/24",
-     "interface": "eth0"}
+     "interface": "eth0", "also": ["198.18.0.101/32"]}
     {"cmd": "relay", "pgid": 1240}
     {"cmd": "feed"}
     {"cmd": "disarm"}
@@ -113,13 +114,16 @@ class Arm:
     """Arm (or re-arm) with these settings; None means that resource is not protected.
 
     ``vip`` is an address with its prefix length as ``ip`` takes it ("198.18.0.100/24"); it
-    needs ``interface``. Raises ``BadCommandError`` for values the watchdog would refuse.
+    needs ``interface``. ``also``: more addresses on that interface that move with the virtual
+    IP (the relay's egress addresses, "198.18.0.101/32"), removed with it when firing. Raises
+    ``BadCommandError`` for values the watchdog would refuse.
     """
 
     timeout: float
     relay_pgid: int | None = None
     vip: str | None = None
     interface: str | None = None
+    also: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -140,6 +144,18 @@ class Arm:
                 ipaddress.ip_interface(self.vip)
             except ValueError as exc:
                 raise BadCommandError(f"vip: {exc}") from None
+        if not isinstance(self.also, list | tuple):
+            raise BadCommandError("also must be a list of addresses")
+        object.__setattr__(self, "also", tuple(self.also))  # a JSON list arrives
+        if self.also and self.interface is None:
+            raise BadCommandError("also needs interface")
+        for address in self.also:
+            if not isinstance(address, str):
+                raise BadCommandError("also must be a list of addresses")
+            try:
+                ipaddress.ip_interface(address)
+            except ValueError as exc:
+                raise BadCommandError(f"also: {exc}") from None
         interface = self.interface
         if interface is not None and (
             not isinstance(interface, str)
@@ -174,7 +190,7 @@ class Disarm:
 Command = Arm | Relay | Feed | Disarm | ZkSession
 
 _FIELDS: Final[dict[str, frozenset[str]]] = {
-    "arm": frozenset({"timeout", "relay_pgid", "vip", "interface"}),
+    "arm": frozenset({"timeout", "relay_pgid", "vip", "interface", "also"}),
     "relay": frozenset({"pgid"}),
     "feed": frozenset(),
     "disarm": frozenset(),
@@ -241,6 +257,7 @@ def encode(command: Command) -> bytes:
             "relay_pgid": command.relay_pgid,
             "vip": command.vip,
             "interface": command.interface,
+            "also": list(command.also),
         }
     elif isinstance(command, Relay):
         message = {"cmd": "relay", "pgid": command.pgid}
@@ -346,13 +363,15 @@ def _kill(action: str, target: int | None, kill: Callable[[int, int], None]) -> 
 _NOT_THERE: Final = ("cannot assign requested address", "address not found", "cannot find device")
 
 
-def remove_vip(ip: str | None, vip: str | None, interface: str | None) -> dict[str, Any]:
+def remove_vip(
+    ip: str | None, vip: str | None, interface: str | None, action: str = "remove_vip"
+) -> dict[str, Any]:
     """Run ``ip addr del vip dev interface``; an address or interface not there is no failure."""
     if vip is None or interface is None:
-        return _action("remove_vip", None, "skipped", "none given")
+        return _action(action, None, "skipped", "none given")
     target = f"{vip} dev {interface}"
     if ip is None:
-        return _action("remove_vip", target, "failed", "ip not found")
+        return _action(action, target, "failed", "ip not found")
     try:
         done = subprocess.run(
             [ip, "addr", "del", vip, "dev", interface],
@@ -362,15 +381,15 @@ def remove_vip(ip: str | None, vip: str | None, interface: str | None) -> dict[s
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return _action("remove_vip", target, "failed", f"ip killed after {IP_TIMEOUT:g}s")
+        return _action(action, target, "failed", f"ip killed after {IP_TIMEOUT:g}s")
     except OSError as exc:
-        return _action("remove_vip", target, "failed", exc.strerror or str(exc))
+        return _action(action, target, "failed", exc.strerror or str(exc))
     said = " ".join(done.stderr.decode(errors="replace").split())[:300]
     if done.returncode == 0:
-        return _action("remove_vip", target, "removed")
+        return _action(action, target, "removed")
     if any(words in said.lower() for words in _NOT_THERE):
-        return _action("remove_vip", target, "absent", said)
-    return _action("remove_vip", target, "failed", f"ip exit {done.returncode}: {said}")
+        return _action(action, target, "absent", said)
+    return _action(action, target, "failed", f"ip exit {done.returncode}: {said}")
 
 
 class Guard:
@@ -462,6 +481,7 @@ class Guard:
         actions = [
             _kill("kill_relay", self.relay_pgid, os.killpg),
             remove_vip(self.ip, armed.vip, armed.interface),
+            *(remove_vip(self.ip, a, armed.interface, "remove_egress") for a in armed.also),
         ]
         if reason == "missed_feed":
             actions.append(_kill("kill_agent", self.agent_pid, os.kill))
@@ -475,6 +495,7 @@ class Guard:
             "relay_pgid": self.relay_pgid,
             "vip": armed.vip,
             "interface": armed.interface,
+            "also": list(armed.also),
             "agent_pid": self.agent_pid,
             "device": self.device.path if self.device is not None else None,
             "actions": actions,
@@ -717,9 +738,10 @@ class Watchdog:
         relay_pgid: int | None = None,
         vip: str | None = None,
         interface: str | None = None,
+        also: Sequence[str] = (),
     ) -> None:
         """Arm, replacing every setting; feeds must then come within ``timeout`` seconds."""
-        self._send(Arm(timeout, relay_pgid, vip, interface))
+        self._send(Arm(timeout, relay_pgid, vip, interface, tuple(also)))
 
     def relay(self, pgid: int | None) -> None:
         """The relay's process group changed (a restart), or is gone (None)."""

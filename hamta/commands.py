@@ -9,6 +9,7 @@ DKIM keys and the suppression list are :mod:`hamta.reputation_cli`'s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -270,6 +271,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         else f"{item.listen} ({item.role}, auth {item.auth})"
         for item in config.smtp.listeners
     )
+    # Warnings, not failures: DNS may be fixed after the file (hamta.egress_ptr).
+    if config.delivery.egress.sources:
+        from hamta.egress_ptr import ptr_warnings  # noqa: PLC0415 - dnspython only when needed
+
+        for warning in asyncio.run(ptr_warnings(config.delivery.egress, config.dns)):
+            print(f"hamta: {args.file}: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok (SMTP on {listening}, spool {config.spool.path})")
     return 0
 

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from hamta.bounce_classes import build_classifier
+from hamta.egress import EgressConfig
 from hamta.open_relay import open_networks
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -373,6 +374,8 @@ class DeliveryConfig(_Section):
     limits: DestinationLimits = Field(default_factory=DestinationLimits)
     # Keyed by recipient domain, or by a static route's "[host]:port" (its destination).
     domains: dict[str, DestinationLimits] = Field(default_factory=dict)
+    # Source addresses and EHLO names, in pools (hamta/egress.py); none: the host's own.
+    egress: EgressConfig = Field(default_factory=EgressConfig)
 
     @field_validator("domains")
     @classmethod

@@ -31,6 +31,7 @@ from hamta.config import DeliveryConfig, DnsConfig, RetryConfig, TlsPolicyConfig
 from hamta.domain_stats import DomainStats
 from hamta.dsn import FailedRecipient, build_dsn, original_headers
 from hamta.dsn_batch import DsnBatcher, FailedBatch
+from hamta.egress import Egress, Source, address_missing
 from hamta.metrics import RelayMetrics
 from hamta.outbound_tls import OutboundTls, TlsPolicyError
 from hamta.queue import Destination, Job, MailQueue
@@ -84,9 +85,12 @@ class _Connection:
         tls: bool,
         requirement: Requirement,
         failure: str = "",
+        source: Source | None = None,
     ) -> None:
         self.client = client
         self.target = target
+        # The egress source it was opened from: a message of another source needs another.
+        self.source = source
         self.tls = tls
         self.requirement = requirement
         # A policy in testing mode was not met (its RFC 8460 result type), the session went on.
@@ -140,6 +144,7 @@ class DeliveryEngine:
         self._recoveries: dict[str, asyncio.TimerHandle] = {}
         self.hostname = hostname
         self.helo = config.helo_name or hostname
+        self.egress = Egress(config.egress)
         self.spool = spool
         self.router = router
         self.metrics = metrics
@@ -220,9 +225,22 @@ class DeliveryEngine:
                     if self.stopping or destination.suspended or not destination.ready:
                         continue
                 job = self.queue.take(destination)
+                source, pool, body = await self._source_of(job)
+                if connection is not None and connection.source != source:
+                    # Connection reuse never mixes sources: this one leaves from another.
+                    await self._close(connection)
+                    connection = None
+                if source is not None and connection is None:
+                    missing = address_missing(source.address)
+                    if missing is not None:
+                        # Not on this host (yet: the agent adds it with the virtual IP).
+                        text = f"4.4.3 {missing} (source {source.name}, {pool})"
+                        replies = dict.fromkeys(job.rcpts, Reply(0, text))
+                        self._apply(job, replies, None, time.perf_counter(), source)
+                        continue
                 if connection is None:
                     try:
-                        connection = await self._connect(job.domain, destination.key)
+                        connection = await self._connect(job.domain, destination.key, source)
                     except RoutingError as exc:
                         self._routing_failed(destination, job, exc)
                         return
@@ -243,7 +261,7 @@ class DeliveryEngine:
                         return
                 destination.in_flight += 1
                 try:
-                    alive = await self._deliver(connection, job)
+                    alive = await self._deliver(connection, job, body, pool)
                 except SupersededError:
                     # Drop the link before DATA: the next hop discards the transaction. The job
                     # stays unfinished in the spool, for the term that owns it now.
@@ -259,7 +277,11 @@ class DeliveryEngine:
                     )
                     reply = Reply(0, f"internal error: {_describe(exc)}")
                     self._apply(
-                        job, dict.fromkeys(job.rcpts, reply), connection.target, time.perf_counter()
+                        job,
+                        dict.fromkeys(job.rcpts, reply),
+                        connection.target,
+                        time.perf_counter(),
+                        connection.source,
                     )
                     alive = False
                 finally:
@@ -276,6 +298,24 @@ class DeliveryEngine:
             # Work may have arrived while this session was closing.
             if destination.ready and not self.stopping:
                 self.on_ready(destination)
+
+    async def _source_of(self, job: Job) -> tuple[Source | None, str, bytes | None]:
+        """The job's egress source, why its pool, and the message when it was read for its
+        pool header (hamta.egress); no source when no egress is configured."""
+        if not self.egress.enabled:
+            return None, "", None
+        rec = job.message.rec
+        body: bytes | None = None
+        header: str | None = None
+        if self.egress.config.header:
+            try:
+                body = await self.spool.read_body(rec)
+            except (SpoolError, OSError):
+                body = None  # _deliver reads it again, and reports the failure
+            else:
+                header = self.egress.header_pool(body)
+        source, pool = self.egress.choose(rec.qid, rec.sender, header)
+        return source, pool, body
 
     def _superseded(self) -> bool:
         return self.guard is not None and self.guard() is not None
@@ -297,7 +337,9 @@ class DeliveryEngine:
         self.connections -= 1
         await connection.close()
 
-    async def _connect(self, domain: str, destination: str) -> _Connection:
+    async def _connect(
+        self, domain: str, destination: str, source: Source | None = None
+    ) -> _Connection:
         """Connect to the first target of ``domain`` that greets us with the TLS its policy
         requires (hamta.outbound_tls); raise RoutingError."""
         targets = await self.router.targets(domain)
@@ -313,7 +355,7 @@ class DeliveryEngine:
                     raise TlsPolicyError(
                         requirement.refuse, requirement.reported_failure or "validation-failure"
                     )
-                connection = await self._open(target, requirement)
+                connection = await self._open(target, requirement, source)
             except TlsPolicyError as exc:
                 tls_failed = True
                 self.tls.record(domain, requirement, sts, target, exc.result_type)
@@ -352,11 +394,15 @@ class DeliveryEngine:
             enhanced="4.4.2" if permanent else "4.7.5" if tls_failed else "4.4.1",
         )
 
-    async def _open(self, target: Target, requirement: Requirement) -> _Connection:
+    async def _open(
+        self, target: Target, requirement: Requirement, source: Source | None = None
+    ) -> _Connection:
         client = aiosmtplib.SMTP(
             hostname=target.ip,
             port=target.port,
-            local_hostname=self.helo,
+            # The chosen egress source: its address bound, its name in EHLO.
+            source_address=(source.address, 0) if source is not None else None,
+            local_hostname=source.ehlo_name if source is not None else self.helo,
             timeout=self.config.command_timeout,
             start_tls=False,
             validate_certs=False,
@@ -368,19 +414,19 @@ class DeliveryEngine:
             await client.helo()
         level = requirement.level
         if level == "off":
-            return _Connection(client, target, False, requirement)
+            return _Connection(client, target, False, requirement, source=source)
         key = f"{target.ip}:{target.port}"
         if not client.supports_extension("starttls"):
             if level == "may" or not requirement.enforce:
                 missing = "" if level == "may" else "starttls-not-supported"  # testing: reported
-                return _Connection(client, target, False, requirement, missing)
+                return _Connection(client, target, False, requirement, missing, source)
             client.close()
             raise TlsPolicyError(
                 f"STARTTLS not offered, and {requirement.reason} requires TLS",
                 "starttls-not-supported",
             )
         if level == "may" and self._no_tls_until.get(key, 0.0) >= time.monotonic():
-            return _Connection(client, target, False, requirement)
+            return _Connection(client, target, False, requirement, source=source)
         try:
             await client.starttls(
                 tls_context=self.tls.context(requirement), server_hostname=target.mx_host
@@ -403,10 +449,10 @@ class DeliveryEngine:
             )
             if level == "may":
                 self._no_tls_until[key] = time.monotonic() + 3600
-                return await self._open(target, _OPPORTUNISTIC)
-            fallback = await self._open(target, _OPPORTUNISTIC)
+                return await self._open(target, _OPPORTUNISTIC, source)
+            fallback = await self._open(target, _OPPORTUNISTIC, source)
             return _Connection(
-                fallback.client, target, fallback.tls, requirement, failure.result_type
+                fallback.client, target, fallback.tls, requirement, failure.result_type, source
             )
         if level != "may":  # a policy applied and was met: say which
             self.log.info(
@@ -416,16 +462,20 @@ class DeliveryEngine:
                 policy=requirement.reason,
                 policy_type=requirement.policy_type,
             )
-        return _Connection(client, target, True, requirement)
+        return _Connection(client, target, True, requirement, source=source)
 
     # -------------------------------------------------------------- one message
 
-    async def _deliver(self, connection: _Connection, job: Job) -> bool:
-        """One SMTP transaction for a job; apply its outcome; return False if the link died."""
+    async def _deliver(
+        self, connection: _Connection, job: Job, body: bytes | None = None, pool: str = ""
+    ) -> bool:
+        """One SMTP transaction for a job (``body``: the message if already read); apply its
+        outcome; return False if the link died."""
         rec = job.message.rec
         started = time.perf_counter()
         try:
-            body = await self.spool.read_body(rec)
+            if body is None:
+                body = await self.spool.read_body(rec)
         except (SpoolError, OSError) as exc:
             self.log.error("SpoolReadError", queue_id=rec.qid, error=str(exc))
             self._apply(
@@ -433,8 +483,12 @@ class DeliveryEngine:
                 {i: Reply(0, f"cannot read queued message: {exc}") for i in job.rcpts},
                 connection.target,
                 started,
+                connection.source,
+                pool,
             )
             return True
+        if connection.source is not None:
+            body = self.egress.strip(body)  # the pool header is ours, not the recipient's
         replies: dict[int, Reply] = {}
         alive = True
         client = connection.client
@@ -459,7 +513,7 @@ class DeliveryEngine:
             alive = await self._transaction(connection, body, sender, job, indices, replies)
         self.metrics.delivery_seconds.observe(time.perf_counter() - started)
         self._observe_throttle(job.domain, replies.values())
-        self._apply(job, replies, connection.target, started)
+        self._apply(job, replies, connection.target, started, connection.source, pool)
         return alive
 
     def _transactions(
@@ -601,7 +655,13 @@ class DeliveryEngine:
     # ----------------------------------------------------------------- outcomes
 
     def _apply(
-        self, job: Job, replies: dict[int, Reply], target: Target | None, started: float
+        self,
+        job: Job,
+        replies: dict[int, Reply],
+        target: Target | None,
+        started: float,
+        source: Source | None = None,
+        pool: str = "",
     ) -> None:
         self.queue.settle(job)  # before a deferral puts it in the deferred heap: counted once
         rec = job.message.rec
@@ -652,7 +712,11 @@ class DeliveryEngine:
                 size=rec.length,
                 latency_ms=latency_ms,
                 **({"bounce_class": verdict.bounce_class} if verdict else {}),
+                **(_source_fields(source, pool) if source else {}),
             )
+            if source is not None:
+                outcome = kind.lower() if kind != "TransientFailure" else "deferred"
+                self.metrics.egress_deliveries.labels(source.name, outcome).inc()
         if delivered:
             self.metrics.deliveries.labels("delivered").inc(len(delivered))
             self.metrics.delivered_rate.add(len(delivered))
@@ -842,6 +906,15 @@ class DeliveryEngine:
         # The DSNs of batches still open are queued now, not after their window.
         flushing = asyncio.get_running_loop().create_task(self._dsns.flush_all())
         await asyncio.wait({flushing}, timeout=max(1.0, timeout - (time.monotonic() - started)))
+
+
+def _source_fields(source: Source, pool: str) -> dict[str, Any]:
+    """An event's egress fields: the source that was (or would have been) used."""
+    fields = {"egress_source": source.name, "egress_address": source.address}
+    fields["ehlo_name"] = source.ehlo_name
+    if pool:
+        fields["egress_pool"] = pool
+    return fields
 
 
 def _shaping_fields(destination: Destination) -> dict[str, Any]:

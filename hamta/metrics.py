@@ -67,6 +67,12 @@ class RelayMetrics:
             ["outcome"],  # delivered, deferred, bounced, expired
             registry=r,
         )
+        self.egress_deliveries = Counter(
+            "hamta_egress_deliveries",
+            "Recipient delivery outcomes per egress source ([delivery.egress], hamta/egress.py)",
+            ["source", "outcome"],  # outcome: delivery, bounce, expiration, deferred
+            registry=r,
+        )
         self.tls_sessions = Counter(
             "hamta_tls_policy_sessions",
             "Delivery connections by the TLS policy that applied (docs/tls-policy.md) and "

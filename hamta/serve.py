@@ -134,6 +134,11 @@ async def _serve(
         control=str(socket_path),
         workers=config.node.workers,
     )
+    if worker == 0 and config.delivery.egress.sources:
+        # In the background: a slow resolver must not hold the start up.
+        check = loop.create_task(_warn_about_ptrs(config, log))
+        tasks.add(check)
+        check.add_done_callback(tasks.discard)
     code = 0
     try:
         if not standby:
@@ -304,3 +309,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # A worker's SMTP sockets, bound by worker 0 (hamta.listeners), as file descriptors.
     serve.add_argument("--listen-fds", type=_fds, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
+
+
+async def _warn_about_ptrs(config: Config, log: Any) -> None:
+    """One EgressPtrMismatch warning per source whose reverse DNS does not confirm its EHLO
+    name (hamta.egress_ptr); mail still goes."""
+    from hamta.egress_ptr import ptr_warnings  # noqa: PLC0415 - only with egress sources
+
+    for warning in await ptr_warnings(config.delivery.egress, config.dns):
+        log.warning("EgressPtrMismatch", warning=warning)

@@ -194,10 +194,12 @@ def test_hamta_serve_loads_nothing_of_the_cluster_fencing_or_chaos() -> None:
     assert not [m for m in modules if m.split(".")[0] in {"cluster", "fencing", "chaos"}]
 
 
-def test_the_lab_fence_starts_on_the_standard_library() -> None:
-    # The lab's STONITH runs inside every takeover: the packages around it import nothing.
+# The lab's STONITH and DRBD's fast fence-peer handler run inside every takeover: the packages
+# around them import nothing.
+@pytest.mark.parametrize("module", ["cluster.lab.fence", "cluster.fence_marker"])
+def test_the_takeover_s_helpers_start_on_the_standard_library(module: str) -> None:
     code = (
-        "import sys\nbefore = set(sys.modules)\nimport cluster.lab.fence\n"
+        f"import sys\nbefore = set(sys.modules)\nimport {module}\n"
         "print('\\n'.join(set(sys.modules) - before))"
     )
     done = subprocess.run(

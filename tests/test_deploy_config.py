@@ -191,8 +191,9 @@ def test_the_drbd_resource_is_protocol_c_fenced_by_hamta_and_never_discards(
     text = (example / "mx1/r0.res").read_text()
     assert "protocol C;" in text
     assert "fencing resource-only;" in text
+    fast = "/opt/hamta/bin/python -m cluster.fence_marker --dir /var/lib/hamta/drbd-fence -- "
+    assert f'fence-peer "{fast}/opt/hamta/bin/hamta drbd fence-peer --config' in text
     for handler, action in (
-        ("fence-peer", "fence-peer"),
         ("after-resync-target", "unfence"),
         ("split-brain", "split-brain"),
     ):

@@ -29,6 +29,7 @@ from cluster.storage import (
     StorageError,
     local_disk_states,
     mounts,
+    peer_disk_states,
     peer_roles,
     run_command,
     storage_from_config,
@@ -483,3 +484,27 @@ def test_storage_from_config(tmp_path: Path) -> None:
         storage_from_config("blockdev", device="/dev/sdz")
     with pytest.raises(StorageError, match=r"storage driver directory: .*unexpected .*device"):
         storage_from_config("directory", path="/x", device="/dev/sdz")
+
+
+def test_peer_disk_states_of_drbdadm_dstate() -> None:
+    assert peer_disk_states("UpToDate/DUnknown\n") == ["DUnknown"]
+    assert peer_disk_states("UpToDate/UpToDate\nUpToDate/Outdated\n") == ["UpToDate", "Outdated"]
+    assert peer_disk_states("Diskless\n") == []
+
+
+def test_drbd_expects_a_fence_only_beside_an_unknown_peer_from_a_current_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = tmp_path / "bin" / "drbdadm"
+    tool.parent.mkdir()
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    storage = DrbdStorage("r0", tmp_path / "dev", tmp_path / "mnt")
+    for dstate, expected in [
+        ("UpToDate/DUnknown", True),
+        ("UpToDate/UpToDate", False),  # connected: primary calls no handler
+        ("UpToDate/Outdated", False),
+        ("Outdated/DUnknown", False),  # promotion is refused before drbdadm primary
+    ]:
+        tool.write_text(f"#!/bin/sh\necho {dstate}\n")
+        tool.chmod(0o755)
+        assert storage.primary_would_fence() is expected, dstate

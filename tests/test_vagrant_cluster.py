@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +41,6 @@ from cluster.lab.vagrant import (
 pytestmark = [pytest.mark.vagrant, pytest.mark.root, pytest.mark.timeout(7200)]
 
 ROOT = Path(__file__).resolve().parent.parent
-BOX = "hamta/bookworm"
 # Under TCG an agent restart (a Python import of hamta takes 20-30 s), a reboot (about a
 # minute to ssh) and a takeover's steps are all slow: generous bounds, not goals.
 TAKEOVER_TIMEOUT = 300.0
@@ -66,11 +64,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VagrantCluster
         pytest.skip(
             f"missing {missing}: apt-get install vagrant vagrant-libvirt libvirt-daemon-system"
         )
-    boxes = subprocess.run(["vagrant", "box", "list"], capture_output=True, text=True, check=False)
-    if BOX not in boxes.stdout:
-        subprocess.run([str(ROOT / "vagrant" / "build-box")], check=True, timeout=1800)
     reuse = os.environ.get("HAMTA_VAGRANT_WORKDIR")
     machine = VagrantCluster(ROOT, Path(reuse) if reuse else tmp_path_factory.mktemp("vagrant"))
+    machine.ensure_box()
     keep = os.environ.get("HAMTA_VAGRANT_KEEP") == "1"
     try:
         if not machine.attach():

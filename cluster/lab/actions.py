@@ -99,7 +99,11 @@ class Actions:
         site.check_node(node)
         try:
             fence_node(
-                site.namespace(node), str(site.topology.vip), INTERFACE, site.loop_device or None
+                site.namespace(node),
+                str(site.topology.vip),
+                INTERFACE,
+                site.loop_device or None,
+                [str(address) for address, _ in site.topology.egress],
             )
         except FenceError as exc:
             raise LabError(f"cannot fence {node}: {exc}") from None

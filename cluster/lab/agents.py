@@ -43,6 +43,7 @@ class Agents:
             f"{site.topology.prefix}-{{peer}}",
             "--vip",
             str(site.topology.vip),
+            *(arg for address, _ in site.topology.egress for arg in ("--also", str(address))),
             "--interface",
             INTERFACE,
             *(["--device", loop_device] if loop_device else []),

@@ -289,6 +289,12 @@ def format_status(status: dict[str, Any]) -> str:
         + (", ".join(holders) if holders else "nobody")
         + (" (SPLIT BRAIN)" if len(holders) > 1 else "")
     )
+    for address, nodes in status.get("egress_holders", {}).items():
+        lines.append(
+            f"egress {address}: "
+            + (", ".join(nodes) if nodes else "nobody")
+            + (" (SPLIT BRAIN)" if len(nodes) > 1 else "")
+        )
     mounted = status["spool_mounted_on"]
     lines.append(
         f"shared disk {status['loop_device'] or '-'}: mounted on "

@@ -73,7 +73,20 @@ def relay_config(
         },
         "spool": {"path": spool, "segment_size": "16m", "journal_size": "16m", "min_free": "16m"},
         "dns": {"nameservers": [f"{topology.address(INTERNET)}:{DNS_PORT}"], "timeout": "2s"},
-        "delivery": {"port": SMTP_PORT, "connect_timeout": "5s", "command_timeout": "30s"},
+        "delivery": {
+            "port": SMTP_PORT,
+            "connect_timeout": "5s",
+            "command_timeout": "30s",
+            # Two egress sources in one pool; the agent moves their addresses with the VIP.
+            "egress": {
+                "sources": {
+                    name.split(".")[0]: {"address": str(address), "ehlo_name": name}
+                    for address, name in topology.egress
+                },
+                "pools": {"lab": {"sources": [n.split(".")[0] for _, n in topology.egress]}},
+                "default_pool": "lab",
+            },
+        },
         "retry": {"first_delay": "1s", "max_delay": "10s"},
         # On the node's own lab address, not loopback: the check locations (the monitors on
         # inet and client) read its health and queue from outside. Every route is a GET (health,

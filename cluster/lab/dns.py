@@ -36,6 +36,8 @@ def dnsmasq_config(topology: Topology) -> str:
     lines += [f"mx-host={domain},{MX_NAME},10" for domain in (*MAIL_DOMAINS, PROBE_DOMAIN)]
     lines.append(f"host-record={MX_NAME},{topology.address(INTERNET)}")
     lines += [f"host-record={host}.{DOMAIN},{topology.address(host)}" for host in HOSTS]
+    # A host-record brings its PTR too: the egress names are forward-confirmed.
+    lines += [f"host-record={name},{address}" for address, name in topology.egress]
     return "\n".join(lines) + "\n"
 
 

@@ -102,6 +102,8 @@ def unbound_config(
         "  do-not-query-localhost: no",
         # unbound's own local zone for test. (RFC 6761) would answer before the auth zones.
         '  local-zone: "test." nodefault',
+        # ... and its defaults for private and documentation reverse zones (RFC 6303).
+        *(f'  local-zone: "{zone}." nodefault' for zone, _ in zones if zone.endswith(".arpa")),
         # Each answer fresh from the zones: a test or the lab sees a changed zone at once.
         "  cache-max-ttl: 0",
         "  cache-max-negative-ttl: 0",

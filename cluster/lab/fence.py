@@ -82,9 +82,14 @@ def _wait_released(device: str, timeout: float) -> None:
 
 
 def fence_node(
-    namespace: str, vip: str, interface: str = "eth0", device: str | None = None
+    namespace: str,
+    vip: str,
+    interface: str = "eth0",
+    device: str | None = None,
+    also: Sequence[str] = (),
 ) -> list[int]:
-    """Power ``namespace``'s node off: kill all its processes, drop the VIP; the pids killed.
+    """Power ``namespace``'s node off: kill all its processes, drop the VIP and the addresses
+    ``also`` (the egress addresses, as /32); the pids killed.
 
     With ``device`` (the shared disk), a node that had it mounted is fenced only once the disk
     is free again, as it would be on a machine that is off.
@@ -109,16 +114,17 @@ def fence_node(
             raise FenceError(f"processes {left} in {namespace} outlived SIGKILL")
         killed += victims
         victims = [pid for pid in processes_in(namespace) if pid != os.getpid()]
-    done = subprocess.run(
-        ["ip", "-n", namespace, "address", "del", vip, "dev", interface],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    absent = "Cannot assign" in done.stderr or "Address not found" in done.stderr
-    if done.returncode != 0 and not absent:
-        raise FenceError(f"cannot remove {vip} from {namespace}: {done.stderr.strip()}")
+    for address in (vip, *(a if "/" in a else f"{a}/32" for a in also)):
+        done = subprocess.run(
+            ["ip", "-n", namespace, "address", "del", address, "dev", interface],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        absent = "Cannot assign" in done.stderr or "Address not found" in done.stderr
+        if done.returncode != 0 and not absent:
+            raise FenceError(f"cannot remove {address} from {namespace}: {done.stderr.strip()}")
     if held and device:
         _wait_released(device, _GONE_WITHIN)
     return killed
@@ -162,11 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.lab.fence", description=__doc__)
     parser.add_argument("--namespace", required=True, help="the node's network namespace")
     parser.add_argument("--vip", required=True, help="the virtual IP with its prefix length")
+    parser.add_argument(
+        "--also", action="append", default=[], help="another address to remove (egress)"
+    )
     parser.add_argument("--interface", default="eth0")
     parser.add_argument("--device", help="the shared disk: wait until the node's mount is gone")
     args = parser.parse_args(argv)
     try:
-        killed = fence_node(args.namespace, args.vip, args.interface, args.device)
+        killed = fence_node(args.namespace, args.vip, args.interface, args.device, args.also)
     except (FenceError, OSError, subprocess.SubprocessError) as exc:
         print(f"fence: {exc}", file=sys.stderr)
         return 1

@@ -72,6 +72,17 @@ class Inspection:
             if any(a.ip == vip for a in netns.addresses(self._site.namespace(node), INTERFACE))
         ]
 
+    def egress_holders(self) -> dict[str, list[str]]:
+        """Each egress address of the pair and the nodes whose ``eth0`` carries it."""
+        held = {
+            node: {a.ip for a in netns.addresses(self._site.namespace(node), INTERFACE)}
+            for node in NODES
+        }
+        return {
+            str(address): [node for node in NODES if address in held[node]]
+            for address, _ in self._site.topology.egress
+        }
+
     def spool_mounted_on(self) -> list[str]:
         """The nodes on which some process sees the shared disk mounted."""
         loop_device = self._site.loop_device
@@ -171,6 +182,7 @@ class Inspection:
             "hosts": hosts,
             "zookeeper": zookeeper,
             "vip_holders": self.vip_holders(),
+            "egress_holders": self.egress_holders(),
             "spool_mounted_on": self.spool_mounted_on() if up else [],
             "relays": {node: self.relay_state(node) for node in NODES},
             "cluster": self.cluster_status() if up and cluster else None,

@@ -40,8 +40,11 @@ from hamta.config import parse_hostport
 ACCEPTED = "250 2.0.0 Ok: delivered"
 
 
-def delivery_lines(envelope: Envelope, content: bytes, at: float) -> list[dict[str, Any]]:
-    """The record lines of one accepted message, one per recipient."""
+def delivery_lines(
+    envelope: Envelope, content: bytes, at: float, peer: str = "", ehlo: str = ""
+) -> list[dict[str, Any]]:
+    """The record lines of one accepted message, one per recipient, with the address it came
+    from and the name its sender gave in EHLO (the relay's egress source)."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(content, headersonly=True)
     mail_from = envelope.mail_from or ""
     if mail_from == "<>":
@@ -54,6 +57,8 @@ def delivery_lines(envelope: Envelope, content: bytes, at: float) -> list[dict[s
             "message_id": _header(headers.get("Message-ID")),
             "x_lab_id": _header(headers.get("X-Lab-Id")),
             "size": len(content),
+            "peer": peer,
+            "ehlo": ehlo,
         }
         for rcpt in envelope.rcpt_tos
     ]
@@ -108,7 +113,9 @@ class RecordingHandler:
     ) -> str:
         content = envelope.original_content or b""
         mailbox = self._mailbox
-        for line in delivery_lines(envelope, content, self._clock()):
+        peer = str(session.peer[0]) if isinstance(session.peer, tuple) else ""
+        lines = delivery_lines(envelope, content, self._clock(), peer, session.host_name or "")
+        for line in lines:
             if mailbox is not None and mailbox.takes(line["rcpt"]):
                 mailbox.store(line["rcpt"], content)
                 continue

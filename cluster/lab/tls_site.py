@@ -193,6 +193,7 @@ def prepare(directory: Path, topology: Topology) -> TlsSite:
     plain = [f"{domain}. IN MX 10 {MX_NAME}." for domain in (*MAIL_DOMAINS, PROBE_DOMAIN)]
     plain += [f"{MX_NAME}. IN A {inet}"]
     plain += [f"{host}.{DOMAIN}. IN A {topology.address(host)}" for host in HOSTS]
+    plain += [f"{name}. IN A {address}" for address, name in topology.egress]
     plain += [
         f"{STS_DOMAIN}. IN MX 10 mx.{STS_DOMAIN}.",
         f"mx.{STS_DOMAIN}. IN A {inet}",
@@ -202,6 +203,11 @@ def prepare(directory: Path, topology: Topology) -> TlsSite:
     ]
     digest = spki_sha256(directory / "sink.crt")
     zones = [(DOMAIN, dnssec.write_zone(directory, DOMAIN, inet, plain))]
+    # The egress addresses' PTRs (forward-confirmed: the relays check them at start), in the
+    # reverse zone of the /24 that holds them.
+    reverse = ".".join(str(topology.egress[0][0]).split(".")[2::-1]) + ".in-addr.arpa"
+    pointers = [f"{address.reverse_pointer}. IN PTR {name}." for address, name in topology.egress]
+    zones.append((reverse, dnssec.write_zone(directory, reverse, inet, pointers)))
     anchors = []
     for domain, data in ((DANE_DOMAIN, digest), (BAD_TLSA_DOMAIN, "00" * 32)):
         records = [

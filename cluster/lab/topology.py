@@ -38,6 +38,8 @@ _OFFSETS: Final = {
     "inet": 41,
 }
 _VIP_OFFSET: Final = 100
+# The pair's egress addresses (the relay's [delivery.egress]), moved with the VIP: offset, name.
+_EGRESS: Final = ((101, "out1"), (102, "out2"))
 # Room for the virtual IP's offset and a broadcast address above it.
 _LONGEST_PREFIX: Final = 25
 
@@ -120,6 +122,12 @@ class Topology:
     def vip(self) -> IPv4Interface:
         """The virtual IP that follows the active node."""
         return IPv4Interface(f"{self.subnet.network_address + _VIP_OFFSET}/{self.subnet.prefixlen}")
+
+    @property
+    def egress(self) -> tuple[tuple[IPv4Address, str], ...]:
+        """The pair's egress addresses and their EHLO names (each with its PTR in the DNS)."""
+        base = self.subnet.network_address
+        return tuple((base + offset, f"{name}.{DOMAIN}") for offset, name in _EGRESS)
 
     @property
     def zookeeper_hosts(self) -> str:

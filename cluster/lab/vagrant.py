@@ -46,6 +46,8 @@ from cluster.lab.results import SendResult
 from cluster.operator import is_standby
 
 NAMESPACE = "hvg0"
+BOX = "hamta/bookworm"  # vagrant/Vagrantfile's box, built by vagrant/build-box
+BOX_BUILD_TIMEOUT = 1800.0
 MAIL_NODES = ("mx1", "mx2")
 ARBITER = "arbiter"
 ADDRESSES = {"mx1": "198.19.101.11", "mx2": "198.19.101.12", "arbiter": "198.19.101.13"}
@@ -458,6 +460,39 @@ class VagrantCluster:
         shutil.rmtree(house, ignore_errors=True)
         partial.rename(house)
         return house
+
+    def ensure_box(self, timeout: float = BOX_BUILD_TIMEOUT) -> str:
+        """Build and add the box (``vagrant/build-box``) unless Vagrant has it; what was done.
+
+        Vagrant would otherwise look the name up in its remote catalog, fail with "could not
+        resolve host" and the run would end with nothing measured. The build takes minutes
+        (mmdebstrap from the Debian archive); its output goes to ``build-box.log``.
+        """
+        build = self.vagrant_dir / "build-box"
+        if shutil.which("vagrant") is None:
+            raise VagrantError(
+                "vagrant is not installed: run scripts/bootstrap --vagrant, then sudo " + str(build)
+            )
+        listed = subprocess.run(
+            ["vagrant", "box", "list"], capture_output=True, text=True, timeout=120, check=False
+        )
+        if BOX in listed.stdout.split():
+            return f"box {BOX} present"
+        log = self.workdir / "build-box.log"
+        with log.open("ab") as out:
+            try:
+                done = subprocess.run(
+                    [str(build)], stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False
+                )
+            except subprocess.TimeoutExpired:
+                raise VagrantError(f"{build} ran over {timeout:g}s; see {log}") from None
+        if done.returncode != 0:
+            last = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise VagrantError(
+                f"Vagrant has no box {BOX} and {build} failed (exit {done.returncode}); "
+                f"see {log}, fix, and run: sudo {build}\n{last}"
+            )
+        return f"box {BOX} built and added by {build}"
 
     def vagrant(self, *args: str, timeout: float = 3600.0) -> str:
         """``vagrant ARGS`` in the namespace; its output, or VagrantError if it failed."""

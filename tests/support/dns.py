@@ -21,6 +21,7 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.resolver
+import dns.reversename
 
 from .ports import free_port
 
@@ -77,6 +78,7 @@ class DnsServer:
         aaaa: Mapping[str, Sequence[str]] | None = None,
         null_mx: Iterable[str] = (),
         listen: str = "127.0.0.1",
+        ptr: Mapping[str, str] | None = None,
         *,
         port: int = 0,
         log_queries: bool = False,
@@ -90,6 +92,13 @@ class DnsServer:
         self.log_queries = log_queries
         self.start_timeout = start_timeout
         self._records = self._config_lines(mx or {}, a or {}, aaaa or {}, null_mx)
+        # ``ptr``: address -> name, PTR records of their own (an ``a`` record already brings
+        # the matching PTR; these make the ones that do not match).
+        self._records += [
+            f"ptr-record={dns.reversename.from_address(address).to_text(omit_final_dot=True)},"
+            f"{_name(name)}"
+            for address, name in (ptr or {}).items()
+        ]
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -46,6 +46,8 @@ class Delivered:
     peer: str
     #: Whether the message came over a STARTTLS-protected session.
     tls: bool
+    #: The name the client gave in EHLO (or HELO).
+    ehlo: str = ""
 
     @property
     def peer_host(self) -> str:
@@ -100,6 +102,7 @@ class _Handler:
                 data=envelope.original_content or b"",
                 peer=_format_peer(session.peer),
                 tls=session.ssl is not None,
+                ehlo=session.host_name or "",
             )
         )
         return QUEUED_REPLY
