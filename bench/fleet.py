@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kazoo.client import KazooClient
 
-from cluster.coordination import Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import Credentials
 from cluster.decision_data import Member, Role
 from cluster.fleet import create_pair, fleet_root
 from cluster.zookeeper import ServerSpec, ZooKeeperEnsemble, four_letter_word

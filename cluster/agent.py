@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from cluster.api_auth import Access, ApiAuthError, load_token
 from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig
-from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError, Credentials
 from cluster.decision_data import (
     Action,
     AgentState,

@@ -25,7 +25,8 @@ from aiohttp import web
 from cluster.api_auth import Access, Caller, Verdict
 from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig
-from cluster.coordination import CoordinationError, Coordinator
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError
 from cluster.decision_data import Role
 from cluster.operator import (
     OperatorError,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster import drbd_handlers
 from cluster.config import AgentConfig, ConfigError, load_agent_config
-from cluster.coordination import CoordinationError
+from cluster.coordination_layout import CoordinationError
 from cluster.operator import (
     OperatorError,
     cancel_switchover,

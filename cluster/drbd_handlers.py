@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from cluster.coordination import CoordinationError, Coordinator
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError
 from cluster.decision_data import ClusterView, Session
 
 EXIT_FAILED = 1

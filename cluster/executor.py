@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cluster.coordination import CoordinationError, Coordinator
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError
 from cluster.decision_data import Action, Session, Step, StepResult
 from cluster.fast_fence import FastFence
 from cluster.fencers import FenceFailedError, Fencer

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cluster.coordination import CoordinationError, Coordinator
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError
 from cluster.fence_marker import TERM_FILE, Marker, marker_name
 from hamta.durable_files import fsync_directory, write_durably
 

@@ -23,7 +23,7 @@ from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNod
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.security import ACL, Id, Permissions
 
-from cluster.coordination import ROOT, Credentials, reader_acl
+from cluster.coordination_layout import ROOT, Credentials, reader_acl
 from cluster.zk_acl import parents, split_chroot
 
 #: How long one read may wait for ZooKeeper's answer.

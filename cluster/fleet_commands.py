@@ -19,7 +19,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 
-from cluster.coordination import CoordinationError, Credentials
+from cluster.coordination_layout import CoordinationError, Credentials
 from cluster.fleet import (
     FleetError,
     PairExistsError,

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import AgentConfig
-from cluster.coordination import OPERATOR, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import OPERATOR, Credentials
 from cluster.decision_data import (
     ClusterView,
     Member,

@@ -34,13 +34,14 @@ from hamta.intake import Intake
 from hamta.metrics import RelayMetrics
 from hamta.outbound_tls import OutboundTls
 from hamta.queue import MailQueue
+from hamta.reception import ReceptionHandler
 from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
 from hamta.report_rate import ClientRate
 from hamta.report_shape import ReportLimits
 from hamta.report_trust import ReporterTrust
 from hamta.return_paths import ReturnPaths
 from hamta.routing import Router
-from hamta.smtp import HamtaSMTP, ReceptionHandler, tls_context
+from hamta.smtp import HamtaSMTP, tls_context
 from hamta.spool import Spawn, Spool, SpoolError
 from hamta.submission import Submission, listeners
 from hamta.suppression import DomainFailurePolicy, SuppressionError, Suppressions

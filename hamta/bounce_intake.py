@@ -25,7 +25,7 @@ from hamta.metrics import RelayMetrics
 from hamta.report_quarantine import DEFAULT_QUOTA, QuarantineQuota, ReportQuarantine, kept_reply
 from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
 from hamta.return_paths import ReturnPaths
-from hamta.smtp import REPLY_SUPERSEDED
+from hamta.smtp_replies import REPLY_SUPERSEDED
 from hamta.suppression import SUPPRESSED_BOUNCE_CLASS, SuppressionError, Suppressions, normalize
 
 REPLY_NOT_RECORDED = "451 4.3.0 Bounce report not recorded, try again later"

@@ -31,7 +31,7 @@ from hamta.metrics import RelayMetrics
 from hamta.report_quarantine import DEFAULT_QUOTA, QuarantineQuota, ReportQuarantine, kept_reply
 from hamta.report_shape import DEFAULT_LIMITS, ReportLimits, ReportShapeError, parse_within
 from hamta.report_trust import ReporterTrust
-from hamta.smtp import REPLY_SUPERSEDED
+from hamta.smtp_replies import REPLY_SUPERSEDED
 from hamta.suppression import SuppressionError, Suppressions, normalize, valid_address
 
 # RFC 6430: a report that some mail is *not* spam; read, logged, and suppresses nobody.

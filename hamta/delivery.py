@@ -39,7 +39,7 @@ from hamta.report_rate import ClientRate
 from hamta.return_paths import ReturnPaths
 from hamta.routing import Router, RoutingError, Target
 from hamta.shaping import Shaper, is_throttle_reply, limits_for
-from hamta.smtp import message_id_of
+from hamta.smtp_replies import message_id_of
 from hamta.spool import Spawn, Spool, SpoolError, create_task
 from hamta.suppression import DOMAIN_BOUNCE_CLASS, Suppressions
 from hamta.tls_policy import Requirement

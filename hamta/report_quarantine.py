@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hamta.durable_files import write_durably
-from hamta.smtp import REPLY_SPOOL_FULL as REPLY_NO_ROOM
-from hamta.smtp import REPLY_SUPERSEDED
+from hamta.smtp_replies import REPLY_SPOOL_FULL as REPLY_NO_ROOM
+from hamta.smtp_replies import REPLY_SUPERSEDED
 
 QUARANTINE_DIR = "quarantine"
 

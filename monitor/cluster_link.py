@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cluster.coordination import OPERATOR, CoordinationError, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import OPERATOR, CoordinationError, Credentials
 from cluster.decision_data import ClusterView, Role, Session
 from monitor.config import Check, ClusterLinkConfig, MonitorConfig
 from monitor.failover_rules import (

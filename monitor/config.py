@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.coordination import CoordinationError, Credentials
+from cluster.coordination_layout import CoordinationError, Credentials
 from cluster.zk_acl import check_digest_id, split_chroot
 from hamta.config import (
     ConfigError,

@@ -19,7 +19,8 @@ import pytest
 
 from cluster.agent import trusted_failover
 from cluster.config import load_agent_config
-from cluster.coordination import ROOT, CoordinationError, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import ROOT, CoordinationError, Credentials
 from cluster.decision_data import Role
 from cluster.operator import OperatorError, operator_session, switchover
 from cluster.zookeeper import ServerSpec, ZooKeeperServer

@@ -14,7 +14,8 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 
-from cluster.coordination import HISTORY_LIMIT, CoordinationError, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import HISTORY_LIMIT, CoordinationError, Credentials
 from cluster.decision_data import Member, Role, Session
 from cluster.zookeeper import ZooKeeperEnsemble
 from fencing.zk_session import close_session

@@ -21,7 +21,8 @@ from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from cluster.config import ConfigError, parse_agent_config
-from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError, Credentials
 from cluster.decision_data import Member, Role
 from cluster.fleet import FleetError, create_pair, fleet_history, fleet_root, fleet_status
 from cluster.zookeeper import ZooKeeperEnsemble

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from cluster.coordination import OPERATOR, Coordinator
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import OPERATOR
 from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from monitor.config import parse_monitor_config

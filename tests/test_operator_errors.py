@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from cluster.coordination import Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import Credentials
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import free_port
 from tests.support.relay import HAMTA, read_events, render_toml

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiosmtpd.smtp import SMTP, Session
 
 from cluster.probe import ProbeResult, smtp_probe
-from hamta.smtp import REPLY_SHUTTING_DOWN
+from hamta.smtp_replies import REPLY_SHUTTING_DOWN
 from tests.conftest import RelayFactory
 from tests.support import free_port
 

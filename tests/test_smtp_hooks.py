@@ -2,7 +2,7 @@
 
 aiosmtpd finds the protocol's ``smtp_*`` and ``auth_*`` methods and the handler's ``handle_*``
 hooks through ``dir()``, which hamta's classes answer from a list made once per class
-(``hamta.smtp._HooksOnlyDir``): a hook missing from it would be a command answered 500.
+(``hamta.smtp.HooksOnlyDir``): a hook missing from it would be a command answered 500.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import aiosmtpd.smtp
 
 from hamta.config import SmtpConfig
 from hamta.metrics import RelayMetrics
-from hamta.smtp import HamtaSMTP, ReceptionHandler
+from hamta.reception import ReceptionHandler
+from hamta.smtp import HamtaSMTP
 from hamta.spool import Spool
 
 

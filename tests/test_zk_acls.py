@@ -15,7 +15,8 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NotEmptyError
 from kazoo.security import OPEN_ACL_UNSAFE, make_acl
 
-from cluster.coordination import CoordinationError, Coordinator, Credentials
+from cluster.coordination import Coordinator
+from cluster.coordination_layout import CoordinationError, Credentials
 from cluster.decision_data import Member, Role
 from cluster.zookeeper import ZooKeeperEnsemble
 from tests.support import zookeeper as zookeeper_support
