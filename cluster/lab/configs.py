@@ -18,7 +18,6 @@ from cluster.lab.topology import (
     DOMAIN,
     INTERFACE,
     INTERNET,
-    NODES,
     PEER_PORT,
     RESOLVER_PORT,
     SMTP_PORT,
@@ -98,14 +97,24 @@ def agent_config(
     device: str,
     fence_command: Sequence[str],
     peer_secret: Path,
+    fleet_reader: str = "",
 ) -> Sections:
     """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence,
-    and the peer channel to the other node (heartbeats, failsafe)."""
-    peers = {other: f"{topology.address(other)}:{PEER_PORT}" for other in NODES if other != node}
+    and the peer channel to the other node of its pair (heartbeats, failsafe).
+
+    ``fleet_reader`` (a lab of several pairs): the digest id given READ on the pair's znodes.
+    """
+    pair = topology.pair_of(node)
+    peers = {
+        other: f"{topology.address(other)}:{PEER_PORT}"
+        for other in topology.pair_nodes(pair)
+        if other != node
+    }
+    reader = {"fleet_reader": fleet_reader} if fleet_reader else {}
     return {
         "agent": {
             "node": node,
-            "cluster": "lab",
+            "cluster": pair,
             "zookeeper": topology.zookeeper_hosts,
             "session_timeout": "2s",
             "peer_address": f"{topology.address(node)}:{PEER_PORT}",
@@ -115,6 +124,7 @@ def agent_config(
             "relay_config": node_dir / "relay.toml",
             "state_dir": node_dir,
             "log_file": node_dir / "agent.log",
+            **reader,
         },
         "storage": {
             "driver": "blockdev",
@@ -122,7 +132,7 @@ def agent_config(
             "mountpoint": node_dir / "mnt",
             "spool": "spool",
         },
-        "vip": {"address": str(topology.vip), "interface": INTERFACE},
+        "vip": {"address": str(topology.pair_vip(pair)), "interface": INTERFACE},
         "fencing": {"commands": [list(fence_command)]},
         "probe": {"port": SMTP_PORT, "timeout": "5s"},
         # Open to the lab's hosts for reads (HAProxy's check, curl from the client); changes

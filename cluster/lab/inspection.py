@@ -18,9 +18,9 @@ from cluster.lab.site import LabSite
 from cluster.lab.topology import (
     ADMIN_PORT,
     CLIENT,
-    HOSTS,
     INTERFACE,
     NODES,
+    PAIR_CLUSTER,
     ZOOKEEPER_HOSTS,
     ZOOKEEPER_PORT,
 )
@@ -63,24 +63,26 @@ class Inspection:
         namespace = self._site.namespace(node)
         return netns.pids_in([namespace]).get(namespace, [])
 
-    def vip_holders(self) -> list[str]:
-        """The nodes whose ``eth0`` carries the virtual IP now (more than one is split brain)."""
-        vip = self._site.topology.vip.ip
+    def vip_holders(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The nodes of ``pair`` whose ``eth0`` carries its virtual IP now (more than one is
+        split brain)."""
+        self._site.check_pair(pair)
+        vip = self._site.topology.pair_vip(pair).ip
         return [
             node
-            for node in NODES
+            for node in self._site.topology.pair_nodes(pair)
             if any(a.ip == vip for a in netns.addresses(self._site.namespace(node), INTERFACE))
         ]
 
-    def spool_mounted_on(self) -> list[str]:
-        """The nodes on which some process sees the shared disk mounted."""
-        loop_device = self._site.loop_device
+    def spool_mounted_on(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The nodes of ``pair`` on which some process sees its shared disk mounted."""
+        loop_device = self._site.pair_loop_device(pair)
         device = loopdev.device_number(loop_device) if loop_device else None
         if device is None:
             return []
         return [
             node
-            for node in NODES
+            for node in self._site.topology.pair_nodes(pair)
             if any(loopdev.mounted_in(pid, device) for pid in self.node_pids(node))
         ]
 
@@ -135,7 +137,7 @@ class Inspection:
         topology = site.topology
         pids = netns.pids_in(topology.namespaces)
         hosts: dict[str, Any] = {}
-        for host in HOSTS:
+        for host in topology.hosts:
             namespace = topology.namespace(host)
             hosts[host] = {
                 "namespace": namespace,
@@ -172,8 +174,18 @@ class Inspection:
             "zookeeper": zookeeper,
             "vip_holders": self.vip_holders(),
             "spool_mounted_on": self.spool_mounted_on() if up else [],
-            "relays": {node: self.relay_state(node) for node in NODES},
+            "relays": {node: self.relay_state(node) for node in topology.nodes},
             "cluster": self.cluster_status() if up and cluster else None,
+            # Every pair (``lab up --pairs N``): its nodes, virtual IP and who holds it.
+            "pairs": {
+                pair: {
+                    "nodes": list(topology.pair_nodes(pair)),
+                    "vip": str(topology.pair_vip(pair)),
+                    "vip_holders": self.vip_holders(pair),
+                    "spool_mounted_on": self.spool_mounted_on(pair) if up else [],
+                }
+                for pair in topology.pair_names
+            },
         }
 
 

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.lab import configs, record
+from cluster.lab import configs, pairs, record
 from cluster.lab.actions import Actions
 from cluster.lab.agents import Agents
 from cluster.lab.host_setup import HostSetup
@@ -46,7 +46,7 @@ from cluster.lab.monitors import Monitors, read_alerts
 from cluster.lab.results import SendResult
 from cluster.lab.services import Services
 from cluster.lab.site import LabError, LabSite, Launcher
-from cluster.lab.topology import NODES, Topology
+from cluster.lab.topology import PAIR_CLUSTER, Topology
 from cluster.zookeeper import ZooKeeperEnsemble
 
 __all__ = ["Lab", "LabError"]
@@ -68,8 +68,9 @@ class Lab:
         prefix: str = "hamta",
         subnet: str = "198.18.0.0/24",
         python: str = sys.executable,
+        pairs: int = 1,
     ) -> None:
-        site = LabSite.build(directory, prefix, subnet, python)
+        site = LabSite.build(directory, prefix, subnet, python, pairs)
         launcher = Launcher(site)
         inspection = Inspection(site)
         self._site = site
@@ -93,7 +94,13 @@ class Lab:
             raise LabError(str(exc)) from None
         if found is None:
             raise LabError(f"no lab is up in {directory} (no {record.RECORD_NAME})")
-        return cls(directory, prefix=found.prefix, subnet=found.subnet, python=found.python)
+        return cls(
+            directory,
+            prefix=found.prefix,
+            subnet=found.subnet,
+            python=found.python,
+            pairs=found.pairs,
+        )
 
     @property
     def directory(self) -> Path:
@@ -160,6 +167,26 @@ class Lab:
         """The shared disk's loop device ("" when none is attached)."""
         return self._site.loop_device
 
+    @property
+    def pair_names(self) -> tuple[str, ...]:
+        """Each pair's cluster name: ``lab`` (pair 1), ``lab2``, ``lab3``."""
+        return self._site.topology.pair_names
+
+    def pair_nodes(self, pair: str) -> tuple[str, str]:
+        """The two nodes of ``pair``."""
+        self._site.check_pair(pair)
+        return self._site.topology.pair_nodes(pair)
+
+    def pair_vip(self, pair: str) -> str:
+        """``pair``'s virtual IP (without prefix length)."""
+        self._site.check_pair(pair)
+        return str(self._site.topology.pair_vip(pair).ip)
+
+    @property
+    def reader_credentials_path(self) -> Path:
+        """The fleet reader's credentials (a lab of several pairs): READ on every pair."""
+        return self._site.reader_credentials_path
+
     def node_dir(self, node: str) -> Path:
         """The directory of ``node``: its configuration files, logs and mount point."""
         return self._site.node_dir(node)
@@ -202,13 +229,18 @@ class Lab:
             host.write_credentials()
             self._services.start_zookeeper()
             self._services.start_internet()
-            for node in NODES:
+            topology = self._site.topology
+            for node in topology.nodes:
                 self._agents.write_node_configs(node)
             self._services.wait(deadline)
+            if topology.pairs > 1:
+                # The administrator creates each pair's root before its agents first start.
+                pairs.create_pairs(self._site, self._inspection)
             if agents:
-                for node in NODES:
+                for node in topology.nodes:
                     self._agents.start(node)
-                self._agents.wait_active(max(0.0, deadline - time.monotonic()))
+                for pair in topology.pair_names:
+                    self._agents.wait_active(max(0.0, deadline - time.monotonic()), pair=pair)
             if haproxy:
                 self._services.start_haproxy(deadline)
             if monitors:
@@ -266,13 +298,21 @@ class Lab:
         """
         self._agents.start(node, env)
 
-    def active_node(self, timeout: float = 2.0) -> str | None:
-        """The node that holds the virtual IP alone and answers SMTP on it from the client."""
-        return self._agents.active_node(timeout)
+    def active_node(self, timeout: float = 2.0, *, pair: str = PAIR_CLUSTER) -> str | None:
+        """The node (of ``pair``) that holds its virtual IP alone and answers SMTP on it from
+        the client."""
+        return self._agents.active_node(timeout, pair=pair)
 
-    def wait_active(self, timeout: float = 30.0, *, other_than: str | None = None) -> str:
-        """Wait until one node is active (and, with ``other_than``, not that one); return it."""
-        return self._agents.wait_active(timeout, other_than=other_than)
+    def wait_active(
+        self, timeout: float = 30.0, *, other_than: str | None = None, pair: str = PAIR_CLUSTER
+    ) -> str:
+        """Wait until one node (of ``pair``) is active (and, with ``other_than``, not that one);
+        return it."""
+        return self._agents.wait_active(timeout, other_than=other_than, pair=pair)
+
+    def fleet_status(self) -> dict[str, Any]:
+        """``hamta fleet status --json`` from the client host with the reader's credentials."""
+        return pairs.fleet_status(self._site, self._inspection)
 
     # ------------------------------------------------------------------ looking
 
@@ -296,13 +336,14 @@ class Lab:
         """Every process in ``node``'s namespace (any host of the lab may be named)."""
         return self._inspection.node_pids(node)
 
-    def vip_holders(self) -> list[str]:
-        """The nodes whose ``eth0`` carries the virtual IP now (more than one is split brain)."""
-        return self._inspection.vip_holders()
+    def vip_holders(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The nodes (of ``pair``) whose ``eth0`` carries its virtual IP now (more than one is
+        split brain)."""
+        return self._inspection.vip_holders(pair)
 
-    def spool_mounted_on(self) -> list[str]:
-        """The nodes on which some process sees the shared disk mounted."""
-        return self._inspection.spool_mounted_on()
+    def spool_mounted_on(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The nodes (of ``pair``) on which some process sees its shared disk mounted."""
+        return self._inspection.spool_mounted_on(pair)
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every line the sink has recorded (one per delivered recipient), in order."""
@@ -360,8 +401,10 @@ class Lab:
         submission: int | None = None,
         password: str | None = None,
         sender: str | None = None,
+        pair: str = PAIR_CLUSTER,
     ) -> SendResult:
-        """Send ``count`` messages from the client namespace to the virtual IP, port 25.
+        """Send ``count`` messages from the client namespace to the virtual IP (of ``pair``),
+        port 25.
 
         ``submission`` (587, 465): through submission with the probe account instead (see
         ``cluster.lab.submission``); ``password``, ``sender``: to see AUTH and policy refuse.
@@ -375,6 +418,7 @@ class Lab:
             submission=submission,
             password=password,
             sender=sender,
+            pair=pair,
         )
 
     def kill_node(self, node: str, sig: int = signal.SIGKILL) -> None:
