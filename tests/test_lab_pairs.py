@@ -8,17 +8,22 @@ every message it was sent, as ``hamta fleet status --json`` reads it with the fl
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chaos.other_pairs import PairOutcome, role_changes_logged
 from cluster.lab import configs
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.results import SendResult
 from cluster.lab.topology import HOSTS, NODES, Topology, TopologyError
+from tests.support.relay import HAMTA
 
 PREFIX = "hp"
 SUBNET = "198.19.195.0/24"
@@ -165,3 +170,48 @@ def test_a_failover_in_pair_1_leaves_pair_2_untouched_under_load(pairs: Lab) -> 
     assert after["lab2"][other] == before["lab2"][other]  # same role, same epoch
     assert after["lab"][new][0] == "active"
     assert after["lab"][new][1] > before["lab"][old][1]
+
+
+# ------------------------------------------------------------------ chaos --pair, without root
+
+
+def _decision(at: float, was: str, role: str) -> str:
+    stamp = datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+    fields = {"event": "Decision", "was": was, "role": role, "trigger": "t", "ts": stamp}
+    return json.dumps(fields) + "\n"
+
+
+def test_a_role_change_in_another_pair_fails_the_iteration(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab", prefix="hp", subnet=SUBNET, pairs=2, pair="lab")  # never up
+    other = lab.for_pair("lab2")
+    assert other.nodes == ("p2node1", "p2node2") and other.vip == "198.19.195.101"
+    for node in other.nodes:
+        other.node_dir(node).mkdir(parents=True)
+    wall = 1_800_000_000.0
+    (other.node_dir("p2node1") / "agent.log").write_text(
+        _decision(wall + 5, "active", "active")  # no change: not counted
+        + _decision(wall + 10, "active", "demoting")
+        + _decision(wall + 500, "passive", "promoting")  # after the iteration
+    )
+    changes = role_changes_logged(other, 0.0, 100.0, wall)
+    assert changes == ["p2node1: active -> demoting (t)"]
+    quiet = PairOutcome("lab2", sent=50, acked=50, refused=0, failed=0, lost=0, role_changes=())
+    assert quiet.problems == []
+    hurt = PairOutcome("lab2", 50, 47, 2, 1, 1, tuple(changes))
+    assert [p.split(":")[1].strip() for p in hurt.problems] == [
+        "role changed",
+        "2 attempt(s) refused, 1 cut off",
+        "1 acknowledged message(s) lost",
+    ]
+
+
+def test_chaos_refuses_a_pair_the_lab_would_not_have() -> None:
+    done = subprocess.run(
+        [*HAMTA, "chaos", "run", "--scenario", "kill-node", "--pair", "lab3", "--pairs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "no pair 'lab3' in the lab (pairs: lab, lab2)" in done.stderr

@@ -19,7 +19,6 @@ from cluster.lab.topology import (
     ADMIN_PORT,
     CLIENT,
     INTERFACE,
-    NODES,
     PAIR_CLUSTER,
     ZOOKEEPER_HOSTS,
     ZOOKEEPER_PORT,
@@ -110,9 +109,12 @@ class Inspection:
         ready = answer.get("ready") if answer else None
         return bool(ready) if ready is not None else None
 
-    def cluster_status(self, timeout: float = 15.0) -> dict[str, Any] | None:
-        """``hamta cluster status --json`` run from the client namespace; None if it fails."""
-        config = self._site.directory / NODES[0] / "agent.toml"
+    def cluster_status(
+        self, timeout: float = 15.0, pair: str = PAIR_CLUSTER
+    ) -> dict[str, Any] | None:
+        """``hamta cluster status --json`` (of ``pair``) run from the client namespace; None if
+        it fails."""
+        config = self._site.directory / self._site.topology.pair_nodes(pair)[0] / "agent.toml"
         if not config.exists():
             return None
         argv = self._site.module_argv(

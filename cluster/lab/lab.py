@@ -69,8 +69,10 @@ class Lab:
         subnet: str = "198.18.0.0/24",
         python: str = sys.executable,
         pairs: int = 1,
+        pair: str = PAIR_CLUSTER,
     ) -> None:
         site = LabSite.build(directory, prefix, subnet, python, pairs)
+        site.check_pair(pair)
         launcher = Launcher(site)
         inspection = Inspection(site)
         self._site = site
@@ -81,6 +83,9 @@ class Lab:
         self._agents = Agents(site, launcher, inspection)
         self._actions = Actions(site, launcher, inspection)
         self._monitors = Monitors(site, launcher)
+        # The pair this object acts on where a method names none (its VIP, its nodes' roles):
+        # pair 1 unless told; the chaos suite's faulted pair (--pair).
+        self._pair = pair
 
     # ------------------------------------------------------------------ identity
 
@@ -124,8 +129,8 @@ class Lab:
 
     @property
     def vip(self) -> str:
-        """The virtual IP's address (without prefix length)."""
-        return str(self._site.topology.vip.ip)
+        """The virtual IP's address (of :attr:`pair`; without prefix length)."""
+        return str(self._site.topology.pair_vip(self._pair).ip)
 
     @property
     def zookeeper_hosts(self) -> str:
@@ -166,6 +171,29 @@ class Lab:
     def loop_device(self) -> str:
         """The shared disk's loop device ("" when none is attached)."""
         return self._site.loop_device
+
+    @property
+    def pair(self) -> str:
+        """The pair this object acts on where a method names none."""
+        return self._pair
+
+    @property
+    def nodes(self) -> tuple[str, str]:
+        """The two nodes of :attr:`pair`."""
+        return self._site.topology.pair_nodes(self._pair)
+
+    def for_pair(self, pair: str) -> Lab:
+        """The same lab, acting on ``pair`` where a method names none."""
+        site = self._site
+        topology = site.topology
+        return Lab(
+            site.directory,
+            prefix=topology.prefix,
+            subnet=str(topology.subnet),
+            python=site.python,
+            pairs=topology.pairs,
+            pair=pair or self._pair,
+        )
 
     @property
     def pair_names(self) -> tuple[str, ...]:
@@ -280,7 +308,7 @@ class Lab:
 
     def fence_command(self) -> list[str]:
         """The command the agents run to fence their peer (``{peer}`` is filled in)."""
-        return self._agents.fence_command()
+        return self._agents.fence_command(self._pair)
 
     def configure_agent(self, node: str, overrides: configs.Sections) -> Path:
         """Write ``node``'s agent configuration: the lab's, with ``overrides`` section by section.
@@ -298,17 +326,17 @@ class Lab:
         """
         self._agents.start(node, env)
 
-    def active_node(self, timeout: float = 2.0, *, pair: str = PAIR_CLUSTER) -> str | None:
-        """The node (of ``pair``) that holds its virtual IP alone and answers SMTP on it from
-        the client."""
-        return self._agents.active_node(timeout, pair=pair)
+    def active_node(self, timeout: float = 2.0, *, pair: str | None = None) -> str | None:
+        """The node (of ``pair``, default :attr:`pair`) that holds its virtual IP alone and
+        answers SMTP on it from the client."""
+        return self._agents.active_node(timeout, pair=pair or self._pair)
 
     def wait_active(
-        self, timeout: float = 30.0, *, other_than: str | None = None, pair: str = PAIR_CLUSTER
+        self, timeout: float = 30.0, *, other_than: str | None = None, pair: str | None = None
     ) -> str:
-        """Wait until one node (of ``pair``) is active (and, with ``other_than``, not that one);
-        return it."""
-        return self._agents.wait_active(timeout, other_than=other_than, pair=pair)
+        """Wait until one node (of ``pair``, default :attr:`pair`) is active (and, with
+        ``other_than``, not that one); return it."""
+        return self._agents.wait_active(timeout, other_than=other_than, pair=pair or self._pair)
 
     def fleet_status(self) -> dict[str, Any]:
         """``hamta fleet status --json`` from the client host with the reader's credentials."""
@@ -336,14 +364,15 @@ class Lab:
         """Every process in ``node``'s namespace (any host of the lab may be named)."""
         return self._inspection.node_pids(node)
 
-    def vip_holders(self, pair: str = PAIR_CLUSTER) -> list[str]:
-        """The nodes (of ``pair``) whose ``eth0`` carries its virtual IP now (more than one is
-        split brain)."""
-        return self._inspection.vip_holders(pair)
+    def vip_holders(self, pair: str | None = None) -> list[str]:
+        """The nodes (of ``pair``, default :attr:`pair`) whose ``eth0`` carries its virtual IP
+        now (more than one is split brain)."""
+        return self._inspection.vip_holders(pair or self._pair)
 
-    def spool_mounted_on(self, pair: str = PAIR_CLUSTER) -> list[str]:
-        """The nodes (of ``pair``) on which some process sees its shared disk mounted."""
-        return self._inspection.spool_mounted_on(pair)
+    def spool_mounted_on(self, pair: str | None = None) -> list[str]:
+        """The nodes (of ``pair``, default :attr:`pair`) on which some process sees its shared
+        disk mounted."""
+        return self._inspection.spool_mounted_on(pair or self._pair)
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every line the sink has recorded (one per delivered recipient), in order."""
@@ -362,8 +391,9 @@ class Lab:
         return self._inspection.relay_ready(node)
 
     def cluster_status(self, timeout: float = 15.0) -> dict[str, Any] | None:
-        """``hamta cluster status --json`` run from the client namespace; None if it fails."""
-        return self._inspection.cluster_status(timeout)
+        """``hamta cluster status --json`` (of :attr:`pair`) run from the client namespace; None
+        if it fails."""
+        return self._inspection.cluster_status(timeout, self._pair)
 
     def start_monitors(self, failure_threshold: int = 1) -> None:
         """Start the check locations' monitors (a lab brought up without them: the chaos
@@ -401,7 +431,7 @@ class Lab:
         submission: int | None = None,
         password: str | None = None,
         sender: str | None = None,
-        pair: str = PAIR_CLUSTER,
+        pair: str | None = None,
     ) -> SendResult:
         """Send ``count`` messages from the client namespace to the virtual IP (of ``pair``),
         port 25.
@@ -418,7 +448,7 @@ class Lab:
             submission=submission,
             password=password,
             sender=sender,
-            pair=pair,
+            pair=pair or self._pair,
         )
 
     def kill_node(self, node: str, sig: int = signal.SIGKILL) -> None:
