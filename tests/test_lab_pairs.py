@@ -20,6 +20,7 @@ import pytest
 
 from chaos.other_pairs import PairOutcome, role_changes_logged
 from cluster.lab import configs
+from cluster.lab.commands import format_status
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.results import SendResult
 from cluster.lab.topology import HOSTS, NODES, Topology, TopologyError
@@ -215,3 +216,38 @@ def test_chaos_refuses_a_pair_the_lab_would_not_have() -> None:
     )
     assert done.returncode == 2
     assert "no pair 'lab3' in the lab (pairs: lab, lab2)" in done.stderr
+
+
+def test_lab_status_marks_each_pairs_vip_holder_and_lists_the_pairs() -> None:
+    host = {"namespace": "hp-x", "address": "198.19.195.1", "exists": True, "processes": []}
+    status = {
+        "prefix": "hp",
+        "directory": "/lab",
+        "up": True,
+        "subnet": SUBNET,
+        "vip": "198.19.195.100/24",
+        "zookeeper_hosts": "",
+        "hosts": {n: host for n in ("node1", "node2", "p2node1", "p2node2")},
+        "zookeeper": {},
+        "relays": {"node1": "active", "node2": "standby", "p2node1": None, "p2node2": "active"},
+        "vip_holders": ["node1"],
+        "spool_mounted_on": ["node1"],
+        "loop_device": "/dev/loop1",
+        "pairs": {
+            "lab": {
+                "nodes": ["node1", "node2"],
+                "vip": "v1",
+                "vip_holders": ["node1"],
+                "spool_mounted_on": ["node1"],
+            },
+            "lab2": {
+                "nodes": ["p2node1", "p2node2"],
+                "vip": "v2",
+                "vip_holders": ["p2node2"],
+                "spool_mounted_on": ["p2node2"],
+            },
+        },
+    }
+    text = format_status(status)
+    assert "[relay active] [VIP] [spool mounted]" in text.splitlines()[7]  # p2node2
+    assert "pair lab2: p2node1, p2node2; VIP v2 on p2node2" in text

@@ -108,7 +108,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 1
     how = "submission with the probe account" if args.submission else "relay"
     port = args.submission or 25
-    print(f"{result.summary()} (to {lab.vip}:{port}, {how}, domain {args.domain})")
+    to = lab.pair_vip(args.pair)
+    print(f"{result.summary()} (to {to}:{port}, {how}, domain {args.domain})")
     for sample in result.error_samples:
         print(f"  error: {sample}")
     return 0 if result.all_acked and result.sent == args.count else 1
@@ -291,6 +292,12 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {'host':<7} {'namespace':<16} {'address':<15} processes",
     ]
     relays: dict[str, str | None] = status.get("relays", {})
+    pairs: dict[str, Any] = status.get("pairs", {})
+    # Each pair's VIP holders and spool mounts (pair 1's alone in a one-pair lab's record).
+    vip_holders = {n for info in pairs.values() for n in info["vip_holders"]}
+    mounts = {n for info in pairs.values() for n in info["spool_mounted_on"]}
+    vip_holders |= set(status["vip_holders"])
+    mounts |= set(status["spool_mounted_on"])
     for host, info in status["hosts"].items():
         whats = [f"{p['what']}({p['pid']})" for p in info["processes"]]
         if host in ZOOKEEPER_HOSTS and status["zookeeper"].get(host):
@@ -298,14 +305,13 @@ def format_status(status: dict[str, Any]) -> str:
         if host in relays:
             if relays.get(host):
                 whats.append(f"[relay {relays[host]}]")
-            if host in status["vip_holders"]:
+            if host in vip_holders:
                 whats.append("[VIP]")
-            if host in status["spool_mounted_on"]:
+            if host in mounts:
                 whats.append("[spool mounted]")
         namespace = info["namespace"] if info["exists"] else "(missing)"
         lines.append(f"  {host:<7} {namespace:<16} {info['address']:<15} {' '.join(whats) or '-'}")
     lines.append("")
-    pairs: dict[str, Any] = status.get("pairs", {})
     if len(pairs) > 1:
         for pair, info in pairs.items():
             holders = info["vip_holders"]
