@@ -60,7 +60,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     except LabError:
         # No record: still remove whatever a crashed lab of this prefix left behind.
         try:
-            lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
+            # As many pairs as a lab may have: the namespaces of every pair it may have built
+            # (those that do not exist are skipped).
+            lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet, pairs=MAX_PAIRS)
         except LabError as exc:
             print(f"hamta: {exc}", file=sys.stderr)
             return 1

@@ -173,14 +173,14 @@ class HostSetup:
             loopdev.detach([*devices, *loopdev.attached_to(image)], image)
         except loopdev.LoopError as exc:
             problems.append(str(exc))
-        extra: dict[Path, str] = {}
-        if found is not None:
-            extra = {
-                self._site.directory / f"spool-{p}.img": d for p, d in found.pair_devices.items()
-            }
+        # The other pairs' disks: by the record, and by name (a lab whose record is gone).
+        recorded = found.pair_devices if found is not None else {}
+        pairs = {*recorded, *(p for p in topology.pair_names if p != PAIR_CLUSTER)}
+        extra = {self._site.directory / f"spool-{p}.img": recorded.get(p, "") for p in pairs}
         for pair_image, device in extra.items():
             try:
-                loopdev.detach([device, *loopdev.attached_to(pair_image)], pair_image)
+                found_devices = [device] if device else []
+                loopdev.detach([*found_devices, *loopdev.attached_to(pair_image)], pair_image)
             except loopdev.LoopError as exc:
                 problems.append(str(exc))
         for name in topology.namespaces:
