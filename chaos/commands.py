@@ -15,6 +15,7 @@ from chaos import report
 from chaos.faults import FAULTS
 from chaos.runner import Settings, run, schedule
 from cluster.lab.lab import Lab, LabError
+from cluster.lab.topology import MAX_PAIRS, PAIR_CLUSTER
 
 PROFILES = ("short", "full")
 FULL_ITERATIONS = 20
@@ -54,13 +55,29 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         flush=True,
     )
     workdir = Path(tempfile.mkdtemp(prefix="hamta-chaos-", dir=args.workdir))
-    lab = Lab(workdir / "lab", prefix=args.prefix, subnet=args.subnet)
+    # --pair: a lab of several pairs (2 unless --pairs says more); the fault goes to that pair,
+    # the load to every pair, and the others must see nothing of it (chaos.other_pairs).
+    pairs = args.pairs if args.pairs is not None else (2 if args.pair is not None else 1)
+    try:
+        lab = Lab(
+            workdir / "lab",
+            prefix=args.prefix,
+            subnet=args.subnet,
+            pairs=pairs,
+            pair=args.pair or PAIR_CLUSTER,
+        )
+    except LabError as exc:
+        print(f"hamta: {exc}", file=sys.stderr)
+        return 2
     try:
         lab.down()  # what an interrupted run may have left with this prefix
         # By default the pair alone: no check load on the machine during the faults, so the
         # figures measure the pair. --monitors: the lab's monitors too, their alerts reported.
         lab.up(wait=120.0, monitors=args.monitors)
         print(f"lab {args.prefix} ({args.subnet}) up in {workdir / 'lab'}", flush=True)
+        if pairs > 1:
+            others = ", ".join(p for p in lab.pair_names if p != lab.pair)
+            print(f"faults on pair {lab.pair}; load on every pair; watched: {others}", flush=True)
         results = run(
             lab,
             plan,
@@ -77,6 +94,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     summaries = report.summarize(results)
     print()
     print(report.verdict_table(summaries))
+    for pair, figures in report.other_pairs_totals(results).items():
+        print(f"pair {pair} (not faulted): " + ", ".join(f"{k} {v}" for k, v in figures.items()))
     if baseline is not None:
         print("\nkeepalived + Postfix under the same partitions:")
         for item in baseline:
@@ -149,6 +168,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         " (off by default: the figures then measure the pair alone)"
     )
     runner.add_argument("--monitors", action="store_true", help=monitors_help)
+    pair_help = (
+        "build a lab of several pairs and fault this one (lab, lab2, lab3); the run fails if"
+        " any other pair sees a failover, a refusal or a loss under its own load"
+    )
+    runner.add_argument("--pair", help=pair_help)
+    runner.add_argument(
+        "--pairs", type=int, help=f"pairs in the lab, 1 to {MAX_PAIRS} (default: 2 with --pair)"
+    )
     runner.add_argument("--workdir", help="where the lab's directory goes (default: /tmp)")
     runner.add_argument("--prefix", default="hcs", help="the lab's namespace prefix")
     runner.add_argument("--subnet", default="198.18.6.0/24", help="the lab's addresses")

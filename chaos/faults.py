@@ -30,7 +30,7 @@ from cluster.config import AgentSection
 from cluster.lab import partitions, probes
 from cluster.lab.history import Attempt, recovery_time
 from cluster.lab.lab import Lab
-from cluster.lab.topology import CLIENT, INTERNET, MAIL_DOMAINS, NODES
+from cluster.lab.topology import CLIENT, INTERNET, MAIL_DOMAINS
 from cluster.zookeeper import ZooKeeperServer
 
 T = TypeVar("T")
@@ -699,7 +699,7 @@ def _pair_or_alone(lab: Lab) -> str | None:
 def skewed_processes(lab: Lab) -> dict[int, float]:
     """The pids of the lab's nodes running under libfaketime, with their clock's lead in s."""
     skews = {}
-    for node in NODES:
+    for node in lab.nodes:
         for pid in lab.node_pids(node):
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

@@ -204,7 +204,7 @@ def summary_line(results: Sequence[IterationResult]) -> dict[str, Any]:
     killed = [r for r in results if r.scenario in KILL_SCENARIOS]
     timed = killed or list(results)
     rtos = [r.rto_s for r in timed if r.rto_s is not None]
-    return {
+    line: dict[str, Any] = {
         "scenarios": len({r.scenario for r in results}),
         "iterations": len(results),
         "acked": sum(r.verdict.acked for r in results),
@@ -216,6 +216,25 @@ def summary_line(results: Sequence[IterationResult]) -> dict[str, Any]:
         "rto_median_s": round(statistics.median(rtos), 3) if rtos else None,
         "rto_max_s": round(max(rtos), 3) if rtos else None,
     }
+    if any(r.other_pairs for r in results):
+        line["other_pairs"] = other_pairs_totals(results)
+    return line
+
+
+def other_pairs_totals(results: Sequence[IterationResult]) -> dict[str, dict[str, int]]:
+    """``--pair``: per pair the fault was not aimed at, its figures over the run (each must
+    show no role change, refusal, cut-off session or loss)."""
+    totals: dict[str, dict[str, int]] = {}
+    for result in results:
+        for outcome in result.other_pairs:
+            pair = totals.setdefault(str(outcome["pair"]), dict.fromkeys(_OTHER_FIGURES, 0))
+            for figure in _OTHER_FIGURES:
+                value = outcome[figure]
+                pair[figure] += len(value) if isinstance(value, list) else int(value)
+    return totals
+
+
+_OTHER_FIGURES: Final = ("sent", "acked", "refused", "failed", "lost", "role_changes")
 
 
 # ------------------------------------------------------------------ JSON history

@@ -54,6 +54,9 @@ class IterationResult:
     # it must ride out (``Fault.steady``); in production each one costs a fence of a healthy
     # node. The soak (bench/soak.py) counts them under load and CPU hogs.
     false_failovers: int = 0
+    # --pair: what each other pair of the lab saw under its own load (chaos.other_pairs); any
+    # failover, refusal or loss there is also in ``problems``.
+    other_pairs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +86,7 @@ class IterationResult:
             "problems": self.problems,
             "marks": [asdict(mark) for mark in self.marks],
             "alerts": self.alerts,
+            "other_pairs": self.other_pairs,
         }
         if with_attempts:
             data["attempts"] = [asdict(attempt) for attempt in self.attempts]

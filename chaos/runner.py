@@ -36,6 +36,7 @@ from chaos.faults import (
     wait_until,
 )
 from chaos.holds import Event, read_log, split_brain
+from chaos.other_pairs import OtherPairsLoad
 from chaos.results import IterationResult, Mark
 from cluster.lab import partitions
 from cluster.lab.history import Attempt, LoadRun, check, recovery_time, unavailability
@@ -92,11 +93,11 @@ def restore_pair(lab: Lab, timeout: float = 90.0) -> str:
             server.start()
     for server in lab.ensemble.servers:
         server.wait_serving(60)
-    for node in NODES:
+    for node in lab.nodes:
         partitions.lift(lab, node)  # a partition a failed heal left behind
         if _skewed(lab, node):  # the clock-skew scenario's agent: back to the true clock
             lab.fence(node)
-    for node in NODES:
+    for node in lab.nodes:
         if not lab.node_pids(node):
             wait_until(lambda n=node: n not in _roles(lab), 30, f"{node}'s former session to end")  # type: ignore[misc]
             lab.start_agent(node)
@@ -122,13 +123,16 @@ def node_events(
     """The ``agent`` or ``relay`` log lines of both nodes, each node's in file order."""
     return [
         event
-        for node in NODES
+        for node in lab.nodes
         for event in read_log(lab.node_dir(node) / f"{source}.log", node, wall_offset, skews)
     ]
 
 
-def timeline(agent_events: Iterable[Event], start: float, end: float) -> list[Mark]:
-    """Role changes, fences and watchdog firings from the agents' logs, within [start, end]."""
+def timeline(
+    agent_events: Iterable[Event], start: float, end: float, nodes: Sequence[str] = NODES
+) -> list[Mark]:
+    """Role changes, fences and watchdog firings from the agents' logs (of ``nodes``), within
+    [start, end]."""
     marks = []
     for event in agent_events:
         at, node, fields = event.at, event.node, event.fields
@@ -140,7 +144,7 @@ def timeline(agent_events: Iterable[Event], start: float, end: float) -> list[Ma
         elif event.name == "StepDone" and fields.get("step") == "fence":
             detail = str(fields.get("detail", ""))
             marks.append(Mark(at, "fenced", node, detail))
-            for victim in NODES:  # the fenced node holds nothing from now on
+            for victim in nodes:  # the fenced node holds nothing from now on
                 if victim != node and f"fenced {victim}" in detail:
                     marks.append(Mark(at, "role", victim, f"down (fenced by {node})"))
         elif event.name == "WatchdogFired":
@@ -164,11 +168,15 @@ def run_iteration(
     """
     skews = {} if skews is None else skews
     active = restore_pair(lab)
-    peer = next(node for node in NODES if node != active)
+    peer = next(node for node in lab.nodes if node != active)
     ctx = FaultContext(lab, active, peer, random.Random(seed))
     history = directory / f"{fault.name}-{iteration}.jsonl"
     wall_offset = time.time() - time.monotonic()
     sampler = Sampler(lab)
+    # --pair: the load runs against every other pair of the lab too (chaos.other_pairs).
+    others = OtherPairsLoad(lab)
+    others.restore()
+    others.start(directory, f"{fault.name}-{iteration}", settings.rate, settings.connections)
     started = time.monotonic()
     load = LoadRun(lab, history, rate=settings.rate, connections=settings.connections)
     problems: list[str] = []
@@ -201,6 +209,8 @@ def run_iteration(
     with contextlib.suppress(FaultError):  # the verdict below names what is missing
         wait_until(lambda: acked <= set(load.delivered_ids()), settings.drain, "the deliveries")
     verdict = check(attempts, load.delivered_ids())
+    other_pairs = others.judge(started, ended, wall_offset, settings.drain)
+    problems += [problem for outcome in other_pairs for problem in outcome.problems]
     rto_from = _recovery_from(fault, ctx)
     skews.update(ctx.skews)  # the skewed node may be dead by now: its pids were kept
     skews.update(skewed_processes(lab))
@@ -209,7 +219,7 @@ def run_iteration(
     relays = node_events(lab, "relay", wall_offset, skews)
     split = [f"sampler: {v}" for v in sampler.violations[:20]]
     split += [f"logs: {v}" for v in split_brain(agents, relays, started, ended)[:20]]
-    marks = sorted([*ctx.marks, *timeline(agents, started, ended)], key=lambda m: m.at)
+    marks = sorted([*ctx.marks, *timeline(agents, started, ended, lab.nodes)], key=lambda m: m.at)
     demoted = demotions(agents, ctx.fault_at, ended)
     alerts = None
     if settings.monitors:
@@ -241,6 +251,7 @@ def run_iteration(
         demotions=demoted,
         alerts=alerts,
         false_failovers=demoted if fault.steady else 0,
+        other_pairs=[outcome.as_dict() for outcome in other_pairs],
     )
 
 
@@ -324,6 +335,12 @@ def run(
             f"lost {len(verdict.lost)} duplicated {verdict.duplicated} "
             f"demotions {result.demotions}"
             + (f" alerts {len(result.alerts)}" if result.alerts is not None else "")
+            + "".join(
+                f"\n  pair {o['pair']}: sent {o['sent']} acked {o['acked']} refused "
+                f"{o['refused']} cut off {o['failed']} lost {o['lost']} "
+                f"role changes {len(o['role_changes'])}"
+                for o in result.other_pairs
+            )
             + "".join(f"\n  ! {p}" for p in [*result.split_brain, *result.problems][:6])
         )
     return results

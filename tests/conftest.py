@@ -46,6 +46,7 @@ SERIAL_FILES = frozenset(
         "test_lab_haproxy.py",
         "test_lab_monitor.py",
         "test_lab_monitor_checks.py",
+        "test_lab_pairs.py",
         "test_lab_submission.py",
         "test_lab_tls.py",
         "test_partition_baseline.py",

@@ -13,7 +13,7 @@ from cluster.lab.inspection import Inspection
 from cluster.lab.results import SendResult
 from cluster.lab.site import LabError, LabSite, Launcher
 from cluster.lab.submission import SUBMISSION_PORT, SUBMISSIONS_PORT, SubmissionFiles
-from cluster.lab.topology import CLIENT, INTERFACE, SMTP_PORT
+from cluster.lab.topology import CLIENT, INTERFACE, PAIR_CLUSTER, SMTP_PORT
 
 
 class Actions:
@@ -35,14 +35,17 @@ class Actions:
         submission: int | None = None,
         password: str | None = None,
         sender: str | None = None,
+        pair: str = PAIR_CLUSTER,
     ) -> SendResult:
-        """Send ``count`` messages from the client namespace to the virtual IP, port 25.
+        """Send ``count`` messages from the client namespace to the virtual IP (of ``pair``),
+        port 25.
 
         ``submission`` (587 or 465): to that port instead, logged in with the lab's probe
         account (``password`` instead of its own, to see a refusal); ``sender``: the envelope
         sender instead of the account's.
         """
         site = self._site
+        site.check_pair(pair)
         extra: list[str] = []
         if submission is not None:
             if submission not in (SUBMISSION_PORT, SUBMISSIONS_PORT):
@@ -53,7 +56,7 @@ class Actions:
         extra += ["--sender", sender] if sender is not None else []
         argv = client.command(
             site.python,
-            f"{site.topology.vip.ip}:{submission or SMTP_PORT}",
+            f"{site.topology.pair_vip(pair).ip}:{submission or SMTP_PORT}",
             count,
             size=size,
             domain=domain,
@@ -96,14 +99,16 @@ class Actions:
         IPMI or a hypervisor. Starting its agent powers the node on again.
         """
         site = self._site
-        site.check_node(node)
+        pair = site.pair_of(node)
+        # Pair 1's egress addresses go with its VIP; the extra pairs have none.
+        egress = site.topology.egress if pair == PAIR_CLUSTER else ()
         try:
             fence_node(
                 site.namespace(node),
-                str(site.topology.vip),
+                str(site.topology.pair_vip(pair)),
                 INTERFACE,
-                site.loop_device or None,
-                [str(address) for address, _ in site.topology.egress],
+                site.pair_loop_device(pair) or None,
+                [str(address) for address, _ in egress],
             )
         except FenceError as exc:
             raise LabError(f"cannot fence {node}: {exc}") from None

@@ -12,12 +12,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from cluster.coordination_layout import Credentials
 from cluster.lab import configs, probes
 from cluster.lab.inspection import Inspection
 from cluster.lab.site import AGENT_PREFIX, LabError, LabSite, Launcher, log_tail
 from cluster.lab.submission import SubmissionFiles
 from cluster.lab.tls_site import TlsSite
-from cluster.lab.topology import CLIENT, DOMAIN, INTERFACE, INTERNET, NODES, SMTP_PORT
+from cluster.lab.topology import CLIENT, DOMAIN, INTERFACE, INTERNET, PAIR_CLUSTER, SMTP_PORT
 
 
 class Agents:
@@ -28,22 +29,27 @@ class Agents:
         self._launcher = launcher
         self._inspection = inspection
 
-    def fence_command(self) -> list[str]:
-        """The command the agents run to fence their peer (``{peer}`` is filled in).
+    def fence_command(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The command ``pair``'s agents run to fence their peer (``{peer}`` is filled in).
 
         It powers the peer off: every process of it killed, the VIP removed; ``start_agent``
         powers it on again. ``cluster.lab.fence`` imports only the standard library: the fence
         is on the failover's critical path.
         """
         site = self._site
-        loop_device = site.loop_device
+        loop_device = site.pair_loop_device(pair)
         return site.module_argv(
             "cluster.lab.fence",
             "--namespace",
             f"{site.topology.prefix}-{{peer}}",
             "--vip",
-            str(site.topology.vip),
-            *(arg for address, _ in site.topology.egress for arg in ("--also", str(address))),
+            str(site.topology.pair_vip(pair)),
+            # Pair 1's egress addresses go with its VIP (the extra pairs have none).
+            *(
+                arg
+                for address, _ in (site.topology.egress if pair == PAIR_CLUSTER else ())
+                for arg in ("--also", str(address))
+            ),
             "--interface",
             INTERFACE,
             *(["--device", loop_device] if loop_device else []),
@@ -67,7 +73,7 @@ class Agents:
         # Submission on 587 and 465 besides 25, one password file for the pair (a probe
         # account in <lab dir>/submission-account.json): the lab shows AUTH work and refuse.
         files = SubmissionFiles(site.directory)
-        files.ensure([f"{name}.{DOMAIN}" for name in NODES])
+        files.ensure([f"{name}.{DOMAIN}" for name in site.topology.nodes])
         for section, keys in files.relay_sections(SMTP_PORT).items():
             relay.setdefault(section, {}).update(keys)
         relay["smtp"].pop("listen", None)  # the listeners name their addresses
@@ -82,16 +88,24 @@ class Agents:
         It takes effect when the agent starts next.
         """
         site = self._site
-        site.check_node(node)
+        pair = site.pair_of(node)
         node_dir = site.directory / node
+        # With several pairs each pair's root was made by the administrator with READ for the
+        # fleet's reader, and the agents keep that ACL on what they create (docs/fleet.md).
+        reader = (
+            Credentials.from_file(site.reader_credentials_path).digest_id
+            if site.topology.pairs > 1
+            else ""
+        )
         agent = configs.agent_config(
             site.topology,
             node,
             node_dir,
-            credentials=site.credentials_path,
-            device=site.current_record().loop_device,
-            fence_command=self.fence_command(),
-            peer_secret=site.peer_secret_path,
+            credentials=site.pair_credentials(pair),
+            device=site.pair_loop_device(pair),
+            fence_command=self.fence_command(pair),
+            peer_secret=site.pair_peer_secret(pair),
+            fleet_reader=reader,
         )
         merged = {section: dict(keys) for section, keys in agent.items()}
         for section, keys in overrides.items():
@@ -136,27 +150,33 @@ class Agents:
         except OSError as exc:
             raise LabError(f"cannot start the agent of {node}: {exc}") from None
 
-    def active_node(self, timeout: float = 2.0) -> str | None:
-        """The node that holds the virtual IP alone and answers SMTP on it from the client."""
-        holders = self._inspection.vip_holders()
+    def active_node(self, timeout: float = 2.0, *, pair: str = PAIR_CLUSTER) -> str | None:
+        """The node of ``pair`` that holds its virtual IP alone and answers SMTP on it from the
+        client."""
+        holders = self._inspection.vip_holders(pair)
         if len(holders) != 1:
             return None
         site = self._site
-        vip = str(site.topology.vip.ip)
+        vip = str(site.topology.pair_vip(pair).ip)
         greeting = probes.smtp_greeting(site.namespace(CLIENT), vip, SMTP_PORT, timeout)
         return holders[0] if greeting else None
 
-    def wait_active(self, timeout: float = 30.0, *, other_than: str | None = None) -> str:
-        """Wait until one node is active (and, with ``other_than``, not that one); return it."""
+    def wait_active(
+        self, timeout: float = 30.0, *, other_than: str | None = None, pair: str = PAIR_CLUSTER
+    ) -> str:
+        """Wait until one node of ``pair`` is active (and, with ``other_than``, not that one);
+        return it."""
         site = self._site
+        site.check_pair(pair)
+        nodes = site.topology.pair_nodes(pair)
 
         def check() -> str | None:
             records = site.current_record().processes
-            agents = [p for p in records if p.name.startswith(AGENT_PREFIX)]
+            agents = [p for p in records if p.name in {f"{AGENT_PREFIX}{n}" for n in nodes}]
             if agents and not any(p.alive() for p in agents):
                 logs = "\n".join(f"{p.log}:\n{log_tail(p.log)}" for p in agents)
                 raise LabError(f"every agent has exited:\n{logs}")
-            node = self.active_node()
+            node = self.active_node(pair=pair)
             return node if node is not None and node != other_than else None
 
         node = probes.wait_for(check, timeout, interval=0.2)
@@ -164,10 +184,10 @@ class Agents:
             logs = "\n".join(
                 f"{name}: {site.node_dir(name) / 'agent.log'}:\n"
                 f"{log_tail(site.node_dir(name) / 'agent.log', 8)}"
-                for name in NODES
+                for name in nodes
             )
             raise LabError(
-                f"no node became active within {timeout:g}s (VIP on "
-                f"{self._inspection.vip_holders() or 'no'} node); agent logs:\n{logs}"
+                f"no node of {pair} became active within {timeout:g}s (VIP on "
+                f"{self._inspection.vip_holders(pair) or 'no'} node); agent logs:\n{logs}"
             )
         return node

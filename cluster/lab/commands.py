@@ -17,11 +17,16 @@ from cluster.lab.topology import (
     API_PORT,
     CLIENT,
     DEFAULT_DIRECTORY,
-    HOSTS,
+    MAX_PAIRS,
     NODES,
+    PAIR_CLUSTER,
     PEER_PORT,
     ZOOKEEPER_HOSTS,
+    Topology,
 )
+
+# Every node a lab of up to MAX_PAIRS pairs may have (the lab says which of them it has).
+_ALL_NODES = Topology.build("hamta", "198.18.0.0/24", MAX_PAIRS).nodes
 
 
 def _load(args: argparse.Namespace) -> Lab:
@@ -37,7 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     """``hamta lab up``: build the lab and start everything."""
 
     try:
-        lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
+        lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet, pairs=args.pairs)
         print(f"building the lab in {lab.directory} (prefix {lab.prefix}) ...", flush=True)
         lab.up(wait=args.wait, agents=not args.no_agents, haproxy=args.haproxy)
     except LabError as exc:
@@ -55,7 +60,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     except LabError:
         # No record: still remove whatever a crashed lab of this prefix left behind.
         try:
-            lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet)
+            # As many pairs as a lab may have: the namespaces of every pair it may have built
+            # (those that do not exist are skipped).
+            lab = Lab(args.dir, prefix=args.prefix, subnet=args.subnet, pairs=MAX_PAIRS)
         except LabError as exc:
             print(f"hamta: {exc}", file=sys.stderr)
             return 1
@@ -96,13 +103,15 @@ def cmd_send(args: argparse.Namespace) -> int:
             submission=args.submission,
             password=args.password,
             sender=args.sender,
+            pair=args.pair,
         )
     except LabError as exc:
         print(f"hamta: {exc}", file=sys.stderr)
         return 1
     how = "submission with the probe account" if args.submission else "relay"
     port = args.submission or 25
-    print(f"{result.summary()} (to {lab.vip}:{port}, {how}, domain {args.domain})")
+    to = lab.pair_vip(args.pair)
+    print(f"{result.summary()} (to {to}:{port}, {how}, domain {args.domain})")
     for sample in result.error_samples:
         print(f"  error: {sample}")
     return 0 if result.all_acked and result.sent == args.count else 1
@@ -200,7 +209,7 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
     """What ``lab up`` built, and how to try it."""
     dir_option = "" if lab.directory == DEFAULT_DIRECTORY.absolute() else f" --dir {lab.directory}"
     lines = [f"lab {lab.prefix} is up in {lab.directory}", ""]
-    for host in HOSTS:
+    for host in lab.topology.hosts:
         lines.append(f"  {host:<7} {lab.namespace(host):<16} {lab.address(host)}")
     lines += [
         "",
@@ -213,6 +222,8 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
         f"  agents' API      http://{lab.address('node1')}:{API_PORT}/active (and node2's): "
         "200 on the active node only",
     ]
+    if lab.topology.pairs > 1:
+        lines += format_pairs(lab)
     if haproxy:
         lines.append(
             f"  HAProxy          {lab.address('client')}:{HAPROXY_PORT} -> the node whose "
@@ -259,6 +270,20 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
     return "\n".join(lines)
 
 
+def format_pairs(lab: Lab) -> list[str]:
+    """The pairs of a lab of several (``--pairs N``) and how to see the fleet."""
+    lines = ["", f"  {len(lab.pair_names)} pairs on the one ensemble (cluster, nodes, VIP):"]
+    for pair in lab.pair_names:
+        nodes = ", ".join(lab.pair_nodes(pair))
+        lines.append(f"    {pair:<6} {nodes:<20} {lab.pair_vip(pair)}:25")
+    lines += [
+        "  fleet status     ip netns exec "
+        f"{lab.namespace(CLIENT)} hamta fleet status --zookeeper {lab.zookeeper_hosts} "
+        f"--credentials {lab.reader_credentials_path}",
+    ]
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> str:
     """``lab status`` for people."""
     state = "up" if status["up"] else "not up (no lab.json)"
@@ -269,20 +294,35 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {'host':<7} {'namespace':<16} {'address':<15} processes",
     ]
     relays: dict[str, str | None] = status.get("relays", {})
+    pairs: dict[str, Any] = status.get("pairs", {})
+    # Each pair's VIP holders and spool mounts (pair 1's alone in a one-pair lab's record).
+    vip_holders = {n for info in pairs.values() for n in info["vip_holders"]}
+    mounts = {n for info in pairs.values() for n in info["spool_mounted_on"]}
+    vip_holders |= set(status["vip_holders"])
+    mounts |= set(status["spool_mounted_on"])
     for host, info in status["hosts"].items():
         whats = [f"{p['what']}({p['pid']})" for p in info["processes"]]
         if host in ZOOKEEPER_HOSTS and status["zookeeper"].get(host):
             whats.append(f"[{status['zookeeper'][host]}]")
-        if host in NODES:
+        if host in relays:
             if relays.get(host):
                 whats.append(f"[relay {relays[host]}]")
-            if host in status["vip_holders"]:
+            if host in vip_holders:
                 whats.append("[VIP]")
-            if host in status["spool_mounted_on"]:
+            if host in mounts:
                 whats.append("[spool mounted]")
         namespace = info["namespace"] if info["exists"] else "(missing)"
         lines.append(f"  {host:<7} {namespace:<16} {info['address']:<15} {' '.join(whats) or '-'}")
     lines.append("")
+    if len(pairs) > 1:
+        for pair, info in pairs.items():
+            holders = info["vip_holders"]
+            lines.append(
+                f"pair {pair}: {', '.join(info['nodes'])}; VIP {info['vip']} on "
+                + (", ".join(holders) if holders else "nobody")
+                + (" (SPLIT BRAIN)" if len(holders) > 1 else "")
+            )
+        lines.append("")
     holders = status["vip_holders"]
     lines.append(
         "VIP: "
@@ -338,6 +378,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--wait", type=float, default=90.0, help="seconds to wait for everything")
     up.add_argument("--no-agents", action="store_true", help="build the lab without agents")
     up.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help=f"pairs on the lab's one ensemble, 1 to {MAX_PAIRS} (default 1; docs/fleet.md)",
+    )
+    up.add_argument(
         "--haproxy",
         action="store_true",
         help="HAProxy on the client host in front of both nodes, checking each agent's /active",
@@ -372,6 +418,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     send.add_argument("--password", help="a wrong password instead of the account's (535)")
     send.add_argument("--sender", help="another envelope sender (553 5.7.1 with --submission)")
+    send.add_argument(
+        "--pair", default=PAIR_CLUSTER, help="to this pair's VIP (lab up --pairs N): lab, lab2, ..."
+    )
     send.set_defaults(func=cmd_send)
 
     hostile = command("hostile", "hostile SMTP sessions from the client to the VIP (refused?)")
@@ -380,22 +429,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hostile.set_defaults(func=cmd_hostile)
 
     fence = command("fence", "the lab's STONITH: kill a node's relay, take the VIP off it")
-    fence.add_argument("node", choices=NODES)
+    fence.add_argument("node", choices=_ALL_NODES)
     fence.set_defaults(func=cmd_fence)
 
     kill = command("kill", "kill -9 a node (its agent and relay)")
-    kill.add_argument("node", choices=NODES)
+    kill.add_argument("node", choices=_ALL_NODES)
     kill.set_defaults(func=cmd_kill)
 
     start = command("start", "start a node's agent again after a kill")
-    start.add_argument("node", choices=NODES)
+    start.add_argument("node", choices=_ALL_NODES)
     start.set_defaults(func=cmd_start)
 
     cut = command("cut", "cut a node off from ZooKeeper or from its peer agent (nftables)")
-    cut.add_argument("node", choices=NODES)
+    cut.add_argument("node", choices=_ALL_NODES)
     cut.add_argument("--from", dest="side", choices=sorted(CUTS), required=True)
     cut.set_defaults(func=cmd_cut)
 
     heal = command("heal", "lift a node's cut")
-    heal.add_argument("node", choices=NODES)
+    heal.add_argument("node", choices=_ALL_NODES)
     heal.set_defaults(func=cmd_heal)

@@ -18,7 +18,7 @@ from cluster.lab.topology import (
     DOMAIN,
     INTERFACE,
     INTERNET,
-    NODES,
+    PAIR_CLUSTER,
     PEER_PORT,
     RESOLVER_PORT,
     SMTP_PORT,
@@ -77,15 +77,6 @@ def relay_config(
             "port": SMTP_PORT,
             "connect_timeout": "5s",
             "command_timeout": "30s",
-            # Two egress sources in one pool; the agent moves their addresses with the VIP.
-            "egress": {
-                "sources": {
-                    name.split(".")[0]: {"address": str(address), "ehlo_name": name}
-                    for address, name in topology.egress
-                },
-                "pools": {"lab": {"sources": [n.split(".")[0] for _, n in topology.egress]}},
-                "default_pool": "lab",
-            },
         },
         "retry": {"first_delay": "1s", "max_delay": "10s"},
         # On the node's own lab address, not loopback: the check locations (the monitors on
@@ -95,6 +86,17 @@ def relay_config(
         "control": {"socket": node_dir / "relay.sock"},
         "log": {"file": node_dir / "relay.log"},
     }
+    if topology.pair_of(node) == PAIR_CLUSTER:
+        # Pair 1 sends from two egress sources in one pool; the agent moves their addresses
+        # with the VIP. The extra pairs (lab up --pairs) send from their nodes' addresses.
+        sections["delivery"]["egress"] = {
+            "sources": {
+                name.split(".")[0]: {"address": str(address), "ehlo_name": name}
+                for address, name in topology.egress
+            },
+            "pools": {"lab": {"sources": [n.split(".")[0] for _, n in topology.egress]}},
+            "default_pool": "lab",
+        }
     if tls_ca is not None:
         resolver = f"{topology.address(INTERNET)}:{RESOLVER_PORT}"
         sections["dns"] = {"nameservers": [resolver], "timeout": "2s", "dnssec": True}
@@ -111,14 +113,24 @@ def agent_config(
     device: str,
     fence_command: Sequence[str],
     peer_secret: Path,
+    fleet_reader: str = "",
 ) -> Sections:
     """The agent of ``node``: the lab's ensemble, the loop device, the VIP and the lab's fence,
-    and the peer channel to the other node (heartbeats, failsafe)."""
-    peers = {other: f"{topology.address(other)}:{PEER_PORT}" for other in NODES if other != node}
+    and the peer channel to the other node of its pair (heartbeats, failsafe).
+
+    ``fleet_reader`` (a lab of several pairs): the digest id given READ on the pair's znodes.
+    """
+    pair = topology.pair_of(node)
+    peers = {
+        other: f"{topology.address(other)}:{PEER_PORT}"
+        for other in topology.pair_nodes(pair)
+        if other != node
+    }
+    reader = {"fleet_reader": fleet_reader} if fleet_reader else {}
     return {
         "agent": {
             "node": node,
-            "cluster": "lab",
+            "cluster": pair,
             "zookeeper": topology.zookeeper_hosts,
             "session_timeout": "2s",
             "peer_address": f"{topology.address(node)}:{PEER_PORT}",
@@ -128,6 +140,7 @@ def agent_config(
             "relay_config": node_dir / "relay.toml",
             "state_dir": node_dir,
             "log_file": node_dir / "agent.log",
+            **reader,
         },
         "storage": {
             "driver": "blockdev",
@@ -135,7 +148,7 @@ def agent_config(
             "mountpoint": node_dir / "mnt",
             "spool": "spool",
         },
-        "vip": {"address": str(topology.vip), "interface": INTERFACE},
+        "vip": {"address": str(topology.pair_vip(pair)), "interface": INTERFACE},
         "fencing": {"commands": [list(fence_command)]},
         "probe": {"port": SMTP_PORT, "timeout": "5s"},
         # Open to the lab's hosts for reads (HAProxy's check, curl from the client); changes

@@ -14,7 +14,6 @@ from typing import Final
 
 from cluster.lab.topology import (
     DOMAIN,
-    HOSTS,
     INTERNET,
     MAIL_DOMAINS,
     MX_NAME,
@@ -35,7 +34,7 @@ def dnsmasq_config(topology: Topology) -> str:
     ]
     lines += [f"mx-host={domain},{MX_NAME},10" for domain in (*MAIL_DOMAINS, PROBE_DOMAIN)]
     lines.append(f"host-record={MX_NAME},{topology.address(INTERNET)}")
-    lines += [f"host-record={host}.{DOMAIN},{topology.address(host)}" for host in HOSTS]
+    lines += [f"host-record={host}.{DOMAIN},{topology.address(host)}" for host in topology.hosts]
     # A host-record brings its PTR too: the egress names are forward-confirmed.
     lines += [f"host-record={name},{address}" for address, name in topology.egress]
     return "\n".join(lines) + "\n"

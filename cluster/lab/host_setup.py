@@ -20,7 +20,7 @@ from typing import Final
 from cluster.lab import loopdev, netns, processes, record
 from cluster.lab.record import LabRecord
 from cluster.lab.site import AGENT_PREFIX, LabError, LabSite
-from cluster.lab.topology import BRIDGE, HOSTS, INTERFACE, NODES, Topology, TopologyError
+from cluster.lab.topology import BRIDGE, INTERFACE, PAIR_CLUSTER, Topology, TopologyError
 from cluster.peer_channel import write_secret
 
 CREDENTIALS_USER: Final = "hamta"
@@ -29,7 +29,8 @@ SERVICE_GRACE: Final = 5.0
 STRAY_GRACE: Final = 2.0
 # The files and directories one run of the lab writes into its directory; ``up`` removes those
 # of the previous run (and nothing else), ``down`` keeps them for their logs.
-_RUN_FILES: Final = ("zookeeper", "inet", *NODES, "spool.img", "zk-credentials", "peer-secret")
+# (With the per-pair files of LabSite.run_files.)
+_RUN_FILES: Final = ("zookeeper", "inet")
 
 
 class HostSetup:
@@ -62,7 +63,7 @@ class HostSetup:
         """Create the lab's directory and remove what the previous run wrote there."""
         directory = self._site.directory
         directory.mkdir(parents=True, exist_ok=True)
-        for name in _RUN_FILES:
+        for name in (*_RUN_FILES, *self._site.run_files):
             path = directory / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -83,7 +84,8 @@ class HostSetup:
                 credentials=str(site.credentials_path),
                 zookeeper=topology.zookeeper_hosts,
                 vip=str(topology.vip),
-                addresses={host: str(topology.interface(host)) for host in HOSTS},
+                addresses={host: str(topology.interface(host)) for host in topology.hosts},
+                pairs=topology.pairs,
             )
         )
 
@@ -94,7 +96,7 @@ class HostSetup:
             for name in topology.namespaces:
                 netns.create(name)
             netns.add_bridge(topology.switch, BRIDGE)
-            for host in HOSTS:
+            for host in topology.hosts:
                 netns.plug(
                     topology.switch,
                     BRIDGE,
@@ -107,33 +109,43 @@ class HostSetup:
             raise LabError(f"cannot build the lab's network: {exc}") from None
 
     def build_disk(self) -> None:
-        """The shared disk: a sparse image on a loop device (recorded), formatted ext4."""
+        """Each pair's shared disk: a sparse image on a loop device (recorded), formatted ext4."""
         site = self._site
         try:
-            loopdev.create_image(site.image_path)
-            device = loopdev.attach(site.image_path)
-            site.save(replace(site.current_record(), loop_device=device))
-            loopdev.make_ext4(device, ("spool",))
+            for pair in site.topology.pair_names:
+                image = site.pair_image(pair)
+                loopdev.create_image(image)
+                device = loopdev.attach(image)
+                found = site.current_record()
+                if pair == PAIR_CLUSTER:
+                    site.save(replace(found, loop_device=device))
+                else:
+                    devices = {**found.pair_devices, pair: device}
+                    site.save(replace(found, pair_devices=devices))
+                loopdev.make_ext4(device, ("spool",))
         except (loopdev.LoopError, OSError) as exc:
             raise LabError(f"cannot build the shared disk: {exc}") from None
 
     def write_credentials(self) -> None:
-        """A fresh ZooKeeper digest password and peer channel secret, readable by root only."""
-        password = secrets.token_urlsafe(18)
-        path = self._site.credentials_path
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(f"{CREDENTIALS_USER}:{password}\n")
-        os.chmod(path, 0o600)  # whatever the umask, or a file that was there before
-        # The agents' peer channel secret: a fresh one for every lab (``prepare_directory``
-        # removed the last one), mode 0600.
-        write_secret(self._site.peer_secret_path)
+        """A fresh ZooKeeper digest password and peer channel secret, readable by root only;
+        one of each per pair, and with several pairs the administrator's and fleet reader's."""
+        site = self._site
+        for pair in site.topology.pair_names:
+            # Each pair its own digest user: its agents can neither read nor change another's.
+            user = CREDENTIALS_USER if pair == PAIR_CLUSTER else f"{CREDENTIALS_USER}-{pair}"
+            _write_password(site.pair_credentials(pair), user)
+            # The agents' peer channel secret: a fresh one for every lab (``prepare_directory``
+            # removed the last one), mode 0600.
+            write_secret(site.pair_peer_secret(pair))
+        if site.topology.pairs > 1:
+            _write_password(site.admin_credentials_path, "hamta-admin")
+            _write_password(site.reader_credentials_path, "hamta-fleet")
 
     def recorded_topology(self, found: LabRecord | None) -> Topology:
         """The topology the record names (a lab may be taken down by another ``Lab``)."""
         if found is not None:
             with contextlib.suppress(TopologyError):
-                return Topology.build(found.prefix, found.subnet)
+                return Topology.build(found.prefix, found.subnet, found.pairs)
         return self._site.topology
 
     def end_processes(self, found: LabRecord | None, topology: Topology) -> dict[str, list[int]]:
@@ -161,6 +173,16 @@ class HostSetup:
             loopdev.detach([*devices, *loopdev.attached_to(image)], image)
         except loopdev.LoopError as exc:
             problems.append(str(exc))
+        # The other pairs' disks: by the record, and by name (a lab whose record is gone).
+        recorded = found.pair_devices if found is not None else {}
+        pairs = {*recorded, *(p for p in topology.pair_names if p != PAIR_CLUSTER)}
+        extra = {self._site.directory / f"spool-{p}.img": recorded.get(p, "") for p in pairs}
+        for pair_image, device in extra.items():
+            try:
+                found_devices = [device] if device else []
+                loopdev.detach([*found_devices, *loopdev.attached_to(pair_image)], pair_image)
+            except loopdev.LoopError as exc:
+                problems.append(str(exc))
         for name in topology.namespaces:
             if name in left:  # kept, so that its processes can still be found by it
                 continue
@@ -170,5 +192,16 @@ class HostSetup:
                 problems.append(str(exc))
         if not problems:
             image.unlink(missing_ok=True)
+            for pair_image in extra:
+                pair_image.unlink(missing_ok=True)
             record.remove(self._site.directory)
         return problems
+
+
+def _write_password(path: Path, user: str) -> None:
+    """``user:<fresh password>`` into ``path``, mode 0600."""
+    password = secrets.token_urlsafe(18)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(f"{user}:{password}\n")
+    os.chmod(path, 0o600)  # whatever the umask, or a file that was there before

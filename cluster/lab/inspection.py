@@ -18,9 +18,9 @@ from cluster.lab.site import LabSite
 from cluster.lab.topology import (
     ADMIN_PORT,
     CLIENT,
-    HOSTS,
     INTERFACE,
     NODES,
+    PAIR_CLUSTER,
     ZOOKEEPER_HOSTS,
     ZOOKEEPER_PORT,
 )
@@ -63,12 +63,14 @@ class Inspection:
         namespace = self._site.namespace(node)
         return netns.pids_in([namespace]).get(namespace, [])
 
-    def vip_holders(self) -> list[str]:
-        """The nodes whose ``eth0`` carries the virtual IP now (more than one is split brain)."""
-        vip = self._site.topology.vip.ip
+    def vip_holders(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The nodes of ``pair`` whose ``eth0`` carries its virtual IP now (more than one is
+        split brain)."""
+        self._site.check_pair(pair)
+        vip = self._site.topology.pair_vip(pair).ip
         return [
             node
-            for node in NODES
+            for node in self._site.topology.pair_nodes(pair)
             if any(a.ip == vip for a in netns.addresses(self._site.namespace(node), INTERFACE))
         ]
 
@@ -76,22 +78,22 @@ class Inspection:
         """Each egress address of the pair and the nodes whose ``eth0`` carries it."""
         held = {
             node: {a.ip for a in netns.addresses(self._site.namespace(node), INTERFACE)}
-            for node in NODES
+            for node in NODES  # pair 1's nodes: only it has egress addresses
         }
         return {
             str(address): [node for node in NODES if address in held[node]]
             for address, _ in self._site.topology.egress
         }
 
-    def spool_mounted_on(self) -> list[str]:
-        """The nodes on which some process sees the shared disk mounted."""
-        loop_device = self._site.loop_device
+    def spool_mounted_on(self, pair: str = PAIR_CLUSTER) -> list[str]:
+        """The nodes of ``pair`` on which some process sees its shared disk mounted."""
+        loop_device = self._site.pair_loop_device(pair)
         device = loopdev.device_number(loop_device) if loop_device else None
         if device is None:
             return []
         return [
             node
-            for node in NODES
+            for node in self._site.topology.pair_nodes(pair)
             if any(loopdev.mounted_in(pid, device) for pid in self.node_pids(node))
         ]
 
@@ -119,9 +121,12 @@ class Inspection:
         ready = answer.get("ready") if answer else None
         return bool(ready) if ready is not None else None
 
-    def cluster_status(self, timeout: float = 15.0) -> dict[str, Any] | None:
-        """``hamta cluster status --json`` run from the client namespace; None if it fails."""
-        config = self._site.directory / NODES[0] / "agent.toml"
+    def cluster_status(
+        self, timeout: float = 15.0, pair: str = PAIR_CLUSTER
+    ) -> dict[str, Any] | None:
+        """``hamta cluster status --json`` (of ``pair``) run from the client namespace; None if
+        it fails."""
+        config = self._site.directory / self._site.topology.pair_nodes(pair)[0] / "agent.toml"
         if not config.exists():
             return None
         argv = self._site.module_argv(
@@ -146,7 +151,7 @@ class Inspection:
         topology = site.topology
         pids = netns.pids_in(topology.namespaces)
         hosts: dict[str, Any] = {}
-        for host in HOSTS:
+        for host in topology.hosts:
             namespace = topology.namespace(host)
             hosts[host] = {
                 "namespace": namespace,
@@ -184,8 +189,18 @@ class Inspection:
             "vip_holders": self.vip_holders(),
             "egress_holders": self.egress_holders(),
             "spool_mounted_on": self.spool_mounted_on() if up else [],
-            "relays": {node: self.relay_state(node) for node in NODES},
+            "relays": {node: self.relay_state(node) for node in topology.nodes},
             "cluster": self.cluster_status() if up and cluster else None,
+            # Every pair (``lab up --pairs N``): its nodes, virtual IP and who holds it.
+            "pairs": {
+                pair: {
+                    "nodes": list(topology.pair_nodes(pair)),
+                    "vip": str(topology.pair_vip(pair)),
+                    "vip_holders": self.vip_holders(pair),
+                    "spool_mounted_on": self.spool_mounted_on(pair) if up else [],
+                }
+                for pair in topology.pair_names
+            },
         }
 
 

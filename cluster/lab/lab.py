@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.lab import configs, record
+from cluster.lab import configs, pairs, record
 from cluster.lab.actions import Actions
 from cluster.lab.agents import Agents
 from cluster.lab.host_setup import HostSetup
@@ -46,7 +46,7 @@ from cluster.lab.monitors import Monitors, read_alerts
 from cluster.lab.results import SendResult
 from cluster.lab.services import Services
 from cluster.lab.site import LabError, LabSite, Launcher
-from cluster.lab.topology import NODES, Topology
+from cluster.lab.topology import PAIR_CLUSTER, Topology
 from cluster.zookeeper import ZooKeeperEnsemble
 
 __all__ = ["Lab", "LabError"]
@@ -68,8 +68,11 @@ class Lab:
         prefix: str = "hamta",
         subnet: str = "198.18.0.0/24",
         python: str = sys.executable,
+        pairs: int = 1,
+        pair: str = PAIR_CLUSTER,
     ) -> None:
-        site = LabSite.build(directory, prefix, subnet, python)
+        site = LabSite.build(directory, prefix, subnet, python, pairs)
+        site.check_pair(pair)
         launcher = Launcher(site)
         inspection = Inspection(site)
         self._site = site
@@ -80,6 +83,9 @@ class Lab:
         self._agents = Agents(site, launcher, inspection)
         self._actions = Actions(site, launcher, inspection)
         self._monitors = Monitors(site, launcher)
+        # The pair this object acts on where a method names none (its VIP, its nodes' roles):
+        # pair 1 unless told; the chaos suite's faulted pair (--pair).
+        self._pair = pair
 
     # ------------------------------------------------------------------ identity
 
@@ -93,7 +99,13 @@ class Lab:
             raise LabError(str(exc)) from None
         if found is None:
             raise LabError(f"no lab is up in {directory} (no {record.RECORD_NAME})")
-        return cls(directory, prefix=found.prefix, subnet=found.subnet, python=found.python)
+        return cls(
+            directory,
+            prefix=found.prefix,
+            subnet=found.subnet,
+            python=found.python,
+            pairs=found.pairs,
+        )
 
     @property
     def directory(self) -> Path:
@@ -117,8 +129,8 @@ class Lab:
 
     @property
     def vip(self) -> str:
-        """The virtual IP's address (without prefix length)."""
-        return str(self._site.topology.vip.ip)
+        """The virtual IP's address (of :attr:`pair`; without prefix length)."""
+        return str(self._site.topology.pair_vip(self._pair).ip)
 
     @property
     def zookeeper_hosts(self) -> str:
@@ -159,6 +171,49 @@ class Lab:
     def loop_device(self) -> str:
         """The shared disk's loop device ("" when none is attached)."""
         return self._site.loop_device
+
+    @property
+    def pair(self) -> str:
+        """The pair this object acts on where a method names none."""
+        return self._pair
+
+    @property
+    def nodes(self) -> tuple[str, str]:
+        """The two nodes of :attr:`pair`."""
+        return self._site.topology.pair_nodes(self._pair)
+
+    def for_pair(self, pair: str) -> Lab:
+        """The same lab, acting on ``pair`` where a method names none."""
+        site = self._site
+        topology = site.topology
+        return Lab(
+            site.directory,
+            prefix=topology.prefix,
+            subnet=str(topology.subnet),
+            python=site.python,
+            pairs=topology.pairs,
+            pair=pair or self._pair,
+        )
+
+    @property
+    def pair_names(self) -> tuple[str, ...]:
+        """Each pair's cluster name: ``lab`` (pair 1), ``lab2``, ``lab3``."""
+        return self._site.topology.pair_names
+
+    def pair_nodes(self, pair: str) -> tuple[str, str]:
+        """The two nodes of ``pair``."""
+        self._site.check_pair(pair)
+        return self._site.topology.pair_nodes(pair)
+
+    def pair_vip(self, pair: str) -> str:
+        """``pair``'s virtual IP (without prefix length)."""
+        self._site.check_pair(pair)
+        return str(self._site.topology.pair_vip(pair).ip)
+
+    @property
+    def reader_credentials_path(self) -> Path:
+        """The fleet reader's credentials (a lab of several pairs): READ on every pair."""
+        return self._site.reader_credentials_path
 
     def node_dir(self, node: str) -> Path:
         """The directory of ``node``: its configuration files, logs and mount point."""
@@ -202,13 +257,18 @@ class Lab:
             host.write_credentials()
             self._services.start_zookeeper()
             self._services.start_internet()
-            for node in NODES:
+            topology = self._site.topology
+            for node in topology.nodes:
                 self._agents.write_node_configs(node)
             self._services.wait(deadline)
+            if topology.pairs > 1:
+                # The administrator creates each pair's root before its agents first start.
+                pairs.create_pairs(self._site, self._inspection)
             if agents:
-                for node in NODES:
+                for node in topology.nodes:
                     self._agents.start(node)
-                self._agents.wait_active(max(0.0, deadline - time.monotonic()))
+                for pair in topology.pair_names:
+                    self._agents.wait_active(max(0.0, deadline - time.monotonic()), pair=pair)
             if haproxy:
                 self._services.start_haproxy(deadline)
             if monitors:
@@ -248,7 +308,7 @@ class Lab:
 
     def fence_command(self) -> list[str]:
         """The command the agents run to fence their peer (``{peer}`` is filled in)."""
-        return self._agents.fence_command()
+        return self._agents.fence_command(self._pair)
 
     def configure_agent(self, node: str, overrides: configs.Sections) -> Path:
         """Write ``node``'s agent configuration: the lab's, with ``overrides`` section by section.
@@ -266,13 +326,21 @@ class Lab:
         """
         self._agents.start(node, env)
 
-    def active_node(self, timeout: float = 2.0) -> str | None:
-        """The node that holds the virtual IP alone and answers SMTP on it from the client."""
-        return self._agents.active_node(timeout)
+    def active_node(self, timeout: float = 2.0, *, pair: str | None = None) -> str | None:
+        """The node (of ``pair``, default :attr:`pair`) that holds its virtual IP alone and
+        answers SMTP on it from the client."""
+        return self._agents.active_node(timeout, pair=pair or self._pair)
 
-    def wait_active(self, timeout: float = 30.0, *, other_than: str | None = None) -> str:
-        """Wait until one node is active (and, with ``other_than``, not that one); return it."""
-        return self._agents.wait_active(timeout, other_than=other_than)
+    def wait_active(
+        self, timeout: float = 30.0, *, other_than: str | None = None, pair: str | None = None
+    ) -> str:
+        """Wait until one node (of ``pair``, default :attr:`pair`) is active (and, with
+        ``other_than``, not that one); return it."""
+        return self._agents.wait_active(timeout, other_than=other_than, pair=pair or self._pair)
+
+    def fleet_status(self) -> dict[str, Any]:
+        """``hamta fleet status --json`` from the client host with the reader's credentials."""
+        return pairs.fleet_status(self._site, self._inspection)
 
     # ------------------------------------------------------------------ looking
 
@@ -296,13 +364,15 @@ class Lab:
         """Every process in ``node``'s namespace (any host of the lab may be named)."""
         return self._inspection.node_pids(node)
 
-    def vip_holders(self) -> list[str]:
-        """The nodes whose ``eth0`` carries the virtual IP now (more than one is split brain)."""
-        return self._inspection.vip_holders()
+    def vip_holders(self, pair: str | None = None) -> list[str]:
+        """The nodes (of ``pair``, default :attr:`pair`) whose ``eth0`` carries its virtual IP
+        now (more than one is split brain)."""
+        return self._inspection.vip_holders(pair or self._pair)
 
-    def spool_mounted_on(self) -> list[str]:
-        """The nodes on which some process sees the shared disk mounted."""
-        return self._inspection.spool_mounted_on()
+    def spool_mounted_on(self, pair: str | None = None) -> list[str]:
+        """The nodes (of ``pair``, default :attr:`pair`) on which some process sees its shared
+        disk mounted."""
+        return self._inspection.spool_mounted_on(pair or self._pair)
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every line the sink has recorded (one per delivered recipient), in order."""
@@ -321,8 +391,9 @@ class Lab:
         return self._inspection.relay_ready(node)
 
     def cluster_status(self, timeout: float = 15.0) -> dict[str, Any] | None:
-        """``hamta cluster status --json`` run from the client namespace; None if it fails."""
-        return self._inspection.cluster_status(timeout)
+        """``hamta cluster status --json`` (of :attr:`pair`) run from the client namespace; None
+        if it fails."""
+        return self._inspection.cluster_status(timeout, self._pair)
 
     def start_monitors(self, failure_threshold: int = 1) -> None:
         """Start the check locations' monitors (a lab brought up without them: the chaos
@@ -360,8 +431,10 @@ class Lab:
         submission: int | None = None,
         password: str | None = None,
         sender: str | None = None,
+        pair: str | None = None,
     ) -> SendResult:
-        """Send ``count`` messages from the client namespace to the virtual IP, port 25.
+        """Send ``count`` messages from the client namespace to the virtual IP (of ``pair``),
+        port 25.
 
         ``submission`` (587, 465): through submission with the probe account instead (see
         ``cluster.lab.submission``); ``password``, ``sender``: to see AUTH and policy refuse.
@@ -375,6 +448,7 @@ class Lab:
             submission=submission,
             password=password,
             sender=sender,
+            pair=pair or self._pair,
         )
 
     def kill_node(self, node: str, sig: int = signal.SIGKILL) -> None:

@@ -34,6 +34,10 @@ class LabRecord:
     addresses: dict[str, str] = field(default_factory=dict)
     loop_device: str = ""
     processes: tuple[ProcessRecord, ...] = ()
+    # ``lab up --pairs N``: how many pairs, and the loop device of each pair after the first
+    # (pair 1's is ``loop_device``), keyed by the pair's cluster name.
+    pairs: int = 1
+    pair_devices: dict[str, str] = field(default_factory=dict)
 
     def with_process(self, process: ProcessRecord) -> LabRecord:
         """This record with ``process`` added (replacing an earlier one of the same name)."""
@@ -55,6 +59,8 @@ class LabRecord:
             "addresses": dict(self.addresses),
             "loop_device": self.loop_device,
             "processes": [p.to_json() for p in self.processes],
+            "pairs": self.pairs,
+            "pair_devices": dict(self.pair_devices),
         }
 
     @classmethod
@@ -74,6 +80,8 @@ class LabRecord:
             addresses={str(k): str(v) for k, v in data.get("addresses", {}).items()},
             loop_device=str(data.get("loop_device", "")),
             processes=tuple(ProcessRecord.from_json(p) for p in data.get("processes", ())),
+            pairs=int(data.get("pairs", 1)),
+            pair_devices={str(k): str(v) for k, v in data.get("pair_devices", {}).items()},
         )
 
 

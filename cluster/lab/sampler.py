@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.lab.topology import NODES
-
 if TYPE_CHECKING:
     from cluster.lab.lab import Lab
 
@@ -51,7 +49,7 @@ class Sampler:
             try:
                 vip = self.lab.vip_holders()
                 mounted = self.lab.spool_mounted_on()
-                listening = [node for node in NODES if listening_for_smtp(self.lab, node)]
+                listening = [node for node in self.lab.nodes if listening_for_smtp(self.lab, node)]
             except Exception:  # a namespace or process vanished under the sample: take the next
                 continue
             self.samples += 1

@@ -20,7 +20,7 @@ import cluster
 from cluster.lab import processes, record
 from cluster.lab.processes import ProcessRecord
 from cluster.lab.record import LabRecord
-from cluster.lab.topology import INTERNET, NODES, Topology, TopologyError
+from cluster.lab.topology import INTERNET, PAIR_CLUSTER, Topology, TopologyError
 
 __all__ = ["AGENT_PREFIX", "LabError", "LabSite", "Launcher", "log_tail"]
 
@@ -55,10 +55,13 @@ class LabSite:
     python: str
 
     @classmethod
-    def build(cls, directory: Path, prefix: str, subnet: str, python: str) -> LabSite:
-        """The site of a lab in ``directory``; LabError for a prefix or subnet that cannot be."""
+    def build(
+        cls, directory: Path, prefix: str, subnet: str, python: str, pairs: int = 1
+    ) -> LabSite:
+        """The site of a lab in ``directory``; LabError for a prefix, subnet or number of pairs
+        that cannot be."""
         try:
-            topology = Topology.build(prefix, subnet)
+            topology = Topology.build(prefix, subnet, pairs)
         except TopologyError as exc:
             raise LabError(str(exc)) from None
         return cls(Path(directory).absolute(), topology, python)
@@ -109,10 +112,73 @@ class LabSite:
         found = self.read_record()
         return found.loop_device if found is not None else ""
 
+    # ------------------------------------------------------------------ pairs (--pairs N)
+    # Pair 1 keeps the one-pair lab's files; pair k's carry its name (``spool-lab2.img``, ...).
+
+    def _pair_file(self, stem: str, pair: str, suffix: str = "") -> Path:
+        self.check_pair(pair)
+        tail = "" if pair == PAIR_CLUSTER else f"-{pair}"
+        return self.directory / f"{stem}{tail}{suffix}"
+
+    def check_pair(self, pair: str) -> None:
+        """LabError unless ``pair`` is one of the lab's pairs."""
+        if pair not in self.topology.pair_names:
+            names = ", ".join(self.topology.pair_names)
+            raise LabError(f"no pair {pair!r} in the lab (pairs: {names})")
+
+    def pair_of(self, node: str) -> str:
+        """The pair ``node`` belongs to; LabError for no node of the lab."""
+        self.check_node(node)
+        return self.topology.pair_of(node)
+
+    def pair_image(self, pair: str) -> Path:
+        """The sparse file behind ``pair``'s shared disk."""
+        return self._pair_file("spool", pair, ".img")
+
+    def pair_credentials(self, pair: str) -> Path:
+        """``pair``'s own ZooKeeper digest credentials (``user:password``), mode 0600."""
+        return self._pair_file("zk-credentials", pair)
+
+    def pair_peer_secret(self, pair: str) -> Path:
+        """``pair``'s peer channel secret, mode 0600."""
+        return self._pair_file("peer-secret", pair)
+
+    def pair_loop_device(self, pair: str) -> str:
+        """``pair``'s shared disk's loop device ("" when none is attached)."""
+        self.check_pair(pair)
+        found = self.read_record()
+        if found is None:
+            return ""
+        return found.loop_device if pair == PAIR_CLUSTER else found.pair_devices.get(pair, "")
+
+    @property
+    def admin_credentials_path(self) -> Path:
+        """The ensemble administrator's credentials (a lab of several pairs): creates each
+        pair's root, as docs/fleet.md has the operator do."""
+        return self.directory / "zk-admin-credentials"
+
+    @property
+    def reader_credentials_path(self) -> Path:
+        """The fleet reader's credentials (a lab of several pairs): READ on every pair."""
+        return self.directory / "fleet-reader-credentials"
+
+    @property
+    def run_files(self) -> tuple[str, ...]:
+        """The names of the per-pair files and fleet files one run writes here."""
+        pairs = self.topology.pair_names
+        names = [
+            *self.topology.nodes,
+            *(self.pair_image(p).name for p in pairs),
+            *(self.pair_credentials(p).name for p in pairs),
+            *(self.pair_peer_secret(p).name for p in pairs),
+        ]
+        return (*names, self.admin_credentials_path.name, self.reader_credentials_path.name)
+
     def check_node(self, node: str) -> None:
-        """LabError unless ``node`` is one of the pair."""
-        if node not in NODES:
-            raise LabError(f"no node {node!r} in the lab (nodes: {', '.join(NODES)})")
+        """LabError unless ``node`` is one of the lab's nodes (of any pair)."""
+        if node not in self.topology.nodes:
+            nodes = ", ".join(self.topology.nodes)
+            raise LabError(f"no node {node!r} in the lab (nodes: {nodes})")
 
     def node_dir(self, node: str) -> Path:
         """The directory of ``node``: its configuration files, logs and mount point."""
