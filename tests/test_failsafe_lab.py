@@ -109,14 +109,17 @@ def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None
         fault = time.monotonic()
         stop_zookeeper(lab)
         try:
-            wait_until(lambda: lab.active_node(timeout=0.5) is None, 15, "the active node demoted")
+            # The agent's own decision, not an SMTP probe: a probe slow under load is no demotion.
+            wait_until(
+                lambda: any(d["trigger"] == "session_lost" for d in agent_decisions(lab, active)),
+                15,
+                "the active node demoted (session_lost)",
+            )
             demoted = time.monotonic() - fault
         finally:
             start_zookeeper(lab)
     finally:
         partitions.lift(lab, active)
-    lost = [d for d in agent_decisions(lab, active) if d["trigger"] == "session_lost"]
-    assert lost, agent_decisions(lab, active)[-5:]
     print(f"demoted {demoted:.2f}s after ZooKeeper stopped, the peer channel cut")
     assert demoted < 5.0
     wait_pair(lab)

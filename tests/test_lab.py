@@ -253,6 +253,11 @@ def test_node_configurations_are_valid(lab: Lab) -> None:
                 f"{PREFIX}-{{peer}}",
                 "--vip",
                 f"{VIP}/24",
+                # The egress addresses (out1, out2) go with the VIP: the fence drops them too.
+                "--also",
+                "198.19.240.111",
+                "--also",
+                "198.19.240.112",
                 "--interface",
                 "eth0",
                 "--device",
