@@ -125,6 +125,8 @@ def test_the_short_profile_runs_every_scenario_and_keeps_every_promise(tmp_path:
 def test_the_profiles_leave_out_only_the_scenarios_whose_goal_is_pending() -> None:
     # A profile is what operators run in their CI: it runs every scenario the lab meets.
     profile = profile_scenarios()
-    assert "zk-rolling-restart" not in profile
-    assert profile == [name for name in FAULTS if name != "zk-rolling-restart"]
+    # No goal is pending today: zk-rolling-restart came back with failsafe (docs/chaos.md).
+    assert [name for name, fault in FAULTS.items() if fault.pending is not None] == []
+    assert profile == list(FAULTS)
+    assert "zk-rolling-restart" in profile and "zk-outage" in profile
     assert "kill-node" in profile and "hostile-client" in profile
