@@ -68,6 +68,7 @@ def test_an_unknown_scenario_is_refused_before_anything_starts() -> None:
 
 
 @pytest.mark.root
+@pytest.mark.timeout(1800)  # every scenario once, zk-outage's 60 s among them: past the default
 def test_the_short_profile_runs_every_scenario_and_keeps_every_promise(tmp_path: Path) -> None:
     output = tmp_path / "report"
     done = subprocess.run(

@@ -103,11 +103,14 @@ def test_a_zookeeper_outage_under_load_costs_no_refusal(lab: Lab, tmp_path: Path
 
 def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None:
     active = wait_pair(lab)
+    # ZooKeeper first, then the channel at once: a channel cut while the passive node still
+    # reaches ZooKeeper would make it fence the silent leader after peer_timeout (the fast
+    # takeover: safe, but not this test's question; docs/fencing.md). With the ensemble gone
+    # its session is suspended and it fences nobody; the lease it granted last runs out.
+    fault = time.monotonic()
+    stop_zookeeper(lab)
     partitions.cut_peer_channel(lab, active)
     try:
-        time.sleep(1.0)  # no answer can be on its way
-        fault = time.monotonic()
-        stop_zookeeper(lab)
         try:
             # The agent's own decision, not an SMTP probe: a probe slow under load is no demotion.
             wait_until(
