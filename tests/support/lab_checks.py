@@ -39,9 +39,17 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
 
 
 def wait_pair(lab: Lab, timeout: float = 60.0) -> str:
-    """Wait for one active and one passive node; the active one."""
+    """Wait for one active and one passive node; the active one.
+
+    The roles are the members' records: just after ZooKeeper comes back, a record may still
+    say "active" for a node that demoted while it could not write. So the serving node (the
+    VIP's one holder, answering SMTP) is waited for too, not read once."""
     wait_until(
-        lambda: sorted(roles(lab).values()) == ["active", "passive"], timeout, "an active pair"
+        lambda: (
+            sorted(roles(lab).values()) == ["active", "passive"] and lab.active_node() is not None
+        ),
+        timeout,
+        "an active pair",
     )
     active = lab.active_node()
     assert active is not None
