@@ -139,8 +139,16 @@ def test_api_hooks_and_a_scheduled_switchover_with_real_agents(nodes: Nodes) -> 
         "pre_promote refusing",
     )
     assert refusals[0]["stderr"] == "vetoed"
-    decisions = nodes.nodes[first].events("Decision")
-    assert any("pre_promote exited 1: vetoed" in (d.get("note") or "") for d in decisions)
+    # The hook's own line is written before the promotion is rolled back and the decision
+    # that records the refusal is logged, so wait for that decision rather than read it once.
+    wait_for(
+        lambda: any(
+            "pre_promote exited 1: vetoed" in (d.get("note") or "")
+            for d in nodes.nodes[first].events("Decision")
+        ),
+        10,
+        "the decision naming the veto",
+    )
     assert nodes.get(first, "/active")[0] == 503
     (nodes.nodes[first].workdir / "veto").unlink()
     wait_for(lambda: nodes.active() == first, 30, f"{first} serving once the veto is lifted")
