@@ -269,6 +269,7 @@ class Agent:
                 channel=self.channel,
                 policy=self.policy,
                 session=lambda: self.coordinator.session,
+                contact_age=self.coordinator.contact_age,
                 clock=clock,
                 log=self.log,
                 on_change=self.wake.set,

@@ -432,6 +432,7 @@ class AgentConfig(_Section):
             failsafe=agent.failsafe,
             failsafe_peers=frozenset(agent.peers),
             failsafe_lease=agent.failsafe_lease,
+            zookeeper_patience=agent.session_timeout / 4,
             # fencing.timeout is FENCE's time limit unless agent.step_timeouts names it.
             # hooks.timeout kills the pre_promote hook; the step's limit leaves time to say so.
             step_timeouts={

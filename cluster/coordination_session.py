@@ -360,6 +360,13 @@ class CoordinatorSession:
             ):
                 self._contact = sent
 
+    def contact_age(self) -> float | None:
+        """Seconds since a server last answered this session (``touch`` and the reads date it);
+        None before the first answer of a session."""
+        with self._lock:
+            contact = self._contact
+        return None if contact is None else self._clock() - contact
+
     def _session_deadline(self) -> float | None:
         """The last moment this session is surely alive on the server (monotonic), or None.
 

@@ -264,6 +264,9 @@ class Policy:
     failsafe: bool = True
     failsafe_peers: frozenset[str] = frozenset()  # the nodes of [agent] peers
     failsafe_lease: float = 3.0
+    # No answer from a server for this long counts as cut off from ZooKeeper for the failsafe
+    # (``cluster.failsafe.cut_off``): a quarter of the session timeout.
+    zookeeper_patience: float = 0.5
     step_timeouts: Mapping[Step, float] = field(default_factory=dict)
     pre_promote: bool = False  # a ``[hooks] pre_promote`` command runs as a promotion step
     # Gray failure: hand over when this many check locations (and a majority of those known)

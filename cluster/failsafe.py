@@ -57,21 +57,44 @@ def serving_in_failsafe(snapshot: Snapshot, now: float, policy: Policy) -> bool:
     return due is not None and now < due
 
 
-def should_ask(state: AgentState, session: Session) -> bool:
-    """Whether the agent asks its peers for leases at this heartbeat: active, not connected."""
-    return state.role is Role.ACTIVE and session is not Session.CONNECTED
+def cut_off(session: Session, contact_age: float | None, policy: Policy) -> bool:
+    """Whether this node counts itself cut off from ZooKeeper, for asking and granting leases.
+
+    Named rule (``silent_server``): kazoo says so, or no server has answered this node for
+    ``policy.zookeeper_patience``. A server that went silent (a partition that drops packets,
+    not one that resets connections) is noticed by kazoo only at its read timeout, two thirds
+    of the session; an active node must demote a quarter of a second after that (its drain
+    and margin before the session deadline), too late to ask for a lease, and its peer, cut
+    off by the same partition, would still refuse as "connected". The agent dates its contact
+    every tenth of the session, so a contact older than a quarter of it is no slow answer.
+    None: no contact dated yet (a new session), nothing to go by but kazoo.
+    """
+    if session is not Session.CONNECTED:
+        return True
+    return contact_age is not None and contact_age > policy.zookeeper_patience
 
 
-def grant(state: AgentState, session: Session, policy: Policy) -> str | None:
+def should_ask(
+    state: AgentState, session: Session, contact_age: float | None, policy: Policy
+) -> bool:
+    """Whether the agent asks its peers for leases at this heartbeat: active and cut off."""
+    return state.role is Role.ACTIVE and cut_off(session, contact_age, policy)
+
+
+def grant(
+    state: AgentState, session: Session, contact_age: float | None, policy: Policy
+) -> str | None:
     """Why this node refuses a peer's ask, or None when it grants ``policy.failsafe_lease``.
 
-    It grants only while it has lost ZooKeeper too (it cannot take over then anyway) and holds
-    nothing itself; it refuses while connected: the asker may be the one cut off, and this node
-    may take over once the asker's session has expired.
+    It grants only while it is cut off from ZooKeeper too (``cut_off``: it cannot take over
+    then anyway) and holds nothing itself; it refuses while connected: the asker may be the one
+    cut off, and this node may take over once the asker's session has expired. A grant on a
+    contact that was only slow costs no safety: the lease binds this node all the same
+    (``cluster.takeover.lease_verdict``), it only delays a takeover by the lease.
     """
     if not policy.failsafe:
         return "failsafe is off here"
-    if session is Session.CONNECTED:
+    if not cut_off(session, contact_age, policy):
         return "connected to ZooKeeper"
     if holds_resources(state):
         return f"it holds resources itself ({state.role.value})"

@@ -33,6 +33,7 @@ class FailsafeLeases:
         channel: PeerChannel,
         policy: Policy,
         session: Callable[[], Session],
+        contact_age: Callable[[], float | None],
         clock: Callable[[], float],
         log: Any,
         on_change: Callable[[], None],
@@ -40,6 +41,7 @@ class FailsafeLeases:
         self.channel = channel
         self.policy = policy
         self.session = session  # kazoo's view of the session, now
+        self.contact_age = contact_age  # since a server last answered it (None: not yet)
         self.clock = clock
         self.log = log
         self.on_change = on_change  # a lease came or went: decide again
@@ -65,7 +67,9 @@ class FailsafeLeases:
         session = self.session()
         if session is Session.CONNECTED:
             session = self.session_seen
-        if not self.policy.failsafe or not should_ask(state, session):
+        if not self.policy.failsafe or not should_ask(
+            state, session, self.contact_age(), self.policy
+        ):
             self.asks.clear()
             return
         for peer in self.channel.peers:
@@ -83,8 +87,8 @@ class FailsafeLeases:
             self._take(message)
 
     def _answer(self, ask: Message, state: AgentState) -> None:
-        session = self.session()
-        refusal = grant(state, session, self.policy)
+        session, age = self.session(), self.contact_age()
+        refusal = grant(state, session, age, self.policy)
         lease = self.policy.failsafe_lease
         body: dict[str, object]
         if refusal is None:
@@ -102,6 +106,7 @@ class FailsafeLeases:
                 lease=lease,
                 why=refusal,
                 session=session.value,
+                contact_age=None if age is None else round(age, 3),
             )
 
     def _take(self, answer: Message) -> None:

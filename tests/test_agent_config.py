@@ -52,6 +52,10 @@ def test_a_good_configuration_becomes_a_policy() -> None:
         GOOD.replace("[fencing]", '[fencing]\ntakeover = "fence-only"\nlease_grace = "5s"')
     ).policy()
     assert strict.takeover is Takeover.FENCE_ONLY and strict.lease_grace == 5.0
+    # Silent servers count as a cut after a quarter of the session (cluster.failsafe.cut_off).
+    assert policy.zookeeper_patience == 0.5
+    longer = parse_agent_config(GOOD.replace('session_timeout = "2s"', 'session_timeout = "6s"'))
+    assert longer.policy().zookeeper_patience == 1.5
 
 
 @pytest.mark.parametrize(

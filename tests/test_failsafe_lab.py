@@ -140,14 +140,6 @@ def lab_command(lab: Lab, *words: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
 
-# Known defect, open in issue 17: since the fast takeover was merged beside failsafe, the
-# active node cut off from ZooKeeper together with its peer sometimes demotes (session_lost)
-# instead of serving on the peer's leases (2 runs in 4 on the loaded machine; the outage test
-# above, which stops the ensemble, passes every time). Not strict: a pass is reported as XPASS.
-@pytest.mark.xfail(
-    reason="failsafe is sometimes not entered when both nodes are cut from ZooKeeper (issue 17)",
-    strict=False,
-)
 def test_as_a_newcomer_sees_it_serve_on_and_then_stop_for_the_peer(lab: Lab) -> None:
     """What ``lab up`` suggests trying: both nodes cut off from ZooKeeper (the ensemble itself
     runs on), mail still flows; ZooKeeper back for the passive node only: it takes over, after

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cluster.decision_data import AgentState, Role, Session, Step, Trigger
-from cluster.failsafe import failsafe_due, grant, should_ask
+from cluster.failsafe import cut_off, failsafe_due, grant, should_ask
 from cluster.state import demotion_due
 from cluster.takeover import lease_verdict
 from tests.support.decisions import (
@@ -119,17 +119,28 @@ def test_a_promotion_never_rides_on_leases() -> None:
 
 
 def test_who_asks_and_who_grants() -> None:
-    assert should_ask(active(), Session.SUSPENDED)
-    assert not should_ask(active(), Session.CONNECTED)
-    assert not should_ask(AgentState(role=Role.PASSIVE), Session.SUSPENDED)
+    fresh = 0.1  # seconds since a server last answered
+    assert should_ask(active(), Session.SUSPENDED, fresh, POLICY)
+    assert not should_ask(active(), Session.CONNECTED, fresh, POLICY)
+    assert not should_ask(AgentState(role=Role.PASSIVE), Session.SUSPENDED, fresh, POLICY)
     passive = AgentState(role=Role.PASSIVE)
-    assert grant(passive, Session.SUSPENDED, POLICY) is None
-    assert grant(passive, Session.LOST, POLICY) is None
-    assert grant(passive, Session.CONNECTED, POLICY) == "connected to ZooKeeper"
-    assert grant(active(), Session.SUSPENDED, POLICY) == "it holds resources itself (active)"
-    assert grant(demoting(Step.VIP_DOWN), Session.SUSPENDED, POLICY) is not None
+    assert grant(passive, Session.SUSPENDED, fresh, POLICY) is None
+    assert grant(passive, Session.LOST, None, POLICY) is None
+    assert grant(passive, Session.CONNECTED, fresh, POLICY) == "connected to ZooKeeper"
+    assert grant(active(), Session.SUSPENDED, fresh, POLICY) == "it holds resources itself (active)"
+    assert grant(demoting(Step.VIP_DOWN), Session.SUSPENDED, fresh, POLICY) is not None
     off = replace(POLICY, failsafe=False)
-    assert grant(passive, Session.SUSPENDED, off) == "failsafe is off here"
+    assert grant(passive, Session.SUSPENDED, fresh, off) == "failsafe is off here"
+
+
+def test_servers_silent_past_the_patience_count_as_cut_off_before_kazoo_says_so() -> None:
+    patience = POLICY.zookeeper_patience
+    passive = AgentState(role=Role.PASSIVE)
+    assert not cut_off(Session.CONNECTED, patience, POLICY)  # a slow answer is no cut
+    assert cut_off(Session.CONNECTED, patience + 0.01, POLICY)
+    assert not cut_off(Session.CONNECTED, None, POLICY)  # a new session: kazoo's word only
+    assert should_ask(active(), Session.CONNECTED, patience + 0.01, POLICY)
+    assert grant(passive, Session.CONNECTED, patience + 0.01, POLICY) is None
 
 
 def test_a_lease_granted_holds_back_an_unfenced_takeover_until_it_ends_and_its_grace() -> None:

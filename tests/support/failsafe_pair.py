@@ -7,7 +7,9 @@ quorum stands, their timers reset when it is elected again), for the peer channe
 each direction, one tick of delay) and for the executor (every step takes one tick; FENCE works
 or not; a fenced node is dead for good). The invariant checked at every tick: never two nodes
 serving at once, counting the failsafe leases (a node serves from its RELAY step's end to its
-DRAIN step's end).
+DRAIN step's end). With ``silent``, a server lost drops packets instead of resetting the
+connection: kazoo notices only at its read timeout, and a node's read of the cluster blocks
+until then (an active node's only until its demotion moment, as the agent's does).
 """
 
 from __future__ import annotations
@@ -22,19 +24,21 @@ from cluster.decision_data import (
     LocalView,
     Member,
     Policy,
+    Role,
     Session,
     Snapshot,
     Step,
     StepResult,
 )
 from cluster.failsafe import grant, should_ask
-from cluster.state import decide
+from cluster.state import decide, demotion_due
 from cluster.takeover import holds_resources
 
 NODES = ("alpha", "beta")
 TIMEOUT = 2.0  # the ZooKeeper session timeout
 TICK = 0.05
 STEP_TIME = 0.1
+NOTICE = TIMEOUT * 2 / 3  # kazoo's read timeout: when it notices a silent server
 WALL0 = 1_700_000_000.0
 
 
@@ -60,6 +64,8 @@ class Node:
     held: dict[str, float] = field(default_factory=dict)
     granted: dict[str, float] = field(default_factory=dict)
     asks: dict[int, float] = field(default_factory=dict)
+    seen: Session = Session.CONNECTED  # the session its last decision saw
+    due: float | None = None  # an active node's demotion moment, from its last decision
 
 
 @dataclass
@@ -73,8 +79,11 @@ class Message:
 
 
 class FailsafePair:
-    def __init__(self, *, fence_works: bool = False, lease: float = 3.0) -> None:
+    def __init__(
+        self, *, fence_works: bool = False, lease: float = 3.0, silent: bool = False
+    ) -> None:
         self.now = 1000.0
+        self.silent = silent
         self.quorum = True
         self.quorum_since = self.now
         self.channel = {name: True for name in NODES}  # name -> its outgoing datagrams pass
@@ -107,6 +116,18 @@ class FailsafePair:
 
     def reaches(self, node: Node) -> bool:
         return self.quorum and node.reach and node.alive
+
+    def kazoo_session(self, node: Node) -> Session:
+        """The session as kazoo reports it: a silent server is noticed late."""
+        if self.reaches(node) or (self.silent and self.now - node.contact < NOTICE):
+            return Session.CONNECTED
+        return Session.SUSPENDED
+
+    def read_blocked(self, node: Node) -> bool:
+        """A read of the cluster held up by a silent server: no decision this tick."""
+        if self.reaches(node) or self.kazoo_session(node) is not Session.CONNECTED:
+            return False
+        return node.due is None or self.now < node.due
 
     def set_quorum(self, up: bool) -> None:
         if up and not self.quorum:
@@ -175,8 +196,8 @@ class FailsafePair:
             if not node.alive:
                 continue
             if message.kind == "ask":
-                session = Session.CONNECTED if self.reaches(node) else Session.SUSPENDED
-                refusal = grant(node.state, session, node.policy)
+                session = self.kazoo_session(node)
+                refusal = grant(node.state, session, self.now - node.contact, node.policy)
                 if refusal is None:
                     node.granted[message.sender] = self.now + node.policy.failsafe_lease
                 self.send(node.name, message.sender, "answer", message.seq, refusal is None)
@@ -234,6 +255,21 @@ class FailsafePair:
                 node.last_leader = None
         node.result = StepResult(step, ok, STEP_TIME, detail, epoch)
 
+    def _decide(self, node: Node) -> None:
+        snapshot = self._snapshot(node)
+        decision = decide(node.state, snapshot, self.now, node.policy)
+        node.state = decision.state
+        node.seen = snapshot.cluster.session
+        active = node.state.role is Role.ACTIVE
+        node.due = demotion_due(snapshot, node.policy) if active else None
+        if decision.actions:
+            action = decision.actions[0]
+            # Every step a tick or two; a drain its whole time limit (the worst case).
+            took = action.timeout if action.step is Step.DRAIN else STEP_TIME
+            node.step_end = self.now + took
+        if decision.actions and decision.actions[0].step is PROMOTION[0]:
+            self.promotions[node.name] += 1
+
     def tick(self) -> None:
         self.now += TICK
         self._expire_sessions()
@@ -242,15 +278,8 @@ class FailsafePair:
             if not node.alive:
                 continue
             self._run_step(node)
-            decision = decide(node.state, self._snapshot(node), self.now, node.policy)
-            node.state = decision.state
-            if decision.actions:
-                action = decision.actions[0]
-                # Every step a tick or two; a drain its whole time limit (the worst case).
-                took = action.timeout if action.step is Step.DRAIN else STEP_TIME
-                node.step_end = self.now + took
-            if decision.actions and decision.actions[0].step is PROMOTION[0]:
-                self.promotions[node.name] += 1
+            if not self.read_blocked(node):
+                self._decide(node)
             if self.reaches(node):
                 node.record = Member(
                     node.name,
@@ -258,8 +287,11 @@ class FailsafePair:
                     relay_running=True,
                     holds=holds_resources(node.state),
                 )
-            session = Session.CONNECTED if self.reaches(node) else Session.SUSPENDED
-            if should_ask(node.state, session):
+            # The agent's asks: kazoo's view, or the last decision's when kazoo says connected.
+            session = self.kazoo_session(node)
+            if session is Session.CONNECTED:
+                session = node.seen
+            if should_ask(node.state, session, self.now - node.contact, node.policy):
                 self.seq += 1
                 node.asks[self.seq] = self.now
                 self.send(node.name, other(node.name), "ask", self.seq)
