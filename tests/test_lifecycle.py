@@ -168,8 +168,10 @@ def test_hamta_queue_summarises_a_running_relay_by_domain(make_relay: RelayFacto
 def test_hamta_queue_counts_a_recipient_being_delivered_in_flight(
     make_relay: RelayFactory, mx_port: int
 ) -> None:
-    relay = make_relay()
-    with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=3.0) as sink:
+    # The MX holds the delivery long enough for two CLI runs (a Python start each) to see it
+    # in flight on a loaded machine: 3 s was outrun at a load average of 37.
+    relay = make_relay({"delivery": {"connect_timeout": "3s", "command_timeout": "30s"}})
+    with RecordingSink(host=MX_HOST, port=mx_port, slow_seconds=12.0) as sink:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:  # the MX answers late
             client.sendmail("a@origin.test", ["slow@sink.test"], b"Subject: slow\r\n\r\nx\r\n")
         deadline = time.monotonic() + 10
@@ -181,7 +183,7 @@ def test_hamta_queue_counts_a_recipient_being_delivered_in_flight(
         table = relay.cli("queue", "--config", str(relay.config_path)).stdout
         _, body = relay.get("/api/domain/sink.test")
         view = json.loads(body)
-        assert sink.wait_for(1, timeout=10)
+        assert sink.wait_for(1, timeout=40)
     assert summary["domains"]["sink.test"]["in_flight"] == 1
     assert sum(summary["domains"]["sink.test"].values()) == summary["depth"]
     assert "in_flight" in table.splitlines()[1]

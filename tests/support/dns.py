@@ -14,8 +14,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import dns.exception
 import dns.message
@@ -24,6 +22,7 @@ import dns.resolver
 import dns.reversename
 
 from .ports import free_port
+from .started import Started, end_process
 
 DNSMASQ = Path("/usr/sbin/dnsmasq")
 
@@ -58,7 +57,7 @@ def _format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class DnsServer:
+class DnsServer(Started):
     """A dnsmasq process serving exactly the given records on a loopback address.
 
     ``mx`` maps a domain to ``(preference, exchange)`` pairs, ``a``/``aaaa`` map a name to its
@@ -230,14 +229,7 @@ class DnsServer:
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process(proc, 5)
 
     def stop(self) -> None:
         """Terminate the dnsmasq this object started (by its pid) and remove its files."""
@@ -245,15 +237,3 @@ class DnsServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

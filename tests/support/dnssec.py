@@ -17,8 +17,6 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import dns.exception
 import dns.flags
@@ -29,13 +27,14 @@ import dns.rcode
 from cluster.lab.dnssec import ZoneError, sign_zone, unbound_argv, unbound_config, write_zone
 
 from .ports import free_port
+from .started import Started, end_process
 
 
 class ResolverError(RuntimeError):
     """unbound or the ldns tools failed; the message quotes their output."""
 
 
-class ValidatingResolver:
+class ValidatingResolver(Started):
     """unbound on ``listen`` (a loopback address) serving and validating the given zones.
 
     ``signed``/``unsigned`` map a zone name to its records, each a line of zone-file text
@@ -119,23 +118,4 @@ class ValidatingResolver:
     def stop(self) -> None:
         """Stop unbound (idempotent)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        end_process(proc, 5)

@@ -7,12 +7,11 @@ auth service matters: its ``auth-client`` socket is what hamta's dovecot backend
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from .started import Started, end_process
 
 _CONFIG = """\
 base_dir = {dir}/run
@@ -43,7 +42,7 @@ service auth {{
 """
 
 
-class Dovecot:
+class Dovecot(Started):
     """``dovecot -F`` with ``users`` (name → plain password) in its passwd-file.
 
     ``readable=False`` runs its auth service as Dovecot's own user, which cannot enter the
@@ -79,22 +78,4 @@ class Dovecot:
 
     def stop(self) -> None:
         """SIGTERM by pid (its master ends its own children), then wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        end_process(self.proc, 10)

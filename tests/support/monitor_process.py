@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any, Self
 
 from .monitor_peers import render_checks
 from .ports import free_port
+from .started import end_process
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -59,12 +59,7 @@ class MonitorProcess:
 
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        end_process(self.proc, 15)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(

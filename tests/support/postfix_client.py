@@ -18,8 +18,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from .started import Started
 
 _MAIN_CF = """\
 # A test's private Postfix (tests/support/postfix_client.py); not the system one.
@@ -75,7 +75,7 @@ postlog    unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class PostfixClient:
+class PostfixClient(Started):
     """A private Postfix on 127.0.0.1:``port`` relaying through hamta at ``relay_port``."""
 
     def __init__(self, port: int, relay_port: int, user: str, password: str) -> None:
@@ -159,15 +159,3 @@ class PostfixClient:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -11,14 +11,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.lab.configs import render_toml
 
 from .ports import free_port
+from .started import Started
 
 __all__ = ["HAMTA", "RelayProcess", "read_events", "render_toml"]
 
@@ -40,7 +40,7 @@ def read_events(path: Path, name: str | None = None) -> list[dict[str, Any]]:
     return events
 
 
-class RelayProcess:
+class RelayProcess(Started):
     """``hamta serve`` in a subprocess, with its own spool, ports, log and control socket.
 
     ``overrides`` is merged into the generated configuration section by section, e.g.
@@ -162,18 +162,6 @@ class RelayProcess:
             self.terminate(timeout=15)
         except subprocess.TimeoutExpired:
             self.kill()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ views
 

@@ -17,13 +17,13 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .ports import free_port
+from .started import Started
 
 __all__ = ["Delivered", "RecordingSink", "free_port"]
 
@@ -158,7 +158,7 @@ class _SinkController(Controller):
             probe.recv(1024)
 
 
-class RecordingSink:
+class RecordingSink(Started):
     """An SMTP server on ``host:port`` that records each accepted message as :class:`Delivered`.
 
     ``port=0`` picks a free port at the first :meth:`start`; a restart keeps the port, so a test
@@ -329,15 +329,3 @@ class RecordingSink:
         for protocol in list(self._live):
             if protocol.raw_transport is not None:
                 protocol.raw_transport.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 from .ports import free_port
+from .started import Started, end_process
 
 SMTP_SINK = Path("/usr/sbin/smtp-sink")
 
@@ -54,7 +54,7 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-class PostfixSmtpSink:
+class PostfixSmtpSink(Started):
     """``smtp-sink -c`` listening on an IPv4 loopback ``host:port`` (``port=0`` picks one).
 
     ``options`` are extra smtp-sink flags, e.g. ``["-w", "1"]`` to delay DATA replies or
@@ -180,13 +180,7 @@ class PostfixSmtpSink:
         """Terminate the smtp-sink this object started (by its pid) and reap it."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            end_process(proc, 5)
             if self._reader is not None:
                 self._reader.join(timeout=5)
                 self._reader = None
@@ -195,15 +189,3 @@ class PostfixSmtpSink:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
