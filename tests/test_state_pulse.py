@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.decision_data import AgentState, Member, Role, Session, Step, Trigger
+from cluster.decision_data import AgentState, Role, Session, Step, Trigger
 from cluster.state import TRANSITIONS
 from cluster.takeover import alive_unheard_leader, pulsing, silence_due, silent_leader
-from tests.support.decisions import EPOCH, NODE, PEER, POLICY, WALL, Pair, Walk, World, theirs
-from tests.test_state_fast_takeover import serving
+from tests.support.decisions import EPOCH, NODE, PEER, POLICY, WALL, Pair, Walk, theirs
+from tests.test_state_fast_takeover import serving, silent_peer
 
 
 def unheard(heard: float = 1.2, pulse: float | None = 0.1, /, **world: object) -> Walk:
     """A passive node; the peer leads in EPOCH, last heard ``heard`` ago over the channel, its
     pulse last advanced ``pulse`` ago (None: it has no pulse znode)."""
-    members = {PEER: Member(PEER, Role.ACTIVE, epoch=EPOCH, relay_running=True, holds=True)}
-    fields: dict[str, object] = {
-        "leader": theirs(EPOCH),
-        "epoch": EPOCH,
-        "members": members,
-        "known": frozenset({NODE, PEER}),
-        "heartbeat_ages": {PEER: heard},
-        "pulse_ages": {} if pulse is None else {PEER: pulse},
-    }
-    fields.update(world)
-    return Walk(AgentState(role=Role.PASSIVE), World(**fields))  # type: ignore[arg-type]
+    return silent_peer(heard, pulse_ages={} if pulse is None else {PEER: pulse}, **world)
 
 
 def test_a_silent_channel_with_a_fresh_pulse_fences_nobody_and_says_so_once() -> None:

@@ -8,6 +8,12 @@ each direction, one tick of delay) and for the executor (every step takes one ti
 or not; a fenced node is dead for good). The invariant checked at every tick: never two nodes
 serving at once, counting the failsafe leases (a node serves from its RELAY step's end to its
 DRAIN step's end).
+
+With ``heartbeats``, the fast takeover joins in (issue 17): each live node's heartbeats cross
+the channel (where it passes), and a node that may lead advances its pulse in ZooKeeper while it
+reaches a quorum; a watcher that reaches one sees it, counting from its own reconnection. Every
+fence of a node that was reaching ZooKeeper and pulsing, seen by a fencer that was reaching it
+too, for a whole ``peer_timeout`` is counted in ``false_fences``: a cut channel alone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from cluster.decision_data import (
     LocalView,
     Member,
     Policy,
+    Role,
     Session,
     Snapshot,
     Step,
@@ -29,7 +36,7 @@ from cluster.decision_data import (
 )
 from cluster.failsafe import grant, should_ask
 from cluster.state import decide
-from cluster.takeover import holds_resources
+from cluster.takeover import holds_resources, pulsing
 
 NODES = ("alpha", "beta")
 TIMEOUT = 2.0  # the ZooKeeper session timeout
@@ -60,6 +67,10 @@ class Node:
     held: dict[str, float] = field(default_factory=dict)
     granted: dict[str, float] = field(default_factory=dict)
     asks: dict[int, float] = field(default_factory=dict)
+    heard: dict[str, float] = field(default_factory=dict)  # the peer's last heartbeat heard
+    reach_since: float | None = None  # reaching a quorum since (None: not now)
+    pulsing_since: float | None = None  # advancing its pulse since (None: not now)
+    stale: tuple[str, int] | None = None  # the ACQUIRE in flight may replace this znode
 
 
 @dataclass
@@ -73,8 +84,14 @@ class Message:
 
 
 class FailsafePair:
-    def __init__(self, *, fence_works: bool = False, lease: float = 3.0) -> None:
+    def __init__(
+        self, *, fence_works: bool = False, lease: float = 3.0, heartbeats: bool = False
+    ) -> None:
         self.now = 1000.0
+        self.heartbeats = heartbeats
+        self.pulse_at: dict[str, float] = {}  # each pulse znode's last advance (it exists)
+        self.false_fences = 0
+        self.fast_takeovers = 0
         self.quorum = True
         self.quorum_since = self.now
         self.channel = {name: True for name in NODES}  # name -> its outgoing datagrams pass
@@ -123,6 +140,7 @@ class FailsafePair:
                 node.session_alive = False
                 node.lost_seen = True
                 self.absent[node.name] = self.now
+                self.pulse_at.pop(node.name, None)  # ephemeral: gone with its session
                 if self.leader is not None and self.leader.node == node.name:
                     self.leader = None
 
@@ -192,6 +210,14 @@ class FailsafePair:
         grace = node.policy.lease_grace
         node.granted = {k: v for k, v in node.granted.items() if v + grace > self.now}
         result, node.result = node.result, None
+        heard = tuple((name, self.now - at) for name, at in sorted(node.heard.items()))
+        pulses: tuple[tuple[str, float], ...] = ()
+        if self.reaches(node) and node.reach_since is not None:
+            pulses = tuple(
+                (name, self.now - max(at, node.reach_since))
+                for name, at in sorted(self.pulse_at.items())
+                if name != node.name
+            )
         return Snapshot(
             view,
             LocalView(relay_running=True, relay_ready=True),
@@ -199,6 +225,8 @@ class FailsafePair:
             result,
             failsafe_held=tuple(sorted(node.held.items())),
             failsafe_granted=tuple(sorted(node.granted.items())),
+            heartbeat_ages=heard,
+            pulse_ages=pulses,
         )
 
     def _run_step(self, node: Node) -> None:
@@ -208,7 +236,9 @@ class FailsafePair:
         node.step_end = None
         ok, epoch, detail = True, 0, ""
         if step is Step.ACQUIRE:
-            if self.reaches(node) and self.leader is None:
+            stale = self.leader is not None and node.stale == (self.leader.node, self.leader.epoch)
+            if self.reaches(node) and (self.leader is None or stale):
+                self.fast_takeovers += stale
                 self.epoch += 1
                 epoch = self.epoch
                 self.leader = Leader(node.name, epoch, WALL0)
@@ -234,9 +264,39 @@ class FailsafePair:
                 node.last_leader = None
         node.result = StepResult(step, ok, STEP_TIME, detail, epoch)
 
+    def _channel_and_pulses(self) -> None:
+        """Heartbeats over the channel; pulses in ZooKeeper, and who reaches it since when."""
+        for node in self.nodes.values():
+            reaches = self.reaches(node)
+            if not reaches:
+                node.reach_since = None
+            elif node.reach_since is None:
+                node.reach_since = self.now
+            beats = node.alive and pulsing(node.state)
+            if not beats:
+                node.pulsing_since = None
+            elif node.pulsing_since is None:
+                node.pulsing_since = self.now
+            if beats and reaches and node.session_alive:
+                self.pulse_at[node.name] = self.now
+            peer = self.nodes[other(node.name)]
+            if node.alive and self.channel[node.name] and peer.alive:
+                peer.heard[node.name] = self.now
+
+    def _check_fence(self, node: Node) -> None:
+        """A fence of the silent leader, begun now: was it pulsing in view all along?"""
+        target = self.nodes[other(node.name)]
+        since = self.now - node.policy.peer_timeout
+        seen = node.reach_since is not None and node.reach_since <= since
+        reached = target.reach_since is not None and target.reach_since <= since
+        pulsed = target.pulsing_since is not None and target.pulsing_since <= since
+        self.false_fences += seen and reached and pulsed and target.alive
+
     def tick(self) -> None:
         self.now += TICK
         self._expire_sessions()
+        if self.heartbeats:
+            self._channel_and_pulses()
         self._deliver()
         for node in self.nodes.values():
             if not node.alive:
@@ -246,6 +306,9 @@ class FailsafePair:
             node.state = decision.state
             if decision.actions:
                 action = decision.actions[0]
+                node.stale = action.stale_leader
+                if action.step is Step.FENCE and decision.state.role is Role.PASSIVE:
+                    self._check_fence(node)
                 # Every step a tick or two; a drain its whole time limit (the worst case).
                 took = action.timeout if action.step is Step.DRAIN else STEP_TIME
                 node.step_end = self.now + took
