@@ -370,6 +370,7 @@ class Agent:
             holds=holds_resources(self.state),
             api=self.config.api.url,
             vip=self.vip.address if self.vip is not None else "",
+            channel_silent=self.state.channel_silent,
         )
 
     async def _snapshot(self) -> Snapshot:

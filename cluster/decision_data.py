@@ -90,6 +90,9 @@ class Member:
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
     api: str = ""  # the agent's HTTP API ("http://address:port"), "" when it has none
     vip: str = ""  # the pair's virtual IP ("198.18.0.100/24"), for the fleet's view (none: "")
+    # The leader it hears nothing from over the peer channel while that leader's pulse in
+    # ZooKeeper advances: a cut channel, for ``hamta cluster status`` ("": none).
+    channel_silent: str = ""
 
 
 @dataclass(frozen=True, slots=True)

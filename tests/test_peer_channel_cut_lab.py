@@ -21,6 +21,7 @@ import pytest
 from cluster.lab import partitions
 from cluster.lab.history import recovery_time
 from cluster.lab.lab import Lab
+from cluster.operator import format_status
 from tests.support.lab_checks import Sampler, agent_decisions, drained, wait_pair, wait_until
 from tests.test_fencing_lab import start_load
 
@@ -62,6 +63,7 @@ def test_a_cut_peer_channel_fences_nobody_and_the_active_node_serves_on(
             try:
                 time.sleep(CUT)  # the fault's length: nothing is awaited, the load runs on
                 assert wait_pair(lab) == active
+                status = lab.cluster_status()  # ``hamta cluster status --json``
             finally:
                 partitions.lift(lab, active)
             wait_until(
@@ -92,6 +94,13 @@ def test_a_cut_peer_channel_fences_nobody_and_the_active_node_serves_on(
     assert len(cut) == 1, triggers
     assert cut[0]["level"] == "warning"
     assert "the peer channel is cut, not the node" in str(cut[0]["note"])
+    # ... and shown by ``hamta cluster status`` while it lasted.
+    assert status is not None
+    assert {n["node"]: n["channel_silent"] for n in status["nodes"]} == {
+        active: None,
+        passive: active,
+    }
+    assert f"PEER CHANNEL CUT: {passive} hears nothing from {active}" in format_status(status)
     heard = [d for d in decisions if d["trigger"] == "peer_channel_heard"]
     assert [d["note"] for d in heard] == [
         f"peer channel to {active}: heard again over the peer channel"
