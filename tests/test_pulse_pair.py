@@ -53,16 +53,7 @@ def walked(seed: int) -> FailsafePair:
     rng = random.Random(seed)
     pair = started(fence_works=rng.random() < 0.7)
     for _ in range(40):
-        event = rng.random()
-        if event < 0.05:
-            pair.set_quorum(not pair.quorum)
-        elif event < 0.15:
-            node = pair.nodes[rng.choice(NODES)]
-            node.reach = not node.reach
-        elif event < 0.9:
-            name = rng.choice(NODES)
-            pair.channel[name] = not pair.channel[name]
-        pair.run(rng.choice((0.2, 1.0, 2.0, 4.0)))
+        pair.perturb(rng, quorum=0.05, reach=0.15, channel=0.9)
     return pair
 
 

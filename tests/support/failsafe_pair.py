@@ -18,6 +18,7 @@ too, for a whole ``peer_timeout`` is counted in ``false_fences``: a cut channel 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from cluster.decision_data import (
@@ -338,6 +339,21 @@ class FailsafePair:
         for _ in range(round(seconds / TICK)):
             self.tick()
             assert self.overlaps == 0, f"two nodes serving at {self.now:.2f}"
+
+    def perturb(self, rng: random.Random, quorum: float, reach: float, channel: float) -> None:
+        """One random event, by the cumulative odds given (the rest: nothing), then a random
+        while of it: the quorum lost or back, a node cut off from ZooKeeper or back, a node's
+        outgoing peer channel cut or back."""
+        event = rng.random()
+        if event < quorum:
+            self.set_quorum(not self.quorum)
+        elif event < reach:
+            node = self.nodes[rng.choice(NODES)]
+            node.reach = not node.reach
+        elif event < channel:
+            name = rng.choice(NODES)
+            self.channel[name] = not self.channel[name]
+        self.run(rng.choice((0.2, 1.0, 2.0, 4.0)))
 
     def active(self) -> str | None:
         serving = [name for name, node in self.nodes.items() if node.serving and node.alive]
