@@ -6,13 +6,16 @@ administrator (cluster/fleet.py), and each pair two agents' coordinators with th
 credentials and the fleet reader's READ. Each coordinator does what an agent does against
 ZooKeeper at the agent's default rates: it publishes its member znode every heartbeat (1 s) and
 reads the cluster (``view()``: leader, epoch, members, pause, switchover) every health interval
-(0.5 s), its watches installed at start. After a warm-up, ``mntr`` on every server gives the
-counts, and the packets the servers received over the window give the requests per second.
+(0.5 s), its watches installed at start; node1, the leader, advances its pulse every
+``peer_timeout / 4`` (0.25 s) and node2 watches it (``cluster.coordination_pulse``; ``--pulse
+off``: as before the pulse). After a warm-up, ``mntr`` on every server gives the counts, and the
+packets the servers received (and sent: answers and watch events) over the window give the
+requests per second.
 
 These are coordinators, not whole agents (no relay, no storage): the ZooKeeper traffic is the
 agent's, which is what the ensemble sees. Run as root or not; it uses no namespace.
 
-    python bench/fleet.py [--pairs 1,2,4] [--window 10]
+    python bench/fleet.py [--pairs 1,2,4] [--window 10] [--pulse on|off]
 
 Prints a line per N and a final JSON line.
 """
@@ -44,6 +47,7 @@ ADMIN = Credentials("fleet-admin", "bench-admin")
 READER = Credentials("fleet-reader", "bench-reader")
 HEARTBEAT = 1.0
 HEALTH_INTERVAL = 0.5
+PULSE_INTERVAL = 0.25  # peer_timeout (1 s) / 4
 
 
 def free_port(address: str) -> int:
@@ -84,7 +88,16 @@ def agent_loop(coordinator: Coordinator, node: str, stop: threading.Event) -> No
         stop.wait(HEALTH_INTERVAL)
 
 
-def measure(pairs: int, window: float, base: Path) -> dict[str, Any]:
+def pulse_loop(coordinator: Coordinator, stop: threading.Event) -> None:
+    """The leader's pulse, at the agent's default rate."""
+    beat = 0
+    while not stop.is_set():
+        beat += 1
+        coordinator.pulse(1, beat)
+        stop.wait(PULSE_INTERVAL)
+
+
+def measure(pairs: int, window: float, base: Path, *, pulse: bool = True) -> dict[str, Any]:
     with ensemble(base) as servers:
         root = fleet_root(servers.hosts)[1]
         admin = KazooClient(hosts=servers.hosts, auth_data=[ADMIN.auth])
@@ -113,12 +126,20 @@ def measure(pairs: int, window: float, base: Path) -> dict[str, Any]:
                     readers=[READER.digest_id],
                 )
                 coordinator.start(30)
+                if pulse and node == "node2":
+                    coordinator.watch_pulses(["node1"])
                 coordinators.append((coordinator, node))
         stop = threading.Event()
         threads = [
             threading.Thread(target=agent_loop, args=(c, n, stop), daemon=True)
             for c, n in coordinators
         ]
+        if pulse:
+            threads += [
+                threading.Thread(target=pulse_loop, args=(c, stop), daemon=True)
+                for c, n in coordinators
+                if n == "node1"
+            ]
         for thread in threads:
             thread.start()
         time.sleep(3.0)  # warm-up: every member published, every watch set
@@ -134,6 +155,10 @@ def measure(pairs: int, window: float, base: Path) -> dict[str, Any]:
         int(a["zk_packets_received"]) - int(b["zk_packets_received"])
         for a, b in zip(after, before, strict=True)
     )
+    sent = sum(
+        int(a["zk_packets_sent"]) - int(b["zk_packets_sent"])
+        for a, b in zip(after, before, strict=True)
+    )
     return {
         "pairs": pairs,
         "sessions": len(coordinators),
@@ -141,6 +166,8 @@ def measure(pairs: int, window: float, base: Path) -> dict[str, Any]:
         "watches": sum(int(answer["zk_watch_count"]) for answer in after),
         "connections": sum(int(answer["zk_num_alive_connections"]) for answer in after),
         "requests_per_s": round(received / elapsed, 1),
+        "sent_per_s": round(sent / elapsed, 1),  # answers and watch events
+        "pulse": pulse,
     }
 
 
@@ -148,14 +175,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default="1,2,4", help="the values of N, comma-separated")
     parser.add_argument("--window", type=float, default=10.0, help="seconds measured per N")
+    parser.add_argument(
+        "--pulse", choices=("on", "off"), default="on", help="the leader's pulse (issue 17)"
+    )
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         for pairs in (int(value) for value in args.pairs.split(",")):
-            result = measure(pairs, args.window, Path(tmp) / f"n{pairs}")
+            result = measure(pairs, args.window, Path(tmp) / f"n{pairs}", pulse=args.pulse == "on")
             print(
                 f"N={pairs}: {result['sessions']} sessions, {result['znodes']} znodes, "
-                f"{result['watches']} watches, {result['requests_per_s']} requests/s",
+                f"{result['watches']} watches, {result['requests_per_s']} requests/s, "
+                f"{result['sent_per_s']} packets sent/s",
                 flush=True,
             )
             results.append(result)

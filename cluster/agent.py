@@ -60,7 +60,7 @@ from cluster.peer_channel import (
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import DrbdStorage, Storage, storage_from_config
-from cluster.takeover import holds_resources, silence_due
+from cluster.takeover import holds_resources, pulsing, silence_due
 from cluster.vip import VipSet, VirtualIp, moving_addresses
 from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
@@ -263,6 +263,11 @@ class Agent:
         self.api = self._api(config) if config.api.listen else None
 
         self.channel = self._peer_channel(config)
+        # The pulse in ZooKeeper that corroborates a silence on the channel before the fast
+        # takeover fences anyone (cluster.coordination_pulse): written while this node may
+        # hold the leader znode, its peers' watched.
+        self.pulses = agent.fast_takeover and self.channel is not None
+        self.beats = 0  # pulses written so far
         self.failsafe: FailsafeLeases | None = None
         if self.channel is not None:
             self.failsafe = FailsafeLeases(
@@ -341,6 +346,13 @@ class Agent:
         if self.failsafe is not None:
             self.failsafe.ask(self.state)
 
+    async def _pulse(self) -> None:
+        """Every ``peer_timeout / 4``: advance this node's pulse while it may lead (not waited
+        for: the write goes out in kazoo's thread)."""
+        if pulsing(self.state):
+            self.beats += 1
+            self.coordinator.pulse(self.state.epoch, self.beats)
+
     # ------------------------------------------------------------ observation
 
     def member(self) -> Member:
@@ -359,6 +371,7 @@ class Agent:
             holds=holds_resources(self.state),
             api=self.config.api.url,
             vip=self.vip.address if self.vip is not None else "",
+            channel_silent=self.state.channel_silent,
         )
 
     async def _snapshot(self) -> Snapshot:
@@ -395,6 +408,7 @@ class Agent:
             result=result,
             heartbeat_ages=ages,
             location_verdicts=self.locations,
+            pulse_ages=self.coordinator.pulse_ages() if self.pulses else (),
         )
         return self.failsafe.view(snapshot) if self.failsafe is not None else snapshot
 
@@ -485,7 +499,9 @@ class Agent:
         cluster = snapshot.cluster
         deadline = cluster.session_deadline
         suspended = cluster.session is Session.SUSPENDED and deadline is not None
-        self.log.info(
+        # A cut peer channel (the leader alive by its pulse) is for an operator to mend.
+        cut = decision.trigger is Trigger.CHANNEL_SILENT
+        (self.log.warning if cut else self.log.info)(
             "Decision",
             role=after.role.value,
             was=before.role.value,
@@ -793,6 +809,8 @@ class Agent:
                 await asyncio.to_thread(self.coordinator.stop)
                 raise AgentStartError(f"api.listen {self.config.api.listen}: {exc}") from None
         agent = self.config.agent
+        if self.pulses:
+            await asyncio.to_thread(self.coordinator.watch_pulses, agent.peers)
         if self.channel is not None:
             await self.channel.start()
             self.log.info(
@@ -810,6 +828,8 @@ class Agent:
             asyncio.create_task(self._every(agent.health_interval, self._read_locations)),
             asyncio.create_task(self._every(self.watchdog_timeout / 4, self._keep_watchdog)),
         ]
+        if self.pulses:
+            background.append(asyncio.create_task(self._every(agent.peer_timeout / 4, self._pulse)))
         try:
             while True:
                 self.wake.clear()

@@ -14,6 +14,9 @@ Znodes, all under ``/hamta/<cluster>``, all JSON:
 - ``outdated/<node>`` (persistent): a node whose DRBD replica missed writes, and in which epoch.
 - ``split-brain`` (persistent, text): DRBD found the replicas diverged.
 - ``monitors/<location>`` (ephemeral): each monitor's current verdicts (``monitor.cluster_link``).
+- ``pulses/<node>`` (ephemeral): ``{"node", "epoch", "beat"}``, rewritten every
+  ``peer_timeout / 4`` by a node that may hold the leader znode; its peer watches it advance
+  (``cluster.coordination_pulse``) to tell a cut peer channel from a dead node.
 
 The ``cluster.coordination.Coordinator`` reads and writes them (``cluster.coordination_*``).
 """
@@ -117,6 +120,15 @@ class EpochRecord(msgspec.Struct):
     at: float | None = None  # when the term was taken (wall clock of the taker)
 
 
+class PulseRecord(msgspec.Struct):
+    """A node's pulse: what changes matters (each write is an advance), the rest is for people
+    reading ZooKeeper."""
+
+    node: str
+    epoch: int
+    beat: int  # writes so far by this agent
+
+
 class ServedRecord(msgspec.Struct):
     """The last takeover that served (its promotion published: ACTIVE), whichever term it was."""
 
@@ -190,6 +202,13 @@ class Paths:
 
     def monitor(self, location: str) -> str:
         return f"{self.monitors}/{location}"
+
+    @property
+    def pulses(self) -> str:
+        return f"{self.root}/pulses"
+
+    def pulse(self, node: str) -> str:
+        return f"{self.pulses}/{node}"
 
 
 def check_name(kind: str, name: str) -> None:

@@ -254,6 +254,7 @@ class CoordinatorSession:
             paths.history: (b"[]", self._acl),
             paths.nodes: (b"", self._acl),
             paths.outdated: (b"", self._acl),
+            paths.pulses: (b"", self._acl),
         }
         if self.node != OPERATOR:
             # Persistent: a node that ever joined stays known (and fenced before a takeover when

@@ -90,6 +90,9 @@ class Member:
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
     api: str = ""  # the agent's HTTP API ("http://address:port"), "" when it has none
     vip: str = ""  # the pair's virtual IP ("198.18.0.100/24"), for the fleet's view (none: "")
+    # The leader it hears nothing from over the peer channel while that leader's pulse in
+    # ZooKeeper advances: a cut channel, for ``hamta cluster status`` ("": none).
+    channel_silent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,13 @@ class Snapshot:
     # granted a lease to, when it ends: this node does not take over unfenced before then.
     failsafe_held: tuple[tuple[str, float], ...] = ()
     failsafe_granted: tuple[tuple[str, float], ...] = ()
+    # The leader's pulse in ZooKeeper (``pulses/<node>``, advanced every ``peer_timeout / 4``
+    # by a node that may hold the leader znode): for each peer whose pulse znode exists, the
+    # seconds since this agent last saw it advance, by its own monotonic clock when the change
+    # arrived, counted only while its own session is connected (a reconnection starts the count
+    # afresh: changes missed while cut off prove nothing). Given only while connected. It
+    # corroborates a silence on the peer channel (``cluster.takeover.silent_leader``).
+    pulse_ages: tuple[tuple[str, float], ...] = ()
 
 
 class Takeover(enum.StrEnum):
@@ -380,6 +390,10 @@ class AgentState:
     # ACTIVE: since when it has served in failsafe (its session suspended, every peer's lease
     # held); None when not.
     failsafe_since: float | None = None
+    # PASSIVE: the leader whose heartbeats stopped while its pulse in ZooKeeper still advances
+    # (the peer channel is cut, not the node), as last logged: one line when it begins, one
+    # when it ends (``Trigger.CHANNEL_SILENT``, ``Trigger.CHANNEL_HEARD``); "" when none.
+    channel_silent: str = ""
 
 
 # ------------------------------------------------------------------ what the agent decided
@@ -416,6 +430,9 @@ class Trigger(enum.StrEnum):
     FENCED_HELD = "fenced_held"  # ... fenced, but a takeover is not allowed now (``refine``)
     FAILSAFE_ENTERED = "failsafe_entered"  # active, suspended, every peer holds it a lease
     FAILSAFE_ENDED = "failsafe_ended"  # ... no longer: the session is back, or a lease is gone
+    # The leader's heartbeats stopped but its pulse in ZooKeeper advances: not fenced (``refine``)
+    CHANNEL_SILENT = "peer_channel_silent_leader_alive"
+    CHANNEL_HEARD = "peer_channel_heard"  # ... no longer so: heard again, or another leader
     NOTHING = "nothing"
 
 

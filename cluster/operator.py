@@ -123,6 +123,7 @@ def cluster_status(
                 "vip": holds,
                 "smtp": member.smtp,
                 "api": member.api or None,
+                "channel_silent": member.channel_silent or None,
             }
         )
     last = history[-1] if history else None
@@ -206,6 +207,13 @@ def format_status(status: dict[str, Any]) -> str:
                 "yes" if node["vip"] else "",
             )
         )
+    for node in status["nodes"]:
+        if node.get("channel_silent"):
+            lines.append(
+                f"PEER CHANNEL CUT: {node['node']} hears nothing from {node['channel_silent']} "
+                "over the peer channel, yet its pulse in ZooKeeper advances (no fence; mend the "
+                "channel: the fast takeover and failsafe need it)"
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     if len(rows) == 1:

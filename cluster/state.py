@@ -77,12 +77,15 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   still connected and holding is never passed over. The wait is a state, not a sleep: the
   promotion holds leadership, and a lost session still rolls it back.
 - Fenced immediate takeover: a passive node that has not heard the leader's authenticated
-  heartbeats for ``peer_timeout`` fences it first (``PEER_SILENT``: a FENCE step while still
+  heartbeats for ``peer_timeout``, nor seen its pulse in ZooKeeper advance for as long while its
+  own session is connected, fences it first (``PEER_SILENT``: a FENCE step while still
   passive, under every rule a takeover obeys), and only once the fence is confirmed replaces the
   leader znode in one transaction with the epoch increment, checked to be the very znode fenced
   (``PEER_FENCED``), without waiting for the old session to expire. A failed fence changes
   nothing: the old session's expiry and the lease rule follow as before. A node heard again, a
   pause, a switchover or a znode changed meanwhile holds the takeover back (``FENCED_HELD``).
+  Heartbeats stopped while the pulse advances is a cut peer channel, not a dead node: no fence,
+  a warning once (``CHANNEL_SILENT``, then ``CHANNEL_HEARD`` when it ends).
 - Below the agent, a newer term's epoch on the spool stops a zombie relay (``hamta.epoch_token``)
   and a watchdog fed by the agent stops the relay and drops the virtual IP when the agent hangs
   (``fencing.watchdog``). docs/fencing.md puts the layers together.
@@ -114,10 +117,12 @@ from cluster.decision_data import (
 from cluster.failsafe import failsafe_due, held_until, members, serving_in_failsafe
 from cluster.gray_failure import gray_refusal, gray_sighting
 from cluster.takeover import (
+    alive_unheard_leader,
     fence_targets,
     hand_over_refusal,
     heartbeat_age,
     lease_verdict,
+    pulse_age,
     replica_refusal,
     silent_leader,
     takeover_refusal,
@@ -171,7 +176,8 @@ def _may_take_over_fenced(
 ) -> bool:
     """The fast path's second half: the silent leader was fenced, the fence confirmed. Take over
     at once if the leader znode is still the one fenced (or vacant), the fenced node has stayed
-    silent (a heartbeat now would prove the fence wrong) and a takeover is allowed now."""
+    silent (a heartbeat or an advance of its pulse now would prove the fence wrong) and a
+    takeover is allowed now."""
     cluster, fenced = snapshot.cluster, state.silent_leader
     if cluster.session is not Session.CONNECTED or fenced is None:
         return False
@@ -180,6 +186,9 @@ def _may_take_over_fenced(
         return False
     age = heartbeat_age(snapshot, fenced[0])
     if age is not None and age < policy.peer_timeout:
+        return False
+    pulse = pulse_age(snapshot, fenced[0])
+    if pulse is not None and pulse < policy.peer_timeout:
         return False
     if _switchover_pending(snapshot, policy) is not None:
         return False
@@ -325,6 +334,11 @@ def classify(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
             return Trigger.LEADER_VACANT
         if _may_fence_silent(state, snapshot, now, policy):
             return Trigger.PEER_SILENT
+        # Unheard on the channel, yet its pulse in ZooKeeper advances (``refine`` says it once).
+        if alive_unheard_leader(snapshot, policy) is not None:
+            return Trigger.CHANNEL_SILENT
+        if state.channel_silent:
+            return Trigger.CHANNEL_HEARD
     return Trigger.NOTHING
 
 
@@ -370,6 +384,14 @@ def refine(
     fenced = role is Role.PASSIVE and trigger is Trigger.PEER_FENCED
     if fenced and not _may_take_over_fenced(state, snapshot, now, policy):
         return Trigger.FENCED_HELD
+    # A leader unheard on the peer channel whose pulse in ZooKeeper still advances is alive:
+    # the channel is cut. Never fenced for it (``silent_leader``); said once per episode and
+    # leader, then nothing to do (its session's expiry still ends its term, as without the
+    # fast path).
+    if role is Role.PASSIVE and trigger is Trigger.CHANNEL_SILENT:
+        leader = alive_unheard_leader(snapshot, policy)
+        if leader is not None and leader.node == state.channel_silent:
+            return Trigger.NOTHING
     # The start that fails for the ``relay_start_limit``-th time in a row: FAILED.
     starting = role in (Role.STARTING, Role.PASSIVE) and trigger is Trigger.STEP_FAILED
     if starting and state.attempts + 1 >= policy.relay_start_limit:
@@ -451,6 +473,8 @@ class Then(enum.Enum):
     BEGIN_FENCED_PROMOTION = "begin fenced promotion"  # replace its leader znode at once
     HOLD_FENCED = "hold fenced"  # fenced, but no takeover now: today's path will follow
     SILENT_FENCE_FAILED = "silent fence failed"  # not fenced: nothing changes
+    NOTE_CHANNEL_SILENT = "note channel silent"  # the leader unheard but pulsing: say so, once
+    NOTE_CHANNEL_HEARD = "note channel heard"  # ... no longer: say why, once
     ENTER_FAILSAFE = "enter failsafe"  # note since when, and until when the leases hold
     LEAVE_FAILSAFE = "leave failsafe"  # note why: the session is back, or a lease is gone
 
@@ -486,6 +510,10 @@ TRANSITIONS: Final[Mapping[tuple[Role, Trigger], Transition]] = {
     (Role.PASSIVE, Trigger.PEER_FENCED): Transition(_P, Then.BEGIN_FENCED_PROMOTION),
     (Role.PASSIVE, Trigger.FENCED_HELD): Transition(Role.PASSIVE, Then.HOLD_FENCED),
     (Role.PASSIVE, Trigger.FENCE_FAILED): Transition(Role.PASSIVE, Then.SILENT_FENCE_FAILED),
+    # passive, the leader unheard on the peer channel while its pulse in ZooKeeper advances:
+    # a cut channel, not a dead node; no fence (``silent_leader``), a warning once (``refine``)
+    (Role.PASSIVE, Trigger.CHANNEL_SILENT): Transition(Role.PASSIVE, Then.NOTE_CHANNEL_SILENT),
+    (Role.PASSIVE, Trigger.CHANNEL_HEARD): Transition(Role.PASSIVE, Then.NOTE_CHANNEL_HEARD),
     # promoting: one step after another; any failure or loss rolls everything back
     (_P, Trigger.STEP_DONE): Transition(_P, Then.NEXT_PROMOTION_STEP),
     (_P, Trigger.PROMOTED): Transition(_A, Then.FINISH_PROMOTION),
@@ -794,6 +822,28 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
             again = now + policy.retry_interval
             new = replace(state, step=None, silent_leader=None, silent_fence_at=again)
             return new, (), note
+        case Then.NOTE_CHANNEL_SILENT:
+            leader = alive_unheard_leader(ctx.snapshot, policy)
+            assert leader is not None  # ``classify`` saw it
+            heard = heartbeat_age(ctx.snapshot, leader.node) or 0.0
+            pulse = pulse_age(ctx.snapshot, leader.node) or 0.0
+            note = (
+                f"{leader.node}'s heartbeats stopped {heard:.2f}s ago, but its pulse in ZooKeeper "
+                f"advanced {pulse:.2f}s ago: the peer channel is cut, not the node; not fencing "
+                "it (the fast takeover waits for both to go silent)"
+            )
+            return replace(state, channel_silent=leader.node), (), note
+        case Then.NOTE_CHANNEL_HEARD:
+            node, leader = state.channel_silent, ctx.snapshot.cluster.leader
+            if ctx.snapshot.cluster.session is not Session.CONNECTED:
+                why = "ZooKeeper lost here, its pulse unseen"
+            elif leader is None or leader.node != node:
+                why = "it no longer leads"
+            elif (heartbeat_age(ctx.snapshot, node) or 0.0) < policy.peer_timeout:
+                why = "heard again over the peer channel"
+            else:
+                why = "its pulse in ZooKeeper stopped too"
+            return replace(state, channel_silent=""), (), f"peer channel to {node}: {why}"
         case Then.RETRY_DEMOTION_STEP:
             if result is not None:  # it just failed: wait a little before trying again
                 attempts = state.attempts + 1

@@ -21,6 +21,7 @@ from cluster.decision_data import (
     Member,
     Policy,
     Role,
+    Session,
     Snapshot,
     Step,
     Switchover,
@@ -103,14 +104,23 @@ def heartbeat_age(snapshot: Snapshot, node: str) -> float | None:
     return dict(snapshot.heartbeat_ages).get(node)
 
 
-def silent_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
-    """The other node's leader znode, when its heartbeats over the peer channel have stopped.
+def pulse_age(snapshot: Snapshot, node: str) -> float | None:
+    """Seconds since ``node``'s pulse in ZooKeeper last advanced, as this node saw it while
+    connected; None when it has no pulse znode (its session ended, or it never pulsed)."""
+    return dict(snapshot.pulse_ages).get(node)
 
-    Its session may live on in ZooKeeper for the session timeout, and its znode with it; its
-    silence alone proves nothing (a stalled machine, a cut link): it is a reason to fence it,
-    never to take over unfenced. A node never heard, or heard within ``peer_timeout``, is not
-    silent. None with ``fast_takeover`` off.
-    """
+
+def pulsing(state: AgentState) -> bool:
+    """Whether a node in ``state`` advances its pulse in ZooKeeper: whenever it may hold the
+    leader znode (from ACQUIRE to RELEASE), so that its peer can tell a cut channel from a dead
+    node before fencing it (``silent_leader``). A passive node's pulse would be read by nobody."""
+    return state.role in (Role.PROMOTING, Role.ACTIVE, Role.DEMOTING)
+
+
+def unheard_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
+    """The other node's leader znode, when its heartbeats over the peer channel have stopped for
+    ``peer_timeout``. A node never heard, or heard within ``peer_timeout``, is not unheard. None
+    with ``fast_takeover`` off."""
     leader = snapshot.cluster.leader
     if not policy.fast_takeover or leader is None or leader.ours or leader.node == policy.node:
         return None
@@ -118,14 +128,55 @@ def silent_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
     return leader if age is not None and age >= policy.peer_timeout else None
 
 
+def _pulse_fresh(snapshot: Snapshot, node: str, policy: Policy) -> bool:
+    """``node``'s pulse advanced within ``peer_timeout``, seen over a connected session."""
+    if snapshot.cluster.session is not Session.CONNECTED:
+        return False
+    age = pulse_age(snapshot, node)
+    return age is not None and age < policy.peer_timeout
+
+
+def silent_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
+    """The other node's leader znode, when both its channels have gone quiet: its heartbeats
+    over the peer channel for ``peer_timeout`` (``unheard_leader``) and its pulse in ZooKeeper
+    for ``peer_timeout`` too, while this node's session is connected (the snapshot gives pulse
+    ages only then).
+
+    Its session may live on in ZooKeeper for the session timeout, and its znode with it; its
+    silence alone proves nothing (a stalled machine): it is a reason to fence it, never to take
+    over unfenced. A silence on the channel alone while the pulse advances is a cut channel, not
+    a dead node (``alive_unheard_leader``): no fence. A leader without a pulse znode (its
+    session just ended, or an agent that does not pulse) is judged on its heartbeats alone, as
+    before the pulse. None with ``fast_takeover`` off.
+    """
+    leader = unheard_leader(snapshot, policy)
+    if leader is None or _pulse_fresh(snapshot, leader.node, policy):
+        return None
+    return leader
+
+
+def alive_unheard_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
+    """The leader whose heartbeats stopped while its pulse in ZooKeeper advances: the peer
+    channel is cut (a firewall, a link), not the node. Never fenced for it; said once."""
+    leader = unheard_leader(snapshot, policy)
+    if leader is None or not _pulse_fresh(snapshot, leader.node, policy):
+        return None
+    return leader
+
+
 def silence_due(snapshot: Snapshot, policy: Policy) -> float | None:
-    """Seconds from ``snapshot`` until the leader's heartbeats are ``peer_timeout`` old, so the
-    agent looks again then (no wake-up comes with a silence); None when nothing is awaited."""
+    """Seconds from ``snapshot`` until the leader is ``silent_leader``: its heartbeats and its
+    pulse both ``peer_timeout`` old, so the agent looks again then (no wake-up comes with a
+    silence, and a pulse's advance wakes nobody); None when nothing is awaited."""
     leader = snapshot.cluster.leader
     if not policy.fast_takeover or leader is None or leader.ours or leader.node == policy.node:
         return None
     age = heartbeat_age(snapshot, leader.node)
-    return None if age is None else max(policy.peer_timeout - age, 0.0)
+    if age is None:
+        return None
+    due = max(policy.peer_timeout - age, 0.0)
+    pulse = pulse_age(snapshot, leader.node)
+    return due if pulse is None else max(due, policy.peer_timeout - pulse)
 
 
 def replica_refusal(node: str, cluster: ClusterView) -> str | None:

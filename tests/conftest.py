@@ -50,6 +50,7 @@ SERIAL_FILES = frozenset(
         "test_lab_submission.py",
         "test_lab_tls.py",
         "test_partition_baseline.py",
+        "test_peer_channel_cut_lab.py",
         "test_vagrant_cluster.py",
         "test_vip.py",
         "test_vip_set.py",

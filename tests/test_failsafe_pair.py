@@ -136,16 +136,7 @@ def test_random_outages_cuts_and_regains_never_make_two_serving_nodes(
     pair = started(silent=silent)
     pair.fence_works = rng.random() < 0.3
     for _ in range(40):
-        event = rng.random()
-        if event < 0.25:
-            pair.set_quorum(not pair.quorum)
-        elif event < 0.5:
-            node = pair.nodes[rng.choice(NODES)]
-            node.reach = not node.reach
-        elif event < 0.75:
-            name = rng.choice(NODES)
-            pair.channel[name] = not pair.channel[name]
-        pair.run(rng.choice((0.2, 1.0, 2.0, 4.0)))
+        pair.perturb(rng, quorum=0.25, reach=0.5, channel=0.75)
     # Everything healed: someone serves again.
     pair.set_quorum(True)
     pair.channel = dict.fromkeys(NODES, True)

@@ -234,13 +234,13 @@ def serving(pair: Pair) -> list[str]:
 
 @pytest.mark.parametrize("alive", [False, True])
 def test_pair_a_silent_active_node_is_fenced_before_its_peer_serves(alive: bool) -> None:
-    """``alive``: only its heartbeats stopped (a stalled machine, a cut link): it still decides,
-    still holds the leader znode and serves, until the fence powers it off."""
+    """``alive``: a stalled machine (its heartbeats and its pulse in ZooKeeper stopped): it
+    still decides, still holds the leader znode and serves, until the fence powers it off."""
     pair = Pair({NODE: AgentState(role=Role.PASSIVE), PEER: AgentState(role=Role.PASSIVE)})
     pair.decide(NODE)
     pair.settle()
     assert pair.states[NODE].role is Role.ACTIVE and pair.leader == NODE
-    pair.silent_since[NODE] = pair.now
+    pair.silent_since[NODE] = pair.pulse_since[NODE] = pair.now
     if not alive:
         pair.dead.add(NODE)
     pair.now += 0.5

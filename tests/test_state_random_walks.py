@@ -45,3 +45,4 @@ def test_random_walks_exercise_the_new_rules() -> None:
     assert sum(h.failsafe for h in histories) >= 5  # began serving in failsafe
     assert sum(h.failsafe_rides for h in histories) >= 5  # ... past the session's deadline
     assert sum(h.past_grants for h in histories) >= 3  # unfenced, once its grant had ended
+    assert sum(h.channel_cuts for h in histories) >= 5  # unheard but pulsing: not fenced

@@ -97,6 +97,14 @@ CASES: dict[tuple[Role, Trigger], Case] = {
         World(leader=theirs(), heartbeat_ages={PEER: 2.0}),
         failed(Step.FENCE),
     ),
+    (Role.PASSIVE, Trigger.CHANNEL_SILENT): Case(
+        AgentState(role=Role.PASSIVE),
+        World(leader=theirs(), heartbeat_ages={PEER: 2.0}, pulse_ages={PEER: 0.2}),
+    ),
+    (Role.PASSIVE, Trigger.CHANNEL_HEARD): Case(
+        AgentState(role=Role.PASSIVE, channel_silent=PEER),
+        World(leader=theirs(), heartbeat_ages={PEER: 0.1}, pulse_ages={PEER: 0.2}),
+    ),
     (Role.PROMOTING, Trigger.STEP_DONE): Case(
         promoting(Step.FENCE), World(leader=ours()), ok(Step.FENCE), steps=(Step.STORAGE,)
     ),
@@ -332,6 +340,12 @@ def check_effect(then: Then, before: AgentState, case: Case, decision: Decision)
             assert decision.note == (
                 f"serving in failsafe: ZooKeeper lost, leases held from {PEER} for 2.0s"
             )
+        case Then.NOTE_CHANNEL_SILENT:
+            assert after == replace(before, channel_silent=PEER)
+            assert "the peer channel is cut, not the node; not fencing it" in decision.note
+        case Then.NOTE_CHANNEL_HEARD:
+            assert after == replace(before, channel_silent="")
+            assert decision.note == f"peer channel to {PEER}: heard again over the peer channel"
         case Then.LEAVE_FAILSAFE:
             assert after == replace(before, failsafe_since=None)
             assert decision.note == "failsafe over after 30.0s: the session is back"
@@ -520,7 +534,13 @@ ONLY_REFINED = (
 # taking resources, so does a stop (a node that holds nothing just exits), each role has its own
 # health and opportunity triggers, and a promotion always has a step in flight.
 _PASSIVE = Role.PASSIVE
-_PASSIVE_ONLY = (Trigger.PEER_SILENT, Trigger.PEER_FENCED)  # the fast path starts passive
+# The fast path starts passive; so does a cut peer channel's line.
+_PASSIVE_ONLY = (
+    Trigger.PEER_SILENT,
+    Trigger.PEER_FENCED,
+    Trigger.CHANNEL_SILENT,
+    Trigger.CHANNEL_HEARD,
+)
 
 FAILSAFE = (Trigger.FAILSAFE_ENTERED, Trigger.FAILSAFE_ENDED)
 UNREACHABLE: frozenset[tuple[Role, Trigger]] = frozenset(

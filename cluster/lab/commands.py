@@ -256,6 +256,16 @@ def format_built(lab: Lab, *, agents: bool, haproxy: bool = False) -> str:
             (f"hamta lab heal {passive}{dir_option}", "ZooKeeper back for the passive: it refuses"),
             (f"hamta lab status{dir_option}", f"{passive} took over once {active} stopped"),
             (f"hamta lab heal {active}{dir_option}", "all back"),
+            (
+                f"hamta lab cut {passive} --from peer{dir_option}",
+                "the peer channel alone: nobody fenced",
+            ),
+            (f"hamta lab send --count 10{dir_option}", f"{passive} still serves"),
+            (
+                f"grep peer_channel_silent {lab.directory}/{active}/agent.log",
+                "why: its pulse in ZooKeeper advances",
+            ),
+            (f"hamta lab heal {passive}{dir_option}", "channel back"),
             (f"hamta lab down{dir_option}", "take it all away"),
         ]
         width = max(len(command) for command, _ in steps)

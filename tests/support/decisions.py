@@ -33,7 +33,7 @@ from cluster.decision_data import (
     Trigger,
 )
 from cluster.state import decide
-from cluster.takeover import holds_resources
+from cluster.takeover import holds_resources, pulsing
 
 # ---------------------------------------- the world, and one agent walking through it
 
@@ -109,6 +109,7 @@ class World:
     heartbeat_ages: dict[str, float] = field(default_factory=dict)  # peers heard over the channel
     failsafe_held: dict[str, float] = field(default_factory=dict)  # leases peers granted it
     failsafe_granted: dict[str, float] = field(default_factory=dict)  # leases it granted
+    pulse_ages: dict[str, float] = field(default_factory=dict)  # peers' pulses in ZooKeeper
 
     def snapshot(self, wall: float, result: StepResult | None = None) -> Snapshot:
         cluster = ClusterView(
@@ -143,6 +144,7 @@ class World:
             heartbeat_ages=tuple(sorted(self.heartbeat_ages.items())),
             failsafe_held=tuple(sorted(self.failsafe_held.items())),
             failsafe_granted=tuple(sorted(self.failsafe_granted.items())),
+            pulse_ages=tuple(sorted(self.pulse_ages.items())),
         )
 
 
@@ -325,6 +327,7 @@ def grid_states() -> list[AgentState]:
         AgentState(role=Role.PASSIVE, retry_at=NOW + 1),
         AgentState(role=Role.PASSIVE, cooldown_until=NOW + 1),
         AgentState(role=Role.PASSIVE, step=Step.FENCE, silent_leader=(PEER, EPOCH)),
+        AgentState(role=Role.PASSIVE, channel_silent=PEER),
         promoting(Step.ACQUIRE),
         promoting(Step.FENCE),
         promoting(Step.STORAGE),
@@ -372,6 +375,11 @@ def grid_worlds() -> list[World]:
                                                 heartbeat_ages={PEER: age},
                                                 # With a peer: it holds this node a lease.
                                                 failsafe_held={PEER: NOW + 2} if members else {},
+                                                # ... and its pulse advances (given only while
+                                                # connected); without: no pulse znode.
+                                                pulse_ages={PEER: 0.2}
+                                                if members and session is Session.CONNECTED
+                                                else {},
                                             )
                                         )
     # A gray failure seen by the check locations, where it can matter: a connected leader.
@@ -470,6 +478,9 @@ class Pair:
         # The peer channel: since when each node's heartbeats have not been heard (a dead node,
         # or a live one cut off or stalled); the others' are heard fresh.
         self.silent_since: dict[str, float] = {}
+        # Their pulses in ZooKeeper: since when each node's has not advanced (a dead or stalled
+        # node; a cut peer channel leaves it alone); the others' advance while ``pulsing``.
+        self.pulse_since: dict[str, float] = {}
         self.dead: set[str] = set()  # fenced (powered off): decides nothing; session lingers
         self.started: dict[str, Action] = {}  # each node's action in flight
 
@@ -503,8 +514,16 @@ class Pair:
             for name in sorted(self.states)
             if name != node
         )
+        # A pulse znode lives with its node's session; one that never pulsed has none.
+        pulses = tuple(
+            (name, self.now - self.pulse_since.get(name, self.now))
+            for name in sorted(self.connected)
+            if name != node and (name in self.pulse_since or pulsing(self.states[name]))
+        )
+        if node in self.suspended:  # given only while connected
+            pulses = ()
         local = LocalView(relay_running=True, relay_ready=True)
-        return Snapshot(view, local, self.wall, result, heartbeat_ages=ages)
+        return Snapshot(view, local, self.wall, result, heartbeat_ages=ages, pulse_ages=pulses)
 
     def decide(self, node: str, result: StepResult | None = None) -> Decision:
         snapshot = self.snapshot(node, result)
@@ -538,6 +557,7 @@ class Pair:
             for target in action.fence:  # powered off: stops deciding and heartbeating
                 self.dead.add(target)
                 self.silent_since.setdefault(target, self.now)
+                self.pulse_since.setdefault(target, self.now)
         return StepResult(step, True, 0.1)
 
     def run(self, node: str) -> Decision:

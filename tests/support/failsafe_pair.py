@@ -10,10 +10,17 @@ serving at once, counting the failsafe leases (a node serves from its RELAY step
 DRAIN step's end). With ``silent``, a server lost drops packets instead of resetting the
 connection: kazoo notices only at its read timeout, and a node's read of the cluster blocks
 until then (an active node's only until its demotion moment, as the agent's does).
+
+With ``heartbeats``, the fast takeover joins in (issue 17): each live node's heartbeats cross
+the channel (where it passes), and a node that may lead advances its pulse in ZooKeeper while it
+reaches a quorum; a watcher that reaches one sees it, counting from its own reconnection. Every
+fence of a node that was reaching ZooKeeper and pulsing, seen by a fencer that was reaching it
+too, for a whole ``peer_timeout`` is counted in ``false_fences``: a cut channel alone.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from cluster.decision_data import (
@@ -32,7 +39,7 @@ from cluster.decision_data import (
 )
 from cluster.failsafe import grant, should_ask
 from cluster.state import decide, demotion_due
-from cluster.takeover import holds_resources
+from cluster.takeover import holds_resources, pulsing
 
 NODES = ("alpha", "beta")
 TIMEOUT = 2.0  # the ZooKeeper session timeout
@@ -66,6 +73,10 @@ class Node:
     asks: dict[int, float] = field(default_factory=dict)
     seen: Session = Session.CONNECTED  # the session its last decision saw
     due: float | None = None  # an active node's demotion moment, from its last decision
+    heard: dict[str, float] = field(default_factory=dict)  # the peer's last heartbeat heard
+    reach_since: float | None = None  # reaching a quorum since (None: not now)
+    pulsing_since: float | None = None  # advancing its pulse since (None: not now)
+    stale: tuple[str, int] | None = None  # the ACQUIRE in flight may replace this znode
 
 
 @dataclass
@@ -80,10 +91,19 @@ class Message:
 
 class FailsafePair:
     def __init__(
-        self, *, fence_works: bool = False, lease: float = 3.0, silent: bool = False
+        self,
+        *,
+        fence_works: bool = False,
+        lease: float = 3.0,
+        silent: bool = False,
+        heartbeats: bool = False,
     ) -> None:
         self.now = 1000.0
         self.silent = silent
+        self.heartbeats = heartbeats
+        self.pulse_at: dict[str, float] = {}  # each pulse znode's last advance (it exists)
+        self.false_fences = 0
+        self.fast_takeovers = 0
         self.quorum = True
         self.quorum_since = self.now
         self.channel = {name: True for name in NODES}  # name -> its outgoing datagrams pass
@@ -144,6 +164,7 @@ class FailsafePair:
                 node.session_alive = False
                 node.lost_seen = True
                 self.absent[node.name] = self.now
+                self.pulse_at.pop(node.name, None)  # ephemeral: gone with its session
                 if self.leader is not None and self.leader.node == node.name:
                     self.leader = None
 
@@ -213,6 +234,14 @@ class FailsafePair:
         grace = node.policy.lease_grace
         node.granted = {k: v for k, v in node.granted.items() if v + grace > self.now}
         result, node.result = node.result, None
+        heard = tuple((name, self.now - at) for name, at in sorted(node.heard.items()))
+        pulses: tuple[tuple[str, float], ...] = ()
+        if self.reaches(node) and node.reach_since is not None:
+            pulses = tuple(
+                (name, self.now - max(at, node.reach_since))
+                for name, at in sorted(self.pulse_at.items())
+                if name != node.name
+            )
         return Snapshot(
             view,
             LocalView(relay_running=True, relay_ready=True),
@@ -220,6 +249,8 @@ class FailsafePair:
             result,
             failsafe_held=tuple(sorted(node.held.items())),
             failsafe_granted=tuple(sorted(node.granted.items())),
+            heartbeat_ages=heard,
+            pulse_ages=pulses,
         )
 
     def _run_step(self, node: Node) -> None:
@@ -229,7 +260,9 @@ class FailsafePair:
         node.step_end = None
         ok, epoch, detail = True, 0, ""
         if step is Step.ACQUIRE:
-            if self.reaches(node) and self.leader is None:
+            stale = self.leader is not None and node.stale == (self.leader.node, self.leader.epoch)
+            if self.reaches(node) and (self.leader is None or stale):
+                self.fast_takeovers += stale
                 self.epoch += 1
                 epoch = self.epoch
                 self.leader = Leader(node.name, epoch, WALL0)
@@ -264,15 +297,48 @@ class FailsafePair:
         node.due = demotion_due(snapshot, node.policy) if active else None
         if decision.actions:
             action = decision.actions[0]
+            node.stale = action.stale_leader
+            if action.step is Step.FENCE and decision.state.role is Role.PASSIVE:
+                self._check_fence(node)
             # Every step a tick or two; a drain its whole time limit (the worst case).
             took = action.timeout if action.step is Step.DRAIN else STEP_TIME
             node.step_end = self.now + took
         if decision.actions and decision.actions[0].step is PROMOTION[0]:
             self.promotions[node.name] += 1
 
+    def _channel_and_pulses(self) -> None:
+        """Heartbeats over the channel; pulses in ZooKeeper, and who reaches it since when."""
+        for node in self.nodes.values():
+            reaches = self.reaches(node)
+            if not reaches:
+                node.reach_since = None
+            elif node.reach_since is None:
+                node.reach_since = self.now
+            beats = node.alive and pulsing(node.state)
+            if not beats:
+                node.pulsing_since = None
+            elif node.pulsing_since is None:
+                node.pulsing_since = self.now
+            if beats and reaches and node.session_alive:
+                self.pulse_at[node.name] = self.now
+            peer = self.nodes[other(node.name)]
+            if node.alive and self.channel[node.name] and peer.alive:
+                peer.heard[node.name] = self.now
+
+    def _check_fence(self, node: Node) -> None:
+        """A fence of the silent leader, begun now: was it pulsing in view all along?"""
+        target = self.nodes[other(node.name)]
+        since = self.now - node.policy.peer_timeout
+        seen = node.reach_since is not None and node.reach_since <= since
+        reached = target.reach_since is not None and target.reach_since <= since
+        pulsed = target.pulsing_since is not None and target.pulsing_since <= since
+        self.false_fences += seen and reached and pulsed and target.alive
+
     def tick(self) -> None:
         self.now += TICK
         self._expire_sessions()
+        if self.heartbeats:
+            self._channel_and_pulses()
         self._deliver()
         for node in self.nodes.values():
             if not node.alive:
@@ -307,6 +373,21 @@ class FailsafePair:
         for _ in range(round(seconds / TICK)):
             self.tick()
             assert self.overlaps == 0, f"two nodes serving at {self.now:.2f}"
+
+    def perturb(self, rng: random.Random, quorum: float, reach: float, channel: float) -> None:
+        """One random event, by the cumulative odds given (the rest: nothing), then a random
+        while of it: the quorum lost or back, a node cut off from ZooKeeper or back, a node's
+        outgoing peer channel cut or back."""
+        event = rng.random()
+        if event < quorum:
+            self.set_quorum(not self.quorum)
+        elif event < reach:
+            node = self.nodes[rng.choice(NODES)]
+            node.reach = not node.reach
+        elif event < channel:
+            name = rng.choice(NODES)
+            self.channel[name] = not self.channel[name]
+        self.run(rng.choice((0.2, 1.0, 2.0, 4.0)))
 
     def active(self) -> str | None:
         serving = [name for name, node in self.nodes.items() if node.serving and node.alive]

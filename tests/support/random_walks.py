@@ -29,7 +29,7 @@ from cluster.decision_data import (
     Trigger,
 )
 from cluster.state import TRANSITIONS, classify, decide, refine
-from cluster.takeover import heartbeat_age, holds_resources, lease_verdict
+from cluster.takeover import heartbeat_age, holds_resources, lease_verdict, pulse_age
 from tests.support.decisions import (
     NODE,
     NOW,
@@ -264,10 +264,19 @@ def eligible(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) 
     return last is None or snapshot.wall - last >= policy.min_failover_interval
 
 
+def pulse_fresh(snapshot: Snapshot, node: str, policy: Policy) -> bool:
+    """``node``'s pulse in ZooKeeper advanced within ``peer_timeout``: it is alive."""
+    age = pulse_age(snapshot, node)
+    return age is not None and age < policy.peer_timeout
+
+
 def may_fence_silent(state: AgentState, snapshot: Snapshot, now: float, policy: Policy) -> bool:
-    """A passive node fences the leader only when its heartbeats stopped ``peer_timeout`` ago."""
+    """A passive node fences the leader only when its heartbeats stopped ``peer_timeout`` ago
+    and its pulse in ZooKeeper has not advanced for as long (a cut channel fences nobody)."""
     leader = snapshot.cluster.leader
     if leader is None or leader.ours or now < state.silent_fence_at:
+        return False
+    if pulse_fresh(snapshot, leader.node, policy):
         return False
     age = heartbeat_age(snapshot, leader.node)
     return age is not None and age >= policy.peer_timeout and eligible(state, snapshot, now, policy)
@@ -282,7 +291,9 @@ def may_take_over_fenced(state: AgentState, snapshot: Snapshot, now: float, poli
         return False
     age = heartbeat_age(snapshot, fenced[0])
     heard = age is not None and age < policy.peer_timeout
-    return not heard and eligible(state, snapshot, now, policy)
+    if heard or pulse_fresh(snapshot, fenced[0], policy):
+        return False
+    return eligible(state, snapshot, now, policy)
 
 
 def session_gone(role: Role, snapshot: Snapshot, now: float, policy: Policy) -> bool:
@@ -370,6 +381,7 @@ class History:
     failsafe: int = 0  # decisions that began serving in failsafe (every peer's lease held)
     failsafe_rides: int = 0  # active, suspended, past its session's deadline: on the leases
     past_grants: int = 0  # unfenced takeovers after a failsafe lease it granted had ended
+    channel_cuts: int = 0  # a leader unheard on the channel but pulsing: said, not fenced
 
 
 def check(
@@ -540,6 +552,16 @@ def check(
         assert all(end <= now for end in granted), (granted, now)
         history.past_grants += bool(granted)
         history.promoted.append(Step.FENCE)
+    # A leader unheard on the peer channel whose pulse advances is never fenced by it.
+    leader = cluster.leader
+    if leader is not None and pulse_fresh(snapshot, leader.node, policy):
+        assert all(leader.node not in a.fence for a in decision.actions if a.step is Step.FENCE)
+        assert trigger is not Trigger.PEER_SILENT
+    if trigger is Trigger.CHANNEL_SILENT:
+        assert leader is not None and pulse_fresh(snapshot, leader.node, policy)
+        assert after.channel_silent == leader.node != before.channel_silent
+        assert decision.actions == ()
+        history.channel_cuts += 1
     pre_fence = before.role is Role.PASSIVE and steps == [Step.FENCE]
     if pre_fence:
         assert may_fence_silent(before, snapshot, now, policy)
@@ -636,6 +658,7 @@ def random_walk(seed: int, steps: int) -> History:
     grays = random.Random(seed + 2000)  # ... and the check locations' verdicts
     leases = random.Random(seed + 3000)  # ... and the failsafe leases'
     silence = random.Random(seed + 4000)  # ... and the peer's heartbeats'
+    pulses = random.Random(seed + 5000)  # ... and its pulse in ZooKeeper's
     stale: tuple[str, int] | None = None  # the ACQUIRE in flight may replace this znode
     policy = RANDOM_POLICY
     world = World(relay_running=False, epoch=0, epoch_node=None, known=frozenset({NODE, PEER}))
@@ -711,6 +734,13 @@ def random_walk(seed: int, steps: int) -> History:
         if silence.random() < 0.1:
             age = silence.choice((None, 0.0, 0.5, 1.5, 4.0))
             world.heartbeat_ages = {} if age is None else {PEER: age}
+        # Its pulse in ZooKeeper: advancing (a cut channel, or all well), stopped lately or long
+        # ago, or no pulse znode at all (given only while connected, as the coordinator does).
+        if pulses.random() < 0.1:
+            pulse = pulses.choice((None, 0.0, 0.2, 0.5, 1.5, 4.0))
+            world.pulse_ages = {} if pulse is None else {PEER: pulse}
+        if world.session is not Session.CONNECTED:
+            world.pulse_ages = {}
         result = None
         if state.step is not None and rng.random() < 0.5:
             result = run_executor(rng, state.step, world, wall, stale)
@@ -718,7 +748,8 @@ def random_walk(seed: int, steps: int) -> History:
         if rng.random() < 0.05:
             snapshot = arbitrary(rng, wall, result)
             ages = silence.choice(((), ((PEER, 2.0),), ((PEER, 0.2),)))
-            snapshot = replace(snapshot, heartbeat_ages=ages)
+            pulse_ages = pulses.choice(((), ((PEER, 2.0),), ((PEER, 0.2),)))
+            snapshot = replace(snapshot, heartbeat_ages=ages, pulse_ages=pulse_ages)
         decision = decide(state, snapshot, now, policy)
         try:
             check(history, state, snapshot, now, policy, decision)
