@@ -103,11 +103,11 @@ def test_a_zookeeper_outage_under_load_costs_no_refusal(lab: Lab, tmp_path: Path
 
 def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None:
     active = wait_pair(lab)
-    # ZooKeeper first, then the channel at once: a channel cut while the passive node still
-    # reaches ZooKeeper would make it fence the silent leader after peer_timeout (the fast
-    # takeover: safe, but not this test's question; docs/fencing.md). With the ensemble gone
-    # its session is suspended and it fences nobody; the lease it granted last runs out. For
-    # the same reason the channel comes back before the ensemble does.
+    # ZooKeeper first, then the channel at once: the question is a quorum loss with nothing to
+    # confirm with (a channel cut alone is tests/test_peer_channel_cut_lab.py's). With the
+    # ensemble gone the passive node's session is suspended and it fences nobody; the lease it
+    # granted last runs out. The channel comes back before the ensemble does, so that the test
+    # ends on a plain outage.
     fault = time.monotonic()
     stop_zookeeper(lab)
     partitions.cut_peer_channel(lab, active)
