@@ -134,7 +134,9 @@ def test_an_unreachable_ensemble_fails_in_bounded_time_naming_the_hosts(
     done, seconds = run(*args, "--config", str(config))
     line = one_line(done)
     assert f"ZooKeeper at {hosts} unreachable: no session within 2s" in line
-    assert seconds < 2 + 4, f"{seconds:.1f}s"
+    # Bounded, not fast: without the bound it would hang until run()'s timeout. The slack is a
+    # Python start under load (10-11 s were seen at a load average of 25).
+    assert seconds < 2 + 15, f"{seconds:.1f}s"
     if command == "agent":
         # kazoo's retry notes are in the agent's log, as events, not on the operator's screen.
         assert any(e.get("library", "").startswith("kazoo") for e in read_events(node.log))
