@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import smtplib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hamta.smtp_pipelining import dot_stuffed
-from tests.conftest import MX_HOST, RelayFactory
-from tests.support import RecordingSink
+from tests.conftest import MX_HOST, TLS_MX_HOST, RelayFactory
+from tests.support import RecordingSink, make_self_signed
 
 
 @pytest.fixture
@@ -70,3 +71,21 @@ def test_the_envelope_and_data_travel_in_one_segment(
         pipelining_sink.reads,
         pipelining_sink.connections,
     )
+
+
+def test_pipelining_inside_starttls(make_relay: RelayFactory, mx_port: int, tmp_path: Path) -> None:
+    # The extensions of the EHLO after STARTTLS are the ones that count.
+    cert, key = make_self_signed(tmp_path, "mx.tls.test")
+    with RecordingSink(
+        host=TLS_MX_HOST, port=mx_port, tls_cert=cert, tls_key=key, pipelining=True
+    ) as tls_sink:
+        relay = make_relay()
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail(
+                "a@origin.test", ["x@tls.test", "y@tls.test"], b"Subject: t\r\n\r\n.\r\n"
+            )
+        assert tls_sink.wait_for(1, timeout=15)
+        (message,) = tls_sink.messages
+        assert message.tls is True
+        assert message.rcpt_tos == ("x@tls.test", "y@tls.test")
+        assert message.data.endswith(b"Subject: t\r\n\r\n.\r\n")
