@@ -26,6 +26,7 @@ from typing import Any
 
 import aiosmtplib
 
+from hamta import smtp_pipelining as pipelining
 from hamta.bounce_classes import BounceClassifier, BounceVerdict, build_classifier
 from hamta.config import DeliveryConfig, DnsConfig, RetryConfig, TlsPolicyConfig
 from hamta.domain_stats import DomainStats
@@ -553,6 +554,10 @@ class DeliveryEngine:
             if client.supports_extension("smtputf8") and not all(a.isascii() for a in addresses):
                 options.append("SMTPUTF8")
             encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+            if client.supports_extension("pipelining"):
+                return await self._pipelined(
+                    connection, body, sender, job, indices, replies, options, encoding
+                )
             # The addresses were checked at reception; aiosmtplib's mail()/rcpt() would parse
             # them again with the email package, a large part of a delivery's CPU time.
             response = await client.execute_command(
@@ -601,6 +606,60 @@ class DeliveryEngine:
                 replies.setdefault(index, reply)
             alive = False
         return alive
+
+    async def _pipelined(
+        self,
+        connection: _Connection,
+        body: bytes,
+        sender: str,
+        job: Job,
+        indices: tuple[int, ...],
+        replies: dict[int, Reply],
+        options: list[str],
+        encoding: str,
+    ) -> bool:
+        """_transaction's exchange with a next hop that offers PIPELINING (hamta.smtp_pipelining):
+        MAIL, the RCPTs and DATA in one write, the body after the 354. Its exceptions are
+        _transaction's to handle; the replies mean what they mean there."""
+        client = connection.client
+        rec = job.message.rec
+        if self._superseded():
+            raise SupersededError
+        mail = b" ".join(
+            [b"MAIL FROM:<" + sender.encode(encoding) + b">"]
+            + [option.encode() for option in options]
+        )
+        rcpts = [b"RCPT TO:<" + rec.recipients[i].encode(encoding) + b">" for i in indices]
+        got = await pipelining.send_pipelined(client, [mail, *rcpts, b"DATA"], client.timeout)
+        if got[0].code != 250:
+            # MAIL refused (or 421): every recipient gets its reply, as without pipelining.
+            if len(got) == len(rcpts) + 2 and got[-1].code == 354:
+                client.close()  # a DATA begun for no transaction: nothing sane can follow
+            raise aiosmtplib.SMTPSenderRefused(got[0].code, got[0].message, sender)
+        accepted: list[int] = []
+        for index, response in zip(indices, got[1 : len(rcpts) + 1], strict=False):
+            if response.code in (250, 251):
+                accepted.append(index)
+            else:
+                replies[index] = Reply(response.code, response.message)
+        if got[-1].code == 421:
+            raise aiosmtplib.SMTPResponseException(got[-1].code, got[-1].message)
+        data = got[-1]
+        if data.code != 354:
+            replies.update(dict.fromkeys(accepted, Reply(data.code, data.message)))
+            if not accepted:
+                await client.rset()
+            return True
+        if not accepted or self._superseded():
+            # Nothing to send after a 354 (no recipient, or no longer ours): drop the link,
+            # the next hop discards the transaction.
+            client.close()
+            if accepted:
+                raise SupersededError
+            return False
+        reply = await pipelining.send_body(client, body, client.timeout)
+        replies.update(dict.fromkeys(accepted, Reply(reply.code, reply.message)))
+        return reply.code != 421
 
     # ---------------------------------------------------------------- throttling
 

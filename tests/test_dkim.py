@@ -8,7 +8,6 @@ subprocess to the recording MX sink; what the sink received is what is verified.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import random
 import re
@@ -24,7 +23,6 @@ import dkim.crypto
 import dns.resolver
 import pytest
 
-from hamta import dkim_signing
 from tests.conftest import RelayFactory
 from tests.support import DnsServer, RecordingSink
 from tests.support.relay import HAMTA, RelayProcess
@@ -353,52 +351,6 @@ def test_a_key_readable_by_others_gets_a_warning(
     assert "accessible by group or others (mode 0644)" in event["warning"]
     (loaded,) = relay.wait_events("DkimKeysLoaded")
     assert loaded["keys"] == ["s2026._domainkey.sign.test rsa-sha256"]
-
-
-# ----------------------------------------------------------------- the RSA path
-
-
-def test_rsa_is_signed_by_openssl_with_dkimpys_exact_bytes(keys: dict[str, Any]) -> None:
-    loaded = dkim_signing.load_signing_key(keys["sign"][0], "sign.test", "s2026", "rsa-sha256")
-    # dkimpy looks these names up in its own module at signing time.
-    assert dkim.parse_pem_private_key is dkim_signing._parse_pem_private_key
-    assert dkim.RSASSA_PKCS1_v1_5_sign is dkim_signing._rsassa_sign
-    fast = dkim.parse_pem_private_key(loaded.material)
-    assert isinstance(fast, dkim_signing._OpenSslRsaKey)
-    pure = dkim.crypto.parse_pem_private_key(loaded.material)
-    digest = hashlib.sha256(b"the headers dkimpy hashed")
-    # PKCS#1 v1.5 is deterministic: OpenSSL's signature is the one dkimpy computes itself.
-    assert dkim.RSASSA_PKCS1_v1_5_sign(digest, fast) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(
-        digest, pure
-    )
-
-
-def test_signing_time(keys: dict[str, Any]) -> None:
-    """Measured: RSA through OpenSSL is several times faster than dkimpy's own arithmetic."""
-    rsa = dkim_signing.load_signing_key(keys["sign"][0], "sign.test", "s2026", "rsa-sha256")
-    ed = dkim_signing.load_signing_key(keys["ed"][0], "ed.test", "e2026", "ed25519-sha256")
-    signer = dkim_signing.DkimSigner([rsa, ed], ["from", "to", "subject", "date"])
-    message = message_from("a@sign.test") + b"a line of body\r\n" * 500
-    timings: dict[str, float] = {}
-    for key in (rsa, ed):
-        signer.sign(message, [key])
-        started = time.perf_counter()
-        for _ in range(20):
-            signer.sign(message, [key])
-        timings[key.algorithm] = (time.perf_counter() - started) / 20 * 1000
-    digest = hashlib.sha256(b"headers")
-    fast = dkim.parse_pem_private_key(rsa.material)
-    pure = dkim.crypto.parse_pem_private_key(rsa.material)
-    for name, key_data, sign in (
-        ("openssl", fast, dkim.RSASSA_PKCS1_v1_5_sign),
-        ("pure", pure, dkim.crypto.RSASSA_PKCS1_v1_5_sign),
-    ):
-        started = time.perf_counter()
-        for _ in range(20):
-            sign(digest, key_data)
-        timings[f"rsa operation, {name}"] = (time.perf_counter() - started) / 20 * 1000
-    print(f"signing ms per message (8 kB body): {timings}")
-    assert timings["rsa operation, openssl"] * 3 < timings["rsa operation, pure"], timings
 
 
 # --------------------------------------------------- repeated headers; a second verifier

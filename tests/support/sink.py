@@ -7,6 +7,8 @@ relay's delivery tests assert against this aiosmtpd server instead. It runs in i
 Failures are scripted through the recipient's local part: ``reject*`` gets ``550 5.1.1``,
 ``defer*`` gets ``451 4.3.0``, ``full*`` gets ``552 5.2.2`` and ``slow*`` is accepted after
 ``slow_seconds``. ``data_reply`` replaces the 250 after DATA (e.g. ``"451 4.7.1 throttled"``).
+With ``pipelining`` it offers PIPELINING (RFC 2920; aiosmtpd reads commands one after another
+from its stream, so it serves pipelined clients as it is) and counts its reads (``reads``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return ACCEPT_REPLY
 
+    async def handle_EHLO(  # noqa: N802 - the hook name aiosmtpd looks up
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._sink.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
     async def handle_DATA(  # noqa: N802 - the hook name aiosmtpd looks up
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
@@ -124,6 +139,10 @@ class _CountingSMTP(SMTP):
             self._sink._live.add(self)
             self._sink._connected(transport.get_extra_info("peername"))
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._sink.reads += 1
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sink._live.discard(self)
@@ -178,6 +197,7 @@ class RecordingSink(Started):
         server_hostname: str = "recording-sink.test",
         ready_timeout: float = 5.0,
         smtputf8: bool = True,
+        pipelining: bool = False,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
@@ -191,6 +211,9 @@ class RecordingSink(Started):
         self.ready_timeout = ready_timeout
         # False: a next hop without RFC 6531, as many still are (refuses non-ASCII arguments).
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
+        # Reads of client data (data_received calls): how many segments the clients' bytes took.
+        self.reads = 0
         self._handler = _Handler(self)
         self._cond = threading.Condition()
         self._messages: list[Delivered] = []
