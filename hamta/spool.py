@@ -278,7 +278,7 @@ class Spool:
             self._next_segment()
         rec = msgspec.structs.replace(rec, segment=self._segment, offset=self._offset + len(head))
         self._offset += len(head) + len(body)
-        message = LiveMessage(rec)
+        message = LiveMessage.of(rec)
         # Known to the spool at once, so that a checkpoint or a segment retirement running
         # while the commit is under way accounts for it.
         self.live[rec.qid] = message
@@ -298,9 +298,9 @@ class Spool:
         return message
 
     def _forget(self, message: LiveMessage) -> None:
-        if self.live.pop(message.rec.qid, None) is None:
+        if self.live.pop(message.qid, None) is None:
             return
-        segment = message.rec.segment
+        segment = message.segment
         self._refs[segment] -= 1
         if self._refs[segment] == 0 and segment != self._segment:
             del self._refs[segment]
@@ -323,7 +323,7 @@ class Spool:
         never a lost message, so delivery does not wait for it.
         """
         finished = message.finish(rcpts)
-        self._batch.records.append(Done(message.rec.qid, tuple(rcpts)))
+        self._batch.records.append(Done(message.qid, tuple(rcpts)))
         self._wake.set()
         if not finished:
             return False
@@ -335,7 +335,7 @@ class Spool:
     ) -> None:
         """Record the retry state of recipients that failed temporarily."""
         message.defer(rcpts, attempts, next_attempt)
-        self._batch.records.append(Defer(message.rec.qid, tuple(rcpts), attempts, next_attempt))
+        self._batch.records.append(Defer(message.qid, tuple(rcpts), attempts, next_attempt))
         self._wake.set()
 
     async def read_body(self, rec: Enqueue) -> bytes:
@@ -512,7 +512,8 @@ class Spool:
         Reads the newest checkpoint and the journals after it, never a body, in a thread; the
         relay may already be accepting mail meanwhile, and what it accepted is merged in. The
         earlier runs' journals are then folded into one checkpoint in the background. Returns
-        what was recovered (the earlier runs' messages only).
+        what was recovered (the earlier runs' messages only; read its ``live`` table before the
+        next await, see below).
         """
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(
@@ -522,12 +523,18 @@ class Spool:
             self._delete_segment(segment)
         for message in state.live.values():
             message.durable = True
-            segment = message.rec.segment
+            segment = message.segment
             self._refs[segment] = self._refs.get(segment, 0) + 1
-        # Older messages first in the table, then those accepted while recovering.
-        merged = dict(state.live)
-        merged.update(self.live)
-        self.live = merged
+        # Older messages first in the table, then those accepted while recovering. When none
+        # was, the recovered table becomes the spool's own, not a copy (a million entries at
+        # depth): what this returns is then the spool's live table, which changes as mail is
+        # delivered, so a caller reads it before its next await.
+        if self.live:
+            merged = dict(state.live)
+            merged.update(self.live)
+            self.live = merged
+        else:
+            self.live = state.live
         self._recovered = True
         if state.stats.journal_files and not self._checkpointing:
             # Fold the earlier runs' journals into one checkpoint, off the failover path.
@@ -553,15 +560,17 @@ class Spool:
             frames: list[bytes] = []
             count = 0
             for start in range(0, len(qids), _CHECKPOINT_CHUNK):
-                records: list[Record] = []
+                records: list[Record | msgspec.Raw] = []
                 for qid in qids[start : start + _CHECKPOINT_CHUNK]:
                     message = self.live.get(qid)
                     if message is None or not message.durable:
                         continue
-                    records.append(message.rec)
+                    # The Enqueue record's bytes as the journal had them: nothing to decode.
+                    records.append(msgspec.Raw(message.envelope))
                     count += 1
-                    if message.done:
-                        records.append(Done(qid, tuple(sorted(message.done))))
+                    finished = message.finished
+                    if finished:
+                        records.append(Done(qid, tuple(finished)))
                     for index, (attempts, when) in (message.retry or {}).items():
                         records.append(Defer(qid, (index,), attempts, when))
                 frames.append(encode_frame(records))
