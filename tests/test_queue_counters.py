@@ -148,7 +148,8 @@ def test_an_untried_message_waits_as_itself_and_is_split_when_taken() -> None:
     assert queue.by_domain()["a.test"] == {"ready": 2, "deferred": 0, "in_flight": 0}
     first = queue.take(routed)
     assert (first.domain, first.rcpts) == ("a.test", (0, 3))
-    assert [(job.domain, job.rcpts) for job in routed.ready] == [("mx.test", (1,))]
+    [rest] = routed.ready
+    assert isinstance(rest, Job) and (rest.domain, rest.rcpts) == ("mx.test", (1,))
     assert queue.by_domain()["a.test"] == {"ready": 0, "deferred": 0, "in_flight": 2}
     assert queue.by_domain()["mx.test"] == {"ready": 1, "deferred": 0, "in_flight": 0}
     [job] = queue.take_all(direct)
