@@ -46,7 +46,7 @@ from typing import Any
 
 import msgspec
 
-from hamta.durable_files import fsync_directory, write_all, write_durably, write_synced
+from hamta.durable_files import fsync_directory, write_all, write_durably
 from hamta.spool_format import (
     FORMAT_VERSION,
     OLD_VERSIONS,
@@ -77,6 +77,11 @@ __all__ = [
 ]
 
 _CHECKPOINT_CHUNK = 4096  # live messages per checkpoint frame
+_CHECKPOINT_WRITE = 8 * 1024 * 1024  # bytes of checkpoint frames held before they are written
+
+
+def _write_frames(fd: int, frames: list[bytes]) -> None:
+    write_all(fd, b"".join(frames))
 
 
 #: Starts one of the spool's background tasks (its name, its coroutine): the relay passes its
@@ -557,32 +562,20 @@ class Spool:
             cut = self._journal
             await loop.run_in_executor(self._io, self._rotate_journal)
             qids = list(self.live)
-            frames: list[bytes] = []
-            count = 0
-            for start in range(0, len(qids), _CHECKPOINT_CHUNK):
-                records: list[Record | msgspec.Raw] = []
-                for qid in qids[start : start + _CHECKPOINT_CHUNK]:
-                    message = self.live.get(qid)
-                    if message is None or not message.durable:
-                        continue
-                    # The Enqueue record's bytes as the journal had them: nothing to decode.
-                    records.append(msgspec.Raw(message.envelope))
-                    count += 1
-                    finished = message.finished
-                    if finished:
-                        records.append(Done(qid, tuple(finished)))
-                    for index, (attempts, when) in (message.retry or {}).items():
-                        records.append(Defer(qid, (index,), attempts, when))
-                frames.append(encode_frame(records))
-                await asyncio.sleep(0)  # let sessions run between chunks
-            # Its absence tells recovery that the checkpoint lost frames at its end.
-            frames.append(encode_frame([CheckpointEnd(count, *high_water)]))
-            stale = [
-                p
-                for p in self.journal_dir.iterdir()
-                if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
-            ]
-            await loop.run_in_executor(self._io, self._write_checkpoint, cut, frames, stale)
+            # Written as it is encoded, a few megabytes at a time, so that a checkpoint of a
+            # deep queue (115 MiB for a million messages) is never held whole in memory.
+            fd = await loop.run_in_executor(self._io, self._open_checkpoint, cut)
+            try:
+                await self._write_live(fd, qids, high_water)
+                stale = [
+                    p
+                    for p in self.journal_dir.iterdir()
+                    if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
+                ]
+                await loop.run_in_executor(self._io, self._finish_checkpoint, fd, cut, stale)
+            finally:
+                # Through the I/O thread, after any write of it still queued there.
+                self._io.submit(os.close, fd)
             self._checkpoint_done(None)
         except SpoolError as exc:  # fenced, or the rotation's sync failed
             self._checkpoint_done(f"checkpoint failed: {exc}")
@@ -593,6 +586,37 @@ class Spool:
                 (self.journal_dir / f"{cut:08d}.tmp").unlink(missing_ok=True)
         finally:
             self._checkpointing = False
+
+    async def _write_live(self, fd: int, qids: list[str], high_water: tuple[int, int]) -> None:
+        """Encode the durable messages among ``qids`` into checkpoint frames and write them to
+        ``fd`` in the I/O thread as they accumulate; end with CheckpointEnd."""
+        loop = asyncio.get_running_loop()
+        frames: list[bytes] = []
+        size = count = 0
+        for start in range(0, len(qids), _CHECKPOINT_CHUNK):
+            records: list[Record | msgspec.Raw] = []
+            for qid in qids[start : start + _CHECKPOINT_CHUNK]:
+                message = self.live.get(qid)
+                if message is None or not message.durable:
+                    continue
+                # The Enqueue record's bytes as the journal had them: nothing to decode.
+                records.append(msgspec.Raw(message.envelope))
+                count += 1
+                finished = message.finished
+                if finished:
+                    records.append(Done(qid, tuple(finished)))
+                for index, (attempts, when) in (message.retry or {}).items():
+                    records.append(Defer(qid, (index,), attempts, when))
+            frames.append(encode_frame(records))
+            size += len(frames[-1])
+            if size >= _CHECKPOINT_WRITE:
+                await loop.run_in_executor(self._io, _write_frames, fd, frames)
+                frames, size = [], 0
+            else:
+                await asyncio.sleep(0)  # let sessions run between chunks
+        # Its absence tells recovery that the checkpoint lost frames at its end.
+        frames.append(encode_frame([CheckpointEnd(count, *high_water)]))
+        await loop.run_in_executor(self._io, _write_frames, fd, frames)
 
     def _checkpoint_done(self, error: str | None) -> None:
         self.checkpoint_error = error
@@ -608,14 +632,20 @@ class Spool:
         self._journal += 1
         self._journal_bytes_since_ckpt = 0
 
-    def _write_checkpoint(self, cut: int, frames: list[bytes], stale: list[Path]) -> None:
+    def _open_checkpoint(self, cut: int) -> int:
+        """The checkpoint's temporary file, created empty, once this term owns the spool."""
         self._check_fence()
-        final = self.journal_dir / f"{cut:08d}.ckpt"
-        tmp = final.with_suffix(".tmp")
-        write_synced(tmp, frames)
+        return os.open(
+            self.journal_dir / f"{cut:08d}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+        )
+
+    def _finish_checkpoint(self, fd: int, cut: int, stale: list[Path]) -> None:
+        """Sync the written checkpoint, put it in place, and drop the files it replaces."""
+        os.fsync(fd)
         # The rename and the deletions replace journals a newer term may be recovering from.
         self._check_fence()
-        os.rename(tmp, final)
+        final = self.journal_dir / f"{cut:08d}.ckpt"
+        os.rename(final.with_suffix(".tmp"), final)
         fsync_directory(self.journal_dir)
         for path in stale:
             if path != final:

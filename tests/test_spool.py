@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import pytest
 
-from hamta.spool import Spool, SpoolError, SpoolFullError, load_state
+from hamta import spool as spool_module
+from hamta.spool import Damage, Spool, SpoolError, SpoolFullError, load_state
 from hamta.spool_format import FRAME_MAGIC, Enqueue
 
 T = TypeVar("T")
@@ -139,6 +140,51 @@ def test_finished_segments_are_deleted_and_checkpoints_fold_journals(tmp_path: P
     assert state.stats.messages == 11
     # Recovery read one checkpoint and only the journals after it.
     assert state.stats.journal_files <= 3
+
+
+def test_a_checkpoint_is_written_as_it_is_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint of a deep queue is 115 MiB for a million messages: it goes to its file a
+    # few megabytes at a time, never held whole (issue 21). Here a frame of 3 messages at a
+    # time, each written at once; the folded state reads back the same.
+    writes: list[int] = []
+    write_frames = spool_module._write_frames
+
+    def counted(fd: int, frames: list[bytes]) -> None:
+        writes.append(len(frames))
+        write_frames(fd, frames)
+
+    monkeypatch.setattr(spool_module, "_CHECKPOINT_CHUNK", 3)
+    monkeypatch.setattr(spool_module, "_CHECKPOINT_WRITE", 1)
+    monkeypatch.setattr(spool_module, "_write_frames", counted)
+
+    async def fill() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()
+        messages = [
+            await spool.append(body(n), "a@a.test", ["b@b.test", f"c{n}@c.test"]) for n in range(10)
+        ]
+        spool.mark_done(messages[1], [0])
+        spool.mark_deferred(messages[2], [0, 1], 3, 1234.5)
+        await spool.close()
+
+    async def fold() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()  # folds the journal into a checkpoint, closed after
+        await spool.close()
+
+    run(fill)
+    before = load_state(tmp_path)
+    run(fold)
+    assert writes == [1, 1, 1, 1, 1]  # four frames of messages, then the CheckpointEnd
+    after = load_state(tmp_path)
+    assert after.stats.journal_files == 1 and after.damage == Damage()
+    assert {q: (m.rec, m.pending, m.retry) for q, m in after.live.items()} == {
+        q: (m.rec, m.pending, m.retry) for q, m in before.live.items()
+    }
 
 
 def test_recovery_reads_no_body(tmp_path: Path) -> None:
