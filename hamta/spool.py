@@ -46,7 +46,7 @@ from typing import Any
 
 import msgspec
 
-from hamta.durable_files import fsync_directory, write_all, write_durably
+from hamta.durable_files import SyncedWriter, fsync_directory, write_all, write_durably
 from hamta.spool_format import (
     FORMAT_VERSION,
     OLD_VERSIONS,
@@ -78,10 +78,6 @@ __all__ = [
 
 _CHECKPOINT_CHUNK = 4096  # live messages per checkpoint frame
 _CHECKPOINT_WRITE = 8 * 1024 * 1024  # bytes of checkpoint frames held before they are written
-
-
-def _write_frames(fd: int, frames: list[bytes]) -> None:
-    write_all(fd, b"".join(frames))
 
 
 #: Starts one of the spool's background tasks (its name, its coroutine): the relay passes its
@@ -564,18 +560,18 @@ class Spool:
             qids = list(self.live)
             # Written as it is encoded, a few megabytes at a time, so that a checkpoint of a
             # deep queue (115 MiB for a million messages) is never held whole in memory.
-            fd = await loop.run_in_executor(self._io, self._open_checkpoint, cut)
+            writer = await loop.run_in_executor(self._io, self._open_checkpoint, cut)
             try:
-                await self._write_live(fd, qids, high_water)
+                await self._write_live(writer, qids, high_water)
                 stale = [
                     p
                     for p in self.journal_dir.iterdir()
                     if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
                 ]
-                await loop.run_in_executor(self._io, self._finish_checkpoint, fd, cut, stale)
+                await loop.run_in_executor(self._io, self._finish_checkpoint, writer, cut, stale)
             finally:
                 # Through the I/O thread, after any write of it still queued there.
-                self._io.submit(os.close, fd)
+                self._io.submit(writer.close)
             self._checkpoint_done(None)
         except SpoolError as exc:  # fenced, or the rotation's sync failed
             self._checkpoint_done(f"checkpoint failed: {exc}")
@@ -587,9 +583,11 @@ class Spool:
         finally:
             self._checkpointing = False
 
-    async def _write_live(self, fd: int, qids: list[str], high_water: tuple[int, int]) -> None:
-        """Encode the durable messages among ``qids`` into checkpoint frames and write them to
-        ``fd`` in the I/O thread as they accumulate; end with CheckpointEnd."""
+    async def _write_live(
+        self, writer: SyncedWriter, qids: list[str], high_water: tuple[int, int]
+    ) -> None:
+        """Encode the durable messages among ``qids`` into checkpoint frames and write them
+        with ``writer`` in the I/O thread as they accumulate; end with CheckpointEnd."""
         loop = asyncio.get_running_loop()
         frames: list[bytes] = []
         size = count = 0
@@ -610,13 +608,13 @@ class Spool:
             frames.append(encode_frame(records))
             size += len(frames[-1])
             if size >= _CHECKPOINT_WRITE:
-                await loop.run_in_executor(self._io, _write_frames, fd, frames)
+                await loop.run_in_executor(self._io, writer.write, frames)
                 frames, size = [], 0
             else:
                 await asyncio.sleep(0)  # let sessions run between chunks
         # Its absence tells recovery that the checkpoint lost frames at its end.
         frames.append(encode_frame([CheckpointEnd(count, *high_water)]))
-        await loop.run_in_executor(self._io, _write_frames, fd, frames)
+        await loop.run_in_executor(self._io, writer.write, frames)
 
     def _checkpoint_done(self, error: str | None) -> None:
         self.checkpoint_error = error
@@ -632,16 +630,14 @@ class Spool:
         self._journal += 1
         self._journal_bytes_since_ckpt = 0
 
-    def _open_checkpoint(self, cut: int) -> int:
+    def _open_checkpoint(self, cut: int) -> SyncedWriter:
         """The checkpoint's temporary file, created empty, once this term owns the spool."""
         self._check_fence()
-        return os.open(
-            self.journal_dir / f"{cut:08d}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
-        )
+        return SyncedWriter(self.journal_dir / f"{cut:08d}.tmp")
 
-    def _finish_checkpoint(self, fd: int, cut: int, stale: list[Path]) -> None:
+    def _finish_checkpoint(self, writer: SyncedWriter, cut: int, stale: list[Path]) -> None:
         """Sync the written checkpoint, put it in place, and drop the files it replaces."""
-        os.fsync(fd)
+        writer.sync()
         # The rename and the deletions replace journals a newer term may be recovering from.
         self._check_fence()
         final = self.journal_dir / f"{cut:08d}.ckpt"

@@ -13,6 +13,7 @@ from typing import TypeVar
 import pytest
 
 from hamta import spool as spool_module
+from hamta.durable_files import SyncedWriter
 from hamta.spool import Damage, Spool, SpoolError, SpoolFullError, load_state
 from hamta.spool_format import FRAME_MAGIC, Enqueue
 
@@ -149,15 +150,15 @@ def test_a_checkpoint_is_written_as_it_is_encoded(
     # few megabytes at a time, never held whole (issue 21). Here a frame of 3 messages at a
     # time, each written at once; the folded state reads back the same.
     writes: list[int] = []
-    write_frames = spool_module._write_frames
+    write = SyncedWriter.write
 
-    def counted(fd: int, frames: list[bytes]) -> None:
-        writes.append(len(frames))
-        write_frames(fd, frames)
+    def counted(writer: SyncedWriter, chunks: list[bytes]) -> None:
+        writes.append(len(chunks))
+        write(writer, chunks)
 
     monkeypatch.setattr(spool_module, "_CHECKPOINT_CHUNK", 3)
     monkeypatch.setattr(spool_module, "_CHECKPOINT_WRITE", 1)
-    monkeypatch.setattr(spool_module, "_write_frames", counted)
+    monkeypatch.setattr(SyncedWriter, "write", counted)
 
     async def fill() -> None:
         spool = Spool(tmp_path)
@@ -178,6 +179,7 @@ def test_a_checkpoint_is_written_as_it_is_encoded(
 
     run(fill)
     before = load_state(tmp_path)
+    writes.clear()  # the spool's VERSION file, written whole
     run(fold)
     assert writes == [1, 1, 1, 1, 1]  # four frames of messages, then the CheckpointEnd
     after = load_state(tmp_path)
