@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import resource
 import shutil
@@ -70,6 +71,9 @@ async def recover(path: Path) -> dict[str, float]:
     """What activation does with a spool: open, load the journal, fill the queue."""
     rss_before = _rss_bytes()
     started = time.perf_counter()
+    # CPU seconds of the whole process (the loading thread included): on a shared machine
+    # the wall-clock time above moves with the others' load, this much less.
+    cpu_started = time.process_time()
     spool = Spool(path)
     spool.open()
     opened = time.perf_counter()
@@ -79,6 +83,7 @@ async def recover(path: Path) -> dict[str, float]:
     for message in state.live.values():
         queue.add(message)
     queued = time.perf_counter()
+    cpu_s = time.process_time() - cpu_started
     jobs = queue.ready_count + queue.deferred_count
     # What the queue holds, per message: RSS now less RSS before the spool was opened (the
     # interpreter and modules), with every message queued.
@@ -109,6 +114,8 @@ async def recover(path: Path) -> dict[str, float]:
         "load_s": loaded - opened,
         "queue_s": queued - loaded,
         "recovery_s": queued - started,
+        "recovery_cpu_s": cpu_s,
+        "load_average": os.getloadavg()[0],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -158,8 +165,10 @@ def main() -> None:
         for count in depths:
             figures = measure(count, Path(tmp))
             print(
-                f"{count:>9} messages: recovery {figures['recovery_s']:.3f} s "
-                f"(open {figures['open_s'] * 1000:.1f} ms, "
+                f"{count:>9} messages: recovery {figures['recovery_s']:.3f} s, "
+                f"{figures['recovery_cpu_s']:.3f} s of CPU "
+                f"(load average {figures['load_average']:.1f}; "
+                f"open {figures['open_s'] * 1000:.1f} ms, "
                 f"journal {figures['journal_mib']:.0f} MiB "
                 f"loaded in {figures['load_s']:.3f} s, queue built in {figures['queue_s']:.3f} s), "
                 f"{figures['jobs']:.0f} jobs, peak RSS {figures['peak_rss_mib']:.0f} MiB, "
@@ -174,6 +183,8 @@ def main() -> None:
                 flush=True,
             )
             summary[f"recovery_{count}_s"] = round(figures["recovery_s"], 3)
+            summary[f"recovery_{count}_cpu_s"] = round(figures["recovery_cpu_s"], 3)
+            summary[f"recovery_{count}_load_average"] = round(figures["load_average"], 1)
             summary[f"recovery_{count}_rss_mib"] = round(figures["peak_rss_mib"], 1)
             summary[f"bytes_per_message_{count}"] = round(figures["bytes_per_message"])
             summary[f"api_domains_{count}_ms"] = round(figures["api_domains_ms"], 2)

@@ -84,9 +84,10 @@ def _queue_from_spool(path: Path) -> dict[str, Any]:
         depth += state.stats.messages
         messages += state.live.values()
     for message in messages:
+        recipients = message.rec.recipients
         for index in message.pending:
             row = domains.setdefault(
-                recipient_domain(message.rec.recipients[index]),
+                recipient_domain(recipients[index]),
                 {"ready": 0, "deferred": 0, "in_flight": 0},  # no relay: none in flight
             )
             row["deferred" if message.retry and index in message.retry else "ready"] += 1

@@ -35,13 +35,39 @@ def write_synced(path: Path, chunks: Iterable[bytes]) -> None:
     The first half of a replacement whose caller renames the file itself (the spool's
     checkpoint checks its fencing token in between), then calls ``fsync_directory``.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+    with SyncedWriter(path) as writer:
+        writer.write(chunks)
+        writer.sync()
+
+
+class SyncedWriter:
+    """:func:`write_synced` for a file whose chunks come a few at a time (a checkpoint of a
+    deep queue, encoded between other work): create or truncate ``path`` (0600), ``write`` as
+    often as needed, ``sync`` once, ``close``; no directory sync (the caller renames)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write(self, chunks: Iterable[bytes]) -> None:
+        """Append ``chunks`` whole."""
         for chunk in chunks:
-            write_all(fd, chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            write_all(self._fd, chunk)
+
+    def sync(self) -> None:
+        """fsync what was written."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the file (synced or not: an unsynced one is the caller's to discard)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SyncedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_durably(directory: Path, name: str, data: bytes) -> Path:

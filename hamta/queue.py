@@ -5,6 +5,11 @@ recipient that is not finished belongs to one :class:`Job` (one message, one dom
 waits either in its destination's ready line or in the deferred heap until its next attempt. A
 destination is the next hop: the recipient domain, or the smarthost of a static route, so that a
 slow or dead destination only ever holds up its own line.
+
+A message none of whose recipients was tried yet (most of a deep queue, all of a fresh one) waits
+in each of its destinations' ready lines as itself, not as jobs: it is split into its jobs for a
+destination when a session takes it (:meth:`MailQueue.take`), so that a million queued messages
+cost a line entry each, not a Job object per recipient domain.
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ class Destination:
     """One next hop: its ready line, how many sessions serve it, and how it is shaped."""
 
     key: str
-    ready: deque[Job] = field(default_factory=deque)
+    # Jobs, and messages not yet split into their jobs for this destination (see the module).
+    ready: deque[Job | LiveMessage] = field(default_factory=deque)
     sessions: int = 0
     idle: int = 0
     in_flight: int = 0
@@ -143,23 +149,18 @@ class MailQueue:
 
     def add(self, message: LiveMessage) -> None:
         """Queue a message's unfinished recipients, grouped by domain and retry time."""
-        recipients = message.rec.recipients
-        if message.done is None and message.retry is None:
-            # The common case, and the one recovery at depth depends on: nothing done yet.
+        recipients = message.rec.recipients  # decoded once, dropped once queued
+        if message.untouched:
+            # The common case, and the one recovery at depth depends on: nothing done yet. The
+            # message itself waits in each of its destinations' lines (split when taken).
             if len(recipients) == 1:
-                self.make_ready(Job(message, recipient_domain(recipients[0]), _SINGLE[0]))
+                self._ready_message(message, recipient_domain(recipients[0]), None)
                 return
-            domains = [recipient_domain(address) for address in recipients]
-            if len(set(domains)) == len(domains) <= len(_SINGLE):
-                # Each recipient in a domain of its own (one recipient, most often): no grouping.
-                for index, domain in enumerate(domains):
-                    self.make_ready(Job(message, domain, _SINGLE[index]))
-                return
-            by_domain: dict[str, list[int]] = {}
-            for index, domain in enumerate(domains):
-                by_domain.setdefault(domain, []).append(index)
-            for domain, indices in by_domain.items():
-                self.make_ready(Job(message, domain, _indices(indices)))
+            lines: list[Destination] = []
+            for address in recipients:
+                self._ready_message(message, recipient_domain(address), lines)
+            for destination in lines:
+                self._on_ready(destination)
             return
         groups: dict[tuple[str, int, float], list[int]] = {}
         retry = message.retry or {}
@@ -175,6 +176,38 @@ class MailQueue:
             else:
                 self.make_ready(job)
 
+    def _ready_message(
+        self, message: LiveMessage, domain: str, lines: list[Destination] | None
+    ) -> None:
+        """Count one untried recipient of ``message`` in ``domain`` ready, and put the message
+        in its destination's line once: now when ``lines`` is None (a single recipient), else
+        by the caller, which wakes each line in ``lines`` once all its recipients are counted.
+        """
+        destination = self._by_domain.get(domain) or self.destination_for(domain)
+        row = self._counts.get(domain)
+        if row is None:
+            row = self._counts[domain] = [0, 0, 0]
+        row[_READY] += 1
+        if lines is None:
+            destination.ready.append(message)
+            self._on_ready(destination)
+        elif destination not in lines:
+            destination.ready.append(message)
+            lines.append(destination)
+
+    def _jobs_of(self, message: LiveMessage, destination: Destination) -> list[Job]:
+        """The jobs of a message in a ready line: its unfinished recipients that go to
+        ``destination``, one job per domain, in the order of their first recipient."""
+        by_domain: dict[str, list[int]] = {}
+        marks = message.marks
+        for index, address in enumerate(message.rec.recipients):
+            if marks >> index & 1:
+                continue
+            domain = recipient_domain(address)
+            if (self._by_domain.get(domain) or self.destination_for(domain)) is destination:
+                by_domain.setdefault(domain, []).append(index)
+        return [Job(message, domain, _indices(indices)) for domain, indices in by_domain.items()]
+
     def make_ready(self, job: Job) -> None:
         """Put a job at the end of its destination's ready line."""
         domain = job.domain
@@ -188,14 +221,33 @@ class MailQueue:
         self._on_ready(destination)
 
     def take(self, destination: Destination) -> Job:
-        """The next job of ``destination``'s ready line, counted in flight until :meth:`settle`."""
-        job = destination.ready.popleft()
+        """The next job of ``destination``'s ready line, counted in flight until :meth:`settle`.
+
+        A message waiting as itself is split into its jobs here: the first is taken, the others
+        go back to the head of the line, still counted ready.
+        """
+        line = destination.ready
+        while True:
+            entry = line.popleft()  # IndexError once empty, as for any deque
+            if isinstance(entry, Job):
+                job = entry
+                break
+            jobs = self._jobs_of(entry, destination)
+            if jobs:
+                job = jobs[0]
+                line.extendleft(reversed(jobs[1:]))
+                break
         self._hold(job)
         return job
 
     def take_all(self, destination: Destination) -> list[Job]:
         """Every job of ``destination``'s ready line, each in flight until :meth:`settle`."""
-        jobs = list(destination.ready)
+        jobs: list[Job] = []
+        for entry in destination.ready:
+            if isinstance(entry, Job):
+                jobs.append(entry)
+            else:
+                jobs += self._jobs_of(entry, destination)
         destination.ready.clear()
         for job in jobs:
             self._hold(job)
@@ -332,7 +384,8 @@ class MailQueue:
 
     @property
     def ready_count(self) -> int:
-        """Jobs waiting in ready lines."""
+        """Jobs waiting in ready lines (a message not yet split into its jobs counts once per
+        line it waits in)."""
         return sum(len(d.ready) for d in self.destinations.values())
 
     @property
@@ -360,8 +413,10 @@ class MailQueue:
             row[column] += recipients
 
         for destination in self.destinations.values():
-            for job in destination.ready:
-                count(job, "ready", len(job.rcpts))
+            for entry in destination.ready:
+                jobs = [entry] if isinstance(entry, Job) else self._jobs_of(entry, destination)
+                for job in jobs:
+                    count(job, "ready", len(job.rcpts))
         for _, _, job in self._deferred:
             count(job, "deferred", len(job.rcpts))
         for job, recipients in self._taken.values():

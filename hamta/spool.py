@@ -46,7 +46,7 @@ from typing import Any
 
 import msgspec
 
-from hamta.durable_files import fsync_directory, write_all, write_durably, write_synced
+from hamta.durable_files import SyncedWriter, fsync_directory, write_all, write_durably
 from hamta.spool_format import (
     FORMAT_VERSION,
     OLD_VERSIONS,
@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 _CHECKPOINT_CHUNK = 4096  # live messages per checkpoint frame
+_CHECKPOINT_WRITE = 8 * 1024 * 1024  # bytes of checkpoint frames held before they are written
 
 
 #: Starts one of the spool's background tasks (its name, its coroutine): the relay passes its
@@ -278,7 +279,7 @@ class Spool:
             self._next_segment()
         rec = msgspec.structs.replace(rec, segment=self._segment, offset=self._offset + len(head))
         self._offset += len(head) + len(body)
-        message = LiveMessage(rec)
+        message = LiveMessage.of(rec)
         # Known to the spool at once, so that a checkpoint or a segment retirement running
         # while the commit is under way accounts for it.
         self.live[rec.qid] = message
@@ -298,9 +299,9 @@ class Spool:
         return message
 
     def _forget(self, message: LiveMessage) -> None:
-        if self.live.pop(message.rec.qid, None) is None:
+        if self.live.pop(message.qid, None) is None:
             return
-        segment = message.rec.segment
+        segment = message.segment
         self._refs[segment] -= 1
         if self._refs[segment] == 0 and segment != self._segment:
             del self._refs[segment]
@@ -323,7 +324,7 @@ class Spool:
         never a lost message, so delivery does not wait for it.
         """
         finished = message.finish(rcpts)
-        self._batch.records.append(Done(message.rec.qid, tuple(rcpts)))
+        self._batch.records.append(Done(message.qid, tuple(rcpts)))
         self._wake.set()
         if not finished:
             return False
@@ -335,7 +336,7 @@ class Spool:
     ) -> None:
         """Record the retry state of recipients that failed temporarily."""
         message.defer(rcpts, attempts, next_attempt)
-        self._batch.records.append(Defer(message.rec.qid, tuple(rcpts), attempts, next_attempt))
+        self._batch.records.append(Defer(message.qid, tuple(rcpts), attempts, next_attempt))
         self._wake.set()
 
     async def read_body(self, rec: Enqueue) -> bytes:
@@ -512,7 +513,8 @@ class Spool:
         Reads the newest checkpoint and the journals after it, never a body, in a thread; the
         relay may already be accepting mail meanwhile, and what it accepted is merged in. The
         earlier runs' journals are then folded into one checkpoint in the background. Returns
-        what was recovered (the earlier runs' messages only).
+        what was recovered (the earlier runs' messages only; read its ``live`` table before the
+        next await, see below).
         """
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(
@@ -522,12 +524,18 @@ class Spool:
             self._delete_segment(segment)
         for message in state.live.values():
             message.durable = True
-            segment = message.rec.segment
+            segment = message.segment
             self._refs[segment] = self._refs.get(segment, 0) + 1
-        # Older messages first in the table, then those accepted while recovering.
-        merged = dict(state.live)
-        merged.update(self.live)
-        self.live = merged
+        # Older messages first in the table, then those accepted while recovering. When none
+        # was, the recovered table becomes the spool's own, not a copy (a million entries at
+        # depth): what this returns is then the spool's live table, which changes as mail is
+        # delivered, so a caller reads it before its next await.
+        if self.live:
+            merged = dict(state.live)
+            merged.update(self.live)
+            self.live = merged
+        else:
+            self.live = state.live
         self._recovered = True
         if state.stats.journal_files and not self._checkpointing:
             # Fold the earlier runs' journals into one checkpoint, off the failover path.
@@ -550,30 +558,20 @@ class Spool:
             cut = self._journal
             await loop.run_in_executor(self._io, self._rotate_journal)
             qids = list(self.live)
-            frames: list[bytes] = []
-            count = 0
-            for start in range(0, len(qids), _CHECKPOINT_CHUNK):
-                records: list[Record] = []
-                for qid in qids[start : start + _CHECKPOINT_CHUNK]:
-                    message = self.live.get(qid)
-                    if message is None or not message.durable:
-                        continue
-                    records.append(message.rec)
-                    count += 1
-                    if message.done:
-                        records.append(Done(qid, tuple(sorted(message.done))))
-                    for index, (attempts, when) in (message.retry or {}).items():
-                        records.append(Defer(qid, (index,), attempts, when))
-                frames.append(encode_frame(records))
-                await asyncio.sleep(0)  # let sessions run between chunks
-            # Its absence tells recovery that the checkpoint lost frames at its end.
-            frames.append(encode_frame([CheckpointEnd(count, *high_water)]))
-            stale = [
-                p
-                for p in self.journal_dir.iterdir()
-                if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
-            ]
-            await loop.run_in_executor(self._io, self._write_checkpoint, cut, frames, stale)
+            # Written as it is encoded, a few megabytes at a time, so that a checkpoint of a
+            # deep queue (115 MiB for a million messages) is never held whole in memory.
+            writer = await loop.run_in_executor(self._io, self._open_checkpoint, cut)
+            try:
+                await self._write_live(writer, qids, high_water)
+                stale = [
+                    p
+                    for p in self.journal_dir.iterdir()
+                    if p.suffix in (".jnl", ".ckpt") and p.stem.isdigit() and int(p.stem) <= cut
+                ]
+                await loop.run_in_executor(self._io, self._finish_checkpoint, writer, cut, stale)
+            finally:
+                # Through the I/O thread, after any write of it still queued there.
+                self._io.submit(writer.close)
             self._checkpoint_done(None)
         except SpoolError as exc:  # fenced, or the rotation's sync failed
             self._checkpoint_done(f"checkpoint failed: {exc}")
@@ -584,6 +582,39 @@ class Spool:
                 (self.journal_dir / f"{cut:08d}.tmp").unlink(missing_ok=True)
         finally:
             self._checkpointing = False
+
+    async def _write_live(
+        self, writer: SyncedWriter, qids: list[str], high_water: tuple[int, int]
+    ) -> None:
+        """Encode the durable messages among ``qids`` into checkpoint frames and write them
+        with ``writer`` in the I/O thread as they accumulate; end with CheckpointEnd."""
+        loop = asyncio.get_running_loop()
+        frames: list[bytes] = []
+        size = count = 0
+        for start in range(0, len(qids), _CHECKPOINT_CHUNK):
+            records: list[Record | msgspec.Raw] = []
+            for qid in qids[start : start + _CHECKPOINT_CHUNK]:
+                message = self.live.get(qid)
+                if message is None or not message.durable:
+                    continue
+                # The Enqueue record's bytes as the journal had them: nothing to decode.
+                records.append(msgspec.Raw(message.envelope))
+                count += 1
+                finished = message.finished
+                if finished:
+                    records.append(Done(qid, tuple(finished)))
+                for index, (attempts, when) in (message.retry or {}).items():
+                    records.append(Defer(qid, (index,), attempts, when))
+            frames.append(encode_frame(records))
+            size += len(frames[-1])
+            if size >= _CHECKPOINT_WRITE:
+                await loop.run_in_executor(self._io, writer.write, frames)
+                frames, size = [], 0
+            else:
+                await asyncio.sleep(0)  # let sessions run between chunks
+        # Its absence tells recovery that the checkpoint lost frames at its end.
+        frames.append(encode_frame([CheckpointEnd(count, *high_water)]))
+        await loop.run_in_executor(self._io, writer.write, frames)
 
     def _checkpoint_done(self, error: str | None) -> None:
         self.checkpoint_error = error
@@ -599,14 +630,18 @@ class Spool:
         self._journal += 1
         self._journal_bytes_since_ckpt = 0
 
-    def _write_checkpoint(self, cut: int, frames: list[bytes], stale: list[Path]) -> None:
+    def _open_checkpoint(self, cut: int) -> SyncedWriter:
+        """The checkpoint's temporary file, created empty, once this term owns the spool."""
         self._check_fence()
-        final = self.journal_dir / f"{cut:08d}.ckpt"
-        tmp = final.with_suffix(".tmp")
-        write_synced(tmp, frames)
+        return SyncedWriter(self.journal_dir / f"{cut:08d}.tmp")
+
+    def _finish_checkpoint(self, writer: SyncedWriter, cut: int, stale: list[Path]) -> None:
+        """Sync the written checkpoint, put it in place, and drop the files it replaces."""
+        writer.sync()
         # The rename and the deletions replace journals a newer term may be recovering from.
         self._check_fence()
-        os.rename(tmp, final)
+        final = self.journal_dir / f"{cut:08d}.ckpt"
+        os.rename(final.with_suffix(".tmp"), final)
         fsync_directory(self.journal_dir)
         for path in stale:
             if path != final:

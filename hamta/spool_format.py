@@ -7,9 +7,10 @@ so that recovery (``hamta.spool_recovery``) can rebuild what they cost from the 
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ _decoder = msgspec.msgpack.Decoder(list[Record])
 _entry_decoder = msgspec.msgpack.Decoder(Enqueue)
 
 
-def encode_frame(records: Iterable[Record]) -> bytes:
+def encode_frame(records: Iterable[Record | msgspec.Raw]) -> bytes:
     """One journal or checkpoint frame: magic, length and CRC-32, then the records (msgpack)."""
     payload = _encoder.encode(list(records))
     return _FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
@@ -112,35 +113,54 @@ def scan_frames(data: bytes) -> FrameScan:
     next frame magic; records come only from frames whose CRC-32 matches. A file that does not
     start with the magic but reads as version 1 frames is a version 1 file.
     """
-    if data[:4] != FRAME_MAGIC:
-        old = _scan_frames_v1(data)
-        if old.frames:
-            return old
-    frames: list[tuple[int, list[Record]]] = []
-    damaged: list[tuple[int, int]] = []
-    view = memoryview(data)
-    pos, end = 0, len(data)
-    bad: int | None = None
-    while pos < end:
-        records = _frame_at(data, view, pos)
-        if records is not None:
-            if bad is not None:
-                damaged.append((bad, pos))
-                bad = None
-            frames.append((pos, records))
-            pos += _FRAME.size + _FRAME.unpack_from(data, pos)[1]
-            continue
-        if bad is None:
-            bad = pos
-        found = data.find(FRAME_MAGIC, pos + 1)
-        pos = found if found >= 0 else end
-    torn = bad is not None and _incomplete(data, bad)
-    if bad is not None and not torn:
-        damaged.append((bad, end))
-    return FrameScan(frames, damaged, torn, 2)
+    scanner = FrameScanner(data)
+    frames = list(scanner)
+    return FrameScan(frames, scanner.damaged, scanner.torn, scanner.version)
 
 
-def _frame_at(data: bytes, view: memoryview, pos: int) -> list[Record] | None:
+class FrameScanner:
+    """:func:`scan_frames` one frame at a time, so that a reader holds one frame's records at
+    once, not a whole file's (recovery at depth). ``damaged`` grows as the scan goes (a span
+    is added before the frame that follows it is yielded); ``torn`` and ``version`` are final
+    once the iteration has ended.
+    """
+
+    def __init__(self, data: bytes | mmap.mmap) -> None:
+        self._data = data
+        self.damaged: list[tuple[int, int]] = []
+        self.torn = False
+        self.version = 2
+
+    def __iter__(self) -> Iterator[tuple[int, list[Record]]]:
+        data = self._data
+        if data[:4] != FRAME_MAGIC:
+            old = _scan_frames_v1(data)
+            if old.frames:
+                self.damaged, self.torn, self.version = old.damaged, old.torn, 1
+                yield from old.frames
+                return
+        with memoryview(data) as view:
+            pos, end = 0, len(data)
+            bad: int | None = None
+            while pos < end:
+                records = _frame_at(data, view, pos)
+                if records is not None:
+                    if bad is not None:
+                        self.damaged.append((bad, pos))
+                        bad = None
+                    yield pos, records
+                    pos += _FRAME.size + _FRAME.unpack_from(data, pos)[1]
+                    continue
+                if bad is None:
+                    bad = pos
+                found = data.find(FRAME_MAGIC, pos + 1)
+                pos = found if found >= 0 else end
+        self.torn = bad is not None and _incomplete(data, bad)
+        if bad is not None and not self.torn:
+            self.damaged.append((bad, end))
+
+
+def _frame_at(data: bytes | mmap.mmap, view: memoryview, pos: int) -> list[Record] | None:
     if pos + _FRAME.size > len(data) or data[pos : pos + 4] != FRAME_MAGIC:
         return None
     _, length, crc = _FRAME.unpack_from(data, pos)
@@ -153,7 +173,7 @@ def _frame_at(data: bytes, view: memoryview, pos: int) -> list[Record] | None:
         return None
 
 
-def _incomplete(data: bytes, pos: int) -> bool:
+def _incomplete(data: bytes | mmap.mmap, pos: int) -> bool:
     """Whether the bytes from ``pos`` to the end are the start of a frame cut short."""
     rest = data[pos:]
     if len(rest) < _FRAME.size:
@@ -162,7 +182,7 @@ def _incomplete(data: bytes, pos: int) -> bool:
     return rest[:4] == FRAME_MAGIC and _FRAME.size + length > len(rest)
 
 
-def _scan_frames_v1(data: bytes) -> FrameScan:
+def _scan_frames_v1(data: bytes | mmap.mmap) -> FrameScan:
     """Version 1 frames had no magic: the first bad frame ends what can be read."""
     frames: list[tuple[int, list[Record]]] = []
     view = memoryview(data)

@@ -34,7 +34,9 @@ def message(serial: int, domains: list[int], retry: dict[int, tuple[int, float]]
     recipients = tuple(f"r{i}@{DOMAINS[d]}" for i, d in enumerate(domains))
     rec = Enqueue(f"q{serial}", 0, 0, 10, 0, 0.0, "s@x.test", recipients)
     retry = {i: v for i, v in retry.items() if i < len(recipients)}
-    return LiveMessage(rec, durable=True, retry=retry or None)
+    live = LiveMessage.of(rec)
+    live.durable, live.retry = True, retry or None
+    return live
 
 
 operation = st.one_of(
@@ -53,12 +55,20 @@ operation = st.one_of(
 )
 
 
+def smarthost(domain: str) -> str:
+    """Two domains share a next hop (a static route): one line, two jobs per message."""
+    return "[relay.test]" if domain in ("a.test", "mx.test") else domain
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.lists(operation, max_size=60))
-def test_counters_equal_a_walk_after_any_sequence(operations: list[tuple[Any, ...]]) -> None:
+@given(st.lists(operation, max_size=60), st.booleans())
+def test_counters_equal_a_walk_after_any_sequence(
+    operations: list[tuple[Any, ...]], routed: bool
+) -> None:
     clock = Clock()
     policy = RetryConfig(first_delay=10.0, max_delay=100.0, jitter=0.0)
-    queue = MailQueue(policy, next_hop=lambda d: d, wall_clock=clock, on_ready=lambda d: None)
+    next_hop = smarthost if routed else (lambda d: d)
+    queue = MailQueue(policy, next_hop=next_hop, wall_clock=clock, on_ready=lambda d: None)
     taken: list[Job] = []
     for serial, op in enumerate(operations):
         kind = op[0]
@@ -118,6 +128,29 @@ def test_a_deep_queue_holds_each_domain_and_single_index_once() -> None:
     for serial in range(2):
         # Two recipients in two domains: the general path, which groups by domain.
         queue.add(message(serial, [0, 1], {}))
-    first, second = (queue.destinations["b.test"].ready[i] for i in (0, 1))
+    line = queue.destinations["b.test"]
+    first, second = queue.take(line), queue.take(line)
     assert first.domain is second.domain
     assert first.rcpts is second.rcpts == (1,)
+
+
+def test_an_untried_message_waits_as_itself_and_is_split_when_taken() -> None:
+    # A deep queue costs a line entry per untried message and destination, not a Job per
+    # recipient domain (issue 21): a message to a.test, mx.test (one smarthost) and b.test
+    # waits once in each of the two lines, and the smarthost's line yields its two jobs.
+    queue = MailQueue(
+        RetryConfig(), next_hop=smarthost, wall_clock=Clock(), on_ready=lambda d: None
+    )
+    queued = message(1, [0, 3, 1, 0], {})
+    queue.add(queued)
+    routed, direct = queue.destinations["[relay.test]"], queue.destinations["b.test"]
+    assert list(routed.ready) == [queued] and list(direct.ready) == [queued]
+    assert queue.by_domain()["a.test"] == {"ready": 2, "deferred": 0, "in_flight": 0}
+    first = queue.take(routed)
+    assert (first.domain, first.rcpts) == ("a.test", (0, 3))
+    [rest] = routed.ready
+    assert isinstance(rest, Job) and (rest.domain, rest.rcpts) == ("mx.test", (1,))
+    assert queue.by_domain()["a.test"] == {"ready": 0, "deferred": 0, "in_flight": 2}
+    assert queue.by_domain()["mx.test"] == {"ready": 1, "deferred": 0, "in_flight": 0}
+    [job] = queue.take_all(direct)
+    assert (job.domain, job.rcpts) == ("b.test", (2,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import TypeVar
 
 import pytest
 
-from hamta.spool import Spool, SpoolError, SpoolFullError, load_state
-from hamta.spool_format import FRAME_MAGIC
+from hamta import spool as spool_module
+from hamta.durable_files import SyncedWriter
+from hamta.spool import Damage, Spool, SpoolError, SpoolFullError, load_state
+from hamta.spool_format import FRAME_MAGIC, Enqueue
 
 T = TypeVar("T")
 
@@ -138,6 +141,52 @@ def test_finished_segments_are_deleted_and_checkpoints_fold_journals(tmp_path: P
     assert state.stats.messages == 11
     # Recovery read one checkpoint and only the journals after it.
     assert state.stats.journal_files <= 3
+
+
+def test_a_checkpoint_is_written_as_it_is_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint of a deep queue is 115 MiB for a million messages: it goes to its file a
+    # few megabytes at a time, never held whole (issue 21). Here a frame of 3 messages at a
+    # time, each written at once; the folded state reads back the same.
+    writes: list[int] = []
+    write = SyncedWriter.write
+
+    def counted(writer: SyncedWriter, chunks: list[bytes]) -> None:
+        writes.append(len(chunks))
+        write(writer, chunks)
+
+    monkeypatch.setattr(spool_module, "_CHECKPOINT_CHUNK", 3)
+    monkeypatch.setattr(spool_module, "_CHECKPOINT_WRITE", 1)
+    monkeypatch.setattr(SyncedWriter, "write", counted)
+
+    async def fill() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()
+        messages = [
+            await spool.append(body(n), "a@a.test", ["b@b.test", f"c{n}@c.test"]) for n in range(10)
+        ]
+        spool.mark_done(messages[1], [0])
+        spool.mark_deferred(messages[2], [0, 1], 3, 1234.5)
+        await spool.close()
+
+    async def fold() -> None:
+        spool = Spool(tmp_path)
+        spool.open()
+        await spool.recover()  # folds the journal into a checkpoint, closed after
+        await spool.close()
+
+    run(fill)
+    before = load_state(tmp_path)
+    writes.clear()  # the spool's VERSION file, written whole
+    run(fold)
+    assert writes == [1, 1, 1, 1, 1]  # four frames of messages, then the CheckpointEnd
+    after = load_state(tmp_path)
+    assert after.stats.journal_files == 1 and after.damage == Damage()
+    assert {q: (m.rec, m.pending, m.retry) for q, m in after.live.items()} == {
+        q: (m.rec, m.pending, m.retry) for q, m in before.live.items()
+    }
 
 
 def test_recovery_reads_no_body(tmp_path: Path) -> None:
@@ -296,28 +345,41 @@ def test_an_envelope_that_cannot_be_encoded_fails_its_append_alone(tmp_path: Pat
     run(main)
 
 
-def test_recovered_messages_share_their_sender_and_client(tmp_path: Path) -> None:
-    # A deep queue holds a sender once, not once per message (one application sends most).
-    async def fill() -> None:
+def test_a_recovered_message_holds_its_envelope_as_bytes_and_little_else(tmp_path: Path) -> None:
+    # A deep queue must fit in memory (issue 21): per message, the live state holds its queue
+    # id, its Enqueue record's msgpack bytes and a few numbers, not the envelope as Python
+    # objects (about 600 bytes for two recipients); the record decodes back unchanged.
+    count = 2000
+
+    async def fill() -> list[Enqueue]:
         spool = Spool(tmp_path)
         spool.open()
         await spool.recover()
-        for n in range(3):
-            client = "".join(["app1.example [", "192.0.2.1]"])
-            await spool.append(
-                body(n), "".join(["news@", "a.test"]), [f"r{n}@b.test"], client=client
+        messages = await asyncio.gather(
+            *(
+                spool.append(
+                    body(n),
+                    "news@a.test",
+                    [f"first{n}@b{n % 50}.test", f"second{n}@c{n % 70}.test"],
+                    message_id=f"<{n}@a.test>",
+                    client="app1.example [192.0.2.1]",
+                )
+                for n in range(count)
             )
+        )
+        spool.mark_done(messages[0], [1])
         await spool.close()
+        return [message.rec for message in messages]
 
-    run(fill)
-
-    async def recover() -> None:
-        spool = Spool(tmp_path)
-        spool.open()
-        await spool.recover()
-        senders = {id(message.rec.sender) for message in spool.live.values()}
-        clients = {id(message.rec.client) for message in spool.live.values()}
-        assert len(spool.live) == 3 and len(senders) == len(clients) == 1
-        await spool.close()
-
-    run(recover)
+    records = run(fill)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        state = load_state(tmp_path)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(state.live) == count
+    assert [state.live[rec.qid].rec for rec in records] == records
+    assert state.live[records[0].qid].pending == [0] and state.stats.recipients == 2 * count - 1
+    assert held / count < 450, f"{held / count:.0f} bytes per queued message"
