@@ -51,6 +51,7 @@ from cluster.hooks import Hooks, RoleChange
 from cluster.operator import LOCAL_STATUS
 from cluster.peer_channel import (
     Address,
+    HeartbeatSender,
     Message,
     PeerChannel,
     PeerChannelError,
@@ -264,7 +265,15 @@ class Agent:
 
         self.channel = self._peer_channel(config)
         self.failsafe: FailsafeLeases | None = None
+        self.heartbeats: HeartbeatSender | None = None
         if self.channel is not None:
+            self.heartbeats = HeartbeatSender(
+                self.channel,
+                config.agent.heartbeat_interval,
+                config.agent.peer_timeout,
+                self._heartbeat_body,
+                clock,
+            )
             self.failsafe = FailsafeLeases(
                 channel=self.channel,
                 policy=self.policy,
@@ -333,10 +342,16 @@ class Agent:
         if self.failsafe is not None:
             self.failsafe.receive(message, self.state)
 
-    async def _heartbeat_peers(self) -> None:
-        """Every heartbeat interval: a heartbeat to each peer, and the failsafe asks."""
-        if self.channel is not None:
-            self.channel.heartbeat({"role": self.state.role.value, "epoch": self.state.epoch})
+    def _heartbeat_body(self) -> dict[str, Any]:
+        """What each heartbeat says (read by the HeartbeatSender's thread: one immutable state)."""
+        state = self.state
+        return {"role": state.role.value, "epoch": state.epoch}
+
+    async def _ask_peers(self) -> None:
+        """Every heartbeat interval: the failsafe asks, and the heartbeat thread is told that the
+        event loop turns (it has its own thread: see HeartbeatSender)."""
+        if self.heartbeats is not None:
+            self.heartbeats.tick()
         if self.failsafe is not None:
             self.failsafe.ask(self.state)
 
@@ -797,9 +812,11 @@ class Agent:
             self.log.info(
                 "PeerChannelStarted", address=agent.peer_address, peers=sorted(agent.peers)
             )
+        if self.heartbeats is not None:
+            self.heartbeats.start()
         background = [
             asyncio.create_task(self.hooks.serve()),
-            asyncio.create_task(self._every(agent.heartbeat_interval, self._heartbeat_peers)),
+            asyncio.create_task(self._every(agent.heartbeat_interval, self._ask_peers)),
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
             # Dates the session's last contact with a server: the fresher, the longer an active
@@ -847,6 +864,8 @@ class Agent:
         """Stop the loops and the relay, and close the session (ephemeral znodes go at once)."""
         self.exiting.set()
         await self.hooks.drain()  # the hand-over's on_role_change and post_demote run first
+        if self.heartbeats is not None:  # silent from here on, as the other loops
+            await asyncio.to_thread(self.heartbeats.stop)
         for task in [*background, *self.tasks]:
             task.cancel()
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)

@@ -115,7 +115,10 @@ class AgentSection(_Section):
     # without waiting for its session to expire. Needs the peer channel and a fence agent or
     # command; several heartbeats must be missed (a CPU-starved peer must not be shot).
     fast_takeover: bool = True
-    peer_timeout: PositiveSeconds = 1.0
+    # 5 heartbeats: they leave from a thread of their own (cluster.peer_channel.HeartbeatSender),
+    # not behind the event loop's work; bench/soak.py measured 0 false failovers at 0.5 s under
+    # CPU hogs (README, "Fast takeover and the soak"). Was 1 s.
+    peer_timeout: PositiveSeconds = 0.5
 
     @field_validator("fleet_reader")
     @classmethod
