@@ -301,6 +301,7 @@ class HeartbeatSender:
         self.body = body
         self.clock = clock
         self.ticked = clock()  # the event loop's last tick
+        self.withheld_since: float | None = None  # heartbeats held back since (a stalled loop)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-heartbeats", daemon=True)
 
@@ -318,11 +319,27 @@ class HeartbeatSender:
         if self._thread.is_alive():
             self._thread.join()
 
+    def _loop_turns(self) -> bool:
+        """Whether the event loop ticked within ``stall_limit``; one line when that changes (a
+        peer may fence this node once it has withheld its heartbeats for ``peer_timeout``)."""
+        now = self.clock()
+        age = now - self.ticked
+        if age < self.stall_limit:
+            if self.withheld_since is not None:
+                held = now - self.withheld_since
+                self.channel.log.warning("HeartbeatsResumed", withheld=round(held, 3))
+                self.withheld_since = None
+            return True
+        if self.withheld_since is None:
+            self.withheld_since = now
+            self.channel.log.error("HeartbeatsWithheld", loop_stalled=round(age, 3))
+        return False
+
     def _run(self) -> None:
         due = self.clock()
         while not self._stopped.is_set():
             try:
-                if self.clock() - self.ticked < self.stall_limit:
+                if self._loop_turns():
                     self.channel.heartbeat(self.body())
             except Exception as exc:  # a bug here must not end the heartbeats for good
                 self.channel.log.error("HeartbeatNotSent", error=repr(exc))
