@@ -119,6 +119,11 @@ class AgentSection(_Section):
     # not behind the event loop's work; bench/soak.py measured 0 false failovers at 0.5 s under
     # CPU hogs (README, "Fast takeover and the soak"). Was 1 s.
     peer_timeout: PositiveSeconds = 0.5
+    # The agent's nice value, set at start and inherited by its threads and the processes it
+    # starts (relay, watchdog, fence agents, hooks): a CPU hog beside it must not starve its
+    # heartbeats into a false failover (cluster.priority). -20 (first) to 19 (last); 0 leaves
+    # the priority as it was given.
+    nice: int = Field(default=-10, ge=-20, le=19)
 
     @field_validator("fleet_reader")
     @classmethod
