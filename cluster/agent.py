@@ -58,6 +58,7 @@ from cluster.peer_channel import (
     bind_socket,
     load_secret,
 )
+from cluster.priority import raise_priority
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import DrbdStorage, Storage, storage_from_config
@@ -238,6 +239,7 @@ class Agent:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.current: asyncio.Task[None] | None = None  # the step in flight
         self.publishing = asyncio.Lock()
+        self.published: Member | None = None  # the last member record written
         self.stopping = asyncio.Event()  # SIGTERM: hand over, then exit
         self.exiting = asyncio.Event()  # the loops end
         self.stop_deadline = float("inf")
@@ -563,11 +565,16 @@ class Agent:
                 )
             )
         moved = before.role is not self.state.role or before.steps != self.state.steps
-        if moved and snapshot.cluster.session is Session.CONNECTED:
-            # Before the next step: the peer must see that this node no longer holds anything
-            # before leadership goes, or it would fence a node that stepped down cleanly. Not
-            # when this snapshot found the servers silent (kazoo may still say connected): the
-            # write would hold the urgent drain back until kazoo gives up, past the deadline.
+        if snapshot.cluster.session is not Session.CONNECTED:
+            self.published = None  # a new session may come without it: write it again
+        # Before the next step: the peer must see that this node no longer holds anything
+        # before leadership goes, or it would fence a node that stepped down cleanly. Not when
+        # this snapshot found the servers silent (kazoo may still say connected): the write
+        # would hold the urgent drain back until kazoo gives up, past the deadline. Not when
+        # the record says nothing new (most promotion steps change nothing in it): a ZooKeeper
+        # write per step, on the takeover's critical path, for nothing.
+        news = not self.member().says_the_same(self.published)
+        if moved and news and snapshot.cluster.session is Session.CONNECTED:
             await self._publish()
         for action in decision.actions:
             self._start(action)
@@ -623,7 +630,9 @@ class Agent:
         async with self.publishing:  # one write at a time, of the newest record
             for attempt in range(2):
                 try:
-                    await asyncio.to_thread(self.coordinator.publish_member, self.member())
+                    member = self.member()
+                    await asyncio.to_thread(self.coordinator.publish_member, member)
+                    self.published = member
                     return
                 except Exception as exc:  # the next heartbeat tries again
                     if attempt:
@@ -897,6 +906,14 @@ def run_agent(config: AgentConfig) -> int:
         eventlog.configure(config.agent.log_level, config.agent.log_file)
         # kazoo's reconnection notes go to the log: stderr keeps the one line that matters.
         eventlog.route_library("kazoo")
+        # Before any thread starts: each inherits it (cluster.priority).
+        nice = config.agent.nice
+        refused = raise_priority(nice) if nice else None
+        log = get_logger(node=config.agent.node, component="agent")
+        if refused:
+            log.warning("AgentPriorityNotRaised", nice=nice, error=refused)
+        elif nice:
+            log.info("AgentPriority", nice=nice)
         state_dir = Path(config.agent.state_dir)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 # ------------------------------------------------------------------ what the agent sees
@@ -90,6 +90,11 @@ class Member:
     holds: bool = False  # may hold the spool, the virtual IP or a serving relay right now
     api: str = ""  # the agent's HTTP API ("http://address:port"), "" when it has none
     vip: str = ""  # the pair's virtual IP ("198.18.0.100/24"), for the fleet's view (none: "")
+
+    def says_the_same(self, other: Member | None) -> bool:
+        """Whether ``other`` tells its readers what this record does: the same in all but the
+        time it was published (the agent then need not write it again between two steps)."""
+        return other is not None and self == replace(other, heartbeat=self.heartbeat)
 
 
 @dataclass(frozen=True, slots=True)
