@@ -21,7 +21,7 @@ def with_agent(extra: str, base: str = GOOD) -> str:
 
 def test_the_defaults_take_the_fast_path_with_a_channel_and_a_fence() -> None:
     policy = parse_agent_config(with_agent(CHANNEL)).policy()
-    assert policy.fast_takeover and policy.peer_timeout == 0.5
+    assert policy.fast_takeover and policy.peer_timeout == 1.0
 
 
 def test_without_a_channel_or_a_fence_the_fast_path_is_off() -> None:
