@@ -4,7 +4,7 @@
 What is measured
     A lab of its own (prefix ``hsk``, subnet 198.18.12.0/24 unless told otherwise) is built with
     both agents at their defaults (the peer channel's heartbeats every 100 ms, the fenced fast
-    takeover after ``peer_timeout`` 1 s of silence). A continuous client load (``--rate``
+    takeover after ``peer_timeout`` (1 s) of silence). A continuous client load (``--rate``
     attempts per second over ``--connections`` sessions) runs through the virtual IP for
     ``--minutes`` (30). Meanwhile, turn by turn, ``stress-ng --cpu N`` (N: ``--hog-workers``,
     every core by default) runs inside one node's namespace for ``--hog-seconds``, then

@@ -51,12 +51,14 @@ from cluster.hooks import Hooks, RoleChange
 from cluster.operator import LOCAL_STATUS
 from cluster.peer_channel import (
     Address,
+    HeartbeatSender,
     Message,
     PeerChannel,
     PeerChannelError,
     bind_socket,
     load_secret,
 )
+from cluster.priority import raise_priority
 from cluster.relayproc import RelayControlError, RelayProcess, default_relay_command
 from cluster.state import decide, demotion_due
 from cluster.storage import DrbdStorage, Storage, storage_from_config
@@ -237,6 +239,7 @@ class Agent:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.current: asyncio.Task[None] | None = None  # the step in flight
         self.publishing = asyncio.Lock()
+        self.published: Member | None = None  # the last member record written
         self.stopping = asyncio.Event()  # SIGTERM: hand over, then exit
         self.exiting = asyncio.Event()  # the loops end
         self.stop_deadline = float("inf")
@@ -269,7 +272,15 @@ class Agent:
         self.pulses = agent.fast_takeover and self.channel is not None
         self.beats = 0  # pulses written so far
         self.failsafe: FailsafeLeases | None = None
+        self.heartbeats: HeartbeatSender | None = None
         if self.channel is not None:
+            self.heartbeats = HeartbeatSender(
+                self.channel,
+                config.agent.heartbeat_interval,
+                config.agent.peer_timeout,
+                self._heartbeat_body,
+                clock,
+            )
             self.failsafe = FailsafeLeases(
                 channel=self.channel,
                 policy=self.policy,
@@ -339,10 +350,16 @@ class Agent:
         if self.failsafe is not None:
             self.failsafe.receive(message, self.state)
 
-    async def _heartbeat_peers(self) -> None:
-        """Every heartbeat interval: a heartbeat to each peer, and the failsafe asks."""
-        if self.channel is not None:
-            self.channel.heartbeat({"role": self.state.role.value, "epoch": self.state.epoch})
+    def _heartbeat_body(self) -> dict[str, Any]:
+        """What each heartbeat says (read by the HeartbeatSender's thread: one immutable state)."""
+        state = self.state
+        return {"role": state.role.value, "epoch": state.epoch}
+
+    async def _ask_peers(self) -> None:
+        """Every heartbeat interval: the failsafe asks, and the heartbeat thread is told that the
+        event loop turns (it has its own thread: see HeartbeatSender)."""
+        if self.heartbeats is not None:
+            self.heartbeats.tick()
         if self.failsafe is not None:
             self.failsafe.ask(self.state)
 
@@ -565,11 +582,16 @@ class Agent:
                 )
             )
         moved = before.role is not self.state.role or before.steps != self.state.steps
-        if moved and snapshot.cluster.session is Session.CONNECTED:
-            # Before the next step: the peer must see that this node no longer holds anything
-            # before leadership goes, or it would fence a node that stepped down cleanly. Not
-            # when this snapshot found the servers silent (kazoo may still say connected): the
-            # write would hold the urgent drain back until kazoo gives up, past the deadline.
+        if snapshot.cluster.session is not Session.CONNECTED:
+            self.published = None  # a new session may come without it: write it again
+        # Before the next step: the peer must see that this node no longer holds anything
+        # before leadership goes, or it would fence a node that stepped down cleanly. Not when
+        # this snapshot found the servers silent (kazoo may still say connected): the write
+        # would hold the urgent drain back until kazoo gives up, past the deadline. Not when
+        # the record says nothing new (most promotion steps change nothing in it): a ZooKeeper
+        # write per step, on the takeover's critical path, for nothing.
+        news = not self.member().says_the_same(self.published)
+        if moved and news and snapshot.cluster.session is Session.CONNECTED:
             await self._publish()
         for action in decision.actions:
             self._start(action)
@@ -625,7 +647,9 @@ class Agent:
         async with self.publishing:  # one write at a time, of the newest record
             for attempt in range(2):
                 try:
-                    await asyncio.to_thread(self.coordinator.publish_member, self.member())
+                    member = self.member()
+                    await asyncio.to_thread(self.coordinator.publish_member, member)
+                    self.published = member
                     return
                 except Exception as exc:  # the next heartbeat tries again
                     if attempt:
@@ -816,9 +840,11 @@ class Agent:
             self.log.info(
                 "PeerChannelStarted", address=agent.peer_address, peers=sorted(agent.peers)
             )
+        if self.heartbeats is not None:
+            self.heartbeats.start()
         background = [
             asyncio.create_task(self.hooks.serve()),
-            asyncio.create_task(self._every(agent.heartbeat_interval, self._heartbeat_peers)),
+            asyncio.create_task(self._every(agent.heartbeat_interval, self._ask_peers)),
             asyncio.create_task(self._watch_relay_exits()),
             asyncio.create_task(self._every(agent.heartbeat, self._publish)),
             # Dates the session's last contact with a server: the fresher, the longer an active
@@ -868,6 +894,8 @@ class Agent:
         """Stop the loops and the relay, and close the session (ephemeral znodes go at once)."""
         self.exiting.set()
         await self.hooks.drain()  # the hand-over's on_role_change and post_demote run first
+        if self.heartbeats is not None:  # silent from here on, as the other loops
+            await asyncio.to_thread(self.heartbeats.stop)
         for task in [*background, *self.tasks]:
             task.cancel()
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
@@ -899,6 +927,14 @@ def run_agent(config: AgentConfig) -> int:
         eventlog.configure(config.agent.log_level, config.agent.log_file)
         # kazoo's reconnection notes go to the log: stderr keeps the one line that matters.
         eventlog.route_library("kazoo")
+        # Before any thread starts: each inherits it (cluster.priority).
+        nice = config.agent.nice
+        refused = raise_priority(nice) if nice else None
+        log = get_logger(node=config.agent.node, component="agent")
+        if refused:
+            log.warning("AgentPriorityNotRaised", nice=nice, error=refused)
+        elif nice:
+            log.info("AgentPriority", nice=nice)
         state_dir = Path(config.agent.state_dir)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,16 @@ class AgentSection(_Section):
     # without waiting for its session to expire. Needs the peer channel and a fence agent or
     # command; several heartbeats must be missed (a CPU-starved peer must not be shot).
     fast_takeover: bool = True
+    # 10 heartbeats. 0.5 s (5) was tried and refused: bench/soak.py under CPU hogs on the shared
+    # 2-core machine saw the whole agent stall 0.6-1.07 s and get fenced by its peer, twice
+    # (README, "Fast takeover and the soak"). Shorter only where a soak on the real machines
+    # shows 0 false failovers at it.
     peer_timeout: PositiveSeconds = 1.0
+    # The agent's nice value, set at start and inherited by its threads and the processes it
+    # starts (relay, watchdog, fence agents, hooks): a CPU hog beside it must not starve its
+    # heartbeats into a false failover (cluster.priority). -20 (first) to 19 (last); 0 leaves
+    # the priority as it was given.
+    nice: int = Field(default=-10, ge=-20, le=19)
 
     @field_validator("fleet_reader")
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 # ------------------------------------------------------------------ what the agent sees
@@ -93,6 +93,11 @@ class Member:
     # The leader it hears nothing from over the peer channel while that leader's pulse in
     # ZooKeeper advances: a cut channel, for ``hamta cluster status`` ("": none).
     channel_silent: str = ""
+
+    def says_the_same(self, other: Member | None) -> bool:
+        """Whether ``other`` tells its readers what this record does: the same in all but the
+        time it was published (the agent then need not write it again between two steps)."""
+        return other is not None and self == replace(other, heartbeat=self.heartbeat)
 
 
 @dataclass(frozen=True, slots=True)

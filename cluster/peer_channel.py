@@ -32,6 +32,7 @@ import os
 import secrets
 import socket
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,10 @@ class PeerChannel(asyncio.DatagramProtocol):
         self.heard: dict[str, float] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.log = get_logger(node=node, component="peer_channel")
+        # Heartbeats go out from a thread of their own (HeartbeatSender), the failsafe's asks
+        # and answers from the event loop: one sequence, sealed and sent under one lock, so
+        # that no message leaves behind one with a higher number (the peer would refuse it).
+        self._sending = threading.Lock()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -228,12 +233,16 @@ class PeerChannel(asyncio.DatagramProtocol):
         """Send one message to ``peer``; its sequence number (0: not sent, no transport)."""
         if self.transport is None:
             return 0
-        datagram = self.sealer.seal(kind, self.wall(), body)
-        try:
-            self.transport.sendto(datagram, self.peers[peer])
-        except OSError as exc:  # no route (a cut): the peer hears nothing, as with a loss
-            self.log.debug("PeerSendFailed", peer=peer, error=str(exc))
-        return self.sealer.seq
+        with self._sending:
+            datagram = self.sealer.seal(kind, self.wall(), body)
+            seq = self.sealer.seq
+            try:
+                # The socket itself, not the transport: callable from any thread. A full
+                # buffer (BlockingIOError) drops the datagram, as a lossy network would.
+                self.sock.sendto(datagram, self.peers[peer])
+            except OSError as exc:  # no route (a cut): the peer hears nothing, as with a loss
+                self.log.debug("PeerSendFailed", peer=peer, error=str(exc))
+        return seq
 
     def heartbeat(self, body: Mapping[str, Any] | None = None) -> None:
         for peer in self.peers:
@@ -259,6 +268,86 @@ class PeerChannel(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:  # ICMP unreachable and the like
         self.log.debug("PeerChannelError", error=str(exc))
+
+
+class HeartbeatSender:
+    """Sends this node's heartbeats every ``interval`` from a thread of its own.
+
+    On the event loop, a heartbeat waits for whatever runs before it: a decision turn, a burst
+    of log lines, the results of worker threads, all of them slower on a CPU-starved machine.
+    A live node whose heartbeats come late by ``peer_timeout`` gets fenced by its peer (the
+    fast takeover), so they must not queue behind the agent's work. ``body`` says what each
+    carries (the role and epoch: values read, nothing decided here); the pace is the clock's
+    (``threading.Event.wait``), counted from the previous beat's due time, not from its end.
+
+    A heartbeat still says that the *agent* lives, not just this thread: the event loop calls
+    ``tick`` every interval, and no heartbeat goes out once its last tick is ``stall_limit``
+    old. A hung loop falls silent ``stall_limit`` after it stopped, and its peer may fence it
+    ``peer_timeout`` later: with ``stall_limit = peer_timeout``, the same stall as when the loop
+    sent the heartbeats itself with a ``peer_timeout`` twice as long (docs/fencing.md).
+    """
+
+    def __init__(
+        self,
+        channel: PeerChannel,
+        interval: float,
+        stall_limit: float,
+        body: Callable[[], Mapping[str, Any]],
+        clock: Callable[[], float],
+    ) -> None:
+        self.channel = channel
+        self.interval = interval
+        self.stall_limit = stall_limit
+        self.body = body
+        self.clock = clock
+        self.ticked = clock()  # the event loop's last tick
+        self.withheld_since: float | None = None  # heartbeats held back since (a stalled loop)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-heartbeats", daemon=True)
+
+    def start(self) -> None:
+        self.ticked = self.clock()
+        self._thread.start()
+
+    def tick(self) -> None:
+        """The event loop turns (called from it every interval)."""
+        self.ticked = self.clock()
+
+    def stop(self) -> None:
+        """No heartbeat after this returns (it waits for one being sent)."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop_turns(self) -> bool:
+        """Whether the event loop ticked within ``stall_limit``; one line when that changes (a
+        peer may fence this node once it has withheld its heartbeats for ``peer_timeout``)."""
+        now = self.clock()
+        age = now - self.ticked
+        if age < self.stall_limit:
+            if self.withheld_since is not None:
+                held = now - self.withheld_since
+                self.channel.log.warning("HeartbeatsResumed", withheld=round(held, 3))
+                self.withheld_since = None
+            return True
+        if self.withheld_since is None:
+            self.withheld_since = now
+            self.channel.log.error("HeartbeatsWithheld", loop_stalled=round(age, 3))
+        return False
+
+    def _run(self) -> None:
+        due = self.clock()
+        while not self._stopped.is_set():
+            try:
+                if self._loop_turns():
+                    self.channel.heartbeat(self.body())
+            except Exception as exc:  # a bug here must not end the heartbeats for good
+                self.channel.log.error("HeartbeatNotSent", error=repr(exc))
+            due += self.interval
+            now = self.clock()
+            if due <= now:  # this beat itself was late (a stall): the pace resumes from it
+                due = now + self.interval
+            self._stopped.wait(due - now)
 
 
 def bind_socket(address: Address) -> socket.socket:

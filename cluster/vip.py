@@ -105,8 +105,12 @@ class VirtualIp:
 
     def add(self) -> None:
         """Add the address if it is not there yet, then announce it with gratuitous ARP."""
-        self._netlink("add", self._add)
+        self.add_address()
         self.announce()
+
+    def add_address(self) -> None:
+        """Add the address if it is not there yet, without announcing it."""
+        self._netlink("add", self._add)
 
     def remove(self) -> None:
         """Remove the address if it is there; a missing interface holds nothing, so no error."""
@@ -312,8 +316,33 @@ class VipSet:
         return f"VipSet({', '.join(repr(m) for m in self.members)})"
 
     def add(self) -> None:
-        """Add and announce every address."""
-        self._each(lambda member: member.add())
+        """Add every address, then announce them all at once.
+
+        Every address is on the interface before any is announced, and so before the next
+        promotion step activates the relay, which sends from the egress addresses at once. The
+        announcements run side by side, one thread each: their paced rounds overlap instead of
+        adding up (with the virtual IP and two egress addresses, about 20 ms instead of 60 ms,
+        and more on a loaded machine, where each pause and thread start takes longer).
+        """
+        self._each(lambda member: member.add_address())
+        errors: list[VipError] = []
+
+        def announce(member: VirtualIp) -> None:
+            try:
+                member.announce()
+            except VipError as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=announce, args=(member,), name="vip-announce", daemon=True)
+            for member in self.members
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def remove(self) -> None:
         """Remove every address that is there."""

@@ -32,7 +32,7 @@ from hamta.domain_stats import DomainStats
 from hamta.epoch_token import EpochGuard
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics
-from hamta.outbound_tls import OutboundTls
+from hamta.outbound_tls import OutboundTls, TlsContexts
 from hamta.queue import MailQueue
 from hamta.reception import ReceptionHandler
 from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
@@ -84,6 +84,7 @@ async def build(
     log: Any,
     domain_stats: DomainStats,
     signer: DkimSigner | None,
+    tls_contexts: TlsContexts,
     wall_clock: Callable[[], float],
     spawn: Spawn,
     on_commit: Callable[[int, float], None],
@@ -163,6 +164,7 @@ async def build(
                 log,
                 hostname=config.node.hostname,
                 shard=f"w{worker}",
+                contexts=tls_contexts,
             ),
         )
         engine.start_tls_reports()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,29 @@ class TlsPolicyError(Exception):
         self.result_type = result_type
 
 
+@dataclass(frozen=True, slots=True)
+class TlsContexts:
+    """The client contexts of outbound sessions: one that verifies, one that does not.
+
+    Loading the system's CA store costs 0.1-0.3 s of CPU, more on a loaded machine; a relay
+    loads them once when it starts (warm, in standby), not in each activation, which is on a
+    failover's critical path (bench/failover.py: the ``relay`` step). They hold no state of an
+    activation: the same contexts serve every term of the process.
+    """
+
+    verifying: ssl.SSLContext
+    unverified: ssl.SSLContext
+
+    @classmethod
+    def load(cls, policy: TlsPolicyConfig) -> TlsContexts:
+        ca_file = policy.ca_file
+        verifying = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        return cls(verifying, unverified)
+
+
 class OutboundTls:
     """Requirements per MX, TLS contexts, and the post-handshake check."""
 
@@ -47,16 +71,15 @@ class OutboundTls:
         *,
         hostname: str = "localhost",
         shard: str = "0",
+        contexts: TlsContexts | None = None,  # None: loaded here (see TlsContexts)
     ) -> None:
         self.delivery = delivery
         self.dnssec = dns_config.dnssec
         self._wall = wall_clock
         self._resolver = configured_resolver(dns.asyncresolver.Resolver, dns_config)
-        ca_file = policy.ca_file
-        self.verifying = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        self.unverified = ssl.create_default_context()
-        self.unverified.check_hostname = False
-        self.unverified.verify_mode = ssl.CERT_NONE
+        contexts = contexts or TlsContexts.load(policy)
+        self.verifying = contexts.verifying
+        self.unverified = contexts.unverified
         self.mta_sts: MtaSts | None = None
         if policy.mta_sts and spool_root is not None:
             self.mta_sts = MtaSts(

@@ -32,6 +32,7 @@ from hamta.epoch_token import EpochGuard, TokenError
 from hamta.eventlog import get_logger
 from hamta.listeners import ListenerError, listener_index, unlisten
 from hamta.metrics import RelayMetrics, merge_expositions
+from hamta.outbound_tls import TlsContexts
 from hamta.queue import MailQueue
 from hamta.smtp import HamtaSMTP
 from hamta.spool import Damage, Spool, SpoolState
@@ -121,6 +122,8 @@ class Relay:
         # Read at each scrape, so it follows every change of self.state without a hook at each.
         self.metrics.active.set_function(lambda: 0.0 if self.state is RelayState.STANDBY else 1.0)
         self.signer = self._dkim_signer()
+        # Loaded once, here (warm): not on each activation's critical path (TlsContexts).
+        self.tls_contexts = TlsContexts.load(config.tls_policy)
         # hamta serve builds the supervisor first, so that the worker pool has it too; its
         # failures then come here through task_failed.
         self.supervisor = supervisor or Supervisor(self.log, self.task_failed)
@@ -398,6 +401,7 @@ class Relay:
                 log=self.log,
                 domain_stats=self.domain_stats,
                 signer=self.signer,
+                tls_contexts=self.tls_contexts,
                 wall_clock=self._wall,
                 spawn=self.supervisor.spawn,
                 on_commit=self._observe_commit,
