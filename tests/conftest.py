@@ -7,7 +7,9 @@ all on one port (the relay's delivery port is a single setting, as port 25 is in
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> SerialGroupS
     if config.getvalue("dist") != "loadgroup":
         return None
     return SerialGroupScheduling(config, log)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh directory with a short path (/tmp/hamta-t...), removed afterwards.
+
+    For a lab built by a test: its nodes' unix sockets must fit in 107 bytes, and pytest-xdist's
+    tmp_path (.../pytest-N/popen-gwN/<test name>/) leaves too little room for a chaos run's
+    own directories below it (hamta.unix_paths).
+    """
+    path = Path(tempfile.mkdtemp(prefix="hamta-t", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
