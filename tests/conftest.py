@@ -105,17 +105,33 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> SerialGroupS
     return SerialGroupScheduling(config, log)
 
 
+# Whether a test's call failed, for fixtures that keep what a failure needs (short_tmp).
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A fresh directory with a short path (/tmp/hamta-t...), removed afterwards.
+def short_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory with a short path (/tmp/hamta-t...), removed after a test that passed.
 
     For a lab built by a test: its nodes' unix sockets must fit in 107 bytes, and pytest-xdist's
     tmp_path (.../pytest-N/popen-gwN/<test name>/) leaves too little room for a chaos run's
-    own directories below it (hamta.unix_paths).
+    own directories below it (hamta.unix_paths). After a failure it stays, with the lab's logs,
+    and its path is in the test's report.
     """
     path = Path(tempfile.mkdtemp(prefix="hamta-t", dir="/tmp"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if request.node.stash.get(_CALL_FAILED, True):
+        print(f"short_tmp kept for the failure: {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
