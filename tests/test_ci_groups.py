@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHAOS_GROUP, SERIAL_FILES, SERIAL_GROUP, SERIAL_GROUPS, scheduling_unit
+from tests.conftest import (
+    CHAOS_GROUP,
+    FIXED_ADDRESS_GROUP,
+    SERIAL_FILES,
+    SERIAL_GROUP,
+    SERIAL_GROUPS,
+    scheduling_unit,
+)
 
 TESTS = Path(__file__).resolve().parent
 # What such a file does: network namespaces, a lab (built here or by `hamta lab/chaos
@@ -42,12 +49,13 @@ def test_the_scheduler_gives_the_serial_files_one_group_and_spreads_the_rest(
     scopes = {item.path.name: scheduling_unit(item.nodeid) for item in request.session.items}
     for name, scope in scopes.items():
         groups = [group for group, files in SERIAL_GROUPS.items() if name in files]
-        if name in SERIAL_FILES:
+        if groups:
             assert groups == [scope], name  # one group, its own
         else:
             assert scope not in SERIAL_GROUPS, name
     assert scheduling_unit("tests/test_lab.py::test_x[a::b]") == SERIAL_GROUP
     assert scheduling_unit("tests/test_chaos.py::test_x") == CHAOS_GROUP
+    assert scheduling_unit("tests/test_tls_policy.py::test_x") == FIXED_ADDRESS_GROUP
     own = "tests/test_spool.py::test_x[1]"
     assert scheduling_unit(own) == own  # a unit of its own
     assert scopes[Path(__file__).name] != SERIAL_GROUP
