@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from hamta.relay import Relay, RelayError, RelayState
 from hamta.suppression import control_command as suppression_command
 from hamta.suspensions import SuspensionError, write_suspended
+from hamta.unix_paths import check_socket_path
 
 
 async def _handle(relay: Relay, request: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
@@ -112,7 +113,9 @@ def bind_control(path: Path) -> socket.socket:
     ``hamta serve`` binds it before it gives up root (hamta.privileges), so that the socket
     stays root's: the agent, root without CAP_DAC_OVERRIDE under its unit, may connect to it.
     Until ``start_control`` listens, a connection is refused, as if it did not exist yet.
+    A path too long for a unix socket is refused (SocketPathError) before anything is touched.
     """
+    check_socket_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # left by a relay that was killed

@@ -7,8 +7,10 @@ all on one port (the relay's delivery port is a single setting, as port 25 is in
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +27,63 @@ from tests.support.relay import RelayProcess
 pytest.register_assert_rewrite("tests.support.decisions", "tests.support.random_walks")
 
 # The files that build network namespaces, labs, chaos runs or benchmarks. Under pytest-xdist
-# (pytest -n 2 --dist loadgroup) they all run, one after another, on one worker: their
-# timings are sensitive to load and some judge host-wide state (``ip netns list``, the lab's
-# leftovers), while the other tests, independent (free ports, their own tmp_path), spread over
-# the other workers. tests/test_ci_groups.py finds files that should be here and are not.
+# (the default: pyproject's addopts, -n 3 --dist loadgroup) each group's files run one after
+# another on one worker: their timings are sensitive to load and some judge their lab's
+# leftovers, while the other tests, independent (free ports, their own tmp_path), spread over
+# the other workers. The two groups run side by side: their labs have their own prefixes and
+# subnets (tests/test_ci_groups.py checks it), and a lab keeps its ports, nftables tables and
+# processes inside its own namespaces. The chaos short profile alone is over a third of the
+# suite's time: with every other lab in the same group, the group would be the whole run.
+# tests/test_ci_groups.py finds files that should be here and are not.
 SERIAL_GROUP = "namespaces"
+CHAOS_GROUP = "chaos"
+FIXED_ADDRESS_GROUP = "fixed-addresses"
+SERIAL_GROUPS: Mapping[str, frozenset[str]] = {
+    SERIAL_GROUP: frozenset(
+        {
+            "test_bench_failover.py",
+            "test_bench_monitor.py",
+            "test_failover.py",
+            "test_failsafe_lab.py",
+            "test_fast_takeover_lab.py",
+            "test_fencing_lab.py",
+            "test_fuzz.py",
+            "test_lab.py",
+            "test_lab_egress.py",
+            "test_lab_haproxy.py",
+            "test_lab_monitor.py",
+            "test_lab_monitor_checks.py",
+            "test_lab_pairs.py",
+            "test_lab_submission.py",
+            "test_lab_tls.py",
+            "test_partition_baseline.py",
+            "test_peer_channel_cut_lab.py",
+            "test_vagrant_cluster.py",
+            "test_vip.py",
+            "test_vip_set.py",
+            "test_vip_set_announce.py",
+            "test_watchdog.py",
+            "test_watchdog_egress.py",
+            "test_zookeeper.py",
+        }
+    ),
+    CHAOS_GROUP: frozenset(
+        {
+            "test_chaos.py",
+            "test_chaos_alerts.py",
+            "test_unix_paths.py",  # its lab and chaos run are refused; were they not: prefix hct
+        }
+    ),
+    # Not a namespace: a module fixture on fixed loopback addresses and ports (an HTTPS policy
+    # host on 443, as MTA-STS requires). Spread over workers, each built its own, and all but
+    # the first failed with "address already in use"; in one group it is built once.
+    FIXED_ADDRESS_GROUP: frozenset({"test_tls_policy.py"}),
+}
+# The files that build namespaces, labs or benchmarks (tests/test_ci_groups.py finds them).
 SERIAL_FILES = frozenset(
-    {
-        "test_bench_failover.py",
-        "test_bench_monitor.py",
-        "test_chaos.py",
-        "test_chaos_alerts.py",
-        "test_failover.py",
-        "test_failsafe_lab.py",
-        "test_fast_takeover_lab.py",
-        "test_fencing_lab.py",
-        "test_fuzz.py",
-        "test_lab.py",
-        "test_lab_egress.py",
-        "test_lab_haproxy.py",
-        "test_lab_monitor.py",
-        "test_lab_monitor_checks.py",
-        "test_lab_pairs.py",
-        "test_lab_submission.py",
-        "test_lab_tls.py",
-        "test_partition_baseline.py",
-        "test_peer_channel_cut_lab.py",
-        "test_vagrant_cluster.py",
-        "test_vip.py",
-        "test_vip_set.py",
-        "test_watchdog.py",
-        "test_watchdog_egress.py",
-        "test_zookeeper.py",
-    }
+    name for group, files in SERIAL_GROUPS.items() if group != FIXED_ADDRESS_GROUP for name in files
 )
+_GROUP_OF = {name: group for group, files in SERIAL_GROUPS.items() for name in files}
 
 MX_HOST = "127.0.0.5"
 DEAD_MX_HOST = "127.0.0.6"
@@ -67,7 +92,7 @@ TLS_MX_HOST = "127.0.0.7"
 
 # xdist ships no type information: its class is Any to mypy.
 class SerialGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]
-    """xdist's loadgroup scheduling, the group of each test taken from SERIAL_FILES.
+    """xdist's loadgroup scheduling, the group of each test taken from SERIAL_GROUPS.
 
     Not an ``xdist_group`` mark: xdist 3.8 carries a mark's group in the test's id, which
     pytest 9.2 no longer lets it change, and the mark is then silently ignored
@@ -79,15 +104,44 @@ class SerialGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]
 
 
 def scheduling_unit(nodeid: str) -> str:
-    """The unit of scheduling of the test ``nodeid``: SERIAL_GROUP, or the test alone."""
-    return SERIAL_GROUP if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in SERIAL_FILES else nodeid
+    """The unit of scheduling of the test ``nodeid``: its file's group, or the test alone."""
+    return _GROUP_OF.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> SerialGroupScheduling | None:
-    """With ``--dist loadgroup``, the serial group of SERIAL_FILES."""
+    """With ``--dist loadgroup``, the serial groups of SERIAL_GROUPS."""
     if config.getvalue("dist") != "loadgroup":
         return None
     return SerialGroupScheduling(config, log)
+
+
+# Whether a test's call failed, for fixtures that keep what a failure needs (short_tmp).
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+@pytest.fixture
+def short_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory with a short path (/tmp/hamta-t...), removed after a test that passed.
+
+    For a lab built by a test: its nodes' unix sockets must fit in 107 bytes, and pytest-xdist's
+    tmp_path (.../pytest-N/popen-gwN/<test name>/) leaves too little room for a chaos run's
+    own directories below it (hamta.unix_paths). After a failure it stays, with the lab's logs,
+    and its path is in the test's report.
+    """
+    path = Path(tempfile.mkdtemp(prefix="hamta-t", dir="/tmp"))
+    yield path
+    if request.node.stash.get(_CALL_FAILED, True):
+        print(f"short_tmp kept for the failure: {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -248,10 +248,13 @@ def test_kill_9_of_the_active_agent_ends_its_session_at_once(pair: Pair) -> None
         gone = time.monotonic() - killed_at
     finally:
         operator.stop()
-    # The session's timeout is 2 s: without the watchdog ending it, they would last that long.
-    assert gone < 1.0, f"the dead agent's znodes went after {gone:.2f}s"
-    (ended,) = first.events("WatchdogSessionEnded")
-    assert ended["outcome"] == "closed" and ended["session_id"] == f"0x{session_id:x}"
+    # The session's timeout is 2 s: without the watchdog ending it, they would last about that
+    # long. Under load a closed session can take as long to go as an expired one: the proof is
+    # the watchdog's line that it closed this session (its line may follow the znodes' end).
+    ended = wait_for(lambda: first.events("WatchdogSessionEnded"), 30, "the watchdog's line")
+    assert len(ended) == 1, ended
+    assert ended[0]["outcome"] == "closed", (ended, f"znodes gone after {gone:.2f}s")
+    assert ended[0]["session_id"] == f"0x{session_id:x}"
     assert pair.wait_active(timeout=30, not_=first.name) is second
 
 

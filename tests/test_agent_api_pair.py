@@ -22,6 +22,9 @@ from tests.support.dns import DnsServer
 from tests.support.ports import free_port
 
 HOSTS = {"node1": "127.0.0.41", "node2": "127.0.0.42"}
+# How far ahead the switchover is scheduled: past two runs of the CLI, which under load each
+# took over 10 s to start (the CLI must still list it as scheduled).
+LEAD = 40.0
 
 
 def hook(directory: Path, name: str, body: str) -> str:
@@ -113,15 +116,18 @@ def test_api_hooks_and_a_scheduled_switchover_with_real_agents(nodes: Nodes) -> 
     apis = {node["node"]: node["api"] for node in cluster["nodes"]}
     assert apis == {name: f"http://{host}:{nodes.api_port}" for name, host in HOSTS.items()}
 
-    # A switchover a few seconds ahead, by the CLI; the target's agent restarts meanwhile.
-    due = datetime.fromtimestamp(time.time() + 12, UTC).isoformat()
+    # A switchover ahead, by the CLI; the target's agent restarts meanwhile. Far enough ahead
+    # for two CLI runs to see it still scheduled: under load, each took over 10 s to start.
+    due = datetime.fromtimestamp(time.time() + LEAD, UTC).isoformat()
     scheduled = nodes.nodes[first].cli("cluster", "switchover", "--at", due, "--json")
     assert scheduled.returncode == 0, scheduled.stderr
     listed = nodes.nodes[first].cli("cluster", "status")
     assert "switchover scheduled at" in listed.stdout
     nodes.nodes[second].stop()
     nodes.nodes[second].start()
-    wait_for(lambda: nodes.active() == second, 30, f"{second} serving after the scheduled time")
+    wait_for(
+        lambda: nodes.active() == second, LEAD + 30, f"{second} serving after the scheduled time"
+    )
     status, cluster = nodes.get(first, "/cluster")
     assert isinstance(cluster, dict) and cluster["scheduled_switchover"] is None
     wait_for(lambda: "post_demote" in nodes.roles(first), 10, "post_demote on the old node")

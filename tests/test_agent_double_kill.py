@@ -15,7 +15,11 @@ from tests.support import DnsServer
 from tests.support.agents import wait_for
 from tests.test_agent import Pair
 
-INTERVAL = 10.0  # min_failover_interval, long enough to tell the two rules apart
+# min_failover_interval, long enough to tell the two rules apart under load: the node that
+# comes back may take a while to start and see the leader vacant (over 9 s on the loaded CI
+# machine), all of it within the interval of the wrong rule. It also holds the peer's first
+# acquisition back this long after the first node's own promotion (the right rule).
+INTERVAL = 30.0
 
 
 @pytest.fixture
@@ -44,12 +48,12 @@ def test_an_aborted_promotion_does_not_hold_back_the_next_takeover(pair: Pair) -
     # node's lease (no fence agent here): it is killed in the middle of its promotion.
     acquired = wait_for(
         lambda: [d for d in second.events("Decision") if "fence" in d.get("actions", [])],
-        20,
+        INTERVAL + 30,
         "the peer's acquisition",
     )[0]
     second.kill()
     first.start()
-    back = pair.wait_active(30)
+    back = pair.wait_active(INTERVAL + 30)  # the wrong rule would hold it past INTERVAL
     assert back is first
     took = next(
         d

@@ -47,6 +47,9 @@ def no_leftovers(tmp_path: Path) -> None:
     Lab(tmp_path / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
 
 
+# A lab of two pairs built, killed over and taken down: about a minute on an idle machine, past
+# 150 s once under the parallel suite and other labs. A cap for a hung run, not a goal.
+@pytest.mark.timeout(600)
 def test_failover_benchmark_measures_both_pairs_and_cleans_up(no_leftovers: None) -> None:
     done = subprocess.run(
         [
@@ -64,7 +67,7 @@ def test_failover_benchmark_measures_both_pairs_and_cleans_up(no_leftovers: None
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=540,
         check=False,
     )
     output = done.stdout + done.stderr

@@ -10,7 +10,6 @@ import asyncio
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
@@ -429,20 +428,20 @@ def test_serve_refuses_broken_config_before_starting(
     tmp_path: Path, extra: dict[str, dict[str, Any]], reason: str
 ) -> None:
     path, sections = serve_config(tmp_path, **extra)
-    started = time.monotonic()
+    # A cap for a relay that would start anyway, not a goal: under the parallel suite on a
+    # loaded machine an interpreter alone took over 15 s to start. That it refused before
+    # starting anything is what the files and ports below show.
     result = subprocess.run(
         [*HAMTA, "serve", "--config", str(path)],
         check=False,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
         cwd=tmp_path,
     )
-    elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"hamta: {path}: invalid configuration\n"), result.stderr
     assert reason in result.stderr
-    assert elapsed < 15, elapsed  # no waiting on anything: it fails as soon as it has parsed
     # Nothing was started: no spool, no control socket, no event log, nothing under ./var.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hamta.toml"]
     assert not is_listening(port_of(sections["smtp"]["listen"][0]))

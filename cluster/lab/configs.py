@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster.lab.site import CONTROL_SOCKET
 from cluster.lab.topology import (
     ADMIN_PORT,
     API_PORT,
@@ -83,7 +84,7 @@ def relay_config(
         # inet and client) read its health and queue from outside. Every route is a GET (health,
         # queue, domains, metrics, the dashboard): nothing there changes the relay.
         "admin": {"listen": f"{topology.address(node)}:{ADMIN_PORT}"},
-        "control": {"socket": node_dir / "relay.sock"},
+        "control": {"socket": node_dir / CONTROL_SOCKET},
         "log": {"file": node_dir / "relay.log"},
     }
     if topology.pair_of(node) == PAIR_CLUSTER:

@@ -21,10 +21,14 @@ from cluster.lab import processes, record
 from cluster.lab.processes import ProcessRecord
 from cluster.lab.record import LabRecord
 from cluster.lab.topology import INTERNET, PAIR_CLUSTER, Topology, TopologyError
+from hamta.unix_paths import SocketPathError, check_socket_path
 
-__all__ = ["AGENT_PREFIX", "LabError", "LabSite", "Launcher", "log_tail"]
+__all__ = ["AGENT_PREFIX", "CONTROL_SOCKET", "LabError", "LabSite", "Launcher", "log_tail"]
 
 AGENT_PREFIX: Final = "agent-"  # the recorded name of a node's agent: agent-node1
+CONTROL_SOCKET: Final = "relay.sock"  # in each node's directory: its relay's control socket
+# Room after CONTROL_SOCKET for the sockets of a relay's other workers (relay.sock.1, ...).
+_WORKER_SUFFIX: Final = ".99"
 
 
 class LabError(Exception):
@@ -59,12 +63,20 @@ class LabSite:
         cls, directory: Path, prefix: str, subnet: str, python: str, pairs: int = 1
     ) -> LabSite:
         """The site of a lab in ``directory``; LabError for a prefix, subnet or number of pairs
-        that cannot be."""
+        that cannot be, or a directory too deep for the nodes' unix sockets."""
         try:
             topology = Topology.build(prefix, subnet, pairs)
         except TopologyError as exc:
             raise LabError(str(exc)) from None
-        return cls(Path(directory).absolute(), topology, python)
+        directory = Path(directory).absolute()
+        for node in topology.nodes:
+            # Refused here, before anything is built: past the limit, the relay could not bind
+            # its control socket and the lab would only say that it never became ready.
+            try:
+                check_socket_path(directory / node / f"{CONTROL_SOCKET}{_WORKER_SUFFIX}")
+            except SocketPathError as exc:
+                raise LabError(f"lab directory {directory} is too deep: {exc}") from None
+        return cls(directory, topology, python)
 
     @property
     def credentials_path(self) -> Path:
