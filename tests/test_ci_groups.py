@@ -24,9 +24,11 @@ from tests.conftest import (
 )
 
 TESTS = Path(__file__).resolve().parent
-# What such a file does: network namespaces, a lab (built here or by `hamta lab/chaos
-# --prefix`), a bench script end to end, the Vagrant cluster's virtual machines.
-BUILDS_NAMESPACES = re.compile(r'\bnetns\b|\bLab\(|"--prefix"|/ "bench" /|mark\.vagrant\b')
+# What such a file does: network namespaces, a lab (built here, by tests.support.labs or by
+# `hamta lab/chaos --prefix`), a bench script end to end, the Vagrant cluster's virtual machines.
+BUILDS_NAMESPACES = re.compile(
+    r'\bnetns\b|\bLab\(|\bmodule_lab\(|"--prefix"|/ "bench" /|mark\.vagrant\b'
+)
 # How a test file names its lab: a prefix (PREFIX = "hl", prefix="hl", "--prefix", "hl") and
 # the /24 of its subnet (its first three numbers, in any address or subnet it writes).
 PREFIX = re.compile(r'(?:PREFIX = |prefix=|"--prefix", )"([a-z0-9]+)"')

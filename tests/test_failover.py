@@ -25,6 +25,7 @@ from tests.support.lab_checks import (
     wait_pair,
     wait_until,
 )
+from tests.support.labs import module_lab
 
 pytestmark = pytest.mark.root
 
@@ -36,14 +37,8 @@ SUBNET = "198.19.246.0/24"
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One lab with both agents for the whole module; each test leaves it with a pair."""
     # Under var/lab, where hamta looks for a lab when it is given no configuration.
-    directory = tmp_path_factory.mktemp("failover") / "var" / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("failover") / "var", PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def test_kill_9_of_the_active_node_under_load(lab: Lab, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from cluster.lab.history import LoadRun
 from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
 from tests.support.lab_checks import Sampler, agent_decisions, drained, wait_pair, wait_until
+from tests.support.labs import module_lab
 
 pytestmark = pytest.mark.root
 HAMTA = (sys.executable, "-m", "hamtactl")
@@ -32,14 +33,8 @@ OUTAGE = 12.0  # seconds: several leases (3 s) and session timeouts (2 s) long
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("failsafe") / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("failsafe"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def stop_zookeeper(lab: Lab) -> None:

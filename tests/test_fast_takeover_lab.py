@@ -14,6 +14,7 @@ import pytest
 
 from cluster.lab.lab import Lab
 from tests.support.lab_checks import Sampler, agent_decisions, drained
+from tests.support.labs import module_lab
 from tests.test_fencing_lab import restart_pair, start_load
 
 pytestmark = pytest.mark.root
@@ -24,14 +25,8 @@ SUBNET = "198.19.154.0/24"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("fast-takeover") / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("fast-takeover"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def acquisitions(lab: Lab, node: str) -> list[dict[str, object]]:

@@ -25,6 +25,7 @@ from cluster.lab.history import LoadRun, recovery_time
 from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
 from tests.support.lab_checks import Sampler, agent_decisions, drained, roles, wait_pair, wait_until
+from tests.support.labs import module_lab
 from tests.support.relay import read_events
 
 pytestmark = pytest.mark.root
@@ -37,14 +38,8 @@ NO_STONITH_NO_WATCHDOG = {"fencing": {"commands": None}, "watchdog": {"enabled":
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("fencing") / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("fencing"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def restart_pair(lab: Lab, overrides: dict[str, Any], *, together: bool = False) -> str:

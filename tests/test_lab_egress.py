@@ -14,6 +14,7 @@ import pytest
 from cluster.lab.commands import format_status
 from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
+from tests.support.labs import module_lab
 
 PREFIX = "he"
 SUBNET = "198.19.190.0/24"
@@ -21,14 +22,8 @@ SUBNET = "198.19.190.0/24"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("lab-egress") / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("lab-egress"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def senders_of(lab: Lab, ids: list[str], timeout: float = 30.0) -> set[tuple[str, str]]:

@@ -15,6 +15,7 @@ from cluster.lab import probes
 from cluster.lab.haproxy import CHECK_INTERVAL_MS, greeting_node, measure_switch
 from cluster.lab.lab import Lab
 from cluster.lab.topology import API_PORT, CLIENT, NODES
+from tests.support.labs import module_lab
 
 PREFIX = "ha"
 SUBNET = "198.19.180.0/24"
@@ -22,15 +23,10 @@ SUBNET = "198.19.180.0/24"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("lab-haproxy")
-    # A run killed half-way may have left namespaces of this prefix behind.
-    Lab(directory / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory / "lab", prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=120.0, monitors=False, haproxy=True)
+    with module_lab(
+        tmp_path_factory.mktemp("lab-haproxy"), PREFIX, SUBNET, wait=120.0, haproxy=True
+    ) as built:
         yield built
-    finally:
-        built.down()
 
 
 def test_haproxy_follows_the_active_node_through_a_failover(lab: Lab) -> None:

@@ -27,6 +27,7 @@ from cluster.lab.monitors import format_verdicts, monitor_config
 from cluster.lab.site import LabSite
 from monitor.config import RelayCheck, RoundTripCheck, parse_monitor_config
 from tests.support import free_port
+from tests.support.labs import module_lab
 from tests.support.ports import listening
 
 PREFIX = "hmt"
@@ -112,14 +113,10 @@ def test_the_lab_s_monitors_check_the_round_trip_and_each_relay_s_admin_endpoint
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    base = tmp_path_factory.mktemp("lab-monitor-checks")
-    Lab(base / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(base / "lab", prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0)
+    with module_lab(
+        tmp_path_factory.mktemp("lab-monitor-checks"), PREFIX, SUBNET, monitors=True
+    ) as built:
         yield built
-    finally:
-        built.down()
 
 
 def states(lab: Lab) -> dict[str, dict[str, str]]:

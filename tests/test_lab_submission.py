@@ -17,6 +17,7 @@ import pytest
 from cluster.lab.lab import Lab
 from cluster.lab.submission import ACCOUNT_FILE, PROBE_USER
 from hamta.config import load_config
+from tests.support.labs import module_lab
 
 PREFIX = "hs"
 SUBNET = "198.19.170.0/24"
@@ -24,15 +25,8 @@ SUBNET = "198.19.170.0/24"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("lab-submission") / "lab"
-    # A run killed half-way may have left this prefix's namespaces behind.
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("lab-submission"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def test_the_pair_listens_for_submission_with_a_probe_account(lab: Lab) -> None:

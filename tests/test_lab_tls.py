@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cluster.lab.lab import Lab
+from tests.support.labs import module_lab
 from tests.support.relay import read_events
 
 PREFIX = "ht"
@@ -23,14 +24,8 @@ SUBNET = "198.19.175.0/24"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("labtls") / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("labtls"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def _events(lab: Lab, name: str, timeout: float = 20.0, **match: Any) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from cluster.lab.history import recovery_time
 from cluster.lab.lab import Lab
 from cluster.operator import format_status
 from tests.support.lab_checks import Sampler, agent_decisions, drained, wait_pair, wait_until
+from tests.support.labs import module_lab
 from tests.test_fencing_lab import start_load
 
 pytestmark = pytest.mark.root
@@ -34,14 +35,8 @@ CUT = 8.0  # seconds: eight peer_timeouts, four session timeouts
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    directory = tmp_path_factory.mktemp("channel-cut") / "lab"
-    Lab(directory.parent / "leftovers", prefix=PREFIX, subnet=SUBNET).down()
-    built = Lab(directory, prefix=PREFIX, subnet=SUBNET)
-    try:
-        built.up(wait=90.0, monitors=False)
+    with module_lab(tmp_path_factory.mktemp("channel-cut"), PREFIX, SUBNET) as built:
         yield built
-    finally:
-        built.down()
 
 
 def other(node: str) -> str:
