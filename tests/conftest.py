@@ -74,10 +74,11 @@ SERIAL_GROUPS: Mapping[str, frozenset[str]] = {
             "test_unix_paths.py",  # its lab and chaos run are refused; were they not: prefix hct
         }
     ),
-    # Not a namespace: a module fixture on fixed loopback addresses and ports (an HTTPS policy
-    # host on 443, as MTA-STS requires). Spread over workers, each built its own, and all but
-    # the first failed with "address already in use"; in one group it is built once.
-    FIXED_ADDRESS_GROUP: frozenset({"test_tls_policy.py"}),
+    # Not namespaces: fixed loopback addresses and ports. test_tls_policy's module fixture (an
+    # HTTPS policy host on 443, as MTA-STS requires): spread over workers, each built its own,
+    # and all but the first failed with "address already in use". test_privileges' relays bind
+    # the first free port below 1024: two tests on two workers found the same one free.
+    FIXED_ADDRESS_GROUP: frozenset({"test_tls_policy.py", "test_privileges.py"}),
 }
 # The files that build namespaces, labs or benchmarks (tests/test_ci_groups.py finds them).
 SERIAL_FILES = frozenset(

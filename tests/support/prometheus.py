@@ -101,11 +101,13 @@ class Prometheus:
             time.sleep(0.2)
         raise TimeoutError(f"no {what} after {timeout}s: {self.logs()}")
 
-    def firing(self, name: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until alert ``name`` fires; its alerts."""
+    def firing(self, name: str, timeout: float = 30.0, at_least: int = 1) -> list[dict[str, Any]]:
+        """Wait until ``at_least`` alerts of ``name`` fire (each series is evaluated on its own:
+        they need not fire in one evaluation); its firing alerts."""
 
         def check() -> list[dict[str, Any]]:
-            return [a for a in self.alerts().get(name, []) if a["state"] == "firing"]
+            fired = [a for a in self.alerts().get(name, []) if a["state"] == "firing"]
+            return fired if len(fired) >= at_least else []
 
         result: list[dict[str, Any]] = self.wait_for(check, timeout, f"{name} firing")
         return result
