@@ -86,6 +86,10 @@ class Alerting:
         self.sleep = sleep
         # Acknowledgements already logged (they may be written by another process).
         self._acks_seen: set[int] | None = None
+        # One escalation at a time: the tick's pass and a newly opened incident's first one
+        # would otherwise both read an incident before either recorded its step, and both fire
+        # it (the notifiers told twice; under load, seen as two IncidentInMaintenance lines).
+        self._escalating = asyncio.Lock()
 
     # ------------------------------------------------------------ state changes
 
@@ -99,7 +103,11 @@ class Alerting:
                 check.name, check.kind, severity, change.current, change.at, change.detail
             )
             self._log_incident("IncidentOpened", row, detail=change.detail)
-            await self._escalate(row, self.clock.time())
+            async with self._escalating:
+                # Read again: a tick may have escalated it while this waited for the lock.
+                fresh = await self.incidents.open_for(check.name)
+                if fresh is not None and fresh.incident.id == row.incident.id:
+                    await self._escalate(fresh, self.clock.time())
         elif action is Action.UPDATE and current is not None and severity is not None:
             await self.incidents.update(
                 current.incident.id, severity, change.current, change.at, change.detail
@@ -127,7 +135,10 @@ class Alerting:
 
     async def escalate_all(self) -> None:
         """One tick: every open incident's due steps fire (acknowledged ones: none)."""
-        now = self.clock.time()
+        async with self._escalating:
+            await self._escalate_open(self.clock.time())
+
+    async def _escalate_open(self, now: float) -> None:
         rows = await self.incidents.open_incidents()
         if self._acks_seen is None:  # at start: those acknowledged before are old news
             self._acks_seen = {r.incident.id for r in rows if r.incident.acked_by}

@@ -120,8 +120,13 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(
     assert not lost, f"{len(lost)} acknowledged messages lost: {lost[:10]}"
     assert set(delivered) <= sent, "delivered something that was never sent"
     assert not [i for i in history.refused if i in delivered], "a refused message was delivered"
-    twice_unacked = [i for i in history.unknown if delivered[i] > 1]
-    assert not twice_unacked, twice_unacked
+    # Delivery is at least once: a kill between the next hop's 250 and the relay's record of
+    # it sends that message again after the restart, acknowledged or not (an unknown one, too:
+    # CI saw one). Each kill can catch at most the deliveries then in flight, one per
+    # connection; more would mean messages recovered twice, not a delivery cut short.
+    duplicates = {i: n for i, n in delivered.items() if n > 1}
+    assert all(n == 2 for n in duplicates.values()), duplicates
+    assert len(duplicates) <= kills * 5, duplicates  # 5: max_connections_per_destination
     recoveries = relay.events("QueueRecovered")
     assert len(recoveries) == kills + 1
     print(
