@@ -155,13 +155,25 @@ def silent_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
     return leader
 
 
+def _pulsed_since_silence(snapshot: Snapshot, node: str, policy: Policy) -> bool:
+    """``node``'s pulse advanced after its heartbeats had already been silent ``peer_timeout``:
+    proof of life after the channel went quiet. A pulse that is merely fresh proves less: a node
+    switched off pulses last a moment after its last heartbeat (one heartbeat interval, plus
+    ZooKeeper's delivery), so for that moment its pulse is fresh while it is dead."""
+    heard, pulse = heartbeat_age(snapshot, node), pulse_age(snapshot, node)
+    return heard is not None and pulse is not None and pulse < heard - policy.peer_timeout
+
+
 def alive_unheard_leader(snapshot: Snapshot, policy: Policy) -> Leader | None:
-    """The leader whose heartbeats stopped while its pulse in ZooKeeper advances: the peer
-    channel is cut (a firewall, a link), not the node. Never fenced for it; said once."""
+    """The leader whose heartbeats stopped while its pulse in ZooKeeper still advances (fresh,
+    and advanced after the silence: ``_pulsed_since_silence``): the peer channel is cut (a
+    firewall, a link), not the node. Never fenced for it; said once. Until such a pulse the
+    leader is neither alive nor silent: the warning waits for it, the fence for
+    ``silent_leader``."""
     leader = unheard_leader(snapshot, policy)
     if leader is None or not _pulse_fresh(snapshot, leader.node, policy):
         return None
-    return leader
+    return leader if _pulsed_since_silence(snapshot, leader.node, policy) else None
 
 
 def silence_due(snapshot: Snapshot, policy: Policy) -> float | None:

@@ -67,6 +67,29 @@ def test_a_cut_channel_then_a_dead_leader_is_fenced_once_its_pulse_stops() -> No
     assert decision.actions[0].fence == (PEER,)
 
 
+def test_a_leader_switched_off_is_not_called_alive_by_its_last_pulse() -> None:
+    """Switched off, the leader pulsed last a moment after its last heartbeat: when the
+    heartbeats are a ``peer_timeout`` old its pulse is still fresh, yet it advanced before the
+    silence, not after. No "channel cut" then (CI saw one, before the fence); the fence once the
+    pulse is old too."""
+    walk = unheard(1.0, 0.85)
+    decision = walk.see()
+    assert decision.trigger is Trigger.NOTHING, decision
+    assert decision.state.channel_silent == ""
+    walk.world.heartbeat_ages = {PEER: 1.15}
+    walk.world.pulse_ages = {PEER: 1.0}
+    decision = walk.see()
+    assert decision.trigger is Trigger.PEER_SILENT
+    assert decision.actions[0].fence == (PEER,)
+
+
+def test_a_pulse_after_the_silence_is_proof_of_life() -> None:
+    walk = unheard(1.3, 0.35)
+    assert walk.see().trigger is Trigger.NOTHING  # advanced 0.95 s after the last heartbeat
+    walk.world.pulse_ages = {PEER: 0.25}
+    assert walk.see().trigger is Trigger.CHANNEL_SILENT  # 1.05 s after: after the silence
+
+
 def test_without_a_pulse_znode_the_heartbeats_decide_as_before() -> None:
     """The pulse source is gone (the leader's session ended: its ephemeral znodes go with it,
     the leader znode too, seen a moment apart), or its agent does not pulse: today's path."""
