@@ -46,7 +46,13 @@ from typing import Any
 
 import msgspec
 
-from hamta.durable_files import SyncedWriter, fsync_directory, write_all, write_durably
+from hamta.durable_files import (
+    SyncedWriter,
+    append_synced,
+    fsync_directory,
+    write_all,
+    write_durably,
+)
 from hamta.spool_format import (
     FORMAT_VERSION,
     OLD_VERSIONS,
@@ -466,7 +472,7 @@ class Spool:
             raise
 
     def _write_batch(self, batch: _Batch) -> None:
-        """In the I/O thread: fdatasync the bodies, write the frame, fdatasync it, deletions.
+        """In the I/O thread: fdatasync the bodies, then the frame written durably, deletions.
 
         The bodies were written by :meth:`_write_bodies`; the frame is written only once they
         are durable, so that a frame that survives a crash never points at a body that did
@@ -487,8 +493,7 @@ class Spool:
                 size = self._jnl_size if self._jnl_size is not None else os.fstat(fd).st_size
                 touched.append((fd, size))
                 self._jnl_size = None  # unknown until the write and its sync succeed
-                write_all(fd, batch.frame)
-                os.fdatasync(fd)
+                append_synced(fd, batch.frame)
                 self.fsyncs += 1
                 self._jnl_size = size + len(batch.frame)
                 self._journal_bytes_since_ckpt += len(batch.frame)

@@ -22,7 +22,7 @@ from hamta.spool import LiveMessage, Spool
 class Call:
     """One write or fdatasync the spool made: on which file, the file's length after it."""
 
-    kind: str  # "write" or "sync"
+    kind: str  # "write", "sync", or "dsync" (a write durable when it returns: both at once)
     path: str
     length: int
     data: bytes
@@ -30,14 +30,15 @@ class Call:
 
 
 class Recorder:
-    """Wraps ``os.write``, ``os.fdatasync`` and ``os.fstat``; keeps the spool's calls in order."""
+    """Wraps ``os.write``, ``os.pwritev``, ``os.fdatasync`` and ``os.fstat``: the spool's calls,
+    in order."""
 
     def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.root = str(root)
         self.calls: list[Call] = []
         self.acks: list[tuple[int, LiveMessage]] = []  # (calls made before the ack, message)
         self.fstats: list[int] = []  # threads that asked the length of a spool file
-        write, fdatasync, fstat = os.write, os.fdatasync, os.fstat
+        write, pwritev, fdatasync, fstat = os.write, os.pwritev, os.fdatasync, os.fstat
 
         def recorded(kind: str, fd: int, data: bytes) -> None:
             path = os.readlink(f"/proc/self/fd/{fd}")
@@ -50,6 +51,12 @@ class Recorder:
             recorded("write", fd, bytes(data[:written]))
             return written
 
+        def spy_pwritev(fd: int, buffers: list[bytes], offset: int, flags: int = 0) -> int:
+            written = pwritev(fd, buffers, offset, flags)
+            data = b"".join(bytes(b) for b in buffers)[:written]
+            recorded("dsync" if flags & os.RWF_DSYNC else "write", fd, data)
+            return written
+
         def spy_sync(fd: int) -> None:
             fdatasync(fd)
             recorded("sync", fd, b"")
@@ -60,12 +67,13 @@ class Recorder:
             return fstat(fd)
 
         monkeypatch.setattr(os, "write", spy_write)
+        monkeypatch.setattr(os, "pwritev", spy_pwritev)
         monkeypatch.setattr(os, "fdatasync", spy_sync)
         monkeypatch.setattr(os, "fstat", spy_fstat)
 
     def synced(self, path: str, before: int) -> int:
         """How much of ``path`` the calls before index ``before`` made durable."""
-        lengths = [c.length for c in self.calls[:before] if c.kind == "sync" and c.path == path]
+        lengths = [c.length for c in self.calls[:before] if c.kind != "write" and c.path == path]
         return max(lengths, default=0)
 
 
@@ -107,14 +115,15 @@ def test_no_acknowledgement_moves_ahead_of_its_syncs(
         frames = [
             i
             for i, c in enumerate(recorder.calls)
-            if c.kind == "write" and c.path.endswith(".jnl") and rec.qid.encode() in c.data
+            if c.kind != "sync" and c.path.endswith(".jnl") and rec.qid.encode() in c.data
         ]
         assert frames, f"{rec.qid}: acknowledged, never written to a journal"
         frame = frames[0]
         journal = recorder.calls[frame]
         # The body was durable before the frame naming it was written ...
         assert recorder.synced(segment, frame) >= rec.offset + rec.length, rec.qid
-        # ... and the frame was durable before the acknowledgement.
+        # ... and the frame was durable before the acknowledgement (a dsync write is
+        # durable when it returns, so the frame's own call counts).
         assert frame < acked_at, rec.qid
         assert recorder.synced(journal.path, acked_at) >= journal.length, rec.qid
 
@@ -124,7 +133,8 @@ def test_the_io_thread_only_syncs_and_writes_the_frame(
 ) -> None:
     # Each syscall of the I/O thread hands the GIL to and fro with the event loop: the bodies
     # go to the page cache from the loop's thread, the lengths for a rollback are known
-    # without asking the file, and the I/O thread is left fdatasync, frame, fdatasync.
+    # without asking the file, and the I/O thread is left the bodies' fdatasync and the
+    # frame's write made durable by that write itself (RWF_DSYNC): two syscalls a commit.
     spool = Spool(tmp_path / "spool")
     recorder = Recorder(tmp_path / "spool", monkeypatch)
     loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
@@ -132,10 +142,6 @@ def test_the_io_thread_only_syncs_and_writes_the_frame(
     body_writes = [c for c in recorder.calls if c.kind == "write" and c.path.endswith(".seg")]
     assert body_writes and {c.thread for c in body_writes} == {loop_thread}
     io_calls = [c for c in recorder.calls if c.thread != loop_thread]
-    assert {(c.kind, c.path[-4:]) for c in io_calls} == {
-        ("sync", ".seg"),
-        ("write", ".jnl"),
-        ("sync", ".jnl"),
-    }
+    assert {(c.kind, c.path[-4:]) for c in io_calls} == {("sync", ".seg"), ("dsync", ".jnl")}
     # One fstat when the journal is opened, none per commit.
     assert len(recorder.fstats) <= 1
