@@ -16,10 +16,13 @@ instant, and rebuilding the queue means reading a compact journal, never the bod
 * ``journal/NNNNNNNN.ckpt`` is a checkpoint: the live state as of the end of journal ``NNNNNNNN``,
   so that recovery reads one checkpoint plus the journals after it, and old journals can go.
 
-A group commit writes the bodies, fdatasyncs the segment, then writes the frame and fdatasyncs the
-journal, so a frame that survives a crash never points at a body that did not. Frames start
-with a magic: recovery skips a torn or damaged frame, goes on with the next, and rebuilds from
-the segments the messages no intact record names (damage costs at most the damaged message).
+A group commit writes the bodies, fdatasyncs the segment, then writes the frame durably (one
+``pwritev2`` with ``RWF_DSYNC``: a write and an fdatasync in one syscall), so a frame that
+survives a crash never points at a body that did not. The bodies' write to the page cache is
+made in the event loop's thread, the syncs and the frame's write in the spool's I/O thread.
+Frames start with a magic: recovery skips a torn or damaged frame, goes on with the next, and
+rebuilds from the segments the messages no intact record names (damage costs at most the damaged
+message).
 Replay is idempotent (a repeated Enqueue or a Done for an unknown message is ignored), which is
 what lets a checkpoint be taken while mail keeps flowing.
 The format is documented for operators in ``docs/spool-format.md``.
