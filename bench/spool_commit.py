@@ -35,6 +35,8 @@ from typing import Any
 
 import hamta.spool
 
+Run = tuple[float, float, float]  # one run's CPU ms, context switches and syncs, per message
+
 
 def _context_switches() -> int:
     total = 0
@@ -83,9 +85,7 @@ async def _load(spool_module: ModuleType | None, root: Path, args: argparse.Name
     return int(spool.fsyncs)
 
 
-def _measure(
-    spool_module: ModuleType | None, args: argparse.Namespace
-) -> tuple[float, float, float]:
+def _measure(spool_module: ModuleType | None, args: argparse.Namespace) -> Run:
     """CPU milliseconds, context switches and syncs per message of one run."""
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         cpu, switches = time.process_time(), _context_switches()
@@ -118,7 +118,7 @@ def main() -> int:
     modules: dict[str, ModuleType] = {"new": hamta.spool}
     if args.old is not None:
         modules["old"] = _old_module(args.old)
-    runs: dict[str, list[tuple[float, float, float]]] = {
+    runs: dict[str, list[Run]] = {
         "work": [],
         **{name: [] for name in modules},
     }
@@ -126,24 +126,30 @@ def main() -> int:
         runs["work"].append(_measure(None, args))
         for name, module in modules.items():
             runs[name].append(_measure(module, args))
-    work_cpu = statistics.median(run[0] for run in runs["work"])
-    work_switches = statistics.median(run[1] for run in runs["work"])
-    figures: dict[str, float] = {"work_cpu_ms": round(work_cpu, 4)}
-    for name in modules:
-        cpu = statistics.median(run[0] for run in runs[name]) - work_cpu
-        switches = statistics.median(run[1] for run in runs[name]) - work_switches
-        syncs = statistics.median(run[2] for run in runs[name])
-        figures[f"{name}_spool_cpu_ms"] = round(cpu, 4)
-        figures[f"{name}_spool_switches"] = round(switches, 2)
-        figures[f"{name}_syncs"] = round(syncs, 3)
-        # Syncs a message tell the size of the group commits, which a faster commit shrinks.
-        print(
-            f"{name}: the spool's CPU {cpu:.3f} ms a message, {switches:.2f} context switches "
-            f"and {syncs:.3f} syncs a message (medians of {args.rounds}; the work alone: "
-            f"{work_cpu:.3f} ms)"
-        )
-    print(json.dumps(figures))
+    for line in _report(runs, args.rounds):
+        print(line)
     return 0
+
+
+def _report(runs: dict[str, list[Run]], rounds: int) -> list[str]:
+    """One line per spool (medians, less the work alone's), then the JSON line."""
+    work = [statistics.median(run[i] for run in runs["work"]) for i in range(2)]
+    figures: dict[str, float] = {"work_cpu_ms": round(work[0], 4)}
+    lines = []
+    for name in (name for name in runs if name != "work"):
+        cpu, switches, syncs = (statistics.median(run[i] for run in runs[name]) for i in range(3))
+        cpu, switches = cpu - work[0], switches - work[1]
+        figures |= {
+            f"{name}_spool_cpu_ms": round(cpu, 4),
+            f"{name}_spool_switches": round(switches, 2),
+            f"{name}_syncs": round(syncs, 3),  # the group commits' size: a faster one shrinks it
+        }
+        lines.append(
+            f"{name}: the spool's CPU {cpu:.3f} ms a message, {switches:.2f} context switches "
+            f"and {syncs:.3f} syncs a message (medians of {rounds}; the work alone: "
+            f"{work[0]:.3f} ms)"
+        )
+    return [*lines, json.dumps(figures)]
 
 
 if __name__ == "__main__":
