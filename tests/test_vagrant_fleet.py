@@ -29,18 +29,9 @@ import pytest
 
 from cluster.lab.history import recovery_time
 from cluster.lab.vagrant import VagrantCluster, VagrantError, wait_for
-from tests.support.vagrant import (
-    REJOIN_TIMEOUT,
-    ROOT,
-    TAKEOVER_TIMEOUT,
-    assert_destroyed,
-    drained,
-    start_load,
-    vagrant_cluster,
-    wait_acked,
-)
+from tests.support import vagrant as suite
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(suite.ROOT / "bench"))
 from failover_pairs import decisions_until_active, takeover_phases
 
 pytestmark = [pytest.mark.vagrant, pytest.mark.root, pytest.mark.timeout(10800)]
@@ -49,7 +40,7 @@ pytestmark = [pytest.mark.vagrant, pytest.mark.root, pytest.mark.timeout(10800)]
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VagrantCluster]:
     """The two-pair cluster, up and provisioned; destroyed and its host side removed after."""
-    yield from vagrant_cluster(tmp_path_factory, pairs=2)
+    yield from suite.vagrant_cluster(tmp_path_factory, pairs=2)
 
 
 def _no_failover(status: dict[str, Any] | None) -> tuple[object, ...]:
@@ -65,7 +56,7 @@ def test_fleet_status_on_a_node_lists_both_pairs(fleet: VagrantCluster) -> None:
         ("vagrant1", ("mx1", "mx2")),
         ("vagrant2", ("mx3", "mx4")),
     ]
-    leaders = {p.name: fleet.pair(p.name).wait_active(TAKEOVER_TIMEOUT) for p in pairs}
+    leaders = {p.name: fleet.pair(p.name).wait_active(suite.TAKEOVER_TIMEOUT) for p in pairs}
     status = fleet.fleet_status(fleet.mail_nodes[0])
     listed = {entry["pair"]: entry for entry in status["pairs"]}
     print(json.dumps(status, indent=1))
@@ -89,20 +80,20 @@ def test_power_off_in_one_pair_leaves_the_other_serving(fleet: VagrantCluster, i
     """
     names = [p.name for p in fleet.inventory.pairs]
     hit, other = fleet.pair(names[index]), fleet.pair(names[1 - index])
-    source = hit.wait_active(TAKEOVER_TIMEOUT)
-    target = hit.wait_ready_for_switchover(REJOIN_TIMEOUT)
-    other.wait_active(TAKEOVER_TIMEOUT)
+    source = hit.wait_active(suite.TAKEOVER_TIMEOUT)
+    target = hit.wait_ready_for_switchover(suite.REJOIN_TIMEOUT)
+    other.wait_active(suite.TAKEOVER_TIMEOUT)
     before = _no_failover(other.cluster_status())
-    hit_load = start_load(hit, f"fleet-{hit.pair_name}-cut")
-    other_load = start_load(other, f"fleet-{other.pair_name}-beside")
+    hit_load = suite.start_load(hit, f"fleet-{hit.pair_name}-cut")
+    other_load = suite.start_load(other, f"fleet-{other.pair_name}-beside")
     try:
-        wait_acked(hit_load, 120.0)
-        wait_acked(other_load, 120.0)
+        suite.wait_acked(hit_load, 120.0)
+        suite.wait_acked(other_load, 120.0)
         time.sleep(5.0)
         cut, cut_wall = time.monotonic(), time.time()
         hit.power_off(source)
-        assert hit.wait_active(TAKEOVER_TIMEOUT, other_than=source) == target
-        rto = wait_for(lambda: recovery_time(hit_load.attempts(), cut), TAKEOVER_TIMEOUT, 0.5)
+        assert hit.wait_active(suite.TAKEOVER_TIMEOUT, other_than=source) == target
+        rto = wait_for(lambda: recovery_time(hit_load.attempts(), cut), suite.TAKEOVER_TIMEOUT, 0.5)
         assert rto is not None, f"no 250 through {hit.vip} after the power-off"
         time.sleep(5.0)
     finally:
@@ -131,12 +122,12 @@ def test_power_off_in_one_pair_leaves_the_other_serving(fleet: VagrantCluster, i
     assert _no_failover(other.cluster_status()) == before
     missed = [a for a in beside if a.outcome != "acked"]
     assert not missed, f"{other.pair_name} did not acknowledge {len(missed)}: {missed[:5]}"
-    drained(hit_load)
-    drained(other_load)
+    suite.drained(hit_load)
+    suite.drained(other_load)
     hit.power_on(source)
-    hit.wait_passive(source, REJOIN_TIMEOUT)
+    hit.wait_passive(source, suite.REJOIN_TIMEOUT)
 
 
 def test_destroy_removes_every_machine_network_and_disk(fleet: VagrantCluster) -> None:
     """``vagrant destroy -f`` of the five machines leaves no domain, network or disk."""
-    assert_destroyed(fleet)
+    suite.assert_destroyed(fleet)
