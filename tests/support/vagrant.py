@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 TAKEOVER_TIMEOUT = 300.0
 REJOIN_TIMEOUT = 900.0
 DRAIN_TIMEOUT = 600.0
+# `vagrant up` per pair: one pair took 13 min under TCG; two pairs (five machines) were still
+# provisioning the arbiter when an hour ran out (load average 7-15 beside other work).
+UP_TIMEOUT_PER_PAIR = 3600.0
 
 
 def _missing_tools() -> list[str]:
@@ -58,7 +61,7 @@ def vagrant_cluster(
             machine.start_host()
         if not all(machine.running(m) for m in machine.machines):
             started = time.monotonic()
-            machine.up()
+            machine.up(timeout=UP_TIMEOUT_PER_PAIR * pairs)
             print(f"vagrant up ({pairs} pair(s)): {time.monotonic() - started:.0f}s")
         yield machine
     finally:
