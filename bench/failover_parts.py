@@ -46,7 +46,7 @@ from cluster.lab.configs import render_toml
 from cluster.lab.inspection import describe
 from cluster.lab.lab import Lab, LabError
 from cluster.lab.topology import CLIENT, NODES
-from cluster.lab.vagrant import ARBITER, MAIL_DOMAIN, MAIL_NODES, VagrantCluster
+from cluster.lab.vagrant import MAIL_DOMAIN, VagrantCluster
 
 
 def queue_deep(lab: Lab, count: int) -> int:
@@ -187,7 +187,7 @@ def run_vagrant(machines: VagrantCluster, args: argparse.Namespace, result: Part
     """
     say(f"hamta: the Vagrant cluster ({machines.driver}) from namespace {machines.namespace}")
     started = time.monotonic()
-    if all(machines.running(m) for m in (*MAIL_NODES, ARBITER)):
+    if all(machines.running(m) for m in machines.machines):
         say("  the machines run already (--reuse): not brought up again")
     else:
         machines.up()

@@ -59,6 +59,7 @@ SERIAL_GROUPS: Mapping[str, frozenset[str]] = {
             "test_partition_baseline.py",
             "test_peer_channel_cut_lab.py",
             "test_vagrant_cluster.py",
+            "test_vagrant_fleet.py",
             "test_vip.py",
             "test_vip_set.py",
             "test_vip_set_announce.py",

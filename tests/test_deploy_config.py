@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import AgentConfig, load_agent_config
-from cluster.lab.vagrant import libvirtd_config, parse_recap
+from cluster.coordination_layout import Credentials
+from cluster.lab.vagrant import Pair, VagrantCluster, VagrantError, libvirtd_config, parse_recap
 from hamta.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,6 +386,39 @@ def test_the_vagrant_cluster_renders_configs_that_hamta_accepts(vagrant: Path) -
     assert zoo_cfg(vagrant, "arbiter")["server.3"] == "198.19.101.13:2888:3888"
 
 
+@needs_ansible
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        (1, [Pair("vagrant", ("mx1", "mx2"), "198.19.101.100")]),
+        (
+            2,
+            [
+                Pair("vagrant1", ("mx1", "mx2"), "198.19.101.100"),
+                Pair("vagrant2", ("mx3", "mx4"), "198.19.101.101"),
+            ],
+        ),
+    ],
+)
+def test_the_vagrant_harness_reads_its_pairs_from_the_inventory(
+    pairs: int, expected: list[Pair], tmp_path: Path
+) -> None:
+    """cluster.lab.vagrant's machines, pairs and VIPs: those the playbooks deploy, no copy."""
+    machines = VagrantCluster(ROOT, tmp_path, pairs=pairs)
+    assert list(machines.inventory.pairs) == expected
+    assert sorted(machines.machines) == sorted(["arbiter", *(n for p in expected for n in p.nodes)])
+    assert machines.inventory.addresses["arbiter"] == "198.19.101.13"
+    last = machines.pair(expected[-1].name)
+    assert (last.vip, last.mail_nodes, last.pair_name) == (
+        expected[-1].vip,
+        expected[-1].nodes,
+        expected[-1].name,
+    )
+    assert (machines.vip, machines.mail_nodes) == (expected[0].vip, expected[0].nodes)
+    with pytest.raises(VagrantError, match="no pair 'vagrant3'"):
+        machines.pair("vagrant3")
+
+
 def test_every_vagrant_address_is_in_the_benchmarking_range() -> None:
     # 198.18.0.0/15 only: never vagrant-libvirt's default private range.
     text = "\n".join(
@@ -404,12 +438,18 @@ def test_every_vagrant_address_is_in_the_benchmarking_range() -> None:
 @needs_ansible
 def test_the_vagrant_fleet_renders_two_pairs_on_the_one_ensemble(tmp_path: Path) -> None:
     """HAMTA_PAIRS=2: its inventory (not booted here: no KVM, and TCG guests are too slow)."""
-    extra: dict[str, object] = {"vault_hamta_fleet_admin_password": "test-fleet-admin"}
+    extra: dict[str, object] = {
+        "vault_hamta_fleet_admin_password": "test-fleet-admin",
+        "vault_hamta_fleet_reader_password": "test-fleet-reader",
+    }
     rendered = render(VAGRANT_PAIRS_INVENTORY, tmp_path / "rendered", tmp_path, extra)
+    # The reader's id the inventory computes with openssl is the one hamta derives.
+    reader = Credentials("fleet-reader", "test-fleet-reader").digest_id
     vips = {}
     for node, pair in (("mx1", "vagrant1"), ("mx2", "vagrant1"), ("mx3", "vagrant2")):
         _relay, agent = relay_and_agent(rendered, node)
         assert agent.agent.cluster == pair
+        assert agent.agent.fleet_reader == reader
         vips[node] = agent.vip.address
         assert sorted(agent.agent.zookeeper.split(",")) == [
             "198.19.101.11:2181",

@@ -2,8 +2,12 @@
 
 The namespace lab shares one kernel and one filesystem between its nodes; the Vagrant cluster
 does not: three virtual machines (mx1 and mx2 with real DRBD, and the arbiter) provisioned by
-``ansible/site.yml``. Tests and ``bench/failover.py --cluster vagrant`` drive it from outside,
-as an operator would, through this module.
+``ansible/site.yml``, or five with ``pairs=2`` (``HAMTA_PAIRS=2``: mx3 and mx4 as a second pair
+on the same ensemble, ``vagrant/inventory-pairs``). Tests and ``bench/failover.py --cluster
+vagrant`` drive it from outside, as an operator would, through this module. The machines, their
+addresses, the pairs and their virtual IPs are read from the inventory the playbooks use
+(``ansible-inventory --list``), not repeated here; :meth:`VagrantCluster.pair` gives the view of
+one pair (its nodes, its virtual IP, its agents' status) sharing the host side.
 
 Everything runs inside a network namespace this module creates (``hvg0`` by default): libvirtd
 and virtlogd (started here, stopped by their pids: the machine has no systemd), the bridges
@@ -25,6 +29,7 @@ host (which has one) before ``vagrant up``, where the role finds them (``.vagran
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -36,7 +41,7 @@ import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,10 +53,7 @@ from cluster.operator import is_standby
 NAMESPACE = "hvg0"
 BOX = "hamta/bookworm"  # vagrant/Vagrantfile's box, built by vagrant/build-box
 BOX_BUILD_TIMEOUT = 1800.0
-MAIL_NODES = ("mx1", "mx2")
 ARBITER = "arbiter"
-ADDRESSES = {"mx1": "198.19.101.11", "mx2": "198.19.101.12", "arbiter": "198.19.101.13"}
-VIP = "198.19.101.100"
 #: The host's address on the cluster network (libvirt's bridge).
 HOST_ADDRESS = "198.19.101.1"
 #: vagrant-libvirt names each domain ``<default_prefix><machine>`` (the Vagrantfile's prefix).
@@ -61,6 +63,8 @@ NETWORKS = ("hamta-management", "hamta-cluster")
 MAIL_DOMAIN = "example.test"
 SINK_MAILDIR = "/var/lib/mx-sink/Maildir"
 HAMTA = "/opt/hamta/bin/hamta"
+#: The fleet's reader (HAMTA_PAIRS=2): inventory-pairs makes up its password under .vagrant/secrets.
+FLEET_READER = "fleet-reader"
 LIBVIRT_URI = "qemu:///system"
 
 _LIBVIRT_RUN = Path("/run/libvirt")
@@ -88,6 +92,57 @@ def libvirtd_config(log: Path) -> str:
 
 class VagrantError(Exception):
     """The Vagrant cluster could not be built, driven or taken down."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One pair of the inventory: its name (``agent.cluster``), its two nodes, its virtual IP."""
+
+    name: str
+    nodes: tuple[str, ...]
+    vip: str
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What the harness needs of an inventory: every machine's address and the pairs."""
+
+    addresses: dict[str, str]
+    pairs: tuple[Pair, ...]
+
+    def pair(self, name: str) -> Pair:
+        """The pair called ``name``; VagrantError if the inventory has none."""
+        for pair in self.pairs:
+            if pair.name == name:
+                return pair
+        raise VagrantError(f"no pair {name!r} in the inventory: {[p.name for p in self.pairs]}")
+
+
+def _group_hosts(groups: dict[str, Any], name: str) -> list[str]:
+    """The hosts of group ``name`` and of its children, in the inventory's order."""
+    group = groups.get(name, {})
+    hosts = list(group.get("hosts", []))
+    for child in group.get("children", []):
+        hosts += [h for h in _group_hosts(groups, child) if h not in hosts]
+    return hosts
+
+
+def parse_inventory(listed: dict[str, Any]) -> Inventory:
+    """An :class:`Inventory` from ``ansible-inventory --list``'s JSON.
+
+    The pairs are the ``hamta`` group's hosts grouped by ``hamta_cluster`` (the name their
+    agents use), each with its ``hamta_vip`` without the prefix length.
+    """
+    hostvars: dict[str, dict[str, Any]] = listed.get("_meta", {}).get("hostvars", {})
+    addresses = {host: str(v["ansible_host"]) for host, v in hostvars.items()}
+    nodes: dict[str, list[str]] = {}
+    vips: dict[str, str] = {}
+    for host in _group_hosts(listed, "hamta"):
+        name = str(hostvars[host]["hamta_cluster"])
+        nodes.setdefault(name, []).append(host)
+        vips[name] = str(hostvars[host]["hamta_vip"]).partition("/")[0]
+    pairs = tuple(Pair(name, tuple(sorted(members)), vips[name]) for name, members in nodes.items())
+    return Inventory(addresses, pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +226,7 @@ class VagrantCluster:
         namespace: str = NAMESPACE,
         driver: str | None = None,
         python: str = sys.executable,
+        pairs: int | None = None,
     ) -> None:
         self.checkout = checkout.resolve()
         self.vagrant_dir = self.checkout / "vagrant"
@@ -180,11 +236,65 @@ class VagrantCluster:
         # Plain qemu (TCG) unless told: KVM guests can hang under nested virtualisation.
         self.driver = driver or os.environ.get("HAMTA_VAGRANT_DRIVER") or "qemu"
         self.python = python
-        self.vip = VIP
+        # The Vagrantfile's HAMTA_PAIRS: which machines `vagrant up` defines, which inventory.
+        self.pairs = pairs or int(os.environ.get("HAMTA_PAIRS") or "1")
+        if self.pairs not in (1, 2):
+            raise VagrantError(f"the Vagrant cluster has 1 or 2 pairs, not {self.pairs}")
+        self.inventory_dir = self.vagrant_dir / (
+            "inventory-pairs" if self.pairs == 2 else "inventory"
+        )
+        # The pair this object's pair methods (status, VIP, load) are about: the first unless
+        # pair() made this a view of another.
+        self._pair: Pair | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self._pids: dict[str, int] = {}
         self._made_run_dir = False
         self._paths_before: set[Path] = set()
+
+    @cached_property
+    def inventory(self) -> Inventory:
+        """The machines and pairs of :attr:`inventory_dir`, as Ansible reads it."""
+        done = subprocess.run(
+            ["ansible-inventory", "-i", str(self.inventory_dir), "--list"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise VagrantError(f"ansible-inventory -i {self.inventory_dir}: {done.stderr.strip()}")
+        return parse_inventory(json.loads(done.stdout))
+
+    @property
+    def current_pair(self) -> Pair:
+        """The pair the pair methods are about."""
+        return self._pair or self.inventory.pairs[0]
+
+    @property
+    def pair_name(self) -> str:
+        """The current pair's name (``agent.cluster``)."""
+        return self.current_pair.name
+
+    @property
+    def vip(self) -> str:
+        """The current pair's virtual IP, where :meth:`send` and a load send."""
+        return self.current_pair.vip
+
+    @property
+    def mail_nodes(self) -> tuple[str, ...]:
+        """The current pair's two nodes."""
+        return self.current_pair.nodes
+
+    @property
+    def machines(self) -> tuple[str, ...]:
+        """Every machine of the cluster (both pairs' and the arbiter)."""
+        return tuple(self.inventory.addresses)
+
+    def pair(self, name: str) -> VagrantCluster:
+        """This cluster seen as pair ``name``: the same machines and host side, its own status."""
+        view = copy.copy(self)
+        view._pair = self.inventory.pair(name)
+        return view
 
     # ------------------------------------------------------------------ the host side
 
@@ -402,6 +512,7 @@ class VagrantCluster:
             VAGRANT_DEFAULT_PROVIDER="libvirt",
             HAMTA_VAGRANT_DRIVER=self.driver,
             LIBVIRT_DEFAULT_URI=LIBVIRT_URI,
+            HAMTA_PAIRS=str(self.pairs),
             ANSIBLE_CONFIG=str(self.vagrant_dir / "ansible.cfg"),
             ANSIBLE_FORCE_COLOR="0",
             ANSIBLE_NOCOLOR="1",
@@ -514,11 +625,11 @@ class VagrantCluster:
         self.vagrant("destroy", "-f", timeout=timeout)
 
     def playbook(self, playbook: str, *args: str, timeout: float = 3600.0) -> PlaybookRun:
-        """``ansible-playbook -i vagrant/inventory ansible/PLAYBOOK ARGS`` from the namespace."""
+        """``ansible-playbook -i <the inventory> ansible/PLAYBOOK ARGS`` from the namespace."""
         argv = [
             "ansible-playbook",
             "-i",
-            str(self.vagrant_dir / "inventory"),
+            str(self.inventory_dir),
             str(self.checkout / "ansible" / playbook),
             *args,
         ]
@@ -550,7 +661,7 @@ class VagrantCluster:
             "ConnectTimeout=10",
             "-o",
             "BatchMode=yes",
-            f"vagrant@{ADDRESSES[machine]}",
+            f"vagrant@{self.inventory.addresses[machine]}",
             command,
         ]
         try:
@@ -608,17 +719,19 @@ class VagrantCluster:
     # ------------------------------------------------------------------ the pair's state
 
     def agent_config(self) -> Path:
-        """The host's copy of a mail node's agent configuration, for ``hamta cluster`` here.
+        """The host's copy of one of the pair's agent configurations, for ``hamta cluster`` here.
 
         The agent's own file names the node's paths; the copy points at a copy of the
-        ZooKeeper credentials instead. Read from whichever mail node answers (one may be off).
+        ZooKeeper credentials instead. Read from whichever node of the pair answers (one may
+        be off).
         """
-        config = self.workdir / "agent.toml"
+        pair = self.pair_name
+        config = self.workdir / f"agent-{pair}.toml"
         if config.exists():
             return config
         files: dict[str, str] = {}
         problems = []
-        for node in MAIL_NODES:
+        for node in self.mail_nodes:
             for name in ("agent.toml", "zk-credentials", "relay.toml"):
                 shown = self.ssh(node, f"sudo cat /etc/hamta/{name}")
                 if shown.returncode != 0:
@@ -630,16 +743,40 @@ class VagrantCluster:
         else:
             raise VagrantError(f"cannot read an agent configuration: {problems}")
         sections = tomllib.loads(files["agent.toml"])
-        secret = self.workdir / "zk-credentials"
+        secret = self.workdir / f"zk-credentials-{pair}"
         secret.touch(mode=0o600)
         secret.write_text(files["zk-credentials"], encoding="utf-8")
         sections["agent"]["credentials"] = str(secret)
-        relay = self.workdir / "relay.toml"
+        relay = self.workdir / f"relay-{pair}.toml"
         relay.write_text(files["relay.toml"], encoding="utf-8")
         sections["agent"]["relay_config"] = str(relay)
-        sections["agent"]["state_dir"] = str(self.workdir / "agent-state")
+        sections["agent"]["state_dir"] = str(self.workdir / f"agent-state-{pair}")
         config.write_text(render_toml(sections), encoding="utf-8")
         return config
+
+    def fleet_status(self, node: str) -> dict[str, Any]:
+        """``hamta fleet status --json`` on ``node`` as the fleet's reader, as an operator runs it.
+
+        The reader's password is the one inventory-pairs made up on the first run; it reaches
+        the node in a mktemp file (0600, as the command demands), removed after.
+        """
+        secret = (self.dotfile / "secrets" / FLEET_READER).read_text(encoding="utf-8")
+        config = self.ssh(node, "sudo cat /etc/hamta/agent.toml")
+        if config.returncode != 0:
+            raise VagrantError(f"{node}:/etc/hamta/agent.toml: {config.stderr.strip()}")
+        zookeeper = tomllib.loads(config.stdout)["agent"]["zookeeper"]
+        done = self.ssh(
+            node,
+            f"f=$(mktemp) && printf %s '{FLEET_READER}:{secret.split()[0]}' > $f && "
+            f"{HAMTA} fleet status --json --zookeeper {zookeeper} --credentials $f; "
+            "s=$?; rm -f $f; exit $s",
+        )
+        if done.returncode != 0:
+            raise VagrantError(f"hamta fleet status on {node}: {done.stderr.strip()}")
+        parsed = json.loads(done.stdout)
+        if not isinstance(parsed, dict):
+            raise VagrantError(f"hamta fleet status on {node}: {done.stdout[:200]}")
+        return parsed
 
     def hamta(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """``hamta ARGS --config <the host's agent.toml>`` from the namespace."""
