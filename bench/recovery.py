@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hamta.addresses import recipient_domains
 from hamta.config import RetryConfig
 from hamta.domain_stats import DomainStats, destination_metrics, domains_view, relay_snapshot
 from hamta.queue import MailQueue
@@ -74,14 +75,13 @@ async def recover(path: Path) -> dict[str, float]:
     # CPU seconds of the whole process (the loading thread included): on a shared machine
     # the wall-clock time above moves with the others' load, this much less.
     cpu_started = time.process_time()
-    spool = Spool(path)
+    spool = Spool(path, recipient_keys=recipient_domains)  # as the relay opens it
     spool.open()
     opened = time.perf_counter()
     state = await spool.recover()
     loaded = time.perf_counter()
     queue = MailQueue(RetryConfig(), lambda domain: domain, time.time, lambda _: None)
-    for message in state.live.values():
-        queue.add(message)
+    queue.add_all(*state.take_queue())
     queued = time.perf_counter()
     cpu_s = time.process_time() - cpu_started
     jobs = queue.ready_count + queue.deferred_count

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hamta.addresses import recipient_domains
 from hamta.auth_backends import build_backends
 from hamta.bounce_classes import BounceRulesError, build_classifier
 from hamta.bounce_intake import BounceIntake
@@ -117,6 +118,7 @@ async def build(
             spawn=spawn,
             on_commit=on_commit,
             guard=check,
+            recipient_keys=recipient_domains,
         )
         try:
             spool.open()

@@ -19,27 +19,19 @@ import contextlib
 import heapq
 import itertools
 import random
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
+from hamta.addresses import recipient_domain
 from hamta.config import RetryConfig
 from hamta.shaping import Shaper
 from hamta.spool import LiveMessage
 
 # The places a job's recipients are counted in, per domain (MailQueue._counts).
 _READY, _DEFERRED, _IN_FLIGHT = 0, 1, 2
-
-
-def recipient_domain(address: str) -> str:
-    """The domain of an address, lower-cased, as a queue and routing key.
-
-    Interned: a queue of a million jobs holds each domain's name once, not once per job.
-    """
-    return sys.intern(address.rpartition("@")[2].lower().rstrip("."))
 
 
 # One tuple per single recipient index, shared by every job of one recipient (the usual job):
@@ -149,16 +141,37 @@ class MailQueue:
 
     def add(self, message: LiveMessage) -> None:
         """Queue a message's unfinished recipients, grouped by domain and retry time."""
-        recipients = message.rec.recipients  # decoded once, dropped once queued
+        # Decoded once, dropped once queued.
+        self._place(message, [recipient_domain(address) for address in message.rec.recipients])
+
+    def add_all(self, messages: list[LiveMessage], domains: list[str]) -> None:
+        """:meth:`add` each of ``messages``, in order, given their recipients' domains: those
+        of the first message's recipients, then the second's, and so on (recovery found them
+        as it read the journal: ``SpoolState.take_queue``), so that no envelope is decoded.
+        A message with no recipient left (finished since) adds nothing."""
+        start = 0
+        for message in messages:
+            stop = start + message.recipient_count
+            self._place(message, domains[start:stop])
+            start = stop
+
+    def _place(self, message: LiveMessage, domains: list[str]) -> None:
+        """Queue ``message`` whose recipient ``i`` is in ``domains[i]``."""
         if message.untouched:
             # The common case, and the one recovery at depth depends on: nothing done yet. The
-            # message itself waits in each of its destinations' lines (split when taken).
-            if len(recipients) == 1:
-                self._ready_message(message, recipient_domain(recipients[0]), None)
-                return
+            # message itself waits in each of its destinations' lines (split when taken), and
+            # each line is woken once all its recipients are counted. Written out, not a call
+            # per recipient: recovery runs this for millions.
             lines: list[Destination] = []
-            for address in recipients:
-                self._ready_message(message, recipient_domain(address), lines)
+            for domain in domains:
+                destination = self._by_domain.get(domain) or self.destination_for(domain)
+                row = self._counts.get(domain)
+                if row is None:
+                    row = self._counts[domain] = [0, 0, 0]
+                row[_READY] += 1
+                if destination not in lines:
+                    destination.ready.append(message)
+                    lines.append(destination)
             for destination in lines:
                 self._on_ready(destination)
             return
@@ -166,8 +179,7 @@ class MailQueue:
         retry = message.retry or {}
         for index in message.pending:
             attempts, due = retry.get(index, (0, 0.0))
-            key = (recipient_domain(recipients[index]), attempts, due)
-            groups.setdefault(key, []).append(index)
+            groups.setdefault((domains[index], attempts, due), []).append(index)
         now = self._wall()
         for (domain, attempts, due), indices in groups.items():
             job = Job(message, domain, _indices(indices), attempts, due)
@@ -175,25 +187,6 @@ class MailQueue:
                 self._push_deferred(job)
             else:
                 self.make_ready(job)
-
-    def _ready_message(
-        self, message: LiveMessage, domain: str, lines: list[Destination] | None
-    ) -> None:
-        """Count one untried recipient of ``message`` in ``domain`` ready, and put the message
-        in its destination's line once: now when ``lines`` is None (a single recipient), else
-        by the caller, which wakes each line in ``lines`` once all its recipients are counted.
-        """
-        destination = self._by_domain.get(domain) or self.destination_for(domain)
-        row = self._counts.get(domain)
-        if row is None:
-            row = self._counts[domain] = [0, 0, 0]
-        row[_READY] += 1
-        if lines is None:
-            destination.ready.append(message)
-            self._on_ready(destination)
-        elif destination not in lines:
-            destination.ready.append(message)
-            lines.append(destination)
 
     def _jobs_of(self, message: LiveMessage, destination: Destination) -> list[Job]:
         """The jobs of a message in a ready line: its unfinished recipients that go to

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import sys
 import time
@@ -59,13 +60,14 @@ from hamta.spool_format import (
     entry_head,
     numbered,
 )
-from hamta.spool_recovery import Damage, LiveMessage, SpoolState, load_state
+from hamta.spool_recovery import Damage, LiveMessage, RecipientKeys, SpoolState, load_state
 
 # The spool's public face: the spool, its errors, its messages and what its recovery returns
 # (also read offline). The bytes are hamta.spool_format's, their replay hamta.spool_recovery's.
 __all__ = [
     "Damage",
     "LiveMessage",
+    "RecipientKeys",
     "Spawn",
     "Spool",
     "SpoolError",
@@ -134,8 +136,12 @@ class Spool:
         spawn: Spawn = create_task,
         on_commit: Callable[[int, float], None] | None = None,
         guard: Callable[[], str | None] | None = None,
+        recipient_keys: RecipientKeys | None = None,
     ) -> None:
         self.path = path
+        # The queue's keys of recipients (their domains), found by recovery as it reads the
+        # journals: the queue is then built without decoding the envelopes again.
+        self._recipient_keys = recipient_keys
         self._spawn = spawn
         self._segment_size = segment_size
         self._journal_size = journal_size
@@ -518,7 +524,14 @@ class Spool:
         """
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(
-            None, load_state, self.path, self._first_journal, self._first_segment
+            None,
+            functools.partial(
+                load_state,
+                self.path,
+                self._first_journal,
+                self._first_segment,
+                recipient_keys=self._recipient_keys,
+            ),
         )
         for segment in state.unreferenced_segments:
             self._delete_segment(segment)
