@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hamta.addresses import recipient_domains
 from hamta.config import RetryConfig
 from hamta.domain_stats import DomainStats, destination_metrics, domains_view, relay_snapshot
-from hamta.queue import MailQueue
+from hamta.queue import MailQueue, recipient_domain
 from hamta.spool import Spool
 
 BODY = b"Subject: bench\r\n\r\n" + b"x" * (2048 - 20) + b"\r\n"
@@ -75,7 +74,7 @@ async def recover(path: Path) -> dict[str, float]:
     # CPU seconds of the whole process (the loading thread included): on a shared machine
     # the wall-clock time above moves with the others' load, this much less.
     cpu_started = time.process_time()
-    spool = Spool(path, recipient_keys=recipient_domains)  # as the relay opens it
+    spool = Spool(path, recipient_key=recipient_domain)  # as the relay opens it
     spool.open()
     opened = time.perf_counter()
     state = await spool.recover()

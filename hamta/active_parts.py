@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hamta.addresses import recipient_domains
 from hamta.auth_backends import build_backends
 from hamta.bounce_classes import BounceRulesError, build_classifier
 from hamta.bounce_intake import BounceIntake
@@ -34,7 +33,7 @@ from hamta.epoch_token import EpochGuard
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics
 from hamta.outbound_tls import OutboundTls, TlsContexts
-from hamta.queue import MailQueue
+from hamta.queue import MailQueue, recipient_domain
 from hamta.reception import ReceptionHandler
 from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
 from hamta.report_rate import ClientRate
@@ -118,7 +117,7 @@ async def build(
             spawn=spawn,
             on_commit=on_commit,
             guard=check,
-            recipient_keys=recipient_domains,
+            recipient_key=recipient_domain,
         )
         try:
             spool.open()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import sys
 import unicodedata
 
 MAX_LOCAL_PART = 64
@@ -214,31 +213,3 @@ def header_safe(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
-
-
-def recipient_domain(address: str) -> str:
-    """The domain of an address, lower-cased, as a queue and routing key.
-
-    Interned: a queue of a million jobs holds each domain's name once, not once per job.
-    """
-    return sys.intern(address.rpartition("@")[2].lower().rstrip("."))
-
-
-# The part of an address after its last "@", in text of one address a line.
-_DOMAIN_PART = re.compile(r"@([^@\n]*)\n")
-
-
-def recipient_domains(addresses: list[str]) -> list[str]:
-    """:func:`recipient_domain` of each of ``addresses``, in order, for many at once.
-
-    Found in their joined text by one regular expression, and each distinct domain made
-    canonical once (thousands of recipients have a few hundred domains), not address by
-    address: what recovery does for a million messages. An address without "@" (or with a
-    line break, which is never accepted) finds no part, or one too many: then one by one.
-    """
-    text = "\n".join(addresses) + "\n"
-    parts = _DOMAIN_PART.findall(text)
-    if len(parts) != len(addresses) or text.count("\n") != len(addresses):
-        return [recipient_domain(address) for address in addresses]
-    canonical = {part: recipient_domain(part) for part in dict.fromkeys(parts)}
-    return list(map(canonical.__getitem__, parts))

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hamta import capacity, eventlog, spool_check
-from hamta.addresses import recipient_domain
 from hamta.config import Config, ConfigError, load_config
 from hamta.control_client import ControlError, send_command
+from hamta.queue import recipient_domain
 from hamta.spool import LiveMessage, SpoolError, load_state
 from hamta.workers import SHARD_PREFIX, stray_refusal, stray_shards
 

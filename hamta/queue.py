@@ -19,19 +19,27 @@ import contextlib
 import heapq
 import itertools
 import random
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
-from hamta.addresses import recipient_domain
 from hamta.config import RetryConfig
 from hamta.shaping import Shaper
 from hamta.spool import LiveMessage
 
 # The places a job's recipients are counted in, per domain (MailQueue._counts).
 _READY, _DEFERRED, _IN_FLIGHT = 0, 1, 2
+
+
+def recipient_domain(address: str) -> str:
+    """The domain of an address, lower-cased, as a queue and routing key.
+
+    Interned: a queue of a million jobs holds each domain's name once, not once per job.
+    """
+    return sys.intern(address.rpartition("@")[2].lower().rstrip("."))
 
 
 # One tuple per single recipient index, shared by every job of one recipient (the usual job):
@@ -142,39 +150,42 @@ class MailQueue:
     def add(self, message: LiveMessage) -> None:
         """Queue a message's unfinished recipients, grouped by domain and retry time."""
         # Decoded once, dropped once queued.
-        self._place(message, [recipient_domain(address) for address in message.rec.recipients])
+        self.add_all([message], [recipient_domain(address) for address in message.rec.recipients])
 
     def add_all(self, messages: list[LiveMessage], domains: list[str]) -> None:
         """:meth:`add` each of ``messages``, in order, given their recipients' domains: those
         of the first message's recipients, then the second's, and so on (recovery found them
         as it read the journal: ``SpoolState.take_queue``), so that no envelope is decoded.
         A message with no recipient left (finished since) adds nothing."""
+        # Recovery runs this for millions of messages: what each needs is bound once here.
+        by_domain, counts, on_ready = self._by_domain, self._counts, self._on_ready
         start = 0
         for message in messages:
             stop = start + message.recipient_count
-            self._place(message, domains[start:stop])
-            start = stop
-
-    def _place(self, message: LiveMessage, domains: list[str]) -> None:
-        """Queue ``message`` whose recipient ``i`` is in ``domains[i]``."""
-        if message.untouched:
+            if not message.untouched:
+                self._add_tried(message, domains[start:stop])
+                start = stop
+                continue
             # The common case, and the one recovery at depth depends on: nothing done yet. The
             # message itself waits in each of its destinations' lines (split when taken), and
-            # each line is woken once all its recipients are counted. Written out, not a call
-            # per recipient: recovery runs this for millions.
+            # each line is woken once all its recipients are counted.
             lines: list[Destination] = []
-            for domain in domains:
-                destination = self._by_domain.get(domain) or self.destination_for(domain)
-                row = self._counts.get(domain)
+            for domain in domains[start:stop]:
+                destination = by_domain.get(domain) or self.destination_for(domain)
+                row = counts.get(domain)
                 if row is None:
-                    row = self._counts[domain] = [0, 0, 0]
+                    row = counts[domain] = [0, 0, 0]
                 row[_READY] += 1
                 if destination not in lines:
                     destination.ready.append(message)
                     lines.append(destination)
             for destination in lines:
-                self._on_ready(destination)
-            return
+                on_ready(destination)
+            start = stop
+
+    def _add_tried(self, message: LiveMessage, domains: list[str]) -> None:
+        """Queue ``message``, some of whose recipients were tried (recipient ``i`` is in
+        ``domains[i]``): one job per domain and retry time, deferred or ready."""
         groups: dict[tuple[str, int, float], list[int]] = {}
         retry = message.retry or {}
         for index in message.pending:

@@ -60,14 +60,14 @@ from hamta.spool_format import (
     entry_head,
     numbered,
 )
-from hamta.spool_recovery import Damage, LiveMessage, RecipientKeys, SpoolState, load_state
+from hamta.spool_recovery import Damage, LiveMessage, RecipientKey, SpoolState, load_state
 
 # The spool's public face: the spool, its errors, its messages and what its recovery returns
 # (also read offline). The bytes are hamta.spool_format's, their replay hamta.spool_recovery's.
 __all__ = [
     "Damage",
     "LiveMessage",
-    "RecipientKeys",
+    "RecipientKey",
     "Spawn",
     "Spool",
     "SpoolError",
@@ -136,12 +136,12 @@ class Spool:
         spawn: Spawn = create_task,
         on_commit: Callable[[int, float], None] | None = None,
         guard: Callable[[], str | None] | None = None,
-        recipient_keys: RecipientKeys | None = None,
+        recipient_key: RecipientKey | None = None,
     ) -> None:
         self.path = path
         # The queue's keys of recipients (their domains), found by recovery as it reads the
         # journals: the queue is then built without decoding the envelopes again.
-        self._recipient_keys = recipient_keys
+        self._recipient_key = recipient_key
         self._spawn = spawn
         self._segment_size = segment_size
         self._journal_size = journal_size
@@ -530,7 +530,7 @@ class Spool:
                 self.path,
                 self._first_journal,
                 self._first_segment,
-                recipient_keys=self._recipient_keys,
+                recipient_key=self._recipient_key,
             ),
         )
         for segment in state.unreferenced_segments:

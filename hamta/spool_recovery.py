@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import mmap
 import os
 import time
@@ -162,7 +163,7 @@ class SpoolState:
     damage: Damage = Damage()
     # The messages of live in its order (and others since finished, which the queue passes
     # over), and their recipients' keys one after another, as recovery found them with the
-    # ``recipient_keys`` it was given (None without): what the queue is built from without
+    # ``recipient_key`` it was given (None without): what the queue is built from without
     # decoding every envelope again. See take_queue.
     queue_order: list[LiveMessage] = field(default_factory=list)
     queue_keys: list[str] | None = None
@@ -172,15 +173,15 @@ class SpoolState:
         over once: the state keeps nothing of them, so that they go once the queue is built
         (16 bytes or more a message at depth)."""
         if self.queue_keys is None:
-            raise ValueError("recovered without recipient_keys: nothing to queue from")
+            raise ValueError("recovered without recipient_key: nothing to queue from")
         taken = self.queue_order, self.queue_keys
         self.queue_order, self.queue_keys = [], []
         return taken
 
 
-#: What the queue keys recipients by (the relay's: their domains), for many at once: the
-#: spool knows nothing of domains, and recovery calls it a frame of records at a time.
-RecipientKeys = Callable[[list[str]], list[str]]
+#: What the queue keys a recipient by (the relay's: its domain): given to recovery, so that
+#: the queue's keys are found where the records are decoded, and the spool knows no domain.
+RecipientKey = Callable[[str], str]
 
 _Pos = tuple[int, int]  # (segment, offset): a place in the segments, in the order written
 
@@ -190,7 +191,7 @@ def load_state(
     before_journal: int | None = None,
     before_segment: int | None = None,
     *,
-    recipient_keys: RecipientKeys | None = None,
+    recipient_key: RecipientKey | None = None,
 ) -> SpoolState:
     """Read the live state from a spool's checkpoint and journals, and repair what is damaged.
 
@@ -202,9 +203,19 @@ def load_state(
 
     The caller that owns the spool (``before_journal`` given) also gets damaged files linked
     into ``damaged/`` for an operator; an offline reader (``hamta queue``, ``hamta spool
-    check``) changes nothing. With ``recipient_keys``, the state also says what to queue
+    check``) changes nothing. With ``recipient_key``, the state also says what to queue
     (:meth:`SpoolState.take_queue`).
     """
+    with _collector_paused():
+        return _load_state(path, before_journal, before_segment, recipient_key)
+
+
+def _load_state(
+    path: Path,
+    before_journal: int | None,
+    before_segment: int | None,
+    recipient_key: RecipientKey | None,
+) -> SpoolState:
     started = time.perf_counter()
     journal_dir, data_dir = path / "journal", path / "data"
     limit = before_journal if before_journal is not None else 1 << 62
@@ -213,7 +224,7 @@ def load_state(
     base = checkpoints[-1] if checkpoints else 0
     sources = [journal_dir / f"{base:08d}.ckpt"] if checkpoints else []
     sources += [journal_dir / f"{n:08d}.jnl" for n in journals if n > base]
-    replay = _Replay(recipient_keys)
+    replay = _Replay(recipient_key)
     live = replay.live
     # Stretches of the segments that may hold messages no intact record names. One is open
     # (``gap``) from the start, after damage and at each file boundary; the next intact
@@ -317,8 +328,28 @@ def load_state(
         ),
         damage=damage,
         queue_order=replay.order,
-        queue_keys=replay.keys if recipient_keys is not None else None,
+        queue_keys=replay.keys if recipient_key is not None else None,
     )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while recovery runs, and back as it was after.
+
+    Recovery makes millions of short-lived containers (each record's tuple of recipients),
+    and every few thousand that outlive a young collection push the collector into a full
+    one, which walks the live table, the queue order and its keys (millions of entries by
+    the end): about a tenth of a million messages' recovery. Nothing recovery makes is part
+    of a cycle. The collector is the process's: the event loop's cycles, if any, wait the
+    few seconds until it is back.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(slots=True)
@@ -398,7 +429,7 @@ def _keep_aside(path: Path, files: list[Path]) -> list[str]:
 class _Replay:
     """The live table as records are replayed onto it, and what the queue is built from."""
 
-    def __init__(self, recipient_keys: RecipientKeys | None) -> None:
+    def __init__(self, recipient_key: RecipientKey | None) -> None:
         self.live: dict[str, LiveMessage] = {}
         # Every qid an intact Enqueue named is in live, or in gone once finished (or its
         # segment is missing): no set of every qid beside the table, a million at depth.
@@ -409,7 +440,7 @@ class _Replay:
         # (SpoolState.take_queue): found here, where the records are decoded anyway.
         self.order: list[LiveMessage] = []
         self.keys: list[str] = []
-        self._recipient_keys = recipient_keys
+        self._recipient_key = recipient_key
 
     def apply(
         self, records: list[Record], raws: list[msgspec.Raw] | None = None, orphans: bool = True
@@ -423,11 +454,12 @@ class _Replay:
         for index, rec in enumerate(records):
             if type(rec) is Enqueue:
                 enqueued += 1
-                if rec.qid not in live:
-                    # A copy of the record's bytes: the same bytes LiveMessage.of would encode
-                    # (the journal's encoder wrote them), without encoding a million records.
-                    envelope = bytes(raws[index]) if raws else None
-                    added = live[rec.qid] = LiveMessage.of(rec, envelope)
+                # A copy of the record's bytes: the same bytes LiveMessage.of would encode
+                # (the journal's encoder wrote them), without encoding a million records.
+                added = LiveMessage.of(rec, bytes(raws[index]) if raws else None)
+                # One look-up in a table of a million; an Enqueue seen before (a checkpoint
+                # and the journal after it can both hold it) keeps the message it made.
+                if live.setdefault(rec.qid, added) is added:
                     order.append(added)
                     addresses += rec.recipients
                 continue
@@ -444,8 +476,8 @@ class _Replay:
                     self.gone.add(rec.qid)
             elif type(rec) is Defer:
                 message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
-        if addresses and self._recipient_keys is not None:
-            self.keys += self._recipient_keys(addresses)
+        if addresses and self._recipient_key is not None:
+            self.keys += map(self._recipient_key, addresses)  # a frame's at once
         return enqueued
 
     def drop_gone(self) -> None:
