@@ -89,13 +89,13 @@ def mark_deferred(
     written[message.qid].deferred(rcpts, n, when)
 
 
-def write_spool(path: Path) -> dict[str, Written]:
+def write_spool(path: Path, segment_size: int = 64 * 1024 * 1024) -> dict[str, Written]:
     """A checkpoint (the first run's state, folded by the second run's recovery) and a journal
     after it (the second run's messages, and Done and Defer for both runs' messages)."""
     written: dict[str, Written] = {}
 
     async def first() -> None:
-        spool = Spool(path)
+        spool = Spool(path, segment_size=segment_size)
         spool.open()
         await spool.recover()
         messages = [await append(spool, written, n) for n in range(12)]
@@ -110,7 +110,7 @@ def write_spool(path: Path) -> dict[str, Written]:
 
     async def second() -> None:
         folded = asyncio.Event()
-        spool = Spool(path, on_checkpoint=lambda error: folded.set())
+        spool = Spool(path, segment_size=segment_size, on_checkpoint=lambda _: folded.set())
         spool.open()
         await spool.recover()
         await folded.wait()  # the first run's journal is now a checkpoint
@@ -215,3 +215,17 @@ def test_the_recovered_queue_is_the_one_add_builds(tmp_path: Path) -> None:
     # An offline reader asks for no keys, and there is then nothing to build a queue from.
     with pytest.raises(ValueError, match="recipient_key"):
         load_state(tmp_path).take_queue()
+
+
+def test_messages_lost_with_their_segment_are_not_queued(tmp_path: Path) -> None:
+    written = write_spool(tmp_path, segment_size=2048)  # a few messages a segment
+    segments = sorted((tmp_path / "data").glob("*.seg"))
+    assert len(segments) > 4
+    segments[2].unlink()  # as a disk would lose it: recovery names its messages lost
+    state = load_state(tmp_path, recipient_key=recipient_domain)
+    assert state.damage.lost and state.stats.missing_segments
+    assert all(written[qid].rec.segment == int(segments[2].stem) for qid in state.damage.lost)
+    order, keys = state.take_queue()
+    assert [m for m in order if m.left] == list(state.live.values())
+    assert not set(state.damage.lost) & {m.qid for m in order}
+    assert keys == [recipient_domain(a) for m in order for a in m.rec.recipients]
