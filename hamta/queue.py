@@ -161,8 +161,10 @@ class MailQueue:
         by_domain, counts, on_ready = self._by_domain, self._counts, self._on_ready
         start = 0
         for message in messages:
-            stop = start + message.recipient_count
-            if not message.untouched:
+            # LiveMessage.recipient_count and .untouched written out (two calls a message).
+            marks = message.marks
+            stop = start + marks.bit_length() - 1
+            if message.retry is not None or marks.bit_count() != 1:
                 self._add_tried(message, domains[start:stop])
                 start = stop
                 continue
