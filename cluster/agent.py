@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster.agent_watchdog import WatchdogKeeper
 from cluster.api_auth import Access, ApiAuthError, load_token
 from cluster.api_status import NodeStatus
 from cluster.config import AgentConfig
@@ -64,10 +65,8 @@ from cluster.state import decide, demotion_due
 from cluster.storage import DrbdStorage, Storage, storage_from_config
 from cluster.takeover import holds_resources, pulsing, silence_due
 from cluster.vip import VipSet, VirtualIp, moving_addresses
-from cluster.watchdog_policy import WatchdogLimits, plan_watchdog
 from fencing import FenceChain, agents_from_config
-from fencing.watchdog import Watchdog, WatchdogError
-from fencing.zk_session import ZkSession
+from fencing.watchdog import WatchdogError
 from hamta import eventlog, privileges
 from hamta.config import ConfigError, load_config, parse_hostport
 from hamta.durable_files import write_durably
@@ -243,17 +242,12 @@ class Agent:
         self.stopping = asyncio.Event()  # SIGTERM: hand over, then exit
         self.exiting = asyncio.Event()  # the loops end
         self.stop_deadline = float("inf")
-        self.watchdog = Watchdog() if config.watchdog.enabled else None
-        self.watchdog_timeout = config.watchdog_timeout
-        self._armed = False
-        self._watched_pgid: int | None = None
-        self._handed: ZkSession | None = None  # the session the watchdog would end
-        # When to feed it is cluster.watchdog_policy's to say; these are its inputs.
-        self.watchdog_limits = WatchdogLimits.for_agent(
-            agent.session_timeout, agent.health_interval, config.fencing.lease_grace
+        self.watchdog = (
+            WatchdogKeeper(config, self.coordinator, self.relay, vip, self.log, clock)
+            if config.watchdog.enabled
+            else None
         )
         self.progress = clock()  # the decision loop's last turn
-        self.unsafe_since: float | None = None  # holding without a ZooKeeper session since
         # Active with a suspended session: when the decision must look again (demotion_due).
         self.demotion_due: float | None = None
         self.riding_since: float | None = None  # ... and since when it has served on so
@@ -657,117 +651,23 @@ class Agent:
 
     # ------------------------------------------------------------ the watchdog
 
-    def _tend_watchdog(self) -> None:
-        """Arm, disarm, feed or starve the watchdog as ``plan_watchdog`` says."""
-        watchdog = self.watchdog
-        if watchdog is None or watchdog.returncode is not None:
-            return
-        self._hand_session(watchdog)
-        now = self.clock()
-        # Until when the failsafe leases cover this node, as they stand now (renewed between
-        # decisions): None when they do not.
+    def _watchdog_inputs(self) -> tuple[float | None, bool, float]:
+        """What the watchdog's plan needs of this agent: until when the failsafe leases cover
+        this node as they stand now (renewed between decisions; None when they do not), whether
+        it holds resources, and the decision loop's last turn."""
         covered = None
         if self.last_snapshot is not None and self.failsafe is not None:
             covered = failsafe_due(self.failsafe.view(self.last_snapshot), self.policy)
-        plan = plan_watchdog(
-            covered_until=covered,
-            holds=holds_resources(self.state),
-            armed=self._armed,
-            connected=self.coordinator.session is Session.CONNECTED,
-            now=now,
-            progress=self.progress,
-            unsafe_since=self.unsafe_since,
-            limits=self.watchdog_limits,
-        )
-        self.unsafe_since = plan.unsafe_since
-        try:
-            if plan.arm:
-                vip = self.vip
-                self._watched_pgid = self.relay.pid if self.relay.running else None
-                watchdog.arm(
-                    self.watchdog_timeout,
-                    self._watched_pgid,
-                    vip.address if vip is not None else None,
-                    vip.interface if vip is not None else None,
-                    vip.others() if isinstance(vip, VipSet) else (),
-                )
-                self._armed = True
-                self.log.info(
-                    "WatchdogArmed", timeout=self.watchdog_timeout, relay_pgid=self._watched_pgid
-                )
-            elif plan.disarm:
-                watchdog.disarm()
-                self._armed = False
-                self.log.info("WatchdogDisarmed")
-            if not self._armed:
-                return
-            pgid = self.relay.pid if self.relay.running else None
-            if pgid != self._watched_pgid:  # restarted, or gone: never a stale group
-                watchdog.relay(pgid)
-                self._watched_pgid = pgid
-            if plan.feed:
-                watchdog.feed()
-            elif plan.starve:
-                seconds = round(now - (plan.unsafe_since or now), 3)
-                self.log.error(
-                    "WatchdogStarved", why="still holding without a session", seconds=seconds
-                )
-        except WatchdogError as exc:
-            self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
+        return covered, holds_resources(self.state), self.progress
 
-    def _hand_session(self, watchdog: Watchdog) -> None:
-        """Give the watchdog this agent's ZooKeeper session, whenever it is a new one, so that it
-        can end it should the agent die (its password is never logged)."""
-        handle = self.coordinator.session_handle()
-        if handle is None or handle == self._handed:
-            return
-        try:
-            watchdog.session(handle)
-        except WatchdogError as exc:
-            self.log.error("WatchdogLost", error=str(exc), armed=self._armed)
-            return
-        self._handed = handle
-        self.log.info("WatchdogSession", session_id=handle.label)
+    def _tend_watchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.tend(*self._watchdog_inputs())
 
     async def _keep_watchdog(self) -> None:
         """Feed (and, should it have gone, restart) the watchdog; runs every quarter timeout."""
-        watchdog = self.watchdog
-        if watchdog is None:
-            return
-        if watchdog.pid is None or watchdog.returncode is not None:
-            # Killed by someone, or a restart failed: this node is unprotected until it runs.
-            self.log.error("WatchdogRestarting", status=watchdog.returncode)
-            self.watchdog = Watchdog()
-            self._armed = False
-            self._handed = None
-            try:
-                await self._start_watchdog()
-            except WatchdogError as exc:
-                self.log.error("WatchdogLost", error=str(exc), armed=False)
-                return
-        self._tend_watchdog()
-
-    async def _start_watchdog(self) -> None:
-        if self.watchdog is None:
-            return
-        device = self.config.watchdog.device
-        log_file = self.config.agent.log_file
-        # Its JSON lines join the agent's own log (appends of whole lines do not interleave).
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        stderr = os.open(log_file, flags, 0o644) if log_file else None
-        try:
-            await self.watchdog.start(
-                agent_pid=os.getpid(), device=str(device) if device else None, stderr=stderr
-            )
-        finally:
-            if stderr is not None:
-                os.close(stderr)
-        self.log.info(
-            "WatchdogStarted",
-            watchdog_pid=self.watchdog.pid,
-            timeout=self.watchdog_timeout,
-            device=str(device) if device else None,
-        )
+        if self.watchdog is not None:
+            await self.watchdog.keep(*self._watchdog_inputs())
 
     async def _touch(self) -> None:
         self.coordinator.touch()  # does not wait: the answer comes in kazoo's thread
@@ -814,7 +714,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self._stop)
         self.log.info("AgentStarting", zookeeper=self.config.agent.zookeeper)
         try:
-            await self._start_watchdog()
+            if self.watchdog is not None:
+                await self.watchdog.start()
         except WatchdogError as exc:
             # A node that could not fence itself must not take over: refuse to run.
             self.log.error("AgentFailed", error=str(exc))
@@ -852,7 +753,7 @@ class Agent:
             asyncio.create_task(self._every(agent.session_timeout / 10, self._touch)),
             asyncio.create_task(self._every(agent.health_interval, self._check_health)),
             asyncio.create_task(self._every(agent.health_interval, self._read_locations)),
-            asyncio.create_task(self._every(self.watchdog_timeout / 4, self._keep_watchdog)),
+            asyncio.create_task(self._every(self.config.watchdog_timeout / 4, self._keep_watchdog)),
         ]
         if self.pulses:
             background.append(asyncio.create_task(self._every(agent.peer_timeout / 4, self._pulse)))

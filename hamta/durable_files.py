@@ -29,6 +29,19 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def append_synced(fd: int, data: bytes) -> None:
+    """Append ``data`` whole to ``fd`` (opened ``O_APPEND``), durable as after ``fdatasync``.
+
+    One syscall where ``write`` and ``fdatasync`` were two: ``pwritev2`` with ``RWF_DSYNC``
+    (``O_DSYNC`` for this write alone: the data and what reading it back needs, the new length,
+    are on stable storage when it returns). For a thread that hands the GIL back and forth
+    around each of its syscalls, one fewer is two context switches fewer.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.pwritev(fd, [view], -1, os.RWF_DSYNC) :]  # -1: the file's end
+
+
 def write_synced(path: Path, chunks: Iterable[bytes]) -> None:
     """Create or truncate ``path`` (0600), write ``chunks`` whole, fsync it; no directory sync.
 

@@ -107,12 +107,20 @@ def test_only_durable_files_and_the_spools_group_commit_sync_files() -> None:
         ("hamta/durable_files.py", "fsync"),
         ("hamta/spool.py", "fdatasync"),  # the hot path: batches appended to open segments
         ("hamta/epoch_token.py", "fsync"),  # one block rewritten in place (O_DIRECT readers)
+        ("hamta/durable_files.py", "RWF_DSYNC"),  # append_synced: write and sync in one call
     }
     found = set()
     for package in ("hamta", "cluster", "fencing", "chaos", "bench"):
         for path in (ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Attribute) and node.attr in {"fsync", "fdatasync"}:
+                if isinstance(node, ast.Attribute) and node.attr in {
+                    "fsync",
+                    "fdatasync",
+                    "RWF_DSYNC",
+                    "RWF_SYNC",
+                    "O_DSYNC",
+                    "O_SYNC",
+                }:
                     found.add((str(path.relative_to(ROOT)), node.attr))
     assert found == allowed
 

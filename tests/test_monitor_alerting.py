@@ -32,7 +32,7 @@ from monitor.notifiers import Notification
 from monitor.notifiers.dispatch import Dispatcher
 from monitor.observation import SystemClock
 from monitor.store import Store
-from monitor.verdicts import CheckState, State
+from monitor.verdicts import CheckState, State, StateChange
 from tests.support.monitor_peers import SmtpPeer
 from tests.support.ports import free_port
 from tests.support.relay import read_events
@@ -492,3 +492,57 @@ def test_the_alerting_shows_on_metrics(tmp_path: Path) -> None:
     assert down[n("stuck", "dropped")] == 1
     assert down[sev("critical")] == 1 and down[sev("warning")] == 0
     assert up[sev("critical")] == 0 and up[n("flaky", "sent")] == 2
+
+
+def test_an_incident_opened_during_a_tick_is_escalated_once(tmp_path: Path) -> None:
+    """A new incident's own first escalation and the tick's pass run side by side: each step
+    is sent once, whichever reads the incident first (without ``Alerting``'s lock both read it
+    before either recorded its step, and the notifiers were told twice)."""
+    names = [f"mx{i}" for i in range(12)]
+    checks = "".join(
+        f'[[checks]]\nname = "{name}"\nkind = "smtp"\nhost = "127.0.0.1"\nport = 9\n'
+        for name in names
+    )
+
+    async def scenario() -> Receiver:
+        async with receiving() as receiver:
+            text = (
+                f'[alerting]\ntick = "1h"\n{checks}'
+                f'[notifiers.hook]\nkind = "webhook"\nurl = "{receiver.url("/hook")}"\n'
+                '[[escalation]]\nafter = "0s"\nnotifiers = ["hook"]\n'
+            )
+            config = parse_monitor_config(text)
+            eventlog.configure("info", tmp_path / "monitor.log")
+            log = eventlog.get_logger(component="monitor")
+            store = Store(tmp_path / "monitor.sqlite")
+            async with aiohttp.ClientSession() as session:
+                alerting, dispatcher = assemble(config, store, session, log, SystemClock(), "t")
+                sending = asyncio.create_task(dispatcher.run())
+                try:
+                    now = time.time()
+                    opened = [
+                        alerting.on_change(
+                            check, StateChange(check.name, State.UP, State.DOWN, now, "refused")
+                        )
+                        for check in config.checks
+                    ]
+                    done = asyncio.Event()
+
+                    async def ticking() -> None:  # the tick, without its pause: always passing
+                        while not done.is_set():
+                            await alerting.escalate_all()
+
+                    ticker = asyncio.create_task(ticking())
+                    await asyncio.gather(*opened)
+                    done.set()
+                    await ticker
+                    await dispatcher.drain(5)
+                finally:
+                    sending.cancel()
+                    await asyncio.gather(sending, return_exceptions=True)
+                    await store.close()
+        return receiver
+
+    receiver = asyncio.run(scenario())
+    told = Counter(body["check"] for body in receiver.bodies["/hook"])
+    assert told == Counter(dict.fromkeys(names, 1)), told

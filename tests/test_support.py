@@ -22,6 +22,7 @@ from tests.support import (
     free_port,
     make_self_signed,
 )
+from tests.support.relay import RelayProcess
 
 MESSAGE = b"From: a@origin.test\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\nbody\r\n.leading dot\r\n"
 
@@ -258,3 +259,15 @@ def test_postfix_smtp_sink_counts() -> None:
         proc = sink._proc
         assert proc is not None
     assert proc.poll() is not None
+
+
+# -- RelayProcess ---------------------------------------------------------------------------
+
+
+def test_a_relay_that_is_not_ready_in_time_is_not_left_running(tmp_path: Path) -> None:
+    """A fixture whose relay start times out never reaches its own stop: start ends it."""
+    relay = RelayProcess(tmp_path)
+    with pytest.raises(TimeoutError, match="not ready"):
+        relay.start(timeout=0.0)  # no relay is ready before it was even looked at
+    assert relay.proc is not None
+    assert relay.proc.poll() is not None

@@ -120,7 +120,14 @@ class RelayProcess(Started):
                 args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=self.workdir, env=self.env
             )
         if wait_ready:
-            self.wait_ready(timeout, live_only=self.standby)
+            try:
+                self.wait_ready(timeout, live_only=self.standby)
+            except BaseException:
+                # A fixture whose relay never became ready never reaches its own stop(): the
+                # process would outlive the test run (seen after a start that timed out under
+                # load).
+                self.stop()
+                raise
 
     def wait_ready(self, timeout: float = READY_TIMEOUT, *, live_only: bool = False) -> None:
         """Poll the health endpoint (an external process has no event to wait on)."""
