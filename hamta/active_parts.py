@@ -33,7 +33,7 @@ from hamta.epoch_token import EpochGuard
 from hamta.intake import Intake
 from hamta.metrics import RelayMetrics
 from hamta.outbound_tls import OutboundTls, TlsContexts
-from hamta.queue import MailQueue
+from hamta.queue import MailQueue, recipient_domain
 from hamta.reception import ReceptionHandler
 from hamta.report_quarantine import QUARANTINE_DIR, QuarantineQuota, sweep_periodically
 from hamta.report_rate import ClientRate
@@ -117,6 +117,7 @@ async def build(
             spawn=spawn,
             on_commit=on_commit,
             guard=check,
+            recipient_key=recipient_domain,
         )
         try:
             spool.open()

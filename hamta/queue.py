@@ -149,25 +149,50 @@ class MailQueue:
 
     def add(self, message: LiveMessage) -> None:
         """Queue a message's unfinished recipients, grouped by domain and retry time."""
-        recipients = message.rec.recipients  # decoded once, dropped once queued
-        if message.untouched:
+        # Decoded once, dropped once queued.
+        self.add_all([message], [recipient_domain(address) for address in message.rec.recipients])
+
+    def add_all(self, messages: list[LiveMessage], domains: list[str]) -> None:
+        """:meth:`add` each of ``messages``, in order, given their recipients' domains: those
+        of the first message's recipients, then the second's, and so on (recovery found them
+        as it read the journal: ``SpoolState.take_queue``), so that no envelope is decoded.
+        A message with no recipient left (finished since) adds nothing."""
+        # Recovery runs this for millions of messages: what each needs is bound once here.
+        by_domain, counts, on_ready = self._by_domain, self._counts, self._on_ready
+        start = 0
+        for message in messages:
+            # LiveMessage.recipient_count and .untouched written out (two calls a message).
+            marks = message.marks
+            stop = start + marks.bit_length() - 1
+            if message.retry is not None or marks.bit_count() != 1:
+                self._add_tried(message, domains[start:stop])
+                start = stop
+                continue
             # The common case, and the one recovery at depth depends on: nothing done yet. The
-            # message itself waits in each of its destinations' lines (split when taken).
-            if len(recipients) == 1:
-                self._ready_message(message, recipient_domain(recipients[0]), None)
-                return
+            # message itself waits in each of its destinations' lines (split when taken), and
+            # each line is woken once all its recipients are counted.
             lines: list[Destination] = []
-            for address in recipients:
-                self._ready_message(message, recipient_domain(address), lines)
+            for domain in domains[start:stop]:
+                destination = by_domain.get(domain) or self.destination_for(domain)
+                row = counts.get(domain)
+                if row is None:
+                    row = counts[domain] = [0, 0, 0]
+                row[_READY] += 1
+                if destination not in lines:
+                    destination.ready.append(message)
+                    lines.append(destination)
             for destination in lines:
-                self._on_ready(destination)
-            return
+                on_ready(destination)
+            start = stop
+
+    def _add_tried(self, message: LiveMessage, domains: list[str]) -> None:
+        """Queue ``message``, some of whose recipients were tried (recipient ``i`` is in
+        ``domains[i]``): one job per domain and retry time, deferred or ready."""
         groups: dict[tuple[str, int, float], list[int]] = {}
         retry = message.retry or {}
         for index in message.pending:
             attempts, due = retry.get(index, (0, 0.0))
-            key = (recipient_domain(recipients[index]), attempts, due)
-            groups.setdefault(key, []).append(index)
+            groups.setdefault((domains[index], attempts, due), []).append(index)
         now = self._wall()
         for (domain, attempts, due), indices in groups.items():
             job = Job(message, domain, _indices(indices), attempts, due)
@@ -175,25 +200,6 @@ class MailQueue:
                 self._push_deferred(job)
             else:
                 self.make_ready(job)
-
-    def _ready_message(
-        self, message: LiveMessage, domain: str, lines: list[Destination] | None
-    ) -> None:
-        """Count one untried recipient of ``message`` in ``domain`` ready, and put the message
-        in its destination's line once: now when ``lines`` is None (a single recipient), else
-        by the caller, which wakes each line in ``lines`` once all its recipients are counted.
-        """
-        destination = self._by_domain.get(domain) or self.destination_for(domain)
-        row = self._counts.get(domain)
-        if row is None:
-            row = self._counts[domain] = [0, 0, 0]
-        row[_READY] += 1
-        if lines is None:
-            destination.ready.append(message)
-            self._on_ready(destination)
-        elif destination not in lines:
-            destination.ready.append(message)
-            lines.append(destination)
 
     def _jobs_of(self, message: LiveMessage, destination: Destination) -> list[Job]:
         """The jobs of a message in a ready line: its unfinished recipients that go to

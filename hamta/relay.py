@@ -416,8 +416,7 @@ class Relay:
         self.log.info("RelayListening", listen=config.smtp.listen, seconds=round(listen_seconds, 4))
         self._recovery = asyncio.get_running_loop().create_task(parts.spool.recover())
         state = await self._recovery
-        for message in state.live.values():
-            parts.queue.add(message)
+        parts.queue.add_all(*state.take_queue())
         self.metrics.recovery_seconds.set(state.stats.seconds)
         self._gauge_queue(parts)
         stats = state.stats

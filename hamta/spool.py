@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import sys
 import time
@@ -68,13 +69,14 @@ from hamta.spool_format import (
     entry_head,
     numbered,
 )
-from hamta.spool_recovery import Damage, LiveMessage, SpoolState, load_state
+from hamta.spool_recovery import Damage, LiveMessage, RecipientKey, SpoolState, load_state
 
 # The spool's public face: the spool, its errors, its messages and what its recovery returns
 # (also read offline). The bytes are hamta.spool_format's, their replay hamta.spool_recovery's.
 __all__ = [
     "Damage",
     "LiveMessage",
+    "RecipientKey",
     "Spawn",
     "Spool",
     "SpoolError",
@@ -159,9 +161,13 @@ class Spool:
         on_commit: Callable[[int, float], None] | None = None,
         guard: Callable[[], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        recipient_key: RecipientKey | None = None,
     ) -> None:
         self.path = path
         self._clock = clock
+        # The queue's keys of recipients (their domains), found by recovery as it reads the
+        # journals: the queue is then built without decoding the envelopes again.
+        self._recipient_key = recipient_key
         self._spawn = spawn
         self._segment_size = segment_size
         self._journal_size = journal_size
@@ -601,7 +607,14 @@ class Spool:
         """
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(
-            None, load_state, self.path, self._first_journal, self._first_segment
+            None,
+            functools.partial(
+                load_state,
+                self.path,
+                self._first_journal,
+                self._first_segment,
+                recipient_key=self._recipient_key,
+            ),
         )
         for segment in state.unreferenced_segments:
             self._delete_segment(segment)

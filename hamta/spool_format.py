@@ -76,6 +76,7 @@ class CheckpointEnd(msgspec.Struct, tag=4, array_like=True, gc=False):
 Record = Enqueue | Defer | Done | CheckpointEnd
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[Record])
+_raw_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _entry_decoder = msgspec.msgpack.Decoder(Enqueue)
 
 
@@ -114,8 +115,13 @@ def scan_frames(data: bytes) -> FrameScan:
     start with the magic but reads as version 1 frames is a version 1 file.
     """
     scanner = FrameScanner(data)
-    frames = list(scanner)
+    frames = [(offset, records) for offset, records, _ in scanner]
     return FrameScan(frames, scanner.damaged, scanner.torn, scanner.version)
+
+
+# A frame as a scanner yields it: its offset, its records, and, when the scanner was asked for
+# them (``raw``), each record's msgpack bytes as the file holds them (else an empty list).
+_Frame = tuple[int, list[Record], list[msgspec.Raw]]
 
 
 class FrameScanner:
@@ -123,32 +129,37 @@ class FrameScanner:
     once, not a whole file's (recovery at depth). ``damaged`` grows as the scan goes (a span
     is added before the frame that follows it is yielded); ``torn`` and ``version`` are final
     once the iteration has ended.
+
+    With ``raw``, each frame also comes with its records' own bytes, so that recovery keeps an
+    Enqueue record's bytes as the message's envelope instead of encoding the record again. They
+    point into ``data``: a reader copies what it keeps before it asks for the next frame.
     """
 
-    def __init__(self, data: bytes | mmap.mmap) -> None:
+    def __init__(self, data: bytes | mmap.mmap, *, raw: bool = False) -> None:
         self._data = data
+        self._raw = raw
         self.damaged: list[tuple[int, int]] = []
         self.torn = False
         self.version = 2
 
-    def __iter__(self) -> Iterator[tuple[int, list[Record]]]:
+    def __iter__(self) -> Iterator[_Frame]:
         data = self._data
         if data[:4] != FRAME_MAGIC:
-            old = _scan_frames_v1(data)
-            if old.frames:
-                self.damaged, self.torn, self.version = old.damaged, old.torn, 1
-                yield from old.frames
+            frames, damaged, torn = _scan_frames_v1(data, self._raw)
+            if frames:
+                self.damaged, self.torn, self.version = damaged, torn, 1
+                yield from frames
                 return
         with memoryview(data) as view:
             pos, end = 0, len(data)
             bad: int | None = None
             while pos < end:
-                records = _frame_at(data, view, pos)
-                if records is not None:
+                frame = _frame_at(data, view, pos, self._raw)
+                if frame is not None:
                     if bad is not None:
                         self.damaged.append((bad, pos))
                         bad = None
-                    yield pos, records
+                    yield pos, *frame
                     pos += _FRAME.size + _FRAME.unpack_from(data, pos)[1]
                     continue
                 if bad is None:
@@ -160,17 +171,25 @@ class FrameScanner:
             self.damaged.append((bad, end))
 
 
-def _frame_at(data: bytes | mmap.mmap, view: memoryview, pos: int) -> list[Record] | None:
+def _decode(payload: memoryview, raw: bool) -> tuple[list[Record], list[msgspec.Raw]] | None:
+    """A frame's records (and their bytes, with ``raw``), or None when its msgpack does not
+    check. Both are decoded by msgspec a frame at a time, not a record at a time."""
+    try:
+        return _decoder.decode(payload), _raw_decoder.decode(payload) if raw else []
+    except msgspec.DecodeError:
+        return None
+
+
+def _frame_at(
+    data: bytes | mmap.mmap, view: memoryview, pos: int, raw: bool
+) -> tuple[list[Record], list[msgspec.Raw]] | None:
     if pos + _FRAME.size > len(data) or data[pos : pos + 4] != FRAME_MAGIC:
         return None
     _, length, crc = _FRAME.unpack_from(data, pos)
     start = pos + _FRAME.size
     if start + length > len(data) or zlib.crc32(view[start : start + length]) != crc:
         return None
-    try:
-        return _decoder.decode(view[start : start + length])
-    except msgspec.DecodeError:
-        return None
+    return _decode(view[start : start + length], raw)
 
 
 def _incomplete(data: bytes | mmap.mmap, pos: int) -> bool:
@@ -182,28 +201,31 @@ def _incomplete(data: bytes | mmap.mmap, pos: int) -> bool:
     return rest[:4] == FRAME_MAGIC and _FRAME.size + length > len(rest)
 
 
-def _scan_frames_v1(data: bytes | mmap.mmap) -> FrameScan:
-    """Version 1 frames had no magic: the first bad frame ends what can be read."""
-    frames: list[tuple[int, list[Record]]] = []
+def _scan_frames_v1(
+    data: bytes | mmap.mmap, raw: bool
+) -> tuple[list[_Frame], list[tuple[int, int]], bool]:
+    """Version 1 frames had no magic: the first bad frame ends what can be read. Returns the
+    frames, the damaged span (if any) and whether the file ends torn."""
+    frames: list[_Frame] = []
     view = memoryview(data)
     pos, end = 0, len(data)
     while pos + _FRAME_V1.size <= end:
         length, crc = _FRAME_V1.unpack_from(data, pos)
         start = pos + _FRAME_V1.size
         if start + length > end:
-            return FrameScan(frames, [], True, 1)
+            return frames, [], True
         if zlib.crc32(view[start : start + length]) != crc:
             break
-        try:
-            frames.append((pos, _decoder.decode(view[start : start + length])))
-        except msgspec.DecodeError:
+        decoded = _decode(view[start : start + length], raw)
+        if decoded is None:
             break
+        frames.append((pos, *decoded))
         pos = start + length
     if pos == end:
-        return FrameScan(frames, [], False, 1)
+        return frames, [], False
     if end - pos < _FRAME_V1.size:
-        return FrameScan(frames, [], True, 1)
-    return FrameScan(frames, [(pos, end)], False, 1)
+        return frames, [], True
+    return frames, [(pos, end)], False
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -61,9 +62,12 @@ class LiveMessage(msgspec.Struct, gc=False):
     retry: dict[int, tuple[int, float]] | None = None
 
     @classmethod
-    def of(cls, rec: Enqueue) -> LiveMessage:
-        """The live message of an Enqueue record, nothing finished yet."""
-        return cls(rec.qid, _envelope_encoder.encode(rec), rec.segment, 1 << len(rec.recipients))
+    def of(cls, rec: Enqueue, envelope: bytes | None = None) -> LiveMessage:
+        """The live message of an Enqueue record, nothing finished yet; ``envelope`` is the
+        record's msgpack bytes when the caller has them (recovery: as the file holds them)."""
+        if envelope is None:
+            envelope = _envelope_encoder.encode(rec)
+        return cls(rec.qid, envelope, rec.segment, 1 << len(rec.recipients))
 
     @property
     def rec(self) -> Enqueue:
@@ -157,13 +161,37 @@ class SpoolState:
     unreferenced_segments: list[int]
     stats: RecoveryStats
     damage: Damage = Damage()
+    # The messages of live in its order (and others since finished, which the queue passes
+    # over), and their recipients' keys one after another, as recovery found them with the
+    # ``recipient_key`` it was given (None without): what the queue is built from without
+    # decoding every envelope again. See take_queue.
+    queue_order: list[LiveMessage] = field(default_factory=list)
+    queue_keys: list[str] | None = None
 
+    def take_queue(self) -> tuple[list[LiveMessage], list[str]]:
+        """The messages to queue and their recipients' keys (``MailQueue.add_all``), handed
+        over once: the state keeps nothing of them, so that they go once the queue is built
+        (16 bytes or more a message at depth)."""
+        if self.queue_keys is None:
+            raise ValueError("recovered without recipient_key: nothing to queue from")
+        taken = self.queue_order, self.queue_keys
+        self.queue_order, self.queue_keys = [], []
+        return taken
+
+
+#: What the queue keys a recipient by (the relay's: its domain): given to recovery, so that
+#: the queue's keys are found where the records are decoded, and the spool knows no domain.
+RecipientKey = Callable[[str], str]
 
 _Pos = tuple[int, int]  # (segment, offset): a place in the segments, in the order written
 
 
 def load_state(
-    path: Path, before_journal: int | None = None, before_segment: int | None = None
+    path: Path,
+    before_journal: int | None = None,
+    before_segment: int | None = None,
+    *,
+    recipient_key: RecipientKey | None = None,
 ) -> SpoolState:
     """Read the live state from a spool's checkpoint and journals, and repair what is damaged.
 
@@ -175,8 +203,19 @@ def load_state(
 
     The caller that owns the spool (``before_journal`` given) also gets damaged files linked
     into ``damaged/`` for an operator; an offline reader (``hamta queue``, ``hamta spool
-    check``) changes nothing.
+    check``) changes nothing. With ``recipient_key``, the state also says what to queue
+    (:meth:`SpoolState.take_queue`).
     """
+    with _collector_paused():
+        return _load_state(path, before_journal, before_segment, recipient_key)
+
+
+def _load_state(
+    path: Path,
+    before_journal: int | None,
+    before_segment: int | None,
+    recipient_key: RecipientKey | None,
+) -> SpoolState:
     started = time.perf_counter()
     journal_dir, data_dir = path / "journal", path / "data"
     limit = before_journal if before_journal is not None else 1 << 62
@@ -185,11 +224,8 @@ def load_state(
     base = checkpoints[-1] if checkpoints else 0
     sources = [journal_dir / f"{base:08d}.ckpt"] if checkpoints else []
     sources += [journal_dir / f"{n:08d}.jnl" for n in journals if n > base]
-    live: dict[str, LiveMessage] = {}
-    # Every qid an intact Enqueue named is in live, or in gone once finished (or its segment
-    # is missing): no set of every qid beside the table, a million entries at depth.
-    gone: set[str] = set()
-    orphans: dict[str, list[Record]] = {}  # Done and Defer records for qids not (yet) known
+    replay = _Replay(recipient_key)
+    live = replay.live
     # Stretches of the segments that may hold messages no intact record names. One is open
     # (``gap``) from the start, after damage and at each file boundary; the next intact
     # Enqueue of a journal closes it. Journals name bodies in the order they were written.
@@ -201,20 +237,24 @@ def load_state(
     for source in sources:
         with _mapped(source) as data:
             total_bytes += len(data)
-            scan = FrameScanner(data)
+            # With each frame's records, their own bytes: the envelopes kept as read.
+            scan = FrameScanner(data, raw=True)
             spans = 0  # damaged spans of scan.damaged already accounted
             is_checkpoint = source.suffix == ".ckpt"
             end: CheckpointEnd | None = None
             enqueued = 0
             ckpt_last: _Pos = (0, 0)
             released = 0
-            for offset, records in scan:
+            for offset, records, raws in scan:
                 while spans < len(scan.damaged) and scan.damaged[spans][0] < offset:
                     gap = gap or last
                     spans += 1
-                for rec in records:
-                    if type(rec) is Enqueue:
-                        enqueued += 1
+                # Where the bodies lie matters for a journal's gaps and for a version 1
+                # checkpoint's end; a version 2 checkpoint says where it ends (CheckpointEnd).
+                if not is_checkpoint or scan.version == 1:
+                    for rec in records:
+                        if type(rec) is not Enqueue:
+                            continue
                         if is_checkpoint:
                             ckpt_last = max(ckpt_last, (rec.segment, rec.offset + rec.length))
                             continue
@@ -222,9 +262,9 @@ def load_state(
                             gaps.append((gap, (rec.segment, rec.offset)))
                             gap = None
                         last = max(last, (rec.segment, rec.offset + rec.length))
-                    elif type(rec) is CheckpointEnd:
-                        end = rec
-                _apply(live, records, orphans, gone)
+                elif records and type(records[-1]) is CheckpointEnd:
+                    end = records[-1]  # written alone, in the checkpoint's last frame
+                enqueued += replay.apply(records, raws)
                 released = _release(data, offset, released)
         torn += scan.torn
         damaged_frames += len(scan.damaged)
@@ -242,18 +282,26 @@ def load_state(
         gaps.append((gap, None))
     seg_limit = before_segment if before_segment is not None else 1 << 62
     segments = {n for n in numbered(data_dir, ".seg") if n < seg_limit}
-    lost = [qid for qid, m in live.items() if m.segment not in segments]
-    for qid in lost:
-        del live[qid]
-    gone.update(lost)
+    referenced = {m.segment for m in live.values()}
+    gone = replay.gone
+    lost: list[str] = []
+    if not referenced <= segments:
+        lost = [qid for qid, m in live.items() if m.segment not in segments]
+        for qid in lost:
+            del live[qid]
+        gone.update(lost)
+        referenced &= segments
     missing = len(lost)
     found = _rebuild(data_dir, sorted(segments), gaps, lambda qid: qid in live or qid in gone)
     rebuilt: list[str] = []
     for rec in found.rebuilt:
-        live[rec.qid] = LiveMessage.of(rec)
-        _apply(live, orphans.get(rec.qid, []), None, gone)
+        replay.apply([rec])
+        replay.apply(replay.orphans.get(rec.qid, []), orphans=False)
         if rec.qid in live:
             rebuilt.append(rec.qid)
+            referenced.add(rec.segment)
+    if lost:
+        replay.drop_gone()
     lost += found.lost
     damaged_files += [data_dir / f"{n:08d}.seg" for n in found.damaged_segments]
     damage = Damage(
@@ -265,7 +313,6 @@ def load_state(
     )
     if damage and before_journal is not None:
         damage = dataclasses.replace(damage, kept=tuple(_keep_aside(path, damaged_files)))
-    referenced = {m.segment for m in live.values()}
     return SpoolState(
         live=live,
         # While anything is damaged, no segment goes: one may hold what a damaged record named.
@@ -280,7 +327,29 @@ def load_state(
             seconds=time.perf_counter() - started,
         ),
         damage=damage,
+        queue_order=replay.order,
+        queue_keys=replay.keys if recipient_key is not None else None,
     )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while recovery runs, and back as it was after.
+
+    Recovery makes millions of short-lived containers (each record's tuple of recipients),
+    and every few thousand that outlive a young collection push the collector into a full
+    one, which walks the live table, the queue order and its keys (millions of entries by
+    the end): about a tenth of a million messages' recovery. Nothing recovery makes is part
+    of a cycle. The collector is the process's: the event loop's cycles, if any, wait the
+    few seconds until it is back.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(slots=True)
@@ -357,30 +426,73 @@ def _keep_aside(path: Path, files: list[Path]) -> list[str]:
     return kept
 
 
-def _apply(
-    live: dict[str, LiveMessage],
-    records: list[Record],
-    orphans: dict[str, list[Record]] | None,
-    gone: set[str],
-) -> None:
-    for rec in records:
-        if type(rec) is Enqueue:
-            if rec.qid not in live:
-                live[rec.qid] = LiveMessage.of(rec)
-            continue
-        if isinstance(rec, CheckpointEnd):
-            continue
-        message = live.get(rec.qid)
-        if message is None:
-            if orphans is not None:  # its Enqueue may be rebuilt from a segment
-                orphans.setdefault(rec.qid, []).append(rec)
-            continue
-        if type(rec) is Done:
-            if message.finish(rec.rcpts):
-                del live[rec.qid]
-                gone.add(rec.qid)
-        elif type(rec) is Defer:
-            message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
+class _Replay:
+    """The live table as records are replayed onto it, and what the queue is built from."""
+
+    def __init__(self, recipient_key: RecipientKey | None) -> None:
+        self.live: dict[str, LiveMessage] = {}
+        # Every qid an intact Enqueue named is in live, or in gone once finished (or its
+        # segment is missing): no set of every qid beside the table, a million at depth.
+        self.gone: set[str] = set()
+        # Done and Defer records for qids not (yet) known: their Enqueue may be rebuilt.
+        self.orphans: dict[str, list[Record]] = {}
+        # Each message put in live, in that order, and its recipients' keys one after another
+        # (SpoolState.take_queue): found here, where the records are decoded anyway.
+        self.order: list[LiveMessage] = []
+        self.keys: list[str] = []
+        self._recipient_key = recipient_key
+
+    def apply(
+        self, records: list[Record], raws: list[msgspec.Raw] | None = None, orphans: bool = True
+    ) -> int:
+        """Replay ``records`` (with ``raws``, their bytes as read, for the envelopes); keep
+        Done and Defer records of unknown qids with ``orphans``. Return how many were Enqueue
+        records."""
+        live, order = self.live, self.order
+        addresses: list[str] = []
+        enqueued = 0
+        for index, rec in enumerate(records):
+            if type(rec) is Enqueue:
+                enqueued += 1
+                # A copy of the record's bytes: the same bytes LiveMessage.of would encode
+                # (the journal's encoder wrote them), without encoding a million records.
+                added = LiveMessage.of(rec, bytes(raws[index]) if raws else None)
+                # One look-up in a table of a million; an Enqueue seen before (a checkpoint
+                # and the journal after it can both hold it) keeps the message it made.
+                if live.setdefault(rec.qid, added) is added:
+                    order.append(added)
+                    addresses += rec.recipients
+                continue
+            if isinstance(rec, CheckpointEnd):
+                continue
+            message = live.get(rec.qid)
+            if message is None:
+                if orphans:
+                    self.orphans.setdefault(rec.qid, []).append(rec)
+                continue
+            if type(rec) is Done:
+                if message.finish(rec.rcpts):
+                    del live[rec.qid]
+                    self.gone.add(rec.qid)
+            elif type(rec) is Defer:
+                message.defer(rec.rcpts, rec.attempts, rec.next_attempt)
+        if addresses and self._recipient_key is not None:
+            self.keys += map(self._recipient_key, addresses)  # a frame's at once
+        return enqueued
+
+    def drop_gone(self) -> None:
+        """Keep in ``order`` (and ``keys``) only the messages still live: after some were
+        taken out of live for a reason other than being finished (their segment is gone)."""
+        order: list[LiveMessage] = []
+        keys: list[str] = []
+        start = 0
+        for message in self.order:
+            stop = start + message.recipient_count
+            if self.live.get(message.qid) is message:
+                order.append(message)
+                keys += self.keys[start:stop]
+            start = stop
+        self.order, self.keys = order, keys
 
 
 # Bytes of a journal read between two releases of its pages (see _release).
