@@ -123,10 +123,13 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(
     # Delivery is at least once: a kill between the next hop's 250 and the relay's record of
     # it sends that message again after the restart, acknowledged or not (an unknown one, too:
     # CI saw one). Each kill can catch at most the deliveries then in flight, one per
-    # connection; more would mean messages recovered twice, not a delivery cut short.
+    # connection, and a message sent again after a restart can be caught by the next kill too
+    # (seen once under load: one message delivered three times). So the extra deliveries, all
+    # messages together, are at most one per connection per kill; more would mean messages
+    # recovered twice, not deliveries cut short.
     duplicates = {i: n for i, n in delivered.items() if n > 1}
-    assert all(n == 2 for n in duplicates.values()), duplicates
-    assert len(duplicates) <= kills * 5, duplicates  # 5: max_connections_per_destination
+    extra = sum(n - 1 for n in duplicates.values())
+    assert extra <= kills * 5, duplicates  # 5: max_connections_per_destination
     recoveries = relay.events("QueueRecovered")
     assert len(recoveries) == kills + 1
     print(
