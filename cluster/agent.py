@@ -43,7 +43,7 @@ from cluster.decision_data import (
     Trigger,
 )
 from cluster.executor import Executor
-from cluster.failsafe import failsafe_due
+from cluster.failsafe import cut_off, failsafe_due
 from cluster.failsafe_leases import FailsafeLeases
 from cluster.fast_fence import FastFence
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
@@ -250,6 +250,7 @@ class Agent:
         self.progress = clock()  # the decision loop's last turn
         # Active with a suspended session: when the decision must look again (demotion_due).
         self.demotion_due: float | None = None
+        self._not_asking = False  # the view is not read: cut off while demoting
         self.riding_since: float | None = None  # ... and since when it has served on so
         self.silence_at: float | None = None  # when the leader's heartbeats would be too old
         self._failover_seen: Sighting | None = None  # see trusted_failover()
@@ -393,11 +394,26 @@ class Agent:
         # not wait past its demotion moment for it (the read goes on in its thread, unheeded).
         due = self.demotion_due
         patience = None if due is None else max(due - self.clock(), 0.0)
+        coordinator = self.coordinator
+        # Cut off (``cut_off``: no server answered for ``zookeeper_patience``) while demoting:
+        # each step waits for a turn of this loop, and a read held up by a silent server would
+        # cost each its whole time limit (2 s a step: CI saw the disk released 4 s after the
+        # drain, after the peer's takeover had begun). Not asked then; kazoo's state and
+        # ``touch`` say when a server answers again. (Not while promoting: there a contact only
+        # slow under load would read as a lost session and abort the takeover.)
+        demoting = self.state.role is Role.DEMOTING
+        cut = demoting and cut_off(coordinator.session, coordinator.contact_age(), self.policy)
+        if cut and not self._not_asking:  # said once, not at every turn
+            self.log.warning("ClusterViewNotAsked", why="cut off", role=self.state.role.value)
+        self._not_asking = cut
         try:
-            view = await asyncio.wait_for(asyncio.to_thread(self.coordinator.view), patience)
+            if cut:
+                view = coordinator.unanswered_view()
+            else:
+                view = await asyncio.wait_for(asyncio.to_thread(coordinator.view), patience)
         except TimeoutError:
             self.log.warning("ClusterViewUnanswered", waited=round(patience or 0.0, 3))
-            view = self.coordinator.unanswered_view()
+            view = coordinator.unanswered_view()
         except Exception as exc:  # a failed read must look like a lost connection, not a crash
             self.log.warning("ClusterViewFailed", error=str(exc))
             view = ClusterView(session=Session.SUSPENDED)

@@ -268,7 +268,7 @@ def test_an_active_node_cut_off_from_zookeeper_demotes_itself_before_the_takeove
     with Sampler(lab):
         load = start_load(lab, tmp_path / "history.jsonl")
         try:
-            fault = time.monotonic()
+            fault, at_fault = time.monotonic(), time.time()
             lab.exec(active, ["nft", "-f", "-"], input=rules, check=True)
             try:
                 assert lab.wait_active(30, other_than=active) == "node2"
@@ -280,6 +280,22 @@ def test_an_active_node_cut_off_from_zookeeper_demotes_itself_before_the_takeove
         finally:
             attempts = load.stop()
     assert any(d["trigger"] == "session_lost" for d in agent_decisions(lab, active))
+    # Without STONITH the peer takes the disk on the lease rule alone: the cut-off node must
+    # have released it first, its demotion not held up by reads no server answers (CI saw
+    # the disk released 4 s after the drain, and the peer's fsck refused, disk still mounted).
+    released = [
+        at(e)
+        for e in read_events(lab.node_dir(active) / "agent.log", "StepDone")
+        if e.get("step") == "storage_down" and at(e) > at_fault
+    ]
+    taken = [
+        at(e)
+        for e in read_events(lab.node_dir("node2") / "agent.log", "StepFailed")
+        + read_events(lab.node_dir("node2") / "agent.log", "StepDone")
+        if e.get("step") == "storage" and at(e) > at_fault
+    ]
+    assert released and taken, (released, taken)
+    assert min(released) < min(taken), (released, taken)
     drained(lab, attempts)
     verdict = load.verdict(attempts)
     assert verdict.ok, verdict
