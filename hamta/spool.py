@@ -89,7 +89,6 @@ __all__ = [
 
 _CHECKPOINT_CHUNK = 4096  # live messages per checkpoint frame
 _CHECKPOINT_WRITE = 8 * 1024 * 1024  # bytes of checkpoint frames held before they are written
-_FREE_SPACE_AGE = 0.1  # seconds a statvfs of the spool's file system is trusted for min_free
 
 
 #: Starts one of the spool's background tasks (its name, its coroutine): the relay passes its
@@ -172,12 +171,6 @@ class Spool:
         self._segment_size = segment_size
         self._journal_size = journal_size
         self._min_free = min_free
-        # The file system's free bytes as of the last statvfs (at _free_at, on clock), less what
-        # was appended since: min_free is checked against that, read again after
-        # _FREE_SPACE_AGE and after a segment is deleted. A statvfs per message was 1.3 % of
-        # the event loop's time; what other processes write meanwhile is at most 0.1 s of mail.
-        self._free = 0
-        self._free_at = float("-inf")
         self._data_path = str(path / "data")
         self._wall = wall_clock
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-io")
@@ -292,10 +285,12 @@ class Spool:
         """Queue a message; return once body and envelope are on stable storage."""
         if self._closed:
             raise SpoolError("spool is closed")
-        if self._min_free and not self._has_room(len(body)):
+        if self._min_free:
             # Like Postfix's queue_minfree: keep room for the state records that let delivered
             # mail be deleted, or a full spool could never empty itself.
-            raise SpoolFullError(f"spool file system has less than {self._min_free} bytes free")
+            stat = os.statvfs(self._data_path)
+            if stat.f_bavail * stat.f_frsize < self._min_free + len(body):
+                raise SpoolFullError(f"spool file system has less than {self._min_free} bytes free")
         rec = Enqueue(
             qid=qid or self.new_qid(),
             segment=0,
@@ -336,17 +331,6 @@ class Spool:
             self._forget(message)
             raise
         return message
-
-    def _has_room(self, size: int) -> bool:
-        """Whether ``size`` more bytes leave ``min_free`` free (and count them if so)."""
-        now = self._clock()
-        if now - self._free_at > _FREE_SPACE_AGE:
-            stat = os.statvfs(self._data_path)
-            self._free, self._free_at = stat.f_bavail * stat.f_frsize, now
-        if self._free < self._min_free + size:
-            return False
-        self._free -= size
-        return True
 
     def _forget(self, message: LiveMessage) -> None:
         if self.live.pop(message.qid, None) is None:
@@ -592,7 +576,6 @@ class Spool:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_dir / f"{segment:08d}.seg")
-        self._free_at = float("-inf")  # room freed: the next append reads the file system again
 
     # --------------------------------------------------------------- recovery
 

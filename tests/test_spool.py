@@ -274,34 +274,6 @@ def test_nearly_full_disk_refuses_new_mail_and_empties_itself(small_fs: Path) ->
     assert state.stats.messages == live == accepted - accepted // 2 + 1
 
 
-def test_min_free_reads_the_file_system_once_a_tenth_of_a_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A statvfs per message was 1.3 % of the event loop's time: a burst of appends is checked
-    # against one reading less what it appended, and the file system is read again later.
-    now = [100.0]
-    reads: list[float] = []
-    statvfs = os.statvfs
-
-    def counted(path: str) -> os.statvfs_result:
-        reads.append(now[0])
-        return statvfs(path)
-
-    monkeypatch.setattr(os, "statvfs", counted)
-
-    async def scenario() -> None:
-        spool = Spool(tmp_path / "spool", min_free=1024, clock=lambda: now[0])
-        spool.open()
-        await spool.recover()
-        await asyncio.gather(*(spool.append(body(n), "a@a.test", ["b@b.test"]) for n in range(50)))
-        now[0] += 0.2
-        await spool.append(body(50), "a@a.test", ["b@b.test"])
-        await spool.close()
-
-    run(scenario)
-    assert reads == [100.0, 100.2]
-
-
 @pytest.mark.root
 def test_enospc_fails_the_commit_and_keeps_every_acknowledged_message(small_fs: Path) -> None:
     async def scenario() -> list[str]:
