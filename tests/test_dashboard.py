@@ -90,6 +90,14 @@ def _history(relay: Any) -> dict[str, Any]:
     return data
 
 
+def until_true(page: Any, predicate: str, timeout: float = 15.0) -> None:
+    """Evaluate ``predicate`` (a function's source) in ``page`` until it returns true."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate):
+        assert time.monotonic() < deadline, f"never true: {predicate}"
+        page.wait_for_timeout(100)
+
+
 def test_the_dashboard_draws_a_loaded_relay_in_a_real_browser(
     make_relay: RelayFactory, sink: RecordingSink
 ) -> None:
@@ -138,14 +146,15 @@ def test_the_dashboard_draws_a_loaded_relay_in_a_real_browser(
             response = page.goto(relay.admin_url + "/")
             assert response is not None
             assert "default-src 'self'" in response.headers["content-security-policy"]
-            page.wait_for_function(
-                "Number(document.querySelector('#chart-depth')?.dataset.points) >= 8"
+            # Polled with evaluate (a function, called over the DevTools protocol), not
+            # wait_for_function: that compiles its string in the page, which the dashboard's CSP
+            # (no 'unsafe-eval') refuses whenever the first look is not already true (CI).
+            until_true(
+                page,
+                "() => Number(document.querySelector('#chart-depth')?.dataset.points) >= 8"
                 " && Number(document.querySelector('#chart-rates')?.dataset.points) >= 8",
-                timeout=15_000,
             )
-            page.wait_for_function(
-                "document.querySelectorAll('#bounce-classes .row').length >= 2", timeout=15_000
-            )
+            until_true(page, "() => document.querySelectorAll('#bounce-classes .row').length >= 2")
             # The lines are on the canvases: count the pixels uPlot painted.
             painted = page.evaluate(
                 """() => [...document.querySelectorAll('.chart canvas')].map((canvas) => {
