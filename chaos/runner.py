@@ -184,7 +184,7 @@ def run_iteration(
     try:
         wait_until(lambda: len(load.attempts()) >= 5, 30, "the client's first attempts")
         time.sleep(settings.before)  # load before the fault: the baseline of the timeline
-        ctx.fault_at = time.monotonic()
+        ctx.fault_at = injected = time.monotonic()  # a fault may move fault_at later
         try:
             fault.inject(ctx)
             wait_until(lambda: fault.recovered(ctx, load.attempts()), fault.patience, "recovery")
@@ -226,7 +226,10 @@ def run_iteration(
         # Alerts come after their checks' thresholds: they are given a while after the load
         # (and the drain) to arrive; what comes later is not counted as this fault's.
         time.sleep(max(0.0, ended + settings.alert_window - time.monotonic()))
-        alerts = iteration_alerts(lab.alerts(), ctx.fault_at + wall_offset, time.time())
+        # Counted from the fault's injection, not from fault_at: a monitor may notify while
+        # the kill still goes through the node's processes (CI: the inet monitor's triggers
+        # arrived before kill_node returned, and were not counted).
+        alerts = iteration_alerts(lab.alerts(), injected + wall_offset, time.time())
     if fault.steady:
         problems += steady_problems(demoted, attempts, ctx.fault_at)
     if sampler.samples < 10:
