@@ -402,9 +402,15 @@ class Agent:
         # ``touch`` say when a server answers again. (Not while promoting: there a contact only
         # slow under load would read as a lost session and abort the takeover.)
         demoting = self.state.role is Role.DEMOTING
-        cut = demoting and cut_off(coordinator.session, coordinator.contact_age(), self.policy)
+        contact_age = coordinator.contact_age()
+        cut = demoting and cut_off(coordinator.session, contact_age, self.policy)
         if cut and not self._not_asking:  # said once, not at every turn
-            self.log.warning("ClusterViewNotAsked", why="cut off", role=self.state.role.value)
+            self.log.warning(
+                "ClusterViewNotAsked",
+                why="cut off while demoting",
+                session=coordinator.session.value,
+                unanswered_for=None if contact_age is None else round(contact_age, 3),
+            )
         self._not_asking = cut
         try:
             if cut:

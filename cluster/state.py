@@ -85,7 +85,10 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   nothing: the old session's expiry and the lease rule follow as before. A node heard again, a
   pause, a switchover or a znode changed meanwhile holds the takeover back (``FENCED_HELD``).
   Heartbeats stopped while the pulse advances is a cut peer channel, not a dead node: no fence,
-  a warning once (``CHANNEL_SILENT``, then ``CHANNEL_HEARD`` when it ends).
+  a warning once (``CHANNEL_SILENT``, then ``CHANNEL_HEARD`` when it ends). Only a pulse that
+  advanced after the heartbeats had been silent for ``peer_timeout`` counts as one
+  (``cluster.takeover._pulsed_since_silence``): a node switched off pulses last a moment after
+  its last heartbeat.
 - Below the agent, a newer term's epoch on the spool stops a zombie relay (``hamta.epoch_token``)
   and a watchdog fed by the agent stops the relay and drops the virtual IP when the agent hangs
   (``fencing.watchdog``). docs/fencing.md puts the layers together.
