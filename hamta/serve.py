@@ -279,6 +279,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             build_classifier(config.delivery.bounce_rules)
         except BounceRulesError as exc:
             raise privileges.PrivilegeError(f"as user {identity.user}: {exc}") from None
+        except ImportError as exc:
+            # A lazy import (importlib's resource readers here) after the drop: the Python
+            # installation is not readable by the relay's user (a venv under /root, umask 077).
+            where = " and ".join(sorted({sys.base_prefix, sys.prefix}))
+            raise privileges.PrivilegeError(
+                f"as user {identity.user}: {exc}: the Python installation ({where}) "
+                "must be readable by that user"
+            ) from None
     except (smtp_sockets.ListenerError, privileges.PrivilegeError, OSError) as exc:
         log = eventlog.get_logger(node=config.node.hostname)
         log.error("StartFailed", error=str(exc))

@@ -417,6 +417,41 @@ def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
             assert client.noop()[0] == 250
 
 
+def test_a_python_installation_the_relay_user_cannot_read_is_a_clear_error_at_start(
+    workdir: Path, system_user: pwd.struct_passwd, mx_port: int
+) -> None:
+    # The virtualenv's interpreter lives under /root (mode 0700): a relay run by it finds, once
+    # it is the user, a module it imports lazily missing. Said so, not as a traceback.
+    base = Path(sys.base_prefix)
+    if not any(p.stat().st_mode & 0o001 == 0 for p in [base, *base.parents]):
+        pytest.skip(f"{base} is readable by every user here")
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, standby=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hamtactl",
+            "serve",
+            "--standby",
+            "--config",
+            str(relay.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(TREE)},
+        check=False,
+    )
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr, done.stderr
+    expected = f"as user {system_user.pw_name}: No module named"
+    assert done.stderr.startswith(f"hamta: {expected}"), done.stderr
+    assert "must be readable by that user" in done.stderr
+    (failed,) = relay.events("StartFailed")
+    assert failed["error"].startswith(expected)
+
+
 def test_an_unprivileged_relay_still_dies_with_the_process_that_started_it(
     workdir: Path, system_user: pwd.struct_passwd, mx_port: int
 ) -> None:
