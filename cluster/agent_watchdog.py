@@ -38,6 +38,7 @@ class WatchdogKeeper:
     ) -> None:
         self.timeout = config.watchdog_timeout
         self._device = config.watchdog.device
+        self._start_timeout = config.watchdog.start_timeout
         self._log_file = config.agent.log_file
         self._coordinator = coordinator
         self._relay = relay
@@ -61,7 +62,9 @@ class WatchdogKeeper:
         stderr = os.open(self._log_file, flags, 0o644) if self._log_file else None
         device = str(self._device) if self._device else None
         try:
-            await self._watchdog.start(agent_pid=os.getpid(), device=device, stderr=stderr)
+            await self._watchdog.start(
+                agent_pid=os.getpid(), device=device, stderr=stderr, timeout=self._start_timeout
+            )
         finally:
             if stderr is not None:
                 os.close(stderr)

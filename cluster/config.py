@@ -308,6 +308,9 @@ class WatchdogSection(_Section):
     enabled: bool = True
     timeout: PositiveSeconds | None = None
     device: Path | None = None
+    # How long its process may take to start and answer: Python's start-up, 0.1 s here, took
+    # over 10 s on an emulated (TCG) guest sharing two cores with four others.
+    start_timeout: PositiveSeconds = 30.0
 
 
 class ProbeSection(_Section):

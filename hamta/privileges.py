@@ -234,11 +234,64 @@ def _raise(error: OSError) -> None:
     raise error  # os.walk would otherwise skip a directory it cannot read, silently
 
 
-def give_file(path: Path, identity: Identity) -> None:
-    """Create ``path`` (and its directory) if missing and make the file ``identity``'s.
+def give_log_file(path: Path, identity: Identity) -> None:
+    """Create ``path`` (and its directory) if missing: root's, writable by ``identity``'s group.
 
-    For the relay's log: its workers, started after the drop, open it to append.
+    The relay opens its log while still root, and its workers, started after the drop, open it
+    as ``identity``. Under its systemd unit root has no CAP_DAC_OVERRIDE, so a file of the
+    user's own would refuse root at the next start (the Vagrant cluster's relays failed so at
+    every restart): root's with the group's write (0660) serves both. A file an earlier release
+    gave the user is taken back with CAP_CHOWN, which the units keep. Call it before the log is
+    opened.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(exist_ok=True)
-    os.lchown(path, identity.uid, identity.gid)
+    if not path.exists():
+        path.touch()
+    os.lchown(path, 0, identity.gid)
+    path.chmod(0o660)
+
+
+def give_control_directory(path: Path, identity: Identity) -> None:
+    """Make the directory of the relay's control sockets if missing: root's, 0770, the group
+    ``identity``'s, so that the relay as its user makes its workers' sockets in it and the
+    agent (root, owner) reaches them all.
+
+    Not systemd's ``RuntimeDirectory=`` for it: systemd sets such a directory's owner and mode
+    again before every command of the unit, undoing a group given by ``ExecStartPre``. One that
+    exists is left as it is (it may be shared, like /run); whether the user may use it is
+    checked after the drop (``check_control_directory``).
+    """
+    if path.is_dir():
+        return
+    path.mkdir(parents=True)
+    os.lchown(path, 0, identity.gid)
+    path.chmod(0o770)
+
+
+def check_control_directory(path: Path, identity: Identity) -> None:
+    """As the relay's user (after the drop): may it make and remove sockets in ``path``?"""
+    if not os.access(path, os.W_OK | os.X_OK):
+        try:
+            st = path.stat()
+            what = f"{_owner(st.st_uid)}:{_group_name(st.st_gid)} {st.st_mode & 0o7777:04o}"
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+        raise PrivilegeError(
+            f"as user {identity.user}: cannot make sockets in {path} ({what}), the directory "
+            f"of control.socket: give it to group {identity.group} with mode 0770, or remove "
+            "it and hamta serve makes it so"
+        )
+
+
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -194,6 +194,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         die_with_parent(args.parent_pid or os.getppid())
     config = load_or_exit(args.config)
     standby = args.standby or bool(args.worker)
+    # The built-in configuration is for trying hamta on this machine: loopback only, where no
+    # outside client reaches the parser. A configuration file is what serves the world, and
+    # there root is given up unless the file keeps it on purpose.
+    builtin_as_root = args.config is None and config.node.user is None and os.geteuid() == 0
+    identity: privileges.Identity | None = None
+    refusal: Exception | None = None  # said once the log is open
+    try:
+        identity = privileges.resolve(
+            "root" if builtin_as_root else config.node.user, config.node.group
+        )
+        if os.geteuid() != identity.uid:
+            # Before the log is opened, which root without CAP_DAC_OVERRIDE (the units) could
+            # not do in a file of the user's own.
+            if config.log.file is not None:
+                privileges.give_log_file(config.log.file, identity)
+            privileges.give_control_directory(config.control.socket.parent, identity)
+    except (privileges.PrivilegeError, OSError) as exc:
+        refusal = exc
     try:
         eventlog.configure(config.log.level, config.log.file)
     except eventlog.LogFileError as exc:
@@ -223,25 +241,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             others = [
                 smtp_sockets.bind(config.smtp.listen, reuse_port=True) for _ in range(1, workers)
             ]
-        user = config.node.user
-        if args.config is None and user is None and os.geteuid() == 0:
-            # The built-in configuration is for trying hamta on this machine: loopback only,
-            # where no outside client reaches the parser. A configuration file is what serves
-            # the world, and there root is given up unless the file keeps it on purpose.
-            user = "root"
+        if refusal is not None:
+            raise refusal
+        assert identity is not None
+        if builtin_as_root:
             node_log.warning(
                 "RunningAsRoot",
                 reason="the built-in configuration (loopback "
                 "only); a configuration file sets [node] user",
             )
-        identity = privileges.resolve(user, config.node.group)
         # Bound while root, so that it is root's (hamta.control.bind_control).
         control = bind_control(control_path(config.control.socket, args.worker))
-        if os.geteuid() != identity.uid:
-            if config.log.file is not None:
-                privileges.give_file(config.log.file, identity)
-            if not standby:  # a standby is activated on a spool the cluster agent hands over
-                privileges.give_tree(config.spool.path, identity)
+        started_as = os.geteuid()
+        # A standby is activated on a spool the cluster agent hands over.
+        if started_as != identity.uid and not standby:
+            privileges.give_tree(config.spool.path, identity)
 
         def task_failed(name: str, exc: BaseException) -> None:
             relay.task_failed(name, exc)  # the relay is built before any task starts
@@ -266,6 +280,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             supervisor=supervisor,
         )
         dropped = privileges.drop_privileges(identity)
+        if started_as != identity.uid:
+            privileges.check_control_directory(config.control.socket.parent, identity)
         # What each activation reads again, read once now as the relay's user: a file it may
         # not read stops the start (of a standby too), not a takeover.
         try:

@@ -94,6 +94,7 @@ def test_a_good_configuration_becomes_a_policy() -> None:
         (("[fencing]", '[fencing]\ntakeover = "lease-only"'), "fencing.takeover"),
         (("[vip]", '[watchdog]\ntimeout = "2s"\n[vip]'), "watchdog.timeout (2s) must be shorter"),
         (("[vip]", "[watchdog]\nenable = false\n[vip]"), "watchdog.enable: unknown key"),
+        (("[vip]", '[watchdog]\nstart_timeout = "0s"\n[vip]'), "watchdog.start_timeout"),
         (("[fencing]", '[fencing]\nlease_grace = "-2s"'), "fencing.lease_grace"),
         (
             (

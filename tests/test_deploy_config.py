@@ -243,7 +243,15 @@ def test_the_agents_unit_keeps_its_mounts_visible_and_its_capabilities_few(
         "CAP_SETGID",
         "CAP_SETPCAP",
         "CAP_CHOWN",
+        # [agent] nice raises the agent's priority (the Vagrant cluster logged it refused).
+        "CAP_SYS_NICE",
     }
+    # systemd sets a RuntimeDirectory's owner and mode again before each command: the relay
+    # makes its control directory (root:hamta 0770) itself, in a /run/hamta all may search.
+    for unit_text in (unit, (example / "mx1/hamta-relay.service").read_text()):
+        lines = unit_text.splitlines()
+        assert "RuntimeDirectory=hamta" in lines and "RuntimeDirectoryMode=0755" in lines
+        assert not [line for line in lines if line.startswith("ExecStartPre=")]
     assert settings["Restart"] == "always"
     assert settings["KillMode"] == "mixed"
     assert settings["ExecStart"] == "/opt/hamta/bin/hamta agent --config /etc/hamta/agent.toml"

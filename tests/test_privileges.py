@@ -141,8 +141,10 @@ def unprivileged_relay(
     overrides: dict[str, dict[str, Any]] | None = None,
     *,
     standby: bool = False,
+    wrapper: tuple[str, ...] = (),
 ) -> RelayProcess:
-    """A relay started as root on a privileged port, configured to run as ``user``."""
+    """A relay started as root on a privileged port, configured to run as ``user``; through
+    ``wrapper`` (setpriv and its options) if given."""
     port = privileged_port("127.0.0.1")
     sections: dict[str, dict[str, Any]] = {
         "node": {"user": user},
@@ -155,7 +157,7 @@ def unprivileged_relay(
         workdir,
         sections,
         standby=standby,
-        command=[str(SYSTEM_PYTHON), "-m", "hamtactl"],
+        command=[*wrapper, str(SYSTEM_PYTHON), "-m", "hamtactl"],
         env={**os.environ, "PYTHONPATH": f"{TREE}:{SITE_PACKAGES}"},
     )
     relay.port = port
@@ -415,6 +417,68 @@ def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.starttls()
             assert client.noop()[0] == 250
+
+
+# The agent unit's capability bounding set (ansible/roles/hamta/templates): root without
+# CAP_DAC_OVERRIDE, as the relay it starts is before the drop.
+AGENT_UNIT_CAPABILITIES = (
+    "-all,+net_admin,+net_raw,+sys_admin,+net_bind_service,+kill,+setuid,+setgid,+setpcap,"
+    "+chown,+sys_nice"
+)
+
+
+def test_a_relay_started_again_under_its_units_capabilities_opens_its_log_and_its_sockets(
+    workdir: Path, system_user: pwd.struct_passwd, sink: RecordingSink, mx_port: int
+) -> None:
+    # What the Vagrant cluster's guests showed: under the unit, root cannot open a log file of
+    # the relay user's own (every start after the first failed), and the directory systemd
+    # made for the control sockets (RuntimeDirectory=) was root's 0750 whatever ExecStartPre
+    # had done. The relay now makes both itself, before the drop.
+    log = workdir / "log" / "relay.log"
+    log.parent.mkdir()
+    log.write_text("")  # as an earlier release left it: the user's own, 0640
+    os.chown(log, system_user.pw_uid, system_user.pw_gid)
+    log.chmod(0o640)
+    sockets = workdir / "run" / "relay"  # missing: made root:group 0770
+    overrides: dict[str, dict[str, Any]] = {
+        "node": {"workers": 2},
+        "log": {"file": log},
+        "control": {"socket": sockets / "relay.sock"},
+    }
+    unit = ("setpriv", "--bounding-set", AGENT_UNIT_CAPABILITIES)
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, overrides, wrapper=unit)
+    for round_ in range(2):  # the second start finds what the first one left
+        with relay:
+            assert_unprivileged(relay.pid, system_user)
+            send(relay.port, f"restart{round_}")
+            assert sink.wait_for(round_ + 1, timeout=30), sink.messages
+            relay.wait_queue_empty()
+            assert control_path(relay.control, 1).stat().st_uid == system_user.pw_uid
+    assert (log.stat().st_uid, log.stat().st_gid) == (0, system_user.pw_gid)
+    assert log.stat().st_mode & 0o777 == 0o660
+    assert (sockets.stat().st_uid, sockets.stat().st_gid) == (0, system_user.pw_gid)
+    assert sockets.stat().st_mode & 0o777 == 0o770
+    assert len(relay.events("RelayStarted")) >= 2 and not relay.events("StartFailed")
+
+
+def test_a_control_directory_the_relay_user_cannot_use_is_a_clear_error_at_start(
+    workdir: Path, system_user: pwd.struct_passwd, mx_port: int
+) -> None:
+    sockets = workdir / "relay"
+    sockets.mkdir(mode=0o750)  # root's, as systemd's RuntimeDirectory= leaves it
+    sockets.chmod(0o750)
+    overrides = {"control": {"socket": sockets / "relay.sock"}}
+    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, overrides, standby=True)
+    relay.start(wait_ready=False)
+    assert relay.proc is not None
+    try:
+        assert relay.proc.wait(timeout=60) == 1
+    finally:
+        relay.stop()
+    expected = f"as user {system_user.pw_name}: cannot make sockets in {sockets} (root:root 0750)"
+    assert expected in relay.stderr(), relay.stderr()
+    (failed,) = relay.events("StartFailed")
+    assert failed["error"].startswith(expected)
 
 
 def test_a_python_installation_the_relay_user_cannot_read_is_a_clear_error_at_start(

@@ -100,6 +100,9 @@ class RelayProcess(Started):
             sections.setdefault(section, {}).update(keys)
         if "listeners" in sections["smtp"]:  # the listeners name their own addresses
             sections["smtp"].pop("listen", None)
+        # Where a test put them instead (tests/test_privileges.py).
+        self.control = Path(sections["control"]["socket"])
+        self.log_path = Path(sections["log"]["file"])
         self.config_path = workdir / "hamta.toml"
         self.config_path.write_text(render_toml(sections))
         self.proc: subprocess.Popen[bytes] | None = None
