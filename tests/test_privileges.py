@@ -142,6 +142,7 @@ def unprivileged_relay(
     *,
     standby: bool = False,
     wrapper: tuple[str, ...] = (),
+    python: Path = SYSTEM_PYTHON,
 ) -> RelayProcess:
     """A relay started as root on a privileged port, configured to run as ``user``; through
     ``wrapper`` (setpriv and its options) if given."""
@@ -157,11 +158,21 @@ def unprivileged_relay(
         workdir,
         sections,
         standby=standby,
-        command=[*wrapper, str(SYSTEM_PYTHON), "-m", "hamtactl"],
+        command=[*wrapper, str(python), "-m", "hamtactl"],
         env={**os.environ, "PYTHONPATH": f"{TREE}:{SITE_PACKAGES}"},
     )
     relay.port = port
     return relay
+
+
+def refused_at_start(relay: RelayProcess) -> None:
+    """Start ``relay`` and expect it to exit 1 before it serves."""
+    relay.start(wait_ready=False)
+    assert relay.proc is not None
+    try:
+        assert relay.proc.wait(timeout=60) == 1
+    finally:
+        relay.stop()  # one that started after all must not outlive the test
 
 
 def assert_unprivileged(pid: int, user: pwd.struct_passwd) -> None:
@@ -396,12 +407,7 @@ def test_a_tls_key_the_relay_user_cannot_read_stops_the_start_not_a_takeover(
     key.chmod(0o600)  # root's alone
     smtp = {"tls_cert": cert, "tls_key": key}
     relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, {"smtp": smtp}, standby=True)
-    relay.start(wait_ready=False)
-    assert relay.proc is not None
-    try:
-        assert relay.proc.wait(timeout=60) == 1
-    finally:
-        relay.stop()  # one that started after all must not outlive the test
+    refused_at_start(relay)
     expected = f"as user {system_user.pw_name}: cannot load smtp.tls_cert {cert}"
     assert expected in relay.stderr() and "Permission denied" in relay.stderr()
     (failed,) = relay.events("StartFailed")
@@ -469,12 +475,7 @@ def test_a_control_directory_the_relay_user_cannot_use_is_a_clear_error_at_start
     sockets.chmod(0o750)
     overrides = {"control": {"socket": sockets / "relay.sock"}}
     relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, overrides, standby=True)
-    relay.start(wait_ready=False)
-    assert relay.proc is not None
-    try:
-        assert relay.proc.wait(timeout=60) == 1
-    finally:
-        relay.stop()
+    refused_at_start(relay)
     expected = f"as user {system_user.pw_name}: cannot make sockets in {sockets} (root:root 0750)"
     assert expected in relay.stderr(), relay.stderr()
     (failed,) = relay.events("StartFailed")
@@ -489,29 +490,14 @@ def test_a_python_installation_the_relay_user_cannot_read_is_a_clear_error_at_st
     base = Path(sys.base_prefix)
     if not any(p.stat().st_mode & 0o001 == 0 for p in [base, *base.parents]):
         pytest.skip(f"{base} is readable by every user here")
-    relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, standby=True)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hamtactl",
-            "serve",
-            "--standby",
-            "--config",
-            str(relay.config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(TREE)},
-        check=False,
+    relay = unprivileged_relay(
+        workdir, system_user.pw_name, mx_port, standby=True, python=Path(sys.executable)
     )
-    assert done.returncode == 1, done
-    assert "Traceback" not in done.stderr, done.stderr
+    refused_at_start(relay)
+    assert "Traceback" not in relay.stderr(), relay.stderr()
     expected = f"as user {system_user.pw_name}: No module named"
-    assert done.stderr.startswith(f"hamta: {expected}"), done.stderr
-    assert "must be readable by that user" in done.stderr
+    assert relay.stderr().startswith(f"hamta: {expected}"), relay.stderr()
+    assert "must be readable by that user" in relay.stderr()
     (failed,) = relay.events("StartFailed")
     assert failed["error"].startswith(expected)
 
