@@ -120,16 +120,18 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(
     assert not lost, f"{len(lost)} acknowledged messages lost: {lost[:10]}"
     assert set(delivered) <= sent, "delivered something that was never sent"
     assert not [i for i in history.refused if i in delivered], "a refused message was delivered"
-    # Delivery is at least once: a kill between the next hop's 250 and the relay's record of
+    # Delivery is at least once: a kill between the next hop's 250 and the durable record of
     # it sends that message again after the restart, acknowledged or not (an unknown one, too:
-    # CI saw one). Each kill can catch at most the deliveries then in flight, one per
-    # connection, and a message sent again after a restart can be caught by the next kill too
-    # (seen once under load: one message delivered three times). So the extra deliveries, all
-    # messages together, are at most one per connection per kill; more would mean messages
-    # recovered twice, not deliveries cut short.
+    # CI saw one), and a message sent again can be caught by the next kill too (seen once: one
+    # message delivered three times). The record waits for the next group commit
+    # (Spool.mark_done: delivery does not wait for it), so a kill catches, per connection, the
+    # delivery in flight and those finished since the last commit: a few, not one (CI saw 32
+    # extra deliveries for 6 kills of 5 connections; 8-13 here on a quiet machine). A recovery
+    # that dropped Done records sends hundreds again (837 when it dropped two thirds of them).
     duplicates = {i: n for i, n in delivered.items() if n > 1}
     extra = sum(n - 1 for n in duplicates.values())
-    assert extra <= kills * 5, duplicates  # 5: max_connections_per_destination
+    assert all(n - 1 <= kills for n in duplicates.values()), duplicates
+    assert extra <= kills * 5 * 4, duplicates  # 5: max_connections_per_destination
     recoveries = relay.events("QueueRecovered")
     assert len(recoveries) == kills + 1
     print(
