@@ -16,6 +16,7 @@ import ctypes
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,10 +246,36 @@ def give_log_file(path: Path, identity: Identity) -> None:
     opened.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.touch()
-    os.lchown(path, 0, identity.gid)
-    path.chmod(0o660)
+    # Never through a symlink, and only a plain file of one name: a link planted where the log
+    # goes must not make root hand another file (the configuration, /dev/null) to the group.
+    try:
+        before: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        before = None
+    if before is not None:
+        _plain_file(path, before)
+        # Root's first (CAP_CHOWN, not following a link): root without CAP_DAC_OVERRIDE may
+        # not open a file of the user's own, which an earlier release left.
+        os.lchown(path, 0, identity.gid)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o660)
+    except OSError as exc:
+        raise PrivilegeError(f"log file {path}: {exc.strerror}") from None
+    try:
+        opened = os.fstat(fd)
+        _plain_file(path, opened)
+        if before is not None and (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            raise PrivilegeError(f"log file {path}: replaced while it was handed over")
+        os.fchown(fd, 0, identity.gid)
+        os.fchmod(fd, 0o660)
+    finally:
+        os.close(fd)
+
+
+def _plain_file(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        raise PrivilegeError(f"log file {path}: not a plain file with one link; not handed over")
 
 
 def give_control_directory(path: Path, identity: Identity) -> None:
@@ -268,18 +295,19 @@ def give_control_directory(path: Path, identity: Identity) -> None:
     path.chmod(0o770)
 
 
-def check_control_directory(path: Path, identity: Identity) -> None:
-    """As the relay's user (after the drop): may it make and remove sockets in ``path``?"""
-    if not os.access(path, os.W_OK | os.X_OK):
+def check_control_directory(path: Path, identity: Identity, *, writable: bool) -> None:
+    """As the relay's user (after the drop): may it reach its socket in ``path`` and, when it
+    runs or may run workers (``writable``), make theirs there?"""
+    if not os.access(path, (os.W_OK | os.X_OK) if writable else os.X_OK):
         try:
             st = path.stat()
             what = f"{_owner(st.st_uid)}:{_group_name(st.st_gid)} {st.st_mode & 0o7777:04o}"
         except OSError as exc:
             what = exc.strerror or str(exc)
         raise PrivilegeError(
-            f"as user {identity.user}: cannot make sockets in {path} ({what}), the directory "
-            f"of control.socket: give it to group {identity.group} with mode 0770, or remove "
-            "it and hamta serve makes it so"
+            f"as user {identity.user}: cannot {'make sockets in' if writable else 'reach'} "
+            f"{path} ({what}), the directory of control.socket: give it to group "
+            f"{identity.group} with mode 0770, or remove it and hamta serve makes it so"
         )
 
 

@@ -281,7 +281,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         dropped = privileges.drop_privileges(identity)
         if started_as != identity.uid:
-            privileges.check_control_directory(config.control.socket.parent, identity)
+            privileges.check_control_directory(
+                config.control.socket.parent, identity, writable=pool is not None
+            )
         # What each activation reads again, read once now as the relay's user: a file it may
         # not read stops the start (of a standby too), not a takeover.
         try:
@@ -300,8 +302,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # installation is not readable by the relay's user (a venv under /root, umask 077).
             where = " and ".join(sorted({sys.base_prefix, sys.prefix}))
             raise privileges.PrivilegeError(
-                f"as user {identity.user}: {exc}: the Python installation ({where}) "
-                "must be readable by that user"
+                f"as user {identity.user}: {exc}: is the Python installation ({where}) "
+                "readable by that user? It must be"
             ) from None
     except (smtp_sockets.ListenerError, privileges.PrivilegeError, OSError) as exc:
         log = eventlog.get_logger(node=config.node.hostname)

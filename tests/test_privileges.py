@@ -30,6 +30,7 @@ import aiosmtpd
 import pytest
 
 from cluster.zookeeper import ZooKeeperEnsemble
+from hamta import privileges
 from hamta.workers import control_path
 from tests.conftest import MX_HOST
 from tests.support import RecordingSink
@@ -120,7 +121,7 @@ def system_user() -> Iterator[pwd.struct_passwd]:
 
 @pytest.fixture
 def workdir(system_user: pwd.struct_passwd) -> Iterator[Path]:
-    """A directory as the role makes /run/hamta/relay: root's, writable by the user's group.
+    """A directory as hamta serve makes /run/hamta/relay: root's, writable by the user's group.
 
     (pytest's are root's, mode 0700, all the way up.) Root's, so that the agent, root without
     CAP_DAC_READ_SEARCH under its unit, may reach the control socket in it.
@@ -476,10 +477,39 @@ def test_a_control_directory_the_relay_user_cannot_use_is_a_clear_error_at_start
     overrides = {"control": {"socket": sockets / "relay.sock"}}
     relay = unprivileged_relay(workdir, system_user.pw_name, mx_port, overrides, standby=True)
     refused_at_start(relay)
-    expected = f"as user {system_user.pw_name}: cannot make sockets in {sockets} (root:root 0750)"
+    expected = f"as user {system_user.pw_name}: cannot reach {sockets} (root:root 0750)"
     assert expected in relay.stderr(), relay.stderr()
     (failed,) = relay.events("StartFailed")
     assert failed["error"].startswith(expected)
+
+
+def test_a_link_where_the_log_goes_is_not_followed(
+    tmp_path: Path, system_user: pwd.struct_passwd
+) -> None:
+    # A relay user able to plant a link where the log goes must not get root to hand it the
+    # file behind it (the configuration, say) at the next start.
+    target = tmp_path / "relay.toml"
+    target.write_text("[node]\n")
+    target.chmod(0o640)
+    link = tmp_path / "relay.log"
+    link.symlink_to(target)
+    identity = privileges.resolve(system_user.pw_name, None)
+    with pytest.raises(privileges.PrivilegeError, match=r"relay\.log"):
+        privileges.give_log_file(link, identity)
+    assert (target.stat().st_uid, target.stat().st_gid) == (0, 0)
+    assert target.stat().st_mode & 0o777 == 0o640
+    hard = tmp_path / "hard.log"
+    os.link(target, hard)  # a second name of the same file: not handed over either
+    with pytest.raises(privileges.PrivilegeError, match="one link"):
+        privileges.give_log_file(hard, identity)
+    assert target.stat().st_mode & 0o777 == 0o640
+    plain = tmp_path / "log" / "plain.log"
+    privileges.give_log_file(plain, identity)
+    assert (plain.stat().st_uid, plain.stat().st_gid, plain.stat().st_mode & 0o777) == (
+        0,
+        system_user.pw_gid,
+        0o660,
+    )
 
 
 def test_a_python_installation_the_relay_user_cannot_read_is_a_clear_error_at_start(
@@ -487,9 +517,9 @@ def test_a_python_installation_the_relay_user_cannot_read_is_a_clear_error_at_st
 ) -> None:
     # The virtualenv's interpreter lives under /root (mode 0700): a relay run by it finds, once
     # it is the user, a module it imports lazily missing. Said so, not as a traceback.
-    base = Path(sys.base_prefix)
-    if not any(p.stat().st_mode & 0o001 == 0 for p in [base, *base.parents]):
-        pytest.skip(f"{base} is readable by every user here")
+    installed = [Path(sys.base_prefix), Path(sys.prefix), SITE_PACKAGES]
+    if not any(p.stat().st_mode & 0o001 == 0 for i in installed for p in [i, *i.parents]):
+        pytest.skip(f"{installed} are readable by every user here")
     relay = unprivileged_relay(
         workdir, system_user.pw_name, mx_port, standby=True, python=Path(sys.executable)
     )
@@ -497,7 +527,7 @@ def test_a_python_installation_the_relay_user_cannot_read_is_a_clear_error_at_st
     assert "Traceback" not in relay.stderr(), relay.stderr()
     expected = f"as user {system_user.pw_name}: No module named"
     assert relay.stderr().startswith(f"hamta: {expected}"), relay.stderr()
-    assert "must be readable by that user" in relay.stderr()
+    assert "readable by that user? It must be" in relay.stderr()
     (failed,) = relay.events("StartFailed")
     assert failed["error"].startswith(expected)
 
