@@ -43,7 +43,7 @@ from cluster.decision_data import (
     Trigger,
 )
 from cluster.executor import Executor
-from cluster.failsafe import cut_off, failsafe_due
+from cluster.failsafe import cut_off, failsafe_due, leave_server
 from cluster.failsafe_leases import FailsafeLeases
 from cluster.fast_fence import FastFence
 from cluster.fencers import ChainFencer, CommandFencer, Fencer
@@ -692,7 +692,20 @@ class Agent:
             await self.watchdog.keep(*self._watchdog_inputs())
 
     async def _touch(self) -> None:
-        self.coordinator.touch()  # does not wait: the answer comes in kazoo's thread
+        """Every tenth of the session: leave a server that stopped answering (the named rule
+        ``leave_server``), then ask the server something trivial to date the contact."""
+        coordinator = self.coordinator
+        silence = coordinator.silence()
+        if leave_server(coordinator.session, silence, self.policy):
+            server = coordinator.server()  # before it is gone
+            if coordinator.leave_server():
+                self.log.warning(
+                    "ZooKeeperServerLeft",
+                    server=server,
+                    unanswered_for=round(silence or 0.0, 3),
+                    why="the server answers nothing; the session moves to another server",
+                )
+        coordinator.touch()  # does not wait: the answer comes in kazoo's thread
 
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` every ``interval`` until the agent exits; a failure is logged, not fatal."""

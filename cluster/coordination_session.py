@@ -25,6 +25,7 @@ import msgspec
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.connection import _CONNECTION_DROP
 from kazoo.protocol.states import ZnodeStat
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
@@ -121,6 +122,9 @@ class CoordinatorSession:
         # The send time of the last read a server answered in this session: the server heard
         # from the session then or later (the base of ``session_deadline``).
         self._contact: float | None = None
+        # When kazoo last (re)connected, and whether this connection was already told to go.
+        self._connected_at: float | None = None
+        self._leaving = False
         self._problems: tuple[str, ...] = ()
         self._log = get_logger(component="coordination", cluster=cluster, node=node)
 
@@ -157,6 +161,7 @@ class CoordinatorSession:
             # then (a drop already) is newer than this, so only the initial state is replaced.
             if self._session is Session.LOST and self._client.connected:
                 self._session = Session.CONNECTED
+                self._connected_at = self._clock()
         paths = self._paths
         try:
             self._ensure_paths()
@@ -197,6 +202,8 @@ class CoordinatorSession:
     def _session_changed(self, state: KazooState) -> None:
         with self._lock:
             self._session = _SESSIONS[state]
+            self._leaving = False  # a new connection, or none: either way, not this one
+            self._connected_at = self._clock() if self._session is Session.CONNECTED else None
             if self._session is not Session.CONNECTED:
                 # Absences seen before a gap prove nothing about what happened during it: a node
                 # may have come and gone. They are timed afresh from the next read.
@@ -367,6 +374,48 @@ class CoordinatorSession:
         with self._lock:
             contact = self._contact
         return None if contact is None else self._clock() - contact
+
+    def silence(self) -> float | None:
+        """Seconds this connection's server has answered nothing: since its last answer, or
+        since the connection was made if later (an answer from a server left behind does not
+        count for the next one). None while not connected."""
+        with self._lock:
+            since = self._connected_at
+            if since is None or self._session is not Session.CONNECTED:
+                return None
+            if self._contact is not None:
+                since = max(since, self._contact)
+        return self._clock() - since
+
+    def server(self) -> str:
+        """The server this session is connected through (``address:port``), or "" if none."""
+        sock = getattr(self._client._connection, "_socket", None)  # kazoo names it nowhere else
+        try:
+            address, port = sock.getpeername()[:2] if sock is not None else ("", 0)
+        except OSError:  # closed meanwhile
+            return ""
+        return f"{address}:{port}" if address else ""
+
+    def leave_server(self) -> bool:
+        """Drop the connection to the current server; kazoo reconnects at once to the next one,
+        in the same session (``cluster.failsafe.leave_server`` says when). False when this
+        connection was already told to go, or none is up.
+
+        kazoo has no public call for this: the request used is the one its own test harness
+        sends (``KazooTestHarness.lose_connection``). kazoo's connection thread takes it in turn
+        with the other requests, raises ConnectionDropped, fails what was pending with
+        ConnectionLoss (as any drop does) and connects to the next server.
+        tests/test_coordination_silent_server.py fails should a kazoo release change that.
+        """
+        with self._lock:
+            if self._leaving or self._session is not Session.CONNECTED:
+                return False
+            self._leaving = True
+        try:
+            self._client._call(_CONNECTION_DROP, self._client.handler.async_result())
+        except KazooException:  # closed meanwhile: nothing to leave
+            return False
+        return True
 
     def _session_deadline(self) -> float | None:
         """The last moment this session is surely alive on the server (monotonic), or None.

@@ -74,6 +74,26 @@ def cut_off(session: Session, contact_age: float | None, policy: Policy) -> bool
     return contact_age is not None and contact_age > policy.zookeeper_patience
 
 
+def leave_server(session: Session, silence: float | None, policy: Policy) -> bool:
+    """Whether the agent leaves the ZooKeeper server it is connected to for another one.
+
+    Named rule (``unanswering_server``): kazoo says connected, yet the server has answered
+    nothing on this connection for ``policy.zookeeper_patience`` (``silence``: since its last
+    answer, or since the connection was made if later; None while not connected). kazoo pings
+    only after half its read timeout without a request, and the agent's touches and reads are
+    requests: so kazoo never notices a server that stopped answering (stopped, switched off,
+    its packets dropped) until TCP gives up, minutes later. The Vagrant fleet saw a passive
+    node keep such a server for 4.4 minutes while its peer lay dead. Leaving is what kazoo's
+    own ping would have done: it reconnects to the next server in the same session, within the
+    session's life (an active node must have a server again before ``demotion_due``). The
+    agent's touches are reads that any server answers from memory, so an answer this late is
+    a server in trouble; the cost of a wrong call is one reconnection, never the session.
+    """
+    return (
+        session is Session.CONNECTED and silence is not None and silence > policy.zookeeper_patience
+    )
+
+
 def should_ask(
     state: AgentState, session: Session, contact_age: float | None, policy: Policy
 ) -> bool:

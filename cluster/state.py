@@ -58,8 +58,10 @@ Safety rules encoded here (the fencing issue adds the layers below the agent):
   which covers dropping the virtual IP and the spool). A session back to CONNECTED before that
   changes nothing: a ZooKeeper server's restart costs no demotion. The deadline holds while the
   session looks connected too (a silent server is noticed by kazoo late, if ever, while requests
-  flow). Without a known deadline, a lost (expired) session, or while promoting, the node
-  demotes at the first suspension.
+  flow; so the agent leaves a server silent for ``zookeeper_patience`` for another, in the same
+  session: the named rule ``unanswering_server``, ``cluster.failsafe.leave_server``). Without
+  a known deadline, a lost (expired) session, or while promoting, the node demotes at the
+  first suspension.
 - Failsafe (``cluster.failsafe``): a suspended ACTIVE node serves on past its session deadline
   only while every other member holds it a lease (it lost ZooKeeper too, and will not take over
   before the lease ends and ``lease_grace`` more, unless it fences this node first); it demotes

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cluster.decision_data import AgentState, Role, Session, Step, Trigger
-from cluster.failsafe import cut_off, failsafe_due, grant, should_ask
+from cluster.failsafe import cut_off, failsafe_due, grant, leave_server, should_ask
 from cluster.state import demotion_due
 from cluster.takeover import lease_verdict
 from tests.support.decisions import (
@@ -141,6 +141,16 @@ def test_servers_silent_past_the_patience_count_as_cut_off_before_kazoo_says_so(
     assert not cut_off(Session.CONNECTED, None, POLICY)  # a new session: kazoo's word only
     assert should_ask(active(), Session.CONNECTED, patience + 0.01, POLICY)
     assert grant(passive, Session.CONNECTED, patience + 0.01, POLICY) is None
+
+
+def test_a_server_silent_past_the_patience_is_left_while_kazoo_says_connected() -> None:
+    patience = POLICY.zookeeper_patience
+    assert leave_server(Session.CONNECTED, patience + 0.01, POLICY)
+    assert not leave_server(Session.CONNECTED, patience, POLICY)  # a slow answer: stay
+    # Not connected (kazoo is moving already), or connected a moment ago: nothing to leave.
+    assert not leave_server(Session.SUSPENDED, patience + 5, POLICY)
+    assert not leave_server(Session.LOST, patience + 5, POLICY)
+    assert not leave_server(Session.CONNECTED, None, POLICY)
 
 
 def test_a_lease_granted_holds_back_an_unfenced_takeover_until_it_ends_and_its_grace() -> None:
