@@ -10,6 +10,7 @@ port, opened from inside the server's namespace when it has one.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -318,6 +319,31 @@ class ZooKeeperServer:
             raise ZooKeeperError(f"ZooKeeper server {self.spec.id} did not exit") from exc
 
 
+def _peers_of(pid: int) -> set[tuple[str, int]]:
+    """The remote ends of process ``pid``'s established TCP connections, from /proc: its
+    socket inodes (``/proc/PID/fd``) looked up in its own network namespace's tables
+    (``/proc/PID/net``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    peers = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] != "01" or fields[9] not in inodes:  # 01: ESTABLISHED
+                    continue
+                address, port = fields[2].split(":")
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word of the address in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                peers.add((socket.inet_ntop(family, words), int(port, 16)))
+    return peers
+
+
 class ZooKeeperEnsemble:
     """N servers (1 for standalone), started together and stopped together."""
 
@@ -376,6 +402,20 @@ class ZooKeeperEnsemble:
         """The server that leads (or the standalone one), None during an election."""
         for server in self.servers:
             if server.mode() in ("leader", "standalone"):
+                return server
+        return None
+
+    def server_of(self, pid: int) -> ZooKeeperServer | None:
+        """The server process ``pid`` (a ZooKeeper client: an agent) is connected to, or None
+        (not connected, or gone). Which server a client chose is kazoo's affair; a test or a
+        fault that stops one server needs to know it."""
+        try:
+            peers = _peers_of(pid)
+        except OSError:
+            return None
+        for server in self.servers:
+            spec = server.spec
+            if (str(ipaddress.ip_address(spec.address)), spec.client_port) in peers:
                 return server
         return None
 

@@ -4,7 +4,6 @@ server that stops answering (SIGSTOP: its sockets stay open) is left for another
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,19 +111,9 @@ def test_with_every_server_down_the_active_node_demotes_before_its_session_may_e
 
 
 def _server_of(node: AgentNode, ensemble: ZooKeeperEnsemble) -> ZooKeeperServer | None:
-    """The server the node's agent process is connected to (from the kernel's socket table)."""
+    """The server the node's agent process is connected to."""
     assert node.proc is not None
-    listed = subprocess.run(
-        ["ss", "-Htnp", "state", "established"], capture_output=True, text=True, check=True
-    ).stdout
-    for line in listed.splitlines():
-        if f"pid={node.proc.pid}," not in line:
-            continue
-        peer = line.split()[3]
-        for server in ensemble.servers:
-            if peer == server.spec.hosts:
-                return server
-    return None
+    return ensemble.server_of(node.proc.pid)
 
 
 def _on_a_follower(node: AgentNode, ensemble: ZooKeeperEnsemble) -> ZooKeeperServer:
@@ -132,7 +121,9 @@ def _on_a_follower(node: AgentNode, ensemble: ZooKeeperEnsemble) -> ZooKeeperSer
     server's answers, not one: while the node is on the leader, the leader is restarted (its
     sessions move; with 4 s sessions that costs no demotion, as the rolling restart shows)."""
     for _ in range(6):
-        server = wait_for(lambda: _server_of(node, ensemble), 10, f"{node.name}'s server")
+        server: ZooKeeperServer = wait_for(
+            lambda: _server_of(node, ensemble), 10, f"{node.name}'s server"
+        )
         if server.mode() == "follower":
             return server
         server.stop()  # the node reconnects (perhaps to it again, a follower once it is back)
