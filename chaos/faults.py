@@ -328,6 +328,58 @@ def _start_ensemble(ctx: FaultContext, *, missing_only: bool = False) -> None:
         server.wait_serving(60)
 
 
+class StopZookeeperServer(Fault):
+    """SIGSTOP of the ZooKeeper server the active agent is connected to, ``outage`` s long.
+
+    A stopped server keeps its connections open and answers nothing; kazoo pings only in a
+    pause of the requests, and the agent's requests never pause, so kazoo never notices. The
+    agent leaves the server itself after a quarter of its session (``ZooKeeperServerLeft``,
+    docs/fencing.md) and its session goes on through another server. When that server is the
+    ensemble's leader, the others elect another meanwhile, as for ``kill-zk-leader``.
+    Goal: no demotion, no refusal, and the move in the active agent's log.
+    """
+
+    name = "zk-server-stopped"
+    summary = "SIGSTOP of the active node's ZooKeeper server for 10 s: the session moves"
+    fails_over = False
+    steady = True
+    outage = 10.0
+    stopped: ZooKeeperServer | None = None
+
+    def inject(self, ctx: FaultContext) -> None:
+        pid = agent_pid(ctx.lab, ctx.active)
+        server = ctx.lab.ensemble.server_of(pid)
+        if server is None:
+            raise FaultError(f"{ctx.active}'s agent is connected to no ZooKeeper server")
+        mode = server.mode() or "not serving"
+        self.stopped = server
+        server.freeze()
+        ctx.mark("fault", "zookeeper", f"ZooKeeper server {server.spec.id} ({mode}) SIGSTOP")
+        time.sleep(self.outage)  # what the pair does meanwhile is the test
+        server.thaw()
+        ctx.heal_at = time.monotonic()
+        ctx.mark("heal", "zookeeper", f"ZooKeeper server {server.spec.id} SIGCONT")
+
+    def recovered(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> bool:
+        return ctx.heal_at is not None and recovery_time(attempts, ctx.heal_at) is not None
+
+    def heal(self, ctx: FaultContext) -> None:
+        if self.stopped is not None and self.stopped.pid is not None:  # cut short by an error
+            self.stopped.thaw()
+
+    def judge(self, ctx: FaultContext, attempts: Sequence[Attempt]) -> list[str]:
+        if self.stopped is None:
+            return []
+        log = ctx.lab.node_dir(ctx.active) / "agent.log"
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        server = self.stopped.spec.hosts
+        if not any(
+            e.get("event") == "ZooKeeperServerLeft" and e.get("server") == server for e in lines
+        ):
+            return [f"the active node did not say it left the stopped server {server}"]
+        return []
+
+
 class ZookeeperOutage(Fault):
     """Every ZooKeeper server stopped (kill -9) for ``outage`` seconds, then started again.
 
@@ -760,8 +812,8 @@ FAULTS: dict[str, type[Fault]] = {
     fault.name: fault
     for fault in (
         KillRelay, KillAgent, KillNode, FreezeNode, PartitionZookeeper, PartitionNode,
-        KillZookeeperLeader, ZookeeperQuorumLoss, ZookeeperRollingRestart, ZookeeperOutage,
-        ZookeeperOutageChannelCut, ZookeeperRegainOneSide, Switchover, Flapping, DiskFull,
-        ClockSkew, HostileClient, GrayFailure, GrayFailureOneLocation,
+        KillZookeeperLeader, ZookeeperQuorumLoss, ZookeeperRollingRestart, StopZookeeperServer,
+        ZookeeperOutage, ZookeeperOutageChannelCut, ZookeeperRegainOneSide, Switchover, Flapping,
+        DiskFull, ClockSkew, HostileClient, GrayFailure, GrayFailureOneLocation,
     )
 }  # fmt: skip

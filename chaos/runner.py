@@ -282,7 +282,13 @@ def steady_problems(demoted: int, attempts: Sequence[Attempt], since: float) -> 
 
 # Faults after which the active node serves on for a while (until it demotes itself, hands
 # over, or its session moves): their recovery time is the outage, from its first failure.
-SERVES_ON = ("partition-zk", "kill-zk-leader", "zk-rolling-restart", "switchover")
+SERVES_ON = (
+    "partition-zk",
+    "kill-zk-leader",
+    "zk-rolling-restart",
+    "zk-server-stopped",
+    "switchover",
+)
 
 
 def _outage_start(ctx: FaultContext) -> float:
