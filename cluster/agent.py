@@ -696,7 +696,7 @@ class Agent:
         ``leave_server``), then ask the server something trivial to date the contact."""
         coordinator = self.coordinator
         silence = coordinator.silence()
-        if leave_server(coordinator.session, silence, self.policy):
+        if leave_server(self.state.role, coordinator.session, silence, self.policy):
             server = coordinator.server()  # before it is gone
             if coordinator.leave_server():
                 self.log.warning(

@@ -74,7 +74,7 @@ def cut_off(session: Session, contact_age: float | None, policy: Policy) -> bool
     return contact_age is not None and contact_age > policy.zookeeper_patience
 
 
-def leave_server(session: Session, silence: float | None, policy: Policy) -> bool:
+def leave_server(role: Role, session: Session, silence: float | None, policy: Policy) -> bool:
     """Whether the agent leaves the ZooKeeper server it is connected to for another one.
 
     Named rule (``unanswering_server``): kazoo says connected, yet the server has answered
@@ -88,9 +88,17 @@ def leave_server(session: Session, silence: float | None, policy: Policy) -> boo
     session's life (an active node must have a server again before ``demotion_due``). The
     agent's touches are reads that any server answers from memory, so an answer this late is
     a server in trouble; the cost of a wrong call is one reconnection, never the session.
+
+    Never while promoting: a promotion gives up at the first suspension (``session_doomed``),
+    so an answer only slow under load (a starved guest) would abort a takeover. A promotion on
+    a silent server fails by its steps' time limits instead, and the node, passive again,
+    leaves the server then.
     """
     return (
-        session is Session.CONNECTED and silence is not None and silence > policy.zookeeper_patience
+        role is not Role.PROMOTING
+        and session is Session.CONNECTED
+        and silence is not None
+        and silence > policy.zookeeper_patience
     )
 
 

@@ -145,12 +145,15 @@ def test_servers_silent_past_the_patience_count_as_cut_off_before_kazoo_says_so(
 
 def test_a_server_silent_past_the_patience_is_left_while_kazoo_says_connected() -> None:
     patience = POLICY.zookeeper_patience
-    assert leave_server(Session.CONNECTED, patience + 0.01, POLICY)
-    assert not leave_server(Session.CONNECTED, patience, POLICY)  # a slow answer: stay
-    # Not connected (kazoo is moving already), or connected a moment ago: nothing to leave.
-    assert not leave_server(Session.SUSPENDED, patience + 5, POLICY)
-    assert not leave_server(Session.LOST, patience + 5, POLICY)
-    assert not leave_server(Session.CONNECTED, None, POLICY)
+    for role in (Role.PASSIVE, Role.ACTIVE, Role.DEMOTING):
+        assert leave_server(role, Session.CONNECTED, patience + 0.01, POLICY)
+        assert not leave_server(role, Session.CONNECTED, patience, POLICY)  # slow: stay
+        # Not connected (kazoo is moving already), or connected a moment ago: nothing to leave.
+        assert not leave_server(role, Session.SUSPENDED, patience + 5, POLICY)
+        assert not leave_server(role, Session.LOST, patience + 5, POLICY)
+        assert not leave_server(role, Session.CONNECTED, None, POLICY)
+    # A promotion would give up at the suspension a move makes: its steps' limits decide.
+    assert not leave_server(Role.PROMOTING, Session.CONNECTED, patience + 5, POLICY)
 
 
 def test_a_lease_granted_holds_back_an_unfenced_takeover_until_it_ends_and_its_grace() -> None:
