@@ -45,11 +45,16 @@ PLAYBOOKS = [
 TEST_SECRETS = {
     "vault_hamta_zookeeper_password": "test-zookeeper-password",
     "vault_drbd_shared_secret": "test-drbd-secret",
+    "vault_hamta_peer_secret": "test-peer-channel-secret",
 }
 # The fleet example's: a password per pair, and the fleet's administrator's.
 FLEET_SECRETS: dict[str, object] = {
     "vault_hamta_zookeeper_passwords": {"mail1": "test-mail1", "mail2": "test-mail2"},
     "vault_hamta_fleet_admin_password": "test-fleet-admin",
+    "vault_hamta_peer_secrets": {
+        "mail1": "test-mail1-peer-secret",
+        "mail2": "test-mail2-peer-secret",
+    },
 }
 ANSIBLE_TIMEOUT = 120.0
 
@@ -150,6 +155,11 @@ def test_the_example_renders_configs_that_hamta_accepts(example: Path, node: str
     assert agent.storage.resource == "r0"
     assert agent.storage.device == Path("/dev/drbd0")
     assert agent.vip.address == "192.0.2.25/24"
+    # The peer channel to the pair's other host (failsafe; fast takeover with a fence agent).
+    addresses = {"mx1": "198.51.100.11:7946", "mx2": "198.51.100.12:7946"}
+    assert agent.agent.peer_address == addresses.pop(node)
+    assert agent.agent.peers == addresses
+    assert agent.agent.peer_secret_file == Path("/etc/hamta/peer-secret")
     # The agent activates the relay on <mountpoint>/<spool>; standalone, spool.path is that.
     assert relay.spool.path == agent.storage.mountpoint / agent.storage.spool  # type: ignore[operator]
     assert relay.control.socket == Path("/run/hamta/relay/relay.sock")
@@ -336,7 +346,9 @@ def test_each_pair_of_the_fleet_renders_its_own_cluster_on_the_one_ensemble(
         "198.51.100.22:2181",
         "198.51.100.23:2181",
     ]
-    # DRBD replicates between the pair's two hosts, never across pairs.
+    # The peer channel and DRBD join the pair's two hosts, never across pairs.
+    others = {address.replace(":7789", ":7946") for address in peers} - {agent.agent.peer_address}
+    assert set(agent.agent.peers.values()) == others and len(others) == 1
     text = (fleet / node / "r0.res").read_text()
     assert re.findall(r"address (\S+);", text) == peers
     assert zoo_cfg(fleet, "zk1")["server.3"] == "198.51.100.23:2888:3888"
@@ -388,6 +400,8 @@ def test_the_vagrant_cluster_renders_configs_that_hamta_accepts(vagrant: Path) -
         assert agent.vip.interface == "eth1"
         assert relay.delivery.routes == {"example.test": "[198.19.101.13]:25"}
         assert relay.node.hostname == f"{node}.hamta.test"
+        # The peer channel with the libvirt fence agent: the fast takeover is on.
+        assert agent.policy().fast_takeover and agent.policy().failsafe_peers
     text = (vagrant / "mx1/r0.res").read_text()
     assert "disk /dev/vdb;" in text
     assert 'shared-secret "test-drbd-secret";' in text
