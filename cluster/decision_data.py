@@ -338,6 +338,9 @@ class Action:
     epoch: int = 0
     peer: str | None = None  # FENCE, PUBLISH: the former active node (for the record)
     fence: tuple[str, ...] = ()  # FENCE: every node that may still hold something
+    # FENCE: the node this takeover fenced before ACQUIRE (the fast path): not fenced twice, yet
+    # fenced by this term all the same (DRBD's fast fence-peer path answers for it).
+    fenced: tuple[str, ...] = ()
     reason: str = ""
     steps: tuple[tuple[Step, float], ...] = ()  # PUBLISH: the promotion's timings, for history
     # ACQUIRE after a confirmed fence: the silent leader's znode (node, epoch) that may be

@@ -657,7 +657,8 @@ def _effect(transition: Transition, ctx: _Context) -> Effect:
                 # A node fenced before ACQUIRE (the fast path) is not fenced twice.
                 done = state.silent_leader[0] if state.silent_leader else None
                 targets = tuple(t for t in fence_targets(ctx.snapshot, policy) if t != done)
-                fields = {"peer": state.previous, "fence": targets}
+                before = (done,) if done else ()
+                fields = {"peer": state.previous, "fence": targets, "fenced": before}
             if step is Step.PUBLISH:
                 fields = {"peer": state.previous, "reason": state.reason, "steps": steps}
             if step is Step.PRE_PROMOTE:  # the hook is told why the node takes over

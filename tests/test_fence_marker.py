@@ -155,8 +155,12 @@ def leading(zookeeper: ZooKeeperEnsemble) -> Iterator[tuple[Coordinator, int]]:
         yield node1, epoch
 
 
-def promote(tmp_path: Path, coordinator: Coordinator, fast: bool) -> tuple[list[str], bool]:
-    """ACQUIRE, FENCE node1, STORAGE on node2's executor; drbdadm's calls and the outcome."""
+def promote(
+    tmp_path: Path, coordinator: Coordinator, fast: bool, *, fenced_first: bool = False
+) -> tuple[list[str], bool]:
+    """ACQUIRE, FENCE node1, STORAGE on node2's executor; drbdadm's calls and the outcome.
+    ``fenced_first``: node1 fenced before ACQUIRE, as the fast takeover does (the promotion's
+    FENCE then has nobody left to fence)."""
     markers = tmp_path / "markers"
     storage = DrbdStorage("r0", tmp_path / "no-device", tmp_path / "mnt", timeout=10.0)
     fast_fence = FastFence(
@@ -181,10 +185,17 @@ def promote(tmp_path: Path, coordinator: Coordinator, fast: bool) -> tuple[list[
     )
 
     async def steps() -> bool:
+        if fenced_first:  # while passive, in the silent leader's term
+            first = await executor.run(Action(Step.FENCE, 10.0, 1, peer="node1", fence=("node1",)))
+            assert first.ok, first.detail
         acquired = await executor.run(Action(Step.ACQUIRE, 10.0))
         assert acquired.ok, acquired.detail
         epoch = acquired.epoch
-        fenced = await executor.run(Action(Step.FENCE, 10.0, epoch, peer="node1", fence=("node1",)))
+        if fenced_first:
+            fence = Action(Step.FENCE, 10.0, epoch, peer="node1", fenced=("node1",))
+        else:
+            fence = Action(Step.FENCE, 10.0, epoch, peer="node1", fence=("node1",))
+        fenced = await executor.run(fence)
         assert fenced.ok, fenced.detail
         stored = await executor.run(Action(Step.STORAGE, 30.0, epoch))
         return "no-device" in stored.detail  # primary succeeded; the mount has no device
@@ -206,6 +217,19 @@ def test_the_agent_marks_the_peer_and_writes_the_marker_before_drbdadm_primary(
     assert not (tmp_path / "markers" / marker_name("r0")).exists()  # removed after the step
     term = json.loads((tmp_path / "markers" / TERM_FILE).read_text())["term"]
     assert term == node2.view().epoch
+
+
+def test_a_peer_fenced_before_acquire_by_the_fast_takeover_is_answered_for_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Coordinator, Coordinator]
+) -> None:
+    # The Vagrant fleet: the fast takeover fenced the powered-off node while passive, and the
+    # storage step then left DRBD to the full handler ("no single fenced peer"): 22-24 s.
+    _, node2 = pair
+    drbdadm_on_path(tmp_path, monkeypatch, tmp_path / "markers")
+    drbdadm, promoted = promote(tmp_path, node2, fast=True, fenced_first=True)
+    assert drbdadm[-2:] == ["primary", "fence-peer 4"]  # answered from the marker
+    assert promoted
+    assert "node1" in node2.view().outdated
 
 
 def test_without_the_fast_path_drbd_s_handler_falls_back_to_the_full_one(

@@ -79,6 +79,7 @@ def test_a_silent_leader_is_fenced_then_replaced_at_once() -> None:
     decision = walk.finish(epoch=EPOCH + 1, seconds=0.05)
     [action] = decision.actions
     assert (action.step, action.fence, action.peer) == (Step.FENCE, (), PEER)
+    assert action.fenced == (PEER,)  # ... fenced by this term all the same (DRBD's fast path)
     while walk.state.role is Role.PROMOTING:
         walk.tick(0.05)
         walk.finish(seconds=0.05)
