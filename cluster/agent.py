@@ -280,7 +280,7 @@ class Agent:
                 channel=self.channel,
                 policy=self.policy,
                 session=lambda: self.coordinator.session,
-                contact_age=self.coordinator.contact_age,
+                confirmed_age=self.coordinator.confirmed_age,
                 clock=clock,
                 log=self.log,
                 on_change=self.wake.set,
@@ -395,21 +395,21 @@ class Agent:
         due = self.demotion_due
         patience = None if due is None else max(due - self.clock(), 0.0)
         coordinator = self.coordinator
-        # Cut off (``cut_off``: no server answered for ``zookeeper_patience``) while demoting:
+        # Cut off (``cut_off``: nothing confirmed for ``zookeeper_patience``) while demoting:
         # each step waits for a turn of this loop, and a read held up by a silent server would
         # cost each its whole time limit (2 s a step: CI saw the disk released 4 s after the
         # drain, after the peer's takeover had begun). Not asked then; kazoo's state and
         # ``touch`` say when a server answers again. (Not while promoting: there a contact only
         # slow under load would read as a lost session and abort the takeover.)
         demoting = self.state.role is Role.DEMOTING
-        contact_age = coordinator.contact_age()
-        cut = demoting and cut_off(coordinator.session, contact_age, self.policy)
+        confirmed_age = coordinator.confirmed_age()
+        cut = demoting and cut_off(coordinator.session, confirmed_age, self.policy)
         if cut and not self._not_asking:  # said once, not at every turn
             self.log.warning(
                 "ClusterViewNotAsked",
                 why="cut off while demoting",
                 session=coordinator.session.value,
-                unanswered_for=None if contact_age is None else round(contact_age, 3),
+                unanswered_for=None if confirmed_age is None else round(confirmed_age, 3),
             )
         self._not_asking = cut
         try:

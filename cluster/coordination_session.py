@@ -122,6 +122,9 @@ class CoordinatorSession:
         # The send time of the last read a server answered in this session: the server heard
         # from the session then or later (the base of ``session_deadline``).
         self._contact: float | None = None
+        # The send time of the last sync the ensemble answered: its leader heard from this
+        # session then, so the ensemble could commit (the base of ``confirmed_age``).
+        self._confirmed: float | None = None
         # When kazoo last (re)connected, and whether this connection was already told to go.
         self._connected_at: float | None = None
         self._leaving = False
@@ -209,7 +212,7 @@ class CoordinatorSession:
                 # may have come and gone. They are timed afresh from the next read.
                 self._absent_since.clear()
             if self._session is Session.LOST:  # a new session starts without any contact
-                self._contact = None
+                self._contact = self._confirmed = None
         self._notify()
 
     def _data_changed(self, data: bytes | None, stat: ZnodeStat | None, event: object) -> None:
@@ -347,33 +350,42 @@ class CoordinatorSession:
             raise CoordinationError(f"{what}: ZooKeeper session {session.value}")
 
     def touch(self) -> None:
-        """Ask a server something trivial, without waiting for the answer: the answer dates the
-        session's last contact (``session_deadline``) more finely than the reads of the cluster
-        do. The agent calls it often; a request lost with its connection dates nothing."""
+        """Ask the ensemble's leader to confirm this session, without waiting for the answer: it
+        dates the session's last contact (``session_deadline``) more finely than the reads of
+        the cluster do, and the ensemble's (``confirmed_age``). A sync, not a read: a follower
+        answers reads from memory while its leader is stopped, though nothing can be committed;
+        a sync only once its leader has. The agent calls it often; a request lost with its
+        connection dates nothing."""
         if self.session is not Session.CONNECTED:
             return
         sent = self._clock()
         try:
-            pending = self._client.exists_async(self._paths.root)
+            pending = self._client.sync_async(self._paths.root)
         except KazooException:  # closed meanwhile: nothing to date
             return
-        pending.rawlink(lambda done: self._heard(sent) if done.successful() else None)
+        pending.rawlink(
+            lambda done: self._heard(sent, confirmed=True) if done.successful() else None
+        )
 
-    def _heard(self, sent: float) -> None:
-        """A server answered a request sent at ``sent``: it heard from this session then."""
+    def _heard(self, sent: float, *, confirmed: bool = False) -> None:
+        """A server answered a request sent at ``sent``: it heard from this session then (and,
+        ``confirmed``, so did the ensemble's leader)."""
         with self._lock:
             # Not over a session that ended meanwhile (an answer may come after its end).
-            if self._session is Session.CONNECTED and (
-                self._contact is None or self._contact <= sent
-            ):
+            if self._session is not Session.CONNECTED:
+                return
+            if self._contact is None or self._contact <= sent:
                 self._contact = sent
+            if confirmed and (self._confirmed is None or self._confirmed <= sent):
+                self._confirmed = sent
 
-    def contact_age(self) -> float | None:
-        """Seconds since a server last answered this session (``touch`` and the reads date it);
-        None before the first answer of a session."""
+    def confirmed_age(self) -> float | None:
+        """Seconds since the ensemble's leader last confirmed this session (a sync of ``touch``
+        answered): what ``cluster.failsafe.cut_off`` goes by, since only a leader can commit a
+        takeover. None before the first confirmation of a session."""
         with self._lock:
-            contact = self._contact
-        return None if contact is None else self._clock() - contact
+            confirmed = self._confirmed
+        return None if confirmed is None else self._clock() - confirmed
 
     def silence(self) -> float | None:
         """Seconds this connection's server has answered nothing: since its last answer, or

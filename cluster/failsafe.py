@@ -57,21 +57,26 @@ def serving_in_failsafe(snapshot: Snapshot, now: float, policy: Policy) -> bool:
     return due is not None and now < due
 
 
-def cut_off(session: Session, contact_age: float | None, policy: Policy) -> bool:
+def cut_off(session: Session, confirmed_age: float | None, policy: Policy) -> bool:
     """Whether this node counts itself cut off from ZooKeeper, for asking and granting leases.
 
-    Named rule (``silent_server``): kazoo says so, or no server has answered this node for
-    ``policy.zookeeper_patience``. A server that went silent (a partition that drops packets,
-    not one that resets connections) is noticed by kazoo only at its read timeout, two thirds
-    of the session; an active node must demote a quarter of a second after that (its drain
-    and margin before the session deadline), too late to ask for a lease, and its peer, cut
-    off by the same partition, would still refuse as "connected". The agent dates its contact
-    every tenth of the session, so a contact older than a quarter of it is no slow answer.
-    None: no contact dated yet (a new session), nothing to go by but kazoo.
+    Named rule (``silent_server``): kazoo says so, or the ensemble's leader has confirmed
+    nothing of this node's for ``policy.zookeeper_patience`` (``confirmed_age``: since a sync
+    was last answered). A server that went silent (a partition that drops packets, not one that
+    resets connections) is noticed by kazoo only at its read timeout, two thirds of the
+    session; an active node must demote a quarter of a second after that (its drain and margin
+    before the session deadline), too late to ask for a lease, and its peer, cut off by the
+    same partition, would still refuse as "connected". A stopped leader is the same to every
+    node: its followers answer reads from memory until they elect another, seconds later, yet
+    nothing can be committed meanwhile, neither the active node's heartbeat nor a takeover, so
+    a peer whose reads are answered is cut off all the same (the CI's chaos run saw an active
+    node demote on its peer's "connected" refusal). The agent dates the confirmation every
+    tenth of the session, so one older than a quarter of it is no slow answer. None: nothing
+    confirmed yet (a new session), nothing to go by but kazoo.
     """
     if session is not Session.CONNECTED:
         return True
-    return contact_age is not None and contact_age > policy.zookeeper_patience
+    return confirmed_age is not None and confirmed_age > policy.zookeeper_patience
 
 
 def leave_server(role: Role, session: Session, silence: float | None, policy: Policy) -> bool:
@@ -86,8 +91,10 @@ def leave_server(role: Role, session: Session, silence: float | None, policy: Po
     node keep such a server for 4.4 minutes while its peer lay dead. Leaving is what kazoo's
     own ping would have done: it reconnects to the next server in the same session, within the
     session's life (an active node must have a server again before ``demotion_due``). The
-    agent's touches are reads that any server answers from memory, so an answer this late is
-    a server in trouble; the cost of a wrong call is one reconnection, never the session.
+    agent's touches are syncs, answered within milliseconds while the ensemble has a leader,
+    so an answer this late is a server (or its leader) in trouble; a follower whose leader
+    stopped is left too, and it would drop its clients itself once it gives up on the leader.
+    The cost of a wrong call is one reconnection, never the session.
 
     Never while promoting: a promotion gives up at the first suspension (``session_doomed``),
     so an answer only slow under load (a starved guest) would abort a takeover. A promotion on
@@ -103,14 +110,14 @@ def leave_server(role: Role, session: Session, silence: float | None, policy: Po
 
 
 def should_ask(
-    state: AgentState, session: Session, contact_age: float | None, policy: Policy
+    state: AgentState, session: Session, confirmed_age: float | None, policy: Policy
 ) -> bool:
     """Whether the agent asks its peers for leases at this heartbeat: active and cut off."""
-    return state.role is Role.ACTIVE and cut_off(session, contact_age, policy)
+    return state.role is Role.ACTIVE and cut_off(session, confirmed_age, policy)
 
 
 def grant(
-    state: AgentState, session: Session, contact_age: float | None, policy: Policy
+    state: AgentState, session: Session, confirmed_age: float | None, policy: Policy
 ) -> str | None:
     """Why this node refuses a peer's ask, or None when it grants ``policy.failsafe_lease``.
 
@@ -122,7 +129,7 @@ def grant(
     """
     if not policy.failsafe:
         return "failsafe is off here"
-    if not cut_off(session, contact_age, policy):
+    if not cut_off(session, confirmed_age, policy):
         return "connected to ZooKeeper"
     if holds_resources(state):
         return f"it holds resources itself ({state.role.value})"

@@ -33,7 +33,7 @@ class FailsafeLeases:
         channel: PeerChannel,
         policy: Policy,
         session: Callable[[], Session],
-        contact_age: Callable[[], float | None],
+        confirmed_age: Callable[[], float | None],
         clock: Callable[[], float],
         log: Any,
         on_change: Callable[[], None],
@@ -41,7 +41,8 @@ class FailsafeLeases:
         self.channel = channel
         self.policy = policy
         self.session = session  # kazoo's view of the session, now
-        self.contact_age = contact_age  # since a server last answered it (None: not yet)
+        # Since the ensemble's leader last confirmed this session (None: not yet).
+        self.confirmed_age = confirmed_age
         self.clock = clock
         self.log = log
         self.on_change = on_change  # a lease came or went: decide again
@@ -68,7 +69,7 @@ class FailsafeLeases:
         if session is Session.CONNECTED:
             session = self.session_seen
         if not self.policy.failsafe or not should_ask(
-            state, session, self.contact_age(), self.policy
+            state, session, self.confirmed_age(), self.policy
         ):
             self.asks.clear()
             return
@@ -87,7 +88,7 @@ class FailsafeLeases:
             self._take(message)
 
     def _answer(self, ask: Message, state: AgentState) -> None:
-        session, age = self.session(), self.contact_age()
+        session, age = self.session(), self.confirmed_age()
         refusal = grant(state, session, age, self.policy)
         lease = self.policy.failsafe_lease
         body: dict[str, object]
@@ -106,7 +107,7 @@ class FailsafeLeases:
                 lease=lease,
                 why=refusal,
                 session=session.value,
-                contact_age=None if age is None else round(age, 3),
+                confirmed_age=None if age is None else round(age, 3),
             )
 
     def _take(self, answer: Message) -> None:

@@ -566,6 +566,48 @@ def test_a_zookeeper_leader_crash_keeps_session_and_leadership(
             victim.wait_serving(30)
 
 
+def _touched_until_confirmed(coordinator: Coordinator, timeout: float) -> None:
+    def confirmed() -> bool:
+        coordinator.touch()
+        age = coordinator.confirmed_age()
+        return age is not None and age < 0.5
+
+    wait_until(confirmed, timeout, "a sync answered")
+
+
+def test_a_stopped_leader_confirms_nothing_though_its_follower_answers_reads(
+    zookeeper_ensemble: ZooKeeperEnsemble, cluster: str
+) -> None:
+    # A follower answers reads from memory while its leader is stopped (until it gives up on
+    # it: 5 ticks here), yet the ensemble commits nothing: a node whose reads are answered is
+    # no less cut off from a takeover (``cluster.failsafe.cut_off`` goes by the syncs).
+    leader = zookeeper_ensemble.leader()
+    assert leader is not None
+    follower = next(s for s in zookeeper_ensemble.servers if s is not leader)
+    a = Coordinator(follower.spec.hosts, cluster, "a", session_timeout=4.0)
+    reader = KazooClient(hosts=follower.spec.hosts, timeout=4.0)
+    try:
+        a.start()
+        reader.start(timeout=10)
+        _touched_until_confirmed(a, 10)
+        leader.freeze()
+        try:
+            frozen = time.monotonic()
+            while time.monotonic() - frozen < 0.6:
+                a.touch()
+                reader.exists_async("/").get(timeout=0.5)  # answered from memory
+                time.sleep(0.05)
+            confirmed = a.confirmed_age()
+        finally:
+            leader.thaw()
+        assert confirmed is not None and confirmed >= 0.6
+        _touched_until_confirmed(a, 20)  # the leader back, or another one elected
+    finally:
+        reader.stop()
+        reader.close()
+        a.stop()
+
+
 def test_the_session_handle_is_the_live_session_and_follows_a_new_one(
     make_coordinator: MakeCoordinator, zookeeper: ZooKeeperEnsemble
 ) -> None:

@@ -12,14 +12,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from chaos.faults import process_pids
 from cluster.lab import partitions
 from cluster.lab.history import LoadRun
 from cluster.lab.lab import Lab
 from cluster.lab.topology import NODES
+from cluster.zookeeper import ZooKeeperServer
+from tests.support.agents import wait_for
 from tests.support.lab_checks import Sampler, agent_decisions, drained, wait_pair, wait_until
 from tests.support.labs import module_lab
 
@@ -122,6 +126,60 @@ def test_with_the_peer_channel_cut_too_the_active_node_demotes(lab: Lab) -> None
     print(f"demoted {demoted:.2f}s after ZooKeeper stopped, the peer channel cut")
     assert demoted < 5.0
     wait_pair(lab)
+
+
+def on_a_follower(lab: Lab, node: str) -> ZooKeeperServer:
+    """The follower ``node``'s agent is connected to; while it is on the ensemble's leader,
+    the leader is restarted (its sessions move, and a restart costs no demotion)."""
+    for _ in range(6):
+        pid = process_pids(lab, node, b"hamtactl", b"agent")[0]
+        server: ZooKeeperServer = wait_for(
+            partial(lab.ensemble.server_of, pid), 10, f"{node}'s server"
+        )
+        if server.mode() == "follower":
+            return server
+        server.stop()
+        server.start()
+        server.wait_serving(60)
+        wait_pair(lab)
+    raise AssertionError(f"{node} kept coming back to the ensemble's leader")
+
+
+def test_a_stopped_zookeeper_leader_costs_no_demotion(lab: Lab, tmp_path: Path) -> None:
+    """SIGSTOP of the ensemble's leader: its followers answer reads from memory until they elect
+    another (2.5 s of the lab's ticks, and the election), yet commit nothing; the active node's
+    heartbeat cannot be written, and its session deadline comes first. The passive node, its
+    reads answered by a follower, is cut off all the same (its syncs go unanswered) and grants
+    the lease. The CI's chaos run saw it refuse as "connected", and the active node demote."""
+    active = wait_pair(lab)
+    passive = next(node for node in NODES if node != active)
+    follower = on_a_follower(lab, passive)
+    active = wait_pair(lab)
+    leader = next(s for s in lab.ensemble.servers if s.mode() == "leader")
+    decisions = len(agent_decisions(lab, active))
+    with Sampler(lab):
+        load = LoadRun(lab, tmp_path / "history.jsonl", rate=20, connections=2)
+        try:
+            wait_until(lambda: len(load.attempts()) >= 20, 20, "load started")
+            leader.freeze()
+            try:
+                time.sleep(8.0)  # the election, and the sessions back on the new leader
+            finally:
+                leader.thaw()
+            leader.wait_serving(60)
+            time.sleep(2.0)
+        finally:
+            attempts = load.stop()
+    triggers = [d["trigger"] for d in agent_decisions(lab, active)[decisions:]]
+    print(f"leader {leader.spec.id} stopped, {passive} on {follower.spec.id}: {triggers}")
+    # Past its session deadline (the followers give up on the leader after 2.5 s) on the
+    # passive node's lease, and nothing else.
+    assert triggers[:1] == ["failsafe_entered"], triggers
+    assert set(triggers) <= {"failsafe_entered", "failsafe_ended"}, triggers
+    assert wait_pair(lab) == active
+    refused = [a for a in attempts if a.outcome != "acked"]
+    assert refused == [], refused[:5]
+    drained(lab, attempts)
 
 
 def in_failsafe(lab: Lab, node: str) -> bool:

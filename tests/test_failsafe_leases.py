@@ -23,7 +23,7 @@ class Node:
         self.name, self.peer, self.state = name, peer, state
         self.sock = bind_socket(("127.0.0.1", 0))
         self.session = Session.SUSPENDED
-        self.contact_age: float | None = 0.1  # since a server last answered (kazoo's thread)
+        self.confirmed_age: float | None = 0.1  # since the leader last confirmed (kazoo's thread)
         self.now = NOW
         self.woken = 0
         self.leases: FailsafeLeases | None = None
@@ -51,7 +51,7 @@ class Node:
             channel=channel,
             policy=policy,
             session=lambda: self.session,
-            contact_age=lambda: self.contact_age,
+            confirmed_age=lambda: self.confirmed_age,
             clock=self.clock,
             log=get_logger(node=self.name),
             on_change=self.wake,
@@ -150,24 +150,24 @@ async def _silent_servers() -> None:
     # kazoo has noticed nothing on either side (a partition that drops packets): both sessions
     # still say connected, yet no server has answered either node for 0.3 s, then 0.6 s.
     a.session = b.session = Session.CONNECTED
-    a.contact_age = b.contact_age = 0.3
+    a.confirmed_age = b.confirmed_age = 0.3
     leases_a.ask(a.state)
     await _turns()
     assert leases_a.asks == {} and a.view().failsafe_held == ()  # a slow answer, no more
-    a.contact_age = 0.6
+    a.confirmed_age = 0.6
     with capture_logs() as logs:
         leases_a.ask(a.state)
         await _turns()
     # The passive node was answered 0.3 s ago: it is not cut off, and says so.
     assert a.view().failsafe_held == ()
     refused = [line for line in logs if line["event"] == "FailsafeRefusing"]
-    assert refused[0]["why"] == "connected to ZooKeeper" and refused[0]["contact_age"] == 0.3
-    b.contact_age = 0.6
+    assert refused[0]["why"] == "connected to ZooKeeper" and refused[0]["confirmed_age"] == 0.3
+    b.confirmed_age = 0.6
     leases_a.ask(a.state)
     await _turns()
     assert a.view().failsafe_held == (("beta", NOW + 3.0),)
     # A new session, not yet answered: only kazoo's word counts.
-    a.contact_age = None
+    a.confirmed_age = None
     leases_a.ask(a.state)
     assert leases_a.asks == {}
     leases_a.channel.close()
