@@ -383,7 +383,14 @@ class DrbdStorage(Storage):
 
     def primary_would_fence(self) -> bool:
         """``primary`` would call DRBD's fence-peer: the local disk is UpToDate (else promotion
-        is refused before) and DRBD does not know the peer's (``DUnknown``)."""
+        is refused before) and DRBD does not know the peer's (``DUnknown``).
+
+        Asked of a peer just fenced, so first waited for as ``promote`` waits (``StorageError``
+        if it stays Primary): DRBD learns of the power-off on its own clock (ping-int and
+        ping-timeout), and the fast takeover fences sooner. Asked at once, the Vagrant cluster's
+        DRBD still knew the peer's disk, the marker was not written, and by ``primary`` DRBD
+        had lost it and ran the full handler: storage steps of 8-10 s under TCG."""
+        self._await_peer_not_primary()
         output = self._drbdadm("dstate").stdout
         local = local_disk_states(output)
         return bool(local) and set(local) == {_UPTODATE} and _UNKNOWN in peer_disk_states(output)

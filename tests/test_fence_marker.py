@@ -113,11 +113,15 @@ def test_a_garbled_marker_falls_back(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- the agent's half
 
 
-def drbdadm_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, markers: Path) -> Path:
+def drbdadm_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, markers: Path, *, known_for: int = 0
+) -> Path:
     """A ``drbdadm`` whose peer is gone (DUnknown) and whose ``primary`` runs the fast handler.
 
     As DRBD 8.4 with ``fencing resource-only``: promoting beside an unknown peer disk calls the
-    fence-peer handler and fails unless it answers 4 (or 7).
+    fence-peer handler and fails unless it answers 4 (or 7). ``known_for``: DRBD goes on seeing
+    the powered-off peer Primary and its disk UpToDate for that many ``role`` calls (until its
+    ping times out).
     """
     calls = tmp_path / "calls"
     full, _ = full_handler(tmp_path)
@@ -128,8 +132,10 @@ def drbdadm_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, markers: Pa
         "#!/bin/sh\n"
         f'echo "$1" >> {calls}\n'
         'case "$1" in\n'
-        "  dstate) echo UpToDate/DUnknown ;;\n"
-        "  role) echo Secondary/Unknown ;;\n"
+        f'  dstate) if [ "$(grep -c "^role$" {calls})" -le {known_for} ]; '
+        "then echo UpToDate/UpToDate; else echo UpToDate/DUnknown; fi ;;\n"
+        f'  role) if [ "$(grep -c "^role$" {calls})" -le {known_for} ]; '
+        "then echo Secondary/Primary; else echo Secondary/Unknown; fi ;;\n"
         f"  primary) DRBD_RESOURCE=$2 DRBD_PEER=node1 {handler} 2>/dev/null; code=$?\n"
         f'    echo "fence-peer $code" >> {calls}; [ $code -eq 4 ] || exit 11 ;;\n'
         "esac\n"
@@ -230,6 +236,21 @@ def test_a_peer_fenced_before_acquire_by_the_fast_takeover_is_answered_for_too(
     assert drbdadm[-2:] == ["primary", "fence-peer 4"]  # answered from the marker
     assert promoted
     assert "node1" in node2.view().outdated
+
+
+def test_a_fenced_peer_drbd_has_not_lost_yet_is_waited_for_then_answered_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Coordinator, Coordinator]
+) -> None:
+    # The Vagrant cluster's fast takeover fenced the peer before DRBD's own ping noticed; the
+    # marker was not written, and by ``primary`` DRBD had lost the peer and ran the full
+    # handler: 8-10 s storage steps under TCG.
+    _, node2 = pair
+    drbdadm_on_path(tmp_path, monkeypatch, tmp_path / "markers", known_for=3)
+    drbdadm, promoted = promote(tmp_path, node2, fast=True, fenced_first=True)
+    assert drbdadm[-2:] == ["primary", "fence-peer 4"], drbdadm  # answered from the marker
+    assert promoted
+    assert "node1" in node2.view().outdated
+    assert drbdadm[:5] == ["role", "role", "role", "role", "dstate"]  # DRBD lost it, then asked
 
 
 def test_without_the_fast_path_drbd_s_handler_falls_back_to_the_full_one(
