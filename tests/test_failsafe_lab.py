@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chaos.faults import process_pids
+from chaos.faults import agent_pid
 from cluster.lab import partitions
 from cluster.lab.history import LoadRun
 from cluster.lab.lab import Lab
@@ -132,9 +132,8 @@ def on_a_follower(lab: Lab, node: str) -> ZooKeeperServer:
     """The follower ``node``'s agent is connected to; while it is on the ensemble's leader,
     the leader is restarted (its sessions move, and a restart costs no demotion)."""
     for _ in range(6):
-        pid = process_pids(lab, node, b"hamtactl", b"agent")[0]
         server: ZooKeeperServer = wait_for(
-            partial(lab.ensemble.server_of, pid), 10, f"{node}'s server"
+            partial(lab.ensemble.server_of, agent_pid(lab, node)), 10, f"{node}'s server"
         )
         if server.mode() == "follower":
             return server

@@ -230,7 +230,7 @@ async def run_round_trip(check: RoundTripCheck, context: CheckContext, found: Fi
     follow_until = start + check.timeout * 0.9
     problems: list[str] = []
     arrived: float | None = None  # the probe's file time (the sweep removes the file)
-    log_until: float | None = None
+    log_until = 0.0
     while True:
         at = loop.time() - start
         if tail is not None:
@@ -243,9 +243,7 @@ async def run_round_trip(check: RoundTripCheck, context: CheckContext, found: Fi
                 # The relay logs its delivery once the MX's 250 is in, a moment after the file
                 # is there: its log is read on a little before the trail is closed.
                 log_until = loop.time() + _DELIVERY_LOG_GRACE
-        if arrived is not None and (
-            trail.last("Delivery") is not None or log_until is None or loop.time() >= log_until
-        ):
+        if arrived is not None and (trail.last("Delivery") is not None or loop.time() >= log_until):
             delivered = trail.last("Delivery")
             trail.arrived = max(
                 trail.within(arrived - context.now, at), delivered[0] if delivered else 0.0
@@ -258,7 +256,7 @@ async def run_round_trip(check: RoundTripCheck, context: CheckContext, found: Fi
         if loop.time() >= follow_until:
             break
         # Polling: the log and the mailbox are another process's files, with nothing to wait on.
-        pause = check.poll if log_until is None else min(check.poll, _DELIVERY_LOG_POLL)
+        pause = check.poll if arrived is None else min(check.poll, _DELIVERY_LOG_POLL)
         await asyncio.sleep(min(pause, max(0.0, follow_until - loop.time())))
     stage, detail = _stopped(check, trail, loop.time() - start)
     found.facts["stage"] = stage
